@@ -1,0 +1,422 @@
+"""Configuration: the only reader of TOML files and of the environment.
+
+`load(path, environ)` returns a frozen `Config`. Everything else receives the
+parts it needs as arguments; no module reads `os.environ` at import time.
+A bad value raises `ConfigError` whose message names the key and the problem,
+so `kugetsu` can stop with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_CONFIG_PATHS = ("kugetsu.toml", "/etc/kugetsu/config.toml")
+PERMISSION_LEVELS = ("none", "read", "write", "admin", "owner")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""
+    max_body_bytes: int = 5 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class GiteaConfig:
+    url: str = "http://localhost:3000"
+    token: str = field(default="", repr=False)
+    webhook_secret: str = field(default="", repr=False)
+    insecure_no_signature: bool = False
+    bot_login: str = ""
+    timeout_seconds: float = 10.0
+    retries: int = 3
+
+    @property
+    def api_url(self) -> str:
+        return self.url.rstrip("/") + "/api/v1"
+
+    def git_url(self, full_name: str) -> str:
+        return f"{self.url.rstrip('/')}/{full_name}.git"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    data_dir: Path = Path("kugetsu-data")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "kugetsu.db"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def mirrors_dir(self) -> Path:
+        return self.data_dir / "mirrors"
+
+    @property
+    def worktrees_dir(self) -> Path:
+        return self.data_dir / "worktrees"
+
+    @property
+    def homes_dir(self) -> Path:
+        return self.data_dir / "homes"
+
+    @property
+    def prompts_dir(self) -> Path:
+        return self.data_dir / "prompts"
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    poll_interval_seconds: float = 30.0
+    max_concurrent_agents: int = 3
+    max_attempts: int = 3
+    retry_backoff_seconds: tuple[float, ...] = (30.0, 120.0, 600.0)
+    cleanup_age_days: float = 7.0
+    authorization_cache_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class TriggersConfig:
+    label: str = "kugetsu"
+    command: str = "/kugetsu"
+    min_permission: str = "write"
+    allowed_users: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """One `[agents.NAME]` table, as written. Presets fill what it leaves out."""
+
+    name: str
+    preset: str | None = None
+    command: tuple[str, ...] | None = None
+    resume_command: tuple[str, ...] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    pass_env: tuple[str, ...] | None = None
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+    #: files copied into the agent's per-issue home: {"relative/path": "/source/file"}
+    home_files: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AgentsConfig:
+    default: str = "opencode"
+    timeout_minutes: float = 60.0
+    fallback: tuple[str, ...] = ()
+    kill_grace_seconds: float = 10.0
+    log_max_bytes: int = 5 * 1024 * 1024
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+    tables: Mapping[str, AgentConfig] = field(default_factory=dict)
+
+    @property
+    def timeout_seconds(self) -> float:
+        return self.timeout_minutes * 60.0
+
+
+@dataclass(frozen=True)
+class GitConfig:
+    branch_template: str = "kugetsu/issue-{number}"
+    author_name: str = "kugetsu"
+    author_email: str = "kugetsu@localhost"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    gitea: GiteaConfig = field(default_factory=GiteaConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    triggers: TriggersConfig = field(default_factory=TriggersConfig)
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
+    git: GitConfig = field(default_factory=GitConfig)
+    source: str = "(built-in defaults)"
+
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never reach a log line, comment, body or URL."""
+        return tuple(s for s in (self.gitea.token, self.gitea.webhook_secret) if s)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Section:
+    """Typed access to one TOML table that remembers which keys were read."""
+
+    def __init__(self, name: str, data: Any):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        self.name = name
+        self.data = data
+        self.used: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.used.add(key)
+        return self.data.get(key, default)
+
+    def string(self, key: str, default: str) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self._key(key)} must be a string, got {type(value).__name__}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._key(key)} must be true or false, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: int | None, minimum: int | None = None) -> int | None:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self._key(key)} must be a whole number, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{self._key(key)} must be at least {minimum}, got {value}")
+        return value
+
+    def number(self, key: str, default: float | None, minimum: float | None = None,
+               positive: bool = False) -> float | None:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{self._key(key)} must be a number, got {value!r}")
+        if positive and value <= 0:
+            raise ConfigError(f"{self._key(key)} must be greater than 0, got {value}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{self._key(key)} must be at least {minimum}, got {value}")
+        return float(value)
+
+    def strings(self, key: str, default: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self._key(key)} must be a list of strings, got {value!r}")
+        return tuple(value)
+
+    def table(self, key: str) -> dict[str, str]:
+        value = self._get(key, {})
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(f"{self._key(key)} must be a table of strings")
+        return dict(value)
+
+    def check_unknown(self, allowed_extra: tuple[str, ...] = ()) -> None:
+        unknown = sorted(set(self.data) - self.used - set(allowed_extra))
+        if unknown:
+            raise ConfigError(f"[{self.name}] has an unknown key: {unknown[0]}")
+
+
+_SECTIONS = ("server", "gitea", "storage", "queue", "triggers", "agents", "git")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _agent_table(name: str, data: Any) -> AgentConfig:
+    sec = _Section(f"agents.{name}", data)
+    cfg = AgentConfig(
+        name=name,
+        preset=sec.string("preset", "") or None,
+        command=sec.strings("command", None),
+        resume_command=sec.strings("resume_command", None),
+        env=sec.table("env"),
+        pass_env=sec.strings("pass_env", None),
+        max_tokens=sec.integer("max_tokens", None, minimum=1),
+        max_cost_usd=sec.number("max_cost_usd", None, positive=True),
+        home_files=sec.table("home_files"),
+    )
+    sec.check_unknown()
+    for rel in cfg.home_files:
+        if rel.startswith("/") or ".." in Path(rel).parts:
+            raise ConfigError(f"agents.{name}.home_files: {rel!r} must be a relative path inside the home")
+    if cfg.command is not None and not cfg.command:
+        raise ConfigError(f"agents.{name}.command must not be empty")
+    return cfg
+
+
+def load(path: str | os.PathLike[str] | None = None,
+         environ: Mapping[str, str] | None = None) -> Config:
+    """Read the config file (if any), apply env overrides, validate, freeze."""
+    env = dict(os.environ if environ is None else environ)
+    if path is None and env.get("KUGETSU_CONFIG"):
+        path = env["KUGETSU_CONFIG"]
+    source = "(built-in defaults)"
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_toml(Path(path))
+        source = str(path)
+    else:
+        for candidate in DEFAULT_CONFIG_PATHS:
+            if Path(candidate).is_file():
+                data = _read_toml(Path(candidate))
+                source = candidate
+                break
+
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}]")
+
+    # server
+    s = _Section("server", data.get("server"))
+    server = ServerConfig(
+        host=s.string("host", ServerConfig.host),
+        port=s.integer("port", ServerConfig.port, minimum=0),
+        public_url=s.string("public_url", "").rstrip("/"),
+        max_body_bytes=s.integer("max_body_bytes", ServerConfig.max_body_bytes, minimum=1024),
+    )
+    s.check_unknown()
+    if server.port > 65535:
+        raise ConfigError(f"server.port must be at most 65535, got {server.port}")
+
+    # gitea
+    g = _Section("gitea", data.get("gitea"))
+    gitea = GiteaConfig(
+        url=env.get("KUGETSU_GITEA_URL") or g.string("url", GiteaConfig.url),
+        token=env.get("KUGETSU_GITEA_TOKEN") or g.string("token", ""),
+        webhook_secret=env.get("KUGETSU_WEBHOOK_SECRET") or g.string("webhook_secret", ""),
+        insecure_no_signature=g.boolean("insecure_no_signature", False),
+        bot_login=g.string("bot_login", ""),
+        timeout_seconds=g.number("timeout_seconds", GiteaConfig.timeout_seconds, positive=True),
+        retries=g.integer("retries", GiteaConfig.retries, minimum=0),
+    )
+    g.check_unknown()
+    if not gitea.url.startswith(("http://", "https://")):
+        raise ConfigError(f"gitea.url must start with http:// or https://, got {gitea.url!r}")
+    if "@" in gitea.url.split("//", 1)[1].split("/", 1)[0]:
+        raise ConfigError("gitea.url must not carry credentials; put the token in gitea.token")
+    gitea = GiteaConfig(**{**gitea.__dict__, "url": gitea.url.rstrip("/")})
+    if not gitea.webhook_secret and not gitea.insecure_no_signature:
+        raise ConfigError(
+            "gitea.webhook_secret is not set (or KUGETSU_WEBHOOK_SECRET); "
+            "set one, or set gitea.insecure_no_signature = true to accept unsigned deliveries"
+        )
+
+    # storage
+    st = _Section("storage", data.get("storage"))
+    data_dir = env.get("KUGETSU_DATA_DIR") or st.string("data_dir", str(StorageConfig.data_dir))
+    st.check_unknown()
+    storage = StorageConfig(data_dir=Path(data_dir).expanduser().absolute())
+
+    # queue
+    q = _Section("queue", data.get("queue"))
+    backoff = q._get("retry_backoff_seconds", list(QueueConfig.retry_backoff_seconds))
+    if (not isinstance(backoff, list) or not backoff
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b >= 0
+                       for b in backoff)):
+        raise ConfigError(
+            f"queue.retry_backoff_seconds must be a non-empty list of numbers >= 0, got {backoff!r}")
+    queue = QueueConfig(
+        poll_interval_seconds=q.number("poll_interval_seconds", 30.0, positive=True),
+        max_concurrent_agents=q.integer("max_concurrent_agents", 3, minimum=1),
+        max_attempts=q.integer("max_attempts", 3, minimum=1),
+        retry_backoff_seconds=tuple(float(b) for b in backoff),
+        cleanup_age_days=q.number("cleanup_age_days", 7.0, minimum=0),
+        authorization_cache_seconds=q.number("authorization_cache_seconds", 300.0, minimum=0),
+    )
+    q.check_unknown()
+
+    # triggers
+    t = _Section("triggers", data.get("triggers"))
+    triggers = TriggersConfig(
+        label=t.string("label", "kugetsu"),
+        command=t.string("command", "/kugetsu"),
+        min_permission=t.string("min_permission", "write"),
+        allowed_users=t.strings("allowed_users", ()) or (),
+    )
+    t.check_unknown()
+    if not triggers.label.strip():
+        raise ConfigError("triggers.label must not be empty")
+    if not triggers.command.strip() or any(c.isspace() for c in triggers.command):
+        raise ConfigError(f"triggers.command must be one word, got {triggers.command!r}")
+    if triggers.min_permission not in PERMISSION_LEVELS[1:]:
+        raise ConfigError(
+            f"triggers.min_permission must be one of read, write, admin, owner; "
+            f"got {triggers.min_permission!r}")
+
+    # agents
+    a = _Section("agents", data.get("agents"))
+    tables = {}
+    for key, value in a.data.items():
+        if isinstance(value, dict):
+            a.used.add(key)
+            tables[key] = _agent_table(key, value)
+    agents = AgentsConfig(
+        default=a.string("default", "opencode"),
+        timeout_minutes=a.number("timeout_minutes", 60.0, positive=True),
+        fallback=a.strings("fallback", ()) or (),
+        kill_grace_seconds=a.number("kill_grace_seconds", 10.0, minimum=0),
+        log_max_bytes=a.integer("log_max_bytes", 5 * 1024 * 1024, minimum=4096),
+        max_tokens=a.integer("max_tokens", None, minimum=1),
+        max_cost_usd=a.number("max_cost_usd", None, positive=True),
+        tables=tables,
+    )
+    a.check_unknown()
+
+    # git
+    gi = _Section("git", data.get("git"))
+    git = GitConfig(
+        branch_template=gi.string("branch_template", GitConfig.branch_template),
+        author_name=gi.string("author_name", GitConfig.author_name),
+        author_email=gi.string("author_email", GitConfig.author_email),
+    )
+    gi.check_unknown()
+    try:
+        branch = git.branch_template.format(number=1, owner="o", repo="r")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"git.branch_template may use only {{number}}, {{owner}} and {{repo}}: {exc}") from None
+    if not branch or branch.startswith(("-", "/")) or ".." in branch or " " in branch:
+        raise ConfigError(f"git.branch_template gives an invalid branch name: {branch!r}")
+
+    config = Config(server=server, gitea=gitea, storage=storage, queue=queue,
+                    triggers=triggers, agents=agents, git=git, source=source)
+    _check_agents(config)
+    return config
+
+
+def _check_agents(config: Config) -> None:
+    # Imported here: agents imports config for its types.
+    from bot import agents as agents_mod
+
+    names = [config.agents.default, *config.agents.fallback]
+    for name in names:
+        if name not in config.agents.tables and name not in agents_mod.PRESETS:
+            raise ConfigError(
+                f"agents: {name!r} is neither a preset ({', '.join(sorted(agents_mod.PRESETS))}) "
+                f"nor an [agents.{name}] table with a command")
+    for name, table in config.agents.tables.items():
+        preset = table.preset or (name if name in agents_mod.PRESETS else None)
+        if preset is not None and preset not in agents_mod.PRESETS:
+            raise ConfigError(f"agents.{name}.preset: unknown preset {preset!r}")
+        if preset is None and table.command is None:
+            raise ConfigError(f"agents.{name}.command is required (no preset named {name!r})")

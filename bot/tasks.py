@@ -1,0 +1,187 @@
+"""The task model: states, outcomes, the allowed transitions and the retry policy.
+
+Pure: no I/O. `store.transition()` is the only writer of a task's state and
+checks every change against `TRANSITIONS`; `decide()` turns an attempt's
+outcome into the next state in exactly one place.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+class State(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+    def __str__(self) -> str:  # so f-strings and SQL parameters show the bare value
+        return self.value
+
+
+class Outcome(str, enum.Enum):
+    SUCCEEDED = "succeeded"
+    NO_CHANGES = "no_changes"
+    AGENT_FAILED = "agent_failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    INFRA_ERROR = "infra_error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Kind(str, enum.Enum):
+    START = "start"
+    CONTINUE = "continue"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ACTIVE_STATES = (State.PENDING, State.RUNNING)
+TERMINAL_STATES = (State.COMPLETED, State.FAILED, State.CANCELLED, State.REJECTED)
+
+#: state -> states it may move to. Anything else is a bug or a lost race.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.PENDING: frozenset({State.RUNNING, State.CANCELLED, State.REJECTED}),
+    # running -> pending: a retry, a quota fallback, or recovery after a crash
+    State.RUNNING: frozenset({State.PENDING, State.COMPLETED, State.FAILED, State.CANCELLED}),
+    # a finished task can be put back in the queue by `retry`
+    State.FAILED: frozenset({State.PENDING}),
+    State.CANCELLED: frozenset({State.PENDING}),
+    State.COMPLETED: frozenset(),
+    State.REJECTED: frozenset(),
+}
+
+RETRYABLE_OUTCOMES = frozenset({Outcome.AGENT_FAILED, Outcome.TIMED_OUT, Outcome.INFRA_ERROR})
+
+
+class InvalidTransition(ValueError):
+    pass
+
+
+def check_transition(current: State | str, new: State | str) -> None:
+    current, new = State(current), State(new)
+    if new not in TRANSITIONS[current]:
+        raise InvalidTransition(f"a task may not go from {current} to {new}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happens to a task after one attempt."""
+
+    state: State
+    retry_in: float | None = None  # seconds until the next attempt, when state is PENDING
+
+    @property
+    def will_retry(self) -> bool:
+        return self.state is State.PENDING
+
+
+def backoff_for(attempt: int, backoff: Sequence[float]) -> float:
+    """Delay before attempt `attempt + 1`; the last entry repeats."""
+    if not backoff:
+        return 0.0
+    return float(backoff[min(max(attempt, 1), len(backoff)) - 1])
+
+
+def decide(outcome: Outcome | str, attempts: int, max_attempts: int,
+           backoff: Sequence[float]) -> Decision:
+    """The one retry policy. `attempts` counts the attempt that just ended."""
+    outcome = Outcome(outcome)
+    if outcome in (Outcome.SUCCEEDED, Outcome.NO_CHANGES):
+        return Decision(State.COMPLETED)
+    if outcome is Outcome.CANCELLED:
+        return Decision(State.CANCELLED)
+    if outcome in RETRYABLE_OUTCOMES and attempts < max_attempts:
+        return Decision(State.PENDING, backoff_for(attempts, backoff))
+    return Decision(State.FAILED)
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    repo: str
+    issue: int
+    kind: Kind
+    prompt: str
+    agent: str
+    requested_by: str
+    state: State
+    attempts: int = 0
+    max_attempts: int = 3
+    not_before: float = 0.0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    pid: int | None = None
+    pid_start: str | None = None
+    worker_id: str | None = None
+    branch: str | None = None
+    worktree: str | None = None
+    session_id: str | None = None
+    pr_number: int | None = None
+    comment_id: int | None = None
+    trigger_comment_id: int | None = None
+    outcome: Outcome | None = None
+    error: str | None = None
+    authorized: bool | None = None
+    permission_hint: str | None = None
+    cancel_requested_by: str | None = None
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    summary: str | None = None
+    files_changed: int | None = None
+    agents_tried: tuple[str, ...] = ()
+
+    @property
+    def owner(self) -> str:
+        return self.repo.split("/", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.repo.split("/", 1)[1]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.repo}#{self.issue}"
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def public_dict(self) -> dict[str, Any]:
+        """The shape `queue list --json` prints."""
+        return {
+            "id": self.id,
+            "repo": self.repo,
+            "issue": self.issue,
+            "kind": str(self.kind),
+            "state": str(self.state),
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "outcome": str(self.outcome) if self.outcome else None,
+            "pr_number": self.pr_number,
+            "agent": self.agent,
+            "requested_by": self.requested_by,
+            "branch": self.branch,
+            "error": self.error,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }
+
+
+def permission_at_least(have: str | None, need: str) -> bool:
+    order = ("none", "read", "write", "admin", "owner")
+    if have not in order:
+        return False
+    return order.index(have) >= order.index(need)
