@@ -1,0 +1,681 @@
+"""Spawn and supervise one agent process.
+
+An agent runs in its own session (so its pid is also its process group id),
+with stdin from /dev/null and stdout+stderr on one pipe. A reader thread
+drains that pipe in fixed-size chunks, hands complete lines to a callback,
+and writes a size-capped log; whatever the agent prints, memory stays bounded.
+Stopping an agent signals the whole group (SIGTERM, a grace period, SIGKILL),
+so grandchildren that ignore SIGTERM or keep the pipe open are dealt with too.
+
+Linux only: process identity and zombie detection read /proc.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import logging
+import os
+import select
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import BinaryIO, Callable, Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+#: bytes asked for per read of the output pipe
+READ_CHUNK = 64 * 1024
+#: a line longer than this (in characters) is passed to on_line in pieces
+MAX_LINE_CHARS = 256 * 1024
+#: start of the output kept in memory for output()
+OUTPUT_HEAD_BYTES = 256 * 1024
+#: end of the output kept in memory for output()
+OUTPUT_TAIL_BYTES = 1024 * 1024
+
+_POLL_INTERVAL = 0.05
+#: how long the reader waits on the pipe before checking whether it was asked to stop
+_READER_POLL_MS = 100
+#: after being asked to stop, the reader reads at most this much more before giving up
+_STOP_DRAIN_BYTES = 4 * 1024 * 1024
+_READER_JOIN_TIMEOUT = 5.0
+#: how long to wait for processes to disappear once SIGKILL was sent
+_KILL_WAIT = 5.0
+
+
+class AgentStartError(Exception):
+    """The agent command could not be started (not found, not executable, bad cwd)."""
+
+
+# ---------------------------------------------------------------------------
+# process identity and process groups
+
+
+def _read_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat from field 3 (state) on, or None if there is no such process.
+
+    The command name (field 2) may contain spaces and parentheses, so the
+    line is split after the last ')'.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    end = raw.rfind(b")")
+    if end < 0:
+        return None
+    return raw[end + 1 :].decode("ascii", "replace").split()
+
+
+# offsets into _read_stat()'s list: field number minus 3
+_STAT_STATE = 0
+_STAT_PGRP = 2
+_STAT_STARTTIME = 19
+
+_boot_id: str | None = None
+
+
+def _get_boot_id() -> str:
+    global _boot_id
+    if _boot_id is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                _boot_id = f.read().strip()
+        except OSError:
+            _boot_id = ""
+    return _boot_id
+
+
+def process_start_token(pid: int) -> str | None:
+    """An opaque token for the process now running as `pid`, or None if there is none.
+
+    Built from the process's start time (field 22 of /proc/<pid>/stat, in
+    clock ticks since boot) and the kernel's boot id, so a pid reused later,
+    even after a reboot, yields a different token.
+    """
+    if pid <= 0:
+        return None
+    fields = _read_stat(pid)
+    if fields is None or len(fields) <= _STAT_STARTTIME:
+        return None
+    starttime = fields[_STAT_STARTTIME]
+    boot_id = _get_boot_id()
+    return f"{starttime}@{boot_id}" if boot_id else starttime
+
+
+_DEAD_STATES = ("Z", "X", "x")
+
+#: pgid -> a member seen alive by the last scan, checked first so that waiting
+#: on a long-lived group does not rescan all of /proc every time
+_live_member_hint: dict[int, int] = {}
+
+
+def _is_live_member(pid: int, pgid: int) -> bool:
+    fields = _read_stat(pid)
+    return (
+        fields is not None
+        and len(fields) > _STAT_PGRP
+        and fields[_STAT_PGRP] == str(pgid)
+        and fields[_STAT_STATE] not in _DEAD_STATES
+    )
+
+
+def _group_has_live_member(pgid: int) -> bool:
+    """Scan /proc for a member of `pgid` that is not a zombie.
+
+    Called after kill(-pgid, 0) succeeded: zombies still count for kill(),
+    and where nothing reaps orphans (an init that does not wait, or this
+    service running as pid 1) they would otherwise keep a group "alive"
+    forever.
+    """
+    hint = _live_member_hint.get(pgid)
+    if hint is not None and _is_live_member(hint, pgid):
+        return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    saw_zombie = False
+    for name in entries:
+        if not name.isdigit():
+            continue
+        fields = _read_stat(int(name))
+        if fields is None or len(fields) <= _STAT_PGRP:
+            continue
+        if fields[_STAT_PGRP] != str(pgid):
+            continue
+        if fields[_STAT_STATE] in _DEAD_STATES:
+            saw_zombie = True
+        else:
+            if len(_live_member_hint) >= 1024:
+                _live_member_hint.clear()
+            _live_member_hint[pgid] = int(name)
+            return True
+    _live_member_hint.pop(pgid, None)
+    if saw_zombie:
+        return False
+    # No member found at all: the group emptied during the scan, or a new member
+    # appeared where the scan had already passed. Ask the kernel once more.
+    return _killpg_probe(pgid)
+
+
+def _killpg_probe(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def group_alive(pgid: int) -> bool:
+    """True if the process group `pgid` has a member that is not a zombie."""
+    if pgid <= 0:
+        return False
+    if not _killpg_probe(pgid):
+        return False
+    return _group_has_live_member(pgid)
+
+
+def _check_pgid(pgid: int) -> None:
+    # killpg(0) or killpg(1) would hit far more than an agent; our own group is never an agent's.
+    if pgid <= 1:
+        raise ValueError(f"refusing to signal process group {pgid}")
+    if pgid == os.getpgrp():
+        raise ValueError(f"refusing to signal our own process group {pgid}")
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to the group; True if it reached at least one process."""
+    _check_pgid(pgid)
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        logger.warning("not permitted to signal process group pgid=%d signal=%d", pgid, sig)
+        return False
+    return True
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        if not group_alive(pgid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_INTERVAL)
+
+
+def kill_group(pgid: int, grace: float) -> bool:
+    """SIGTERM the group, wait up to `grace` s for it to disappear, then SIGKILL it.
+
+    Returns True if any process was signalled. Refuses (ValueError) to signal
+    group 0, 1 or the caller's own group.
+    """
+    _check_pgid(pgid)
+    if not group_alive(pgid):
+        return False
+    if not _signal_group(pgid, signal.SIGTERM):
+        return False
+    if _wait_group_gone(pgid, grace):
+        logger.debug("process group exited after SIGTERM pgid=%d", pgid)
+        return True
+    logger.warning("process group still alive after grace, sending SIGKILL pgid=%d grace=%s", pgid, grace)
+    _signal_group(pgid, signal.SIGKILL)
+    if not _wait_group_gone(pgid, _KILL_WAIT):
+        logger.error("process group still alive after SIGKILL pgid=%d", pgid)
+    return True
+
+
+def kill_orphan(pid: int, start_token: str | None, grace: float) -> bool:
+    """Kill the group led by `pid`, but only if that exact process is still alive.
+
+    For agents left over from a previous run of the service: `start_token`
+    is what `process_start_token` returned when the agent was started. A
+    dead pid, a reused pid (token differs) or a missing token kills nothing.
+    Returns True if the group was signalled.
+    """
+    if pid <= 1 or start_token is None:
+        return False
+    current = process_start_token(pid)
+    if current is None:
+        logger.info("orphaned agent already gone pid=%d", pid)
+        return False
+    if current != start_token:
+        logger.info("pid reused by another process, not killing pid=%d", pid)
+        return False
+    fields = _read_stat(pid)
+    if fields is None:
+        return False
+    if fields[_STAT_PGRP] != str(pid):
+        logger.warning("orphaned agent is not a process group leader, not killing pid=%d", pid)
+        return False
+    if pid == os.getpgrp():
+        return False
+    logger.warning("killing orphaned agent process group pgid=%d", pid)
+    return kill_group(pid, grace)
+
+
+# ---------------------------------------------------------------------------
+# the agent process
+
+
+def _skip_continuation_bytes(data: bytes | bytearray) -> bytes:
+    """Drop up to 3 leading UTF-8 continuation bytes left by a cut in the middle of a character."""
+    i = 0
+    while i < 3 and i < len(data) and (data[i] & 0xC0) == 0x80:
+        i += 1
+    return bytes(data[i:])
+
+
+class AgentProcess:
+    """One running agent: its process group, its output pipe and its log.
+
+    Create with `AgentProcess.start(...)`. When the process has ended (see
+    `poll`/`wait`) call `close()`; to stop it early call `terminate(grace)`.
+    Both kill what remains of the group and finish the log.
+    """
+
+    def __init__(
+        self,
+        popen: subprocess.Popen,
+        *,
+        argv0: str,
+        log_file: BinaryIO,
+        log_path: Path,
+        log_max_bytes: int,
+        on_line: Callable[[str], None] | None,
+    ) -> None:
+        # Not meant to be called directly: start() spawns the process first.
+        self._popen = popen
+        self.pid: int = popen.pid
+        self.start_token: str | None = process_start_token(popen.pid)
+        self.argv0 = argv0
+        self.log_path = log_path
+
+        self._on_line = on_line
+        self._on_line_failed = False
+
+        self._log = log_file
+        self._log_broken = False
+        self._log_half = max(1, log_max_bytes // 2)
+        self._log_live = 0  # output bytes of this run written to the log as they came
+        self._log_last_byte = b"\n"
+
+        self._buf_lock = threading.Lock()
+        self._bytes_seen = 0
+        self._head = bytearray()
+        self._tail_cap = max(OUTPUT_TAIL_BYTES, self._log_half)
+        self._tail = bytearray()  # the last _tail_cap bytes of the output
+
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = ""
+
+        self._stop = threading.Event()
+        self._pipe = popen.stdout
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"agent-reader-{self.pid}", daemon=True
+        )
+        self._finish_lock = threading.Lock()
+        self._finished = False
+
+    # -- starting ------------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        argv: Sequence[str],
+        *,
+        cwd: Path,
+        env: Mapping[str, str],
+        log_path: Path,
+        log_max_bytes: int,
+        on_line: Callable[[str], None] | None = None,
+        header: str | None = None,
+    ) -> "AgentProcess":
+        """Start `argv` in `cwd` with exactly `env`, in a new session, output to `log_path`.
+
+        Raises AgentStartError if the command cannot be started.
+        """
+        argv = [os.fspath(a) for a in argv]
+        if not argv:
+            raise AgentStartError("cannot start agent: empty command")
+        if log_max_bytes < 2:
+            raise ValueError("log_max_bytes must be at least 2")
+        argv0 = argv[0]
+        log_path = Path(log_path)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_path, "ab", buffering=0)
+        try:
+            if _ends_without_newline(log_path):
+                log_file.write(b"\n")  # an earlier run's last line stays on its own line
+            if header is not None:
+                line = header if header.endswith("\n") else header + "\n"
+                log_file.write(line.encode("utf-8", "replace"))
+            try:
+                popen = subprocess.Popen(
+                    argv,
+                    cwd=cwd,
+                    env=dict(env),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except (OSError, ValueError) as exc:
+                message = _start_error_message(argv0, cwd, exc)
+                logger.warning("agent could not be started argv0=%s error=%s", argv0, exc)
+                log_file.write(f"[kugetsu: {message}]\n".encode("utf-8", "replace"))
+                raise AgentStartError(message) from exc
+        except BaseException:
+            log_file.close()
+            raise
+
+        proc = cls(
+            popen,
+            argv0=argv0,
+            log_file=log_file,
+            log_path=log_path,
+            log_max_bytes=log_max_bytes,
+            on_line=on_line,
+        )
+        try:
+            proc._reader.start()
+        except BaseException as exc:
+            logger.error("could not start output reader, killing agent pid=%d", proc.pid)
+            _signal_group(proc.pid, signal.SIGKILL)
+            popen.wait()
+            popen.stdout.close()
+            log_file.close()
+            raise AgentStartError(f"cannot start agent {argv0!r}: no reader thread ({exc})") from exc
+        logger.info("agent started pid=%d argv0=%s log=%s", proc.pid, argv0, log_path)
+        return proc
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    @property
+    def bytes_seen(self) -> int:
+        """Bytes the agent has written to stdout/stderr so far."""
+        return self._bytes_seen
+
+    def poll(self) -> int | None:
+        return self._popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the leader to exit; None if it is still running after `timeout` s."""
+        try:
+            return self._popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def __repr__(self) -> str:
+        return f"<AgentProcess pid={self.pid} argv0={self.argv0!r} returncode={self.returncode}>"
+
+    # -- stopping ------------------------------------------------------------
+
+    def terminate(self, grace: float) -> int:
+        """Stop the whole group: SIGTERM, up to `grace` s, SIGKILL; reap; finish the log.
+
+        Returns the leader's exit code (negative signal number if it was killed
+        by a signal). Safe to call again and after the agent exited by itself.
+        """
+        if self._popen.poll() is None:
+            logger.info("terminating agent pid=%d grace=%s", self.pid, grace)
+            _signal_group(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + max(0.0, grace)
+            while True:
+                leader_done = self._popen.poll() is not None
+                if leader_done and not group_alive(self.pid):
+                    break
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(_POLL_INTERVAL)
+            if self._popen.poll() is None or group_alive(self.pid):
+                logger.warning("agent still alive after grace, sending SIGKILL pgid=%d", self.pid)
+                _signal_group(self.pid, signal.SIGKILL)
+                self._reap_leader()
+                if not _wait_group_gone(self.pid, _KILL_WAIT):
+                    logger.error("agent group still alive after SIGKILL pgid=%d", self.pid)
+            else:
+                self._reap_leader()
+        self._finish(grace)
+        rc = self._popen.returncode
+        return rc if rc is not None else -signal.SIGKILL
+
+    def close(self, grace: float = 2.0) -> None:
+        """After the leader exited: kill what is left of its group and finish the log.
+
+        If the leader is still running it is terminated first. Idempotent.
+        """
+        if self._popen.poll() is None:
+            logger.warning("close called on a running agent, terminating pid=%d", self.pid)
+            self.terminate(grace)
+            return
+        self._finish(grace)
+
+    def _reap_leader(self) -> None:
+        try:
+            self._popen.wait(timeout=_KILL_WAIT)
+        except subprocess.TimeoutExpired:
+            logger.error("agent leader not reaped after SIGKILL pid=%d", self.pid)
+
+    def _finish(self, grace: float) -> None:
+        with self._finish_lock:
+            if self._finished:
+                return
+            if group_alive(self.pid):
+                logger.info("killing leftover processes of agent group pgid=%d", self.pid)
+                kill_group(self.pid, grace)
+            # Everything in the group is gone, so whatever is still in the pipe
+            # can be read without waiting; a writer that escaped the group
+            # cannot hold the reader up because it now stops at the first pause.
+            self._stop.set()
+            self._reader.join(_READER_JOIN_TIMEOUT)
+            if self._reader.is_alive():
+                logger.error("agent output reader did not finish pid=%d", self.pid)
+            self._finished = True
+            logger.info(
+                "agent finished pid=%d returncode=%s bytes=%d", self.pid, self.returncode, self._bytes_seen
+            )
+
+    # -- output --------------------------------------------------------------
+
+    def _kept(self, tail_limit: int) -> tuple[bytes, int, bytes]:
+        """(head, bytes omitted between, tail) of the output, the tail at most `tail_limit` bytes."""
+        with self._buf_lock:
+            total = self._bytes_seen
+            head = bytes(self._head)
+            after_head = total - len(head)
+            n = min(tail_limit, after_head, len(self._tail))
+            tail = bytes(self._tail[len(self._tail) - n :]) if n > 0 else b""
+        return head, after_head - len(tail), tail
+
+    def output(self) -> str:
+        """The output kept for parsing: all of it if small, else head, an omission line and tail."""
+        head, omitted, tail = self._kept(OUTPUT_TAIL_BYTES)
+        if omitted <= 0:
+            return (head + tail).decode("utf-8", "replace")
+        return (
+            head.decode("utf-8", "replace")
+            + f"\n[... {omitted} bytes omitted ...]\n"
+            + _skip_continuation_bytes(tail).decode("utf-8", "replace")
+        )
+
+    def tail(self, max_chars: int = 2000) -> str:
+        """The last `max_chars` characters of the output, for failure messages."""
+        if max_chars <= 0:
+            return ""
+        head, omitted, tail = self._kept(OUTPUT_TAIL_BYTES)
+        data = tail if omitted > 0 else head + tail
+        want = max_chars * 4  # a UTF-8 character is at most 4 bytes
+        if len(data) > want:
+            data = _skip_continuation_bytes(data[-want:])
+        return data.decode("utf-8", "replace")[-max_chars:]
+
+    # -- the reader thread ---------------------------------------------------
+
+    def _read_loop(self) -> None:
+        fd = self._pipe.fileno()
+        try:
+            os.set_blocking(fd, False)
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+            while True:
+                if self._stop.is_set():
+                    self._drain(fd)
+                    break
+                if not poller.poll(_READER_POLL_MS):
+                    continue
+                try:
+                    data = os.read(fd, READ_CHUNK)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    break
+                self._feed(data)
+        except Exception:
+            logger.exception("agent output reader failed pid=%d", self.pid)
+        finally:
+            try:
+                self._end_of_output()
+            except Exception:
+                logger.exception("finishing agent output failed pid=%d", self.pid)
+            try:
+                self._pipe.close()
+            except OSError:
+                pass
+            self._close_log()
+
+    def _drain(self, fd: int) -> None:
+        """Read what is there without waiting, up to a bound, after a stop was asked for."""
+        budget = _STOP_DRAIN_BYTES
+        while budget > 0:
+            try:
+                data = os.read(fd, min(READ_CHUNK, budget))
+            except BlockingIOError:
+                logger.warning("agent output pipe still open after its group ended pid=%d", self.pid)
+                return
+            if not data:
+                return
+            budget -= len(data)
+            self._feed(data)
+        logger.warning("agent output still flowing after its group ended, stopped reading pid=%d", self.pid)
+
+    def _feed(self, data: bytes) -> None:
+        with self._buf_lock:
+            self._bytes_seen += len(data)
+            room = OUTPUT_HEAD_BYTES - len(self._head)
+            if room > 0:
+                self._head += data[:room]
+            self._tail += data
+            excess = len(self._tail) - self._tail_cap
+            if excess > 0:
+                del self._tail[:excess]
+
+        room = self._log_half - self._log_live
+        if room > 0:
+            live = data[:room]
+            self._log_live += len(live)
+            self._write_log(live)
+
+        if self._on_line is not None:
+            self._split_lines(self._decoder.decode(data))
+
+    def _split_lines(self, text: str) -> None:
+        if not text:
+            return
+        parts = text.split("\n")
+        parts[0] = self._partial + parts[0]
+        self._partial = parts.pop()
+        for line in parts:
+            if line.endswith("\r"):
+                line = line[:-1]
+            if len(line) <= MAX_LINE_CHARS:
+                self._emit(line)
+            else:
+                for i in range(0, len(line), MAX_LINE_CHARS):
+                    self._emit(line[i : i + MAX_LINE_CHARS])
+        while len(self._partial) > MAX_LINE_CHARS:
+            self._emit(self._partial[:MAX_LINE_CHARS])
+            self._partial = self._partial[MAX_LINE_CHARS:]
+
+    def _emit(self, line: str) -> None:
+        try:
+            self._on_line(line)  # type: ignore[misc]
+        except Exception:
+            if not self._on_line_failed:
+                self._on_line_failed = True
+                logger.exception("on_line callback failed, further errors ignored pid=%d", self.pid)
+
+    def _end_of_output(self) -> None:
+        if self._on_line is not None:
+            self._split_lines(self._decoder.decode(b"", final=True))
+            if self._partial:
+                last, self._partial = self._partial, ""
+                self._emit(last[:-1] if last.endswith("\r") else last)
+
+        with self._buf_lock:
+            after_live = self._bytes_seen - self._log_live
+            n = min(self._log_half, after_live, len(self._tail))
+            tail = bytes(self._tail[len(self._tail) - n :]) if n > 0 else b""
+        omitted = after_live - len(tail)
+        if omitted > 0:
+            prefix = b"" if self._log_last_byte == b"\n" else b"\n"
+            self._write_log(prefix + f"[kugetsu: {omitted} bytes of output omitted]\n".encode("ascii"))
+        if tail:
+            self._write_log(tail)
+        if omitted > 0:
+            logger.info("agent log capped pid=%d omitted=%d", self.pid, omitted)
+
+    def _write_log(self, data: bytes) -> None:
+        if self._log_broken or not data:
+            return
+        try:
+            self._log.write(data)
+            self._log_last_byte = data[-1:]
+        except (OSError, ValueError):
+            self._log_broken = True
+            logger.exception("writing agent log failed, log left incomplete pid=%d", self.pid)
+
+    def _close_log(self) -> None:
+        try:
+            self._log.close()
+        except OSError:
+            logger.exception("closing agent log failed pid=%d", self.pid)
+
+
+def _ends_without_newline(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
+
+
+def _start_error_message(argv0: str, cwd: Path, exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        filename = exc.filename
+        if filename is not None and os.fspath(filename) == os.fspath(cwd) and os.fspath(filename) != argv0:
+            return f"cannot start agent {argv0!r}: working directory {os.fspath(cwd)!r}: {reason}"
+        if exc.errno == errno.ENOENT:
+            return f"cannot start agent {argv0!r}: command not found ({reason})"
+        if exc.errno == errno.EACCES:
+            return f"cannot start agent {argv0!r}: not executable (permission denied)"
+        return f"cannot start agent {argv0!r}: {reason}"
+    return f"cannot start agent {argv0!r}: {exc}"
