@@ -1,0 +1,82 @@
+"""The webhook receiver: a Flask application factory with thin routes.
+
+The request path does no Gitea API call and no git: it checks size and type,
+verifies the signature, parses, writes rows in one transaction, wakes the
+scheduler and answers. Gitea waits 5 s for an answer and never retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from bot import events, intake
+from bot.config import Config
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules],
+               wake: Callable[[], None] = lambda: None,
+               health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (True, {})) -> Flask:
+    app = Flask("kugetsu")
+    app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
+    secret = config.gitea.webhook_secret
+    verify = bool(secret)
+
+    def answer(status: int, state: str, reason: str, **extra: Any) -> Response:
+        response = jsonify({"status": state, "reason": reason, **extra})
+        response.status_code = status
+        return response
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(_exc: Exception) -> Response:
+        return answer(413, "rejected",
+                      f"body larger than {config.server.max_body_bytes} bytes")
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        started = time.perf_counter()
+        length = request.content_length
+        if length is not None and length > config.server.max_body_bytes:
+            return too_large(RequestEntityTooLarge())
+        body = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+        try:
+            payload = events.signed_bytes(request.content_type or "", body)
+            if verify:
+                events.verify_signature(secret, payload, request.headers)
+            delivery = events.delivery_of(request.headers, payload)
+            data = events.load_json(payload)
+            event = events.parse(delivery, data)
+        except events.WebhookError as exc:
+            log.warning("webhook rejected", extra={
+                "status": exc.status, "reason": exc.reason,
+                "delivery": request.headers.get("X-Gitea-Delivery")})
+            return answer(exc.status, "rejected", exc.reason)
+
+        result = intake.ingest(store, delivery, event, rules())
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        log.info("webhook handled", extra={
+            "delivery": delivery.id, "event": delivery.event_type, "reason": result.reason,
+            "tasks": list(result.task_ids), "duplicate": result.duplicate,
+            "ms": round(elapsed_ms, 2)})
+        if result.duplicate:
+            return answer(200, "duplicate", result.reason)
+        if result.queued:
+            wake()
+            return answer(202, "queued", result.reason, tasks=list(result.task_ids))
+        return answer(200, "ignored", result.reason)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        ok, details = health()
+        response = jsonify({"status": "ok" if ok else "unhealthy", **details})
+        response.status_code = 200 if ok else 503
+        return response
+
+    return app

@@ -1,0 +1,209 @@
+"""Webhook deliveries: verify the signature, then parse into typed events.
+
+Pure: no Flask, no I/O. The signature is checked over the raw body bytes
+before anything is parsed (for Gitea's `form` content type, over the JSON
+inside the `payload` field, which is what Gitea signs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+from urllib.parse import parse_qs
+
+
+class WebhookError(Exception):
+    """A delivery we refuse; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    event: str        # X-Gitea-Event: issues, issue_comment, pull_request, ...
+    event_type: str   # X-Gitea-Event-Type: issue_label, pull_request_comment, ...
+
+
+@dataclass(frozen=True)
+class IssueEvent:
+    """An `issues` delivery (opened, label_updated, label_cleared, ...)."""
+
+    action: str
+    repo: str
+    number: int
+    title: str
+    body: str
+    labels: tuple[str, ...]
+    is_pull: bool
+    sender: str
+    permission: str | None
+
+
+@dataclass(frozen=True)
+class CommentEvent:
+    """An `issue_comment` delivery, on an issue or a pull request."""
+
+    action: str
+    repo: str
+    number: int
+    is_pull: bool
+    comment_id: int
+    body: str
+    sender: str
+    permission: str | None
+    title: str
+
+
+@dataclass(frozen=True)
+class Ignored:
+    reason: str
+
+
+Event = IssueEvent | CommentEvent | Ignored
+
+JSON_TYPES = ("application/json",)
+FORM_TYPES = ("application/x-www-form-urlencoded",)
+
+
+def _header(headers: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = headers.get(name)
+        if value:
+            return value
+    return None
+
+
+def signed_bytes(content_type: str, body: bytes) -> bytes:
+    """The bytes Gitea signed: the body itself, or the JSON in a form's `payload` field."""
+    mime = content_type.split(";", 1)[0].strip().lower()
+    if mime in JSON_TYPES or mime.endswith("+json"):
+        return body
+    if mime in FORM_TYPES:
+        try:
+            fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError:
+            raise WebhookError(400, "form body is not UTF-8") from None
+        payload = fields.get("payload")
+        if not payload:
+            raise WebhookError(400, "form body has no payload field")
+        return payload[0].encode("utf-8")
+    raise WebhookError(415, f"unsupported content type {mime or '(none)'}; send application/json")
+
+
+def verify_signature(secret: str, payload: bytes, headers: Mapping[str, str]) -> None:
+    """Raise WebhookError(401) unless the payload carries a valid HMAC-SHA256 of `secret`."""
+    expected = hmac.new(secret.encode("utf-8"), payload, hashlib.sha256).hexdigest()
+    given = _header(headers, "X-Gitea-Signature", "X-Gogs-Signature")
+    if given is None:
+        hub = _header(headers, "X-Hub-Signature-256")
+        if hub and hub.startswith("sha256="):
+            given = hub[len("sha256="):]
+    if not given:
+        raise WebhookError(401, "missing signature")
+    if not hmac.compare_digest(expected, given.strip().lower()):
+        raise WebhookError(401, "signature does not match")
+
+
+def delivery_of(headers: Mapping[str, str], payload: bytes) -> Delivery:
+    event = _header(headers, "X-Gitea-Event", "X-Gogs-Event", "X-GitHub-Event")
+    if not event:
+        raise WebhookError(400, "missing X-Gitea-Event header")
+    event_type = _header(headers, "X-Gitea-Event-Type", "X-Gogs-Event-Type",
+                         "X-GitHub-Event-Type") or event
+    delivery_id = _header(headers, "X-Gitea-Delivery", "X-Gogs-Delivery", "X-GitHub-Delivery")
+    if not delivery_id:
+        # Gitea always sends one; for other senders the body's hash is a stable stand-in.
+        delivery_id = "sha256:" + hashlib.sha256(payload).hexdigest()
+    if len(delivery_id) > 200:
+        raise WebhookError(400, "delivery id too long")
+    return Delivery(delivery_id, event, event_type)
+
+
+def load_json(payload: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WebhookError(400, f"body is not valid JSON: {exc.__class__.__name__}") from None
+    if not isinstance(data, dict):
+        raise WebhookError(400, "body must be a JSON object")
+    return data
+
+
+def _get(data: Mapping[str, Any], path: str, kind: type | tuple[type, ...]) -> Any:
+    cur: Any = data
+    for part in path.split("."):
+        if not isinstance(cur, Mapping) or part not in cur:
+            raise WebhookError(400, f"missing field {path}")
+        cur = cur[part]
+    if isinstance(cur, bool) and kind is int:
+        raise WebhookError(400, f"field {path} has the wrong type")
+    if not isinstance(cur, kind):
+        raise WebhookError(400, f"field {path} has the wrong type")
+    return cur
+
+
+def _permission(data: Mapping[str, Any]) -> str | None:
+    """The doer's permission, as Gitea renders `repository.permissions` for it."""
+    perms = data.get("repository", {}).get("permissions")
+    if not isinstance(perms, Mapping):
+        return None
+    if perms.get("admin"):
+        return "admin"
+    if perms.get("push"):
+        return "write"
+    if perms.get("pull"):
+        return "read"
+    return "none"
+
+
+def _labels(issue: Mapping[str, Any]) -> tuple[str, ...]:
+    labels = issue.get("labels") or []
+    if not isinstance(labels, list):
+        raise WebhookError(400, "field issue.labels has the wrong type")
+    names = []
+    for label in labels:
+        if not isinstance(label, Mapping) or not isinstance(label.get("name"), str):
+            raise WebhookError(400, "field issue.labels has the wrong type")
+        names.append(label["name"])
+    return tuple(names)
+
+
+def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
+    """Turn a verified delivery into the event kugetsu acts on, or Ignored with a reason."""
+    if delivery.event == "issues":
+        action = _get(data, "action", str)
+        issue = _get(data, "issue", Mapping)
+        is_pull = bool(issue.get("pull_request"))
+        return IssueEvent(
+            action=action,
+            repo=_get(data, "repository.full_name", str),
+            number=_get(data, "issue.number", int),
+            title=issue.get("title") or "",
+            body=issue.get("body") or "",
+            labels=_labels(issue),
+            is_pull=is_pull,
+            sender=_get(data, "sender.login", str),
+            permission=_permission(data),
+        )
+    if delivery.event == "issue_comment":
+        action = _get(data, "action", str)
+        issue = _get(data, "issue", Mapping)
+        return CommentEvent(
+            action=action,
+            repo=_get(data, "repository.full_name", str),
+            number=_get(data, "issue.number", int),
+            is_pull=bool(data.get("is_pull")) or bool(issue.get("pull_request")),
+            comment_id=_get(data, "comment.id", int),
+            body=_get(data, "comment.body", str),
+            sender=_get(data, "sender.login", str),
+            permission=_permission(data),
+            title=issue.get("title") or "",
+        )
+    return Ignored(f"event {delivery.event} is not one kugetsu acts on")

@@ -1,0 +1,687 @@
+"""The durable queue: SQLite in WAL mode, the single source of truth.
+
+Every task is a row. A task's state changes only through `transition()`, a
+compare-and-set checked against `tasks.TRANSITIONS`. `claim()` counts running
+tasks and leases pending ones inside one `BEGIN IMMEDIATE` transaction, which
+holds SQLite's write lock, so the concurrency limit holds across threads and
+across processes that share the database file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from bot.tasks import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    InvalidTransition,
+    Kind,
+    Outcome,
+    State,
+    Task,
+    check_transition,
+)
+
+log = logging.getLogger(__name__)
+
+# Each entry moves the schema from version i to i+1. Never edit a released entry;
+# append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema
+    """
+    CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        repo TEXT NOT NULL,
+        issue INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        prompt TEXT NOT NULL DEFAULT '',
+        agent TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL DEFAULT 3,
+        not_before REAL NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        pid INTEGER,
+        pid_start TEXT,
+        worker_id TEXT,
+        branch TEXT,
+        worktree TEXT,
+        session_id TEXT,
+        pr_number INTEGER,
+        comment_id INTEGER,
+        trigger_comment_id INTEGER,
+        outcome TEXT,
+        error TEXT,
+        authorized INTEGER,
+        permission_hint TEXT,
+        cancel_requested_by TEXT,
+        version INTEGER NOT NULL DEFAULT 1,
+        comment_version INTEGER NOT NULL DEFAULT 0,
+        comment_body TEXT
+    );
+    CREATE INDEX tasks_by_state ON tasks (state, id);
+    CREATE INDEX tasks_by_issue ON tasks (repo, issue, id);
+    CREATE TABLE task_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id INTEGER NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+        at REAL NOT NULL,
+        from_state TEXT,
+        to_state TEXT,
+        event TEXT NOT NULL,
+        detail TEXT
+    );
+    CREATE INDEX task_events_by_task ON task_events (task_id, id);
+    CREATE TABLE deliveries (
+        id TEXT PRIMARY KEY,
+        event TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        result TEXT
+    );
+    CREATE TABLE issues (
+        repo TEXT NOT NULL,
+        number INTEGER NOT NULL,
+        labels TEXT,
+        pr_number INTEGER,
+        branch TEXT,
+        session_id TEXT,
+        agent TEXT,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (repo, number)
+    );
+    CREATE INDEX issues_by_pr ON issues (repo, pr_number);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        repo TEXT NOT NULL,
+        issue INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        target INTEGER,
+        body TEXT NOT NULL DEFAULT '',
+        requested_by TEXT,
+        permission_hint TEXT,
+        needs_permission INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        not_before REAL NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        done_at REAL,
+        error TEXT
+    );
+    CREATE INDEX outbox_open ON outbox (done_at, not_before, id);
+    CREATE TABLE workers (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        pid_start TEXT,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+    """,
+    # 2: agent results and budgets
+    """
+    ALTER TABLE tasks ADD COLUMN max_tokens INTEGER;
+    ALTER TABLE tasks ADD COLUMN max_cost_usd REAL;
+    ALTER TABLE tasks ADD COLUMN usage TEXT;
+    ALTER TABLE tasks ADD COLUMN summary TEXT;
+    ALTER TABLE tasks ADD COLUMN files_changed INTEGER;
+    ALTER TABLE tasks ADD COLUMN agents_tried TEXT;
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_TASK_FIELDS = {f.name for f in fields(Task)}
+_JSON_FIELDS = {"usage", "agents_tried"}
+#: fields that callers may set without changing state
+_UPDATABLE = _TASK_FIELDS - {"id", "repo", "issue", "kind", "state", "created_at", "updated_at"}
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class SchemaTooNew(StoreError):
+    pass
+
+
+def _row_to_task(row: sqlite3.Row) -> Task:
+    data = {k: row[k] for k in row.keys() if k in _TASK_FIELDS}
+    data["kind"] = Kind(data["kind"])
+    data["state"] = State(data["state"])
+    data["outcome"] = Outcome(data["outcome"]) if data.get("outcome") else None
+    if data.get("authorized") is not None:
+        data["authorized"] = bool(data["authorized"])
+    data["usage"] = json.loads(data["usage"]) if data.get("usage") else {}
+    data["agents_tried"] = tuple(json.loads(data["agents_tried"])) if data.get("agents_tried") else ()
+    return Task(**data)
+
+
+def _encode(key: str, value: Any) -> Any:
+    if key in _JSON_FIELDS:
+        return json.dumps(list(value) if key == "agents_tried" else value) if value else None
+    if isinstance(value, (State, Outcome, Kind)):
+        return value.value
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Stats:
+    by_state: dict[str, int]
+    by_outcome: dict[str, int]
+    running: int
+    pending_ready: int
+    oldest_pending_age: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "by_state": self.by_state,
+            "by_outcome": self.by_outcome,
+            "running": self.running,
+            "pending_ready": self.pending_ready,
+            "oldest_pending_age_seconds": self.oldest_pending_age,
+        }
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    repo: str
+    issue: int
+    kind: str  # "comment" | "status" | "reaction"
+    target: int | None
+    body: str
+    requested_by: str | None
+    permission_hint: str | None
+    needs_permission: bool
+    attempts: int
+
+
+class Store:
+    """Owns the database file. One connection per thread; safe to share."""
+
+    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        self.clock = clock
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def tx(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+        """A transaction. IMMEDIATE takes the write lock at once (no upgrade deadlocks)."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._conns:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._conns.clear()
+        self._local = threading.local()
+
+    def migrate(self) -> int:
+        """Bring the schema up to date; returns the version. Safe to run concurrently."""
+        with self.tx() as c:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"database {self.path} has schema version {version}, this kugetsu knows "
+                    f"up to {SCHEMA_VERSION}; upgrade kugetsu")
+            for number in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        c.execute(statement)
+                c.execute(f"PRAGMA user_version = {number + 1}")
+                log.info("database migrated", extra={"schema_version": number + 1})
+        return SCHEMA_VERSION
+
+    def schema_version(self) -> int:
+        return self._conn().execute("PRAGMA user_version").fetchone()[0]
+
+    # ------------------------------------------------------------------ tasks
+
+    def _event(self, c: sqlite3.Connection, task_id: int, event: str, from_state: str | None,
+               to_state: str | None, detail: str | None = None) -> None:
+        c.execute(
+            "INSERT INTO task_events (task_id, at, from_state, to_state, event, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (task_id, self.clock(), from_state, to_state, event, detail))
+
+    def insert_task(self, c: sqlite3.Connection, *, repo: str, issue: int, kind: Kind | str,
+                    prompt: str, agent: str, requested_by: str, max_attempts: int,
+                    authorized: bool | None = None, permission_hint: str | None = None,
+                    trigger_comment_id: int | None = None, max_tokens: int | None = None,
+                    max_cost_usd: float | None = None) -> int:
+        """Insert a pending task inside the caller's transaction."""
+        now = self.clock()
+        cur = c.execute(
+            "INSERT INTO tasks (repo, issue, kind, prompt, agent, requested_by, state, "
+            "max_attempts, created_at, updated_at, authorized, permission_hint, "
+            "trigger_comment_id, max_tokens, max_cost_usd) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+            (repo, issue, str(Kind(kind)), prompt, agent, requested_by, max_attempts, now, now,
+             None if authorized is None else int(authorized), permission_hint,
+             trigger_comment_id, max_tokens, max_cost_usd))
+        task_id = int(cur.lastrowid)
+        self._event(c, task_id, "queued", None, "pending", f"{kind} by {requested_by}")
+        return task_id
+
+    def enqueue(self, **kwargs: Any) -> int:
+        with self.tx() as c:
+            return self.insert_task(c, **kwargs)
+
+    def get(self, task_id: int) -> Task | None:
+        row = self._conn().execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return _row_to_task(row) if row else None
+
+    def require(self, task_id: int) -> Task:
+        task = self.get(task_id)
+        if task is None:
+            raise KeyError(f"no task {task_id}")
+        return task
+
+    def list(self, state: State | str | None = None, limit: int | None = None,
+             repo: str | None = None, issue: int | None = None) -> list[Task]:
+        sql, args = "SELECT * FROM tasks WHERE 1=1", []
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(str(State(state)))
+        if repo is not None:
+            sql += " AND repo = ?"
+            args.append(repo)
+        if issue is not None:
+            sql += " AND issue = ?"
+            args.append(issue)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [_row_to_task(r) for r in self._conn().execute(sql, args)]
+
+    def events(self, task_id: int) -> list[dict[str, Any]]:
+        rows = self._conn().execute(
+            "SELECT at, from_state, to_state, event, detail FROM task_events "
+            "WHERE task_id = ? ORDER BY id", (task_id,))
+        return [dict(r) for r in rows]
+
+    def transition(self, task_id: int, from_state: State | str, to_state: State | str, *,
+                   event: str, detail: str | None = None, **changes: Any) -> bool:
+        """The only writer of `state`: compare-and-set. False if the task was not in from_state."""
+        check_transition(from_state, to_state)
+        bad = set(changes) - _UPDATABLE
+        if bad:
+            raise ValueError(f"cannot set {sorted(bad)} in a transition")
+        from_state, to_state = State(from_state), State(to_state)
+        now = self.clock()
+        if to_state in TERMINAL_STATES:
+            changes.setdefault("finished_at", now)
+        sets = ["state = ?", "updated_at = ?", "version = version + 1"]
+        args: list[Any] = [to_state.value, now]
+        for key, value in changes.items():
+            sets.append(f"{key} = ?")
+            args.append(_encode(key, value))
+        with self.tx() as c:
+            cur = c.execute(f"UPDATE tasks SET {', '.join(sets)} WHERE id = ? AND state = ?",
+                            (*args, task_id, from_state.value))
+            if cur.rowcount != 1:
+                return False
+            self._event(c, task_id, event, from_state.value, to_state.value, detail)
+        return True
+
+    def update(self, task_id: int, *, bump: bool = True, **changes: Any) -> None:
+        """Set fields that are not the state (pid, session, PR number, ...)."""
+        bad = set(changes) - _UPDATABLE
+        if bad:
+            raise ValueError(f"cannot set {sorted(bad)} with update()")
+        if not changes:
+            return
+        sets = [f"{k} = ?" for k in changes] + ["updated_at = ?"]
+        if bump:
+            sets.append("version = version + 1")
+        args = [_encode(k, v) for k, v in changes.items()] + [self.clock()]
+        with self.tx() as c:
+            c.execute(f"UPDATE tasks SET {', '.join(sets)} WHERE id = ?", (*args, task_id))
+
+    def note(self, task_id: int, event: str, detail: str | None = None) -> None:
+        with self.tx() as c:
+            self._event(c, task_id, event, None, None, detail)
+
+    def active_task(self, c: sqlite3.Connection | None, repo: str, issue: int,
+                    kind: Kind | None = None) -> Task | None:
+        conn = c or self._conn()
+        sql = ("SELECT * FROM tasks WHERE repo = ? AND issue = ? AND state IN ('pending', 'running')")
+        args: list[Any] = [repo, issue]
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind.value)
+        row = conn.execute(sql + " ORDER BY id LIMIT 1", args).fetchone()
+        return _row_to_task(row) if row else None
+
+    def latest_task(self, repo: str, issue: int, c: sqlite3.Connection | None = None,
+                    states: Sequence[State] | None = None) -> Task | None:
+        conn = c or self._conn()
+        sql, args = "SELECT * FROM tasks WHERE repo = ? AND issue = ?", [repo, issue]
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args += [s.value for s in states]
+        row = conn.execute(sql + " ORDER BY id DESC LIMIT 1", args).fetchone()
+        return _row_to_task(row) if row else None
+
+    def count_running(self) -> int:
+        return self._conn().execute(
+            "SELECT COUNT(*) FROM tasks WHERE state = 'running'").fetchone()[0]
+
+    def claim(self, limit: int, worker_id: str, *, max_claims: int | None = None) -> list[Task]:
+        """Lease up to (limit - running) ready tasks, first in first out, one per issue.
+
+        Count and update happen under one write lock, so no interleaving of
+        threads or processes can push the number of running tasks over `limit`.
+        """
+        now = self.clock()
+        with self.tx() as c:
+            running = c.execute("SELECT COUNT(*) FROM tasks WHERE state = 'running'").fetchone()[0]
+            free = limit - running
+            if max_claims is not None:
+                free = min(free, max_claims)
+            if free <= 0:
+                return []
+            rows = c.execute(
+                """
+                SELECT id FROM tasks AS t
+                WHERE t.state = 'pending' AND t.authorized = 1 AND t.not_before <= ?
+                  AND NOT EXISTS (SELECT 1 FROM tasks AS r WHERE r.repo = t.repo
+                                  AND r.issue = t.issue AND r.state = 'running')
+                  AND NOT EXISTS (SELECT 1 FROM tasks AS e WHERE e.repo = t.repo
+                                  AND e.issue = t.issue AND e.state = 'pending' AND e.id < t.id)
+                ORDER BY t.id LIMIT ?
+                """, (now, free)).fetchall()
+            claimed = []
+            for row in rows:
+                cur = c.execute(
+                    "UPDATE tasks SET state = 'running', attempts = attempts + 1, worker_id = ?, "
+                    "started_at = ?, updated_at = ?, version = version + 1, pid = NULL, "
+                    "pid_start = NULL, error = NULL WHERE id = ? AND state = 'pending'",
+                    (worker_id, now, now, row["id"]))
+                if cur.rowcount == 1:
+                    self._event(c, row["id"], "claimed", "pending", "running", worker_id)
+                    claimed.append(row["id"])
+            result = [_row_to_task(c.execute("SELECT * FROM tasks WHERE id = ?", (i,)).fetchone())
+                      for i in claimed]
+        return result
+
+    def unauthorized_pending(self, limit: int = 50) -> list[Task]:
+        rows = self._conn().execute(
+            "SELECT * FROM tasks WHERE state = 'pending' AND authorized IS NULL ORDER BY id LIMIT ?",
+            (limit,))
+        return [_row_to_task(r) for r in rows]
+
+    def cancel_requested(self, task_id: int) -> str | None:
+        row = self._conn().execute(
+            "SELECT cancel_requested_by FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return row[0] if row else None
+
+    def request_cancel(self, task_id: int, by: str) -> str:
+        """Stop a task: a pending one is cancelled at once, a running one is flagged for its
+        runner. Returns what happened: cancelled | stopping | finished."""
+        for _ in range(5):
+            task = self.require(task_id)
+            if task.state is State.PENDING:
+                if self.transition(task_id, State.PENDING, State.CANCELLED, event="cancelled",
+                                   detail=by, cancel_requested_by=by,
+                                   outcome=Outcome.CANCELLED):
+                    return "cancelled"
+                continue
+            if task.state is State.RUNNING:
+                with self.tx() as c:
+                    cur = c.execute(
+                        "UPDATE tasks SET cancel_requested_by = ?, updated_at = ?, "
+                        "version = version + 1 WHERE id = ? AND state = 'running'",
+                        (by, self.clock(), task_id))
+                    if cur.rowcount == 1:
+                        self._event(c, task_id, "stop requested", None, None, by)
+                        return "stopping"
+                continue
+            return "finished"
+        return "finished"
+
+    def requeue(self, task_id: int, by: str) -> bool:
+        """Put a failed or cancelled task back in the queue with fresh attempts."""
+        task = self.require(task_id)
+        if task.state not in (State.FAILED, State.CANCELLED):
+            return False
+        return self.transition(task_id, task.state, State.PENDING, event="retry requested",
+                               detail=by, attempts=0, not_before=0.0, outcome=None, error=None,
+                               cancel_requested_by=None, finished_at=None)
+
+    def queue_position(self, task_id: int) -> int | None:
+        """1-based position among pending tasks, counting those ahead of it."""
+        task = self.get(task_id)
+        if task is None or task.state is not State.PENDING:
+            return None
+        return self._conn().execute(
+            "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND id <= ? "
+            "AND (authorized IS NULL OR authorized = 1)", (task_id,)).fetchone()[0]
+
+    def pending_positions(self, limit: int) -> list[tuple[Task, int]]:
+        rows = self._conn().execute(
+            "SELECT * FROM tasks WHERE state = 'pending' AND authorized = 1 ORDER BY id LIMIT ?",
+            (limit,)).fetchall()
+        return [(_row_to_task(r), i + 1) for i, r in enumerate(rows)]
+
+    def comment_out_of_date(self, limit: int) -> list[Task]:
+        """Tasks whose tracking comment has not caught up with their last change."""
+        rows = self._conn().execute(
+            "SELECT * FROM tasks WHERE comment_version < version AND authorized IS NOT NULL "
+            "ORDER BY (state = 'pending'), id LIMIT ?", (limit,))
+        return [_row_to_task(r) for r in rows]
+
+    def comment_synced(self, task_id: int, version: int, body: str,
+                       comment_id: int | None = None) -> None:
+        with self.tx() as c:
+            if comment_id is not None:
+                c.execute("UPDATE tasks SET comment_id = ? WHERE id = ?", (comment_id, task_id))
+            c.execute("UPDATE tasks SET comment_version = MAX(comment_version, ?), comment_body = ? "
+                      "WHERE id = ?", (version, body, task_id))
+
+    def comment_state(self, task_id: int) -> tuple[int, str | None]:
+        row = self._conn().execute("SELECT version, comment_body FROM tasks WHERE id = ?",
+                                   (task_id,)).fetchone()
+        return (row[0], row[1]) if row else (0, None)
+
+    def stats(self) -> Stats:
+        conn = self._conn()
+        by_state = {s.value: 0 for s in State}
+        for row in conn.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state"):
+            by_state[row[0]] = row[1]
+        by_outcome = {row[0]: row[1] for row in conn.execute(
+            "SELECT outcome, COUNT(*) FROM tasks WHERE outcome IS NOT NULL GROUP BY outcome")}
+        now = self.clock()
+        ready = conn.execute("SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND "
+                             "not_before <= ?", (now,)).fetchone()[0]
+        oldest = conn.execute("SELECT MIN(created_at) FROM tasks WHERE state = 'pending'"
+                              ).fetchone()[0]
+        return Stats(by_state, by_outcome, by_state["running"], ready,
+                     None if oldest is None else max(0.0, now - oldest))
+
+    def clear(self, older_than_days: float) -> int:
+        """Delete finished tasks older than that; active tasks are never deleted."""
+        cutoff = self.clock() - older_than_days * 86400.0
+        terminal = tuple(s.value for s in TERMINAL_STATES)
+        with self.tx() as c:
+            cur = c.execute(
+                f"DELETE FROM tasks WHERE state IN ({','.join('?' * len(terminal))}) "
+                "AND COALESCE(finished_at, updated_at) < ?", (*terminal, cutoff))
+            c.execute("DELETE FROM deliveries WHERE received_at < ?", (cutoff,))
+            c.execute("DELETE FROM outbox WHERE done_at IS NOT NULL AND done_at < ?", (cutoff,))
+            return cur.rowcount
+
+    # ------------------------------------------------------------------ issues
+
+    def issue_row(self, repo: str, number: int,
+                  c: sqlite3.Connection | None = None) -> dict[str, Any] | None:
+        row = (c or self._conn()).execute(
+            "SELECT * FROM issues WHERE repo = ? AND number = ?", (repo, number)).fetchone()
+        if row is None:
+            return None
+        data = dict(row)
+        data["labels"] = None if data["labels"] is None else json.loads(data["labels"])
+        return data
+
+    def set_issue(self, repo: str, number: int, c: sqlite3.Connection | None = None,
+                  **values: Any) -> None:
+        allowed = {"labels", "pr_number", "branch", "session_id", "agent"}
+        if set(values) - allowed:
+            raise ValueError(f"unknown issue fields {sorted(set(values) - allowed)}")
+        if "labels" in values and values["labels"] is not None:
+            values["labels"] = json.dumps(sorted(values["labels"]))
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR IGNORE INTO issues (repo, number, updated_at) VALUES (?, ?, ?)",
+                         (repo, number, self.clock()))
+            if values:
+                sets = ", ".join(f"{k} = ?" for k in values)
+                conn.execute(f"UPDATE issues SET {sets}, updated_at = ? WHERE repo = ? AND number = ?",
+                             (*values.values(), self.clock(), repo, number))
+
+        if c is not None:
+            write(c)
+        else:
+            with self.tx() as conn:
+                write(conn)
+
+    def issue_for_pr(self, repo: str, pr_number: int,
+                     c: sqlite3.Connection | None = None) -> int | None:
+        row = (c or self._conn()).execute(
+            "SELECT number FROM issues WHERE repo = ? AND pr_number = ?",
+            (repo, pr_number)).fetchone()
+        return row[0] if row else None
+
+    # ------------------------------------------------------------------ deliveries
+
+    def seen_delivery(self, c: sqlite3.Connection, delivery_id: str, event: str) -> bool:
+        """Record a delivery id; True if it was already recorded."""
+        cur = c.execute("INSERT OR IGNORE INTO deliveries (id, event, received_at) VALUES (?, ?, ?)",
+                        (delivery_id, event, self.clock()))
+        return cur.rowcount == 0
+
+    def delivery_result(self, c: sqlite3.Connection, delivery_id: str, result: str) -> None:
+        c.execute("UPDATE deliveries SET result = ? WHERE id = ?", (result, delivery_id))
+
+    # ------------------------------------------------------------------ outbox
+
+    def add_outbox(self, c: sqlite3.Connection, *, repo: str, issue: int, kind: str,
+                   body: str = "", target: int | None = None, requested_by: str | None = None,
+                   permission_hint: str | None = None, needs_permission: bool = False) -> int:
+        cur = c.execute(
+            "INSERT INTO outbox (repo, issue, kind, target, body, requested_by, permission_hint, "
+            "needs_permission, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (repo, issue, kind, target, body, requested_by, permission_hint,
+             int(needs_permission), self.clock()))
+        return int(cur.lastrowid)
+
+    def outbox_due(self, limit: int) -> list[OutboxItem]:
+        rows = self._conn().execute(
+            "SELECT * FROM outbox WHERE done_at IS NULL AND not_before <= ? ORDER BY id LIMIT ?",
+            (self.clock(), limit))
+        return [OutboxItem(r["id"], r["repo"], r["issue"], r["kind"], r["target"], r["body"],
+                           r["requested_by"], r["permission_hint"], bool(r["needs_permission"]),
+                           r["attempts"]) for r in rows]
+
+    def outbox_done(self, item_id: int, error: str | None = None) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE outbox SET done_at = ?, error = ? WHERE id = ?",
+                      (self.clock(), error, item_id))
+
+    def outbox_retry(self, item_id: int, delay: float, error: str) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE outbox SET attempts = attempts + 1, not_before = ?, error = ? "
+                      "WHERE id = ?", (self.clock() + delay, error, item_id))
+
+    def outbox_pending(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM outbox WHERE done_at IS NULL").fetchone()[0]
+
+    # ------------------------------------------------------------------ workers
+
+    def register_worker(self, worker_id: str, pid: int, pid_start: str | None) -> None:
+        now = self.clock()
+        with self.tx() as c:
+            c.execute("INSERT OR REPLACE INTO workers (id, host, pid, pid_start, started_at, "
+                      "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?)",
+                      (worker_id, socket.gethostname(), pid, pid_start, now, now))
+
+    def heartbeat(self, worker_id: str) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (self.clock(), worker_id))
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._conn().execute("SELECT * FROM workers")]
+
+    def running_tasks(self) -> list[Task]:
+        return self.list(State.RUNNING)
+
+    # ------------------------------------------------------------------ meta
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.tx() as c:
+            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def open_store(path: Path | str, clock: Callable[[], float] = time.time) -> Store:
+    store = Store(path, clock=clock)
+    store.migrate()
+    return store
+
+
+__all__ = ["Store", "open_store", "StoreError", "SchemaTooNew", "InvalidTransition", "Stats",
+           "OutboxItem", "ACTIVE_STATES", "MIGRATIONS", "SCHEMA_VERSION"]

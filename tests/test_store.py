@@ -1,0 +1,202 @@
+"""The durable queue: migrations, compare-and-set transitions, atomic claiming."""
+
+import multiprocessing
+import random
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from bot.store import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, Store, open_store
+from bot.tasks import InvalidTransition, Kind, Outcome, State
+
+
+def add(store, issue=1, repo="acme/widget", authorized=True, **kw):
+    return store.enqueue(repo=repo, issue=issue, kind=kw.pop("kind", Kind.START), prompt="",
+                         agent="opencode", requested_by="alice", max_attempts=3,
+                         authorized=authorized, **kw)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store(tmp_path / "db.sqlite")
+    yield s
+    s.close()
+
+
+def test_fresh_database_gets_the_latest_schema(store):
+    assert store.schema_version() == SCHEMA_VERSION
+    mode = store._conn().execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_migrates_forward_from_version_1_and_keeps_rows(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    conn.execute("INSERT INTO tasks (repo, issue, kind, agent, requested_by, state, created_at, "
+                 "updated_at) VALUES ('acme/widget', 3, 'start', 'opencode', 'bob', 'pending', 1, 1)")
+    conn.commit()
+    conn.close()
+    store = open_store(path)
+    assert store.schema_version() == SCHEMA_VERSION
+    task = store.list()[0]
+    assert (task.issue, task.requested_by, task.max_tokens, task.usage) == (3, "bob", None, {})
+    store.update(task.id, max_tokens=10)
+    assert store.get(task.id).max_tokens == 10
+
+
+def test_migrate_is_idempotent(store):
+    assert store.migrate() == SCHEMA_VERSION
+    assert store.migrate() == SCHEMA_VERSION
+
+
+def test_refuses_a_newer_schema(tmp_path):
+    path = tmp_path / "new.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(SchemaTooNew):
+        open_store(path)
+
+
+def test_transition_is_compare_and_set(store):
+    tid = add(store)
+    assert store.transition(tid, State.PENDING, State.CANCELLED, event="cancelled")
+    assert not store.transition(tid, State.PENDING, State.RUNNING, event="claimed")
+    assert store.get(tid).state is State.CANCELLED
+    with pytest.raises(InvalidTransition):
+        store.transition(tid, State.COMPLETED, State.RUNNING, event="nope")
+    events = [e["event"] for e in store.events(tid)]
+    assert events == ["queued", "cancelled"]
+
+
+def test_claim_is_fifo_one_per_issue_and_skips_unauthorized_and_backoff(store):
+    first = add(store, issue=1)
+    follow = add(store, issue=1, kind=Kind.CONTINUE)
+    unauth = add(store, issue=2, authorized=None)
+    later = add(store, issue=3)
+    delayed = add(store, issue=4)
+    store.update(delayed, not_before=time.time() + 3600)
+    claimed = store.claim(10, "w1")
+    assert [t.id for t in claimed] == [first, later]
+    assert all(t.state is State.RUNNING and t.attempts == 1 for t in claimed)
+    # the follow-up waits until the issue's running task is done
+    assert store.claim(10, "w1") == []
+    store.transition(first, State.RUNNING, State.COMPLETED, event="done",
+                     outcome=Outcome.SUCCEEDED)
+    assert [t.id for t in store.claim(10, "w1")] == [follow]
+    assert store.get(unauth).state is State.PENDING
+
+
+def test_claim_never_exceeds_the_limit(store):
+    for i in range(10):
+        add(store, issue=i)
+    assert len(store.claim(3, "w")) == 3
+    assert store.claim(3, "w") == []
+    assert store.count_running() == 3
+
+
+def test_request_cancel_and_requeue(store):
+    pending = add(store, issue=1)
+    assert store.request_cancel(pending, "bob") == "cancelled"
+    assert store.get(pending).outcome is Outcome.CANCELLED
+    running = add(store, issue=2)
+    store.claim(5, "w")
+    assert store.request_cancel(running, "bob") == "stopping"
+    assert store.cancel_requested(running) == "bob"
+    assert store.get(running).state is State.RUNNING
+    assert store.requeue(pending, "carol")
+    task = store.get(pending)
+    assert (task.state, task.attempts, task.outcome) == (State.PENDING, 0, None)
+    assert not store.requeue(running, "carol")
+
+
+def test_queue_positions(store):
+    ids = [add(store, issue=i) for i in range(4)]
+    assert [store.queue_position(i) for i in ids] == [1, 2, 3, 4]
+    store.claim(1, "w")
+    assert store.queue_position(ids[0]) is None
+    assert store.queue_position(ids[3]) == 3
+
+
+def test_clear_removes_only_old_finished_tasks(tmp_path):
+    now = [1000.0]
+    store = open_store(tmp_path / "db", clock=lambda: now[0])
+    done = add(store, issue=1)
+    store.transition(done, State.PENDING, State.CANCELLED, event="x")
+    active = add(store, issue=2)
+    now[0] += 10 * 86400
+    assert store.clear(7) == 1
+    assert store.get(done) is None and store.get(active) is not None
+
+
+# ---------------------------------------------------------------- concurrency
+
+def _overlap(intervals):
+    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals],
+                    key=lambda p: (p[0], p[1]))
+    cur = best = 0
+    for _, delta in points:
+        cur += delta
+        best = max(best, cur)
+    return best
+
+
+def _worker_loop(path, limit, worker, out):
+    store = Store(path)
+    intervals = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        claimed = store.claim(limit, worker)
+        if not claimed:
+            if store.stats().by_state["pending"] == 0:
+                break
+            time.sleep(random.uniform(0, 0.002))
+            continue
+        start = time.monotonic()
+        time.sleep(random.uniform(0, 0.003))
+        for task in claimed:
+            end = time.monotonic()
+            intervals.append((start, end))
+            assert store.transition(task.id, State.RUNNING, State.COMPLETED, event="done",
+                                    outcome=Outcome.SUCCEEDED)
+    out.extend(intervals) if isinstance(out, list) else out.put(intervals)
+
+
+def test_claim_limit_holds_across_threads(tmp_path):
+    store = open_store(tmp_path / "db")
+    for i in range(120):
+        add(store, issue=i)
+    results = []
+    threads = [threading.Thread(target=_worker_loop, args=(store.path, 3, f"t{n}", results))
+               for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 120
+    assert _overlap(results) <= 3
+    assert store.stats().by_state["completed"] == 120
+
+
+def test_claim_limit_holds_across_processes(tmp_path):
+    store = open_store(tmp_path / "db")
+    for i in range(80):
+        add(store, issue=i)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker_loop, args=(store.path, 3, f"p{n}", queue))
+             for n in range(2)]
+    for p in procs:
+        p.start()
+    intervals = []
+    for _ in procs:
+        intervals.extend(queue.get(timeout=120))
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert len(intervals) == 80
+    assert _overlap(intervals) <= 3
+    assert store.count_running() == 0
