@@ -1,0 +1,433 @@
+"""GiteaClient: the only module that knows Gitea's URLs, auth, pagination and status codes.
+
+Every API call goes through `GiteaClient._request`, which adds the token header,
+the timeout and retries, and turns HTTP status codes into the typed errors below.
+Callers depend on the narrow `GiteaAPI` protocol so tests can pass a fake.
+
+The token is sent only as an `Authorization: token ...` header. It never appears in
+a URL, a log line or an exception message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterator, Mapping, Protocol
+from urllib.parse import quote
+
+import requests
+from urllib3.exceptions import NewConnectionError
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+TIMELINE_PAGE_SIZE = 50
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+MAX_BACKOFF_SECONDS = 30.0
+COMMIT_STATUS_STATES = ("pending", "success", "error", "failure", "warning", "skipped")
+
+
+class GiteaError(Exception):
+    """A Gitea API call failed. `status` is the HTTP status (None if no answer)."""
+
+    def __init__(self, message: str, *, status: int | None = None, method: str = "", path: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.method = method
+        self.path = path
+
+    def __str__(self) -> str:
+        where = f"{self.method} {self.path}".strip()
+        status = "no response" if self.status is None else f"HTTP {self.status}"
+        detail = f": {self.message}" if self.message else ""
+        return f"Gitea {where} failed ({status}){detail}"
+
+
+class Unauthorized(GiteaError):
+    """401: the token is missing, wrong or expired."""
+
+
+class Forbidden(GiteaError):
+    """403: the token's user may not do this (or the token lacks a scope)."""
+
+
+class NotFound(GiteaError):
+    """404: the repository, issue, comment, branch or route does not exist."""
+
+
+class Conflict(GiteaError):
+    """409: e.g. an open pull request already exists for the same head and base."""
+
+
+class Unprocessable(GiteaError):
+    """422: Gitea rejected the request body (e.g. head == base)."""
+
+
+class Locked(GiteaError):
+    """423: the repository is archived."""
+
+
+class ServerError(GiteaError):
+    """5xx, after the retries (if the status was retryable) ran out."""
+
+
+class Unreachable(GiteaError):
+    """No HTTP answer: connection refused or reset, or timed out, after the retries."""
+
+
+_ERRORS_BY_STATUS: dict[int, type[GiteaError]] = {
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    422: Unprocessable,
+    423: Locked,
+}
+
+
+class GiteaAPI(Protocol):
+    """The calls kugetsu makes to Gitea. `GiteaClient` implements it; test fakes may too."""
+
+    def get_user(self) -> dict: ...
+
+    def get_version(self) -> str: ...
+
+    def get_repo(self, owner: str, repo: str) -> dict: ...
+
+    def get_issue(self, owner: str, repo: str, number: int) -> dict: ...
+
+    def create_comment(self, owner: str, repo: str, number: int, body: str) -> dict: ...
+
+    def edit_comment(self, owner: str, repo: str, comment_id: int, body: str) -> dict | None: ...
+
+    def get_comment(self, owner: str, repo: str, comment_id: int) -> dict: ...
+
+    def list_comments(self, owner: str, repo: str, number: int) -> list[dict]: ...
+
+    def add_reaction(self, owner: str, repo: str, comment_id: int, content: str) -> None: ...
+
+    def get_permission(self, owner: str, repo: str, login: str) -> str: ...
+
+    def find_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None: ...
+
+    def create_pull(self, owner: str, repo: str, *, head: str, base: str, title: str, body: str) -> dict: ...
+
+    def edit_pull(
+        self,
+        owner: str,
+        repo: str,
+        number: int,
+        *,
+        title: str | None = None,
+        body: str | None = None,
+        state: str | None = None,
+    ) -> dict: ...
+
+    def get_pull(self, owner: str, repo: str, number: int) -> dict: ...
+
+    def create_status(
+        self,
+        owner: str,
+        repo: str,
+        sha: str,
+        *,
+        state: str,
+        context: str,
+        description: str = "",
+        target_url: str = "",
+    ) -> dict: ...
+
+    def iter_timeline(self, owner: str, repo: str, number: int) -> Iterator[dict]: ...
+
+
+def _seg(value: Any) -> str:
+    """Quote one path segment; '/' is quoted too."""
+    return quote(str(value), safe="")
+
+
+def _repo_path(owner: str, repo: str) -> str:
+    return f"/repos/{_seg(owner)}/{_seg(repo)}"
+
+
+def _has_next_link(link_header: str) -> bool:
+    for part in link_header.split(","):
+        for param in part.split(";")[1:]:
+            name, _, value = param.strip().partition("=")
+            if name.strip().lower() == "rel" and "next" in value.strip().strip('"').split():
+                return True
+    return False
+
+
+def _may_have_been_sent(exc: requests.RequestException) -> bool:
+    """True unless the error proves the request never reached the server.
+
+    A refused or unresolvable connection (and a connect timeout) happens before any
+    byte of the request is written; a read timeout or a reset mid-response does not.
+    """
+    if isinstance(exc, requests.ConnectTimeout):
+        return False
+    if isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.ReadTimeout):
+        reason = exc.args[0] if exc.args else None
+        reason = getattr(reason, "reason", reason)
+        if isinstance(reason, (NewConnectionError, ConnectionRefusedError)):
+            return False
+    return True
+
+
+class GiteaClient:
+    """Talks to one Gitea instance with one token. The constructor does no I/O.
+
+    `retries` is the number of extra attempts after the first one for connection
+    errors, timeouts and HTTP 500/502/503/504; the wait before extra attempt *n*
+    is `backoff * 2 ** (n - 1)` seconds (capped at 30). A POST is not retried once
+    it may have reached the server without an answer (read timeout, reset), since
+    Gitea may have applied it.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = 10,
+        retries: int = 3,
+        backoff: float = 0.5,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.api_url = self.base_url + API_PREFIX
+        self._token = token
+        self.timeout = timeout
+        self.retries = max(0, int(retries))
+        self.backoff = backoff
+        self._session = session if session is not None else requests.Session()
+        self._sleep = sleep
+
+    def __repr__(self) -> str:
+        return f"GiteaClient({self.base_url!r})"
+
+    # -- the funnel -------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        if self._token and self._token in text:
+            text = text.replace(self._token, "***")
+        return text
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        ok: tuple[int, ...] = (200, 201, 204),
+    ) -> requests.Response:
+        """Send one API call (path relative to /api/v1) and return the response.
+
+        Returns only when the status is in `ok`; otherwise raises a `GiteaError`.
+        """
+        method = method.upper()
+        url = self.api_url + path
+        headers = {"Authorization": f"token {self._token}", "Accept": "application/json"}
+        attempts = self.retries + 1
+        for attempt in range(1, attempts + 1):
+            last = attempt == attempts
+            try:
+                resp = self._session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    json=json,
+                    params=params,
+                    timeout=self.timeout,
+                )
+            except requests.RequestException as exc:
+                if not isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+                    raise GiteaError(
+                        self._scrub(f"request failed: {type(exc).__name__}"),
+                        method=method,
+                        path=path,
+                    ) from exc
+                kind = type(exc).__name__
+                retryable = not (method == "POST" and _may_have_been_sent(exc))
+                give_up = last or not retryable
+                log.warning(
+                    "gitea request failed without a response: method=%s path=%s error=%s attempt=%d retry=%s",
+                    method, path, kind, attempt, not give_up,
+                )
+                if give_up:
+                    why = f"{kind} after {attempt} attempt(s)"
+                    if not retryable and not last:
+                        why += "; not retried because the POST may have been applied"
+                    raise Unreachable(why, status=None, method=method, path=path) from exc
+                self._sleep(self._delay(attempt))
+                continue
+
+            status = resp.status_code
+            log.debug("gitea request: method=%s path=%s status=%d attempt=%d", method, path, status, attempt)
+            if status in ok:
+                return resp
+            if status in RETRY_STATUSES and not last:
+                log.warning(
+                    "gitea server error, retrying: method=%s path=%s status=%d attempt=%d",
+                    method, path, status, attempt,
+                )
+                resp.close()
+                self._sleep(self._delay(attempt))
+                continue
+            raise self._error(method, path, resp)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _delay(self, attempt: int) -> float:
+        return min(self.backoff * (2 ** (attempt - 1)), MAX_BACKOFF_SECONDS)
+
+    def _error(self, method: str, path: str, resp: requests.Response) -> GiteaError:
+        status = resp.status_code
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("message"), str):
+            message = data["message"]
+        else:
+            message = (resp.reason or "").strip() if resp.content else ""
+        message = self._scrub(message)
+        if status >= 500:
+            cls: type[GiteaError] = ServerError
+        else:
+            cls = _ERRORS_BY_STATUS.get(status, GiteaError)
+        if status >= 400:
+            log.info("gitea request rejected: method=%s path=%s status=%d", method, path, status)
+        return cls(message, status=status, method=method, path=path)
+
+    def _json(self, method: str, path: str, resp: requests.Response) -> Any:
+        if resp.status_code == 204 or not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError:
+            raise GiteaError(
+                "response is not JSON", status=resp.status_code, method=method, path=path
+            ) from None
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self._request(method, path, **kwargs)
+        return self._json(method, path, resp)
+
+    # -- endpoints ----------------------------------------------------------
+
+    def get_user(self) -> dict:
+        return self._call("GET", "/user")
+
+    def get_version(self) -> str:
+        return self._call("GET", "/version")["version"]
+
+    def get_repo(self, owner: str, repo: str) -> dict:
+        return self._call("GET", _repo_path(owner, repo))
+
+    def get_issue(self, owner: str, repo: str, number: int) -> dict:
+        return self._call("GET", f"{_repo_path(owner, repo)}/issues/{int(number)}")
+
+    def create_comment(self, owner: str, repo: str, number: int, body: str) -> dict:
+        path = f"{_repo_path(owner, repo)}/issues/{int(number)}/comments"
+        return self._call("POST", path, json={"body": body})
+
+    def edit_comment(self, owner: str, repo: str, comment_id: int, body: str) -> dict | None:
+        path = f"{_repo_path(owner, repo)}/issues/comments/{int(comment_id)}"
+        return self._call("PATCH", path, json={"body": body}, ok=(200, 204))
+
+    def list_comments(self, owner: str, repo: str, number: int) -> list[dict]:
+        """All comments of an issue or PR (Gitea does not page this endpoint)."""
+        path = f"{_repo_path(owner, repo)}/issues/{int(number)}/comments"
+        return list(self._call("GET", path) or [])
+
+    def get_comment(self, owner: str, repo: str, comment_id: int) -> dict:
+        path = f"{_repo_path(owner, repo)}/issues/comments/{int(comment_id)}"
+        return self._call("GET", path)
+
+    def add_reaction(self, owner: str, repo: str, comment_id: int, content: str) -> None:
+        path = f"{_repo_path(owner, repo)}/issues/comments/{int(comment_id)}/reactions"
+        self._request("POST", path, json={"content": content}, ok=(200, 201))
+
+    def get_permission(self, owner: str, repo: str, login: str) -> str:
+        path = f"{_repo_path(owner, repo)}/collaborators/{_seg(login)}/permission"
+        return self._call("GET", path)["permission"]
+
+    def find_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None:
+        """The pull request from `head` into `base` in any state, or None.
+
+        `head` is `branch`, `owner:branch` or `owner/repo:branch`; a branch may
+        contain '/', which stays a literal '/' in the path (Gitea's route is
+        `/pulls/{base}/*`).
+        """
+        path = f"{_repo_path(owner, repo)}/pulls/{_seg(base)}/{quote(head, safe='/:')}"
+        try:
+            return self._call("GET", path)
+        except NotFound:
+            return None
+
+    def create_pull(self, owner: str, repo: str, *, head: str, base: str, title: str, body: str) -> dict:
+        path = f"{_repo_path(owner, repo)}/pulls"
+        payload = {"head": head, "base": base, "title": title, "body": body}
+        return self._call("POST", path, json=payload)
+
+    def edit_pull(
+        self,
+        owner: str,
+        repo: str,
+        number: int,
+        *,
+        title: str | None = None,
+        body: str | None = None,
+        state: str | None = None,
+    ) -> dict:
+        payload = {k: v for k, v in (("title", title), ("body", body), ("state", state)) if v is not None}
+        path = f"{_repo_path(owner, repo)}/pulls/{int(number)}"
+        return self._call("PATCH", path, json=payload)
+
+    def get_pull(self, owner: str, repo: str, number: int) -> dict:
+        return self._call("GET", f"{_repo_path(owner, repo)}/pulls/{int(number)}")
+
+    def create_status(
+        self,
+        owner: str,
+        repo: str,
+        sha: str,
+        *,
+        state: str,
+        context: str,
+        description: str = "",
+        target_url: str = "",
+    ) -> dict:
+        if state not in COMMIT_STATUS_STATES:
+            raise ValueError(f"commit status state must be one of {', '.join(COMMIT_STATUS_STATES)}, not {state!r}")
+        payload = {"state": state, "context": context, "description": description, "target_url": target_url}
+        return self._call("POST", f"{_repo_path(owner, repo)}/statuses/{_seg(sha)}", json=payload)
+
+    def iter_timeline(self, owner: str, repo: str, number: int) -> Iterator[dict]:
+        """Yield the issue's timeline entries, oldest first, fetching pages lazily.
+
+        Pages are requested by number rather than by following the Link URLs, which
+        Gitea builds from its ROOT_URL and may not be reachable from here. A page
+        ends the walk when it is empty, when a Link header has no rel="next", or,
+        without a Link header, when it is shorter than the page size.
+        """
+        path = f"{_repo_path(owner, repo)}/issues/{int(number)}/timeline"
+        page = 1
+        while True:
+            resp = self._request("GET", path, params={"page": page, "limit": TIMELINE_PAGE_SIZE})
+            items = self._json("GET", path, resp) or []
+            if not isinstance(items, list):
+                raise GiteaError("timeline response is not a list", status=resp.status_code, method="GET", path=path)
+            yield from items
+            if not items:
+                return
+            link = resp.headers.get("Link")
+            if link is not None:
+                if not _has_next_link(link):
+                    return
+            elif len(items) < TIMELINE_PAGE_SIZE:
+                return
+            page += 1

@@ -1,0 +1,1263 @@
+"""A small fake Gitea for integration and end-to-end tests.
+
+`FakeGitea` serves, over real HTTP on 127.0.0.1, the slice of Gitea's REST API that
+kugetsu uses plus git smart HTTP backed by real bare repositories (`git http-backend`
+run as a CGI). State lives in memory behind one lock and is open to inspection:
+
+    with FakeGitea(tmp_path, token="T") as gitea:
+        gitea.create_repo("acme/widget", files={"README.md": "hello\\n"})
+        n = gitea.create_issue("acme/widget", "Fix it", "please")
+        ...  # point the code under test at gitea.url
+        assert gitea.pulls[2]["head"]["ref"] == "kugetsu/issue-1"
+
+Behaviour follows Gitea v1.26 where kugetsu depends on it: token / Bearer / Basic
+auth (never `?token=`), `{"message", "url"}` error bodies, issues and pull requests
+sharing one number sequence per repository, 409 for a second open pull request with
+the same head and base, 200 (not 201) for a reaction that already exists, and
+`/pulls/{base}/{head}` returning the first match in any state. The bot's permission
+on a new repository is "admin"; other users default to "read". Writes to pull
+requests and statuses need "write"; the collaborator-permission endpoint needs
+"admin" (as in Gitea).
+
+Test hooks: `requests`, `comments`, `pulls` (and `pulls_of(repo)`), `reactions`,
+`statuses`, `fail_next(n, status)`, `down()` / `up()`, `branch_sha()`, `file_at()`,
+`git(repo, ...)`, and `create_issue` / `add_comment` / `add_labels` / `close_pull`
+to act as a human would.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import tempfile
+import threading
+import zlib
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qs, unquote, urlsplit
+
+log = logging.getLogger(__name__)
+
+GITEA_VERSION = "1.26.3"
+ALLOWED_REACTIONS = ("+1", "-1", "laugh", "hooray", "confused", "heart", "rocket", "eyes")
+STATUS_STATES = ("pending", "success", "error", "failure", "warning", "skipped")
+PERMISSION_ORDER = ("none", "read", "write", "admin", "owner")
+GIT_IDENTITY = ("-c", "user.name=Fake Gitea", "-c", "user.email=fake-gitea@example.invalid")
+DEFAULT_PAGE_SIZE = 30
+MAX_PAGE_SIZE = 50
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _rank(permission: str) -> int:
+    return PERMISSION_ORDER.index(permission) if permission in PERMISSION_ORDER else 0
+
+
+class ApiError(Exception):
+    """Raised inside a route to answer with a Gitea-style error body."""
+
+    def __init__(self, status: int, message: str, extra: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra or {}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address, fake: "FakeGitea"):
+        self.fake = fake
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeGitea/" + GITEA_VERSION
+    timeout = 10
+    disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.fake._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.fake._track(self.connection, add=False)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("fake gitea: " + format, *args)
+
+    def _dispatch(self) -> None:
+        self.server.fake._handle(self)
+
+    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = do_HEAD = _dispatch
+
+
+class FakeGitea:
+    """An in-memory Gitea with real git repositories under `root`.
+
+    The listening socket is bound in the constructor (so `url` is known before any
+    repository is created); requests are served between `start()` and `stop()`, or
+    inside a `with` block.
+    """
+
+    def __init__(self, root: Path, token: str, bot_login: str = "kugetsu-bot"):
+        self.root = Path(root)
+        self.token = token
+        self.bot_login = bot_login
+        self.lock = threading.RLock()
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        self.comments: dict[int, dict] = {}
+        self.reactions: dict[int, list[str]] = {}
+        self.statuses: dict[str, list[dict]] = {}
+        self._repos: dict[str, dict] = {}
+        self._users: dict[str, dict] = {}
+        self._comment_home: dict[int, tuple[str, int]] = {}
+        self._fail_queue: list[int] = []
+        self._ids = {"user": 0, "repo": 0, "issue": 0, "comment": 0, "pull": 0, "status": 0, "label": 0}
+        self._conns: set[socket.socket] = set()
+        self._down = False
+        self._thread: threading.Thread | None = None
+        self._server: _Server | None = _Server(("127.0.0.1", 0), self)
+        self.port: int = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_url = self.url + "/api/v1"
+        self._routes = self._build_routes()
+        self.user(bot_login)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def __enter__(self) -> "FakeGitea":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self._server is None:
+            self._server = _Server(("127.0.0.1", self.port), self)
+        if self._thread is None:
+            self._down = False
+            self._thread = threading.Thread(
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"fake-gitea-{self.port}",
+                daemon=True,
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the port (clients then get connection refused)."""
+        self._down = True
+        server, thread = self._server, self._thread
+        self._server, self._thread = None, None
+        if server is not None:
+            if thread is not None:
+                server.shutdown()
+            server.server_close()
+        with self.lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if thread is not None:
+            thread.join(timeout=10)
+
+    def down(self) -> None:
+        """Stop listening and drop open connections; `up()` listens again on the same port."""
+        self.stop()
+
+    def up(self) -> None:
+        self.start()
+
+    def _track(self, conn: socket.socket, *, add: bool) -> None:
+        with self.lock:
+            if add:
+                self._conns.add(conn)
+            else:
+                self._conns.discard(conn)
+
+    # -- test hooks -------------------------------------------------------------
+
+    def fail_next(self, n: int, status: int = 500) -> None:
+        """Answer the next `n` API requests with `status` and a Gitea error body."""
+        with self.lock:
+            self._fail_queue.extend([status] * n)
+
+    def user(self, login: str) -> dict:
+        """The user object for `login`, created on first use."""
+        with self.lock:
+            if login not in self._users:
+                uid = self._next("user")
+                self._users[login] = {
+                    "id": uid,
+                    "login": login,
+                    "login_name": "",
+                    "source_id": 0,
+                    "full_name": "",
+                    "email": f"{login}@noreply.localhost",
+                    "avatar_url": f"{self.url}/avatars/{uid}",
+                    "html_url": f"{self.url}/{login}",
+                    "language": "",
+                    "is_admin": False,
+                    "last_login": "0001-01-01T00:00:00Z",
+                    "created": _now(),
+                    "restricted": False,
+                    "active": True,
+                    "prohibit_login": False,
+                    "location": "",
+                    "website": "",
+                    "description": "",
+                    "visibility": "public",
+                    "followers_count": 0,
+                    "following_count": 0,
+                    "starred_repos_count": 0,
+                    "username": login,
+                }
+            return self._users[login]
+
+    def create_repo(
+        self,
+        full_name: str,
+        files: dict[str, str | bytes] | None = None,
+        default_branch: str = "main",
+    ) -> dict:
+        """Create a bare repository with one initial commit holding `files`."""
+        owner, name = full_name.split("/")
+        if files is None:
+            files = {"README.md": f"# {name}\n"}
+        path = self.repos_root / owner / f"{name}.git"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._git(None, "init", "--quiet", "--bare", f"--initial-branch={default_branch}", str(path))
+        self._git(path, "config", "http.receivepack", "true")
+        fd, index = tempfile.mkstemp(prefix="index-", dir=self.root)
+        os.close(fd)
+        os.unlink(index)
+        try:
+            env = {"GIT_INDEX_FILE": index}
+            for file_path, content in files.items():
+                data = content.encode() if isinstance(content, str) else content
+                blob = self._git(path, "hash-object", "-w", "--stdin", input=data).strip()
+                self._git(path, "update-index", "--add", "--cacheinfo", f"100644,{blob},{file_path}", env=env)
+            tree = self._git(path, "write-tree", env=env).strip()
+        finally:
+            if os.path.exists(index):
+                os.unlink(index)
+        commit = self._git(path, *GIT_IDENTITY, "commit-tree", tree, "-m", "Initial commit").strip()
+        self._git(path, "update-ref", f"refs/heads/{default_branch}", commit)
+        with self.lock:
+            repo_id = self._next("repo")
+            owner_user = self.user(owner)
+            record = {
+                "id": repo_id,
+                "owner": owner,
+                "name": name,
+                "full_name": full_name,
+                "path": path,
+                "default_branch": default_branch,
+                "owner_user": owner_user,
+                "next_number": 1,
+                "issues": {},
+                "pulls": {},
+                "timeline": {},
+                "labels": {},
+                "permissions": {self.bot_login: "admin"},
+                "created_at": _now(),
+            }
+            self._repos[full_name] = record
+            return self._repo_json(record)
+
+    def create_issue(
+        self,
+        repo: str,
+        title: str,
+        body: str = "",
+        labels: tuple[str, ...] | list[str] = (),
+        login: str = "alice",
+    ) -> int:
+        """Open an issue as `login`; returns its number."""
+        with self.lock:
+            record = self._repo(repo)
+            number = self._take_number(record)
+            poster = self.user(login)
+            now = _now()
+            html = f"{self.url}/{repo}/issues/{number}"
+            issue = {
+                "id": self._next("issue"),
+                "url": f"{self.api_url}/repos/{repo}/issues/{number}",
+                "html_url": html,
+                "number": number,
+                "user": poster,
+                "original_author": "",
+                "original_author_id": 0,
+                "title": title,
+                "body": body,
+                "ref": "",
+                "assets": [],
+                "labels": [],
+                "milestone": None,
+                "assignee": None,
+                "assignees": None,
+                "state": "open",
+                "is_locked": False,
+                "comments": 0,
+                "created_at": now,
+                "updated_at": now,
+                "closed_at": None,
+                "due_date": None,
+                "time_estimate": 0,
+                "pull_request": None,
+                "repository": self._repo_ref(record),
+                "pin_order": 0,
+                "content_version": 0,
+            }
+            record["issues"][number] = issue
+            record["timeline"][number] = []
+            if labels:
+                self.add_labels(repo, number, *labels, login=login)
+            return number
+
+    def issue(self, repo: str, number: int) -> dict:
+        """The stored issue (live dict) or, for a pull request number, its issue view."""
+        with self.lock:
+            return self._issue_view(self._repo(repo), number)
+
+    def add_labels(self, repo: str, number: int, *names: str, login: str = "alice") -> None:
+        """Put labels on an issue, recording `label` timeline entries like Gitea."""
+        with self.lock:
+            record = self._repo(repo)
+            target = record["issues"].get(number) or record["pulls"].get(number)
+            if target is None:
+                raise KeyError(f"{repo}#{number}")
+            for label_name in names:
+                label = self._label(record, label_name)
+                if any(existing["id"] == label["id"] for existing in target["labels"]):
+                    continue
+                target["labels"].append(label)
+                self._timeline_event(record, number, {"type": "label", "label": label, "body": "1"}, login)
+
+    def add_comment(self, repo: str, number: int, body: str, login: str = "alice") -> dict:
+        """Post a comment as `login` (as a human would through the UI)."""
+        with self.lock:
+            return self._new_comment(self._repo(repo), number, body, self.user(login))
+
+    def comments_on(self, repo: str, number: int) -> list[dict]:
+        with self.lock:
+            return [c for cid, c in self.comments.items() if self._comment_home.get(cid) == (repo, number)]
+
+    def set_permission(self, repo: str, login: str, permission: str) -> None:
+        if permission not in PERMISSION_ORDER:
+            raise ValueError(f"unknown permission {permission!r}")
+        with self.lock:
+            self._repo(repo)["permissions"][login] = permission
+            self.user(login)
+
+    def permission(self, repo: str, login: str) -> str:
+        with self.lock:
+            return self._repo(repo)["permissions"].get(login, "read")
+
+    def pulls_of(self, repo: str) -> dict[int, dict]:
+        """Pull requests of one repository, number -> live dict."""
+        with self.lock:
+            return dict(self._repo(repo)["pulls"])
+
+    @property
+    def pulls(self) -> dict[int, dict]:
+        """All pull requests, number -> live dict; use `pulls_of` when numbers collide across repos."""
+        with self.lock:
+            merged: dict[int, dict] = {}
+            for record in self._repos.values():
+                for number, pr in record["pulls"].items():
+                    if number in merged:
+                        raise RuntimeError(f"pull #{number} exists in several repositories; use pulls_of(repo)")
+                    merged[number] = pr
+            return merged
+
+    def close_pull(self, repo: str, number: int, *, merged: bool = False) -> dict:
+        """Close (or mark merged) a pull request as a human would."""
+        with self.lock:
+            pr = self._repo(repo)["pulls"][number]
+            now = _now()
+            pr.update(state="closed", closed_at=now, updated_at=now)
+            if merged:
+                pr.update(merged=True, merged_at=now, merged_by=self.user(self.bot_login))
+            return pr
+
+    def branch_sha(self, repo: str, branch: str) -> str | None:
+        path = self._repo_path(repo)
+        try:
+            return self._git(path, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}").strip()
+        except subprocess.CalledProcessError:
+            return None
+
+    def branches(self, repo: str) -> list[str]:
+        out = self._git(self._repo_path(repo), "for-each-ref", "--format=%(refname:lstrip=2)", "refs/heads")
+        return out.split()
+
+    def file_at(self, repo: str, branch: str, path: str) -> str | None:
+        """The text of `path` on `branch`, or None if either is missing."""
+        try:
+            data = self._git(self._repo_path(repo), "cat-file", "blob", f"refs/heads/{branch}:{path}", text=False)
+        except subprocess.CalledProcessError:
+            return None
+        return data.decode("utf-8")
+
+    def git(self, repo: str, *args: str) -> str:
+        """Run a git command in `repo`'s bare repository and return its output."""
+        return self._git(self._repo_path(repo), *args)
+
+    def clone_url(self, repo: str) -> str:
+        return f"{self.url}/{repo}.git"
+
+    @property
+    def repos_root(self) -> Path:
+        return self.root / "repos"
+
+    # -- git helpers ------------------------------------------------------------
+
+    def git_env(self) -> dict[str, str]:
+        """An environment for git that ignores the host's system and global config."""
+        home = self.root / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "LANG": "C",
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_TERMINAL_PROMPT": "0",
+        }
+
+    def _git(
+        self,
+        repo_path: Path | None,
+        *args: str,
+        input: bytes | None = None,
+        env: dict[str, str] | None = None,
+        text: bool = True,
+    ):
+        cmd = ["git"]
+        if repo_path is not None:
+            cmd += ["--git-dir", str(repo_path)]
+        cmd += list(args)
+        full_env = self.git_env()
+        if env:
+            full_env.update(env)
+        proc = subprocess.run(cmd, input=input, capture_output=True, env=full_env, timeout=60)
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+        return proc.stdout.decode("utf-8") if text else proc.stdout
+
+    def _repo_path(self, repo: str) -> Path:
+        with self.lock:
+            return self._repo(repo)["path"]
+
+    # -- state helpers ----------------------------------------------------------
+
+    def _next(self, kind: str) -> int:
+        with self.lock:
+            self._ids[kind] += 1
+            return self._ids[kind]
+
+    def _take_number(self, record: dict) -> int:
+        number = record["next_number"]
+        record["next_number"] += 1
+        return number
+
+    def _repo(self, full_name: str) -> dict:
+        try:
+            return self._repos[full_name]
+        except KeyError:
+            raise KeyError(f"no repository {full_name!r} in the fake") from None
+
+    def _label(self, record: dict, name: str) -> dict:
+        if name not in record["labels"]:
+            lid = self._next("label")
+            record["labels"][name] = {
+                "id": lid,
+                "name": name,
+                "exclusive": False,
+                "is_archived": False,
+                "color": "e11d21",
+                "description": "",
+                "url": f"{self.api_url}/repos/{record['full_name']}/labels/{lid}",
+            }
+        return record["labels"][name]
+
+    def _repo_ref(self, record: dict) -> dict:
+        return {
+            "id": record["id"],
+            "name": record["name"],
+            "owner": record["owner"],
+            "full_name": record["full_name"],
+        }
+
+    def _repo_json(self, record: dict) -> dict:
+        full = record["full_name"]
+        perm = _rank(self.permission(full, self.bot_login))
+        return {
+            "id": record["id"],
+            "owner": record["owner_user"],
+            "name": record["name"],
+            "full_name": full,
+            "description": "",
+            "empty": False,
+            "private": False,
+            "fork": False,
+            "template": False,
+            "parent": None,
+            "mirror": False,
+            "size": 0,
+            "language": "",
+            "languages_url": f"{self.api_url}/repos/{full}/languages",
+            "html_url": f"{self.url}/{full}",
+            "url": f"{self.api_url}/repos/{full}",
+            "link": "",
+            "ssh_url": f"git@127.0.0.1:{full}.git",
+            "clone_url": f"{self.url}/{full}.git",
+            "original_url": "",
+            "website": "",
+            "stars_count": 0,
+            "forks_count": 0,
+            "watchers_count": 0,
+            "open_issues_count": sum(1 for i in record["issues"].values() if i["state"] == "open"),
+            "open_pr_counter": sum(1 for p in record["pulls"].values() if p["state"] == "open"),
+            "release_counter": 0,
+            "default_branch": record["default_branch"],
+            "archived": False,
+            "created_at": record["created_at"],
+            "updated_at": record["created_at"],
+            "archived_at": "1970-01-01T00:00:00Z",
+            "permissions": {
+                "admin": perm >= _rank("admin"),
+                "push": perm >= _rank("write"),
+                "pull": perm >= _rank("read"),
+            },
+            "has_code": True,
+            "has_issues": True,
+            "internal_tracker": {
+                "enable_time_tracker": True,
+                "allow_only_contributors_to_track_time": True,
+                "enable_issue_dependencies": True,
+            },
+            "has_wiki": True,
+            "has_pull_requests": True,
+            "has_projects": True,
+            "has_releases": True,
+            "has_packages": True,
+            "has_actions": True,
+            "ignore_whitespace_conflicts": False,
+            "allow_merge_commits": True,
+            "allow_rebase": True,
+            "allow_rebase_explicit": True,
+            "allow_squash_merge": True,
+            "allow_fast_forward_only_merge": True,
+            "allow_rebase_update": True,
+            "allow_manual_merge": False,
+            "autodetect_manual_merge": False,
+            "default_delete_branch_after_merge": False,
+            "default_merge_style": "merge",
+            "default_allow_maintainer_edit": False,
+            "avatar_url": "",
+            "internal": False,
+            "mirror_interval": "",
+            "object_format_name": "sha1",
+            "mirror_updated": "0001-01-01T00:00:00Z",
+            "repo_transfer": None,
+            "topics": [],
+            "licenses": [],
+        }
+
+    def _issue_view(self, record: dict, number: int) -> dict:
+        if number in record["issues"]:
+            return record["issues"][number]
+        pr = record["pulls"].get(number)
+        if pr is None:
+            raise ApiError(404, "issue does not exist")
+        full = record["full_name"]
+        return {
+            "id": pr["issue_id"],
+            "url": f"{self.api_url}/repos/{full}/issues/{number}",
+            "html_url": pr["html_url"],
+            "number": number,
+            "user": pr["user"],
+            "original_author": "",
+            "original_author_id": 0,
+            "title": pr["title"],
+            "body": pr["body"],
+            "ref": "",
+            "assets": [],
+            "labels": pr["labels"],
+            "milestone": None,
+            "assignee": None,
+            "assignees": None,
+            "state": pr["state"],
+            "is_locked": False,
+            "comments": pr["comments"],
+            "created_at": pr["created_at"],
+            "updated_at": pr["updated_at"],
+            "closed_at": pr["closed_at"],
+            "due_date": None,
+            "time_estimate": 0,
+            "pull_request": {
+                "merged": pr["merged"],
+                "merged_at": pr["merged_at"],
+                "draft": False,
+                "html_url": pr["html_url"],
+            },
+            "repository": self._repo_ref(record),
+            "pin_order": 0,
+            "content_version": 0,
+        }
+
+    def _timeline_event(self, record: dict, number: int, fields: dict, login: str) -> None:
+        cid = self._next("comment")
+        now = _now()
+        base = {
+            "id": cid,
+            "type": "",
+            "html_url": "",
+            "pull_request_url": "",
+            "issue_url": f"{self.url}/{record['full_name']}/issues/{number}",
+            "user": self.user(login),
+            "body": "",
+            "created_at": now,
+            "updated_at": now,
+            "old_project_id": 0,
+            "project_id": 0,
+            "old_milestone": None,
+            "milestone": None,
+            "tracked_time": None,
+            "old_title": "",
+            "new_title": "",
+            "old_ref": "",
+            "new_ref": "",
+            "ref_issue": None,
+            "ref_comment": None,
+            "ref_action": "",
+            "ref_commit_sha": "",
+            "review_id": 0,
+            "label": None,
+            "assignee": None,
+            "assignee_team": None,
+            "removed_assignee": False,
+            "resolve_doer": None,
+            "dependent_issue": None,
+        }
+        base.update(fields)
+        record["timeline"].setdefault(number, []).append(base)
+
+    def _new_comment(self, record: dict, number: int, body: str, poster: dict) -> dict:
+        full = record["full_name"]
+        target = record["issues"].get(number) or record["pulls"].get(number)
+        if target is None:
+            raise ApiError(404, "issue does not exist")
+        is_pull = number in record["pulls"]
+        cid = self._next("comment")
+        now = _now()
+        page = f"{self.url}/{full}/{'pulls' if is_pull else 'issues'}/{number}"
+        comment = {
+            "id": cid,
+            "html_url": f"{page}#issuecomment-{cid}",
+            "pull_request_url": page if is_pull else "",
+            "issue_url": "" if is_pull else page,
+            "user": poster,
+            "original_author": "",
+            "original_author_id": 0,
+            "body": body,
+            "assets": [],
+            "created_at": now,
+            "updated_at": now,
+        }
+        self.comments[cid] = comment
+        self._comment_home[cid] = (full, number)
+        target["comments"] += 1
+        record["timeline"].setdefault(number, []).append({"type": "comment", "id": cid})
+        return comment
+
+    def _render_timeline(self, record: dict, number: int) -> list[dict]:
+        out = []
+        for entry in record["timeline"].get(number, []):
+            if entry.get("type") == "comment" and set(entry) == {"type", "id"}:
+                comment = self.comments.get(entry["id"])
+                if comment is None:
+                    continue
+                item = dict(comment)
+                item.update(type="comment", label=None, assignee=None, milestone=None)
+                out.append(item)
+            else:
+                out.append(entry)
+        return out
+
+    def _branch_exists(self, record: dict, branch: str) -> bool:
+        return self.branch_sha(record["full_name"], branch) is not None
+
+    def _refresh_pull(self, record: dict, pr: dict) -> dict:
+        sha = self.branch_sha(record["full_name"], pr["head"]["ref"])
+        if sha is not None:
+            pr["head"]["sha"] = sha
+        base_sha = self.branch_sha(record["full_name"], pr["base"]["ref"])
+        if base_sha is not None:
+            pr["base"]["sha"] = base_sha
+        return pr
+
+    def _open_pull_for(self, record: dict, head: str, base: str, exclude: int | None = None) -> dict | None:
+        for number, pr in sorted(record["pulls"].items()):
+            if number == exclude or pr["state"] != "open" or pr["merged"]:
+                continue
+            if pr["head"]["ref"] == head and pr["base"]["ref"] == base:
+                return pr
+        return None
+
+    def _already_exists(self, record: dict, pr: dict) -> ApiError:
+        return ApiError(
+            409,
+            "pull request already exists for these targets [id: {}, issue_id: {}, head_repo_id: {}, "
+            "base_repo_id: {}, head_branch: {}, base_branch: {}]".format(
+                pr["id"], pr["number"], record["id"], record["id"], pr["head"]["ref"], pr["base"]["ref"]
+            ),
+        )
+
+    def _split_head(self, record: dict, head: str) -> str:
+        """Reduce `branch`, `owner:branch` or `owner/repo:branch` to a branch of this repo."""
+        if ":" not in head:
+            return head
+        prefix, branch = head.split(":", 1)
+        owner, _, name = prefix.partition("/")
+        if owner != record["owner"] or (name and name != record["name"]):
+            raise ApiError(404, "repository does not exist")
+        return branch
+
+    # -- HTTP ---------------------------------------------------------------------
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        if self._down:
+            h.close_connection = True
+            return
+        try:
+            body = _read_body(h)
+        except (ValueError, OSError, EOFError, zlib.error) as exc:
+            self._send(h, 400, {"message": f"bad request body: {exc}"})
+            return
+        headers = {k: v for k, v in h.headers.items()}
+        with self.lock:
+            self.requests.append((h.command, h.path, headers, body))
+        parts = urlsplit(h.path)
+        path = parts.path
+        try:
+            if path == "/api/v1" or path.startswith("/api/v1/"):
+                status, payload, extra = self._api(h, path[len("/api/v1"):], parts.query, body)
+                self._send(h, status, payload, extra)
+                return
+            match = re.fullmatch(r"/([^/]+)/([^/]+?)\.git(/.*)?", path)
+            if match:
+                self._serve_git(h, unquote(match[1]), unquote(match[2]), match[3] or "", parts.query, body)
+                return
+            self._send(h, 404, {"message": "not found"}, content_type="text/plain; charset=utf-8")
+        except (BrokenPipeError, ConnectionResetError):
+            h.close_connection = True
+        except Exception:
+            log.exception("fake gitea failed on %s %s", h.command, path)
+            try:
+                self._send(h, 500, {"message": "fake gitea internal error", "url": self._doc_url})
+            except OSError:
+                h.close_connection = True
+
+    @property
+    def _doc_url(self) -> str:
+        return f"{self.url}/api/swagger"
+
+    def _send(
+        self,
+        h: BaseHTTPRequestHandler,
+        status: int,
+        payload: Any,
+        extra: dict[str, str] | None = None,
+        content_type: str = "application/json;charset=utf-8",
+    ) -> None:
+        if payload is None:
+            data = b""
+        elif content_type.startswith("application/json"):
+            data = json.dumps(payload, separators=(",", ":")).encode()
+        else:
+            data = str(payload.get("message", "")).encode() if isinstance(payload, dict) else bytes(payload)
+        h.send_response(status)
+        if data or status != 204:
+            h.send_header("Content-Type", content_type)
+        h.send_header("Content-Length", str(len(data)))
+        for key, value in (extra or {}).items():
+            h.send_header(key, value)
+        h.end_headers()
+        if h.command != "HEAD" and data:
+            h.wfile.write(data)
+
+    def _authorized(self, h: BaseHTTPRequestHandler) -> bool:
+        header = h.headers.get("Authorization", "")
+        scheme, _, cred = header.strip().partition(" ")
+        scheme, cred = scheme.lower(), cred.strip()
+        if scheme in ("token", "bearer"):
+            return bool(self.token) and cred == self.token
+        if scheme == "basic":
+            try:
+                user, _, password = base64.b64decode(cred, validate=True).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return False
+            return bool(self.token) and self.token in (user, password)
+        return False
+
+    # -- git smart HTTP -----------------------------------------------------------
+
+    def _serve_git(self, h, owner: str, name: str, rest: str, query: str, body: bytes) -> None:
+        if not self._authorized(h):
+            self._send(
+                h,
+                401,
+                {"message": "Unauthorized"},
+                {"WWW-Authenticate": 'Basic realm="Gitea"'},
+                content_type="text/plain; charset=utf-8",
+            )
+            return
+        full = f"{owner}/{name}"
+        with self.lock:
+            known = full in self._repos
+        if not known:
+            self._send(h, 404, {"message": "Repository not found"}, content_type="text/plain; charset=utf-8")
+            return
+        env = self.git_env()
+        env.update(
+            GIT_PROJECT_ROOT=str(self.repos_root),
+            GIT_HTTP_EXPORT_ALL="1",
+            PATH_INFO=f"/{owner}/{name}.git{rest}",
+            QUERY_STRING=query,
+            REQUEST_METHOD=h.command,
+            CONTENT_TYPE=h.headers.get("Content-Type", ""),
+            CONTENT_LENGTH=str(len(body)),
+            REMOTE_USER=self.bot_login,
+            REMOTE_ADDR=h.client_address[0],
+            SERVER_PROTOCOL="HTTP/1.1",
+        )
+        git_protocol = h.headers.get("Git-Protocol")
+        if git_protocol:
+            env["HTTP_GIT_PROTOCOL"] = git_protocol
+        proc = subprocess.run(
+            ["git", "-c", "http.receivepack=true", "http-backend"],
+            input=body,
+            capture_output=True,
+            env=env,
+            timeout=120,
+        )
+        status, headers, payload = _parse_cgi(proc.stdout)
+        if not headers and proc.returncode != 0:
+            log.warning("git http-backend failed: %s", proc.stderr.decode("utf-8", "replace").strip())
+            status, payload = 500, b"git http-backend failed\n"
+            headers = [("Content-Type", "text/plain")]
+        h.send_response(status)
+        for key, value in headers:
+            if key.lower() not in ("content-length", "status", "transfer-encoding", "connection"):
+                h.send_header(key, value)
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(payload)
+
+    # -- REST API -------------------------------------------------------------------
+
+    def _build_routes(self) -> list[tuple[str, re.Pattern, Callable]]:
+        repo = r"/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)"
+        table = [
+            ("GET", r"/user", self._api_user),
+            ("GET", r"/version", self._api_version),
+            ("GET", repo, self._api_repo),
+            ("GET", repo + r"/issues/(?P<index>\d+)", self._api_issue),
+            ("GET", repo + r"/issues/(?P<index>\d+)/comments", self._api_list_comments),
+            ("POST", repo + r"/issues/(?P<index>\d+)/comments", self._api_create_comment),
+            ("GET", repo + r"/issues/(?P<index>\d+)/timeline", self._api_timeline),
+            ("GET", repo + r"/issues/comments/(?P<id>\d+)", self._api_get_comment),
+            ("PATCH", repo + r"/issues/comments/(?P<id>\d+)", self._api_edit_comment),
+            ("GET", repo + r"/issues/comments/(?P<id>\d+)/reactions", self._api_list_reactions),
+            ("POST", repo + r"/issues/comments/(?P<id>\d+)/reactions", self._api_add_reaction),
+            ("GET", repo + r"/collaborators/(?P<login>[^/]+)/permission", self._api_permission),
+            ("POST", repo + r"/pulls", self._api_create_pull),
+            ("GET", repo + r"/pulls/(?P<index>\d+)", self._api_get_pull),
+            ("PATCH", repo + r"/pulls/(?P<index>\d+)", self._api_edit_pull),
+            ("GET", repo + r"/pulls/(?P<base>[^/]+)/(?P<head>.+)", self._api_find_pull),
+            ("GET", repo + r"/statuses/(?P<sha>[^/]+)", self._api_list_statuses),
+            ("POST", repo + r"/statuses/(?P<sha>[^/]+)", self._api_create_status),
+        ]
+        return [(method, re.compile(pattern), fn) for method, pattern, fn in table]
+
+    def _api(self, h, path: str, query: str, body: bytes) -> tuple[int, Any, dict[str, str]]:
+        with self.lock:
+            if self._fail_queue:
+                status = self._fail_queue.pop(0)
+                return status, {"message": f"injected failure {status}", "url": self._doc_url}, {}
+        if not self._authorized(h):
+            return 401, {"message": "invalid username, password or token", "url": self._doc_url}, {}
+        matched_path = False
+        for method, pattern, fn in self._routes:
+            match = pattern.fullmatch(path)
+            if not match:
+                continue
+            matched_path = True
+            if method != h.command:
+                continue
+            params = {k: unquote(v) for k, v in match.groupdict().items()}
+            try:
+                data = json.loads(body) if body.strip() else {}
+            except ValueError:
+                return 422, {"message": "invalid JSON body", "url": self._doc_url}, {}
+            try:
+                with self.lock:
+                    result = fn(params=params, query=parse_qs(query), data=data)
+            except ApiError as err:
+                payload = {"message": err.message, "url": self._doc_url}
+                if err.status == 404:
+                    payload["errors"] = [err.message]
+                payload.update(err.extra)
+                return err.status, payload, {}
+            if len(result) == 2:
+                return result[0], result[1], {}
+            return result
+        if matched_path:
+            return 405, {"message": "method not allowed", "url": self._doc_url}, {}
+        return 404, {"message": "not found", "url": self._doc_url, "errors": []}, {}
+
+    def _api_repo_record(self, params: dict) -> dict:
+        full = f"{params['owner']}/{params['repo']}"
+        record = self._repos.get(full)
+        if record is None:
+            raise ApiError(404, "repository does not exist")
+        return record
+
+    def _require(self, record: dict, level: str) -> None:
+        if _rank(self.permission(record["full_name"], self.bot_login)) < _rank(level):
+            raise ApiError(403, f"user does not have {level} permission on this repository")
+
+    def _api_user(self, params, query, data):
+        return 200, self.user(self.bot_login)
+
+    def _api_version(self, params, query, data):
+        return 200, {"version": GITEA_VERSION}
+
+    def _api_repo(self, params, query, data):
+        return 200, self._repo_json(self._api_repo_record(params))
+
+    def _api_issue(self, params, query, data):
+        record = self._api_repo_record(params)
+        return 200, self._issue_view(record, int(params["index"]))
+
+    def _api_list_comments(self, params, query, data):
+        record = self._api_repo_record(params)
+        number = int(params["index"])
+        self._issue_view(record, number)
+        items = self.comments_on(record["full_name"], number)
+        return 200, items, {"X-Total-Count": str(len(items))}
+
+    def _api_create_comment(self, params, query, data):
+        record = self._api_repo_record(params)
+        body = data.get("body")
+        if not isinstance(body, str) or not body:
+            raise ApiError(422, "[Body]: Required")
+        self._require(record, "read")
+        return 201, self._new_comment(record, int(params["index"]), body, self.user(self.bot_login))
+
+    def _api_timeline(self, params, query, data):
+        record = self._api_repo_record(params)
+        number = int(params["index"])
+        self._issue_view(record, number)
+        items = self._render_timeline(record, number)
+        page = max(1, int(query.get("page", ["1"])[0] or 1))
+        limit = int(query.get("limit", [str(DEFAULT_PAGE_SIZE)])[0] or DEFAULT_PAGE_SIZE)
+        limit = max(1, min(limit, MAX_PAGE_SIZE))
+        chunk = items[(page - 1) * limit : page * limit]
+        last = max(1, -(-len(items) // limit))
+        base = f"{self.api_url}/repos/{record['full_name']}/issues/{number}/timeline"
+        links = []
+        if page < last:
+            links.append(f'<{base}?limit={limit}&page={page + 1}>; rel="next"')
+            links.append(f'<{base}?limit={limit}&page={last}>; rel="last"')
+        if page > 1:
+            links.append(f'<{base}?limit={limit}&page=1>; rel="first"')
+            links.append(f'<{base}?limit={limit}&page={page - 1}>; rel="prev"')
+        extra = {"X-Total-Count": str(len(items))}
+        if links:
+            extra["Link"] = ",".join(links)
+        return 200, chunk, extra
+
+    def _api_comment(self, params) -> tuple[dict, dict]:
+        record = self._api_repo_record(params)
+        cid = int(params["id"])
+        home = self._comment_home.get(cid)
+        if home is None or home[0] != record["full_name"]:
+            raise ApiError(404, "comment does not exist")
+        return record, self.comments[cid]
+
+    def _api_get_comment(self, params, query, data):
+        return 200, self._api_comment(params)[1]
+
+    def _api_edit_comment(self, params, query, data):
+        record, comment = self._api_comment(params)
+        body = data.get("body")
+        if not isinstance(body, str):
+            raise ApiError(422, "[Body]: Required")
+        if comment["user"]["login"] != self.bot_login:
+            self._require(record, "write")
+        comment["body"] = body
+        comment["updated_at"] = _now()
+        return 200, comment
+
+    def _api_list_reactions(self, params, query, data):
+        _, comment = self._api_comment(params)
+        bot = self.user(self.bot_login)
+        return 200, [
+            {"user": bot, "content": c, "created_at": comment["created_at"]}
+            for c in self.reactions.get(comment["id"], [])
+        ]
+
+    def _api_add_reaction(self, params, query, data):
+        _, comment = self._api_comment(params)
+        content = data.get("content")
+        if content not in ALLOWED_REACTIONS:
+            raise ApiError(403, f"'{content}' is not an allowed reaction")
+        reaction = {"user": self.user(self.bot_login), "content": content, "created_at": _now()}
+        existing = self.reactions.setdefault(comment["id"], [])
+        if content in existing:
+            return 200, reaction
+        existing.append(content)
+        return 201, reaction
+
+    def _api_permission(self, params, query, data):
+        record = self._api_repo_record(params)
+        login = params["login"]
+        if login != self.bot_login:
+            self._require(record, "admin")
+        permission = self.permission(record["full_name"], login)
+        return 200, {"permission": permission, "role_name": permission, "user": self.user(login)}
+
+    def _pull_branch_info(self, record: dict, branch: str, sha: str) -> dict:
+        return {
+            "label": branch,
+            "ref": branch,
+            "sha": sha,
+            "repo_id": record["id"],
+            "repo": self._repo_json(record),
+        }
+
+    def _api_create_pull(self, params, query, data):
+        record = self._api_repo_record(params)
+        head, base, title = data.get("head"), data.get("base"), data.get("title")
+        missing = [k for k, v in (("Head", head), ("Base", base), ("Title", title)) if not isinstance(v, str) or not v]
+        if missing:
+            raise ApiError(422, ", ".join(f"[{k}]: Required" for k in missing))
+        if head == base:
+            raise ApiError(422, "Invalid PullRequest: There are no changes between the head and the base")
+        self._require(record, "read")
+        head_branch = self._split_head(record, head)
+        full = record["full_name"]
+        base_sha = self.branch_sha(full, base)
+        head_sha = self.branch_sha(full, head_branch)
+        if base_sha is None or head_sha is None:
+            raise ApiError(404, "branch does not exist")
+        existing = self._open_pull_for(record, head_branch, base)
+        if existing is not None:
+            raise self._already_exists(record, existing)
+        try:
+            merge_base = self._git(record["path"], "merge-base", base_sha, head_sha).strip()
+        except subprocess.CalledProcessError:
+            merge_base = ""
+        number = self._take_number(record)
+        now = _now()
+        html = f"{self.url}/{full}/pulls/{number}"
+        pr = {
+            "id": self._next("pull"),
+            "issue_id": self._next("issue"),
+            "url": html,
+            "number": number,
+            "user": self.user(self.bot_login),
+            "title": title,
+            "body": data.get("body") or "",
+            "labels": [],
+            "milestone": None,
+            "assignee": None,
+            "assignees": None,
+            "requested_reviewers": None,
+            "requested_reviewers_teams": None,
+            "state": "open",
+            "draft": False,
+            "is_locked": False,
+            "comments": 0,
+            "review_comments": 0,
+            "additions": 0,
+            "deletions": 0,
+            "changed_files": 0,
+            "html_url": html,
+            "diff_url": html + ".diff",
+            "patch_url": html + ".patch",
+            "mergeable": True,
+            "merged": False,
+            "merged_at": None,
+            "merge_commit_sha": None,
+            "merged_by": None,
+            "allow_maintainer_edit": bool(data.get("allow_maintainer_edit", False)),
+            "base": self._pull_branch_info(record, base, base_sha),
+            "head": self._pull_branch_info(record, head_branch, head_sha),
+            "merge_base": merge_base,
+            "due_date": None,
+            "created_at": now,
+            "updated_at": now,
+            "closed_at": None,
+            "pin_order": 0,
+        }
+        record["pulls"][number] = pr
+        record["timeline"][number] = []
+        return 201, pr
+
+    def _api_pull(self, params) -> tuple[dict, dict]:
+        record = self._api_repo_record(params)
+        pr = record["pulls"].get(int(params["index"]))
+        if pr is None:
+            raise ApiError(404, "pull request does not exist")
+        return record, pr
+
+    def _api_get_pull(self, params, query, data):
+        record, pr = self._api_pull(params)
+        return 200, self._refresh_pull(record, pr)
+
+    def _api_edit_pull(self, params, query, data):
+        record, pr = self._api_pull(params)
+        if pr["user"]["login"] != self.bot_login:
+            self._require(record, "write")
+        state = data.get("state")
+        if state is not None and state not in ("open", "closed"):
+            raise ApiError(422, f"invalid state {state!r}")
+        if state is not None and pr["merged"]:
+            raise ApiError(412, "cannot change state of this pull request, it was already merged")
+        new_base = data.get("base")
+        if new_base and new_base != pr["base"]["ref"]:
+            sha = self.branch_sha(record["full_name"], new_base)
+            if sha is None:
+                raise ApiError(404, f"new base '{new_base}' not exist")
+        if state == "open" and pr["state"] == "closed":
+            other = self._open_pull_for(record, pr["head"]["ref"], new_base or pr["base"]["ref"], exclude=pr["number"])
+            if other is not None:
+                raise self._already_exists(record, other)
+        now = _now()
+        if data.get("title"):
+            pr["title"] = data["title"]
+        if "body" in data and data["body"] is not None:
+            pr["body"] = data["body"]
+        if new_base and new_base != pr["base"]["ref"]:
+            pr["base"] = self._pull_branch_info(record, new_base, self.branch_sha(record["full_name"], new_base))
+        if state == "closed" and pr["state"] != "closed":
+            pr["state"], pr["closed_at"] = "closed", now
+        elif state == "open" and pr["state"] != "open":
+            pr["state"], pr["closed_at"] = "open", None
+        pr["updated_at"] = now
+        return 201, self._refresh_pull(record, pr)
+
+    def _api_find_pull(self, params, query, data):
+        record = self._api_repo_record(params)
+        head = self._split_head(record, params["head"])
+        for number, pr in sorted(record["pulls"].items()):
+            if pr["base"]["ref"] == params["base"] and pr["head"]["ref"] == head:
+                return 200, self._refresh_pull(record, pr)
+        raise ApiError(404, "pull request does not exist")
+
+    def _api_list_statuses(self, params, query, data):
+        self._api_repo_record(params)
+        items = list(reversed(self.statuses.get(params["sha"], [])))
+        return 200, items, {"X-Total-Count": str(len(items))}
+
+    def _api_create_status(self, params, query, data):
+        record = self._api_repo_record(params)
+        self._require(record, "write")
+        state = data.get("state")
+        if state not in STATUS_STATES:
+            raise ApiError(422, f"invalid commit status state {state!r}")
+        sha = params["sha"]
+        try:
+            full_sha = self._git(record["path"], "rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}").strip()
+        except subprocess.CalledProcessError:
+            # Gitea answers an unknown commit with a bare internal error.
+            raise ApiError(500, "") from None
+        now = _now()
+        sid = self._next("status")
+        status = {
+            "id": sid,
+            "status": state,
+            "target_url": data.get("target_url") or "",
+            "description": data.get("description") or "",
+            "url": f"{self.api_url}/repos/{record['full_name']}/statuses/{full_sha}",
+            "context": data.get("context") or "default",
+            "creator": self.user(self.bot_login),
+            "created_at": now,
+            "updated_at": now,
+        }
+        self.statuses.setdefault(full_sha, []).append(status)
+        return 201, status
+
+
+def _read_body(h: BaseHTTPRequestHandler) -> bytes:
+    """The request body with chunked transfer coding and gzip/deflate content coding undone."""
+    if "chunked" in h.headers.get("Transfer-Encoding", "").lower():
+        chunks = []
+        while True:
+            line = h.rfile.readline(65537)
+            if not line:
+                raise EOFError("connection closed inside a chunked body")
+            size = int(line.split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                while h.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                    pass
+                break
+            chunks.append(h.rfile.read(size))
+            h.rfile.readline(3)
+        data = b"".join(chunks)
+    else:
+        length = int(h.headers.get("Content-Length") or 0)
+        data = h.rfile.read(length) if length > 0 else b""
+    encoding = h.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in ("gzip", "x-gzip"):
+        data = gzip.decompress(data)
+    elif encoding == "deflate":
+        data = zlib.decompress(data)
+    return data
+
+
+def _parse_cgi(output: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Split CGI output into (status, headers, body)."""
+    positions = [p for p in (output.find(b"\r\n\r\n"), output.find(b"\n\n")) if p >= 0]
+    if not positions:
+        return 500, [], output
+    end = min(positions)
+    sep = 4 if output[end : end + 4] == b"\r\n\r\n" else 2
+    head, body = output[:end], output[end + sep :]
+    status = 200
+    headers: list[tuple[str, str]] = []
+    for line in head.decode("latin-1").splitlines():
+        if not line.strip():
+            continue
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key.lower() == "status":
+            status = int(value.split()[0])
+        else:
+            headers.append((key, value))
+    return status, headers, body

@@ -1,0 +1,577 @@
+"""GiteaClient against recorded-shape Gitea responses (the `responses` library)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import socket
+import traceback
+
+import pytest
+import requests
+import responses
+from responses import matchers
+
+from bot import gitea
+from bot.gitea import (
+    Conflict,
+    Forbidden,
+    GiteaAPI,
+    GiteaClient,
+    GiteaError,
+    Locked,
+    NotFound,
+    ServerError,
+    Unauthorized,
+    Unprocessable,
+    Unreachable,
+)
+
+BASE = "http://gitea.test:3000"
+API = BASE + "/api/v1"
+REPO = API + "/repos/acme/widget"
+TOKEN = "3f2a9c0d1e5b7a4c8d6e2f1a0b9c8d7e6f5a4b3c"
+DOC_URL = "http://gitea.test:3000/api/swagger"
+
+
+def user(login="kugetsu-bot", uid=7):
+    return {
+        "id": uid,
+        "login": login,
+        "login_name": "",
+        "source_id": 0,
+        "full_name": "",
+        "email": f"{login}@noreply.gitea.test",
+        "avatar_url": f"{BASE}/avatars/{uid}",
+        "html_url": f"{BASE}/{login}",
+        "language": "",
+        "is_admin": False,
+        "last_login": "0001-01-01T00:00:00Z",
+        "created": "2026-01-05T10:00:00Z",
+        "restricted": False,
+        "active": True,
+        "prohibit_login": False,
+        "location": "",
+        "website": "",
+        "description": "",
+        "visibility": "public",
+        "followers_count": 0,
+        "following_count": 0,
+        "starred_repos_count": 0,
+        "username": login,
+    }
+
+
+def repository():
+    return {
+        "id": 3,
+        "owner": user("acme", 2),
+        "name": "widget",
+        "full_name": "acme/widget",
+        "private": False,
+        "fork": False,
+        "empty": False,
+        "html_url": f"{BASE}/acme/widget",
+        "url": f"{API}/repos/acme/widget",
+        "ssh_url": "ssh://git@gitea.test:2222/acme/widget.git",
+        "clone_url": f"{BASE}/acme/widget.git",
+        "default_branch": "main",
+        "archived": False,
+        "permissions": {"admin": True, "push": True, "pull": True},
+        "has_issues": True,
+        "has_pull_requests": True,
+    }
+
+
+def comment(cid=41, body="Working on it", number=12):
+    return {
+        "id": cid,
+        "html_url": f"{BASE}/acme/widget/issues/{number}#issuecomment-{cid}",
+        "pull_request_url": "",
+        "issue_url": f"{BASE}/acme/widget/issues/{number}",
+        "user": user(),
+        "original_author": "",
+        "original_author_id": 0,
+        "body": body,
+        "assets": [],
+        "created_at": "2026-03-01T09:30:00Z",
+        "updated_at": "2026-03-01T09:30:00Z",
+    }
+
+
+def issue(number=12):
+    return {
+        "id": 101,
+        "url": f"{REPO}/issues/{number}",
+        "html_url": f"{BASE}/acme/widget/issues/{number}",
+        "number": number,
+        "user": user("alice", 9),
+        "title": "Crash on empty input",
+        "body": "Steps to reproduce...",
+        "labels": [{"id": 5, "name": "kugetsu", "exclusive": False, "is_archived": False,
+                    "color": "e11d21", "description": "", "url": f"{REPO}/labels/5"}],
+        "state": "open",
+        "comments": 0,
+        "pull_request": None,
+        "repository": {"id": 3, "name": "widget", "owner": "acme", "full_name": "acme/widget"},
+    }
+
+
+def pull(number=13, head="kugetsu/issue-12", base="main", state="open"):
+    return {
+        "id": 55,
+        "url": f"{BASE}/acme/widget/pulls/{number}",
+        "number": number,
+        "user": user(),
+        "title": "Fix crash on empty input",
+        "body": "Closes #12",
+        "labels": [],
+        "state": state,
+        "draft": False,
+        "html_url": f"{BASE}/acme/widget/pulls/{number}",
+        "diff_url": f"{BASE}/acme/widget/pulls/{number}.diff",
+        "patch_url": f"{BASE}/acme/widget/pulls/{number}.patch",
+        "mergeable": True,
+        "merged": False,
+        "merged_at": None,
+        "base": {"label": base, "ref": base, "sha": "a" * 40, "repo_id": 3, "repo": repository()},
+        "head": {"label": head, "ref": head, "sha": "b" * 40, "repo_id": 3, "repo": repository()},
+        "merge_base": "a" * 40,
+        "created_at": "2026-03-01T09:31:00Z",
+        "updated_at": "2026-03-01T09:31:00Z",
+        "closed_at": None,
+    }
+
+
+def error_body(message):
+    return {"message": message, "url": DOC_URL}
+
+
+@pytest.fixture
+def client():
+    return GiteaClient(BASE + "/", TOKEN, retries=3, backoff=0.5, sleep=lambda s: None)
+
+
+@pytest.fixture
+def rsps():
+    with responses.RequestsMock(assert_all_requests_are_fired=True) as mock:
+        yield mock
+
+
+def sent_json(call):
+    return json.loads(call.request.body)
+
+
+# -- construction, auth --------------------------------------------------------------
+
+
+def test_constructor_does_no_io(rsps):
+    GiteaClient(BASE, TOKEN)
+    assert len(rsps.calls) == 0
+
+
+def test_client_satisfies_the_protocol():
+    names = [n for n in dir(GiteaAPI) if not n.startswith("_")]
+    assert "create_pull" in names and "iter_timeline" in names
+    for name in names:
+        expected = inspect.signature(getattr(GiteaAPI, name))
+        actual = inspect.signature(getattr(GiteaClient, name))
+        assert list(actual.parameters) == list(expected.parameters), name
+
+
+def test_token_is_sent_as_header_and_never_in_the_url(rsps, client):
+    rsps.get(API + "/user", json=user())
+    rsps.get(API + "/version", json={"version": "1.26.3"})
+    rsps.post(REPO + "/issues/12/comments", json=comment(), status=201)
+    rsps.get(REPO + "/issues/12/timeline", json=[], match=[matchers.query_param_matcher({"page": "1", "limit": "50"})])
+
+    assert client.get_user()["login"] == "kugetsu-bot"
+    assert client.get_version() == "1.26.3"
+    client.create_comment("acme", "widget", 12, "hello")
+    assert list(client.iter_timeline("acme", "widget", 12)) == []
+
+    assert len(rsps.calls) == 4
+    for call in rsps.calls:
+        assert call.request.headers["Authorization"] == f"token {TOKEN}"
+        assert call.request.headers["Accept"] == "application/json"
+        assert TOKEN not in call.request.url
+        assert "token=" not in call.request.url
+
+
+# -- every method: path, method, body, result ------------------------------------------
+
+
+def test_get_repo_and_issue(rsps, client):
+    rsps.get(REPO, json=repository())
+    rsps.get(REPO + "/issues/12", json=issue())
+    assert client.get_repo("acme", "widget")["default_branch"] == "main"
+    assert client.get_issue("acme", "widget", 12)["labels"][0]["name"] == "kugetsu"
+
+
+def test_create_comment_posts_body_and_returns_comment(rsps, client):
+    rsps.post(REPO + "/issues/12/comments", json=comment(body="Queued"), status=201)
+    result = client.create_comment("acme", "widget", 12, "Queued")
+    assert result["id"] == 41
+    assert rsps.calls[0].request.method == "POST"
+    assert sent_json(rsps.calls[0]) == {"body": "Queued"}
+
+
+def test_edit_and_get_comment(rsps, client):
+    rsps.patch(REPO + "/issues/comments/41", json=comment(body="Done"))
+    rsps.get(REPO + "/issues/comments/41", json=comment(body="Done"))
+    assert client.edit_comment("acme", "widget", 41, "Done")["body"] == "Done"
+    assert sent_json(rsps.calls[0]) == {"body": "Done"}
+    assert rsps.calls[0].request.method == "PATCH"
+    assert client.get_comment("acme", "widget", 41)["body"] == "Done"
+
+
+def test_list_comments(rsps, client):
+    rsps.get(REPO + "/issues/12/comments", json=[comment(body="a"), comment(body="b")])
+    assert [c["body"] for c in client.list_comments("acme", "widget", 12)] == ["a", "b"]
+    assert rsps.calls[0].request.method == "GET"
+
+
+def test_edit_comment_204_returns_none(rsps, client):
+    rsps.patch(REPO + "/issues/comments/41", status=204)
+    assert client.edit_comment("acme", "widget", 41, "x") is None
+
+
+@pytest.mark.parametrize("status", [200, 201])
+def test_add_reaction_accepts_200_and_201(rsps, client, status):
+    rsps.post(
+        REPO + "/issues/comments/41/reactions",
+        json={"user": user(), "content": "eyes", "created_at": "2026-03-01T09:30:00Z"},
+        status=status,
+    )
+    assert client.add_reaction("acme", "widget", 41, "eyes") is None
+    assert sent_json(rsps.calls[0]) == {"content": "eyes"}
+
+
+def test_add_reaction_not_allowed_is_forbidden(rsps, client):
+    rsps.post(REPO + "/issues/comments/41/reactions", json=error_body("'wave' is not an allowed reaction"), status=403)
+    with pytest.raises(Forbidden) as info:
+        client.add_reaction("acme", "widget", 41, "wave")
+    assert info.value.message == "'wave' is not an allowed reaction"
+
+
+def test_get_permission_returns_the_permission_field(rsps, client):
+    rsps.get(
+        REPO + "/collaborators/alice/permission",
+        json={"permission": "write", "role_name": "write", "user": user("alice", 9)},
+    )
+    assert client.get_permission("acme", "widget", "alice") == "write"
+
+
+def test_path_segments_are_quoted(rsps, client):
+    rsps.get(
+        API + "/repos/acme/my%20repo/collaborators/al%2Fice/permission",
+        json={"permission": "read", "role_name": "read", "user": user("x", 1)},
+    )
+    assert client.get_permission("acme", "my repo", "al/ice") == "read"
+    assert rsps.calls[0].request.path_url == "/api/v1/repos/acme/my%20repo/collaborators/al%2Fice/permission"
+
+
+def test_find_pull_keeps_the_slash_in_head(rsps, client):
+    rsps.get(REPO + "/pulls/main/kugetsu/issue-12", json=pull())
+    result = client.find_pull("acme", "widget", "main", "kugetsu/issue-12")
+    assert result["number"] == 13
+    assert rsps.calls[0].request.path_url == "/api/v1/repos/acme/widget/pulls/main/kugetsu/issue-12"
+
+
+def test_find_pull_404_is_none(rsps, client):
+    rsps.get(REPO + "/pulls/main/kugetsu/issue-99", json={"message": "not found", "url": DOC_URL, "errors": []},
+             status=404)
+    assert client.find_pull("acme", "widget", "main", "kugetsu/issue-99") is None
+
+
+def test_find_pull_other_errors_still_raise(rsps, client):
+    rsps.get(REPO + "/pulls/main/feature", json=error_body("token does not have required scope"), status=403)
+    with pytest.raises(Forbidden):
+        client.find_pull("acme", "widget", "main", "feature")
+
+
+def test_create_pull(rsps, client):
+    rsps.post(REPO + "/pulls", json=pull(), status=201)
+    result = client.create_pull(
+        "acme", "widget", head="kugetsu/issue-12", base="main", title="Fix crash", body="Closes #12"
+    )
+    assert result["number"] == 13
+    assert sent_json(rsps.calls[0]) == {
+        "head": "kugetsu/issue-12",
+        "base": "main",
+        "title": "Fix crash",
+        "body": "Closes #12",
+    }
+
+
+def test_edit_pull_sends_only_given_fields(rsps, client):
+    rsps.patch(REPO + "/pulls/13", json=pull(), status=201)
+    rsps.patch(REPO + "/pulls/13", json=pull(state="closed"), status=201)
+    client.edit_pull("acme", "widget", 13, body="new body")
+    assert client.edit_pull("acme", "widget", 13, title="T", state="closed")["state"] == "closed"
+    assert sent_json(rsps.calls[0]) == {"body": "new body"}
+    assert sent_json(rsps.calls[1]) == {"title": "T", "state": "closed"}
+
+
+def test_get_pull(rsps, client):
+    rsps.get(REPO + "/pulls/13", json=pull())
+    assert client.get_pull("acme", "widget", 13)["head"]["ref"] == "kugetsu/issue-12"
+
+
+def test_create_status(rsps, client):
+    sha = "c" * 40
+    rsps.post(
+        REPO + f"/statuses/{sha}",
+        json={"id": 1, "status": "pending", "target_url": "", "description": "running", "context": "kugetsu",
+              "url": f"{REPO}/statuses/{sha}", "creator": user(), "created_at": "2026-03-01T09:30:00Z",
+              "updated_at": "2026-03-01T09:30:00Z"},
+        status=201,
+    )
+    result = client.create_status("acme", "widget", sha, state="pending", context="kugetsu", description="running")
+    assert result["status"] == "pending"
+    assert sent_json(rsps.calls[0]) == {
+        "state": "pending",
+        "context": "kugetsu",
+        "description": "running",
+        "target_url": "",
+    }
+
+
+def test_create_status_rejects_an_unknown_state_without_a_request(rsps, client):
+    with pytest.raises(ValueError):
+        client.create_status("acme", "widget", "c" * 40, state="running", context="kugetsu")
+    assert len(rsps.calls) == 0
+
+
+# -- timeline pagination ----------------------------------------------------------------
+
+
+def timeline_entry(i):
+    return {"id": i, "type": "comment", "body": f"c{i}", "user": user("alice", 9), "label": None,
+            "created_at": "2026-03-01T09:30:00Z"}
+
+
+def test_iter_timeline_follows_link_next(rsps, client):
+    url = REPO + "/issues/12/timeline"
+    page1 = [timeline_entry(i) for i in range(50)]
+    page2 = [timeline_entry(i) for i in range(50, 53)]
+    rsps.get(
+        url,
+        json=page1,
+        headers={"Link": f'<{url}?limit=50&page=2>; rel="next",<{url}?limit=50&page=2>; rel="last"',
+                 "X-Total-Count": "53"},
+        match=[matchers.query_param_matcher({"page": "1", "limit": "50"})],
+    )
+    rsps.get(
+        url,
+        json=page2,
+        headers={"Link": f'<{url}?limit=50&page=1>; rel="first",<{url}?limit=50&page=1>; rel="prev"',
+                 "X-Total-Count": "53"},
+        match=[matchers.query_param_matcher({"page": "2", "limit": "50"})],
+    )
+    entries = list(client.iter_timeline("acme", "widget", 12))
+    assert [e["id"] for e in entries] == list(range(53))
+    assert len(rsps.calls) == 2
+
+
+def test_iter_timeline_stops_on_a_short_page_without_link(rsps, client):
+    url = REPO + "/issues/12/timeline"
+    rsps.get(url, json=[timeline_entry(i) for i in range(50)],
+             match=[matchers.query_param_matcher({"page": "1", "limit": "50"})])
+    rsps.get(url, json=[timeline_entry(50)], match=[matchers.query_param_matcher({"page": "2", "limit": "50"})])
+    assert len(list(client.iter_timeline("acme", "widget", 12))) == 51
+    assert len(rsps.calls) == 2
+
+
+def test_iter_timeline_stops_when_link_has_no_next(rsps, client):
+    url = REPO + "/issues/12/timeline"
+    rsps.get(url, json=[timeline_entry(i) for i in range(50)],
+             headers={"Link": f'<{url}?limit=50&page=1>; rel="first"'},
+             match=[matchers.query_param_matcher({"page": "1", "limit": "50"})])
+    assert len(list(client.iter_timeline("acme", "widget", 12))) == 50
+    assert len(rsps.calls) == 1
+
+
+# -- status codes to typed errors ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "status, cls, message",
+    [
+        (401, Unauthorized, "invalid username, password or token"),
+        (403, Forbidden, "user should be an owner or a collaborator with admin write of a repository"),
+        (404, NotFound, "issue does not exist [id: 0, repo_id: 3, index: 99]"),
+        (409, Conflict, "pull request already exists for these targets [id: 55, issue_id: 13, head_repo_id: 3, "
+                        "base_repo_id: 3, head_branch: kugetsu/issue-12, base_branch: main]"),
+        (422, Unprocessable, "Invalid PullRequest: There are no changes between the head and the base"),
+        (423, Locked, "repo is archived"),
+        (412, GiteaError, "cannot change state of this pull request, it was already merged"),
+    ],
+)
+def test_status_codes_map_to_typed_errors(rsps, client, status, cls, message):
+    rsps.post(REPO + "/pulls", json=error_body(message), status=status)
+    with pytest.raises(cls) as info:
+        client.create_pull("acme", "widget", head="main", base="main", title="t", body="")
+    err = info.value
+    assert type(err) is cls
+    assert err.status == status
+    assert err.message == message
+    assert "POST" in str(err) and "/repos/acme/widget/pulls" in str(err)
+    assert len(rsps.calls) == 1
+
+
+def test_error_without_json_body_still_has_status(rsps, client):
+    rsps.get(REPO, body="<html>Bad Gateway</html>", status=502, content_type="text/html")
+    with pytest.raises(ServerError) as info:
+        GiteaClient(BASE, TOKEN, retries=0, sleep=lambda s: None).get_repo("acme", "widget")
+    assert info.value.status == 502
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+
+def test_500_then_200_succeeds_after_one_retry(rsps):
+    sleeps = []
+    client = GiteaClient(BASE, TOKEN, retries=3, backoff=0.5, sleep=sleeps.append)
+    rsps.get(REPO, json=error_body(""), status=500)
+    rsps.get(REPO, json=repository())
+    assert client.get_repo("acme", "widget")["full_name"] == "acme/widget"
+    assert len(rsps.calls) == 2
+    assert sleeps == [0.5]
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_persistent_5xx_raises_server_error_after_retries(rsps, status):
+    sleeps = []
+    client = GiteaClient(BASE, TOKEN, retries=3, backoff=0.5, sleep=sleeps.append)
+    rsps.get(REPO, json=error_body(""), status=status)
+    with pytest.raises(ServerError) as info:
+        client.get_repo("acme", "widget")
+    assert info.value.status == status
+    assert len(rsps.calls) == 4
+    assert sleeps == [0.5, 1.0, 2.0]
+
+
+def test_501_is_not_retried(rsps, client):
+    rsps.get(REPO, json=error_body("not implemented"), status=501)
+    with pytest.raises(ServerError):
+        client.get_repo("acme", "widget")
+    assert len(rsps.calls) == 1
+
+
+def test_4xx_is_not_retried(rsps, client):
+    rsps.get(REPO, json={"message": "not found", "url": DOC_URL, "errors": []}, status=404)
+    with pytest.raises(NotFound):
+        client.get_repo("acme", "widget")
+    assert len(rsps.calls) == 1
+
+
+def test_read_timeout_on_get_is_retried(rsps, client):
+    rsps.get(REPO, body=requests.ReadTimeout("read timed out"))
+    rsps.get(REPO, json=repository())
+    assert client.get_repo("acme", "widget")["id"] == 3
+    assert len(rsps.calls) == 2
+
+
+def test_read_timeout_on_post_is_not_retried(rsps, client):
+    rsps.post(REPO + "/issues/12/comments", body=requests.ReadTimeout("read timed out"))
+    with pytest.raises(Unreachable) as info:
+        client.create_comment("acme", "widget", 12, "hello")
+    assert info.value.status is None
+    assert len(rsps.calls) == 1
+
+
+def test_persistent_timeout_raises_unreachable(rsps, client):
+    rsps.get(REPO, body=requests.ConnectTimeout("connect timed out"))
+    with pytest.raises(Unreachable):
+        client.get_repo("acme", "widget")
+    assert len(rsps.calls) == 4
+
+
+# -- real connection refused -------------------------------------------------------------------
+
+
+@pytest.fixture
+def closed_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+class CountingSession(requests.Session):
+    def __init__(self):
+        super().__init__()
+        self.attempts = 0
+
+    def request(self, *args, **kwargs):
+        self.attempts += 1
+        return super().request(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_connection_refused_is_retried_then_unreachable(closed_port, method):
+    session = CountingSession()
+    sleeps = []
+    client = GiteaClient(f"http://127.0.0.1:{closed_port}", TOKEN, retries=2, timeout=5, session=session,
+                         sleep=sleeps.append)
+    with pytest.raises(Unreachable) as info:
+        if method == "GET":
+            client.get_user()
+        else:
+            client.create_comment("acme", "widget", 1, "hi")
+    assert info.value.status is None
+    assert session.attempts == 3
+    assert sleeps == [0.5, 1.0]
+    assert method in str(info.value)
+
+
+# -- the token never leaks ------------------------------------------------------------------------
+
+
+def test_token_not_in_errors_or_logs(rsps, caplog, closed_port):
+    caplog.set_level(logging.DEBUG)
+    client = GiteaClient(BASE, TOKEN, retries=1, sleep=lambda s: None)
+    rsps.get(API + "/user", json=error_body(f"invalid token {TOKEN}"), status=401)
+    rsps.get(REPO, json=error_body(""), status=500)
+    rsps.post(REPO + "/pulls", json=error_body("conflict"), status=409)
+
+    raised = []
+    for call in (
+        client.get_user,
+        lambda: client.get_repo("acme", "widget"),
+        lambda: client.create_pull("acme", "widget", head="h", base="main", title="t", body=""),
+    ):
+        with pytest.raises(GiteaError) as info:
+            call()
+        raised.append(info.value)
+
+    rsps.stop()
+    offline = GiteaClient(f"http://127.0.0.1:{closed_port}", TOKEN, retries=1, sleep=lambda s: None)
+    with pytest.raises(Unreachable) as info:
+        offline.get_user()
+    raised.append(info.value)
+
+    assert [type(e) for e in raised] == [Unauthorized, ServerError, Conflict, Unreachable]
+    for err in raised:
+        text = "".join(traceback.format_exception(err))
+        assert TOKEN not in text
+        assert TOKEN not in repr(err)
+        assert TOKEN not in str(err)
+    assert caplog.records, "expected log records"
+    assert TOKEN not in caplog.text
+    assert "/repos/acme/widget" in caplog.text
+    assert TOKEN not in repr(client)
+
+
+def test_unexpected_non_json_success_is_an_error(rsps, client):
+    rsps.get(API + "/user", body="<html>login</html>", status=200, content_type="text/html")
+    with pytest.raises(GiteaError):
+        client.get_user()
+
+
+def test_module_exposes_error_hierarchy():
+    for cls in (Unauthorized, Forbidden, NotFound, Conflict, Unprocessable, Locked, ServerError, Unreachable):
+        assert issubclass(cls, gitea.GiteaError)
