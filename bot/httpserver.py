@@ -1,0 +1,65 @@
+"""The production WSGI server (waitress), started and stopped from code."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from waitress.server import create_server
+
+log = logging.getLogger(__name__)
+
+
+class HttpServer:
+    """Serves a WSGI app on a background thread; `port=0` picks a free port."""
+
+    def __init__(self, app, host: str, port: int, *, threads: int = 8,
+                 max_body_bytes: int = 5 * 1024 * 1024):
+        self.app, self.host, self.requested_port = app, host, port
+        self.threads, self.max_body_bytes = threads, max_body_bytes
+        self._server = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("server not started")
+        return int(self._server.effective_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "HttpServer":
+        # The body limit is enforced again by Flask; here it stops waitress from
+        # buffering an oversized body at all.
+        self._server = create_server(
+            self.app, host=self.host, port=self.requested_port, threads=self.threads,
+            max_request_body_size=self.max_body_bytes + 1, ident="kugetsu",
+            clear_untrusted_proxy_headers=True, channel_timeout=30,
+            asyncore_loop_timeout=0.2)
+        self._thread = threading.Thread(target=self._run, args=(self._server,), name="http",
+                                        daemon=True)
+        self._thread.start()
+        log.info("listening", extra={"host": self.host, "port": self.port})
+        return self
+
+    def _run(self, server) -> None:
+        # waitress's own run() loops until the socket map is empty; closing its
+        # sockets from another thread races with select(). Loop here instead and
+        # close on this thread once asked to stop.
+        while not self._stopping.is_set():
+            server.asyncore.loop(timeout=0.2, map=server._map, use_poll=True, count=1)
+        server.close()
+        for channel in list(server._map.values()):
+            channel.close()
+        server.task_dispatcher.shutdown(timeout=5)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._server is None:
+            return
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._server = None

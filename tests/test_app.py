@@ -1,0 +1,161 @@
+"""The webhook receiver over real HTTP: every status code, dedupe, nothing lost."""
+
+import json
+import urllib.parse
+
+import pytest
+import requests
+
+from bot import intake
+from bot.app import create_app
+from bot.config import Config, GiteaConfig, ServerConfig
+from bot.httpserver import HttpServer
+from bot.store import open_store
+from tests import payloads
+
+RULES = intake.Rules(label="kugetsu", command="/kugetsu", bot_login="kugetsu-bot",
+                     known_agents=frozenset({"opencode"}), default_agent="opencode",
+                     max_attempts=3)
+
+
+@pytest.fixture
+def service(tmp_path):
+    config = Config(server=ServerConfig(max_body_bytes=64 * 1024),
+                    gitea=GiteaConfig(webhook_secret=payloads.SECRET))
+    store = open_store(tmp_path / "db")
+    woken = []
+    app = create_app(config, store, rules=lambda: RULES, wake=lambda: woken.append(1))
+    server = HttpServer(app, "127.0.0.1", 0, max_body_bytes=config.server.max_body_bytes).start()
+    yield server.url, store, woken
+    server.stop()
+    store.close()
+
+
+def post(url, body, headers):
+    return requests.post(url + "/webhook", data=body, headers=headers, timeout=10)
+
+
+def test_label_delivery_is_queued_with_202(service):
+    url, store, woken = service
+    r = post(url, *payloads.label_delivery(["kugetsu"]))
+    assert r.status_code == 202
+    assert r.json()["status"] == "queued"
+    [task] = store.list()
+    assert r.json()["tasks"] == [task.id]
+    assert woken == [1]
+
+
+def test_comment_delivery_is_queued(service):
+    url, store, _ = service
+    r = post(url, *payloads.comment_delivery("/kugetsu start fix it"))
+    assert r.status_code == 202
+    assert store.list()[0].prompt == "fix it"
+
+
+def test_missing_signature_is_401_and_writes_nothing(service):
+    url, store, _ = service
+    body, headers = payloads.label_delivery(["kugetsu"])
+    headers = {k: v for k, v in headers.items() if "Signature" not in k}
+    r = post(url, body, headers)
+    assert r.status_code == 401
+    assert store.list() == []
+
+
+def test_wrong_signature_is_401(service):
+    url, store, _ = service
+    body, headers = payloads.label_delivery(["kugetsu"])
+    body = body.replace(b"Fix the widget", b"Fix the widgeT")
+    assert post(url, body, headers).status_code == 401
+    assert store.list() == []
+
+
+def test_malformed_json_is_400(service):
+    url, _, _ = service
+    body = b"{not json"
+    assert post(url, body, payloads.sign(body, event="issues")).status_code == 400
+
+
+def test_missing_fields_are_400(service):
+    url, _, _ = service
+    body = json.dumps({"action": "label_updated"}).encode()
+    r = post(url, body, payloads.sign(body, event="issues", event_type="issue_label"))
+    assert r.status_code == 400
+    assert "missing field" in r.json()["reason"]
+
+
+def test_oversized_body_is_413(service):
+    url, store, _ = service
+    data = payloads.issue_payload("label_updated", labels=["kugetsu"], body="x" * 70000)
+    body = payloads.encode(data)
+    r = post(url, body, payloads.sign(body, event="issues", event_type="issue_label"))
+    assert r.status_code == 413
+    assert store.list() == []
+
+
+def test_oversized_chunked_body_is_413(service):
+    url, store, _ = service
+    data = payloads.issue_payload("label_updated", labels=["kugetsu"], body="x" * 70000)
+    body = payloads.encode(data)
+    headers = payloads.sign(body, event="issues", event_type="issue_label")
+    r = requests.post(url + "/webhook", data=iter([body[:1000], body[1000:]]), headers=headers,
+                      timeout=10)
+    assert r.status_code == 413
+    assert store.list() == []
+
+
+def test_wrong_content_type_is_415(service):
+    url, _, _ = service
+    body, headers = payloads.label_delivery(["kugetsu"])
+    headers["Content-Type"] = "text/plain"
+    assert post(url, body, headers).status_code == 415
+
+
+def test_form_content_type_is_accepted(service):
+    url, store, _ = service
+    json_body, headers = payloads.label_delivery(["kugetsu"])
+    form = "payload=" + urllib.parse.quote(json_body.decode())
+    headers["Content-Type"] = "application/x-www-form-urlencoded"
+    assert post(url, form.encode(), headers).status_code == 202
+    assert len(store.list()) == 1
+
+
+def test_event_not_for_us_is_2xx_with_reason(service):
+    url, _, _ = service
+    body = json.dumps({"ref": "refs/heads/main"}).encode()
+    r = post(url, body, payloads.sign(body, event="push"))
+    assert r.status_code == 200
+    assert r.json()["status"] == "ignored" and "push" in r.json()["reason"]
+
+
+def test_repeated_delivery_is_acknowledged_and_ignored(service):
+    url, store, _ = service
+    body, headers = payloads.comment_delivery("/kugetsu start")
+    assert post(url, body, headers).status_code == 202
+    r = post(url, body, headers)
+    assert r.status_code == 200 and r.json()["status"] == "duplicate"
+    assert len(store.list()) == 1
+
+
+def test_healthz(service):
+    url, _, _ = service
+    r = requests.get(url + "/healthz", timeout=5)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_healthz_reports_an_unhealthy_scheduler(tmp_path):
+    config = Config(gitea=GiteaConfig(webhook_secret="s"))
+    store = open_store(tmp_path / "db")
+    app = create_app(config, store, rules=lambda: RULES,
+                     health=lambda: (False, {"scheduler": "stopped"}))
+    r = app.test_client().get("/healthz")
+    assert r.status_code == 503 and r.json["scheduler"] == "stopped"
+
+
+def test_unsigned_deliveries_accepted_only_when_configured_insecure(tmp_path):
+    config = Config(gitea=GiteaConfig(webhook_secret="", insecure_no_signature=True))
+    store = open_store(tmp_path / "db")
+    app = create_app(config, store, rules=lambda: RULES)
+    body, headers = payloads.label_delivery(["kugetsu"])
+    headers = {k: v for k, v in headers.items() if "Signature" not in k}
+    r = app.test_client().post("/webhook", data=body, headers=headers)
+    assert r.status_code == 202

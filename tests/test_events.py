@@ -1,0 +1,117 @@
+"""Signature checks and parsing, on deliveries shaped like Gitea's."""
+
+import hashlib
+import hmac
+import urllib.parse
+
+import pytest
+
+from bot import events
+from bot.events import CommentEvent, Delivery, Ignored, IssueEvent, WebhookError
+from tests import payloads
+
+
+def test_valid_gitea_signature():
+    body, headers = payloads.label_delivery(["kugetsu"])
+    events.verify_signature(payloads.SECRET, body, headers)
+
+
+def test_hub_signature_256_is_accepted_alone():
+    body, headers = payloads.label_delivery(["kugetsu"])
+    headers = {"X-Hub-Signature-256": headers["X-Hub-Signature-256"]}
+    events.verify_signature(payloads.SECRET, body, headers)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda b, h: (b, {k: v for k, v in h.items() if "Signature" not in k}),
+    lambda b, h: (b + b" ", h),
+    lambda b, h: (b, {**h, "X-Gitea-Signature": "0" * 64}),
+    lambda b, h: (b, {**h, "X-Gitea-Signature": "", "X-Gogs-Signature": "",
+                      "X-Hub-Signature-256": "sha256="}),
+])
+def test_bad_signatures(mutate):
+    body, headers = mutate(*payloads.label_delivery(["kugetsu"]))
+    with pytest.raises(WebhookError) as exc:
+        events.verify_signature(payloads.SECRET, body, headers)
+    assert exc.value.status == 401
+
+
+def test_wrong_secret():
+    body, headers = payloads.label_delivery(["kugetsu"])
+    with pytest.raises(WebhookError):
+        events.verify_signature("another-secret", body, headers)
+
+
+def test_form_content_type_signs_the_json_inside():
+    json_body = payloads.encode(payloads.issue_payload("label_updated", labels=["kugetsu"]))
+    form = ("payload=" + urllib.parse.quote(json_body.decode())).encode()
+    signed = events.signed_bytes("application/x-www-form-urlencoded", form)
+    assert signed == json_body
+    sig = hmac.new(payloads.SECRET.encode(), json_body, hashlib.sha256).hexdigest()
+    events.verify_signature(payloads.SECRET, signed, {"X-Gitea-Signature": sig})
+
+
+@pytest.mark.parametrize("ctype, status", [
+    ("text/plain", 415), ("", 415), ("application/x-www-form-urlencoded", 400)])
+def test_content_types(ctype, status):
+    with pytest.raises(WebhookError) as exc:
+        events.signed_bytes(ctype, b"hello")
+    assert exc.value.status == status
+
+
+def test_json_with_charset_is_json():
+    assert events.signed_bytes("application/json; charset=utf-8", b"{}") == b"{}"
+
+
+@pytest.mark.parametrize("payload", [b"not json", b"[1, 2]", b"\xff\xfe", b""])
+def test_malformed_bodies(payload):
+    with pytest.raises(WebhookError) as exc:
+        events.load_json(payload)
+    assert exc.value.status == 400
+
+
+def test_parse_label_updated():
+    data = payloads.issue_payload("label_updated", 12, labels=["bug", "kugetsu"],
+                                  sender="bob", permission="admin")
+    event = events.parse(Delivery("d", "issues", "issue_label"), data)
+    assert event == IssueEvent("label_updated", "acme/widget", 12, "Fix the widget",
+                               "It is broken.", ("bug", "kugetsu"), False, "bob", "admin")
+
+
+def test_parse_comment_on_pull_request():
+    data = payloads.comment_payload("/kugetsu continue x", 13, is_pull=True, comment_id=55,
+                                    permission="read")
+    event = events.parse(Delivery("d", "issue_comment", "pull_request_comment"), data)
+    assert isinstance(event, CommentEvent)
+    assert (event.number, event.is_pull, event.comment_id, event.permission) == (13, True, 55,
+                                                                                 "read")
+
+
+@pytest.mark.parametrize("drop", ["repository", "sender", "issue", "comment", "action"])
+def test_missing_fields_are_400(drop):
+    data = payloads.comment_payload("/kugetsu start")
+    del data[drop]
+    with pytest.raises(WebhookError) as exc:
+        events.parse(Delivery("d", "issue_comment", "issue_comment"), data)
+    assert exc.value.status == 400 and drop in exc.value.reason
+
+
+def test_wrong_type_is_400():
+    data = payloads.comment_payload("/kugetsu start")
+    data["issue"]["number"] = "7"
+    with pytest.raises(WebhookError):
+        events.parse(Delivery("d", "issue_comment", "issue_comment"), data)
+
+
+def test_other_events_are_ignored():
+    event = events.parse(Delivery("d", "push", "push"), {"ref": "refs/heads/main"})
+    assert isinstance(event, Ignored)
+
+
+def test_delivery_headers():
+    body, headers = payloads.label_delivery(["kugetsu"])
+    d = events.delivery_of(headers, body)
+    assert (d.event, d.event_type, d.id) == ("issues", "issue_label", headers["X-Gitea-Delivery"])
+    with pytest.raises(WebhookError):
+        events.delivery_of({}, body)
+    assert events.delivery_of({"X-Gitea-Event": "issues"}, body).id.startswith("sha256:")

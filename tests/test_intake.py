@@ -1,0 +1,239 @@
+"""Intake rules: label transitions, every verb, loop guards, dedupe, PR mapping."""
+
+import pytest
+
+from bot import events, intake
+from bot.events import Delivery
+from bot.intake import Enqueue, Outbox, RememberLabels, Rules
+from bot.store import open_store
+from bot.tasks import Kind, State
+from tests import payloads
+
+RULES = Rules(label="kugetsu", command="/kugetsu", bot_login="kugetsu-bot",
+              known_agents=frozenset({"opencode", "claude"}), default_agent="opencode",
+              max_attempts=3)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store(tmp_path / "db")
+    yield s
+    s.close()
+
+
+def deliver(store, body, headers, rules=RULES):
+    delivery = events.delivery_of(headers, body)
+    event = events.parse(delivery, events.load_json(body))
+    return intake.ingest(store, delivery, event, rules)
+
+
+def label(store, labels, number=7, **kw):
+    return deliver(store, *payloads.label_delivery(labels, number, **kw))
+
+
+def comment(store, text, number=7, **kw):
+    return deliver(store, *payloads.comment_delivery(text, number, **kw))
+
+
+def tasks(store):
+    return store.list()
+
+
+def outbox(store):
+    return store.outbox_due(100)
+
+
+# ------------------------------------------------------------------ labels
+
+def test_label_added_starts_a_task(store):
+    result = label(store, ["kugetsu"])
+    assert result.task_ids and not result.duplicate
+    [task] = tasks(store)
+    assert (task.repo, task.issue, task.kind, task.requested_by, task.state) == (
+        "acme/widget", 7, Kind.START, "alice", State.PENDING)
+    assert task.authorized is None and task.permission_hint == "write"
+
+
+def test_another_label_later_does_not_start_again(store):
+    label(store, ["kugetsu"])
+    store.transition(tasks(store)[0].id, State.PENDING, State.CANCELLED, event="x")
+    result = label(store, ["kugetsu", "bug"])
+    assert not result.task_ids
+    assert len(tasks(store)) == 1
+
+
+def test_repeated_label_updated_for_another_label_starts_once(store):
+    label(store, ["bug"])
+    label(store, ["bug", "kugetsu"])
+    label(store, ["bug", "kugetsu", "ui"])
+    label(store, ["kugetsu", "ui"])
+    assert len(tasks(store)) == 1
+
+
+def test_label_removed_and_added_again_is_a_new_transition(store):
+    label(store, ["kugetsu"])
+    store.transition(tasks(store)[0].id, State.PENDING, State.CANCELLED, event="x")
+    label(store, [], action="label_cleared")
+    label(store, ["kugetsu"])
+    assert len(tasks(store)) == 2
+
+
+def test_opened_with_the_label_starts_and_following_label_updated_does_not(store):
+    label(store, ["kugetsu"], action="opened")
+    label(store, ["kugetsu"])
+    assert len(tasks(store)) == 1
+
+
+def test_opened_without_label_then_label_added(store):
+    label(store, [], action="opened")
+    assert tasks(store) == []
+    label(store, ["kugetsu"])
+    assert len(tasks(store)) == 1
+
+
+def test_label_added_while_a_task_is_active_answers_already_queued(store):
+    comment(store, "/kugetsu start")
+    result = label(store, ["kugetsu"])
+    assert not result.task_ids
+    replies = [o for o in outbox(store) if o.kind == "comment"]
+    assert "already queued" in replies[-1].body and replies[-1].needs_permission
+
+
+def test_label_added_by_the_bot_itself_is_ignored(store):
+    assert not label(store, ["kugetsu"], sender="kugetsu-bot").task_ids
+
+
+def test_pull_request_label_is_not_a_trigger():
+    data = payloads.issue_payload("label_updated", labels=["kugetsu"])
+    data["issue"]["pull_request"] = {"merged": False}
+    event = events.parse(Delivery("d", "issues", "issue_label"), data)
+    view = FakeView()
+    assert intake.decide(event, RULES, view).intents == []
+
+
+# ------------------------------------------------------------------ comments
+
+class FakeView:
+    def __init__(self, labels=None, active=None, has=False, prs=None):
+        self.labels, self.active, self.has, self.prs = labels, active, has, prs or {}
+
+    def previous_labels(self, repo, issue):
+        return self.labels
+
+    def active_task(self, repo, issue):
+        return self.active
+
+    def has_task(self, repo, issue):
+        return self.has
+
+    def issue_for_pr(self, repo, pr):
+        return self.prs.get(pr)
+
+
+def decide_comment(text, view=None, **kw):
+    data = payloads.comment_payload(text, **kw)
+    event = events.parse(Delivery("d", "issue_comment", "issue_comment"), data)
+    return intake.decide(event, RULES, view or FakeView())
+
+
+def kinds(decision):
+    return [(type(i).__name__, getattr(i, "kind", None)) for i in decision.intents]
+
+
+def test_start_command(store):
+    result = comment(store, "/kugetsu start please add docs", comment_id=99)
+    [task] = tasks(store)
+    assert (task.kind, task.prompt, task.trigger_comment_id) == (Kind.START, "please add docs", 99)
+    [reaction] = outbox(store)
+    assert (reaction.kind, reaction.target) == ("reaction", 99)
+    assert result.task_ids == (task.id,)
+
+
+def test_second_start_is_answered_already_queued(store):
+    comment(store, "/kugetsu start")
+    comment(store, "/kugetsu start again")
+    assert len(tasks(store)) == 1
+    assert any("already queued" in o.body for o in outbox(store))
+
+
+def test_continue_is_queued_behind_the_active_task(store):
+    comment(store, "/kugetsu start")
+    comment(store, "/kugetsu continue add a test")
+    first, second = tasks(store)
+    assert (second.kind, second.prompt, second.state) == (Kind.CONTINUE, "add a test",
+                                                          State.PENDING)
+
+
+def test_continue_without_any_task_starts(store):
+    comment(store, "/kugetsu continue do it")
+    [task] = tasks(store)
+    assert task.kind is Kind.START and task.prompt == "do it"
+
+
+def test_free_text_continues_or_starts():
+    d = decide_comment("/kugetsu make it faster", FakeView(has=False))
+    assert d.intents[-1].kind is Kind.START
+    d = decide_comment("/kugetsu make it faster", FakeView(has=True))
+    assert d.intents[-1].kind is Kind.CONTINUE and d.intents[-1].prompt == "make it faster"
+
+
+@pytest.mark.parametrize("verb, kind", [("stop", "stop"), ("cancel", "stop"), ("retry", "retry"),
+                                        ("status", "status")])
+def test_control_verbs_become_outbox_work(verb, kind):
+    d = decide_comment(f"/kugetsu {verb}", comment_id=5)
+    assert kinds(d) == [("Outbox", "reaction"), ("Outbox", kind)]
+    assert d.intents[1].needs_permission == (kind != "status")
+
+
+def test_help_replies_with_generated_help():
+    d = decide_comment("/kugetsu help")
+    assert "/kugetsu continue <instructions>" in d.intents[-1].body
+    assert not d.intents[-1].needs_permission
+
+
+def test_agent_option_and_unknown_agent():
+    d = decide_comment("/kugetsu start --agent claude --max-tokens 100")
+    assert (d.intents[-1].agent, d.intents[-1].max_tokens) == ("claude", 100)
+    d = decide_comment("/kugetsu start --agent nope")
+    assert "no agent named `nope`" in d.intents[-1].body
+
+
+def test_usage_error_is_answered():
+    d = decide_comment("/kugetsu continue")
+    assert "Usage:" in d.intents[-1].body
+
+
+@pytest.mark.parametrize("text, kw", [
+    ("> /kugetsu stop", {}),
+    ("```\n/kugetsu start\n```", {}),
+    ("/kugetsu start", {"action": "edited"}),
+    ("/kugetsu start", {"sender": "kugetsu-bot"}),
+    ("<!-- kugetsu:task=3 -->\n/kugetsu stop", {}),
+    ("just a comment", {}),
+])
+def test_ignored_comments(text, kw):
+    assert decide_comment(text, **kw).intents == []
+
+
+def test_comment_on_kugetsu_pull_request_acts_on_its_issue(store):
+    store.set_issue("acme/widget", 7, pr_number=13)
+    comment(store, "/kugetsu start")
+    store.transition(tasks(store)[0].id, State.PENDING, State.CANCELLED, event="x")
+    comment(store, "/kugetsu continue add a test", 13, is_pull=True)
+    follow = tasks(store)[-1]
+    assert (follow.issue, follow.kind) == (7, Kind.CONTINUE)
+
+
+def test_comment_on_another_pull_request_is_ignored(store):
+    result = comment(store, "/kugetsu start", 21, is_pull=True)
+    assert not result.queued and "not opened by kugetsu" in result.reason
+
+
+# ------------------------------------------------------------------ dedupe
+
+def test_repeated_delivery_is_acknowledged_and_ignored(store):
+    body, headers = payloads.comment_delivery("/kugetsu start")
+    assert deliver(store, body, headers).task_ids
+    again = deliver(store, body, headers)
+    assert again.duplicate and not again.task_ids
+    assert len(tasks(store)) == 1
