@@ -7,8 +7,10 @@ scheduler and answers. Gitea waits 5 s for an answer and never retries.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
@@ -23,7 +25,9 @@ log = logging.getLogger(__name__)
 
 def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules],
                wake: Callable[[], None] = lambda: None,
-               health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (True, {})) -> Flask:
+               health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (True, {}),
+               log_dir: Path | None = None,
+               log_token: Callable[[int], str] | None = None) -> Flask:
     app = Flask("kugetsu")
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
     secret = config.gitea.webhook_secret
@@ -78,5 +82,18 @@ def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules
         response = jsonify({"status": "ok" if ok else "unhealthy", **details})
         response.status_code = 200 if ok else 503
         return response
+
+    @app.get("/logs/<int:task_id>/<token>")
+    def task_log(task_id: int, token: str) -> Response:
+        # Linked from PRs and comments; the token is an HMAC of the task id, so
+        # only people who can see those links can read the log.
+        if log_dir is None or log_token is None or not hmac.compare_digest(
+                token, log_token(task_id)):
+            return answer(404, "not found", "no such log")
+        path = log_dir / f"{task_id}.log"
+        if not path.is_file():
+            return answer(404, "not found", "no such log")
+        data = path.read_bytes()
+        return Response(data, mimetype="text/plain", headers={"Cache-Control": "no-store"})
 
     return app

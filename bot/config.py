@@ -265,8 +265,11 @@ def _agent_table(name: str, data: Any) -> AgentConfig:
 
 
 def load(path: str | os.PathLike[str] | None = None,
-         environ: Mapping[str, str] | None = None) -> Config:
-    """Read the config file (if any), apply env overrides, validate, freeze."""
+         environ: Mapping[str, str] | None = None, *, require_secret: bool = True) -> Config:
+    """Read the config file (if any), apply env overrides, validate, freeze.
+
+    `require_secret=False` is for commands that never receive webhooks (queue, logs).
+    """
     env = dict(os.environ if environ is None else environ)
     if path is None and env.get("KUGETSU_CONFIG"):
         path = env["KUGETSU_CONFIG"]
@@ -315,7 +318,7 @@ def load(path: str | os.PathLike[str] | None = None,
     if "@" in gitea.url.split("//", 1)[1].split("/", 1)[0]:
         raise ConfigError("gitea.url must not carry credentials; put the token in gitea.token")
     gitea = GiteaConfig(**{**gitea.__dict__, "url": gitea.url.rstrip("/")})
-    if not gitea.webhook_secret and not gitea.insecure_no_signature:
+    if require_secret and not gitea.webhook_secret and not gitea.insecure_no_signature:
         raise ConfigError(
             "gitea.webhook_secret is not set (or KUGETSU_WEBHOOK_SECRET); "
             "set one, or set gitea.insecure_no_signature = true to accept unsigned deliveries"

@@ -1,0 +1,330 @@
+"""The `kugetsu` command: serve, queue, enqueue, logs.
+
+Loads the config once and wires the parts together; nothing here holds logic
+that a test would want to reach without a process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from bot import __version__, agents
+from bot.config import Config, ConfigError, load
+from bot.store import SchemaTooNew, Store, open_store
+from bot.tasks import Kind, State
+
+log = logging.getLogger("kugetsu")
+
+
+def _known_agents(config: Config) -> frozenset[str]:
+    return frozenset(agents.PRESETS) | frozenset(config.agents.tables)
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def serve(config: Config, *, log_level: str = "INFO") -> int:
+    from bot.app import create_app
+    from bot.dispatcher import Dispatcher
+    from bot.gitea import GiteaClient
+    from bot.httpserver import HttpServer
+    from bot.intake import Rules
+    from bot.publisher import log_token
+    from bot.redact import configure_logging
+    from bot.scheduler import Scheduler
+    from bot.workspace import Workspace
+
+    configure_logging(log_level, config.secrets())
+    storage = config.storage
+    storage.data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(storage.db_path)
+    gitea = GiteaClient(config.gitea.url, config.gitea.token,
+                        timeout=config.gitea.timeout_seconds, retries=config.gitea.retries)
+    workspace = Workspace(mirrors_dir=storage.mirrors_dir, worktrees_dir=storage.worktrees_dir,
+                          remote_url=config.gitea.git_url, token=config.gitea.token,
+                          author_name=config.git.author_name,
+                          author_email=config.git.author_email, secrets=config.secrets())
+    if not config.gitea.token:
+        log.warning("no Gitea token configured: kugetsu can queue work but not act on Gitea")
+
+    scheduler_ref: list[Scheduler] = []
+
+    def wake() -> None:
+        dispatcher.request_tick()
+        if scheduler_ref:
+            scheduler_ref[0].wake()
+
+    dispatcher = Dispatcher(config, store, gitea, workspace, on_change=wake)
+    known = _known_agents(config)
+
+    def rules() -> Rules:
+        return Rules(label=config.triggers.label, command=config.triggers.command,
+                     bot_login=dispatcher.bot_login, known_agents=known,
+                     default_agent=config.agents.default,
+                     max_attempts=config.queue.max_attempts)
+
+    def cleanup() -> None:
+        removed = store.clear(config.queue.cleanup_age_days)
+        keep = [Path(t.worktree) for t in store.list() if t.active and t.worktree]
+        workspace.cleanup(config.queue.cleanup_age_days * 86400.0, keep=keep)
+        log.info("cleanup done", extra={"tasks_removed": removed})
+
+    scheduler = Scheduler(dispatcher.run_tick, config.queue.poll_interval_seconds,
+                          heartbeat=dispatcher.heartbeat, cleanup=cleanup)
+    scheduler_ref.append(scheduler)
+
+    def health() -> tuple[bool, dict]:
+        age = None if dispatcher.last_tick is None else round(time.time() - dispatcher.last_tick, 1)
+        return scheduler.running, {"scheduler": "running" if scheduler.running else "stopped",
+                                   "last_tick_seconds_ago": age, "agents_busy": dispatcher.busy,
+                                   "version": __version__}
+
+    app = create_app(config, store, rules=rules, wake=wake, health=health,
+                     log_dir=storage.logs_dir, log_token=lambda i: log_token(config, i))
+    dispatcher.start()
+    server = HttpServer(app, config.server.host, config.server.port,
+                        max_body_bytes=config.server.max_body_bytes).start()
+    scheduler.start()
+    log.info("kugetsu serving", extra={"url": server.url, "data_dir": str(storage.data_dir),
+                                       "config": config.source})
+    print(f"kugetsu {__version__} listening on {server.url} (data in {storage.data_dir})",
+          flush=True)
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(1.0):
+        pass
+    server.stop()
+    scheduler.shutdown()
+    dispatcher.shutdown()
+    store.close()
+    log.info("stopped")
+    return 0
+
+
+# --------------------------------------------------------------------------- queue
+
+
+def _fmt_time(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def queue_list(store: Store, state: str | None, as_json: bool) -> int:
+    tasks = store.list(state=state)
+    if as_json:
+        print(json.dumps([t.public_dict() for t in tasks], indent=2))
+        return 0
+    if not tasks:
+        print("no tasks")
+        return 0
+    print(f"{'ID':>5}  {'ISSUE':<28} {'KIND':<9} {'STATE':<10} {'TRIES':<6} {'OUTCOME':<13} "
+          f"{'PR':<6} CREATED")
+    for t in tasks:
+        print(f"{t.id:>5}  {t.ref:<28} {t.kind.value:<9} {t.state.value:<10} "
+              f"{t.attempts}/{t.max_attempts:<4} {(t.outcome.value if t.outcome else '-'):<13} "
+              f"{('#' + str(t.pr_number)) if t.pr_number else '-':<6} {_fmt_time(t.created_at)}")
+    return 0
+
+
+def queue_stats(store: Store, as_json: bool) -> int:
+    stats = store.stats().as_dict()
+    if as_json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    for state, count in stats["by_state"].items():
+        print(f"{state:<10} {count}")
+    if stats["by_outcome"]:
+        print("outcomes:  " + ", ".join(f"{k} {v}" for k, v in sorted(stats["by_outcome"].items())))
+    return 0
+
+
+def queue_cancel(store: Store, task_id: int) -> int:
+    if store.get(task_id) is None:
+        print(f"kugetsu: no task {task_id}", file=sys.stderr)
+        return 1
+    result = store.request_cancel(task_id, "cli")
+    messages = {"cancelled": f"task {task_id} cancelled",
+                "stopping": f"task {task_id} is running; its agent will be stopped",
+                "finished": f"task {task_id} has already finished"}
+    print(messages[result])
+    return 0 if result != "finished" else 1
+
+
+def queue_retry(store: Store, task_id: int) -> int:
+    task = store.get(task_id)
+    if task is None:
+        print(f"kugetsu: no task {task_id}", file=sys.stderr)
+        return 1
+    if store.requeue(task_id, "cli"):
+        print(f"task {task_id} queued again")
+        return 0
+    print(f"kugetsu: task {task_id} is {task.state.value}; only failed or cancelled tasks can "
+          "be retried", file=sys.stderr)
+    return 1
+
+
+_REF = re.compile(r"^(?P<repo>[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+)#(?P<issue>[0-9]+)$")
+
+
+def enqueue(config: Config, store: Store, ref: str, message: str, agent: str | None,
+            follow_up: bool) -> int:
+    m = _REF.match(ref)
+    if not m:
+        print(f"kugetsu: {ref!r} is not OWNER/REPO#NUMBER", file=sys.stderr)
+        return 2
+    repo, issue = m.group("repo"), int(m.group("issue"))
+    agent = agent or config.agents.default
+    if agent not in _known_agents(config):
+        print(f"kugetsu: unknown agent {agent!r}", file=sys.stderr)
+        return 2
+    with store.tx() as c:
+        has_task = store.latest_task(repo, issue, c) is not None
+        kind = Kind.CONTINUE if follow_up and has_task else Kind.START
+        if follow_up and not message:
+            print("kugetsu: --continue needs a message", file=sys.stderr)
+            return 2
+        if kind is Kind.START:
+            active = store.active_task(c, repo, issue)
+            if active is not None:
+                print(f"kugetsu: already queued on {ref} as task {active.id}", file=sys.stderr)
+                return 1
+        task_id = store.insert_task(c, repo=repo, issue=issue, kind=kind, prompt=message,
+                                    agent=agent, requested_by="cli",
+                                    max_attempts=config.queue.max_attempts, authorized=True)
+    print(f"task {task_id} queued ({kind.value} on {ref}); a running kugetsu picks it up within "
+          f"{config.queue.poll_interval_seconds:g} s")
+    return 0
+
+
+def show_logs(config: Config, store: Store, task_id: int, follow: bool) -> int:
+    path = config.storage.logs_dir / f"{task_id}.log"
+    if store.get(task_id) is None and not path.exists():
+        print(f"kugetsu: no task {task_id}", file=sys.stderr)
+        return 1
+    position = 0
+    out = sys.stdout.buffer
+    while True:
+        try:
+            with path.open("rb") as fh:
+                fh.seek(position)
+                chunk = fh.read()
+        except FileNotFoundError:
+            chunk = b""
+        if chunk:
+            out.write(chunk)
+            out.flush()
+            position += len(chunk)
+        if not follow:
+            if position == 0:
+                print(f"(task {task_id} has no log yet)", file=sys.stderr)
+            return 0
+        task = store.get(task_id)
+        if task is None or (not task.active and not chunk):
+            return 0
+        time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", metavar="PATH",
+                        help="config file (default: $KUGETSU_CONFIG, ./kugetsu.toml, "
+                             "/etc/kugetsu/config.toml, or built-in defaults)")
+    parser = argparse.ArgumentParser(
+        prog="kugetsu", parents=[common],
+        description="Turns Gitea issues into pull requests written by AI coding agents.")
+    parser.add_argument("--version", action="version", version=f"kugetsu {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", parents=[common], help="run the webhook server and scheduler")
+    p.add_argument("--log-level", default=os.environ.get("KUGETSU_LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    q = sub.add_parser("queue", parents=[common], help="inspect and manage the task queue")
+    qsub = q.add_subparsers(dest="queue_command", required=True)
+    ql = qsub.add_parser("list", parents=[common], help="list tasks")
+    ql.add_argument("--state", choices=[s.value for s in State])
+    ql.add_argument("--json", action="store_true")
+    qs = qsub.add_parser("stats", parents=[common], help="count tasks by state and outcome")
+    qs.add_argument("--json", action="store_true")
+    qc = qsub.add_parser("cancel", parents=[common], help="cancel a queued or running task")
+    qc.add_argument("id", type=int)
+    qr = qsub.add_parser("retry", parents=[common], help="queue a failed or cancelled task again")
+    qr.add_argument("id", type=int)
+    qx = qsub.add_parser("clear", parents=[common], help="delete old finished tasks")
+    qx.add_argument("--older-than", type=float, metavar="DAYS", default=None,
+                    help="default: queue.cleanup_age_days")
+
+    e = sub.add_parser("enqueue", parents=[common], help="queue work on an issue by hand")
+    e.add_argument("ref", metavar="OWNER/REPO#N")
+    e.add_argument("message", nargs="?", default="")
+    e.add_argument("--agent")
+    e.add_argument("--continue", dest="follow_up", action="store_true",
+                   help="follow up on the issue's earlier work")
+
+    lg = sub.add_parser("logs", parents=[common], help="show a task's agent log")
+    lg.add_argument("id", type=int)
+    lg.add_argument("--follow", "-f", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load(args.config, require_secret=args.command == "serve")
+    except ConfigError as exc:
+        print(f"kugetsu: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "serve":
+            return serve(config, log_level=args.log_level)
+        if not config.storage.db_path.exists() and args.command != "enqueue":
+            print(f"kugetsu: no database at {config.storage.db_path} (has kugetsu served "
+                  "with this data_dir yet?)", file=sys.stderr)
+            return 1
+        store = open_store(config.storage.db_path)
+        try:
+            if args.command == "queue":
+                if args.queue_command == "list":
+                    return queue_list(store, args.state, args.json)
+                if args.queue_command == "stats":
+                    return queue_stats(store, args.json)
+                if args.queue_command == "cancel":
+                    return queue_cancel(store, args.id)
+                if args.queue_command == "retry":
+                    return queue_retry(store, args.id)
+                if args.queue_command == "clear":
+                    days = (config.queue.cleanup_age_days if args.older_than is None
+                            else args.older_than)
+                    print(f"{store.clear(days)} finished task(s) removed")
+                    return 0
+            if args.command == "enqueue":
+                return enqueue(config, store, args.ref, args.message, args.agent, args.follow_up)
+            if args.command == "logs":
+                return show_logs(config, store, args.id, args.follow)
+        finally:
+            store.close()
+    except SchemaTooNew as exc:
+        print(f"kugetsu: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2

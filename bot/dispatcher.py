@@ -1,0 +1,596 @@
+"""The tick, and the runner that carries one task from claim to outcome.
+
+`tick()` is quick and never waits on an agent: it recovers tasks orphaned by a
+dead process, authorizes new tasks, claims up to the free slots (the store
+guarantees the limit), starts one runner thread per claimed task, works the
+outbox (replies, reactions, stop and retry), and brings tracking comments up
+to date. Each runner prepares the worktree, runs the agent under a timeout,
+budget and stop flag, publishes the result, and ends in `finish()`, the one
+place an attempt's outcome turns into the task's next state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from bot import agents, process
+from bot.config import Config
+from bot.gitea import (Forbidden, GiteaAPI, GiteaError, NotFound, ServerError, Unauthorized,
+                       Unreachable)
+from bot.publisher import Publisher, status_text
+from bot.redact import redact
+from bot.store import Store
+from bot.tasks import Kind, Outcome, State, Task, decide, permission_at_least
+from bot.workspace import GitError, Workspace
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_STALE_SECONDS = 90.0
+POLL_SECONDS = 0.25
+GITEA_WAIT_SECONDS = 15.0
+
+
+@dataclass
+class Result:
+    """How one attempt ended."""
+
+    outcome: Outcome
+    error: str | None = None
+    retry: bool = True                 # False: do not retry even if the outcome allows it
+    requeue: bool = False              # put back without counting the attempt
+    delay: float = 0.0                 # with requeue: wait this long first
+    changes: dict[str, Any] = field(default_factory=dict)
+
+
+class Stopping(Exception):
+    """The service is shutting down; the task goes back to the queue."""
+
+
+class AuthCache:
+    """Who may ask kugetsu for work, cached for a few minutes per repo and user."""
+
+    def __init__(self, config: Config, gitea: GiteaAPI, clock: Callable[[], float]):
+        self.config, self.gitea, self.clock = config, gitea, clock
+        self._cache: dict[tuple[str, str], tuple[float, str]] = {}
+        self._lock = threading.Lock()
+        self._warned_fallback = False
+
+    def permission(self, repo: str, login: str, hint: str | None) -> str | None:
+        """The user's permission, or None when Gitea can't be asked right now."""
+        key = (repo, login)
+        now = self.clock()
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached and now - cached[0] < self.config.queue.authorization_cache_seconds:
+                return cached[1]
+        owner, name = repo.split("/", 1)
+        try:
+            perm = self.gitea.get_permission(owner, name, login)
+        except (Forbidden, Unauthorized):
+            # Only repo admins may read collaborator permissions. Fall back to what
+            # Gitea put in the signed delivery for this user.
+            if not self._warned_fallback:
+                log.warning("cannot read collaborator permission; using the webhook's",
+                            extra={"repo": repo})
+                self._warned_fallback = True
+            perm = hint or "none"
+        except NotFound:
+            perm = "none"
+        except GiteaError as exc:
+            log.warning("permission check deferred", extra={"repo": repo, "user": login,
+                                                             "error": str(exc)})
+            return None
+        with self._lock:
+            self._cache[key] = (now, perm)
+        return perm
+
+    def check(self, repo: str, login: str, hint: str | None) -> tuple[bool, str] | None:
+        triggers = self.config.triggers
+        if triggers.allowed_users and login not in triggers.allowed_users:
+            return False, f"@{login} is not on kugetsu's list of allowed users"
+        perm = self.permission(repo, login, hint)
+        if perm is None:
+            return None
+        if not permission_at_least(perm, triggers.min_permission):
+            return False, (f"@{login} needs {triggers.min_permission} access to {repo} "
+                           f"to use kugetsu (has {perm})")
+        return True, perm
+
+
+def build_prompt(task: Task, title: str, body: str, *, history: list[Task] | None = None,
+                 branch: str, base: str) -> str:
+    parts = [f"You are working on issue #{task.issue} of the repository {task.repo}.",
+             f"\nIssue title: {title}", f"\nIssue description:\n{body.strip() or '(empty)'}"]
+    if history:
+        parts.append("\nEarlier requests on this issue, oldest first:")
+        for old in history:
+            parts.append(f"- {old.kind.value} by @{old.requested_by}: {old.prompt or '(no text)'}"
+                         + (f"\n  result: {old.summary.strip()[:1500]}" if old.summary else ""))
+    if task.kind is Kind.CONTINUE:
+        parts.append(f"\nFollow-up request from @{task.requested_by}:\n{task.prompt}")
+    elif task.prompt:
+        parts.append(f"\nInstructions from @{task.requested_by}:\n{task.prompt}")
+    parts.append(
+        f"\nThe current directory is a git worktree on branch {branch}, made from {base}. "
+        "Make the changes the issue asks for in this directory. You do not need to commit, "
+        "push or open a pull request: kugetsu commits your changes and opens the pull request. "
+        "End with a short summary of what you changed.")
+    return "\n".join(parts)
+
+
+class Dispatcher:
+    def __init__(self, config: Config, store: Store, gitea: GiteaAPI, workspace: Workspace, *,
+                 clock: Callable[[], float] = time.time,
+                 environ: Mapping[str, str] | None = None,
+                 on_change: Callable[[], None] = lambda: None):
+        self.config, self.store, self.gitea, self.workspace = config, store, gitea, workspace
+        self.clock = clock
+        self.environ = dict(os.environ if environ is None else environ)
+        self.on_change = on_change
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.publisher = Publisher(config, store, gitea)
+        self.auth = AuthCache(config, gitea, clock)
+        self._runners: dict[int, threading.Thread] = {}
+        self._runners_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._tick_lock = threading.Lock()
+        self._tick_wanted = threading.Event()
+        self.last_tick: float | None = None
+        self.bot_login: str | None = config.gitea.bot_login or None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Register this process and recover what a previous run left behind."""
+        for path in (self.config.storage.logs_dir, self.config.storage.prompts_dir,
+                     self.config.storage.homes_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        self.store.register_worker(self.worker_id, os.getpid(),
+                                   process.process_start_token(os.getpid()))
+        self.recover()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the agents this process started and put their tasks back in the queue."""
+        self._stopping.set()
+        deadline = time.monotonic() + (timeout if timeout is not None else
+                                       self.config.agents.kill_grace_seconds + 30)
+        for thread in self.runner_threads():
+            thread.join(max(0.1, deadline - time.monotonic()))
+        self.store.unregister_worker(self.worker_id)
+
+    def runner_threads(self) -> list[threading.Thread]:
+        with self._runners_lock:
+            return list(self._runners.values())
+
+    @property
+    def busy(self) -> int:
+        return len(self.runner_threads())
+
+    # ---------------------------------------------------------------- the tick
+
+    def request_tick(self) -> None:
+        """Ask for another tick; the next run_tick (or the one in progress) will do it."""
+        self._tick_wanted.set()
+
+    def run_tick(self) -> None:
+        """Run tick() now, or make the tick in progress run once more. Never loses a wake."""
+        self._tick_wanted.set()
+        while self._tick_wanted.is_set() and not self._stopping.is_set():
+            if not self._tick_lock.acquire(blocking=False):
+                return  # the holder will see _tick_wanted and go round again
+            try:
+                self._tick_wanted.clear()
+                self.tick()
+            except Exception:
+                log.exception("tick failed")
+            finally:
+                self._tick_lock.release()
+
+    def tick(self) -> None:
+        self.last_tick = self.clock()
+        self.store.heartbeat(self.worker_id)
+        self.ensure_bot_login()
+        self._reap()
+        self.recover()
+        self.authorize()
+        self.launch()
+        self.work_outbox()
+        self.publisher.sync_comments()
+
+    def ensure_bot_login(self) -> str | None:
+        """Who kugetsu is on Gitea, for the loop guard: config, then the store, then /user."""
+        if self.bot_login:
+            return self.bot_login
+        login = self.config.gitea.bot_login or self.store.get_meta("bot_login")
+        if not login and self.config.gitea.token:
+            try:
+                login = self.gitea.get_user().get("login")
+            except GiteaError as exc:
+                log.warning("cannot read the bot's own user", extra={"error": str(exc)})
+            if login:
+                self.store.set_meta("bot_login", login)
+        self.bot_login = login or None
+        return self.bot_login
+
+    def heartbeat(self) -> None:
+        self.store.heartbeat(self.worker_id)
+
+    def _reap(self) -> None:
+        with self._runners_lock:
+            for task_id, thread in list(self._runners.items()):
+                if not thread.is_alive():
+                    del self._runners[task_id]
+
+    # ---------------------------------------------------------------- recovery
+
+    def _worker_alive(self, worker: dict[str, Any]) -> bool:
+        if worker["id"] == self.worker_id:
+            return True
+        if worker["host"] == socket.gethostname():
+            token = process.process_start_token(worker["pid"])
+            return token is not None and token == worker["pid_start"]
+        return self.clock() - worker["heartbeat_at"] < HEARTBEAT_STALE_SECONDS
+
+    def recover(self) -> list[int]:
+        """Tasks left running by a process that is gone go back to the queue, attempt counted."""
+        workers = {w["id"]: w for w in self.store.workers()}
+        alive = {wid for wid, w in workers.items() if self._worker_alive(w)}
+        recovered = []
+        for task in self.store.running_tasks():
+            if task.worker_id == self.worker_id:
+                with self._runners_lock:
+                    if task.id in self._runners:
+                        continue
+                # ours, but no runner holds it (should not happen): recover it too
+            elif task.worker_id in alive:
+                continue
+            if task.pid and process.kill_orphan(task.pid, task.pid_start,
+                                                self.config.agents.kill_grace_seconds):
+                log.warning("killed orphaned agent", extra={"task": task.id, "pid": task.pid})
+            decision = decide(Outcome.INFRA_ERROR, task.attempts, task.max_attempts, (0.0,))
+            error = "kugetsu stopped while the agent was running"
+            if self.store.transition(task.id, State.RUNNING, decision.state, event="recovered",
+                                     detail=task.worker_id, error=error, pid=None, pid_start=None,
+                                     outcome=Outcome.INFRA_ERROR, not_before=self.clock()):
+                log.warning("recovered task", extra={"task": task.id, "to": decision.state.value,
+                                                     "attempts": task.attempts})
+                recovered.append(task.id)
+        for wid in set(workers) - alive:
+            self.store.unregister_worker(wid)
+        return recovered
+
+    # ---------------------------------------------------------------- authorization
+
+    def authorize(self) -> None:
+        for task in self.store.unauthorized_pending():
+            verdict = self.auth.check(task.repo, task.requested_by, task.permission_hint)
+            if verdict is None:
+                continue
+            allowed, reason = verdict
+            if allowed:
+                self.store.update(task.id, authorized=True)
+                self.store.note(task.id, "authorized", reason)
+            else:
+                self.store.transition(task.id, State.PENDING, State.REJECTED, event="rejected",
+                                      detail=reason, authorized=False, error=reason)
+                log.info("task rejected", extra={"task": task.id, "user": task.requested_by})
+
+    # ---------------------------------------------------------------- launching
+
+    def launch(self) -> list[int]:
+        if self._stopping.is_set():
+            return []
+        claimed = self.store.claim(self.config.queue.max_concurrent_agents, self.worker_id)
+        for task in claimed:
+            thread = threading.Thread(target=self._run, args=(task,), name=f"task-{task.id}",
+                                      daemon=True)
+            with self._runners_lock:
+                self._runners[task.id] = thread
+            thread.start()
+            log.info("task started", extra={"task": task.id, "repo": task.repo,
+                                            "issue": task.issue, "attempt": task.attempts})
+        return [t.id for t in claimed]
+
+    def _run(self, task: Task) -> None:
+        try:
+            try:
+                result = self.execute(task)
+            except Stopping:
+                result = Result(Outcome.INFRA_ERROR, "kugetsu was shut down", requeue=True)
+            except Exception as exc:  # a bug must not leave the task running forever
+                log.exception("task crashed", extra={"task": task.id})
+                result = Result(Outcome.INFRA_ERROR, f"internal error: {exc.__class__.__name__}")
+            self.finish(task, result)
+        finally:
+            with self._runners_lock:
+                self._runners.pop(task.id, None)
+            self.on_change()
+
+    def finish(self, task: Task, result: Result) -> State | None:
+        """The one place an attempt's outcome becomes the task's next state."""
+        current = self.store.get(task.id)
+        if current is None or current.state is not State.RUNNING:
+            return None
+        changes = dict(result.changes)
+        changes.update(outcome=result.outcome, error=result.error, pid=None, pid_start=None)
+        if result.requeue:
+            ok = self.store.transition(task.id, State.RUNNING, State.PENDING, event="requeued",
+                                       detail=result.error, attempts=max(0, current.attempts - 1),
+                                       not_before=self.clock() + result.delay, **changes)
+            return State.PENDING if ok else None
+        decision = decide(result.outcome, current.attempts, current.max_attempts,
+                          self.config.queue.retry_backoff_seconds)
+        state = decision.state
+        if state is State.PENDING and not result.retry:
+            state = State.FAILED
+        if state is State.PENDING:
+            changes["not_before"] = self.clock() + (decision.retry_in or 0.0)
+        ok = self.store.transition(task.id, State.RUNNING, state, event=result.outcome.value,
+                                   detail=result.error, **changes)
+        log.info("task finished", extra={"task": task.id, "outcome": result.outcome.value,
+                                         "state": state.value})
+        return state if ok else None
+
+    # ---------------------------------------------------------------- one attempt
+
+    def _branch(self, task: Task) -> str:
+        return self.config.git.branch_template.format(number=task.issue, owner=task.owner,
+                                                      repo=task.name)
+
+    def execute(self, task: Task) -> Result:
+        cfg = self.config
+        secrets = cfg.secrets()
+        try:
+            issue = self.gitea.get_issue(task.owner, task.name, task.issue)
+        except (Unreachable, ServerError) as exc:
+            # Gitea is away: wait for it without using up an attempt; nothing has run yet.
+            return Result(Outcome.INFRA_ERROR, f"waiting for Gitea: {exc}", requeue=True,
+                          delay=GITEA_WAIT_SECONDS)
+        except GiteaError as exc:
+            return Result(Outcome.INFRA_ERROR, f"could not read the issue: {exc}", retry=False)
+        branch = self._branch(task)
+        try:
+            prepared = self.workspace.prepare(task.repo, task.issue, branch)
+        except GitError as exc:
+            return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets))
+        self.store.update(task.id, branch=branch, worktree=str(prepared.path))
+        start_head = self.workspace.head(prepared.path)
+
+        issue_row = self.store.issue_row(task.repo, task.issue) or {}
+        order = [task.agent] + [a for a in cfg.agents.fallback if a != task.agent]
+        tried: list[str] = []
+        run: AgentRun | None = None
+        for name in order:
+            try:
+                spec = agents.resolve(cfg.agents, name)
+            except agents.UnknownAgent as exc:
+                return Result(Outcome.AGENT_FAILED, str(exc), retry=False)
+            tried.append(name)
+            session = self._session_for(task, spec, issue_row)
+            history = None
+            if task.kind is Kind.CONTINUE and not (session and spec.sessions):
+                history = [t for t in self.store.list(repo=task.repo, issue=task.issue)
+                           if t.id < task.id]
+            prompt = build_prompt(task, issue.get("title") or "", issue.get("body") or "",
+                                  history=history, branch=branch, base=prepared.base_branch)
+            run = self._run_agent(task, spec, prepared.path, prompt, session, branch)
+            self.store.update(task.id, agents_tried=tried, session_id=run.session_id,
+                              usage=run.usage, summary=run.summary)
+            if run.session_id and spec.sessions:
+                self.store.set_issue(task.repo, task.issue, session_id=run.session_id,
+                                     agent=name, branch=branch)
+            if run.outcome is Outcome.AGENT_FAILED and run.rate_limited and name != order[-1]:
+                log.warning("agent rate limited; falling back", extra={"task": task.id,
+                                                                       "agent": name})
+                continue
+            break
+        assert run is not None
+        changes = {"summary": run.summary, "usage": run.usage, "session_id": run.session_id,
+                   "agents_tried": tried}
+        if run.outcome is not None:
+            return Result(run.outcome, run.error, retry=run.retry, changes=changes)
+
+        # the agent succeeded: commit, push, open or update the pull request
+        try:
+            self.workspace.commit_all(prepared.path, self._commit_message(task, issue))
+            head = self.workspace.head(prepared.path)
+            remote = self.workspace.remote_branch_sha(task.repo, branch)
+            if head == start_head and (head == remote or head == prepared.base_sha):
+                return Result(Outcome.NO_CHANGES, None, changes=changes)
+            if not self.workspace.has_new_commits(prepared.path, prepared.base_sha):
+                return Result(Outcome.NO_CHANGES, None, changes=changes)
+            files = len(self.workspace.changed_files(prepared.path, prepared.base_sha))
+            if head != remote:
+                self.workspace.push(prepared.path, branch)
+        except GitError as exc:
+            return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets), changes=changes)
+        current = self.store.require(task.id)
+        try:
+            number, _created = self.publisher.publish_pr(
+                current, branch=branch, base=prepared.base_branch,
+                title=issue.get("title") or f"Issue #{task.issue}", summary=run.summary,
+                files_changed=files, usage=run.usage)
+        except GiteaError as exc:
+            return Result(Outcome.INFRA_ERROR, f"could not open the pull request: {exc}",
+                          changes=changes)
+        self.store.set_issue(task.repo, task.issue, pr_number=number, branch=branch)
+        changes.update(pr_number=number, files_changed=files)
+        return Result(Outcome.SUCCEEDED, None, changes=changes)
+
+    def _session_for(self, task: Task, spec: agents.AgentSpec,
+                     issue_row: Mapping[str, Any]) -> str | None:
+        if not spec.sessions:
+            return None
+        current = self.store.require(task.id)
+        if current.session_id and current.agents_tried and current.agents_tried[-1] == spec.name:
+            return current.session_id  # a retry resumes its own conversation
+        if task.kind is Kind.CONTINUE and issue_row.get("agent") == spec.name:
+            return issue_row.get("session_id")
+        return None
+
+    def _commit_message(self, task: Task, issue: Mapping[str, Any]) -> str:
+        title = (issue.get("title") or f"issue #{task.issue}").strip().splitlines()[0][:72]
+        if task.kind is Kind.CONTINUE:
+            first = (task.prompt.strip().splitlines() or ["follow-up"])[0][:60]
+            subject = f"Follow-up on #{task.issue}: {first}"
+        else:
+            subject = f"{title} (#{task.issue})"
+        return (f"{subject}\n\nWritten by an AI coding agent ({task.agent}) run by kugetsu, "
+                f"task #{task.id}, requested by @{task.requested_by}.")
+
+    def _run_agent(self, task: Task, spec: agents.AgentSpec, workdir: Path, prompt: str,
+                   session: str | None, branch: str) -> "AgentRun":
+        cfg = self.config
+        storage = cfg.storage
+        prompt_file = storage.prompts_dir / f"{task.id}.md"
+        prompt_file.parent.mkdir(parents=True, exist_ok=True)
+        prompt_file.write_text(prompt, encoding="utf-8")
+        home = storage.homes_dir / task.owner / task.name / str(task.issue)
+        home_env = agents.prepare_home(spec, home)
+        task_vars = {
+            "KUGETSU_TASK_ID": str(task.id), "KUGETSU_REPO": task.repo,
+            "KUGETSU_ISSUE": str(task.issue), "KUGETSU_BRANCH": branch,
+            "KUGETSU_WORKDIR": str(workdir), "KUGETSU_PROMPT_FILE": str(prompt_file),
+        }
+        env = agents.build_env(spec, home_env=home_env, task_vars=task_vars,
+                               environ=self.environ, secrets=cfg.secrets())
+        argv = agents.argv_for(spec, prompt=prompt, prompt_file=str(prompt_file),
+                               workdir=str(workdir), session_id=session)
+        meter = agents.UsageMeter(spec)
+        max_tokens = task.max_tokens or spec.max_tokens or cfg.agents.max_tokens
+        max_cost = task.max_cost_usd or spec.max_cost_usd or cfg.agents.max_cost_usd
+        header = (f"=== kugetsu task {task.id} attempt {task.attempts} agent {spec.name} "
+                  f"at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.clock()))} ===")
+        try:
+            proc = process.AgentProcess.start(
+                argv, cwd=workdir, env=env, log_path=storage.logs_dir / f"{task.id}.log",
+                log_max_bytes=cfg.agents.log_max_bytes, on_line=meter.feed, header=header)
+        except process.AgentStartError as exc:
+            return AgentRun(Outcome.AGENT_FAILED, str(exc), retry=False)
+        self.store.update(task.id, pid=proc.pid, pid_start=proc.start_token, bump=False)
+        deadline = self.clock() + cfg.agents.timeout_seconds
+        grace = cfg.agents.kill_grace_seconds
+        stop: tuple[Outcome, str, bool] | None = None
+        session_saved = None
+        last_flag_check = 0.0
+        while proc.wait(POLL_SECONDS) is None:
+            if meter.session_id and meter.session_id != session_saved:
+                session_saved = meter.session_id
+                self.store.update(task.id, session_id=session_saved, bump=False)
+            if self._stopping.is_set():
+                proc.terminate(grace)
+                proc.close()
+                raise Stopping()
+            if time.monotonic() - last_flag_check >= 1.0:
+                last_flag_check = time.monotonic()
+                by = self.store.cancel_requested(task.id)
+                if by:
+                    stop = (Outcome.CANCELLED, f"stopped by {by}", False)
+            if stop is None and self.clock() >= deadline:
+                stop = (Outcome.TIMED_OUT,
+                        f"the agent ran longer than {cfg.agents.timeout_minutes:g} minutes", True)
+            if stop is None:
+                over = meter.exceeded(max_tokens, max_cost)
+                if over:
+                    stop = (Outcome.AGENT_FAILED, f"budget exceeded: {over}", False)
+            if stop is not None:
+                proc.terminate(grace)
+                break
+        proc.close()
+        code = proc.returncode if proc.returncode is not None else -9
+        report = agents.parse_output(spec, proc.output(), code)
+        session_id = report.session_id or meter.session_id or session
+        usage = report.usage.as_dict() if report.usage else meter.usage.as_dict()
+        summary = report.summary or ""
+        if stop is not None:
+            return AgentRun(stop[0], stop[1], retry=stop[2], session_id=session_id, usage=usage,
+                            summary=summary)
+        over = agents.budget_exceeded(report.usage, max_tokens, max_cost)
+        if code != 0 or report.failed:
+            reason = report.failure or f"the agent exited with code {code}"
+            return AgentRun(Outcome.AGENT_FAILED, reason, session_id=session_id, usage=usage,
+                            summary=summary, rate_limited=report.rate_limited)
+        if over:
+            summary = (summary + f"\n\nNote: the run went over its budget ({over}).").strip()
+        return AgentRun(None, None, session_id=session_id, usage=usage, summary=summary)
+
+    # ---------------------------------------------------------------- the outbox
+
+    def work_outbox(self, budget: int = 30) -> None:
+        for item in self.store.outbox_due(budget):
+            if item.needs_permission:
+                verdict = self.auth.check(item.repo, item.requested_by or "",
+                                          item.permission_hint)
+                if verdict is None:
+                    self.store.outbox_retry(item.id, 30.0, "permission check deferred")
+                    continue
+                if not verdict[0]:
+                    self._refuse(item, verdict[1])
+                    continue
+            try:
+                self._outbox_item(item)
+            except (NotFound, Forbidden) as exc:
+                self.store.outbox_done(item.id, error=str(exc))
+            except GiteaError as exc:
+                delay = min(600.0, 5.0 * 2 ** item.attempts)
+                self.store.outbox_retry(item.id, delay, str(exc))
+                log.warning("outbox item deferred", extra={"item": item.id, "error": str(exc)})
+                break  # Gitea is struggling: try the rest later
+            else:
+                self.store.outbox_done(item.id)
+
+    def _refuse(self, item, reason: str) -> None:
+        if item.kind in ("stop", "retry"):
+            try:
+                self.publisher.reply(item.repo, item.target or item.issue,
+                                     f"Not done: {reason}.")
+            except GiteaError as exc:
+                self.store.outbox_retry(item.id, 30.0, str(exc))
+                return
+        self.store.outbox_done(item.id, error=f"refused: {reason}")
+
+    def _outbox_item(self, item) -> None:
+        if item.kind == "reaction":
+            self.publisher.react(item.repo, item.target, "eyes")
+        elif item.kind == "comment":
+            self.publisher.reply(item.repo, item.issue, item.body)
+        elif item.kind == "status":
+            self.publisher.reply(item.repo, item.target or item.issue,
+                                 status_text(self.store, item.repo, item.issue, self.config))
+        elif item.kind == "stop":
+            active = [t for t in self.store.list(repo=item.repo, issue=item.issue) if t.active]
+            if not active:
+                self.publisher.reply(item.repo, item.target or item.issue,
+                                     "There is nothing to stop on this issue.")
+            for task in active:
+                self.store.request_cancel(task.id, item.requested_by or "someone")
+            self.on_change()
+        elif item.kind == "retry":
+            last = self.store.latest_task(item.repo, item.issue)
+            if last is None or last.state not in (State.FAILED, State.CANCELLED):
+                self.publisher.reply(item.repo, item.target or item.issue,
+                                     "There is no failed or stopped task to retry on this issue.")
+            else:
+                self.store.requeue(last.id, item.requested_by or "someone")
+                self.on_change()
+        else:
+            log.error("unknown outbox item", extra={"item": item.id, "kind": item.kind})
+
+
+@dataclass
+class AgentRun:
+    outcome: Outcome | None     # None: the agent succeeded and the result is to be published
+    error: str | None
+    retry: bool = True
+    session_id: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    rate_limited: bool = False

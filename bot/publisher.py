@@ -1,0 +1,317 @@
+"""What kugetsu says on Gitea: the tracking comment, pull requests, replies.
+
+Rendering is pure (`render_tracking`, `render_pr_body`, `status_text`); the
+`Publisher` pushes rendered text through the Gitea client. The tracking comment
+is idempotent: the store remembers which version of a task the comment shows,
+so after an outage the comment simply catches up with the task's latest state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from bot.config import Config
+from bot.gitea import GiteaAPI, GiteaError, NotFound, Conflict
+from bot.redact import redact
+from bot.store import Store
+from bot.tasks import Kind, Outcome, State, Task
+
+log = logging.getLogger(__name__)
+
+MAX_SUMMARY = 6000
+MAX_TAIL = 2500
+
+
+def marker(task_id: int) -> str:
+    return f"<!-- kugetsu:task={task_id} -->"
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def usage_line(usage: dict[str, Any]) -> str:
+    if not usage:
+        return ""
+    parts = []
+    if usage.get("input_tokens") or usage.get("output_tokens"):
+        parts.append(f"{usage.get('input_tokens', 0):,} tokens in, "
+                     f"{usage.get('output_tokens', 0):,} out")
+    if usage.get("cost_usd") is not None:
+        parts.append(f"cost ${usage['cost_usd']:.4f}")
+    return ", ".join(parts)
+
+
+def _quote_block(text: str, limit: int) -> str:
+    text = text.strip()
+    if len(text) > limit:
+        text = "…" + text[-limit:]
+    text = text.replace("```", "ʼʼʼ")
+    return f"```\n{text}\n```"
+
+
+def log_link(config: Config, task_id: int) -> str | None:
+    """An unguessable link to the task's log, if the service has a public URL."""
+    if not config.server.public_url:
+        return None
+    return f"{config.server.public_url}/logs/{task_id}/{log_token(config, task_id)}"
+
+
+def log_token(config: Config, task_id: int) -> str:
+    key = (config.gitea.webhook_secret or config.gitea.token or "kugetsu").encode()
+    return hmac.new(key, f"log:{task_id}".encode(), hashlib.sha256).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class QueueView:
+    position: int | None
+    busy: int
+    limit: int
+
+
+def render_tracking(task: Task, config: Config, queue: QueueView, *,
+                    pr_url: str | None = None, log_tail: str = "") -> str:
+    """The one tracking comment of a task, for its current state."""
+    who = ("from the command line" if task.requested_by == "cli"
+           else f"requested by @{task.requested_by}")
+    head = f"{marker(task.id)}\n**kugetsu** · task #{task.id} ({task.kind.value}, {who})\n\n"
+    agent = f"`{task.agent}`"
+    link = log_link(config, task.id)
+    log_ref = f" · [log]({link})" if link else ""
+    n = task.max_attempts
+
+    if task.state is State.PENDING:
+        where = (f"position {queue.position} in the queue, " if queue.position else "")
+        line = f"⏳ **Queued**: {where}{queue.busy} of {queue.limit} agents busy."
+        if task.attempts and task.outcome:
+            line = (f"🔁 **Retrying**: attempt {task.attempts} of {n} ended with "
+                    f"`{task.outcome.value}`"
+                    + (f" ({redact(task.error, config.secrets())})" if task.error else "")
+                    + f". Next attempt not before {_when(task.not_before)}; "
+                    + line[len("⏳ **Queued**: "):])
+        return head + line
+    if task.state is State.RUNNING:
+        line = (f"🛠️ **Working**: agent {agent}, attempt {task.attempts} of {n}, "
+                f"started {_when(task.started_at)}{log_ref}.")
+        if task.cancel_requested_by:
+            line += f"\n\nStopping, as requested by @{task.cancel_requested_by}."
+        return head + line
+    if task.state is State.REJECTED:
+        return head + f"🚫 **Not started**: {redact(task.error or 'not allowed', config.secrets())}"
+    if task.state is State.CANCELLED:
+        who = task.cancel_requested_by or "an operator"
+        return head + f"🛑 **Stopped** by @{who}." if not who.startswith("cli") else \
+            head + "🛑 **Stopped** from the kugetsu command line."
+
+    took = duration((task.finished_at or 0) - (task.started_at or 0)) if task.started_at else "?"
+    usage = usage_line(task.usage)
+    footer = " · ".join(x for x in (f"agent {agent}", f"took {took}",
+                                     f"attempt {task.attempts} of {n}", usage) if x)
+    summary = redact((task.summary or "").strip(), config.secrets())
+    if len(summary) > MAX_SUMMARY:
+        summary = summary[:MAX_SUMMARY] + "…"
+    summary_block = f"\n\n{summary}" if summary else ""
+
+    if task.state is State.COMPLETED and task.outcome is Outcome.SUCCEEDED:
+        files = f", {task.files_changed} file{'s' if task.files_changed != 1 else ''} changed" \
+            if task.files_changed is not None else ""
+        pr = f"[#{task.pr_number}]({pr_url})" if pr_url else f"#{task.pr_number}"
+        return (head + f"✅ **Done**: pull request {pr}{files}.{summary_block}\n\n"
+                f"<sub>{footer}{log_ref}</sub>")
+    if task.state is State.COMPLETED:
+        return (head + "➖ **No changes**: the agent finished without changing any files, "
+                f"so there is no pull request.{summary_block}\n\n<sub>{footer}{log_ref}</sub>")
+    # failed
+    reason = redact(task.error or "", config.secrets())
+    tail = redact(log_tail, config.secrets())
+    tail_block = (f"\n\n<details><summary>Last lines of the log</summary>\n\n"
+                  f"{_quote_block(tail, MAX_TAIL)}\n</details>") if tail.strip() else ""
+    outcome = task.outcome.value if task.outcome else "failed"
+    return (head + f"❌ **Failed** (`{outcome}`) after {task.attempts} attempt"
+            f"{'s' if task.attempts != 1 else ''}: {reason}{tail_block}\n\n"
+            f"Comment `{config.triggers.command} retry` to try again.\n\n"
+            f"<sub>{footer}{log_ref}</sub>")
+
+
+def render_pr_body(task: Task, config: Config, *, summary: str, files_changed: int,
+                   usage: dict[str, Any]) -> str:
+    link = log_link(config, task.id)
+    summary = redact(summary.strip(), config.secrets())
+    if len(summary) > MAX_SUMMARY:
+        summary = summary[:MAX_SUMMARY] + "…"
+    details = [f"task #{task.id}", f"agent `{task.agent}`",
+               f"{files_changed} file{'s' if files_changed != 1 else ''} changed"]
+    if usage_line(usage):
+        details.append(usage_line(usage))
+    if link:
+        details.append(f"[task log]({link})")
+    return (f"Closes #{task.issue}\n\n"
+            + (f"{summary}\n\n" if summary else "")
+            + "---\nWritten by kugetsu · " + " · ".join(details) + f"\n{marker(task.id)}")
+
+
+def status_text(store: Store, repo: str, issue: int, config: Config) -> str:
+    tasks = store.list(repo=repo, issue=issue)
+    if not tasks:
+        return (f"{marker(0)}\nkugetsu has no tasks for this issue. Comment "
+                f"`{config.triggers.command} start` or add the label `{config.triggers.label}`.")
+    rows = ["| task | kind | state | outcome | attempts | PR |", "|---|---|---|---|---|---|"]
+    for t in tasks[-10:]:
+        rows.append(f"| #{t.id} | {t.kind.value} | {t.state.value} | "
+                    f"{t.outcome.value if t.outcome else ''} | {t.attempts}/{t.max_attempts} | "
+                    f"{'#' + str(t.pr_number) if t.pr_number else ''} |")
+    stats = store.stats()
+    return (f"{marker(tasks[-1].id)}\nkugetsu on this issue:\n\n" + "\n".join(rows)
+            + f"\n\nAgents busy: {stats.running} of {config.queue.max_concurrent_agents}; "
+              f"tasks waiting: {stats.by_state['pending']}.")
+
+
+class Publisher:
+    def __init__(self, config: Config, store: Store, gitea: GiteaAPI):
+        self.config, self.store, self.gitea = config, store, gitea
+
+    # ---------------------------------------------------------------- tracking comment
+
+    def _pr_url(self, task: Task) -> str | None:
+        if not task.pr_number:
+            return None
+        return f"{self.config.gitea.url}/{task.repo}/pulls/{task.pr_number}"
+
+    def _log_tail(self, task: Task) -> str:
+        path = self.config.storage.logs_dir / f"{task.id}.log"
+        try:
+            with path.open("rb") as fh:
+                fh.seek(0, 2)
+                size = fh.tell()
+                fh.seek(max(0, size - 4000))
+                return fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def render(self, task: Task, position: int | None = None) -> str:
+        if task.state is State.PENDING and position is None:
+            position = self.store.queue_position(task.id)
+        queue = QueueView(position, self.store.count_running(),
+                          self.config.queue.max_concurrent_agents)
+        tail = self._log_tail(task) if task.state is State.FAILED else ""
+        return render_tracking(task, self.config, queue, pr_url=self._pr_url(task), log_tail=tail)
+
+    def sync_task(self, task: Task, position: int | None = None) -> bool:
+        """Create or edit the task's tracking comment to match its state. True if written."""
+        version, last_body = self.store.comment_state(task.id)
+        task = self.store.require(task.id)  # the freshest row, read after the version
+        body = self.render(task, position)
+        if task.comment_id is not None and body == last_body:
+            self.store.comment_synced(task.id, version, body)
+            return False
+        if task.comment_id is None:
+            existing = self._find_existing_comment(task)
+            if existing is None:
+                created = self.gitea.create_comment(task.owner, task.name, task.issue, body)
+                self.store.comment_synced(task.id, version, body, comment_id=int(created["id"]))
+                return True
+            self.store.comment_synced(task.id, 0, last_body or "", comment_id=existing)
+            task = self.store.require(task.id)
+        try:
+            self.gitea.edit_comment(task.owner, task.name, task.comment_id, body)
+        except NotFound:
+            # someone deleted it: write a new one rather than lose the update
+            created = self.gitea.create_comment(task.owner, task.name, task.issue, body)
+            self.store.comment_synced(task.id, version, body, comment_id=int(created["id"]))
+            return True
+        self.store.comment_synced(task.id, version, body)
+        return True
+
+    def _find_existing_comment(self, task: Task) -> int | None:
+        """After a crash between creating a comment and recording it, find it again."""
+        lister = getattr(self.gitea, "list_comments", None)
+        if lister is None:
+            return None
+        mark = marker(task.id)
+        for comment in lister(task.owner, task.name, task.issue):
+            if mark in (comment.get("body") or ""):
+                return int(comment["id"])
+        return None
+
+    def sync_comments(self, budget: int = 30) -> int:
+        """Bring tracking comments up to date; stops early if Gitea fails."""
+        written = 0
+        try:
+            for task in self.store.comment_out_of_date(budget):
+                written += self.sync_task(task)
+            if written < budget:
+                # positions move when tasks ahead start; refresh what changed
+                for task, position in self.store.pending_positions(budget):
+                    if written >= budget:
+                        break
+                    if task.comment_id is not None:
+                        written += self.sync_task(task, position)
+        except GiteaError as exc:
+            log.warning("tracking comments not synced", extra={"error": str(exc)})
+        return written
+
+    # ---------------------------------------------------------------- pull requests
+
+    def publish_pr(self, task: Task, *, branch: str, base: str, title: str, summary: str,
+                   files_changed: int, usage: dict[str, Any]) -> tuple[int, bool]:
+        """Open a PR for the branch or update the one that exists. Returns (number, created)."""
+        body = render_pr_body(task, self.config, summary=summary, files_changed=files_changed,
+                              usage=usage)
+        existing = self.gitea.find_pull(task.owner, task.name, base, branch)
+        if existing and existing.get("state") == "open":
+            number = int(existing["number"])
+            if task.kind is Kind.CONTINUE:
+                self.gitea.create_comment(
+                    task.owner, task.name, number,
+                    f"{marker(task.id)}\nPushed a follow-up for @{task.requested_by} "
+                    f"(task #{task.id}, {files_changed} file{'s' if files_changed != 1 else ''} "
+                    f"changed in this pull request so far).\n\n"
+                    + redact(summary.strip()[:MAX_SUMMARY], self.config.secrets()))
+            else:
+                self.gitea.edit_pull(task.owner, task.name, number, body=body)
+            return number, False
+        try:
+            created = self.gitea.create_pull(task.owner, task.name, head=branch, base=base,
+                                             title=title, body=body)
+        except Conflict:
+            existing = self.gitea.find_pull(task.owner, task.name, base, branch)
+            if not existing:
+                raise
+            self.gitea.edit_pull(task.owner, task.name, int(existing["number"]), body=body)
+            return int(existing["number"]), False
+        return int(created["number"]), True
+
+    # ---------------------------------------------------------------- replies
+
+    def reply(self, repo: str, number: int, body: str) -> None:
+        owner, name = repo.split("/", 1)
+        text = body if "<!-- kugetsu" in body else f"<!-- kugetsu:reply -->\n{body}"
+        self.gitea.create_comment(owner, name, number, redact(text, self.config.secrets()))
+
+    def react(self, repo: str, comment_id: int, content: str = "eyes") -> None:
+        owner, name = repo.split("/", 1)
+        self.gitea.add_reaction(owner, name, comment_id, content)
+
+
+__all__: Sequence[str] = ("Publisher", "render_tracking", "render_pr_body", "status_text",
+                          "marker", "log_link", "log_token", "QueueView")

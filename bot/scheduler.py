@@ -1,0 +1,59 @@
+"""APScheduler wiring only: the interval tick, the heartbeat, a daily clean-up, and wake()."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta, timezone
+from typing import Callable
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 10.0
+
+
+class Scheduler:
+    """Runs `tick` every `interval` seconds, and at once when woken.
+
+    The interval job has max_instances=1 and coalesces missed runs. wake() adds a
+    one-off job; the dispatcher's own lock and "run again" flag make sure a wake
+    that arrives during a tick is not lost.
+    """
+
+    def __init__(self, tick: Callable[[], None], interval: float, *,
+                 heartbeat: Callable[[], None] | None = None,
+                 cleanup: Callable[[], None] | None = None):
+        self._tick = tick
+        self.interval = interval
+        self._scheduler = BackgroundScheduler(timezone=timezone.utc,
+                                              job_defaults={"misfire_grace_time": None})
+        self._heartbeat = heartbeat
+        self._cleanup = cleanup
+
+    def start(self) -> None:
+        now = datetime.now(timezone.utc)
+        self._scheduler.add_job(self._tick, "interval", seconds=self.interval, id="tick",
+                                max_instances=1, coalesce=True, next_run_time=now)
+        if self._heartbeat is not None:
+            self._scheduler.add_job(self._heartbeat, "interval", seconds=HEARTBEAT_SECONDS,
+                                    id="heartbeat", max_instances=1, coalesce=True)
+        if self._cleanup is not None:
+            self._scheduler.add_job(self._cleanup, "interval", hours=24, id="cleanup",
+                                    max_instances=1, coalesce=True,
+                                    next_run_time=now + timedelta(minutes=5))
+        self._scheduler.start()
+
+    def wake(self) -> None:
+        if not self._scheduler.running:
+            return
+        self._scheduler.add_job(self._tick, "date", run_date=datetime.now(timezone.utc),
+                                id="wake", replace_existing=True, max_instances=4)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._scheduler.running)
+
+    def shutdown(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)

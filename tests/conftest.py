@@ -1,0 +1,67 @@
+"""Shared fixtures: a fake Gitea with a real git remote, configs, a dispatcher."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from bot.config import (AgentConfig, AgentsConfig, Config, GiteaConfig, GitConfig, QueueConfig,
+                        ServerConfig, StorageConfig)
+
+ROOT = Path(__file__).resolve().parent
+FAKE_AGENT = ROOT / "fixtures" / "bin" / "fake_agent.py"
+TOKEN = "kgt-SECRET-token-0123456789abcdef"
+SECRET = "kugetsu-test-secret"
+REPO = "acme/widget"
+
+
+def fake_agent(name: str = "fake", **env: str) -> AgentConfig:
+    return AgentConfig(name=name, command=(sys.executable, str(FAKE_AGENT), "{prompt}"),
+                       env={k: str(v) for k, v in env.items()})
+
+
+def make_config(data_dir: Path, gitea_url: str, *, agents: dict[str, AgentConfig] | None = None,
+                default: str = "fake", fallback: tuple[str, ...] = (), limit: int = 3,
+                attempts: int = 3, timeout_minutes: float = 1.0, grace: float = 1.0,
+                public_url: str = "http://kugetsu.test:8080", **agents_kw) -> Config:
+    agents = agents or {"fake": fake_agent()}
+    return Config(
+        server=ServerConfig(public_url=public_url),
+        gitea=GiteaConfig(url=gitea_url, token=TOKEN, webhook_secret=SECRET,
+                          bot_login="kugetsu-bot", retries=2, timeout_seconds=5),
+        storage=StorageConfig(data_dir=data_dir),
+        queue=QueueConfig(poll_interval_seconds=30, max_concurrent_agents=limit,
+                          max_attempts=attempts, retry_backoff_seconds=(0.0,)),
+        agents=AgentsConfig(default=default, fallback=fallback, timeout_minutes=timeout_minutes,
+                            kill_grace_seconds=grace, tables=agents, **agents_kw),
+        git=GitConfig(author_name="kugetsu", author_email="kugetsu@example.invalid"),
+    )
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
+             tick: Callable[[], None] | None = None, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if tick is not None:
+            tick()
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def gitea(tmp_path):
+    from tests.fakegitea import FakeGitea
+
+    with FakeGitea(tmp_path / "gitea", token=TOKEN) as fake:
+        fake.create_repo(REPO, files={"README.md": "# widget\n"})
+        fake.set_permission(REPO, "alice", "write")
+        fake.set_permission(REPO, "bob", "admin")
+        fake.set_permission(REPO, "mallory", "read")
+        yield fake

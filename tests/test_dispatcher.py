@@ -1,0 +1,422 @@
+"""The dispatcher against a fake Gitea, a real git remote and real agent subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bot import process
+from bot.config import AgentConfig
+from bot.dispatcher import Dispatcher
+from bot.gitea import GiteaClient
+from bot.store import open_store
+from bot.tasks import Kind, Outcome, State
+from bot.workspace import Workspace
+from tests.conftest import FAKE_AGENT, REPO, TOKEN, fake_agent, make_config, wait_for
+
+BRANCH = "kugetsu/issue-{}"
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, gitea, **config_kw):
+        self.gitea = gitea
+        self.config = make_config(tmp_path / "data", gitea.url, **config_kw)
+        self.store = open_store(self.config.storage.db_path)
+        self.client = GiteaClient(gitea.url, TOKEN, retries=2, backoff=0.01, timeout=5)
+        storage = self.config.storage
+        self.workspace = Workspace(mirrors_dir=storage.mirrors_dir,
+                                   worktrees_dir=storage.worktrees_dir,
+                                   remote_url=self.config.gitea.git_url, token=TOKEN,
+                                   author_name="kugetsu", author_email="kugetsu@example.invalid",
+                                   secrets=self.config.secrets())
+        self.dispatcher = Dispatcher(self.config, self.store, self.client, self.workspace,
+                                     environ={"PATH": os.environ["PATH"],
+                                              "KUGETSU_GITEA_TOKEN": TOKEN})
+        self.dispatcher.start()
+
+    def issue(self, title="Add a greeting", body="Please add a greeting file.") -> int:
+        return self.gitea.create_issue(REPO, title, body)
+
+    def enqueue(self, issue: int, *, kind=Kind.START, prompt="", agent="fake", by="alice",
+                **kw) -> int:
+        perm = self.gitea.permission(REPO, by)
+        return self.store.enqueue(repo=REPO, issue=issue, kind=kind, prompt=prompt, agent=agent,
+                                  requested_by=by, max_attempts=self.config.queue.max_attempts,
+                                  permission_hint=perm, **kw)
+
+    def settle(self, *task_ids: int, timeout: float = 60.0) -> None:
+        def done():
+            tasks = [self.store.get(t) for t in task_ids]
+            return (all(not t.active for t in tasks)
+                    and not self.store.comment_out_of_date(1)
+                    and not self.store.outbox_due(1)
+                    and not self.dispatcher.runner_threads())
+        wait_for(done, timeout=timeout, tick=self.dispatcher.run_tick, what="tasks to finish")
+
+    def tracking_comments(self, issue: int) -> list[dict]:
+        return [c for c in self.gitea.comments_on(REPO, issue)
+                if "<!-- kugetsu:task=" in c["body"] and "Pushed a follow-up" not in c["body"]]
+
+    def close(self):
+        self.dispatcher.shutdown(timeout=10)
+        self.store.close()
+
+
+@pytest.fixture
+def make(tmp_path, gitea):
+    made = []
+
+    def factory(**kw) -> Harness:
+        h = Harness(tmp_path, gitea, **kw)
+        made.append(h)
+        return h
+    yield factory
+    for h in made:
+        h.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# ---------------------------------------------------------------- the happy path
+
+def test_task_becomes_a_pull_request_and_one_tracking_comment(make):
+    h = make()
+    n = h.issue()
+    tid = h.enqueue(n, prompt="use a friendly tone")
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert (task.state, task.outcome, task.attempts) == (State.COMPLETED, Outcome.SUCCEEDED, 1)
+    assert h.gitea.file_at(REPO, BRANCH.format(n), "kugetsu_output.txt") == \
+        f"written by task {tid}\n"
+    [pr] = h.gitea.pulls_of(REPO).values()
+    assert pr["head"]["ref"] == BRANCH.format(n) and pr["base"]["ref"] == "main"
+    assert pr["title"] == "Add a greeting"
+    assert f"Closes #{n}" in pr["body"]
+    assert "Summary: wrote kugetsu_output.txt" in pr["body"]
+    assert f"http://kugetsu.test:8080/logs/{tid}/" in pr["body"]
+    assert task.pr_number == pr["number"] and task.files_changed == 1
+    [comment] = h.tracking_comments(n)
+    assert "✅ **Done**" in comment["body"]
+    assert f"{h.gitea.url}/{REPO}/pulls/{pr['number']}" in comment["body"]
+    assert "1 file changed" in comment["body"] and "took" in comment["body"]
+    # the commit is kugetsu's, not the host's git identity
+    author = h.gitea.git(REPO, "log", "-1", "--format=%an <%ae>", BRANCH.format(n)).strip()
+    assert author == "kugetsu <kugetsu@example.invalid>"
+
+
+def test_agent_gets_prompt_worktree_and_a_scrubbed_environment(make, tmp_path):
+    envfile = tmp_path / "env.json"
+    h = make(agents={"fake": fake_agent(FAKE_ENVFILE=str(envfile))})
+    n = h.issue("Rename the widget", "The widget should be called gadget.")
+    tid = h.enqueue(n, prompt="keep the old name as an alias")
+    h.settle(tid)
+    seen = json.loads(envfile.read_text())
+    env, argv = seen["env"], seen["argv"]
+    prompt = argv[-1]
+    assert "Rename the widget" in prompt and "called gadget" in prompt
+    assert "keep the old name as an alias" in prompt
+    assert Path(seen["cwd"]) == h.config.storage.worktrees_dir / "acme" / "widget" / str(n)
+    assert env["KUGETSU_TASK_ID"] == str(tid) and env["KUGETSU_REPO"] == REPO
+    assert env["KUGETSU_ISSUE"] == str(n) and env["KUGETSU_BRANCH"] == BRANCH.format(n)
+    assert Path(env["KUGETSU_PROMPT_FILE"]).read_text() == prompt
+    assert not Path(env["KUGETSU_PROMPT_FILE"]).is_relative_to(Path(seen["cwd"]))
+    assert Path(env["HOME"]).is_relative_to(h.config.storage.homes_dir)
+    assert not any(TOKEN in v for v in env.values())
+    assert "KUGETSU_GITEA_TOKEN" not in env
+
+
+def test_queued_and_working_comments_show_progress(make):
+    h = make(limit=1, agents={"fake": fake_agent(FAKE_SECONDS="2")})
+    first, second = h.issue(), h.issue("Second thing")
+    t1, t2 = h.enqueue(first), h.enqueue(second)
+    wait_for(lambda: len(h.tracking_comments(second)) == 1 and h.store.get(t1).state is
+             State.RUNNING and "Working" in (h.tracking_comments(first) or [{"body": ""}])[0]["body"],
+             tick=h.dispatcher.run_tick, what="progress comments")
+    [working] = h.tracking_comments(first)
+    assert "agent `fake`, attempt 1 of 3, started" in working["body"]
+    [queued] = h.tracking_comments(second)
+    assert "position 1 in the queue, 1 of 1 agents busy" in queued["body"]
+    h.settle(t1, t2)
+    assert all("✅" in c["body"] for c in h.tracking_comments(first) + h.tracking_comments(second))
+    assert len(h.tracking_comments(first)) == len(h.tracking_comments(second)) == 1
+
+
+# ---------------------------------------------------------------- outcomes
+
+def test_no_changes_means_no_pull_request(make):
+    h = make(agents={"fake": fake_agent(FAKE_MODE="nochange")})
+    n = h.issue()
+    tid = h.enqueue(n)
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert (task.state, task.outcome) == (State.COMPLETED, Outcome.NO_CHANGES)
+    assert h.gitea.pulls_of(REPO) == {}
+    assert h.gitea.branch_sha(REPO, BRANCH.format(n)) is None
+    [comment] = h.tracking_comments(n)
+    assert "No changes" in comment["body"] and "nothing needed changing" in comment["body"]
+
+
+def test_failing_agent_is_retried_then_failed_with_log_tail(make):
+    h = make(attempts=2, agents={"fake": fake_agent(FAKE_MODE="fail")})
+    n = h.issue()
+    tid = h.enqueue(n)
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert (task.state, task.outcome, task.attempts) == (State.FAILED, Outcome.AGENT_FAILED, 2)
+    assert "exit" in task.error and "3" in task.error
+    [comment] = h.tracking_comments(n)
+    assert "❌ **Failed** (`agent_failed`) after 2 attempts" in comment["body"]
+    assert "something went wrong in the agent" in comment["body"]
+    assert "/kugetsu retry" in comment["body"]
+    events = [e["event"] for e in h.store.events(tid)]
+    assert events.count("claimed") == 2
+
+
+def test_failed_attempt_then_success(make, tmp_path):
+    counter = tmp_path / "count"
+    h = make(agents={"fake": fake_agent(FAKE_COUNTER=str(counter), FAKE_FAIL_TIMES="1")})
+    n = h.issue()
+    tid = h.enqueue(n)
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert (task.state, task.outcome, task.attempts) == (State.COMPLETED, Outcome.SUCCEEDED, 2)
+    assert len(h.gitea.pulls_of(REPO)) == 1
+
+
+def test_timeout_kills_the_whole_process_group(make, tmp_path):
+    pidfile = tmp_path / "pids"
+    h = make(attempts=1, timeout_minutes=0.03,
+             agents={"fake": fake_agent(FAKE_MODE="hang", FAKE_PIDFILE=str(pidfile))})
+    n = h.issue()
+    tid = h.enqueue(n)
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert (task.state, task.outcome) == (State.FAILED, Outcome.TIMED_OUT)
+    leader, grandchild = map(int, pidfile.read_text().split())
+    assert not alive(leader) and not alive(grandchild)
+    assert "timed_out" in h.tracking_comments(n)[0]["body"]
+
+
+def test_stop_kills_the_whole_process_group(make, tmp_path):
+    pidfile = tmp_path / "pids"
+    h = make(agents={"fake": fake_agent(FAKE_MODE="hang", FAKE_PIDFILE=str(pidfile))})
+    n = h.issue()
+    tid = h.enqueue(n)
+    wait_for(pidfile.exists, tick=h.dispatcher.run_tick, what="agent to start")
+    assert h.store.request_cancel(tid, "bob") == "stopping"
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert (task.state, task.outcome, task.attempts) == (State.CANCELLED, Outcome.CANCELLED, 1)
+    leader, grandchild = map(int, pidfile.read_text().split())
+    assert not alive(leader) and not alive(grandchild)
+    assert "🛑 **Stopped** by @bob" in h.tracking_comments(n)[0]["body"]
+
+
+def test_unauthorized_requester_is_refused_with_a_reason(make):
+    h = make()
+    n = h.issue()
+    tid = h.enqueue(n, by="mallory")
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert task.state is State.REJECTED and task.attempts == 0
+    [comment] = h.tracking_comments(n)
+    assert "Not started" in comment["body"]
+    assert "@mallory needs write access to acme/widget" in comment["body"]
+    assert not (h.config.storage.worktrees_dir / "acme").exists()
+
+
+def test_allowed_users_list_is_enforced(make, tmp_path):
+    h = make()
+    h.config = h.config.__class__(**{**h.config.__dict__, "triggers": h.config.triggers.__class__(
+        allowed_users=("bob",))})
+    h.dispatcher.config = h.dispatcher.auth.config = h.config
+    n = h.issue()
+    tid = h.enqueue(n, by="alice")
+    h.settle(tid)
+    assert h.store.get(tid).state is State.REJECTED
+    assert "not on kugetsu's list of allowed users" in h.tracking_comments(n)[0]["body"]
+
+
+def test_continue_lands_on_the_same_pull_request(make):
+    h = make()
+    n = h.issue()
+    first = h.enqueue(n)
+    h.settle(first)
+    [pr] = h.gitea.pulls_of(REPO).values()
+    sha1 = h.gitea.branch_sha(REPO, BRANCH.format(n))
+    second = h.enqueue(n, kind=Kind.CONTINUE, prompt="add a test too", by="bob")
+    h.settle(second)
+    task = h.store.get(second)
+    assert (task.state, task.outcome, task.pr_number) == (State.COMPLETED, Outcome.SUCCEEDED,
+                                                          pr["number"])
+    assert list(h.gitea.pulls_of(REPO)) == [pr["number"]]
+    sha2 = h.gitea.branch_sha(REPO, BRANCH.format(n))
+    assert sha2 != sha1
+    assert h.gitea.git(REPO, "rev-parse", f"{sha2}~1").strip() == sha1
+    assert h.gitea.file_at(REPO, BRANCH.format(n), "kugetsu_output.txt") == \
+        f"written by task {first}\nwritten by task {second}\n"
+    pr_comments = h.gitea.comments_on(REPO, pr["number"])
+    assert any("Pushed a follow-up for @bob" in c["body"] for c in pr_comments)
+    assert len(h.tracking_comments(n)) == 2
+
+
+def test_rate_limited_agent_falls_back_without_using_an_attempt(make):
+    h = make(default="first", fallback=("second",),
+             agents={"first": fake_agent("first", FAKE_MODE="ratelimit"),
+                     "second": fake_agent("second")})
+    n = h.issue()
+    tid = h.enqueue(n, agent="first")
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert (task.state, task.outcome, task.attempts) == (State.COMPLETED, Outcome.SUCCEEDED, 1)
+    assert task.agents_tried == ("first", "second")
+    assert len(h.gitea.pulls_of(REPO)) == 1
+
+
+def test_budget_exceeded_stops_the_agent(make):
+    agent = AgentConfig(name="oc", preset="opencode",
+                        command=(sys.executable, str(FAKE_AGENT), "{prompt}"),
+                        env={"FAKE_MODE": "opencode", "FAKE_STEPS": "20", "FAKE_SECONDS": "0.3"})
+    h = make(default="oc", agents={"oc": agent})
+    n = h.issue()
+    tid = h.enqueue(n, agent="oc", max_tokens=12000)
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert (task.state, task.outcome, task.attempts) == (State.FAILED, Outcome.AGENT_FAILED, 1)
+    assert "budget exceeded" in task.error
+    assert task.usage["input_tokens"] + task.usage["output_tokens"] < 20 * 5000
+    assert task.session_id == "ses_fake123"
+
+
+def test_flooding_agent_leaves_a_capped_log(make):
+    h = make(agents={"fake": fake_agent(FAKE_MODE="flood")}, log_max_bytes=64 * 1024)
+    n = h.issue()
+    tid = h.enqueue(n)
+    h.settle(tid)
+    assert h.store.get(tid).outcome is Outcome.SUCCEEDED
+    log = (h.config.storage.logs_dir / f"{tid}.log").read_bytes()
+    assert len(log) < 64 * 1024 + 4096
+    assert b"bytes of output omitted" in log and b"Summary: wrote" in log
+
+
+# ---------------------------------------------------------------- limits and recovery
+
+def test_concurrency_limit_holds_and_is_used(make, tmp_path):
+    record = tmp_path / "record"
+    h = make(limit=3, agents={"fake": fake_agent(FAKE_SECONDS="1.0", FAKE_RECORD=str(record))})
+    ids = [h.enqueue(h.issue(f"Task {i}")) for i in range(10)]
+    h.settle(*ids, timeout=120)
+    assert all(h.store.get(t).outcome is Outcome.SUCCEEDED for t in ids)
+    events = []
+    for line in record.read_text().splitlines():
+        what, _task, at = line.split()
+        events.append((float(at), 1 if what == "start" else -1))
+    events.sort(key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    assert len(events) == 20
+    assert peak == 3
+
+
+def test_restart_recovers_a_task_whose_process_died_and_kills_its_orphan(make, tmp_path):
+    h = make()
+    n = h.issue()
+    tid = h.enqueue(n)
+    h.store.update(tid, authorized=True)
+    # a previous kugetsu process that is gone, and the agent it left behind
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    h.store.register_worker("old-worker", dead.pid, "0@gone")
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                              start_new_session=True)
+    [claimed] = h.store.claim(3, "old-worker")
+    h.store.update(claimed.id, pid=orphan.pid, pid_start=process.process_start_token(orphan.pid))
+    recovered = h.dispatcher.recover()
+    assert recovered == [tid]
+    orphan.wait(timeout=10)
+    task = h.store.get(tid)
+    assert (task.state, task.attempts) == (State.PENDING, 1)
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert (task.state, task.outcome, task.attempts) == (State.COMPLETED, Outcome.SUCCEEDED, 2)
+    assert len(h.gitea.pulls_of(REPO)) == 1
+
+
+def test_a_live_worker_keeps_its_tasks(make):
+    h = make()
+    n = h.issue()
+    tid = h.enqueue(n)
+    h.store.update(tid, authorized=True)
+    h.store.register_worker("other", os.getpid(), process.process_start_token(os.getpid()))
+    h.store.claim(3, "other")
+    assert h.dispatcher.recover() == []
+    assert h.store.get(tid).state is State.RUNNING
+
+
+# ---------------------------------------------------------------- Gitea trouble
+
+def test_gitea_down_then_back_loses_nothing(make):
+    h = make()
+    n = h.issue()
+    h.gitea.down()
+    tid = h.enqueue(n)
+    for _ in range(3):
+        h.dispatcher.run_tick()
+    assert h.store.get(tid).state is State.PENDING
+    h.gitea.up()
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert (task.state, task.outcome) == (State.COMPLETED, Outcome.SUCCEEDED)
+    [comment] = h.tracking_comments(n)
+    assert "✅ **Done**" in comment["body"]
+
+
+def test_gitea_500s_are_retried_and_the_comment_catches_up(make):
+    h = make(agents={"fake": fake_agent(FAKE_SECONDS="1")})
+    n = h.issue()
+    tid = h.enqueue(n)
+    wait_for(lambda: h.store.get(tid).state is State.RUNNING, tick=h.dispatcher.run_tick)
+    h.gitea.fail_next(7, 500)
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert (task.state, task.outcome) == (State.COMPLETED, Outcome.SUCCEEDED)
+    assert len(h.gitea.pulls_of(REPO)) == 1
+    [comment] = h.tracking_comments(n)
+    assert "✅ **Done**" in comment["body"]
+    assert not h.gitea._fail_queue  # every injected 500 was answered, and the work survived
+
+
+def test_token_never_leaves(make, caplog):
+    caplog.set_level("DEBUG")
+    h = make(agents={"fake": fake_agent(FAKE_MODE="fail")}, attempts=1)
+    n = h.issue()
+    h.settle(h.enqueue(n))
+    n2 = h.issue("Second")
+    h.dispatcher.config = h.config  # same config; a second, successful run
+    h.store.update(h.enqueue(n2, agent="fake"), agent="fake")
+    h.settle(*[t.id for t in h.store.list()])
+    token = TOKEN.encode()
+    for path in h.config.storage.data_dir.rglob("*"):
+        if path.is_file():
+            assert token not in path.read_bytes(), path
+    for method, path, headers, body in h.gitea.requests:
+        assert token not in body and TOKEN not in path
+    for comment in h.gitea.comments.values():
+        assert TOKEN not in comment["body"]
+    for pr in h.gitea.pulls_of(REPO).values():
+        assert TOKEN not in pr["body"]
+    assert TOKEN not in caplog.text
