@@ -23,6 +23,12 @@ from bot.store import Store
 log = logging.getLogger(__name__)
 
 
+def wake_key(config: Config) -> str:
+    """A key derived from the webhook secret, shared by the CLI and the server."""
+    secret = (config.gitea.webhook_secret or "kugetsu-insecure").encode()
+    return hmac.new(secret, b"kugetsu:wake", "sha256").hexdigest()
+
+
 def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules],
                wake: Callable[[], None] = lambda: None,
                health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (True, {}),
@@ -82,6 +88,17 @@ def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules
         response = jsonify({"status": "ok" if ok else "unhealthy", **details})
         response.status_code = 200 if ok else 503
         return response
+
+    @app.post("/wake")
+    def wake_now() -> Response:
+        # The command line pings this after changing the queue, so a running
+        # server acts at once instead of at its next poll. Without the key it
+        # does nothing; with it, it can only cause an extra tick.
+        key = request.headers.get("X-Kugetsu-Wake", "")
+        if not hmac.compare_digest(key, wake_key(config)):
+            return answer(403, "rejected", "wrong wake key")
+        wake()
+        return answer(202, "woken", "tick requested")
 
     @app.get("/logs/<int:task_id>/<token>")
     def task_log(task_id: int, token: str) -> Response:

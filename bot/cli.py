@@ -121,6 +121,23 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
 # --------------------------------------------------------------------------- queue
 
 
+def ping_server(config: Config) -> bool:
+    """Ask a running `kugetsu serve` to look at the queue now; harmless if none runs."""
+    import requests
+
+    from bot.app import wake_key
+
+    host = config.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    try:
+        r = requests.post(f"http://{host}:{config.server.port}/wake", timeout=2,
+                          headers={"X-Kugetsu-Wake": wake_key(config)})
+        return r.status_code == 202
+    except requests.RequestException:
+        return False
+
+
 def _fmt_time(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
@@ -207,8 +224,11 @@ def enqueue(config: Config, store: Store, ref: str, message: str, agent: str | N
         task_id = store.insert_task(c, repo=repo, issue=issue, kind=kind, prompt=message,
                                     agent=agent, requested_by="cli",
                                     max_attempts=config.queue.max_attempts, authorized=True)
-    print(f"task {task_id} queued ({kind.value} on {ref}); a running kugetsu picks it up within "
-          f"{config.queue.poll_interval_seconds:g} s")
+    if ping_server(config):
+        print(f"task {task_id} queued ({kind.value} on {ref})")
+    else:
+        print(f"task {task_id} queued ({kind.value} on {ref}); kugetsu serve is not reachable "
+              f"at {config.server.host}:{config.server.port}, it will pick the task up when it runs")
     return 0
 
 
@@ -245,7 +265,7 @@ def show_logs(config: Config, store: Store, task_id: int, follow: bool) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", metavar="PATH",
+    common.add_argument("--config", "-c", metavar="PATH", default=argparse.SUPPRESS,
                         help="config file (default: $KUGETSU_CONFIG, ./kugetsu.toml, "
                              "/etc/kugetsu/config.toml, or built-in defaults)")
     parser = argparse.ArgumentParser(
@@ -289,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load(args.config, require_secret=args.command == "serve")
+        config = load(getattr(args, "config", None), require_secret=args.command == "serve")
     except ConfigError as exc:
         print(f"kugetsu: config error: {exc}", file=sys.stderr)
         return 2
@@ -307,10 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return queue_list(store, args.state, args.json)
                 if args.queue_command == "stats":
                     return queue_stats(store, args.json)
-                if args.queue_command == "cancel":
-                    return queue_cancel(store, args.id)
-                if args.queue_command == "retry":
-                    return queue_retry(store, args.id)
+                if args.queue_command in ("cancel", "retry"):
+                    action = queue_cancel if args.queue_command == "cancel" else queue_retry
+                    code = action(store, args.id)
+                    if code == 0:
+                        ping_server(config)
+                    return code
                 if args.queue_command == "clear":
                     days = (config.queue.cleanup_age_days if args.older_than is None
                             else args.older_than)

@@ -159,3 +159,12 @@ def test_unsigned_deliveries_accepted_only_when_configured_insecure(tmp_path):
     headers = {k: v for k, v in headers.items() if "Signature" not in k}
     r = app.test_client().post("/webhook", data=body, headers=headers)
     assert r.status_code == 202
+
+
+def test_wake_needs_the_key(service):
+    from bot.app import wake_key
+    url, _, woken = service
+    assert requests.post(url + "/wake", timeout=5).status_code == 403
+    config = Config(gitea=GiteaConfig(webhook_secret=payloads.SECRET))
+    r = requests.post(url + "/wake", headers={"X-Kugetsu-Wake": wake_key(config)}, timeout=5)
+    assert r.status_code == 202 and woken == [1]

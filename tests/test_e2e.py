@@ -1,0 +1,193 @@
+"""The whole service as a process: a signed delivery in, a pull request out.
+
+`kugetsu serve` runs as a subprocess against the fake Gitea, whose repositories
+are real bare git repositories served over smart HTTP with the token required.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from tests import payloads
+from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN, wait_for
+from tests.service import Service, free_port, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+def agent_table(**env) -> dict:
+    return {"command": [sys.executable, str(FAKE_AGENT), "{prompt}"], "env": env}
+
+
+@pytest.fixture
+def service_factory(tmp_path, gitea):
+    started = []
+
+    def factory(agent_env: dict | None = None, **queue) -> Service:
+        port = free_port()
+        config = write_config(tmp_path / f"kugetsu-{port}.toml", {
+            "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}"},
+            "gitea": {"url": gitea.url, "token": TOKEN, "webhook_secret": SECRET},
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "queue": {"poll_interval_seconds": 30, "max_concurrent_agents": 2,
+                      "retry_backoff_seconds": [0], **queue},
+            "agents": {"default": "fake", "timeout_minutes": 2, "kill_grace_seconds": 2},
+            "agents.fake": agent_table(**(agent_env or {})),
+            "git": {"author_name": "kugetsu", "author_email": "kugetsu@example.invalid"},
+        })
+        svc = Service(config, port, tmp_path)
+        started.append(svc)
+        return svc.start()
+
+    yield factory
+    for svc in started:
+        try:
+            svc.stop()
+        except Exception:
+            pass
+
+
+def tracking(gitea, number):
+    return [c for c in gitea.comments_on(REPO, number) if "<!-- kugetsu:task=" in c["body"]
+            and "Pushed a follow-up" not in c["body"]]
+
+
+def queue_json(svc):
+    result = svc.cli("queue", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_label_delivery_leads_to_a_pull_request_and_a_follow_up(service_factory, gitea):
+    svc = service_factory()
+    n = gitea.create_issue(REPO, "Add a greeting", "Please add a greeting file.",
+                           labels=["kugetsu"])
+    body, headers = payloads.label_delivery(["kugetsu"], n)
+    r = svc.post(body, headers)
+    assert r.status_code == 202, r.text
+
+    def done():
+        comments = tracking(gitea, n)
+        return comments and "✅ **Done**" in comments[0]["body"]
+    wait_for(done, timeout=60, what="the tracking comment to say done")
+    [pr] = gitea.pulls_of(REPO).values()
+    assert pr["head"]["ref"] == f"kugetsu/issue-{n}"
+    assert f"Closes #{n}" in pr["body"]
+    [comment] = tracking(gitea, n)
+    assert f"{gitea.url}/{REPO}/pulls/{pr['number']}" in comment["body"]
+    sha1 = gitea.branch_sha(REPO, f"kugetsu/issue-{n}")
+    assert sha1
+
+    # the same delivery again changes nothing
+    assert svc.post(body, headers).json()["status"] == "duplicate"
+
+    # a follow-up on the PR lands on the same branch and PR
+    posted = gitea.add_comment(REPO, pr["number"], "/kugetsu continue add a test")
+    body, headers = payloads.comment_delivery("/kugetsu continue add a test", pr["number"],
+                                              is_pull=True, comment_id=posted["id"])
+    assert svc.post(body, headers).status_code == 202
+    wait_for(lambda: len(tracking(gitea, n)) == 2 and "✅" in tracking(gitea, n)[1]["body"],
+             timeout=60, what="the follow-up to finish")
+    assert list(gitea.pulls_of(REPO)) == [pr["number"]]
+    sha2 = gitea.branch_sha(REPO, f"kugetsu/issue-{n}")
+    assert gitea.git(REPO, "rev-parse", f"{sha2}~1").strip() == sha1
+    tasks = queue_json(svc)
+    assert [(t["kind"], t["state"], t["outcome"], t["pr_number"]) for t in tasks] == [
+        ("start", "completed", "succeeded", pr["number"]),
+        ("continue", "completed", "succeeded", pr["number"])]
+    assert set(tasks[0]) >= {"id", "repo", "issue", "kind", "state", "attempts", "outcome",
+                             "pr_number", "created_at"}
+    # the follow-up's comment got an eyes reaction
+    assert "eyes" in gitea.reactions.get(posted["id"], [])
+
+    # the token is nowhere in what kugetsu wrote
+    data = svc.workdir / "data"
+    for path in data.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    assert TOKEN not in svc.logs()
+
+
+def test_kill_9_in_mid_task_recovers_with_exactly_one_pull_request(service_factory, gitea,
+                                                                  tmp_path):
+    pidfile = tmp_path / "agent.pid"
+    svc = service_factory(agent_env={"FAKE_SECONDS": "4", "FAKE_PIDFILE": str(pidfile)})
+    n = gitea.create_issue(REPO, "Slow work", "Takes a while.")
+    assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(pidfile.exists, timeout=30, what="the agent to start")
+    first_agent = int(pidfile.read_text())
+    svc.kill9()
+    pidfile.unlink()
+    # the agent is an orphan now, still running in its own session
+    assert os.path.exists(f"/proc/{first_agent}")
+    svc.start()
+
+    def finished():
+        tasks = queue_json(svc)
+        return tasks and tasks[0]["state"] == "completed"
+    wait_for(finished, timeout=60, what="the recovered task to finish")
+    [task] = queue_json(svc)
+    assert (task["outcome"], task["attempts"]) == ("succeeded", 2)
+    assert len(gitea.pulls_of(REPO)) == 1
+    assert len(tracking(gitea, n)) == 1
+    with open(f"/proc/{first_agent}/stat") if os.path.exists(f"/proc/{first_agent}") else \
+            open(os.devnull) as fh:
+        state = fh.read()
+    assert state == "" or state.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_sigterm_stops_agents_and_requeues_their_tasks(service_factory, gitea, tmp_path):
+    pidfile = tmp_path / "agent.pid"
+    svc = service_factory(agent_env={"FAKE_SECONDS": "60", "FAKE_PIDFILE": str(pidfile)})
+    n = gitea.create_issue(REPO, "Long work", "Takes a long while.")
+    assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(pidfile.exists, timeout=30, what="the agent to start")
+    agent = int(pidfile.read_text())
+    assert svc.stop(timeout=30) == 0
+    assert not os.path.exists(f"/proc/{agent}") or \
+        open(f"/proc/{agent}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    [task] = queue_json(svc)
+    assert (task["state"], task["attempts"]) == ("pending", 0)
+
+
+def test_bad_deliveries_get_clear_errors_and_change_nothing(service_factory, gitea):
+    svc = service_factory()
+    body, headers = payloads.label_delivery(["kugetsu"])
+    bad = dict(headers, **{"X-Gitea-Signature": "f" * 64, "X-Hub-Signature-256": ""})
+    assert svc.post(body, bad).status_code == 401
+    assert svc.post(b"{", payloads.sign(b"{", event="issues")).status_code == 400
+    huge = b"{" + b" " * (6 * 1024 * 1024) + b"}"
+    assert svc.post(huge, payloads.sign(huge, event="issues")).status_code == 413
+    assert queue_json(svc) == []
+
+
+def test_cli_enqueue_cancel_retry_and_logs(service_factory, gitea, tmp_path):
+    pidfile = tmp_path / "agent.pid"
+    svc = service_factory(agent_env={"FAKE_SECONDS": "60", "FAKE_PIDFILE": str(pidfile)})
+    n = gitea.create_issue(REPO, "From the shell", "Queued by hand.")
+    r = svc.cli("enqueue", f"{REPO}#{n}", "do it by hand")
+    assert r.returncode == 0, r.stderr
+    again = svc.cli("enqueue", f"{REPO}#{n}")
+    assert again.returncode == 1 and "already queued" in again.stderr
+    # enqueue woke the server, which polls only every 30 s
+    wait_for(pidfile.exists, timeout=20, what="the agent to start")
+    [task] = queue_json(svc)
+    assert task["state"] == "running"
+    logs = svc.cli("logs", str(task["id"]))
+    assert f"kugetsu task {task['id']} attempt 1" in logs.stdout
+    cancel = svc.cli("queue", "cancel", str(task["id"]))
+    assert cancel.returncode == 0 and "will be stopped" in cancel.stdout
+    wait_for(lambda: queue_json(svc)[0]["state"] == "cancelled", timeout=30)
+    stats = json.loads(svc.cli("queue", "stats", "--json").stdout)
+    assert stats["by_state"]["cancelled"] == 1
+    retry = svc.cli("queue", "retry", str(task["id"]))
+    assert retry.returncode == 0
+    assert queue_json(svc)[0]["state"] in ("pending", "running")
+    bad = svc.cli("enqueue", "not-a-ref")
+    assert bad.returncode == 2 and "OWNER/REPO#NUMBER" in bad.stderr
