@@ -242,6 +242,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
+def _override(env: Mapping[str, str], name: str, file_value: str) -> str:
+    """An environment variable wins over the file (the file's value is still validated)."""
+    return env.get(name) or file_value
+
+
 def _agent_table(name: str, data: Any) -> AgentConfig:
     sec = _Section(f"agents.{name}", data)
     cfg = AgentConfig(
@@ -304,9 +309,9 @@ def load(path: str | os.PathLike[str] | None = None,
     # gitea
     g = _Section("gitea", data.get("gitea"))
     gitea = GiteaConfig(
-        url=env.get("KUGETSU_GITEA_URL") or g.string("url", GiteaConfig.url),
-        token=env.get("KUGETSU_GITEA_TOKEN") or g.string("token", ""),
-        webhook_secret=env.get("KUGETSU_WEBHOOK_SECRET") or g.string("webhook_secret", ""),
+        url=_override(env, "KUGETSU_GITEA_URL", g.string("url", GiteaConfig.url)),
+        token=_override(env, "KUGETSU_GITEA_TOKEN", g.string("token", "")),
+        webhook_secret=_override(env, "KUGETSU_WEBHOOK_SECRET", g.string("webhook_secret", "")),
         insecure_no_signature=g.boolean("insecure_no_signature", False),
         bot_login=g.string("bot_login", ""),
         timeout_seconds=g.number("timeout_seconds", GiteaConfig.timeout_seconds, positive=True),
@@ -326,7 +331,8 @@ def load(path: str | os.PathLike[str] | None = None,
 
     # storage
     st = _Section("storage", data.get("storage"))
-    data_dir = env.get("KUGETSU_DATA_DIR") or st.string("data_dir", str(StorageConfig.data_dir))
+    data_dir = _override(env, "KUGETSU_DATA_DIR",
+                         st.string("data_dir", str(StorageConfig.data_dir)))
     st.check_unknown()
     storage = StorageConfig(data_dir=Path(data_dir).expanduser().absolute())
 

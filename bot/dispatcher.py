@@ -27,6 +27,7 @@ from bot.gitea import (Forbidden, GiteaAPI, GiteaError, NotFound, ServerError, U
                        Unreachable)
 from bot.publisher import Publisher, status_text
 from bot.redact import redact
+from bot.scheduler import Coalescer
 from bot.store import Store
 from bot.tasks import Kind, Outcome, State, Task, decide, permission_at_least
 from bot.workspace import GitError, Workspace
@@ -141,8 +142,7 @@ class Dispatcher:
         self._runners: dict[int, threading.Thread] = {}
         self._runners_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._tick_lock = threading.Lock()
-        self._tick_wanted = threading.Event()
+        self._ticks = Coalescer(self.tick, stopped=self._stopping.is_set)
         self.last_tick: float | None = None
         self.bot_login: str | None = config.gitea.bot_login or None
 
@@ -178,21 +178,11 @@ class Dispatcher:
 
     def request_tick(self) -> None:
         """Ask for another tick; the next run_tick (or the one in progress) will do it."""
-        self._tick_wanted.set()
+        self._ticks.request()
 
     def run_tick(self) -> None:
         """Run tick() now, or make the tick in progress run once more. Never loses a wake."""
-        self._tick_wanted.set()
-        while self._tick_wanted.is_set() and not self._stopping.is_set():
-            if not self._tick_lock.acquire(blocking=False):
-                return  # the holder will see _tick_wanted and go round again
-            try:
-                self._tick_wanted.clear()
-                self.tick()
-            except Exception:
-                log.exception("tick failed")
-            finally:
-                self._tick_lock.release()
+        self._ticks.run()
 
     def tick(self) -> None:
         self.last_tick = self.clock()
@@ -508,12 +498,14 @@ class Dispatcher:
         code = proc.returncode if proc.returncode is not None else -9
         report = agents.parse_output(spec, proc.output(), code)
         session_id = report.session_id or meter.session_id or session
-        usage = report.usage.as_dict() if report.usage else meter.usage.as_dict()
+        # The meter saw every line; the parsed output may miss the middle of a huge log.
+        best = max((report.usage, meter.usage), key=lambda u: u.total_tokens)
+        usage = best.as_dict()
         summary = report.summary or ""
         if stop is not None:
             return AgentRun(stop[0], stop[1], retry=stop[2], session_id=session_id, usage=usage,
                             summary=summary)
-        over = agents.budget_exceeded(report.usage, max_tokens, max_cost)
+        over = agents.budget_exceeded(best, max_tokens, max_cost)
         if code != 0 or report.failed:
             reason = report.failure or f"the agent exited with code {code}"
             return AgentRun(Outcome.AGENT_FAILED, reason, session_id=session_id, usage=usage,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
@@ -11,6 +12,37 @@ from apscheduler.schedulers.background import BackgroundScheduler
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10.0
+
+
+class Coalescer:
+    """Runs `fn` one call at a time; a request made during a run causes one more run.
+
+    APScheduler's max_instances skips a job that is already running, which would drop a
+    wake that arrives mid-tick. Here every caller marks the work as wanted and only one
+    thread runs it, going round again while anyone asked for more.
+    """
+
+    def __init__(self, fn: Callable[[], None], *, stopped: Callable[[], bool] = lambda: False):
+        self._fn = fn
+        self._stopped = stopped
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def run(self) -> None:
+        self._wanted.set()
+        while self._wanted.is_set() and not self._stopped():
+            if not self._lock.acquire(blocking=False):
+                return  # the thread holding the lock will see the request and go again
+            try:
+                self._wanted.clear()
+                self._fn()
+            except Exception:
+                log.exception("scheduled run failed")
+            finally:
+                self._lock.release()
 
 
 class Scheduler:

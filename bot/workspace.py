@@ -62,6 +62,10 @@ MASK = "[redacted]"
 Runner = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
 
+#: never committed, whatever the agent does: aider's repo-map cache and history files
+AGENT_LITTER = (".aider*",)
+
+
 class GitError(Exception):
     """A git step failed. The message names the step and carries git's stderr, scrubbed."""
 
@@ -314,7 +318,18 @@ class Workspace:
             log.info("mirror created repo=%s", repo)
         # set every time: the configured URL may have changed since the mirror was made
         self._git(["config", f"remote.{REMOTE}.url", url], git_dir=mirror, step="configure mirror")
+        self._write_excludes(mirror)
         return mirror
+
+    @staticmethod
+    def _write_excludes(mirror: Path) -> None:
+        """Files agents leave behind that must never be committed; shared by all worktrees."""
+        exclude = mirror / "info" / "exclude"
+        text = "# written by kugetsu: agent state that is not part of the change\n" + \
+            "".join(f"{pattern}\n" for pattern in AGENT_LITTER)
+        if not exclude.exists() or exclude.read_text() != text:
+            exclude.parent.mkdir(parents=True, exist_ok=True)
+            exclude.write_text(text)
 
     def _remote_head(self, mirror: Path) -> str | None:
         out = self._git(["ls-remote", "--symref", REMOTE, "HEAD"], git_dir=mirror,

@@ -698,3 +698,14 @@ def test_a_hanging_remote_times_out(make_ws, http_remote):
     ws = make_ws(remote_url=lambda repo: f"http://127.0.0.1:{port}/{repo}.git", timeout=1.0)
     with pytest.raises(GitError, match="timed out"):
         ws.prepare(REPO, 7, BRANCH)
+
+
+def test_agent_litter_is_never_committed(ws, remote):
+    p = ws.prepare(REPO, 7, BRANCH)
+    (p.path / ".aider.tags.cache.v4").mkdir()
+    (p.path / ".aider.tags.cache.v4" / "cache.db").write_text("x")
+    (p.path / ".aider.chat.history.md").write_text("x")
+    assert ws.commit_all(p.path, "nothing real") is False
+    (p.path / "real.txt").write_text("change\n")
+    assert ws.commit_all(p.path, "a real change") is True
+    assert ws.changed_files(p.path, p.base_sha) == ["real.txt"]

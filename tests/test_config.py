@@ -1,0 +1,127 @@
+"""Config: defaults, env overrides, and one clear line for every bad value."""
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import ConfigError, load
+
+
+def write(tmp_path, text):
+    path = tmp_path / "kugetsu.toml"
+    path.write_text(text)
+    return path
+
+
+ENV = {"KUGETSU_WEBHOOK_SECRET": "s3cret"}
+
+
+def test_built_in_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load(None, ENV)
+    assert config.queue.max_concurrent_agents == 3 and config.queue.max_attempts == 3
+    assert config.queue.poll_interval_seconds == 30
+    assert config.triggers.label == "kugetsu" and config.triggers.command == "/kugetsu"
+    assert config.triggers.min_permission == "write"
+    assert config.agents.default == "opencode" and config.agents.timeout_minutes == 60
+    assert config.git.branch_template == "kugetsu/issue-{number}"
+    assert config.storage.data_dir == tmp_path / "kugetsu-data"
+    assert config.gitea.api_url == "http://localhost:3000/api/v1"
+
+
+def test_env_overrides_the_file(tmp_path):
+    path = write(tmp_path, '[gitea]\nurl = "http://file:3000"\ntoken = "file-token"\n'
+                           'webhook_secret = "file-secret"\n[storage]\ndata_dir = "/file"\n')
+    config = load(path, {"KUGETSU_GITEA_URL": "http://env:3000/", "KUGETSU_GITEA_TOKEN": "t",
+                         "KUGETSU_WEBHOOK_SECRET": "w", "KUGETSU_DATA_DIR": str(tmp_path / "d")})
+    assert config.gitea.url == "http://env:3000"
+    assert (config.gitea.token, config.gitea.webhook_secret) == ("t", "w")
+    assert config.storage.data_dir == tmp_path / "d"
+    assert config.gitea.git_url("acme/widget") == "http://env:3000/acme/widget.git"
+
+
+def test_kugetsu_config_names_the_file(tmp_path):
+    path = write(tmp_path, "[queue]\nmax_concurrent_agents = 5\n")
+    assert load(None, {**ENV, "KUGETSU_CONFIG": str(path)}).queue.max_concurrent_agents == 5
+
+
+def test_fractional_timeout_and_agent_tables(tmp_path):
+    path = write(tmp_path, """
+[agents]
+default = "mine"
+timeout_minutes = 0.5
+fallback = ["claude"]
+[agents.mine]
+command = ["my-agent", "--prompt-file", "{prompt_file}"]
+env = { MODE = "fast" }
+pass_env = ["MY_KEY"]
+[agents.opencode]
+pass_env = ["OPENROUTER_API_KEY"]
+""")
+    config = load(path, ENV)
+    assert config.agents.timeout_seconds == 30
+    assert config.agents.tables["mine"].command == ("my-agent", "--prompt-file", "{prompt_file}")
+    assert config.agents.tables["mine"].env == {"MODE": "fast"}
+    assert config.agents.tables["opencode"].pass_env == ("OPENROUTER_API_KEY",)
+
+
+def test_missing_secret_refuses_to_start_unless_insecure(tmp_path):
+    with pytest.raises(ConfigError, match="webhook_secret"):
+        load(write(tmp_path, ""), {})
+    assert load(write(tmp_path, "[gitea]\ninsecure_no_signature = true\n"), {})
+    assert load(write(tmp_path, ""), {}, require_secret=False)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[queue]\nmax_concurrent_agents = 0\n", "queue.max_concurrent_agents"),
+    ("[queue]\nmax_concurrent_agents = \"3\"\n", "queue.max_concurrent_agents"),
+    ("[queue]\npoll_interval_seconds = -1\n", "queue.poll_interval_seconds"),
+    ("[queue]\nretry_backoff_seconds = []\n", "queue.retry_backoff_seconds"),
+    ("[queue]\nretry_backoff_seconds = [\"soon\"]\n", "queue.retry_backoff_seconds"),
+    ("[queue]\nbogus = 1\n", "bogus"),
+    ("[nonsense]\n", "nonsense"),
+    ("[gitea]\nurl = \"gitea.local\"\n", "gitea.url"),
+    ("[gitea]\nurl = \"http://user:pw@gitea.local\"\n", "gitea.url"),
+    ("[triggers]\nmin_permission = \"root\"\n", "triggers.min_permission"),
+    ("[triggers]\ncommand = \"/ku getsu\"\n", "triggers.command"),
+    ("[agents]\ndefault = \"nobody\"\n", "nobody"),
+    ("[agents]\ntimeout_minutes = 0\n", "agents.timeout_minutes"),
+    ("[agents.custom]\nenv = { A = \"x\" }\n", "agents.custom.command"),
+    ("[agents.custom]\ncommand = []\n", "agents.custom.command"),
+    ("[agents.x]\npreset = \"gpt\"\ncommand = [\"a\"]\n", "agents.x.preset"),
+    ("[agents.x]\ncommand = [\"a\"]\nhome_files = { \"../x\" = \"/etc/passwd\" }\n",
+     "agents.x.home_files"),
+    ("[git]\nbranch_template = \"kugetsu/{issue}\"\n", "git.branch_template"),
+    ("[server]\nport = 70000\n", "server.port"),
+    ("not toml = = 1", "not valid TOML"),
+])
+def test_bad_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, text), ENV)
+    assert key in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.toml", ENV)
+
+
+def test_secrets_are_not_in_repr(tmp_path):
+    config = load(write(tmp_path, '[gitea]\ntoken = "tok-123456"\n'), ENV)
+    assert "tok-123456" not in repr(config) and "s3cret" not in repr(config)
+    assert set(config.secrets()) == {"tok-123456", "s3cret"}
+
+
+def test_example_config_loads():
+    example = Path(__file__).resolve().parent.parent / "config.example.toml"
+    config = load(example, ENV)
+    assert config.agents.default
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
+    from bot.cli import main
+    path = write(tmp_path, "[queue]\nmax_attempts = 0\n")
+    assert main(["queue", "list", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "queue.max_attempts" in err
