@@ -1,0 +1,44 @@
+"""The examples in the README and the agent guide are real, loadable config."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from bot import agents
+from bot.config import load
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", ROOT / "docs" / "agents.md"]
+BLOCK = re.compile(r"```toml\n(.*?)```", re.S)
+
+
+SECTION = re.compile(r"^\[(server|gitea|storage|queue|triggers|agents|git)[.\]]", re.M)
+
+
+def blocks():
+    # blocks that are kugetsu config (other tools' files, such as codex's config.toml, are not)
+    for doc in DOCS:
+        for i, block in enumerate(BLOCK.findall(doc.read_text())):
+            if SECTION.search(block):
+                yield pytest.param(block, id=f"{doc.name}-{i}")
+
+
+@pytest.mark.parametrize("block", list(blocks()))
+def test_toml_example_loads(block, tmp_path):
+    path = tmp_path / "config.toml"
+    # paths named in home_files need not exist for loading
+    path.write_text(block)
+    config = load(path, {"KUGETSU_WEBHOOK_SECRET": "x"})
+    for name in config.agents.tables:
+        agents.resolve(config.agents, name)
+
+
+def test_readme_starts_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```sh\n(.*?)\n```", text, re.S)[:2]
+    assert "kugetsu serve" in commands[0] and "pip install ." in commands[0]
+    assert commands[1] == ("python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && "
+                           ".venv/bin/python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci
