@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_STALE_SECONDS = 90.0
 POLL_SECONDS = 0.25
 GITEA_WAIT_SECONDS = 15.0
+PUBLISHER_LEASE_SECONDS = 120.0
 
 
 @dataclass
@@ -164,6 +165,7 @@ class Dispatcher:
                                        self.config.agents.kill_grace_seconds + 30)
         for thread in self.runner_threads():
             thread.join(max(0.1, deadline - time.monotonic()))
+        self.store.release_leases(self.worker_id)
         self.store.unregister_worker(self.worker_id)
 
     def runner_threads(self) -> list[threading.Thread]:
@@ -192,8 +194,11 @@ class Dispatcher:
         self.recover()
         self.authorize()
         self.launch()
-        self.work_outbox()
-        self.publisher.sync_comments()
+        # With several processes on one database, one at a time talks for kugetsu, so a
+        # tracking comment is never created twice and a reply never sent twice.
+        if self.store.try_lease("publisher", self.worker_id, PUBLISHER_LEASE_SECONDS):
+            self.work_outbox()
+            self.publisher.sync_comments()
 
     def ensure_bot_login(self) -> str | None:
         """Who kugetsu is on Gitea, for the loop guard: config, then the store, then /user."""

@@ -139,6 +139,14 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tasks ADD COLUMN files_changed INTEGER;
     ALTER TABLE tasks ADD COLUMN agents_tried TEXT;
     """,
+    # 3: leases, so that with several processes on one database only one publishes
+    """
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -665,6 +673,24 @@ class Store:
 
     def running_tasks(self) -> list[Task]:
         return self.list(State.RUNNING)
+
+    # ------------------------------------------------------------------ leases
+
+    def try_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Hold `name` for `ttl` seconds unless another owner holds it; renewing is allowed."""
+        now = self.clock()
+        with self.tx() as c:
+            row = c.execute("SELECT owner, expires_at FROM leases WHERE name = ?",
+                            (name,)).fetchone()
+            if row is not None and row["owner"] != owner and row["expires_at"] > now:
+                return False
+            c.execute("INSERT OR REPLACE INTO leases (name, owner, expires_at) VALUES (?, ?, ?)",
+                      (name, owner, now + ttl))
+            return True
+
+    def release_leases(self, owner: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM leases WHERE owner = ?", (owner,))
 
     # ------------------------------------------------------------------ meta
 

@@ -191,3 +191,35 @@ def test_cli_enqueue_cancel_retry_and_logs(service_factory, gitea, tmp_path):
     assert queue_json(svc)[0]["state"] in ("pending", "running")
     bad = svc.cli("enqueue", "not-a-ref")
     assert bad.returncode == 2 and "OWNER/REPO#NUMBER" in bad.stderr
+
+
+def test_two_processes_on_one_database_share_the_limit(service_factory, gitea, tmp_path):
+    record = tmp_path / "record"
+    env = {"FAKE_SECONDS": "1.0", "FAKE_RECORD": str(record)}
+    first = service_factory(agent_env=env, max_concurrent_agents=3)
+    second = service_factory(agent_env=env, max_concurrent_agents=3)
+    issues = [gitea.create_issue(REPO, f"Work {i}", "Do it.") for i in range(8)]
+    for i, n in enumerate(issues):
+        target = first if i % 2 else second
+        assert target.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(lambda: [t["state"] for t in queue_json(first)] == ["completed"] * 8, timeout=90,
+             what="all tasks to finish")
+    events = []
+    for line in record.read_text().splitlines():
+        what, _task, at = line.split()
+        events.append((float(at), 1 if what == "start" else -1))
+    events.sort(key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    assert len(events) == 16 and peak <= 3
+    assert len(gitea.pulls_of(REPO)) == 8
+    from bot.store import open_store
+    store = open_store(tmp_path / "data" / "kugetsu.db")
+    claimers = {e["detail"] for t in store.list() for e in store.events(t.id)
+                if e["event"] == "claimed"}
+    store.close()
+    assert len(claimers) == 2  # both processes ran agents
+    for n in issues:  # one tracking comment per task, though two processes publish
+        assert len(tracking(gitea, n)) == 1

@@ -121,6 +121,18 @@ def test_queue_positions(store):
     assert store.queue_position(ids[3]) == 3
 
 
+def test_leases(tmp_path):
+    now = [100.0]
+    store = open_store(tmp_path / "db", clock=lambda: now[0])
+    assert store.try_lease("publisher", "a", 10)
+    assert not store.try_lease("publisher", "b", 10)
+    assert store.try_lease("publisher", "a", 10)  # renewal
+    now[0] += 11
+    assert store.try_lease("publisher", "b", 10)  # expired: taken over
+    store.release_leases("b")
+    assert store.try_lease("publisher", "a", 10)
+
+
 def test_clear_removes_only_old_finished_tasks(tmp_path):
     now = [1000.0]
     store = open_store(tmp_path / "db", clock=lambda: now[0])
