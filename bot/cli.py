@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Sequence
 
 from bot import __version__, agents
@@ -73,14 +72,9 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
                      default_agent=config.agents.default,
                      max_attempts=config.queue.max_attempts)
 
-    def cleanup() -> None:
-        removed = store.clear(config.queue.cleanup_age_days)
-        keep = [Path(t.worktree) for t in store.list() if t.active and t.worktree]
-        workspace.cleanup(config.queue.cleanup_age_days * 86400.0, keep=keep)
-        log.info("cleanup done", extra={"tasks_removed": removed})
-
     scheduler = Scheduler(dispatcher.run_tick, config.queue.poll_interval_seconds,
-                          heartbeat=dispatcher.heartbeat, cleanup=cleanup)
+                          heartbeat=dispatcher.heartbeat,
+                          cleanup=lambda: dispatcher.cleanup(config.queue.cleanup_age_days))
     scheduler_ref.append(scheduler)
 
     def health() -> tuple[bool, dict]:

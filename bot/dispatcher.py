@@ -38,6 +38,8 @@ HEARTBEAT_STALE_SECONDS = 90.0
 POLL_SECONDS = 0.25
 GITEA_WAIT_SECONDS = 15.0
 PUBLISHER_LEASE_SECONDS = 120.0
+OUTBOX_BUDGET = 30
+COMMENT_BUDGET = 30
 
 
 @dataclass
@@ -197,8 +199,29 @@ class Dispatcher:
         # With several processes on one database, one at a time talks for kugetsu, so a
         # tracking comment is never created twice and a reply never sent twice.
         if self.store.try_lease("publisher", self.worker_id, PUBLISHER_LEASE_SECONDS):
-            self.work_outbox()
-            self.publisher.sync_comments()
+            busy = self.work_outbox() >= OUTBOX_BUDGET
+            busy |= self.publisher.sync_comments(COMMENT_BUDGET) >= COMMENT_BUDGET
+            if busy:
+                self.request_tick()  # a backlog (say, 1,000 queued tasks): go round again now
+
+    def cleanup(self, older_than_days: float) -> dict[str, int]:
+        """Delete old finished tasks, their logs and prompt files, and idle worktrees."""
+        removed = self.store.clear(older_than_days)
+        cutoff = self.clock() - older_than_days * 86400.0
+        known = {t.id for t in self.store.list()}
+        files = 0
+        for folder, suffix in ((self.config.storage.logs_dir, ".log"),
+                               (self.config.storage.prompts_dir, ".md")):
+            for path in folder.glob(f"*{suffix}") if folder.is_dir() else ():
+                stem = path.name[:-len(suffix)]
+                if stem.isdigit() and int(stem) not in known and path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+                    files += 1
+        keep = [Path(t.worktree) for t in self.store.list() if t.active and t.worktree]
+        worktrees = self.workspace.cleanup(older_than_days * 86400.0, keep=keep)
+        log.info("cleanup done", extra={"tasks": removed, "files": files,
+                                        "worktrees": len(worktrees)})
+        return {"tasks": removed, "files": files, "worktrees": len(worktrees)}
 
     def ensure_bot_login(self) -> str | None:
         """Who kugetsu is on Gitea, for the loop guard: config, then the store, then /user."""
@@ -521,8 +544,10 @@ class Dispatcher:
 
     # ---------------------------------------------------------------- the outbox
 
-    def work_outbox(self, budget: int = 30) -> None:
-        for item in self.store.outbox_due(budget):
+    def work_outbox(self, budget: int = OUTBOX_BUDGET) -> int:
+        """Send replies, reactions, stops and retries; returns how many items it handled."""
+        items = self.store.outbox_due(budget)
+        for item in items:
             if item.needs_permission:
                 verdict = self.auth.check(item.repo, item.requested_by or "",
                                           item.permission_hint)
@@ -540,9 +565,10 @@ class Dispatcher:
                 delay = min(600.0, 5.0 * 2 ** item.attempts)
                 self.store.outbox_retry(item.id, delay, str(exc))
                 log.warning("outbox item deferred", extra={"item": item.id, "error": str(exc)})
-                break  # Gitea is struggling: try the rest later
+                return 0  # Gitea is struggling: try the rest later
             else:
                 self.store.outbox_done(item.id)
+        return len(items)
 
     def _refuse(self, item, reason: str) -> None:
         if item.kind in ("stop", "retry"):

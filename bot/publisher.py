@@ -254,7 +254,11 @@ class Publisher:
         return None
 
     def sync_comments(self, budget: int = 30) -> int:
-        """Bring tracking comments up to date; stops early if Gitea fails."""
+        """Bring tracking comments up to date; stops early if Gitea fails.
+
+        Changed tasks come first. Queue positions are refreshed for the first `budget`
+        queued tasks; further back, a comment shows the position it had when last written.
+        """
         written = 0
         try:
             for task in self.store.comment_out_of_date(budget):

@@ -400,23 +400,58 @@ def test_gitea_500s_are_retried_and_the_comment_catches_up(make):
     assert not h.gitea._fail_queue  # every injected 500 was answered, and the work survived
 
 
-def test_token_never_leaves(make, caplog):
+def test_token_never_leaves(make, caplog, tmp_path):
     caplog.set_level("DEBUG")
-    h = make(agents={"fake": fake_agent(FAKE_MODE="fail")}, attempts=1)
-    n = h.issue()
-    h.settle(h.enqueue(n))
-    n2 = h.issue("Second")
-    h.dispatcher.config = h.config  # same config; a second, successful run
-    h.store.update(h.enqueue(n2, agent="fake"), agent="fake")
-    h.settle(*[t.id for t in h.store.list()])
+    # a failed task (log tail in its comment) and a successful one (push, PR body)
+    h = make(attempts=1, agents={"fake": fake_agent(FAKE_COUNTER=str(tmp_path / "count"),
+                                                    FAKE_FAIL_TIMES="1")})
+    failed, done = h.enqueue(h.issue("First")), None
+    h.settle(failed)
+    done = h.enqueue(h.issue("Second"))
+    h.settle(done)
+    assert h.store.get(failed).state is State.FAILED
+    assert h.store.get(done).outcome is Outcome.SUCCEEDED
     token = TOKEN.encode()
     for path in h.config.storage.data_dir.rglob("*"):
         if path.is_file():
             assert token not in path.read_bytes(), path
-    for method, path, headers, body in h.gitea.requests:
+    for _method, path, _headers, body in h.gitea.requests:
         assert token not in body and TOKEN not in path
     for comment in h.gitea.comments.values():
         assert TOKEN not in comment["body"]
     for pr in h.gitea.pulls_of(REPO).values():
         assert TOKEN not in pr["body"]
     assert TOKEN not in caplog.text
+
+
+def test_a_backlog_of_tracking_comments_is_created_without_waiting_for_the_interval(make):
+    h = make(limit=1, agents={"fake": fake_agent(FAKE_MODE="hang")})
+    issues = [h.issue(f"Backlog {i}") for i in range(45)]
+    ids = [h.enqueue(n) for n in issues]
+    h.dispatcher.run_tick()  # one wake: the tick goes round until the backlog is written
+    assert all(h.store.get(t).comment_id is not None for t in ids)
+    assert all(len(h.tracking_comments(n)) == 1 for n in issues)
+    h.store.request_cancel(ids[0], "bob")
+    for t in ids[1:]:
+        h.store.request_cancel(t, "bob")
+    h.settle(*ids)
+
+
+def test_cleanup_removes_old_finished_tasks_their_files_and_worktrees(make):
+    h = make()
+    n = h.issue()
+    tid = h.enqueue(n)
+    h.settle(tid)
+    log = h.config.storage.logs_dir / f"{tid}.log"
+    prompt = h.config.storage.prompts_dir / f"{tid}.md"
+    worktree = Path(h.store.get(tid).worktree)
+    assert log.exists() and prompt.exists() and worktree.exists()
+    assert h.dispatcher.cleanup(7) == {"tasks": 0, "files": 0, "worktrees": 0}
+    later = time.time() + 8 * 86400
+    h.dispatcher.clock = h.store.clock = h.workspace._clock = lambda: later
+    old = time.time() - 8 * 86400
+    for path in (log, prompt):
+        os.utime(path, (old, old))
+    result = h.dispatcher.cleanup(7)
+    assert result["tasks"] == 1 and result["files"] == 2 and result["worktrees"] == 1
+    assert h.store.get(tid) is None and not log.exists() and not worktree.exists()

@@ -4,7 +4,7 @@ import pytest
 
 from bot import events, intake
 from bot.events import Delivery
-from bot.intake import Enqueue, Outbox, RememberLabels, Rules
+from bot.intake import Rules
 from bot.store import open_store
 from bot.tasks import Kind, State
 from tests import payloads
