@@ -419,17 +419,30 @@ class Dispatcher:
         # the agent succeeded: commit, push, open or update the pull request
         try:
             self.workspace.commit_all(prepared.path, self._commit_message(task, issue))
-            head = self.workspace.head(prepared.path)
-            remote = self.workspace.remote_branch_sha(task.repo, branch)
-            if head == start_head and (head == remote or head == prepared.base_sha):
-                return Result(Outcome.NO_CHANGES, None, changes=changes)
             if not self.workspace.has_new_commits(prepared.path, prepared.base_sha):
                 return Result(Outcome.NO_CHANGES, None, changes=changes)
+            head = self.workspace.head(prepared.path)
+            remote = self.workspace.remote_branch_sha(task.repo, branch)
             files = len(self.workspace.changed_files(prepared.path, prepared.base_sha))
-            if head != remote:
-                self.workspace.push(prepared.path, branch)
         except GitError as exc:
             return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets), changes=changes)
+        if head == start_head and head == remote:
+            # Nothing new from this run. The branch may still lack its PR, if an earlier
+            # attempt pushed and then could not open it: publish in that case.
+            try:
+                existing = self.gitea.find_pull(task.owner, task.name, prepared.base_branch,
+                                                branch)
+            except GiteaError as exc:
+                return Result(Outcome.INFRA_ERROR, f"could not look up the pull request: {exc}",
+                              changes=changes)
+            if existing and existing.get("state") == "open":
+                return Result(Outcome.NO_CHANGES, None, changes=changes)
+        if head != remote:
+            try:
+                self.workspace.push(prepared.path, branch)
+            except GitError as exc:
+                return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets),
+                              changes=changes)
         current = self.store.require(task.id)
         try:
             number, _created = self.publisher.publish_pr(

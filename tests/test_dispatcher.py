@@ -14,7 +14,7 @@ import pytest
 from bot import process
 from bot.config import AgentConfig
 from bot.dispatcher import Dispatcher
-from bot.gitea import GiteaClient
+from bot.gitea import GiteaClient, ServerError
 from bot.store import open_store
 from bot.tasks import Kind, Outcome, State
 from bot.workspace import Workspace
@@ -191,6 +191,36 @@ def test_failed_attempt_then_success(make, tmp_path):
     tid = h.enqueue(n)
     h.settle(tid)
     task = h.store.get(tid)
+    assert (task.state, task.outcome, task.attempts) == (State.COMPLETED, Outcome.SUCCEEDED, 2)
+    assert len(h.gitea.pulls_of(REPO)) == 1
+
+
+class FailFirstPull:
+    """The real client, except that the first create_pull meets a Gitea 500."""
+
+    def __init__(self, client):
+        self.client, self.failed = client, False
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def create_pull(self, *args, **kwargs):
+        if not self.failed:
+            self.failed = True
+            raise ServerError("Gitea POST /pulls failed (HTTP 500)", status=500)
+        return self.client.create_pull(*args, **kwargs)
+
+
+def test_a_branch_pushed_without_its_pull_request_is_published_on_retry(make, tmp_path):
+    h = make(agents={"fake": fake_agent(FAKE_MODE="once", FAKE_COUNTER=str(tmp_path / "c"))})
+    flaky = FailFirstPull(h.client)
+    h.dispatcher.gitea = h.dispatcher.publisher.gitea = flaky
+    n = h.issue()
+    tid = h.enqueue(n)
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert flaky.failed
+    # attempt 2's agent changed nothing, but the pushed branch still needed its PR
     assert (task.state, task.outcome, task.attempts) == (State.COMPLETED, Outcome.SUCCEEDED, 2)
     assert len(h.gitea.pulls_of(REPO)) == 1
 
