@@ -572,13 +572,15 @@ class Dispatcher:
                     continue
             try:
                 self._outbox_item(item)
-            except (NotFound, Forbidden) as exc:
-                self.store.outbox_done(item.id, error=str(exc))
-            except GiteaError as exc:
+            except (ServerError, Unreachable) as exc:
                 delay = min(600.0, 5.0 * 2 ** item.attempts)
                 self.store.outbox_retry(item.id, delay, str(exc))
                 log.warning("outbox item deferred", extra={"item": item.id, "error": str(exc)})
                 return 0  # Gitea is struggling: try the rest later
+            except GiteaError as exc:
+                # refused for good (deleted comment, locked issue, no permission)
+                self.store.outbox_done(item.id, error=str(exc))
+                log.warning("outbox item refused", extra={"item": item.id, "error": str(exc)})
             else:
                 self.store.outbox_done(item.id)
         return len(items)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from bot.config import Config
-from bot.gitea import GiteaAPI, GiteaError, NotFound, Conflict
+from bot.gitea import Conflict, GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
 from bot.redact import redact
 from bot.store import Store
 from bot.tasks import Kind, Outcome, State, Task
@@ -27,7 +27,11 @@ MAX_SUMMARY = 6000
 MAX_TAIL = 2500
 
 
+REPLY_MARKER = "<!-- kugetsu:reply -->"
+
+
 def marker(task_id: int) -> str:
+    """Marks a task's tracking comment, and only that (other comments use their own)."""
     return f"<!-- kugetsu:task={task_id} -->"
 
 
@@ -173,7 +177,7 @@ def render_pr_body(task: Task, config: Config, *, summary: str, files_changed: i
 def status_text(store: Store, repo: str, issue: int, config: Config) -> str:
     tasks = store.list(repo=repo, issue=issue)
     if not tasks:
-        return (f"{marker(0)}\nkugetsu has no tasks for this issue. Comment "
+        return (f"{REPLY_MARKER}\nkugetsu has no tasks for this issue. Comment "
                 f"`{config.triggers.command} start` or add the label `{config.triggers.label}`.")
     rows = ["| task | kind | state | outcome | attempts | PR |", "|---|---|---|---|---|---|"]
     for t in tasks[-10:]:
@@ -181,7 +185,7 @@ def status_text(store: Store, repo: str, issue: int, config: Config) -> str:
                     f"{t.outcome.value if t.outcome else ''} | {t.attempts}/{t.max_attempts} | "
                     f"{'#' + str(t.pr_number) if t.pr_number else ''} |")
     stats = store.stats()
-    return (f"{marker(tasks[-1].id)}\nkugetsu on this issue:\n\n" + "\n".join(rows)
+    return (f"{REPLY_MARKER}\nkugetsu on this issue:\n\n" + "\n".join(rows)
             + f"\n\nAgents busy: {stats.running} of {config.queue.max_concurrent_agents}; "
               f"tasks waiting: {stats.by_state['pending']}.")
 
@@ -254,25 +258,37 @@ class Publisher:
         return None
 
     def sync_comments(self, budget: int = 30) -> int:
-        """Bring tracking comments up to date; stops early if Gitea fails.
+        """Bring tracking comments up to date; returns how many it wrote.
 
         Changed tasks come first. Queue positions are refreshed for the first `budget`
         queued tasks; further back, a comment shows the position it had when last written.
+        A server error or an unreachable Gitea ends the pass (the rest catches up later);
+        a refusal for one comment (locked issue, no permission) skips that version only.
         """
         written = 0
         try:
             for task in self.store.comment_out_of_date(budget):
-                written += self.sync_task(task)
+                written += self._sync_or_skip(task)
             if written < budget:
-                # positions move when tasks ahead start; refresh what changed
                 for task, position in self.store.pending_positions(budget):
                     if written >= budget:
                         break
                     if task.comment_id is not None:
-                        written += self.sync_task(task, position)
-        except GiteaError as exc:
+                        written += self._sync_or_skip(task, position)
+        except (ServerError, Unreachable) as exc:
             log.warning("tracking comments not synced", extra={"error": str(exc)})
         return written
+
+    def _sync_or_skip(self, task: Task, position: int | None = None) -> bool:
+        try:
+            return self.sync_task(task, position)
+        except (ServerError, Unreachable):
+            raise
+        except GiteaError as exc:
+            version, last_body = self.store.comment_state(task.id)
+            self.store.comment_synced(task.id, version, last_body or "")
+            log.warning("tracking comment refused", extra={"task": task.id, "error": str(exc)})
+            return False
 
     # ---------------------------------------------------------------- pull requests
 
@@ -287,7 +303,8 @@ class Publisher:
             if task.kind is Kind.CONTINUE:
                 self.gitea.create_comment(
                     task.owner, task.name, number,
-                    f"{marker(task.id)}\nPushed a follow-up for @{task.requested_by} "
+                    f"<!-- kugetsu:follow-up={task.id} -->\n"
+                    f"Pushed a follow-up for @{task.requested_by} "
                     f"(task #{task.id}, {files_changed} file{'s' if files_changed != 1 else ''} "
                     f"changed in this pull request so far).\n\n"
                     + redact(summary.strip()[:MAX_SUMMARY], self.config.secrets()))
@@ -309,7 +326,7 @@ class Publisher:
 
     def reply(self, repo: str, number: int, body: str) -> None:
         owner, name = repo.split("/", 1)
-        text = body if "<!-- kugetsu" in body else f"<!-- kugetsu:reply -->\n{body}"
+        text = body if "<!-- kugetsu" in body else f"{REPLY_MARKER}\n{body}"
         self.gitea.create_comment(owner, name, number, redact(text, self.config.secrets()))
 
     def react(self, repo: str, comment_id: int, content: str = "eyes") -> None:

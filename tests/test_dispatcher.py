@@ -14,7 +14,7 @@ import pytest
 from bot import process
 from bot.config import AgentConfig
 from bot.dispatcher import Dispatcher
-from bot.gitea import GiteaClient, ServerError
+from bot.gitea import GiteaClient, Locked, ServerError
 from bot.store import open_store
 from bot.tasks import Kind, Outcome, State
 from bot.workspace import Workspace
@@ -223,6 +223,46 @@ def test_a_branch_pushed_without_its_pull_request_is_published_on_retry(make, tm
     # attempt 2's agent changed nothing, but the pushed branch still needed its PR
     assert (task.state, task.outcome, task.attempts) == (State.COMPLETED, Outcome.SUCCEEDED, 2)
     assert len(h.gitea.pulls_of(REPO)) == 1
+
+
+class LockedIssue:
+    """The real client, except that one issue is locked (Gitea answers 423 to comments)."""
+
+    def __init__(self, client, number):
+        self.client, self.number, self.refused = client, number, 0
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def create_comment(self, owner, repo, number, body):
+        if number == self.number:
+            self.refused += 1
+            raise Locked("Gitea POST /comments failed (HTTP 423): issue is locked", status=423)
+        return self.client.create_comment(owner, repo, number, body)
+
+
+def test_a_refused_comment_does_not_hold_up_the_others(make):
+    h = make()
+    locked, fine = h.issue("Locked"), h.issue("Fine")
+    gitea = LockedIssue(h.client, locked)
+    h.dispatcher.gitea = h.dispatcher.publisher.gitea = gitea
+    t1, t2 = h.enqueue(locked), h.enqueue(fine)
+    h.settle(t1, t2)
+    assert h.store.get(t1).outcome is h.store.get(t2).outcome is Outcome.SUCCEEDED
+    assert gitea.refused >= 1 and h.tracking_comments(locked) == []
+    assert "✅" in h.tracking_comments(fine)[0]["body"]
+    assert not h.store.comment_out_of_date(10)
+
+
+def test_status_reply_is_not_mistaken_for_a_tracking_comment(make):
+    from bot.publisher import status_text
+    h = make()
+    n = h.issue()
+    tid = h.enqueue(n)
+    h.settle(tid)
+    text = status_text(h.store, REPO, n, h.config)
+    assert f"#{tid}" in text and "completed" in text
+    assert "kugetsu:task=" not in text
 
 
 def test_timeout_kills_the_whole_process_group(make, tmp_path):
