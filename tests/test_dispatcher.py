@@ -525,3 +525,76 @@ def test_cleanup_removes_old_finished_tasks_their_files_and_worktrees(make):
     result = h.dispatcher.cleanup(7)
     assert result["tasks"] == 1 and result["files"] == 2 and result["worktrees"] == 1
     assert h.store.get(tid) is None and not log.exists() and not worktree.exists()
+
+
+# ---------------------------------------------------------------- commands from Gitea
+
+def deliver_comment(h, text, number, sender="alice"):
+    from bot import events, intake
+    from tests import payloads
+    posted = h.gitea.add_comment(REPO, number, text, login=sender)
+    body, headers = payloads.comment_delivery(text, number, sender=sender,
+                                              comment_id=posted["id"],
+                                              permission=h.gitea.permission(REPO, sender))
+    delivery = events.delivery_of(headers, body)
+    rules = intake.Rules(label="kugetsu", command="/kugetsu", bot_login="kugetsu-bot",
+                         known_agents=frozenset(h.config.agents.tables), default_agent="fake",
+                         max_attempts=h.config.queue.max_attempts)
+    result = intake.ingest(h.store, delivery, events.parse(delivery, events.load_json(body)),
+                           rules)
+    return posted, result
+
+
+def replies(h, number):
+    return [c["body"] for c in h.gitea.comments_on(REPO, number)
+            if "<!-- kugetsu:reply -->" in c["body"]]
+
+
+def test_stop_retry_status_and_help_from_comments(make, tmp_path):
+    pidfile = tmp_path / "pids"
+    h = make(agents={"fake": fake_agent(FAKE_MODE="hang", FAKE_PIDFILE=str(pidfile))})
+    n = h.issue()
+    posted, result = deliver_comment(h, "/kugetsu start", n)
+    [tid] = result.task_ids
+    wait_for(pidfile.exists, tick=h.dispatcher.run_tick, what="agent to start")
+    assert "eyes" in h.gitea.reactions[posted["id"]]
+
+    # someone with read access cannot stop it
+    deliver_comment(h, "/kugetsu stop", n, sender="mallory")
+    for _ in range(3):
+        h.dispatcher.run_tick()
+    assert h.store.get(tid).state is State.RUNNING
+    assert any("@mallory needs write access" in r for r in replies(h, n))
+
+    # status answers anyone
+    deliver_comment(h, "/kugetsu status", n, sender="mallory")
+    wait_for(lambda: any("kugetsu on this issue" in r for r in replies(h, n)),
+             tick=h.dispatcher.run_tick, what="status reply")
+    assert any(f"| #{tid} | start | running |" in r for r in replies(h, n))
+
+    # a writer stops it, and the whole group dies
+    deliver_comment(h, "/kugetsu stop", n, sender="bob")
+    h.settle(tid)
+    assert h.store.get(tid).state is State.CANCELLED
+    leader, grandchild = map(int, pidfile.read_text().split())
+    assert not alive(leader) and not alive(grandchild)
+    assert "Stopped** by @bob" in h.tracking_comments(n)[0]["body"]
+
+    # retry queues it again with fresh attempts
+    pidfile.unlink()
+    deliver_comment(h, "/kugetsu retry", n, sender="alice")
+    wait_for(pidfile.exists, tick=h.dispatcher.run_tick, what="the retried agent to start")
+    task = h.store.get(tid)
+    assert (task.state, task.attempts) == (State.RUNNING, 1)
+    deliver_comment(h, "/kugetsu cancel", n, sender="bob")
+    h.settle(tid)
+
+    # help replies with the generated help; nothing to retry on a fresh issue says so
+    deliver_comment(h, "/kugetsu help", n, sender="mallory")
+    other = h.issue("Nothing here")
+    deliver_comment(h, "/kugetsu retry", other, sender="alice")
+    deliver_comment(h, "/kugetsu stop", other, sender="alice")
+    h.settle(tid)
+    assert any("/kugetsu continue <instructions>" in r for r in replies(h, n))
+    assert any("no failed or stopped task to retry" in r for r in replies(h, other))
+    assert any("nothing to stop" in r for r in replies(h, other))

@@ -1,0 +1,102 @@
+"""Tracking comment and PR body rendering, for every state."""
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import Config, GiteaConfig, ServerConfig
+from bot.publisher import QueueView, log_link, marker, render_pr_body, render_tracking
+from bot.tasks import Kind, Outcome, State, Task
+
+CONFIG = Config(server=ServerConfig(public_url="https://kugetsu.example"),
+                gitea=GiteaConfig(url="https://git.example", token="tok-ABCDEF123",
+                                  webhook_secret="whsec-987654"))
+
+
+def task(**kw) -> Task:
+    base = dict(id=12, repo="acme/widget", issue=7, kind=Kind.START, prompt="", agent="opencode",
+                requested_by="alice", state=State.PENDING, attempts=0, max_attempts=3,
+                started_at=1_800_000_000.0, finished_at=1_800_000_125.0)
+    base.update(kw)
+    return Task(**base)
+
+
+def render(t, position=2, busy=3, **kw):
+    return render_tracking(t, CONFIG, QueueView(position, busy, 3), **kw)
+
+
+def test_every_state_carries_the_marker_and_the_requester():
+    for state in State:
+        body = render(task(state=state, outcome=Outcome.AGENT_FAILED, pr_number=4))
+        assert body.startswith(marker(12)) and "@alice" in body
+
+
+def test_queued_shows_position_and_busy_agents():
+    body = render(task())
+    assert "⏳ **Queued**: position 2 in the queue, 3 of 3 agents busy." in body
+
+
+def test_retrying_shows_the_last_outcome():
+    body = render(task(attempts=1, outcome=Outcome.TIMED_OUT, error="ran too long",
+                       not_before=1_800_000_200.0))
+    assert "Retrying" in body and "attempt 1 of 3" in body and "timed_out" in body
+    assert "ran too long" in body and "position 2 in the queue" in body
+
+
+def test_working_shows_agent_attempt_start_and_log_link():
+    body = render(task(state=State.RUNNING, attempts=2))
+    assert "agent `opencode`, attempt 2 of 3, started 2027-01-15 08:00:00 UTC" in body
+    assert log_link(CONFIG, 12) in body and log_link(CONFIG, 12).startswith(
+        "https://kugetsu.example/logs/12/")
+
+
+def test_stopping_and_stopped_say_by_whom():
+    assert "Stopping, as requested by @bob" in render(task(state=State.RUNNING, attempts=1,
+                                                           cancel_requested_by="bob"))
+    assert "🛑 **Stopped** by @bob." in render(task(state=State.CANCELLED,
+                                                   cancel_requested_by="bob"))
+
+
+def test_done_has_pr_link_duration_files_summary_and_usage():
+    body = render(task(state=State.COMPLETED, outcome=Outcome.SUCCEEDED, attempts=1,
+                       pr_number=9, files_changed=3, summary="Added greeting.",
+                       usage={"input_tokens": 12000, "output_tokens": 800, "cost_usd": 0.0421}),
+                  pr_url="https://git.example/acme/widget/pulls/9")
+    assert "✅ **Done**: pull request [#9](https://git.example/acme/widget/pulls/9), " \
+           "3 files changed." in body
+    assert "Added greeting." in body and "took 2m05s" in body
+    assert "12,000 tokens in, 800 out" in body and "cost $0.0421" in body
+
+
+def test_no_changes():
+    body = render(task(state=State.COMPLETED, outcome=Outcome.NO_CHANGES, attempts=1,
+                       summary="Nothing to do."))
+    assert "No changes" in body and "Nothing to do." in body
+
+
+def test_failed_shows_outcome_reason_and_a_safe_log_tail():
+    tail = "step 1\nleaked tok-ABCDEF123 here\n```\nclosing fence\n"
+    body = render(task(state=State.FAILED, outcome=Outcome.AGENT_FAILED, attempts=3,
+                       error="exit code 3 with whsec-987654"), log_tail=tail)
+    assert "❌ **Failed** (`agent_failed`) after 3 attempts: exit code 3" in body
+    assert "tok-ABCDEF123" not in body and "whsec-987654" not in body
+    assert "closing fence" in body and body.count("```") == 2
+    assert "/kugetsu retry" in body
+
+
+def test_rejected_says_why():
+    body = render(task(state=State.REJECTED, error="@eve needs write access to acme/widget"))
+    assert "Not started" in body and "@eve needs write access" in body
+
+
+def test_cli_requests_are_named_as_such():
+    assert "from the command line" in render(task(requested_by="cli"))
+
+
+def test_pr_body_closes_the_issue_and_keeps_secrets_out():
+    body = render_pr_body(task(), CONFIG, summary="Did it. token tok-ABCDEF123",
+                          files_changed=1, usage={"input_tokens": 5, "output_tokens": 6})
+    assert body.startswith("Closes #7\n")
+    assert "tok-ABCDEF123" not in body and "Did it." in body
+    assert "1 file changed" in body and "5 tokens in, 6 out" in body
+    assert log_link(CONFIG, 12) in body
