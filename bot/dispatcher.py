@@ -38,6 +38,7 @@ HEARTBEAT_STALE_SECONDS = 90.0
 POLL_SECONDS = 0.25
 GITEA_WAIT_SECONDS = 15.0
 PUBLISHER_LEASE_SECONDS = 120.0
+BOT_LOGIN_RETRY_SECONDS = 60.0
 OUTBOX_BUDGET = 30
 COMMENT_BUDGET = 30
 
@@ -148,6 +149,7 @@ class Dispatcher:
         self._ticks = Coalescer(self.tick, stopped=self._stopping.is_set)
         self.last_tick: float | None = None
         self.bot_login: str | None = config.gitea.bot_login or None
+        self._bot_login_tried = float("-inf")
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -228,7 +230,9 @@ class Dispatcher:
         if self.bot_login:
             return self.bot_login
         login = self.config.gitea.bot_login or self.store.get_meta("bot_login")
-        if not login and self.config.gitea.token:
+        if (not login and self.config.gitea.token
+                and self.clock() - self._bot_login_tried >= BOT_LOGIN_RETRY_SECONDS):
+            self._bot_login_tried = self.clock()
             try:
                 login = self.gitea.get_user().get("login")
             except GiteaError as exc:
@@ -291,7 +295,7 @@ class Dispatcher:
         for task in self.store.unauthorized_pending():
             verdict = self.auth.check(task.repo, task.requested_by, task.permission_hint)
             if verdict is None:
-                continue
+                break  # Gitea cannot answer now; the rest wait for the next tick
             allowed, reason = verdict
             if allowed:
                 self.store.update(task.id, authorized=True)
