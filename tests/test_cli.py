@@ -1,0 +1,102 @@
+"""The command line against a real database: list, stats, clear, enqueue, logs --follow."""
+
+import json
+import threading
+import time
+
+import pytest
+
+from bot.cli import main
+from bot.store import open_store
+from bot.tasks import Kind, Outcome, State
+
+
+@pytest.fixture
+def setup(tmp_path):
+    data = tmp_path / "data"
+    config = tmp_path / "kugetsu.toml"
+    # a port nothing listens on: enqueue's wake-up ping must fail quietly
+    config.write_text(f'[storage]\ndata_dir = "{data}"\n[server]\nport = 9\n')
+    store = open_store(data / "kugetsu.db")
+    yield str(config), store, data
+    store.close()
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_enqueue_list_and_stats(setup, capsys):
+    config, store, _ = setup
+    code, out, _ = run(capsys, "enqueue", "acme/widget#7", "make it so", "--config", config)
+    assert code == 0 and "queued (start on acme/widget#7)" in out and "not reachable" in out
+    code, _, err = run(capsys, "enqueue", "acme/widget#7", "--config", config)
+    assert code == 1 and "already queued" in err
+    code, out, _ = run(capsys, "enqueue", "acme/widget#7", "more", "--continue", "--config", config)
+    assert code == 0 and "continue" in out
+    code, _, err = run(capsys, "enqueue", "acme/widget#8", "--agent", "nope", "--config", config)
+    assert code == 2 and "unknown agent" in err
+
+    code, out, _ = run(capsys, "queue", "list", "--config", config)
+    assert code == 0 and "acme/widget#7" in out and "continue" in out
+    code, out, _ = run(capsys, "queue", "list", "--json", "--state", "pending", "--config", config)
+    tasks = json.loads(out)
+    assert [(t["kind"], t["requested_by"]) for t in tasks] == [("start", "cli"),
+                                                                ("continue", "cli")]
+    code, out, _ = run(capsys, "queue", "stats", "--json", "--config", config)
+    assert json.loads(out)["by_state"]["pending"] == 2
+
+
+def test_cancel_retry_and_clear(setup, capsys):
+    config, store, _ = setup
+    tid = store.enqueue(repo="a/b", issue=1, kind=Kind.START, prompt="", agent="opencode",
+                        requested_by="cli", max_attempts=3, authorized=True)
+    assert run(capsys, "queue", "retry", str(tid), "--config", config)[0] == 1
+    code, out, _ = run(capsys, "queue", "cancel", str(tid), "--config", config)
+    assert code == 0 and "cancelled" in out
+    assert run(capsys, "queue", "cancel", str(tid), "--config", config)[0] == 1
+    assert run(capsys, "queue", "cancel", "999", "--config", config)[0] == 1
+    assert run(capsys, "queue", "retry", str(tid), "--config", config)[0] == 0
+    assert store.get(tid).state is State.PENDING
+    store.request_cancel(tid, "cli")
+    code, out, _ = run(capsys, "queue", "clear", "--older-than", "0", "--config", config)
+    assert code == 0 and "1 finished task(s) removed" in out
+    assert store.get(tid) is None
+
+
+def test_logs_follow_streams_until_the_task_ends(setup, capsysbinary):
+    config, store, data = setup
+    tid = store.enqueue(repo="a/b", issue=1, kind=Kind.START, prompt="", agent="opencode",
+                        requested_by="cli", max_attempts=3, authorized=True)
+    store.claim(1, "w")
+    log = data / "logs" / f"{tid}.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("first line\n")
+
+    def agent():
+        time.sleep(0.6)
+        with log.open("a") as fh:
+            fh.write("second line\n")
+        time.sleep(0.6)
+        store.transition(tid, State.RUNNING, State.COMPLETED, event="done",
+                         outcome=Outcome.SUCCEEDED)
+
+    thread = threading.Thread(target=agent)
+    thread.start()
+    assert main(["logs", str(tid), "--follow", "--config", config]) == 0
+    thread.join()
+    assert capsysbinary.readouterr().out == b"first line\nsecond line\n"
+
+
+def test_logs_of_an_unknown_task(setup, capsys):
+    config, _, _ = setup
+    code, _, err = run(capsys, "logs", "42", "--config", config)
+    assert code == 1 and "no task 42" in err
+
+
+def test_enqueue_rejects_a_bad_reference(setup, capsys):
+    config, _, _ = setup
+    code, _, err = run(capsys, "enqueue", "acme/widget/7", "--config", config)
+    assert code == 2 and "OWNER/REPO#NUMBER" in err
