@@ -11,105 +11,17 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
-import threading
 import time
 from typing import Sequence
 
-from bot import __version__, agents
+from bot import __version__
 from bot.config import Config, ConfigError, load
+from bot.service import known_agents, run_worker, serve
 from bot.store import SchemaTooNew, Store, open_store
 from bot.tasks import Kind, State
 
 log = logging.getLogger("kugetsu")
-
-
-def _known_agents(config: Config) -> frozenset[str]:
-    return frozenset(agents.PRESETS) | frozenset(config.agents.tables)
-
-
-# --------------------------------------------------------------------------- serve
-
-
-def serve(config: Config, *, log_level: str = "INFO") -> int:
-    from bot.app import create_app
-    from bot.dispatcher import Dispatcher
-    from bot.gitea import GiteaClient
-    from bot.httpserver import HttpServer
-    from bot.intake import Rules
-    from bot.publisher import log_token
-    from bot.redact import configure_logging
-    from bot.scheduler import Scheduler
-    from bot.workspace import Workspace
-
-    configure_logging(log_level, config.secrets())
-    storage = config.storage
-    storage.data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(storage.db_path)
-    gitea = GiteaClient(config.gitea.url, config.gitea.token,
-                        timeout=config.gitea.timeout_seconds, retries=config.gitea.retries)
-    workspace = Workspace(mirrors_dir=storage.mirrors_dir, worktrees_dir=storage.worktrees_dir,
-                          remote_url=config.gitea.git_url, token=config.gitea.token,
-                          author_name=config.git.author_name,
-                          author_email=config.git.author_email, secrets=config.secrets())
-    if not config.gitea.token:
-        log.warning("no Gitea token configured: kugetsu can queue work but not act on Gitea")
-
-    scheduler_ref: list[Scheduler] = []
-
-    def wake() -> None:
-        dispatcher.request_tick()
-        if scheduler_ref:
-            scheduler_ref[0].wake()
-
-    dispatcher = Dispatcher(config, store, gitea, workspace, on_change=wake)
-    known = _known_agents(config)
-
-    def rules() -> Rules:
-        return Rules(label=config.triggers.label, command=config.triggers.command,
-                     bot_login=dispatcher.bot_login, known_agents=known,
-                     default_agent=config.agents.default,
-                     max_attempts=config.queue.max_attempts)
-
-    scheduler = Scheduler(dispatcher.run_tick, config.queue.poll_interval_seconds,
-                          heartbeat=dispatcher.heartbeat,
-                          cleanup=lambda: dispatcher.cleanup(config.queue.cleanup_age_days))
-    scheduler_ref.append(scheduler)
-
-    def health() -> tuple[bool, dict]:
-        age = None if dispatcher.last_tick is None else round(time.time() - dispatcher.last_tick, 1)
-        return scheduler.running, {"scheduler": "running" if scheduler.running else "stopped",
-                                   "last_tick_seconds_ago": age, "agents_busy": dispatcher.busy,
-                                   "version": __version__}
-
-    app = create_app(config, store, rules=rules, wake=wake, health=health,
-                     log_dir=storage.logs_dir, log_token=lambda i: log_token(config, i))
-    dispatcher.start()
-    server = HttpServer(app, config.server.host, config.server.port,
-                        max_body_bytes=config.server.max_body_bytes).start()
-    scheduler.start()
-    log.info("kugetsu serving", extra={"url": server.url, "data_dir": str(storage.data_dir),
-                                       "config": config.source})
-    print(f"kugetsu {__version__} listening on {server.url} (data in {storage.data_dir})",
-          flush=True)
-
-    stop = threading.Event()
-
-    def on_signal(signum, _frame) -> None:
-        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(1.0):
-        pass
-    server.stop()
-    scheduler.shutdown()
-    dispatcher.shutdown()
-    store.close()
-    log.info("stopped")
-    return 0
 
 
 # --------------------------------------------------------------------------- queue
@@ -201,7 +113,7 @@ def enqueue(config: Config, store: Store, ref: str, message: str, agent: str | N
         return 2
     repo, issue = m.group("repo"), int(m.group("issue"))
     agent = agent or config.agents.default
-    if agent not in _known_agents(config):
+    if agent not in known_agents(config):
         print(f"kugetsu: unknown agent {agent!r}", file=sys.stderr)
         return 2
     with store.tx() as c:
@@ -268,9 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kugetsu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
     p = sub.add_parser("serve", parents=[common], help="run the webhook server and scheduler")
     p.add_argument("--log-level", default=os.environ.get("KUGETSU_LOG_LEVEL", "INFO"),
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                   choices=levels)
+    # started by `serve` itself; not for people
+    w = sub.add_parser("worker", parents=[common])
+    w.add_argument("--wake-fd", type=int, default=None)
+    w.add_argument("--log-level", default="INFO", choices=levels)
 
     q = sub.add_parser("queue", parents=[common], help="inspect and manage the task queue")
     qsub = q.add_subparsers(dest="queue_command", required=True)
@@ -310,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(config, log_level=args.log_level)
+        if args.command == "worker":
+            return run_worker(config, args.wake_fd, log_level=args.log_level)
         if not config.storage.db_path.exists() and args.command != "enqueue":
             print(f"kugetsu: no database at {config.storage.db_path} (has kugetsu served "
                   "with this data_dir yet?)", file=sys.stderr)

@@ -39,6 +39,8 @@ POLL_SECONDS = 0.25
 GITEA_WAIT_SECONDS = 15.0
 PUBLISHER_LEASE_SECONDS = 120.0
 BOT_LOGIN_RETRY_SECONDS = 60.0
+#: a burst of wakes becomes one tick per this many seconds, not one tick per delivery
+MIN_TICK_SPACING_SECONDS = 0.05
 OUTBOX_BUDGET = 30
 COMMENT_BUDGET = 30
 
@@ -146,10 +148,12 @@ class Dispatcher:
         self._runners: dict[int, threading.Thread] = {}
         self._runners_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._ticks = Coalescer(self.tick, stopped=self._stopping.is_set)
+        self._ticks = Coalescer(self.tick, stopped=self._stopping.is_set,
+                                min_interval=MIN_TICK_SPACING_SECONDS)
         self.last_tick: float | None = None
         self.bot_login: str | None = config.gitea.bot_login or None
         self._bot_login_tried = float("-inf")
+        self._lease_renew_at = float("-inf")
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -170,6 +174,7 @@ class Dispatcher:
         for thread in self.runner_threads():
             thread.join(max(0.1, deadline - time.monotonic()))
         self.store.release_leases(self.worker_id)
+        self._lease_renew_at = float("-inf")
         self.store.unregister_worker(self.worker_id)
 
     def runner_threads(self) -> list[threading.Thread]:
@@ -192,7 +197,6 @@ class Dispatcher:
 
     def tick(self) -> None:
         self.last_tick = self.clock()
-        self.store.heartbeat(self.worker_id)
         self.ensure_bot_login()
         self._reap()
         self.recover()
@@ -200,11 +204,21 @@ class Dispatcher:
         self.launch()
         # With several processes on one database, one at a time talks for kugetsu, so a
         # tracking comment is never created twice and a reply never sent twice.
-        if self.store.try_lease("publisher", self.worker_id, PUBLISHER_LEASE_SECONDS):
+        if self._publisher_lease():
             busy = self.work_outbox() >= OUTBOX_BUDGET
             busy |= self.publisher.sync_comments(COMMENT_BUDGET) >= COMMENT_BUDGET
             if busy:
                 self.request_tick()  # a backlog (say, 1,000 queued tasks): go round again now
+
+    def _publisher_lease(self) -> bool:
+        """Hold the publisher lease; renewed only when half of it is used up."""
+        now = self.clock()
+        if now < self._lease_renew_at:
+            return True
+        if self.store.try_lease("publisher", self.worker_id, PUBLISHER_LEASE_SECONDS):
+            self._lease_renew_at = now + PUBLISHER_LEASE_SECONDS / 2
+            return True
+        return False
 
     def cleanup(self, older_than_days: float) -> dict[str, int]:
         """Delete old finished tasks, their logs and prompt files, and idle worktrees."""
@@ -243,7 +257,9 @@ class Dispatcher:
         return self.bot_login
 
     def heartbeat(self) -> None:
+        """Every few seconds, on its own job: say this process lives, and checkpoint the WAL."""
         self.store.heartbeat(self.worker_id)
+        self.store.checkpoint()
 
     def _reap(self) -> None:
         with self._runners_lock:

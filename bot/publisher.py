@@ -191,8 +191,12 @@ def status_text(store: Store, repo: str, issue: int, config: Config) -> str:
 
 
 class Publisher:
-    def __init__(self, config: Config, store: Store, gitea: GiteaAPI):
+    def __init__(self, config: Config, store: Store, gitea: GiteaAPI, *,
+                 clock=time.monotonic, position_refresh_seconds: float = 15.0):
         self.config, self.store, self.gitea = config, store, gitea
+        self.clock = clock
+        self.position_refresh_seconds = position_refresh_seconds
+        self._positions_at = float("-inf")
 
     # ---------------------------------------------------------------- tracking comment
 
@@ -229,8 +233,11 @@ class Publisher:
             self.store.comment_synced(task.id, version, body)
             return False
         if task.comment_id is None:
-            existing = self._find_existing_comment(task)
+            # last_body is set just before every create: if it is there but no comment id,
+            # a create may have reached Gitea before a crash, so look for it first
+            existing = self._find_existing_comment(task) if last_body is not None else None
             if existing is None:
+                self.store.comment_attempt(task.id)
                 created = self.gitea.create_comment(task.owner, task.name, task.issue, body)
                 self.store.comment_synced(task.id, version, body, comment_id=int(created["id"]))
                 return True
@@ -260,8 +267,9 @@ class Publisher:
     def sync_comments(self, budget: int = 30) -> int:
         """Bring tracking comments up to date; returns how many it wrote.
 
-        Changed tasks come first. Queue positions are refreshed for the first `budget`
-        queued tasks; further back, a comment shows the position it had when last written.
+        Changed tasks come first. Queue positions move every time a task starts, so they
+        are refreshed at most every `position_refresh_seconds` (for the first `budget`
+        queued tasks; further back, a comment shows the position it had when last written).
         A server error or an unreachable Gitea ends the pass (the rest catches up later);
         a refusal for one comment (locked issue, no permission) skips that version only.
         """
@@ -269,7 +277,9 @@ class Publisher:
         try:
             for task in self.store.comment_out_of_date(budget):
                 written += self._sync_or_skip(task)
-            if written < budget:
+            if written < budget and self.clock() - self._positions_at >= \
+                    self.position_refresh_seconds:
+                self._positions_at = self.clock()
                 for task, position in self.store.pending_positions(budget):
                     if written >= budget:
                         break

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
@@ -22,9 +23,12 @@ class Coalescer:
     thread runs it, going round again while anyone asked for more.
     """
 
-    def __init__(self, fn: Callable[[], None], *, stopped: Callable[[], bool] = lambda: False):
+    def __init__(self, fn: Callable[[], None], *, stopped: Callable[[], bool] = lambda: False,
+                 min_interval: float = 0.0):
         self._fn = fn
         self._stopped = stopped
+        self._min_interval = min_interval
+        self._last_start = float("-inf")
         self._lock = threading.Lock()
         self._wanted = threading.Event()
 
@@ -37,7 +41,12 @@ class Coalescer:
             if not self._lock.acquire(blocking=False):
                 return  # the thread holding the lock will see the request and go again
             try:
+                # back-to-back requests (a burst of deliveries) are served as one batch
+                wait = self._last_start + self._min_interval - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
                 self._wanted.clear()
+                self._last_start = time.monotonic()
                 self._fn()
             except Exception:
                 log.exception("scheduled run failed")

@@ -65,7 +65,7 @@ class Service:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bot", "serve", "--config", str(self.config_path)],
             cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT)
+            stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -86,8 +86,10 @@ class Service:
         return requests.post(self.url + "/webhook", data=body, headers=headers, timeout=10)
 
     def kill9(self) -> None:
+        """SIGKILL to the whole service (receiver and worker), as `docker kill` does.
+        Agents run in sessions of their own and survive as orphans."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
 
     def stop(self, timeout: float = 30.0) -> int:

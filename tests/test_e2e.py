@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import pytest
+import requests
 
 from tests import payloads
 from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN, wait_for
@@ -197,9 +199,13 @@ def test_two_processes_on_one_database_share_the_limit(service_factory, gitea, t
     first = service_factory(agent_env=env, max_concurrent_agents=3)
     second = service_factory(agent_env=env, max_concurrent_agents=3)
     issues = [gitea.create_issue(REPO, f"Work {i}", "Do it.") for i in range(8)]
-    for i, n in enumerate(issues):
-        target = first if i % 2 else second
-        assert target.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    # two tasks to the first process; while they run, the rest to the second, which can
+    # then take only the one slot left, so both run agents under one shared limit
+    for n in issues[:2]:
+        assert first.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(lambda: record.exists() and record.read_text().count("start") == 2, timeout=30)
+    for n in issues[2:]:
+        assert second.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
     wait_for(lambda: [t["state"] for t in queue_json(first)] == ["completed"] * 8, timeout=90,
              what="all tasks to finish")
     events = []
@@ -221,3 +227,54 @@ def test_two_processes_on_one_database_share_the_limit(service_factory, gitea, t
     assert len(claimers) == 2  # both processes ran agents
     for n in issues:  # one tracking comment per task, though two processes publish
         assert len(tracking(gitea, n)) == 1
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_worker_stops_its_agents_when_the_receiver_dies(service_factory, gitea, tmp_path):
+    pidfile = tmp_path / "agent.pid"
+    svc = service_factory(agent_env={"FAKE_SECONDS": "60", "FAKE_PIDFILE": str(pidfile)})
+    n = gitea.create_issue(REPO, "Long work", "Takes a long while.")
+    assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(pidfile.exists, timeout=30, what="the agent to start")
+    agent = int(pidfile.read_text())
+    [worker] = children(svc.proc.pid)
+    svc.proc.send_signal(signal.SIGKILL)  # the receiver only
+    svc.proc.wait(timeout=10)
+    wait_for(lambda: gone(worker) and gone(agent), timeout=30,
+             what="the worker and its agent to stop")
+    [task] = queue_json(svc)
+    assert (task["state"], task["attempts"]) == ("pending", 0)
+
+
+def test_a_crashed_worker_is_restarted(service_factory, gitea):
+    svc = service_factory()
+    [worker] = children(svc.proc.pid)
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: [p for p in children(svc.proc.pid) if p != worker], timeout=30,
+             what="a new worker")
+    health = requests.get(svc.url + "/healthz", timeout=5).json()
+    assert health["worker_restarts"] == 1
+    n = gitea.create_issue(REPO, "After the crash", "Still works.")
+    assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"], timeout=60)

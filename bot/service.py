@@ -1,0 +1,239 @@
+"""`kugetsu serve`: the webhook receiver and the worker, as two processes.
+
+The receiver process answers Gitea (verify, parse, write rows, answer) and
+nothing else. The worker process, started and watched by the receiver, runs the
+scheduler, the dispatcher and the agents. Keeping them apart means git and agent
+subprocesses, Gitea API calls and output parsing never hold the interpreter while
+a delivery waits for its answer, and a crash in one shows in the other.
+
+They share only the database and a pipe: the receiver writes a byte to wake the
+worker at once; when the receiver dies, the worker reads end-of-file and stops
+its agents, putting their tasks back in the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from bot import __version__, agents
+from bot.config import Config
+
+log = logging.getLogger("kugetsu")
+
+#: how long the worker gets to stop its agents before it is killed
+WORKER_STOP_EXTRA_SECONDS = 30.0
+WORKER_RESTART_DELAY_SECONDS = 2.0
+BOT_LOGIN_REFRESH_SECONDS = 60.0
+
+
+def known_agents(config: Config) -> frozenset[str]:
+    return frozenset(agents.PRESETS) | frozenset(config.agents.tables)
+
+
+def _signals(stop: threading.Event) -> None:
+    def on_signal(signum, _frame) -> None:
+        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO") -> int:
+    """The worker process: scheduler, dispatcher and agents."""
+    from bot.dispatcher import Dispatcher
+    from bot.gitea import GiteaClient
+    from bot.redact import configure_logging
+    from bot.scheduler import Scheduler
+    from bot.store import open_store
+    from bot.workspace import Workspace
+
+    configure_logging(log_level, config.secrets())
+    storage = config.storage
+    store = open_store(storage.db_path)
+    gitea = GiteaClient(config.gitea.url, config.gitea.token,
+                        timeout=config.gitea.timeout_seconds, retries=config.gitea.retries)
+    workspace = Workspace(mirrors_dir=storage.mirrors_dir, worktrees_dir=storage.worktrees_dir,
+                          remote_url=config.gitea.git_url, token=config.gitea.token,
+                          author_name=config.git.author_name,
+                          author_email=config.git.author_email, secrets=config.secrets())
+    scheduler_ref: list[Scheduler] = []
+
+    def wake() -> None:
+        dispatcher.request_tick()
+        if scheduler_ref:
+            scheduler_ref[0].wake()
+
+    dispatcher = Dispatcher(config, store, gitea, workspace, on_change=wake)
+    scheduler = Scheduler(dispatcher.run_tick, config.queue.poll_interval_seconds,
+                          heartbeat=dispatcher.heartbeat,
+                          cleanup=lambda: dispatcher.cleanup(config.queue.cleanup_age_days))
+    scheduler_ref.append(scheduler)
+
+    stop = threading.Event()
+    _signals(stop)
+    dispatcher.start()
+    scheduler.start()
+    if wake_fd is not None:
+        threading.Thread(target=_read_wakes, args=(wake_fd, wake, stop), name="wake",
+                         daemon=True).start()
+    log.info("worker started", extra={"pid": os.getpid(), "worker": dispatcher.worker_id})
+    while not stop.wait(1.0):
+        pass
+    scheduler.shutdown()
+    dispatcher.shutdown()
+    store.close()
+    log.info("worker stopped")
+    return 0
+
+
+def _read_wakes(fd: int, wake: Callable[[], None], stop: threading.Event) -> None:
+    """Each byte from the receiver is a wake; end-of-file means the receiver is gone."""
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except InterruptedError:
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            if not stop.is_set():
+                log.warning("receiver process is gone; stopping the worker")
+                stop.set()
+            return
+        wake()
+
+
+# --------------------------------------------------------------------------- the receiver
+
+
+class WorkerProcess:
+    """Starts the worker, wakes it through a pipe, restarts it if it dies."""
+
+    def __init__(self, config: Config, log_level: str):
+        self.config, self.log_level = config, log_level
+        self.proc: subprocess.Popen | None = None
+        self._wake_w: int | None = None
+        self._lock = threading.Lock()
+        self.restarts = 0
+
+    def start(self) -> None:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        argv = [sys.executable, "-m", "bot", "worker", "--wake-fd", str(read_fd),
+                "--log-level", self.log_level]
+        if self.config.source and not self.config.source.startswith("("):
+            argv += ["--config", self.config.source]
+        try:
+            # same environment: the worker resolves the same config and secrets
+            self.proc = subprocess.Popen(argv, pass_fds=(read_fd,), stdin=subprocess.DEVNULL)
+        finally:
+            os.close(read_fd)
+        with self._lock:
+            old, self._wake_w = self._wake_w, write_fd
+        if old is not None:
+            os.close(old)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wake(self) -> None:
+        with self._lock:
+            fd = self._wake_w
+            if fd is None:
+                return
+            try:
+                os.write(fd, b"w")
+            except BlockingIOError:
+                pass  # the pipe is full of wakes already
+            except OSError:
+                pass  # the worker is gone; the supervisor loop restarts it
+
+    def watch(self) -> None:
+        """Called every second: restart a worker that died."""
+        if self.proc is not None and self.proc.poll() is not None:
+            log.error("worker exited; restarting it", extra={"code": self.proc.returncode})
+            self.restarts += 1
+            time.sleep(WORKER_RESTART_DELAY_SECONDS)
+            self.start()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.config.agents.kill_grace_seconds + WORKER_STOP_EXTRA_SECONDS)
+            except subprocess.TimeoutExpired:
+                log.error("worker did not stop; killing it")
+                self.proc.kill()
+                self.proc.wait()
+        with self._lock:
+            if self._wake_w is not None:
+                os.close(self._wake_w)
+                self._wake_w = None
+
+
+def serve(config: Config, *, log_level: str = "INFO") -> int:
+    """The receiver process: the webhook server, supervising the worker."""
+    from bot.app import create_app
+    from bot.httpserver import HttpServer
+    from bot.intake import Rules
+    from bot.publisher import log_token
+    from bot.redact import configure_logging
+    from bot.store import open_store
+
+    configure_logging(log_level, config.secrets())
+    storage = config.storage
+    storage.data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(storage.db_path)  # migrate before the worker starts
+    if not config.gitea.token:
+        log.warning("no Gitea token configured: kugetsu can queue work but not act on Gitea")
+    worker = WorkerProcess(config, log_level)
+    known = known_agents(config)
+    bot_login: dict[str, Any] = {"value": config.gitea.bot_login or None, "at": float("-inf")}
+
+    def rules() -> Rules:
+        # the worker finds out who the bot is (GET /user) and keeps it in the database
+        if not bot_login["value"] and time.monotonic() - bot_login["at"] > \
+                BOT_LOGIN_REFRESH_SECONDS:
+            bot_login["at"] = time.monotonic()
+            bot_login["value"] = store.get_meta("bot_login")
+        return Rules(label=config.triggers.label, command=config.triggers.command,
+                     bot_login=bot_login["value"], known_agents=known,
+                     default_agent=config.agents.default,
+                     max_attempts=config.queue.max_attempts)
+
+    def health() -> tuple[bool, dict]:
+        return worker.alive, {"worker": "running" if worker.alive else "stopped",
+                              "worker_restarts": worker.restarts, "version": __version__}
+
+    app = create_app(config, store, rules=rules, wake=worker.wake, health=health,
+                     log_dir=storage.logs_dir, log_token=lambda i: log_token(config, i))
+    stop = threading.Event()
+    _signals(stop)
+    worker.start()
+    server = HttpServer(app, config.server.host, config.server.port,
+                        max_body_bytes=config.server.max_body_bytes).start()
+    log.info("kugetsu serving", extra={"url": server.url, "data_dir": str(storage.data_dir),
+                                       "config": config.source})
+    print(f"kugetsu {__version__} listening on {server.url} (data in {storage.data_dir})",
+          flush=True)
+    while not stop.wait(1.0):
+        worker.watch()
+    server.stop()
+    worker.stop()
+    store.close()
+    log.info("stopped")
+    return 0
