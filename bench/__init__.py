@@ -1,0 +1,1 @@
+"""Benchmarks for kugetsu: latency, overhead and memory, measured against local fakes."""

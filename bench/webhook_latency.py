@@ -1,0 +1,324 @@
+"""Acknowledgement latency of POST /webhook: kugetsu against a bare HMAC-checking endpoint.
+
+    python -m bench.webhook_latency [--rate 200] [--seconds 10] [--threads 8]
+
+Starts `kugetsu serve` as a process (fake Gitea in a process of its own, a fake agent that
+does nothing and exits), then sends signed Gitea-shaped deliveries from several threads at a
+fixed open-loop rate over persistent connections: label changes on many issues, comments with
+commands, comments without, and re-sent (duplicate) deliveries. Latency is measured per
+request from just before it is sent to its response. The same schedule is then sent to a
+minimal Flask app served by the same waitress wrapper, which only checks the HMAC and answers
+202. Prints both and their ratio; writes bench/results/webhook_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import requests  # noqa: E402
+
+from bench.common import (ROOT, SECRET, Service, fake_agent_table, free_port,  # noqa: E402
+                          read_task_rows, service_tables, summary, table, write_config,
+                          write_result)
+from bench.gitea_process import GiteaProcess  # noqa: E402
+from tests import payloads  # noqa: E402
+
+Delivery = tuple[str, bytes, dict[str, str]]  # (kind, body, headers)
+
+COMMANDS = ("/kugetsu start please fix this", "/kugetsu status", "/kugetsu help",
+            "/kugetsu continue also add a test for it", "/kugetsu stop",
+            "/kugetsu start --agent fake make it faster")
+PLAIN = ("Thanks, this looks good to me.",
+         "Can someone look at this? The widget still breaks on Mondays.\n\nSteps:\n1. open it\n"
+         "2. wait\n3. watch it fail",
+         "> /kugetsu stop\n\nNo, let it run, the last attempt was close.",
+         "I tried this locally:\n\n```\n/kugetsu start\n```\n\nand it did not reproduce.",
+         "LGTM once CI passes.")
+MIXES = {
+    # label changes (mostly adding the trigger label), comments with and without commands,
+    # deliveries sent twice
+    "realistic": (("label", 0.35), ("command", 0.20), ("comment", 0.35), ("duplicate", 0.10)),
+    # the same shapes, but nothing that queues work: other labels, no commands. The tick is
+    # never woken, so this times the request path alone.
+    "quiet": (("other-label", 0.35), ("comment", 0.55), ("duplicate", 0.10)),
+}
+
+
+def build_deliveries(n: int, issues: int, rng: random.Random,
+                     mix: str = "realistic") -> list[Delivery]:
+    kinds = [k for k, _ in MIXES[mix]]
+    weights = [w for _, w in MIXES[mix]]
+    out: list[Delivery] = []
+    for i in range(n):
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "duplicate" and i < 50:
+            kind = "comment"
+        number = rng.randint(1, issues)
+        if kind == "label":
+            labels = rng.choices([["kugetsu"], ["kugetsu", "bug"], ["bug"]], [8, 1, 1])[0]
+            body, headers = payloads.label_delivery(labels, number)
+        elif kind == "other-label":
+            labels = rng.choice([["bug"], ["bug", "help wanted"], []])
+            body, headers = payloads.label_delivery(labels, number)
+        elif kind == "command":
+            body, headers = payloads.comment_delivery(rng.choice(COMMANDS), number)
+        elif kind == "comment":
+            body, headers = payloads.comment_delivery(rng.choice(PLAIN), number)
+        else:
+            # an earlier delivery sent again, same delivery id and all
+            _, body, headers = out[i - rng.randint(30, min(i, 300))]
+        out.append((kind, body, headers))
+    return out
+
+
+def plain_deliveries(n: int, issues: int, rng: random.Random) -> list[Delivery]:
+    return [("comment", *payloads.comment_delivery(rng.choice(PLAIN), rng.randint(1, issues)))
+            for _ in range(n)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def blast(url: str, deliveries: list[Delivery], rate: float, threads: int) -> dict:
+    """Send every delivery at its slot of a fixed schedule; one Session per thread."""
+    n = len(deliveries)
+    records: list[tuple | None] = [None] * n
+    sessions = []
+    for _ in range(threads):
+        s = requests.Session()
+        s.mount("http://", requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=1))
+        sessions.append(s)
+    ready = threading.Barrier(threads + 1)
+    start: list[float] = []
+
+    def worker(k: int) -> None:
+        s = sessions[k]
+        ready.wait()
+        t0 = start[0]
+        for i in range(k, n, threads):
+            due = t0 + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            _, body, headers = deliveries[i]
+            sent = time.perf_counter()
+            try:
+                r = s.post(url, data=body, headers=headers, timeout=10)
+            except requests.RequestException as exc:
+                records[i] = (due, sent, time.perf_counter(), f"error:{exc.__class__.__name__}",
+                              None)
+                continue
+            answered = time.perf_counter()
+            try:
+                state = r.json().get("status")
+            except ValueError:
+                state = None
+            records[i] = (due, sent, answered, r.status_code, state)
+
+    pool = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(threads)]
+    for t in pool:
+        t.start()
+    start.append(time.perf_counter() + 0.05)
+    ready.wait()
+    for t in pool:
+        t.join()
+    for s in sessions:
+        s.close()
+    t0 = start[0]
+    done = [r for r in records if r is not None]
+    latencies = [r[2] - r[1] for r in done]
+    lags = [max(0.0, r[1] - r[0]) for r in done]
+    end = max(r[2] for r in done)
+    by_kind: dict[str, list[float]] = collections.defaultdict(list)
+    for (kind, _, _), r in zip(deliveries, records):
+        if r is not None:
+            by_kind[kind].append(r[2] - r[1])
+    return {
+        "sent": len(done),
+        "target_rate_per_s": rate,
+        "achieved_rate_per_s": round(len(done) / (end - t0), 1),
+        "duration_s": round(end - t0, 3),
+        "latency_ms": summary(latencies, 1000.0),
+        "latency_ms_by_kind": {k: summary(v, 1000.0) for k, v in sorted(by_kind.items())},
+        "send_lag_ms": summary(lags, 1000.0),
+        "status_counts": dict(collections.Counter(str(r[3]) for r in done)),
+        "answer_counts": dict(collections.Counter(str(r[4]) for r in done)),
+    }
+
+
+def server_ms(log_text: str, last: int) -> dict:
+    """The handler's own time, from the service's "webhook handled ... ms=" log lines."""
+    values = [float(m.group(1)) for m in re.finditer(
+        r"webhook handled .*?\bms=([0-9.]+)", log_text)]
+    return summary(values[-last:], 1.0)
+
+
+def start_profile(out: Path | None, pid: int) -> subprocess.Popen | None:
+    """py-spy sampling the service (without pausing it) while the run lasts."""
+    if out is None:
+        return None
+    fmt = {".json": "speedscope", ".txt": "raw"}.get(out.suffix, "flamegraph")
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "100",
+                            "--nonblocking", "--format", fmt, "--output", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches
+    return spy
+
+
+def stop_profile(spy: subprocess.Popen | None) -> None:
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+
+
+def run_kugetsu(args, tmp: Path, work: list[Delivery], warm: list[Delivery]) -> dict:
+    with GiteaProcess(tmp / "gitea", issues=args.issues) as gitea:
+        port = free_port()
+        agent = fake_agent_table(FAKE_MODE="nochange", FAKE_SECONDS=args.agent_seconds)
+        config = write_config(tmp / "kugetsu.toml", service_tables(
+            port=port, gitea_url=gitea.url, data_dir=tmp / "data", agents={"fake": agent},
+            queue={"max_concurrent_agents": args.max_agents}))
+        svc = Service(config, port, tmp).start()
+        try:
+            url = svc.url + "/webhook"
+            blast(url, warm, args.rate, args.threads)
+            time.sleep(0.5)
+            spy = start_profile(args.profile, svc.proc.pid)
+            try:
+                cpu0, wall0 = cpu_seconds(svc.proc.pid), time.monotonic()
+                result = blast(url, work, args.rate, args.threads)
+                cpu1, wall1 = cpu_seconds(svc.proc.pid), time.monotonic()
+            finally:
+                stop_profile(spy)
+            result["server_cpu_ms_per_delivery"] = round((cpu1 - cpu0) * 1000 / len(work), 3)
+            result["server_cpu_share_of_one_core"] = round((cpu1 - cpu0) / (wall1 - wall0), 3)
+            result["handler_ms_from_log"] = server_ms(svc.logs(), len(work))
+            rows = read_task_rows(tmp / "data" / "kugetsu.db")
+            result["tasks_queued"] = len(rows)
+            result["tasks_started_during_run"] = sum(1 for r in rows.values() if r["started_at"])
+        finally:
+            svc.stop()
+    return result
+
+
+def run_bare(args, work: list[Delivery], warm: list[Delivery]) -> dict:
+    proc = subprocess.Popen([sys.executable, "-m", "bench.bare_webhook", "--secret", SECRET,
+                             "--threads", "8"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = json.loads(proc.stdout.readline())["port"]
+        url = f"http://127.0.0.1:{port}/webhook"
+        blast(url, warm, args.rate, args.threads)
+        time.sleep(0.5)
+        cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
+        result = blast(url, work, args.rate, args.threads)
+        cpu1, wall1 = cpu_seconds(proc.pid), time.monotonic()
+        result["server_cpu_ms_per_delivery"] = round((cpu1 - cpu0) * 1000 / len(work), 3)
+        result["server_cpu_share_of_one_core"] = round((cpu1 - cpu0) / (wall1 - wall0), 3)
+        return result
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=200.0, help="deliveries per second")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of the measured run")
+    parser.add_argument("--threads", type=int, default=8, help="sending threads")
+    parser.add_argument("--issues", type=int, default=500,
+                        help="distinct issues the deliveries are about")
+    parser.add_argument("--warmup", type=int, default=200,
+                        help="deliveries sent first and not measured")
+    parser.add_argument("--max-agents", type=int, default=3,
+                        help="queue.max_concurrent_agents of the service")
+    parser.add_argument("--agent-seconds", type=float, default=0.0,
+                        help="how long the fake agent of each queued task works (0: exits at "
+                             "once; large: the first tasks keep every slot busy, the rest wait)")
+    parser.add_argument("--profile", type=Path, metavar="OUT",
+                        help="record the service with py-spy during the measured run "
+                             "(.svg flame graph, .json speedscope, .txt collapsed stacks); "
+                             "needs py-spy on PATH")
+    parser.add_argument("--mix", choices=sorted(MIXES), default="realistic",
+                        help="realistic: some deliveries queue work and wake the tick; quiet: "
+                             "none do, which isolates the request path")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--skip-bare", action="store_true", help="measure kugetsu only")
+    args = parser.parse_args()
+    if not (1 <= args.rate * args.seconds <= 20000):
+        parser.error("rate x seconds must be between 1 and 20000 deliveries")
+
+    rng = random.Random(args.seed)
+    n = int(round(args.rate * args.seconds))
+    work = build_deliveries(n, args.issues, rng, args.mix)
+    warm = plain_deliveries(args.warmup, args.issues, rng)
+    mix = dict(collections.Counter(k for k, _, _ in work))
+    print(f"{n} deliveries at {args.rate:g}/s from {args.threads} threads; mix {mix}",
+          flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="kugetsu-bench-", ignore_cleanup_errors=True) as d:
+        kugetsu = run_kugetsu(args, Path(d), work, warm)
+    bare = None if args.skip_bare else run_bare(args, work, warm)
+
+    def row(name: str, r: dict) -> list:
+        lat = r["latency_ms"]
+        return [name, lat["p50"], lat["p90"], lat["p99"], lat["max"], r["achieved_rate_per_s"],
+                r["send_lag_ms"]["max"], r["server_cpu_ms_per_delivery"],
+                " ".join(f"{k}:{v}" for k, v in sorted(r["status_counts"].items()))]
+
+    rows = [row("kugetsu", kugetsu)] + ([row("bare", bare)] if bare else [])
+    ratio = None
+    if bare:
+        ratio = {k: round(kugetsu["latency_ms"][k] / bare["latency_ms"][k], 2)
+                 for k in ("p50", "p90", "p99", "max")}
+        rows.append(["ratio", ratio["p50"], ratio["p90"], ratio["p99"], ratio["max"], "", "", "",
+                     ""])
+    print()
+    print(table(["endpoint", "p50 ms", "p90 ms", "p99 ms", "max ms", "rate/s", "max lag ms",
+                 "cpu ms/req", "status"], rows))
+    h = kugetsu["handler_ms_from_log"]
+    print(f"\nkugetsu handler time from its log: p50 {h.get('p50')} ms, p99 {h.get('p99')} ms, "
+          f"max {h.get('max')} ms; tasks queued {kugetsu['tasks_queued']}, "
+          f"started during the run {kugetsu['tasks_started_during_run']}")
+    p99 = kugetsu["latency_ms"]["p99"]
+    targets = {"p99_under_10ms": p99 < 10.0,
+               "p99_within_2x_of_bare": None if ratio is None else ratio["p99"] <= 2.0}
+    print(f"targets: p99 < 10 ms: {'met' if targets['p99_under_10ms'] else 'MISSED'} "
+          f"({p99} ms)" + ("" if ratio is None else
+                           f"; p99 within 2x of bare: "
+                           f"{'met' if targets['p99_within_2x_of_bare'] else 'MISSED'} "
+                           f"({ratio['p99']}x)"))
+    name = "webhook_latency" + ("" if args.mix == "realistic" else f"-{args.mix}") \
+        + ("-profiled" if args.profile else "")
+    path = write_result(name, {
+        "options": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "mix": mix, "kugetsu": kugetsu, "bare": bare, "ratio_kugetsu_over_bare": ratio,
+        "targets": targets})
+    print(f"written to {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
