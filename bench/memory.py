@@ -35,12 +35,32 @@ def mib(kib: int) -> float:
     return round(kib / 1024, 1)
 
 
+def service_pids(pid: int) -> list[int]:
+    """The receiver and its worker process (agents run in sessions of their own)."""
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid and int(stat[3]) == pid:  # child, same process group
+                pids.append(int(entry.name))
+    return pids
+
+
 def snapshot(pid: int, db: Path) -> dict:
-    m = memory_kib(pid)
-    status = Path(f"/proc/{pid}/status").read_text()
-    threads = next(int(line.split()[1]) for line in status.splitlines()
-                   if line.startswith("Threads:"))
-    return {"rss_mib": mib(m["VmRSS"]), "peak_rss_mib": mib(m["VmHWM"]), "threads": threads,
+    """RSS of the receiver and the worker together (the whole service)."""
+    rss = peak = threads = 0
+    for p in service_pids(pid):
+        m = memory_kib(p)
+        rss += m["VmRSS"]
+        peak += m["VmHWM"]
+        status = Path(f"/proc/{p}/status").read_text()
+        threads += next(int(line.split()[1]) for line in status.splitlines()
+                        if line.startswith("Threads:"))
+    return {"rss_mib": mib(rss), "peak_rss_mib": mib(peak), "threads": threads,
+            "processes": len(service_pids(pid)),
             "db_mib": round(sum(p.stat().st_size for p in db.parent.glob(db.name + "*"))
                             / 2**20, 2)}
 
@@ -122,7 +142,7 @@ def main() -> int:
                 svc.stop()
 
     print()
-    print(table(["service process", "RSS MiB", "peak RSS MiB", "threads", "db MiB"], [
+    print(table(["service (receiver + worker)", "RSS MiB", "peak RSS MiB", "threads", "db MiB"], [
         ["idle after start", idle["rss_mib"], idle["peak_rss_mib"], idle["threads"],
          idle["db_mib"]],
         [f"{args.tasks} deliveries received", after_deliveries["rss_mib"],

@@ -249,6 +249,7 @@ class Store:
             conn.execute("PRAGMA foreign_keys = ON")
             # checkpoints run from checkpoint(), off the request path
             conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute("PRAGMA journal_size_limit = 8388608")  # WAL kept after a checkpoint
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
