@@ -211,3 +211,61 @@ def task_phases(*, sent: float, sent_wall: float, done: float, start: float, end
     claimed, finished = row["started_at"] + shift, row["finished_at"] + shift
     return {"claimed_s": claimed - sent, "prepare_s": start - claimed,
             "publish_s": finished - end, "comment_s": done - finished}
+
+
+def sequential_runs(runs: int, gap: float, timeout: float) -> dict[str, Any]:
+    """One labelled issue after another through `kugetsu serve` and the fake Gitea.
+
+    The agent writes one file and records when it starts and ends. Each delivery waits
+    for its task's tracking comment to reach a final state before the next is sent.
+    Returns the runs (task, issue, monotonic and wall send times, answer and done
+    times, final state), the task rows, the agent's marks and the number of PRs.
+    """
+    import tempfile
+
+    import requests
+
+    from tests import payloads
+    from tests.fakegitea import FakeGitea
+
+    out: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="kugetsu-bench-", ignore_cleanup_errors=True) as d:
+        tmp = Path(d)
+        record = tmp / "agent-record.txt"
+        with FakeGitea(tmp / "gitea", token=TOKEN) as gitea:
+            gitea.create_repo(REPO, files={"README.md": "# widget\n"})
+            gitea.set_permission(REPO, "alice", "write")
+            port = free_port()
+            agent = fake_agent_table(FAKE_MODE="write", FAKE_SECONDS=0, FAKE_RECORD=record)
+            config = write_config(tmp / "kugetsu.toml", service_tables(
+                port=port, gitea_url=gitea.url, data_dir=tmp / "data", agents={"fake": agent}))
+            svc = Service(config, port, tmp).start()
+            session = requests.Session()
+            try:
+                time.sleep(1.0)  # let the first tick (at start-up) finish
+                for i in range(runs):
+                    n = gitea.create_issue(REPO, f"Benchmark issue {i + 1}", "Add a file.",
+                                           labels=["kugetsu"])
+                    body, headers = payloads.label_delivery(["kugetsu"], n)
+                    sent_wall, sent = time.time(), time.monotonic()
+                    r = session.post(svc.url + "/webhook", data=body, headers=headers,
+                                     timeout=10)
+                    acked = time.monotonic()
+                    if r.status_code != 202:
+                        raise RuntimeError(f"delivery answered {r.status_code}: {r.text}")
+                    task = str(r.json()["tasks"][0])
+                    state = wait_until(lambda: final_state(gitea, n), timeout, interval=0.002,
+                                       what=f"task {task} to finish")
+                    done = time.monotonic()
+                    if state != "done":
+                        raise RuntimeError(f"task {task} ended {state}:\n{svc.logs()[-3000:]}")
+                    out.append({"task": int(task), "issue": n, "sent": sent,
+                                "sent_wall": sent_wall, "acked": acked, "done": done})
+                    time.sleep(gap)
+                rows = read_task_rows(tmp / "data" / "kugetsu.db")
+                marks = read_record(record)
+                prs = len(gitea.pulls_of(REPO))
+            finally:
+                session.close()
+                svc.stop()
+    return {"runs": out, "rows": rows, "marks": marks, "pull_requests": prs}

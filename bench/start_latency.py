@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import requests  # noqa: E402
 
-from bench.common import (REPO, ROOT, TOKEN, Service, fake_agent_table, final_state,  # noqa: E402
-                          free_port, read_record, read_task_rows, service_tables, summary,
-                          table, wait_until, write_config, write_result)
-from tests import payloads  # noqa: E402
-from tests.fakegitea import FakeGitea  # noqa: E402
+from bench.common import (ROOT, sequential_runs, summary,
+                          table, write_result)
 
 
 def main() -> int:
@@ -40,45 +34,13 @@ def main() -> int:
     if not 1 <= args.runs <= 500:
         parser.error("--runs must be 1..500")
 
+    result = sequential_runs(args.runs, args.gap, args.timeout)
+    rows, marks = result["rows"], result["marks"]
     runs = []
-    with tempfile.TemporaryDirectory(prefix="kugetsu-bench-", ignore_cleanup_errors=True) as d:
-        tmp = Path(d)
-        record = tmp / "agent-record.txt"
-        with FakeGitea(tmp / "gitea", token=TOKEN) as gitea:
-            gitea.create_repo(REPO, files={"README.md": "# widget\n"})
-            gitea.set_permission(REPO, "alice", "write")
-            port = free_port()
-            agent = fake_agent_table(FAKE_MODE="write", FAKE_SECONDS=0, FAKE_RECORD=record)
-            config = write_config(tmp / "kugetsu.toml", service_tables(
-                port=port, gitea_url=gitea.url, data_dir=tmp / "data", agents={"fake": agent}))
-            svc = Service(config, port, tmp).start()
-            session = requests.Session()
-            try:
-                time.sleep(1.0)  # let the first tick (at start-up) finish
-                for i in range(args.runs):
-                    n = gitea.create_issue(REPO, f"Benchmark issue {i + 1}", "Add a file.",
-                                           labels=["kugetsu"])
-                    body, headers = payloads.label_delivery(["kugetsu"], n)
-                    sent_wall = time.time()
-                    sent = time.monotonic()
-                    r = session.post(svc.url + "/webhook", data=body, headers=headers,
-                                     timeout=10)
-                    acked = time.monotonic()
-                    if r.status_code != 202:
-                        raise RuntimeError(f"delivery answered {r.status_code}: {r.text}")
-                    task = str(r.json()["tasks"][0])
-                    started = wait_until(lambda: read_record(record).get(task, {}).get("start"),
-                                         args.timeout, what=f"task {task}'s agent to start")
-                    state = wait_until(lambda: final_state(gitea, n), args.timeout,
-                                       what=f"task {task} to finish")
-                    runs.append({"task": int(task), "issue": n, "state": state,
-                                 "ack_s": acked - sent, "start_s": started - sent,
-                                 "sent_wall": sent_wall})
-                    time.sleep(args.gap)
-                rows = read_task_rows(tmp / "data" / "kugetsu.db")
-            finally:
-                session.close()
-                svc.stop()
+    for r in result["runs"]:
+        runs.append({"task": r["task"], "issue": r["issue"], "ack_s": r["acked"] - r["sent"],
+                     "start_s": marks[str(r["task"])]["start"] - r["sent"],
+                     "sent_wall": r["sent_wall"]})
 
     for run in runs:
         row = rows.get(run["task"], {})

@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import requests  # noqa: E402
 
-from bench.common import (REPO, ROOT, TOKEN, Service, fake_agent_table, final_state,  # noqa: E402
-                          free_port, read_record, read_task_rows, service_tables, summary,
-                          table, task_phases, wait_until, write_config, write_result)
-from tests import payloads  # noqa: E402
-from tests.fakegitea import FakeGitea  # noqa: E402
+from bench.common import (ROOT, sequential_runs, summary,
+                          table, task_phases, write_result)
 
 PHASES = (("delivery -> claimed", "claimed"),
           ("claimed -> agent start", "prepare"),
@@ -45,45 +39,11 @@ def main() -> int:
     if not 1 <= args.runs <= 500:
         parser.error("--runs must be 1..500")
 
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="kugetsu-bench-", ignore_cleanup_errors=True) as d:
-        tmp = Path(d)
-        record = tmp / "agent-record.txt"
-        with FakeGitea(tmp / "gitea", token=TOKEN) as gitea:
-            gitea.create_repo(REPO, files={"README.md": "# widget\n"})
-            gitea.set_permission(REPO, "alice", "write")
-            port = free_port()
-            agent = fake_agent_table(FAKE_MODE="write", FAKE_SECONDS=0, FAKE_RECORD=record)
-            config = write_config(tmp / "kugetsu.toml", service_tables(
-                port=port, gitea_url=gitea.url, data_dir=tmp / "data", agents={"fake": agent}))
-            svc = Service(config, port, tmp).start()
-            session = requests.Session()
-            try:
-                time.sleep(1.0)
-                for i in range(args.runs):
-                    n = gitea.create_issue(REPO, f"Benchmark issue {i + 1}", "Add a file.",
-                                           labels=["kugetsu"])
-                    body, headers = payloads.label_delivery(["kugetsu"], n)
-                    sent_wall, sent = time.time(), time.monotonic()
-                    r = session.post(svc.url + "/webhook", data=body, headers=headers,
-                                     timeout=10)
-                    if r.status_code != 202:
-                        raise RuntimeError(f"delivery answered {r.status_code}: {r.text}")
-                    task = str(r.json()["tasks"][0])
-                    state = wait_until(lambda: final_state(gitea, n), args.timeout,
-                                       interval=0.002, what=f"task {task} to finish")
-                    done = time.monotonic()
-                    if state != "done":
-                        raise RuntimeError(f"task {task} ended {state}:\n{svc.logs()[-3000:]}")
-                    runs.append({"task": int(task), "issue": n, "sent": sent,
-                                 "sent_wall": sent_wall, "done": done})
-                    time.sleep(args.gap)
-                rows = read_task_rows(tmp / "data" / "kugetsu.db")
-                marks = read_record(record)
-                prs = len(gitea.pulls_of(REPO))
-            finally:
-                session.close()
-                svc.stop()
+    result = sequential_runs(args.runs, args.gap, args.timeout)
+    runs, rows, marks, prs = (result["runs"], result["rows"], result["marks"],
+                              result["pull_requests"])
+    for run in runs:
+        run.pop("acked")
 
     phases: dict[str, list[float]] = {key: [] for _, key in PHASES}
     totals, agents, overheads = [], [], []

@@ -65,3 +65,27 @@ def gitea(tmp_path):
         fake.set_permission(REPO, "bob", "admin")
         fake.set_permission(REPO, "mallory", "read")
         yield fake
+
+
+def peak_overlap(record: Path) -> tuple[int, int]:
+    """From a fake agent's FAKE_RECORD file: (number of start/end events, most agents
+    running at the same moment)."""
+    events = []
+    for line in record.read_text().splitlines():
+        what, _task, at = line.split()
+        events.append((float(at), 1 if what == "start" else -1))
+    events.sort(key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return len(events), peak
+
+
+def process_gone(pid: int) -> bool:
+    """True if no live process has this pid (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -18,7 +18,8 @@ from bot.gitea import GiteaClient, Locked, ServerError
 from bot.store import open_store
 from bot.tasks import Kind, Outcome, State
 from bot.workspace import Workspace
-from tests.conftest import FAKE_AGENT, REPO, TOKEN, fake_agent, make_config, wait_for
+from tests.conftest import (FAKE_AGENT, REPO, TOKEN, fake_agent, make_config, peak_overlap,
+                            process_gone, wait_for)
 
 BRANCH = "kugetsu/issue-{}"
 
@@ -82,11 +83,7 @@ def make(tmp_path, gitea):
 
 
 def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    return not process_gone(pid)
 
 
 # ---------------------------------------------------------------- the happy path
@@ -389,16 +386,8 @@ def test_concurrency_limit_holds_and_is_used(make, tmp_path):
     ids = [h.enqueue(h.issue(f"Task {i}")) for i in range(10)]
     h.settle(*ids, timeout=120)
     assert all(h.store.get(t).outcome is Outcome.SUCCEEDED for t in ids)
-    events = []
-    for line in record.read_text().splitlines():
-        what, _task, at = line.split()
-        events.append((float(at), 1 if what == "start" else -1))
-    events.sort(key=lambda e: (e[0], e[1]))
-    running = peak = 0
-    for _, delta in events:
-        running += delta
-        peak = max(peak, running)
-    assert len(events) == 20
+    count, peak = peak_overlap(record)
+    assert count == 20
     assert peak == 3
 
 

@@ -15,7 +15,8 @@ import pytest
 import requests
 
 from tests import payloads
-from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN, wait_for
+from tests.conftest import (FAKE_AGENT, REPO, SECRET, TOKEN, peak_overlap, process_gone,
+                            wait_for)
 from tests.service import Service, free_port, write_config
 
 pytestmark = pytest.mark.e2e
@@ -136,10 +137,7 @@ def test_kill_9_in_mid_task_recovers_with_exactly_one_pull_request(service_facto
     assert (task["outcome"], task["attempts"]) == ("succeeded", 2)
     assert len(gitea.pulls_of(REPO)) == 1
     assert len(tracking(gitea, n)) == 1
-    with open(f"/proc/{first_agent}/stat") if os.path.exists(f"/proc/{first_agent}") else \
-            open(os.devnull) as fh:
-        state = fh.read()
-    assert state == "" or state.rsplit(")", 1)[1].split()[0] == "Z"
+    assert process_gone(first_agent)  # the restarted service killed the orphan
 
 
 def test_sigterm_stops_agents_and_requeues_their_tasks(service_factory, gitea, tmp_path):
@@ -150,8 +148,7 @@ def test_sigterm_stops_agents_and_requeues_their_tasks(service_factory, gitea, t
     wait_for(pidfile.exists, timeout=30, what="the agent to start")
     agent = int(pidfile.read_text())
     assert svc.stop(timeout=30) == 0
-    assert not os.path.exists(f"/proc/{agent}") or \
-        open(f"/proc/{agent}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    assert process_gone(agent)
     [task] = queue_json(svc)
     assert (task["state"], task["attempts"]) == ("pending", 0)
 
@@ -208,16 +205,8 @@ def test_two_processes_on_one_database_share_the_limit(service_factory, gitea, t
         assert second.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
     wait_for(lambda: [t["state"] for t in queue_json(first)] == ["completed"] * 8, timeout=90,
              what="all tasks to finish")
-    events = []
-    for line in record.read_text().splitlines():
-        what, _task, at = line.split()
-        events.append((float(at), 1 if what == "start" else -1))
-    events.sort(key=lambda e: (e[0], e[1]))
-    running = peak = 0
-    for _, delta in events:
-        running += delta
-        peak = max(peak, running)
-    assert len(events) == 16 and peak <= 3
+    count, peak = peak_overlap(record)
+    assert count == 16 and peak <= 3
     assert len(gitea.pulls_of(REPO)) == 8
     from bot.store import open_store
     store = open_store(tmp_path / "data" / "kugetsu.db")
@@ -243,14 +232,6 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 def test_worker_stops_its_agents_when_the_receiver_dies(service_factory, gitea, tmp_path):
     pidfile = tmp_path / "agent.pid"
     svc = service_factory(agent_env={"FAKE_SECONDS": "60", "FAKE_PIDFILE": str(pidfile)})
@@ -261,7 +242,7 @@ def test_worker_stops_its_agents_when_the_receiver_dies(service_factory, gitea, 
     [worker] = children(svc.proc.pid)
     svc.proc.send_signal(signal.SIGKILL)  # the receiver only
     svc.proc.wait(timeout=10)
-    wait_for(lambda: gone(worker) and gone(agent), timeout=30,
+    wait_for(lambda: process_gone(worker) and process_gone(agent), timeout=30,
              what="the worker and its agent to stop")
     [task] = queue_json(svc)
     assert (task["state"], task["attempts"]) == ("pending", 0)

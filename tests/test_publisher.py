@@ -1,8 +1,6 @@
 """Tracking comment and PR body rendering, for every state."""
 
-from pathlib import Path
 
-import pytest
 
 from bot.config import Config, GiteaConfig, ServerConfig
 from bot.publisher import QueueView, log_link, marker, render_pr_body, render_tracking
