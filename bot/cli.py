@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kugetsu", parents=[common],
         description="Turns Gitea issues into pull requests written by AI coding agents.")
     parser.add_argument("--version", action="version", version=f"kugetsu {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # `worker` is started by `serve` itself and is left out of the listing
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{serve,queue,enqueue,logs}")
 
     levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
     p = sub.add_parser("serve", parents=[common], help="run the webhook server and scheduler")
