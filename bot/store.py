@@ -293,7 +293,7 @@ class Store:
                     if time.monotonic() >= deadline:
                         raise
                 time.sleep(delay)
-                delay = min(delay * 2, 0.005)
+                delay = min(delay * 2, 0.001)
         finally:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
 
