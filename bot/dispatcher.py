@@ -150,7 +150,6 @@ class Dispatcher:
         self._stopping = threading.Event()
         self._ticks = Coalescer(self.tick, stopped=self._stopping.is_set,
                                 min_interval=MIN_TICK_SPACING_SECONDS)
-        self.last_tick: float | None = None
         self.bot_login: str | None = config.gitea.bot_login or None
         self._bot_login_tried = float("-inf")
         self._lease_renew_at = float("-inf")
@@ -181,10 +180,6 @@ class Dispatcher:
         with self._runners_lock:
             return list(self._runners.values())
 
-    @property
-    def busy(self) -> int:
-        return len(self.runner_threads())
-
     # ---------------------------------------------------------------- the tick
 
     def request_tick(self) -> None:
@@ -196,7 +191,6 @@ class Dispatcher:
         self._ticks.run()
 
     def tick(self) -> None:
-        self.last_tick = self.clock()
         self.ensure_bot_login()
         self._reap()
         self.recover()

@@ -700,9 +700,6 @@ class Store:
             c.execute("UPDATE outbox SET attempts = attempts + 1, not_before = ?, error = ? "
                       "WHERE id = ?", (self.clock() + delay, error, item_id))
 
-    def outbox_pending(self) -> int:
-        return self._conn().execute("SELECT COUNT(*) FROM outbox WHERE done_at IS NULL").fetchone()[0]
-
     # ------------------------------------------------------------------ workers
 
     def register_worker(self, worker_id: str, pid: int, pid_start: str | None) -> None:

@@ -79,10 +79,6 @@ class Decision:
     state: State
     retry_in: float | None = None  # seconds until the next attempt, when state is PENDING
 
-    @property
-    def will_retry(self) -> bool:
-        return self.state is State.PENDING
-
 
 def backoff_for(attempt: int, backoff: Sequence[float]) -> float:
     """Delay before attempt `attempt + 1`; the last entry repeats."""
