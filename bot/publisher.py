@@ -255,11 +255,8 @@ class Publisher:
 
     def _find_existing_comment(self, task: Task) -> int | None:
         """After a crash between creating a comment and recording it, find it again."""
-        lister = getattr(self.gitea, "list_comments", None)
-        if lister is None:
-            return None
         mark = marker(task.id)
-        for comment in lister(task.owner, task.name, task.issue):
+        for comment in self.gitea.list_comments(task.owner, task.name, task.issue):
             if mark in (comment.get("body") or ""):
                 return int(comment["id"])
         return None
