@@ -5,6 +5,7 @@ import random
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +213,18 @@ def test_claim_limit_holds_across_processes(tmp_path):
     assert len(intervals) == 80
     assert _overlap(intervals) <= 3
     assert store.count_running() == 0
+
+
+def test_checkpoint_pages_keeps_the_write_ahead_log_short(tmp_path):
+    """The worker's store checkpoints after commits; the receiver's never does."""
+    def wal_size_after_commits(path, pages):
+        store = open_store(path, checkpoint_pages=pages)
+        try:
+            for i in range(300):
+                store.set_meta(f"key-{i}", "x" * 2000)
+            return Path(f"{path}-wal").stat().st_size
+        finally:
+            store.close()
+
+    assert wal_size_after_commits(tmp_path / "receiver.db", 0) > 1_000_000
+    assert wal_size_after_commits(tmp_path / "worker.db", 20) < 300_000
