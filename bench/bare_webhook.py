@@ -1,5 +1,6 @@
 """The baseline for webhook_latency: a Flask app with one POST route that only checks the
-HMAC of the raw body and answers 202, served by kugetsu's own waitress wrapper.
+HMAC of the raw body and answers 202, served by kugetsu's own waitress wrapper with the same
+interpreter settings as `kugetsu serve` (bot.httpserver.prepare_interpreter).
 
     python -m bench.bare_webhook --secret S [--port 0] [--threads 8]
 
@@ -46,9 +47,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args()
 
-    from bot.httpserver import HttpServer
+    from bot.httpserver import HttpServer, prepare_interpreter
 
-    server = HttpServer(create_app(args.secret), "127.0.0.1", args.port,
+    app = create_app(args.secret)
+    prepare_interpreter()  # the same process settings as kugetsu serve's receiver
+    server = HttpServer(app, "127.0.0.1", args.port,
                         threads=args.threads).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

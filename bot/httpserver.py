@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import sys
 import threading
 
 from waitress.server import create_server
 
 log = logging.getLogger(__name__)
+
+#: how long a thread may hold the GIL while another waits for it (Python's default: 5 ms)
+SWITCH_INTERVAL_SECONDS = 0.0005
+
+
+def prepare_interpreter() -> None:
+    """Process-wide settings for a process whose job is answering requests quickly.
+
+    Call once, after start-up and before serving.
+
+    - Garbage collection: a full collection walks every tracked object, Flask, werkzeug
+      and all other modules loaded at start-up included. Under load it ran about every
+      ten seconds and held the interpreter, and so every request in flight, for about
+      20 ms. `gc.freeze()` moves what exists now out of the collector's sight; later
+      collections only walk what requests leave behind.
+    - GIL switch interval: waitress hands each request from its socket thread to a
+      worker thread. When two requests overlap, a thread that wants the GIL waits up to
+      the switch interval for the one running Python code. 0.5 ms instead of 5 ms
+      shortens those waits.
+    """
+    gc.collect()
+    gc.freeze()
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
 
 class HttpServer:
@@ -38,7 +63,11 @@ class HttpServer:
             self.app, host=self.host, port=self.requested_port, threads=self.threads,
             max_request_body_size=self.max_body_bytes + 1, ident="kugetsu",
             clear_untrusted_proxy_headers=True, channel_timeout=30,
-            asyncore_loop_timeout=0.2)
+            asyncore_loop_timeout=0.2,
+            # Send each answer from the thread that made it. With waitress's default
+            # (18000 bytes) a small answer waits in a buffer until the socket thread
+            # wakes up to send it: one more thread hand-off per request.
+            send_bytes=1)
         self._thread = threading.Thread(target=self._run, args=(self._server,), name="http",
                                         daemon=True)
         self._thread.start()
