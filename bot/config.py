@@ -120,6 +120,8 @@ class AgentsConfig:
     log_max_bytes: int = 5 * 1024 * 1024
     max_tokens: int | None = None
     max_cost_usd: float | None = None
+    #: niceness added to the worker process and all it starts (agents, git)
+    nice: int = 10
     tables: Mapping[str, AgentConfig] = field(default_factory=dict)
 
     @property
@@ -387,8 +389,11 @@ def load(path: str | os.PathLike[str] | None = None,
         log_max_bytes=a.integer("log_max_bytes", 5 * 1024 * 1024, minimum=4096),
         max_tokens=a.integer("max_tokens", None, minimum=1),
         max_cost_usd=a.number("max_cost_usd", None, positive=True),
+        nice=a.integer("nice", 10, minimum=0),
         tables=tables,
     )
+    if agents.nice > 19:
+        raise ConfigError(f"agents.nice must be between 0 and 19, got {agents.nice}")
     a.check_unknown()
 
     # git

@@ -31,6 +31,8 @@ log = logging.getLogger("kugetsu")
 WORKER_STOP_EXTRA_SECONDS = 30.0
 WORKER_RESTART_DELAY_SECONDS = 2.0
 BOT_LOGIN_REFRESH_SECONDS = 60.0
+#: a worker commit that leaves more pages than this (4 KiB each) in the WAL checkpoints it
+WORKER_CHECKPOINT_PAGES = 1000
 
 
 def known_agents(config: Config) -> frozenset[str]:
@@ -59,8 +61,11 @@ def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO") 
     from bot.workspace import Workspace
 
     configure_logging(log_level, config.secrets())
+    # Before any thread starts: threads and child processes inherit it.
+    niceness = _lower_priority(config.agents.nice)
     storage = config.storage
-    store = open_store(storage.db_path)
+    # the worker keeps the write-ahead log short; the receiver never checkpoints
+    store = open_store(storage.db_path, checkpoint_pages=WORKER_CHECKPOINT_PAGES)
     gitea = GiteaClient(config.gitea.url, config.gitea.token,
                         timeout=config.gitea.timeout_seconds, retries=config.gitea.retries)
     workspace = Workspace(mirrors_dir=storage.mirrors_dir, worktrees_dir=storage.worktrees_dir,
@@ -87,7 +92,8 @@ def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO") 
     if wake_fd is not None:
         threading.Thread(target=_read_wakes, args=(wake_fd, wake, stop), name="wake",
                          daemon=True).start()
-    log.info("worker started", extra={"pid": os.getpid(), "worker": dispatcher.worker_id})
+    log.info("worker started", extra={"pid": os.getpid(), "worker": dispatcher.worker_id,
+                                      "nice": niceness})
     while not stop.wait(1.0):
         pass
     scheduler.shutdown()
@@ -95,6 +101,22 @@ def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO") 
     store.close()
     log.info("worker stopped")
     return 0
+
+
+def _lower_priority(increment: int) -> int:
+    """Adds `increment` to this process's niceness; returns the niceness it now has.
+
+    The receiver has to answer each delivery within Gitea's timeout, while the worker,
+    git and the agents can wait a little for the CPU. With the worker niced, a busy
+    machine serves the receiver first: on two cores, with tasks being started beside a
+    stream of 200 deliveries/s, this halved the receiver's p99 (bench/README.md).
+    """
+    if increment:
+        try:
+            return os.nice(increment)
+        except OSError as exc:
+            log.warning("cannot lower the worker's CPU priority", extra={"error": str(exc)})
+    return os.nice(0)
 
 
 def _read_wakes(fd: int, wake: Callable[[], None], stop: threading.Event) -> None:
@@ -188,7 +210,7 @@ class WorkerProcess:
 def serve(config: Config, *, log_level: str = "INFO") -> int:
     """The receiver process: the webhook server, supervising the worker."""
     from bot.app import create_app
-    from bot.httpserver import HttpServer
+    from bot.httpserver import HttpServer, prepare_interpreter
     from bot.intake import Rules
     from bot.publisher import log_token
     from bot.redact import configure_logging
@@ -224,6 +246,7 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     stop = threading.Event()
     _signals(stop)
     worker.start()
+    prepare_interpreter()
     server = HttpServer(app, config.server.host, config.server.port,
                         max_body_bytes=config.server.max_body_bytes).start()
     log.info("kugetsu serving", extra={"url": server.url, "data_dir": str(storage.data_dir),

@@ -24,6 +24,7 @@ def test_built_in_defaults(tmp_path, monkeypatch):
     assert config.triggers.label == "kugetsu" and config.triggers.command == "/kugetsu"
     assert config.triggers.min_permission == "write"
     assert config.agents.default == "opencode" and config.agents.timeout_minutes == 60
+    assert config.agents.nice == 10
     assert config.git.branch_template == "kugetsu/issue-{number}"
     assert config.storage.data_dir == tmp_path / "kugetsu-data"
     assert config.gitea.api_url == "http://localhost:3000/api/v1"
@@ -86,6 +87,9 @@ def test_missing_secret_refuses_to_start_unless_insecure(tmp_path):
     ("[triggers]\ncommand = \"/ku getsu\"\n", "triggers.command"),
     ("[agents]\ndefault = \"nobody\"\n", "nobody"),
     ("[agents]\ntimeout_minutes = 0\n", "agents.timeout_minutes"),
+    ("[agents]\nnice = -5\n", "agents.nice"),
+    ("[agents]\nnice = 20\n", "agents.nice"),
+    ("[agents]\nnice = 2.5\n", "agents.nice"),
     ("[agents.custom]\nenv = { A = \"x\" }\n", "agents.custom.command"),
     ("[agents.custom]\ncommand = []\n", "agents.custom.command"),
     ("[agents.x]\npreset = \"gpt\"\ncommand = [\"a\"]\n", "agents.x.preset"),

@@ -30,7 +30,8 @@ def agent_table(**env) -> dict:
 def service_factory(tmp_path, gitea):
     started = []
 
-    def factory(agent_env: dict | None = None, **queue) -> Service:
+    def factory(agent_env: dict | None = None, agents: dict | None = None,
+                **queue) -> Service:
         port = free_port()
         config = write_config(tmp_path / f"kugetsu-{port}.toml", {
             "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}"},
@@ -38,7 +39,8 @@ def service_factory(tmp_path, gitea):
             "storage": {"data_dir": str(tmp_path / "data")},
             "queue": {"poll_interval_seconds": 30, "max_concurrent_agents": 2,
                       "retry_backoff_seconds": [0], **queue},
-            "agents": {"default": "fake", "timeout_minutes": 2, "kill_grace_seconds": 2},
+            "agents": {"default": "fake", "timeout_minutes": 2, "kill_grace_seconds": 2,
+                       **(agents or {})},
             "agents.fake": agent_table(**(agent_env or {})),
             "git": {"author_name": "kugetsu", "author_email": "kugetsu@example.invalid"},
         })
@@ -246,6 +248,27 @@ def test_worker_stops_its_agents_when_the_receiver_dies(service_factory, gitea, 
              what="the worker and its agent to stop")
     [task] = queue_json(svc)
     assert (task["state"], task["attempts"]) == ("pending", 0)
+
+
+def nice_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[16])
+
+
+def test_the_worker_and_its_agents_yield_the_cpu_to_the_receiver(service_factory, gitea,
+                                                                 tmp_path):
+    pidfile = tmp_path / "agent.pid"
+    svc = service_factory(agent_env={"FAKE_SECONDS": "60", "FAKE_PIDFILE": str(pidfile)},
+                          agents={"nice": 7})
+    n = gitea.create_issue(REPO, "Long work", "Takes a long while.")
+    assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(pidfile.exists, timeout=30, what="the agent to start")
+    [worker] = children(svc.proc.pid)
+    base = os.nice(0)
+    assert nice_of(svc.proc.pid) == base
+    assert nice_of(worker) == min(base + 7, 19)
+    assert nice_of(int(pidfile.read_text())) == min(base + 7, 19)
+    assert "nice=" in svc.logs()
 
 
 def test_a_crashed_worker_is_restarted(service_factory, gitea):
