@@ -55,6 +55,7 @@ def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO") 
     """The worker process: scheduler, dispatcher and agents."""
     from bot.dispatcher import Dispatcher
     from bot.gitea import GiteaClient
+    from bot.httpserver import prepare_interpreter
     from bot.redact import configure_logging
     from bot.scheduler import Scheduler
     from bot.store import open_store
@@ -87,6 +88,7 @@ def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO") 
 
     stop = threading.Event()
     _signals(stop)
+    prepare_interpreter()
     dispatcher.start()
     scheduler.start()
     if wake_fd is not None:
