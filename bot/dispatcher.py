@@ -302,18 +302,21 @@ class Dispatcher:
     # ---------------------------------------------------------------- authorization
 
     def authorize(self) -> None:
-        for task in self.store.unauthorized_pending():
-            verdict = self.auth.check(task.repo, task.requested_by, task.permission_hint)
-            if verdict is None:
-                break  # Gitea cannot answer now; the rest wait for the next tick
-            allowed, reason = verdict
-            if allowed:
-                self.store.update(task.id, authorized=True)
-                self.store.note(task.id, "authorized", reason)
-            else:
+        allowed_tasks: list[tuple[int, str]] = []
+        try:
+            for task in self.store.unauthorized_pending():
+                verdict = self.auth.check(task.repo, task.requested_by, task.permission_hint)
+                if verdict is None:
+                    break  # Gitea cannot answer now; the rest wait for the next tick
+                allowed, reason = verdict
+                if allowed:
+                    allowed_tasks.append((task.id, reason))
+                    continue
                 self.store.transition(task.id, State.PENDING, State.REJECTED, event="rejected",
                                       detail=reason, authorized=False, error=reason)
                 log.info("task rejected", extra={"task": task.id, "user": task.requested_by})
+        finally:
+            self.store.mark_authorized(allowed_tasks)
 
     # ---------------------------------------------------------------- launching
 

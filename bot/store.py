@@ -438,6 +438,18 @@ class Store:
         with self.tx() as c:
             c.execute(f"UPDATE tasks SET {', '.join(sets)} WHERE id = ?", (*args, task_id))
 
+    def mark_authorized(self, verdicts: Sequence[tuple[int, str]]) -> None:
+        """Record that each (task id, reason) may run: one transaction for the batch, so
+        that a tick authorizing many tasks takes the write lock once."""
+        if not verdicts:
+            return
+        now = self.clock()
+        with self.tx() as c:
+            for task_id, reason in verdicts:
+                c.execute("UPDATE tasks SET authorized = 1, updated_at = ?, "
+                          "version = version + 1 WHERE id = ?", (now, task_id))
+                self._event(c, task_id, "authorized", None, None, reason)
+
     def note(self, task_id: int, event: str, detail: str | None = None) -> None:
         with self.tx() as c:
             self._event(c, task_id, event, None, None, detail)

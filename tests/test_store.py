@@ -228,3 +228,17 @@ def test_checkpoint_pages_keeps_the_write_ahead_log_short(tmp_path):
 
     assert wal_size_after_commits(tmp_path / "receiver.db", 0) > 1_000_000
     assert wal_size_after_commits(tmp_path / "worker.db", 20) < 300_000
+
+
+def test_mark_authorized_writes_a_batch_in_one_transaction(tmp_path):
+    store = open_store(tmp_path / "k.db")
+    first, second = add(store, 1, authorized=False), add(store, 2, authorized=False)
+    statements: list[str] = []
+    store._conn().set_trace_callback(statements.append)
+    store.mark_authorized([(first, "write on acme/widget"), (second, "admin")])
+    store._conn().set_trace_callback(None)
+    assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1
+    assert [t.id for t in store.unauthorized_pending()] == []
+    assert store.require(first).authorized and store.require(second).authorized
+    assert [e["detail"] for e in store.events(second) if e["event"] == "authorized"] == ["admin"]
+    store.mark_authorized([])  # nothing to write
