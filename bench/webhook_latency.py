@@ -125,9 +125,9 @@ class Connection:
         self.sock = sock
         return sock
 
-    def send(self, request: bytes) -> tuple[int, bytes]:
-        """Sends one prepared request; returns (status, body). Reconnects once if the
-        server closed an idle connection."""
+    def send(self, request: bytes) -> tuple[int, bytes, bytes | None]:
+        """Sends one prepared request; returns (status, body, Server-Timing header).
+        Reconnects once if the server closed an idle connection."""
         for attempt in (0, 1):
             sock = self.sock or self._connect()
             try:
@@ -139,7 +139,7 @@ class Connection:
                     raise
         raise AssertionError("unreachable")
 
-    def _read(self, sock: socket.socket) -> tuple[int, bytes]:
+    def _read(self, sock: socket.socket) -> tuple[int, bytes, bytes | None]:
         buf = b""
         while b"\r\n\r\n" not in buf:
             chunk = sock.recv(65536)
@@ -151,11 +151,14 @@ class Connection:
         status = int(lines[0].split(b" ", 2)[1])
         length = 0
         close = False
+        timing = None
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
             if name == b"content-length":
                 length = int(value)
+            elif name == b"server-timing":
+                timing = value.strip()
             elif name == b"connection" and value.strip().lower() == b"close":
                 close = True
         while len(rest) < length:
@@ -165,7 +168,7 @@ class Connection:
             rest += chunk
         if close:
             self.close()
-        return status, rest[:length]
+        return status, rest[:length], timing
 
     def close(self) -> None:
         if self.sock is not None:
@@ -197,13 +200,13 @@ def blast(url: str, deliveries: list[Delivery], rate: float, threads: int) -> di
                 time.sleep(delay)
             sent = time.perf_counter()
             try:
-                status, body = conn.send(prepared[i])
+                status, body, timing = conn.send(prepared[i])
             except (OSError, _Closed) as exc:
                 records[i] = (due, sent, time.perf_counter(), f"error:{exc.__class__.__name__}",
-                              None)
+                              None, None)
                 continue
             answered = time.perf_counter()
-            records[i] = (due, sent, answered, status, body)
+            records[i] = (due, sent, answered, status, body, timing)
 
     pool = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(threads)]
     for t in pool:
@@ -233,7 +236,15 @@ def blast(url: str, deliveries: list[Delivery], rate: float, threads: int) -> di
         "send_lag_ms": summary(lags, 1000.0),
         "status_counts": dict(collections.Counter(str(r[3]) for r in done)),
         "answer_counts": dict(collections.Counter(answer_state(r[4]) for r in done)),
+        "handler_ms": summary([v for v in (handler_ms(r[5]) for r in done) if v is not None],
+                              1.0),
     }
+
+
+def handler_ms(timing: bytes | None) -> float | None:
+    """kugetsu's own time for a delivery, from its `Server-Timing: handler;dur=MS`."""
+    match = re.search(rb"handler;dur=([0-9.]+)", timing or b"")
+    return float(match.group(1)) if match else None
 
 
 def answer_state(body: bytes | None) -> str:
@@ -242,13 +253,6 @@ def answer_state(body: bytes | None) -> str:
         return str(json.loads(body or b"").get("status"))
     except (ValueError, AttributeError):
         return "None"
-
-
-def server_ms(log_text: str, last: int) -> dict:
-    """The handler's own time, from the service's "webhook handled ... ms=" log lines."""
-    values = [float(m.group(1)) for m in re.finditer(
-        r"webhook handled .*?\bms=([0-9.]+)", log_text)]
-    return summary(values[-last:], 1.0)
 
 
 def start_profile(out: Path | None, pid: int) -> subprocess.Popen | None:
@@ -290,7 +294,6 @@ def run_kugetsu(args, tmp: Path, work: list[Delivery], warm: list[Delivery]) -> 
                 stop_profile(spy)
             result["server_cpu_ms_per_delivery"] = round((cpu1 - cpu0) * 1000 / len(work), 3)
             result["server_cpu_share_of_one_core"] = round((cpu1 - cpu0) / (wall1 - wall0), 3)
-            result["handler_ms_from_log"] = server_ms(svc.logs(), len(work))
             rows = read_task_rows(tmp / "data" / "kugetsu.db")
             result["tasks_queued"] = len(rows)
             result["tasks_started_during_run"] = sum(1 for r in rows.values() if r["started_at"])
@@ -378,8 +381,9 @@ def main() -> int:
     print()
     print(table(["endpoint", "p50 ms", "p90 ms", "p99 ms", "max ms", "rate/s", "max lag ms",
                  "cpu ms/req", "status"], rows))
-    h = kugetsu["handler_ms_from_log"]
-    print(f"\nkugetsu handler time from its log: p50 {h.get('p50')} ms, p99 {h.get('p99')} ms, "
+    h = kugetsu["handler_ms"]
+    print(f"\nkugetsu handler time (its Server-Timing header): p50 {h.get('p50')} ms, "
+          f"p99 {h.get('p99')} ms, "
           f"max {h.get('max')} ms; tasks queued {kugetsu['tasks_queued']}, "
           f"started during the run {kugetsu['tasks_started_during_run']}")
     p99 = kugetsu["latency_ms"]["p99"]

@@ -1,6 +1,7 @@
 """The webhook receiver over real HTTP: every status code, dedupe, nothing lost."""
 
 import json
+import logging
 import urllib.parse
 
 import pytest
@@ -134,6 +135,31 @@ def test_repeated_delivery_is_acknowledged_and_ignored(service):
     r = post(url, body, headers)
     assert r.status_code == 200 and r.json()["status"] == "duplicate"
     assert len(store.list()) == 1
+
+
+def test_answers_carry_the_handler_time(service):
+    url, _, _ = service
+    for body, headers in (payloads.label_delivery(["kugetsu"]),
+                          payloads.comment_delivery("Thanks!"),
+                          (b"{not json", payloads.label_delivery(["kugetsu"])[1])):
+        r = post(url, body, headers)
+        name, _, duration = r.headers["Server-Timing"].partition(";dur=")
+        assert name == "handler" and 0 < float(duration) < 10_000, r.headers
+
+
+def test_only_deliveries_that_queue_work_are_logged_at_info(service, caplog):
+    url, _, _ = service
+    caplog.set_level(logging.INFO, logger="bot.app")
+    assert post(url, *payloads.comment_delivery("Thanks!")).status_code == 200
+    queued = post(url, *payloads.label_delivery(["kugetsu"]))
+    assert queued.status_code == 202
+    handled = [r for r in caplog.records if r.getMessage() == "webhook handled"]
+    assert [r.tasks for r in handled] == [queued.json()["tasks"]]
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="bot.app")
+    assert post(url, *payloads.comment_delivery("Looks good")).status_code == 200
+    assert [r.reason for r in caplog.records if r.getMessage() == "webhook handled"] == [
+        "no command in comment"]
 
 
 def test_healthz(service):
