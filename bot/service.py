@@ -110,8 +110,7 @@ def _lower_priority(increment: int) -> int:
 
     The receiver has to answer each delivery within Gitea's timeout, while the worker,
     git and the agents can wait a little for the CPU. With the worker niced, a busy
-    machine serves the receiver first: on two cores, with tasks being started beside a
-    stream of 200 deliveries/s, this halved the receiver's p99 (bench/README.md).
+    machine serves the receiver first (measured in bench/README.md).
     """
     if increment:
         try:
