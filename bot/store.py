@@ -486,11 +486,15 @@ class Store:
         threads or processes can push the number of running tasks over `limit`.
         """
         now = self.clock()
-        ready = self._conn().execute(
-            "SELECT 1 FROM tasks WHERE state = 'pending' AND authorized = 1 AND not_before <= ? "
-            "LIMIT 1", (now,)).fetchone()
-        if ready is None:
-            return []  # nothing to claim: no write transaction at all
+        # A read first: with nothing ready, or every slot taken (as while a backlog waits
+        # for long-running agents, tick after tick), there is no write transaction at all.
+        # The count inside the transaction below is the one that decides.
+        running, ready = self._conn().execute(
+            "SELECT (SELECT COUNT(*) FROM tasks WHERE state = 'running'), "
+            "EXISTS (SELECT 1 FROM tasks WHERE state = 'pending' AND authorized = 1 "
+            "AND not_before <= ?)", (now,)).fetchone()
+        if not ready or running >= limit:
+            return []
         with self.tx() as c:
             running = c.execute("SELECT COUNT(*) FROM tasks WHERE state = 'running'").fetchone()[0]
             free = limit - running

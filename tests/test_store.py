@@ -242,3 +242,18 @@ def test_mark_authorized_writes_a_batch_in_one_transaction(tmp_path):
     assert store.require(first).authorized and store.require(second).authorized
     assert [e["detail"] for e in store.events(second) if e["event"] == "authorized"] == ["admin"]
     store.mark_authorized([])  # nothing to write
+
+
+def test_claim_takes_no_write_lock_when_every_slot_is_taken(store):
+    for issue in range(1, 5):
+        add(store, issue)
+    assert len(store.claim(2, "w1")) == 2
+    statements: list[str] = []
+    store._conn().set_trace_callback(statements.append)
+    assert store.claim(2, "w1") == []
+    store._conn().set_trace_callback(None)
+    assert "BEGIN IMMEDIATE" not in statements
+    running = [t for t in store.list() if t.state is State.RUNNING]
+    store.transition(running[0].id, State.RUNNING, State.COMPLETED, event="done",
+                     outcome=Outcome.SUCCEEDED)
+    assert len(store.claim(2, "w1")) == 1  # a freed slot is claimed at the next call
