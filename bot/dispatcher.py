@@ -577,29 +577,46 @@ class Dispatcher:
     def work_outbox(self, budget: int = OUTBOX_BUDGET) -> int:
         """Send replies, reactions, stops and retries; returns how many items it handled."""
         items = self.store.outbox_due(budget)
-        for item in items:
-            if item.needs_permission:
-                verdict = self.auth.check(item.repo, item.requested_by or "",
-                                          item.permission_hint)
-                if verdict is None:
-                    self.store.outbox_retry(item.id, 30.0, "permission check deferred")
-                    continue
-                if not verdict[0]:
-                    self._refuse(item, verdict[1])
-                    continue
-            try:
-                self._outbox_item(item)
-            except (ServerError, Unreachable) as exc:
-                delay = min(600.0, 5.0 * 2 ** item.attempts)
-                self.store.outbox_retry(item.id, delay, str(exc))
-                log.warning("outbox item deferred", extra={"item": item.id, "error": str(exc)})
-                return 0  # Gitea is struggling: try the rest later
-            except GiteaError as exc:
-                # refused for good (deleted comment, locked issue, no permission)
-                self.store.outbox_done(item.id, error=str(exc))
-                log.warning("outbox item refused", extra={"item": item.id, "error": str(exc)})
+        # Reactions are marked done together at the end of the pass: one write
+        # transaction instead of one each. Gitea answers a repeated reaction with the
+        # existing one, so a crash before the mark at worst sends it again. Replies and
+        # actions are marked one by one, right after they happen.
+        reacted: list[tuple[int, str | None]] = []
+
+        def done(item, error: str | None = None) -> None:
+            if item.kind == "reaction":
+                reacted.append((item.id, error))
             else:
-                self.store.outbox_done(item.id)
+                self.store.outbox_done(item.id, error=error)
+
+        try:
+            for item in items:
+                if item.needs_permission:
+                    verdict = self.auth.check(item.repo, item.requested_by or "",
+                                              item.permission_hint)
+                    if verdict is None:
+                        self.store.outbox_retry(item.id, 30.0, "permission check deferred")
+                        continue
+                    if not verdict[0]:
+                        self._refuse(item, verdict[1])
+                        continue
+                try:
+                    self._outbox_item(item)
+                except (ServerError, Unreachable) as exc:
+                    delay = min(600.0, 5.0 * 2 ** item.attempts)
+                    self.store.outbox_retry(item.id, delay, str(exc))
+                    log.warning("outbox item deferred",
+                                extra={"item": item.id, "error": str(exc)})
+                    return 0  # Gitea is struggling: try the rest later
+                except GiteaError as exc:
+                    # refused for good (deleted comment, locked issue, no permission)
+                    done(item, str(exc))
+                    log.warning("outbox item refused",
+                                extra={"item": item.id, "error": str(exc)})
+                else:
+                    done(item)
+        finally:
+            self.store.outbox_done_many(reacted)
         return len(items)
 
     def _refuse(self, item, reason: str) -> None:

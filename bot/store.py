@@ -711,9 +711,16 @@ class Store:
                            r["attempts"]) for r in rows]
 
     def outbox_done(self, item_id: int, error: str | None = None) -> None:
+        self.outbox_done_many([(item_id, error)])
+
+    def outbox_done_many(self, items: Sequence[tuple[int, str | None]]) -> None:
+        """Mark (item id, error or None) pairs done, in one transaction."""
+        if not items:
+            return
+        now = self.clock()
         with self.tx() as c:
-            c.execute("UPDATE outbox SET done_at = ?, error = ? WHERE id = ?",
-                      (self.clock(), error, item_id))
+            c.executemany("UPDATE outbox SET done_at = ?, error = ? WHERE id = ?",
+                          [(now, error, item_id) for item_id, error in items])
 
     def outbox_retry(self, item_id: int, delay: float, error: str) -> None:
         with self.tx() as c:

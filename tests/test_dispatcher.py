@@ -587,3 +587,20 @@ def test_stop_retry_status_and_help_from_comments(make, tmp_path):
     assert any("/kugetsu continue <instructions>" in r for r in replies(h, n))
     assert any("no failed or stopped task to retry" in r for r in replies(h, other))
     assert any("nothing to stop" in r for r in replies(h, other))
+
+
+def test_reactions_of_one_outbox_pass_are_marked_done_together(make):
+    h = make()
+    n = h.issue()
+    posted = [deliver_comment(h, "/kugetsu help", n)[0] for _ in range(3)]
+    statements: list[str] = []
+    h.store._conn().set_trace_callback(statements.append)
+    try:
+        assert h.dispatcher.work_outbox() == 6  # three reactions, three help replies
+    finally:
+        h.store._conn().set_trace_callback(None)
+    assert all("eyes" in h.gitea.reactions[p["id"]] for p in posted)
+    assert len(replies(h, n)) == 3
+    assert h.store.outbox_due(10) == []
+    # a transaction per reply, and one for the three reactions
+    assert statements.count("BEGIN IMMEDIATE") == 4, statements
