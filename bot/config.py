@@ -186,7 +186,8 @@ class _Section:
             raise ConfigError(f"{self._key(key)} must be true or false, got {value!r}")
         return value
 
-    def integer(self, key: str, default: int | None, minimum: int | None = None) -> int | None:
+    def integer(self, key: str, default: int | None, minimum: int | None = None,
+                maximum: int | None = None) -> int | None:
         value = self._get(key, default)
         if value is None:
             return None
@@ -194,6 +195,8 @@ class _Section:
             raise ConfigError(f"{self._key(key)} must be a whole number, got {value!r}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{self._key(key)} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{self._key(key)} must be at most {maximum}, got {value}")
         return value
 
     def number(self, key: str, default: float | None, minimum: float | None = None,
@@ -300,13 +303,11 @@ def load(path: str | os.PathLike[str] | None = None,
     s = _Section("server", data.get("server"))
     server = ServerConfig(
         host=s.string("host", ServerConfig.host),
-        port=s.integer("port", ServerConfig.port, minimum=0),
+        port=s.integer("port", ServerConfig.port, minimum=0, maximum=65535),
         public_url=s.string("public_url", "").rstrip("/"),
         max_body_bytes=s.integer("max_body_bytes", ServerConfig.max_body_bytes, minimum=1024),
     )
     s.check_unknown()
-    if server.port > 65535:
-        raise ConfigError(f"server.port must be at most 65535, got {server.port}")
 
     # gitea
     g = _Section("gitea", data.get("gitea"))
@@ -389,11 +390,9 @@ def load(path: str | os.PathLike[str] | None = None,
         log_max_bytes=a.integer("log_max_bytes", 5 * 1024 * 1024, minimum=4096),
         max_tokens=a.integer("max_tokens", None, minimum=1),
         max_cost_usd=a.number("max_cost_usd", None, positive=True),
-        nice=a.integer("nice", 10, minimum=0),
+        nice=a.integer("nice", 10, minimum=0, maximum=19),
         tables=tables,
     )
-    if agents.nice > 19:
-        raise ConfigError(f"agents.nice must be between 0 and 19, got {agents.nice}")
     a.check_unknown()
 
     # git

@@ -431,23 +431,25 @@ class Store:
             raise ValueError(f"cannot set {sorted(bad)} with update()")
         if not changes:
             return
+        with self.tx() as c:
+            self._set_fields(c, task_id, changes, bump=bump)
+
+    def _set_fields(self, c: sqlite3.Connection, task_id: int, changes: dict[str, Any], *,
+                    bump: bool = True) -> None:
         sets = [f"{k} = ?" for k in changes] + ["updated_at = ?"]
         if bump:
             sets.append("version = version + 1")
         args = [_encode(k, v) for k, v in changes.items()] + [self.clock()]
-        with self.tx() as c:
-            c.execute(f"UPDATE tasks SET {', '.join(sets)} WHERE id = ?", (*args, task_id))
+        c.execute(f"UPDATE tasks SET {', '.join(sets)} WHERE id = ?", (*args, task_id))
 
     def mark_authorized(self, verdicts: Sequence[tuple[int, str]]) -> None:
         """Record that each (task id, reason) may run: one transaction for the batch, so
         that a tick authorizing many tasks takes the write lock once."""
         if not verdicts:
             return
-        now = self.clock()
         with self.tx() as c:
             for task_id, reason in verdicts:
-                c.execute("UPDATE tasks SET authorized = 1, updated_at = ?, "
-                          "version = version + 1 WHERE id = ?", (now, task_id))
+                self._set_fields(c, task_id, {"authorized": True})
                 self._event(c, task_id, "authorized", None, None, reason)
 
     def note(self, task_id: int, event: str, detail: str | None = None) -> None:
