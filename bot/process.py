@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Mapping, Sequence
 
+from bot.priority import share_with_session
+
 logger = logging.getLogger(__name__)
 
 #: bytes asked for per read of the output pipe
@@ -395,6 +397,8 @@ class AgentProcess:
             popen.stdout.close()
             log_file.close()
             raise AgentStartError(f"cannot start agent {argv0!r}: no reader thread ({exc})") from exc
+        # its own session is its own scheduling group under autogroup: give it our niceness
+        share_with_session(proc.pid)
         logger.info("agent started pid=%d argv0=%s log=%s", proc.pid, argv0, log_path)
         return proc
 

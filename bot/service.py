@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from bot import __version__, agents
 from bot.config import Config
+from bot.priority import lower_own_priority
 
 log = logging.getLogger("kugetsu")
 
@@ -63,7 +64,7 @@ def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO") 
 
     configure_logging(log_level, config.secrets())
     # Before any thread starts: threads and child processes inherit it.
-    niceness = _lower_priority(config.agents.nice)
+    niceness = lower_own_priority(config.agents.nice)
     storage = config.storage
     # the worker keeps the write-ahead log short; the receiver never checkpoints
     store = open_store(storage.db_path, checkpoint_pages=WORKER_CHECKPOINT_PAGES)
@@ -103,21 +104,6 @@ def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO") 
     store.close()
     log.info("worker stopped")
     return 0
-
-
-def _lower_priority(increment: int) -> int:
-    """Adds `increment` to this process's niceness; returns the niceness it now has.
-
-    The receiver has to answer each delivery within Gitea's timeout, while the worker,
-    git and the agents can wait a little for the CPU. With the worker niced, a busy
-    machine serves the receiver first (measured in bench/README.md).
-    """
-    if increment:
-        try:
-            return os.nice(increment)
-        except OSError as exc:
-            log.warning("cannot lower the worker's CPU priority", extra={"error": str(exc)})
-    return os.nice(0)
 
 
 def _read_wakes(fd: int, wake: Callable[[], None], stop: threading.Event) -> None:

@@ -97,10 +97,11 @@ def run_command(
 ) -> subprocess.CompletedProcess[bytes]:
     """Like `subprocess.run`, but the command gets its own process group and a timeout kills
     the whole group, so helpers git spawns (git-remote-http, index-pack) cannot keep the
-    pipes open after the timeout."""
+    pipes open after the timeout. It stays in the caller's session, where its inherited
+    niceness counts (bot.priority)."""
     with subprocess.Popen(
         list(args), cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-        start_new_session=True,
+        process_group=0,
     ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)

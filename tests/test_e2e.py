@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -267,8 +268,13 @@ def test_the_worker_and_its_agents_yield_the_cpu_to_the_receiver(service_factory
     base = os.nice(0)
     assert nice_of(svc.proc.pid) == base
     assert nice_of(worker) == min(base + 7, 19)
-    assert nice_of(int(pidfile.read_text())) == min(base + 7, 19)
+    agent = int(pidfile.read_text())
+    assert nice_of(agent) == min(base + 7, 19)
     assert "nice=" in svc.logs()
+    if Path("/proc/self/autogroup").exists():
+        # the agent's own session is a scheduling group of its own (bot/priority.py)
+        group = Path(f"/proc/{agent}/autogroup").read_text().split()
+        assert int(group[-1]) == min(base + 7, 19)
 
 
 def test_a_crashed_worker_is_restarted(service_factory, gitea):
