@@ -257,3 +257,36 @@ def test_claim_takes_no_write_lock_when_every_slot_is_taken(store):
     store.transition(running[0].id, State.RUNNING, State.COMPLETED, event="done",
                      outcome=Outcome.SUCCEEDED)
     assert len(store.claim(2, "w1")) == 1  # a freed slot is claimed at the next call
+
+
+def test_a_write_waits_for_another_process_holding_the_lock(store):
+    # Another process (here: another connection) holds SQLite's write lock for longer
+    # than the fast polling phase; the write must wait for it and then go through, not
+    # fail with "database is locked".
+    other = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    released = threading.Event()
+
+    def release_later() -> None:
+        time.sleep(0.05)
+        released.set()
+        other.execute("COMMIT")
+
+    threading.Thread(target=release_later).start()
+    task_id = add(store)
+    assert released.is_set()  # it did wait: the insert could only commit after the release
+    assert store.require(task_id).state.value == "pending"
+    other.close()
+
+
+def test_a_write_gives_up_after_the_busy_timeout(store, monkeypatch):
+    monkeypatch.setattr("bot.store.BUSY_TIMEOUT_SECONDS", 0.05)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            add(store)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.list() == []
