@@ -224,13 +224,26 @@ class Publisher:
         tail = self._log_tail(task) if task.state is State.FAILED else ""
         return render_tracking(task, self.config, queue, pr_url=self._pr_url(task), log_tail=tail)
 
-    def sync_task(self, task: Task, position: int | None = None) -> bool:
-        """Create or edit the task's tracking comment to match its state. True if written."""
+    def sync_task(self, task: Task, position: int | None = None,
+                  synced: list[tuple[int, int, str, int | None]] | None = None) -> bool:
+        """Create or edit the task's tracking comment to match its state. True if written.
+
+        What was written is recorded in the database at once, or, with `synced`, appended
+        there for the caller to record later (Store.comment_synced_many). Recording late is
+        safe: an edit is simply made again, and a create is marked first (comment_attempt),
+        so that a create whose record was lost is found again instead of made twice.
+        """
+        def record(version: int, body: str, comment_id: int | None = None) -> None:
+            if synced is None:
+                self.store.comment_synced(task.id, version, body, comment_id=comment_id)
+            else:
+                synced.append((task.id, version, body, comment_id))
+
         version, last_body = self.store.comment_state(task.id)
         task = self.store.require(task.id)  # the freshest row, read after the version
         body = self.render(task, position)
         if task.comment_id is not None and body == last_body:
-            self.store.comment_synced(task.id, version, body)
+            record(version, body)
             return False
         if task.comment_id is None:
             # last_body is set just before every create: if it is there but no comment id,
@@ -239,7 +252,7 @@ class Publisher:
             if existing is None:
                 self.store.comment_attempt(task.id)
                 created = self.gitea.create_comment(task.owner, task.name, task.issue, body)
-                self.store.comment_synced(task.id, version, body, comment_id=int(created["id"]))
+                record(version, body, int(created["id"]))
                 return True
             self.store.comment_synced(task.id, 0, last_body or "", comment_id=existing)
             task = self.store.require(task.id)
@@ -248,9 +261,9 @@ class Publisher:
         except NotFound:
             # someone deleted it: write a new one rather than lose the update
             created = self.gitea.create_comment(task.owner, task.name, task.issue, body)
-            self.store.comment_synced(task.id, version, body, comment_id=int(created["id"]))
+            record(version, body, int(created["id"]))
             return True
-        self.store.comment_synced(task.id, version, body)
+        record(version, body)
         return True
 
     def _find_existing_comment(self, task: Task) -> int | None:
@@ -271,9 +284,15 @@ class Publisher:
         a refusal for one comment (locked issue, no permission) skips that version only.
         """
         written = 0
+        # Each pass records what it wrote in one transaction instead of one per comment:
+        # the worker's many small transactions are what the receiver waits behind for
+        # SQLite's write lock (bench/README.md).
+        synced: list[tuple[int, int, str, int | None]] = []
         try:
             for task in self.store.comment_out_of_date(budget):
-                written += self._sync_or_skip(task)
+                written += self._sync_or_skip(task, synced=synced)
+            self.store.comment_synced_many(synced)
+            synced.clear()
             if written < budget and self.clock() - self._positions_at >= \
                     self.position_refresh_seconds:
                 self._positions_at = self.clock()
@@ -281,14 +300,17 @@ class Publisher:
                     if written >= budget:
                         break
                     if task.comment_id is not None:
-                        written += self._sync_or_skip(task, position)
+                        written += self._sync_or_skip(task, position, synced)
         except (ServerError, Unreachable) as exc:
             log.warning("tracking comments not synced", extra={"error": str(exc)})
+        finally:
+            self.store.comment_synced_many(synced)
         return written
 
-    def _sync_or_skip(self, task: Task, position: int | None = None) -> bool:
+    def _sync_or_skip(self, task: Task, position: int | None = None,
+                      synced: list[tuple[int, int, str, int | None]] | None = None) -> bool:
         try:
-            return self.sync_task(task, position)
+            return self.sync_task(task, position, synced)
         except (ServerError, Unreachable):
             raise
         except GiteaError as exc:

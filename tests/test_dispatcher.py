@@ -604,3 +604,47 @@ def test_reactions_of_one_outbox_pass_are_marked_done_together(make):
     assert h.store.outbox_due(10) == []
     # a transaction per reply, and one for the three reactions
     assert statements.count("BEGIN IMMEDIATE") == 4, statements
+
+
+def test_a_comment_pass_records_what_it_wrote_in_one_transaction(make):
+    h = make()
+    issues = [h.issue(f"Issue {i}") for i in range(5)]
+    tasks = [h.enqueue(n, authorized=True) for n in issues]
+    publisher = h.dispatcher.publisher
+    publisher._positions_at = publisher.clock()  # queue positions are not due in this pass
+    statements: list[str] = []
+    h.store._conn().set_trace_callback(statements.append)
+    assert h.dispatcher.publisher.sync_comments(30) == 5
+    h.store._conn().set_trace_callback(None)
+    # one transaction marking each create before it is made, one recording all five
+    assert statements.count("BEGIN IMMEDIATE") == 5 + 1
+    for n, tid in zip(issues, tasks):
+        [comment] = h.tracking_comments(n)
+        assert h.store.require(tid).comment_id == comment["id"]
+    assert h.store.comment_out_of_date(10) == []
+
+
+def test_comments_whose_record_was_lost_are_found_again_not_duplicated(make, monkeypatch):
+    # The worker dies after Gitea created the comments and before the pass recorded them.
+    h = make()
+    issues = [h.issue(f"Issue {i}") for i in range(3)]
+    tasks = [h.enqueue(n, authorized=True) for n in issues]
+    real = h.store.comment_synced_many
+
+    def crash(records):
+        if records:
+            raise RuntimeError("worker killed")
+        real(records)
+
+    monkeypatch.setattr(h.store, "comment_synced_many", crash)
+    with pytest.raises(RuntimeError):
+        h.dispatcher.publisher.sync_comments(30)
+    assert all(h.store.require(t).comment_id is None for t in tasks)
+    assert all(len(h.tracking_comments(n)) == 1 for n in issues)
+
+    monkeypatch.setattr(h.store, "comment_synced_many", real)
+    h.dispatcher.publisher.sync_comments(30)
+    for n, tid in zip(issues, tasks):
+        [comment] = h.tracking_comments(n)  # still one each
+        assert h.store.require(tid).comment_id == comment["id"]
+    assert h.store.comment_out_of_date(10) == []
