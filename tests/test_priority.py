@@ -18,6 +18,7 @@ import pytest
 
 from bot import priority
 from bot.workspace import run_command
+from tests.conftest import wait_for
 
 HAS_AUTOGROUP = Path("/proc/self/autogroup").exists()
 
@@ -55,14 +56,17 @@ def test_a_timeout_kills_the_commands_whole_group(tmp_path):
               f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
               f"time.sleep(60)\n")
     with pytest.raises(subprocess.TimeoutExpired):
-        run_command([sys.executable, "-c", script], timeout=2)
+        run_command([sys.executable, "-c", script], timeout=5)
     grandchild = int(pidfile.read_text())
-    # killed with the group (a zombie until init reaps it counts as gone)
-    try:
-        state = Path(f"/proc/{grandchild}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        state = "gone"
-    assert state in ("gone", "Z")
+
+    def gone() -> bool:  # a zombie waiting for init to reap it counts as gone
+        try:
+            state = Path(f"/proc/{grandchild}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        return state == "Z"
+
+    wait_for(gone, timeout=10, what="the grandchild to be killed with its group")
 
 
 def test_commands_inherit_the_callers_niceness():
