@@ -260,15 +260,12 @@ class Store:
         return conn
 
     @contextmanager
-    def tx(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+    def tx(self) -> Iterator[sqlite3.Connection]:
         """A write transaction. IMMEDIATE takes SQLite's write lock at once (no upgrade
         deadlocks); the in-process lock in front of it makes local writers take turns."""
         conn = self._conn()
         with self._write_lock:
-            if immediate:
-                self._begin_immediate(conn)
-            else:
-                conn.execute("BEGIN")
+            self._begin_immediate(conn)
             try:
                 yield conn
             except BaseException:

@@ -18,7 +18,7 @@ import pytest
 
 from bot import priority
 from bot.workspace import run_command
-from tests.conftest import wait_for
+from tests.conftest import process_gone, wait_for
 
 HAS_AUTOGROUP = Path("/proc/self/autogroup").exists()
 
@@ -31,11 +31,6 @@ def in_niced_child(code: str, nice: int = 6) -> dict:
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-def autogroup_nice(pid: int) -> int:
-    # "/autogroup-123 nice 6"
-    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
 
 
 # --------------------------------------------------------------------------- git commands
@@ -58,15 +53,8 @@ def test_a_timeout_kills_the_commands_whole_group(tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
         run_command([sys.executable, "-c", script], timeout=5)
     grandchild = int(pidfile.read_text())
-
-    def gone() -> bool:  # a zombie waiting for init to reap it counts as gone
-        try:
-            state = Path(f"/proc/{grandchild}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        return state == "Z"
-
-    wait_for(gone, timeout=10, what="the grandchild to be killed with its group")
+    wait_for(lambda: process_gone(grandchild), timeout=10,
+             what="the grandchild to be killed with its group")
 
 
 def test_commands_inherit_the_callers_niceness():

@@ -1,7 +1,5 @@
 """Tracking comment and PR body rendering, for every state."""
 
-
-
 from bot.config import Config, GiteaConfig, ServerConfig
 from bot.publisher import QueueView, log_link, marker, render_pr_body, render_tracking
 from bot.tasks import Kind, Outcome, State, Task
