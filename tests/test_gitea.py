@@ -201,6 +201,51 @@ def test_token_is_sent_as_header_and_never_in_the_url(rsps, client):
 
 # -- every method: path, method, body, result ------------------------------------------
 
+def _clear_proxy_env(monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+                 "https_proxy", "all_proxy", "no_proxy", "REQUESTS_CA_BUNDLE",
+                 "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_netrc_entry_for_the_gitea_host_does_not_replace_the_token(rsps, tmp_path,
+                                                                      monkeypatch):
+    _clear_proxy_env(monkeypatch)
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine gitea.test login someone password hunter2\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    rsps.get(API + "/user", json=user())
+    GiteaClient(BASE, TOKEN, retries=0).get_user()
+    assert rsps.calls[0].request.headers["Authorization"] == f"token {TOKEN}"
+
+
+def test_proxy_and_ca_bundle_variables_are_honoured(rsps, monkeypatch, tmp_path):
+    _clear_proxy_env(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.test:3128")
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    rsps.get(API + "/user", json=user())
+    GiteaClient(BASE, TOKEN, retries=0).get_user()
+    sent = rsps.calls[0].request.req_kwargs
+    assert sent["verify"] == str(bundle)
+    assert requests.utils.select_proxy(API + "/user", sent["proxies"]) == \
+        "http://proxy.test:3128"
+
+
+def test_no_proxy_exempts_the_gitea_host(rsps, monkeypatch):
+    _clear_proxy_env(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.test:3128")
+    monkeypatch.setenv("NO_PROXY", "gitea.test")
+    rsps.get(API + "/user", json=user())
+    GiteaClient(BASE, TOKEN, retries=0).get_user()
+    sent = rsps.calls[0].request.req_kwargs
+    assert requests.utils.select_proxy(API + "/user", sent["proxies"]) is None
+    assert sent["verify"] is True
+
+
 
 def test_get_repo_and_issue(rsps, client):
     rsps.get(REPO, json=repository())
