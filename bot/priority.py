@@ -2,7 +2,9 @@
 
 The receiver has to answer each delivery quickly (Gitea waits 5 s and never retries), while
 the worker, git and the agents can wait a little for the CPU. So the worker lowers its own
-priority at start (`agents.nice`) and its children inherit it.
+priority at start (`agents.nice`) and its children inherit it; with a positive
+`agents.nice` it also runs as batch work (SCHED_BATCH: its wake-ups never preempt the
+receiver).
 
 Inheriting is not the whole story on Linux with autogroup scheduling
 (`kernel.sched_autogroup_enabled`, on by default in many distributions, and in effect for
@@ -35,13 +37,35 @@ _AUTOGROUP_TRIES = 3
 
 
 def lower_own_priority(increment: int) -> int:
-    """Adds `increment` to this process's niceness; returns the niceness it now has."""
+    """Adds `increment` to this process's niceness; returns the niceness it now has.
+
+    With a positive increment the calling thread also becomes batch work (SCHED_BATCH):
+    same share of the CPU as its niceness gives, but its wake-ups never preempt a
+    running thread. The receiver wakes the worker through a pipe for each delivery
+    that queues work; as normal work the worker woke up in the middle of the receiver's
+    next request and took the CPU from it. Call it before any thread starts: threads
+    and child processes inherit both.
+    """
     if increment:
         try:
-            return os.nice(increment)
+            os.nice(increment)
         except OSError as exc:
             log.warning("cannot lower the worker's CPU priority", extra={"error": str(exc)})
+        else:
+            _become_batch_work()
     return os.nice(0)
+
+
+def _become_batch_work() -> bool:
+    policy = getattr(os, "SCHED_BATCH", None)  # Linux only
+    if policy is None:
+        return False
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+        return True
+    except OSError as exc:
+        log.warning("cannot mark the worker as batch work", extra={"error": str(exc)})
+        return False
 
 
 def share_with_session(pid: int, *, proc_root: str = "/proc") -> bool:

@@ -256,6 +256,11 @@ def nice_of(pid: int) -> int:
         return int(fh.read().rsplit(")", 1)[1].split()[16])
 
 
+def policy_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[38])
+
+
 def test_the_worker_and_its_agents_yield_the_cpu_to_the_receiver(service_factory, gitea,
                                                                  tmp_path):
     pidfile = tmp_path / "agent.pid"
@@ -270,6 +275,10 @@ def test_the_worker_and_its_agents_yield_the_cpu_to_the_receiver(service_factory
     assert nice_of(worker) == min(base + 7, 19)
     agent = int(pidfile.read_text())
     assert nice_of(agent) == min(base + 7, 19)
+    if hasattr(os, "SCHED_BATCH"):
+        # batch work: their wake-ups never preempt the receiver (bot/priority.py)
+        assert policy_of(svc.proc.pid) == os.SCHED_OTHER
+        assert policy_of(worker) == policy_of(agent) == os.SCHED_BATCH
     assert "nice=" in svc.logs()
     if Path("/proc/self/autogroup").exists():
         # the agent's own session is a scheduling group of its own (bot/priority.py)

@@ -176,3 +176,32 @@ def test_the_worker_lowers_its_own_priority():
         print(json.dumps({"before": before, "now": now, "real": os.nice(0)}))
     """, nice=1)
     assert seen["now"] == seen["real"] == min(seen["before"] + 3, 19)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH on this system")
+def test_the_niced_worker_its_threads_and_children_are_batch_work():
+    seen = in_niced_child("""
+        import threading
+        from bot import priority
+        priority.lower_own_priority(2)
+        in_thread = []
+        t = threading.Thread(target=lambda: in_thread.append(os.sched_getscheduler(0)))
+        t.start(); t.join()
+        child = subprocess.run([sys.executable, "-c",
+                                "import os; print(os.sched_getscheduler(0))"],
+                               capture_output=True, text=True, check=True)
+        print(json.dumps({"main": os.sched_getscheduler(0), "thread": in_thread[0],
+                          "child": int(child.stdout)}))
+    """, nice=1)
+    assert seen == {"main": os.SCHED_BATCH, "thread": os.SCHED_BATCH,
+                    "child": os.SCHED_BATCH}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH on this system")
+def test_nice_zero_leaves_the_worker_normal_work():
+    seen = in_niced_child("""
+        from bot import priority
+        priority.lower_own_priority(0)
+        print(json.dumps({"policy": os.sched_getscheduler(0)}))
+    """, nice=0)
+    assert seen["policy"] == os.SCHED_OTHER
