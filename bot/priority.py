@@ -42,8 +42,8 @@ def lower_own_priority(increment: int) -> int:
     With a positive increment the calling thread also becomes batch work (SCHED_BATCH):
     same share of the CPU as its niceness gives, but its wake-ups never preempt a
     running thread. The receiver wakes the worker through a pipe for each delivery
-    that queues work; as normal work the worker woke up in the middle of the receiver's
-    next request and took the CPU from it. Call it before any thread starts: threads
+    that queues work; as normal work the worker could wake up in the middle of the receiver's
+    next request and take the CPU from it. Call it before any thread starts: threads
     and child processes inherit both.
     """
     if increment:
