@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from bot.config import Config
 from bot.gitea import Conflict, GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
 from bot.redact import redact
-from bot.store import Store
+from bot.store import CommentRecord, Store
 from bot.tasks import Kind, Outcome, State, Task
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class Publisher:
         return render_tracking(task, self.config, queue, pr_url=self._pr_url(task), log_tail=tail)
 
     def sync_task(self, task: Task, position: int | None = None,
-                  synced: list[tuple[int, int, str, int | None]] | None = None) -> bool:
+                  synced: list[CommentRecord] | None = None) -> bool:
         """Create or edit the task's tracking comment to match its state. True if written.
 
         What was written is recorded in the database at once, or, with `synced`, appended
@@ -287,7 +287,7 @@ class Publisher:
         # Each pass records what it wrote in one transaction instead of one per comment:
         # the worker's many small transactions are what the receiver waits behind for
         # SQLite's write lock (bench/README.md).
-        synced: list[tuple[int, int, str, int | None]] = []
+        synced: list[CommentRecord] = []
         try:
             for task in self.store.comment_out_of_date(budget):
                 written += self._sync_or_skip(task, synced=synced)
@@ -308,7 +308,7 @@ class Publisher:
         return written
 
     def _sync_or_skip(self, task: Task, position: int | None = None,
-                      synced: list[tuple[int, int, str, int | None]] | None = None) -> bool:
+                      synced: list[CommentRecord] | None = None) -> bool:
         try:
             return self.sync_task(task, position, synced)
         except (ServerError, Unreachable):

@@ -219,6 +219,11 @@ class OutboxItem:
     attempts: int
 
 
+#: a tracking comment written to Gitea: (task id, the task version its body shows, the body,
+#: the comment's id when it was just created, else None)
+CommentRecord = tuple[int, int, str, int | None]
+
+
 class Store:
     """Owns the database file. One connection per thread; safe to share."""
 
@@ -595,18 +600,17 @@ class Store:
                        comment_id: int | None = None) -> None:
         self.comment_synced_many([(task_id, version, body, comment_id)])
 
-    def comment_synced_many(self, records: Sequence[tuple[int, int, str, int | None]]) -> None:
+    def comment_synced_many(self, records: Sequence[CommentRecord]) -> None:
         """Record tracking comments written to Gitea, in one transaction: (task id, the
         task's version the body shows, the body, the comment's id if it was just created)."""
         if not records:
             return
         with self.tx() as c:
-            for task_id, version, body, comment_id in records:
-                if comment_id is not None:
-                    c.execute("UPDATE tasks SET comment_id = ? WHERE id = ?",
-                              (comment_id, task_id))
-                c.execute("UPDATE tasks SET comment_version = MAX(comment_version, ?), "
-                          "comment_body = ? WHERE id = ?", (version, body, task_id))
+            c.executemany(
+                "UPDATE tasks SET comment_id = COALESCE(?, comment_id), "
+                "comment_version = MAX(comment_version, ?), comment_body = ? WHERE id = ?",
+                [(comment_id, version, body, task_id)
+                 for task_id, version, body, comment_id in records])
 
     def comment_attempt(self, task_id: int) -> None:
         """Note that a tracking comment is about to be created (see Publisher.sync_task)."""
