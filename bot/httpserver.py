@@ -63,11 +63,11 @@ class HttpServer:
             self.app, host=self.host, port=self.requested_port, threads=self.threads,
             max_request_body_size=self.max_body_bytes + 1, ident="kugetsu",
             clear_untrusted_proxy_headers=True, channel_timeout=30,
-            asyncore_loop_timeout=0.2,
-            # Send each answer from the thread that made it. With waitress's default
-            # (18000 bytes) a small answer waits in a buffer until the socket thread
-            # wakes up to send it: one more thread hand-off per request.
-            send_bytes=1)
+            asyncore_loop_timeout=0.2)
+        # Each answer leaves from the thread that made it: waitress 3 flushes as soon as
+        # one byte is buffered (its deprecated `send_bytes`, default 1), so a small answer
+        # never waits for the socket thread to wake up. Not set here: setting it only
+        # warns, and a later waitress may drop it.
         self._thread = threading.Thread(target=self._run, args=(self._server,), name="http",
                                         daemon=True)
         self._thread.start()

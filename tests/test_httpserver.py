@@ -23,3 +23,30 @@ def test_prepare_interpreter_freezes_start_up_objects_and_shortens_gil_waits():
     assert frozen_before == 0 and interval_before == 0.005
     assert frozen_after > 10000  # flask, werkzeug and the rest of start-up
     assert interval_after == SWITCH_INTERVAL_SECONDS < interval_before
+
+
+def _hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello"]
+
+
+def _get(url: str) -> bytes:
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+def test_server_flushes_answers_from_the_handler_thread_without_a_deprecation_warning():
+    import warnings
+
+    from bot.httpserver import HttpServer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        server = HttpServer(_hello, "127.0.0.1", 0, threads=2).start()
+    try:
+        assert server._server.adj.send_bytes == 1
+        assert _get(server.url + "/") == b"hello"
+    finally:
+        server.stop()
+    assert [w for w in caught if issubclass(w.category, DeprecationWarning)] == []
