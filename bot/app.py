@@ -106,7 +106,7 @@ def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules
         # server acts at once instead of at its next poll. Without the key it
         # does nothing; with it, it can only cause an extra tick.
         key = request.headers.get("X-Kugetsu-Wake", "")
-        if not hmac.compare_digest(key, wake_key(config)):
+        if not events.equal_secrets(key, wake_key(config)):
             return answer(403, "rejected", "wrong wake key")
         wake()
         return answer(202, "woken", "tick requested")
@@ -115,7 +115,7 @@ def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules
     def task_log(task_id: int, token: str) -> Response:
         # Linked from PRs and comments; the token is an HMAC of the task id, so
         # only people who can see those links can read the log.
-        if log_dir is None or log_token is None or not hmac.compare_digest(
+        if log_dir is None or log_token is None or not events.equal_secrets(
                 token, log_token(task_id)):
             return answer(404, "not found", "no such log")
         path = log_dir / f"{task_id}.log"

@@ -7,6 +7,7 @@ is generated from the registry, so help can never drift from what is parsed.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -71,7 +72,10 @@ def _command_lines(body: str, word: str) -> list[tuple[int, str]]:
     for index, line in enumerate(body.splitlines()):
         m = _FENCE.match(line)
         if fence is not None:
-            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence):
+            # CommonMark: a closing fence is the same character, at least as long, and
+            # nothing after it but spaces ("```python" inside a block does not close it)
+            if (m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence)
+                    and not line[m.end():].strip()):
                 fence = None
             continue
         if m:
@@ -104,8 +108,8 @@ def _split_flags(words: list[str]) -> tuple[dict, list[str], str | None]:
             value = kind(inline)
         except ValueError:
             return options, rest, f"{flag} needs a {kind.__name__}, got {inline!r}"
-        if isinstance(value, (int, float)) and value <= 0:
-            return options, rest, f"{flag} must be greater than 0"
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
+            return options, rest, f"{flag} must be a number greater than 0"
         if key == "agent" and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
             return options, rest, f"{flag} takes an agent name, got {inline!r}"
         options[key] = value

@@ -59,6 +59,8 @@ class CommentEvent:
     sender: str
     permission: str | None
     title: str
+    #: the labels now on the issue (or pull request) the comment is on
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,17 @@ def verify_signature(secret: str, payload: bytes, headers: Mapping[str, str]) ->
             given = hub[len("sha256="):]
     if not given:
         raise WebhookError(401, "missing signature")
-    if not hmac.compare_digest(expected, given.strip().lower()):
+    if not equal_secrets(expected, given.strip().lower()):
         raise WebhookError(401, "signature does not match")
+
+
+def equal_secrets(a: str, b: str) -> bool:
+    """Constant-time comparison of two strings from the outside world.
+
+    `hmac.compare_digest` refuses str with non-ASCII characters (TypeError), which any
+    caller can put in a header or a URL; compared as UTF-8 bytes they are simply unequal.
+    """
+    return hmac.compare_digest(a.encode("utf-8", "replace"), b.encode("utf-8", "replace"))
 
 
 def delivery_of(headers: Mapping[str, str], payload: bytes) -> Delivery:
@@ -131,6 +142,8 @@ def load_json(payload: bytes) -> dict[str, Any]:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WebhookError(400, f"body is not valid JSON: {exc.__class__.__name__}") from None
+    except RecursionError:
+        raise WebhookError(400, "body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise WebhookError(400, "body must be a JSON object")
     return data
@@ -205,5 +218,6 @@ def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
             sender=_get(data, "sender.login", str),
             permission=_permission(data),
             title=issue.get("title") or "",
+            labels=_labels(issue),
         )
     return Ignored(f"event {delivery.event} is not one kugetsu acts on")

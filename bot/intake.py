@@ -187,6 +187,10 @@ def _comment_event(event: CommentEvent, rules: Rules, view: IntakeView) -> Decis
     kind = Kind.START if verb == "start" else Kind.CONTINUE
     if kind is Kind.CONTINUE and not view.has_task(event.repo, issue):
         kind = Kind.START  # nothing to continue yet: the instructions start the work
+    if not event.is_pull and view.previous_labels(event.repo, issue) is None:
+        # The first kugetsu hears of this issue is a request for work: the labels on it now
+        # are not "newly added" when a later delivery changes some other label.
+        decision.intents.append(RememberLabels(event.repo, issue, event.labels))
     if kind is Kind.START:
         active = view.active_task(event.repo, issue)
         if active is not None:

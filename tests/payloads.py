@@ -99,11 +99,12 @@ def issue_payload(action: str, number: int = 7, *, labels: Iterable[str] = (),
 
 def comment_payload(text: str, number: int = 7, *, sender: str = "alice",
                     permission: str = "write", action: str = "created", is_pull: bool = False,
-                    comment_id: int | None = None, repo: str = "acme/widget") -> dict[str, Any]:
+                    comment_id: int | None = None, repo: str = "acme/widget",
+                    labels: Iterable[str] = ()) -> dict[str, Any]:
     cid = comment_id if comment_id is not None else next(_ids)
     data: dict[str, Any] = {
         "action": action,
-        "issue": issue(number, repo=repo, is_pull=is_pull),
+        "issue": issue(number, repo=repo, is_pull=is_pull, labels=labels),
         "comment": {
             "id": cid, "html_url": f"{GITEA}/{repo}/issues/{number}#issuecomment-{cid}",
             "pull_request_url": f"{GITEA}/{repo}/pulls/{number}" if is_pull else "",

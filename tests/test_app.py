@@ -194,3 +194,34 @@ def test_wake_needs_the_key(service):
     config = Config(gitea=GiteaConfig(webhook_secret=payloads.SECRET))
     r = requests.post(url + "/wake", headers={"X-Kugetsu-Wake": wake_key(config)}, timeout=5)
     assert r.status_code == 202 and woken == [1]
+
+
+@pytest.mark.parametrize("header, value", [
+    ("X-Gitea-Signature", "\u00e9" * 64),
+    ("X-Hub-Signature-256", "sha256=\u00e9"),
+])
+def test_non_ascii_signature_is_401_not_a_crash(service, header, value):
+    url, store, _ = service
+    body, headers = payloads.label_delivery(["kugetsu"])
+    headers = {k: v for k, v in headers.items() if "Signature" not in k}
+    headers[header] = value
+    r = requests.post(url + "/webhook", data=body, timeout=10,
+                      headers={k: v.encode("latin-1") for k, v in headers.items()})
+    assert r.status_code == 401 and r.json()["reason"] == "signature does not match"
+    assert store.list() == []
+
+
+def test_non_ascii_wake_key_and_log_token_are_refused_not_a_crash(service):
+    url, _, woken = service
+    r = requests.post(url + "/wake", headers={"X-Kugetsu-Wake": "\u00e9".encode("latin-1")},
+                      timeout=5)
+    assert r.status_code == 403 and woken == []
+    assert requests.get(url + "/logs/1/%C3%A9", timeout=5).status_code == 404
+
+
+def test_deeply_nested_json_is_400(service):
+    url, store, _ = service
+    body = b"[" * 5000 + b"]" * 5000
+    r = post(url, body, payloads.sign(body, event="issues"))
+    assert r.status_code == 400 and "nested too deeply" in r.json()["reason"]
+    assert store.list() == []

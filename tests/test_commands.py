@@ -71,6 +71,9 @@ def test_options():
     ("/kugetsu start --max-tokens lots", "needs a int"),
     ("/kugetsu start --max-tokens -5", "greater than 0"),
     ("/kugetsu start --agent ../../bin/sh", "agent name"),
+    ("/kugetsu start --max-cost nan go", "greater than 0"),
+    ("/kugetsu continue --max-cost inf go", "greater than 0"),
+    ("/kugetsu start --max-cost -inf go", "greater than 0"),
 ])
 def test_errors(body, fragment):
     result = parse_comment(body)
@@ -92,3 +95,11 @@ def test_help_is_generated_from_the_registry():
     for flag in commands.FLAGS:
         assert flag in text
     assert "`/kugetsu cancel`" in text
+
+
+def test_a_fence_with_an_info_string_does_not_close_a_code_block():
+    # CommonMark: "```python" opens a block but cannot close one, so both commands are code
+    body = "Thanks!\n\n```\n/kugetsu stop\n```python\n/kugetsu stop\n```"
+    assert parse_comment(body) is None
+    body = "```\ncode\n```  \n/kugetsu status"  # trailing spaces after a closing fence
+    assert parse_comment(body).verb == "status"

@@ -237,3 +237,24 @@ def test_repeated_delivery_is_acknowledged_and_ignored(store):
     again = deliver(store, body, headers)
     assert again.duplicate and not again.task_ids
     assert len(tasks(store)) == 1
+
+
+def test_start_by_comment_on_a_labelled_issue_remembers_its_labels(store):
+    # The issue carried the label before kugetsu heard of it (say, the webhook was added
+    # later); the work starts by command. Another label added afterwards is no transition.
+    comment(store, "/kugetsu start go", labels=["bug", "kugetsu"])
+    [task] = tasks(store)
+    store.transition(task.id, State.PENDING, State.CANCELLED, event="x")
+    result = label(store, ["bug", "kugetsu", "docs"])
+    assert not result.task_ids and not outbox(store)[1:]
+    assert len(tasks(store)) == 1
+    # a real transition still starts
+    label(store, ["bug", "docs"])
+    assert label(store, ["bug", "docs", "kugetsu"]).task_ids
+
+
+def test_plain_comments_do_not_record_labels(store):
+    # only a request for work does: a plain comment delivered before the label_updated
+    # that added the label must not hide that transition
+    comment(store, "Any news?", labels=["kugetsu"])
+    assert label(store, ["kugetsu"]).task_ids
