@@ -225,3 +225,13 @@ def test_deeply_nested_json_is_400(service):
     r = post(url, body, payloads.sign(body, event="issues"))
     assert r.status_code == 400 and "nested too deeply" in r.json()["reason"]
     assert store.list() == []
+
+
+@pytest.mark.parametrize("form", [b"action=created", b"payload=\xff\xfe"])
+def test_form_without_its_json_is_401_before_anything_else(service, form):
+    url, store, _ = service
+    _, headers = payloads.comment_delivery("/kugetsu start")
+    headers["Content-Type"] = "application/x-www-form-urlencoded"
+    r = post(url, form, headers)
+    assert r.status_code == 401 and r.json()["reason"].startswith("cannot check the signature")
+    assert store.list() == []
