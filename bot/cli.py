@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
+import sqlite3
 import sys
 import time
 from typing import Sequence
@@ -94,24 +96,52 @@ def queue_retry(store: Store, task_id: int) -> int:
     if task is None:
         print(f"kugetsu: no task {task_id}", file=sys.stderr)
         return 1
-    if store.requeue(task_id, "cli"):
+    try:
+        done, blocker = store.try_requeue(task_id, "cli")
+    except KeyError:
+        print(f"kugetsu: no task {task_id}", file=sys.stderr)
+        return 1
+    if done:
         print(f"task {task_id} queued again")
         return 0
+    if blocker is not None:
+        print(f"kugetsu: task {blocker.id} is already active on {blocker.ref}; task {task_id} "
+              "cannot be retried while it is", file=sys.stderr)
+        return 1
+    task = store.get(task_id) or task
     print(f"kugetsu: task {task_id} is {task.state.value}; only failed or cancelled tasks can "
           "be retried", file=sys.stderr)
     return 1
 
 
-_REF = re.compile(r"^(?P<repo>[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+)#(?P<issue>[0-9]+)$")
+#: SQLite's INTEGER is a signed 64-bit number: ids and issue numbers live in 1..MAX_ID
+MAX_ID = 2**63 - 1
+
+
+_REF = re.compile(r"^(?P<owner>[A-Za-z0-9_.-]+)/(?P<name>[A-Za-z0-9_.-]+)#(?P<issue>[0-9]+)$")
+
+
+def parse_ref(ref: str) -> tuple[str, int] | str:
+    """OWNER/REPO#N -> (repo, issue), or a one-line reason it is not one."""
+    m = _REF.fullmatch(ref)
+    if not m:
+        return f"{ref!r} is not OWNER/REPO#NUMBER"
+    for part in ("owner", "name"):
+        if m.group(part) in (".", ".."):
+            return f"{ref!r}: {m.group(part)!r} is not a valid {part}"
+    issue = int(m.group("issue"))
+    if not 1 <= issue <= MAX_ID:
+        return f"{ref!r}: the issue number must be between 1 and {MAX_ID}"
+    return f"{m.group('owner')}/{m.group('name')}", issue
 
 
 def enqueue(config: Config, store: Store, ref: str, message: str, agent: str | None,
             follow_up: bool) -> int:
-    m = _REF.match(ref)
-    if not m:
-        print(f"kugetsu: {ref!r} is not OWNER/REPO#NUMBER", file=sys.stderr)
+    parsed = parse_ref(ref)
+    if isinstance(parsed, str):
+        print(f"kugetsu: {parsed}", file=sys.stderr)
         return 2
-    repo, issue = m.group("repo"), int(m.group("issue"))
+    repo, issue = parsed
     agent = agent or config.agents.default
     if agent not in known_agents(config):
         print(f"kugetsu: unknown agent {agent!r}", file=sys.stderr)
@@ -169,6 +199,29 @@ def show_logs(config: Config, store: Store, task_id: int, follow: bool) -> int:
 # --------------------------------------------------------------------------- parsing
 
 
+def task_id_arg(text: str) -> int:
+    """An argparse type: a task id, a whole number from 1 to 2**63-1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a task id") from None
+    if not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"task id must be between 1 and {MAX_ID}, got {text}")
+    return value
+
+
+def days_arg(text: str) -> float:
+    """An argparse type: a finite number of days, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"the number of days must be a finite number >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", metavar="PATH", default=argparse.SUPPRESS,
@@ -199,11 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     qs = qsub.add_parser("stats", parents=[common], help="count tasks by state and outcome")
     qs.add_argument("--json", action="store_true")
     qc = qsub.add_parser("cancel", parents=[common], help="cancel a queued or running task")
-    qc.add_argument("id", type=int)
+    qc.add_argument("id", type=task_id_arg)
     qr = qsub.add_parser("retry", parents=[common], help="queue a failed or cancelled task again")
-    qr.add_argument("id", type=int)
+    qr.add_argument("id", type=task_id_arg)
     qx = qsub.add_parser("clear", parents=[common], help="delete old finished tasks")
-    qx.add_argument("--older-than", type=float, metavar="DAYS", default=None,
+    qx.add_argument("--older-than", type=days_arg, metavar="DAYS", default=None,
                     help="default: queue.cleanup_age_days")
 
     e = sub.add_parser("enqueue", parents=[common], help="queue work on an issue by hand")
@@ -214,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="follow up on the issue's earlier work")
 
     lg = sub.add_parser("logs", parents=[common], help="show a task's agent log")
-    lg.add_argument("id", type=int)
+    lg.add_argument("id", type=task_id_arg)
     lg.add_argument("--follow", "-f", action="store_true")
     return parser
 
@@ -261,6 +314,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             store.close()
     except SchemaTooNew as exc:
         print(f"kugetsu: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.DatabaseError as exc:
+        print(f"kugetsu: database {config.storage.db_path}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        what = exc.strerror or str(exc) or type(exc).__name__
+        if exc.filename is not None:
+            what = f"{exc.filename}: {what}"
+        print(f"kugetsu: {what}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -8,7 +8,9 @@ so `kugetsu` can stop with one clear line.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +208,8 @@ class _Section:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{self._key(key)} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{self._key(key)} must be a finite number, got {value}")
         if positive and value <= 0:
             raise ConfigError(f"{self._key(key)} must be greater than 0, got {value}")
         if minimum is not None and value < minimum:
@@ -252,6 +256,11 @@ def _override(env: Mapping[str, str], name: str, file_value: str) -> str:
     return env.get(name) or file_value
 
 
+#: what agent command lines may use (bot.agents.render fills them); other braces stay as written
+AGENT_PLACEHOLDERS = ("prompt", "prompt_file", "workdir", "session_id")
+_PLACEHOLDER_NAME_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
 def _agent_table(name: str, data: Any) -> AgentConfig:
     sec = _Section(f"agents.{name}", data)
     cfg = AgentConfig(
@@ -271,6 +280,16 @@ def _agent_table(name: str, data: Any) -> AgentConfig:
             raise ConfigError(f"agents.{name}.home_files: {rel!r} must be a relative path inside the home")
     if cfg.command is not None and not cfg.command:
         raise ConfigError(f"agents.{name}.command must not be empty")
+    if cfg.resume_command is not None and not cfg.resume_command:
+        raise ConfigError(f"agents.{name}.resume_command must not be empty; leave it out if the "
+                          "agent cannot resume a session")
+    for key in ("command", "resume_command"):
+        for arg in getattr(cfg, key) or ():
+            for placeholder in _PLACEHOLDER_NAME_RE.findall(arg):
+                if placeholder not in AGENT_PLACEHOLDERS:
+                    raise ConfigError(
+                        f"agents.{name}.{key}: unknown placeholder {{{placeholder}}}; use "
+                        + ", ".join(f"{{{p}}}" for p in AGENT_PLACEHOLDERS))
     return cfg
 
 
@@ -343,10 +362,11 @@ def load(path: str | os.PathLike[str] | None = None,
     q = _Section("queue", data.get("queue"))
     backoff = q._get("retry_backoff_seconds", list(QueueConfig.retry_backoff_seconds))
     if (not isinstance(backoff, list) or not backoff
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b >= 0
-                       for b in backoff)):
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                       and math.isfinite(b) and b >= 0 for b in backoff)):
         raise ConfigError(
-            f"queue.retry_backoff_seconds must be a non-empty list of numbers >= 0, got {backoff!r}")
+            "queue.retry_backoff_seconds must be a non-empty list of finite numbers >= 0, "
+            f"got {backoff!r}")
     queue = QueueConfig(
         poll_interval_seconds=q.number("poll_interval_seconds", 30.0, positive=True),
         max_concurrent_agents=q.integer("max_concurrent_agents", 3, minimum=1),

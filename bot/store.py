@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import socket
 import sqlite3
 import threading
@@ -413,17 +414,24 @@ class Store:
         now = self.clock()
         if to_state in TERMINAL_STATES:
             changes.setdefault("finished_at", now)
+        with self.tx() as c:
+            return self._transition(c, task_id, from_state, to_state, event, detail, changes,
+                                    now)
+
+    def _transition(self, c: sqlite3.Connection, task_id: int, from_state: State,
+                    to_state: State, event: str, detail: str | None,
+                    changes: dict[str, Any], now: float | None = None) -> bool:
+        """The compare-and-set of `transition()`, inside the caller's write transaction."""
         sets = ["state = ?", "updated_at = ?", "version = version + 1"]
-        args: list[Any] = [to_state.value, now]
+        args: list[Any] = [to_state.value, self.clock() if now is None else now]
         for key, value in changes.items():
             sets.append(f"{key} = ?")
             args.append(_encode(key, value))
-        with self.tx() as c:
-            cur = c.execute(f"UPDATE tasks SET {', '.join(sets)} WHERE id = ? AND state = ?",
-                            (*args, task_id, from_state.value))
-            if cur.rowcount != 1:
-                return False
-            self._event(c, task_id, event, from_state.value, to_state.value, detail)
+        cur = c.execute(f"UPDATE tasks SET {', '.join(sets)} WHERE id = ? AND state = ?",
+                        (*args, task_id, from_state.value))
+        if cur.rowcount != 1:
+            return False
+        self._event(c, task_id, event, from_state.value, to_state.value, detail)
         return True
 
     def update(self, task_id: int, *, bump: bool = True, **changes: Any) -> None:
@@ -566,13 +574,34 @@ class Store:
         return "finished"
 
     def requeue(self, task_id: int, by: str) -> bool:
-        """Put a failed or cancelled task back in the queue with fresh attempts."""
-        task = self.require(task_id)
-        if task.state not in (State.FAILED, State.CANCELLED):
-            return False
-        return self.transition(task_id, task.state, State.PENDING, event="retry requested",
-                               detail=by, attempts=0, not_before=0.0, outcome=None, error=None,
-                               cancel_requested_by=None, finished_at=None)
+        """Put a failed or cancelled task back in the queue with fresh attempts.
+
+        False if the task is not failed or cancelled, or if another task of its issue is
+        pending or running (at most one active task per issue); `try_requeue` says which.
+        """
+        return self.try_requeue(task_id, by)[0]
+
+    def try_requeue(self, task_id: int, by: str) -> tuple[bool, Task | None]:
+        """`requeue`, returning (done, the other active task of the issue that blocked it).
+
+        The check and the compare-and-set share one write transaction, so no task of the
+        issue can become active in between. KeyError if there is no such task."""
+        with self.tx() as c:
+            row = c.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no task {task_id}")
+            task = _row_to_task(row)
+            if task.state not in (State.FAILED, State.CANCELLED):
+                return False, None
+            active = self.active_task(c, task.repo, task.issue)
+            if active is not None:
+                return False, active
+            check_transition(task.state, State.PENDING)
+            done = self._transition(
+                c, task_id, task.state, State.PENDING, "retry requested", by,
+                {"attempts": 0, "not_before": 0.0, "outcome": None, "error": None,
+                 "cancel_requested_by": None, "finished_at": None})
+            return done, None
 
     def queue_position(self, task_id: int) -> int | None:
         """1-based position among pending tasks, counting those ahead of it."""
@@ -640,6 +669,9 @@ class Store:
 
     def clear(self, older_than_days: float) -> int:
         """Delete finished tasks older than that; active tasks are never deleted."""
+        if not math.isfinite(older_than_days) or older_than_days < 0:
+            raise ValueError(f"older_than_days must be a finite number >= 0, "
+                             f"got {older_than_days}")
         cutoff = self.clock() - older_than_days * 86400.0
         terminal = tuple(s.value for s in TERMINAL_STATES)
         with self.tx() as c:

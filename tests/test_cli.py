@@ -66,6 +66,18 @@ def test_cancel_retry_and_clear(setup, capsys):
     assert store.get(tid) is None
 
 
+def test_retry_refuses_a_second_active_task_on_the_issue(setup, capsys):
+    config, store, _ = setup
+    assert run(capsys, "enqueue", "o/r#5", "--config", config)[0] == 0
+    assert run(capsys, "queue", "cancel", "1", "--config", config)[0] == 0
+    assert run(capsys, "enqueue", "o/r#5", "--config", config)[0] == 0
+    code, _, err = run(capsys, "queue", "retry", "1", "--config", config)
+    assert code == 1 and "task 2 is already active on o/r#5" in err
+    assert err.count("\n") == 1
+    assert [t.id for t in store.list(state=State.PENDING)] == [2]
+    assert store.get(1).state is State.CANCELLED
+
+
 def test_logs_follow_streams_until_the_task_ends(setup, capsysbinary):
     config, store, data = setup
     tid = store.enqueue(repo="a/b", issue=1, kind=Kind.START, prompt="", agent="opencode",
@@ -100,3 +112,78 @@ def test_enqueue_rejects_a_bad_reference(setup, capsys):
     config, _, _ = setup
     code, _, err = run(capsys, "enqueue", "acme/widget/7", "--config", config)
     assert code == 2 and "OWNER/REPO#NUMBER" in err
+
+
+def usage_error(capsys, *args):
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    return exc.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [
+    ("queue", "cancel", "99999999999999999999"),
+    ("queue", "retry", "99999999999999999999"),
+    ("queue", "cancel", "0"),
+    ("queue", "retry", "-3"),
+    ("logs", "99999999999999999999"),
+    ("logs", "x"),
+])
+def test_task_ids_out_of_range_are_usage_errors(setup, capsys, args):
+    config, _, _ = setup
+    code, err = usage_error(capsys, *args, "--config", config)
+    assert code == 2 and "argument id" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("days", ["-1", "nan", "inf", "-inf", "soon"])
+def test_clear_refuses_a_negative_or_non_finite_age(setup, capsys, days):
+    config, store, _ = setup
+    tid = store.enqueue(repo="a/b", issue=1, kind=Kind.START, prompt="", agent="opencode",
+                        requested_by="cli", max_attempts=3, authorized=True)
+    store.request_cancel(tid, "cli")
+    with store.tx() as c:
+        store.seen_delivery(c, "delivery-1", "issues")
+    code, err = usage_error(capsys, "queue", "clear", "--older-than", days, "--config", config)
+    assert code == 2 and "--older-than" in err
+    assert store.get(tid) is not None
+    with store.tx() as c:
+        assert store.seen_delivery(c, "delivery-1", "issues")
+
+
+@pytest.mark.parametrize("ref, why", [
+    ("a/b#99999999999999999999", "issue number"),
+    ("a/b#0", "issue number"),
+    ("../..#1", "not a valid owner"),
+    ("./b#1", "not a valid owner"),
+    ("a/..#1", "not a valid name"),
+    ("a/b c#1", "OWNER/REPO#NUMBER"),
+    ("a/b#1\n", "OWNER/REPO#NUMBER"),
+])
+def test_enqueue_rejects_invalid_repos_and_issue_numbers(setup, capsys, ref, why):
+    config, store, _ = setup
+    code, _, err = run(capsys, "enqueue", ref, "--config", config)
+    assert code == 2 and why in err and err.count("\n") == 1
+    assert store.list() == []
+
+
+def test_a_junk_database_is_one_line(tmp_path, capsys, monkeypatch):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "kugetsu.db").write_text("this is not a database\n" * 10)
+    monkeypatch.setenv("KUGETSU_DATA_DIR", str(junk))
+    monkeypatch.delenv("KUGETSU_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for args in (["queue", "list"], ["queue", "cancel", "1"], ["enqueue", "a/b#1"]):
+        code, _, err = run(capsys, *args)
+        assert code == 1 and err.startswith("kugetsu: ") and err.count("\n") == 1
+        assert "not a database" in err
+
+
+def test_a_data_dir_that_is_a_file_is_one_line(tmp_path, capsys, monkeypatch):
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    monkeypatch.setenv("KUGETSU_DATA_DIR", str(plain))
+    monkeypatch.delenv("KUGETSU_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "enqueue", "a/b#1")
+    assert code == 1 and err.startswith("kugetsu: ") and err.count("\n") == 1
+    assert str(plain) in err

@@ -106,6 +106,54 @@ def test_bad_values_name_the_key(tmp_path, text, key):
     assert "\n" not in str(exc.value)
 
 
+@pytest.mark.parametrize("text, key", [
+    ("[queue]\npoll_interval_seconds = nan\n", "queue.poll_interval_seconds"),
+    ("[queue]\npoll_interval_seconds = inf\n", "queue.poll_interval_seconds"),
+    ("[queue]\ncleanup_age_days = inf\n", "queue.cleanup_age_days"),
+    ("[queue]\nauthorization_cache_seconds = nan\n", "queue.authorization_cache_seconds"),
+    ("[queue]\nretry_backoff_seconds = [inf]\n", "queue.retry_backoff_seconds"),
+    ("[queue]\nretry_backoff_seconds = [1, nan]\n", "queue.retry_backoff_seconds"),
+    ("[agents]\ntimeout_minutes = nan\n", "agents.timeout_minutes"),
+    ("[agents]\ntimeout_minutes = inf\n", "agents.timeout_minutes"),
+    ("[agents]\nkill_grace_seconds = -inf\n", "agents.kill_grace_seconds"),
+    ("[agents]\nmax_cost_usd = inf\n", "agents.max_cost_usd"),
+    ("[gitea]\ntimeout_seconds = nan\n", "gitea.timeout_seconds"),
+])
+def test_non_finite_numbers_are_refused(tmp_path, text, key):
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, text), ENV)
+    assert key in str(exc.value) and "finite" in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("text, key, why", [
+    ('[agents.x]\ncommand = ["foo", "{promt}"]\n', "agents.x.command", "{promt}"),
+    ('[agents.x]\ncommand = ["foo", "--in={dir}"]\n', "agents.x.command", "{dir}"),
+    ('[agents.x]\ncommand = ["foo"]\nresume_command = ["foo", "{session}"]\n',
+     "agents.x.resume_command", "{session}"),
+    ('[agents.claude]\nresume_command = ["claude", "{sessionid}", "{prompt}"]\n',
+     "agents.claude.resume_command", "{sessionid}"),
+    ('[agents.x]\ncommand = ["foo"]\nresume_command = []\n', "agents.x.resume_command",
+     "empty"),
+    ('[agents.opencode]\nresume_command = []\n', "agents.opencode.resume_command", "empty"),
+])
+def test_agent_command_lines_are_checked(tmp_path, text, key, why):
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, text), ENV)
+    assert key in str(exc.value) and why in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_agent_command_lines_may_hold_other_braces(tmp_path):
+    config = load(write(tmp_path, """
+[agents.x]
+command = ["foo", "--config", '{"model": "{env:MODEL}"}', "{}", "{ x }", "--in={workdir}",
+           "{prompt_file}", "{prompt}"]
+resume_command = ["foo", "--resume={session_id}", "{prompt}"]
+"""), ENV)
+    assert config.agents.tables["x"].resume_command == ("foo", "--resume={session_id}", "{prompt}")
+
+
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "nope.toml", ENV)

@@ -114,6 +114,39 @@ def test_request_cancel_and_requeue(store):
     assert not store.requeue(running, "carol")
 
 
+def test_requeue_refuses_while_another_task_of_the_issue_is_active(store):
+    first = add(store, issue=5)
+    assert store.request_cancel(first, "bob") == "cancelled"
+    second = add(store, issue=5)
+    assert not store.requeue(first, "carol")
+    assert store.try_requeue(first, "carol") == (False, store.get(second))
+    assert store.get(first).state is State.CANCELLED
+    assert [t.id for t in store.list(state=State.PENDING)] == [second]
+    assert store.events(first)[-1]["event"] == "cancelled"
+    # once the other task has finished, the retry goes through
+    store.claim(1, "w")
+    assert not store.requeue(first, "carol")
+    store.transition(second, State.RUNNING, State.COMPLETED, event="done",
+                     outcome=Outcome.SUCCEEDED)
+    assert store.try_requeue(first, "carol") == (True, None)
+    assert store.get(first).state is State.PENDING
+    with pytest.raises(KeyError):
+        store.try_requeue(12345, "carol")
+
+
+@pytest.mark.parametrize("days", [-1.0, float("nan"), float("inf"), float("-inf")])
+def test_clear_refuses_a_negative_or_non_finite_age(store, days):
+    done = add(store, issue=1)
+    store.request_cancel(done, "bob")
+    with store.tx() as c:
+        assert not store.seen_delivery(c, "d1", "issues")
+    with pytest.raises(ValueError, match="older_than_days"):
+        store.clear(days)
+    assert store.get(done) is not None
+    with store.tx() as c:
+        assert store.seen_delivery(c, "d1", "issues")
+
+
 def test_queue_positions(store):
     ids = [add(store, issue=i) for i in range(4)]
     assert [store.queue_position(i) for i in ids] == [1, 2, 3, 4]
