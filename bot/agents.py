@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -252,13 +253,25 @@ def render(template: Sequence[str], *, prompt: str, prompt_file: str, workdir: s
 
 
 def argv_for(spec: AgentSpec, *, prompt: str, prompt_file: str, workdir: str,
-             session_id: str | None) -> list[str]:
-    """The resume command when a session id is known and the spec can resume; else the command."""
+             session_id: str | None, new_session_id: str | None = None) -> list[str]:
+    """The resume command when a session id is known and the spec can resume; else the command.
+
+    A `command` may name the session it starts ({session_id}, as in claude's `--session-id`):
+    it is filled with `new_session_id` (see `new_session_id()`).
+    """
     if session_id and spec.sessions:
         assert spec.resume_command is not None
         return render(spec.resume_command, prompt=prompt, prompt_file=prompt_file, workdir=workdir,
                       session_id=session_id)
-    return render(spec.command, prompt=prompt, prompt_file=prompt_file, workdir=workdir, session_id=None)
+    return render(spec.command, prompt=prompt, prompt_file=prompt_file, workdir=workdir,
+                  session_id=new_session_id)
+
+
+def new_session_id(spec: AgentSpec) -> str | None:
+    """A fresh session id (a UUID) when the spec's `command` names the session it starts."""
+    if any("{session_id}" in arg for arg in spec.command):
+        return str(uuid.uuid4())
+    return None
 
 
 # ============================================================================ home and environment

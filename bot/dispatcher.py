@@ -510,8 +510,14 @@ class Dispatcher:
         }
         env = agents.build_env(spec, home_env=home_env, task_vars=task_vars,
                                environ=self.environ, secrets=cfg.secrets())
+        resuming = bool(session and spec.sessions)
+        started = None if resuming else agents.new_session_id(spec)
         argv = agents.argv_for(spec, prompt=prompt, prompt_file=str(prompt_file),
-                               workdir=str(workdir), session_id=session)
+                               workdir=str(workdir), session_id=session, new_session_id=started)
+        if started:
+            # the command names the session it starts: a follow-up resumes that one
+            session = started
+            self.store.update(task.id, session_id=started, bump=False)
         meter = agents.UsageMeter(spec)
         max_tokens = task.max_tokens or spec.max_tokens or cfg.agents.max_tokens
         max_cost = task.max_cost_usd or spec.max_cost_usd or cfg.agents.max_cost_usd
@@ -651,8 +657,13 @@ class Dispatcher:
                 self.publisher.reply(item.repo, item.target or item.issue,
                                      "There is no failed or stopped task to retry on this issue.")
             else:
-                self.store.requeue(last.id, item.requested_by or "someone")
-                self.on_change()
+                done, blocker = self.store.try_requeue(last.id, item.requested_by or "someone")
+                if blocker is not None:
+                    self.publisher.reply(item.repo, item.target or item.issue,
+                                         f"Task #{blocker.id} is still active on this issue; "
+                                         "stop it first or wait for it to finish.")
+                if done:
+                    self.on_change()
         else:
             log.error("unknown outbox item", extra={"item": item.id, "kind": item.kind})
 

@@ -166,6 +166,29 @@ def test_argv_for_start_and_resume():
     assert agents.argv_for(custom, session_id="x", **kw) == ["run", "/p", "/w"]
 
 
+def test_a_command_may_name_the_session_it_starts(tmp_path):
+    """{session_id} in `command` is a fresh id kugetsu picks (like claude's --session-id);
+    in `resume_command` it is the session to resume."""
+    path = tmp_path / "kugetsu.toml"
+    path.write_text('[gitea]\ninsecure_no_signature = true\n[agents]\ndefault = "x"\n'
+                    '[agents.x]\ncommand = ["foo", "--session-id", "{session_id}", "{prompt}"]\n'
+                    'resume_command = ["foo", "-r", "{session_id}", "{prompt}"]\n')
+    x = agents.resolve(load(path, environ={}).agents, "x")
+    kw = dict(prompt="do it", prompt_file="/p", workdir="/w")
+    first, second = agents.new_session_id(x), agents.new_session_id(x)
+    assert first and second and first != second and len(first) == 36
+    assert agents.argv_for(x, session_id=None, new_session_id=first, **kw) == [
+        "foo", "--session-id", first, "do it"]
+    assert agents.argv_for(x, session_id="S1", new_session_id=None, **kw) == [
+        "foo", "-r", "S1", "do it"]
+    # without an id to fill in, the command cannot be built: a clear error, not a bad argv
+    with pytest.raises(ValueError, match="session_id"):
+        agents.argv_for(x, session_id=None, **kw)
+    # a command that does not name its session gets no id
+    for preset in agents.PRESETS.values():
+        assert agents.new_session_id(agents.resolve(AgentsConfig(), preset.name)) is None
+
+
 # ============================================================================ home and environment
 
 

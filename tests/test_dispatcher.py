@@ -648,3 +648,41 @@ def test_comments_whose_record_was_lost_are_found_again_not_duplicated(make, mon
         [comment] = h.tracking_comments(n)  # still one each
         assert h.store.require(tid).comment_id == comment["id"]
     assert h.store.comment_out_of_date(10) == []
+
+
+def test_a_command_that_names_its_session_is_resumed_with_it(make, tmp_path):
+    # like claude's --session-id: kugetsu picks the id for the first run and resumes it
+    envfile = tmp_path / "env.json"
+    agent = AgentConfig(
+        name="fake", env={"FAKE_ENVFILE": str(envfile)},
+        command=(sys.executable, str(FAKE_AGENT), "--session-id", "{session_id}", "{prompt}"),
+        resume_command=(sys.executable, str(FAKE_AGENT), "--resume", "{session_id}",
+                        "{prompt}"))
+    h = make(agents={"fake": agent})
+    n = h.issue()
+    first = h.enqueue(n)
+    h.settle(first)
+    argv = json.loads(envfile.read_text())["argv"]
+    assert argv[1] == "--session-id"
+    session = argv[2]
+    assert len(session) == 36 and h.store.get(first).session_id == session
+    second = h.enqueue(n, kind=Kind.CONTINUE, prompt="and a test")
+    h.settle(second)
+    argv = json.loads(envfile.read_text())["argv"]
+    assert argv[1:3] == ["--resume", session]
+    assert h.store.get(second).outcome is Outcome.SUCCEEDED
+
+
+def test_retry_from_a_comment_is_refused_while_another_task_of_the_issue_is_active(make):
+    h = make(limit=1)
+    n, other = h.issue(), h.issue("Something else")
+    blocker = h.enqueue(other)  # holds the only slot's place in the queue first
+    first = h.enqueue(n)
+    follow = h.enqueue(n, kind=Kind.CONTINUE, prompt="more")
+    h.store.transition(follow, State.PENDING, State.CANCELLED, event="test")
+    # the latest task of the issue is cancelled, but the first is still pending
+    deliver_comment(h, "/kugetsu retry", n)
+    h.settle(blocker, first)
+    assert h.store.get(follow).state is State.CANCELLED
+    assert any(f"Task #{first} is still active" in body for body in replies(h, n))
+    assert [t.id for t in h.store.list(repo=REPO, issue=n) if t.active] == []
