@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
 TIMELINE_PAGE_SIZE = 50
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
+#: a proxy's "bad gateway" / "gateway timeout": Gitea behind it may have applied the request
+GATEWAY_STATUSES = frozenset({502, 504})
 MAX_BACKOFF_SECONDS = 30.0
 COMMIT_STATUS_STATES = ("pending", "success", "error", "failure", "warning", "skipped")
 
@@ -201,8 +203,8 @@ class GiteaClient:
     `retries` is the number of extra attempts after the first one for connection
     errors, timeouts and HTTP 500/502/503/504; the wait before extra attempt *n*
     is `backoff * 2 ** (n - 1)` seconds (capped at 30). A POST is not retried once
-    it may have reached the server without an answer (read timeout, reset), since
-    Gitea may have applied it.
+    it may have reached the server without an answer (read timeout, reset, or a
+    proxy's 502/504), since Gitea may have applied it.
     """
 
     def __init__(
@@ -290,7 +292,8 @@ class GiteaClient:
             log.debug("gitea request: method=%s path=%s status=%d attempt=%d", method, path, status, attempt)
             if status in ok:
                 return resp
-            if status in RETRY_STATUSES and not last:
+            if (status in RETRY_STATUSES and not last
+                    and not (method == "POST" and status in GATEWAY_STATUSES)):
                 log.warning(
                     "gitea server error, retrying: method=%s path=%s status=%d attempt=%d",
                     method, path, status, attempt,

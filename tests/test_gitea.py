@@ -527,6 +527,22 @@ def test_read_timeout_on_post_is_not_retried(rsps, client):
     assert len(rsps.calls) == 1
 
 
+@pytest.mark.parametrize("status, calls", [(502, 1), (504, 1), (500, 2), (503, 2)])
+def test_a_post_is_not_retried_after_a_gateway_error(rsps, client, status, calls):
+    # behind a proxy, 502/504 may come after Gitea applied the POST: a second one would
+    # make a second comment; 500 and 503 are Gitea's own refusals and are retried
+    url = REPO + "/issues/12/comments"
+    rsps.post(url, json=error_body(""), status=status)
+    if calls == 1:
+        with pytest.raises(ServerError) as info:
+            client.create_comment("acme", "widget", 12, "hello")
+        assert info.value.status == status
+    else:
+        rsps.post(url, json={"id": 5, "body": "hello"}, status=201)
+        assert client.create_comment("acme", "widget", 12, "hello")["id"] == 5
+    assert len(rsps.calls) == calls
+
+
 def test_persistent_timeout_raises_unreachable(rsps, client):
     rsps.get(REPO, body=requests.ConnectTimeout("connect timed out"))
     with pytest.raises(Unreachable):
