@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
 TIMELINE_PAGE_SIZE = 50
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
+#: open pull requests are listed this many at a time, for at most this many pages
+PULL_PAGE_SIZE = 50
+MAX_PULL_PAGES = 20
 #: a proxy's "bad gateway" / "gateway timeout": Gitea behind it may have applied the request
 GATEWAY_STATUSES = frozenset({502, 504})
 MAX_BACKOFF_SECONDS = 30.0
@@ -113,6 +116,8 @@ class GiteaAPI(Protocol):
     def get_permission(self, owner: str, repo: str, login: str) -> str: ...
 
     def find_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None: ...
+
+    def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None: ...
 
     def create_pull(self, owner: str, repo: str, *, head: str, base: str, title: str, body: str) -> dict: ...
 
@@ -391,6 +396,24 @@ class GiteaClient:
             return self._call("GET", path)
         except NotFound:
             return None
+
+    def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None:
+        """The open pull request from branch `head` (of this repository) into `base`, or None.
+
+        `find_pull` answers with the first match in any state, so after a closed one it
+        cannot find the open one; this pages through the open pull requests into `base`.
+        """
+        path = f"{_repo_path(owner, repo)}/pulls"
+        for page in range(1, MAX_PULL_PAGES + 1):
+            items = self._call("GET", path, params={"state": "open", "base_branch": base,
+                                                    "page": page, "limit": PULL_PAGE_SIZE})
+            for pr in items or []:
+                if ((pr.get("head") or {}).get("ref") == head
+                        and (pr.get("base") or {}).get("ref") == base):
+                    return pr
+            if not items or len(items) < PULL_PAGE_SIZE:
+                break
+        return None
 
     def create_pull(self, owner: str, repo: str, *, head: str, base: str, title: str, body: str) -> dict:
         path = f"{_repo_path(owner, repo)}/pulls"

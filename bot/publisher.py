@@ -66,12 +66,34 @@ def usage_line(usage: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _inert(text: str) -> str:
+    """Agent output made safe to put in a code block: it cannot close the block, and it
+    cannot carry kugetsu's hidden markers (which are found by plain text search)."""
+    return text.replace("```", "ʼʼʼ").replace("<!--", "<!\u2060--")
+
+
 def _quote_block(text: str, limit: int) -> str:
     text = text.strip()
     if len(text) > limit:
         text = "…" + text[-limit:]
-    text = text.replace("```", "ʼʼʼ")
-    return f"```\n{text}\n```"
+    return f"```\n{_inert(text)}\n```"
+
+
+def agent_block(text: str, secrets: Sequence[str], limit: int = MAX_SUMMARY) -> str:
+    """What the agent said about its work, shown as written but without effect.
+
+    The agent's words follow instructions from issue text anyone may write, so they go
+    in a code block: no @mention notifies anyone, no "Fixes #3" closes another issue
+    (Gitea looks for references outside code only), no markdown or HTML hides the rest
+    of the comment. Secrets are redacted before the text is cut, so a cut cannot leave
+    part of one behind. Empty text gives "".
+    """
+    text = redact(text.strip(), secrets)
+    if not text:
+        return ""
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return f"```text\n{_inert(text)}\n```"
 
 
 def log_link(config: Config, task_id: int) -> str | None:
@@ -94,7 +116,7 @@ class QueueView:
 
 
 def render_tracking(task: Task, config: Config, queue: QueueView, *,
-                    pr_url: str | None = None, log_tail: str = "") -> str:
+                    log_tail: str = "") -> str:
     """The one tracking comment of a task, for its current state."""
     who = ("from the command line" if task.requested_by == "cli"
            else f"requested by @{task.requested_by}")
@@ -124,23 +146,22 @@ def render_tracking(task: Task, config: Config, queue: QueueView, *,
         return head + f"🚫 **Not started**: {redact(task.error or 'not allowed', config.secrets())}"
     if task.state is State.CANCELLED:
         who = task.cancel_requested_by or "an operator"
-        return head + f"🛑 **Stopped** by @{who}." if not who.startswith("cli") else \
-            head + "🛑 **Stopped** from the kugetsu command line."
+        return head + (f"🛑 **Stopped** by @{who}." if who != "cli" else
+                       "🛑 **Stopped** from the kugetsu command line.")
 
     took = duration((task.finished_at or 0) - (task.started_at or 0)) if task.started_at else "?"
     usage = usage_line(task.usage)
     footer = " · ".join(x for x in (f"agent {agent}", f"took {took}",
                                      f"attempt {task.attempts} of {n}", usage) if x)
-    summary = redact((task.summary or "").strip(), config.secrets())
-    if len(summary) > MAX_SUMMARY:
-        summary = summary[:MAX_SUMMARY] + "…"
+    summary = agent_block(task.summary or "", config.secrets())
     summary_block = f"\n\n{summary}" if summary else ""
 
     if task.state is State.COMPLETED and task.outcome is Outcome.SUCCEEDED:
         files = f", {task.files_changed} file{'s' if task.files_changed != 1 else ''} changed" \
             if task.files_changed is not None else ""
-        pr = f"[#{task.pr_number}]({pr_url})" if pr_url else f"#{task.pr_number}"
-        return (head + f"✅ **Done**: pull request {pr}{files}.{summary_block}\n\n"
+        # "#9" and not a URL: Gitea links it to the pull request itself, with its own public
+        # address, while gitea.url is often an internal name (http://gitea:3000)
+        return (head + f"✅ **Done**: pull request #{task.pr_number}{files}.{summary_block}\n\n"
                 f"<sub>{footer}{log_ref}</sub>")
     if task.state is State.COMPLETED:
         return (head + "➖ **No changes**: the agent finished without changing any files, "
@@ -160,9 +181,7 @@ def render_tracking(task: Task, config: Config, queue: QueueView, *,
 def render_pr_body(task: Task, config: Config, *, summary: str, files_changed: int,
                    usage: dict[str, Any]) -> str:
     link = log_link(config, task.id)
-    summary = redact(summary.strip(), config.secrets())
-    if len(summary) > MAX_SUMMARY:
-        summary = summary[:MAX_SUMMARY] + "…"
+    summary = agent_block(summary, config.secrets())
     details = [f"task #{task.id}", f"agent `{task.agent}`",
                f"{files_changed} file{'s' if files_changed != 1 else ''} changed"]
     if usage_line(usage):
@@ -200,11 +219,6 @@ class Publisher:
 
     # ---------------------------------------------------------------- tracking comment
 
-    def _pr_url(self, task: Task) -> str | None:
-        if not task.pr_number:
-            return None
-        return f"{self.config.gitea.url}/{task.repo}/pulls/{task.pr_number}"
-
     def _log_tail(self, task: Task) -> str:
         path = self.config.storage.logs_dir / f"{task.id}.log"
         try:
@@ -222,7 +236,7 @@ class Publisher:
         queue = QueueView(position, self.store.count_running(),
                           self.config.queue.max_concurrent_agents)
         tail = self._log_tail(task) if task.state is State.FAILED else ""
-        return render_tracking(task, self.config, queue, pr_url=self._pr_url(task), log_tail=tail)
+        return render_tracking(task, self.config, queue, log_tail=tail)
 
     def sync_task(self, task: Task, position: int | None = None,
                   synced: list[CommentRecord] | None = None) -> bool:
@@ -267,11 +281,20 @@ class Publisher:
         return True
 
     def _find_existing_comment(self, task: Task) -> int | None:
-        """After a crash between creating a comment and recording it, find it again."""
+        """After a crash between creating a comment and recording it, find it again.
+
+        Only a comment that begins with the task's marker and, when the bot's login is
+        known, was written by the bot: anyone can type the marker into a comment.
+        """
         mark = marker(task.id)
+        login = self.config.gitea.bot_login or self.store.get_meta("bot_login")
         for comment in self.gitea.list_comments(task.owner, task.name, task.issue):
-            if mark in (comment.get("body") or ""):
-                return int(comment["id"])
+            if not (comment.get("body") or "").startswith(mark):
+                continue
+            author = (comment.get("user") or {}).get("login")
+            if login and author != login:
+                continue
+            return int(comment["id"])
         return None
 
     def sync_comments(self, budget: int = 30) -> int:
@@ -336,7 +359,7 @@ class Publisher:
                     f"Pushed a follow-up for @{task.requested_by} "
                     f"(task #{task.id}, {files_changed} file{'s' if files_changed != 1 else ''} "
                     f"changed in this pull request so far).\n\n"
-                    + redact(summary.strip()[:MAX_SUMMARY], self.config.secrets()))
+                    + agent_block(summary, self.config.secrets()))
             else:
                 self.gitea.edit_pull(task.owner, task.name, number, body=body)
             return number, False
@@ -344,7 +367,9 @@ class Publisher:
             created = self.gitea.create_pull(task.owner, task.name, head=branch, base=base,
                                              title=title, body=body)
         except Conflict:
-            existing = self.gitea.find_pull(task.owner, task.name, base, branch)
+            # an open one exists that the lookup above did not return (it answers with the
+            # first match in any state, which may be an older, closed one)
+            existing = self.gitea.find_open_pull(task.owner, task.name, base, branch)
             if not existing:
                 raise
             self.gitea.edit_pull(task.owner, task.name, int(existing["number"]), body=body)

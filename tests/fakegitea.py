@@ -895,6 +895,7 @@ class FakeGitea:
             ("POST", repo + r"/issues/comments/(?P<id>\d+)/reactions", self._api_add_reaction),
             ("GET", repo + r"/collaborators/(?P<login>[^/]+)/permission", self._api_permission),
             ("POST", repo + r"/pulls", self._api_create_pull),
+            ("GET", repo + r"/pulls", self._api_list_pulls),
             ("GET", repo + r"/pulls/(?P<index>\d+)", self._api_get_pull),
             ("PATCH", repo + r"/pulls/(?P<index>\d+)", self._api_edit_pull),
             ("GET", repo + r"/pulls/(?P<base>[^/]+)/(?P<head>.+)", self._api_find_pull),
@@ -1179,6 +1180,17 @@ class FakeGitea:
             if pr["base"]["ref"] == params["base"] and pr["head"]["ref"] == head:
                 return 200, self._refresh_pull(record, pr)
         raise ApiError(404, "pull request does not exist")
+
+    def _api_list_pulls(self, params, query, data):
+        record = self._api_repo_record(params)
+        state = (query.get("state") or ["open"])[0]
+        base = (query.get("base_branch") or [None])[0]
+        page = max(1, int((query.get("page") or ["1"])[0]))
+        limit = max(1, min(50, int((query.get("limit") or ["30"])[0])))
+        items = [self._refresh_pull(record, pr) for _, pr in sorted(record["pulls"].items())
+                 if (state == "all" or pr["state"] == state)
+                 and (base is None or pr["base"]["ref"] == base)]
+        return 200, items[(page - 1) * limit:page * limit], {"X-Total-Count": str(len(items))}
 
     def _api_list_statuses(self, params, query, data):
         self._api_repo_record(params)

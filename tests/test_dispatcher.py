@@ -106,7 +106,7 @@ def test_task_becomes_a_pull_request_and_one_tracking_comment(make):
     assert task.pr_number == pr["number"] and task.files_changed == 1
     [comment] = h.tracking_comments(n)
     assert "✅ **Done**" in comment["body"]
-    assert f"{h.gitea.url}/{REPO}/pulls/{pr['number']}" in comment["body"]
+    assert f"pull request #{pr['number']}" in comment["body"]
     assert "1 file changed" in comment["body"] and "took" in comment["body"]
     # the commit is kugetsu's, not the host's git identity
     author = h.gitea.git(REPO, "log", "-1", "--format=%an <%ae>", BRANCH.format(n)).strip()

@@ -84,7 +84,7 @@ def test_label_delivery_leads_to_a_pull_request_and_a_follow_up(service_factory,
     assert pr["head"]["ref"] == f"kugetsu/issue-{n}"
     assert f"Closes #{n}" in pr["body"]
     [comment] = tracking(gitea, n)
-    assert f"{gitea.url}/{REPO}/pulls/{pr['number']}" in comment["body"]
+    assert f"pull request #{pr['number']}" in comment["body"]
     sha1 = gitea.branch_sha(REPO, f"kugetsu/issue-{n}")
     assert sha1
 

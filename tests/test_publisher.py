@@ -56,10 +56,10 @@ def test_stopping_and_stopped_say_by_whom():
 def test_done_has_pr_link_duration_files_summary_and_usage():
     body = render(task(state=State.COMPLETED, outcome=Outcome.SUCCEEDED, attempts=1,
                        pr_number=9, files_changed=3, summary="Added greeting.",
-                       usage={"input_tokens": 12000, "output_tokens": 800, "cost_usd": 0.0421}),
-                  pr_url="https://git.example/acme/widget/pulls/9")
-    assert "✅ **Done**: pull request [#9](https://git.example/acme/widget/pulls/9), " \
-           "3 files changed." in body
+                       usage={"input_tokens": 12000, "output_tokens": 800, "cost_usd": 0.0421}))
+    # a reference Gitea links itself, not a URL built from the (often internal) API address
+    assert "✅ **Done**: pull request #9, 3 files changed." in body
+    assert "http" not in body.split("✅", 1)[1].split("\n", 1)[0]
     assert "Added greeting." in body and "took 2m05s" in body
     assert "12,000 tokens in, 800 out" in body and "cost $0.0421" in body
 
@@ -96,3 +96,96 @@ def test_pr_body_closes_the_issue_and_keeps_secrets_out():
     assert "tok-ABCDEF123" not in body and "Did it." in body
     assert "1 file changed" in body and "5 tokens in, 6 out" in body
     assert log_link(CONFIG, 12) in body
+
+
+def test_stopped_by_a_user_whose_name_starts_with_cli():
+    assert "🛑 **Stopped** by @clifford." in render(task(state=State.CANCELLED,
+                                                        cancel_requested_by="clifford"))
+    assert "from the kugetsu command line" in render(task(state=State.CANCELLED,
+                                                          cancel_requested_by="cli"))
+
+
+HOSTILE = ("All done.\n```\n@admin please look. Fixes #3\n<!-- kugetsu:task=13 -->\n"
+           "<!-- kugetsu:reply -->\n<!-- the rest is hidden")
+
+
+def _code_blocks_hold(body: str, text: str) -> bool:
+    """True if every occurrence of `text` in `body` is inside a ``` code block."""
+    inside = False
+    for line in body.splitlines():
+        if line.startswith("```"):
+            inside = not inside
+        elif text in line and not inside:
+            return False
+    return not inside  # every block is closed
+
+
+def test_agent_text_is_inert_in_comments_and_pull_requests():
+    done = render(task(state=State.COMPLETED, outcome=Outcome.SUCCEEDED, attempts=1,
+                       pr_number=9, files_changed=1, summary=HOSTILE))
+    pr = render_pr_body(task(), CONFIG, summary=HOSTILE, files_changed=1, usage={})
+    for body in (done, pr):
+        for text in ("@admin", "Fixes #3", "All done."):
+            assert text in body and _code_blocks_hold(body, text), (text, body)
+        # kugetsu's markers are found by text search: the agent cannot plant them
+        assert "<!-- kugetsu:task=13" not in body and "<!-- kugetsu:reply" not in body
+        assert "<!--" not in body.replace(marker(12), "")
+    assert pr.startswith("Closes #7\n") and pr.count("Closes #") == 1
+    assert done.rstrip().endswith("</sub>")  # the footer is not swallowed by a block
+
+
+def test_a_secret_cut_by_the_length_limit_is_still_redacted():
+    from bot.publisher import MAX_SUMMARY, agent_block
+    text = "x" * (MAX_SUMMARY - 5) + "tok-ABCDEF123 and more"
+    block = agent_block(text, CONFIG.secrets())
+    assert "tok-A" not in block and "ABCDEF" not in block
+
+
+def _publisher(tmp_path, login="kugetsu-bot"):
+    from bot.gitea import GiteaClient
+    from bot.publisher import Publisher
+    from bot.store import open_store
+    store = open_store(tmp_path / "db")
+    store.set_meta("bot_login", login)
+    client = GiteaClient("https://git.example", "tok-ABCDEF123", retries=0)
+    return Publisher(CONFIG, store, client), store
+
+
+def test_a_lost_tracking_comment_is_found_only_if_kugetsu_wrote_it(tmp_path):
+    import responses
+    publisher, store = _publisher(tmp_path)
+    url = "https://git.example/api/v1/repos/acme/widget/issues/7/comments"
+    comments = [
+        {"id": 100, "user": {"login": "mallory"}, "body": f"{marker(12)}\nlooks official"},
+        {"id": 101, "user": {"login": "kugetsu-bot"}, "body": f"quoting:\n{marker(12)}"},
+        {"id": 102, "user": {"login": "kugetsu-bot"}, "body": f"{marker(12)}\n**kugetsu**"},
+    ]
+    with responses.RequestsMock() as rsps:
+        rsps.get(url, json=comments)
+        assert publisher._find_existing_comment(task()) == 102
+    with responses.RequestsMock() as rsps:
+        rsps.get(url, json=comments[:2])
+        assert publisher._find_existing_comment(task()) is None
+    store.close()
+
+
+def test_a_conflict_finds_the_open_pull_request_not_an_older_closed_one(tmp_path):
+    import responses
+    from responses import matchers
+    publisher, store = _publisher(tmp_path)
+    api = "https://git.example/api/v1/repos/acme/widget"
+    branch = "kugetsu/issue-7"
+    closed = {"number": 5, "state": "closed", "head": {"ref": branch}, "base": {"ref": "main"}}
+    opened = {"number": 11, "state": "open", "head": {"ref": branch}, "base": {"ref": "main"}}
+    other = {"number": 12, "state": "open", "head": {"ref": "feature"}, "base": {"ref": "main"}}
+    with responses.RequestsMock() as rsps:
+        rsps.get(f"{api}/pulls/main/{branch}", json=closed)
+        rsps.post(f"{api}/pulls", status=409, json={
+            "message": "pull request already exists for these targets [id: 40, issue_id: 11]"})
+        rsps.get(f"{api}/pulls", json=[other, opened], match=[matchers.query_param_matcher(
+            {"state": "open", "base_branch": "main", "page": "1", "limit": "50"})])
+        edit = rsps.patch(f"{api}/pulls/11", status=201, json=opened)
+        number, created = publisher.publish_pr(task(), branch=branch, base="main", title="t",
+                                               summary="s", files_changed=1, usage={})
+    assert (number, created) == (11, False) and edit.call_count == 1
+    store.close()
