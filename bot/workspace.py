@@ -165,9 +165,9 @@ class Workspace:
         wt = self._worktree_path(owner, name, issue)
         with self._repo_lock(owner, name):
             mirror = self._ensure_mirror(owner, name, url, repo)
-            head_symref = self._remote_head(mirror)
+            head_symref = self._remote_head(mirror, url)
             self._git(["fetch", "--prune", "--no-tags", "--quiet", REMOTE, FETCH_REFSPEC],
-                      git_dir=mirror, step="fetch", network=True)
+                      git_dir=mirror, step="fetch", network=url)
             log.info("mirror fetched repo=%s issue=%s", repo, issue)
             default = self._default_branch(mirror, head_symref)
             default_ref = f"refs/remotes/{REMOTE}/{default}"
@@ -177,8 +177,9 @@ class Workspace:
                 log.info("worktree reused repo=%s issue=%s branch=%s", repo, issue, branch)
                 remote_sha = self._ref_sha(f"refs/remotes/{REMOTE}/{branch}", git_dir=mirror)
                 if remote_sha and not self._is_ancestor(remote_sha, "HEAD", cwd=wt):
-                    log.warning("remote branch has commits the worktree lacks repo=%s issue=%s branch=%s",
-                                repo, issue, branch)
+                    # someone pushed to the branch since (a fix on the pull request): the
+                    # follow-up builds on those commits, and its push can never drop them
+                    self._catch_up(wt, remote_sha, repo, issue, branch)
             else:
                 self._create_worktree(mirror, wt, branch, default_ref, repo, issue)
 
@@ -236,15 +237,17 @@ class Workspace:
         _check_branch(branch)
         wt = self._checked_worktree(path)
         owner, name, issue = self._locate(wt)
+        url = self._checked_remote_url(f"{owner}/{name}")
         tracking = f"refs/remotes/{REMOTE}/{branch}"
         with self._repo_lock(owner, name):
+            self._reset_config(self._mirror_path(owner, name), url)
             head = self._git(["rev-parse", "--verify", "HEAD^{commit}"], cwd=wt,
                              step="rev-parse").stdout.decode().strip()
             lease = self._ref_sha(tracking, cwd=wt) or ""
             self._git(["push", "--quiet", "--no-verify",
                        f"--force-with-lease=refs/heads/{branch}:{lease}",
                        REMOTE, f"{head}:refs/heads/{branch}"],
-                      cwd=wt, step="push", network=True)
+                      cwd=wt, step="push", network=url)
             self._git(["update-ref", tracking, head], cwd=wt, step="update-ref")
         log.info("branch pushed repo=%s/%s issue=%s branch=%s", owner, name, issue, branch)
         return head
@@ -256,7 +259,7 @@ class Workspace:
         url = self._checked_remote_url(repo)
         ref = f"refs/heads/{branch}"
         out = self._git(["ls-remote", url, ref], cwd=self._ensure_home(), step="ls-remote",
-                        network=True).stdout.decode()
+                        network=url).stdout.decode()
         for line in out.splitlines():
             sha, _, name = line.partition("\t")
             if name.strip() == ref:
@@ -317,10 +320,42 @@ class Workspace:
                 _rmtree(tmp, missing_ok=True)
                 raise
             log.info("mirror created repo=%s", repo)
-        # set every time: the configured URL may have changed since the mirror was made
-        self._git(["config", f"remote.{REMOTE}.url", url], git_dir=mirror, step="configure mirror")
+        # every time: the configured URL may have changed, and an agent may have written
+        # into the config its worktree shares
+        self._reset_config(mirror, url)
         self._write_excludes(mirror)
         return mirror
+
+    def _catch_up(self, wt: Path, remote_sha: str, repo: str, issue: int, branch: str) -> None:
+        """Bring the worktree up to the branch on Gitea: a fast-forward, or a merge when it
+        has commits of its own; a conflict is an error, with the worktree left as it was."""
+        merge = self._git(["merge", "--quiet", "--no-edit", remote_sha], cwd=wt, step="merge",
+                          ok=(0, 1, 128))
+        if merge.returncode != 0:
+            self._git(["merge", "--abort"], cwd=wt, step="merge abort", ok=(0, 128))
+            raise GitError(f"the branch {branch} on Gitea has commits that conflict with this "
+                           "worktree's; merge them by hand, then ask again", step="merge",
+                           returncode=merge.returncode)
+        log.info("worktree caught up with the remote branch repo=%s issue=%s branch=%s",
+                 repo, issue, branch)
+
+    @staticmethod
+    def _reset_config(mirror: Path, url: str) -> None:
+        """Replace the mirror's config with kugetsu's own.
+
+        Every worktree reads this file, and an agent can write it (`git config` in its
+        worktree): a pushurl or insteadOf that sends kugetsu's push elsewhere, a filter or
+        receivepack command that kugetsu's own git would run. Written whole before kugetsu
+        uses the mirror (and atomically, since other worktrees read it meanwhile).
+        """
+        text = ("# written by kugetsu; replaced before every use\n"
+                "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n"
+                f'[remote "{REMOTE}"]\n\turl = {_config_value(url)}\n'
+                f"\tfetch = {FETCH_REFSPEC}\n")
+        path = mirror / "config"
+        tmp = mirror / f".config.tmp-{uuid.uuid4().hex}"
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
     @staticmethod
     def _write_excludes(mirror: Path) -> None:
@@ -332,9 +367,9 @@ class Workspace:
             exclude.parent.mkdir(parents=True, exist_ok=True)
             exclude.write_text(text)
 
-    def _remote_head(self, mirror: Path) -> str | None:
+    def _remote_head(self, mirror: Path, url: str) -> str | None:
         out = self._git(["ls-remote", "--symref", REMOTE, "HEAD"], git_dir=mirror,
-                        step="ls-remote", network=True).stdout.decode()
+                        step="ls-remote", network=url).stdout.decode()
         for line in out.splitlines():
             target, _, name = line.partition("\t")
             if name.strip() == "HEAD" and target.startswith("ref: refs/heads/"):
@@ -391,6 +426,10 @@ class Workspace:
         the matching mirror; git never searches upwards into some other repository."""
         wt = Path(os.path.abspath(path))
         owner, name, _ = self._locate(wt)
+        mirror = self._mirror_path(owner, name)
+        if _looks_like_bare_repo(mirror):
+            # before any git command here: the agent may have written the shared config
+            self._reset_config(mirror, self._checked_remote_url(f"{owner}/{name}"))
         if wt.is_symlink() or not (wt / ".git").is_file():
             raise GitError(f"not a kugetsu worktree: {wt}", step="inspect worktree")
         info = self._worktree_info(wt)
@@ -444,7 +483,7 @@ class Workspace:
         step: str,
         git_dir: Path | None = None,
         cwd: Path | None = None,
-        network: bool = False,
+        network: str | None = None,
         ok: Collection[int] = (0,),
     ) -> subprocess.CompletedProcess[bytes]:
         argv = ["git"]
@@ -470,7 +509,10 @@ class Workspace:
                            returncode=cp.returncode)
         return cp
 
-    def _env(self, *, network: bool) -> dict[str, str]:
+    def _env(self, *, network: str | None) -> dict[str, str]:
+        """git's environment; with `network` (the repository's URL) it carries the token,
+        as a header git sends to that URL only: a push or fetch that config written by an
+        agent sends somewhere else (pushurl, insteadOf) goes without it."""
         home = self._ensure_home()
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("GIT_") or k.startswith(_KEEP_GIT_ENV_PREFIXES)}
@@ -493,7 +535,7 @@ class Workspace:
         if network and self._token:
             env.update({
                 "GIT_CONFIG_COUNT": "1",
-                "GIT_CONFIG_KEY_0": "http.extraHeader",
+                "GIT_CONFIG_KEY_0": f"http.{network}.extraHeader",
                 "GIT_CONFIG_VALUE_0": f"Authorization: token {self._token}",
             })
         return env
@@ -554,6 +596,11 @@ class Workspace:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _config_value(value: str) -> str:
+    """A value quoted for a git config file (no line breaks: the URL was checked)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _valid_name(part: str) -> bool:

@@ -574,7 +574,8 @@ def test_cleanup_without_worktrees_dir(ws):
 # ---------------------------------------------------------------------- secrets
 
 
-def test_token_never_lands_in_files_argv_or_non_network_commands(ws, remote, data, recorder):
+def test_token_never_lands_in_files_argv_or_non_network_commands(ws, remote, remotes, data,
+                                                                 recorder):
     p = ws.prepare(REPO, 7, BRANCH)
     (p.path / "a.txt").write_text("a\n")
     ws.commit_all(p.path, "a")
@@ -594,7 +595,8 @@ def test_token_never_lands_in_files_argv_or_non_network_commands(ws, remote, dat
         is_network = any(step in argv for step in network_steps)
         assert (env.get("GIT_CONFIG_VALUE_0") == header) is is_network, argv
         if is_network:
-            assert env["GIT_CONFIG_KEY_0"] == "http.extraHeader"
+            # sent to the repository's own URL only, wherever else config may point git
+            assert env["GIT_CONFIG_KEY_0"] == f"http.{remotes}/acme/widget.git.extraHeader"
             assert env["GIT_CONFIG_COUNT"] == "1"
         assert env["GIT_CONFIG_NOSYSTEM"] == "1"
         assert env["GIT_CONFIG_GLOBAL"] == os.devnull
@@ -709,3 +711,48 @@ def test_agent_litter_is_never_committed(ws, remote):
     (p.path / "real.txt").write_text("change\n")
     assert ws.commit_all(p.path, "a real change") is True
     assert ws.changed_files(p.path, p.base_sha) == ["real.txt"]
+
+
+def test_config_an_agent_writes_cannot_redirect_the_push_or_run_commands(ws, remote, tmp_path):
+    p = ws.prepare(REPO, 7, BRANCH)
+    elsewhere = tmp_path / "elsewhere.git"
+    git("init", "--bare", "--quiet", str(elsewhere))
+    ran = tmp_path / "ran"
+    script = tmp_path / "evil.sh"
+    script.write_text(f"#!/bin/sh\necho ran >> {ran}\ncat\n")
+    script.chmod(0o755)
+    # what an agent can do from its worktree: the config is the mirror's, shared by all
+    for key, value in (("remote.origin.pushurl", str(elsewhere)),
+                       (f"url.{elsewhere}.insteadOf", str(remote.path)),
+                       ("filter.evil.clean", str(script)),
+                       ("remote.origin.receivepack", str(script))):
+        git("config", key, value, cwd=p.path)
+    (p.path / ".gitattributes").write_text("* filter=evil\n")
+    (p.path / "a.txt").write_text("a\n")
+
+    assert ws.commit_all(p.path, "a")
+    head = ws.push(p.path, BRANCH)
+    assert remote.sha(BRANCH) == head  # pushed where kugetsu meant to
+    assert git("--git-dir", str(elsewhere), "for-each-ref") == ""
+    assert not ran.exists()
+    # and the next prepare (a follow-up) starts from kugetsu's config again
+    git("config", "remote.origin.uploadpack", str(script), cwd=p.path)
+    ws.prepare(REPO, 7, BRANCH)
+    assert not ran.exists()
+
+
+def test_a_follow_up_builds_on_commits_pushed_to_the_branch_meanwhile(ws, remote):
+    p = ws.prepare(REPO, 7, BRANCH)
+    (p.path / "a.txt").write_text("a\n")
+    ws.commit_all(p.path, "a")
+    ws.push(p.path, BRANCH)
+    human = remote.commit(BRANCH, {"fix.txt": "by a person\n"}, "a fix on the PR")
+
+    again = ws.prepare(REPO, 7, BRANCH)
+    assert again.reused and (again.path / "fix.txt").read_text() == "by a person\n"
+    (again.path / "b.txt").write_text("b\n")
+    ws.commit_all(again.path, "b")
+    pushed = ws.push(again.path, BRANCH)
+    assert remote.sha(BRANCH) == pushed
+    # the person's commit is still on the branch (git exits 1, and this raises, if not)
+    git(f"--git-dir={remote.path}", "merge-base", "--is-ancestor", human, pushed)
