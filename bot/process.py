@@ -247,6 +247,13 @@ def kill_orphan(pid: int, start_token: str | None, grace: float) -> bool:
         return False
     current = process_start_token(pid)
     if current is None:
+        # The leader is gone, but what it started may live on in its group. Linux does not
+        # hand out a pid while a process group of that id has members, so any member is
+        # still the agent's.
+        if pid != os.getpgrp() and group_alive(pid):
+            logger.warning("orphaned agent's leader is gone but its group is not, killing "
+                           "pgid=%d", pid)
+            return kill_group(pid, grace)
         logger.info("orphaned agent already gone pid=%d", pid)
         return False
     if current != start_token:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -559,6 +561,31 @@ def test_kill_orphan_for_dead_pid(detached):
     p.wait()
     assert process_start_token(p.pid) is None
     assert kill_orphan(p.pid, token, 1.0) is False
+
+
+def test_kill_orphan_kills_the_group_its_dead_leader_left(tmp_path):
+    # the service was down while the agent's leader exited; a child it started lives on
+    # in the leader's group, still working in the worktree
+    pidfile = tmp_path / "child"
+    leader = subprocess.Popen(
+        [sys.executable, "-c",
+         "import subprocess, sys\n"
+         "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+         f"open({str(pidfile)!r}, 'w').write(str(c.pid))\n"],
+        start_new_session=True)
+    token = process_start_token(leader.pid)
+    assert leader.wait(WAIT) == 0
+    child = int(pidfile.read_text())
+    try:
+        assert process_start_token(leader.pid) is None and group_alive(leader.pid)
+        assert kill_orphan(leader.pid, token, WAIT) is True
+        deadline = time.monotonic() + WAIT
+        while group_alive(leader.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not group_alive(leader.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_kill_group_and_group_alive(detached):
