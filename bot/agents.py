@@ -25,6 +25,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
+from bot.config import AGENT_PLACEHOLDERS
+
 if TYPE_CHECKING:
     from bot.config import AgentsConfig
 
@@ -230,7 +232,7 @@ def resolve(agents: "AgentsConfig", name: str) -> AgentSpec:
 
 # ============================================================================ command lines
 
-_PLACEHOLDER_RE = re.compile(r"\{(prompt|prompt_file|workdir|session_id)\}")
+_PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(AGENT_PLACEHOLDERS) + r")\}")
 
 
 def render(template: Sequence[str], *, prompt: str, prompt_file: str, workdir: str,
@@ -267,8 +269,11 @@ def argv_for(spec: AgentSpec, *, prompt: str, prompt_file: str, workdir: str,
                   session_id=new_session_id)
 
 
-def new_session_id(spec: AgentSpec) -> str | None:
-    """A fresh session id (a UUID) when the spec's `command` names the session it starts."""
+def new_session_id(spec: AgentSpec, session_id: str | None = None) -> str | None:
+    """A fresh session id (a UUID) when this run starts the session, rather than resuming
+    `session_id` (see `argv_for`), and the spec's `command` names the session it starts."""
+    if session_id and spec.sessions:
+        return None  # argv_for resumes
     if any("{session_id}" in arg for arg in spec.command):
         return str(uuid.uuid4())
     return None

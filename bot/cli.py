@@ -92,10 +92,6 @@ def queue_cancel(store: Store, task_id: int) -> int:
 
 
 def queue_retry(store: Store, task_id: int) -> int:
-    task = store.get(task_id)
-    if task is None:
-        print(f"kugetsu: no task {task_id}", file=sys.stderr)
-        return 1
     try:
         done, blocker = store.try_requeue(task_id, "cli")
     except KeyError:
@@ -108,7 +104,7 @@ def queue_retry(store: Store, task_id: int) -> int:
         print(f"kugetsu: task {blocker.id} is already active on {blocker.ref}; task {task_id} "
               "cannot be retried while it is", file=sys.stderr)
         return 1
-    task = store.get(task_id) or task
+    task = store.require(task_id)
     print(f"kugetsu: task {task_id} is {task.state.value}; only failed or cancelled tasks can "
           "be retried", file=sys.stderr)
     return 1

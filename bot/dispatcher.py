@@ -510,8 +510,7 @@ class Dispatcher:
         }
         env = agents.build_env(spec, home_env=home_env, task_vars=task_vars,
                                environ=self.environ, secrets=cfg.secrets())
-        resuming = bool(session and spec.sessions)
-        started = None if resuming else agents.new_session_id(spec)
+        started = agents.new_session_id(spec, session)
         argv = agents.argv_for(spec, prompt=prompt, prompt_file=str(prompt_file),
                                workdir=str(workdir), session_id=session, new_session_id=started)
         if started:

@@ -82,19 +82,28 @@ def _header(headers: Mapping[str, str], *names: str) -> str | None:
     return None
 
 
-def signed_bytes(content_type: str, body: bytes) -> bytes:
-    """The bytes Gitea signed: the body itself, or the JSON in a form's `payload` field."""
+def signed_bytes(content_type: str, body: bytes, *, signed: bool = False) -> bytes:
+    """The bytes Gitea signed: the body itself, or the JSON in a form's `payload` field.
+
+    A form without its JSON is 400, or 401 when deliveries must be `signed`: then there is
+    nothing a signature could cover, and an unsigned caller learns no more than a wrong
+    signature tells it.
+    """
     mime = content_type.split(";", 1)[0].strip().lower()
     if mime in JSON_TYPES or mime.endswith("+json"):
         return body
     if mime in FORM_TYPES:
+        def unusable(reason: str) -> WebhookError:
+            if signed:
+                return WebhookError(401, f"cannot check the signature: {reason}")
+            return WebhookError(400, reason)
         try:
             fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:
-            raise WebhookError(400, "form body is not UTF-8") from None
+            raise unusable("form body is not UTF-8") from None
         payload = fields.get("payload")
         if not payload:
-            raise WebhookError(400, "form body has no payload field")
+            raise unusable("form body has no payload field")
         return payload[0].encode("utf-8")
     raise WebhookError(415, f"unsupported content type {mime or '(none)'}; send application/json")
 

@@ -406,6 +406,14 @@ class Store:
     def transition(self, task_id: int, from_state: State | str, to_state: State | str, *,
                    event: str, detail: str | None = None, **changes: Any) -> bool:
         """The only writer of `state`: compare-and-set. False if the task was not in from_state."""
+        with self.tx() as c:
+            return self._transition(c, task_id, from_state, to_state, event=event,
+                                    detail=detail, **changes)
+
+    def _transition(self, c: sqlite3.Connection, task_id: int, from_state: State | str,
+                    to_state: State | str, *, event: str, detail: str | None = None,
+                    **changes: Any) -> bool:
+        """The compare-and-set of `transition()`, inside the caller's write transaction."""
         check_transition(from_state, to_state)
         bad = set(changes) - _UPDATABLE
         if bad:
@@ -414,16 +422,8 @@ class Store:
         now = self.clock()
         if to_state in TERMINAL_STATES:
             changes.setdefault("finished_at", now)
-        with self.tx() as c:
-            return self._transition(c, task_id, from_state, to_state, event, detail, changes,
-                                    now)
-
-    def _transition(self, c: sqlite3.Connection, task_id: int, from_state: State,
-                    to_state: State, event: str, detail: str | None,
-                    changes: dict[str, Any], now: float | None = None) -> bool:
-        """The compare-and-set of `transition()`, inside the caller's write transaction."""
         sets = ["state = ?", "updated_at = ?", "version = version + 1"]
-        args: list[Any] = [to_state.value, self.clock() if now is None else now]
+        args: list[Any] = [to_state.value, now]
         for key, value in changes.items():
             sets.append(f"{key} = ?")
             args.append(_encode(key, value))
@@ -596,11 +596,10 @@ class Store:
             active = self.active_task(c, task.repo, task.issue)
             if active is not None:
                 return False, active
-            check_transition(task.state, State.PENDING)
             done = self._transition(
-                c, task_id, task.state, State.PENDING, "retry requested", by,
-                {"attempts": 0, "not_before": 0.0, "outcome": None, "error": None,
-                 "cancel_requested_by": None, "finished_at": None})
+                c, task_id, task.state, State.PENDING, event="retry requested", detail=by,
+                attempts=0, not_before=0.0, outcome=None, error=None, cancel_requested_by=None,
+                finished_at=None)
             return done, None
 
     def queue_position(self, task_id: int) -> int | None:

@@ -240,7 +240,6 @@ class Workspace:
         url = self._checked_remote_url(f"{owner}/{name}")
         tracking = f"refs/remotes/{REMOTE}/{branch}"
         with self._repo_lock(owner, name):
-            self._reset_config(self._mirror_path(owner, name), url)
             head = self._git(["rev-parse", "--verify", "HEAD^{commit}"], cwd=wt,
                              step="rev-parse").stdout.decode().strip()
             lease = self._ref_sha(tracking, cwd=wt) or ""
@@ -313,9 +312,7 @@ class Workspace:
             try:
                 self._git(["init", "--bare", "--quiet", "--template=", str(tmp)],
                           cwd=tmp.parent, step="init mirror")
-                self._git(["config", f"remote.{REMOTE}.fetch", FETCH_REFSPEC], git_dir=tmp,
-                          step="configure mirror")
-                tmp.rename(mirror)
+                tmp.rename(mirror)  # its config is written below
             except BaseException:
                 _rmtree(tmp, missing_ok=True)
                 raise
