@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     # started by `serve` itself; not for people
     w = sub.add_parser("worker", parents=[common])
     w.add_argument("--wake-fd", type=int, default=None)
+    w.add_argument("--fd-limit", type=int, default=None)
     w.add_argument("--log-level", default="INFO", choices=levels)
 
     q = sub.add_parser("queue", parents=[common], help="inspect and manage the task queue")
@@ -279,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(config, log_level=args.log_level)
         if args.command == "worker":
-            return run_worker(config, args.wake_fd, log_level=args.log_level)
+            return run_worker(config, args.wake_fd, log_level=args.log_level,
+                              fd_limit=args.fd_limit)
         if not config.storage.db_path.exists() and args.command != "enqueue":
             print(f"kugetsu: no database at {config.storage.db_path} (has kugetsu served "
                   "with this data_dir yet?)", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -52,8 +53,11 @@ def _signals(stop: threading.Event) -> None:
 # --------------------------------------------------------------------------- the worker
 
 
-def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO") -> int:
-    """The worker process: scheduler, dispatcher and agents."""
+def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO",
+               fd_limit: int | None = None) -> int:
+    """The worker process: scheduler, dispatcher and agents. `fd_limit`: the soft limit
+    of open files the receiver found before it raised its own (httpserver.raise_fd_limit),
+    for the worker, git and the agents."""
     from bot.dispatcher import Dispatcher
     from bot.gitea import GiteaClient
     from bot.httpserver import prepare_interpreter
@@ -62,6 +66,9 @@ def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO") 
     from bot.store import open_store
     from bot.workspace import Workspace
 
+    if fd_limit is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     configure_logging(log_level, config.secrets())
     # Before any thread starts: threads and child processes inherit it.
     niceness = lower_own_priority(config.agents.nice)
@@ -129,8 +136,8 @@ def _read_wakes(fd: int, wake: Callable[[], None], stop: threading.Event) -> Non
 class WorkerProcess:
     """Starts the worker, wakes it through a pipe, restarts it if it dies."""
 
-    def __init__(self, config: Config, log_level: str):
-        self.config, self.log_level = config, log_level
+    def __init__(self, config: Config, log_level: str, fd_limit: int | None = None):
+        self.config, self.log_level, self.fd_limit = config, log_level, fd_limit
         self.proc: subprocess.Popen | None = None
         self._wake_w: int | None = None
         self._lock = threading.Lock()
@@ -141,6 +148,8 @@ class WorkerProcess:
         os.set_blocking(write_fd, False)
         argv = [sys.executable, "-m", "bot", "worker", "--wake-fd", str(read_fd),
                 "--log-level", self.log_level]
+        if self.fd_limit is not None:
+            argv += ["--fd-limit", str(self.fd_limit)]
         if self.config.source and not self.config.source.startswith("("):
             argv += ["--config", self.config.source]
         try:
@@ -197,7 +206,7 @@ class WorkerProcess:
 def serve(config: Config, *, log_level: str = "INFO") -> int:
     """The receiver process: the webhook server, supervising the worker."""
     from bot.app import create_app
-    from bot.httpserver import HttpServer, prepare_interpreter
+    from bot.httpserver import HttpServer, prepare_interpreter, raise_fd_limit
     from bot.intake import Rules
     from bot.publisher import log_token
     from bot.redact import configure_logging
@@ -209,7 +218,8 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     store = open_store(storage.db_path)  # migrate before the worker starts
     if not config.gitea.token:
         log.warning("no Gitea token configured: kugetsu can queue work but not act on Gitea")
-    worker = WorkerProcess(config, log_level)
+    # waitress holds a file per connection; the worker gets the limit it had back
+    worker = WorkerProcess(config, log_level, fd_limit=raise_fd_limit())
     known = known_agents(config)
     bot_login: dict[str, Any] = {"value": config.gitea.bot_login or None, "at": float("-inf")}
 

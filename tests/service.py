@@ -47,11 +47,22 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
-class Service:
-    """`kugetsu serve --config PATH` in its own process; logs go to a file."""
+#: runs `python -m bot ARGS...` with the soft limit of open files set to argv[1]
+_WITH_FD_LIMIT = (
+    "import os, resource, sys\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE,\n"
+    "                   (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'bot', *sys.argv[2:]])\n")
 
-    def __init__(self, config_path: Path, port: int, workdir: Path, env: dict[str, str] | None = None):
+
+class Service:
+    """`kugetsu serve --config PATH` in its own process; logs go to a file. `fd_limit`:
+    start it with that soft limit of open files, as a service manager might."""
+
+    def __init__(self, config_path: Path, port: int, workdir: Path, env: dict[str, str] | None = None,
+                 fd_limit: int | None = None):
         self.config_path, self.port, self.workdir = config_path, port, workdir
+        self.fd_limit = fd_limit
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = workdir / f"service-{port}.log"
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir),
@@ -62,8 +73,10 @@ class Service:
     def start(self, timeout: float = 30.0) -> "Service":
         self.starts += 1
         log = open(self.log_path, "ab")
+        launch = [sys.executable, "-m", "bot"] if self.fd_limit is None else \
+            [sys.executable, "-c", _WITH_FD_LIMIT, str(self.fd_limit)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bot", "serve", "--config", str(self.config_path)],
+            [*launch, "serve", "--config", str(self.config_path)],
             cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
