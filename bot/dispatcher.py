@@ -218,16 +218,21 @@ class Dispatcher:
         """Delete old finished tasks, their logs and prompt files, and idle worktrees."""
         removed = self.store.clear(older_than_days)
         cutoff = self.clock() - older_than_days * 86400.0
-        known = {t.id for t in self.store.list()}
-        files = 0
+        old: dict[int, list[Path]] = {}
         for folder, suffix in ((self.config.storage.logs_dir, ".log"),
                                (self.config.storage.prompts_dir, ".md")):
             for path in folder.glob(f"*{suffix}") if folder.is_dir() else ():
                 stem = path.name[:-len(suffix)]
-                if stem.isdigit() and int(stem) not in known and path.stat().st_mtime < cutoff:
+                if stem.isdigit() and path.stat().st_mtime < cutoff:
+                    old.setdefault(int(stem), []).append(path)
+        known = self.store.existing(old)
+        files = 0
+        for task_id, paths in old.items():
+            if task_id not in known:
+                for path in paths:
                     path.unlink(missing_ok=True)
                     files += 1
-        keep = [Path(t.worktree) for t in self.store.list() if t.active and t.worktree]
+        keep = [Path(t.worktree) for t in self.store.active_tasks() if t.worktree]
         worktrees = self.workspace.cleanup(older_than_days * 86400.0, keep=keep)
         log.info("cleanup done", extra={"tasks": removed, "files": files,
                                         "worktrees": len(worktrees)})

@@ -203,10 +203,10 @@ def status_text(store: Store, repo: str, issue: int, config: Config) -> str:
         rows.append(f"| #{t.id} | {t.kind.value} | {t.state.value} | "
                     f"{t.outcome.value if t.outcome else ''} | {t.attempts}/{t.max_attempts} | "
                     f"{'#' + str(t.pr_number) if t.pr_number else ''} |")
-    stats = store.stats()
     return (f"{REPLY_MARKER}\nkugetsu on this issue:\n\n" + "\n".join(rows)
-            + f"\n\nAgents busy: {stats.running} of {config.queue.max_concurrent_agents}; "
-              f"tasks waiting: {stats.by_state['pending']}.")
+            + f"\n\nAgents busy: {store.count(State.RUNNING)} of "
+              f"{config.queue.max_concurrent_agents}; "
+              f"tasks waiting: {store.count(State.PENDING)}.")
 
 
 class Publisher:
@@ -233,7 +233,7 @@ class Publisher:
     def render(self, task: Task, position: int | None = None) -> str:
         if task.state is State.PENDING and position is None:
             position = self.store.queue_position(task.id)
-        queue = QueueView(position, self.store.count_running(),
+        queue = QueueView(position, self.store.count(State.RUNNING),
                           self.config.queue.max_concurrent_agents)
         tail = self._log_tail(task) if task.state is State.FAILED else ""
         return render_tracking(task, self.config, queue, log_tail=tail)

@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from bot.tasks import (
     ACTIVE_STATES,
@@ -147,9 +147,25 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at REAL NOT NULL
     );
     """,
+    # 4: indexes that keep the worker's queries from reading the whole table: each tick
+    # looks for tracking comments to write, and the daily cleanup for old rows. A partial
+    # index holds only the rows its query is after, and a query uses it only if its
+    # WHERE holds the index's terms as written here (tests/test_query_cost.py).
+    """
+    CREATE INDEX tasks_comment_due ON tasks ((state = 'pending'), id)
+        WHERE comment_version < version AND authorized IS NOT NULL;
+    CREATE INDEX tasks_finished ON tasks (state, COALESCE(finished_at, updated_at))
+        WHERE state IN ('completed', 'failed', 'cancelled', 'rejected');
+    CREATE INDEX deliveries_by_time ON deliveries (received_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+#: the finished states as migration 4 writes them in the index `tasks_finished`: a query
+#: uses that index only if it names them the same way (as text, not as bound values)
+_TERMINAL = "state IN ('completed', 'failed', 'cancelled', 'rejected')"
+#: rows that Store.clear() deletes per write transaction
+CLEAR_BATCH = 500
 BUSY_TIMEOUT_SECONDS = 30.0
 
 _TASK_FIELDS = {f.name for f in fields(Task)}
@@ -379,8 +395,11 @@ class Store:
             raise KeyError(f"no task {task_id}")
         return task
 
-    def list(self, state: State | str | None = None, limit: int | None = None,
-             repo: str | None = None, issue: int | None = None) -> list[Task]:
+    def iter_tasks(self, state: State | str | None = None, *, repo: str | None = None,
+                   issue: int | None = None, before: int | None = None,
+                   newest: int | None = None) -> Iterator[Task]:
+        """Tasks in id order, read from the database as the caller iterates. `before`: only
+        ids below it; `newest`: only the newest that many of those (still in id order)."""
         sql, args = "SELECT * FROM tasks WHERE 1=1", []
         if state is not None:
             sql += " AND state = ?"
@@ -391,11 +410,29 @@ class Store:
         if issue is not None:
             sql += " AND issue = ?"
             args.append(issue)
-        sql += " ORDER BY id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
-        return [_row_to_task(r) for r in self._conn().execute(sql, args)]
+        if before is not None:
+            sql += " AND id < ?"
+            args.append(before)
+        if newest is None:
+            sql += " ORDER BY id"
+        else:
+            sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT ?) ORDER BY id"
+            args.append(newest)
+        for row in self._conn().execute(sql, args):
+            yield _row_to_task(row)
+
+    def list(self, state: State | str | None = None, *, repo: str | None = None,
+             issue: int | None = None) -> list[Task]:
+        return [*self.iter_tasks(state, repo=repo, issue=issue)]
+
+    def existing(self, task_ids: Iterable[int]) -> set[int]:
+        """Which of these task ids are in the table."""
+        ids, found = [*task_ids], set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            found.update(row[0] for row in self._conn().execute(
+                f"SELECT id FROM tasks WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        return found
 
     def events(self, task_id: int) -> list[dict[str, Any]]:
         rows = self._conn().execute(
@@ -487,9 +524,10 @@ class Store:
         row = conn.execute(sql + " ORDER BY id DESC LIMIT 1", args).fetchone()
         return _row_to_task(row) if row else None
 
-    def count_running(self) -> int:
-        return self._conn().execute(
-            "SELECT COUNT(*) FROM tasks WHERE state = 'running'").fetchone()[0]
+    def count(self, state: State) -> int:
+        """Tasks in that state (read from the index by state: as many steps as there are)."""
+        return self._conn().execute("SELECT COUNT(*) FROM tasks WHERE state = ?",
+                                    (State(state).value,)).fetchone()[0]
 
     def claim(self, limit: int, worker_id: str, *, max_claims: int | None = None) -> list[Task]:
         """Lease up to (limit - running) ready tasks, first in first out, one per issue.
@@ -652,6 +690,8 @@ class Store:
         return (row[0], row[1]) if row else (0, None)
 
     def stats(self) -> Stats:
+        """Counts over the whole table, for `kugetsu queue stats`: it reads every row, so
+        nothing the worker does on its own calls it."""
         conn = self._conn()
         by_state = {s.value: 0 for s in State}
         for row in conn.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state"):
@@ -667,19 +707,31 @@ class Store:
                      None if oldest is None else max(0.0, now - oldest))
 
     def clear(self, older_than_days: float) -> int:
-        """Delete finished tasks older than that; active tasks are never deleted."""
+        """Delete finished tasks older than that; active tasks are never deleted.
+
+        Deliveries and sent replies of that age go too. Each table goes in batches of
+        CLEAR_BATCH rows, one write transaction each, found through an index: the
+        receiver's deliveries wait for the write lock at most one batch, and the work
+        grows with what is deleted, not with what is kept."""
         if not math.isfinite(older_than_days) or older_than_days < 0:
             raise ValueError(f"older_than_days must be a finite number >= 0, "
                              f"got {older_than_days}")
         cutoff = self.clock() - older_than_days * 86400.0
-        terminal = tuple(s.value for s in TERMINAL_STATES)
-        with self.tx() as c:
-            cur = c.execute(
-                f"DELETE FROM tasks WHERE state IN ({','.join('?' * len(terminal))}) "
-                "AND COALESCE(finished_at, updated_at) < ?", (*terminal, cutoff))
-            c.execute("DELETE FROM deliveries WHERE received_at < ?", (cutoff,))
-            c.execute("DELETE FROM outbox WHERE done_at IS NOT NULL AND done_at < ?", (cutoff,))
-            return cur.rowcount
+        tasks = 0
+        for table, old in (("tasks", f"{_TERMINAL} AND COALESCE(finished_at, updated_at) < ?"),
+                           ("deliveries", "received_at < ?"),
+                           ("outbox", "done_at IS NOT NULL AND done_at < ?")):
+            while True:
+                with self.tx() as c:
+                    count = c.execute(
+                        f"DELETE FROM {table} WHERE rowid IN "
+                        f"(SELECT rowid FROM {table} WHERE {old} LIMIT ?)",
+                        (cutoff, CLEAR_BATCH)).rowcount
+                if table == "tasks":
+                    tasks += count
+                if count < CLEAR_BATCH:
+                    break
+        return tasks
 
     # ------------------------------------------------------------------ issues
 
@@ -792,6 +844,10 @@ class Store:
 
     def running_tasks(self) -> list[Task]:
         return self.list(State.RUNNING)
+
+    def active_tasks(self) -> list[Task]:
+        """Pending and running tasks (read from the index by state)."""
+        return self.list(State.PENDING) + self.list(State.RUNNING)
 
     # ------------------------------------------------------------------ leases
 

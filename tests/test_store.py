@@ -96,7 +96,7 @@ def test_claim_never_exceeds_the_limit(store):
         add(store, issue=i)
     assert len(store.claim(3, "w")) == 3
     assert store.claim(3, "w") == []
-    assert store.count_running() == 3
+    assert store.count(State.RUNNING) == 3
 
 
 def test_request_cancel_and_requeue(store):
@@ -178,6 +178,78 @@ def test_clear_removes_only_old_finished_tasks(tmp_path):
     assert store.get(done) is None and store.get(active) is not None
 
 
+def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
+    """The indexes and batches behind the worker's queries (tests/test_query_cost.py) change
+    what they cost, not what they return: compared with Python over every row."""
+    from bot.store import _TERMINAL, CLEAR_BATCH
+    from bot.tasks import TERMINAL_STATES
+
+    assert set(_TERMINAL.split("(")[1].rstrip(")").replace("'", "").split(", ")) == \
+        {s.value for s in TERMINAL_STATES}
+    rng = random.Random(7)
+    now = 100 * 86400.0
+    store = open_store(tmp_path / "db", clock=lambda: now)
+    states = [s.value for s in State]
+    n = 6 * CLEAR_BATCH + 7
+    with store.tx() as c:
+        c.executemany(
+            "INSERT INTO tasks (repo, issue, kind, agent, requested_by, state, created_at, "
+            "updated_at, finished_at, authorized, version, comment_version) "
+            "VALUES ('acme/widget', ?, 'start', 'opencode', 'alice', ?, 0, ?, ?, ?, ?, ?)",
+            [(rng.randint(1, 50), rng.choice(states), now - rng.uniform(0, 20) * 86400,
+              rng.choice([None, now - rng.uniform(0, 20) * 86400]),
+              rng.choice([None, 0, 1]), version, rng.randint(0, version))
+             for _ in range(n) for version in [rng.randint(1, 4)]])
+        c.executemany("INSERT INTO task_events (task_id, at, event) VALUES (?, 0, 'x')",
+                      [(i,) for i in range(1, n + 1)])
+        c.executemany("INSERT INTO deliveries (id, event, received_at) VALUES (?, 'e', ?)",
+                      [(f"d{i}", now - rng.uniform(0, 20) * 86400) for i in range(n)])
+        c.executemany("INSERT INTO outbox (repo, issue, kind, created_at, done_at) "
+                      "VALUES ('acme/widget', 1, 'reaction', 0, ?)",
+                      [(rng.choice([None, now - rng.uniform(0, 20) * 86400]),)
+                       for _ in range(n)])
+
+    def rows(sql: str) -> list[dict]:
+        return [dict(r) for r in store._conn().execute(sql)]
+
+    tasks = rows("SELECT * FROM tasks")
+    due = sorted((t for t in tasks
+                  if t["comment_version"] < t["version"] and t["authorized"] is not None),
+                 key=lambda t: (t["state"] == "pending", t["id"]))
+    for limit in (1, 30, n):
+        assert [t.id for t in store.comment_out_of_date(limit)] == \
+            [t["id"] for t in due[:limit]]
+    for state in State:
+        assert store.count(state) == sum(1 for t in tasks if t["state"] == state.value)
+    assert [t.id for t in store.active_tasks()] == \
+        [t["id"] for t in tasks if t["state"] == "pending"] + \
+        [t["id"] for t in tasks if t["state"] == "running"]
+    ids = [t["id"] for t in tasks]
+    for state, before, newest in ((None, None, None), (None, None, 10), (None, 700, 25),
+                                  ("failed", None, 5), ("pending", 900, None)):
+        expected = [i for i, t in zip(ids, tasks)
+                    if (state is None or t["state"] == state) and (before is None or i < before)]
+        if newest is not None:
+            expected = expected[-newest:]
+        assert [t.id for t in store.iter_tasks(state, before=before, newest=newest)] == expected
+    asked = ids[::2] + [n + 1, n + 2]
+    assert store.existing(asked) == set(ids[::2])
+
+    cutoff = now - 7 * 86400
+    old = {t["id"] for t in tasks if t["state"] in {s.value for s in TERMINAL_STATES}
+           and (t["finished_at"] if t["finished_at"] is not None else t["updated_at"]) < cutoff}
+    assert len(old) > 2 * CLEAR_BATCH  # deleted in more than one batch
+    kept_deliveries = {r["id"] for r in rows("SELECT * FROM deliveries")
+                       if r["received_at"] >= cutoff}
+    kept_outbox = {r["id"] for r in rows("SELECT * FROM outbox")
+                   if r["done_at"] is None or r["done_at"] >= cutoff}
+    assert store.clear(7) == len(old)
+    assert {r["id"] for r in rows("SELECT id FROM tasks")} == set(ids) - old
+    assert {r["task_id"] for r in rows("SELECT task_id FROM task_events")} == set(ids) - old
+    assert {r["id"] for r in rows("SELECT id FROM deliveries")} == kept_deliveries
+    assert {r["id"] for r in rows("SELECT id FROM outbox")} == kept_outbox
+
+
 # ---------------------------------------------------------------- concurrency
 
 def _overlap(intervals):
@@ -245,7 +317,7 @@ def test_claim_limit_holds_across_processes(tmp_path):
         assert p.exitcode == 0
     assert len(intervals) == 80
     assert _overlap(intervals) <= 3
-    assert store.count_running() == 0
+    assert store.count(State.RUNNING) == 0
 
 
 def test_checkpoint_pages_keeps_the_write_ahead_log_short(tmp_path):
