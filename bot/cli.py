@@ -15,7 +15,7 @@ import re
 import sqlite3
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from bot import __version__
 from bot.config import Config, ConfigError, load
@@ -50,20 +50,34 @@ def _fmt_time(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
-def queue_list(store: Store, state: str | None, as_json: bool) -> int:
-    tasks = store.list(state=state)
+def queue_list(store: Store, state: str | None, as_json: bool, *, limit: int | None = 50,
+               before: int | None = None) -> int:
+    """The newest `limit` tasks (every one with None) below id `before`, oldest first,
+    printed as they are read from the database: the whole table is never in memory."""
+    first = None
     if as_json:
-        print(json.dumps([t.public_dict() for t in tasks], indent=2))
-        return 0
-    if not tasks:
-        print("no tasks")
-        return 0
-    print(f"{'ID':>5}  {'ISSUE':<28} {'KIND':<9} {'STATE':<10} {'TRIES':<6} {'OUTCOME':<13} "
-          f"{'PR':<6} CREATED")
-    for t in tasks:
-        print(f"{t.id:>5}  {t.ref:<28} {t.kind.value:<9} {t.state.value:<10} "
-              f"{t.attempts}/{t.max_attempts:<4} {(t.outcome.value if t.outcome else '-'):<13} "
-              f"{('#' + str(t.pr_number)) if t.pr_number else '-':<6} {_fmt_time(t.created_at)}")
+        # the same text as json.dumps(list, indent=2), one task at a time
+        print("[", end="")
+        for task in store.iter_tasks(state, before=before, newest=limit):
+            item = json.dumps(task.public_dict(), indent=2).replace("\n", "\n  ")
+            print(("\n  " if first is None else ",\n  ") + item, end="")
+            first = task.id if first is None else first
+        print("]" if first is None else "\n]")
+    else:
+        for t in store.iter_tasks(state, before=before, newest=limit):
+            if first is None:
+                first = t.id
+                print(f"{'ID':>5}  {'ISSUE':<28} {'KIND':<9} {'STATE':<10} {'TRIES':<6} "
+                      f"{'OUTCOME':<13} {'PR':<6} CREATED")
+            print(f"{t.id:>5}  {t.ref:<28} {t.kind.value:<9} {t.state.value:<10} "
+                  f"{t.attempts}/{t.max_attempts:<4} {(t.outcome.value if t.outcome else '-'):<13} "
+                  f"{('#' + str(t.pr_number)) if t.pr_number else '-':<6} {_fmt_time(t.created_at)}")
+        if first is None:
+            print("no tasks")
+    if limit is not None and first is not None and \
+            next(store.iter_tasks(state, before=first, newest=1), None) is not None:
+        print(f"kugetsu: the newest {limit} shown; older ones with --before {first}, "
+              "or all with --all", file=sys.stderr)
     return 0
 
 
@@ -195,15 +209,21 @@ def show_logs(config: Config, store: Store, task_id: int, follow: bool) -> int:
 # --------------------------------------------------------------------------- parsing
 
 
-def task_id_arg(text: str) -> int:
-    """An argparse type: a task id, a whole number from 1 to 2**63-1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a task id") from None
-    if not 1 <= value <= MAX_ID:
-        raise argparse.ArgumentTypeError(f"task id must be between 1 and {MAX_ID}, got {text}")
-    return value
+def _whole_number(what: str) -> Callable[[str], int]:
+    """An argparse type: `what`, a whole number from 1 to 2**63-1."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
+        if not 1 <= value <= MAX_ID:
+            raise argparse.ArgumentTypeError(f"{what} must be between 1 and {MAX_ID}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+task_id_arg = _whole_number("task id")
 
 
 def days_arg(text: str) -> float:
@@ -246,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     ql = qsub.add_parser("list", parents=[common], help="list tasks")
     ql.add_argument("--state", choices=[s.value for s in State])
     ql.add_argument("--json", action="store_true")
+    how_many = ql.add_mutually_exclusive_group()
+    how_many.add_argument("--limit", type=_whole_number("number of tasks"), default=50,
+                          metavar="N", help="the newest N tasks (default 50)")
+    how_many.add_argument("--all", action="store_true", help="every task")
+    ql.add_argument("--before", type=task_id_arg, metavar="ID",
+                    help="only tasks with a lower id: the next page is --before the first "
+                         "id shown")
     qs = qsub.add_parser("stats", parents=[common], help="count tasks by state and outcome")
     qs.add_argument("--json", action="store_true")
     qc = qsub.add_parser("cancel", parents=[common], help="cancel a queued or running task")
@@ -290,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "queue":
                 if args.queue_command == "list":
-                    return queue_list(store, args.state, args.json)
+                    return queue_list(store, args.state, args.json,
+                                      limit=None if args.all else args.limit,
+                                      before=args.before)
                 if args.queue_command == "stats":
                     return queue_stats(store, args.json)
                 if args.queue_command in ("cancel", "retry"):
@@ -315,6 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except sqlite3.DatabaseError as exc:
         print(f"kugetsu: database {config.storage.db_path}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # the reader stopped early (`kugetsu queue list --all | head`): not an error of
+        # ours, and nothing more is to be written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as exc:
         what = exc.strerror or str(exc) or type(exc).__name__

@@ -187,3 +187,103 @@ def test_a_data_dir_that_is_a_file_is_one_line(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "enqueue", "a/b#1")
     assert code == 1 and err.startswith("kugetsu: ") and err.count("\n") == 1
     assert str(plain) in err
+
+
+def _tasks(store, n: int, issue_from: int = 1) -> list[int]:
+    return [store.enqueue(repo="a/b", issue=issue_from + i, kind=Kind.START, prompt="",
+                          agent="opencode", requested_by="cli", max_attempts=3)
+            for i in range(n)]
+
+
+def _listed(out: str) -> list[int]:
+    return [int(line.split()[0]) for line in out.splitlines()[1:]]
+
+
+def test_queue_list_pages_newest_first_and_says_how_to_go_on(setup, capsys):
+    config, store, _ = setup
+    ids = _tasks(store, 7)
+    for tid in ids[:2]:
+        store.request_cancel(tid, "cli")
+    code, out, err = run(capsys, "queue", "list", "--limit", "3", "--config", config)
+    assert code == 0 and _listed(out) == ids[4:]
+    assert err == (f"kugetsu: the newest 3 shown; older ones with --before {ids[4]}, "
+                   "or all with --all\n")
+    code, out, err = run(capsys, "queue", "list", "--limit", "3", "--before", str(ids[4]),
+                         "--config", config)
+    assert _listed(out) == ids[1:4] and f"--before {ids[1]}" in err
+    code, out, err = run(capsys, "queue", "list", "--limit", "3", "--before", str(ids[1]),
+                         "--config", config)
+    assert _listed(out) == ids[:1] and err == ""
+    assert _listed(run(capsys, "queue", "list", "--all", "--config", config)[1]) == ids
+    assert _listed(run(capsys, "queue", "list", "--config", config)[1]) == ids  # 50 by default
+    # with a state, the pages are of that state's tasks
+    code, out, err = run(capsys, "queue", "list", "--state", "pending", "--limit", "4",
+                         "--config", config)
+    assert _listed(out) == ids[3:] and f"--before {ids[3]}" in err
+    code, out, err = run(capsys, "queue", "list", "--state", "cancelled", "--limit", "4",
+                         "--config", config)
+    assert _listed(out) == ids[:2] and err == ""
+    assert run(capsys, "queue", "list", "--before", "1", "--config", config)[1] == "no tasks\n"
+
+
+def test_queue_list_json_is_the_same_array_page_by_page(setup, capsys):
+    config, store, _ = setup
+    ids = _tasks(store, 5)
+    code, out, err = run(capsys, "queue", "list", "--json", "--limit", "2", "--config", config)
+    assert code == 0 and out == json.dumps([store.get(i).public_dict() for i in ids[3:]],
+                                           indent=2) + "\n"
+    assert f"--before {ids[3]}" in err
+    code, out, _ = run(capsys, "queue", "list", "--json", "--all", "--config", config)
+    assert [t["id"] for t in json.loads(out)] == ids
+    assert set(json.loads(out)[0]) == {"id", "repo", "issue", "kind", "state", "attempts",
+                                       "max_attempts", "outcome", "pr_number", "agent",
+                                       "requested_by", "branch", "error", "created_at",
+                                       "started_at", "finished_at"}
+    code, out, err = run(capsys, "queue", "list", "--json", "--before", str(ids[0]),
+                         "--config", config)
+    assert out == "[]\n" and err == ""
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_queue_list_all_prints_each_task_as_it_is_read(setup, monkeypatch, as_json):
+    """The first task is out before the second is read from the database: the table is
+    never held in memory, whatever its size."""
+    import sys
+
+    import bot.store
+
+    config, store, _ = setup
+    _tasks(store, 300)
+    read = [0]
+    to_task = bot.store._row_to_task
+
+    def counting(row):
+        read[0] += 1
+        return to_task(row)
+
+    class Out:
+        reads_at_first_task: int | None = None
+
+        def write(self, text: str) -> int:
+            if self.reads_at_first_task is None and ('"a/b"' in text or "a/b#" in text):
+                self.reads_at_first_task = read[0]
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    out = Out()
+    monkeypatch.setattr(bot.store, "_row_to_task", counting)
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["queue", "list", "--all", "--config", config]
+                + (["--json"] if as_json else [])) == 0
+    assert read[0] == 300 and out.reads_at_first_task == 1
+
+
+@pytest.mark.parametrize("args", [("--limit", "0"), ("--limit", "-1"), ("--limit", "many"),
+                                  ("--before", "0"), ("--limit", "5", "--all")])
+def test_queue_list_paging_arguments_are_checked(setup, capsys, args):
+    config, _, _ = setup
+    code, err = usage_error(capsys, "queue", "list", *args, "--config", config)
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("kugetsu queue list: error: argument --")
