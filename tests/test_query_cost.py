@@ -157,8 +157,8 @@ def steps(conn: sqlite3.Connection, sql: str, args: tuple) -> int:
 def whole_table_reads(conn: sqlite3.Connection, sql: str, args: tuple) -> list[str]:
     """Plan lines that read a growing table in full (through a partial index is fine:
     it holds only the rows the query is after)."""
-    partial = {name for name, text in conn.execute(
-        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql LIKE '% WHERE %'")}
+    partial = {name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND sql LIKE '% WHERE %'")}
     bad = []
     for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args):
         detail = row[3]
