@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import random
-import resource
 import selectors
 import socket
 import sys
@@ -38,6 +37,7 @@ from bench.common import (ROOT, Service, fake_agent_table, free_port,  # noqa: E
                           service_tables, summary, table, write_config, write_result)
 from bench.gitea_process import GiteaProcess  # noqa: E402
 from bench.webhook_latency import Connection, cpu_seconds, plain_deliveries  # noqa: E402
+from bot.httpserver import raise_fd_limit  # noqa: E402
 
 GITEA_TIMEOUT_SECONDS = 5.0
 
@@ -122,13 +122,6 @@ class Attacker:
         self.selector.close()
 
 
-def raise_own_fd_limit(need: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE,
-                           (need if hard == resource.RLIM_INFINITY else min(need, hard), hard))
-
-
 def send(urls: list[str], work: list, rate: float, timeout: float) -> list[list[tuple]]:
     """Each delivery at its slot, to every url at once, each on a new connection and from
     a thread of its own, so that a late answer delays no other delivery. Returns per url
@@ -192,7 +185,7 @@ def main() -> int:
     args = parser.parse_args()
     if not (1 <= args.rate * args.seconds <= 5000):
         parser.error("rate x seconds must be between 1 and 5000 deliveries")
-    raise_own_fd_limit(args.connections + 512)
+    raise_fd_limit(args.connections + 512)  # this process holds the hostile connections
 
     rng = random.Random(args.seed)
     work = plain_deliveries(int(round(args.rate * args.seconds)), 50, rng)

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests import payloads
-from tests.conftest import REPO, SECRET, TOKEN, wait_for
+from tests.conftest import SECRET, TOKEN, wait_for
 from tests.service import Service, free_port, write_config
 
 pytestmark = pytest.mark.e2e
