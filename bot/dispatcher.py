@@ -30,7 +30,7 @@ from bot.redact import redact
 from bot.scheduler import Coalescer
 from bot.store import Store
 from bot.tasks import Kind, Outcome, State, Task, decide, permission_at_least
-from bot.workspace import GitError, Workspace
+from bot.workspace import GitError, Prepared, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -397,6 +397,10 @@ class Dispatcher:
         except GitError as exc:
             return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets))
         self.store.update(task.id, branch=branch, worktree=str(prepared.path))
+        if task.publish_sha:
+            resumed = self._resume_publishing(task, issue, prepared, branch)
+            if resumed is not None:
+                return resumed
         start_head = self.workspace.head(prepared.path)
 
         issue_row = self.store.issue_row(task.repo, task.issue) or {}
@@ -440,37 +444,78 @@ class Dispatcher:
                 return Result(Outcome.NO_CHANGES, None, changes=changes)
             head = self.workspace.head(prepared.path)
             remote = self.workspace.remote_branch_sha(task.repo, branch)
-            files = len(self.workspace.changed_files(prepared.path, prepared.base_sha))
         except GitError as exc:
             return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets), changes=changes)
         if head == start_head and head == remote:
             # Nothing new from this run. The branch may still lack its PR, if an earlier
-            # attempt pushed and then could not open it: publish in that case.
+            # attempt or task pushed and then could not open it: publish in that case.
             try:
-                existing = self.gitea.find_pull(task.owner, task.name, prepared.base_branch,
-                                                branch)
+                existing = self.gitea.find_open_pull(task.owner, task.name,
+                                                     prepared.base_branch, branch)
             except GiteaError as exc:
                 return Result(Outcome.INFRA_ERROR, f"could not look up the pull request: {exc}",
                               changes=changes)
-            if existing and existing.get("state") == "open":
+            if existing:
                 return Result(Outcome.NO_CHANGES, None, changes=changes)
-        if head != remote:
-            try:
+        # The agent's work is committed: from here on, a retry publishes it and does not
+        # run the agent again (see _resume_publishing).
+        self.store.update(task.id, publish_sha=head, bump=False)
+        return self._publish(task, issue, prepared, branch, head=head, remote=remote,
+                             summary=run.summary, usage=run.usage, changes=changes)
+
+    def _resume_publishing(self, task: Task, issue: Mapping[str, Any], prepared: Prepared,
+                           branch: str) -> Result | None:
+        """An earlier attempt committed the agent's work and could not publish it (Gitea
+        away, a lost answer, a crash): publish that work, with that run's summary and usage.
+        None when the work is gone (a worktree lost before its push): the agent runs again."""
+        commit = task.publish_sha or ""
+        try:
+            present = self.workspace.contains(prepared.path, commit)
+            if present:
+                head = self.workspace.head(prepared.path)
+                remote = self.workspace.remote_branch_sha(task.repo, branch)
+        except GitError as exc:
+            return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", self.config.secrets()))
+        if not present:
+            log.warning("committed work is gone; running the agent again",
+                        extra={"task": task.id, "commit": commit})
+            self.store.update(task.id, publish_sha=None, bump=False)
+            return None
+        log.info("resuming at publishing", extra={"task": task.id, "commit": commit})
+        current = self.store.require(task.id)
+        return self._publish(current, issue, prepared, branch, head=head, remote=remote,
+                             summary=current.summary or "", usage=current.usage, changes={})
+
+    def _publish(self, task: Task, issue: Mapping[str, Any], prepared: Prepared, branch: str, *,
+                 head: str, remote: str | None, summary: str, usage: dict[str, Any],
+                 changes: dict[str, Any]) -> Result:
+        """Push the committed work and open or update its pull request.
+
+        While Gitea is away (no answer, 5xx) the task waits for it without using up an
+        attempt, as it does before the agent runs; a refusal counts one. Either way the
+        next attempt publishes without running the agent again.
+        """
+        secrets = self.config.secrets()
+        try:
+            files = len(self.workspace.changed_files(prepared.path, prepared.base_sha))
+            if head != remote:
                 self.workspace.push(prepared.path, branch)
-            except GitError as exc:
-                return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets),
-                              changes=changes)
+        except GitError as exc:
+            return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets), changes=changes)
         current = self.store.require(task.id)
         try:
-            number, _created = self.publisher.publish_pr(
+            number, _own = self.publisher.publish_pr(
                 current, branch=branch, base=prepared.base_branch,
-                title=issue.get("title") or f"Issue #{task.issue}", summary=run.summary,
-                files_changed=files, usage=run.usage)
+                title=issue.get("title") or f"Issue #{task.issue}", summary=summary,
+                files_changed=files, usage=usage)
+        except (Unreachable, ServerError) as exc:
+            return Result(Outcome.INFRA_ERROR, f"waiting for Gitea to open the pull request: "
+                          f"{exc}", requeue=True, delay=GITEA_WAIT_SECONDS, changes=changes)
         except GiteaError as exc:
             return Result(Outcome.INFRA_ERROR, f"could not open the pull request: {exc}",
                           changes=changes)
         self.store.set_issue(task.repo, task.issue, pr_number=number, branch=branch)
-        changes.update(pr_number=number, files_changed=files)
+        changes.update(pr_number=number, files_changed=files, publish_sha=None)
         return Result(Outcome.SUCCEEDED, None, changes=changes)
 
     def _session_for(self, task: Task, spec: agents.AgentSpec,

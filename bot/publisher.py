@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from bot.config import Config
-from bot.gitea import Conflict, GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
+from bot.gitea import GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
 from bot.redact import redact
 from bot.store import CommentRecord, Store
 from bot.tasks import Kind, Outcome, State, Task
@@ -346,35 +346,45 @@ class Publisher:
 
     def publish_pr(self, task: Task, *, branch: str, base: str, title: str, summary: str,
                    files_changed: int, usage: dict[str, Any]) -> tuple[int, bool]:
-        """Open a PR for the branch or update the one that exists. Returns (number, created)."""
+        """Open a PR for the branch or update the one that exists. Returns (number, created).
+
+        A create that fails may still have been applied: Gitea did the work and the answer
+        was lost (a proxy's 504, a read timeout, a reset), or another open PR appeared (409).
+        So after any failed create the open PR is looked up again before anything is
+        decided, and one found is adopted. `created` is True when the PR is this task's own
+        (its body carries the task's marker), whichever call made it.
+        """
         body = render_pr_body(task, self.config, summary=summary, files_changed=files_changed,
                               usage=usage)
-        existing = self.gitea.find_pull(task.owner, task.name, base, branch)
-        if existing and existing.get("state") == "open":
-            number = int(existing["number"])
-            if task.kind is Kind.CONTINUE:
-                self.gitea.create_comment(
-                    task.owner, task.name, number,
-                    f"<!-- kugetsu:follow-up={task.id} -->\n"
-                    f"Pushed a follow-up for @{task.requested_by} "
-                    f"(task #{task.id}, {files_changed} file{'s' if files_changed != 1 else ''} "
-                    f"changed in this pull request so far).\n\n"
-                    + agent_block(summary, self.config.secrets()))
-            else:
-                self.gitea.edit_pull(task.owner, task.name, number, body=body)
-            return number, False
-        try:
-            created = self.gitea.create_pull(task.owner, task.name, head=branch, base=base,
-                                             title=title, body=body)
-        except Conflict:
-            # an open one exists that the lookup above did not return (it answers with the
-            # first match in any state, which may be an older, closed one)
-            existing = self.gitea.find_open_pull(task.owner, task.name, base, branch)
-            if not existing:
-                raise
-            self.gitea.edit_pull(task.owner, task.name, int(existing["number"]), body=body)
-            return int(existing["number"]), False
-        return int(created["number"]), True
+        existing = self.gitea.find_open_pull(task.owner, task.name, base, branch)
+        if existing is None:
+            try:
+                created = self.gitea.create_pull(task.owner, task.name, head=branch, base=base,
+                                                 title=title, body=body)
+                return int(created["number"]), True
+            except GiteaError as exc:
+                try:
+                    existing = self.gitea.find_open_pull(task.owner, task.name, base, branch)
+                except GiteaError:
+                    raise exc from None
+                if existing is None:
+                    raise
+                log.warning("pull request found after a failed create",
+                            extra={"task": task.id, "pr": existing.get("number"),
+                                   "error": str(exc)})
+        number = int(existing["number"])
+        own = marker(task.id) in (existing.get("body") or "")
+        if task.kind is Kind.CONTINUE and not own:
+            self.gitea.create_comment(
+                task.owner, task.name, number,
+                f"<!-- kugetsu:follow-up={task.id} -->\n"
+                f"Pushed a follow-up for @{task.requested_by} "
+                f"(task #{task.id}, {files_changed} file{'s' if files_changed != 1 else ''} "
+                f"changed in this pull request so far).\n\n"
+                + agent_block(summary, self.config.secrets()))
+        elif existing.get("body") != body:
+            self.gitea.edit_pull(task.owner, task.name, number, body=body)
+        return number, own
 
     # ---------------------------------------------------------------- replies
 

@@ -147,6 +147,10 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at REAL NOT NULL
     );
     """,
+    # 4: the agent's committed work waiting to be published, so a retry only publishes it
+    """
+    ALTER TABLE tasks ADD COLUMN publish_sha TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -784,8 +788,12 @@ class Store:
             c.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (self.clock(), worker_id))
 
     def unregister_worker(self, worker_id: str) -> None:
+        """Forget a worker, and free the leases it held: a process found dead (kill -9)
+        would otherwise keep the publisher lease, and with it every tracking comment and
+        reply, until the lease ran out."""
         with self.tx() as c:
             c.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            c.execute("DELETE FROM leases WHERE owner = ?", (worker_id,))
 
     def workers(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._conn().execute("SELECT * FROM workers")]

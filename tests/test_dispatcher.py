@@ -13,11 +13,11 @@ import pytest
 
 from bot import process
 from bot.config import AgentConfig
-from bot.dispatcher import Dispatcher
-from bot.gitea import GiteaClient, Locked, ServerError
+from bot.dispatcher import GITEA_WAIT_SECONDS, Dispatcher
+from bot.gitea import GiteaClient, Locked
 from bot.store import open_store
 from bot.tasks import Kind, Outcome, State
-from bot.workspace import Workspace
+from bot.workspace import GitError, Workspace
 from tests.conftest import (FAKE_AGENT, REPO, TOKEN, fake_agent, make_config, peak_overlap,
                             process_gone, wait_for)
 
@@ -192,34 +192,136 @@ def test_failed_attempt_then_success(make, tmp_path):
     assert len(h.gitea.pulls_of(REPO)) == 1
 
 
-class FailFirstPull:
-    """The real client, except that the first create_pull meets a Gitea 500."""
+def opencode_shaped(record: Path) -> AgentConfig:
+    """An agent that streams opencode's usage events, writes a file, and records each run."""
+    return AgentConfig(name="oc", preset="opencode",
+                       command=(sys.executable, str(FAKE_AGENT), "{prompt}"),
+                       resume_command=(sys.executable, str(FAKE_AGENT), "--session",
+                                       "{session_id}", "{prompt}"),
+                       env={"FAKE_MODE": "opencode", "FAKE_STEPS": "3", "FAKE_SECONDS": "0",
+                            "FAKE_FILE": "kugetsu_output.txt", "FAKE_RECORD": str(record)})
 
-    def __init__(self, client):
-        self.client, self.failed = client, False
+
+def agent_runs(record: Path) -> int:
+    return record.read_text().count("start ") if record.exists() else 0
+
+
+def assert_published_once(h, n: int, tid: int, record: Path, *, attempts: int) -> int:
+    """One PR, the task and the issue know its number, and the one agent run's summary and
+    usage are in the PR and the tracking comment. Returns the PR's number."""
+    task = h.store.get(tid)
+    [pr] = h.gitea.pulls_of(REPO).values()
+    assert (task.state, task.outcome, task.attempts, task.pr_number) == (
+        State.COMPLETED, Outcome.SUCCEEDED, attempts, pr["number"]), task.error
+    assert task.publish_sha is None
+    assert h.store.issue_for_pr(REPO, pr["number"]) == n
+    assert agent_runs(record) == 1
+    [comment] = h.tracking_comments(n)
+    assert f"✅ **Done**: pull request #{pr['number']}" in comment["body"]
+    for body in (pr["body"], comment["body"]):
+        assert "Did the opencode-shaped thing." in body
+        assert "12,000 tokens in, 3,000 out" in body
+    return pr["number"]
+
+
+@pytest.mark.parametrize("answer", [504, "drop"])
+def test_a_pull_request_whose_answer_was_lost_is_found_not_forgotten(make, tmp_path, answer):
+    # Gitea opens the PR, and a proxy's 504 (or a dropped connection) loses the answer
+    record = tmp_path / "record"
+    h = make(default="oc", agents={"oc": opencode_shaped(record)})
+    n = h.issue()
+    h.gitea.lose_answer("POST", r"/repos/acme/widget/pulls", answer)
+    tid = h.enqueue(n, agent="oc")
+    h.settle(tid)
+    number = assert_published_once(h, n, tid, record, attempts=1)
+    # found by the attempt that made it: no retry was needed
+    assert [e["event"] for e in h.store.events(tid)].count("claimed") == 1
+    # `continue` on that pull request finds its issue and lands on the same PR
+    posted, result = deliver_comment(h, "/kugetsu continue --agent oc add a test", number,
+                                     is_pull=True)
+    [follow] = result.task_ids
+    h.settle(follow)
+    task = h.store.get(follow)
+    assert (task.issue, task.outcome, task.pr_number) == (n, Outcome.SUCCEEDED, number)
+    assert list(h.gitea.pulls_of(REPO)) == [number]
+    assert any("Pushed a follow-up for @alice" in c["body"]
+               for c in h.gitea.comments_on(REPO, number))
+
+
+class FailFirstPush:
+    """The real workspace, except that the first push fails."""
+
+    def __init__(self, workspace):
+        self.workspace, self.failed = workspace, False
 
     def __getattr__(self, name):
-        return getattr(self.client, name)
+        return getattr(self.workspace, name)
 
-    def create_pull(self, *args, **kwargs):
+    def push(self, path, branch):
         if not self.failed:
             self.failed = True
-            raise ServerError("Gitea POST /pulls failed (HTTP 500)", status=500)
-        return self.client.create_pull(*args, **kwargs)
+            raise GitError("git push failed: the remote end hung up", step="push")
+        return self.workspace.push(path, branch)
 
 
-def test_a_branch_pushed_without_its_pull_request_is_published_on_retry(make, tmp_path):
-    h = make(agents={"fake": fake_agent(FAKE_MODE="once", FAKE_COUNTER=str(tmp_path / "c"))})
-    flaky = FailFirstPull(h.client)
-    h.dispatcher.gitea = h.dispatcher.publisher.gitea = flaky
+PULLS = r"/repos/acme/widget/pulls"
+LOOKUP = r"/repos/acme/widget/pulls/main/.*"
+
+
+def _gitea_500s_on_create(h):
+    h.gitea.fail_next(3, 500, "POST", PULLS)  # the first try and both retries
+
+
+def _answer_lost_and_the_lookup_fails(h):
+    h.gitea.lose_answer("POST", PULLS, "drop")
+    h.gitea.fail_next(3, 503, "GET", LOOKUP)
+
+
+def _create_refused(h):
+    h.gitea.fail_next(1, 403, "POST", PULLS)
+
+
+def _push_fails(h):
+    h.dispatcher.workspace = FailFirstPush(h.workspace)
+
+
+@pytest.mark.parametrize("trouble, attempts", [
+    # Gitea away (5xx, no answer): the task waits for it, no attempt used
+    (_gitea_500s_on_create, 1),
+    (_answer_lost_and_the_lookup_fails, 1),
+    # a refusal or a failed push counts an attempt; the retry still only publishes
+    (_create_refused, 2),
+    (_push_fails, 2),
+])
+def test_a_retry_after_a_publishing_failure_publishes_without_running_the_agent(
+        make, tmp_path, trouble, attempts):
+    record = tmp_path / "record"
+    h = make(default="oc", agents={"oc": opencode_shaped(record)})
+    # waiting for Gitea puts the next attempt GITEA_WAIT_SECONDS ahead: the queue's clock
+    # runs that much ahead, so the test need not wait for it
+    h.store.clock = lambda: time.time() + GITEA_WAIT_SECONDS + 1
     n = h.issue()
-    tid = h.enqueue(n)
+    trouble(h)
+    tid = h.enqueue(n, agent="oc")
+    h.settle(tid)
+    events = [e["event"] for e in h.store.events(tid)]
+    assert events.count("claimed") == 2, events  # one failed publish, then one more try
+    assert_published_once(h, n, tid, record, attempts=attempts)
+    assert h.gitea.file_at(REPO, BRANCH.format(n), "kugetsu_output.txt") == \
+        f"written by task {tid}\n"
+
+
+def test_committed_work_that_is_gone_is_done_again(make, tmp_path):
+    # the worktree was lost before its push: there is nothing to publish, so the agent runs
+    record = tmp_path / "record"
+    h = make(default="oc", agents={"oc": opencode_shaped(record)})
+    n = h.issue()
+    tid = h.enqueue(n, agent="oc")
+    h.store.update(tid, publish_sha="0" * 40)  # a commit no worktree holds
     h.settle(tid)
     task = h.store.get(tid)
-    assert flaky.failed
-    # attempt 2's agent changed nothing, but the pushed branch still needed its PR
-    assert (task.state, task.outcome, task.attempts) == (State.COMPLETED, Outcome.SUCCEEDED, 2)
-    assert len(h.gitea.pulls_of(REPO)) == 1
+    assert (task.state, task.outcome, task.attempts) == (State.COMPLETED, Outcome.SUCCEEDED, 1)
+    assert agent_runs(record) == 1 and len(h.gitea.pulls_of(REPO)) == 1
 
 
 class LockedIssue:
@@ -518,11 +620,11 @@ def test_cleanup_removes_old_finished_tasks_their_files_and_worktrees(make):
 
 # ---------------------------------------------------------------- commands from Gitea
 
-def deliver_comment(h, text, number, sender="alice"):
+def deliver_comment(h, text, number, sender="alice", is_pull=False):
     from bot import events, intake
     from tests import payloads
     posted = h.gitea.add_comment(REPO, number, text, login=sender)
-    body, headers = payloads.comment_delivery(text, number, sender=sender,
+    body, headers = payloads.comment_delivery(text, number, sender=sender, is_pull=is_pull,
                                               comment_id=posted["id"],
                                               permission=h.gitea.permission(REPO, sender))
     delivery = events.delivery_of(headers, body)

@@ -143,6 +143,41 @@ def test_kill_9_in_mid_task_recovers_with_exactly_one_pull_request(service_facto
     assert process_gone(first_agent)  # the restarted service killed the orphan
 
 
+def test_kill_9_between_opening_the_pull_request_and_recording_it(service_factory, gitea,
+                                                                  tmp_path):
+    # Gitea opens the PR; kugetsu dies before the answer reaches it
+    record = tmp_path / "record"
+    svc = service_factory(agent_env={"FAKE_RECORD": str(record)}, poll_interval_seconds=2)
+    n = gitea.create_issue(REPO, "Add a greeting", "Please add a greeting file.")
+    gitea.lose_answer("POST", r"/repos/acme/widget/pulls", "hold")
+    assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(lambda: gitea.pulls_of(REPO), timeout=60, what="Gitea to open the pull request")
+    svc.kill9()
+    gitea.release()
+    svc.start()
+    wait_for(lambda: queue_json(svc)[0]["state"] == "completed", timeout=60,
+             what="the recovered task to finish")
+    [number] = gitea.pulls_of(REPO)
+    [task] = queue_json(svc)
+    # the recovered attempt is counted; it only published, it did not run the agent again
+    assert (task["outcome"], task["pr_number"], task["attempts"]) == ("succeeded", number, 2)
+    assert record.read_text().count("start ") == 1
+    wait_for(lambda: [f"✅ **Done**: pull request #{number}" in c["body"]
+                      for c in tracking(gitea, n)] == [True], timeout=30,
+             what="the one tracking comment to say done")
+    # the issue knows its pull request: a follow-up there is accepted and lands on it
+    text = "/kugetsu continue add a test"
+    posted = gitea.add_comment(REPO, number, text)
+    assert svc.post(*payloads.comment_delivery(text, number, is_pull=True,
+                                               comment_id=posted["id"])).status_code == 202
+    wait_for(lambda: [t["state"] for t in queue_json(svc)] == ["completed", "completed"],
+             timeout=60, what="the follow-up to finish")
+    follow = queue_json(svc)[1]
+    assert (follow["kind"], follow["outcome"], follow["pr_number"]) == ("continue", "succeeded",
+                                                                        number)
+    assert list(gitea.pulls_of(REPO)) == [number]
+
+
 def test_sigterm_stops_agents_and_requeues_their_tasks(service_factory, gitea, tmp_path):
     pidfile = tmp_path / "agent.pid"
     svc = service_factory(agent_env={"FAKE_SECONDS": "60", "FAKE_PIDFILE": str(pidfile)})

@@ -167,6 +167,15 @@ def test_leases(tmp_path):
     assert store.try_lease("publisher", "a", 10)
 
 
+def test_a_worker_found_gone_frees_its_leases(tmp_path):
+    store = open_store(tmp_path / "db")
+    store.register_worker("dead", 1, "0@gone")
+    assert store.try_lease("publisher", "dead", 120)
+    assert not store.try_lease("publisher", "alive", 120)
+    store.unregister_worker("dead")  # what recovery does with a process that is gone
+    assert store.try_lease("publisher", "alive", 120)
+
+
 def test_clear_removes_only_old_finished_tasks(tmp_path):
     now = [1000.0]
     store = open_store(tmp_path / "db", clock=lambda: now[0])
