@@ -95,6 +95,10 @@ class TriggersConfig:
     command: str = "/kugetsu"
     min_permission: str = "write"
     allowed_users: tuple[str, ...] = ()
+    #: at most this many replies to one user on one issue within the window; more
+    #: commands are answered with a reaction alone
+    reply_limit: int = 5
+    reply_window_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -384,6 +388,9 @@ def load(path: str | os.PathLike[str] | None = None,
         command=t.string("command", "/kugetsu"),
         min_permission=t.string("min_permission", "write"),
         allowed_users=t.strings("allowed_users", ()) or (),
+        reply_limit=t.integer("reply_limit", TriggersConfig.reply_limit, minimum=0),
+        reply_window_seconds=t.number("reply_window_seconds",
+                                      TriggersConfig.reply_window_seconds, positive=True),
     )
     t.check_unknown()
     if not triggers.label.strip():

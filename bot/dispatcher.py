@@ -672,40 +672,48 @@ class Dispatcher:
     def _refuse(self, item, reason: str) -> None:
         if item.kind in ("stop", "retry"):
             try:
-                self.publisher.reply(item.repo, item.target or item.issue,
-                                     f"Not done: {reason}.")
+                self._answer(item, f"Not done: {reason}.")
             except GiteaError as exc:
                 self.store.outbox_retry(item.id, 30.0, str(exc))
                 return
         self.store.outbox_done(item.id, error=f"refused: {reason}")
 
+    def _answer(self, item, body: str) -> None:
+        """Reply where the command was written, unless its reply limit was reached."""
+        if not item.quiet:
+            self.publisher.reply(item.repo, item.target or item.issue, body)
+
+    def _may_read(self, item) -> bool:
+        """Whether the requester can read the repository (when Gitea cannot say: no)."""
+        if not item.requested_by:
+            return False
+        perm = self.auth.permission(item.repo, item.requested_by, item.permission_hint)
+        return perm is not None and permission_at_least(perm, "read")
+
     def _outbox_item(self, item) -> None:
         if item.kind == "reaction":
             self.publisher.react(item.repo, item.target, "eyes")
         elif item.kind == "comment":
-            self.publisher.reply(item.repo, item.issue, item.body)
+            self._answer(item, item.body)
         elif item.kind == "status":
-            self.publisher.reply(item.repo, item.target or item.issue,
-                                 status_text(self.store, item.repo, item.issue, self.config))
+            self._answer(item, status_text(self.store, item.repo, item.issue, self.config,
+                                           show_queue=self._may_read(item)))
         elif item.kind == "stop":
             active = [t for t in self.store.list(repo=item.repo, issue=item.issue) if t.active]
             if not active:
-                self.publisher.reply(item.repo, item.target or item.issue,
-                                     "There is nothing to stop on this issue.")
+                self._answer(item, "There is nothing to stop on this issue.")
             for task in active:
                 self.store.request_cancel(task.id, item.requested_by or "someone")
             self.on_change()
         elif item.kind == "retry":
             last = self.store.latest_task(item.repo, item.issue)
             if last is None or last.state not in (State.FAILED, State.CANCELLED):
-                self.publisher.reply(item.repo, item.target or item.issue,
-                                     "There is no failed or stopped task to retry on this issue.")
+                self._answer(item, "There is no failed or stopped task to retry on this issue.")
             else:
                 done, blocker = self.store.try_requeue(last.id, item.requested_by or "someone")
                 if blocker is not None:
-                    self.publisher.reply(item.repo, item.target or item.issue,
-                                         f"Task #{blocker.id} is still active on this issue; "
-                                         "stop it first or wait for it to finish.")
+                    self._answer(item, f"Task #{blocker.id} is still active on this issue; "
+                                       "stop it first or wait for it to finish.")
                 if done:
                     self.on_change()
         else:

@@ -193,7 +193,10 @@ def render_pr_body(task: Task, config: Config, *, summary: str, files_changed: i
             + "---\nWritten by kugetsu · " + " · ".join(details) + f"\n{marker(task.id)}")
 
 
-def status_text(store: Store, repo: str, issue: int, config: Config) -> str:
+def status_text(store: Store, repo: str, issue: int, config: Config, *,
+                show_queue: bool = True) -> str:
+    """The issue's tasks, and with `show_queue` how busy kugetsu is over all repositories
+    (only for those who may read the repository: the queue says what happens elsewhere)."""
     tasks = store.list(repo=repo, issue=issue)
     if not tasks:
         return (f"{REPLY_MARKER}\nkugetsu has no tasks for this issue. Comment "
@@ -203,10 +206,12 @@ def status_text(store: Store, repo: str, issue: int, config: Config) -> str:
         rows.append(f"| #{t.id} | {t.kind.value} | {t.state.value} | "
                     f"{t.outcome.value if t.outcome else ''} | {t.attempts}/{t.max_attempts} | "
                     f"{'#' + str(t.pr_number) if t.pr_number else ''} |")
+    text = f"{REPLY_MARKER}\nkugetsu on this issue:\n\n" + "\n".join(rows)
+    if not show_queue:
+        return text
     stats = store.stats()
-    return (f"{REPLY_MARKER}\nkugetsu on this issue:\n\n" + "\n".join(rows)
-            + f"\n\nAgents busy: {stats.running} of {config.queue.max_concurrent_agents}; "
-              f"tasks waiting: {stats.by_state['pending']}.")
+    return (text + f"\n\nAgents busy: {stats.running} of {config.queue.max_concurrent_agents}; "
+            f"tasks waiting: {stats.by_state['pending']}.")
 
 
 class Publisher:

@@ -222,7 +222,9 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
         return Rules(label=config.triggers.label, command=config.triggers.command,
                      bot_login=bot_login["value"], known_agents=known,
                      default_agent=config.agents.default,
-                     max_attempts=config.queue.max_attempts)
+                     max_attempts=config.queue.max_attempts,
+                     reply_limit=config.triggers.reply_limit,
+                     reply_window_seconds=config.triggers.reply_window_seconds)
 
     def health() -> tuple[bool, dict]:
         return worker.alive, {"worker": "running" if worker.alive else "stopped",

@@ -151,6 +151,17 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tasks ADD COLUMN publish_sha TEXT;
     """,
+    # 5: replies are rate-limited per user and issue
+    """
+    CREATE TABLE replies (
+        repo TEXT NOT NULL,
+        issue INTEGER NOT NULL,
+        login TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX replies_by_user ON replies (repo, issue, login, at);
+    ALTER TABLE outbox ADD COLUMN quiet INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -222,6 +233,8 @@ class OutboxItem:
     permission_hint: str | None
     needs_permission: bool
     attempts: int
+    #: act, but write no comment (the requester's reply limit was reached)
+    quiet: bool = False
 
 
 #: a tracking comment written to Gitea: (task id, the task version its body shows, the body,
@@ -683,6 +696,7 @@ class Store:
                 "AND COALESCE(finished_at, updated_at) < ?", (*terminal, cutoff))
             c.execute("DELETE FROM deliveries WHERE received_at < ?", (cutoff,))
             c.execute("DELETE FROM outbox WHERE done_at IS NOT NULL AND done_at < ?", (cutoff,))
+            c.execute("DELETE FROM replies WHERE at < ?", (cutoff,))
             return cur.rowcount
 
     # ------------------------------------------------------------------ issues
@@ -741,12 +755,13 @@ class Store:
 
     def add_outbox(self, c: sqlite3.Connection, *, repo: str, issue: int, kind: str,
                    body: str = "", target: int | None = None, requested_by: str | None = None,
-                   permission_hint: str | None = None, needs_permission: bool = False) -> int:
+                   permission_hint: str | None = None, needs_permission: bool = False,
+                   quiet: bool = False) -> int:
         cur = c.execute(
             "INSERT INTO outbox (repo, issue, kind, target, body, requested_by, permission_hint, "
-            "needs_permission, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "needs_permission, quiet, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (repo, issue, kind, target, body, requested_by, permission_hint,
-             int(needs_permission), self.clock()))
+             int(needs_permission), int(quiet), self.clock()))
         return int(cur.lastrowid)
 
     def outbox_due(self, limit: int) -> list[OutboxItem]:
@@ -755,7 +770,7 @@ class Store:
             (self.clock(), limit))
         return [OutboxItem(r["id"], r["repo"], r["issue"], r["kind"], r["target"], r["body"],
                            r["requested_by"], r["permission_hint"], bool(r["needs_permission"]),
-                           r["attempts"]) for r in rows]
+                           r["attempts"], bool(r["quiet"])) for r in rows]
 
     def outbox_done(self, item_id: int, error: str | None = None) -> None:
         self.outbox_done_many([(item_id, error)])
@@ -773,6 +788,24 @@ class Store:
         with self.tx() as c:
             c.execute("UPDATE outbox SET attempts = attempts + 1, not_before = ?, error = ? "
                       "WHERE id = ?", (self.clock() + delay, error, item_id))
+
+    # ------------------------------------------------------------------ replies
+
+    def recent_replies(self, c: sqlite3.Connection, repo: str, issue: int, login: str,
+                       seconds: float) -> int:
+        """Replies to `login` on issue (or pull request) `issue` in the last `seconds`."""
+        return c.execute(
+            "SELECT COUNT(*) FROM replies WHERE repo = ? AND issue = ? AND login = ? "
+            "AND at > ?", (repo, issue, login, self.clock() - seconds)).fetchone()[0]
+
+    def note_reply(self, c: sqlite3.Connection, repo: str, issue: int, login: str,
+                   seconds: float) -> None:
+        """Count a reply to `login` on `issue`, forgetting theirs older than `seconds`."""
+        now = self.clock()
+        c.execute("DELETE FROM replies WHERE repo = ? AND issue = ? AND login = ? AND at <= ?",
+                  (repo, issue, login, now - seconds))
+        c.execute("INSERT INTO replies (repo, issue, login, at) VALUES (?, ?, ?, ?)",
+                  (repo, issue, login, now))
 
     # ------------------------------------------------------------------ workers
 

@@ -620,7 +620,7 @@ def test_cleanup_removes_old_finished_tasks_their_files_and_worktrees(make):
 
 # ---------------------------------------------------------------- commands from Gitea
 
-def deliver_comment(h, text, number, sender="alice", is_pull=False):
+def deliver_comment(h, text, number, sender="alice", is_pull=False, **rules_kw):
     from bot import events, intake
     from tests import payloads
     posted = h.gitea.add_comment(REPO, number, text, login=sender)
@@ -630,7 +630,7 @@ def deliver_comment(h, text, number, sender="alice", is_pull=False):
     delivery = events.delivery_of(headers, body)
     rules = intake.Rules(label="kugetsu", command="/kugetsu", bot_login="kugetsu-bot",
                          known_agents=frozenset(h.config.agents.tables), default_agent="fake",
-                         max_attempts=h.config.queue.max_attempts)
+                         max_attempts=h.config.queue.max_attempts, **rules_kw)
     result = intake.ingest(h.store, delivery, events.parse(delivery, events.load_json(body)),
                            rules)
     return posted, result
@@ -788,3 +788,60 @@ def test_retry_from_a_comment_is_refused_while_another_task_of_the_issue_is_acti
     assert h.store.get(follow).state is State.CANCELLED
     assert any(f"Task #{first} is still active" in body for body in replies(h, n))
     assert [t.id for t in h.store.list(repo=REPO, issue=n) if t.active] == []
+
+
+# ---------------------------------------------------------------- replies anyone can trigger
+
+@pytest.mark.parametrize("who, permission, shows_queue", [
+    ("bob", "admin", True),
+    ("alice", "write", True),
+    ("mallory", "read", True),
+    ("eve", "none", False),
+    ("eve", "Gitea cannot say", False),
+])
+def test_status_shows_the_queue_only_to_those_who_can_read_the_repository(
+        make, who, permission, shows_queue):
+    h = make()
+    n = h.issue()
+    tid = h.enqueue(n)
+    h.settle(tid)
+    if permission == "none":
+        h.gitea.set_permission(REPO, who, "none")
+    elif permission == "Gitea cannot say":
+        h.gitea.fail_next(3, 503, "GET", r".*/collaborators/.*")  # the try and both retries
+    deliver_comment(h, "/kugetsu status", n, sender=who)
+    h.dispatcher.work_outbox()
+    [reply] = replies(h, n)
+    assert f"| #{tid} | start | completed | succeeded |" in reply
+    assert ("Agents busy" in reply and "tasks waiting" in reply) == shows_queue
+
+
+def test_past_the_reply_limit_a_command_gets_a_reaction_alone_and_still_acts(make, tmp_path):
+    pidfile = tmp_path / "pids"
+    h = make(agents={"fake": fake_agent(FAKE_MODE="hang", FAKE_PIDFILE=str(pidfile))})
+    n = h.issue()
+    one = {"reply_limit": 1}
+    sent = [deliver_comment(h, text, n, sender=who, **one)[0] for who, text in [
+        ("mallory", "/kugetsu help"),    # answered
+        ("mallory", "/kugetsu help"),    # reaction only, and so on for mallory
+        ("mallory", "/kugetsu status"),
+        ("mallory", "/kugetsu stop"),    # refused, and the refusal not written
+        ("bob", "/kugetsu retry"),       # answered: nothing to retry
+        ("bob", "/kugetsu stop"),        # nothing to stop, not written
+    ]]
+    for _ in range(3):
+        h.dispatcher.work_outbox()
+    assert all("eyes" in h.gitea.reactions.get(p["id"], []) for p in sent)
+    bodies = replies(h, n)
+    assert len(bodies) == 2, bodies
+    assert "/kugetsu continue <instructions>" in bodies[0]
+    assert "no failed or stopped task to retry" in bodies[1]
+    assert h.store.outbox_due(10) == []
+    # bob is past his limit on this issue, and his stop still stops the work
+    _posted, result = deliver_comment(h, "/kugetsu start", n, sender="bob", **one)
+    [tid] = result.task_ids
+    wait_for(pidfile.exists, tick=h.dispatcher.run_tick, what="the agent to start")
+    deliver_comment(h, "/kugetsu stop", n, sender="bob", **one)
+    h.settle(tid)
+    assert h.store.get(tid).state is State.CANCELLED
+    assert len(replies(h, n)) == 2

@@ -32,7 +32,7 @@ def service_factory(tmp_path, gitea):
     started = []
 
     def factory(agent_env: dict | None = None, agents: dict | None = None,
-                **queue) -> Service:
+                triggers: dict | None = None, **queue) -> Service:
         port = free_port()
         config = write_config(tmp_path / f"kugetsu-{port}.toml", {
             "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}"},
@@ -43,6 +43,7 @@ def service_factory(tmp_path, gitea):
             "agents": {"default": "fake", "timeout_minutes": 2, "kill_grace_seconds": 2,
                        **(agents or {})},
             "agents.fake": agent_table(**(agent_env or {})),
+            "triggers": triggers or {},
             "git": {"author_name": "kugetsu", "author_email": "kugetsu@example.invalid"},
         })
         svc = Service(config, port, tmp_path)
@@ -189,6 +190,22 @@ def test_sigterm_stops_agents_and_requeues_their_tasks(service_factory, gitea, t
     assert process_gone(agent)
     [task] = queue_json(svc)
     assert (task["state"], task["attempts"]) == ("pending", 0)
+
+
+def test_replies_past_the_configured_limit_are_a_reaction_alone(service_factory, gitea):
+    svc = service_factory(triggers={"reply_limit": 2})
+    n = gitea.create_issue(REPO, "Curious", "What can it do?")
+    posted = []
+    for _ in range(4):
+        posted.append(gitea.add_comment(REPO, n, "/kugetsu help", login="mallory"))
+        body, headers = payloads.comment_delivery("/kugetsu help", n, sender="mallory",
+                                                  permission="read",
+                                                  comment_id=posted[-1]["id"])
+        assert svc.post(body, headers).status_code == 202
+    wait_for(lambda: all("eyes" in gitea.reactions.get(p["id"], []) for p in posted),
+             timeout=30, what="a reaction on every command")
+    answers = [c for c in gitea.comments_on(REPO, n) if "<!-- kugetsu:reply -->" in c["body"]]
+    assert len(answers) == 2
 
 
 def test_bad_deliveries_get_clear_errors_and_change_nothing(service_factory, gitea):

@@ -332,3 +332,25 @@ def test_a_write_gives_up_after_the_busy_timeout(store, monkeypatch):
         other.execute("ROLLBACK")
         other.close()
     assert store.list() == []
+
+
+def test_reply_counts_forget_what_is_older_than_the_window_and_use_the_index(tmp_path):
+    now = [0.0]
+    store = open_store(tmp_path / "db", clock=lambda: now[0])
+    with store.tx() as c:
+        for i in range(10):
+            now[0] = i * 100.0
+            store.note_reply(c, "acme/widget", 7, "eve", 150.0)
+        store.note_reply(c, "acme/widget", 8, "eve", 150.0)
+        assert store.recent_replies(c, "acme/widget", 7, "eve", 150.0) == 2
+        assert store.recent_replies(c, "acme/widget", 7, "bob", 150.0) == 0
+        # what the window has left behind is gone, so the table stays small
+        assert c.execute("SELECT COUNT(*) FROM replies").fetchone()[0] == 3
+        # the count the intake transaction makes is an index range, whatever the table size
+        seen: list[str] = []
+        c.set_trace_callback(seen.append)
+        store.recent_replies(c, "acme/widget", 7, "eve", 150.0)
+        c.set_trace_callback(None)
+        plan = " ".join(r[-1] for r in c.execute("EXPLAIN QUERY PLAN " + seen[-1]))
+        assert "USING COVERING INDEX replies_by_user" in plan, plan
+    store.close()
