@@ -7,11 +7,13 @@ import gzip
 import json
 import os
 import subprocess
+import threading
 
 import pytest
 import requests
 
 from bot.gitea import Conflict, GiteaClient, NotFound, ServerError, Unprocessable, Unreachable
+from tests.conftest import wait_for
 from tests.fakegitea import GIT_IDENTITY, FakeGitea
 
 TOKEN = "9b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c"
@@ -330,7 +332,6 @@ def test_lose_answer_applies_the_request_and_loses_its_answer(fake, client, git_
 
 
 def test_a_held_answer_waits_until_released(fake, tmp_path, git_env):
-    import threading
     clone_and_push_branch(fake, git_env, tmp_path, "feature/x", {"x.txt": "x\n"})
     slow = GiteaClient(fake.url, TOKEN, timeout=30, retries=0)
     fake.lose_answer("POST", r".*/pulls", "hold")
@@ -344,7 +345,6 @@ def test_a_held_answer_waits_until_released(fake, tmp_path, git_env):
 
     thread = threading.Thread(target=create)
     thread.start()
-    from tests.conftest import wait_for
     wait_for(lambda: fake.pulls_of(REPO), what="the pull request to be applied")
     assert thread.is_alive() and not failed  # applied, and no answer yet
     fake.release()
