@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,6 +26,7 @@ from bot import agents, process
 from bot.config import Config
 from bot.gitea import (Forbidden, GiteaAPI, GiteaError, NotFound, ServerError, Unauthorized,
                        Unreachable)
+from bot.isolate import on_its_own
 from bot.publisher import Publisher, status_text
 from bot.redact import redact
 from bot.scheduler import Coalescer
@@ -284,20 +286,43 @@ class Dispatcher:
                 # ours, but no runner holds it (should not happen): recover it too
             elif task.worker_id in alive:
                 continue
-            if task.pid and process.kill_orphan(task.pid, task.pid_start,
-                                                self.config.agents.kill_grace_seconds):
-                log.warning("killed orphaned agent", extra={"task": task.id, "pid": task.pid})
-            decision = decide(Outcome.INFRA_ERROR, task.attempts, task.max_attempts, (0.0,))
-            error = "kugetsu stopped while the agent was running"
-            if self.store.transition(task.id, State.RUNNING, decision.state, event="recovered",
-                                     detail=task.worker_id, error=error, pid=None, pid_start=None,
-                                     outcome=Outcome.INFRA_ERROR, not_before=self.clock()):
-                log.warning("recovered task", extra={"task": task.id, "to": decision.state.value,
-                                                     "attempts": task.attempts})
-                recovered.append(task.id)
+            with on_its_own("recovery", task.id, self._set_aside(task)):
+                if self._recover_one(task):
+                    recovered.append(task.id)
         for wid in set(workers) - alive:
             self.store.unregister_worker(wid)
         return recovered
+
+    def _recover_one(self, task: Task) -> bool:
+        if task.pid and process.kill_orphan(task.pid, task.pid_start,
+                                            self.config.agents.kill_grace_seconds):
+            log.warning("killed orphaned agent", extra={"task": task.id, "pid": task.pid})
+        decision = decide(Outcome.INFRA_ERROR, task.attempts, task.max_attempts, (0.0,))
+        error = "kugetsu stopped while the agent was running"
+        if not self.store.transition(task.id, State.RUNNING, decision.state, event="recovered",
+                                     detail=task.worker_id, error=error, pid=None,
+                                     pid_start=None, outcome=Outcome.INFRA_ERROR,
+                                     not_before=self.clock()):
+            return False
+        log.warning("recovered task", extra={"task": task.id, "to": decision.state.value,
+                                             "attempts": task.attempts})
+        return True
+
+    def _set_aside(self, task: Task) -> Callable[[str], bool]:
+        """How a tick step gives up on a task it cannot process: the task ends, with the
+        reason, through the store's compare-and-set (a pending one is not started)."""
+        def give_up(reason: str) -> bool:
+            pending = task.state is State.PENDING
+            # a request not started is refused, which its tracking comment then says
+            to, changes = ((State.REJECTED, {"authorized": False}) if pending
+                           else (State.FAILED, {"pid": None, "pid_start": None}))
+            done = self.store.transition(task.id, task.state, to, event="set aside",
+                                         detail=reason, error=reason,
+                                         outcome=Outcome.INFRA_ERROR, **changes)
+            log.error("task set aside", extra={"task": task.id, "to": to.value,
+                                               "error": reason})
+            return done
+        return give_up
 
     # ---------------------------------------------------------------- authorization
 
@@ -305,16 +330,20 @@ class Dispatcher:
         allowed_tasks: list[tuple[int, str]] = []
         try:
             for task in self.store.unauthorized_pending():
-                verdict = self.auth.check(task.repo, task.requested_by, task.permission_hint)
-                if verdict is None:
-                    break  # Gitea cannot answer now; the rest wait for the next tick
-                allowed, reason = verdict
-                if allowed:
-                    allowed_tasks.append((task.id, reason))
-                    continue
-                self.store.transition(task.id, State.PENDING, State.REJECTED, event="rejected",
-                                      detail=reason, authorized=False, error=reason)
-                log.info("task rejected", extra={"task": task.id, "user": task.requested_by})
+                with on_its_own("authorization", task.id, self._set_aside(task)):
+                    verdict = self.auth.check(task.repo, task.requested_by,
+                                              task.permission_hint)
+                    if verdict is None:
+                        break  # Gitea cannot answer now; the rest wait for the next tick
+                    allowed, reason = verdict
+                    if allowed:
+                        allowed_tasks.append((task.id, reason))
+                        continue
+                    self.store.transition(task.id, State.PENDING, State.REJECTED,
+                                          event="rejected", detail=reason, authorized=False,
+                                          error=reason)
+                    log.info("task rejected", extra={"task": task.id,
+                                                     "user": task.requested_by})
         finally:
             self.store.mark_authorized(allowed_tasks)
 
@@ -325,14 +354,21 @@ class Dispatcher:
             return []
         claimed = self.store.claim(self.config.queue.max_concurrent_agents, self.worker_id)
         for task in claimed:
-            thread = threading.Thread(target=self._run, args=(task,), name=f"task-{task.id}",
-                                      daemon=True)
-            with self._runners_lock:
-                self._runners[task.id] = thread
-            thread.start()
-            log.info("task started", extra={"task": task.id, "repo": task.repo,
-                                            "issue": task.issue, "attempt": task.attempts})
+            with on_its_own("start", task.id, partial(self._not_started, task)):
+                thread = threading.Thread(target=self._run, args=(task,),
+                                          name=f"task-{task.id}", daemon=True)
+                with self._runners_lock:
+                    self._runners[task.id] = thread
+                thread.start()
+                log.info("task started", extra={"task": task.id, "repo": task.repo,
+                                                "issue": task.issue, "attempt": task.attempts})
         return [t.id for t in claimed]
+
+    def _not_started(self, task: Task, reason: str) -> None:
+        """A claimed task whose runner could not start: the attempt ends like any other."""
+        with self._runners_lock:
+            self._runners.pop(task.id, None)
+        self.finish(task, Result(Outcome.INFRA_ERROR, reason))
 
     def _run(self, task: Task) -> None:
         try:
@@ -596,30 +632,31 @@ class Dispatcher:
 
         try:
             for item in items:
-                if item.needs_permission:
-                    verdict = self.auth.check(item.repo, item.requested_by or "",
-                                              item.permission_hint)
-                    if verdict is None:
-                        self.store.outbox_retry(item.id, 30.0, "permission check deferred")
-                        continue
-                    if not verdict[0]:
-                        self._refuse(item, verdict[1])
-                        continue
-                try:
-                    self._outbox_item(item)
-                except (ServerError, Unreachable) as exc:
-                    delay = min(600.0, 5.0 * 2 ** item.attempts)
-                    self.store.outbox_retry(item.id, delay, str(exc))
-                    log.warning("outbox item deferred",
-                                extra={"item": item.id, "error": str(exc)})
-                    return 0  # Gitea is struggling: try the rest later
-                except GiteaError as exc:
-                    # refused for good (deleted comment, locked issue, no permission)
-                    done(item, str(exc))
-                    log.warning("outbox item refused",
-                                extra={"item": item.id, "error": str(exc)})
-                else:
-                    done(item)
+                with on_its_own("outbox", item.id, partial(done, item)):
+                    if item.needs_permission:
+                        verdict = self.auth.check(item.repo, item.requested_by or "",
+                                                  item.permission_hint)
+                        if verdict is None:
+                            self.store.outbox_retry(item.id, 30.0, "permission check deferred")
+                            continue
+                        if not verdict[0]:
+                            self._refuse(item, verdict[1])
+                            continue
+                    try:
+                        self._outbox_item(item)
+                    except (ServerError, Unreachable) as exc:
+                        delay = min(600.0, 5.0 * 2 ** item.attempts)
+                        self.store.outbox_retry(item.id, delay, str(exc))
+                        log.warning("outbox item deferred",
+                                    extra={"item": item.id, "error": str(exc)})
+                        return 0  # Gitea is struggling: try the rest later
+                    except GiteaError as exc:
+                        # refused for good (deleted comment, locked issue, no permission)
+                        done(item, str(exc))
+                        log.warning("outbox item refused",
+                                    extra={"item": item.id, "error": str(exc)})
+                    else:
+                        done(item)
         finally:
             self.store.outbox_done_many(reacted)
         return len(items)
