@@ -275,7 +275,10 @@ class Store:
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (a full disk): a second
+                # ROLLBACK would raise and hide the error that matters
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
             else:
                 conn.execute("COMMIT")
