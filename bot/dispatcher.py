@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from bot import agents, process
 from bot.config import Config
 from bot.gitea import (Forbidden, GiteaAPI, GiteaError, NotFound, ServerError, Unauthorized,
                        Unreachable)
+from bot.health import TickRecord, describe
 from bot.isolate import on_its_own
 from bot.publisher import Publisher, status_text
 from bot.redact import redact
@@ -155,6 +157,7 @@ class Dispatcher:
         self.bot_login: str | None = config.gitea.bot_login or None
         self._bot_login_tried = float("-inf")
         self._lease_renew_at = float("-inf")
+        self.ticks = TickRecord()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -193,6 +196,28 @@ class Dispatcher:
         self._ticks.run()
 
     def tick(self) -> None:
+        """One pass over the queue. Its outcome is kept for /healthz: an exception that
+        escapes it (an item's own failure does not) is written to the database at once."""
+        self.ticks = self.ticks.began(self.clock())
+        try:
+            self._tick()
+        except Exception as exc:
+            self.ticks = self.ticks.failed(self.clock(), describe(exc))
+            self._report_ticks()
+            raise
+        recovered = self.ticks.failures > 0
+        self.ticks = self.ticks.succeeded(self.clock())
+        if recovered:
+            self._report_ticks()
+
+    def _report_ticks(self) -> None:
+        try:
+            self.store.heartbeat(self.worker_id, self.ticks.to_json())
+        except sqlite3.Error as exc:
+            # the heartbeat goes stale, which /healthz reports in its place
+            log.error("cannot report the ticks to the database", extra={"error": str(exc)})
+
+    def _tick(self) -> None:
         self.ensure_bot_login()
         self._reap()
         self.recover()
@@ -253,8 +278,9 @@ class Dispatcher:
         return self.bot_login
 
     def heartbeat(self) -> None:
-        """Every few seconds, on its own job: say this process lives, and checkpoint the WAL."""
-        self.store.heartbeat(self.worker_id)
+        """Every few seconds, on its own job: say this process lives and how its ticks go,
+        and checkpoint the WAL."""
+        self.store.heartbeat(self.worker_id, self.ticks.to_json())
         self.store.checkpoint()
 
     def _reap(self) -> None:

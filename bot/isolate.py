@@ -22,21 +22,13 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from bot.gitea import ServerError, Unreachable
+from bot.health import describe
 
 log = logging.getLogger(__name__)
 
 #: errors of the surroundings, not of one item: they propagate
 SURROUNDINGS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, ServerError,
                                                  Unreachable)
-#: longest reason kept for an item set aside
-MAX_REASON_CHARS = 300
-
-
-def describe(exc: BaseException, limit: int = MAX_REASON_CHARS) -> str:
-    """An exception as one line: its class and message, cut to `limit` characters."""
-    text = " ".join(f"{exc.__class__.__name__}: {exc}".split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
 
 @contextmanager
 def on_its_own(step: str, item: object, set_aside: Callable[[str], object]) -> Iterator[None]:

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,7 +27,9 @@ from typing import Any, Callable
 
 from bot import __version__, agents
 from bot.config import Config
+from bot.health import Facts, TickRecord, describe, problems
 from bot.priority import lower_own_priority
+from bot.redact import redact
 
 log = logging.getLogger("kugetsu")
 
@@ -135,6 +140,7 @@ class WorkerProcess:
         self._wake_w: int | None = None
         self._lock = threading.Lock()
         self.restarts = 0
+        self.started_at: float | None = None
 
     def start(self) -> None:
         read_fd, write_fd = os.pipe()
@@ -146,6 +152,7 @@ class WorkerProcess:
         try:
             # same environment: the worker resolves the same config and secrets
             self.proc = subprocess.Popen(argv, pass_fds=(read_fd,), stdin=subprocess.DEVNULL)
+            self.started_at = time.time()
         finally:
             os.close(read_fd)
         with self._lock:
@@ -156,6 +163,10 @@ class WorkerProcess:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     def wake(self) -> None:
         with self._lock:
@@ -194,6 +205,47 @@ class WorkerProcess:
                 self._wake_w = None
 
 
+class ReceiverHealth:
+    """/healthz of `kugetsu serve`: the worker process, its ticks as it reports them
+    through the database, the free space of the data directory, and deliveries that
+    could not be stored. `(alive, details)`: alive is False only when the worker is not
+    running; details["problems"] names each problem in one line."""
+
+    def __init__(self, config: Config, store: Any, worker: Any,
+                 clock: Callable[[], float] = time.time):
+        self.config, self.store, self.worker, self.clock = config, store, worker, clock
+        self._write_failure: tuple[float, str] | None = None
+
+    def store_failed(self, exc: BaseException) -> None:
+        """A delivery could not be stored (a full disk, a broken database)."""
+        self._write_failure = (self.clock(), describe(exc))
+
+    def __call__(self) -> tuple[bool, dict[str, Any]]:
+        now = self.clock()
+        alive = self.worker.alive
+        facts: dict[str, Any] = {
+            "now": now, "worker_alive": alive, "worker_up_since": self.worker.started_at,
+            "write_failure": self._write_failure,
+            "min_free_bytes": self.config.storage.min_free_mb * 1024 * 1024}
+        try:
+            facts["free_bytes"] = shutil.disk_usage(self.config.storage.data_dir).free
+        except OSError as exc:
+            facts["disk_error"] = describe(exc)
+        if alive and self.worker.pid is not None:
+            try:
+                report = self.store.worker_report(socket.gethostname(), self.worker.pid)
+            except sqlite3.Error as exc:
+                facts["database_error"] = describe(exc)
+            else:
+                if report is not None:
+                    facts.update(registered=True, heartbeat_at=report[0],
+                                 tick=TickRecord.from_json(report[1]))
+        found = [redact(line, self.config.secrets()) for line in problems(Facts(**facts))]
+        return alive, {"problems": found,
+                       "worker": "running" if alive else "stopped",
+                       "worker_restarts": self.worker.restarts, "version": __version__}
+
+
 def serve(config: Config, *, log_level: str = "INFO") -> int:
     """The receiver process: the webhook server, supervising the worker."""
     from bot.app import create_app
@@ -224,12 +276,10 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
                      default_agent=config.agents.default,
                      max_attempts=config.queue.max_attempts)
 
-    def health() -> tuple[bool, dict]:
-        return worker.alive, {"worker": "running" if worker.alive else "stopped",
-                              "worker_restarts": worker.restarts, "version": __version__}
-
+    health = ReceiverHealth(config, store, worker)
     app = create_app(config, store, rules=rules, wake=worker.wake, health=health,
-                     log_dir=storage.logs_dir, log_token=lambda i: log_token(config, i))
+                     store_failed=health.store_failed, log_dir=storage.logs_dir,
+                     log_token=lambda i: log_token(config, i))
     stop = threading.Event()
     _signals(stop)
     worker.start()
