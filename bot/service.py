@@ -19,10 +19,12 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from bot import __version__, agents
@@ -205,6 +207,54 @@ class WorkerProcess:
                 self._wake_w = None
 
 
+#: set in the database once everything in the data directory was made private
+PRIVATE_MARK = "data_dir_private"
+
+
+def make_private(data_dir: Path, *, deep: bool) -> int:
+    """Take group and other access away from the data directory and what is in it: the
+    entries at its top (the database and its -wal and -shm, the folders), or with `deep`
+    everything below too. Returns how many modes changed.
+
+    New files are private anyway (the command line sets the umask to 077); this tightens
+    an install made before. The directory's own 0700 already keeps others out of all of
+    it. Symbolic links are not followed; an entry that cannot be changed is logged.
+    """
+    changed = 0
+
+    def tighten(path: Path) -> int | None:
+        """Its mode, made private; None if it cannot be read or changed, or is a link."""
+        nonlocal changed
+        try:
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                return None
+            if mode & 0o077:
+                path.chmod(stat.S_IMODE(mode) & ~0o077)
+                changed += 1
+            return mode
+        except OSError as exc:
+            log.warning("cannot make a data file private", extra={"path": str(path),
+                                                                 "error": str(exc)})
+            return None
+
+    pending = [data_dir] if tighten(data_dir) is not None else []
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as listing:
+                paths = [Path(entry.path) for entry in listing]
+        except OSError as exc:
+            log.warning("cannot list a data folder", extra={"path": str(folder),
+                                                            "error": str(exc)})
+            continue
+        for path in paths:
+            mode = tighten(path)
+            if deep and mode is not None and stat.S_ISDIR(mode):
+                pending.append(path)
+    return changed
+
+
 class ReceiverHealth:
     """/healthz of `kugetsu serve`: the worker process, its ticks as it reports them
     through the database, the free space of the data directory, and deliveries that
@@ -257,8 +307,14 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
 
     configure_logging(log_level, config.secrets())
     storage = config.storage
-    storage.data_dir.mkdir(parents=True, exist_ok=True)
+    storage.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private(storage.data_dir, deep=False)  # the database files before they are opened
     store = open_store(storage.db_path)  # migrate before the worker starts
+    if store.get_meta(PRIVATE_MARK) is None:
+        # once per data directory: what earlier versions wrote under the umask
+        changed = make_private(storage.data_dir, deep=True)
+        store.set_meta(PRIVATE_MARK, "1")
+        log.info("data directory made private", extra={"changed": changed})
     if not config.gitea.token:
         log.warning("no Gitea token configured: kugetsu can queue work but not act on Gitea")
     worker = WorkerProcess(config, log_level)

@@ -436,3 +436,46 @@ def test_a_full_disk_gets_503_loses_nothing_acknowledged_and_shows_in_healthz(
         assert task.prompt == f"{i} " + "x" * 100_000
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------- private files
+
+
+def test_the_data_directory_is_private_whatever_the_umask(service_factory, gitea, tmp_path):
+    import stat
+
+    from bot.store import open_store
+    data = tmp_path / "data"
+    old_umask = os.umask(0o022)
+    try:
+        # an install made before, under umask 022: everything readable by anyone
+        data.mkdir(mode=0o755)
+        (data / "logs").mkdir()
+        (data / "logs" / "1.log").write_text("an agent's old output\n")
+        (data / "worktrees" / "acme" / "old").mkdir(parents=True)
+        (data / "worktrees" / "acme" / "old" / "notes.txt").write_text("old work\n")
+        open_store(data / "kugetsu.db").close()
+        assert (data / "kugetsu.db").stat().st_mode & 0o044 == 0o044
+        svc = service_factory()  # `kugetsu serve` under umask 022 too
+        n = gitea.create_issue(REPO, "Private", "Please add a greeting file.")
+        assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+        wait_for(lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"],
+                 timeout=60, what="the task to finish")
+    finally:
+        os.umask(old_umask)
+    [task] = queue_json(svc)
+    modes = {}
+    for path in [data, *data.rglob("*")]:
+        mode = path.lstat().st_mode
+        if not stat.S_ISLNK(mode):
+            modes[path.relative_to(data).as_posix()] = stat.S_IMODE(mode)
+    # every file and folder, the agent's worktree and home, git's mirror included
+    assert {p: oct(m) for p, m in modes.items() if m & 0o077} == {}
+    assert modes["."] == 0o700
+    tid = task["id"]
+    for name in ("kugetsu.db", "kugetsu.db-wal", "kugetsu.db-shm", "logs/1.log",
+                 f"logs/{tid}.log", f"prompts/{tid}.md", "worktrees/acme/old/notes.txt"):
+        assert modes[name] == 0o600, (name, oct(modes[name]))
+    for name in ("logs", "prompts", "mirrors", "worktrees", "homes"):
+        assert modes[name] == 0o700, (name, oct(modes[name]))
+    assert len(modes) > 50  # it did look at the whole tree
