@@ -587,7 +587,8 @@ class Dispatcher:
         try:
             proc = process.AgentProcess.start(
                 argv, cwd=workdir, env=env, log_path=storage.logs_dir / f"{task.id}.log",
-                log_max_bytes=cfg.agents.log_max_bytes, on_line=meter.feed, header=header)
+                log_max_bytes=cfg.agents.log_max_bytes, on_line=meter.feed, header=header,
+                secrets=cfg.secrets())
         except process.AgentStartError as exc:
             return AgentRun(Outcome.AGENT_FAILED, str(exc), retry=False)
         self.store.update(task.id, pid=proc.pid, pid_start=proc.start_token, bump=False)

@@ -479,3 +479,27 @@ def test_the_data_directory_is_private_whatever_the_umask(service_factory, gitea
     for name in ("logs", "prompts", "mirrors", "worktrees", "homes"):
         assert modes[name] == 0o700, (name, oct(modes[name]))
     assert len(modes) > 50  # it did look at the whole tree
+
+
+def test_a_secret_an_agent_prints_is_masked_in_its_log_everywhere_it_is_served(
+        service_factory, gitea, tmp_path):
+    import re
+    leak = tmp_path / "found-secrets"
+    leak.write_text(f"{TOKEN} {SECRET}")
+    svc = service_factory(agent_env={"FAKE_LEAK": str(leak)})
+    n = gitea.create_issue(REPO, "Leaky", "Print what you know.")
+    assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"], timeout=60,
+             what="the task to finish")
+    [task] = queue_json(svc)
+    link = re.search(r"\((http://[^)]+/logs/[^)]+)\)", tracking(gitea, n)[0]["body"]).group(1)
+    served = {
+        "file": (tmp_path / "data" / "logs" / f"{task['id']}.log").read_text(),
+        "kugetsu logs": svc.cli("logs", str(task["id"])).stdout,
+        "the log link": requests.get(link, timeout=5).text,
+    }
+    for where, text in served.items():
+        assert "leaking [redacted] here\nleaking [redacted] here\n" in text, (where, text)
+        for secret in (TOKEN, SECRET):
+            assert secret[:len(secret) // 2] not in text, where
+            assert secret[len(secret) // 2:] not in text, where
