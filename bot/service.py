@@ -222,36 +222,36 @@ def make_private(data_dir: Path, *, deep: bool) -> int:
     """
     changed = 0
 
-    def tighten(path: Path) -> int | None:
+    def tighten(path: str, entry: os.DirEntry | None = None) -> int | None:
         """Its mode, made private; None if it cannot be read or changed, or is a link."""
         nonlocal changed
         try:
-            mode = path.lstat().st_mode
+            mode = (entry.stat(follow_symlinks=False) if entry else os.lstat(path)).st_mode
             if stat.S_ISLNK(mode):
                 return None
             if mode & 0o077:
-                path.chmod(stat.S_IMODE(mode) & ~0o077)
+                os.chmod(path, stat.S_IMODE(mode) & ~0o077)
                 changed += 1
             return mode
         except OSError as exc:
-            log.warning("cannot make a data file private", extra={"path": str(path),
+            log.warning("cannot make a data file private", extra={"path": path,
                                                                  "error": str(exc)})
             return None
 
-    pending = [data_dir] if tighten(data_dir) is not None else []
+    top = os.fspath(data_dir)
+    pending = [top] if tighten(top) is not None else []
     while pending:
         folder = pending.pop()
         try:
             with os.scandir(folder) as listing:
-                paths = [Path(entry.path) for entry in listing]
+                entries = list(listing)
         except OSError as exc:
-            log.warning("cannot list a data folder", extra={"path": str(folder),
-                                                            "error": str(exc)})
+            log.warning("cannot list a data folder", extra={"path": folder, "error": str(exc)})
             continue
-        for path in paths:
-            mode = tighten(path)
+        for entry in entries:
+            mode = tighten(entry.path, entry)
             if deep and mode is not None and stat.S_ISDIR(mode):
-                pending.append(path)
+                pending.append(entry.path)
     return changed
 
 
