@@ -53,6 +53,8 @@ class GiteaConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     data_dir: Path = Path("kugetsu-data")
+    #: /healthz reports the disk when less than this is free in data_dir
+    min_free_mb: int = 200
 
     @property
     def db_path(self) -> Path:
@@ -359,8 +361,10 @@ def load(path: str | os.PathLike[str] | None = None,
     st = _Section("storage", data.get("storage"))
     data_dir = _override(env, "KUGETSU_DATA_DIR",
                          st.string("data_dir", str(StorageConfig.data_dir)))
+    min_free_mb = st.integer("min_free_mb", StorageConfig.min_free_mb, minimum=0)
     st.check_unknown()
-    storage = StorageConfig(data_dir=Path(data_dir).expanduser().absolute())
+    storage = StorageConfig(data_dir=Path(data_dir).expanduser().absolute(),
+                            min_free_mb=min_free_mb)
 
     # queue
     q = _Section("queue", data.get("queue"))

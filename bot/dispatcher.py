@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,6 +27,8 @@ from bot import agents, process
 from bot.config import Config
 from bot.gitea import (Forbidden, GiteaAPI, GiteaError, NotFound, ServerError, Unauthorized,
                        Unreachable)
+from bot.health import TickRecord, describe
+from bot.isolate import on_its_own
 from bot.publisher import Publisher, status_text
 from bot.redact import redact
 from bot.scheduler import Coalescer
@@ -153,6 +157,7 @@ class Dispatcher:
         self.bot_login: str | None = config.gitea.bot_login or None
         self._bot_login_tried = float("-inf")
         self._lease_renew_at = float("-inf")
+        self.ticks = TickRecord()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -191,6 +196,28 @@ class Dispatcher:
         self._ticks.run()
 
     def tick(self) -> None:
+        """One pass over the queue. Its outcome is kept for /healthz: an exception that
+        escapes it (an item's own failure does not) is written to the database at once."""
+        self.ticks = self.ticks.began(self.clock())
+        try:
+            self._tick()
+        except Exception as exc:
+            self.ticks = self.ticks.failed(self.clock(), describe(exc))
+            self._report_ticks()
+            raise
+        recovered = self.ticks.failures > 0
+        self.ticks = self.ticks.succeeded(self.clock())
+        if recovered:
+            self._report_ticks()
+
+    def _report_ticks(self) -> None:
+        try:
+            self.store.heartbeat(self.worker_id, self.ticks.to_json())
+        except sqlite3.Error as exc:
+            # the heartbeat goes stale, which /healthz reports in its place
+            log.error("cannot report the ticks to the database", extra={"error": str(exc)})
+
+    def _tick(self) -> None:
         self.ensure_bot_login()
         self._reap()
         self.recover()
@@ -251,8 +278,9 @@ class Dispatcher:
         return self.bot_login
 
     def heartbeat(self) -> None:
-        """Every few seconds, on its own job: say this process lives, and checkpoint the WAL."""
-        self.store.heartbeat(self.worker_id)
+        """Every few seconds, on its own job: say this process lives and how its ticks go,
+        and checkpoint the WAL."""
+        self.store.heartbeat(self.worker_id, self.ticks.to_json())
         self.store.checkpoint()
 
     def _reap(self) -> None:
@@ -284,20 +312,43 @@ class Dispatcher:
                 # ours, but no runner holds it (should not happen): recover it too
             elif task.worker_id in alive:
                 continue
-            if task.pid and process.kill_orphan(task.pid, task.pid_start,
-                                                self.config.agents.kill_grace_seconds):
-                log.warning("killed orphaned agent", extra={"task": task.id, "pid": task.pid})
-            decision = decide(Outcome.INFRA_ERROR, task.attempts, task.max_attempts, (0.0,))
-            error = "kugetsu stopped while the agent was running"
-            if self.store.transition(task.id, State.RUNNING, decision.state, event="recovered",
-                                     detail=task.worker_id, error=error, pid=None, pid_start=None,
-                                     outcome=Outcome.INFRA_ERROR, not_before=self.clock()):
-                log.warning("recovered task", extra={"task": task.id, "to": decision.state.value,
-                                                     "attempts": task.attempts})
-                recovered.append(task.id)
+            with on_its_own("recovery", task.id, self._set_aside(task)):
+                if self._recover_one(task):
+                    recovered.append(task.id)
         for wid in set(workers) - alive:
             self.store.unregister_worker(wid)
         return recovered
+
+    def _recover_one(self, task: Task) -> bool:
+        if task.pid and process.kill_orphan(task.pid, task.pid_start,
+                                            self.config.agents.kill_grace_seconds):
+            log.warning("killed orphaned agent", extra={"task": task.id, "pid": task.pid})
+        decision = decide(Outcome.INFRA_ERROR, task.attempts, task.max_attempts, (0.0,))
+        error = "kugetsu stopped while the agent was running"
+        if not self.store.transition(task.id, State.RUNNING, decision.state, event="recovered",
+                                     detail=task.worker_id, error=error, pid=None,
+                                     pid_start=None, outcome=Outcome.INFRA_ERROR,
+                                     not_before=self.clock()):
+            return False
+        log.warning("recovered task", extra={"task": task.id, "to": decision.state.value,
+                                             "attempts": task.attempts})
+        return True
+
+    def _set_aside(self, task: Task) -> Callable[[str], bool]:
+        """How a tick step gives up on a task it cannot process: the task ends, with the
+        reason, through the store's compare-and-set (a pending one is not started)."""
+        def give_up(reason: str) -> bool:
+            pending = task.state is State.PENDING
+            # a request not started is refused, which its tracking comment then says
+            to, changes = ((State.REJECTED, {"authorized": False}) if pending
+                           else (State.FAILED, {"pid": None, "pid_start": None}))
+            done = self.store.transition(task.id, task.state, to, event="set aside",
+                                         detail=reason, error=reason,
+                                         outcome=Outcome.INFRA_ERROR, **changes)
+            log.error("task set aside", extra={"task": task.id, "to": to.value,
+                                               "error": reason})
+            return done
+        return give_up
 
     # ---------------------------------------------------------------- authorization
 
@@ -305,16 +356,20 @@ class Dispatcher:
         allowed_tasks: list[tuple[int, str]] = []
         try:
             for task in self.store.unauthorized_pending():
-                verdict = self.auth.check(task.repo, task.requested_by, task.permission_hint)
-                if verdict is None:
-                    break  # Gitea cannot answer now; the rest wait for the next tick
-                allowed, reason = verdict
-                if allowed:
-                    allowed_tasks.append((task.id, reason))
-                    continue
-                self.store.transition(task.id, State.PENDING, State.REJECTED, event="rejected",
-                                      detail=reason, authorized=False, error=reason)
-                log.info("task rejected", extra={"task": task.id, "user": task.requested_by})
+                with on_its_own("authorization", task.id, self._set_aside(task)):
+                    verdict = self.auth.check(task.repo, task.requested_by,
+                                              task.permission_hint)
+                    if verdict is None:
+                        break  # Gitea cannot answer now; the rest wait for the next tick
+                    allowed, reason = verdict
+                    if allowed:
+                        allowed_tasks.append((task.id, reason))
+                        continue
+                    self.store.transition(task.id, State.PENDING, State.REJECTED,
+                                          event="rejected", detail=reason, authorized=False,
+                                          error=reason)
+                    log.info("task rejected", extra={"task": task.id,
+                                                     "user": task.requested_by})
         finally:
             self.store.mark_authorized(allowed_tasks)
 
@@ -325,14 +380,21 @@ class Dispatcher:
             return []
         claimed = self.store.claim(self.config.queue.max_concurrent_agents, self.worker_id)
         for task in claimed:
-            thread = threading.Thread(target=self._run, args=(task,), name=f"task-{task.id}",
-                                      daemon=True)
-            with self._runners_lock:
-                self._runners[task.id] = thread
-            thread.start()
-            log.info("task started", extra={"task": task.id, "repo": task.repo,
-                                            "issue": task.issue, "attempt": task.attempts})
+            with on_its_own("start", task.id, partial(self._not_started, task)):
+                thread = threading.Thread(target=self._run, args=(task,),
+                                          name=f"task-{task.id}", daemon=True)
+                with self._runners_lock:
+                    self._runners[task.id] = thread
+                thread.start()
+                log.info("task started", extra={"task": task.id, "repo": task.repo,
+                                                "issue": task.issue, "attempt": task.attempts})
         return [t.id for t in claimed]
+
+    def _not_started(self, task: Task, reason: str) -> None:
+        """A claimed task whose runner could not start: the attempt ends like any other."""
+        with self._runners_lock:
+            self._runners.pop(task.id, None)
+        self.finish(task, Result(Outcome.INFRA_ERROR, reason))
 
     def _run(self, task: Task) -> None:
         try:
@@ -570,7 +632,8 @@ class Dispatcher:
         try:
             proc = process.AgentProcess.start(
                 argv, cwd=workdir, env=env, log_path=storage.logs_dir / f"{task.id}.log",
-                log_max_bytes=cfg.agents.log_max_bytes, on_line=meter.feed, header=header)
+                log_max_bytes=cfg.agents.log_max_bytes, on_line=meter.feed, header=header,
+                secrets=cfg.secrets())
         except process.AgentStartError as exc:
             return AgentRun(Outcome.AGENT_FAILED, str(exc), retry=False)
         self.store.update(task.id, pid=proc.pid, pid_start=proc.start_token, bump=False)
@@ -641,30 +704,31 @@ class Dispatcher:
 
         try:
             for item in items:
-                if item.needs_permission:
-                    verdict = self.auth.check(item.repo, item.requested_by or "",
-                                              item.permission_hint)
-                    if verdict is None:
-                        self.store.outbox_retry(item.id, 30.0, "permission check deferred")
-                        continue
-                    if not verdict[0]:
-                        self._refuse(item, verdict[1])
-                        continue
-                try:
-                    self._outbox_item(item)
-                except (ServerError, Unreachable) as exc:
-                    delay = min(600.0, 5.0 * 2 ** item.attempts)
-                    self.store.outbox_retry(item.id, delay, str(exc))
-                    log.warning("outbox item deferred",
-                                extra={"item": item.id, "error": str(exc)})
-                    return 0  # Gitea is struggling: try the rest later
-                except GiteaError as exc:
-                    # refused for good (deleted comment, locked issue, no permission)
-                    done(item, str(exc))
-                    log.warning("outbox item refused",
-                                extra={"item": item.id, "error": str(exc)})
-                else:
-                    done(item)
+                with on_its_own("outbox", item.id, partial(done, item)):
+                    if item.needs_permission:
+                        verdict = self.auth.check(item.repo, item.requested_by or "",
+                                                  item.permission_hint)
+                        if verdict is None:
+                            self.store.outbox_retry(item.id, 30.0, "permission check deferred")
+                            continue
+                        if not verdict[0]:
+                            self._refuse(item, verdict[1])
+                            continue
+                    try:
+                        self._outbox_item(item)
+                    except (ServerError, Unreachable) as exc:
+                        delay = min(600.0, 5.0 * 2 ** item.attempts)
+                        self.store.outbox_retry(item.id, delay, str(exc))
+                        log.warning("outbox item deferred",
+                                    extra={"item": item.id, "error": str(exc)})
+                        return 0  # Gitea is struggling: try the rest later
+                    except GiteaError as exc:
+                        # refused for good (deleted comment, locked issue, no permission)
+                        done(item, str(exc))
+                        log.warning("outbox item refused",
+                                    extra={"item": item.id, "error": str(exc)})
+                    else:
+                        done(item)
         finally:
             self.store.outbox_done_many(reacted)
         return len(items)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from bot.config import Config
-from bot.gitea import GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
+from bot.gitea import Conflict, GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
+from bot.isolate import on_its_own
 from bot.redact import redact
 from bot.store import CommentRecord, Store
 from bot.tasks import Kind, Outcome, State, Task
@@ -337,15 +338,24 @@ class Publisher:
 
     def _sync_or_skip(self, task: Task, position: int | None = None,
                       synced: list[CommentRecord] | None = None) -> bool:
-        try:
-            return self.sync_task(task, position, synced)
-        except (ServerError, Unreachable):
-            raise
-        except GiteaError as exc:
-            version, last_body = self.store.comment_state(task.id)
-            self.store.comment_synced(task.id, version, last_body or "")
-            log.warning("tracking comment refused", extra={"task": task.id, "error": str(exc)})
-            return False
+        written = False
+        # a comment that cannot be written for a reason of its own (refused, or a task this
+        # code cannot render) skips this version, so the others behind it are not held up
+        with on_its_own("tracking comment", task.id, lambda _reason: self._skip(task)):
+            try:
+                written = self.sync_task(task, position, synced)
+            except (ServerError, Unreachable):
+                raise
+            except GiteaError as exc:
+                self._skip(task)
+                log.warning("tracking comment refused", extra={"task": task.id,
+                                                               "error": str(exc)})
+        return written
+
+    def _skip(self, task: Task) -> None:
+        """Leave the task's comment as it is until the task changes again."""
+        version, last_body = self.store.comment_state(task.id)
+        self.store.comment_synced(task.id, version, last_body or "")
 
     # ---------------------------------------------------------------- pull requests
 

@@ -167,6 +167,9 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_SECONDS = 30.0
 
+#: meta key prefix of a worker's report on its ticks, followed by the worker's id
+_REPORT_KEY = "worker-report:"
+
 _TASK_FIELDS = {f.name for f in fields(Task)}
 _JSON_FIELDS = {"usage", "agents_tried"}
 #: fields that callers may set without changing state
@@ -292,7 +295,10 @@ class Store:
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (a full disk): a second
+                # ROLLBACK would raise and hide the error that matters
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
             else:
                 conn.execute("COMMIT")
@@ -816,9 +822,14 @@ class Store:
                       "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?)",
                       (worker_id, socket.gethostname(), pid, pid_start, now, now))
 
-    def heartbeat(self, worker_id: str) -> None:
+    def heartbeat(self, worker_id: str, report: str | None = None) -> None:
+        """Say the worker lives; with `report`, also what it says about its ticks (read by
+        the receiver's /healthz through `worker_report`)."""
         with self.tx() as c:
             c.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (self.clock(), worker_id))
+            if report is not None:
+                c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                          (_REPORT_KEY + worker_id, report))
 
     def unregister_worker(self, worker_id: str) -> None:
         """Forget a worker, and free the leases it held: a process found dead (kill -9)
@@ -827,9 +838,19 @@ class Store:
         with self.tx() as c:
             c.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
             c.execute("DELETE FROM leases WHERE owner = ?", (worker_id,))
+            c.execute("DELETE FROM meta WHERE key = ?", (_REPORT_KEY + worker_id,))
 
     def workers(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._conn().execute("SELECT * FROM workers")]
+
+    def worker_report(self, host: str, pid: int) -> tuple[float, str | None] | None:
+        """(heartbeat time, tick report) of the worker running as `pid` on `host`, or None
+        if it has not registered."""
+        row = self._conn().execute(
+            "SELECT w.heartbeat_at, m.value FROM workers AS w LEFT JOIN meta AS m "
+            "ON m.key = ? || w.id WHERE w.host = ? AND w.pid = ? "
+            "ORDER BY w.started_at DESC LIMIT 1", (_REPORT_KEY, host, pid)).fetchone()
+        return (row[0], row[1]) if row else None
 
     def running_tasks(self) -> list[Task]:
         return self.list(State.RUNNING)

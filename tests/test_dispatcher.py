@@ -845,3 +845,88 @@ def test_past_the_reply_limit_a_command_gets_a_reaction_alone_and_still_acts(mak
     h.settle(tid)
     assert h.store.get(tid).state is State.CANCELLED
     assert len(replies(h, n)) == 2
+
+
+# ---------------------------------------------------------------- one bad item, the rest go on
+
+def insert_raw(h, table: str, **values) -> int:
+    """A row written straight into the database, as no code path of kugetsu writes it."""
+    import sqlite3
+    conn = sqlite3.connect(h.config.storage.db_path)
+    try:
+        cur = conn.execute(f"INSERT INTO {table} ({', '.join(values)}) "
+                           f"VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
+        conn.commit()
+        return cur.lastrowid
+    finally:
+        conn.close()
+
+
+def poison_task(h, **values) -> int:
+    now = time.time()
+    row = dict(repo="no-slash", issue=1, kind="start", agent="fake", requested_by="alice",
+               state="pending", created_at=now, updated_at=now)
+    row.update(values)
+    return insert_raw(h, "tasks", **row)
+
+
+def test_poison_rows_are_set_aside_with_a_reason_and_the_queue_goes_on(make):
+    h = make(limit=3)
+    # a repository name with no "/": AuthCache.permission's split raised on every tick
+    unauthorized = poison_task(h)
+    # an authorized one reaches a runner, which reads task.owner / task.name
+    authorized = poison_task(h, issue=2, authorized=1)
+    # a running task of a dead worker whose pid no kill() accepts (OverflowError)
+    running = poison_task(h, repo=REPO, issue=99, state="running", attempts=1, worker_id="gone",
+                          pid=2**40, pid_start="x", authorized=1)
+    # an outbox reply to a repository that cannot be
+    bad_reply = insert_raw(h, "outbox", repo="no-slash", issue=1, kind="comment", body="hi",
+                           created_at=time.time())
+    issues = [h.issue(f"Issue {i}") for i in range(2)]
+    good = [h.enqueue(n) for n in issues]
+    deliver_comment(h, "/kugetsu help", issues[0], sender="mallory")
+
+    h.settle(unauthorized, authorized, running, *good)
+    for tid, n in zip(good, issues):
+        task = h.store.get(tid)
+        assert (task.state, task.outcome) == (State.COMPLETED, Outcome.SUCCEEDED), task
+        assert h.gitea.file_at(REPO, BRANCH.format(n), "kugetsu_output.txt")
+    assert len(h.gitea.pulls_of(REPO)) == 2
+    assert any("/kugetsu continue <instructions>" in r for r in replies(h, issues[0]))
+
+    task = h.store.get(unauthorized)
+    assert task.state is State.REJECTED and task.outcome is Outcome.INFRA_ERROR
+    assert task.error.startswith("authorization failed: ValueError: ")
+    task = h.store.get(authorized)
+    assert task.state is State.FAILED and task.error == "internal error: IndexError"
+    task = h.store.get(running)
+    assert task.state is State.FAILED
+    assert task.error.startswith("recovery failed: OverflowError: "), task.error
+    assert [e["event"] for e in h.store.events(running)][-1] == "set aside"
+    row = h.store._conn().execute("SELECT done_at, error FROM outbox WHERE id = ?",
+                                  (bad_reply,)).fetchone()
+    assert row["done_at"] is not None
+    assert row["error"].startswith("outbox failed: ValueError: "), row["error"]
+
+
+def test_a_runner_that_cannot_start_ends_its_attempt_and_the_others_start(make, monkeypatch):
+    import threading
+    h = make(limit=3)
+    issues = [h.issue(f"Issue {i}") for i in range(3)]
+    tasks = [h.enqueue(n, authorized=True) for n in issues]
+    start = threading.Thread.start
+
+    def no_thread_for_the_first(thread):
+        if thread.name == f"task-{tasks[0]}":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread_for_the_first)
+    assert h.dispatcher.launch() == tasks
+    monkeypatch.setattr(threading.Thread, "start", start)
+    first = h.store.get(tasks[0])
+    # the attempt ended like any other infrastructure failure: back in the queue, counted
+    assert (first.state, first.outcome, first.attempts) == (State.PENDING, Outcome.INFRA_ERROR, 1)
+    assert first.error == "start failed: RuntimeError: can't start new thread"
+    h.settle(*tasks)
+    assert [h.store.get(t).state for t in tasks] == [State.COMPLETED] * 3
