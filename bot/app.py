@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +34,7 @@ def wake_key(config: Config) -> str:
 def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules],
                wake: Callable[[], None] = lambda: None,
                health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (True, {}),
+               store_failed: Callable[[Exception], None] = lambda exc: None,
                log_dir: Path | None = None,
                log_token: Callable[[int], str] | None = None) -> Flask:
     app = Flask("kugetsu")
@@ -76,7 +78,15 @@ def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules
                 "delivery": request.headers.get("X-Gitea-Delivery")})
             return answer(exc.status, "rejected", exc.reason, started)
 
-        result = intake.ingest(store, delivery, event, rules())
+        try:
+            result = intake.ingest(store, delivery, event, rules())
+        except sqlite3.Error as exc:
+            # Nothing of the delivery was written (one transaction), and it is not
+            # acknowledged: Gitea's webhook history shows the answer, and can redeliver it.
+            store_failed(exc)
+            log.error("delivery not stored", extra={"delivery": delivery.id, "error": str(exc)})
+            return answer(503, "error", f"could not store the delivery, so it was not "
+                          f"accepted: {exc}", started)
         # Deliveries that queue work are logged; the many that are not for kugetsu
         # (and repeats) only at debug level. Gitea's webhook history keeps every
         # delivery with kugetsu's answer and reason.
@@ -96,8 +106,12 @@ def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules
 
     @app.get("/healthz")
     def healthz() -> Response:
+        # A liveness check: 200 while the process and its worker run, with each problem
+        # named in one line (status "degraded"); 503 only when the worker is not running.
         ok, details = health()
-        return Response(json.dumps({"status": "ok" if ok else "unhealthy", **details}),
+        problems = list(details.get("problems", ()))
+        status = "unhealthy" if not ok else ("degraded" if problems else "ok")
+        return Response(json.dumps({"status": status, **details, "problems": problems}),
                         status=200 if ok else 503, mimetype="application/json")
 
     @app.post("/wake")

@@ -298,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Whatever the umask kugetsu is started with, what it creates (the database and its
+    # -wal and -shm, logs, prompts, mirrors, worktrees, agent homes) is its user's alone:
+    # logs and prompts hold issue text and agent output. Agents inherit it.
+    os.umask(0o077)
     try:
         config = load(getattr(args, "config", None), require_secret=args.command == "serve")
     except ConfigError as exc:

@@ -53,6 +53,8 @@ class GiteaConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     data_dir: Path = Path("kugetsu-data")
+    #: /healthz reports the disk when less than this is free in data_dir
+    min_free_mb: int = 200
 
     @property
     def db_path(self) -> Path:
@@ -95,6 +97,10 @@ class TriggersConfig:
     command: str = "/kugetsu"
     min_permission: str = "write"
     allowed_users: tuple[str, ...] = ()
+    #: at most this many replies to one user on one issue within the window; more
+    #: commands are answered with a reaction alone
+    reply_limit: int = 5
+    reply_window_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -355,8 +361,10 @@ def load(path: str | os.PathLike[str] | None = None,
     st = _Section("storage", data.get("storage"))
     data_dir = _override(env, "KUGETSU_DATA_DIR",
                          st.string("data_dir", str(StorageConfig.data_dir)))
+    min_free_mb = st.integer("min_free_mb", StorageConfig.min_free_mb, minimum=0)
     st.check_unknown()
-    storage = StorageConfig(data_dir=Path(data_dir).expanduser().absolute())
+    storage = StorageConfig(data_dir=Path(data_dir).expanduser().absolute(),
+                            min_free_mb=min_free_mb)
 
     # queue
     q = _Section("queue", data.get("queue"))
@@ -384,6 +392,9 @@ def load(path: str | os.PathLike[str] | None = None,
         command=t.string("command", "/kugetsu"),
         min_permission=t.string("min_permission", "write"),
         allowed_users=t.strings("allowed_users", ()) or (),
+        reply_limit=t.integer("reply_limit", TriggersConfig.reply_limit, minimum=0),
+        reply_window_seconds=t.number("reply_window_seconds",
+                                      TriggersConfig.reply_window_seconds, positive=True),
     )
     t.check_unknown()
     if not triggers.label.strip():

@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,12 +27,14 @@ from bot import agents, process
 from bot.config import Config
 from bot.gitea import (Forbidden, GiteaAPI, GiteaError, NotFound, ServerError, Unauthorized,
                        Unreachable)
+from bot.health import TickRecord, describe
+from bot.isolate import on_its_own
 from bot.publisher import Publisher, status_text
 from bot.redact import redact
 from bot.scheduler import Coalescer
 from bot.store import Store
 from bot.tasks import Kind, Outcome, State, Task, decide, permission_at_least
-from bot.workspace import GitError, Workspace
+from bot.workspace import GitError, Prepared, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +157,7 @@ class Dispatcher:
         self.bot_login: str | None = config.gitea.bot_login or None
         self._bot_login_tried = float("-inf")
         self._lease_renew_at = float("-inf")
+        self.ticks = TickRecord()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -191,6 +196,28 @@ class Dispatcher:
         self._ticks.run()
 
     def tick(self) -> None:
+        """One pass over the queue. Its outcome is kept for /healthz: an exception that
+        escapes it (an item's own failure does not) is written to the database at once."""
+        self.ticks = self.ticks.began(self.clock())
+        try:
+            self._tick()
+        except Exception as exc:
+            self.ticks = self.ticks.failed(self.clock(), describe(exc))
+            self._report_ticks()
+            raise
+        recovered = self.ticks.failures > 0
+        self.ticks = self.ticks.succeeded(self.clock())
+        if recovered:
+            self._report_ticks()
+
+    def _report_ticks(self) -> None:
+        try:
+            self.store.heartbeat(self.worker_id, self.ticks.to_json())
+        except sqlite3.Error as exc:
+            # the heartbeat goes stale, which /healthz reports in its place
+            log.error("cannot report the ticks to the database", extra={"error": str(exc)})
+
+    def _tick(self) -> None:
         self.ensure_bot_login()
         self._reap()
         self.recover()
@@ -256,8 +283,9 @@ class Dispatcher:
         return self.bot_login
 
     def heartbeat(self) -> None:
-        """Every few seconds, on its own job: say this process lives, and checkpoint the WAL."""
-        self.store.heartbeat(self.worker_id)
+        """Every few seconds, on its own job: say this process lives and how its ticks go,
+        and checkpoint the WAL."""
+        self.store.heartbeat(self.worker_id, self.ticks.to_json())
         self.store.checkpoint()
 
     def _reap(self) -> None:
@@ -289,20 +317,43 @@ class Dispatcher:
                 # ours, but no runner holds it (should not happen): recover it too
             elif task.worker_id in alive:
                 continue
-            if task.pid and process.kill_orphan(task.pid, task.pid_start,
-                                                self.config.agents.kill_grace_seconds):
-                log.warning("killed orphaned agent", extra={"task": task.id, "pid": task.pid})
-            decision = decide(Outcome.INFRA_ERROR, task.attempts, task.max_attempts, (0.0,))
-            error = "kugetsu stopped while the agent was running"
-            if self.store.transition(task.id, State.RUNNING, decision.state, event="recovered",
-                                     detail=task.worker_id, error=error, pid=None, pid_start=None,
-                                     outcome=Outcome.INFRA_ERROR, not_before=self.clock()):
-                log.warning("recovered task", extra={"task": task.id, "to": decision.state.value,
-                                                     "attempts": task.attempts})
-                recovered.append(task.id)
+            with on_its_own("recovery", task.id, self._set_aside(task)):
+                if self._recover_one(task):
+                    recovered.append(task.id)
         for wid in set(workers) - alive:
             self.store.unregister_worker(wid)
         return recovered
+
+    def _recover_one(self, task: Task) -> bool:
+        if task.pid and process.kill_orphan(task.pid, task.pid_start,
+                                            self.config.agents.kill_grace_seconds):
+            log.warning("killed orphaned agent", extra={"task": task.id, "pid": task.pid})
+        decision = decide(Outcome.INFRA_ERROR, task.attempts, task.max_attempts, (0.0,))
+        error = "kugetsu stopped while the agent was running"
+        if not self.store.transition(task.id, State.RUNNING, decision.state, event="recovered",
+                                     detail=task.worker_id, error=error, pid=None,
+                                     pid_start=None, outcome=Outcome.INFRA_ERROR,
+                                     not_before=self.clock()):
+            return False
+        log.warning("recovered task", extra={"task": task.id, "to": decision.state.value,
+                                             "attempts": task.attempts})
+        return True
+
+    def _set_aside(self, task: Task) -> Callable[[str], bool]:
+        """How a tick step gives up on a task it cannot process: the task ends, with the
+        reason, through the store's compare-and-set (a pending one is not started)."""
+        def give_up(reason: str) -> bool:
+            pending = task.state is State.PENDING
+            # a request not started is refused, which its tracking comment then says
+            to, changes = ((State.REJECTED, {"authorized": False}) if pending
+                           else (State.FAILED, {"pid": None, "pid_start": None}))
+            done = self.store.transition(task.id, task.state, to, event="set aside",
+                                         detail=reason, error=reason,
+                                         outcome=Outcome.INFRA_ERROR, **changes)
+            log.error("task set aside", extra={"task": task.id, "to": to.value,
+                                               "error": reason})
+            return done
+        return give_up
 
     # ---------------------------------------------------------------- authorization
 
@@ -310,16 +361,20 @@ class Dispatcher:
         allowed_tasks: list[tuple[int, str]] = []
         try:
             for task in self.store.unauthorized_pending():
-                verdict = self.auth.check(task.repo, task.requested_by, task.permission_hint)
-                if verdict is None:
-                    break  # Gitea cannot answer now; the rest wait for the next tick
-                allowed, reason = verdict
-                if allowed:
-                    allowed_tasks.append((task.id, reason))
-                    continue
-                self.store.transition(task.id, State.PENDING, State.REJECTED, event="rejected",
-                                      detail=reason, authorized=False, error=reason)
-                log.info("task rejected", extra={"task": task.id, "user": task.requested_by})
+                with on_its_own("authorization", task.id, self._set_aside(task)):
+                    verdict = self.auth.check(task.repo, task.requested_by,
+                                              task.permission_hint)
+                    if verdict is None:
+                        break  # Gitea cannot answer now; the rest wait for the next tick
+                    allowed, reason = verdict
+                    if allowed:
+                        allowed_tasks.append((task.id, reason))
+                        continue
+                    self.store.transition(task.id, State.PENDING, State.REJECTED,
+                                          event="rejected", detail=reason, authorized=False,
+                                          error=reason)
+                    log.info("task rejected", extra={"task": task.id,
+                                                     "user": task.requested_by})
         finally:
             self.store.mark_authorized(allowed_tasks)
 
@@ -330,14 +385,21 @@ class Dispatcher:
             return []
         claimed = self.store.claim(self.config.queue.max_concurrent_agents, self.worker_id)
         for task in claimed:
-            thread = threading.Thread(target=self._run, args=(task,), name=f"task-{task.id}",
-                                      daemon=True)
-            with self._runners_lock:
-                self._runners[task.id] = thread
-            thread.start()
-            log.info("task started", extra={"task": task.id, "repo": task.repo,
-                                            "issue": task.issue, "attempt": task.attempts})
+            with on_its_own("start", task.id, partial(self._not_started, task)):
+                thread = threading.Thread(target=self._run, args=(task,),
+                                          name=f"task-{task.id}", daemon=True)
+                with self._runners_lock:
+                    self._runners[task.id] = thread
+                thread.start()
+                log.info("task started", extra={"task": task.id, "repo": task.repo,
+                                                "issue": task.issue, "attempt": task.attempts})
         return [t.id for t in claimed]
+
+    def _not_started(self, task: Task, reason: str) -> None:
+        """A claimed task whose runner could not start: the attempt ends like any other."""
+        with self._runners_lock:
+            self._runners.pop(task.id, None)
+        self.finish(task, Result(Outcome.INFRA_ERROR, reason))
 
     def _run(self, task: Task) -> None:
         try:
@@ -402,6 +464,10 @@ class Dispatcher:
         except GitError as exc:
             return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets))
         self.store.update(task.id, branch=branch, worktree=str(prepared.path))
+        if task.publish_sha:
+            resumed = self._resume_publishing(task, issue, prepared, branch)
+            if resumed is not None:
+                return resumed
         start_head = self.workspace.head(prepared.path)
 
         issue_row = self.store.issue_row(task.repo, task.issue) or {}
@@ -445,37 +511,78 @@ class Dispatcher:
                 return Result(Outcome.NO_CHANGES, None, changes=changes)
             head = self.workspace.head(prepared.path)
             remote = self.workspace.remote_branch_sha(task.repo, branch)
-            files = len(self.workspace.changed_files(prepared.path, prepared.base_sha))
         except GitError as exc:
             return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets), changes=changes)
         if head == start_head and head == remote:
             # Nothing new from this run. The branch may still lack its PR, if an earlier
-            # attempt pushed and then could not open it: publish in that case.
+            # attempt or task pushed and then could not open it: publish in that case.
             try:
-                existing = self.gitea.find_pull(task.owner, task.name, prepared.base_branch,
-                                                branch)
+                existing = self.gitea.find_open_pull(task.owner, task.name,
+                                                     prepared.base_branch, branch)
             except GiteaError as exc:
                 return Result(Outcome.INFRA_ERROR, f"could not look up the pull request: {exc}",
                               changes=changes)
-            if existing and existing.get("state") == "open":
+            if existing:
                 return Result(Outcome.NO_CHANGES, None, changes=changes)
-        if head != remote:
-            try:
+        # The agent's work is committed: from here on, a retry publishes it and does not
+        # run the agent again (see _resume_publishing).
+        self.store.update(task.id, publish_sha=head, bump=False)
+        return self._publish(task, issue, prepared, branch, head=head, remote=remote,
+                             summary=run.summary, usage=run.usage, changes=changes)
+
+    def _resume_publishing(self, task: Task, issue: Mapping[str, Any], prepared: Prepared,
+                           branch: str) -> Result | None:
+        """An earlier attempt committed the agent's work and could not publish it (Gitea
+        away, a lost answer, a crash): publish that work, with that run's summary and usage.
+        None when the work is gone (a worktree lost before its push): the agent runs again."""
+        commit = task.publish_sha or ""
+        try:
+            present = self.workspace.contains(prepared.path, commit)
+            if present:
+                head = self.workspace.head(prepared.path)
+                remote = self.workspace.remote_branch_sha(task.repo, branch)
+        except GitError as exc:
+            return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", self.config.secrets()))
+        if not present:
+            log.warning("committed work is gone; running the agent again",
+                        extra={"task": task.id, "commit": commit})
+            self.store.update(task.id, publish_sha=None, bump=False)
+            return None
+        log.info("resuming at publishing", extra={"task": task.id, "commit": commit})
+        current = self.store.require(task.id)
+        return self._publish(current, issue, prepared, branch, head=head, remote=remote,
+                             summary=current.summary or "", usage=current.usage, changes={})
+
+    def _publish(self, task: Task, issue: Mapping[str, Any], prepared: Prepared, branch: str, *,
+                 head: str, remote: str | None, summary: str, usage: dict[str, Any],
+                 changes: dict[str, Any]) -> Result:
+        """Push the committed work and open or update its pull request.
+
+        While Gitea is away (no answer, 5xx) the task waits for it without using up an
+        attempt, as it does before the agent runs; a refusal counts one. Either way the
+        next attempt publishes without running the agent again.
+        """
+        secrets = self.config.secrets()
+        try:
+            files = len(self.workspace.changed_files(prepared.path, prepared.base_sha))
+            if head != remote:
                 self.workspace.push(prepared.path, branch)
-            except GitError as exc:
-                return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets),
-                              changes=changes)
+        except GitError as exc:
+            return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets), changes=changes)
         current = self.store.require(task.id)
         try:
-            number, _created = self.publisher.publish_pr(
+            number, _own = self.publisher.publish_pr(
                 current, branch=branch, base=prepared.base_branch,
-                title=issue.get("title") or f"Issue #{task.issue}", summary=run.summary,
-                files_changed=files, usage=run.usage)
+                title=issue.get("title") or f"Issue #{task.issue}", summary=summary,
+                files_changed=files, usage=usage)
+        except (Unreachable, ServerError) as exc:
+            return Result(Outcome.INFRA_ERROR, f"waiting for Gitea to open the pull request: "
+                          f"{exc}", requeue=True, delay=GITEA_WAIT_SECONDS, changes=changes)
         except GiteaError as exc:
             return Result(Outcome.INFRA_ERROR, f"could not open the pull request: {exc}",
                           changes=changes)
         self.store.set_issue(task.repo, task.issue, pr_number=number, branch=branch)
-        changes.update(pr_number=number, files_changed=files)
+        changes.update(pr_number=number, files_changed=files, publish_sha=None)
         return Result(Outcome.SUCCEEDED, None, changes=changes)
 
     def _session_for(self, task: Task, spec: agents.AgentSpec,
@@ -530,7 +637,8 @@ class Dispatcher:
         try:
             proc = process.AgentProcess.start(
                 argv, cwd=workdir, env=env, log_path=storage.logs_dir / f"{task.id}.log",
-                log_max_bytes=cfg.agents.log_max_bytes, on_line=meter.feed, header=header)
+                log_max_bytes=cfg.agents.log_max_bytes, on_line=meter.feed, header=header,
+                secrets=cfg.secrets())
         except process.AgentStartError as exc:
             return AgentRun(Outcome.AGENT_FAILED, str(exc), retry=False)
         self.store.update(task.id, pid=proc.pid, pid_start=proc.start_token, bump=False)
@@ -601,30 +709,31 @@ class Dispatcher:
 
         try:
             for item in items:
-                if item.needs_permission:
-                    verdict = self.auth.check(item.repo, item.requested_by or "",
-                                              item.permission_hint)
-                    if verdict is None:
-                        self.store.outbox_retry(item.id, 30.0, "permission check deferred")
-                        continue
-                    if not verdict[0]:
-                        self._refuse(item, verdict[1])
-                        continue
-                try:
-                    self._outbox_item(item)
-                except (ServerError, Unreachable) as exc:
-                    delay = min(600.0, 5.0 * 2 ** item.attempts)
-                    self.store.outbox_retry(item.id, delay, str(exc))
-                    log.warning("outbox item deferred",
-                                extra={"item": item.id, "error": str(exc)})
-                    return 0  # Gitea is struggling: try the rest later
-                except GiteaError as exc:
-                    # refused for good (deleted comment, locked issue, no permission)
-                    done(item, str(exc))
-                    log.warning("outbox item refused",
-                                extra={"item": item.id, "error": str(exc)})
-                else:
-                    done(item)
+                with on_its_own("outbox", item.id, partial(done, item)):
+                    if item.needs_permission:
+                        verdict = self.auth.check(item.repo, item.requested_by or "",
+                                                  item.permission_hint)
+                        if verdict is None:
+                            self.store.outbox_retry(item.id, 30.0, "permission check deferred")
+                            continue
+                        if not verdict[0]:
+                            self._refuse(item, verdict[1])
+                            continue
+                    try:
+                        self._outbox_item(item)
+                    except (ServerError, Unreachable) as exc:
+                        delay = min(600.0, 5.0 * 2 ** item.attempts)
+                        self.store.outbox_retry(item.id, delay, str(exc))
+                        log.warning("outbox item deferred",
+                                    extra={"item": item.id, "error": str(exc)})
+                        return 0  # Gitea is struggling: try the rest later
+                    except GiteaError as exc:
+                        # refused for good (deleted comment, locked issue, no permission)
+                        done(item, str(exc))
+                        log.warning("outbox item refused",
+                                    extra={"item": item.id, "error": str(exc)})
+                    else:
+                        done(item)
         finally:
             self.store.outbox_done_many(reacted)
         return len(items)
@@ -632,40 +741,48 @@ class Dispatcher:
     def _refuse(self, item, reason: str) -> None:
         if item.kind in ("stop", "retry"):
             try:
-                self.publisher.reply(item.repo, item.target or item.issue,
-                                     f"Not done: {reason}.")
+                self._answer(item, f"Not done: {reason}.")
             except GiteaError as exc:
                 self.store.outbox_retry(item.id, 30.0, str(exc))
                 return
         self.store.outbox_done(item.id, error=f"refused: {reason}")
 
+    def _answer(self, item, body: str) -> None:
+        """Reply where the command was written, unless its reply limit was reached."""
+        if not item.quiet:
+            self.publisher.reply(item.repo, item.target or item.issue, body)
+
+    def _may_read(self, item) -> bool:
+        """Whether the requester can read the repository (when Gitea cannot say: no)."""
+        if not item.requested_by:
+            return False
+        perm = self.auth.permission(item.repo, item.requested_by, item.permission_hint)
+        return perm is not None and permission_at_least(perm, "read")
+
     def _outbox_item(self, item) -> None:
         if item.kind == "reaction":
             self.publisher.react(item.repo, item.target, "eyes")
         elif item.kind == "comment":
-            self.publisher.reply(item.repo, item.issue, item.body)
+            self._answer(item, item.body)
         elif item.kind == "status":
-            self.publisher.reply(item.repo, item.target or item.issue,
-                                 status_text(self.store, item.repo, item.issue, self.config))
+            self._answer(item, status_text(self.store, item.repo, item.issue, self.config,
+                                           show_queue=self._may_read(item)))
         elif item.kind == "stop":
             active = [t for t in self.store.list(repo=item.repo, issue=item.issue) if t.active]
             if not active:
-                self.publisher.reply(item.repo, item.target or item.issue,
-                                     "There is nothing to stop on this issue.")
+                self._answer(item, "There is nothing to stop on this issue.")
             for task in active:
                 self.store.request_cancel(task.id, item.requested_by or "someone")
             self.on_change()
         elif item.kind == "retry":
             last = self.store.latest_task(item.repo, item.issue)
             if last is None or last.state not in (State.FAILED, State.CANCELLED):
-                self.publisher.reply(item.repo, item.target or item.issue,
-                                     "There is no failed or stopped task to retry on this issue.")
+                self._answer(item, "There is no failed or stopped task to retry on this issue.")
             else:
                 done, blocker = self.store.try_requeue(last.id, item.requested_by or "someone")
                 if blocker is not None:
-                    self.publisher.reply(item.repo, item.target or item.issue,
-                                         f"Task #{blocker.id} is still active on this issue; "
-                                         "stop it first or wait for it to finish.")
+                    self._answer(item, f"Task #{blocker.id} is still active on this issue; "
+                                       "stop it first or wait for it to finish.")
                 if done:
                     self.on_change()
         else:

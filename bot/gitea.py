@@ -400,9 +400,13 @@ class GiteaClient:
     def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None:
         """The open pull request from branch `head` (of this repository) into `base`, or None.
 
-        `find_pull` answers with the first match in any state, so after a closed one it
-        cannot find the open one; this pages through the open pull requests into `base`.
+        `find_pull` answers with the first match in any state: one call settles it when that
+        match is open, or when there is none at all. After an older, closed one it cannot
+        find the open one, so then this pages through the open pull requests into `base`.
         """
+        first = self.find_pull(owner, repo, base, head)
+        if first is None or first.get("state") == "open":
+            return first
         path = f"{_repo_path(owner, repo)}/pulls"
         for page in range(1, MAX_PULL_PAGES + 1):
             items = self._call("GET", path, params={"state": "open", "base_branch": base,

@@ -3,16 +3,17 @@
 `decide()` is pure: it reads prior state only through the narrow `IntakeView`
 and returns intents. `ingest()` runs it inside one write transaction with the
 delivery dedupe, so two deliveries for one issue can never both see "no task"
-and queue two starts.
+and queue two starts, nor both see a reply limit not yet reached.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
 from bot import commands
+from bot.config import TriggersConfig
 from bot.events import CommentEvent, Delivery, Event, Ignored, IssueEvent
 from bot.store import Store
 from bot.tasks import Kind, Task
@@ -29,6 +30,8 @@ class Rules:
     known_agents: frozenset[str]
     default_agent: str
     max_attempts: int
+    reply_limit: int = TriggersConfig.reply_limit
+    reply_window_seconds: float = TriggersConfig.reply_window_seconds
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,23 @@ class Outbox:
     body: str = ""
     target: int | None = None
     needs_permission: bool = False
+    quiet: bool = False           # act, but write no comment (the reply limit was reached)
 
 
-Intent = Enqueue | RememberLabels | Outbox
+@dataclass(frozen=True)
+class NoteReply:
+    """Count a reply to `login` on `issue` (the issue or pull request it is written on)."""
+
+    repo: str
+    issue: int
+    login: str
+
+
+Intent = Enqueue | RememberLabels | Outbox | NoteReply
+
+#: outbox work that writes a comment in answer now, and work that may write one later
+REPLY_KINDS = frozenset({"comment", "status"})
+MAY_REPLY_KINDS = frozenset({"stop", "retry"})
 
 
 @dataclass
@@ -80,14 +97,42 @@ class IntakeView(Protocol):
     def active_task(self, repo: str, issue: int) -> Task | None: ...
     def has_task(self, repo: str, issue: int) -> bool: ...
     def issue_for_pr(self, repo: str, pr: int) -> int | None: ...
+    def recent_replies(self, repo: str, issue: int, login: str, seconds: float) -> int: ...
 
 
 def decide(event: Event, rules: Rules, view: IntakeView) -> Decision:
     if isinstance(event, Ignored):
         return Decision(reason=event.reason)
     if isinstance(event, IssueEvent):
-        return _issue_event(event, rules, view)
-    return _comment_event(event, rules, view)
+        decision = _issue_event(event, rules, view)
+    else:
+        decision = _comment_event(event, rules, view)
+    return _limit_replies(decision, rules, view, event.repo, event.number, event.sender)
+
+
+def _limit_replies(decision: Decision, rules: Rules, view: IntakeView, repo: str, number: int,
+                   sender: str) -> Decision:
+    """At most `reply_limit` replies to one user on one issue (or pull request) within
+    `reply_window_seconds`, whoever they are: anyone can comment, and kugetsu must not
+    answer a flood with a flood. Past the limit a command gets its reaction alone; stop
+    and retry still act, but write nothing. Work requests are never limited."""
+    answers = [i for i in decision.intents if isinstance(i, Outbox)
+               and i.kind in REPLY_KINDS | MAY_REPLY_KINDS]
+    if not answers:
+        return decision
+    if view.recent_replies(repo, number, sender, rules.reply_window_seconds) < rules.reply_limit:
+        decision.intents.insert(0, NoteReply(repo, number, sender))
+        return decision
+    kept: list[Intent] = []
+    for intent in decision.intents:
+        if isinstance(intent, Outbox) and intent.kind in REPLY_KINDS:
+            continue
+        if isinstance(intent, Outbox) and intent.kind in MAY_REPLY_KINDS:
+            intent = replace(intent, quiet=True)
+        kept.append(intent)
+    decision.intents = kept
+    decision.reason += f" (reply limit reached for {sender}: no reply)"
+    return decision
 
 
 def _issue_event(event: IssueEvent, rules: Rules, view: IntakeView) -> Decision:
@@ -226,6 +271,9 @@ class _SqlView:
     def issue_for_pr(self, repo: str, pr: int) -> int | None:
         return self.store.issue_for_pr(repo, pr, self.conn)
 
+    def recent_replies(self, repo: str, issue: int, login: str, seconds: float) -> int:
+        return self.store.recent_replies(self.conn, repo, issue, login, seconds)
+
 
 @dataclass(frozen=True)
 class IngestResult:
@@ -256,6 +304,9 @@ def _apply(store: Store, c: sqlite3.Connection, intents: Sequence[Intent],
     for intent in intents:
         if isinstance(intent, RememberLabels):
             store.set_issue(intent.repo, intent.issue, c, labels=list(intent.labels))
+        elif isinstance(intent, NoteReply):
+            store.note_reply(c, intent.repo, intent.issue, intent.login,
+                             rules.reply_window_seconds)
         elif isinstance(intent, Enqueue):
             task_ids.append(store.insert_task(
                 c, repo=intent.repo, issue=intent.issue, kind=intent.kind, prompt=intent.prompt,
@@ -267,5 +318,6 @@ def _apply(store: Store, c: sqlite3.Connection, intents: Sequence[Intent],
             outbox_ids.append(store.add_outbox(
                 c, repo=intent.repo, issue=intent.issue, kind=intent.kind, body=intent.body,
                 target=intent.target, requested_by=intent.requested_by,
-                permission_hint=intent.permission, needs_permission=intent.needs_permission))
+                permission_hint=intent.permission, needs_permission=intent.needs_permission,
+                quiet=intent.quiet))
     return tuple(task_ids), tuple(outbox_ids)

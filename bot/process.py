@@ -3,7 +3,8 @@
 An agent runs in its own session (so its pid is also its process group id),
 with stdin from /dev/null and stdout+stderr on one pipe. A reader thread
 drains that pipe in fixed-size chunks, hands complete lines to a callback,
-and writes a size-capped log; whatever the agent prints, memory stays bounded.
+and writes a size-capped log with the secrets it is given masked as they are
+written; whatever the agent prints, memory stays bounded.
 Stopping an agent signals the whole group (SIGTERM, a grace period, SIGKILL),
 so grandchildren that ignore SIGTERM or keep the pipe open are dealt with too.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Mapping, Sequence
 
 from bot.priority import share_with_session
+from bot.redact import StreamRedactor
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +302,7 @@ class AgentProcess:
         log_path: Path,
         log_max_bytes: int,
         on_line: Callable[[str], None] | None,
+        secrets: Sequence[str] = (),
     ) -> None:
         # Not meant to be called directly: start() spawns the process first.
         self._popen = popen
@@ -316,6 +319,8 @@ class AgentProcess:
         self._log_half = max(1, log_max_bytes // 2)
         self._log_live = 0  # output bytes of this run written to the log as they came
         self._log_last_byte = b"\n"
+        # the log is served over HTTP and by `kugetsu logs`: no secret is written to it
+        self._redactor = StreamRedactor(secrets)
 
         self._buf_lock = threading.Lock()
         self._bytes_seen = 0
@@ -347,8 +352,10 @@ class AgentProcess:
         log_max_bytes: int,
         on_line: Callable[[str], None] | None = None,
         header: str | None = None,
+        secrets: Sequence[str] = (),
     ) -> "AgentProcess":
-        """Start `argv` in `cwd` with exactly `env`, in a new session, output to `log_path`.
+        """Start `argv` in `cwd` with exactly `env`, in a new session, output to `log_path`
+        with `secrets` masked.
 
         Raises AgentStartError if the command cannot be started.
         """
@@ -394,6 +401,7 @@ class AgentProcess:
             log_path=log_path,
             log_max_bytes=log_max_bytes,
             on_line=on_line,
+            secrets=secrets,
         )
         try:
             proc._reader.start()
@@ -598,7 +606,7 @@ class AgentProcess:
         if room > 0:
             live = data[:room]
             self._log_live += len(live)
-            self._write_log(live)
+            self._write_log(self._redactor.feed(live))
 
         if self._on_line is not None:
             self._split_lines(self._decoder.decode(data))
@@ -642,10 +650,14 @@ class AgentProcess:
             tail = bytes(self._tail[len(self._tail) - n :]) if n > 0 else b""
         omitted = after_live - len(tail)
         if omitted > 0:
+            # A secret may straddle either side of the gap: what the live part held back
+            # and what could end a secret at the start of the tail are left out too.
+            omitted += self._redactor.cut()
+            skip = self._redactor.end_of_secret(tail)
+            tail, omitted = tail[skip:], omitted + skip
             prefix = b"" if self._log_last_byte == b"\n" else b"\n"
             self._write_log(prefix + f"[kugetsu: {omitted} bytes of output omitted]\n".encode("ascii"))
-        if tail:
-            self._write_log(tail)
+        self._write_log(self._redactor.feed(tail) + self._redactor.flush())
         if omitted > 0:
             logger.info("agent log capped pid=%d omitted=%d", self.pid, omitted)
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from bot.config import Config
 from bot.gitea import Conflict, GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
+from bot.isolate import on_its_own
 from bot.redact import redact
 from bot.store import CommentRecord, Store
 from bot.tasks import Kind, Outcome, State, Task
@@ -193,7 +194,10 @@ def render_pr_body(task: Task, config: Config, *, summary: str, files_changed: i
             + "---\nWritten by kugetsu · " + " · ".join(details) + f"\n{marker(task.id)}")
 
 
-def status_text(store: Store, repo: str, issue: int, config: Config) -> str:
+def status_text(store: Store, repo: str, issue: int, config: Config, *,
+                show_queue: bool = True) -> str:
+    """The issue's tasks, and with `show_queue` how busy kugetsu is over all repositories
+    (only for those who may read the repository: the queue says what happens elsewhere)."""
     tasks = store.list(repo=repo, issue=issue)
     if not tasks:
         return (f"{REPLY_MARKER}\nkugetsu has no tasks for this issue. Comment "
@@ -203,10 +207,11 @@ def status_text(store: Store, repo: str, issue: int, config: Config) -> str:
         rows.append(f"| #{t.id} | {t.kind.value} | {t.state.value} | "
                     f"{t.outcome.value if t.outcome else ''} | {t.attempts}/{t.max_attempts} | "
                     f"{'#' + str(t.pr_number) if t.pr_number else ''} |")
-    return (f"{REPLY_MARKER}\nkugetsu on this issue:\n\n" + "\n".join(rows)
-            + f"\n\nAgents busy: {store.count(State.RUNNING)} of "
-              f"{config.queue.max_concurrent_agents}; "
-              f"tasks waiting: {store.count(State.PENDING)}.")
+    text = f"{REPLY_MARKER}\nkugetsu on this issue:\n\n" + "\n".join(rows)
+    if not show_queue:
+        return text
+    return (text + f"\n\nAgents busy: {store.count(State.RUNNING)} of "
+            f"{config.queue.max_concurrent_agents}; tasks waiting: {store.count(State.PENDING)}.")
 
 
 class Publisher:
@@ -332,49 +337,68 @@ class Publisher:
 
     def _sync_or_skip(self, task: Task, position: int | None = None,
                       synced: list[CommentRecord] | None = None) -> bool:
-        try:
-            return self.sync_task(task, position, synced)
-        except (ServerError, Unreachable):
-            raise
-        except GiteaError as exc:
-            version, last_body = self.store.comment_state(task.id)
-            self.store.comment_synced(task.id, version, last_body or "")
-            log.warning("tracking comment refused", extra={"task": task.id, "error": str(exc)})
-            return False
+        written = False
+        # a comment that cannot be written for a reason of its own (refused, or a task this
+        # code cannot render) skips this version, so the others behind it are not held up
+        with on_its_own("tracking comment", task.id, lambda _reason: self._skip(task)):
+            try:
+                written = self.sync_task(task, position, synced)
+            except (ServerError, Unreachable):
+                raise
+            except GiteaError as exc:
+                self._skip(task)
+                log.warning("tracking comment refused", extra={"task": task.id,
+                                                               "error": str(exc)})
+        return written
+
+    def _skip(self, task: Task) -> None:
+        """Leave the task's comment as it is until the task changes again."""
+        version, last_body = self.store.comment_state(task.id)
+        self.store.comment_synced(task.id, version, last_body or "")
 
     # ---------------------------------------------------------------- pull requests
 
     def publish_pr(self, task: Task, *, branch: str, base: str, title: str, summary: str,
                    files_changed: int, usage: dict[str, Any]) -> tuple[int, bool]:
-        """Open a PR for the branch or update the one that exists. Returns (number, created)."""
+        """Open a PR for the branch or update the one that exists. Returns (number, created).
+
+        A create that fails may still have been applied: Gitea did the work and the answer
+        was lost (a proxy's 504, a read timeout, a reset), or another open PR appeared (409).
+        So after any failed create the open PR is looked up again before anything is
+        decided, and one found is adopted. `created` is True when the PR is this task's own
+        (its body carries the task's marker), whichever call made it.
+        """
         body = render_pr_body(task, self.config, summary=summary, files_changed=files_changed,
                               usage=usage)
-        existing = self.gitea.find_pull(task.owner, task.name, base, branch)
-        if existing and existing.get("state") == "open":
-            number = int(existing["number"])
-            if task.kind is Kind.CONTINUE:
-                self.gitea.create_comment(
-                    task.owner, task.name, number,
-                    f"<!-- kugetsu:follow-up={task.id} -->\n"
-                    f"Pushed a follow-up for @{task.requested_by} "
-                    f"(task #{task.id}, {files_changed} file{'s' if files_changed != 1 else ''} "
-                    f"changed in this pull request so far).\n\n"
-                    + agent_block(summary, self.config.secrets()))
-            else:
-                self.gitea.edit_pull(task.owner, task.name, number, body=body)
-            return number, False
-        try:
-            created = self.gitea.create_pull(task.owner, task.name, head=branch, base=base,
-                                             title=title, body=body)
-        except Conflict:
-            # an open one exists that the lookup above did not return (it answers with the
-            # first match in any state, which may be an older, closed one)
-            existing = self.gitea.find_open_pull(task.owner, task.name, base, branch)
-            if not existing:
-                raise
-            self.gitea.edit_pull(task.owner, task.name, int(existing["number"]), body=body)
-            return int(existing["number"]), False
-        return int(created["number"]), True
+        existing = self.gitea.find_open_pull(task.owner, task.name, base, branch)
+        if existing is None:
+            try:
+                created = self.gitea.create_pull(task.owner, task.name, head=branch, base=base,
+                                                 title=title, body=body)
+                return int(created["number"]), True
+            except GiteaError as exc:
+                try:
+                    existing = self.gitea.find_open_pull(task.owner, task.name, base, branch)
+                except GiteaError:
+                    raise exc from None
+                if existing is None:
+                    raise
+                log.warning("pull request found after a failed create",
+                            extra={"task": task.id, "pr": existing.get("number"),
+                                   "error": str(exc)})
+        number = int(existing["number"])
+        own = marker(task.id) in (existing.get("body") or "")
+        if task.kind is Kind.CONTINUE and not own:
+            self.gitea.create_comment(
+                task.owner, task.name, number,
+                f"<!-- kugetsu:follow-up={task.id} -->\n"
+                f"Pushed a follow-up for @{task.requested_by} "
+                f"(task #{task.id}, {files_changed} file{'s' if files_changed != 1 else ''} "
+                f"changed in this pull request so far).\n\n"
+                + agent_block(summary, self.config.secrets()))
+        elif existing.get("body") != body:
+            self.gitea.edit_pull(task.owner, task.name, number, body=body)
+        return number, own
 
     # ---------------------------------------------------------------- replies
 

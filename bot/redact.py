@@ -3,16 +3,73 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import AnyStr, Iterable
 
 MASK = "[redacted]"
 
 
-def redact(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
-        if secret and len(secret) >= 4 and secret in text:
-            text = text.replace(secret, MASK)
+def _maskable(secrets: Iterable[str]) -> tuple[str, ...]:
+    """The secrets that are masked: shorter ones would mask ordinary text."""
+    return tuple(s for s in secrets if s and len(s) >= 4)
+
+
+def redact(text: AnyStr, secrets: Iterable[str]) -> AnyStr:
+    """Every secret in `text` (str, or bytes such as an agent's raw output) masked."""
+    raw = isinstance(text, bytes)
+    for secret in _maskable(secrets):
+        needle = secret.encode() if raw else secret
+        if needle in text:
+            text = text.replace(needle, MASK.encode() if raw else MASK)  # type: ignore[arg-type]
     return text
+
+
+class StreamRedactor:
+    """`redact` for bytes that arrive in pieces (an agent's output on its way to the log).
+
+    A secret may be split across two pieces, so the end of what `feed` was given is held
+    back while it could be the start of a secret, and masked or let through with the next
+    piece. Where the stream is cut (the log leaves out the middle of a flood), `cut` drops
+    what was held back and `end_of_secret` tells how much of the piece after the gap could
+    be the rest of a secret, so no part of one is written on either side of the gap.
+    """
+
+    def __init__(self, secrets: Iterable[str]):
+        self.secrets = _maskable(secrets)
+        self._needles = tuple(s.encode() for s in self.secrets)
+        self._longest = max((len(n) for n in self._needles), default=0)
+        self._held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """What can be written now of what came so far, secrets masked."""
+        if not self._needles:
+            return data
+        text = redact(self._held + data, self.secrets)
+        keep = self._start_of_secret(text)
+        self._held = text[len(text) - keep:] if keep else b""
+        return text[:len(text) - keep]
+
+    def flush(self) -> bytes:
+        """At the end of the stream: what was held back (it never became a secret)."""
+        held, self._held = self._held, b""
+        return held
+
+    def cut(self) -> int:
+        """The stream is cut here: forget what was held back; returns its length."""
+        dropped, self._held = len(self._held), b""
+        return dropped
+
+    def end_of_secret(self, data: bytes) -> int:
+        """How many bytes at the start of `data` could be the rest of a secret cut before."""
+        for n in range(min(len(data), self._longest - 1), 0, -1):
+            if any(needle.endswith(data[:n]) for needle in self._needles):
+                return n
+        return 0
+
+    def _start_of_secret(self, data: bytes) -> int:
+        for n in range(min(len(data), self._longest - 1), 0, -1):
+            if any(needle.startswith(data[-n:]) for needle in self._needles):
+                return n
+        return 0
 
 
 class RedactingFilter(logging.Filter):

@@ -16,16 +16,23 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import shutil
 import signal
+import socket
+import sqlite3
+import stat
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from bot import __version__, agents
 from bot.config import Config
+from bot.health import Facts, TickRecord, describe, problems
 from bot.priority import lower_own_priority
+from bot.redact import redact
 
 log = logging.getLogger("kugetsu")
 
@@ -142,6 +149,7 @@ class WorkerProcess:
         self._wake_w: int | None = None
         self._lock = threading.Lock()
         self.restarts = 0
+        self.started_at: float | None = None
 
     def start(self) -> None:
         read_fd, write_fd = os.pipe()
@@ -155,6 +163,7 @@ class WorkerProcess:
         try:
             # same environment: the worker resolves the same config and secrets
             self.proc = subprocess.Popen(argv, pass_fds=(read_fd,), stdin=subprocess.DEVNULL)
+            self.started_at = time.time()
         finally:
             os.close(read_fd)
         with self._lock:
@@ -165,6 +174,10 @@ class WorkerProcess:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     def wake(self) -> None:
         with self._lock:
@@ -203,6 +216,95 @@ class WorkerProcess:
                 self._wake_w = None
 
 
+#: set in the database once everything in the data directory was made private
+PRIVATE_MARK = "data_dir_private"
+
+
+def make_private(data_dir: Path, *, deep: bool) -> int:
+    """Take group and other access away from the data directory and what is in it: the
+    entries at its top (the database and its -wal and -shm, the folders), or with `deep`
+    everything below too. Returns how many modes changed.
+
+    New files are private anyway (the command line sets the umask to 077); this tightens
+    an install made before. The directory's own 0700 already keeps others out of all of
+    it. Symbolic links are not followed; an entry that cannot be changed is logged.
+    """
+    changed = 0
+
+    def tighten(path: str, entry: os.DirEntry | None = None) -> int | None:
+        """Its mode, made private; None if it cannot be read or changed, or is a link."""
+        nonlocal changed
+        try:
+            mode = (entry.stat(follow_symlinks=False) if entry else os.lstat(path)).st_mode
+            if stat.S_ISLNK(mode):
+                return None
+            if mode & 0o077:
+                os.chmod(path, stat.S_IMODE(mode) & ~0o077)
+                changed += 1
+            return mode
+        except OSError as exc:
+            log.warning("cannot make a data file private", extra={"path": path,
+                                                                 "error": str(exc)})
+            return None
+
+    top = os.fspath(data_dir)
+    pending = [top] if tighten(top) is not None else []
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            log.warning("cannot list a data folder", extra={"path": folder, "error": str(exc)})
+            continue
+        for entry in entries:
+            mode = tighten(entry.path, entry)
+            if deep and mode is not None and stat.S_ISDIR(mode):
+                pending.append(entry.path)
+    return changed
+
+
+class ReceiverHealth:
+    """/healthz of `kugetsu serve`: the worker process, its ticks as it reports them
+    through the database, the free space of the data directory, and deliveries that
+    could not be stored. `(alive, details)`: alive is False only when the worker is not
+    running; details["problems"] names each problem in one line."""
+
+    def __init__(self, config: Config, store: Any, worker: Any,
+                 clock: Callable[[], float] = time.time):
+        self.config, self.store, self.worker, self.clock = config, store, worker, clock
+        self._write_failure: tuple[float, str] | None = None
+
+    def store_failed(self, exc: BaseException) -> None:
+        """A delivery could not be stored (a full disk, a broken database)."""
+        self._write_failure = (self.clock(), describe(exc))
+
+    def __call__(self) -> tuple[bool, dict[str, Any]]:
+        now = self.clock()
+        alive = self.worker.alive
+        facts: dict[str, Any] = {
+            "now": now, "worker_alive": alive, "worker_up_since": self.worker.started_at,
+            "write_failure": self._write_failure,
+            "min_free_bytes": self.config.storage.min_free_mb * 1024 * 1024}
+        try:
+            facts["free_bytes"] = shutil.disk_usage(self.config.storage.data_dir).free
+        except OSError as exc:
+            facts["disk_error"] = describe(exc)
+        if alive and self.worker.pid is not None:
+            try:
+                report = self.store.worker_report(socket.gethostname(), self.worker.pid)
+            except sqlite3.Error as exc:
+                facts["database_error"] = describe(exc)
+            else:
+                if report is not None:
+                    facts.update(registered=True, heartbeat_at=report[0],
+                                 tick=TickRecord.from_json(report[1]))
+        found = [redact(line, self.config.secrets()) for line in problems(Facts(**facts))]
+        return alive, {"problems": found,
+                       "worker": "running" if alive else "stopped",
+                       "worker_restarts": self.worker.restarts, "version": __version__}
+
+
 def serve(config: Config, *, log_level: str = "INFO") -> int:
     """The receiver process: the webhook server, supervising the worker."""
     from bot.app import create_app
@@ -214,8 +316,14 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
 
     configure_logging(log_level, config.secrets())
     storage = config.storage
-    storage.data_dir.mkdir(parents=True, exist_ok=True)
+    storage.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private(storage.data_dir, deep=False)  # the database files before they are opened
     store = open_store(storage.db_path)  # migrate before the worker starts
+    if store.get_meta(PRIVATE_MARK) is None:
+        # once per data directory: what earlier versions wrote under the umask
+        changed = make_private(storage.data_dir, deep=True)
+        store.set_meta(PRIVATE_MARK, "1")
+        log.info("data directory made private", extra={"changed": changed})
     if not config.gitea.token:
         log.warning("no Gitea token configured: kugetsu can queue work but not act on Gitea")
     # waitress holds a file per connection; the worker gets the limit it had back
@@ -232,14 +340,14 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
         return Rules(label=config.triggers.label, command=config.triggers.command,
                      bot_login=bot_login["value"], known_agents=known,
                      default_agent=config.agents.default,
-                     max_attempts=config.queue.max_attempts)
+                     max_attempts=config.queue.max_attempts,
+                     reply_limit=config.triggers.reply_limit,
+                     reply_window_seconds=config.triggers.reply_window_seconds)
 
-    def health() -> tuple[bool, dict]:
-        return worker.alive, {"worker": "running" if worker.alive else "stopped",
-                              "worker_restarts": worker.restarts, "version": __version__}
-
+    health = ReceiverHealth(config, store, worker)
     app = create_app(config, store, rules=rules, wake=worker.wake, health=health,
-                     log_dir=storage.logs_dir, log_token=lambda i: log_token(config, i))
+                     store_failed=health.store_failed, log_dir=storage.logs_dir,
+                     log_token=lambda i: log_token(config, i))
     stop = threading.Event()
     _signals(stop)
     worker.start()

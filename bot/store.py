@@ -147,7 +147,22 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at REAL NOT NULL
     );
     """,
-    # 4: indexes that keep the worker's queries from reading the whole table: each tick
+    # 4: the agent's committed work waiting to be published, so a retry only publishes it
+    """
+    ALTER TABLE tasks ADD COLUMN publish_sha TEXT;
+    """,
+    # 5: replies are rate-limited per user and issue
+    """
+    CREATE TABLE replies (
+        repo TEXT NOT NULL,
+        issue INTEGER NOT NULL,
+        login TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX replies_by_user ON replies (repo, issue, login, at);
+    ALTER TABLE outbox ADD COLUMN quiet INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 6: indexes that keep the worker's queries from reading the whole table: each tick
     # looks for tracking comments to write, and the daily cleanup for old rows. A partial
     # index holds only the rows its query is after, and a query uses it only if its
     # WHERE holds the index's terms as written here (tests/test_query_cost.py).
@@ -157,16 +172,20 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_finished ON tasks (state, COALESCE(finished_at, updated_at))
         WHERE state IN ('completed', 'failed', 'cancelled', 'rejected');
     CREATE INDEX deliveries_by_time ON deliveries (received_at);
+    CREATE INDEX replies_by_time ON replies (at);
     """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
-#: the finished states as migration 4 writes them in the index `tasks_finished`: a query
+#: the finished states as migration 6 writes them in the index `tasks_finished`: a query
 #: uses that index only if it names them the same way (as text, not as bound values)
 _TERMINAL = "state IN ('completed', 'failed', 'cancelled', 'rejected')"
 #: rows that Store.clear() deletes per write transaction
 CLEAR_BATCH = 500
 BUSY_TIMEOUT_SECONDS = 30.0
+
+#: meta key prefix of a worker's report on its ticks, followed by the worker's id
+_REPORT_KEY = "worker-report:"
 
 _TASK_FIELDS = {f.name for f in fields(Task)}
 _JSON_FIELDS = {"usage", "agents_tried"}
@@ -234,6 +253,8 @@ class OutboxItem:
     permission_hint: str | None
     needs_permission: bool
     attempts: int
+    #: act, but write no comment (the requester's reply limit was reached)
+    quiet: bool = False
 
 
 #: a tracking comment written to Gitea: (task id, the task version its body shows, the body,
@@ -291,7 +312,10 @@ class Store:
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (a full disk): a second
+                # ROLLBACK would raise and hide the error that matters
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
             else:
                 conn.execute("COMMIT")
@@ -720,7 +744,8 @@ class Store:
         tasks = 0
         for table, old in (("tasks", f"{_TERMINAL} AND COALESCE(finished_at, updated_at) < ?"),
                            ("deliveries", "received_at < ?"),
-                           ("outbox", "done_at IS NOT NULL AND done_at < ?")):
+                           ("outbox", "done_at IS NOT NULL AND done_at < ?"),
+                           ("replies", "at < ?")):
             while True:
                 with self.tx() as c:
                     count = c.execute(
@@ -789,12 +814,13 @@ class Store:
 
     def add_outbox(self, c: sqlite3.Connection, *, repo: str, issue: int, kind: str,
                    body: str = "", target: int | None = None, requested_by: str | None = None,
-                   permission_hint: str | None = None, needs_permission: bool = False) -> int:
+                   permission_hint: str | None = None, needs_permission: bool = False,
+                   quiet: bool = False) -> int:
         cur = c.execute(
             "INSERT INTO outbox (repo, issue, kind, target, body, requested_by, permission_hint, "
-            "needs_permission, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "needs_permission, quiet, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (repo, issue, kind, target, body, requested_by, permission_hint,
-             int(needs_permission), self.clock()))
+             int(needs_permission), int(quiet), self.clock()))
         return int(cur.lastrowid)
 
     def outbox_due(self, limit: int) -> list[OutboxItem]:
@@ -803,7 +829,7 @@ class Store:
             (self.clock(), limit))
         return [OutboxItem(r["id"], r["repo"], r["issue"], r["kind"], r["target"], r["body"],
                            r["requested_by"], r["permission_hint"], bool(r["needs_permission"]),
-                           r["attempts"]) for r in rows]
+                           r["attempts"], bool(r["quiet"])) for r in rows]
 
     def outbox_done(self, item_id: int, error: str | None = None) -> None:
         self.outbox_done_many([(item_id, error)])
@@ -822,6 +848,24 @@ class Store:
             c.execute("UPDATE outbox SET attempts = attempts + 1, not_before = ?, error = ? "
                       "WHERE id = ?", (self.clock() + delay, error, item_id))
 
+    # ------------------------------------------------------------------ replies
+
+    def recent_replies(self, c: sqlite3.Connection, repo: str, issue: int, login: str,
+                       seconds: float) -> int:
+        """Replies to `login` on issue (or pull request) `issue` in the last `seconds`."""
+        return c.execute(
+            "SELECT COUNT(*) FROM replies WHERE repo = ? AND issue = ? AND login = ? "
+            "AND at > ?", (repo, issue, login, self.clock() - seconds)).fetchone()[0]
+
+    def note_reply(self, c: sqlite3.Connection, repo: str, issue: int, login: str,
+                   seconds: float) -> None:
+        """Count a reply to `login` on `issue`, forgetting theirs older than `seconds`."""
+        now = self.clock()
+        c.execute("DELETE FROM replies WHERE repo = ? AND issue = ? AND login = ? AND at <= ?",
+                  (repo, issue, login, now - seconds))
+        c.execute("INSERT INTO replies (repo, issue, login, at) VALUES (?, ?, ?, ?)",
+                  (repo, issue, login, now))
+
     # ------------------------------------------------------------------ workers
 
     def register_worker(self, worker_id: str, pid: int, pid_start: str | None) -> None:
@@ -831,16 +875,35 @@ class Store:
                       "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?)",
                       (worker_id, socket.gethostname(), pid, pid_start, now, now))
 
-    def heartbeat(self, worker_id: str) -> None:
+    def heartbeat(self, worker_id: str, report: str | None = None) -> None:
+        """Say the worker lives; with `report`, also what it says about its ticks (read by
+        the receiver's /healthz through `worker_report`)."""
         with self.tx() as c:
             c.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (self.clock(), worker_id))
+            if report is not None:
+                c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                          (_REPORT_KEY + worker_id, report))
 
     def unregister_worker(self, worker_id: str) -> None:
+        """Forget a worker, and free the leases it held: a process found dead (kill -9)
+        would otherwise keep the publisher lease, and with it every tracking comment and
+        reply, until the lease ran out."""
         with self.tx() as c:
             c.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            c.execute("DELETE FROM leases WHERE owner = ?", (worker_id,))
+            c.execute("DELETE FROM meta WHERE key = ?", (_REPORT_KEY + worker_id,))
 
     def workers(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._conn().execute("SELECT * FROM workers")]
+
+    def worker_report(self, host: str, pid: int) -> tuple[float, str | None] | None:
+        """(heartbeat time, tick report) of the worker running as `pid` on `host`, or None
+        if it has not registered."""
+        row = self._conn().execute(
+            "SELECT w.heartbeat_at, m.value FROM workers AS w LEFT JOIN meta AS m "
+            "ON m.key = ? || w.id WHERE w.host = ? AND w.pid = ? "
+            "ORDER BY w.started_at DESC LIMIT 1", (_REPORT_KEY, host, pid)).fetchone()
+        return (row[0], row[1]) if row else None
 
     def running_tasks(self) -> list[Task]:
         return self.list(State.RUNNING)

@@ -137,6 +137,9 @@ class Task:
     summary: str | None = None
     files_changed: int | None = None
     agents_tried: tuple[str, ...] = ()
+    #: the commit holding the agent's work while it waits to be published: a retry then
+    #: publishes it and does not run the agent again (None: the agent has yet to run)
+    publish_sha: str | None = None
 
     @property
     def owner(self) -> str:

@@ -231,6 +231,12 @@ class Workspace:
                         step="rev-list").stdout
         return int(out.decode().strip() or "0") > 0
 
+    def contains(self, path: Path, sha: str) -> bool:
+        """True if commit `sha` is the worktree's HEAD or one of its ancestors."""
+        wt = self._checked_worktree(path)
+        _check_sha(sha)
+        return self._is_ancestor(sha, "HEAD", cwd=wt)
+
     def push(self, path: Path, branch: str) -> str:
         """Push HEAD to `refs/heads/<branch>` with a lease on the last fetched remote sha.
         Returns the pushed sha."""
@@ -469,8 +475,9 @@ class Workspace:
         return sha if cp.returncode == 0 and sha else None
 
     def _is_ancestor(self, ancestor: str, descendant: str, *, cwd: Path) -> bool:
+        # 1: not an ancestor; 128: no such commit here (as good as not an ancestor)
         cp = self._git(["merge-base", "--is-ancestor", ancestor, descendant], cwd=cwd,
-                       step="merge-base", ok=(0, 1))
+                       step="merge-base", ok=(0, 1, 128))
         return cp.returncode == 0
 
     def _git(

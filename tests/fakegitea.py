@@ -20,7 +20,8 @@ requests and statuses need "write"; the collaborator-permission endpoint needs
 "admin" (as in Gitea).
 
 Test hooks: `requests`, `comments`, `pulls` (and `pulls_of(repo)`), `reactions`,
-`statuses`, `fail_next(n, status)`, `down()` / `up()`, `branch_sha()`, `file_at()`,
+`statuses`, `fail_next(n, status, method, path)`, `lose_answer(method, path, answer)` / `release()`,
+`down()` / `up()`, `branch_sha()`, `file_at()`,
 `git(repo, ...)`, and `create_issue` / `add_comment` / `add_labels` / `close_pull`
 to act as a human would.
 """
@@ -127,7 +128,9 @@ class FakeGitea:
         self._repos: dict[str, dict] = {}
         self._users: dict[str, dict] = {}
         self._comment_home: dict[int, tuple[str, int]] = {}
-        self._fail_queue: list[int] = []
+        self._fail_queue: list[tuple[int, str | None, re.Pattern | None]] = []
+        self._lose: list[tuple[str, re.Pattern, int | str]] = []
+        self._released = threading.Event()
         self._ids = {"user": 0, "repo": 0, "issue": 0, "comment": 0, "pull": 0, "status": 0, "label": 0}
         self._conns: set[socket.socket] = set()
         self._down = False
@@ -196,10 +199,31 @@ class FakeGitea:
 
     # -- test hooks -------------------------------------------------------------
 
-    def fail_next(self, n: int, status: int = 500) -> None:
-        """Answer the next `n` API requests with `status` and a Gitea error body."""
+    def fail_next(self, n: int, status: int = 500, method: str | None = None,
+                  path: str | None = None) -> None:
+        """Answer the next `n` API requests with `status` and a Gitea error body; with
+        `method` and/or `path` (a regular expression for the path after /api/v1), only the
+        next `n` requests that match."""
+        rule = (status, method.upper() if method else None, re.compile(path) if path else None)
         with self.lock:
-            self._fail_queue.extend([status] * n)
+            self._fail_queue.extend([rule] * n)
+
+    def lose_answer(self, method: str, path: str, answer: int | str = 504, times: int = 1) -> None:
+        """Apply the next `times` API requests `method` whose path (after /api/v1) matches the
+        regular expression `path`, then lose the answer as a proxy or a network would.
+
+        `answer` is the status a proxy sends instead (502, 504), "drop" (the connection is
+        closed without a word), or "hold" (it stays open and unanswered until `release()`,
+        or 60 s, as when the client dies waiting).
+        """
+        if not (isinstance(answer, int) or answer in ("drop", "hold")):
+            raise ValueError(f"answer must be a status, 'drop' or 'hold', not {answer!r}")
+        with self.lock:
+            self._lose.extend([(method.upper(), re.compile(path), answer)] * times)
+
+    def release(self) -> None:
+        """Let every held answer go (its connection is closed unanswered)."""
+        self._released.set()
 
     def user(self, login: str) -> dict:
         """The user object for `login`, created on first use."""
@@ -764,7 +788,8 @@ class FakeGitea:
         try:
             if path == "/api/v1" or path.startswith("/api/v1/"):
                 status, payload, extra = self._api(h, path[len("/api/v1"):], parts.query, body)
-                self._send(h, status, payload, extra)
+                if not self._lost(h, path[len("/api/v1"):]):
+                    self._send(h, status, payload, extra)
                 return
             match = re.fullmatch(r"/([^/]+)/([^/]+?)\.git(/.*)?", path)
             if match:
@@ -779,6 +804,24 @@ class FakeGitea:
                 self._send(h, 500, {"message": "fake gitea internal error", "url": self._doc_url})
             except OSError:
                 h.close_connection = True
+
+    def _lost(self, h: BaseHTTPRequestHandler, api_path: str) -> bool:
+        """Lose the answer to an applied request if `lose_answer` asked for it."""
+        with self.lock:
+            for i, (method, pattern, answer) in enumerate(self._lose):
+                if method == h.command and pattern.fullmatch(api_path):
+                    del self._lose[i]
+                    break
+            else:
+                return False
+        if isinstance(answer, int):
+            page = f"<html><body><h1>{answer} Gateway Time-out</h1></body></html>"
+            self._send(h, answer, page.encode(), content_type="text/html")
+            return True
+        if answer == "hold":
+            self._released.wait(60)
+        h.close_connection = True
+        return True
 
     @property
     def _doc_url(self) -> str:
@@ -906,9 +949,12 @@ class FakeGitea:
 
     def _api(self, h, path: str, query: str, body: bytes) -> tuple[int, Any, dict[str, str]]:
         with self.lock:
-            if self._fail_queue:
-                status = self._fail_queue.pop(0)
-                return status, {"message": f"injected failure {status}", "url": self._doc_url}, {}
+            for i, (status, method, pattern) in enumerate(self._fail_queue):
+                if ((method is None or method == h.command)
+                        and (pattern is None or pattern.fullmatch(path))):
+                    del self._fail_queue[i]
+                    return status, {"message": f"injected failure {status}",
+                                    "url": self._doc_url}, {}
         if not self._authorized(h):
             return 401, {"message": "invalid username, password or token", "url": self._doc_url}, {}
         matched_path = False

@@ -23,6 +23,7 @@ def test_built_in_defaults(tmp_path, monkeypatch):
     assert config.queue.poll_interval_seconds == 30
     assert config.triggers.label == "kugetsu" and config.triggers.command == "/kugetsu"
     assert config.triggers.min_permission == "write"
+    assert (config.triggers.reply_limit, config.triggers.reply_window_seconds) == (5, 600)
     assert config.agents.default == "opencode" and config.agents.timeout_minutes == 60
     assert config.agents.nice == 10
     assert config.git.branch_template == "kugetsu/issue-{number}"
@@ -78,6 +79,8 @@ def test_missing_secret_refuses_to_start_unless_insecure(tmp_path):
     ("[queue]\nmax_concurrent_agents = \"3\"\n", "queue.max_concurrent_agents"),
     ("[queue]\npoll_interval_seconds = -1\n", "queue.poll_interval_seconds"),
     ("[queue]\nretry_backoff_seconds = []\n", "queue.retry_backoff_seconds"),
+    ("[triggers]\nreply_limit = -1\n", "triggers.reply_limit"),
+    ("[triggers]\nreply_window_seconds = 0\n", "triggers.reply_window_seconds"),
     ("[queue]\nretry_backoff_seconds = [\"soon\"]\n", "queue.retry_backoff_seconds"),
     ("[queue]\nbogus = 1\n", "bogus"),
     ("[nonsense]\n", "nonsense"),

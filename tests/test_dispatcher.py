@@ -13,11 +13,11 @@ import pytest
 
 from bot import process
 from bot.config import AgentConfig
-from bot.dispatcher import Dispatcher
-from bot.gitea import GiteaClient, Locked, ServerError
+from bot.dispatcher import GITEA_WAIT_SECONDS, Dispatcher
+from bot.gitea import GiteaClient, Locked
 from bot.store import open_store
 from bot.tasks import Kind, Outcome, State
-from bot.workspace import Workspace
+from bot.workspace import GitError, Workspace
 from tests.conftest import (FAKE_AGENT, REPO, TOKEN, fake_agent, make_config, peak_overlap,
                             process_gone, wait_for)
 
@@ -192,34 +192,136 @@ def test_failed_attempt_then_success(make, tmp_path):
     assert len(h.gitea.pulls_of(REPO)) == 1
 
 
-class FailFirstPull:
-    """The real client, except that the first create_pull meets a Gitea 500."""
+def opencode_shaped(record: Path) -> AgentConfig:
+    """An agent that streams opencode's usage events, writes a file, and records each run."""
+    return AgentConfig(name="oc", preset="opencode",
+                       command=(sys.executable, str(FAKE_AGENT), "{prompt}"),
+                       resume_command=(sys.executable, str(FAKE_AGENT), "--session",
+                                       "{session_id}", "{prompt}"),
+                       env={"FAKE_MODE": "opencode", "FAKE_STEPS": "3", "FAKE_SECONDS": "0",
+                            "FAKE_FILE": "kugetsu_output.txt", "FAKE_RECORD": str(record)})
 
-    def __init__(self, client):
-        self.client, self.failed = client, False
+
+def agent_runs(record: Path) -> int:
+    return record.read_text().count("start ") if record.exists() else 0
+
+
+def assert_published_once(h, n: int, tid: int, record: Path, *, attempts: int) -> int:
+    """One PR, the task and the issue know its number, and the one agent run's summary and
+    usage are in the PR and the tracking comment. Returns the PR's number."""
+    task = h.store.get(tid)
+    [pr] = h.gitea.pulls_of(REPO).values()
+    assert (task.state, task.outcome, task.attempts, task.pr_number) == (
+        State.COMPLETED, Outcome.SUCCEEDED, attempts, pr["number"]), task.error
+    assert task.publish_sha is None
+    assert h.store.issue_for_pr(REPO, pr["number"]) == n
+    assert agent_runs(record) == 1
+    [comment] = h.tracking_comments(n)
+    assert f"✅ **Done**: pull request #{pr['number']}" in comment["body"]
+    for body in (pr["body"], comment["body"]):
+        assert "Did the opencode-shaped thing." in body
+        assert "12,000 tokens in, 3,000 out" in body
+    return pr["number"]
+
+
+@pytest.mark.parametrize("answer", [504, "drop"])
+def test_a_pull_request_whose_answer_was_lost_is_found_not_forgotten(make, tmp_path, answer):
+    # Gitea opens the PR, and a proxy's 504 (or a dropped connection) loses the answer
+    record = tmp_path / "record"
+    h = make(default="oc", agents={"oc": opencode_shaped(record)})
+    n = h.issue()
+    h.gitea.lose_answer("POST", r"/repos/acme/widget/pulls", answer)
+    tid = h.enqueue(n, agent="oc")
+    h.settle(tid)
+    number = assert_published_once(h, n, tid, record, attempts=1)
+    # found by the attempt that made it: no retry was needed
+    assert [e["event"] for e in h.store.events(tid)].count("claimed") == 1
+    # `continue` on that pull request finds its issue and lands on the same PR
+    posted, result = deliver_comment(h, "/kugetsu continue --agent oc add a test", number,
+                                     is_pull=True)
+    [follow] = result.task_ids
+    h.settle(follow)
+    task = h.store.get(follow)
+    assert (task.issue, task.outcome, task.pr_number) == (n, Outcome.SUCCEEDED, number)
+    assert list(h.gitea.pulls_of(REPO)) == [number]
+    assert any("Pushed a follow-up for @alice" in c["body"]
+               for c in h.gitea.comments_on(REPO, number))
+
+
+class FailFirstPush:
+    """The real workspace, except that the first push fails."""
+
+    def __init__(self, workspace):
+        self.workspace, self.failed = workspace, False
 
     def __getattr__(self, name):
-        return getattr(self.client, name)
+        return getattr(self.workspace, name)
 
-    def create_pull(self, *args, **kwargs):
+    def push(self, path, branch):
         if not self.failed:
             self.failed = True
-            raise ServerError("Gitea POST /pulls failed (HTTP 500)", status=500)
-        return self.client.create_pull(*args, **kwargs)
+            raise GitError("git push failed: the remote end hung up", step="push")
+        return self.workspace.push(path, branch)
 
 
-def test_a_branch_pushed_without_its_pull_request_is_published_on_retry(make, tmp_path):
-    h = make(agents={"fake": fake_agent(FAKE_MODE="once", FAKE_COUNTER=str(tmp_path / "c"))})
-    flaky = FailFirstPull(h.client)
-    h.dispatcher.gitea = h.dispatcher.publisher.gitea = flaky
+PULLS = r"/repos/acme/widget/pulls"
+LOOKUP = r"/repos/acme/widget/pulls/main/.*"
+
+
+def _gitea_500s_on_create(h):
+    h.gitea.fail_next(3, 500, "POST", PULLS)  # the first try and both retries
+
+
+def _answer_lost_and_the_lookup_fails(h):
+    h.gitea.lose_answer("POST", PULLS, "drop")
+    h.gitea.fail_next(3, 503, "GET", LOOKUP)
+
+
+def _create_refused(h):
+    h.gitea.fail_next(1, 403, "POST", PULLS)
+
+
+def _push_fails(h):
+    h.dispatcher.workspace = FailFirstPush(h.workspace)
+
+
+@pytest.mark.parametrize("trouble, attempts", [
+    # Gitea away (5xx, no answer): the task waits for it, no attempt used
+    (_gitea_500s_on_create, 1),
+    (_answer_lost_and_the_lookup_fails, 1),
+    # a refusal or a failed push counts an attempt; the retry still only publishes
+    (_create_refused, 2),
+    (_push_fails, 2),
+])
+def test_a_retry_after_a_publishing_failure_publishes_without_running_the_agent(
+        make, tmp_path, trouble, attempts):
+    record = tmp_path / "record"
+    h = make(default="oc", agents={"oc": opencode_shaped(record)})
+    # waiting for Gitea puts the next attempt GITEA_WAIT_SECONDS ahead: the queue's clock
+    # runs that much ahead, so the test need not wait for it
+    h.store.clock = lambda: time.time() + GITEA_WAIT_SECONDS + 1
     n = h.issue()
-    tid = h.enqueue(n)
+    trouble(h)
+    tid = h.enqueue(n, agent="oc")
+    h.settle(tid)
+    events = [e["event"] for e in h.store.events(tid)]
+    assert events.count("claimed") == 2, events  # one failed publish, then one more try
+    assert_published_once(h, n, tid, record, attempts=attempts)
+    assert h.gitea.file_at(REPO, BRANCH.format(n), "kugetsu_output.txt") == \
+        f"written by task {tid}\n"
+
+
+def test_committed_work_that_is_gone_is_done_again(make, tmp_path):
+    # the worktree was lost before its push: there is nothing to publish, so the agent runs
+    record = tmp_path / "record"
+    h = make(default="oc", agents={"oc": opencode_shaped(record)})
+    n = h.issue()
+    tid = h.enqueue(n, agent="oc")
+    h.store.update(tid, publish_sha="0" * 40)  # a commit no worktree holds
     h.settle(tid)
     task = h.store.get(tid)
-    assert flaky.failed
-    # attempt 2's agent changed nothing, but the pushed branch still needed its PR
-    assert (task.state, task.outcome, task.attempts) == (State.COMPLETED, Outcome.SUCCEEDED, 2)
-    assert len(h.gitea.pulls_of(REPO)) == 1
+    assert (task.state, task.outcome, task.attempts) == (State.COMPLETED, Outcome.SUCCEEDED, 1)
+    assert agent_runs(record) == 1 and len(h.gitea.pulls_of(REPO)) == 1
 
 
 class LockedIssue:
@@ -518,17 +620,17 @@ def test_cleanup_removes_old_finished_tasks_their_files_and_worktrees(make):
 
 # ---------------------------------------------------------------- commands from Gitea
 
-def deliver_comment(h, text, number, sender="alice"):
+def deliver_comment(h, text, number, sender="alice", is_pull=False, **rules_kw):
     from bot import events, intake
     from tests import payloads
     posted = h.gitea.add_comment(REPO, number, text, login=sender)
-    body, headers = payloads.comment_delivery(text, number, sender=sender,
+    body, headers = payloads.comment_delivery(text, number, sender=sender, is_pull=is_pull,
                                               comment_id=posted["id"],
                                               permission=h.gitea.permission(REPO, sender))
     delivery = events.delivery_of(headers, body)
     rules = intake.Rules(label="kugetsu", command="/kugetsu", bot_login="kugetsu-bot",
                          known_agents=frozenset(h.config.agents.tables), default_agent="fake",
-                         max_attempts=h.config.queue.max_attempts)
+                         max_attempts=h.config.queue.max_attempts, **rules_kw)
     result = intake.ingest(h.store, delivery, events.parse(delivery, events.load_json(body)),
                            rules)
     return posted, result
@@ -686,3 +788,145 @@ def test_retry_from_a_comment_is_refused_while_another_task_of_the_issue_is_acti
     assert h.store.get(follow).state is State.CANCELLED
     assert any(f"Task #{first} is still active" in body for body in replies(h, n))
     assert [t.id for t in h.store.list(repo=REPO, issue=n) if t.active] == []
+
+
+# ---------------------------------------------------------------- replies anyone can trigger
+
+@pytest.mark.parametrize("who, permission, shows_queue", [
+    ("bob", "admin", True),
+    ("alice", "write", True),
+    ("mallory", "read", True),
+    ("eve", "none", False),
+    ("eve", "Gitea cannot say", False),
+])
+def test_status_shows_the_queue_only_to_those_who_can_read_the_repository(
+        make, who, permission, shows_queue):
+    h = make()
+    n = h.issue()
+    tid = h.enqueue(n)
+    h.settle(tid)
+    if permission == "none":
+        h.gitea.set_permission(REPO, who, "none")
+    elif permission == "Gitea cannot say":
+        h.gitea.fail_next(3, 503, "GET", r".*/collaborators/.*")  # the try and both retries
+    deliver_comment(h, "/kugetsu status", n, sender=who)
+    h.dispatcher.work_outbox()
+    [reply] = replies(h, n)
+    assert f"| #{tid} | start | completed | succeeded |" in reply
+    assert ("Agents busy" in reply and "tasks waiting" in reply) == shows_queue
+
+
+def test_past_the_reply_limit_a_command_gets_a_reaction_alone_and_still_acts(make, tmp_path):
+    pidfile = tmp_path / "pids"
+    h = make(agents={"fake": fake_agent(FAKE_MODE="hang", FAKE_PIDFILE=str(pidfile))})
+    n = h.issue()
+    one = {"reply_limit": 1}
+    sent = [deliver_comment(h, text, n, sender=who, **one)[0] for who, text in [
+        ("mallory", "/kugetsu help"),    # answered
+        ("mallory", "/kugetsu help"),    # reaction only, and so on for mallory
+        ("mallory", "/kugetsu status"),
+        ("mallory", "/kugetsu stop"),    # refused, and the refusal not written
+        ("bob", "/kugetsu retry"),       # answered: nothing to retry
+        ("bob", "/kugetsu stop"),        # nothing to stop, not written
+    ]]
+    for _ in range(3):
+        h.dispatcher.work_outbox()
+    assert all("eyes" in h.gitea.reactions.get(p["id"], []) for p in sent)
+    bodies = replies(h, n)
+    assert len(bodies) == 2, bodies
+    assert "/kugetsu continue <instructions>" in bodies[0]
+    assert "no failed or stopped task to retry" in bodies[1]
+    assert h.store.outbox_due(10) == []
+    # bob is past his limit on this issue, and his stop still stops the work
+    _posted, result = deliver_comment(h, "/kugetsu start", n, sender="bob", **one)
+    [tid] = result.task_ids
+    wait_for(pidfile.exists, tick=h.dispatcher.run_tick, what="the agent to start")
+    deliver_comment(h, "/kugetsu stop", n, sender="bob", **one)
+    h.settle(tid)
+    assert h.store.get(tid).state is State.CANCELLED
+    assert len(replies(h, n)) == 2
+
+
+# ---------------------------------------------------------------- one bad item, the rest go on
+
+def insert_raw(h, table: str, **values) -> int:
+    """A row written straight into the database, as no code path of kugetsu writes it."""
+    import sqlite3
+    conn = sqlite3.connect(h.config.storage.db_path)
+    try:
+        cur = conn.execute(f"INSERT INTO {table} ({', '.join(values)}) "
+                           f"VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
+        conn.commit()
+        return cur.lastrowid
+    finally:
+        conn.close()
+
+
+def poison_task(h, **values) -> int:
+    now = time.time()
+    row = dict(repo="no-slash", issue=1, kind="start", agent="fake", requested_by="alice",
+               state="pending", created_at=now, updated_at=now)
+    row.update(values)
+    return insert_raw(h, "tasks", **row)
+
+
+def test_poison_rows_are_set_aside_with_a_reason_and_the_queue_goes_on(make):
+    h = make(limit=3)
+    # a repository name with no "/": AuthCache.permission's split raised on every tick
+    unauthorized = poison_task(h)
+    # an authorized one reaches a runner, which reads task.owner / task.name
+    authorized = poison_task(h, issue=2, authorized=1)
+    # a running task of a dead worker whose pid no kill() accepts (OverflowError)
+    running = poison_task(h, repo=REPO, issue=99, state="running", attempts=1, worker_id="gone",
+                          pid=2**40, pid_start="x", authorized=1)
+    # an outbox reply to a repository that cannot be
+    bad_reply = insert_raw(h, "outbox", repo="no-slash", issue=1, kind="comment", body="hi",
+                           created_at=time.time())
+    issues = [h.issue(f"Issue {i}") for i in range(2)]
+    good = [h.enqueue(n) for n in issues]
+    deliver_comment(h, "/kugetsu help", issues[0], sender="mallory")
+
+    h.settle(unauthorized, authorized, running, *good)
+    for tid, n in zip(good, issues):
+        task = h.store.get(tid)
+        assert (task.state, task.outcome) == (State.COMPLETED, Outcome.SUCCEEDED), task
+        assert h.gitea.file_at(REPO, BRANCH.format(n), "kugetsu_output.txt")
+    assert len(h.gitea.pulls_of(REPO)) == 2
+    assert any("/kugetsu continue <instructions>" in r for r in replies(h, issues[0]))
+
+    task = h.store.get(unauthorized)
+    assert task.state is State.REJECTED and task.outcome is Outcome.INFRA_ERROR
+    assert task.error.startswith("authorization failed: ValueError: ")
+    task = h.store.get(authorized)
+    assert task.state is State.FAILED and task.error == "internal error: IndexError"
+    task = h.store.get(running)
+    assert task.state is State.FAILED
+    assert task.error.startswith("recovery failed: OverflowError: "), task.error
+    assert [e["event"] for e in h.store.events(running)][-1] == "set aside"
+    row = h.store._conn().execute("SELECT done_at, error FROM outbox WHERE id = ?",
+                                  (bad_reply,)).fetchone()
+    assert row["done_at"] is not None
+    assert row["error"].startswith("outbox failed: ValueError: "), row["error"]
+
+
+def test_a_runner_that_cannot_start_ends_its_attempt_and_the_others_start(make, monkeypatch):
+    import threading
+    h = make(limit=3)
+    issues = [h.issue(f"Issue {i}") for i in range(3)]
+    tasks = [h.enqueue(n, authorized=True) for n in issues]
+    start = threading.Thread.start
+
+    def no_thread_for_the_first(thread):
+        if thread.name == f"task-{tasks[0]}":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread_for_the_first)
+    assert h.dispatcher.launch() == tasks
+    monkeypatch.setattr(threading.Thread, "start", start)
+    first = h.store.get(tasks[0])
+    # the attempt ended like any other infrastructure failure: back in the queue, counted
+    assert (first.state, first.outcome, first.attempts) == (State.PENDING, Outcome.INFRA_ERROR, 1)
+    assert first.error == "start failed: RuntimeError: can't start new thread"
+    h.settle(*tasks)
+    assert [h.store.get(t).state for t in tasks] == [State.COMPLETED] * 3

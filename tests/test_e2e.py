@@ -32,17 +32,19 @@ def service_factory(tmp_path, gitea):
     started = []
 
     def factory(agent_env: dict | None = None, agents: dict | None = None,
+                triggers: dict | None = None, storage: dict | None = None,
                 **queue) -> Service:
         port = free_port()
         config = write_config(tmp_path / f"kugetsu-{port}.toml", {
             "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}"},
             "gitea": {"url": gitea.url, "token": TOKEN, "webhook_secret": SECRET},
-            "storage": {"data_dir": str(tmp_path / "data")},
+            "storage": {"data_dir": str(tmp_path / "data"), **(storage or {})},
             "queue": {"poll_interval_seconds": 30, "max_concurrent_agents": 2,
                       "retry_backoff_seconds": [0], **queue},
             "agents": {"default": "fake", "timeout_minutes": 2, "kill_grace_seconds": 2,
                        **(agents or {})},
             "agents.fake": agent_table(**(agent_env or {})),
+            "triggers": triggers or {},
             "git": {"author_name": "kugetsu", "author_email": "kugetsu@example.invalid"},
         })
         svc = Service(config, port, tmp_path)
@@ -143,6 +145,41 @@ def test_kill_9_in_mid_task_recovers_with_exactly_one_pull_request(service_facto
     assert process_gone(first_agent)  # the restarted service killed the orphan
 
 
+def test_kill_9_between_opening_the_pull_request_and_recording_it(service_factory, gitea,
+                                                                  tmp_path):
+    # Gitea opens the PR; kugetsu dies before the answer reaches it
+    record = tmp_path / "record"
+    svc = service_factory(agent_env={"FAKE_RECORD": str(record)}, poll_interval_seconds=2)
+    n = gitea.create_issue(REPO, "Add a greeting", "Please add a greeting file.")
+    gitea.lose_answer("POST", r"/repos/acme/widget/pulls", "hold")
+    assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(lambda: gitea.pulls_of(REPO), timeout=60, what="Gitea to open the pull request")
+    svc.kill9()
+    gitea.release()
+    svc.start()
+    wait_for(lambda: queue_json(svc)[0]["state"] == "completed", timeout=60,
+             what="the recovered task to finish")
+    [number] = gitea.pulls_of(REPO)
+    [task] = queue_json(svc)
+    # the recovered attempt is counted; it only published, it did not run the agent again
+    assert (task["outcome"], task["pr_number"], task["attempts"]) == ("succeeded", number, 2)
+    assert record.read_text().count("start ") == 1
+    wait_for(lambda: [f"✅ **Done**: pull request #{number}" in c["body"]
+                      for c in tracking(gitea, n)] == [True], timeout=30,
+             what="the one tracking comment to say done")
+    # the issue knows its pull request: a follow-up there is accepted and lands on it
+    text = "/kugetsu continue add a test"
+    posted = gitea.add_comment(REPO, number, text)
+    assert svc.post(*payloads.comment_delivery(text, number, is_pull=True,
+                                               comment_id=posted["id"])).status_code == 202
+    wait_for(lambda: [t["state"] for t in queue_json(svc)] == ["completed", "completed"],
+             timeout=60, what="the follow-up to finish")
+    follow = queue_json(svc)[1]
+    assert (follow["kind"], follow["outcome"], follow["pr_number"]) == ("continue", "succeeded",
+                                                                        number)
+    assert list(gitea.pulls_of(REPO)) == [number]
+
+
 def test_sigterm_stops_agents_and_requeues_their_tasks(service_factory, gitea, tmp_path):
     pidfile = tmp_path / "agent.pid"
     svc = service_factory(agent_env={"FAKE_SECONDS": "60", "FAKE_PIDFILE": str(pidfile)})
@@ -154,6 +191,22 @@ def test_sigterm_stops_agents_and_requeues_their_tasks(service_factory, gitea, t
     assert process_gone(agent)
     [task] = queue_json(svc)
     assert (task["state"], task["attempts"]) == ("pending", 0)
+
+
+def test_replies_past_the_configured_limit_are_a_reaction_alone(service_factory, gitea):
+    svc = service_factory(triggers={"reply_limit": 2})
+    n = gitea.create_issue(REPO, "Curious", "What can it do?")
+    posted = []
+    for _ in range(4):
+        posted.append(gitea.add_comment(REPO, n, "/kugetsu help", login="mallory"))
+        body, headers = payloads.comment_delivery("/kugetsu help", n, sender="mallory",
+                                                  permission="read",
+                                                  comment_id=posted[-1]["id"])
+        assert svc.post(body, headers).status_code == 202
+    wait_for(lambda: all("eyes" in gitea.reactions.get(p["id"], []) for p in posted),
+             timeout=30, what="a reaction on every command")
+    answers = [c for c in gitea.comments_on(REPO, n) if "<!-- kugetsu:reply -->" in c["body"]]
+    assert len(answers) == 2
 
 
 def test_bad_deliveries_get_clear_errors_and_change_nothing(service_factory, gitea):
@@ -297,3 +350,209 @@ def test_a_crashed_worker_is_restarted(service_factory, gitea):
     n = gitea.create_issue(REPO, "After the crash", "Still works.")
     assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
     wait_for(lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"], timeout=60)
+
+
+# ---------------------------------------------------------------- /healthz
+
+
+def healthz(svc) -> tuple[int, dict]:
+    r = requests.get(svc.url + "/healthz", timeout=5)
+    return r.status_code, r.json()
+
+
+def wake(svc) -> None:
+    from bot.app import wake_key
+    from bot.config import Config, GiteaConfig
+    key = wake_key(Config(gitea=GiteaConfig(webhook_secret=SECRET)))
+    assert requests.post(svc.url + "/wake", headers={"X-Kugetsu-Wake": key},
+                         timeout=5).status_code == 202
+
+
+def test_a_tick_that_keeps_failing_shows_in_healthz_and_clears(service_factory, gitea, tmp_path):
+    import sqlite3
+    svc = service_factory(storage={"min_free_mb": 0})
+    wait_for(lambda: "worker started" in svc.logs(), timeout=30, what="the worker to start")
+    code, body = healthz(svc)
+    assert (code, body["status"], body["problems"]) == (200, "ok", [])
+    db = sqlite3.connect(tmp_path / "data" / "kugetsu.db")
+    # every tick reads the tasks table first; the receiver does not read it for /healthz
+    db.execute("ALTER TABLE tasks RENAME TO tasks_elsewhere")
+    db.commit()
+
+    def tick_failing():
+        wake(svc)  # each wake is a tick
+        code, body = healthz(svc)
+        return any(p.startswith("tick: failed") for p in body["problems"]) and (code, body)
+    code, body = wait_for(tick_failing, timeout=30, what="/healthz to name the failing tick")
+    assert code == 200 and body["status"] == "degraded" and body["worker"] == "running"
+    [line] = body["problems"]
+    assert line.endswith(": OperationalError: no such table: tasks"), line
+
+    db.execute("ALTER TABLE tasks_elsewhere RENAME TO tasks")
+    db.commit()
+    db.close()
+
+    def ok():
+        wake(svc)
+        return healthz(svc)[1]["status"] == "ok"
+    wait_for(ok, timeout=30, what="/healthz to be ok again")
+    n = gitea.create_issue(REPO, "After the outage", "Still works.")
+    assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"], timeout=60)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """The data directory on a filesystem of its own, 8 MiB, that a test can fill."""
+    import subprocess
+    data = tmp_path / "data"
+    data.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs",
+                           str(data)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip("a real full disk needs a small tmpfs as the data directory, and mount "
+                    f"is not allowed here: {done.stderr.strip() or done.returncode} (the "
+                    "storage-full path is still covered by tests/test_health.py)")
+    yield data
+    subprocess.run(["umount", "-l", str(data)], capture_output=True)
+
+
+def fill(path: Path) -> Path:
+    """Write a file until the filesystem has no room left."""
+    import errno
+    filler = path / "filler"
+    chunk = b"\0" * 65536
+    with open(filler, "wb", buffering=0) as fh:
+        while True:
+            try:
+                fh.write(chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                break
+        while chunk:  # the last blocks too
+            chunk = chunk[:len(chunk) // 2]
+            try:
+                fh.write(chunk)
+            except OSError:
+                pass
+    return filler
+
+
+def test_a_full_disk_gets_503_loses_nothing_acknowledged_and_shows_in_healthz(
+        service_factory, gitea, small_disk):
+    svc = service_factory(storage={"min_free_mb": 1})
+    code, body = healthz(svc)
+    assert (code, body["status"]) == (200, "ok"), body
+    acknowledged = []
+    for i in range(2):
+        n = gitea.create_issue(REPO, f"Before {i}", "Do it.")
+        assert svc.post(*payloads.comment_delivery(f"/kugetsu start before {i}", n)
+                        ).status_code == 202
+        acknowledged.append(n)
+    filler = fill(small_disk)
+    code, body = healthz(svc)
+    assert code == 200 and body["status"] == "degraded"
+    assert any(p.startswith("disk: 0.0 MiB free in the data directory, below "
+                            "storage.min_free_mb (1)") for p in body["problems"]), body
+
+    # Deliveries until one cannot be stored: one may still fit in room SQLite's
+    # write-ahead log already has. Instructions of 100 kB make each need new room.
+    for i in range(40):
+        n = gitea.create_issue(REPO, f"Issue {i}", "Do it.")
+        refused = payloads.comment_delivery(f"/kugetsu start {i} " + "x" * 100_000, n)
+        r = svc.post(*refused)
+        if r.status_code != 202:
+            break
+        acknowledged.append(n)
+    assert r.status_code == 503, r.text
+    assert r.json() == {"status": "error", "reason": "could not store the delivery, so it was "
+                        "not accepted: database or disk is full"}
+    code, body = healthz(svc)
+    assert code == 200 and body["status"] == "degraded"
+    assert any(p.startswith("database: a delivery could not be stored") and
+               p.endswith("database or disk is full") for p in body["problems"]), body
+
+    # with room again, the same process accepts the refused delivery, redelivered from
+    # Gitea's history; killed then, it comes back with everything it acknowledged
+    filler.unlink()
+    assert svc.post(*refused).status_code == 202
+    acknowledged.append(n)
+    svc.kill9()
+    svc.start()
+    assert sorted(t["issue"] for t in queue_json(svc)) == acknowledged
+    wait_for(lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"],
+             timeout=90, what="the redelivered task to become a pull request")
+    from bot.store import open_store
+    store = open_store(small_disk / "kugetsu.db")
+    try:
+        [task] = store.list(repo=REPO, issue=n)
+        assert task.prompt == f"{i} " + "x" * 100_000
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- private files
+
+
+def test_the_data_directory_is_private_whatever_the_umask(service_factory, gitea, tmp_path):
+    import stat
+
+    from bot.store import open_store
+    data = tmp_path / "data"
+    old_umask = os.umask(0o022)
+    try:
+        # an install made before, under umask 022: everything readable by anyone
+        data.mkdir(mode=0o755)
+        (data / "logs").mkdir()
+        (data / "logs" / "1.log").write_text("an agent's old output\n")
+        (data / "worktrees" / "acme" / "old").mkdir(parents=True)
+        (data / "worktrees" / "acme" / "old" / "notes.txt").write_text("old work\n")
+        open_store(data / "kugetsu.db").close()
+        assert (data / "kugetsu.db").stat().st_mode & 0o044 == 0o044
+        svc = service_factory()  # `kugetsu serve` under umask 022 too
+        n = gitea.create_issue(REPO, "Private", "Please add a greeting file.")
+        assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+        wait_for(lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"],
+                 timeout=60, what="the task to finish")
+    finally:
+        os.umask(old_umask)
+    [task] = queue_json(svc)
+    modes = {}
+    for path in [data, *data.rglob("*")]:
+        mode = path.lstat().st_mode
+        if not stat.S_ISLNK(mode):
+            modes[path.relative_to(data).as_posix()] = stat.S_IMODE(mode)
+    # every file and folder, the agent's worktree and home, git's mirror included
+    assert {p: oct(m) for p, m in modes.items() if m & 0o077} == {}
+    assert modes["."] == 0o700
+    tid = task["id"]
+    for name in ("kugetsu.db", "kugetsu.db-wal", "kugetsu.db-shm", "logs/1.log",
+                 f"logs/{tid}.log", f"prompts/{tid}.md", "worktrees/acme/old/notes.txt"):
+        assert modes[name] == 0o600, (name, oct(modes[name]))
+    for name in ("logs", "prompts", "mirrors", "worktrees", "homes"):
+        assert modes[name] == 0o700, (name, oct(modes[name]))
+    assert len(modes) > 50  # it did look at the whole tree
+
+
+def test_a_secret_an_agent_prints_is_masked_in_its_log_everywhere_it_is_served(
+        service_factory, gitea, tmp_path):
+    import re
+    leak = tmp_path / "found-secrets"
+    leak.write_text(f"{TOKEN} {SECRET}")
+    svc = service_factory(agent_env={"FAKE_LEAK": str(leak)})
+    n = gitea.create_issue(REPO, "Leaky", "Print what you know.")
+    assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"], timeout=60,
+             what="the task to finish")
+    [task] = queue_json(svc)
+    link = re.search(r"\((http://[^)]+/logs/[^)]+)\)", tracking(gitea, n)[0]["body"]).group(1)
+    served = {
+        "file": (tmp_path / "data" / "logs" / f"{task['id']}.log").read_text(),
+        "kugetsu logs": svc.cli("logs", str(task["id"])).stdout,
+        "the log link": requests.get(link, timeout=5).text,
+    }
+    for where, text in served.items():
+        assert "leaking [redacted] here\nleaking [redacted] here\n" in text, (where, text)
+        for secret in (TOKEN, SECRET):
+            assert secret[:len(secret) // 2] not in text, where
+            assert secret[len(secret) // 2:] not in text, where

@@ -7,11 +7,13 @@ import gzip
 import json
 import os
 import subprocess
+import threading
 
 import pytest
 import requests
 
 from bot.gitea import Conflict, GiteaClient, NotFound, ServerError, Unprocessable, Unreachable
+from tests.conftest import wait_for
 from tests.fakegitea import GIT_IDENTITY, FakeGitea
 
 TOKEN = "9b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c"
@@ -313,3 +315,38 @@ def test_down_is_unreachable_and_up_recovers(fake, client):
 def test_repo_files_are_committed_with_the_fakes_own_identity(fake):
     author = fake.git(REPO, "log", "-1", "--format=%an <%ae>", "main").strip()
     assert author == "Fake Gitea <fake-gitea@example.invalid>"
+
+
+@pytest.mark.parametrize("answer, error, status", [(504, ServerError, 504), (502, ServerError, 502),
+                                                   ("drop", Unreachable, None)])
+def test_lose_answer_applies_the_request_and_loses_its_answer(fake, client, git_env, tmp_path,
+                                                              answer, error, status):
+    clone_and_push_branch(fake, git_env, tmp_path, "feature/x", {"x.txt": "x\n"})
+    fake.lose_answer("POST", r"/repos/[^/]+/[^/]+/pulls", answer)
+    with pytest.raises(error) as info:
+        client.create_pull("acme", "widget", head="feature/x", base="main", title="t", body="b")
+    assert info.value.status == status
+    # applied once: the client does not repeat a POST whose answer was lost
+    assert [pr["title"] for pr in fake.pulls_of(REPO).values()] == ["t"]
+    assert client.find_open_pull("acme", "widget", "main", "feature/x")["title"] == "t"
+
+
+def test_a_held_answer_waits_until_released(fake, tmp_path, git_env):
+    clone_and_push_branch(fake, git_env, tmp_path, "feature/x", {"x.txt": "x\n"})
+    slow = GiteaClient(fake.url, TOKEN, timeout=30, retries=0)
+    fake.lose_answer("POST", r".*/pulls", "hold")
+    failed = []
+
+    def create():
+        try:
+            slow.create_pull("acme", "widget", head="feature/x", base="main", title="t", body="")
+        except Unreachable as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=create)
+    thread.start()
+    wait_for(lambda: fake.pulls_of(REPO), what="the pull request to be applied")
+    assert thread.is_alive() and not failed  # applied, and no answer yet
+    fake.release()
+    thread.join(10)
+    assert len(failed) == 1 and len(fake.pulls_of(REPO)) == 1

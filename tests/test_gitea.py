@@ -336,6 +336,26 @@ def test_find_pull_other_errors_still_raise(rsps, client):
         client.find_pull("acme", "widget", "main", "feature")
 
 
+@pytest.mark.parametrize("first, calls", [
+    (pull(13), 1),                    # the first match is the open one: one call
+    (None, 1),                        # no pull request in any state: none is open
+    (pull(5, state="closed"), 2),     # after an older closed one, the open ones are paged
+])
+def test_find_open_pull_asks_once_unless_the_first_match_is_closed(rsps, client, first, calls):
+    by_head = REPO + "/pulls/main/kugetsu/issue-12"
+    if first is None:
+        rsps.get(by_head, json={"message": "not found", "url": DOC_URL, "errors": []}, status=404)
+    else:
+        rsps.get(by_head, json=first)
+    if calls == 2:
+        rsps.get(REPO + "/pulls", json=[pull(9, head="other"), pull(13)], match=[
+            matchers.query_param_matcher({"state": "open", "base_branch": "main", "page": "1",
+                                          "limit": "50"})])
+    found = client.find_open_pull("acme", "widget", "main", "kugetsu/issue-12")
+    assert (found or {}).get("number") == (None if first is None else 13)
+    assert len(rsps.calls) == calls
+
+
 def test_create_pull(rsps, client):
     rsps.post(REPO + "/pulls", json=pull(), status=201)
     result = client.create_pull(

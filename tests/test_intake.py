@@ -114,8 +114,9 @@ def test_pull_request_label_is_not_a_trigger():
 # ------------------------------------------------------------------ comments
 
 class FakeView:
-    def __init__(self, labels=None, active=None, has=False, prs=None):
+    def __init__(self, labels=None, active=None, has=False, prs=None, replies=0):
         self.labels, self.active, self.has, self.prs = labels, active, has, prs or {}
+        self.replies, self.asked = replies, []
 
     def previous_labels(self, repo, issue):
         return self.labels
@@ -128,6 +129,10 @@ class FakeView:
 
     def issue_for_pr(self, repo, pr):
         return self.prs.get(pr)
+
+    def recent_replies(self, repo, issue, login, seconds):
+        self.asked.append((repo, issue, login, seconds))
+        return self.replies
 
 
 def decide_comment(text, view=None, **kw):
@@ -181,8 +186,8 @@ def test_free_text_continues_or_starts():
                                         ("status", "status")])
 def test_control_verbs_become_outbox_work(verb, kind):
     d = decide_comment(f"/kugetsu {verb}", comment_id=5)
-    assert kinds(d) == [("Outbox", "reaction"), ("Outbox", kind)]
-    assert d.intents[1].needs_permission == (kind != "status")
+    assert kinds(d) == [("NoteReply", None), ("Outbox", "reaction"), ("Outbox", kind)]
+    assert d.intents[2].needs_permission == (kind != "status")
 
 
 def test_help_replies_with_generated_help():
@@ -258,3 +263,68 @@ def test_plain_comments_do_not_record_labels(store):
     # that added the label must not hide that transition
     comment(store, "Any news?", labels=["kugetsu"])
     assert label(store, ["kugetsu"]).task_ids
+
+
+# ------------------------------------------------------------------ reply limit
+
+LIMIT = RULES.reply_limit
+
+
+def _what(intent):
+    if isinstance(intent, intake.Outbox):
+        return ("quiet " if intent.quiet else "") + intent.kind
+    return type(intent).__name__
+
+
+@pytest.mark.parametrize("text, replies, expect", [
+    # under the limit: answered, and the reply counted
+    ("/kugetsu help", 0, ["NoteReply", "reaction", "comment"]),
+    ("/kugetsu status", LIMIT - 1, ["NoteReply", "reaction", "status"]),
+    ("/kugetsu continue", 0, ["NoteReply", "reaction", "comment"]),           # usage error
+    ("/kugetsu stop", 0, ["NoteReply", "reaction", "stop"]),
+    ("/kugetsu retry", LIMIT - 1, ["NoteReply", "reaction", "retry"]),
+    # at the limit: the reaction alone; stop and retry still act, without a word
+    ("/kugetsu help", LIMIT, ["reaction"]),
+    ("/kugetsu status", LIMIT, ["reaction"]),
+    ("/kugetsu continue", LIMIT + 10, ["reaction"]),
+    ("/kugetsu start --agent nope", LIMIT, ["reaction"]),
+    ("/kugetsu stop", LIMIT, ["reaction", "quiet stop"]),
+    ("/kugetsu retry", LIMIT, ["reaction", "quiet retry"]),
+    # a request for work is never limited
+    ("/kugetsu start", LIMIT, ["reaction", "RememberLabels", "Enqueue"]),
+])
+def test_replies_are_limited_per_user_and_issue(text, replies, expect):
+    view = FakeView(replies=replies)
+    assert [_what(i) for i in decide_comment(text, view).intents] == expect
+
+
+def test_the_reply_limit_is_counted_where_the_command_was_written_for_its_sender():
+    view = FakeView(prs={13: 7})
+    decide_comment("/kugetsu status", view, number=13, is_pull=True, sender="eve")
+    assert view.asked == [("acme/widget", 13, "eve", RULES.reply_window_seconds)]
+
+
+def test_reply_limit_counts_in_the_database_per_user_issue_and_window(tmp_path):
+    from dataclasses import replace
+    now = [1000.0]
+    store = open_store(tmp_path / "db", clock=lambda: now[0])
+    rules = replace(RULES, reply_limit=2, reply_window_seconds=60.0)
+
+    def help_from(sender, number=7):
+        deliver(store, *payloads.comment_delivery("/kugetsu help", number, sender=sender),
+                rules=rules)
+
+    def replies():
+        return sorted((o.issue, o.requested_by) for o in outbox(store) if o.kind == "comment")
+
+    for _ in range(4):
+        help_from("mallory")
+    assert replies() == [(7, "mallory")] * 2
+    assert len([o for o in outbox(store) if o.kind == "reaction"]) == 4
+    help_from("eve")            # another user on the issue, and the same user elsewhere:
+    help_from("mallory", 8)     # each has a count of their own
+    assert replies() == [(7, "eve"), (7, "mallory"), (7, "mallory"), (8, "mallory")]
+    now[0] += 61                # the window has passed
+    help_from("mallory")
+    assert replies().count((7, "mallory")) == 3
+    store.close()

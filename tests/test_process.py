@@ -514,6 +514,65 @@ def test_output_just_over_half_the_log_cap_is_kept_whole(spawn, tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# secrets never reach the log
+
+TOKEN = "kgt-SECRET-token-0123456789abcdef"
+HOOK_SECRET = "kugetsu-test-secret"
+
+
+def test_a_secret_split_across_writes_is_masked_in_the_log(spawn, tmp_path):
+    # the token comes in three writes, each flushed and some time apart, so the reader
+    # meets it in pieces; the webhook secret comes whole
+    agent = write_script(tmp_path, "agent.py", f"""
+        import sys, time
+        out = sys.stdout.buffer
+        for piece in (b"token: {TOKEN[:7]}", b"{TOKEN[7:20]}", b"{TOKEN[20:]} done\\n",
+                      b"secret={HOOK_SECRET}\\n", b"kgt-SEC is no secret\\n"):
+            out.write(piece)
+            out.flush()
+            time.sleep(0.2)
+    """)
+    log = tmp_path / "logs" / "agent.log"
+    proc = spawn(py(agent), header="=== run ===", secrets=(TOKEN, HOOK_SECRET))
+    assert proc.wait(WAIT) == 0
+    proc.close()
+    assert log.read_text() == ("=== run ===\ntoken: [redacted] done\nsecret=[redacted]\n"
+                               "kgt-SEC is no secret\n")
+    # what kugetsu parses in memory is the agent's own output
+    assert TOKEN in proc.output()
+
+
+def test_a_secret_cut_by_the_log_cap_leaves_no_part_on_either_side(spawn, tmp_path):
+    # log_max_bytes=200: the first 100 bytes are written as they come, the last 100 at the
+    # end. The live part ends 10 bytes into one token, the tail starts 20 bytes before
+    # the end of another: neither part may be written.
+    token = TOKEN.encode()
+    output = b"." * 90 + token + b"." * 1000 + token + b"." * 80
+    agent = write_script(tmp_path, "agent.py", f"""
+        import sys
+        sys.stdout.buffer.write({output!r})
+    """)
+    log = tmp_path / "logs" / "agent.log"
+    proc = spawn(py(agent), log_max_bytes=200, secrets=(TOKEN,))
+    assert proc.wait(WAIT) == 0
+    proc.close()
+    omitted = len(output) - 100 - 100 + 10 + 20
+    assert log.read_bytes() == (b"." * 90 + f"\n[kugetsu: {omitted} bytes of output omitted]\n"
+                                .encode() + b"." * 80)
+
+
+def test_the_stream_redactor_masks_a_secret_split_anywhere():
+    from bot.redact import MASK, StreamRedactor
+    text = f"a {TOKEN} b {HOOK_SECRET}{TOKEN} c kgt- d".encode()
+    expected = f"a {MASK} b {MASK}{MASK} c kgt- d".encode()
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1):
+            r = StreamRedactor((TOKEN, HOOK_SECRET, "", "abc"))
+            assert r.feed(text[:i]) + r.feed(text[i:j]) + r.feed(text[j:]) + r.flush() == \
+                expected, (i, j)
+
+
+# ---------------------------------------------------------------------------
 # orphans from a previous run
 
 

@@ -5,7 +5,8 @@ recovering a dead worker's task, claiming, running agents, replies, reactions, a
 reply, a stop and a retry, tracking comments), then beats its heart and runs the daily
 cleanup. Every statement it ran on the database is recorded. Each is then run again on
 two databases that hold the same live tasks and differ only in their history of
-finished tasks (with their events, replies, deliveries and issues): the number of
+finished tasks (with their events, outbox rows, deliveries, issues and the replies
+counted against the rate limit): the number of
 SQLite virtual machine steps must be the same in both, and no query plan may read a
 whole table that grows with use.
 """
@@ -23,7 +24,7 @@ from tests.conftest import REPO
 from tests.test_dispatcher import Harness
 
 #: tables whose size grows with use; a query may read one of them only through an index
-GROWING = ("tasks", "task_events", "outbox", "deliveries", "issues")
+GROWING = ("tasks", "task_events", "outbox", "deliveries", "issues", "replies")
 #: live rows get ids from here on in every database, whatever the history before them
 LIVE_IDS_FROM = 1_000_000
 SMALL, LARGE = 100, 20_000
@@ -43,6 +44,7 @@ EXPECTED = {
     "cleanup: tasks": "DELETE FROM tasks",
     "cleanup: deliveries": "DELETE FROM deliveries",
     "cleanup: outbox": "DELETE FROM outbox",
+    "cleanup: replies": "DELETE FROM replies",
     "cleanup: old files": "SELECT id FROM tasks WHERE id IN",
     "cleanup: worktrees in use": "FROM tasks WHERE 1=1 AND state = ? ORDER BY id",
 }
@@ -79,6 +81,9 @@ def add_history(store: Store, n: int, now: float) -> None:
         c.executemany("INSERT INTO issues (repo, number, labels, updated_at) "
                       "VALUES (?, ?, '[]', ?)",
                       [(REPO, 10_000 + i, now - 3600) for i in range(n // 3 + 1)])
+        c.executemany("INSERT INTO replies (repo, issue, login, at) VALUES (?, ?, ?, ?)",
+                      [(REPO, 10_000 + i // 3, f"user{i % 50}", now - 3600)
+                       for i in range(1, n + 1)])
         c.execute("UPDATE sqlite_sequence SET seq = ? WHERE name IN ('tasks', 'task_events', "
                   "'outbox')", (LIVE_IDS_FROM,))
 

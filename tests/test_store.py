@@ -167,6 +167,15 @@ def test_leases(tmp_path):
     assert store.try_lease("publisher", "a", 10)
 
 
+def test_a_worker_found_gone_frees_its_leases(tmp_path):
+    store = open_store(tmp_path / "db")
+    store.register_worker("dead", 1, "0@gone")
+    assert store.try_lease("publisher", "dead", 120)
+    assert not store.try_lease("publisher", "alive", 120)
+    store.unregister_worker("dead")  # what recovery does with a process that is gone
+    assert store.try_lease("publisher", "alive", 120)
+
+
 def test_clear_removes_only_old_finished_tasks(tmp_path):
     now = [1000.0]
     store = open_store(tmp_path / "db", clock=lambda: now[0])
@@ -208,6 +217,9 @@ def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
                       "VALUES ('acme/widget', 1, 'reaction', 0, ?)",
                       [(rng.choice([None, now - rng.uniform(0, 20) * 86400]),)
                        for _ in range(n)])
+        c.executemany("INSERT INTO replies (repo, issue, login, at) "
+                      "VALUES ('acme/widget', 1, 'alice', ?)",
+                      [(now - rng.uniform(0, 20) * 86400,) for _ in range(n)])
 
     def rows(sql: str) -> list[dict]:
         return [dict(r) for r in store._conn().execute(sql)]
@@ -243,11 +255,13 @@ def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
                        if r["received_at"] >= cutoff}
     kept_outbox = {r["id"] for r in rows("SELECT * FROM outbox")
                    if r["done_at"] is None or r["done_at"] >= cutoff}
+    kept_replies = sorted(r["at"] for r in rows("SELECT at FROM replies") if r["at"] >= cutoff)
     assert store.clear(7) == len(old)
     assert {r["id"] for r in rows("SELECT id FROM tasks")} == set(ids) - old
     assert {r["task_id"] for r in rows("SELECT task_id FROM task_events")} == set(ids) - old
     assert {r["id"] for r in rows("SELECT id FROM deliveries")} == kept_deliveries
     assert {r["id"] for r in rows("SELECT id FROM outbox")} == kept_outbox
+    assert sorted(r["at"] for r in rows("SELECT at FROM replies")) == kept_replies
 
 
 # ---------------------------------------------------------------- concurrency
@@ -395,3 +409,25 @@ def test_a_write_gives_up_after_the_busy_timeout(store, monkeypatch):
         other.execute("ROLLBACK")
         other.close()
     assert store.list() == []
+
+
+def test_reply_counts_forget_what_is_older_than_the_window_and_use_the_index(tmp_path):
+    now = [0.0]
+    store = open_store(tmp_path / "db", clock=lambda: now[0])
+    with store.tx() as c:
+        for i in range(10):
+            now[0] = i * 100.0
+            store.note_reply(c, "acme/widget", 7, "eve", 150.0)
+        store.note_reply(c, "acme/widget", 8, "eve", 150.0)
+        assert store.recent_replies(c, "acme/widget", 7, "eve", 150.0) == 2
+        assert store.recent_replies(c, "acme/widget", 7, "bob", 150.0) == 0
+        # what the window has left behind is gone, so the table stays small
+        assert c.execute("SELECT COUNT(*) FROM replies").fetchone()[0] == 3
+        # the count the intake transaction makes is an index range, whatever the table size
+        seen: list[str] = []
+        c.set_trace_callback(seen.append)
+        store.recent_replies(c, "acme/widget", 7, "eve", 150.0)
+        c.set_trace_callback(None)
+        plan = " ".join(r[-1] for r in c.execute("EXPLAIN QUERY PLAN " + seen[-1]))
+        assert "USING COVERING INDEX replies_by_user" in plan, plan
+    store.close()
