@@ -93,24 +93,33 @@ def _get_boot_id() -> str:
     return _boot_id
 
 
-def process_start_token(pid: int) -> str | None:
+_DEAD_STATES = ("Z", "X", "x")
+
+
+def process_start_token(pid: int, *, exited_ok: bool = False) -> str | None:
     """An opaque token for the process now running as `pid`, or None if there is none.
 
     Built from the process's start time (field 22 of /proc/<pid>/stat, in
     clock ticks since boot) and the kernel's boot id, so a pid reused later,
     even after a reboot, yields a different token.
+
+    A process that has exited and waits to be reaped (a zombie, state Z or X)
+    is not running: None, so a worker killed with kill -9 counts as dead at
+    once, not when its parent gets round to reaping it. With `exited_ok`, such
+    a process gets its token too: it still holds its pid, so the token still
+    tells it from a later process with the same pid (what kill_orphan asks).
     """
     if pid <= 0:
         return None
     fields = _read_stat(pid)
     if fields is None or len(fields) <= _STAT_STARTTIME:
         return None
+    if not exited_ok and fields[_STAT_STATE] in _DEAD_STATES:
+        return None
     starttime = fields[_STAT_STARTTIME]
     boot_id = _get_boot_id()
     return f"{starttime}@{boot_id}" if boot_id else starttime
 
-
-_DEAD_STATES = ("Z", "X", "x")
 
 #: pgid -> a member seen alive by the last scan, checked first so that waiting
 #: on a long-lived group does not rescan all of /proc every time
@@ -247,7 +256,9 @@ def kill_orphan(pid: int, start_token: str | None, grace: float) -> bool:
     """
     if pid <= 1 or start_token is None:
         return False
-    current = process_start_token(pid)
+    # a leader that exited and is not reaped yet still holds its pid: its token says
+    # whether it is the agent (and kill_group passes over it, killing what lives on)
+    current = process_start_token(pid, exited_ok=True)
     if current is None:
         # The leader is gone, but what it started may live on in its group. Linux does not
         # hand out a pid while a process group of that id has members, so any member is
@@ -307,7 +318,9 @@ class AgentProcess:
         # Not meant to be called directly: start() spawns the process first.
         self._popen = popen
         self.pid: int = popen.pid
-        self.start_token: str | None = process_start_token(popen.pid)
+        # the agent's identity for a later run's kill_orphan, even if it has exited already:
+        # it is our child and not yet reaped, so its pid is still its own
+        self.start_token: str | None = process_start_token(popen.pid, exited_ok=True)
         self.argv0 = argv0
         self.log_path = log_path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,3 +101,29 @@ def process_gone(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.fixture
+def unreaped():
+    """Start a child, take its start token while it runs, let it exit and leave it unreaped
+    (a zombie, as a worker killed with kill -9 is until its parent waits for it). Returns
+    (pid, token taken while it ran). Reaped at the end of the test."""
+    children = []
+
+    def start() -> tuple[int, str]:
+        from bot.process import process_start_token
+        child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                                 stdin=subprocess.PIPE)
+        children.append(child)
+        token = process_start_token(child.pid)
+        assert token is not None
+        child.stdin.close()
+        # wait for it to exit without reaping it
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        with open(f"/proc/{child.pid}/stat") as fh:
+            assert fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+        return child.pid, token
+
+    yield start
+    for child in children:
+        child.wait()

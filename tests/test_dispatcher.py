@@ -517,6 +517,19 @@ def test_restart_recovers_a_task_whose_process_died_and_kills_its_orphan(make, t
     assert len(h.gitea.pulls_of(REPO)) == 1
 
 
+def test_a_worker_that_exited_and_is_not_yet_reaped_is_dead(make, unreaped):
+    # kill -9 leaves the worker a zombie until its parent reaps it: its tasks go back now
+    h = make()
+    tid = h.enqueue(h.issue(), authorized=True)
+    pid, token = unreaped()
+    h.store.register_worker("killed", pid, token)
+    h.store.claim(3, "killed")
+    assert h.dispatcher.recover() == [tid]
+    task = h.store.get(tid)
+    assert (task.state, task.attempts) == (State.PENDING, 1)
+    assert "killed" not in {w["id"] for w in h.store.workers()}
+
+
 def test_a_live_worker_keeps_its_tasks(make):
     h = make()
     n = h.issue()

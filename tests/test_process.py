@@ -622,6 +622,16 @@ def test_kill_orphan_for_dead_pid(detached):
     assert kill_orphan(p.pid, token, 1.0) is False
 
 
+def test_an_exited_process_not_yet_reaped_has_no_start_token(unreaped):
+    # a zombie is not running: whoever asks whether it lives (a worker's tasks) gets None
+    pid, token = unreaped()
+    assert process_start_token(pid) is None
+    # but it still holds its pid, and its identity is still known to whoever asks for it
+    assert process_start_token(pid, exited_ok=True) == token
+    # kill_orphan knows it for the agent it was, and finds nothing alive to kill
+    assert kill_orphan(pid, token, 1.0) is False
+
+
 def test_kill_orphan_kills_the_group_its_dead_leader_left(tmp_path):
     # the service was down while the agent's leader exited; a child it started lives on
     # in the leader's group, still working in the worktree
