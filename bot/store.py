@@ -4,7 +4,9 @@ Every task is a row. A task's state changes only through `transition()`, a
 compare-and-set checked against `tasks.TRANSITIONS`. `claim()` counts running
 tasks and leases pending ones inside one `BEGIN IMMEDIATE` transaction, which
 holds SQLite's write lock, so the concurrency limit holds across threads and
-across processes that share the database file.
+across processes that share the database file. A row that cannot be read (a kind,
+state or outcome this code does not know) is set aside where it is read, in one place,
+`Store._set_aside_row`: it fails with the reason, and the query goes on without it.
 """
 
 from __future__ import annotations
@@ -174,6 +176,37 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX deliveries_by_time ON deliveries (received_at);
     CREATE INDEX replies_by_time ON replies (at);
     """,
+    # 7: a task's kind, state and outcome must be values kugetsu knows, or the row cannot
+    # be read (bot/tasks.py; tests/test_store.py checks that these lists match it). New
+    # writes are refused here; rows written before are set aside when read
+    # (Store._set_aside_row). Triggers, not CHECK constraints: SQLite adds a CHECK only
+    # by copying the whole table into a new one, which would hold the write lock for as
+    # long as the copy takes, fail on the first bad row already there, and need the
+    # foreign keys switched off, which cannot be done inside the migration's transaction.
+    # An update is checked only for the values it changes, so a row written before can
+    # still be moved on (and set aside) while its unchanged kind is still unknown.
+    """
+    CREATE TRIGGER tasks_known_values_on_insert BEFORE INSERT ON tasks
+    WHEN NEW.kind NOT IN ('start', 'continue')
+      OR NEW.state NOT IN ('pending', 'running', 'completed', 'failed', 'cancelled',
+                           'rejected')
+      OR NEW.outcome NOT IN ('succeeded', 'no_changes', 'agent_failed', 'timed_out',
+                             'cancelled', 'infra_error')
+    BEGIN
+      SELECT RAISE(ABORT, 'tasks: kind, state or outcome is not a value kugetsu knows');
+    END;
+    CREATE TRIGGER tasks_known_values_on_update BEFORE UPDATE OF kind, state, outcome ON tasks
+    WHEN (NEW.kind IS NOT OLD.kind AND NEW.kind NOT IN ('start', 'continue'))
+      OR (NEW.state IS NOT OLD.state
+          AND NEW.state NOT IN ('pending', 'running', 'completed', 'failed', 'cancelled',
+                                'rejected'))
+      OR (NEW.outcome IS NOT OLD.outcome
+          AND NEW.outcome NOT IN ('succeeded', 'no_changes', 'agent_failed', 'timed_out',
+                                  'cancelled', 'infra_error'))
+    BEGIN
+      SELECT RAISE(ABORT, 'tasks: kind, state or outcome is not a value kugetsu knows');
+    END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -188,7 +221,6 @@ BUSY_TIMEOUT_SECONDS = 30.0
 _REPORT_KEY = "worker-report:"
 
 _TASK_FIELDS = {f.name for f in fields(Task)}
-_JSON_FIELDS = {"usage", "agents_tried"}
 #: fields that callers may set without changing state
 _UPDATABLE = _TASK_FIELDS - {"id", "repo", "issue", "kind", "state", "created_at", "updated_at"}
 
@@ -201,16 +233,81 @@ class SchemaTooNew(StoreError):
     pass
 
 
+def _statements(script: str) -> Iterator[str]:
+    """The SQL statements of a migration, whole: a trigger's body holds `;` of its own."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
+    if pending.strip(" \n;"):
+        yield pending
+
+
+class UnreadableRow(StoreError):
+    """A task row holds a value this kugetsu cannot read: written by hand, by a newer
+    kugetsu, or by corruption. `problems` maps each such field to a phrase naming it."""
+
+    def __init__(self, task_id: int, problems: dict[str, str]):
+        self.task_id, self.problems = task_id, problems
+        super().__init__(f"task {task_id}: {'; '.join(problems.values())}")
+
+
+#: columns that hold an enumerated value, and the enum that reads it
+_ENUMS: dict[str, type[Kind] | type[State] | type[Outcome]] = {
+    "kind": Kind, "state": State, "outcome": Outcome}
+#: JSON columns, and the type their value must have
+_JSON_TYPES: dict[str, type] = {"usage": dict, "agents_tried": list}
+_JSON_FIELDS = set(_JSON_TYPES)
+
+
+def _shown(value: Any) -> str:
+    """A stored value as an error names it: quoted, and short whatever it holds."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _row_to_task(row: sqlite3.Row) -> Task:
+    """The task a row holds; UnreadableRow naming every value that cannot be read."""
     data = {k: row[k] for k in row.keys() if k in _TASK_FIELDS}
-    data["kind"] = Kind(data["kind"])
-    data["state"] = State(data["state"])
-    data["outcome"] = Outcome(data["outcome"]) if data.get("outcome") else None
+    problems: dict[str, str] = {}
+    for key, enum in _ENUMS.items():
+        if key == "outcome" and not data[key]:
+            data[key] = None
+            continue
+        try:
+            data[key] = enum(data[key])
+        except ValueError:
+            problems[key] = f"unknown {key} {_shown(data[key])}"
+    for key, kind in _JSON_TYPES.items():
+        if not data.get(key):
+            data[key] = kind()
+            continue
+        try:
+            data[key] = json.loads(data[key])
+        except (TypeError, ValueError):
+            problems[key] = f"{key} is not JSON: {_shown(data[key])}"
+            continue
+        if not isinstance(data[key], kind):
+            problems[key] = f"{key} is not a JSON {'object' if kind is dict else 'list'}"
+    if problems:
+        raise UnreadableRow(row["id"], problems)
     if data.get("authorized") is not None:
         data["authorized"] = bool(data["authorized"])
-    data["usage"] = json.loads(data["usage"]) if data.get("usage") else {}
-    data["agents_tried"] = tuple(json.loads(data["agents_tried"])) if data.get("agents_tried") else ()
+    data["agents_tried"] = tuple(data["agents_tried"])
     return Task(**data)
+
+
+def _readable(rows: Iterable[sqlite3.Row],
+              unreadable: list[tuple[sqlite3.Row, UnreadableRow]]) -> Iterator[Task]:
+    """The tasks of the rows that can be read; the others are added to `unreadable`."""
+    for row in rows:
+        try:
+            yield _row_to_task(row)
+        except UnreadableRow as exc:
+            unreadable.append((row, exc))
 
 
 def _encode(key: str, value: Any) -> Any:
@@ -367,9 +464,8 @@ class Store:
                     f"database {self.path} has schema version {version}, this kugetsu knows "
                     f"up to {SCHEMA_VERSION}; upgrade kugetsu")
             for number in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        c.execute(statement)
+                for statement in _statements(MIGRATIONS[number]):
+                    c.execute(statement)
                 c.execute(f"PRAGMA user_version = {number + 1}")
                 log.info("database migrated", extra={"schema_version": number + 1})
         return SCHEMA_VERSION
@@ -410,8 +506,70 @@ class Store:
             return self.insert_task(c, **kwargs)
 
     def get(self, task_id: int) -> Task | None:
-        row = self._conn().execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        return _row_to_task(row) if row else None
+        return self._one(self._conn(), "SELECT * FROM tasks WHERE id = ?", (task_id,))
+
+    def _tasks(self, conn: sqlite3.Connection, rows: Iterable[sqlite3.Row]) -> list[Task]:
+        """The tasks of rows already read (not a cursor still open); a row that cannot be
+        read is set aside and left out, so that it cannot stop a query that reads many."""
+        unreadable: list[tuple[sqlite3.Row, UnreadableRow]] = []
+        tasks = [*_readable(rows, unreadable)]
+        self._set_aside_rows(conn, unreadable)
+        return tasks
+
+    def _one(self, conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> Task | None:
+        """The first task the query finds. A row that cannot be read is set aside and the
+        query asked again: it then finds the row as set aside, or the next one."""
+        for _ in range(2):
+            row = conn.execute(sql, args).fetchone()
+            if row is None:
+                return None
+            found = self._tasks(conn, [row])
+            if found:
+                return found[0]
+        return None
+
+    def _set_aside_rows(self, conn: sqlite3.Connection,
+                        unreadable: Sequence[tuple[sqlite3.Row, UnreadableRow]]) -> None:
+        """Set each unreadable row aside, inside the caller's write transaction if there is
+        one (claim, intake), else in one of its own."""
+        if not unreadable:
+            return
+        if conn.in_transaction:
+            for row, exc in unreadable:
+                self._set_aside_row(conn, row, exc)
+            return
+        with self.tx() as c:
+            for row, exc in unreadable:
+                self._set_aside_row(c, row, exc)
+
+    def _set_aside_row(self, c: sqlite3.Connection, row: sqlite3.Row,
+                       exc: UnreadableRow) -> bool:
+        """The one place a task row that cannot be read is dealt with: it fails with an
+        error naming what could not be read, and a task event says so. A kind that cannot
+        be read becomes `start` and JSON that cannot be read is emptied, as the error
+        says, so the row reads from then on. A compare-and-set on the row's version: a
+        row changed since it was read is left to the next read."""
+        problems = dict(exc.problems)
+        sets = {"state": State.FAILED.value, "outcome": Outcome.INFRA_ERROR.value,
+                "pid": None, "pid_start": None}
+        if "kind" in problems:
+            problems["kind"] += f" (now {Kind.START})"
+            sets["kind"] = Kind.START.value
+        for key in _JSON_TYPES:
+            if key in problems:
+                problems[key] += " (emptied)"
+                sets[key] = None
+        reason = "set aside, unreadable: " + "; ".join(problems.values())
+        now = self.clock()
+        sets.update(error=reason, finished_at=now, updated_at=now)
+        cur = c.execute(
+            f"UPDATE tasks SET {', '.join(f'{k} = ?' for k in sets)}, version = version + 1 "
+            "WHERE id = ? AND version IS ?", (*sets.values(), row["id"], row["version"]))
+        if cur.rowcount != 1:
+            return False
+        self._event(c, row["id"], "set aside", str(row["state"]), State.FAILED.value, reason)
+        log.error("task row set aside", extra={"task": row["id"], "error": reason})
+        return True
 
     def require(self, task_id: int) -> Task:
         task = self.get(task_id)
@@ -442,8 +600,11 @@ class Store:
         else:
             sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT ?) ORDER BY id"
             args.append(newest)
-        for row in self._conn().execute(sql, args):
-            yield _row_to_task(row)
+        conn = self._conn()
+        unreadable: list[tuple[sqlite3.Row, UnreadableRow]] = []
+        yield from _readable(conn.execute(sql, args), unreadable)
+        # once the rows are all read: a write while the query is open would stop it
+        self._set_aside_rows(conn, unreadable)
 
     def list(self, state: State | str | None = None, *, repo: str | None = None,
              issue: int | None = None) -> list[Task]:
@@ -535,8 +696,7 @@ class Store:
         if kind is not None:
             sql += " AND kind = ?"
             args.append(kind.value)
-        row = conn.execute(sql + " ORDER BY id LIMIT 1", args).fetchone()
-        return _row_to_task(row) if row else None
+        return self._one(conn, sql + " ORDER BY id LIMIT 1", args)
 
     def latest_task(self, repo: str, issue: int, c: sqlite3.Connection | None = None,
                     states: Sequence[State] | None = None) -> Task | None:
@@ -545,8 +705,7 @@ class Store:
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args += [s.value for s in states]
-        row = conn.execute(sql + " ORDER BY id DESC LIMIT 1", args).fetchone()
-        return _row_to_task(row) if row else None
+        return self._one(conn, sql + " ORDER BY id DESC LIMIT 1", args)
 
     def count(self, state: State) -> int:
         """Tasks in that state (read from the index by state: as many steps as there are)."""
@@ -596,15 +755,15 @@ class Store:
                 if cur.rowcount == 1:
                     self._event(c, row["id"], "claimed", "pending", "running", worker_id)
                     claimed.append(row["id"])
-            result = [_row_to_task(c.execute("SELECT * FROM tasks WHERE id = ?", (i,)).fetchone())
-                      for i in claimed]
+            result = self._tasks(c, [c.execute("SELECT * FROM tasks WHERE id = ?",
+                                               (i,)).fetchone() for i in claimed])
         return result
 
     def unauthorized_pending(self, limit: int = 50) -> list[Task]:
-        rows = self._conn().execute(
+        conn = self._conn()
+        return self._tasks(conn, conn.execute(
             "SELECT * FROM tasks WHERE state = 'pending' AND authorized IS NULL ORDER BY id LIMIT ?",
-            (limit,))
-        return [_row_to_task(r) for r in rows]
+            (limit,)).fetchall())
 
     def cancel_requested(self, task_id: int) -> str | None:
         row = self._conn().execute(
@@ -649,10 +808,9 @@ class Store:
         The check and the compare-and-set share one write transaction, so no task of the
         issue can become active in between. KeyError if there is no such task."""
         with self.tx() as c:
-            row = c.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
-            if row is None:
+            task = self._one(c, "SELECT * FROM tasks WHERE id = ?", (task_id,))
+            if task is None:
                 raise KeyError(f"no task {task_id}")
-            task = _row_to_task(row)
             if task.state not in (State.FAILED, State.CANCELLED):
                 return False, None
             active = self.active_task(c, task.repo, task.issue)
@@ -674,17 +832,18 @@ class Store:
             "AND (authorized IS NULL OR authorized = 1)", (task_id,)).fetchone()[0]
 
     def pending_positions(self, limit: int) -> list[tuple[Task, int]]:
-        rows = self._conn().execute(
+        conn = self._conn()
+        tasks = self._tasks(conn, conn.execute(
             "SELECT * FROM tasks WHERE state = 'pending' AND authorized = 1 ORDER BY id LIMIT ?",
-            (limit,)).fetchall()
-        return [(_row_to_task(r), i + 1) for i, r in enumerate(rows)]
+            (limit,)).fetchall())
+        return [(task, i + 1) for i, task in enumerate(tasks)]
 
     def comment_out_of_date(self, limit: int) -> list[Task]:
         """Tasks whose tracking comment has not caught up with their last change."""
-        rows = self._conn().execute(
+        conn = self._conn()
+        return self._tasks(conn, conn.execute(
             "SELECT * FROM tasks WHERE comment_version < version AND authorized IS NOT NULL "
-            "ORDER BY (state = 'pending'), id LIMIT ?", (limit,))
-        return [_row_to_task(r) for r in rows]
+            "ORDER BY (state = 'pending'), id LIMIT ?", (limit,)).fetchall())
 
     def comment_synced(self, task_id: int, version: int, body: str,
                        comment_id: int | None = None) -> None:
@@ -948,5 +1107,6 @@ def open_store(path: Path | str, clock: Callable[[], float] = time.time, *,
     return store
 
 
-__all__ = ["Store", "open_store", "StoreError", "SchemaTooNew", "InvalidTransition", "Stats",
+__all__ = ["Store", "open_store", "StoreError", "SchemaTooNew", "UnreadableRow",
+           "InvalidTransition", "Stats",
            "OutboxItem", "ACTIVE_STATES", "MIGRATIONS", "SCHEMA_VERSION"]

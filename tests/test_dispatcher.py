@@ -19,7 +19,7 @@ from bot.store import open_store
 from bot.tasks import Kind, Outcome, State
 from bot.workspace import GitError, Workspace
 from tests.conftest import (FAKE_AGENT, REPO, TOKEN, fake_agent, make_config, peak_overlap,
-                            process_gone, wait_for)
+                            process_gone, wait_for, write_unchecked)
 
 BRANCH = "kugetsu/issue-{}"
 
@@ -920,6 +920,48 @@ def test_poison_rows_are_set_aside_with_a_reason_and_the_queue_goes_on(make):
                                   (bad_reply,)).fetchone()
     assert row["done_at"] is not None
     assert row["error"].startswith("outbox failed: ValueError: "), row["error"]
+
+
+def unreadable_task(h, **values) -> int:
+    """A task row holding values kugetsu does not know, written past the checks that
+    refuse them (as before those checks existed, by hand, or by corruption)."""
+    now = time.time()
+    row = dict(repo=REPO, issue=1, kind="start", agent="fake", requested_by="alice",
+               state="pending", created_at=now, updated_at=now)
+    row.update(values)
+    return write_unchecked(h.config.storage.db_path,
+                           f"INSERT INTO tasks ({', '.join(row)}) "
+                           f"VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+
+
+def test_rows_that_cannot_be_read_are_set_aside_and_every_tick_goes_on(make):
+    h = make(limit=3)
+    issues = [h.issue(f"Issue {i}") for i in range(3)]
+    # read by authorization, by claiming, by recovery and by the tracking comments
+    bad = {
+        unreadable_task(h, issue=issues[0], kind="frobnicate"):
+            "unknown kind 'frobnicate' (now start)",
+        unreadable_task(h, issue=issues[1], authorized=1, outcome="exploded"):
+            "unknown outcome 'exploded'",
+        unreadable_task(h, issue=issues[2], state="running", authorized=1, attempts=1,
+                        worker_id="gone", usage="{not json"):
+            "usage is not JSON: '{not json' (emptied)",
+        unreadable_task(h, issue=issues[2], state="paused", authorized=1, version=2):
+            "unknown state 'paused'",
+    }
+    good = [h.enqueue(h.issue(f"Good {i}")) for i in range(2)]
+    h.settle(*good, *bad)      # a tick that raised would raise here
+    assert h.dispatcher.ticks.failures == 0
+    assert [h.store.get(t).outcome for t in good] == [Outcome.SUCCEEDED] * 2
+    assert len(h.gitea.pulls_of(REPO)) == 2
+    for tid, shown in bad.items():
+        task = h.store.get(tid)
+        assert (task.state, task.outcome) == (State.FAILED, Outcome.INFRA_ERROR), tid
+        assert task.error == f"set aside, unreadable: {shown}"
+        assert "set aside" in [e["event"] for e in h.store.events(tid)]
+    # an authorized request hears why, in its tracking comment
+    [comment] = h.tracking_comments(issues[1])
+    assert "unknown outcome 'exploded'" in comment["body"] and "Failed" in comment["body"]
 
 
 def test_a_runner_that_cannot_start_ends_its_attempt_and_the_others_start(make, monkeypatch):

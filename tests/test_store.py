@@ -11,6 +11,7 @@ import pytest
 
 from bot.store import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, Store, open_store
 from bot.tasks import InvalidTransition, Kind, Outcome, State
+from tests.conftest import write_unchecked
 
 
 def add(store, issue=1, repo="acme/widget", authorized=True, **kw):
@@ -60,6 +61,103 @@ def test_refuses_a_newer_schema(tmp_path):
     conn.close()
     with pytest.raises(SchemaTooNew):
         open_store(path)
+
+
+def test_values_kugetsu_does_not_know_are_refused_when_written(store):
+    # every value of the enums is accepted (the triggers' lists match bot/tasks.py) ...
+    conn = store._conn()
+    tid = add(store)
+    for kind in Kind:
+        conn.execute("UPDATE tasks SET kind = ? WHERE id = ?", (kind.value, tid))
+    for state in State:
+        conn.execute("UPDATE tasks SET state = ? WHERE id = ?", (state.value, tid))
+    for outcome in [*Outcome, None]:
+        conn.execute("UPDATE tasks SET outcome = ? WHERE id = ?",
+                     (outcome and outcome.value, tid))
+    # ... and nothing else, by an insert or an update
+    insert = ("INSERT INTO tasks (repo, issue, kind, agent, requested_by, state, outcome, "
+              "created_at, updated_at) VALUES ('acme/widget', 2, ?, 'fake', 'bob', ?, ?, 1, 1)")
+    for kind, state, outcome in [("frobnicate", "pending", None), ("start", "paused", None),
+                                 ("start", "failed", "exploded"), ("start", "failed", ""),
+                                 ("start", 3, None)]:
+        with pytest.raises(sqlite3.IntegrityError, match="not a value kugetsu knows"):
+            conn.execute(insert, (kind, state, outcome))
+    for column, value in [("kind", "frobnicate"), ("state", "paused"), ("outcome", "exploded")]:
+        with pytest.raises(sqlite3.IntegrityError, match="not a value kugetsu knows"):
+            conn.execute(f"UPDATE tasks SET {column} = ? WHERE id = ?", (value, tid))
+    assert [t.id for t in store.list()] == [tid]
+
+
+def test_a_row_written_before_the_checks_can_still_be_moved_on(store):
+    # an unknown kind already there does not stop an update of the state
+    tid = add(store)
+    write_unchecked(store.path, "UPDATE tasks SET kind = 'frobnicate' WHERE id = ?", (tid,))
+    assert [t.id for t in store.claim(1, "w")] == []   # set aside as it was read
+    task = store.get(tid)
+    assert (task.state, task.kind) == (State.FAILED, Kind.START)
+
+
+#: each way the store reads tasks: (name, call); and those that read by state, which never
+#: meet a row whose state is unknown
+READERS = [
+    ("get", lambda s, good, bad: [s.get(good), s.get(bad)]),
+    ("list", lambda s, good, bad: s.list()),
+    ("iter_tasks", lambda s, good, bad: [*s.iter_tasks()]),
+    ("running_tasks", lambda s, good, bad: s.running_tasks()),
+    ("active_tasks", lambda s, good, bad: s.active_tasks()),
+    ("active_task", lambda s, good, bad: [s.active_task(None, "acme/widget", 1)]),
+    ("latest_task", lambda s, good, bad: [s.latest_task("acme/widget", 1),
+                                          s.latest_task("acme/widget", 2)]),
+    ("claim", lambda s, good, bad: s.claim(5, "w")),
+    ("unauthorized_pending", lambda s, good, bad: s.unauthorized_pending()),
+    ("pending_positions", lambda s, good, bad: [t for t, _ in s.pending_positions(10)]),
+    ("comment_out_of_date", lambda s, good, bad: s.comment_out_of_date(10)),
+    ("queue_position", lambda s, good, bad: [s.queue_position(bad), s.get(good)]),
+    ("try_requeue", lambda s, good, bad: [s.try_requeue(bad, "bob")[1]]),
+]
+BY_STATE = {"running_tasks", "active_tasks", "active_task", "claim", "unauthorized_pending",
+            "pending_positions"}
+
+
+@pytest.mark.parametrize("name, read", READERS, ids=[r[0] for r in READERS])
+@pytest.mark.parametrize("column, value, shown", [
+    ("kind", "frobnicate", "unknown kind 'frobnicate' (now start)"),
+    ("state", "paused", "unknown state 'paused'"),
+    ("outcome", "exploded", "unknown outcome 'exploded'"),
+    ("usage", "{not json", "usage is not JSON: '{not json' (emptied)"),
+    ("agents_tried", '{"a": 1}', "agents_tried is not a JSON list (emptied)"),
+])
+def test_a_row_that_cannot_be_read_is_set_aside_and_the_others_are_read(
+        store, name, read, column, value, shown):
+    # the bad row is one each reader meets (authorized or not, pending or running), and a
+    # good task comes after it
+    authorized = None if name == "unauthorized_pending" else True
+    bad = add(store, issue=1, authorized=authorized)
+    if name == "running_tasks":
+        store.claim(1, "w")
+    write_unchecked(store.path, f"UPDATE tasks SET {column} = ? WHERE id = ?", (value, bad))
+    # (on another issue where the reader takes one task per issue, or the latest)
+    good = add(store, issue=2 if name in ("claim", "latest_task") else 1, authorized=authorized)
+    if name == "running_tasks":
+        store.transition(good, State.PENDING, State.RUNNING, event="claimed")
+
+    found = read(store, good, bad)     # does not raise
+
+    assert good in [t.id for t in found if t is not None]
+    raw = store._conn().execute("SELECT state, outcome, error FROM tasks WHERE id = ?",
+                                (bad,)).fetchone()
+    if column == "state" and name in BY_STATE:
+        assert tuple(raw) == ("paused", None, None)   # never read, so left alone
+        return
+    reason = f"set aside, unreadable: {shown}"
+    assert tuple(raw) == ("failed", "infra_error", reason)
+    assert bad not in [t.id for t in found if t is not None and t.active]
+    [event] = [e for e in store.events(bad) if e["event"] == "set aside"]
+    assert (event["to_state"], event["detail"]) == ("failed", reason)
+    # set aside once: from now on it reads
+    task, events = store.get(bad), store.events(bad)
+    assert (task.state, task.outcome, task.error) == (State.FAILED, Outcome.INFRA_ERROR, reason)
+    assert store.list() and store.events(bad) == events
 
 
 def test_transition_is_compare_and_set(store):
