@@ -343,17 +343,27 @@ class Dispatcher:
         """How a tick step gives up on a task it cannot process: the task ends, with the
         reason, through the store's compare-and-set (a pending one is not started)."""
         def give_up(reason: str) -> bool:
-            pending = task.state is State.PENDING
-            # a request not started is refused, which its tracking comment then says
-            to, changes = ((State.REJECTED, {"authorized": False}) if pending
-                           else (State.FAILED, {"pid": None, "pid_start": None}))
-            done = self.store.transition(task.id, task.state, to, event="set aside",
-                                         detail=reason, error=reason,
-                                         outcome=Outcome.INFRA_ERROR, **changes)
+            if task.state is State.PENDING:
+                # a request not started is refused, which its tracking comment then says
+                to = State.REJECTED
+                done = self._reject(task, reason, event="set aside",
+                                    outcome=Outcome.INFRA_ERROR)
+            else:
+                to = State.FAILED
+                done = self.store.transition(task.id, task.state, to, event="set aside",
+                                             detail=reason, error=reason,
+                                             outcome=Outcome.INFRA_ERROR, pid=None,
+                                             pid_start=None)
             log.error("task set aside", extra={"task": task.id, "to": to.value,
                                                "error": reason})
             return done
         return give_up
+
+    def _reject(self, task: Task, reason: str, **how: Any) -> bool:
+        """Refuse a pending task; its comment counts against the requester's reply limit."""
+        triggers = self.config.triggers
+        return self.store.reject(task, reason, reply_limit=triggers.reply_limit,
+                                 reply_window=triggers.reply_window_seconds, **how)
 
     # ---------------------------------------------------------------- authorization
 
@@ -370,9 +380,7 @@ class Dispatcher:
                     if allowed:
                         allowed_tasks.append((task.id, reason))
                         continue
-                    self.store.transition(task.id, State.PENDING, State.REJECTED,
-                                          event="rejected", detail=reason, authorized=False,
-                                          error=reason)
+                    self._reject(task, reason)
                     log.info("task rejected", extra={"task": task.id,
                                                      "user": task.requested_by})
         finally:

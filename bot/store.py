@@ -656,6 +656,31 @@ class Store:
         self._event(c, task_id, event, from_state.value, to_state.value, detail)
         return True
 
+    def reject(self, task: Task, reason: str, *, reply_limit: int, reply_window: float,
+               event: str = "rejected", outcome: Outcome | None = None) -> bool:
+        """Refuse a pending task, with the reason its tracking comment gives. False if it
+        was no longer pending.
+
+        The refusal is a reply that anyone who can comment can call for, so it counts
+        against the requester's reply limit on the issue, as intake counts the others
+        (`recent_replies`, `note_reply`), in the same transaction as the refusal. Past
+        the limit the task gets no tracking comment at all: it is recorded as written,
+        and an event says why. This is where that is decided, once; the comment pass
+        just finds nothing to write."""
+        with self.tx() as c:
+            if not self._transition(c, task.id, State.PENDING, State.REJECTED, event=event,
+                                    detail=reason, authorized=False, error=reason,
+                                    outcome=outcome):
+                return False
+            who = task.requested_by
+            if self.recent_replies(c, task.repo, task.issue, who, reply_window) < reply_limit:
+                self.note_reply(c, task.repo, task.issue, who, reply_window)
+            else:
+                c.execute("UPDATE tasks SET comment_version = version WHERE id = ?", (task.id,))
+                self._event(c, task.id, "not answered", None, None,
+                            f"reply limit reached for {who}")
+            return True
+
     def update(self, task_id: int, *, bump: bool = True, **changes: Any) -> None:
         """Set fields that are not the state (pid, session, PR number, ...)."""
         bad = set(changes) - _UPDATABLE

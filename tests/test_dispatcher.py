@@ -860,6 +860,40 @@ def test_past_the_reply_limit_a_command_gets_a_reaction_alone_and_still_acts(mak
     assert len(replies(h, n)) == 2
 
 
+def test_refusals_count_against_the_reply_limit_and_past_it_get_a_reaction_alone(make):
+    from dataclasses import replace
+    h = make()
+    h.config = replace(h.config, triggers=replace(h.config.triggers, reply_limit=2))
+    h.dispatcher.config = h.config
+    n = h.issue()
+    two = {"reply_limit": 2}
+
+    def request(sender: str, text: str = "/kugetsu start") -> tuple[dict, list[int]]:
+        posted, result = deliver_comment(h, text, n, sender=sender, **two)
+        h.settle(*result.task_ids)
+        return posted, list(result.task_ids)
+
+    asked = [request("mallory", "/kugetsu help")]              # a reply: 1 of 2
+    asked += [request("mallory") for _ in range(3)]            # refused: 2 of 2, then none
+    asked.append(request("eve"))                               # not a collaborator: 1 of 2
+    asked.append(request("mallory", "/kugetsu help"))          # the refusals counted: none
+    h.dispatcher.work_outbox()
+    refused = [tid for _posted, tids in asked for tid in tids]
+    assert [h.store.get(t).state for t in refused] == [State.REJECTED] * 4
+    comments = h.tracking_comments(n)
+    assert [c["body"].split("\n")[1] for c in comments] == [
+        f"**kugetsu** · task #{tid} (start, requested by @{who})"
+        for tid, who in [(refused[0], "mallory"), (refused[3], "eve")]]
+    assert all("Not started" in c["body"] for c in comments)
+    assert len(replies(h, n)) == 1
+    # each request still got its reaction; the quiet refusals say why in their events
+    assert all("eyes" in h.gitea.reactions.get(posted["id"], []) for posted, _ in asked)
+    for tid in refused[1:3]:
+        assert ("not answered", "reply limit reached for mallory") in [
+            (e["event"], e["detail"]) for e in h.store.events(tid)]
+    assert h.store.comment_out_of_date(10) == []
+
+
 # ---------------------------------------------------------------- one bad item, the rest go on
 
 def insert_raw(h, table: str, **values) -> int:
