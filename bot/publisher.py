@@ -20,12 +20,19 @@ from bot.gitea import Conflict, GiteaAPI, GiteaError, NotFound, ServerError, Unr
 from bot.isolate import on_its_own
 from bot.redact import redact
 from bot.store import CommentRecord, Store
-from bot.tasks import Kind, Outcome, State, Task
+from bot.tasks import Kind, Outcome, State, Task, doubling
 
 log = logging.getLogger(__name__)
 
 MAX_SUMMARY = 6000
 MAX_TAIL = 2500
+#: a tracking comment that Gitea answers with 5xx is not tried again for this long, twice
+#: as long after each further 5xx, up to COMMENT_BACKOFF_MAX_SECONDS
+COMMENT_BACKOFF_SECONDS = 10.0
+COMMENT_BACKOFF_MAX_SECONDS = 300.0
+#: 5xx for this many tracking comments in a row, none written in between: Gitea is failing
+#: as a whole, not for one comment, and the pass ends
+FAILING_IN_A_ROW = 2
 
 
 REPLY_MARKER = "<!-- kugetsu:reply -->"
@@ -221,6 +228,11 @@ class Publisher:
         self.clock = clock
         self.position_refresh_seconds = position_refresh_seconds
         self._positions_at = float("-inf")
+        #: task id -> (5xx in a row for its tracking comment, when it may be tried again).
+        #: In memory: it says how Gitea answers this process now, not a fact about the
+        #: task, so after a restart each comment is simply tried once more; and it costs
+        #: no write, which the receiver's deliveries would wait behind.
+        self._backoff: dict[int, tuple[int, float]] = {}
 
     # ---------------------------------------------------------------- tracking comment
 
@@ -308,17 +320,40 @@ class Publisher:
         Changed tasks come first. Queue positions move every time a task starts, so they
         are refreshed at most every `position_refresh_seconds` (for the first `budget`
         queued tasks; further back, a comment shows the position it had when last written).
-        A server error or an unreachable Gitea ends the pass (the rest catches up later);
-        a refusal for one comment (locked issue, no permission) skips that version only.
+        A refusal for one comment (locked issue, no permission) skips that version only.
+        A server error for one comment backs that comment off (COMMENT_BACKOFF_SECONDS,
+        doubling) and the pass goes on; an unreachable Gitea, or server errors for
+        FAILING_IN_A_ROW comments in a row, end the pass (the rest catches up later).
         """
         written = 0
+        failing = 0  # server errors in a row
         # Each pass records what it wrote in one transaction instead of one per comment:
         # the worker's many small transactions are what the receiver waits behind for
         # SQLite's write lock (bench/README.md).
         synced: list[CommentRecord] = []
+
+        def sync(task: Task, position: int | None = None) -> None:
+            nonlocal written, failing
+            try:
+                if self._sync_or_skip(task, position, synced):
+                    written += 1
+                    failing = 0
+                    self._backoff.pop(task.id, None)
+            except ServerError:
+                failing += 1
+                if failing >= FAILING_IN_A_ROW:
+                    raise
+                self._back_off(task.id)
+
         try:
-            for task in self.store.comment_out_of_date(budget):
-                written += self._sync_or_skip(task, synced=synced)
+            now = self.clock()
+            self._backoff = {k: v for k, v in self._backoff.items()
+                             if v[1] + COMMENT_BACKOFF_MAX_SECONDS > now}
+            # as many more as are backed off, so that those cannot take the whole budget
+            due = [t for t in self.store.comment_out_of_date(budget + len(self._backoff))
+                   if self._may_try(t.id, now)]
+            for task in due[:budget]:
+                sync(task)
             self.store.comment_synced_many(synced)
             synced.clear()
             if written < budget and self.clock() - self._positions_at >= \
@@ -327,13 +362,24 @@ class Publisher:
                 for task, position in self.store.pending_positions(budget):
                     if written >= budget:
                         break
-                    if task.comment_id is not None:
-                        written += self._sync_or_skip(task, position, synced)
+                    if task.comment_id is not None and self._may_try(task.id, now):
+                        sync(task, position)
         except (ServerError, Unreachable) as exc:
             log.warning("tracking comments not synced", extra={"error": str(exc)})
         finally:
             self.store.comment_synced_many(synced)
         return written
+
+    def _may_try(self, task_id: int, now: float) -> bool:
+        return self._backoff.get(task_id, (0, now))[1] <= now
+
+    def _back_off(self, task_id: int) -> None:
+        """Gitea answered 5xx for this task's comment (and not for all): try it later."""
+        failures = self._backoff.get(task_id, (0, 0.0))[0] + 1
+        delay = doubling(COMMENT_BACKOFF_SECONDS, failures, COMMENT_BACKOFF_MAX_SECONDS)
+        self._backoff[task_id] = (failures, self.clock() + delay)
+        log.warning("tracking comment backed off", extra={"task": task_id, "seconds": delay,
+                                                          "failures": failures})
 
     def _sync_or_skip(self, task: Task, position: int | None = None,
                       synced: list[CommentRecord] | None = None) -> bool:

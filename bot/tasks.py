@@ -87,6 +87,12 @@ def backoff_for(attempt: int, backoff: Sequence[float]) -> float:
     return float(backoff[min(max(attempt, 1), len(backoff)) - 1])
 
 
+def doubling(first: float, failures: int, most: float) -> float:
+    """A wait after `failures` failures in a row: `first` after one, twice as long after
+    each further one, never more than `most` (however many failures there were)."""
+    return min(most, first * 2.0 ** min(max(failures, 1) - 1, 64))
+
+
 def decide(outcome: Outcome | str, attempts: int, max_attempts: int,
            backoff: Sequence[float]) -> Decision:
     """The one retry policy. `attempts` counts the attempt that just ended."""

@@ -574,6 +574,84 @@ def test_gitea_500s_are_retried_and_the_comment_catches_up(make):
     assert not h.gitea._fail_queue  # every injected 500 was answered, and the work survived
 
 
+def comments_changed(h, count: int, word: str) -> tuple[list[int], list[int], list[float]]:
+    """`count` finished tasks on issues of their own whose tracking comments then fall behind
+    (a new summary); the publisher on a clock the test moves. Returns the task ids, their
+    comment ids, and the clock."""
+    issues = [h.issue(f"Issue {i}") for i in range(count)]
+    tids = [h.enqueue(n) for n in issues]
+    h.settle(*tids)
+    for tid in tids:
+        h.store.update(tid, summary=f"{word} summary of task {tid}")
+    now = [1000.0]
+    h.dispatcher.publisher.clock = lambda: now[0]
+    with h.gitea.lock:
+        h.gitea.requests.clear()
+    return tids, [h.store.get(t).comment_id for t in tids], now
+
+
+def edits_of(h, comment_id: int) -> int:
+    """Edits of the comment asked for since `comments_changed`, answered or not."""
+    return sum(1 for method, path, *_ in h.gitea.requests
+               if method == "PATCH" and path.endswith(f"/issues/comments/{comment_id}"))
+
+
+def shows(h, comment_id: int, text: str) -> bool:
+    with h.gitea.lock:
+        return text in h.gitea.comments[comment_id]["body"]
+
+
+def test_a_comment_gitea_answers_with_5xx_is_backed_off_and_the_others_are_written(make):
+    h = make()
+    tids, comments, now = comments_changed(h, 3, "second")
+    # Gitea fails every edit of the first task's comment, and only that
+    h.gitea.fail_next(1000, 500, "PATCH", f"/repos/acme/widget/issues/comments/{comments[0]}")
+    publisher = h.dispatcher.publisher
+    assert publisher.sync_comments() == 2
+    assert [shows(h, c, "second summary") for c in comments] == [False, True, True]
+    assert [t.id for t in h.store.comment_out_of_date(10)] == [tids[0]]
+    tried = edits_of(h, comments[0])
+    assert tried == 3                    # the first try and the client's two retries
+    # backed off: not tried again until its time comes, then tried (and backed off longer)
+    for _ in range(3):
+        h.dispatcher.run_tick()
+    now[0] += 9.0
+    publisher.sync_comments()
+    assert edits_of(h, comments[0]) == tried
+    now[0] += 1.0
+    publisher.sync_comments()
+    assert edits_of(h, comments[0]) == 2 * tried
+    now[0] += 19.0
+    publisher.sync_comments()
+    assert edits_of(h, comments[0]) == 2 * tried
+
+
+def test_5xx_for_every_comment_or_no_answer_ends_the_comment_pass(make):
+    h = make()
+    tids, comments, now = comments_changed(h, 3, "second")
+    publisher = h.dispatcher.publisher
+    # every comment fails (the try and both retries of the first two): two in a row end
+    # the pass, and the third is not tried
+    h.gitea.fail_next(6, 503, "PATCH", r"/repos/acme/widget/issues/comments/\d+")
+    assert publisher.sync_comments() == 0
+    assert [edits_of(h, c) for c in comments] == [3, 3, 0]
+    # Gitea is back: the one that failed first waits its turn, as Gitea could not say it
+    # was failing as a whole until the second failed; the others are written at once
+    assert publisher.sync_comments() == 2
+    assert [shows(h, c, "second summary") for c in comments] == [False, True, True]
+    now[0] += 10.0
+    assert publisher.sync_comments() == 1
+    assert all(shows(h, c, "second summary") for c in comments)
+    # no answer at all ends the pass at once, and backs nothing off
+    for tid in tids:
+        h.store.update(tid, summary=f"third summary of task {tid}")
+    h.gitea.down()
+    assert publisher.sync_comments() == 0
+    h.gitea.up()
+    assert publisher.sync_comments() == 3
+    assert all(shows(h, c, "third summary") for c in comments)
+
+
 def test_token_never_leaves(make, caplog, tmp_path):
     caplog.set_level("DEBUG")
     # a failed task (log tail in its comment) and a successful one (push, PR body)

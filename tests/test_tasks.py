@@ -3,7 +3,7 @@
 import pytest
 
 from bot.tasks import (TRANSITIONS, InvalidTransition, Outcome, State, backoff_for,
-                       check_transition, decide, permission_at_least)
+                       check_transition, decide, doubling, permission_at_least)
 
 
 @pytest.mark.parametrize("outcome, attempts, state, delay", [
@@ -42,3 +42,8 @@ def test_transitions():
     ("weird", "read", False)])
 def test_permission_order(have, need, ok):
     assert permission_at_least(have, need) is ok
+
+
+def test_doubling_waits_twice_as_long_each_time_up_to_its_most_however_many_failures():
+    assert [doubling(5.0, n, 600.0) for n in (1, 2, 3, 7, 8)] == [5.0, 10.0, 20.0, 320.0, 600.0]
+    assert doubling(5.0, 5000, 600.0) == 600.0   # 5.0 * 2 ** 4999 is no float
