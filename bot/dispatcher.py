@@ -33,7 +33,7 @@ from bot.publisher import Publisher, status_text
 from bot.redact import redact
 from bot.scheduler import Coalescer
 from bot.store import Store
-from bot.tasks import Kind, Outcome, State, Task, decide, permission_at_least
+from bot.tasks import Kind, Outcome, State, Task, decide, doubling, permission_at_least
 from bot.workspace import GitError, Prepared, Workspace
 
 log = logging.getLogger(__name__)
@@ -730,7 +730,7 @@ class Dispatcher:
                     try:
                         self._outbox_item(item)
                     except (ServerError, Unreachable) as exc:
-                        delay = min(600.0, 5.0 * 2 ** item.attempts)
+                        delay = doubling(5.0, item.attempts + 1, 600.0)
                         self.store.outbox_retry(item.id, delay, str(exc))
                         log.warning("outbox item deferred",
                                     extra={"item": item.id, "error": str(exc)})

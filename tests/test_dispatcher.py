@@ -1076,6 +1076,21 @@ def test_rows_that_cannot_be_read_are_set_aside_and_every_tick_goes_on(make):
     assert "unknown outcome 'exploded'" in comment["body"] and "Failed" in comment["body"]
 
 
+def test_an_outbox_item_retried_for_days_is_still_retried(make):
+    # 5 s, doubling to 10 min: after some 1,030 tries (a week), 5.0 * 2 ** attempts
+    # overflowed and the reply was dropped as if it were poison
+    h = make()
+    n = h.issue()
+    item = insert_raw(h, "outbox", repo=REPO, issue=n, kind="comment", body="hello",
+                      attempts=1100, created_at=time.time())
+    h.gitea.fail_next(3, 503, "POST", r".*/comments")   # the try and both retries
+    h.dispatcher.work_outbox()
+    row = h.store._conn().execute("SELECT done_at, attempts, not_before - ? AS wait "
+                                  "FROM outbox WHERE id = ?", (time.time(), item)).fetchone()
+    assert row["done_at"] is None and row["attempts"] == 1101
+    assert 590 < row["wait"] <= 600
+
+
 def test_a_runner_that_cannot_start_ends_its_attempt_and_the_others_start(make, monkeypatch):
     import threading
     h = make(limit=3)
