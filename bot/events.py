@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import parse_qs
 
+from bot import names
+
 
 class WebhookError(Exception):
     """A delivery we refuse; `status` is the HTTP status to answer with."""
@@ -149,7 +151,9 @@ def delivery_of(headers: Mapping[str, str], payload: bytes) -> Delivery:
 def load_json(payload: bytes) -> dict[str, Any]:
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
+        # JSONDecodeError, UnicodeDecodeError, and the ValueError of an integer of more
+        # than 4,300 digits, which Python refuses to convert
         raise WebhookError(400, f"body is not valid JSON: {exc.__class__.__name__}") from None
     except RecursionError:
         raise WebhookError(400, "body is not valid JSON: nested too deeply") from None
@@ -171,9 +175,44 @@ def _get(data: Mapping[str, Any], path: str, kind: type | tuple[type, ...]) -> A
     return cur
 
 
+def _number(data: Mapping[str, Any], path: str) -> int:
+    """An issue number or id: it goes into API paths and SQLite, so 1..2^63-1 only."""
+    value = _get(data, path, int)
+    error = names.number_error(value, f"field {path}")
+    if error:
+        raise WebhookError(400, error)
+    return value
+
+
+def _text(issue: Mapping[str, Any], key: str) -> str:
+    value = issue.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise WebhookError(400, f"field issue.{key} has the wrong type")
+    return value
+
+
+def _repo(data: Mapping[str, Any]) -> str:
+    repo = _get(data, "repository.full_name", str)
+    error = names.repo_error(repo)
+    if error:
+        raise WebhookError(400, f"field repository.full_name: {error}")
+    return repo
+
+
+def _sender(data: Mapping[str, Any]) -> str:
+    login = _get(data, "sender.login", str)
+    error = names.login_error(login)
+    if error:
+        raise WebhookError(400, f"field sender.login: {error}")
+    return login
+
+
 def _permission(data: Mapping[str, Any]) -> str | None:
     """The doer's permission, as Gitea renders `repository.permissions` for it."""
-    perms = data.get("repository", {}).get("permissions")
+    repository = data.get("repository")
+    perms = repository.get("permissions") if isinstance(repository, Mapping) else None
     if not isinstance(perms, Mapping):
         return None
     if perms.get("admin"):
@@ -203,15 +242,16 @@ def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
         action = _get(data, "action", str)
         issue = _get(data, "issue", Mapping)
         is_pull = bool(issue.get("pull_request"))
+        sender = _sender(data)
         return IssueEvent(
             action=action,
-            repo=_get(data, "repository.full_name", str),
-            number=_get(data, "issue.number", int),
-            title=issue.get("title") or "",
-            body=issue.get("body") or "",
+            repo=_repo(data),
+            number=_number(data, "issue.number"),
+            title=_text(issue, "title"),
+            body=_text(issue, "body"),
             labels=_labels(issue),
             is_pull=is_pull,
-            sender=_get(data, "sender.login", str),
+            sender=sender,
             permission=_permission(data),
         )
     if delivery.event == "issue_comment":
@@ -219,14 +259,14 @@ def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
         issue = _get(data, "issue", Mapping)
         return CommentEvent(
             action=action,
-            repo=_get(data, "repository.full_name", str),
-            number=_get(data, "issue.number", int),
+            repo=_repo(data),
+            number=_number(data, "issue.number"),
             is_pull=bool(data.get("is_pull")) or bool(issue.get("pull_request")),
-            comment_id=_get(data, "comment.id", int),
+            comment_id=_number(data, "comment.id"),
             body=_get(data, "comment.body", str),
-            sender=_get(data, "sender.login", str),
+            sender=_sender(data),
             permission=_permission(data),
-            title=issue.get("title") or "",
+            title=_text(issue, "title"),
             labels=_labels(issue),
         )
     return Ignored(f"event {delivery.event} is not one kugetsu acts on")
