@@ -252,3 +252,12 @@ def test_values_out_of_range_are_400_with_a_reason_and_write_nothing(service, mu
     r = post(url, body, payloads.sign(body, event="issue_comment"))
     assert r.status_code == 400 and reason in r.json()["reason"]
     assert store.list() == [] and woken == []
+
+
+def test_a_budget_out_of_range_is_refused_with_a_reply_not_a_500(service):
+    url, store, _ = service
+    r = post(url, *payloads.comment_delivery("/kugetsu start --max-tokens 99999999999999999999"))
+    assert r.status_code == 202
+    assert store.list() == []
+    [reply] = [item for item in store.outbox_due(10) if item.kind == "comment"]
+    assert "--max-tokens must be greater than 0 and at most 1,000,000,000,000" in reply.body
