@@ -152,6 +152,7 @@ class _Reader:
         self.quote: list[str] = []            # the lines of the current blockquote
         self.hiding = hiding                  # open elements from HIDING_ELEMENTS
         self.stopped = False                  # something was left open: nothing after is read
+        self.seen_list = False                # a list item was seen: a list may still be open
 
     # ------------------------------------------------------------------ blocks
 
@@ -181,6 +182,7 @@ class _Reader:
             return i + 1
         column, indent, rest, first_marker = _containers(line)
         marker = bool(first_marker)
+        self.seen_list = self.seen_list or marker
         # A list item interrupts a paragraph only if it is a bullet or starts at 1, and
         # only where no list is open already: which of the two is not known here.
         uncertain = bool(marker and (self.segment or self.lazy_quote)
@@ -192,7 +194,16 @@ class _Reader:
                 self._flush(ambiguous=True)  # a list item that starts with indented code
             elif self.segment:
                 self.segment.append(i)  # paragraph continuation, never a command start
-            return i + 1  # otherwise an indented code block
+            elif self.seen_list:
+                # Indented code, or (in a list item) the start of a paragraph or a block:
+                # not known here. As a block it may hide what follows, and as a paragraph
+                # what it leaves open may go on into the lines after it.
+                if rest.startswith(("<", "[", "`", "~", ">")):
+                    self.stopped = True
+                else:
+                    self._begin(i, starts=False)
+                    self._flush(ambiguous=True)
+            return i + 1  # otherwise indented code
         start = column + indent
         if uncertain and (rest.startswith((">", "<")) or _FENCE.match(rest)):
             self._flush(ambiguous=True)

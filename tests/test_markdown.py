@@ -67,22 +67,35 @@ def commonmark():
         yield visible_starts
 
 
-PIECES = [
-    "/k", "/k x", " /k", "`", "``", "```", "````", "~~~", "<!--", "-->", "<!---->", "<!-->",
-    "<!-- x -->", "<a", "<a b='", "<a href=\"", "'", '"', ">", "> ", ">> ", "- ", "* ", "+ ",
-    "1. ", "2. ", "1) ", "10. ", "  - ", "  ", "   ", "    ", "\t", "[x]:", "[x]: /u", "[a](",
-    "](", ")", "(", "![", "[", "]", "[x][y]", "<details>", "</details>", "<div>", "<b>", "</b>",
-    "</a>", "<pre>", "</pre>", "<script>", "</script>", "<style>", "<textarea>", "<?", "?>",
-    "<![CDATA[", "]]>", "<!X", "<http://a>", "<", "/>", "x", "\\", "\\`", "*", "# ", "===",
-    "---", "-", "=", "|", "***", "* * *", " ", "\u2028", "\u2029", "\x0b", "\x0c", "\x85", "/u",
-    " 't'", ' "t"', "&lt;",
-]
-LINE = st.lists(st.sampled_from(PIECES), max_size=8).map("".join)
-COMMENT = st.tuples(st.lists(LINE, min_size=1, max_size=14),
-                    st.sampled_from(["\n", "\r\n", "\r"])).map(lambda t: t[1].join(t[0]))
+#: constructs that may span lines: (what opens one, what closes it)
+PAIRS = [("`", "`"), ("``", "``"), ("```", "```"), ("~~~", "~~~"), ("<!--", "-->"),
+         ("<a b='", "'>"), ('<a b="', '">'), ("<a", ">"), ('[a](/u "', '")'), ("[a](/u '", "')"),
+         ("[a](/u (", "))"), ("[a](", ")"), ("[x]:", "/u"), ("[x]: /u", " 't'"), ("<?", "?>"),
+         ("<![CDATA[", "]]>"), ("<!X", ">"), ("<details>", "</details>"), ("<pre>", "</pre>"),
+         ("<script>", "</script>"), ('<div title="', '">'), ("<div>", "</div>")]
+#: what a line may start with: quotes, list items, indentation, headings
+PREFIXES = ["", "", "", "", "> ", ">> ", "- ", "* ", "1. ", "2. ", "1) ", "  ", "   ", "    ", "\t",
+            "# ", " ", "  - "]
+#: text, markup, and the characters that other tools take for line breaks
+PIECES = [o for o, _ in PAIRS] + [c for _, c in PAIRS] + [
+    "x", "a b", " ", "*", "|", "\\", "\\`", "&lt;", "<http://a>", "<b>", "</b>", "<!---->",
+    "<!-->", "<!-- x -->", "[x][y]", "![", "[", "]", "(", "<", "/>", "=", "===", "---", "-", "***",
+    "* * *", "\u2028", "\u2029", "\x0b", "\x0c", "\x85", "/k", "/k x"]
+TEXT = st.lists(st.sampled_from(PIECES), max_size=4).map("".join)
+LINE = st.tuples(st.sampled_from(PREFIXES), TEXT).map("".join)
+#: lines around a construct: it opens at the end of one line, a command follows, it closes
+SPAN = st.builds(lambda pair, p1, t1, inner, p2, t2: [p1 + t1 + pair[0], *inner,
+                                                      p2 + pair[1] + t2],
+                 st.sampled_from(PAIRS), st.sampled_from(PREFIXES), TEXT,
+                 st.lists(st.one_of(st.just("/k"), LINE, st.just("")), min_size=1, max_size=3),
+                 st.sampled_from(PREFIXES), TEXT)
+LINES = st.lists(st.one_of(LINE.map(lambda line: [line]), st.just(["/k"]), st.just([""]), SPAN),
+                 min_size=1, max_size=8).map(lambda groups: [x for g in groups for x in g])
+COMMENT = st.tuples(LINES, st.sampled_from(["\n", "\r\n", "\r"])).map(
+    lambda t: t[1].join(t[0]))
 
 
-@settings(max_examples=400, deadline=None, derandomize=True,
+@settings(max_examples=2000, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(COMMENT)
 def test_never_reads_a_line_that_commonmark_hides(commonmark, text):
