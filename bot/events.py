@@ -35,7 +35,12 @@ class Delivery:
 
 @dataclass(frozen=True)
 class IssueEvent:
-    """An `issues` delivery (opened, label_updated, label_cleared, ...)."""
+    """An `issues` delivery (opened, label_updated, label_cleared, ...).
+
+    `permission` is the sender's, when the delivery tells it: Gitea fills
+    `repository.permissions` with the issue author's, so only when the sender wrote
+    the issue.
+    """
 
     action: str
     repo: str
@@ -50,7 +55,11 @@ class IssueEvent:
 
 @dataclass(frozen=True)
 class CommentEvent:
-    """An `issue_comment` delivery, on an issue or a pull request."""
+    """An `issue_comment` delivery, on an issue or a pull request.
+
+    `permission` is the commenter's: on comment events Gitea fills
+    `repository.permissions` for whoever commented.
+    """
 
     action: str
     repo: str
@@ -210,7 +219,7 @@ def _sender(data: Mapping[str, Any]) -> str:
 
 
 def _permission(data: Mapping[str, Any]) -> str | None:
-    """The doer's permission, as Gitea renders `repository.permissions` for it."""
+    """The permission Gitea put in `repository.permissions`: whose it is depends on the event."""
     repository = data.get("repository")
     perms = repository.get("permissions") if isinstance(repository, Mapping) else None
     if not isinstance(perms, Mapping):
@@ -243,6 +252,9 @@ def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
         issue = _get(data, "issue", Mapping)
         is_pull = bool(issue.get("pull_request"))
         sender = _sender(data)
+        author = issue.get("user")
+        # the issue author's permission: the sender's only if the sender wrote the issue
+        by_author = isinstance(author, Mapping) and author.get("login") == sender
         return IssueEvent(
             action=action,
             repo=_repo(data),
@@ -252,7 +264,7 @@ def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
             labels=_labels(issue),
             is_pull=is_pull,
             sender=sender,
-            permission=_permission(data),
+            permission=_permission(data) if by_author else None,
         )
     if delivery.event == "issue_comment":
         action = _get(data, "action", str)
@@ -265,7 +277,7 @@ def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
             comment_id=_number(data, "comment.id"),
             body=_get(data, "comment.body", str),
             sender=_sender(data),
-            permission=_permission(data),
+            permission=_permission(data),  # the commenter's: Gitea fills it for the doer
             title=_text(issue, "title"),
             labels=_labels(issue),
         )

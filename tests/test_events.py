@@ -72,10 +72,24 @@ def test_malformed_bodies(payload):
 
 def test_parse_label_updated():
     data = payloads.issue_payload("label_updated", 12, labels=["bug", "kugetsu"],
-                                  sender="bob", permission="admin")
+                                  sender="bob", author="bob", permission="admin")
     event = events.parse(Delivery("d", "issues", "issue_label"), data)
     assert event == IssueEvent("label_updated", "acme/widget", 12, "Fix the widget",
                                "It is broken.", ("bug", "kugetsu"), False, "bob", "admin")
+
+
+def test_a_label_event_never_takes_the_issue_authors_permission_for_the_labellers():
+    # Gitea fills repository.permissions with the issue author's on issue events
+    data = payloads.issue_payload("label_updated", 12, labels=["kugetsu"], sender="adam",
+                                  author="rita", permission="read")
+    event = events.parse(Delivery("d", "issues", "issue_label"), data)
+    assert (event.sender, event.permission) == ("adam", None)
+
+
+def test_a_comment_event_carries_the_commenters_permission():
+    data = payloads.comment_payload("/kugetsu start", sender="rita", permission="read")
+    event = events.parse(Delivery("d", "issue_comment", "issue_comment"), data)
+    assert (event.sender, event.permission) == ("rita", "read")
 
 
 def _set(data, path, value):

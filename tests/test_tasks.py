@@ -2,8 +2,8 @@
 
 import pytest
 
-from bot.tasks import (TRANSITIONS, InvalidTransition, Outcome, State, backoff_for,
-                       check_transition, decide, permission_at_least)
+from bot.tasks import (LABELLER, TRANSITIONS, InvalidTransition, Outcome, State, backoff_for,
+                       check_transition, decide, fallback_permission, permission_at_least)
 
 
 @pytest.mark.parametrize("outcome, attempts, state, delay", [
@@ -42,3 +42,16 @@ def test_transitions():
     ("weird", "read", False)])
 def test_permission_order(have, need, ok):
     assert permission_at_least(have, need) is ok
+
+
+@pytest.mark.parametrize("hint, expected", [
+    ("admin", ("admin", True)),
+    ("write", ("write", True)),
+    ("read", ("read", True)),
+    ("none", ("none", True)),
+    (LABELLER, ("write", False)),   # at least write: Gitea lets only writers change labels
+    (None, ("none", True)),
+    ("root", ("none", True)),
+])
+def test_fallback_permission_is_what_the_request_itself_shows(hint, expected):
+    assert fallback_permission(hint) == expected
