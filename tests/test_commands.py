@@ -149,7 +149,8 @@ def test_hidden_commands_are_not_read(body):
 @pytest.mark.parametrize("body, verb", [
     pytest.param("/kugetsu start\r\nfix it", "start", id="CRLF"),
     pytest.param("thanks\r/kugetsu status", "status", id="CR"),
-    pytest.param("<!--\n/kugetsu start\n-->\n/kugetsu status", "status", id="after an HTML comment"),
+    pytest.param("<!--\n/kugetsu start\n-->\n/kugetsu status", "status",
+                 id="after an HTML comment"),
     pytest.param("Looks good <!-- note --> to me\n/kugetsu status", "status",
                  id="after an inline HTML comment"),
     pytest.param("```\n<!--\n```\n/kugetsu status", "status", id="a fence hides '<!--'"),

@@ -109,7 +109,7 @@ def test_never_reads_a_line_that_commonmark_hides(commonmark, text):
 @pytest.mark.parametrize("text, lines", [
     ("a\nb", ["a", "b"]),
     ("a\r\nb\rc", ["a", "b", "c"]),
-    ("a\u2028b\u2029c\x85d\x0be\x0cf\x1cg\x1dh\x1ei", ["a\u2028b\u2029c\x85d\x0be\x0cf\x1cg\x1dh\x1ei"]),
+    *[(f"a{c}b", [f"a{c}b"]) for c in "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"],
     ("a\n", ["a", ""]),
 ])
 def test_lines_break_only_where_commonmark_breaks_them(text, lines):
