@@ -192,18 +192,22 @@ class _Reader:
                 self.quote.append(line)
             elif marker:
                 self._flush(ambiguous=True)  # a list item that starts with indented code
-            elif self.segment:
-                self.segment.append(i)  # paragraph continuation, never a command start
-            elif self.seen_list:
-                # Indented code, or (in a list item) the start of a paragraph or a block:
-                # not known here. As a block it may hide what follows, and as a paragraph
-                # what it leaves open may go on into the lines after it.
-                if rest.startswith(("<", "[", "`", "~", ">")):
-                    self.stopped = True
-                else:
-                    self._begin(i, starts=False)
-                    self._flush(ambiguous=True)
-            return i + 1  # otherwise indented code
+            elif not self.seen_list:
+                if self.segment:
+                    self.segment.append(i)  # paragraph continuation, never a command start
+                # otherwise indented code
+            elif rest.startswith(("<", "[", "`", "~", ">")):
+                # In a list item this may start a block (which may interrupt a paragraph
+                # there), and elsewhere it is code or text: they read on differently.
+                self._flush(ambiguous=True)
+                self.stopped = True
+            else:
+                # code, or text of a list item (perhaps a new paragraph): what comes before
+                # may go on into it, and what it leaves open into the lines after it
+                self._flush(ambiguous=True)
+                self._begin(i, starts=False)
+                self._flush(ambiguous=True)
+            return i + 1
         start = column + indent
         if uncertain and (rest.startswith((">", "<")) or _FENCE.match(rest)):
             self._flush(ambiguous=True)
