@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import parse_qs
 
 from bot import names
@@ -184,12 +184,13 @@ def _get(data: Mapping[str, Any], path: str, kind: type | tuple[type, ...]) -> A
     return cur
 
 
-def _number(data: Mapping[str, Any], path: str) -> int:
-    """An issue number or id: it goes into API paths and SQLite, so 1..2^63-1 only."""
-    value = _get(data, path, int)
-    error = names.number_error(value, f"field {path}")
-    if error:
-        raise WebhookError(400, error)
+def _checked(data: Mapping[str, Any], path: str, kind: type,
+             error: Callable[[Any], str | None]) -> Any:
+    """A field that goes into API paths, directory names or SQLite: Gitea's rules or 400."""
+    value = _get(data, path, kind)
+    reason = error(value)
+    if reason:
+        raise WebhookError(400, f"field {path}: {reason}")
     return value
 
 
@@ -200,22 +201,6 @@ def _text(issue: Mapping[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise WebhookError(400, f"field issue.{key} has the wrong type")
     return value
-
-
-def _repo(data: Mapping[str, Any]) -> str:
-    repo = _get(data, "repository.full_name", str)
-    error = names.repo_error(repo)
-    if error:
-        raise WebhookError(400, f"field repository.full_name: {error}")
-    return repo
-
-
-def _sender(data: Mapping[str, Any]) -> str:
-    login = _get(data, "sender.login", str)
-    error = names.login_error(login)
-    if error:
-        raise WebhookError(400, f"field sender.login: {error}")
-    return login
 
 
 def _permission(data: Mapping[str, Any]) -> str | None:
@@ -251,14 +236,14 @@ def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
         action = _get(data, "action", str)
         issue = _get(data, "issue", Mapping)
         is_pull = bool(issue.get("pull_request"))
-        sender = _sender(data)
+        sender = _checked(data, "sender.login", str, names.login_error)
         author = issue.get("user")
         # the issue author's permission: the sender's only if the sender wrote the issue
         by_author = isinstance(author, Mapping) and author.get("login") == sender
         return IssueEvent(
             action=action,
-            repo=_repo(data),
-            number=_number(data, "issue.number"),
+            repo=_checked(data, "repository.full_name", str, names.repo_error),
+            number=_checked(data, "issue.number", int, names.number_error),
             title=_text(issue, "title"),
             body=_text(issue, "body"),
             labels=_labels(issue),
@@ -271,12 +256,12 @@ def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
         issue = _get(data, "issue", Mapping)
         return CommentEvent(
             action=action,
-            repo=_repo(data),
-            number=_number(data, "issue.number"),
+            repo=_checked(data, "repository.full_name", str, names.repo_error),
+            number=_checked(data, "issue.number", int, names.number_error),
             is_pull=bool(data.get("is_pull")) or bool(issue.get("pull_request")),
-            comment_id=_number(data, "comment.id"),
+            comment_id=_checked(data, "comment.id", int, names.number_error),
             body=_get(data, "comment.body", str),
-            sender=_sender(data),
+            sender=_checked(data, "sender.login", str, names.login_error),
             permission=_permission(data),  # the commenter's: Gitea fills it for the doer
             title=_text(issue, "title"),
             labels=_labels(issue),
