@@ -119,9 +119,6 @@ class AuthCache:
         triggers = self.config.triggers
         if triggers.allowed_users and login not in triggers.allowed_users:
             return False, f"@{login} is not on kugetsu's list of allowed users"
-        error = names.repo_error(repo)
-        if error:
-            return False, error
         perm, exact = self._asked(repo, login), True
         if perm is None:
             return None
