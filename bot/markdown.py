@@ -68,7 +68,6 @@ _AUTOLINK = re.compile(r"<(?:[A-Za-z][A-Za-z0-9+.-]{1,31}:[^\s<>]*|[^\s<>@\\]+@[
 #: how deep quotes in quotes (or in list items) are followed before giving up
 MAX_DEPTH = 8
 
-
 #: elements whose content a reader does not see (collapsed, removed by the sanitizer, or
 #: never rendered as text); their content is hidden until the matching end tag
 HIDING_ELEMENTS = frozenset({
@@ -101,7 +100,6 @@ def plain_lines(lines: Sequence[str], *, complete: bool = True) -> list[int]:
     close what they leave open.
     """
     return _Reader(lines).run(complete)
-
 
 
 def _columns(line: str) -> tuple[int, str]:
@@ -153,6 +151,7 @@ class _Reader:
         self.hiding = hiding                  # open elements from HIDING_ELEMENTS
         self.stopped = False                  # something was left open: nothing after is read
         self.seen_list = False                # a list item was seen: a list may still be open
+        self.in_paragraph = False             # a paragraph may be open (and go on)
 
     # ------------------------------------------------------------------ blocks
 
@@ -170,7 +169,7 @@ class _Reader:
         if _BLANK.match(line):
             self._flush(ambiguous=False)
             self._end_quote()
-            self.hide_chunk = self.pipes = False
+            self.hide_chunk = self.pipes = self.in_paragraph = False
             return i + 1
         if (line[0] not in _BLOCK_START and not self.lazy_quote and not self.pipes
                 and "|" not in line):
@@ -185,7 +184,7 @@ class _Reader:
         self.seen_list = self.seen_list or marker
         # A list item interrupts a paragraph only if it is a bullet or starts at 1, and
         # only where no list is open already: which of the two is not known here.
-        uncertain = bool(marker and (self.segment or self.lazy_quote)
+        uncertain = bool(marker and (self.in_paragraph or self.lazy_quote)
                      and first_marker[0] not in "-+*" and int(first_marker[:-1]) != 1)
         if indent >= 4:
             if self.lazy_quote:
@@ -238,6 +237,7 @@ class _Reader:
             self._definite_break()
             self._begin(i, starts=False)
             self._flush(ambiguous=False)  # a heading is one line; what it opens ends there
+            self.in_paragraph = False
             return i + 1
         if self.lazy_quote:
             self.quote.append(line)  # continues the quote's paragraph (or ends it: hidden)
@@ -268,6 +268,7 @@ class _Reader:
         return i + 1
 
     def _begin(self, i: int, starts: bool) -> None:
+        self.in_paragraph = True
         self.segment.append(i)
         if starts:
             self.starts.add(i)
@@ -275,7 +276,7 @@ class _Reader:
     def _definite_break(self) -> None:
         self._flush(ambiguous=False)
         self._end_quote()
-        self.hide_chunk = False
+        self.hide_chunk = self.in_paragraph = False
 
     def _end_quote(self) -> None:
         """A quote shows no command, but raw HTML in it can leave something open."""
