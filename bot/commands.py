@@ -76,16 +76,22 @@ class CommandError:
     usage: str
 
 
-def _command_line(body: str, word: str) -> tuple[int, str] | None:
-    """The first line that a reader sees as plain text and that starts with the word."""
+def _command_line(body: str, word: str) -> tuple[int, str, str] | None:
+    """The first line that a reader sees as plain text and that starts with the word:
+    (its index, the line, the rest of the comment after it).
+
+    Only lines that start in the first MAX_COMMAND_SCAN_CHARS characters are looked at
+    (the last of them read only up to there: its start is all that matters).
+    """
     complete = len(body) <= MAX_COMMAND_SCAN_CHARS
     lines = markdown.split_lines(body if complete else body[:MAX_COMMAND_SCAN_CHARS])
-    if not complete:
-        lines.pop()  # the line the limit cuts through
     for index in markdown.plain_lines(lines, complete=complete):
-        stripped = lines[index].strip()
-        if stripped == word or stripped.startswith(word + " ") or stripped.startswith(word + "\t"):
-            return index, stripped
+        if lines[index].strip().startswith(word):
+            parts = markdown.split_lines(body, maxsplit=index + 1) + [""]
+            stripped, rest = parts[index].strip(), parts[index + 1]
+            if (stripped == word or stripped.startswith(word + " ")
+                    or stripped.startswith(word + "\t")):
+                return index, stripped, rest
     return None
 
 
@@ -126,7 +132,7 @@ def parse_comment(body: str, word: str = "/kugetsu") -> Command | CommandError |
     found = _command_line(body, word)
     if found is None:
         return None
-    index, line = found
+    index, line, after_line = found
     after = line[len(word):].strip()
     words = after.split()
     options, rest, error = _split_flags(words)
@@ -140,8 +146,7 @@ def parse_comment(body: str, word: str = "/kugetsu") -> Command | CommandError |
         if error:
             return CommandError(error, usage_line(word, verb))
         options.update(more)
-    after_line = markdown.split_lines(body, maxsplit=index + 1)[index + 1:]
-    following = "\n".join(markdown.split_lines(after_line[0])).strip() if after_line else ""
+    following = "\n".join(markdown.split_lines(after_line)).strip()
     text = " ".join(rest)
     if following:
         text = f"{text}\n{following}".strip()

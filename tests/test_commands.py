@@ -179,6 +179,12 @@ def test_a_command_past_the_read_limit_is_not_read_and_one_before_it_is():
     assert parse_comment("/kugetsu status\n" + filler).verb == "status"
 
 
+def test_a_command_line_longer_than_the_read_limit_is_read_whole():
+    long = "x" * commands.MAX_COMMAND_SCAN_CHARS * 2
+    command = parse_comment(f"/kugetsu start {long}\nand more")
+    assert (command.verb, command.text) == ("start", f"{long}\nand more")
+
+
 def test_a_span_that_closes_past_the_read_limit_still_hides_what_it_covers():
     filler = "x" * commands.MAX_COMMAND_SCAN_CHARS
     assert parse_comment(f"`\n/kugetsu start\n{filler}\n`") is None
