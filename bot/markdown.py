@@ -81,9 +81,10 @@ _SPACE = re.compile(r"\s*+")
 _NON_SPACE = re.compile(r"\S*+")
 _ANGLE_DESTINATION = re.compile(r"<(?:[^<>\n\\]|\\.)*+>")
 #: a destination with parentheses balanced one level deep
-_DESTINATION = re.compile(r"(?:[^\s()\\]|\\.|\((?:[^\s()\\]|\\.)*+\))*+")
+_DESTINATION = re.compile(r"(?:[^\s()\\]|\\.|\((?:[^\s()\\]|\\.)*+\))*+", re.S)
 _TITLE_AND_CLOSE = re.compile(
-    r"""(?:\s++(?:"(?:[^"\\]|\\.)*+"|'(?:[^'\\]|\\.)*+'|\((?:[^()\\]|\\.)*+\)))?+\s*+\)""")
+    r"""(?:\s++(?:"(?:[^"\\]|\\.)*+"|'(?:[^'\\]|\\.)*+'|\((?:[^()\\]|\\.)*+\)))?+\s*+\)""",
+    re.S)
 _INLINE_SPECIAL = re.compile(r"[\\`<]|\]\(")
 _RAW_SPECIAL = re.compile(r"<")
 
@@ -191,18 +192,18 @@ class _Reader:
                 self.quote.append(line)
             elif marker:
                 self._flush(ambiguous=True)  # a list item that starts with indented code
-            elif not self.seen_list:
+            elif not self.seen_list and (self.segment or not self.in_paragraph):
                 if self.segment:
                     self.segment.append(i)  # paragraph continuation, never a command start
                 # otherwise indented code
-            elif rest.startswith(("<", "[", "`", "~", ">")):
+            elif self.seen_list and rest.startswith(("<", "[", "`", "~", ">")):
                 # In a list item this may start a block (which may interrupt a paragraph
                 # there), and elsewhere it is code or text: they read on differently.
                 self._flush(ambiguous=True)
                 self.stopped = True
             else:
-                # code, or text of a list item (perhaps a new paragraph): what comes before
-                # may go on into it, and what it leaves open into the lines after it
+                # code, or text of a paragraph that may still be open or of a list item:
+                # what comes before may go on into it, and what it leaves open after it
                 self._flush(ambiguous=True)
                 self._begin(i, starts=False)
                 self._flush(ambiguous=True)
@@ -255,8 +256,11 @@ class _Reader:
             self._flush(ambiguous=True)
         elif marker or _SETEXT.match(rest) or self.pipes:
             self._flush(ambiguous=True)
-            if not rest.strip(" \t") or _SETEXT.match(rest):
-                # an empty list item, or a setext underline: no paragraph is open after it
+            if not rest.strip(" \t"):
+                return i + 1  # an empty list item: no paragraph of its own
+            if _SETEXT.match(rest):
+                # a setext underline (no paragraph is open after it), or text of one
+                self.in_paragraph = True
                 return i + 1
         if _LINK_DEFINITION.match(rest):
             # A link reference definition shows nothing, and may run over the next lines.
