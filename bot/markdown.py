@@ -227,9 +227,15 @@ class _Reader:
                 if opener.match(rest):
                     self._definite_break()
                     return self._html_until(i, closer, column if marker else start)
-            if _HTML_BLOCK_6.match(rest) or (not self.segment and not self.lazy_quote
-                                             and _HTML_BLOCK_7.match(rest)):
+            if _HTML_BLOCK_6.match(rest):
                 self._definite_break()
+                return self._html_to_blank(i, column if marker else start, marker)
+            if _HTML_BLOCK_7.match(rest):
+                # A tag alone on its line: an HTML block, unless it continues a paragraph
+                # (which may be open, as in a quote whose last block is not known). Hidden
+                # to the next blank line either way, and what came before may go on.
+                self._flush(ambiguous=True)
+                self._end_quote()
                 return self._html_to_blank(i, column if marker else start, marker)
         if marker and _THEMATIC_BREAK.match(rest):
             self._flush(ambiguous=uncertain)  # a list item that holds a rule
