@@ -80,8 +80,12 @@ _BLOCK_START = frozenset(" \t>`~#-*+_=[<|0123456789")
 _SPACE = re.compile(r"\s*+")
 _NON_SPACE = re.compile(r"\S*+")
 _ANGLE_DESTINATION = re.compile(r"<(?:[^<>\n\\]|\\.)*+>")
-#: a destination with parentheses balanced one level deep
-_DESTINATION = re.compile(r"(?:[^\s()\\]|\\.|\((?:[^\s()\\]|\\.)*+\))*+", re.S)
+_DEST_CHAR = r"(?:[^\s()\\]|\\.)"
+_DEST_NESTED = rf"\({_DEST_CHAR}*+\)"
+for _ in range(2):
+    _DEST_NESTED = rf"\((?:{_DEST_CHAR}|{_DEST_NESTED})*+\)"
+#: a destination, with its parentheses balanced (nested three deep at most here)
+_DESTINATION = re.compile(rf"(?:{_DEST_CHAR}|{_DEST_NESTED})*+", re.S)
 _TITLE_AND_CLOSE = re.compile(
     r"""(?:\s++(?:"(?:[^"\\]|\\.)*+"|'(?:[^'\\]|\\.)*+'|\((?:[^()\\]|\\.)*+\)))?+\s*+\)""",
     re.S)
@@ -430,7 +434,7 @@ class _Inline:
         self._hiding_from = 0
         self._absent: set[str] = set()  # end markers that do not occur any more
         self._runs: dict[int, list[int]] = {}
-        self._dest_run = (0, 0, -1)   # (from, to, end of its tail or -1) of a link destination
+        self._dest_run = (0, 0, False)  # (from, to, a title may follow) of a link destination
         if not raw:
             for m in re.finditer(r"`+", text):
                 self._runs.setdefault(m.end() - m.start(), []).append(m.start())
@@ -503,6 +507,14 @@ class _Inline:
                     self._hide(i, len(text) + 1)
                     return len(text)
                 end = found + 3
+                body = text[i + 4:found]
+                if (("--" in body or body.endswith("-")) and not self.raw
+                        and _INLINE_SPECIAL.search(body)):
+                    # CommonMark 0.30 (Gitea's renderer) shows this as text, 0.31 hides it:
+                    # what it holds may open a code span or not, so the rest is hidden
+                    self._dangle(i)
+                    self._hide(i, len(text) + 1)
+                    return len(text)
             self._hide(i, end)
             return end
         for prefix, marker in (("<?", "?>"), ("<![CDATA[", "]]>")):
@@ -550,9 +562,11 @@ class _Inline:
         """`](destination "title")`: neither shows as text, and either may be on a line
         of its own (a title may even span several).
 
-        The destination is taken as all the text up to the next space: a real one ends
-        there too whenever a title or a line break follows it. Only when nothing follows
-        it is the exact end needed (parentheses), and then nothing is hidden anyway.
+        Read exactly (CommonMark's destination, with balanced parentheses), since what a
+        link tail covers is not read for code spans and the like. When that finds no
+        link but the text up to the next space could still be a destination with a
+        title after it (parentheses nested deeper than read here), what follows cannot
+        be told: it is hidden, and so is the rest of the chunk.
         """
         text = self.text
         j = _SPACE.match(text, i + 2).end()
@@ -560,16 +574,19 @@ class _Inline:
             m = _ANGLE_DESTINATION.match(text, j)
             end = m and _TITLE_AND_CLOSE.match(text, m.end())
         else:
-            run = self._dest_run
-            if not run[0] <= j < run[1]:
-                stop = _NON_SPACE.match(text, j).end()
-                after = _TITLE_AND_CLOSE.match(text, stop)
-                run = self._dest_run = (j, stop, after.end() if after else -1)
-            # a run of text always ends at the same place, with the same tail after it
-            if run[2] >= 0:
-                end = _TITLE_AND_CLOSE.match(text, run[1])
-            else:
-                end = _TITLE_AND_CLOSE.match(text, _DESTINATION.match(text, j).end())
+            end = _TITLE_AND_CLOSE.match(text, _DESTINATION.match(text, j).end())
+            if end is None:
+                run = self._dest_run
+                if not run[0] <= j < run[1]:
+                    stop = _NON_SPACE.match(text, j).end()
+                    deep = (text.count("(", j, stop) > 3
+                            and _TITLE_AND_CLOSE.match(text, stop) is not None)
+                    run = self._dest_run = (j, stop, deep)
+                # a run of text always ends at the same place, with the same tail after it
+                if run[2]:
+                    self._dangle(i)
+                    self._hide(i, len(text) + 1)
+                    return len(text)
         if end is None:
             self._dangle(i)
             return i + 2
