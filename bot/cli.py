@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from bot import __version__
+from bot import __version__, names
 from bot.config import Config, ConfigError, load
 from bot.service import known_agents, run_worker, serve
 from bot.store import SchemaTooNew, Store, open_store
@@ -124,25 +124,19 @@ def queue_retry(store: Store, task_id: int) -> int:
     return 1
 
 
-#: SQLite's INTEGER is a signed 64-bit number: ids and issue numbers live in 1..MAX_ID
-MAX_ID = 2**63 - 1
-
-
-_REF = re.compile(r"^(?P<owner>[A-Za-z0-9_.-]+)/(?P<name>[A-Za-z0-9_.-]+)#(?P<issue>[0-9]+)$")
+_REF = re.compile(r"(?P<repo>[^#]*)#(?P<issue>[0-9]{1,30})")
 
 
 def parse_ref(ref: str) -> tuple[str, int] | str:
     """OWNER/REPO#N -> (repo, issue), or a one-line reason it is not one."""
     m = _REF.fullmatch(ref)
     if not m:
-        return f"{ref!r} is not OWNER/REPO#NUMBER"
-    for part in ("owner", "name"):
-        if m.group(part) in (".", ".."):
-            return f"{ref!r}: {m.group(part)!r} is not a valid {part}"
-    issue = int(m.group("issue"))
-    if not 1 <= issue <= MAX_ID:
-        return f"{ref!r}: the issue number must be between 1 and {MAX_ID}"
-    return f"{m.group('owner')}/{m.group('name')}", issue
+        return f"{names.shown(ref)} is not OWNER/REPO#NUMBER"
+    error = (names.repo_error(m.group("repo"))
+             or names.number_error(int(m.group("issue")), "the issue number"))
+    if error:
+        return f"{names.shown(ref)} is not OWNER/REPO#NUMBER: {error}"
+    return m.group("repo"), int(m.group("issue"))
 
 
 def enqueue(config: Config, store: Store, ref: str, message: str, agent: str | None,
@@ -216,9 +210,9 @@ def _whole_number(what: str) -> Callable[[str], int]:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
-        if not 1 <= value <= MAX_ID:
-            raise argparse.ArgumentTypeError(f"{what} must be between 1 and {MAX_ID}, "
-                                             f"got {text}")
+        error = names.number_error(value, what)
+        if error:
+            raise argparse.ArgumentTypeError(error)
         return value
     return parse
 

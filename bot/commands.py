@@ -1,8 +1,9 @@
 """Slash commands: one registry of verbs with their usage and help text.
 
-Pure. `parse_comment()` finds the first command line of a comment, skipping
-quoted lines (`> /kugetsu stop`) and fenced or indented code blocks; `help_text()`
-is generated from the registry, so help can never drift from what is parsed.
+Pure. `parse_comment()` finds the first command line of a comment: a line that a
+reader of the rendered comment sees as plain text (`bot.markdown` decides which, so
+quoted lines, code blocks and HTML comments are never read); `help_text()` is
+generated from the registry, so help can never drift from what is parsed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+
+from bot import markdown, names
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,22 @@ REGISTRY: tuple[Verb, ...] = (
     Verb("help", "help", "Show this help.", needs_permission=False),
 )
 
+#: the largest budgets a request may set: far above any real run, and bounded so that a
+#: number of any size is answered with a reason instead of overflowing later
+MAX_TOKENS = 10**12
+MAX_COST_USD = 1_000_000
+
 FLAGS = {
-    "--agent": ("agent", str, "run this request with the named agent"),
-    "--max-tokens": ("max_tokens", int, "stop the agent when it has used this many tokens"),
-    "--max-cost": ("max_cost_usd", float, "stop the agent when it has cost this many USD"),
+    "--agent": ("agent", str, "run this request with the named agent", None),
+    "--max-tokens": ("max_tokens", int, "stop the agent when it has used this many tokens",
+                     MAX_TOKENS),
+    "--max-cost": ("max_cost_usd", float, "stop the agent when it has cost this many USD",
+                   MAX_COST_USD),
 }
+_KIND_NAMES = {int: "a whole number", float: "a number"}
+
+#: a command is looked for in this much of a comment, so a huge one costs no more to read
+MAX_COMMAND_SCAN_CHARS = 64 * 1024
 
 _BY_NAME = {alias: verb for verb in REGISTRY for alias in (verb.name, *verb.aliases)}
 AUTO = "auto"  # text without a verb: continue if the issue has a task, else start
@@ -62,33 +76,23 @@ class CommandError:
     usage: str
 
 
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+def _command_line(body: str, word: str) -> tuple[int, str, str] | None:
+    """The first line that a reader sees as plain text and that starts with the word:
+    (its index, the line, the rest of the comment after it).
 
-
-def _command_lines(body: str, word: str) -> list[tuple[int, str]]:
-    """Lines that may carry a command: outside code blocks, not quoted, not indented code."""
-    out = []
-    fence: str | None = None
-    for index, line in enumerate(body.splitlines()):
-        m = _FENCE.match(line)
-        if fence is not None:
-            # CommonMark: a closing fence is the same character, at least as long, and
-            # nothing after it but spaces ("```python" inside a block does not close it)
-            if (m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence)
-                    and not line[m.end():].strip()):
-                fence = None
-            continue
-        if m:
-            fence = m.group(1)
-            continue
-        if line.startswith(("    ", "\t")):
-            continue  # indented code block
-        stripped = line.strip()
-        if stripped.startswith(">"):
-            continue  # quoted reply
-        if stripped == word or stripped.startswith(word + " ") or stripped.startswith(word + "\t"):
-            out.append((index, stripped))
-    return out
+    Only lines that start in the first MAX_COMMAND_SCAN_CHARS characters are looked at
+    (the last of them read only up to there: its start is all that matters).
+    """
+    complete = len(body) <= MAX_COMMAND_SCAN_CHARS
+    lines = markdown.split_lines(body if complete else body[:MAX_COMMAND_SCAN_CHARS])
+    for index in markdown.plain_lines(lines, complete=complete):
+        if lines[index].strip().startswith(word):
+            parts = markdown.split_lines(body, maxsplit=index + 1) + [""]
+            stripped, rest = parts[index].strip(), parts[index + 1]
+            if (stripped == word or stripped.startswith(word + " ")
+                    or stripped.startswith(word + "\t")):
+                return index, stripped, rest
+    return None
 
 
 def _split_flags(words: list[str]) -> tuple[dict, list[str], str | None]:
@@ -103,13 +107,14 @@ def _split_flags(words: list[str]) -> tuple[dict, list[str], str | None]:
             if not rest:
                 return options, rest, f"{flag} needs a value"
             inline = rest.pop(0)
-        key, kind, _ = FLAGS[flag]
+        key, kind, _, limit = FLAGS[flag]
         try:
             value = kind(inline)
-        except ValueError:
-            return options, rest, f"{flag} needs a {kind.__name__}, got {inline!r}"
-        if isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
-            return options, rest, f"{flag} must be a number greater than 0"
+        except ValueError:  # also an int of more than 4,300 digits
+            return options, rest, f"{flag} needs {_KIND_NAMES.get(kind, kind.__name__)}, " \
+                                  f"got {names.shown(inline)}"
+        if limit is not None and not (math.isfinite(value) and 0 < value <= limit):
+            return options, rest, f"{flag} must be greater than 0 and at most {limit:,}"
         if key == "agent" and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
             return options, rest, f"{flag} takes an agent name, got {inline!r}"
         options[key] = value
@@ -122,10 +127,12 @@ def parse_comment(body: str, word: str = "/kugetsu") -> Command | CommandError |
     The instruction text is the rest of the command line plus the lines after it,
     so multi-line instructions work.
     """
-    lines = _command_lines(body, word)
-    if not lines:
+    if word not in body:
+        return None  # most comments: no need to read their markdown
+    found = _command_line(body, word)
+    if found is None:
         return None
-    index, line = lines[0]
+    index, line, after_line = found
     after = line[len(word):].strip()
     words = after.split()
     options, rest, error = _split_flags(words)
@@ -139,7 +146,7 @@ def parse_comment(body: str, word: str = "/kugetsu") -> Command | CommandError |
         if error:
             return CommandError(error, usage_line(word, verb))
         options.update(more)
-    following = "\n".join(body.splitlines()[index + 1:]).strip()
+    following = "\n".join(markdown.split_lines(after_line)).strip()
     text = " ".join(rest)
     if following:
         text = f"{text}\n{following}".strip()
@@ -168,12 +175,13 @@ def help_text(word: str = "/kugetsu", label: str = "kugetsu") -> str:
         rows.append(f"| `{word} {verb.usage}`{alias} | {verb.help} |")
     rows.append(f"| `{word} <instructions>` | Continue if this issue already has a task, "
                 "else start. |")
-    flags = "\n".join(f"- `{flag} ...`: {desc}" for flag, (_, _, desc) in FLAGS.items())
+    flags = "\n".join(f"- `{flag} ...`: {desc}" + (f" (at most {limit:,})" if limit else "")
+                      for flag, (_, _, desc, limit) in FLAGS.items())
     return (
         f"**kugetsu** turns this issue into a pull request written by an AI coding agent. "
         f"Add the label `{label}`, or comment one of these on its own line:\n\n"
         + "\n".join(rows)
         + f"\n\nOptions, after the command word or the verb:\n{flags}\n\n"
-        "Quoted lines and code blocks are never read as commands. Starting, following up, "
-        "stopping and retrying need write access to the repository."
+        "Quoted lines, code blocks and HTML comments are never read as commands. Starting, "
+        "following up, stopping and retrying need write access to the repository."
     )

@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from bot import agents, process
+from bot import agents, names, process
 from bot.config import Config
 from bot.gitea import (Forbidden, GiteaAPI, GiteaError, NotFound, ServerError, Unauthorized,
                        Unreachable)
@@ -33,7 +33,8 @@ from bot.publisher import Publisher, status_text
 from bot.redact import redact
 from bot.scheduler import Coalescer
 from bot.store import Store
-from bot.tasks import Kind, Outcome, State, Task, decide, doubling, permission_at_least
+from bot.tasks import (Kind, Outcome, State, Task, decide, doubling, fallback_permission,
+                       permission_at_least)
 from bot.workspace import GitError, Prepared, Workspace
 
 log = logging.getLogger(__name__)
@@ -68,31 +69,34 @@ class Stopping(Exception):
 class AuthCache:
     """Who may ask kugetsu for work, cached for a few minutes per repo and user."""
 
+    #: cached when Gitea will not say: the bot is not an admin of the repository
+    NOT_ADMIN = "not-admin"
+
     def __init__(self, config: Config, gitea: GiteaAPI, clock: Callable[[], float]):
         self.config, self.gitea, self.clock = config, gitea, clock
         self._cache: dict[tuple[str, str], tuple[float, str]] = {}
         self._lock = threading.Lock()
         self._warned_fallback = False
 
-    def permission(self, repo: str, login: str, hint: str | None) -> str | None:
-        """The user's permission, or None when Gitea can't be asked right now."""
+    def _asked(self, repo: str, login: str) -> str | None:
+        """Gitea's answer: a permission, NOT_ADMIN, or None when it can't be asked now."""
         key = (repo, login)
         now = self.clock()
         with self._lock:
             cached = self._cache.get(key)
             if cached and now - cached[0] < self.config.queue.authorization_cache_seconds:
                 return cached[1]
-        owner, name = repo.split("/", 1)
+        owner, name = names.split_repo(repo)
         try:
             perm = self.gitea.get_permission(owner, name, login)
         except (Forbidden, Unauthorized):
-            # Only repo admins may read collaborator permissions. Fall back to what
-            # Gitea put in the signed delivery for this user.
+            # Only repository admins may read other users' permissions.
             if not self._warned_fallback:
-                log.warning("cannot read collaborator permission; using the webhook's",
+                log.warning("cannot read collaborator permissions (kugetsu is not a "
+                            "repository admin); judging by what each request shows",
                             extra={"repo": repo})
                 self._warned_fallback = True
-            perm = hint or "none"
+            perm = self.NOT_ADMIN
         except NotFound:
             perm = "none"
         except GiteaError as exc:
@@ -103,14 +107,28 @@ class AuthCache:
             self._cache[key] = (now, perm)
         return perm
 
+    def permission(self, repo: str, login: str, hint: str | None) -> str | None:
+        """The user's permission, or None when Gitea can't be asked right now.
+
+        Without admin rights, what the request shows (`hint`): see fallback_permission.
+        """
+        perm = self._asked(repo, login)
+        return fallback_permission(hint)[0] if perm == self.NOT_ADMIN else perm
+
     def check(self, repo: str, login: str, hint: str | None) -> tuple[bool, str] | None:
         triggers = self.config.triggers
         if triggers.allowed_users and login not in triggers.allowed_users:
             return False, f"@{login} is not on kugetsu's list of allowed users"
-        perm = self.permission(repo, login, hint)
+        perm, exact = self._asked(repo, login), True
         if perm is None:
             return None
+        if perm == self.NOT_ADMIN:
+            perm, exact = fallback_permission(hint)
         if not permission_at_least(perm, triggers.min_permission):
+            if not exact:
+                return False, (f"kugetsu cannot check that @{login} has "
+                               f"{triggers.min_permission} access to {repo}: reading other "
+                               "users' permissions needs admin access to the repository")
             return False, (f"@{login} needs {triggers.min_permission} access to {repo} "
                            f"to use kugetsu (has {perm})")
         return True, perm

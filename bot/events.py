@@ -11,8 +11,10 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import parse_qs
+
+from bot import names
 
 
 class WebhookError(Exception):
@@ -33,7 +35,12 @@ class Delivery:
 
 @dataclass(frozen=True)
 class IssueEvent:
-    """An `issues` delivery (opened, label_updated, label_cleared, ...)."""
+    """An `issues` delivery (opened, label_updated, label_cleared, ...).
+
+    `permission` is the sender's, when the delivery tells it: Gitea fills
+    `repository.permissions` with the issue author's, so only when the sender wrote
+    the issue.
+    """
 
     action: str
     repo: str
@@ -48,7 +55,11 @@ class IssueEvent:
 
 @dataclass(frozen=True)
 class CommentEvent:
-    """An `issue_comment` delivery, on an issue or a pull request."""
+    """An `issue_comment` delivery, on an issue or a pull request.
+
+    `permission` is the commenter's: on comment events Gitea fills
+    `repository.permissions` for whoever commented.
+    """
 
     action: str
     repo: str
@@ -149,7 +160,9 @@ def delivery_of(headers: Mapping[str, str], payload: bytes) -> Delivery:
 def load_json(payload: bytes) -> dict[str, Any]:
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
+        # JSONDecodeError, UnicodeDecodeError, and the ValueError of an integer of more
+        # than 4,300 digits, which Python refuses to convert
         raise WebhookError(400, f"body is not valid JSON: {exc.__class__.__name__}") from None
     except RecursionError:
         raise WebhookError(400, "body is not valid JSON: nested too deeply") from None
@@ -171,9 +184,29 @@ def _get(data: Mapping[str, Any], path: str, kind: type | tuple[type, ...]) -> A
     return cur
 
 
+def _checked(data: Mapping[str, Any], path: str, kind: type,
+             error: Callable[[Any], str | None]) -> Any:
+    """A field that goes into API paths, directory names or SQLite: Gitea's rules or 400."""
+    value = _get(data, path, kind)
+    reason = error(value)
+    if reason:
+        raise WebhookError(400, f"field {path}: {reason}")
+    return value
+
+
+def _text(issue: Mapping[str, Any], key: str) -> str:
+    value = issue.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise WebhookError(400, f"field issue.{key} has the wrong type")
+    return value
+
+
 def _permission(data: Mapping[str, Any]) -> str | None:
-    """The doer's permission, as Gitea renders `repository.permissions` for it."""
-    perms = data.get("repository", {}).get("permissions")
+    """The permission Gitea put in `repository.permissions`: whose it is depends on the event."""
+    repository = data.get("repository")
+    perms = repository.get("permissions") if isinstance(repository, Mapping) else None
     if not isinstance(perms, Mapping):
         return None
     if perms.get("admin"):
@@ -203,30 +236,34 @@ def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
         action = _get(data, "action", str)
         issue = _get(data, "issue", Mapping)
         is_pull = bool(issue.get("pull_request"))
+        sender = _checked(data, "sender.login", str, names.login_error)
+        author = issue.get("user")
+        # the issue author's permission: the sender's only if the sender wrote the issue
+        by_author = isinstance(author, Mapping) and author.get("login") == sender
         return IssueEvent(
             action=action,
-            repo=_get(data, "repository.full_name", str),
-            number=_get(data, "issue.number", int),
-            title=issue.get("title") or "",
-            body=issue.get("body") or "",
+            repo=_checked(data, "repository.full_name", str, names.repo_error),
+            number=_checked(data, "issue.number", int, names.number_error),
+            title=_text(issue, "title"),
+            body=_text(issue, "body"),
             labels=_labels(issue),
             is_pull=is_pull,
-            sender=_get(data, "sender.login", str),
-            permission=_permission(data),
+            sender=sender,
+            permission=_permission(data) if by_author else None,
         )
     if delivery.event == "issue_comment":
         action = _get(data, "action", str)
         issue = _get(data, "issue", Mapping)
         return CommentEvent(
             action=action,
-            repo=_get(data, "repository.full_name", str),
-            number=_get(data, "issue.number", int),
+            repo=_checked(data, "repository.full_name", str, names.repo_error),
+            number=_checked(data, "issue.number", int, names.number_error),
             is_pull=bool(data.get("is_pull")) or bool(issue.get("pull_request")),
-            comment_id=_get(data, "comment.id", int),
+            comment_id=_checked(data, "comment.id", int, names.number_error),
             body=_get(data, "comment.body", str),
-            sender=_get(data, "sender.login", str),
-            permission=_permission(data),
-            title=issue.get("title") or "",
+            sender=_checked(data, "sender.login", str, names.login_error),
+            permission=_permission(data),  # the commenter's: Gitea fills it for the doer
+            title=_text(issue, "title"),
             labels=_labels(issue),
         )
     return Ignored(f"event {delivery.event} is not one kugetsu acts on")

@@ -19,6 +19,8 @@ from urllib.parse import quote
 import requests
 from urllib3.exceptions import NewConnectionError
 
+from bot import names
+
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
@@ -80,6 +82,13 @@ class ServerError(GiteaError):
 
 class Unreachable(GiteaError):
     """No HTTP answer: connection refused or reset, or timed out, after the retries."""
+
+
+class InvalidPath(GiteaError):
+    """A value that cannot be one segment of an API path: nothing was sent."""
+
+    def __str__(self) -> str:
+        return f"not sent to Gitea: {self.message}"
 
 
 _ERRORS_BY_STATUS: dict[int, type[GiteaError]] = {
@@ -149,9 +158,31 @@ class GiteaAPI(Protocol):
     def iter_timeline(self, owner: str, repo: str, number: int) -> Iterator[dict]: ...
 
 
-def _seg(value: Any) -> str:
-    """Quote one path segment; '/' is quoted too."""
-    return quote(str(value), safe="")
+def _seg(value: str | int, *, safe: str = "") -> str:
+    """One segment of an API path, so that no value can change the path.
+
+    Every segment goes through here. An int must be an id or a number (1..2^63-1); a
+    string is quoted ('/' too) and must not be empty, "." or "..": quote() leaves dots
+    alone, and Gitea or a proxy in front of it may resolve them.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidPath(f"{type(value).__name__} {names.shown(value)} in an API path")
+    if isinstance(value, int):
+        error = names.number_error(value, "a number in an API path")
+        if error:
+            raise InvalidPath(error)
+        return str(value)
+    if value in ("", ".", ".."):
+        raise InvalidPath(f"{value!r} as a segment of an API path")
+    return quote(value, safe=safe)
+
+
+def _segs(value: str) -> str:
+    """A value that Gitea's route takes as several segments (a branch with '/'): each
+    part is a segment of its own."""
+    if not isinstance(value, str):
+        raise InvalidPath(f"{type(value).__name__} {names.shown(value)} in an API path")
+    return "/".join(_seg(part, safe=":") for part in value.split("/"))
 
 
 def _repo_path(owner: str, repo: str) -> str:
@@ -357,27 +388,27 @@ class GiteaClient:
         return self._call("GET", _repo_path(owner, repo))
 
     def get_issue(self, owner: str, repo: str, number: int) -> dict:
-        return self._call("GET", f"{_repo_path(owner, repo)}/issues/{int(number)}")
+        return self._call("GET", f"{_repo_path(owner, repo)}/issues/{_seg(number)}")
 
     def create_comment(self, owner: str, repo: str, number: int, body: str) -> dict:
-        path = f"{_repo_path(owner, repo)}/issues/{int(number)}/comments"
+        path = f"{_repo_path(owner, repo)}/issues/{_seg(number)}/comments"
         return self._call("POST", path, json={"body": body})
 
     def edit_comment(self, owner: str, repo: str, comment_id: int, body: str) -> dict | None:
-        path = f"{_repo_path(owner, repo)}/issues/comments/{int(comment_id)}"
+        path = f"{_repo_path(owner, repo)}/issues/comments/{_seg(comment_id)}"
         return self._call("PATCH", path, json={"body": body}, ok=(200, 204))
 
     def list_comments(self, owner: str, repo: str, number: int) -> list[dict]:
         """All comments of an issue or PR (Gitea does not page this endpoint)."""
-        path = f"{_repo_path(owner, repo)}/issues/{int(number)}/comments"
+        path = f"{_repo_path(owner, repo)}/issues/{_seg(number)}/comments"
         return list(self._call("GET", path) or [])
 
     def get_comment(self, owner: str, repo: str, comment_id: int) -> dict:
-        path = f"{_repo_path(owner, repo)}/issues/comments/{int(comment_id)}"
+        path = f"{_repo_path(owner, repo)}/issues/comments/{_seg(comment_id)}"
         return self._call("GET", path)
 
     def add_reaction(self, owner: str, repo: str, comment_id: int, content: str) -> None:
-        path = f"{_repo_path(owner, repo)}/issues/comments/{int(comment_id)}/reactions"
+        path = f"{_repo_path(owner, repo)}/issues/comments/{_seg(comment_id)}/reactions"
         self._request("POST", path, json={"content": content}, ok=(200, 201))
 
     def get_permission(self, owner: str, repo: str, login: str) -> str:
@@ -391,7 +422,7 @@ class GiteaClient:
         contain '/', which stays a literal '/' in the path (Gitea's route is
         `/pulls/{base}/*`).
         """
-        path = f"{_repo_path(owner, repo)}/pulls/{_seg(base)}/{quote(head, safe='/:')}"
+        path = f"{_repo_path(owner, repo)}/pulls/{_seg(base)}/{_segs(head)}"
         try:
             return self._call("GET", path)
         except NotFound:
@@ -435,11 +466,11 @@ class GiteaClient:
         state: str | None = None,
     ) -> dict:
         payload = {k: v for k, v in (("title", title), ("body", body), ("state", state)) if v is not None}
-        path = f"{_repo_path(owner, repo)}/pulls/{int(number)}"
+        path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}"
         return self._call("PATCH", path, json=payload)
 
     def get_pull(self, owner: str, repo: str, number: int) -> dict:
-        return self._call("GET", f"{_repo_path(owner, repo)}/pulls/{int(number)}")
+        return self._call("GET", f"{_repo_path(owner, repo)}/pulls/{_seg(number)}")
 
     def create_status(
         self,
@@ -465,7 +496,7 @@ class GiteaClient:
         ends the walk when it is empty, when a Link header has no rel="next", or,
         without a Link header, when it is shorter than the page size.
         """
-        path = f"{_repo_path(owner, repo)}/issues/{int(number)}/timeline"
+        path = f"{_repo_path(owner, repo)}/issues/{_seg(number)}/timeline"
         page = 1
         while True:
             resp = self._request("GET", path, params={"page": page, "limit": TIMELINE_PAGE_SIZE})

@@ -16,7 +16,7 @@ from bot import commands
 from bot.config import TriggersConfig
 from bot.events import CommentEvent, Delivery, Event, Ignored, IssueEvent
 from bot.store import Store
-from bot.tasks import Kind, Task
+from bot.tasks import LABELLER, Kind, Task
 
 #: every comment kugetsu writes carries this, so its own comments never trigger it
 MARKER = "<!-- kugetsu"
@@ -154,14 +154,16 @@ def _issue_event(event: IssueEvent, rules: Rules, view: IntakeView) -> Decision:
     if rules.bot_login and event.sender == rules.bot_login:
         decision.reason = "labelled by kugetsu itself"
         return decision
+    # What the delivery shows of the labeller: their permission if they wrote the issue,
+    # else only that they could change a label (see tasks.fallback_permission).
+    hint = event.permission or LABELLER
     active = view.active_task(event.repo, event.number)
     if active is not None:
-        decision.intents.append(_already(event.repo, event.number, active, event.sender,
-                                         event.permission))
+        decision.intents.append(_already(event.repo, event.number, active, event.sender, hint))
         decision.reason = f"task {active.id} is already active for this issue"
         return decision
     decision.intents.append(Enqueue(event.repo, event.number, Kind.START, "", rules.default_agent,
-                                    event.sender, event.permission))
+                                    event.sender, hint))
     decision.reason = "label added"
     return decision
 

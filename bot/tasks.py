@@ -185,8 +185,28 @@ class Task:
         }
 
 
+PERMISSIONS = ("none", "read", "write", "admin", "owner")
+#: The permission hint of a request made by adding a label. Gitea lets only users with
+#: write access change labels, so whoever did has at least write.
+LABELLER = "labeller"
+
+
 def permission_at_least(have: str | None, need: str) -> bool:
-    order = ("none", "read", "write", "admin", "owner")
-    if have not in order:
+    if have not in PERMISSIONS:
         return False
-    return order.index(have) >= order.index(need)
+    return PERMISSIONS.index(have) >= PERMISSIONS.index(need)
+
+
+def fallback_permission(hint: str | None) -> tuple[str, bool]:
+    """What a request itself shows of its requester's permission: (permission, exact).
+
+    For when Gitea will not tell (its permission API needs a repository admin). The
+    hint never comes from a field that describes someone else: a comment carries the
+    commenter's permission (exact); a label change shows only that the labeller has at
+    least write; anything else shows nothing ("none").
+    """
+    if hint == LABELLER:
+        return "write", False
+    if hint in PERMISSIONS:
+        return hint, True
+    return "none", True

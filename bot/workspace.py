@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Sequence
 from urllib.parse import urlsplit
 
+from bot import names
+
 log = logging.getLogger(__name__)
 
 REMOTE = "origin"
@@ -52,7 +54,6 @@ _SAFE_CONFIG = (
 #: variable is dropped so an inherited GIT_DIR, GIT_CONFIG_* or trace setting changes nothing.
 _KEEP_GIT_ENV_PREFIXES = ("GIT_SSL_", "GIT_HTTP_", "GIT_PROXY_SSL_")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SHA_RE = re.compile(r"^[0-9a-fA-F]{4,64}$")
 _URL_USERINFO_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 _AUTH_HEADER_RE = re.compile(r"(?i)(authorization:\s*)\S[^\r\n]*")
@@ -608,14 +609,15 @@ def _config_value(value: str) -> str:
 
 
 def _valid_name(part: str) -> bool:
-    return bool(_NAME_RE.match(part)) and part not in (".", "..")
+    """An owner's or a repository's directory: named by Gitea's rules, so never '..'."""
+    return names.name_error(part, "name", names.MAX_REPO_NAME_LENGTH) is None
 
 
 def _split_repo(repo: str) -> tuple[str, str]:
-    parts = repo.split("/") if isinstance(repo, str) else []
-    if len(parts) != 2 or not all(_valid_name(p) for p in parts):
-        raise GitError(f"invalid repository name: {repo!r} (expected owner/name)", step="validate")
-    return parts[0], parts[1]
+    try:
+        return names.split_repo(repo)
+    except ValueError as exc:
+        raise GitError(f"invalid repository name: {exc}", step="validate") from None
 
 
 def _check_issue(issue: int) -> None:

@@ -90,9 +90,12 @@ def issue(number: int, *, title: str = "Fix the widget", body: str = "It is brok
 
 def issue_payload(action: str, number: int = 7, *, labels: Iterable[str] = (),
                   sender: str = "alice", permission: str = "write", repo: str = "acme/widget",
-                  title: str = "Fix the widget", body: str = "It is broken.") -> dict[str, Any]:
+                  title: str = "Fix the widget", body: str = "It is broken.",
+                  author: str = "alice") -> dict[str, Any]:
+    """`permission` is the issue author's, as Gitea fills `repository.permissions` here."""
     return {"action": action, "number": number,
-            "issue": issue(number, title=title, body=body, labels=labels, repo=repo),
+            "issue": issue(number, title=title, body=body, labels=labels, repo=repo,
+                           author=author),
             "repository": repository(repo, permission=permission), "sender": user(sender, 3),
             "commit_id": ""}
 

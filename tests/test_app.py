@@ -235,3 +235,29 @@ def test_form_without_its_json_is_401_before_anything_else(service, form):
     r = post(url, form, headers)
     assert r.status_code == 401 and r.json()["reason"].startswith("cannot check the signature")
     assert store.list() == []
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda d: d["repository"].update(full_name="widget"), "repository.full_name"),
+    (lambda d: d["issue"].update(number=-9223372036854775808), "issue.number"),
+    (lambda d: d["issue"].update(number=2**64), "issue.number"),
+    (lambda d: d["comment"].update(id=2**63), "comment.id"),
+    (lambda d: d["sender"].update(login="../alice"), "sender.login"),
+])
+def test_values_out_of_range_are_400_with_a_reason_and_write_nothing(service, mutate, reason):
+    url, store, woken = service
+    data = payloads.comment_payload("/kugetsu start --max-tokens 5")
+    mutate(data)
+    body = payloads.encode(data)
+    r = post(url, body, payloads.sign(body, event="issue_comment"))
+    assert r.status_code == 400 and reason in r.json()["reason"]
+    assert store.list() == [] and woken == []
+
+
+def test_a_budget_out_of_range_is_refused_with_a_reply_not_a_500(service):
+    url, store, _ = service
+    r = post(url, *payloads.comment_delivery("/kugetsu start --max-tokens 99999999999999999999"))
+    assert r.status_code == 202
+    assert store.list() == []
+    [reply] = [item for item in store.outbox_due(10) if item.kind == "comment"]
+    assert "--max-tokens must be greater than 0 and at most 1,000,000,000,000" in reply.body

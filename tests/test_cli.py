@@ -152,10 +152,12 @@ def test_clear_refuses_a_negative_or_non_finite_age(setup, capsys, days):
 @pytest.mark.parametrize("ref, why", [
     ("a/b#99999999999999999999", "issue number"),
     ("a/b#0", "issue number"),
-    ("../..#1", "not a valid owner"),
-    ("./b#1", "not a valid owner"),
-    ("a/..#1", "not a valid name"),
+    ("../..#1", "owner '..' is not a name"),
+    ("./b#1", "owner '.' is not a name"),
+    ("a/..#1", "repository name '..' is not a name"),
     ("a/b c#1", "OWNER/REPO#NUMBER"),
+    ("a/b/c#1", "is not owner/name"),
+    (f"{'o' * 41}/b#1", "longer than 40"),
     ("a/b#1\n", "OWNER/REPO#NUMBER"),
 ])
 def test_enqueue_rejects_invalid_repos_and_issue_numbers(setup, capsys, ref, why):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,10 +14,10 @@ import pytest
 
 from bot import process
 from bot.config import AgentConfig
-from bot.dispatcher import GITEA_WAIT_SECONDS, Dispatcher
-from bot.gitea import GiteaClient, Locked
+from bot.dispatcher import GITEA_WAIT_SECONDS, AuthCache, Dispatcher
+from bot.gitea import Forbidden, GiteaClient, Locked
 from bot.store import open_store
-from bot.tasks import Kind, Outcome, State
+from bot.tasks import LABELLER, Kind, Outcome, State
 from bot.workspace import GitError, Workspace
 from tests.conftest import (FAKE_AGENT, REPO, TOKEN, fake_agent, make_config, peak_overlap,
                             process_gone, wait_for, write_unchecked)
@@ -404,6 +405,77 @@ def test_unauthorized_requester_is_refused_with_a_reason(make):
     assert "Not started" in comment["body"]
     assert "@mallory needs write access to acme/widget" in comment["body"]
     assert not (h.config.storage.worktrees_dir / "acme").exists()
+
+
+def deliver_label(h, number, sender, author):
+    """The label delivery Gitea sends: repository.permissions is the issue author's."""
+    from bot import events, intake
+    from tests import payloads
+    body, headers = payloads.label_delivery(["kugetsu"], number, sender=sender, author=author,
+                                            permission=h.gitea.permission(REPO, author))
+    delivery = events.delivery_of(headers, body)
+    rules = intake.Rules(label="kugetsu", command="/kugetsu", bot_login="kugetsu-bot",
+                         known_agents=frozenset(h.config.agents.tables), default_agent="fake",
+                         max_attempts=h.config.queue.max_attempts)
+    return intake.ingest(h.store, delivery, events.parse(delivery, events.load_json(body)),
+                         rules)
+
+
+def not_admin(h):
+    """kugetsu with write access only: Gitea answers 403 when it asks for a permission."""
+    h.gitea.set_permission(REPO, "kugetsu-bot", "write")
+    h.gitea.set_permission(REPO, "adam", "admin")
+    h.gitea.set_permission(REPO, "rita", "read")
+
+
+def test_an_admin_labelling_a_readers_issue_starts_work_when_kugetsu_is_not_admin(make):
+    h = make()
+    not_admin(h)
+    n = h.gitea.create_issue(REPO, "Add a greeting", "Please add one.", login="rita")
+    h.gitea.add_labels(REPO, n, "kugetsu", login="adam")
+    [tid] = deliver_label(h, n, sender="adam", author="rita").task_ids
+    h.settle(tid)
+    task = h.store.get(tid)
+    assert (task.state, task.outcome) == (State.COMPLETED, Outcome.SUCCEEDED)
+    assert len(h.gitea.pulls_of(REPO)) == 1
+
+
+def test_a_readers_comment_is_refused_when_kugetsu_is_not_admin(make):
+    h = make()
+    not_admin(h)
+    n = h.issue()
+    _, result = deliver_comment(h, "/kugetsu start", n, sender="rita")
+    [tid] = result.task_ids
+    h.settle(tid)
+    assert h.store.get(tid).state is State.REJECTED
+    assert "@rita needs write access to acme/widget" in h.tracking_comments(n)[0]["body"]
+    assert h.gitea.pulls_of(REPO) == {}
+
+
+class _NotAdmin:
+    def get_permission(self, owner, repo, login):
+        raise Forbidden("user does not have admin permission", status=403)
+
+
+@pytest.mark.parametrize("need, hint, verdict", [
+    ("write", LABELLER, (True, "write")),
+    ("read", LABELLER, (True, "write")),
+    ("admin", LABELLER, False),          # a label shows write at least, not admin
+    ("admin", "admin", (True, "admin")),  # a comment shows the commenter's own
+    ("write", "read", False),
+    ("write", None, False),
+])
+def test_without_admin_a_request_is_judged_by_what_it_shows(tmp_path, need, hint, verdict):
+    config = make_config(tmp_path, "http://gitea.invalid")
+    config = dataclasses.replace(config, triggers=dataclasses.replace(config.triggers,
+                                                                      min_permission=need))
+    result = AuthCache(config, _NotAdmin(), time.time).check(REPO, "adam", hint)
+    if verdict is False:
+        assert result[0] is False
+        if hint == LABELLER:
+            assert "needs admin access to the repository" in result[1]
+    else:
+        assert result == verdict
 
 
 def test_allowed_users_list_is_enforced(make, tmp_path):

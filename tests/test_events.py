@@ -72,10 +72,90 @@ def test_malformed_bodies(payload):
 
 def test_parse_label_updated():
     data = payloads.issue_payload("label_updated", 12, labels=["bug", "kugetsu"],
-                                  sender="bob", permission="admin")
+                                  sender="bob", author="bob", permission="admin")
     event = events.parse(Delivery("d", "issues", "issue_label"), data)
     assert event == IssueEvent("label_updated", "acme/widget", 12, "Fix the widget",
                                "It is broken.", ("bug", "kugetsu"), False, "bob", "admin")
+
+
+def test_a_label_event_never_takes_the_issue_authors_permission_for_the_labellers():
+    # Gitea fills repository.permissions with the issue author's on issue events
+    data = payloads.issue_payload("label_updated", 12, labels=["kugetsu"], sender="adam",
+                                  author="rita", permission="read")
+    event = events.parse(Delivery("d", "issues", "issue_label"), data)
+    assert (event.sender, event.permission) == ("adam", None)
+
+
+def test_a_comment_event_carries_the_commenters_permission():
+    data = payloads.comment_payload("/kugetsu start", sender="rita", permission="read")
+    event = events.parse(Delivery("d", "issue_comment", "issue_comment"), data)
+    assert (event.sender, event.permission) == ("rita", "read")
+
+
+def _set(data, path, value):
+    *parents, last = path.split(".")
+    for part in parents:
+        data = data[part]
+    data[last] = value
+
+
+BAD_VALUES = [
+    ("repository.full_name", "widget", "not owner/name"),
+    ("repository.full_name", "acme/widget/x", "not owner/name"),
+    ("repository.full_name", "../widget", "owner '..' is not a name"),
+    ("repository.full_name", "acme/..", "repository name '..' is not a name"),
+    ("repository.full_name", "acme/.", "repository name '.' is not a name"),
+    ("repository.full_name", "/widget", "not letters, digits"),
+    ("repository.full_name", "ac me/widget", "not letters, digits"),
+    ("repository.full_name", "acme/wid?get", "not letters, digits"),
+    ("repository.full_name", "a" * 41 + "/widget", "longer than 40"),
+    ("repository.full_name", "acme/" + "w" * 101, "longer than 100"),
+    ("issue.number", 0, "between 1 and"),
+    ("issue.number", -9223372036854775808, "between 1 and"),
+    ("issue.number", 2**63, "between 1 and"),
+    ("issue.number", 10**40, "between 1 and"),
+    ("issue.number", 7.0, "wrong type"),
+    ("comment.id", 2**63, "between 1 and"),
+    ("comment.id", -1, "between 1 and"),
+    ("sender.login", "..", "login '..' is not a name"),
+    ("sender.login", "../alice", "not letters, digits"),
+    ("sender.login", "", "not letters, digits"),
+    ("sender.login", "x" * 41, "longer than 40"),
+    ("issue.title", ["not", "text"], "wrong type"),
+]
+
+
+@pytest.mark.parametrize("path, value, reason", BAD_VALUES)
+def test_values_that_would_reach_a_path_or_the_database_are_400(path, value, reason):
+    data = payloads.comment_payload("/kugetsu start")
+    _set(data, path, value)
+    with pytest.raises(WebhookError) as exc:
+        events.parse(Delivery("d", "issue_comment", "issue_comment"), data)
+    assert exc.value.status == 400 and reason in exc.value.reason
+    assert "\n" not in exc.value.reason and len(exc.value.reason) < 200
+
+
+@pytest.mark.parametrize("path, value, reason",
+                         [v for v in BAD_VALUES if not v[0].startswith("comment.")])
+def test_issue_events_check_the_same_values(path, value, reason):
+    data = payloads.issue_payload("label_updated", labels=["kugetsu"])
+    _set(data, path, value)
+    with pytest.raises(WebhookError) as exc:
+        events.parse(Delivery("d", "issues", "issue_label"), data)
+    assert exc.value.status == 400 and reason in exc.value.reason
+
+
+def test_the_largest_numbers_are_accepted():
+    data = payloads.comment_payload("/kugetsu start", 2**63 - 1, comment_id=2**63 - 1)
+    event = events.parse(Delivery("d", "issue_comment", "issue_comment"), data)
+    assert (event.number, event.comment_id) == (2**63 - 1, 2**63 - 1)
+
+
+def test_an_integer_python_will_not_convert_is_400():
+    body = b'{"action": "created", "id": ' + b"9" * 5000 + b"}"
+    with pytest.raises(WebhookError) as exc:
+        events.load_json(body)
+    assert exc.value.status == 400
 
 
 def test_parse_comment_on_pull_request():

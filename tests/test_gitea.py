@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
+import urllib.parse
 import logging
 import socket
 import traceback
@@ -656,3 +658,92 @@ def test_unexpected_non_json_success_is_an_error(rsps, client):
 def test_module_exposes_error_hierarchy():
     for cls in (Unauthorized, Forbidden, NotFound, Conflict, Unprocessable, Locked, ServerError, Unreachable):
         assert issubclass(cls, gitea.GiteaError)
+
+
+# -- no value can change an API path --------------------------------------------------
+
+# (method, arguments, which argument is the value under test)
+PATH_CALLS = [
+    ("get_repo", ["acme", "widget"], 0),
+    ("get_repo", ["acme", "widget"], 1),
+    ("get_issue", ["acme", "widget", 7], 2),
+    ("create_comment", ["acme", "widget", 7, "hi"], 2),
+    ("edit_comment", ["acme", "widget", 5, "hi"], 2),
+    ("get_comment", ["acme", "widget", 5], 2),
+    ("list_comments", ["acme", "widget", 7], 2),
+    ("add_reaction", ["acme", "widget", 5, "eyes"], 2),
+    ("get_permission", ["acme", "widget", "alice"], 2),
+    ("find_pull", ["acme", "widget", "main", "kugetsu/issue-7"], 2),
+    ("find_pull", ["acme", "widget", "main", "kugetsu/issue-7"], 3),
+    ("edit_pull", ["acme", "widget", 7], 2),
+    ("get_pull", ["acme", "widget", 7], 2),
+    ("create_status", ["acme", "widget", "abc123"], 2),
+    ("iter_timeline", ["acme", "widget", 7], 2),
+]
+HOSTILE_TEXT = ["..", ".", "", "../..", "a/b", "a/../b", "%2e%2e", "%2F", "?admin=1", "#x",
+                "a b", "ü", ";x", "\\..", "~", "a\nb", "-1"]
+HOSTILE_NUMBERS = [0, -1, -9223372036854775808, 2**63, 10**30, True, None, 1.5, "..", "7/8"]
+REFUSED_TEXT = {"..", ".", ""}
+
+
+def _call(client, method, args):
+    kwargs = {"state": "success", "context": "kugetsu"} if method == "create_status" else {}
+    result = getattr(client, method)(*args, **kwargs)
+    if method == "iter_timeline":
+        list(result)
+
+
+def _paths(method, args, value, at):
+    """Call `method` with `value` as argument `at`: the paths it asked for, or the error."""
+    client = GiteaClient(BASE, TOKEN, retries=0, sleep=lambda s: None)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        for verb in ("GET", "POST", "PATCH"):
+            mock.add(verb, re.compile(r".*"), json=[] if method == "iter_timeline" else {
+                "permission": "read"})
+        args = list(args)
+        args[at] = value
+        try:
+            _call(client, method, args)
+        except gitea.InvalidPath as exc:
+            assert not mock.calls, "nothing is sent when a value is refused"
+            return exc
+        return [call.request.path_url.split("?")[0] for call in mock.calls]
+
+
+@pytest.mark.parametrize("method, args, at", PATH_CALLS,
+                         ids=[f"{m}-{a}" for m, _, a in PATH_CALLS])
+def test_no_value_can_change_an_api_path(method, args, at):
+    numeric = isinstance(args[at], int)
+    [reference] = _paths(method, args, 424242 if numeric else "MARK", at)
+    before, _, after = reference.partition("424242" if numeric else "MARK")
+    for value in (HOSTILE_NUMBERS if numeric else HOSTILE_TEXT):
+        result = _paths(method, args, value, at)
+        if isinstance(result, gitea.InvalidPath):
+            assert "not sent to Gitea" in str(result)
+            if numeric:
+                assert not (isinstance(value, int) and not isinstance(value, bool)
+                            and 1 <= value < 2**63)
+            else:
+                assert value in REFUSED_TEXT or (method == "find_pull" and at == 3
+                                                  and REFUSED_TEXT & set(value.split("/")))
+            continue
+        assert not numeric or isinstance(value, str), f"{value!r} was sent"
+        [path] = result
+        assert path.startswith(before) and path.endswith(after), (value, path)
+        middle = path[len(before):len(path) - len(after)]
+        if method == "find_pull" and at == 3:  # a branch: its '/' are Gitea's route's own
+            parts = middle.split("/")
+            assert [urllib.parse.unquote(p) for p in parts] == value.split("/")
+            assert not REFUSED_TEXT & set(parts)
+        else:
+            assert "/" not in middle and urllib.parse.unquote(middle) == value
+        assert "/../" not in path and "/./" not in path and not path.endswith(("/..", "/."))
+
+
+def test_a_refused_segment_is_a_gitea_error_that_sends_nothing(rsps, client):
+    with pytest.raises(GiteaError) as info:
+        client.create_comment("acme", "widget", -9223372036854775808, "hi")
+    assert "not sent to Gitea" in str(info.value) and "between 1 and" in str(info.value)
+    with pytest.raises(GiteaError):
+        client.get_permission("acme", "widget", "..")
+    assert len(rsps.calls) == 0

@@ -6,7 +6,7 @@ from bot import events, intake
 from bot.events import Delivery
 from bot.intake import Rules
 from bot.store import open_store
-from bot.tasks import Kind, State
+from bot.tasks import LABELLER, Kind, State
 from tests import payloads
 
 RULES = Rules(label="kugetsu", command="/kugetsu", bot_login="kugetsu-bot",
@@ -52,6 +52,13 @@ def test_label_added_starts_a_task(store):
     assert (task.repo, task.issue, task.kind, task.requested_by, task.state) == (
         "acme/widget", 7, Kind.START, "alice", State.PENDING)
     assert task.authorized is None and task.permission_hint == "write"
+
+
+def test_a_label_from_someone_else_carries_only_that_they_could_change_labels(store):
+    # repository.permissions is the issue author's (a reader's), not the labeller's
+    label(store, ["kugetsu"], sender="adam", author="rita", permission="read")
+    [task] = tasks(store)
+    assert (task.requested_by, task.permission_hint) == ("adam", LABELLER)
 
 
 def test_another_label_later_does_not_start_again(store):

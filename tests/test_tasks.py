@@ -2,8 +2,9 @@
 
 import pytest
 
-from bot.tasks import (TRANSITIONS, InvalidTransition, Outcome, State, backoff_for,
-                       check_transition, decide, doubling, permission_at_least)
+from bot.tasks import (LABELLER, TRANSITIONS, InvalidTransition, Outcome, State, backoff_for,
+                       check_transition, decide, doubling, fallback_permission,
+                       permission_at_least)
 
 
 @pytest.mark.parametrize("outcome, attempts, state, delay", [
@@ -47,3 +48,16 @@ def test_permission_order(have, need, ok):
 def test_doubling_waits_twice_as_long_each_time_up_to_its_most_however_many_failures():
     assert [doubling(5.0, n, 600.0) for n in (1, 2, 3, 7, 8)] == [5.0, 10.0, 20.0, 320.0, 600.0]
     assert doubling(5.0, 5000, 600.0) == 600.0   # 5.0 * 2 ** 4999 is no float
+
+
+@pytest.mark.parametrize("hint, expected", [
+    ("admin", ("admin", True)),
+    ("write", ("write", True)),
+    ("read", ("read", True)),
+    ("none", ("none", True)),
+    (LABELLER, ("write", False)),   # at least write: Gitea lets only writers change labels
+    (None, ("none", True)),
+    ("root", ("none", True)),
+])
+def test_fallback_permission_is_what_the_request_itself_shows(hint, expected):
+    assert fallback_permission(hint) == expected
