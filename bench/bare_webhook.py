@@ -51,8 +51,7 @@ def main() -> int:
 
     app = create_app(args.secret)
     prepare_interpreter()  # the same process settings as kugetsu serve's receiver
-    server = HttpServer(app, "127.0.0.1", args.port,
-                        threads=args.threads).start()
+    server = HttpServer(app, "127.0.0.1", args.port, threads=args.threads).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -21,14 +21,38 @@ from tests.service import Service, free_port, write_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRACKING_MARK = "<!-- kugetsu:task="
-FINAL_MARKS = {"✅ **Done**": "done", "➖ **No changes**": "no_changes",
-               "❌ **Failed**": "failed", "🛑 **Stopped**": "stopped",
-               "🚫 **Not started**": "rejected"}
+FINAL_MARKS = {
+    "✅ **Done**": "done",
+    "➖ **No changes**": "no_changes",
+    "❌ **Failed**": "failed",
+    "🛑 **Stopped**": "stopped",
+    "🚫 **Not started**": "rejected",
+}
 
-__all__ = ["ROOT", "REPO", "SECRET", "TOKEN", "FAKE_AGENT", "Service", "free_port",
-           "write_config", "pct", "summary", "write_result", "table", "machine",
-           "service_tables", "fake_agent_table", "tracking_comments", "final_state",
-           "wait_until", "memory_kib", "read_task_rows", "read_record", "task_phases"]
+__all__ = [
+    "ROOT",
+    "REPO",
+    "SECRET",
+    "TOKEN",
+    "FAKE_AGENT",
+    "Service",
+    "free_port",
+    "write_config",
+    "pct",
+    "summary",
+    "write_result",
+    "table",
+    "machine",
+    "service_tables",
+    "fake_agent_table",
+    "tracking_comments",
+    "final_state",
+    "wait_until",
+    "memory_kib",
+    "read_task_rows",
+    "read_record",
+    "task_phases",
+]
 
 
 # --------------------------------------------------------------------------- statistics
@@ -51,9 +75,14 @@ def summary(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> dic
     if not values:
         return {"count": 0}
     out: dict[str, Any] = {"count": len(values)}
-    for key, value in (("min", min(values)), ("p50", pct(values, 50)), ("p90", pct(values, 90)),
-                       ("p99", pct(values, 99)), ("max", max(values)),
-                       ("mean", sum(values) / len(values))):
+    for key, value in (
+        ("min", min(values)),
+        ("p50", pct(values, 50)),
+        ("p90", pct(values, 90)),
+        ("p99", pct(values, 99)),
+        ("max", max(values)),
+        ("mean", sum(values) / len(values)),
+    ):
         out[key] = round(value * scale, digits)
     return out
 
@@ -70,8 +99,12 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu_model": cpu, "python": platform.python_version(),
-            "system": f"{platform.system()} {platform.release()}"}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "python": platform.python_version(),
+        "system": f"{platform.system()} {platform.release()}",
+    }
 
 
 def revision() -> str | None:
@@ -79,10 +112,20 @@ def revision() -> str | None:
     import subprocess
 
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bot"], cwd=ROOT,
-                               check=True, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "bot"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+changes" if dirty else "")
@@ -91,20 +134,30 @@ def revision() -> str | None:
 def write_result(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "revision": revision(), "machine": machine(), **data}
+    payload = {
+        "benchmark": name,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "revision": revision(),
+        "machine": machine(),
+        **data,
+    }
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
     return path
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     rows = [["-" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
-              for r in rows]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(headers, widths)),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += [
+        "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -113,24 +166,44 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def fake_agent_table(**env: Any) -> dict[str, Any]:
     """An [agents.NAME] table running the test suite's scriptable fake agent."""
-    return {"command": [sys.executable, str(FAKE_AGENT), "{prompt}"],
-            "env": {k: str(v) for k, v in env.items()}}
+    return {
+        "command": [sys.executable, str(FAKE_AGENT), "{prompt}"],
+        "env": {k: str(v) for k, v in env.items()},
+    }
 
 
-def service_tables(*, port: int, gitea_url: str, data_dir: Path,
-                   agents: dict[str, dict[str, Any]] | None = None, default: str = "fake",
-                   queue: dict[str, Any] | None = None,
-                   agents_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+def service_tables(
+    *,
+    port: int,
+    gitea_url: str,
+    data_dir: Path,
+    agents: dict[str, dict[str, Any]] | None = None,
+    default: str = "fake",
+    queue: dict[str, Any] | None = None,
+    agents_options: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
     """The config tables of a `kugetsu serve` on 127.0.0.1 talking to a fake Gitea."""
     tables: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}"},
-        "gitea": {"url": gitea_url, "token": TOKEN, "webhook_secret": SECRET,
-                  "bot_login": "kugetsu-bot"},
+        "gitea": {
+            "url": gitea_url,
+            "token": TOKEN,
+            "webhook_secret": SECRET,
+            "bot_login": "kugetsu-bot",
+        },
         "storage": {"data_dir": str(data_dir)},
-        "queue": {"poll_interval_seconds": 30, "max_concurrent_agents": 3,
-                  "retry_backoff_seconds": [0], **(queue or {})},
-        "agents": {"default": default, "timeout_minutes": 15, "kill_grace_seconds": 2,
-                   **(agents_options or {})},
+        "queue": {
+            "poll_interval_seconds": 30,
+            "max_concurrent_agents": 3,
+            "retry_backoff_seconds": [0],
+            **(queue or {}),
+        },
+        "agents": {
+            "default": default,
+            "timeout_minutes": 15,
+            "kill_grace_seconds": 2,
+            **(agents_options or {}),
+        },
     }
     for name, agent in (agents or {}).items():
         tables[f"agents.{name}"] = agent
@@ -139,8 +212,11 @@ def service_tables(*, port: int, gitea_url: str, data_dir: Path,
 
 
 def tracking_comments(gitea, number: int, repo: str = REPO) -> list[dict]:
-    return [c for c in gitea.comments_on(repo, number) if TRACKING_MARK in c["body"]
-            and "Pushed a follow-up" not in c["body"]]
+    return [
+        c
+        for c in gitea.comments_on(repo, number)
+        if TRACKING_MARK in c["body"] and "Pushed a follow-up" not in c["body"]
+    ]
 
 
 def final_state(gitea, number: int, repo: str = REPO) -> str | None:
@@ -155,8 +231,9 @@ def final_state(gitea, number: int, repo: str = REPO) -> str | None:
     return None
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.005,
-               what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.005, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -183,9 +260,13 @@ def read_task_rows(db_path: Path) -> dict[int, dict[str, Any]]:
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     conn.row_factory = sqlite3.Row
     try:
-        return {r["id"]: dict(r) for r in conn.execute(
-            "SELECT id, issue, state, outcome, attempts, created_at, started_at, finished_at, "
-            "comment_id FROM tasks")}
+        return {
+            r["id"]: dict(r)
+            for r in conn.execute(
+                "SELECT id, issue, state, outcome, attempts, created_at, started_at, finished_at, "
+                "comment_id FROM tasks"
+            )
+        }
     finally:
         conn.close()
 
@@ -202,15 +283,20 @@ def read_record(path: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def task_phases(*, sent: float, sent_wall: float, done: float, start: float, end: float,
-                row: dict[str, Any]) -> dict[str, float]:
+def task_phases(
+    *, sent: float, sent_wall: float, done: float, start: float, end: float, row: dict[str, Any]
+) -> dict[str, float]:
     """Split delivery -> Done of one task at the claim, the agent's start and end, and the
     task's finish. `sent`, `done`, `start` and `end` are monotonic; the database's claim and
     finish times are wall-clock and are moved onto the monotonic clock through `sent_wall`."""
     shift = sent - sent_wall
     claimed, finished = row["started_at"] + shift, row["finished_at"] + shift
-    return {"claimed_s": claimed - sent, "prepare_s": start - claimed,
-            "publish_s": finished - end, "comment_s": done - finished}
+    return {
+        "claimed_s": claimed - sent,
+        "prepare_s": start - claimed,
+        "publish_s": finished - end,
+        "comment_s": done - finished,
+    }
 
 
 def sequential_runs(runs: int, gap: float, timeout: float) -> dict[str, Any]:
@@ -237,30 +323,46 @@ def sequential_runs(runs: int, gap: float, timeout: float) -> dict[str, Any]:
             gitea.set_permission(REPO, "alice", "write")
             port = free_port()
             agent = fake_agent_table(FAKE_MODE="write", FAKE_SECONDS=0, FAKE_RECORD=record)
-            config = write_config(tmp / "kugetsu.toml", service_tables(
-                port=port, gitea_url=gitea.url, data_dir=tmp / "data", agents={"fake": agent}))
+            config = write_config(
+                tmp / "kugetsu.toml",
+                service_tables(
+                    port=port, gitea_url=gitea.url, data_dir=tmp / "data", agents={"fake": agent}
+                ),
+            )
             svc = Service(config, port, tmp).start()
             session = requests.Session()
             try:
                 time.sleep(1.0)  # let the first tick (at start-up) finish
                 for i in range(runs):
-                    n = gitea.create_issue(REPO, f"Benchmark issue {i + 1}", "Add a file.",
-                                           labels=["kugetsu"])
+                    n = gitea.create_issue(
+                        REPO, f"Benchmark issue {i + 1}", "Add a file.", labels=["kugetsu"]
+                    )
                     body, headers = payloads.label_delivery(["kugetsu"], n)
                     sent_wall, sent = time.time(), time.monotonic()
-                    r = session.post(svc.url + "/webhook", data=body, headers=headers,
-                                     timeout=10)
+                    r = session.post(svc.url + "/webhook", data=body, headers=headers, timeout=10)
                     acked = time.monotonic()
                     if r.status_code != 202:
                         raise RuntimeError(f"delivery answered {r.status_code}: {r.text}")
                     task = str(r.json()["tasks"][0])
-                    state = wait_until(lambda: final_state(gitea, n), timeout, interval=0.002,
-                                       what=f"task {task} to finish")
+                    state = wait_until(
+                        lambda: final_state(gitea, n),
+                        timeout,
+                        interval=0.002,
+                        what=f"task {task} to finish",
+                    )
                     done = time.monotonic()
                     if state != "done":
                         raise RuntimeError(f"task {task} ended {state}:\n{svc.logs()[-3000:]}")
-                    out.append({"task": int(task), "issue": n, "sent": sent,
-                                "sent_wall": sent_wall, "acked": acked, "done": done})
+                    out.append(
+                        {
+                            "task": int(task),
+                            "issue": n,
+                            "sent": sent,
+                            "sent_wall": sent_wall,
+                            "acked": acked,
+                            "done": done,
+                        }
+                    )
                     time.sleep(gap)
                 rows = read_task_rows(tmp / "data" / "kugetsu.db")
                 marks = read_record(record)

@@ -48,9 +48,20 @@ class GiteaProcess:
 
     def __enter__(self) -> "GiteaProcess":
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.gitea_process", "--root", str(self.root),
-             "--issues", str(self.issues)],
-            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "bench.gitea_process",
+                "--root",
+                str(self.root),
+                "--issues",
+                str(self.issues),
+            ],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:

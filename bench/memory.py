@@ -24,9 +24,21 @@ if __package__ in (None, ""):
 
 import requests  # noqa: E402
 
-from bench.common import (REPO, ROOT, TOKEN, Service, fake_agent_table,  # noqa: E402
-                          free_port, memory_kib, read_task_rows, service_tables, table,
-                          wait_until, write_config, write_result)
+from bench.common import (
+    REPO,
+    ROOT,
+    TOKEN,
+    Service,
+    fake_agent_table,  # noqa: E402
+    free_port,
+    memory_kib,
+    read_task_rows,
+    service_tables,
+    table,
+    wait_until,
+    write_config,
+    write_result,
+)
 from tests import payloads  # noqa: E402
 from tests.fakegitea import FakeGitea  # noqa: E402
 
@@ -57,12 +69,16 @@ def snapshot(pid: int, db: Path) -> dict:
         rss += m["VmRSS"]
         peak += m["VmHWM"]
         status = Path(f"/proc/{p}/status").read_text()
-        threads += next(int(line.split()[1]) for line in status.splitlines()
-                        if line.startswith("Threads:"))
-    return {"rss_mib": mib(rss), "peak_rss_mib": mib(peak), "threads": threads,
-            "processes": len(service_pids(pid)),
-            "db_mib": round(sum(p.stat().st_size for p in db.parent.glob(db.name + "*"))
-                            / 2**20, 2)}
+        threads += next(
+            int(line.split()[1]) for line in status.splitlines() if line.startswith("Threads:")
+        )
+    return {
+        "rss_mib": mib(rss),
+        "peak_rss_mib": mib(peak),
+        "threads": threads,
+        "processes": len(service_pids(pid)),
+        "db_mib": round(sum(p.stat().st_size for p in db.parent.glob(db.name + "*")) / 2**20, 2),
+    }
 
 
 def send_all(url: str, deliveries: list[tuple[bytes, dict]], threads: int) -> list[int]:
@@ -85,11 +101,16 @@ def send_all(url: str, deliveries: list[tuple[bytes, dict]], threads: int) -> li
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=1000, help="issues, one task each")
-    parser.add_argument("--idle-seconds", type=float, default=5.0,
-                        help="how long to leave the service idle before the first reading")
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=5.0,
+        help="how long to leave the service idle before the first reading",
+    )
     parser.add_argument("--threads", type=int, default=4, help="threads sending deliveries")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="limit for all tracking comments to appear (s)")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="limit for all tracking comments to appear (s)"
+    )
     args = parser.parse_args()
     if not 1 <= args.tasks <= 5000:
         parser.error("--tasks must be 1..5000")
@@ -100,14 +121,23 @@ def main() -> int:
         with FakeGitea(tmp / "gitea", token=TOKEN) as gitea:
             gitea.create_repo(REPO, files={"README.md": "# widget\n"})
             gitea.set_permission(REPO, "alice", "write")
-            numbers = [gitea.create_issue(REPO, f"Issue {i + 1}", "Something to do.",
-                                          labels=["kugetsu"]) for i in range(args.tasks)]
+            numbers = [
+                gitea.create_issue(REPO, f"Issue {i + 1}", "Something to do.", labels=["kugetsu"])
+                for i in range(args.tasks)
+            ]
             deliveries = [payloads.label_delivery(["kugetsu"], n) for n in numbers]
             port = free_port()
             agent = fake_agent_table(FAKE_MODE="write", FAKE_SECONDS=600)
-            config = write_config(tmp / "kugetsu.toml", service_tables(
-                port=port, gitea_url=gitea.url, data_dir=tmp / "data", agents={"fake": agent},
-                queue={"max_concurrent_agents": 1}))
+            config = write_config(
+                tmp / "kugetsu.toml",
+                service_tables(
+                    port=port,
+                    gitea_url=gitea.url,
+                    data_dir=tmp / "data",
+                    agents={"fake": agent},
+                    queue={"max_concurrent_agents": 1},
+                ),
+            )
             svc = Service(config, port, tmp).start()
             try:
                 pid = svc.proc.pid
@@ -121,42 +151,73 @@ def main() -> int:
                 if statuses.count(202) != args.tasks:
                     raise RuntimeError(f"not every delivery was queued: {statuses[:20]}")
                 after_deliveries = snapshot(pid, db)
-                print(f"{args.tasks} deliveries in {received:.1f} s: {after_deliveries}",
-                      flush=True)
+                print(
+                    f"{args.tasks} deliveries in {received:.1f} s: {after_deliveries}", flush=True
+                )
 
                 def all_commented() -> bool:
                     rows = read_task_rows(db).values()
                     return sum(1 for r in rows if r["comment_id"]) >= args.tasks
 
-                wait_until(all_commented, args.timeout, interval=0.5,
-                           what="a tracking comment for every task")
+                wait_until(
+                    all_commented,
+                    args.timeout,
+                    interval=0.5,
+                    what="a tracking comment for every task",
+                )
                 commented = time.monotonic() - t0
                 rows = list(read_task_rows(db).values())
-                states = {s: sum(1 for r in rows if r["state"] == s)
-                          for s in ("pending", "running")}
+                states = {
+                    s: sum(1 for r in rows if r["state"] == s) for s in ("pending", "running")
+                }
                 time.sleep(2.0)
                 queued = snapshot(pid, db)
-                print(f"all {args.tasks} commented after {commented:.1f} s: {queued}",
-                      flush=True)
+                print(f"all {args.tasks} commented after {commented:.1f} s: {queued}", flush=True)
             finally:
                 svc.stop()
 
     print()
-    print(table(["service (receiver + worker)", "RSS MiB", "peak RSS MiB", "threads", "db MiB"], [
-        ["idle after start", idle["rss_mib"], idle["peak_rss_mib"], idle["threads"],
-         idle["db_mib"]],
-        [f"{args.tasks} deliveries received", after_deliveries["rss_mib"],
-         after_deliveries["peak_rss_mib"], after_deliveries["threads"],
-         after_deliveries["db_mib"]],
-        [f"{states['pending']} queued + {states['running']} running, all commented",
-         queued["rss_mib"], queued["peak_rss_mib"], queued["threads"], queued["db_mib"]],
-    ]))
-    path = write_result("memory", {
-        "options": vars(args), "idle": idle, "after_deliveries": after_deliveries,
-        "queued": queued, "task_states": states,
-        "seconds_to_receive_deliveries": round(received, 2),
-        "seconds_until_all_commented": round(commented, 2),
-        "growth_mib": round(queued["rss_mib"] - idle["rss_mib"], 1)})
+    print(
+        table(
+            ["service (receiver + worker)", "RSS MiB", "peak RSS MiB", "threads", "db MiB"],
+            [
+                [
+                    "idle after start",
+                    idle["rss_mib"],
+                    idle["peak_rss_mib"],
+                    idle["threads"],
+                    idle["db_mib"],
+                ],
+                [
+                    f"{args.tasks} deliveries received",
+                    after_deliveries["rss_mib"],
+                    after_deliveries["peak_rss_mib"],
+                    after_deliveries["threads"],
+                    after_deliveries["db_mib"],
+                ],
+                [
+                    f"{states['pending']} queued + {states['running']} running, all commented",
+                    queued["rss_mib"],
+                    queued["peak_rss_mib"],
+                    queued["threads"],
+                    queued["db_mib"],
+                ],
+            ],
+        )
+    )
+    path = write_result(
+        "memory",
+        {
+            "options": vars(args),
+            "idle": idle,
+            "after_deliveries": after_deliveries,
+            "queued": queued,
+            "task_states": states,
+            "seconds_to_receive_deliveries": round(received, 2),
+            "seconds_until_all_commented": round(commented, 2),
+            "growth_mib": round(queued["rss_mib"] - idle["rss_mib"], 1),
+        },
+    )
     print(f"written to {path.relative_to(ROOT)}")
     return 0
 

@@ -33,8 +33,17 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (ROOT, Service, fake_agent_table, free_port,  # noqa: E402
-                          service_tables, summary, table, write_config, write_result)
+from bench.common import (
+    ROOT,
+    Service,
+    fake_agent_table,
+    free_port,  # noqa: E402
+    service_tables,
+    summary,
+    table,
+    write_config,
+    write_result,
+)
 from bench.gitea_process import GiteaProcess  # noqa: E402
 from bench.webhook_latency import Connection, cpu_seconds, plain_deliveries  # noqa: E402
 from bot.httpserver import raise_fd_limit  # noqa: E402
@@ -45,8 +54,10 @@ GITEA_TIMEOUT_SECONDS = 5.0
 OPENINGS = {
     "idle": b"",
     "half headers": b"POST /webhook HTTP/1.1\r\nHost: kugetsu\r\nContent-Type: applica",
-    "half body": (b"POST /webhook HTTP/1.1\r\nHost: kugetsu\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 4000\r\nX-Gitea-Event: issues\r\n\r\n{\"action\": "),
+    "half body": (
+        b"POST /webhook HTTP/1.1\r\nHost: kugetsu\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 4000\r\nX-Gitea-Event: issues\r\n\r\n{"action": '
+    ),
     "trickle": b"POST /webhook HTTP/1.1\r\nHost: kugetsu\r\nX-Slow: ",
 }
 
@@ -159,28 +170,44 @@ def result(records: list[tuple], cpu: float) -> dict:
     """Latency of the answered deliveries; a delivery not answered within Gitea's 5 s
     (or not at all) is lost."""
     answered = [r for r in records if isinstance(r[2], int)]
-    return {"deliveries": len(records), "answered": len(answered),
-            "errors": dict(collections.Counter(r[2] for r in records
-                                               if not isinstance(r[2], int))),
-            "over_1s": sum(1 for r in records if r[1] - r[0] > 1.0),
-            "over_5s_lost_by_gitea": sum(1 for r in records if not isinstance(r[2], int)
-                                         or r[1] - r[0] > GITEA_TIMEOUT_SECONDS),
-            "latency_ms": summary([r[1] - r[0] for r in answered], 1000.0),
-            "receiver_cpu_s": round(cpu, 2)}
+    return {
+        "deliveries": len(records),
+        "answered": len(answered),
+        "errors": dict(collections.Counter(r[2] for r in records if not isinstance(r[2], int))),
+        "over_1s": sum(1 for r in records if r[1] - r[0] > 1.0),
+        "over_5s_lost_by_gitea": sum(
+            1 for r in records if not isinstance(r[2], int) or r[1] - r[0] > GITEA_TIMEOUT_SECONDS
+        ),
+        "latency_ms": summary([r[1] - r[0] for r in answered], 1000.0),
+        "receiver_cpu_s": round(cpu, 2),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--connections", type=int, default=500,
-                        help="connections the hostile client holds")
+    parser.add_argument(
+        "--connections", type=int, default=500, help="connections the hostile client holds"
+    )
     parser.add_argument("--rate", type=float, default=10.0, help="deliveries per second")
-    parser.add_argument("--seconds", type=float, default=30.0,
-                        help="length of the measured run (longer than the 10 s idle timeout, "
-                             "so that closed connections are reopened during it)")
-    parser.add_argument("--trickle-seconds", type=float, default=2.0,
-                        help="how often each trickling connection sends one more byte")
-    parser.add_argument("--timeout", type=float, default=90.0,
-                        help="how long the sender waits for an answer (Gitea waits 5 s)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=30.0,
+        help="length of the measured run (longer than the 10 s idle timeout, "
+        "so that closed connections are reopened during it)",
+    )
+    parser.add_argument(
+        "--trickle-seconds",
+        type=float,
+        default=2.0,
+        help="how often each trickling connection sends one more byte",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=90.0,
+        help="how long the sender waits for an answer (Gitea waits 5 s)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     if not (1 <= args.rate * args.seconds <= 5000):
@@ -192,8 +219,11 @@ def main() -> int:
     # each delivery on a new connection, as Gitea's may come: a new connection is what
     # waits while the server accepts no more
     work = [(kind, body, {**headers, "Connection": "close"}) for kind, body, headers in work]
-    print(f"{len(work)} deliveries at {args.rate:g}/s to each of two services, one of them "
-          f"under {args.connections} hostile connections", flush=True)
+    print(
+        f"{len(work)} deliveries at {args.rate:g}/s to each of two services, one of them "
+        f"under {args.connections} hostile connections",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory(prefix="kugetsu-bench-", ignore_cleanup_errors=True) as d:
         tmp = Path(d)
@@ -202,18 +232,27 @@ def main() -> int:
             try:
                 for name in ("attacked", "quiet"):
                     port = free_port()
-                    config = write_config(tmp / f"{name}.toml", service_tables(
-                        port=port, gitea_url=gitea.url, data_dir=tmp / name,
-                        agents={"fake": fake_agent_table(FAKE_MODE="nochange")}))
+                    config = write_config(
+                        tmp / f"{name}.toml",
+                        service_tables(
+                            port=port,
+                            gitea_url=gitea.url,
+                            data_dir=tmp / name,
+                            agents={"fake": fake_agent_table(FAKE_MODE="nochange")},
+                        ),
+                    )
                     services.append(Service(config, port, tmp).start())
                 attacked, quiet = services
-                attacker = Attacker(attacked.port, args.connections,
-                                    args.trickle_seconds).start()
+                attacker = Attacker(attacked.port, args.connections, args.trickle_seconds).start()
                 try:
                     time.sleep(2.0)  # the server accepts them all
                     cpu0 = [cpu_seconds(s.proc.pid) for s in services]
-                    records = send([attacked.url + "/webhook", quiet.url + "/webhook"], work,
-                                   args.rate, args.timeout)
+                    records = send(
+                        [attacked.url + "/webhook", quiet.url + "/webhook"],
+                        work,
+                        args.rate,
+                        args.timeout,
+                    )
                     cpu1 = [cpu_seconds(s.proc.pid) for s in services]
                 finally:
                     attacker.stop()
@@ -221,32 +260,58 @@ def main() -> int:
                 for svc in services:
                     svc.stop()
 
-    runs = {name: result(recs, c1 - c0)
-            for name, recs, c0, c1 in zip(("attacked", "quiet"), records, cpu0, cpu1)}
+    runs = {
+        name: result(recs, c1 - c0)
+        for name, recs, c0, c1 in zip(("attacked", "quiet"), records, cpu0, cpu1)
+    }
     held = attacker.held
-    runs["attacker"] = {"connections": args.connections,
-                        "held_min": min(held) if held else None,
-                        "held_max": max(held) if held else None,
-                        "reopened_after_server_closed": attacker.reopened,
-                        "failed_connects": attacker.failed_connects}
+    runs["attacker"] = {
+        "connections": args.connections,
+        "held_min": min(held) if held else None,
+        "held_max": max(held) if held else None,
+        "reopened_after_server_closed": attacker.reopened,
+        "failed_connects": attacker.failed_connects,
+    }
     rows = []
     for name in ("attacked", "quiet"):
         r = runs[name]
         lat = r["latency_ms"]
-        rows.append([f"kugetsu, {name}", lat.get("p50"), lat.get("p99"), lat.get("max"),
-                     r["over_1s"], r["over_5s_lost_by_gitea"],
-                     " ".join(f"{k}:{v}" for k, v in r["errors"].items()) or 0,
-                     r["receiver_cpu_s"]])
+        rows.append(
+            [
+                f"kugetsu, {name}",
+                lat.get("p50"),
+                lat.get("p99"),
+                lat.get("max"),
+                r["over_1s"],
+                r["over_5s_lost_by_gitea"],
+                " ".join(f"{k}:{v}" for k, v in r["errors"].items()) or 0,
+                r["receiver_cpu_s"],
+            ]
+        )
     print()
-    print(table(["service", "p50 ms", "p99 ms", "max ms", "> 1 s", "> 5 s (lost)", "errors",
-                 "receiver cpu s"], rows))
+    print(
+        table(
+            [
+                "service",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+                "> 1 s",
+                "> 5 s (lost)",
+                "errors",
+                "receiver cpu s",
+            ],
+            rows,
+        )
+    )
     a = runs["attacker"]
-    print(f"\nhostile connections held: {a['held_min']} to {a['held_max']} of "
-          f"{args.connections}; reopened after the server closed them: {a['reopened_after_server_closed']}")
+    print(
+        f"\nhostile connections held: {a['held_min']} to {a['held_max']} of "
+        f"{args.connections}; reopened after the server closed them: {a['reopened_after_server_closed']}"
+    )
     ok = runs["attacked"]["over_1s"] == 0 and not runs["attacked"]["errors"]
     print(f"target: no delivery to the attacked service over 1 s: {'met' if ok else 'MISSED'}")
-    path = write_result("slow_clients", {"options": vars(args), "runs": runs,
-                                         "target_met": ok})
+    path = write_result("slow_clients", {"options": vars(args), "runs": runs, "target_met": ok})
     print(f"written to {path.relative_to(ROOT)}")
     return 0
 

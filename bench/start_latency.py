@@ -20,15 +20,18 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from bench.common import (ROOT, sequential_runs, summary,
-                          table, write_result)
+from bench.common import ROOT, sequential_runs, summary, table, write_result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="deliveries, one new issue each")
-    parser.add_argument("--gap", type=float, default=0.3,
-                        help="pause after a task has finished before the next delivery (s)")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.3,
+        help="pause after a task has finished before the next delivery (s)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="per-run limit (s)")
     args = parser.parse_args()
     if not 1 <= args.runs <= 500:
@@ -38,9 +41,15 @@ def main() -> int:
     rows, marks = result["rows"], result["marks"]
     runs = []
     for r in result["runs"]:
-        runs.append({"task": r["task"], "issue": r["issue"], "ack_s": r["acked"] - r["sent"],
-                     "start_s": marks[str(r["task"])]["start"] - r["sent"],
-                     "sent_wall": r["sent_wall"]})
+        runs.append(
+            {
+                "task": r["task"],
+                "issue": r["issue"],
+                "ack_s": r["acked"] - r["sent"],
+                "start_s": marks[str(r["task"])]["start"] - r["sent"],
+                "sent_wall": r["sent_wall"],
+            }
+        )
 
     for run in runs:
         row = rows.get(run["task"], {})
@@ -53,21 +62,36 @@ def main() -> int:
     claims = [r["claimed_s"] for r in runs if "claimed_s" in r]
     acks = [r["ack_s"] for r in runs]
     s_start, s_claim, s_ack = summary(starts), summary(claims), summary(acks)
-    print(table(["delivery ->", "p50 s", "p90 s", "max s", "min s"], [
-        ["202 answer", s_ack["p50"], s_ack["p90"], s_ack["max"], s_ack["min"]],
-        ["task claimed", s_claim["p50"], s_claim["p90"], s_claim["max"], s_claim["min"]],
-        ["agent started", s_start["p50"], s_start["p90"], s_start["max"], s_start["min"]],
-    ]))
+    print(
+        table(
+            ["delivery ->", "p50 s", "p90 s", "max s", "min s"],
+            [
+                ["202 answer", s_ack["p50"], s_ack["p90"], s_ack["max"], s_ack["min"]],
+                ["task claimed", s_claim["p50"], s_claim["p90"], s_claim["max"], s_claim["min"]],
+                ["agent started", s_start["p50"], s_start["p90"], s_start["max"], s_start["min"]],
+            ],
+        )
+    )
     met = s_start["p50"] < 0.5
-    print(f"\n{len(runs)} runs; target median delivery -> agent start < 0.5 s: "
-          f"{'met' if met else 'MISSED'} ({s_start['p50']} s)")
+    print(
+        f"\n{len(runs)} runs; target median delivery -> agent start < 0.5 s: "
+        f"{'met' if met else 'MISSED'} ({s_start['p50']} s)"
+    )
     print("per run (s): " + " ".join(f"{v:.3f}" for v in starts))
-    path = write_result("start_latency", {
-        "options": vars(args), "delivery_to_agent_start_s": s_start,
-        "delivery_to_claim_s": s_claim, "delivery_to_ack_s": s_ack,
-        "target_median_under_0_5_s": met,
-        "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-                 for r in runs]})
+    path = write_result(
+        "start_latency",
+        {
+            "options": vars(args),
+            "delivery_to_agent_start_s": s_start,
+            "delivery_to_claim_s": s_claim,
+            "delivery_to_ack_s": s_ack,
+            "target_median_under_0_5_s": met,
+            "runs": [
+                {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                for r in runs
+            ],
+        },
+    )
     print(f"written to {path.relative_to(ROOT)}")
     return 0
 

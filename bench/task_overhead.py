@@ -20,28 +20,37 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from bench.common import (ROOT, sequential_runs, summary,
-                          table, task_phases, write_result)
+from bench.common import ROOT, sequential_runs, summary, table, task_phases, write_result
 
-PHASES = (("delivery -> claimed", "claimed"),
-          ("claimed -> agent start", "prepare"),
-          ("agent end -> task finished", "publish"),
-          ("task finished -> comment Done", "comment"))
+PHASES = (
+    ("delivery -> claimed", "claimed"),
+    ("claimed -> agent start", "prepare"),
+    ("agent end -> task finished", "publish"),
+    ("task finished -> comment Done", "comment"),
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="tasks, one new issue each")
-    parser.add_argument("--gap", type=float, default=0.3,
-                        help="pause between one task's Done and the next delivery (s)")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.3,
+        help="pause between one task's Done and the next delivery (s)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="per-run limit (s)")
     args = parser.parse_args()
     if not 1 <= args.runs <= 500:
         parser.error("--runs must be 1..500")
 
     result = sequential_runs(args.runs, args.gap, args.timeout)
-    runs, rows, marks, prs = (result["runs"], result["rows"], result["marks"],
-                              result["pull_requests"])
+    runs, rows, marks, prs = (
+        result["runs"],
+        result["rows"],
+        result["marks"],
+        result["pull_requests"],
+    )
     for run in runs:
         run.pop("acked")
 
@@ -51,8 +60,16 @@ def main() -> int:
         mark = marks[str(run["task"])]
         run.update(total_s=run["done"] - run["sent"], agent_s=mark["end"] - mark["start"])
         run["overhead_s"] = run["total_s"] - run["agent_s"]
-        run.update(task_phases(sent=run["sent"], sent_wall=run["sent_wall"], done=run["done"],
-                               start=mark["start"], end=mark["end"], row=rows[run["task"]]))
+        run.update(
+            task_phases(
+                sent=run["sent"],
+                sent_wall=run["sent_wall"],
+                done=run["done"],
+                start=mark["start"],
+                end=mark["end"],
+                row=rows[run["task"]],
+            )
+        )
         for key in phases:
             phases[key].append(run[key + "_s"])
         totals.append(run["total_s"])
@@ -62,9 +79,11 @@ def main() -> int:
             run.pop(key)
 
     s_total, s_agent, s_over = summary(totals), summary(agents), summary(overheads)
-    rows_out = [["delivery -> Done (total)", s_total["p50"], s_total["p90"], s_total["max"]],
-                ["agent's own run", s_agent["p50"], s_agent["p90"], s_agent["max"]],
-                ["kugetsu overhead", s_over["p50"], s_over["p90"], s_over["max"]]]
+    rows_out = [
+        ["delivery -> Done (total)", s_total["p50"], s_total["p90"], s_total["max"]],
+        ["agent's own run", s_agent["p50"], s_agent["p90"], s_agent["max"]],
+        ["kugetsu overhead", s_over["p50"], s_over["p90"], s_over["max"]],
+    ]
     phase_stats = {}
     for label, key in PHASES:
         st = summary(phases[key])
@@ -72,13 +91,26 @@ def main() -> int:
         rows_out.append(["  " + label, st["p50"], st["p90"], st["max"]])
     print(table(["per task", "p50 s", "p90 s", "max s"], rows_out))
     met = s_over["p50"] < 1.0
-    print(f"\n{len(runs)} tasks, {prs} pull requests; target median overhead < 1 s: "
-          f"{'met' if met else 'MISSED'} ({s_over['p50']} s)")
-    path = write_result("task_overhead", {
-        "options": vars(args), "total_s": s_total, "agent_s": s_agent, "overhead_s": s_over,
-        "phases_s": phase_stats, "pull_requests": prs, "target_median_under_1_s": met,
-        "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-                 for r in runs]})
+    print(
+        f"\n{len(runs)} tasks, {prs} pull requests; target median overhead < 1 s: "
+        f"{'met' if met else 'MISSED'} ({s_over['p50']} s)"
+    )
+    path = write_result(
+        "task_overhead",
+        {
+            "options": vars(args),
+            "total_s": s_total,
+            "agent_s": s_agent,
+            "overhead_s": s_over,
+            "phases_s": phase_stats,
+            "pull_requests": prs,
+            "target_median_under_1_s": met,
+            "runs": [
+                {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                for r in runs
+            ],
+        },
+    )
     print(f"written to {path.relative_to(ROOT)}")
     return 0
 

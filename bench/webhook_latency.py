@@ -47,23 +47,40 @@ from typing import Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (ROOT, SECRET, Service, fake_agent_table, free_port,  # noqa: E402
-                          read_task_rows, service_tables, summary, table, write_config,
-                          write_result)
+from bench.common import (
+    ROOT,
+    SECRET,
+    Service,
+    fake_agent_table,
+    free_port,  # noqa: E402
+    read_task_rows,
+    service_tables,
+    summary,
+    table,
+    write_config,
+    write_result,
+)
 from bench.gitea_process import GiteaProcess  # noqa: E402
 from tests import payloads  # noqa: E402
 
 Delivery = tuple[str, bytes, dict[str, str]]  # (kind, body, headers)
 
-COMMANDS = ("/kugetsu start please fix this", "/kugetsu status", "/kugetsu help",
-            "/kugetsu continue also add a test for it", "/kugetsu stop",
-            "/kugetsu start --agent fake make it faster")
-PLAIN = ("Thanks, this looks good to me.",
-         "Can someone look at this? The widget still breaks on Mondays.\n\nSteps:\n1. open it\n"
-         "2. wait\n3. watch it fail",
-         "> /kugetsu stop\n\nNo, let it run, the last attempt was close.",
-         "I tried this locally:\n\n```\n/kugetsu start\n```\n\nand it did not reproduce.",
-         "LGTM once CI passes.")
+COMMANDS = (
+    "/kugetsu start please fix this",
+    "/kugetsu status",
+    "/kugetsu help",
+    "/kugetsu continue also add a test for it",
+    "/kugetsu stop",
+    "/kugetsu start --agent fake make it faster",
+)
+PLAIN = (
+    "Thanks, this looks good to me.",
+    "Can someone look at this? The widget still breaks on Mondays.\n\nSteps:\n1. open it\n"
+    "2. wait\n3. watch it fail",
+    "> /kugetsu stop\n\nNo, let it run, the last attempt was close.",
+    "I tried this locally:\n\n```\n/kugetsu start\n```\n\nand it did not reproduce.",
+    "LGTM once CI passes.",
+)
 MIXES = {
     # label changes (mostly adding the trigger label), comments with and without commands,
     # deliveries sent twice
@@ -74,8 +91,9 @@ MIXES = {
 }
 
 
-def build_deliveries(n: int, issues: int, rng: random.Random,
-                     mix: str = "realistic") -> list[Delivery]:
+def build_deliveries(
+    n: int, issues: int, rng: random.Random, mix: str = "realistic"
+) -> list[Delivery]:
     kinds = [k for k, _ in MIXES[mix]]
     weights = [w for _, w in MIXES[mix]]
     out: list[Delivery] = []
@@ -102,8 +120,10 @@ def build_deliveries(n: int, issues: int, rng: random.Random,
 
 
 def plain_deliveries(n: int, issues: int, rng: random.Random) -> list[Delivery]:
-    return [("comment", *payloads.comment_delivery(rng.choice(PLAIN), rng.randint(1, issues)))
-            for _ in range(n)]
+    return [
+        ("comment", *payloads.comment_delivery(rng.choice(PLAIN), rng.randint(1, issues)))
+        for _ in range(n)
+    ]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -128,8 +148,11 @@ class Connection:
         self.sock: socket.socket | None = None
 
     def prepare(self, body: bytes, headers: dict[str, str]) -> bytes:
-        lines = [f"POST {self.path} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                 f"Content-Length: {len(body)}"]
+        lines = [
+            f"POST {self.path} HTTP/1.1",
+            f"Host: {self.host}:{self.port}",
+            f"Content-Length: {len(body)}",
+        ]
         lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() != "content-length"]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
@@ -194,8 +217,9 @@ class _Closed(Exception):
     """The server closed the connection before a whole answer arrived."""
 
 
-def blast(urls: Sequence[str], deliveries: list[Delivery], rate: float, threads: int,
-          seed: int = 0) -> list[dict]:
+def blast(
+    urls: Sequence[str], deliveries: list[Delivery], rate: float, threads: int, seed: int = 0
+) -> list[dict]:
     """Send every delivery to each of `urls` at its slot of one fixed schedule.
 
     Each endpoint gets `rate` deliveries per second from `threads` threads, one connection
@@ -225,13 +249,22 @@ def blast(urls: Sequence[str], deliveries: list[Delivery], rate: float, threads:
             try:
                 status, body, timing = conn.send(prepared[i])
             except (OSError, _Closed) as exc:
-                out[i] = (due, sent, time.perf_counter(), f"error:{exc.__class__.__name__}",
-                          None, None)
+                out[i] = (
+                    due,
+                    sent,
+                    time.perf_counter(),
+                    f"error:{exc.__class__.__name__}",
+                    None,
+                    None,
+                )
                 continue
             out[i] = (due, sent, time.perf_counter(), status, body, timing)
 
-    pool = [threading.Thread(target=worker, args=(u, t), daemon=True)
-            for u in range(k) for t in range(threads)]
+    pool = [
+        threading.Thread(target=worker, args=(u, t), daemon=True)
+        for u in range(k)
+        for t in range(threads)
+    ]
     for thread in pool:
         thread.start()
     start.append(time.perf_counter() + 0.05)
@@ -244,8 +277,9 @@ def blast(urls: Sequence[str], deliveries: list[Delivery], rate: float, threads:
     return [_result(deliveries, recs, rate, start[0]) for recs in records]
 
 
-def _result(deliveries: list[Delivery], records: list[tuple | None], rate: float,
-            t0: float) -> dict:
+def _result(
+    deliveries: list[Delivery], records: list[tuple | None], rate: float, t0: float
+) -> dict:
     done = [r for r in records if r is not None]
     latencies = [r[2] - r[1] for r in done]
     lags = [max(0.0, r[1] - r[0]) for r in done]
@@ -264,8 +298,7 @@ def _result(deliveries: list[Delivery], records: list[tuple | None], rate: float
         "send_lag_ms": summary(lags, 1000.0),
         "status_counts": dict(collections.Counter(str(r[3]) for r in done)),
         "answer_counts": dict(collections.Counter(answer_state(r[4]) for r in done)),
-        "handler_ms": summary([v for v in (handler_ms(r[5]) for r in done) if v is not None],
-                              1.0),
+        "handler_ms": summary([v for v in (handler_ms(r[5]) for r in done) if v is not None], 1.0),
     }
 
 
@@ -288,9 +321,23 @@ def start_profile(out: Path | None, pid: int) -> subprocess.Popen | None:
     if out is None:
         return None
     fmt = {".json": "speedscope", ".txt": "raw"}.get(out.suffix, "flamegraph")
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "100",
-                            "--nonblocking", "--format", fmt, "--output", str(out)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spy = subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "100",
+            "--nonblocking",
+            "--format",
+            fmt,
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(1.0)  # py-spy attaches
     return spy
 
@@ -312,7 +359,11 @@ class BareServer:
     def __enter__(self) -> "BareServer":
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.bare_webhook", "--secret", SECRET, "--threads", "8"],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         assert self.proc.stdout is not None
         port = json.loads(self.proc.stdout.readline())["port"]
         self.url = f"http://127.0.0.1:{port}/webhook"
@@ -327,8 +378,9 @@ class BareServer:
             self.proc.wait()
 
 
-def measure(servers: list[tuple[str, int]], args, work: list[Delivery],
-            warm: list[Delivery]) -> list[dict]:
+def measure(
+    servers: list[tuple[str, int]], args, work: list[Delivery], warm: list[Delivery]
+) -> list[dict]:
     """Warm up, then send `work` to each (url, pid), with each server's CPU per delivery."""
     urls = [url for url, _ in servers]
     blast(urls, warm, args.rate, args.threads, seed=args.seed)
@@ -342,15 +394,23 @@ def measure(servers: list[tuple[str, int]], args, work: list[Delivery],
     return results
 
 
-def run_kugetsu(args, tmp: Path, work: list[Delivery], warm: list[Delivery],
-                bare: BareServer | None = None) -> list[dict]:
+def run_kugetsu(
+    args, tmp: Path, work: list[Delivery], warm: list[Delivery], bare: BareServer | None = None
+) -> list[dict]:
     """kugetsu alone, or kugetsu and `bare` side by side in the same run."""
     with GiteaProcess(tmp / "gitea", issues=args.issues) as gitea:
         port = free_port()
         agent = fake_agent_table(FAKE_MODE="nochange", FAKE_SECONDS=args.agent_seconds)
-        config = write_config(tmp / "kugetsu.toml", service_tables(
-            port=port, gitea_url=gitea.url, data_dir=tmp / "data", agents={"fake": agent},
-            queue={"max_concurrent_agents": args.max_agents}))
+        config = write_config(
+            tmp / "kugetsu.toml",
+            service_tables(
+                port=port,
+                gitea_url=gitea.url,
+                data_dir=tmp / "data",
+                agents={"fake": agent},
+                queue={"max_concurrent_agents": args.max_agents},
+            ),
+        )
         svc = Service(config, port, tmp).start()
         try:
             servers = [(svc.url + "/webhook", svc.proc.pid)]
@@ -364,15 +424,18 @@ def run_kugetsu(args, tmp: Path, work: list[Delivery], warm: list[Delivery],
             rows = read_task_rows(tmp / "data" / "kugetsu.db")
             results[0]["tasks_queued"] = len(rows)
             results[0]["tasks_started_during_run"] = sum(
-                1 for r in rows.values() if r["started_at"])
+                1 for r in rows.values() if r["started_at"]
+            )
         finally:
             svc.stop()
     return results
 
 
 def ratio(kugetsu: dict, bare: dict) -> dict:
-    return {k: round(kugetsu["latency_ms"][k] / bare["latency_ms"][k], 2)
-            for k in ("p50", "p90", "p99", "max")}
+    return {
+        k: round(kugetsu["latency_ms"][k] / bare["latency_ms"][k], 2)
+        for k in ("p50", "p90", "p99", "max")
+    }
 
 
 def main() -> int:
@@ -380,30 +443,49 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="deliveries per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the measured run")
     parser.add_argument("--threads", type=int, default=8, help="sending threads per endpoint")
-    parser.add_argument("--issues", type=int, default=500,
-                        help="distinct issues the deliveries are about")
-    parser.add_argument("--warmup", type=int, default=200,
-                        help="deliveries sent first and not measured")
-    parser.add_argument("--max-agents", type=int, default=3,
-                        help="queue.max_concurrent_agents of the service")
-    parser.add_argument("--agent-seconds", type=float, default=120.0,
-                        help="how long the fake agent of each queued task works (default 120: "
-                             "the first tasks keep every slot busy and the rest wait, as with "
-                             "real agents; 0: each exits at once without changes, and the worker "
-                             "takes a task from claim to its final comment about every 0.15 s, "
-                             "a stress test that saturates a small machine)")
-    parser.add_argument("--profile", type=Path, metavar="OUT",
-                        help="record the service with py-spy during the measured run "
-                             "(.svg flame graph, .json speedscope, .txt collapsed stacks); "
-                             "needs py-spy on PATH")
-    parser.add_argument("--mix", choices=sorted(MIXES), default="realistic",
-                        help="realistic: some deliveries queue work and wake the tick; quiet: "
-                             "none do, which isolates the request path")
+    parser.add_argument(
+        "--issues", type=int, default=500, help="distinct issues the deliveries are about"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=200, help="deliveries sent first and not measured"
+    )
+    parser.add_argument(
+        "--max-agents", type=int, default=3, help="queue.max_concurrent_agents of the service"
+    )
+    parser.add_argument(
+        "--agent-seconds",
+        type=float,
+        default=120.0,
+        help="how long the fake agent of each queued task works (default 120: "
+        "the first tasks keep every slot busy and the rest wait, as with "
+        "real agents; 0: each exits at once without changes, and the worker "
+        "takes a task from claim to its final comment about every 0.15 s, "
+        "a stress test that saturates a small machine)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="OUT",
+        help="record the service with py-spy during the measured run "
+        "(.svg flame graph, .json speedscope, .txt collapsed stacks); "
+        "needs py-spy on PATH",
+    )
+    parser.add_argument(
+        "--mix",
+        choices=sorted(MIXES),
+        default="realistic",
+        help="realistic: some deliveries queue work and wake the tick; quiet: "
+        "none do, which isolates the request path",
+    )
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--compare", choices=("both", "paired", "sequential"), default="both",
-                        help="paired: kugetsu and the bare endpoint get the same deliveries "
-                             "side by side in one run, on the same machine at the same time; "
-                             "sequential: kugetsu's run, then bare's; both (default): both")
+    parser.add_argument(
+        "--compare",
+        choices=("both", "paired", "sequential"),
+        default="both",
+        help="paired: kugetsu and the bare endpoint get the same deliveries "
+        "side by side in one run, on the same machine at the same time; "
+        "sequential: kugetsu's run, then bare's; both (default): both",
+    )
     parser.add_argument("--skip-bare", action="store_true", help="measure kugetsu only")
     args = parser.parse_args()
     if not (1 <= args.rate * args.seconds <= 20000):
@@ -414,19 +496,22 @@ def main() -> int:
     work = build_deliveries(n, args.issues, rng, args.mix)
     warm = plain_deliveries(args.warmup, args.issues, rng)
     mix = dict(collections.Counter(k for k, _, _ in work))
-    print(f"{n} deliveries at {args.rate:g}/s from {args.threads} threads per endpoint; "
-          f"mix {mix}", flush=True)
+    print(
+        f"{n} deliveries at {args.rate:g}/s from {args.threads} threads per endpoint; mix {mix}",
+        flush=True,
+    )
 
     compare = "alone" if args.skip_bare else args.compare
     runs: dict[str, dict] = {}
     if compare in ("paired", "both"):
-        with BareServer() as bare, tempfile.TemporaryDirectory(
-                prefix="kugetsu-bench-", ignore_cleanup_errors=True) as d:
+        with (
+            BareServer() as bare,
+            tempfile.TemporaryDirectory(prefix="kugetsu-bench-", ignore_cleanup_errors=True) as d,
+        ):
             k, b = run_kugetsu(args, Path(d), work, warm, bare)
         runs["paired"] = {"kugetsu": k, "bare": b, "ratio": ratio(k, b)}
     if compare in ("sequential", "both", "alone"):
-        with tempfile.TemporaryDirectory(prefix="kugetsu-bench-",
-                                         ignore_cleanup_errors=True) as d:
+        with tempfile.TemporaryDirectory(prefix="kugetsu-bench-", ignore_cleanup_errors=True) as d:
             (k,) = run_kugetsu(args, Path(d), work, warm)
         runs["sequential"] = {"kugetsu": k}
         if compare != "alone":
@@ -436,9 +521,17 @@ def main() -> int:
 
     def row(name: str, r: dict) -> list:
         lat = r["latency_ms"]
-        return [name, lat["p50"], lat["p90"], lat["p99"], lat["max"], r["achieved_rate_per_s"],
-                r["send_lag_ms"]["max"], r["server_cpu_ms_per_delivery"],
-                " ".join(f"{k}:{v}" for k, v in sorted(r["status_counts"].items()))]
+        return [
+            name,
+            lat["p50"],
+            lat["p90"],
+            lat["p99"],
+            lat["max"],
+            r["achieved_rate_per_s"],
+            r["send_lag_ms"]["max"],
+            r["server_cpu_ms_per_delivery"],
+            " ".join(f"{k}:{v}" for k, v in sorted(r["status_counts"].items())),
+        ]
 
     rows = []
     for name, run in runs.items():
@@ -446,16 +539,31 @@ def main() -> int:
         if "bare" in run:
             rows.append(row(f"bare, {name}", run["bare"]))
             q = run["ratio"]
-            rows.append([f"ratio, {name}", q["p50"], q["p90"], q["p99"], q["max"], "", "", "",
-                         ""])
+            rows.append([f"ratio, {name}", q["p50"], q["p90"], q["p99"], q["max"], "", "", "", ""])
     print()
-    print(table(["endpoint, run", "p50 ms", "p90 ms", "p99 ms", "max ms", "rate/s",
-                 "max lag ms", "cpu ms/req", "status"], rows))
+    print(
+        table(
+            [
+                "endpoint, run",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "max ms",
+                "rate/s",
+                "max lag ms",
+                "cpu ms/req",
+                "status",
+            ],
+            rows,
+        )
+    )
     for name, run in runs.items():
         h, kug = run["kugetsu"]["handler_ms"], run["kugetsu"]
-        print(f"\n{name}: kugetsu handler time (its Server-Timing header): p50 {h.get('p50')} "
-              f"ms, p99 {h.get('p99')} ms, max {h.get('max')} ms; tasks queued "
-              f"{kug['tasks_queued']}, started during the run {kug['tasks_started_during_run']}")
+        print(
+            f"\n{name}: kugetsu handler time (its Server-Timing header): p50 {h.get('p50')} "
+            f"ms, p99 {h.get('p99')} ms, max {h.get('max')} ms; tasks queued "
+            f"{kug['tasks_queued']}, started during the run {kug['tasks_started_during_run']}"
+        )
 
     # p99 < 10 ms is about kugetsu at 200 deliveries/s, so it is read from the run where
     # kugetsu alone gets them; within 2x compares the two endpoints, so it is read from the
@@ -463,28 +571,46 @@ def main() -> int:
     absolute = runs.get("sequential", runs.get("paired"))
     relative = runs.get("paired", runs.get("sequential"))
     p99 = absolute["kugetsu"]["latency_ms"]["p99"]
-    targets = {"p99_under_10ms": p99 < 10.0,
-               "p99_within_2x_of_bare": None if "ratio" not in relative
-               else relative["ratio"]["p99"] <= 2.0}
+    targets = {
+        "p99_under_10ms": p99 < 10.0,
+        "p99_within_2x_of_bare": None
+        if "ratio" not in relative
+        else relative["ratio"]["p99"] <= 2.0,
+    }
     line = f"\ntargets: p99 < 10 ms: {'met' if targets['p99_under_10ms'] else 'MISSED'} ({p99} ms)"
     if targets["p99_within_2x_of_bare"] is not None:
-        line += (f"; p99 within 2x of bare: "
-                 f"{'met' if targets['p99_within_2x_of_bare'] else 'MISSED'} "
-                 f"({relative['ratio']['p99']}x, "
-                 f"{'side by side' if relative is runs.get('paired') else 'one after the other'})")
+        line += (
+            f"; p99 within 2x of bare: "
+            f"{'met' if targets['p99_within_2x_of_bare'] else 'MISSED'} "
+            f"({relative['ratio']['p99']}x, "
+            f"{'side by side' if relative is runs.get('paired') else 'one after the other'})"
+        )
     if args.agent_seconds < 10 and args.mix == "realistic":
-        line += ("\n(stress test: agents that exit at once saturate a small machine; the targets "
-                 "are read from the default run, see bench/README.md, \"Targets\")")
+        line += (
+            "\n(stress test: agents that exit at once saturate a small machine; the targets "
+            'are read from the default run, see bench/README.md, "Targets")'
+        )
     print(line)
     if "paired" in runs and "ratio" in runs.get("sequential", {}):
-        print(f"one after the other, bare on a machine kugetsu's worker does not share: "
-              f"{runs['sequential']['ratio']['p99']}x")
-    name = "webhook_latency" + ("" if args.mix == "realistic" else f"-{args.mix}") \
-        + ("" if args.agent_seconds == 120 else f"-agents{args.agent_seconds:g}s") \
+        print(
+            f"one after the other, bare on a machine kugetsu's worker does not share: "
+            f"{runs['sequential']['ratio']['p99']}x"
+        )
+    name = (
+        "webhook_latency"
+        + ("" if args.mix == "realistic" else f"-{args.mix}")
+        + ("" if args.agent_seconds == 120 else f"-agents{args.agent_seconds:g}s")
         + ("-profiled" if args.profile else "")
-    path = write_result(name, {
-        "options": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "mix": mix, "runs": runs, "targets": targets})
+    )
+    path = write_result(
+        name,
+        {
+            "options": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "mix": mix,
+            "runs": runs,
+            "targets": targets,
+        },
+    )
     print(f"written to {path.relative_to(ROOT)}")
     return 0
 

@@ -36,7 +36,9 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DEFAULT_LANG = "C.UTF-8"
 
 #: the marker lines put where the middle of a huge output was dropped (log file, kept output)
-OMITTED_RE = re.compile(r"^\[(?:kugetsu: \d+ bytes of output omitted|\.\.\. \d+ bytes omitted \.\.\.)\]$")
+OMITTED_RE = re.compile(
+    r"^\[(?:kugetsu: \d+ bytes of output omitted|\.\.\. \d+ bytes omitted \.\.\.)\]$"
+)
 
 SUMMARY_MAX_CHARS = 3000
 SUMMARY_MAX_LINES = 40
@@ -76,19 +78,40 @@ PRESETS: dict[str, Preset] = {
     "opencode": Preset(
         name="opencode",
         command=("opencode", "run", "--format", "json", "{prompt}"),
-        resume_command=("opencode", "run", "--format", "json", "--session", "{session_id}", "{prompt}"),
-        env=_frozen({
-            "OPENCODE_DISABLE_AUTOUPDATE": "1",
-            "OPENCODE_DISABLE_MODELS_FETCH": "1",
-            "OPENCODE_DISABLE_SHARE": "1",
-            "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
-            # keeps it from asking registry.npmjs.org about its plugin package on every start; set
-            # npm_config_offline = "false" in the table's env if your config names npm plugins
-            "npm_config_offline": "true",
-        }),
-        pass_env=(*_ANTHROPIC_KEYS, *_OPENAI_KEYS, "OPENROUTER_API_KEY", "GEMINI_API_KEY",
-                  "GOOGLE_GENERATIVE_AI_API_KEY", "GROQ_API_KEY", "DEEPSEEK_API_KEY", "MISTRAL_API_KEY",
-                  "XAI_API_KEY", "TOGETHER_API_KEY", "FIREWORKS_API_KEY", "OPENCODE_API_KEY"),
+        resume_command=(
+            "opencode",
+            "run",
+            "--format",
+            "json",
+            "--session",
+            "{session_id}",
+            "{prompt}",
+        ),
+        env=_frozen(
+            {
+                "OPENCODE_DISABLE_AUTOUPDATE": "1",
+                "OPENCODE_DISABLE_MODELS_FETCH": "1",
+                "OPENCODE_DISABLE_SHARE": "1",
+                "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+                # keeps it from asking registry.npmjs.org about its plugin package on every start; set
+                # npm_config_offline = "false" in the table's env if your config names npm plugins
+                "npm_config_offline": "true",
+            }
+        ),
+        pass_env=(
+            *_ANTHROPIC_KEYS,
+            *_OPENAI_KEYS,
+            "OPENROUTER_API_KEY",
+            "GEMINI_API_KEY",
+            "GOOGLE_GENERATIVE_AI_API_KEY",
+            "GROQ_API_KEY",
+            "DEEPSEEK_API_KEY",
+            "MISTRAL_API_KEY",
+            "XAI_API_KEY",
+            "TOGETHER_API_KEY",
+            "FIREWORKS_API_KEY",
+            "OPENCODE_API_KEY",
+        ),
         sessions=True,
     ),
     # stream-json (which needs --verbose with -p) prints every assistant message with its usage as
@@ -96,19 +119,37 @@ PRESETS: dict[str, Preset] = {
     # the same `result` object that --output-format json prints.
     "claude": Preset(
         name="claude",
-        command=("claude", "-p", "--output-format", "stream-json", "--verbose",
-                 "--dangerously-skip-permissions", "{prompt}"),
-        resume_command=("claude", "-p", "--output-format", "stream-json", "--verbose",
-                        "--dangerously-skip-permissions", "--resume", "{session_id}", "{prompt}"),
-        env=_frozen({
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-            "DISABLE_TELEMETRY": "1",
-            "DISABLE_AUTOUPDATER": "1",
-            "DISABLE_ERROR_REPORTING": "1",
-            "DISABLE_BUG_COMMAND": "1",
-            # --dangerously-skip-permissions is refused when running as root unless this is set
-            "IS_SANDBOX": "1",
-        }),
+        command=(
+            "claude",
+            "-p",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--dangerously-skip-permissions",
+            "{prompt}",
+        ),
+        resume_command=(
+            "claude",
+            "-p",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--dangerously-skip-permissions",
+            "--resume",
+            "{session_id}",
+            "{prompt}",
+        ),
+        env=_frozen(
+            {
+                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                "DISABLE_TELEMETRY": "1",
+                "DISABLE_AUTOUPDATER": "1",
+                "DISABLE_ERROR_REPORTING": "1",
+                "DISABLE_BUG_COMMAND": "1",
+                # --dangerously-skip-permissions is refused when running as root unless this is set
+                "IS_SANDBOX": "1",
+            }
+        ),
         pass_env=(*_ANTHROPIC_KEYS, "CLAUDE_CODE_OAUTH_TOKEN"),
         sessions=True,
     ),
@@ -124,13 +165,36 @@ PRESETS: dict[str, Preset] = {
     # `resume` apply to it as well.
     "codex": Preset(
         name="codex",
-        command=("codex", "exec", "--json", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox",
-                 "-c", "analytics.enabled=false", "-c", "features.plugins=false",
-                 "-c", "check_for_update_on_startup=false", "{prompt}"),
-        resume_command=("codex", "exec", "--json", "--skip-git-repo-check",
-                        "--dangerously-bypass-approvals-and-sandbox",
-                        "-c", "analytics.enabled=false", "-c", "features.plugins=false",
-                        "-c", "check_for_update_on_startup=false", "resume", "{session_id}", "{prompt}"),
+        command=(
+            "codex",
+            "exec",
+            "--json",
+            "--skip-git-repo-check",
+            "--dangerously-bypass-approvals-and-sandbox",
+            "-c",
+            "analytics.enabled=false",
+            "-c",
+            "features.plugins=false",
+            "-c",
+            "check_for_update_on_startup=false",
+            "{prompt}",
+        ),
+        resume_command=(
+            "codex",
+            "exec",
+            "--json",
+            "--skip-git-repo-check",
+            "--dangerously-bypass-approvals-and-sandbox",
+            "-c",
+            "analytics.enabled=false",
+            "-c",
+            "features.plugins=false",
+            "-c",
+            "check_for_update_on_startup=false",
+            "resume",
+            "{session_id}",
+            "{prompt}",
+        ),
         env=_frozen({}),
         pass_env=(*_OPENAI_KEYS, "CODEX_API_KEY"),
         sessions=True,
@@ -139,21 +203,48 @@ PRESETS: dict[str, Preset] = {
     # .aider.conf.yml copied into the home with `home_files`, as the user would configure it anyway.
     "aider": Preset(
         name="aider",
-        command=("aider", "--yes-always", "--no-auto-commits", "--no-check-update", "--analytics-disable",
-                 "--no-show-release-notes", "--no-show-model-warnings", "--no-pretty", "--no-gitignore",
-                 "--input-history-file", "/dev/null", "--chat-history-file", "/dev/null",
-                 "--no-detect-urls", "--message", "{prompt}"),
+        command=(
+            "aider",
+            "--yes-always",
+            "--no-auto-commits",
+            "--no-check-update",
+            "--analytics-disable",
+            "--no-show-release-notes",
+            "--no-show-model-warnings",
+            "--no-pretty",
+            "--no-gitignore",
+            "--input-history-file",
+            "/dev/null",
+            "--chat-history-file",
+            "/dev/null",
+            "--no-detect-urls",
+            "--message",
+            "{prompt}",
+        ),
         resume_command=None,
-        env=_frozen({
-            # litellm would otherwise download its model price list on import
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-        }),
-        pass_env=(*_OPENAI_KEYS, "OPENAI_API_BASE", *_ANTHROPIC_KEYS, "OPENROUTER_API_KEY",
-                  "GEMINI_API_KEY", "DEEPSEEK_API_KEY", "GROQ_API_KEY", "MISTRAL_API_KEY", "XAI_API_KEY"),
+        env=_frozen(
+            {
+                # litellm would otherwise download its model price list on import
+                "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            }
+        ),
+        pass_env=(
+            *_OPENAI_KEYS,
+            "OPENAI_API_BASE",
+            *_ANTHROPIC_KEYS,
+            "OPENROUTER_API_KEY",
+            "GEMINI_API_KEY",
+            "DEEPSEEK_API_KEY",
+            "GROQ_API_KEY",
+            "MISTRAL_API_KEY",
+            "XAI_API_KEY",
+        ),
         sessions=False,
         # aider downloads litellm's model price list from raw.githubusercontent.com unless its own
         # cache holds a non-empty copy younger than a day; a stub makes it use litellm's bundled map
-        home_seed=_frozen({".aider/caches/model_prices_and_context_window.json": '{"kugetsu-stub": {}}\n'}),
+        home_seed=_frozen(
+            {".aider/caches/model_prices_and_context_window.json": '{"kugetsu-stub": {}}\n'}
+        ),
     ),
 }
 
@@ -185,7 +276,9 @@ class AgentSpec:
     @property
     def sessions(self) -> bool:
         """True when a follow-up can resume the agent's own session."""
-        return self.resume_command is not None and any("{session_id}" in a for a in self.resume_command)
+        return self.resume_command is not None and any(
+            "{session_id}" in a for a in self.resume_command
+        )
 
 
 def resolve(agents: "AgentsConfig", name: str) -> AgentSpec:
@@ -198,24 +291,37 @@ def resolve(agents: "AgentsConfig", name: str) -> AgentSpec:
         if preset is None:
             raise UnknownAgent(
                 f"unknown agent {name!r}: presets are {', '.join(sorted(PRESETS))}; "
-                f"tables are {', '.join(sorted(agents.tables)) or '(none)'}")
-        return AgentSpec(name=name, preset=preset.name, command=preset.command,
-                         resume_command=preset.resume_command, env=_frozen({}),
-                         pass_env=preset.pass_env, max_tokens=agents.max_tokens,
-                         max_cost_usd=agents.max_cost_usd, home_files=_frozen({}))
+                f"tables are {', '.join(sorted(agents.tables)) or '(none)'}"
+            )
+        return AgentSpec(
+            name=name,
+            preset=preset.name,
+            command=preset.command,
+            resume_command=preset.resume_command,
+            env=_frozen({}),
+            pass_env=preset.pass_env,
+            max_tokens=agents.max_tokens,
+            max_cost_usd=agents.max_cost_usd,
+            home_files=_frozen({}),
+        )
 
     base_name = table.preset or (name if name in PRESETS else None)
     base: Preset | None = None
     if base_name is not None:
         base = PRESETS.get(base_name)
         if base is None:
-            raise UnknownAgent(f"agent {name!r} names an unknown preset {base_name!r}: "
-                               f"presets are {', '.join(sorted(PRESETS))}")
+            raise UnknownAgent(
+                f"agent {name!r} names an unknown preset {base_name!r}: "
+                f"presets are {', '.join(sorted(PRESETS))}"
+            )
     command = table.command if table.command is not None else (base.command if base else None)
     if not command:
         raise UnknownAgent(f"agent {name!r} has no command and no preset")
-    resume = table.resume_command if table.resume_command is not None else (
-        base.resume_command if base else None)
+    resume = (
+        table.resume_command
+        if table.resume_command is not None
+        else (base.resume_command if base else None)
+    )
     pass_env = table.pass_env if table.pass_env is not None else (base.pass_env if base else ())
     return AgentSpec(
         name=name,
@@ -235,15 +341,21 @@ def resolve(agents: "AgentsConfig", name: str) -> AgentSpec:
 _PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(AGENT_PLACEHOLDERS) + r")\}")
 
 
-def render(template: Sequence[str], *, prompt: str, prompt_file: str, workdir: str,
-           session_id: str | None) -> list[str]:
+def render(
+    template: Sequence[str], *, prompt: str, prompt_file: str, workdir: str, session_id: str | None
+) -> list[str]:
     """Fill {prompt}, {prompt_file}, {workdir} and {session_id} inside each argument.
 
     Only those four names are replaced; any other braces stay as written. Each template argument
     gives exactly one argument, so a prompt with spaces, quotes or newlines stays one argv element
     and no shell ever sees it. A {session_id} with no session id is an error.
     """
-    values = {"prompt": prompt, "prompt_file": prompt_file, "workdir": workdir, "session_id": session_id}
+    values = {
+        "prompt": prompt,
+        "prompt_file": prompt_file,
+        "workdir": workdir,
+        "session_id": session_id,
+    }
 
     def fill(match: re.Match[str]) -> str:
         value = values[match.group(1)]
@@ -254,8 +366,15 @@ def render(template: Sequence[str], *, prompt: str, prompt_file: str, workdir: s
     return [_PLACEHOLDER_RE.sub(fill, arg) for arg in template]
 
 
-def argv_for(spec: AgentSpec, *, prompt: str, prompt_file: str, workdir: str,
-             session_id: str | None, new_session_id: str | None = None) -> list[str]:
+def argv_for(
+    spec: AgentSpec,
+    *,
+    prompt: str,
+    prompt_file: str,
+    workdir: str,
+    session_id: str | None,
+    new_session_id: str | None = None,
+) -> list[str]:
     """The resume command when a session id is known and the spec can resume; else the command.
 
     A `command` may name the session it starts ({session_id}, as in claude's `--session-id`):
@@ -263,10 +382,20 @@ def argv_for(spec: AgentSpec, *, prompt: str, prompt_file: str, workdir: str,
     """
     if session_id and spec.sessions:
         assert spec.resume_command is not None
-        return render(spec.resume_command, prompt=prompt, prompt_file=prompt_file, workdir=workdir,
-                      session_id=session_id)
-    return render(spec.command, prompt=prompt, prompt_file=prompt_file, workdir=workdir,
-                  session_id=new_session_id)
+        return render(
+            spec.resume_command,
+            prompt=prompt,
+            prompt_file=prompt_file,
+            workdir=workdir,
+            session_id=session_id,
+        )
+    return render(
+        spec.command,
+        prompt=prompt,
+        prompt_file=prompt_file,
+        workdir=workdir,
+        session_id=new_session_id,
+    )
 
 
 def new_session_id(spec: AgentSpec, session_id: str | None = None) -> str | None:
@@ -281,8 +410,12 @@ def new_session_id(spec: AgentSpec, session_id: str | None = None) -> str | None
 
 # ============================================================================ home and environment
 
-_XDG = {"XDG_CONFIG_HOME": ".config", "XDG_DATA_HOME": ".local/share", "XDG_CACHE_HOME": ".cache",
-        "XDG_STATE_HOME": ".local/state"}
+_XDG = {
+    "XDG_CONFIG_HOME": ".config",
+    "XDG_DATA_HOME": ".local/share",
+    "XDG_CACHE_HOME": ".cache",
+    "XDG_STATE_HOME": ".local/state",
+}
 _PRESET_HOME_VARS = {"codex": {"CODEX_HOME": ".codex"}, "claude": {"CLAUDE_CONFIG_DIR": ".claude"}}
 
 
@@ -323,8 +456,14 @@ def prepare_home(spec: AgentSpec, home: Path) -> dict[str, str]:
     return env
 
 
-def build_env(spec: AgentSpec, *, home_env: Mapping[str, str], task_vars: Mapping[str, str],
-              environ: Mapping[str, str], secrets: Sequence[str]) -> dict[str, str]:
+def build_env(
+    spec: AgentSpec,
+    *,
+    home_env: Mapping[str, str],
+    task_vars: Mapping[str, str],
+    environ: Mapping[str, str],
+    secrets: Sequence[str],
+) -> dict[str, str]:
     """The agent's whole environment, built up from nothing.
 
     In order (later wins): PATH and LANG from `environ` (or defaults), `home_env`, the preset's env,
@@ -349,8 +488,11 @@ def build_env(spec: AgentSpec, *, home_env: Mapping[str, str], task_vars: Mappin
     for name in list(env):
         if any(s in env[name] for s in live_secrets):
             del env[name]
-            logger.warning("agent %s: dropped %s from its environment: the value contains a secret",
-                           spec.name, name)
+            logger.warning(
+                "agent %s: dropped %s from its environment: the value contains a secret",
+                spec.name,
+                name,
+            )
     return env
 
 
@@ -378,12 +520,22 @@ class Usage:
         Cached reads are counted in full although they are billed cheaper: this is what the
         providers report as total tokens, and `max_cost_usd` is the budget for money.
         """
-        return self.input_tokens + self.output_tokens + self.cache_read_tokens + self.cache_write_tokens
+        return (
+            self.input_tokens
+            + self.output_tokens
+            + self.cache_read_tokens
+            + self.cache_write_tokens
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "cache_read_tokens": self.cache_read_tokens, "cache_write_tokens": self.cache_write_tokens,
-                "total_tokens": self.total_tokens, "cost_usd": self.cost_usd}
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cache_read_tokens": self.cache_read_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "total_tokens": self.total_tokens,
+            "cost_usd": self.cost_usd,
+        }
 
 
 def budget_exceeded(usage: Usage, max_tokens: int | None, max_cost_usd: float | None) -> str | None:
@@ -413,7 +565,9 @@ class AgentReport:
 _ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*(\x07|\x1b\\)")
 _RATE_LIMIT_RE = re.compile(
     r"\b(429|529)\b|rate[ _-]?limit|too many requests|(?<![a-z])quota(?![a-z])|overloaded"
-    r"|resource[ _]exhausted|usage limit|out of credits|spend cap|credit limit", re.IGNORECASE)
+    r"|resource[ _]exhausted|usage limit|out of credits|spend cap|credit limit",
+    re.IGNORECASE,
+)
 
 
 def is_rate_limit_text(text: str) -> bool:
@@ -454,7 +608,9 @@ def _short(text: str, limit: int = FAILURE_MAX_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def tail(output: str, max_chars: int = SUMMARY_MAX_CHARS, max_lines: int = SUMMARY_MAX_LINES) -> str:
+def tail(
+    output: str, max_chars: int = SUMMARY_MAX_CHARS, max_lines: int = SUMMARY_MAX_LINES
+) -> str:
     """The end of an output: at most `max_lines` lines and `max_chars` characters, ANSI removed."""
     lines = _strip_ansi(output).rstrip().splitlines()[-max_lines:]
     text = "\n".join(lines).strip()
@@ -483,8 +639,15 @@ class _Parser:
     def report(self, output: str, exit_code: int) -> AgentReport:
         raise NotImplementedError
 
-    def _finish(self, *, summary: str, exit_code: int, error: str | None, rate_limited: bool,
-                completed: bool) -> AgentReport:
+    def _finish(
+        self,
+        *,
+        summary: str,
+        exit_code: int,
+        error: str | None,
+        rate_limited: bool,
+        completed: bool,
+    ) -> AgentReport:
         """Common rules: an error or a non-zero exit fails the run; so does a clean exit that never
         reached the CLI's own end-of-run marker."""
         failure = None
@@ -495,9 +658,14 @@ class _Parser:
         elif not completed:
             failure = "the agent ended without a final result"
         failed = failure is not None
-        return AgentReport(summary=summary.strip(), session_id=self.session_id,
-                           usage=self.usage, failed=failed, failure=failure,
-                           rate_limited=failed and rate_limited)
+        return AgentReport(
+            summary=summary.strip(),
+            session_id=self.session_id,
+            usage=self.usage,
+            failed=failed,
+            failure=failure,
+            rate_limited=failed and rate_limited,
+        )
 
 
 class _OpencodeParser(_Parser):
@@ -555,9 +723,15 @@ class _OpencodeParser(_Parser):
             if isinstance(status, int):
                 error += f" (HTTP {status})"
             limited = status in (429, 529) or is_rate_limit_text(
-                " ".join([message, str(err.get("name") or ""), str(data.get("responseBody") or "")]))
-        return self._finish(summary=summary, exit_code=exit_code, error=error, rate_limited=limited,
-                            completed=self._finished)
+                " ".join([message, str(err.get("name") or ""), str(data.get("responseBody") or "")])
+            )
+        return self._finish(
+            summary=summary,
+            exit_code=exit_code,
+            error=error,
+            rate_limited=limited,
+            completed=self._finished,
+        )
 
 
 class _ClaudeParser(_Parser):
@@ -610,8 +784,13 @@ class _ClaudeParser(_Parser):
     def report(self, output: str, exit_code: int) -> AgentReport:
         result = self._result
         if result is None:
-            return self._finish(summary=self._last_text, exit_code=exit_code, error=None,
-                                rate_limited=False, completed=False)
+            return self._finish(
+                summary=self._last_text,
+                exit_code=exit_code,
+                error=None,
+                rate_limited=False,
+                completed=False,
+            )
         text = result.get("result") if isinstance(result.get("result"), str) else ""
         error, limited = None, False
         status = result.get("api_error_status")
@@ -619,11 +798,15 @@ class _ClaudeParser(_Parser):
             error = text or str(result.get("subtype") or "error")
             if isinstance(status, int) and str(status) not in error:
                 error += f" (HTTP {status})"
-            limited = (status in (429, 529) or self._error_kind in ("rate_limit", "overloaded")
-                       or is_rate_limit_text(text))
+            limited = (
+                status in (429, 529)
+                or self._error_kind in ("rate_limit", "overloaded")
+                or is_rate_limit_text(text)
+            )
         summary = text if error is None else ""
-        return self._finish(summary=summary, exit_code=exit_code, error=error, rate_limited=limited,
-                            completed=True)
+        return self._finish(
+            summary=summary, exit_code=exit_code, error=error, rate_limited=limited, completed=True
+        )
 
 
 class _CodexParser(_Parser):
@@ -674,19 +857,29 @@ class _CodexParser(_Parser):
         if error is None and exit_code != 0 and self._last_error:
             error = self._last_error
         # codex words an overloaded provider (and any 5xx) as "experiencing high demand"
-        limited = error is not None and (is_rate_limit_text(error) or "high demand" in error.lower())
-        return self._finish(summary=self._last_message, exit_code=exit_code, error=error,
-                            rate_limited=limited, completed=self._completed)
+        limited = error is not None and (
+            is_rate_limit_text(error) or "high demand" in error.lower()
+        )
+        return self._finish(
+            summary=self._last_message,
+            exit_code=exit_code,
+            error=error,
+            rate_limited=limited,
+            completed=self._completed,
+        )
 
 
 _AIDER_TOKENS_RE = re.compile(
     r"^Tokens: (?P<sent>[\d.]+k?) sent"
     r"(?:, (?P<write>[\d.]+k?) cache write)?(?:, (?P<hit>[\d.]+k?) cache hit)?"
-    r", (?P<received>[\d.]+k?) received\.")
+    r", (?P<received>[\d.]+k?) received\."
+)
 _AIDER_COST_RE = re.compile(r"Cost: \$(?P<message>[\d.]+) message, \$(?P<session>[\d.]+) session\.")
 _AIDER_ERROR_RE = re.compile(r"^litellm\.(?P<name>[A-Za-z]+(?:Error|Exception)): ?(?P<message>.*)$")
-_AIDER_HEADER_RE = re.compile(r"^(Aider v|Model: |Weak model: |Git repo: |Repo-map: |Added .* to the chat|"
-                              r"Main model: |Editor model: |Cur working dir: |Git working dir: )")
+_AIDER_HEADER_RE = re.compile(
+    r"^(Aider v|Model: |Weak model: |Git repo: |Repo-map: |Added .* to the chat|"
+    r"Main model: |Editor model: |Cur working dir: |Git working dir: )"
+)
 # aider's own explanation lines printed under an API error, not part of the provider's message
 _AIDER_HINTS = ("The API provider", "Retrying in ", "https://", "Try again", "Or visit ")
 
@@ -710,14 +903,20 @@ class _AiderParser(_Parser):
 
     def __init__(self) -> None:
         super().__init__()
-        self._error: tuple[str, str] | None = None  # (exception name, message) of the last API error
+        self._error: tuple[str, str] | None = (
+            None  # (exception name, message) of the last API error
+        )
         self._replies = 0
 
     def feed(self, line: str) -> None:
         line = _strip_ansi(line).rstrip()
         m = _AIDER_TOKENS_RE.match(line)
         if m:
-            sent, hit, write = _aider_count(m["sent"]), _aider_count(m["hit"]), _aider_count(m["write"])
+            sent, hit, write = (
+                _aider_count(m["sent"]),
+                _aider_count(m["hit"]),
+                _aider_count(m["write"]),
+            )
             self.usage.input_tokens += max(0, sent - hit - write)
             self.usage.cache_read_tokens += hit
             self.usage.cache_write_tokens += write
@@ -731,7 +930,12 @@ class _AiderParser(_Parser):
         e = _AIDER_ERROR_RE.match(line)
         if e and not m:
             self._error = (e["name"], e["message"])
-        elif self._error is not None and line and not line.startswith(_AIDER_HINTS) and len(self._error[1]) < 400:
+        elif (
+            self._error is not None
+            and line
+            and not line.startswith(_AIDER_HINTS)
+            and len(self._error[1]) < 400
+        ):
             # the provider's message often wraps onto the next lines
             self._error = (self._error[0], f"{self._error[1]} {line}".strip())
 
@@ -743,8 +947,13 @@ class _AiderParser(_Parser):
             limited = name in ("RateLimitError",) or is_rate_limit_text(message)
         elif self._replies == 0 and exit_code == 0:
             error = "aider printed no reply from the model"
-        return self._finish(summary=_aider_last_reply(output), exit_code=exit_code, error=error,
-                            rate_limited=limited, completed=True)
+        return self._finish(
+            summary=_aider_last_reply(output),
+            exit_code=exit_code,
+            error=error,
+            rate_limited=limited,
+            completed=True,
+        )
 
 
 def _aider_last_reply(output: str) -> str:
@@ -777,8 +986,9 @@ class _CustomParser(_Parser):
             last = "\n".join(summary.splitlines()[-3:])
             error = _exit_failure(exit_code) + (f": {last}" if last else "")
             limited = is_rate_limit_text(summary)
-        return self._finish(summary=summary, exit_code=exit_code, error=error, rate_limited=limited,
-                            completed=True)
+        return self._finish(
+            summary=summary, exit_code=exit_code, error=error, rate_limited=limited, completed=True
+        )
 
 
 _PARSERS: dict[str, Callable[[], _Parser]] = {

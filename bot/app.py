@@ -31,32 +31,41 @@ def wake_key(config: Config) -> str:
     return hmac.new(secret, b"kugetsu:wake", "sha256").hexdigest()
 
 
-def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules],
-               wake: Callable[[], None] = lambda: None,
-               health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (True, {}),
-               store_failed: Callable[[Exception], None] = lambda exc: None,
-               log_dir: Path | None = None,
-               log_token: Callable[[int], str] | None = None) -> Flask:
+def create_app(
+    config: Config,
+    store: Store,
+    *,
+    rules: Callable[[], intake.Rules],
+    wake: Callable[[], None] = lambda: None,
+    health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (True, {}),
+    store_failed: Callable[[Exception], None] = lambda exc: None,
+    log_dir: Path | None = None,
+    log_token: Callable[[int], str] | None = None,
+) -> Flask:
     app = Flask("kugetsu")
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
     secret = config.gitea.webhook_secret
     verify = bool(secret)
 
-    def answer(status: int, state: str, reason: str, started: float | None = None,
-               **extra: Any) -> Response:
-        response = Response(json.dumps({"status": state, "reason": reason, **extra}),
-                            status=status, mimetype="application/json")
+    def answer(
+        status: int, state: str, reason: str, started: float | None = None, **extra: Any
+    ) -> Response:
+        response = Response(
+            json.dumps({"status": state, "reason": reason, **extra}),
+            status=status,
+            mimetype="application/json",
+        )
         if started is not None:
             # Shown with each delivery in Gitea's webhook history: the time kugetsu
             # itself spent on it, without the network and the server's queueing.
-            response.headers["Server-Timing"] = \
+            response.headers["Server-Timing"] = (
                 f"handler;dur={(time.perf_counter() - started) * 1000:.2f}"
+            )
         return response
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_exc: Exception) -> Response:
-        return answer(413, "rejected",
-                      f"body larger than {config.server.max_body_bytes} bytes")
+        return answer(413, "rejected", f"body larger than {config.server.max_body_bytes} bytes")
 
     @app.post("/webhook")
     def webhook() -> Response:
@@ -73,9 +82,14 @@ def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules
             data = events.load_json(payload)
             event = events.parse(delivery, data)
         except events.WebhookError as exc:
-            log.warning("webhook rejected", extra={
-                "status": exc.status, "reason": exc.reason,
-                "delivery": request.headers.get("X-Gitea-Delivery")})
+            log.warning(
+                "webhook rejected",
+                extra={
+                    "status": exc.status,
+                    "reason": exc.reason,
+                    "delivery": request.headers.get("X-Gitea-Delivery"),
+                },
+            )
             return answer(exc.status, "rejected", exc.reason, started)
 
         try:
@@ -85,18 +99,29 @@ def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules
             # acknowledged: Gitea's webhook history shows the answer, and can redeliver it.
             store_failed(exc)
             log.error("delivery not stored", extra={"delivery": delivery.id, "error": str(exc)})
-            return answer(503, "error", f"could not store the delivery, so it was not "
-                          f"accepted: {exc}", started)
+            return answer(
+                503,
+                "error",
+                f"could not store the delivery, so it was not accepted: {exc}",
+                started,
+            )
         # Deliveries that queue work are logged; the many that are not for kugetsu
         # (and repeats) only at debug level. Gitea's webhook history keeps every
         # delivery with kugetsu's answer and reason.
         level = logging.INFO if result.queued else logging.DEBUG
         if log.isEnabledFor(level):
-            log.log(level, "webhook handled", extra={
-                "delivery": delivery.id, "event": delivery.event_type,
-                "reason": result.reason, "tasks": list(result.task_ids),
-                "duplicate": result.duplicate,
-                "ms": round((time.perf_counter() - started) * 1000, 2)})
+            log.log(
+                level,
+                "webhook handled",
+                extra={
+                    "delivery": delivery.id,
+                    "event": delivery.event_type,
+                    "reason": result.reason,
+                    "tasks": list(result.task_ids),
+                    "duplicate": result.duplicate,
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
         if result.duplicate:
             return answer(200, "duplicate", result.reason, started)
         if result.queued:
@@ -111,8 +136,11 @@ def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules
         ok, details = health()
         problems = list(details.get("problems", ()))
         status = "unhealthy" if not ok else ("degraded" if problems else "ok")
-        return Response(json.dumps({"status": status, **details, "problems": problems}),
-                        status=200 if ok else 503, mimetype="application/json")
+        return Response(
+            json.dumps({"status": status, **details, "problems": problems}),
+            status=200 if ok else 503,
+            mimetype="application/json",
+        )
 
     @app.post("/wake")
     def wake_now() -> Response:
@@ -129,8 +157,11 @@ def create_app(config: Config, store: Store, *, rules: Callable[[], intake.Rules
     def task_log(task_id: int, token: str) -> Response:
         # Linked from PRs and comments; the token is an HMAC of the task id, so
         # only people who can see those links can read the log.
-        if log_dir is None or log_token is None or not events.equal_secrets(
-                token, log_token(task_id)):
+        if (
+            log_dir is None
+            or log_token is None
+            or not events.equal_secrets(token, log_token(task_id))
+        ):
             return answer(404, "not found", "no such log")
         path = log_dir / f"{task_id}.log"
         if not path.is_file():

@@ -39,8 +39,11 @@ def ping_server(config: Config) -> bool:
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     try:
-        r = requests.post(f"http://{host}:{config.server.port}/wake", timeout=2,
-                          headers={"X-Kugetsu-Wake": wake_key(config)})
+        r = requests.post(
+            f"http://{host}:{config.server.port}/wake",
+            timeout=2,
+            headers={"X-Kugetsu-Wake": wake_key(config)},
+        )
         return r.status_code == 202
     except requests.RequestException:
         return False
@@ -50,8 +53,14 @@ def _fmt_time(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
-def queue_list(store: Store, state: str | None, as_json: bool, *, limit: int | None = 50,
-               before: int | None = None) -> int:
+def queue_list(
+    store: Store,
+    state: str | None,
+    as_json: bool,
+    *,
+    limit: int | None = 50,
+    before: int | None = None,
+) -> int:
     """The newest `limit` tasks (every one with None) below id `before`, oldest first,
     printed as they are read from the database: the whole table is never in memory."""
     first = None
@@ -67,17 +76,27 @@ def queue_list(store: Store, state: str | None, as_json: bool, *, limit: int | N
         for t in store.iter_tasks(state, before=before, newest=limit):
             if first is None:
                 first = t.id
-                print(f"{'ID':>5}  {'ISSUE':<28} {'KIND':<9} {'STATE':<10} {'TRIES':<6} "
-                      f"{'OUTCOME':<13} {'PR':<6} CREATED")
-            print(f"{t.id:>5}  {t.ref:<28} {t.kind.value:<9} {t.state.value:<10} "
-                  f"{t.attempts}/{t.max_attempts:<4} {(t.outcome.value if t.outcome else '-'):<13} "
-                  f"{('#' + str(t.pr_number)) if t.pr_number else '-':<6} {_fmt_time(t.created_at)}")
+                print(
+                    f"{'ID':>5}  {'ISSUE':<28} {'KIND':<9} {'STATE':<10} {'TRIES':<6} "
+                    f"{'OUTCOME':<13} {'PR':<6} CREATED"
+                )
+            print(
+                f"{t.id:>5}  {t.ref:<28} {t.kind.value:<9} {t.state.value:<10} "
+                f"{t.attempts}/{t.max_attempts:<4} {(t.outcome.value if t.outcome else '-'):<13} "
+                f"{('#' + str(t.pr_number)) if t.pr_number else '-':<6} {_fmt_time(t.created_at)}"
+            )
         if first is None:
             print("no tasks")
-    if limit is not None and first is not None and \
-            next(store.iter_tasks(state, before=first, newest=1), None) is not None:
-        print(f"kugetsu: the newest {limit} shown; older ones with --before {first}, "
-              "or all with --all", file=sys.stderr)
+    if (
+        limit is not None
+        and first is not None
+        and next(store.iter_tasks(state, before=first, newest=1), None) is not None
+    ):
+        print(
+            f"kugetsu: the newest {limit} shown; older ones with --before {first}, "
+            "or all with --all",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -98,9 +117,11 @@ def queue_cancel(store: Store, task_id: int) -> int:
         print(f"kugetsu: no task {task_id}", file=sys.stderr)
         return 1
     result = store.request_cancel(task_id, "cli")
-    messages = {"cancelled": f"task {task_id} cancelled",
-                "stopping": f"task {task_id} is running; its agent will be stopped",
-                "finished": f"task {task_id} has already finished"}
+    messages = {
+        "cancelled": f"task {task_id} cancelled",
+        "stopping": f"task {task_id} is running; its agent will be stopped",
+        "finished": f"task {task_id} has already finished",
+    }
     print(messages[result])
     return 0 if result != "finished" else 1
 
@@ -115,12 +136,18 @@ def queue_retry(store: Store, task_id: int) -> int:
         print(f"task {task_id} queued again")
         return 0
     if blocker is not None:
-        print(f"kugetsu: task {blocker.id} is already active on {blocker.ref}; task {task_id} "
-              "cannot be retried while it is", file=sys.stderr)
+        print(
+            f"kugetsu: task {blocker.id} is already active on {blocker.ref}; task {task_id} "
+            "cannot be retried while it is",
+            file=sys.stderr,
+        )
         return 1
     task = store.require(task_id)
-    print(f"kugetsu: task {task_id} is {task.state.value}; only failed or cancelled tasks can "
-          "be retried", file=sys.stderr)
+    print(
+        f"kugetsu: task {task_id} is {task.state.value}; only failed or cancelled tasks can "
+        "be retried",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -132,15 +159,17 @@ def parse_ref(ref: str) -> tuple[str, int] | str:
     m = _REF.fullmatch(ref)
     if not m:
         return f"{names.shown(ref)} is not OWNER/REPO#NUMBER"
-    error = (names.repo_error(m.group("repo"))
-             or names.number_error(int(m.group("issue")), "the issue number"))
+    error = names.repo_error(m.group("repo")) or names.number_error(
+        int(m.group("issue")), "the issue number"
+    )
     if error:
         return f"{names.shown(ref)} is not OWNER/REPO#NUMBER: {error}"
     return m.group("repo"), int(m.group("issue"))
 
 
-def enqueue(config: Config, store: Store, ref: str, message: str, agent: str | None,
-            follow_up: bool) -> int:
+def enqueue(
+    config: Config, store: Store, ref: str, message: str, agent: str | None, follow_up: bool
+) -> int:
     parsed = parse_ref(ref)
     if isinstance(parsed, str):
         print(f"kugetsu: {parsed}", file=sys.stderr)
@@ -161,14 +190,24 @@ def enqueue(config: Config, store: Store, ref: str, message: str, agent: str | N
             if active is not None:
                 print(f"kugetsu: already queued on {ref} as task {active.id}", file=sys.stderr)
                 return 1
-        task_id = store.insert_task(c, repo=repo, issue=issue, kind=kind, prompt=message,
-                                    agent=agent, requested_by="cli",
-                                    max_attempts=config.queue.max_attempts, authorized=True)
+        task_id = store.insert_task(
+            c,
+            repo=repo,
+            issue=issue,
+            kind=kind,
+            prompt=message,
+            agent=agent,
+            requested_by="cli",
+            max_attempts=config.queue.max_attempts,
+            authorized=True,
+        )
     if ping_server(config):
         print(f"task {task_id} queued ({kind.value} on {ref})")
     else:
-        print(f"task {task_id} queued ({kind.value} on {ref}); kugetsu serve is not reachable "
-              f"at {config.server.host}:{config.server.port}, it will pick the task up when it runs")
+        print(
+            f"task {task_id} queued ({kind.value} on {ref}); kugetsu serve is not reachable "
+            f"at {config.server.host}:{config.server.port}, it will pick the task up when it runs"
+        )
     return 0
 
 
@@ -205,6 +244,7 @@ def show_logs(config: Config, store: Store, task_id: int, follow: bool) -> int:
 
 def _whole_number(what: str) -> Callable[[str], int]:
     """An argparse type: `what`, a whole number from 1 to 2**63-1."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -214,6 +254,7 @@ def _whole_number(what: str) -> Callable[[str], int]:
         if error:
             raise argparse.ArgumentTypeError(error)
         return value
+
     return parse
 
 
@@ -228,27 +269,35 @@ def days_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(
-            f"the number of days must be a finite number >= 0, got {text}")
+            f"the number of days must be a finite number >= 0, got {text}"
+        )
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", metavar="PATH", default=argparse.SUPPRESS,
-                        help="config file (default: $KUGETSU_CONFIG, ./kugetsu.toml, "
-                             "/etc/kugetsu/config.toml, or built-in defaults)")
+    common.add_argument(
+        "--config",
+        "-c",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="config file (default: $KUGETSU_CONFIG, ./kugetsu.toml, "
+        "/etc/kugetsu/config.toml, or built-in defaults)",
+    )
     parser = argparse.ArgumentParser(
-        prog="kugetsu", parents=[common],
-        description="Turns Gitea issues into pull requests written by AI coding agents.")
+        prog="kugetsu",
+        parents=[common],
+        description="Turns Gitea issues into pull requests written by AI coding agents.",
+    )
     parser.add_argument("--version", action="version", version=f"kugetsu {__version__}")
     # `worker` is started by `serve` itself and is left out of the listing
-    sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{serve,queue,enqueue,logs}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,queue,enqueue,logs}")
 
     levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
     p = sub.add_parser("serve", parents=[common], help="run the webhook server and scheduler")
-    p.add_argument("--log-level", default=os.environ.get("KUGETSU_LOG_LEVEL", "INFO"),
-                   choices=levels)
+    p.add_argument(
+        "--log-level", default=os.environ.get("KUGETSU_LOG_LEVEL", "INFO"), choices=levels
+    )
     # started by `serve` itself; not for people
     w = sub.add_parser("worker", parents=[common])
     w.add_argument("--wake-fd", type=int, default=None)
@@ -261,12 +310,20 @@ def build_parser() -> argparse.ArgumentParser:
     ql.add_argument("--state", choices=[s.value for s in State])
     ql.add_argument("--json", action="store_true")
     how_many = ql.add_mutually_exclusive_group()
-    how_many.add_argument("--limit", type=_whole_number("number of tasks"), default=50,
-                          metavar="N", help="the newest N tasks (default 50)")
+    how_many.add_argument(
+        "--limit",
+        type=_whole_number("number of tasks"),
+        default=50,
+        metavar="N",
+        help="the newest N tasks (default 50)",
+    )
     how_many.add_argument("--all", action="store_true", help="every task")
-    ql.add_argument("--before", type=task_id_arg, metavar="ID",
-                    help="only tasks with a lower id: the next page is --before the first "
-                         "id shown")
+    ql.add_argument(
+        "--before",
+        type=task_id_arg,
+        metavar="ID",
+        help="only tasks with a lower id: the next page is --before the first id shown",
+    )
     qs = qsub.add_parser("stats", parents=[common], help="count tasks by state and outcome")
     qs.add_argument("--json", action="store_true")
     qc = qsub.add_parser("cancel", parents=[common], help="cancel a queued or running task")
@@ -274,15 +331,24 @@ def build_parser() -> argparse.ArgumentParser:
     qr = qsub.add_parser("retry", parents=[common], help="queue a failed or cancelled task again")
     qr.add_argument("id", type=task_id_arg)
     qx = qsub.add_parser("clear", parents=[common], help="delete old finished tasks")
-    qx.add_argument("--older-than", type=days_arg, metavar="DAYS", default=None,
-                    help="default: queue.cleanup_age_days")
+    qx.add_argument(
+        "--older-than",
+        type=days_arg,
+        metavar="DAYS",
+        default=None,
+        help="default: queue.cleanup_age_days",
+    )
 
     e = sub.add_parser("enqueue", parents=[common], help="queue work on an issue by hand")
     e.add_argument("ref", metavar="OWNER/REPO#N")
     e.add_argument("message", nargs="?", default="")
     e.add_argument("--agent")
-    e.add_argument("--continue", dest="follow_up", action="store_true",
-                   help="follow up on the issue's earlier work")
+    e.add_argument(
+        "--continue",
+        dest="follow_up",
+        action="store_true",
+        help="follow up on the issue's earlier work",
+    )
 
     lg = sub.add_parser("logs", parents=[common], help="show a task's agent log")
     lg.add_argument("id", type=task_id_arg)
@@ -305,19 +371,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(config, log_level=args.log_level)
         if args.command == "worker":
-            return run_worker(config, args.wake_fd, log_level=args.log_level,
-                              fd_limit=args.fd_limit)
+            return run_worker(
+                config, args.wake_fd, log_level=args.log_level, fd_limit=args.fd_limit
+            )
         if not config.storage.db_path.exists() and args.command != "enqueue":
-            print(f"kugetsu: no database at {config.storage.db_path} (has kugetsu served "
-                  "with this data_dir yet?)", file=sys.stderr)
+            print(
+                f"kugetsu: no database at {config.storage.db_path} (has kugetsu served "
+                "with this data_dir yet?)",
+                file=sys.stderr,
+            )
             return 1
         store = open_store(config.storage.db_path)
         try:
             if args.command == "queue":
                 if args.queue_command == "list":
-                    return queue_list(store, args.state, args.json,
-                                      limit=None if args.all else args.limit,
-                                      before=args.before)
+                    return queue_list(
+                        store,
+                        args.state,
+                        args.json,
+                        limit=None if args.all else args.limit,
+                        before=args.before,
+                    )
                 if args.queue_command == "stats":
                     return queue_stats(store, args.json)
                 if args.queue_command in ("cancel", "retry"):
@@ -327,8 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ping_server(config)
                     return code
                 if args.queue_command == "clear":
-                    days = (config.queue.cleanup_age_days if args.older_than is None
-                            else args.older_than)
+                    days = (
+                        config.queue.cleanup_age_days
+                        if args.older_than is None
+                        else args.older_than
+                    )
                     print(f"{store.clear(days)} finished task(s) removed")
                     return 0
             if args.command == "enqueue":

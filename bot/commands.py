@@ -21,20 +21,25 @@ class Verb:
     usage: str
     help: str
     aliases: tuple[str, ...] = ()
-    text: str = "none"           # "none" | "optional" | "required"
+    text: str = "none"  # "none" | "optional" | "required"
     needs_permission: bool = True
 
 
 REGISTRY: tuple[Verb, ...] = (
-    Verb("start", "start [instructions]",
-         "Start work on this issue; optional instructions are added to the issue text.",
-         text="optional"),
-    Verb("continue", "continue <instructions>",
-         "Follow up in the same worktree, branch and agent session (on the issue or its PR).",
-         text="required"),
+    Verb(
+        "start",
+        "start [instructions]",
+        "Start work on this issue; optional instructions are added to the issue text.",
+        text="optional",
+    ),
+    Verb(
+        "continue",
+        "continue <instructions>",
+        "Follow up in the same worktree, branch and agent session (on the issue or its PR).",
+        text="required",
+    ),
     Verb("stop", "stop", "Stop the running or queued task for this issue.", aliases=("cancel",)),
-    Verb("status", "status", "Reply with the state of this issue's tasks.",
-         needs_permission=False),
+    Verb("status", "status", "Reply with the state of this issue's tasks.", needs_permission=False),
     Verb("retry", "retry", "Queue the last failed or stopped task again, with fresh attempts."),
     Verb("help", "help", "Show this help.", needs_permission=False),
 )
@@ -46,10 +51,18 @@ MAX_COST_USD = 1_000_000
 
 FLAGS = {
     "--agent": ("agent", str, "run this request with the named agent", None),
-    "--max-tokens": ("max_tokens", int, "stop the agent when it has used this many tokens",
-                     MAX_TOKENS),
-    "--max-cost": ("max_cost_usd", float, "stop the agent when it has cost this many USD",
-                   MAX_COST_USD),
+    "--max-tokens": (
+        "max_tokens",
+        int,
+        "stop the agent when it has used this many tokens",
+        MAX_TOKENS,
+    ),
+    "--max-cost": (
+        "max_cost_usd",
+        float,
+        "stop the agent when it has cost this many USD",
+        MAX_COST_USD,
+    ),
 }
 _KIND_NAMES = {int: "a whole number", float: "a number"}
 
@@ -62,7 +75,7 @@ AUTO = "auto"  # text without a verb: continue if the issue has a task, else sta
 
 @dataclass(frozen=True)
 class Command:
-    verb: str                          # a registry name, or AUTO
+    verb: str  # a registry name, or AUTO
     text: str = ""
     agent: str | None = None
     max_tokens: int | None = None
@@ -89,8 +102,11 @@ def _command_line(body: str, word: str) -> tuple[int, str, str] | None:
         if lines[index].strip().startswith(word):
             parts = markdown.split_lines(body, maxsplit=index + 1) + [""]
             stripped, rest = parts[index].strip(), parts[index + 1]
-            if (stripped == word or stripped.startswith(word + " ")
-                    or stripped.startswith(word + "\t")):
+            if (
+                stripped == word
+                or stripped.startswith(word + " ")
+                or stripped.startswith(word + "\t")
+            ):
                 return index, stripped, rest
     return None
 
@@ -111,8 +127,11 @@ def _split_flags(words: list[str]) -> tuple[dict, list[str], str | None]:
         try:
             value = kind(inline)
         except ValueError:  # also an int of more than 4,300 digits
-            return options, rest, f"{flag} needs {_KIND_NAMES.get(kind, kind.__name__)}, " \
-                                  f"got {names.shown(inline)}"
+            return (
+                options,
+                rest,
+                f"{flag} needs {_KIND_NAMES.get(kind, kind.__name__)}, got {names.shown(inline)}",
+            )
         if limit is not None and not (math.isfinite(value) and 0 < value <= limit):
             return options, rest, f"{flag} must be greater than 0 and at most {limit:,}"
         if key == "agent" and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
@@ -133,7 +152,7 @@ def parse_comment(body: str, word: str = "/kugetsu") -> Command | CommandError |
     if found is None:
         return None
     index, line, after_line = found
-    after = line[len(word):].strip()
+    after = line[len(word) :].strip()
     words = after.split()
     options, rest, error = _split_flags(words)
     if error:
@@ -173,10 +192,13 @@ def help_text(word: str = "/kugetsu", label: str = "kugetsu") -> str:
     for verb in REGISTRY:
         alias = f" (also `{word} {verb.aliases[0]}`)" if verb.aliases else ""
         rows.append(f"| `{word} {verb.usage}`{alias} | {verb.help} |")
-    rows.append(f"| `{word} <instructions>` | Continue if this issue already has a task, "
-                "else start. |")
-    flags = "\n".join(f"- `{flag} ...`: {desc}" + (f" (at most {limit:,})" if limit else "")
-                      for flag, (_, _, desc, limit) in FLAGS.items())
+    rows.append(
+        f"| `{word} <instructions>` | Continue if this issue already has a task, else start. |"
+    )
+    flags = "\n".join(
+        f"- `{flag} ...`: {desc}" + (f" (at most {limit:,})" if limit else "")
+        for flag, (_, _, desc, limit) in FLAGS.items()
+    )
     return (
         f"**kugetsu** turns this issue into a pull request written by an AI coding agent. "
         f"Add the label `{label}`, or comment one of these on its own line:\n\n"

@@ -194,8 +194,9 @@ class _Section:
             raise ConfigError(f"{self._key(key)} must be true or false, got {value!r}")
         return value
 
-    def integer(self, key: str, default: int | None, minimum: int | None = None,
-                maximum: int | None = None) -> int | None:
+    def integer(
+        self, key: str, default: int | None, minimum: int | None = None, maximum: int | None = None
+    ) -> int | None:
         value = self._get(key, default)
         if value is None:
             return None
@@ -207,8 +208,9 @@ class _Section:
             raise ConfigError(f"{self._key(key)} must be at most {maximum}, got {value}")
         return value
 
-    def number(self, key: str, default: float | None, minimum: float | None = None,
-               positive: bool = False) -> float | None:
+    def number(
+        self, key: str, default: float | None, minimum: float | None = None, positive: bool = False
+    ) -> float | None:
         value = self._get(key, default)
         if value is None:
             return None
@@ -283,24 +285,33 @@ def _agent_table(name: str, data: Any) -> AgentConfig:
     sec.check_unknown()
     for rel in cfg.home_files:
         if rel.startswith("/") or ".." in Path(rel).parts:
-            raise ConfigError(f"agents.{name}.home_files: {rel!r} must be a relative path inside the home")
+            raise ConfigError(
+                f"agents.{name}.home_files: {rel!r} must be a relative path inside the home"
+            )
     if cfg.command is not None and not cfg.command:
         raise ConfigError(f"agents.{name}.command must not be empty")
     if cfg.resume_command is not None and not cfg.resume_command:
-        raise ConfigError(f"agents.{name}.resume_command must not be empty; leave it out if the "
-                          "agent cannot resume a session")
+        raise ConfigError(
+            f"agents.{name}.resume_command must not be empty; leave it out if the "
+            "agent cannot resume a session"
+        )
     for key in ("command", "resume_command"):
         for arg in getattr(cfg, key) or ():
             for placeholder in _PLACEHOLDER_NAME_RE.findall(arg):
                 if placeholder not in AGENT_PLACEHOLDERS:
                     raise ConfigError(
                         f"agents.{name}.{key}: unknown placeholder {{{placeholder}}}; use "
-                        + ", ".join(f"{{{p}}}" for p in AGENT_PLACEHOLDERS))
+                        + ", ".join(f"{{{p}}}" for p in AGENT_PLACEHOLDERS)
+                    )
     return cfg
 
 
-def load(path: str | os.PathLike[str] | None = None,
-         environ: Mapping[str, str] | None = None, *, require_secret: bool = True) -> Config:
+def load(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    require_secret: bool = True,
+) -> Config:
     """Read the config file (if any), apply env overrides, validate, freeze.
 
     `require_secret=False` is for commands that never receive webhooks (queue, logs).
@@ -359,22 +370,30 @@ def load(path: str | os.PathLike[str] | None = None,
 
     # storage
     st = _Section("storage", data.get("storage"))
-    data_dir = _override(env, "KUGETSU_DATA_DIR",
-                         st.string("data_dir", str(StorageConfig.data_dir)))
+    data_dir = _override(
+        env, "KUGETSU_DATA_DIR", st.string("data_dir", str(StorageConfig.data_dir))
+    )
     min_free_mb = st.integer("min_free_mb", StorageConfig.min_free_mb, minimum=0)
     st.check_unknown()
-    storage = StorageConfig(data_dir=Path(data_dir).expanduser().absolute(),
-                            min_free_mb=min_free_mb)
+    storage = StorageConfig(
+        data_dir=Path(data_dir).expanduser().absolute(), min_free_mb=min_free_mb
+    )
 
     # queue
     q = _Section("queue", data.get("queue"))
     backoff = q._get("retry_backoff_seconds", list(QueueConfig.retry_backoff_seconds))
-    if (not isinstance(backoff, list) or not backoff
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                       and math.isfinite(b) and b >= 0 for b in backoff)):
+    if (
+        not isinstance(backoff, list)
+        or not backoff
+        or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b >= 0
+            for b in backoff
+        )
+    ):
         raise ConfigError(
             "queue.retry_backoff_seconds must be a non-empty list of finite numbers >= 0, "
-            f"got {backoff!r}")
+            f"got {backoff!r}"
+        )
     queue = QueueConfig(
         poll_interval_seconds=q.number("poll_interval_seconds", 30.0, positive=True),
         max_concurrent_agents=q.integer("max_concurrent_agents", 3, minimum=1),
@@ -393,8 +412,9 @@ def load(path: str | os.PathLike[str] | None = None,
         min_permission=t.string("min_permission", "write"),
         allowed_users=t.strings("allowed_users", ()) or (),
         reply_limit=t.integer("reply_limit", TriggersConfig.reply_limit, minimum=0),
-        reply_window_seconds=t.number("reply_window_seconds",
-                                      TriggersConfig.reply_window_seconds, positive=True),
+        reply_window_seconds=t.number(
+            "reply_window_seconds", TriggersConfig.reply_window_seconds, positive=True
+        ),
     )
     t.check_unknown()
     if not triggers.label.strip():
@@ -404,7 +424,8 @@ def load(path: str | os.PathLike[str] | None = None,
     if triggers.min_permission not in PERMISSION_LEVELS[1:]:
         raise ConfigError(
             f"triggers.min_permission must be one of read, write, admin, owner; "
-            f"got {triggers.min_permission!r}")
+            f"got {triggers.min_permission!r}"
+        )
 
     # agents
     a = _Section("agents", data.get("agents"))
@@ -438,12 +459,21 @@ def load(path: str | os.PathLike[str] | None = None,
         branch = git.branch_template.format(number=1, owner="o", repo="r")
     except (KeyError, IndexError, ValueError) as exc:
         raise ConfigError(
-            f"git.branch_template may use only {{number}}, {{owner}} and {{repo}}: {exc}") from None
+            f"git.branch_template may use only {{number}}, {{owner}} and {{repo}}: {exc}"
+        ) from None
     if not branch or branch.startswith(("-", "/")) or ".." in branch or " " in branch:
         raise ConfigError(f"git.branch_template gives an invalid branch name: {branch!r}")
 
-    config = Config(server=server, gitea=gitea, storage=storage, queue=queue,
-                    triggers=triggers, agents=agents, git=git, source=source)
+    config = Config(
+        server=server,
+        gitea=gitea,
+        storage=storage,
+        queue=queue,
+        triggers=triggers,
+        agents=agents,
+        git=git,
+        source=source,
+    )
     _check_agents(config)
     return config
 
@@ -457,7 +487,8 @@ def _check_agents(config: Config) -> None:
         if name not in config.agents.tables and name not in agents_mod.PRESETS:
             raise ConfigError(
                 f"agents: {name!r} is neither a preset ({', '.join(sorted(agents_mod.PRESETS))}) "
-                f"nor an [agents.{name}] table with a command")
+                f"nor an [agents.{name}] table with a command"
+            )
     for name, table in config.agents.tables.items():
         preset = table.preset or (name if name in agents_mod.PRESETS else None)
         if preset is not None and preset not in agents_mod.PRESETS:

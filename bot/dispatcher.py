@@ -25,16 +25,31 @@ from typing import Any, Callable, Mapping
 
 from bot import agents, names, process
 from bot.config import Config
-from bot.gitea import (Forbidden, GiteaAPI, GiteaError, NotFound, ServerError, Unauthorized,
-                       Unreachable)
+from bot.gitea import (
+    Forbidden,
+    GiteaAPI,
+    GiteaError,
+    NotFound,
+    ServerError,
+    Unauthorized,
+    Unreachable,
+)
 from bot.health import TickRecord, describe
 from bot.isolate import on_its_own
 from bot.publisher import Publisher, status_text
 from bot.redact import redact
 from bot.scheduler import Coalescer
 from bot.store import Store
-from bot.tasks import (Kind, Outcome, State, Task, decide, doubling, fallback_permission,
-                       permission_at_least)
+from bot.tasks import (
+    Kind,
+    Outcome,
+    State,
+    Task,
+    decide,
+    doubling,
+    fallback_permission,
+    permission_at_least,
+)
 from bot.workspace import GitError, Prepared, Workspace
 
 log = logging.getLogger(__name__)
@@ -56,9 +71,9 @@ class Result:
 
     outcome: Outcome
     error: str | None = None
-    retry: bool = True                 # False: do not retry even if the outcome allows it
-    requeue: bool = False              # put back without counting the attempt
-    delay: float = 0.0                 # with requeue: wait this long first
+    retry: bool = True  # False: do not retry even if the outcome allows it
+    requeue: bool = False  # put back without counting the attempt
+    delay: float = 0.0  # with requeue: wait this long first
     changes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,16 +107,19 @@ class AuthCache:
         except (Forbidden, Unauthorized):
             # Only repository admins may read other users' permissions.
             if not self._warned_fallback:
-                log.warning("cannot read collaborator permissions (kugetsu is not a "
-                            "repository admin); judging by what each request shows",
-                            extra={"repo": repo})
+                log.warning(
+                    "cannot read collaborator permissions (kugetsu is not a "
+                    "repository admin); judging by what each request shows",
+                    extra={"repo": repo},
+                )
                 self._warned_fallback = True
             perm = self.NOT_ADMIN
         except NotFound:
             perm = "none"
         except GiteaError as exc:
-            log.warning("permission check deferred", extra={"repo": repo, "user": login,
-                                                             "error": str(exc)})
+            log.warning(
+                "permission check deferred", extra={"repo": repo, "user": login, "error": str(exc)}
+            )
             return None
         with self._lock:
             self._cache[key] = (now, perm)
@@ -126,23 +144,33 @@ class AuthCache:
             perm, exact = fallback_permission(hint)
         if not permission_at_least(perm, triggers.min_permission):
             if not exact:
-                return False, (f"kugetsu cannot check that @{login} has "
-                               f"{triggers.min_permission} access to {repo}: reading other "
-                               "users' permissions needs admin access to the repository")
-            return False, (f"@{login} needs {triggers.min_permission} access to {repo} "
-                           f"to use kugetsu (has {perm})")
+                return False, (
+                    f"kugetsu cannot check that @{login} has "
+                    f"{triggers.min_permission} access to {repo}: reading other "
+                    "users' permissions needs admin access to the repository"
+                )
+            return False, (
+                f"@{login} needs {triggers.min_permission} access to {repo} "
+                f"to use kugetsu (has {perm})"
+            )
         return True, perm
 
 
-def build_prompt(task: Task, title: str, body: str, *, history: list[Task] | None = None,
-                 branch: str, base: str) -> str:
-    parts = [f"You are working on issue #{task.issue} of the repository {task.repo}.",
-             f"\nIssue title: {title}", f"\nIssue description:\n{body.strip() or '(empty)'}"]
+def build_prompt(
+    task: Task, title: str, body: str, *, history: list[Task] | None = None, branch: str, base: str
+) -> str:
+    parts = [
+        f"You are working on issue #{task.issue} of the repository {task.repo}.",
+        f"\nIssue title: {title}",
+        f"\nIssue description:\n{body.strip() or '(empty)'}",
+    ]
     if history:
         parts.append("\nEarlier requests on this issue, oldest first:")
         for old in history:
-            parts.append(f"- {old.kind.value} by @{old.requested_by}: {old.prompt or '(no text)'}"
-                         + (f"\n  result: {old.summary.strip()[:1500]}" if old.summary else ""))
+            parts.append(
+                f"- {old.kind.value} by @{old.requested_by}: {old.prompt or '(no text)'}"
+                + (f"\n  result: {old.summary.strip()[:1500]}" if old.summary else "")
+            )
     if task.kind is Kind.CONTINUE:
         parts.append(f"\nFollow-up request from @{task.requested_by}:\n{task.prompt}")
     elif task.prompt:
@@ -151,15 +179,23 @@ def build_prompt(task: Task, title: str, body: str, *, history: list[Task] | Non
         f"\nThe current directory is a git worktree on branch {branch}, made from {base}. "
         "Make the changes the issue asks for in this directory. You do not need to commit, "
         "push or open a pull request: kugetsu commits your changes and opens the pull request. "
-        "End with a short summary of what you changed.")
+        "End with a short summary of what you changed."
+    )
     return "\n".join(parts)
 
 
 class Dispatcher:
-    def __init__(self, config: Config, store: Store, gitea: GiteaAPI, workspace: Workspace, *,
-                 clock: Callable[[], float] = time.time,
-                 environ: Mapping[str, str] | None = None,
-                 on_change: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        gitea: GiteaAPI,
+        workspace: Workspace,
+        *,
+        clock: Callable[[], float] = time.time,
+        environ: Mapping[str, str] | None = None,
+        on_change: Callable[[], None] = lambda: None,
+    ):
         self.config, self.store, self.gitea, self.workspace = config, store, gitea, workspace
         self.clock = clock
         self.environ = dict(os.environ if environ is None else environ)
@@ -170,8 +206,9 @@ class Dispatcher:
         self._runners: dict[int, threading.Thread] = {}
         self._runners_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._ticks = Coalescer(self.tick, stopped=self._stopping.is_set,
-                                min_interval=MIN_TICK_SPACING_SECONDS)
+        self._ticks = Coalescer(
+            self.tick, stopped=self._stopping.is_set, min_interval=MIN_TICK_SPACING_SECONDS
+        )
         self.bot_login: str | None = config.gitea.bot_login or None
         self._bot_login_tried = float("-inf")
         self._lease_renew_at = float("-inf")
@@ -181,18 +218,23 @@ class Dispatcher:
 
     def start(self) -> None:
         """Register this process and recover what a previous run left behind."""
-        for path in (self.config.storage.logs_dir, self.config.storage.prompts_dir,
-                     self.config.storage.homes_dir):
+        for path in (
+            self.config.storage.logs_dir,
+            self.config.storage.prompts_dir,
+            self.config.storage.homes_dir,
+        ):
             path.mkdir(parents=True, exist_ok=True)
-        self.store.register_worker(self.worker_id, os.getpid(),
-                                   process.process_start_token(os.getpid()))
+        self.store.register_worker(
+            self.worker_id, os.getpid(), process.process_start_token(os.getpid())
+        )
         self.recover()
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop the agents this process started and put their tasks back in the queue."""
         self._stopping.set()
-        deadline = time.monotonic() + (timeout if timeout is not None else
-                                       self.config.agents.kill_grace_seconds + 30)
+        deadline = time.monotonic() + (
+            timeout if timeout is not None else self.config.agents.kill_grace_seconds + 30
+        )
         for thread in self.runner_threads():
             thread.join(max(0.1, deadline - time.monotonic()))
         self.store.release_leases(self.worker_id)
@@ -264,10 +306,12 @@ class Dispatcher:
         removed = self.store.clear(older_than_days)
         cutoff = self.clock() - older_than_days * 86400.0
         old: dict[int, list[Path]] = {}
-        for folder, suffix in ((self.config.storage.logs_dir, ".log"),
-                               (self.config.storage.prompts_dir, ".md")):
+        for folder, suffix in (
+            (self.config.storage.logs_dir, ".log"),
+            (self.config.storage.prompts_dir, ".md"),
+        ):
             for path in folder.glob(f"*{suffix}") if folder.is_dir() else ():
-                stem = path.name[:-len(suffix)]
+                stem = path.name[: -len(suffix)]
                 if stem.isdigit() and path.stat().st_mtime < cutoff:
                     old.setdefault(int(stem), []).append(path)
         known = self.store.existing(old)
@@ -279,8 +323,9 @@ class Dispatcher:
                     files += 1
         keep = [Path(t.worktree) for t in self.store.active_tasks() if t.worktree]
         worktrees = self.workspace.cleanup(older_than_days * 86400.0, keep=keep)
-        log.info("cleanup done", extra={"tasks": removed, "files": files,
-                                        "worktrees": len(worktrees)})
+        log.info(
+            "cleanup done", extra={"tasks": removed, "files": files, "worktrees": len(worktrees)}
+        )
         return {"tasks": removed, "files": files, "worktrees": len(worktrees)}
 
     def ensure_bot_login(self) -> str | None:
@@ -288,8 +333,11 @@ class Dispatcher:
         if self.bot_login:
             return self.bot_login
         login = self.config.gitea.bot_login or self.store.get_meta("bot_login")
-        if (not login and self.config.gitea.token
-                and self.clock() - self._bot_login_tried >= BOT_LOGIN_RETRY_SECONDS):
+        if (
+            not login
+            and self.config.gitea.token
+            and self.clock() - self._bot_login_tried >= BOT_LOGIN_RETRY_SECONDS
+        ):
             self._bot_login_tried = self.clock()
             try:
                 login = self.gitea.get_user().get("login")
@@ -343,45 +391,68 @@ class Dispatcher:
         return recovered
 
     def _recover_one(self, task: Task) -> bool:
-        if task.pid and process.kill_orphan(task.pid, task.pid_start,
-                                            self.config.agents.kill_grace_seconds):
+        if task.pid and process.kill_orphan(
+            task.pid, task.pid_start, self.config.agents.kill_grace_seconds
+        ):
             log.warning("killed orphaned agent", extra={"task": task.id, "pid": task.pid})
         decision = decide(Outcome.INFRA_ERROR, task.attempts, task.max_attempts, (0.0,))
         error = "kugetsu stopped while the agent was running"
-        if not self.store.transition(task.id, State.RUNNING, decision.state, event="recovered",
-                                     detail=task.worker_id, error=error, pid=None,
-                                     pid_start=None, outcome=Outcome.INFRA_ERROR,
-                                     not_before=self.clock()):
+        if not self.store.transition(
+            task.id,
+            State.RUNNING,
+            decision.state,
+            event="recovered",
+            detail=task.worker_id,
+            error=error,
+            pid=None,
+            pid_start=None,
+            outcome=Outcome.INFRA_ERROR,
+            not_before=self.clock(),
+        ):
             return False
-        log.warning("recovered task", extra={"task": task.id, "to": decision.state.value,
-                                             "attempts": task.attempts})
+        log.warning(
+            "recovered task",
+            extra={"task": task.id, "to": decision.state.value, "attempts": task.attempts},
+        )
         return True
 
     def _set_aside(self, task: Task) -> Callable[[str], bool]:
         """How a tick step gives up on a task it cannot process: the task ends, with the
         reason, through the store's compare-and-set (a pending one is not started)."""
+
         def give_up(reason: str) -> bool:
             if task.state is State.PENDING:
                 # a request not started is refused, which its tracking comment then says
                 to = State.REJECTED
-                done = self._reject(task, reason, event="set aside",
-                                    outcome=Outcome.INFRA_ERROR)
+                done = self._reject(task, reason, event="set aside", outcome=Outcome.INFRA_ERROR)
             else:
                 to = State.FAILED
-                done = self.store.transition(task.id, task.state, to, event="set aside",
-                                             detail=reason, error=reason,
-                                             outcome=Outcome.INFRA_ERROR, pid=None,
-                                             pid_start=None)
-            log.error("task set aside", extra={"task": task.id, "to": to.value,
-                                               "error": reason})
+                done = self.store.transition(
+                    task.id,
+                    task.state,
+                    to,
+                    event="set aside",
+                    detail=reason,
+                    error=reason,
+                    outcome=Outcome.INFRA_ERROR,
+                    pid=None,
+                    pid_start=None,
+                )
+            log.error("task set aside", extra={"task": task.id, "to": to.value, "error": reason})
             return done
+
         return give_up
 
     def _reject(self, task: Task, reason: str, **how: Any) -> bool:
         """Refuse a pending task; its comment counts against the requester's reply limit."""
         triggers = self.config.triggers
-        return self.store.reject(task, reason, reply_limit=triggers.reply_limit,
-                                 reply_window=triggers.reply_window_seconds, **how)
+        return self.store.reject(
+            task,
+            reason,
+            reply_limit=triggers.reply_limit,
+            reply_window=triggers.reply_window_seconds,
+            **how,
+        )
 
     # ---------------------------------------------------------------- authorization
 
@@ -390,8 +461,7 @@ class Dispatcher:
         try:
             for task in self.store.unauthorized_pending():
                 with on_its_own("authorization", task.id, self._set_aside(task)):
-                    verdict = self.auth.check(task.repo, task.requested_by,
-                                              task.permission_hint)
+                    verdict = self.auth.check(task.repo, task.requested_by, task.permission_hint)
                     if verdict is None:
                         break  # Gitea cannot answer now; the rest wait for the next tick
                     allowed, reason = verdict
@@ -399,8 +469,7 @@ class Dispatcher:
                         allowed_tasks.append((task.id, reason))
                         continue
                     self._reject(task, reason)
-                    log.info("task rejected", extra={"task": task.id,
-                                                     "user": task.requested_by})
+                    log.info("task rejected", extra={"task": task.id, "user": task.requested_by})
         finally:
             self.store.mark_authorized(allowed_tasks)
 
@@ -412,13 +481,21 @@ class Dispatcher:
         claimed = self.store.claim(self.config.queue.max_concurrent_agents, self.worker_id)
         for task in claimed:
             with on_its_own("start", task.id, partial(self._not_started, task)):
-                thread = threading.Thread(target=self._run, args=(task,),
-                                          name=f"task-{task.id}", daemon=True)
+                thread = threading.Thread(
+                    target=self._run, args=(task,), name=f"task-{task.id}", daemon=True
+                )
                 with self._runners_lock:
                     self._runners[task.id] = thread
                 thread.start()
-                log.info("task started", extra={"task": task.id, "repo": task.repo,
-                                                "issue": task.issue, "attempt": task.attempts})
+                log.info(
+                    "task started",
+                    extra={
+                        "task": task.id,
+                        "repo": task.repo,
+                        "issue": task.issue,
+                        "attempt": task.attempts,
+                    },
+                )
         return [t.id for t in claimed]
 
     def _not_started(self, task: Task, reason: str) -> None:
@@ -450,28 +527,48 @@ class Dispatcher:
         changes = dict(result.changes)
         changes.update(outcome=result.outcome, error=result.error, pid=None, pid_start=None)
         if result.requeue:
-            ok = self.store.transition(task.id, State.RUNNING, State.PENDING, event="requeued",
-                                       detail=result.error, attempts=max(0, current.attempts - 1),
-                                       not_before=self.clock() + result.delay, **changes)
+            ok = self.store.transition(
+                task.id,
+                State.RUNNING,
+                State.PENDING,
+                event="requeued",
+                detail=result.error,
+                attempts=max(0, current.attempts - 1),
+                not_before=self.clock() + result.delay,
+                **changes,
+            )
             return State.PENDING if ok else None
-        decision = decide(result.outcome, current.attempts, current.max_attempts,
-                          self.config.queue.retry_backoff_seconds)
+        decision = decide(
+            result.outcome,
+            current.attempts,
+            current.max_attempts,
+            self.config.queue.retry_backoff_seconds,
+        )
         state = decision.state
         if state is State.PENDING and not result.retry:
             state = State.FAILED
         if state is State.PENDING:
             changes["not_before"] = self.clock() + (decision.retry_in or 0.0)
-        ok = self.store.transition(task.id, State.RUNNING, state, event=result.outcome.value,
-                                   detail=result.error, **changes)
-        log.info("task finished", extra={"task": task.id, "outcome": result.outcome.value,
-                                         "state": state.value})
+        ok = self.store.transition(
+            task.id,
+            State.RUNNING,
+            state,
+            event=result.outcome.value,
+            detail=result.error,
+            **changes,
+        )
+        log.info(
+            "task finished",
+            extra={"task": task.id, "outcome": result.outcome.value, "state": state.value},
+        )
         return state if ok else None
 
     # ---------------------------------------------------------------- one attempt
 
     def _branch(self, task: Task) -> str:
-        return self.config.git.branch_template.format(number=task.issue, owner=task.owner,
-                                                      repo=task.name)
+        return self.config.git.branch_template.format(
+            number=task.issue, owner=task.owner, repo=task.name
+        )
 
     def execute(self, task: Task) -> Result:
         cfg = self.config
@@ -480,8 +577,12 @@ class Dispatcher:
             issue = self.gitea.get_issue(task.owner, task.name, task.issue)
         except (Unreachable, ServerError) as exc:
             # Gitea is away: wait for it without using up an attempt; nothing has run yet.
-            return Result(Outcome.INFRA_ERROR, f"waiting for Gitea: {exc}", requeue=True,
-                          delay=GITEA_WAIT_SECONDS)
+            return Result(
+                Outcome.INFRA_ERROR,
+                f"waiting for Gitea: {exc}",
+                requeue=True,
+                delay=GITEA_WAIT_SECONDS,
+            )
         except GiteaError as exc:
             return Result(Outcome.INFRA_ERROR, f"could not read the issue: {exc}", retry=False)
         branch = self._branch(task)
@@ -509,24 +610,42 @@ class Dispatcher:
             session = self._session_for(task, spec, issue_row)
             history = None
             if task.kind is Kind.CONTINUE and not (session and spec.sessions):
-                history = [t for t in self.store.list(repo=task.repo, issue=task.issue)
-                           if t.id < task.id]
-            prompt = build_prompt(task, issue.get("title") or "", issue.get("body") or "",
-                                  history=history, branch=branch, base=prepared.base_branch)
+                history = [
+                    t for t in self.store.list(repo=task.repo, issue=task.issue) if t.id < task.id
+                ]
+            prompt = build_prompt(
+                task,
+                issue.get("title") or "",
+                issue.get("body") or "",
+                history=history,
+                branch=branch,
+                base=prepared.base_branch,
+            )
             run = self._run_agent(task, spec, prepared.path, prompt, session, branch)
-            self.store.update(task.id, agents_tried=tried, session_id=run.session_id,
-                              usage=run.usage, summary=run.summary)
+            self.store.update(
+                task.id,
+                agents_tried=tried,
+                session_id=run.session_id,
+                usage=run.usage,
+                summary=run.summary,
+            )
             if run.session_id and spec.sessions:
-                self.store.set_issue(task.repo, task.issue, session_id=run.session_id,
-                                     agent=name, branch=branch)
+                self.store.set_issue(
+                    task.repo, task.issue, session_id=run.session_id, agent=name, branch=branch
+                )
             if run.outcome is Outcome.AGENT_FAILED and run.rate_limited and name != order[-1]:
-                log.warning("agent rate limited; falling back", extra={"task": task.id,
-                                                                       "agent": name})
+                log.warning(
+                    "agent rate limited; falling back", extra={"task": task.id, "agent": name}
+                )
                 continue
             break
         assert run is not None
-        changes = {"summary": run.summary, "usage": run.usage, "session_id": run.session_id,
-                   "agents_tried": tried}
+        changes = {
+            "summary": run.summary,
+            "usage": run.usage,
+            "session_id": run.session_id,
+            "agents_tried": tried,
+        }
         if run.outcome is not None:
             return Result(run.outcome, run.error, retry=run.retry, changes=changes)
 
@@ -543,21 +662,35 @@ class Dispatcher:
             # Nothing new from this run. The branch may still lack its PR, if an earlier
             # attempt or task pushed and then could not open it: publish in that case.
             try:
-                existing = self.gitea.find_open_pull(task.owner, task.name,
-                                                     prepared.base_branch, branch)
+                existing = self.gitea.find_open_pull(
+                    task.owner, task.name, prepared.base_branch, branch
+                )
             except GiteaError as exc:
-                return Result(Outcome.INFRA_ERROR, f"could not look up the pull request: {exc}",
-                              changes=changes)
+                return Result(
+                    Outcome.INFRA_ERROR,
+                    f"could not look up the pull request: {exc}",
+                    changes=changes,
+                )
             if existing:
                 return Result(Outcome.NO_CHANGES, None, changes=changes)
         # The agent's work is committed: from here on, a retry publishes it and does not
         # run the agent again (see _resume_publishing).
         self.store.update(task.id, publish_sha=head, bump=False)
-        return self._publish(task, issue, prepared, branch, head=head, remote=remote,
-                             summary=run.summary, usage=run.usage, changes=changes)
+        return self._publish(
+            task,
+            issue,
+            prepared,
+            branch,
+            head=head,
+            remote=remote,
+            summary=run.summary,
+            usage=run.usage,
+            changes=changes,
+        )
 
-    def _resume_publishing(self, task: Task, issue: Mapping[str, Any], prepared: Prepared,
-                           branch: str) -> Result | None:
+    def _resume_publishing(
+        self, task: Task, issue: Mapping[str, Any], prepared: Prepared, branch: str
+    ) -> Result | None:
         """An earlier attempt committed the agent's work and could not publish it (Gitea
         away, a lost answer, a crash): publish that work, with that run's summary and usage.
         None when the work is gone (a worktree lost before its push): the agent runs again."""
@@ -570,18 +703,39 @@ class Dispatcher:
         except GitError as exc:
             return Result(Outcome.INFRA_ERROR, redact(f"git: {exc}", self.config.secrets()))
         if not present:
-            log.warning("committed work is gone; running the agent again",
-                        extra={"task": task.id, "commit": commit})
+            log.warning(
+                "committed work is gone; running the agent again",
+                extra={"task": task.id, "commit": commit},
+            )
             self.store.update(task.id, publish_sha=None, bump=False)
             return None
         log.info("resuming at publishing", extra={"task": task.id, "commit": commit})
         current = self.store.require(task.id)
-        return self._publish(current, issue, prepared, branch, head=head, remote=remote,
-                             summary=current.summary or "", usage=current.usage, changes={})
+        return self._publish(
+            current,
+            issue,
+            prepared,
+            branch,
+            head=head,
+            remote=remote,
+            summary=current.summary or "",
+            usage=current.usage,
+            changes={},
+        )
 
-    def _publish(self, task: Task, issue: Mapping[str, Any], prepared: Prepared, branch: str, *,
-                 head: str, remote: str | None, summary: str, usage: dict[str, Any],
-                 changes: dict[str, Any]) -> Result:
+    def _publish(
+        self,
+        task: Task,
+        issue: Mapping[str, Any],
+        prepared: Prepared,
+        branch: str,
+        *,
+        head: str,
+        remote: str | None,
+        summary: str,
+        usage: dict[str, Any],
+        changes: dict[str, Any],
+    ) -> Result:
         """Push the committed work and open or update its pull request.
 
         While Gitea is away (no answer, 5xx) the task waits for it without using up an
@@ -598,21 +752,33 @@ class Dispatcher:
         current = self.store.require(task.id)
         try:
             number, _own = self.publisher.publish_pr(
-                current, branch=branch, base=prepared.base_branch,
-                title=issue.get("title") or f"Issue #{task.issue}", summary=summary,
-                files_changed=files, usage=usage)
+                current,
+                branch=branch,
+                base=prepared.base_branch,
+                title=issue.get("title") or f"Issue #{task.issue}",
+                summary=summary,
+                files_changed=files,
+                usage=usage,
+            )
         except (Unreachable, ServerError) as exc:
-            return Result(Outcome.INFRA_ERROR, f"waiting for Gitea to open the pull request: "
-                          f"{exc}", requeue=True, delay=GITEA_WAIT_SECONDS, changes=changes)
+            return Result(
+                Outcome.INFRA_ERROR,
+                f"waiting for Gitea to open the pull request: {exc}",
+                requeue=True,
+                delay=GITEA_WAIT_SECONDS,
+                changes=changes,
+            )
         except GiteaError as exc:
-            return Result(Outcome.INFRA_ERROR, f"could not open the pull request: {exc}",
-                          changes=changes)
+            return Result(
+                Outcome.INFRA_ERROR, f"could not open the pull request: {exc}", changes=changes
+            )
         self.store.set_issue(task.repo, task.issue, pr_number=number, branch=branch)
         changes.update(pr_number=number, files_changed=files, publish_sha=None)
         return Result(Outcome.SUCCEEDED, None, changes=changes)
 
-    def _session_for(self, task: Task, spec: agents.AgentSpec,
-                     issue_row: Mapping[str, Any]) -> str | None:
+    def _session_for(
+        self, task: Task, spec: agents.AgentSpec, issue_row: Mapping[str, Any]
+    ) -> str | None:
         if not spec.sessions:
             return None
         current = self.store.require(task.id)
@@ -629,11 +795,20 @@ class Dispatcher:
             subject = f"Follow-up on #{task.issue}: {first}"
         else:
             subject = f"{title} (#{task.issue})"
-        return (f"{subject}\n\nWritten by an AI coding agent ({task.agent}) run by kugetsu, "
-                f"task #{task.id}, requested by @{task.requested_by}.")
+        return (
+            f"{subject}\n\nWritten by an AI coding agent ({task.agent}) run by kugetsu, "
+            f"task #{task.id}, requested by @{task.requested_by}."
+        )
 
-    def _run_agent(self, task: Task, spec: agents.AgentSpec, workdir: Path, prompt: str,
-                   session: str | None, branch: str) -> "AgentRun":
+    def _run_agent(
+        self,
+        task: Task,
+        spec: agents.AgentSpec,
+        workdir: Path,
+        prompt: str,
+        session: str | None,
+        branch: str,
+    ) -> "AgentRun":
         cfg = self.config
         storage = cfg.storage
         prompt_file = storage.prompts_dir / f"{task.id}.md"
@@ -642,15 +817,29 @@ class Dispatcher:
         home = storage.homes_dir / task.owner / task.name / str(task.issue)
         home_env = agents.prepare_home(spec, home)
         task_vars = {
-            "KUGETSU_TASK_ID": str(task.id), "KUGETSU_REPO": task.repo,
-            "KUGETSU_ISSUE": str(task.issue), "KUGETSU_BRANCH": branch,
-            "KUGETSU_WORKDIR": str(workdir), "KUGETSU_PROMPT_FILE": str(prompt_file),
+            "KUGETSU_TASK_ID": str(task.id),
+            "KUGETSU_REPO": task.repo,
+            "KUGETSU_ISSUE": str(task.issue),
+            "KUGETSU_BRANCH": branch,
+            "KUGETSU_WORKDIR": str(workdir),
+            "KUGETSU_PROMPT_FILE": str(prompt_file),
         }
-        env = agents.build_env(spec, home_env=home_env, task_vars=task_vars,
-                               environ=self.environ, secrets=cfg.secrets())
+        env = agents.build_env(
+            spec,
+            home_env=home_env,
+            task_vars=task_vars,
+            environ=self.environ,
+            secrets=cfg.secrets(),
+        )
         started = agents.new_session_id(spec, session)
-        argv = agents.argv_for(spec, prompt=prompt, prompt_file=str(prompt_file),
-                               workdir=str(workdir), session_id=session, new_session_id=started)
+        argv = agents.argv_for(
+            spec,
+            prompt=prompt,
+            prompt_file=str(prompt_file),
+            workdir=str(workdir),
+            session_id=session,
+            new_session_id=started,
+        )
         if started:
             # the command names the session it starts: a follow-up resumes that one
             session = started
@@ -658,13 +847,21 @@ class Dispatcher:
         meter = agents.UsageMeter(spec)
         max_tokens = task.max_tokens or spec.max_tokens or cfg.agents.max_tokens
         max_cost = task.max_cost_usd or spec.max_cost_usd or cfg.agents.max_cost_usd
-        header = (f"=== kugetsu task {task.id} attempt {task.attempts} agent {spec.name} "
-                  f"at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.clock()))} ===")
+        header = (
+            f"=== kugetsu task {task.id} attempt {task.attempts} agent {spec.name} "
+            f"at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.clock()))} ==="
+        )
         try:
             proc = process.AgentProcess.start(
-                argv, cwd=workdir, env=env, log_path=storage.logs_dir / f"{task.id}.log",
-                log_max_bytes=cfg.agents.log_max_bytes, on_line=meter.feed, header=header,
-                secrets=cfg.secrets())
+                argv,
+                cwd=workdir,
+                env=env,
+                log_path=storage.logs_dir / f"{task.id}.log",
+                log_max_bytes=cfg.agents.log_max_bytes,
+                on_line=meter.feed,
+                header=header,
+                secrets=cfg.secrets(),
+            )
         except process.AgentStartError as exc:
             return AgentRun(Outcome.AGENT_FAILED, str(exc), retry=False)
         self.store.update(task.id, pid=proc.pid, pid_start=proc.start_token, bump=False)
@@ -687,8 +884,11 @@ class Dispatcher:
                 if by:
                     stop = (Outcome.CANCELLED, f"stopped by {by}", False)
             if stop is None and self.clock() >= deadline:
-                stop = (Outcome.TIMED_OUT,
-                        f"the agent ran longer than {cfg.agents.timeout_minutes:g} minutes", True)
+                stop = (
+                    Outcome.TIMED_OUT,
+                    f"the agent ran longer than {cfg.agents.timeout_minutes:g} minutes",
+                    True,
+                )
             if stop is None:
                 over = meter.exceeded(max_tokens, max_cost)
                 if over:
@@ -705,13 +905,20 @@ class Dispatcher:
         usage = best.as_dict()
         summary = report.summary or ""
         if stop is not None:
-            return AgentRun(stop[0], stop[1], retry=stop[2], session_id=session_id, usage=usage,
-                            summary=summary)
+            return AgentRun(
+                stop[0], stop[1], retry=stop[2], session_id=session_id, usage=usage, summary=summary
+            )
         over = agents.budget_exceeded(best, max_tokens, max_cost)
         if code != 0 or report.failed:
             reason = report.failure or f"the agent exited with code {code}"
-            return AgentRun(Outcome.AGENT_FAILED, reason, session_id=session_id, usage=usage,
-                            summary=summary, rate_limited=report.rate_limited)
+            return AgentRun(
+                Outcome.AGENT_FAILED,
+                reason,
+                session_id=session_id,
+                usage=usage,
+                summary=summary,
+                rate_limited=report.rate_limited,
+            )
         if over:
             summary = (summary + f"\n\nNote: the run went over its budget ({over}).").strip()
         return AgentRun(None, None, session_id=session_id, usage=usage, summary=summary)
@@ -737,8 +944,9 @@ class Dispatcher:
             for item in items:
                 with on_its_own("outbox", item.id, partial(done, item)):
                     if item.needs_permission:
-                        verdict = self.auth.check(item.repo, item.requested_by or "",
-                                                  item.permission_hint)
+                        verdict = self.auth.check(
+                            item.repo, item.requested_by or "", item.permission_hint
+                        )
                         if verdict is None:
                             self.store.outbox_retry(item.id, 30.0, "permission check deferred")
                             continue
@@ -750,14 +958,16 @@ class Dispatcher:
                     except (ServerError, Unreachable) as exc:
                         delay = doubling(5.0, item.attempts + 1, 600.0)
                         self.store.outbox_retry(item.id, delay, str(exc))
-                        log.warning("outbox item deferred",
-                                    extra={"item": item.id, "error": str(exc)})
+                        log.warning(
+                            "outbox item deferred", extra={"item": item.id, "error": str(exc)}
+                        )
                         return 0  # Gitea is struggling: try the rest later
                     except GiteaError as exc:
                         # refused for good (deleted comment, locked issue, no permission)
                         done(item, str(exc))
-                        log.warning("outbox item refused",
-                                    extra={"item": item.id, "error": str(exc)})
+                        log.warning(
+                            "outbox item refused", extra={"item": item.id, "error": str(exc)}
+                        )
                     else:
                         done(item)
         finally:
@@ -791,8 +1001,12 @@ class Dispatcher:
         elif item.kind == "comment":
             self._answer(item, item.body)
         elif item.kind == "status":
-            self._answer(item, status_text(self.store, item.repo, item.issue, self.config,
-                                           show_queue=self._may_read(item)))
+            self._answer(
+                item,
+                status_text(
+                    self.store, item.repo, item.issue, self.config, show_queue=self._may_read(item)
+                ),
+            )
         elif item.kind == "stop":
             active = [t for t in self.store.list(repo=item.repo, issue=item.issue) if t.active]
             if not active:
@@ -807,8 +1021,11 @@ class Dispatcher:
             else:
                 done, blocker = self.store.try_requeue(last.id, item.requested_by or "someone")
                 if blocker is not None:
-                    self._answer(item, f"Task #{blocker.id} is still active on this issue; "
-                                       "stop it first or wait for it to finish.")
+                    self._answer(
+                        item,
+                        f"Task #{blocker.id} is still active on this issue; "
+                        "stop it first or wait for it to finish.",
+                    )
                 if done:
                     self.on_change()
         else:
@@ -817,7 +1034,7 @@ class Dispatcher:
 
 @dataclass
 class AgentRun:
-    outcome: Outcome | None     # None: the agent succeeded and the result is to be published
+    outcome: Outcome | None  # None: the agent succeeded and the result is to be published
     error: str | None
     retry: bool = True
     session_id: str | None = None

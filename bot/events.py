@@ -29,8 +29,8 @@ class WebhookError(Exception):
 @dataclass(frozen=True)
 class Delivery:
     id: str
-    event: str        # X-Gitea-Event: issues, issue_comment, pull_request, ...
-    event_type: str   # X-Gitea-Event-Type: issue_label, pull_request_comment, ...
+    event: str  # X-Gitea-Event: issues, issue_comment, pull_request, ...
+    event_type: str  # X-Gitea-Event-Type: issue_label, pull_request_comment, ...
 
 
 @dataclass(frozen=True)
@@ -104,10 +104,12 @@ def signed_bytes(content_type: str, body: bytes, *, signed: bool = False) -> byt
     if mime in JSON_TYPES or mime.endswith("+json"):
         return body
     if mime in FORM_TYPES:
+
         def unusable(reason: str) -> WebhookError:
             if signed:
                 return WebhookError(401, f"cannot check the signature: {reason}")
             return WebhookError(400, reason)
+
         try:
             fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:
@@ -126,7 +128,7 @@ def verify_signature(secret: str, payload: bytes, headers: Mapping[str, str]) ->
     if given is None:
         hub = _header(headers, "X-Hub-Signature-256")
         if hub and hub.startswith("sha256="):
-            given = hub[len("sha256="):]
+            given = hub[len("sha256=") :]
     if not given:
         raise WebhookError(401, "missing signature")
     if not equal_secrets(expected, given.strip().lower()):
@@ -146,8 +148,9 @@ def delivery_of(headers: Mapping[str, str], payload: bytes) -> Delivery:
     event = _header(headers, "X-Gitea-Event", "X-Gogs-Event", "X-GitHub-Event")
     if not event:
         raise WebhookError(400, "missing X-Gitea-Event header")
-    event_type = _header(headers, "X-Gitea-Event-Type", "X-Gogs-Event-Type",
-                         "X-GitHub-Event-Type") or event
+    event_type = (
+        _header(headers, "X-Gitea-Event-Type", "X-Gogs-Event-Type", "X-GitHub-Event-Type") or event
+    )
     delivery_id = _header(headers, "X-Gitea-Delivery", "X-Gogs-Delivery", "X-GitHub-Delivery")
     if not delivery_id:
         # Gitea always sends one; for other senders the body's hash is a stable stand-in.
@@ -184,8 +187,9 @@ def _get(data: Mapping[str, Any], path: str, kind: type | tuple[type, ...]) -> A
     return cur
 
 
-def _checked(data: Mapping[str, Any], path: str, kind: type,
-             error: Callable[[Any], str | None]) -> Any:
+def _checked(
+    data: Mapping[str, Any], path: str, kind: type, error: Callable[[Any], str | None]
+) -> Any:
     """A field that goes into API paths, directory names or SQLite: Gitea's rules or 400."""
     value = _get(data, path, kind)
     reason = error(value)

@@ -38,7 +38,9 @@ COMMIT_STATUS_STATES = ("pending", "success", "error", "failure", "warning", "sk
 class GiteaError(Exception):
     """A Gitea API call failed. `status` is the HTTP status (None if no answer)."""
 
-    def __init__(self, message: str, *, status: int | None = None, method: str = "", path: str = ""):
+    def __init__(
+        self, message: str, *, status: int | None = None, method: str = "", path: str = ""
+    ):
         super().__init__(message)
         self.message = message
         self.status = status
@@ -128,7 +130,9 @@ class GiteaAPI(Protocol):
 
     def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None: ...
 
-    def create_pull(self, owner: str, repo: str, *, head: str, base: str, title: str, body: str) -> dict: ...
+    def create_pull(
+        self, owner: str, repo: str, *, head: str, base: str, title: str, body: str
+    ) -> dict: ...
 
     def edit_pull(
         self,
@@ -260,8 +264,7 @@ class GiteaClient:
         self.timeout = timeout
         self.retries = max(0, int(retries))
         self.backoff = backoff
-        self._session = session if session is not None else environment_session(
-            self.base_url)
+        self._session = session if session is not None else environment_session(self.base_url)
         self._sleep = sleep
 
     def __repr__(self) -> str:
@@ -314,7 +317,11 @@ class GiteaClient:
                 give_up = last or not retryable
                 log.warning(
                     "gitea request failed without a response: method=%s path=%s error=%s attempt=%d retry=%s",
-                    method, path, kind, attempt, not give_up,
+                    method,
+                    path,
+                    kind,
+                    attempt,
+                    not give_up,
                 )
                 if give_up:
                     why = f"{kind} after {attempt} attempt(s)"
@@ -325,14 +332,26 @@ class GiteaClient:
                 continue
 
             status = resp.status_code
-            log.debug("gitea request: method=%s path=%s status=%d attempt=%d", method, path, status, attempt)
+            log.debug(
+                "gitea request: method=%s path=%s status=%d attempt=%d",
+                method,
+                path,
+                status,
+                attempt,
+            )
             if status in ok:
                 return resp
-            if (status in RETRY_STATUSES and not last
-                    and not (method == "POST" and status in GATEWAY_STATUSES)):
+            if (
+                status in RETRY_STATUSES
+                and not last
+                and not (method == "POST" and status in GATEWAY_STATUSES)
+            ):
                 log.warning(
                     "gitea server error, retrying: method=%s path=%s status=%d attempt=%d",
-                    method, path, status, attempt,
+                    method,
+                    path,
+                    status,
+                    attempt,
                 )
                 resp.close()
                 self._sleep(self._delay(attempt))
@@ -440,17 +459,28 @@ class GiteaClient:
             return first
         path = f"{_repo_path(owner, repo)}/pulls"
         for page in range(1, MAX_PULL_PAGES + 1):
-            items = self._call("GET", path, params={"state": "open", "base_branch": base,
-                                                    "page": page, "limit": PULL_PAGE_SIZE})
+            items = self._call(
+                "GET",
+                path,
+                params={
+                    "state": "open",
+                    "base_branch": base,
+                    "page": page,
+                    "limit": PULL_PAGE_SIZE,
+                },
+            )
             for pr in items or []:
-                if ((pr.get("head") or {}).get("ref") == head
-                        and (pr.get("base") or {}).get("ref") == base):
+                if (pr.get("head") or {}).get("ref") == head and (pr.get("base") or {}).get(
+                    "ref"
+                ) == base:
                     return pr
             if not items or len(items) < PULL_PAGE_SIZE:
                 break
         return None
 
-    def create_pull(self, owner: str, repo: str, *, head: str, base: str, title: str, body: str) -> dict:
+    def create_pull(
+        self, owner: str, repo: str, *, head: str, base: str, title: str, body: str
+    ) -> dict:
         path = f"{_repo_path(owner, repo)}/pulls"
         payload = {"head": head, "base": base, "title": title, "body": body}
         return self._call("POST", path, json=payload)
@@ -465,7 +495,9 @@ class GiteaClient:
         body: str | None = None,
         state: str | None = None,
     ) -> dict:
-        payload = {k: v for k, v in (("title", title), ("body", body), ("state", state)) if v is not None}
+        payload = {
+            k: v for k, v in (("title", title), ("body", body), ("state", state)) if v is not None
+        }
         path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}"
         return self._call("PATCH", path, json=payload)
 
@@ -484,8 +516,15 @@ class GiteaClient:
         target_url: str = "",
     ) -> dict:
         if state not in COMMIT_STATUS_STATES:
-            raise ValueError(f"commit status state must be one of {', '.join(COMMIT_STATUS_STATES)}, not {state!r}")
-        payload = {"state": state, "context": context, "description": description, "target_url": target_url}
+            raise ValueError(
+                f"commit status state must be one of {', '.join(COMMIT_STATUS_STATES)}, not {state!r}"
+            )
+        payload = {
+            "state": state,
+            "context": context,
+            "description": description,
+            "target_url": target_url,
+        }
         return self._call("POST", f"{_repo_path(owner, repo)}/statuses/{_seg(sha)}", json=payload)
 
     def iter_timeline(self, owner: str, repo: str, number: int) -> Iterator[dict]:
@@ -502,7 +541,12 @@ class GiteaClient:
             resp = self._request("GET", path, params={"page": page, "limit": TIMELINE_PAGE_SIZE})
             items = self._json("GET", path, resp) or []
             if not isinstance(items, list):
-                raise GiteaError("timeline response is not a list", status=resp.status_code, method="GET", path=path)
+                raise GiteaError(
+                    "timeline response is not a list",
+                    status=resp.status_code,
+                    method="GET",
+                    path=path,
+                )
             yield from items
             if not items:
                 return

@@ -35,18 +35,18 @@ MIB = 1024 * 1024
 def describe(exc: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
     """An exception as one line: its class and message, cut to `limit` characters."""
     text = " ".join(f"{exc.__class__.__name__}: {exc}".split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
 class TickRecord:
     """The worker's ticks: the one running now, the last that ended well, the failures."""
 
-    started_at: float | None = None     # the tick in progress, if any
-    ok_at: float | None = None          # the end of the last tick that did not fail
-    failures: int = 0                   # ticks failed in a row
+    started_at: float | None = None  # the tick in progress, if any
+    ok_at: float | None = None  # the end of the last tick that did not fail
+    failures: int = 0  # ticks failed in a row
     failing_since: float | None = None  # when the first of them failed
-    error: str | None = None            # the last failure, one line
+    error: str | None = None  # the last failure, one line
 
     def began(self, now: float) -> "TickRecord":
         return replace(self, started_at=now)
@@ -55,8 +55,13 @@ class TickRecord:
         return TickRecord(ok_at=now)
 
     def failed(self, now: float, error: str) -> "TickRecord":
-        return replace(self, started_at=None, failures=self.failures + 1, error=error,
-                       failing_since=self.failing_since if self.failures else now)
+        return replace(
+            self,
+            started_at=None,
+            failures=self.failures + 1,
+            error=error,
+            failing_since=self.failing_since if self.failures else now,
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -84,10 +89,10 @@ class Facts:
     heartbeat_at: float | None = None
     tick: TickRecord | None = None
     registered: bool = False
-    database_error: str | None = None    # the receiver could not read the database
+    database_error: str | None = None  # the receiver could not read the database
     free_bytes: int | None = None
     min_free_bytes: int = 0
-    disk_error: str | None = None        # free space could not be read
+    disk_error: str | None = None  # free space could not be read
     #: (when, what) of the receiver's last failed write
     write_failure: tuple[float, str] | None = None
 
@@ -108,13 +113,17 @@ def problems(f: Facts) -> list[str]:
     if f.database_error:
         found.append(f"database: cannot be read: {f.database_error}")
     if f.write_failure and f.now - f.write_failure[0] < WRITE_FAILURE_SECONDS:
-        found.append(f"database: a delivery could not be stored {_ago(f.now - f.write_failure[0])}"
-                     f" ago (answered 503): {f.write_failure[1]}")
+        found.append(
+            f"database: a delivery could not be stored {_ago(f.now - f.write_failure[0])}"
+            f" ago (answered 503): {f.write_failure[1]}"
+        )
     if f.disk_error:
         found.append(f"disk: free space of the data directory cannot be read: {f.disk_error}")
     elif f.free_bytes is not None and f.free_bytes < f.min_free_bytes:
-        found.append(f"disk: {f.free_bytes / MIB:.1f} MiB free in the data directory, below "
-                     f"storage.min_free_mb ({f.min_free_bytes // MIB})")
+        found.append(
+            f"disk: {f.free_bytes / MIB:.1f} MiB free in the data directory, below "
+            f"storage.min_free_mb ({f.min_free_bytes // MIB})"
+        )
     if f.worker_alive and f.database_error is None:
         found += _worker_problems(f)
     return found
@@ -124,12 +133,15 @@ def _worker_problems(f: Facts) -> list[str]:
     found = []
     if not f.registered:
         if f.worker_up_since is not None and f.now - f.worker_up_since > HEARTBEAT_LATE_SECONDS:
-            found.append(f"worker: not registered in the database after "
-                         f"{_ago(f.now - f.worker_up_since)}")
+            found.append(
+                f"worker: not registered in the database after {_ago(f.now - f.worker_up_since)}"
+            )
         return found
     if f.heartbeat_at is not None and f.now - f.heartbeat_at > HEARTBEAT_LATE_SECONDS:
-        found.append(f"worker: no heartbeat for {_ago(f.now - f.heartbeat_at)} "
-                     "(it cannot write to the database, or it is stuck)")
+        found.append(
+            f"worker: no heartbeat for {_ago(f.now - f.heartbeat_at)} "
+            "(it cannot write to the database, or it is stuck)"
+        )
     tick = f.tick
     if tick is None:
         return found

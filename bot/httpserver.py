@@ -83,8 +83,9 @@ def prepare_interpreter() -> None:
 class HttpServer:
     """Serves a WSGI app on a background thread; `port=0` picks a free port."""
 
-    def __init__(self, app, host: str, port: int, *, threads: int = 8,
-                 max_body_bytes: int = 5 * 1024 * 1024):
+    def __init__(
+        self, app, host: str, port: int, *, threads: int = 8, max_body_bytes: int = 5 * 1024 * 1024
+    ):
         self.app, self.host, self.requested_port = app, host, port
         self.threads, self.max_body_bytes = threads, max_body_bytes
         self._server = None
@@ -106,23 +107,34 @@ class HttpServer:
         # buffering an oversized body at all.
         limit = connection_limit()
         if limit < CONNECTION_LIMIT:
-            log.warning("open file limit caps the connections",
-                        extra={"connection_limit": limit, "wanted": CONNECTION_LIMIT})
+            log.warning(
+                "open file limit caps the connections",
+                extra={"connection_limit": limit, "wanted": CONNECTION_LIMIT},
+            )
         self._server = create_server(
-            self.app, host=self.host, port=self.requested_port, threads=self.threads,
-            max_request_body_size=self.max_body_bytes + 1, ident="kugetsu",
-            clear_untrusted_proxy_headers=True, connection_limit=limit,
+            self.app,
+            host=self.host,
+            port=self.requested_port,
+            threads=self.threads,
+            max_request_body_size=self.max_body_bytes + 1,
+            ident="kugetsu",
+            clear_untrusted_proxy_headers=True,
+            connection_limit=limit,
             channel_timeout=CHANNEL_TIMEOUT_SECONDS,
-            cleanup_interval=CLEANUP_INTERVAL_SECONDS, asyncore_loop_timeout=0.2)
+            cleanup_interval=CLEANUP_INTERVAL_SECONDS,
+            asyncore_loop_timeout=0.2,
+        )
         # Each answer leaves from the thread that made it: waitress 3 flushes as soon as
         # one byte is buffered (its deprecated `send_bytes`, default 1), so a small answer
         # never waits for the socket thread to wake up. Not set here: setting it only
         # warns, and a later waitress may drop it.
-        self._thread = threading.Thread(target=self._run, args=(self._server,), name="http",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(self._server,), name="http", daemon=True
+        )
         self._thread.start()
-        log.info("listening", extra={"host": self.host, "port": self.port,
-                                     "connection_limit": limit})
+        log.info(
+            "listening", extra={"host": self.host, "port": self.port, "connection_limit": limit}
+        )
         return self
 
     def _run(self, server) -> None:

@@ -67,7 +67,7 @@ class Outbox:
     body: str = ""
     target: int | None = None
     needs_permission: bool = False
-    quiet: bool = False           # act, but write no comment (the reply limit was reached)
+    quiet: bool = False  # act, but write no comment (the reply limit was reached)
 
 
 @dataclass(frozen=True)
@@ -110,14 +110,18 @@ def decide(event: Event, rules: Rules, view: IntakeView) -> Decision:
     return _limit_replies(decision, rules, view, event.repo, event.number, event.sender)
 
 
-def _limit_replies(decision: Decision, rules: Rules, view: IntakeView, repo: str, number: int,
-                   sender: str) -> Decision:
+def _limit_replies(
+    decision: Decision, rules: Rules, view: IntakeView, repo: str, number: int, sender: str
+) -> Decision:
     """At most `reply_limit` replies to one user on one issue (or pull request) within
     `reply_window_seconds`, whoever they are: anyone can comment, and kugetsu must not
     answer a flood with a flood. Past the limit a command gets its reaction alone; stop
     and retry still act, but write nothing. Work requests are never limited."""
-    answers = [i for i in decision.intents if isinstance(i, Outbox)
-               and i.kind in REPLY_KINDS | MAY_REPLY_KINDS]
+    answers = [
+        i
+        for i in decision.intents
+        if isinstance(i, Outbox) and i.kind in REPLY_KINDS | MAY_REPLY_KINDS
+    ]
     if not answers:
         return decision
     if view.recent_replies(repo, number, sender, rules.reply_window_seconds) < rules.reply_limit:
@@ -148,8 +152,11 @@ def _issue_event(event: IssueEvent, rules: Rules, view: IntakeView) -> Decision:
         and (previous is None or rules.label not in previous)
     )
     if not newly_labelled:
-        decision.reason = (f"label {rules.label!r} was not newly added" if event.action in
-                           ("opened", "label_updated") else f"action {event.action} is not a trigger")
+        decision.reason = (
+            f"label {rules.label!r} was not newly added"
+            if event.action in ("opened", "label_updated")
+            else f"action {event.action} is not a trigger"
+        )
         return decision
     if rules.bot_login and event.sender == rules.bot_login:
         decision.reason = "labelled by kugetsu itself"
@@ -162,18 +169,25 @@ def _issue_event(event: IssueEvent, rules: Rules, view: IntakeView) -> Decision:
         decision.intents.append(_already(event.repo, event.number, active, event.sender, hint))
         decision.reason = f"task {active.id} is already active for this issue"
         return decision
-    decision.intents.append(Enqueue(event.repo, event.number, Kind.START, "", rules.default_agent,
-                                    event.sender, hint))
+    decision.intents.append(
+        Enqueue(event.repo, event.number, Kind.START, "", rules.default_agent, event.sender, hint)
+    )
     decision.reason = "label added"
     return decision
 
 
 def _already(repo: str, issue: int, active: Task, sender: str, permission: str | None) -> Outbox:
     word = "queued" if active.state.value == "pending" else "running"
-    return Outbox("comment", repo, issue, sender, permission,
-                  body=f"@{sender} kugetsu is already {word} on this issue (task #{active.id}). "
-                       f"Use `continue <instructions>` to follow up, or `stop` to stop it.",
-                  needs_permission=True)
+    return Outbox(
+        "comment",
+        repo,
+        issue,
+        sender,
+        permission,
+        body=f"@{sender} kugetsu is already {word} on this issue (task #{active.id}). "
+        f"Use `continue <instructions>` to follow up, or `stop` to stop it.",
+        needs_permission=True,
+    )
 
 
 def _comment_event(event: CommentEvent, rules: Rules, view: IntakeView) -> Decision:
@@ -194,15 +208,24 @@ def _comment_event(event: CommentEvent, rules: Rules, view: IntakeView) -> Decis
             return Decision(reason="pull request was not opened by kugetsu")
         issue = mapped
 
-    react = Outbox("reaction", event.repo, issue, event.sender, event.permission,
-                   target=event.comment_id)
+    react = Outbox(
+        "reaction", event.repo, issue, event.sender, event.permission, target=event.comment_id
+    )
     decision = Decision(intents=[react])
     reply_to = event.number  # answer where the command was written (issue or PR)
 
     def reply(body: str, needs_permission: bool = True) -> Decision:
-        decision.intents.append(Outbox("comment", event.repo, reply_to, event.sender,
-                                       event.permission, body=body,
-                                       needs_permission=needs_permission))
+        decision.intents.append(
+            Outbox(
+                "comment",
+                event.repo,
+                reply_to,
+                event.sender,
+                event.permission,
+                body=body,
+                needs_permission=needs_permission,
+            )
+        )
         return decision
 
     if isinstance(command, commands.CommandError):
@@ -211,21 +234,33 @@ def _comment_event(event: CommentEvent, rules: Rules, view: IntakeView) -> Decis
 
     if command.agent is not None and command.agent not in rules.known_agents:
         decision.reason = f"unknown agent {command.agent}"
-        return reply(f"@{event.sender} there is no agent named `{command.agent}`. "
-                     f"Configured: {', '.join(sorted(rules.known_agents))}.")
+        return reply(
+            f"@{event.sender} there is no agent named `{command.agent}`. "
+            f"Configured: {', '.join(sorted(rules.known_agents))}."
+        )
 
     verb = command.verb
     if verb == "help":
         decision.reason = "help"
         return reply(commands.help_text(rules.command, rules.label), needs_permission=False)
     if verb == "status":
-        decision.intents.append(Outbox("status", event.repo, issue, event.sender,
-                                       event.permission, target=reply_to))
+        decision.intents.append(
+            Outbox("status", event.repo, issue, event.sender, event.permission, target=reply_to)
+        )
         decision.reason = "status"
         return decision
     if verb in ("stop", "retry"):
-        decision.intents.append(Outbox(verb, event.repo, issue, event.sender, event.permission,
-                                       target=reply_to, needs_permission=True))
+        decision.intents.append(
+            Outbox(
+                verb,
+                event.repo,
+                issue,
+                event.sender,
+                event.permission,
+                target=reply_to,
+                needs_permission=True,
+            )
+        )
         decision.reason = verb
         return decision
 
@@ -241,14 +276,25 @@ def _comment_event(event: CommentEvent, rules: Rules, view: IntakeView) -> Decis
     if kind is Kind.START:
         active = view.active_task(event.repo, issue)
         if active is not None:
-            decision.intents.append(_already(event.repo, reply_to, active, event.sender,
-                                             event.permission))
+            decision.intents.append(
+                _already(event.repo, reply_to, active, event.sender, event.permission)
+            )
             decision.reason = f"task {active.id} is already active for this issue"
             return decision
-    decision.intents.append(Enqueue(
-        event.repo, issue, kind, command.text, command.agent or rules.default_agent,
-        event.sender, event.permission, trigger_comment_id=event.comment_id,
-        max_tokens=command.max_tokens, max_cost_usd=command.max_cost_usd))
+    decision.intents.append(
+        Enqueue(
+            event.repo,
+            issue,
+            kind,
+            command.text,
+            command.agent or rules.default_agent,
+            event.sender,
+            event.permission,
+            trigger_comment_id=event.comment_id,
+            max_tokens=command.max_tokens,
+            max_cost_usd=command.max_cost_usd,
+        )
+    )
     decision.reason = f"{kind.value} requested"
     return decision
 
@@ -300,26 +346,45 @@ def ingest(store: Store, delivery: Delivery, event: Event, rules: Rules) -> Inge
     return IngestResult(False, decision.reason, task_ids, outbox_ids)
 
 
-def _apply(store: Store, c: sqlite3.Connection, intents: Sequence[Intent],
-           rules: Rules) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _apply(
+    store: Store, c: sqlite3.Connection, intents: Sequence[Intent], rules: Rules
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     task_ids, outbox_ids = [], []
     for intent in intents:
         if isinstance(intent, RememberLabels):
             store.set_issue(intent.repo, intent.issue, c, labels=list(intent.labels))
         elif isinstance(intent, NoteReply):
-            store.note_reply(c, intent.repo, intent.issue, intent.login,
-                             rules.reply_window_seconds)
+            store.note_reply(c, intent.repo, intent.issue, intent.login, rules.reply_window_seconds)
         elif isinstance(intent, Enqueue):
-            task_ids.append(store.insert_task(
-                c, repo=intent.repo, issue=intent.issue, kind=intent.kind, prompt=intent.prompt,
-                agent=intent.agent, requested_by=intent.requested_by,
-                max_attempts=rules.max_attempts, permission_hint=intent.permission,
-                trigger_comment_id=intent.trigger_comment_id, max_tokens=intent.max_tokens,
-                max_cost_usd=intent.max_cost_usd))
+            task_ids.append(
+                store.insert_task(
+                    c,
+                    repo=intent.repo,
+                    issue=intent.issue,
+                    kind=intent.kind,
+                    prompt=intent.prompt,
+                    agent=intent.agent,
+                    requested_by=intent.requested_by,
+                    max_attempts=rules.max_attempts,
+                    permission_hint=intent.permission,
+                    trigger_comment_id=intent.trigger_comment_id,
+                    max_tokens=intent.max_tokens,
+                    max_cost_usd=intent.max_cost_usd,
+                )
+            )
         else:
-            outbox_ids.append(store.add_outbox(
-                c, repo=intent.repo, issue=intent.issue, kind=intent.kind, body=intent.body,
-                target=intent.target, requested_by=intent.requested_by,
-                permission_hint=intent.permission, needs_permission=intent.needs_permission,
-                quiet=intent.quiet))
+            outbox_ids.append(
+                store.add_outbox(
+                    c,
+                    repo=intent.repo,
+                    issue=intent.issue,
+                    kind=intent.kind,
+                    body=intent.body,
+                    target=intent.target,
+                    requested_by=intent.requested_by,
+                    permission_hint=intent.permission,
+                    needs_permission=intent.needs_permission,
+                    quiet=intent.quiet,
+                )
+            )
     return tuple(task_ids), tuple(outbox_ids)

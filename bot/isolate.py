@@ -27,8 +27,8 @@ from bot.health import describe
 log = logging.getLogger(__name__)
 
 #: errors of the surroundings, not of one item: they propagate
-SURROUNDINGS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, ServerError,
-                                                 Unreachable)
+SURROUNDINGS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, ServerError, Unreachable)
+
 
 @contextmanager
 def on_its_own(step: str, item: object, set_aside: Callable[[str], object]) -> Iterator[None]:

@@ -36,8 +36,10 @@ _SETEXT = re.compile(r"(?:=+|-{1,2})[ \t]*\Z")
 _QUOTE_MARKER = re.compile(r"[ ]{0,3}>[ ]?")
 
 _TAG_NAME = r"[A-Za-z][A-Za-z0-9-]*"
-_ATTRIBUTE = (r"""(?:\s+[A-Za-z_:][A-Za-z0-9_.:-]*+"""
-              r"""(?:\s*=\s*(?:[^\s"'=<>`]++|'[^']*+'|"[^"]*+"))?+)""")
+_ATTRIBUTE = (
+    r"""(?:\s+[A-Za-z_:][A-Za-z0-9_.:-]*+"""
+    r"""(?:\s*=\s*(?:[^\s"'=<>`]++|'[^']*+'|"[^"]*+"))?+)"""
+)
 _OPEN_TAG = re.compile(rf"<({_TAG_NAME})(?:{_ATTRIBUTE})*+\s*(/?)>")
 _CLOSE_TAG = re.compile(rf"</({_TAG_NAME})\s*>")
 _DECLARATION = re.compile(r"<![A-Za-z]")
@@ -45,8 +47,10 @@ _HTML_START = re.compile(r"<[A-Za-z/!?]")
 
 #: HTML blocks (CommonMark 4.6): types 1 to 5 end at a line holding their end marker
 _HTML_BLOCK_UNTIL = (
-    (re.compile(r"<(?:script|pre|style|textarea)(?:\s|>|\Z)", re.I),
-     re.compile(r"</(?:script|pre|style|textarea)>", re.I)),
+    (
+        re.compile(r"<(?:script|pre|style|textarea)(?:\s|>|\Z)", re.I),
+        re.compile(r"</(?:script|pre|style|textarea)>", re.I),
+    ),
     (re.compile(r"<!--"), re.compile(r"-->")),
     (re.compile(r"<\?"), re.compile(r"\?>")),
     (re.compile(r"<![A-Za-z]"), re.compile(r">")),
@@ -58,7 +62,9 @@ _HTML_BLOCK_6 = re.compile(
     r"|details|dialog|dir|div|dl|dt|fieldset|figcaption|figure|footer|form|frame|frameset"
     r"|h[1-6]|head|header|hr|html|iframe|legend|li|link|main|menu|menuitem|nav|noframes|ol"
     r"|optgroup|option|p|param|search|section|summary|table|tbody|td|tfoot|th|thead|title|tr"
-    r"|track|ul)(?:\s|/?>|\Z)", re.I)
+    r"|track|ul)(?:\s|/?>|\Z)",
+    re.I,
+)
 #: type 7, a whole tag alone on its line, ends at a blank line and cannot interrupt a paragraph
 #: (taken broadly, as some renderers do: any tag name, any Unicode space after it)
 _HTML_BLOCK_7 = re.compile(rf"(?:<{_TAG_NAME}(?:{_ATTRIBUTE})*+\s*/?>|</{_TAG_NAME}\s*>)\s*\Z")
@@ -70,10 +76,26 @@ MAX_DEPTH = 8
 
 #: elements whose content a reader does not see (collapsed, removed by the sanitizer, or
 #: never rendered as text); their content is hidden until the matching end tag
-HIDING_ELEMENTS = frozenset({
-    "details", "script", "style", "textarea", "template", "noscript", "iframe", "object",
-    "title", "xmp", "noembed", "noframes", "select", "svg", "math", "plaintext",
-})
+HIDING_ELEMENTS = frozenset(
+    {
+        "details",
+        "script",
+        "style",
+        "textarea",
+        "template",
+        "noscript",
+        "iframe",
+        "object",
+        "title",
+        "xmp",
+        "noembed",
+        "noframes",
+        "select",
+        "svg",
+        "math",
+        "plaintext",
+    }
+)
 _ASCII_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 #: the characters a line must start with to be anything but paragraph text
 _BLOCK_START = frozenset(" \t>`~#-*+_=[<|0123456789")
@@ -87,8 +109,8 @@ for _ in range(2):
 #: a destination, with its parentheses balanced (nested three deep at most here)
 _DESTINATION = re.compile(rf"(?:{_DEST_CHAR}|{_DEST_NESTED})*+", re.S)
 _TITLE_AND_CLOSE = re.compile(
-    r"""(?:\s++(?:"(?:[^"\\]|\\.)*+"|'(?:[^'\\]|\\.)*+'|\((?:[^()\\]|\\.)*+\)))?+\s*+\)""",
-    re.S)
+    r"""(?:\s++(?:"(?:[^"\\]|\\.)*+"|'(?:[^'\\]|\\.)*+'|\((?:[^()\\]|\\.)*+\)))?+\s*+\)""", re.S
+)
 _INLINE_SPECIAL = re.compile(r"[\\`<]|\]\(")
 _RAW_SPECIAL = re.compile(r"<")
 
@@ -147,16 +169,16 @@ class _Reader:
         self.lines = lines
         self.depth = depth
         self.visible: list[int] = []
-        self.segment: list[int] = []          # lines of one run of paragraph text
-        self.starts: set[int] = set()         # of those, the lines that may start a command
-        self.hide_chunk = False               # until the next blank line or definite break
-        self.pipes = False                    # a table may have started in this chunk
-        self.lazy_quote = False               # a blockquote's paragraph may still go on
-        self.quote: list[str] = []            # the lines of the current blockquote
-        self.hiding = hiding                  # open elements from HIDING_ELEMENTS
-        self.stopped = False                  # something was left open: nothing after is read
-        self.seen_list = False                # a list item was seen: a list may still be open
-        self.in_paragraph = False             # a paragraph may be open (and go on)
+        self.segment: list[int] = []  # lines of one run of paragraph text
+        self.starts: set[int] = set()  # of those, the lines that may start a command
+        self.hide_chunk = False  # until the next blank line or definite break
+        self.pipes = False  # a table may have started in this chunk
+        self.lazy_quote = False  # a blockquote's paragraph may still go on
+        self.quote: list[str] = []  # the lines of the current blockquote
+        self.hiding = hiding  # open elements from HIDING_ELEMENTS
+        self.stopped = False  # something was left open: nothing after is read
+        self.seen_list = False  # a list item was seen: a list may still be open
+        self.in_paragraph = False  # a paragraph may be open (and go on)
 
     # ------------------------------------------------------------------ blocks
 
@@ -176,8 +198,12 @@ class _Reader:
             self._end_quote()
             self.hide_chunk = self.pipes = self.in_paragraph = False
             return i + 1
-        if (line[0] not in _BLOCK_START and not self.lazy_quote and not self.pipes
-                and "|" not in line):
+        if (
+            line[0] not in _BLOCK_START
+            and not self.lazy_quote
+            and not self.pipes
+            and "|" not in line
+        ):
             self._begin(i, starts=True)  # the common case: a line of paragraph text
             return i + 1
         indent, rest = _columns(line)
@@ -189,8 +215,12 @@ class _Reader:
         self.seen_list = self.seen_list or marker
         # A list item interrupts a paragraph only if it is a bullet or starts at 1, and
         # only where no list is open already: which of the two is not known here.
-        uncertain = bool(marker and (self.in_paragraph or self.lazy_quote)
-                     and first_marker[0] not in "-+*" and int(first_marker[:-1]) != 1)
+        uncertain = bool(
+            marker
+            and (self.in_paragraph or self.lazy_quote)
+            and first_marker[0] not in "-+*"
+            and int(first_marker[:-1]) != 1
+        )
         if indent >= 4:
             if self.lazy_quote:
                 self.quote.append(line)
@@ -298,8 +328,9 @@ class _Reader:
             if self.depth >= MAX_DEPTH:
                 self.stopped = True
             else:
-                inner = _Reader([_unquote(line) for line in self.quote], self.depth + 1,
-                                self.hiding)
+                inner = _Reader(
+                    [_unquote(line) for line in self.quote], self.depth + 1, self.hiding
+                )
                 inner.run()
                 self.hiding = max(self.hiding, inner.hiding)
                 self.stopped = inner.stopped
@@ -328,8 +359,12 @@ class _Reader:
                 return i
             if indent - content <= 3 if marker else indent <= 3:
                 m = _FENCE.match(rest)
-                if (m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence)
-                        and not m.group(2).strip(" \t")):
+                if (
+                    m
+                    and m.group(1)[0] == fence[0]
+                    and len(m.group(1)) >= len(fence)
+                    and not m.group(2).strip(" \t")
+                ):
                     return i + 1
             i += 1
         return i
@@ -339,8 +374,7 @@ class _Reader:
         lines, taken = self.lines, []
         while i < len(lines):
             line = lines[i]
-            if (taken and content > 0 and not _BLANK.match(line)
-                    and _columns(line)[0] < content):
+            if taken and content > 0 and not _BLANK.match(line) and _columns(line)[0] < content:
                 # the list item (and the block) may end here, with the HTML still open
                 self.stopped = True
                 return i
@@ -427,10 +461,10 @@ class _Inline:
         self.text = text
         self.raw = raw
         self.hiding = hiding
-        self.ranges: list[tuple[int, int]] = []   # hidden, sorted, not overlapping
+        self.ranges: list[tuple[int, int]] = []  # hidden, sorted, not overlapping
         self.dangling: int | None = None  # where the first opener that did not close is
         self.unclosed_comment = False
-        self.unclosed = False          # raw HTML that the browser still holds open
+        self.unclosed = False  # raw HTML that the browser still holds open
         self._hiding_from = 0
         self._absent: set[str] = set()  # end markers that do not occur any more
         self._runs: dict[int, list[int]] = {}
@@ -507,9 +541,12 @@ class _Inline:
                     self._hide(i, len(text) + 1)
                     return len(text)
                 end = found + 3
-                body = text[i + 4:found]
-                if (("--" in body or body.endswith("-")) and not self.raw
-                        and _INLINE_SPECIAL.search(body)):
+                body = text[i + 4 : found]
+                if (
+                    ("--" in body or body.endswith("-"))
+                    and not self.raw
+                    and _INLINE_SPECIAL.search(body)
+                ):
                     # CommonMark 0.30 (Gitea's renderer) shows this as text, 0.31 hides it:
                     # what it holds may open a code span or not, so the rest is hidden
                     self._dangle(i)
@@ -579,8 +616,10 @@ class _Inline:
                 run = self._dest_run
                 if not run[0] <= j < run[1]:
                     stop = _NON_SPACE.match(text, j).end()
-                    deep = (text.count("(", j, stop) > 3
-                            and _TITLE_AND_CLOSE.match(text, stop) is not None)
+                    deep = (
+                        text.count("(", j, stop) > 3
+                        and _TITLE_AND_CLOSE.match(text, stop) is not None
+                    )
                     run = self._dest_run = (j, stop, deep)
                 # a run of text always ends at the same place, with the same tail after it
                 if run[2]:

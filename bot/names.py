@@ -29,7 +29,7 @@ def shown(value: Any) -> str:
     if isinstance(value, int) and abs(value) >= 10**_SHOWN:
         return f"a number of more than {_SHOWN} digits"  # and str() refuses the longest
     text = repr(value)
-    return text if len(text) <= _SHOWN else text[:_SHOWN - 3] + "..."
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
 def name_error(value: Any, what: str, max_length: int) -> str | None:
@@ -52,8 +52,9 @@ def repo_error(full_name: Any) -> str | None:
     if not isinstance(full_name, str) or full_name.count("/") != 1:
         return f"repository {shown(full_name)} is not owner/name"
     owner, name = full_name.split("/")
-    return (name_error(owner, "owner", MAX_OWNER_LENGTH)
-            or name_error(name, "repository name", MAX_REPO_NAME_LENGTH))
+    return name_error(owner, "owner", MAX_OWNER_LENGTH) or name_error(
+        name, "repository name", MAX_REPO_NAME_LENGTH
+    )
 
 
 def split_repo(full_name: str) -> tuple[str, str]:

@@ -86,8 +86,10 @@ def share_with_session(pid: int, *, proc_root: str = "/proc") -> bool:
         except OSError as exc:
             if exc.errno != errno.EAGAIN or attempt == _AUTOGROUP_TRIES - 1:
                 if exc.errno not in (errno.ENOENT, errno.ESRCH):
-                    log.debug("cannot set the niceness of a child's session",
-                              extra={"pid": pid, "error": str(exc)})
+                    log.debug(
+                        "cannot set the niceness of a child's session",
+                        extra={"pid": pid, "error": str(exc)},
+                    )
                 return False
             time.sleep(_AUTOGROUP_RETRY_SECONDS)
     return False

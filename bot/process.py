@@ -239,7 +239,9 @@ def kill_group(pgid: int, grace: float) -> bool:
     if _wait_group_gone(pgid, grace):
         logger.debug("process group exited after SIGTERM pgid=%d", pgid)
         return True
-    logger.warning("process group still alive after grace, sending SIGKILL pgid=%d grace=%s", pgid, grace)
+    logger.warning(
+        "process group still alive after grace, sending SIGKILL pgid=%d grace=%s", pgid, grace
+    )
     _signal_group(pgid, signal.SIGKILL)
     if not _wait_group_gone(pgid, _KILL_WAIT):
         logger.error("process group still alive after SIGKILL pgid=%d", pgid)
@@ -264,8 +266,9 @@ def kill_orphan(pid: int, start_token: str | None, grace: float) -> bool:
         # hand out a pid while a process group of that id has members, so any member is
         # still the agent's.
         if pid != os.getpgrp() and group_alive(pid):
-            logger.warning("orphaned agent's leader is gone but its group is not, killing "
-                           "pgid=%d", pid)
+            logger.warning(
+                "orphaned agent's leader is gone but its group is not, killing pgid=%d", pid
+            )
             return kill_group(pid, grace)
         logger.info("orphaned agent already gone pid=%d", pid)
         return False
@@ -424,7 +427,9 @@ class AgentProcess:
             popen.wait()
             popen.stdout.close()
             log_file.close()
-            raise AgentStartError(f"cannot start agent {argv0!r}: no reader thread ({exc})") from exc
+            raise AgentStartError(
+                f"cannot start agent {argv0!r}: no reader thread ({exc})"
+            ) from exc
         # its own session is its own scheduling group under autogroup: give it our niceness
         share_with_session(proc.pid)
         logger.info("agent started pid=%d argv0=%s log=%s", proc.pid, argv0, log_path)
@@ -518,7 +523,10 @@ class AgentProcess:
                 logger.error("agent output reader did not finish pid=%d", self.pid)
             self._finished = True
             logger.info(
-                "agent finished pid=%d returncode=%s bytes=%d", self.pid, self.returncode, self._bytes_seen
+                "agent finished pid=%d returncode=%s bytes=%d",
+                self.pid,
+                self.returncode,
+                self._bytes_seen,
             )
 
     # -- output --------------------------------------------------------------
@@ -596,13 +604,17 @@ class AgentProcess:
             try:
                 data = os.read(fd, min(READ_CHUNK, budget))
             except BlockingIOError:
-                logger.warning("agent output pipe still open after its group ended pid=%d", self.pid)
+                logger.warning(
+                    "agent output pipe still open after its group ended pid=%d", self.pid
+                )
                 return
             if not data:
                 return
             budget -= len(data)
             self._feed(data)
-        logger.warning("agent output still flowing after its group ended, stopped reading pid=%d", self.pid)
+        logger.warning(
+            "agent output still flowing after its group ended, stopped reading pid=%d", self.pid
+        )
 
     def _feed(self, data: bytes) -> None:
         with self._buf_lock:
@@ -669,7 +681,9 @@ class AgentProcess:
             skip = self._redactor.end_of_secret(tail)
             tail, omitted = tail[skip:], omitted + skip
             prefix = b"" if self._log_last_byte == b"\n" else b"\n"
-            self._write_log(prefix + f"[kugetsu: {omitted} bytes of output omitted]\n".encode("ascii"))
+            self._write_log(
+                prefix + f"[kugetsu: {omitted} bytes of output omitted]\n".encode("ascii")
+            )
         self._write_log(self._redactor.feed(tail) + self._redactor.flush())
         if omitted > 0:
             logger.info("agent log capped pid=%d omitted=%d", self.pid, omitted)
@@ -707,7 +721,11 @@ def _start_error_message(argv0: str, cwd: Path, exc: BaseException) -> str:
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc)
         filename = exc.filename
-        if filename is not None and os.fspath(filename) == os.fspath(cwd) and os.fspath(filename) != argv0:
+        if (
+            filename is not None
+            and os.fspath(filename) == os.fspath(cwd)
+            and os.fspath(filename) != argv0
+        ):
             return f"cannot start agent {argv0!r}: working directory {os.fspath(cwd)!r}: {reason}"
         if exc.errno == errno.ENOENT:
             return f"cannot start agent {argv0!r}: command not found ({reason})"

@@ -67,8 +67,9 @@ def usage_line(usage: dict[str, Any]) -> str:
         return ""
     parts = []
     if usage.get("input_tokens") or usage.get("output_tokens"):
-        parts.append(f"{usage.get('input_tokens', 0):,} tokens in, "
-                     f"{usage.get('output_tokens', 0):,} out")
+        parts.append(
+            f"{usage.get('input_tokens', 0):,} tokens in, {usage.get('output_tokens', 0):,} out"
+        )
     if usage.get("cost_usd") is not None:
         parts.append(f"cost ${usage['cost_usd']:.4f}")
     return ", ".join(parts)
@@ -123,11 +124,13 @@ class QueueView:
     limit: int
 
 
-def render_tracking(task: Task, config: Config, queue: QueueView, *,
-                    log_tail: str = "") -> str:
+def render_tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = "") -> str:
     """The one tracking comment of a task, for its current state."""
-    who = ("from the command line" if task.requested_by == "cli"
-           else f"requested by @{task.requested_by}")
+    who = (
+        "from the command line"
+        if task.requested_by == "cli"
+        else f"requested by @{task.requested_by}"
+    )
     head = f"{marker(task.id)}\n**kugetsu** · task #{task.id} ({task.kind.value}, {who})\n\n"
     agent = f"`{task.agent}`"
     link = log_link(config, task.id)
@@ -135,18 +138,22 @@ def render_tracking(task: Task, config: Config, queue: QueueView, *,
     n = task.max_attempts
 
     if task.state is State.PENDING:
-        where = (f"position {queue.position} in the queue, " if queue.position else "")
+        where = f"position {queue.position} in the queue, " if queue.position else ""
         line = f"⏳ **Queued**: {where}{queue.busy} of {queue.limit} agents busy."
         if task.attempts and task.outcome:
-            line = (f"🔁 **Retrying**: attempt {task.attempts} of {n} ended with "
-                    f"`{task.outcome.value}`"
-                    + (f" ({redact(task.error, config.secrets())})" if task.error else "")
-                    + f". Next attempt not before {_when(task.not_before)}; "
-                    + line[len("⏳ **Queued**: "):])
+            line = (
+                f"🔁 **Retrying**: attempt {task.attempts} of {n} ended with "
+                f"`{task.outcome.value}`"
+                + (f" ({redact(task.error, config.secrets())})" if task.error else "")
+                + f". Next attempt not before {_when(task.not_before)}; "
+                + line[len("⏳ **Queued**: ") :]
+            )
         return head + line
     if task.state is State.RUNNING:
-        line = (f"🛠️ **Working**: agent {agent}, attempt {task.attempts} of {n}, "
-                f"started {_when(task.started_at)}{log_ref}.")
+        line = (
+            f"🛠️ **Working**: agent {agent}, attempt {task.attempts} of {n}, "
+            f"started {_when(task.started_at)}{log_ref}."
+        )
         if task.cancel_requested_by:
             line += f"\n\nStopping, as requested by @{task.cancel_requested_by}."
         return head + line
@@ -154,76 +161,117 @@ def render_tracking(task: Task, config: Config, queue: QueueView, *,
         return head + f"🚫 **Not started**: {redact(task.error or 'not allowed', config.secrets())}"
     if task.state is State.CANCELLED:
         who = task.cancel_requested_by or "an operator"
-        return head + (f"🛑 **Stopped** by @{who}." if who != "cli" else
-                       "🛑 **Stopped** from the kugetsu command line.")
+        return head + (
+            f"🛑 **Stopped** by @{who}."
+            if who != "cli"
+            else "🛑 **Stopped** from the kugetsu command line."
+        )
 
     took = duration((task.finished_at or 0) - (task.started_at or 0)) if task.started_at else "?"
     usage = usage_line(task.usage)
-    footer = " · ".join(x for x in (f"agent {agent}", f"took {took}",
-                                     f"attempt {task.attempts} of {n}", usage) if x)
+    footer = " · ".join(
+        x for x in (f"agent {agent}", f"took {took}", f"attempt {task.attempts} of {n}", usage) if x
+    )
     summary = agent_block(task.summary or "", config.secrets())
     summary_block = f"\n\n{summary}" if summary else ""
 
     if task.state is State.COMPLETED and task.outcome is Outcome.SUCCEEDED:
-        files = f", {task.files_changed} file{'s' if task.files_changed != 1 else ''} changed" \
-            if task.files_changed is not None else ""
+        files = (
+            f", {task.files_changed} file{'s' if task.files_changed != 1 else ''} changed"
+            if task.files_changed is not None
+            else ""
+        )
         # "#9" and not a URL: Gitea links it to the pull request itself, with its own public
         # address, while gitea.url is often an internal name (http://gitea:3000)
-        return (head + f"✅ **Done**: pull request #{task.pr_number}{files}.{summary_block}\n\n"
-                f"<sub>{footer}{log_ref}</sub>")
+        return (
+            head + f"✅ **Done**: pull request #{task.pr_number}{files}.{summary_block}\n\n"
+            f"<sub>{footer}{log_ref}</sub>"
+        )
     if task.state is State.COMPLETED:
-        return (head + "➖ **No changes**: the agent finished without changing any files, "
-                f"so there is no pull request.{summary_block}\n\n<sub>{footer}{log_ref}</sub>")
+        return (
+            head + "➖ **No changes**: the agent finished without changing any files, "
+            f"so there is no pull request.{summary_block}\n\n<sub>{footer}{log_ref}</sub>"
+        )
     # failed
     reason = redact(task.error or "", config.secrets())
     tail = redact(log_tail, config.secrets())
-    tail_block = (f"\n\n<details><summary>Last lines of the log</summary>\n\n"
-                  f"{_quote_block(tail, MAX_TAIL)}\n</details>") if tail.strip() else ""
+    tail_block = (
+        (
+            f"\n\n<details><summary>Last lines of the log</summary>\n\n"
+            f"{_quote_block(tail, MAX_TAIL)}\n</details>"
+        )
+        if tail.strip()
+        else ""
+    )
     outcome = task.outcome.value if task.outcome else "failed"
-    return (head + f"❌ **Failed** (`{outcome}`) after {task.attempts} attempt"
-            f"{'s' if task.attempts != 1 else ''}: {reason}{tail_block}\n\n"
-            f"Comment `{config.triggers.command} retry` to try again.\n\n"
-            f"<sub>{footer}{log_ref}</sub>")
+    return (
+        head + f"❌ **Failed** (`{outcome}`) after {task.attempts} attempt"
+        f"{'s' if task.attempts != 1 else ''}: {reason}{tail_block}\n\n"
+        f"Comment `{config.triggers.command} retry` to try again.\n\n"
+        f"<sub>{footer}{log_ref}</sub>"
+    )
 
 
-def render_pr_body(task: Task, config: Config, *, summary: str, files_changed: int,
-                   usage: dict[str, Any]) -> str:
+def render_pr_body(
+    task: Task, config: Config, *, summary: str, files_changed: int, usage: dict[str, Any]
+) -> str:
     link = log_link(config, task.id)
     summary = agent_block(summary, config.secrets())
-    details = [f"task #{task.id}", f"agent `{task.agent}`",
-               f"{files_changed} file{'s' if files_changed != 1 else ''} changed"]
+    details = [
+        f"task #{task.id}",
+        f"agent `{task.agent}`",
+        f"{files_changed} file{'s' if files_changed != 1 else ''} changed",
+    ]
     if usage_line(usage):
         details.append(usage_line(usage))
     if link:
         details.append(f"[task log]({link})")
-    return (f"Closes #{task.issue}\n\n"
-            + (f"{summary}\n\n" if summary else "")
-            + "---\nWritten by kugetsu · " + " · ".join(details) + f"\n{marker(task.id)}")
+    return (
+        f"Closes #{task.issue}\n\n"
+        + (f"{summary}\n\n" if summary else "")
+        + "---\nWritten by kugetsu · "
+        + " · ".join(details)
+        + f"\n{marker(task.id)}"
+    )
 
 
-def status_text(store: Store, repo: str, issue: int, config: Config, *,
-                show_queue: bool = True) -> str:
+def status_text(
+    store: Store, repo: str, issue: int, config: Config, *, show_queue: bool = True
+) -> str:
     """The issue's tasks, and with `show_queue` how busy kugetsu is over all repositories
     (only for those who may read the repository: the queue says what happens elsewhere)."""
     tasks = store.list(repo=repo, issue=issue)
     if not tasks:
-        return (f"{REPLY_MARKER}\nkugetsu has no tasks for this issue. Comment "
-                f"`{config.triggers.command} start` or add the label `{config.triggers.label}`.")
+        return (
+            f"{REPLY_MARKER}\nkugetsu has no tasks for this issue. Comment "
+            f"`{config.triggers.command} start` or add the label `{config.triggers.label}`."
+        )
     rows = ["| task | kind | state | outcome | attempts | PR |", "|---|---|---|---|---|---|"]
     for t in tasks[-10:]:
-        rows.append(f"| #{t.id} | {t.kind.value} | {t.state.value} | "
-                    f"{t.outcome.value if t.outcome else ''} | {t.attempts}/{t.max_attempts} | "
-                    f"{'#' + str(t.pr_number) if t.pr_number else ''} |")
+        rows.append(
+            f"| #{t.id} | {t.kind.value} | {t.state.value} | "
+            f"{t.outcome.value if t.outcome else ''} | {t.attempts}/{t.max_attempts} | "
+            f"{'#' + str(t.pr_number) if t.pr_number else ''} |"
+        )
     text = f"{REPLY_MARKER}\nkugetsu on this issue:\n\n" + "\n".join(rows)
     if not show_queue:
         return text
-    return (text + f"\n\nAgents busy: {store.count(State.RUNNING)} of "
-            f"{config.queue.max_concurrent_agents}; tasks waiting: {store.count(State.PENDING)}.")
+    return (
+        text + f"\n\nAgents busy: {store.count(State.RUNNING)} of "
+        f"{config.queue.max_concurrent_agents}; tasks waiting: {store.count(State.PENDING)}."
+    )
 
 
 class Publisher:
-    def __init__(self, config: Config, store: Store, gitea: GiteaAPI, *,
-                 clock=time.monotonic, position_refresh_seconds: float = 15.0):
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        gitea: GiteaAPI,
+        *,
+        clock=time.monotonic,
+        position_refresh_seconds: float = 15.0,
+    ):
         self.config, self.store, self.gitea = config, store, gitea
         self.clock = clock
         self.position_refresh_seconds = position_refresh_seconds
@@ -250,13 +298,15 @@ class Publisher:
     def render(self, task: Task, position: int | None = None) -> str:
         if task.state is State.PENDING and position is None:
             position = self.store.queue_position(task.id)
-        queue = QueueView(position, self.store.count(State.RUNNING),
-                          self.config.queue.max_concurrent_agents)
+        queue = QueueView(
+            position, self.store.count(State.RUNNING), self.config.queue.max_concurrent_agents
+        )
         tail = self._log_tail(task) if task.state is State.FAILED else ""
         return render_tracking(task, self.config, queue, log_tail=tail)
 
-    def sync_task(self, task: Task, position: int | None = None,
-                  synced: list[CommentRecord] | None = None) -> bool:
+    def sync_task(
+        self, task: Task, position: int | None = None, synced: list[CommentRecord] | None = None
+    ) -> bool:
         """Create or edit the task's tracking comment to match its state. True if written.
 
         What was written is recorded in the database at once, or, with `synced`, appended
@@ -264,6 +314,7 @@ class Publisher:
         safe: an edit is simply made again, and a create is marked first (comment_attempt),
         so that a create whose record was lost is found again instead of made twice.
         """
+
         def record(version: int, body: str, comment_id: int | None = None) -> None:
             if synced is None:
                 self.store.comment_synced(task.id, version, body, comment_id=comment_id)
@@ -347,17 +398,23 @@ class Publisher:
 
         try:
             now = self.clock()
-            self._backoff = {k: v for k, v in self._backoff.items()
-                             if v[1] + COMMENT_BACKOFF_MAX_SECONDS > now}
+            self._backoff = {
+                k: v for k, v in self._backoff.items() if v[1] + COMMENT_BACKOFF_MAX_SECONDS > now
+            }
             # as many more as are backed off, so that those cannot take the whole budget
-            due = [t for t in self.store.comment_out_of_date(budget + len(self._backoff))
-                   if self._may_try(t.id, now)]
+            due = [
+                t
+                for t in self.store.comment_out_of_date(budget + len(self._backoff))
+                if self._may_try(t.id, now)
+            ]
             for task in due[:budget]:
                 sync(task)
             self.store.comment_synced_many(synced)
             synced.clear()
-            if written < budget and self.clock() - self._positions_at >= \
-                    self.position_refresh_seconds:
+            if (
+                written < budget
+                and self.clock() - self._positions_at >= self.position_refresh_seconds
+            ):
                 self._positions_at = self.clock()
                 for task, position in self.store.pending_positions(budget):
                     if written >= budget:
@@ -378,11 +435,14 @@ class Publisher:
         failures = self._backoff.get(task_id, (0, 0.0))[0] + 1
         delay = doubling(COMMENT_BACKOFF_SECONDS, failures, COMMENT_BACKOFF_MAX_SECONDS)
         self._backoff[task_id] = (failures, self.clock() + delay)
-        log.warning("tracking comment backed off", extra={"task": task_id, "seconds": delay,
-                                                          "failures": failures})
+        log.warning(
+            "tracking comment backed off",
+            extra={"task": task_id, "seconds": delay, "failures": failures},
+        )
 
-    def _sync_or_skip(self, task: Task, position: int | None = None,
-                      synced: list[CommentRecord] | None = None) -> bool:
+    def _sync_or_skip(
+        self, task: Task, position: int | None = None, synced: list[CommentRecord] | None = None
+    ) -> bool:
         written = False
         # a comment that cannot be written for a reason of its own (refused, or a task this
         # code cannot render) skips this version, so the others behind it are not held up
@@ -393,8 +453,7 @@ class Publisher:
                 raise
             except GiteaError as exc:
                 self._skip(task)
-                log.warning("tracking comment refused", extra={"task": task.id,
-                                                               "error": str(exc)})
+                log.warning("tracking comment refused", extra={"task": task.id, "error": str(exc)})
         return written
 
     def _skip(self, task: Task) -> None:
@@ -404,8 +463,17 @@ class Publisher:
 
     # ---------------------------------------------------------------- pull requests
 
-    def publish_pr(self, task: Task, *, branch: str, base: str, title: str, summary: str,
-                   files_changed: int, usage: dict[str, Any]) -> tuple[int, bool]:
+    def publish_pr(
+        self,
+        task: Task,
+        *,
+        branch: str,
+        base: str,
+        title: str,
+        summary: str,
+        files_changed: int,
+        usage: dict[str, Any],
+    ) -> tuple[int, bool]:
         """Open a PR for the branch or update the one that exists. Returns (number, created).
 
         A create that fails may still have been applied: Gitea did the work and the answer
@@ -414,13 +482,15 @@ class Publisher:
         decided, and one found is adopted. `created` is True when the PR is this task's own
         (its body carries the task's marker), whichever call made it.
         """
-        body = render_pr_body(task, self.config, summary=summary, files_changed=files_changed,
-                              usage=usage)
+        body = render_pr_body(
+            task, self.config, summary=summary, files_changed=files_changed, usage=usage
+        )
         existing = self.gitea.find_open_pull(task.owner, task.name, base, branch)
         if existing is None:
             try:
-                created = self.gitea.create_pull(task.owner, task.name, head=branch, base=base,
-                                                 title=title, body=body)
+                created = self.gitea.create_pull(
+                    task.owner, task.name, head=branch, base=base, title=title, body=body
+                )
                 return int(created["number"]), True
             except GiteaError as exc:
                 try:
@@ -429,19 +499,23 @@ class Publisher:
                     raise exc from None
                 if existing is None:
                     raise
-                log.warning("pull request found after a failed create",
-                            extra={"task": task.id, "pr": existing.get("number"),
-                                   "error": str(exc)})
+                log.warning(
+                    "pull request found after a failed create",
+                    extra={"task": task.id, "pr": existing.get("number"), "error": str(exc)},
+                )
         number = int(existing["number"])
         own = marker(task.id) in (existing.get("body") or "")
         if task.kind is Kind.CONTINUE and not own:
             self.gitea.create_comment(
-                task.owner, task.name, number,
+                task.owner,
+                task.name,
+                number,
                 f"<!-- kugetsu:follow-up={task.id} -->\n"
                 f"Pushed a follow-up for @{task.requested_by} "
                 f"(task #{task.id}, {files_changed} file{'s' if files_changed != 1 else ''} "
                 f"changed in this pull request so far).\n\n"
-                + agent_block(summary, self.config.secrets()))
+                + agent_block(summary, self.config.secrets()),
+            )
         elif existing.get("body") != body:
             self.gitea.edit_pull(task.owner, task.name, number, body=body)
         return number, own
@@ -458,5 +532,13 @@ class Publisher:
         self.gitea.add_reaction(owner, name, comment_id, content)
 
 
-__all__: Sequence[str] = ("Publisher", "render_tracking", "render_pr_body", "status_text",
-                          "marker", "log_link", "log_token", "QueueView")
+__all__: Sequence[str] = (
+    "Publisher",
+    "render_tracking",
+    "render_pr_body",
+    "status_text",
+    "marker",
+    "log_link",
+    "log_token",
+    "QueueView",
+)

@@ -45,8 +45,8 @@ class StreamRedactor:
             return data
         text = redact(self._held + data, self.secrets)
         keep = self._start_of_secret(text)
-        self._held = text[len(text) - keep:] if keep else b""
-        return text[:len(text) - keep]
+        self._held = text[len(text) - keep :] if keep else b""
+        return text[: len(text) - keep]
 
     def flush(self) -> bytes:
         """At the end of the stream: what was held back (it never became a secret)."""
@@ -93,8 +93,10 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-_STANDARD = set(logging.LogRecord("x", 0, "x", 0, "x", None, None).__dict__) | {"message",
-                                                                                  "asctime"}
+_STANDARD = set(logging.LogRecord("x", 0, "x", 0, "x", None, None).__dict__) | {
+    "message",
+    "asctime",
+}
 
 
 class ContextFormatter(logging.Formatter):

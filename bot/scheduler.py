@@ -23,8 +23,13 @@ class Coalescer:
     thread runs it, going round again while anyone asked for more.
     """
 
-    def __init__(self, fn: Callable[[], None], *, stopped: Callable[[], bool] = lambda: False,
-                 min_interval: float = 0.0):
+    def __init__(
+        self,
+        fn: Callable[[], None],
+        *,
+        stopped: Callable[[], bool] = lambda: False,
+        min_interval: float = 0.0,
+    ):
         self._fn = fn
         self._stopped = stopped
         self._min_interval = min_interval
@@ -62,34 +67,65 @@ class Scheduler:
     that arrives during a tick is not lost.
     """
 
-    def __init__(self, tick: Callable[[], None], interval: float, *,
-                 heartbeat: Callable[[], None] | None = None,
-                 cleanup: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        tick: Callable[[], None],
+        interval: float,
+        *,
+        heartbeat: Callable[[], None] | None = None,
+        cleanup: Callable[[], None] | None = None,
+    ):
         self._tick = tick
         self.interval = interval
-        self._scheduler = BackgroundScheduler(timezone=timezone.utc,
-                                              job_defaults={"misfire_grace_time": None})
+        self._scheduler = BackgroundScheduler(
+            timezone=timezone.utc, job_defaults={"misfire_grace_time": None}
+        )
         self._heartbeat = heartbeat
         self._cleanup = cleanup
 
     def start(self) -> None:
         now = datetime.now(timezone.utc)
-        self._scheduler.add_job(self._tick, "interval", seconds=self.interval, id="tick",
-                                max_instances=1, coalesce=True, next_run_time=now)
+        self._scheduler.add_job(
+            self._tick,
+            "interval",
+            seconds=self.interval,
+            id="tick",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=now,
+        )
         if self._heartbeat is not None:
-            self._scheduler.add_job(self._heartbeat, "interval", seconds=HEARTBEAT_SECONDS,
-                                    id="heartbeat", max_instances=1, coalesce=True)
+            self._scheduler.add_job(
+                self._heartbeat,
+                "interval",
+                seconds=HEARTBEAT_SECONDS,
+                id="heartbeat",
+                max_instances=1,
+                coalesce=True,
+            )
         if self._cleanup is not None:
-            self._scheduler.add_job(self._cleanup, "interval", hours=24, id="cleanup",
-                                    max_instances=1, coalesce=True,
-                                    next_run_time=now + timedelta(minutes=5))
+            self._scheduler.add_job(
+                self._cleanup,
+                "interval",
+                hours=24,
+                id="cleanup",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=now + timedelta(minutes=5),
+            )
         self._scheduler.start()
 
     def wake(self) -> None:
         if not self._scheduler.running:
             return
-        self._scheduler.add_job(self._tick, "date", run_date=datetime.now(timezone.utc),
-                                id="wake", replace_existing=True, max_instances=4)
+        self._scheduler.add_job(
+            self._tick,
+            "date",
+            run_date=datetime.now(timezone.utc),
+            id="wake",
+            replace_existing=True,
+            max_instances=4,
+        )
 
     @property
     def running(self) -> bool:

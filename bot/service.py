@@ -60,8 +60,9 @@ def _signals(stop: threading.Event) -> None:
 # --------------------------------------------------------------------------- the worker
 
 
-def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO",
-               fd_limit: int | None = None) -> int:
+def run_worker(
+    config: Config, wake_fd: int | None, *, log_level: str = "INFO", fd_limit: int | None = None
+) -> int:
     """The worker process: scheduler, dispatcher and agents. `fd_limit`: the soft limit
     of open files the receiver found before it raised its own (httpserver.raise_fd_limit),
     for the worker, git and the agents."""
@@ -74,20 +75,30 @@ def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO",
     from bot.workspace import Workspace
 
     if fd_limit is not None:
-        resource.setrlimit(resource.RLIMIT_NOFILE,
-                           (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        )
     configure_logging(log_level, config.secrets())
     # Before any thread starts: threads and child processes inherit it.
     niceness = lower_own_priority(config.agents.nice)
     storage = config.storage
     # the worker keeps the write-ahead log short; the receiver never checkpoints
     store = open_store(storage.db_path, checkpoint_pages=WORKER_CHECKPOINT_PAGES)
-    gitea = GiteaClient(config.gitea.url, config.gitea.token,
-                        timeout=config.gitea.timeout_seconds, retries=config.gitea.retries)
-    workspace = Workspace(mirrors_dir=storage.mirrors_dir, worktrees_dir=storage.worktrees_dir,
-                          remote_url=config.gitea.git_url, token=config.gitea.token,
-                          author_name=config.git.author_name,
-                          author_email=config.git.author_email, secrets=config.secrets())
+    gitea = GiteaClient(
+        config.gitea.url,
+        config.gitea.token,
+        timeout=config.gitea.timeout_seconds,
+        retries=config.gitea.retries,
+    )
+    workspace = Workspace(
+        mirrors_dir=storage.mirrors_dir,
+        worktrees_dir=storage.worktrees_dir,
+        remote_url=config.gitea.git_url,
+        token=config.gitea.token,
+        author_name=config.git.author_name,
+        author_email=config.git.author_email,
+        secrets=config.secrets(),
+    )
     scheduler_ref: list[Scheduler] = []
 
     def wake() -> None:
@@ -96,9 +107,12 @@ def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO",
             scheduler_ref[0].wake()
 
     dispatcher = Dispatcher(config, store, gitea, workspace, on_change=wake)
-    scheduler = Scheduler(dispatcher.run_tick, config.queue.poll_interval_seconds,
-                          heartbeat=dispatcher.heartbeat,
-                          cleanup=lambda: dispatcher.cleanup(config.queue.cleanup_age_days))
+    scheduler = Scheduler(
+        dispatcher.run_tick,
+        config.queue.poll_interval_seconds,
+        heartbeat=dispatcher.heartbeat,
+        cleanup=lambda: dispatcher.cleanup(config.queue.cleanup_age_days),
+    )
     scheduler_ref.append(scheduler)
 
     stop = threading.Event()
@@ -107,10 +121,13 @@ def run_worker(config: Config, wake_fd: int | None, *, log_level: str = "INFO",
     dispatcher.start()
     scheduler.start()
     if wake_fd is not None:
-        threading.Thread(target=_read_wakes, args=(wake_fd, wake, stop), name="wake",
-                         daemon=True).start()
-    log.info("worker started", extra={"pid": os.getpid(), "worker": dispatcher.worker_id,
-                                      "nice": niceness})
+        threading.Thread(
+            target=_read_wakes, args=(wake_fd, wake, stop), name="wake", daemon=True
+        ).start()
+    log.info(
+        "worker started",
+        extra={"pid": os.getpid(), "worker": dispatcher.worker_id, "nice": niceness},
+    )
     while not stop.wait(1.0):
         pass
     scheduler.shutdown()
@@ -154,8 +171,16 @@ class WorkerProcess:
     def start(self) -> None:
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
-        argv = [sys.executable, "-m", "bot", "worker", "--wake-fd", str(read_fd),
-                "--log-level", self.log_level]
+        argv = [
+            sys.executable,
+            "-m",
+            "bot",
+            "worker",
+            "--wake-fd",
+            str(read_fd),
+            "--log-level",
+            self.log_level,
+        ]
         if self.fd_limit is not None:
             argv += ["--fd-limit", str(self.fd_limit)]
         if self.config.source and not self.config.source.startswith("("):
@@ -243,8 +268,7 @@ def make_private(data_dir: Path, *, deep: bool) -> int:
                 changed += 1
             return mode
         except OSError as exc:
-            log.warning("cannot make a data file private", extra={"path": path,
-                                                                 "error": str(exc)})
+            log.warning("cannot make a data file private", extra={"path": path, "error": str(exc)})
             return None
 
     top = os.fspath(data_dir)
@@ -270,8 +294,9 @@ class ReceiverHealth:
     could not be stored. `(alive, details)`: alive is False only when the worker is not
     running; details["problems"] names each problem in one line."""
 
-    def __init__(self, config: Config, store: Any, worker: Any,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self, config: Config, store: Any, worker: Any, clock: Callable[[], float] = time.time
+    ):
         self.config, self.store, self.worker, self.clock = config, store, worker, clock
         self._write_failure: tuple[float, str] | None = None
 
@@ -283,9 +308,12 @@ class ReceiverHealth:
         now = self.clock()
         alive = self.worker.alive
         facts: dict[str, Any] = {
-            "now": now, "worker_alive": alive, "worker_up_since": self.worker.started_at,
+            "now": now,
+            "worker_alive": alive,
+            "worker_up_since": self.worker.started_at,
             "write_failure": self._write_failure,
-            "min_free_bytes": self.config.storage.min_free_mb * 1024 * 1024}
+            "min_free_bytes": self.config.storage.min_free_mb * 1024 * 1024,
+        }
         try:
             facts["free_bytes"] = shutil.disk_usage(self.config.storage.data_dir).free
         except OSError as exc:
@@ -297,12 +325,18 @@ class ReceiverHealth:
                 facts["database_error"] = describe(exc)
             else:
                 if report is not None:
-                    facts.update(registered=True, heartbeat_at=report[0],
-                                 tick=TickRecord.from_json(report[1]))
+                    facts.update(
+                        registered=True,
+                        heartbeat_at=report[0],
+                        tick=TickRecord.from_json(report[1]),
+                    )
         found = [redact(line, self.config.secrets()) for line in problems(Facts(**facts))]
-        return alive, {"problems": found,
-                       "worker": "running" if alive else "stopped",
-                       "worker_restarts": self.worker.restarts, "version": __version__}
+        return alive, {
+            "problems": found,
+            "worker": "running" if alive else "stopped",
+            "worker_restarts": self.worker.restarts,
+            "version": __version__,
+        }
 
 
 def serve(config: Config, *, log_level: str = "INFO") -> int:
@@ -333,31 +367,48 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
 
     def rules() -> Rules:
         # the worker finds out who the bot is (GET /user) and keeps it in the database
-        if not bot_login["value"] and time.monotonic() - bot_login["at"] > \
-                BOT_LOGIN_REFRESH_SECONDS:
+        if (
+            not bot_login["value"]
+            and time.monotonic() - bot_login["at"] > BOT_LOGIN_REFRESH_SECONDS
+        ):
             bot_login["at"] = time.monotonic()
             bot_login["value"] = store.get_meta("bot_login")
-        return Rules(label=config.triggers.label, command=config.triggers.command,
-                     bot_login=bot_login["value"], known_agents=known,
-                     default_agent=config.agents.default,
-                     max_attempts=config.queue.max_attempts,
-                     reply_limit=config.triggers.reply_limit,
-                     reply_window_seconds=config.triggers.reply_window_seconds)
+        return Rules(
+            label=config.triggers.label,
+            command=config.triggers.command,
+            bot_login=bot_login["value"],
+            known_agents=known,
+            default_agent=config.agents.default,
+            max_attempts=config.queue.max_attempts,
+            reply_limit=config.triggers.reply_limit,
+            reply_window_seconds=config.triggers.reply_window_seconds,
+        )
 
     health = ReceiverHealth(config, store, worker)
-    app = create_app(config, store, rules=rules, wake=worker.wake, health=health,
-                     store_failed=health.store_failed, log_dir=storage.logs_dir,
-                     log_token=lambda i: log_token(config, i))
+    app = create_app(
+        config,
+        store,
+        rules=rules,
+        wake=worker.wake,
+        health=health,
+        store_failed=health.store_failed,
+        log_dir=storage.logs_dir,
+        log_token=lambda i: log_token(config, i),
+    )
     stop = threading.Event()
     _signals(stop)
     worker.start()
     prepare_interpreter()
-    server = HttpServer(app, config.server.host, config.server.port,
-                        max_body_bytes=config.server.max_body_bytes).start()
-    log.info("kugetsu serving", extra={"url": server.url, "data_dir": str(storage.data_dir),
-                                       "config": config.source})
-    print(f"kugetsu {__version__} listening on {server.url} (data in {storage.data_dir})",
-          flush=True)
+    server = HttpServer(
+        app, config.server.host, config.server.port, max_body_bytes=config.server.max_body_bytes
+    ).start()
+    log.info(
+        "kugetsu serving",
+        extra={"url": server.url, "data_dir": str(storage.data_dir), "config": config.source},
+    )
+    print(
+        f"kugetsu {__version__} listening on {server.url} (data in {storage.data_dir})", flush=True
+    )
     while not stop.wait(1.0):
         worker.watch()
     server.stop()

@@ -257,7 +257,10 @@ class UnreadableRow(StoreError):
 
 #: columns that hold an enumerated value, and the enum that reads it
 _ENUMS: dict[str, type[Kind] | type[State] | type[Outcome]] = {
-    "kind": Kind, "state": State, "outcome": Outcome}
+    "kind": Kind,
+    "state": State,
+    "outcome": Outcome,
+}
 #: JSON columns, and the type their value must have
 _JSON_TYPES: dict[str, type] = {"usage": dict, "agents_tried": list}
 _JSON_FIELDS = set(_JSON_TYPES)
@@ -300,8 +303,9 @@ def _row_to_task(row: sqlite3.Row) -> Task:
     return Task(**data)
 
 
-def _readable(rows: Iterable[sqlite3.Row],
-              unreadable: list[tuple[sqlite3.Row, UnreadableRow]]) -> Iterator[Task]:
+def _readable(
+    rows: Iterable[sqlite3.Row], unreadable: list[tuple[sqlite3.Row, UnreadableRow]]
+) -> Iterator[Task]:
     """The tasks of the rows that can be read; the others are added to `unreadable`."""
     for row in rows:
         try:
@@ -362,8 +366,9 @@ CommentRecord = tuple[int, int, str, int | None]
 class Store:
     """Owns the database file. One connection per thread; safe to share."""
 
-    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time,
-                 checkpoint_pages: int = 0):
+    def __init__(
+        self, path: Path | str, *, clock: Callable[[], float] = time.time, checkpoint_pages: int = 0
+    ):
         self.path = Path(path)
         self.clock = clock
         # 0: commits in this process never copy the write-ahead log back (the receiver,
@@ -385,8 +390,9 @@ class Store:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=30.0, check_same_thread=False
+            )
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
@@ -462,7 +468,8 @@ class Store:
             if version > SCHEMA_VERSION:
                 raise SchemaTooNew(
                     f"database {self.path} has schema version {version}, this kugetsu knows "
-                    f"up to {SCHEMA_VERSION}; upgrade kugetsu")
+                    f"up to {SCHEMA_VERSION}; upgrade kugetsu"
+                )
             for number in range(version, SCHEMA_VERSION):
                 for statement in _statements(MIGRATIONS[number]):
                     c.execute(statement)
@@ -475,18 +482,38 @@ class Store:
 
     # ------------------------------------------------------------------ tasks
 
-    def _event(self, c: sqlite3.Connection, task_id: int, event: str, from_state: str | None,
-               to_state: str | None, detail: str | None = None) -> None:
+    def _event(
+        self,
+        c: sqlite3.Connection,
+        task_id: int,
+        event: str,
+        from_state: str | None,
+        to_state: str | None,
+        detail: str | None = None,
+    ) -> None:
         c.execute(
             "INSERT INTO task_events (task_id, at, from_state, to_state, event, detail) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (task_id, self.clock(), from_state, to_state, event, detail))
+            (task_id, self.clock(), from_state, to_state, event, detail),
+        )
 
-    def insert_task(self, c: sqlite3.Connection, *, repo: str, issue: int, kind: Kind | str,
-                    prompt: str, agent: str, requested_by: str, max_attempts: int,
-                    authorized: bool | None = None, permission_hint: str | None = None,
-                    trigger_comment_id: int | None = None, max_tokens: int | None = None,
-                    max_cost_usd: float | None = None) -> int:
+    def insert_task(
+        self,
+        c: sqlite3.Connection,
+        *,
+        repo: str,
+        issue: int,
+        kind: Kind | str,
+        prompt: str,
+        agent: str,
+        requested_by: str,
+        max_attempts: int,
+        authorized: bool | None = None,
+        permission_hint: str | None = None,
+        trigger_comment_id: int | None = None,
+        max_tokens: int | None = None,
+        max_cost_usd: float | None = None,
+    ) -> int:
         """Insert a pending task inside the caller's transaction."""
         now = self.clock()
         cur = c.execute(
@@ -494,9 +521,23 @@ class Store:
             "max_attempts, created_at, updated_at, authorized, permission_hint, "
             "trigger_comment_id, max_tokens, max_cost_usd) "
             "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
-            (repo, issue, str(Kind(kind)), prompt, agent, requested_by, max_attempts, now, now,
-             None if authorized is None else int(authorized), permission_hint,
-             trigger_comment_id, max_tokens, max_cost_usd))
+            (
+                repo,
+                issue,
+                str(Kind(kind)),
+                prompt,
+                agent,
+                requested_by,
+                max_attempts,
+                now,
+                now,
+                None if authorized is None else int(authorized),
+                permission_hint,
+                trigger_comment_id,
+                max_tokens,
+                max_cost_usd,
+            ),
+        )
         task_id = int(cur.lastrowid)
         self._event(c, task_id, "queued", None, "pending", f"{kind} by {requested_by}")
         return task_id
@@ -528,8 +569,9 @@ class Store:
                 return found[0]
         return None
 
-    def _set_aside_rows(self, conn: sqlite3.Connection,
-                        unreadable: Sequence[tuple[sqlite3.Row, UnreadableRow]]) -> None:
+    def _set_aside_rows(
+        self, conn: sqlite3.Connection, unreadable: Sequence[tuple[sqlite3.Row, UnreadableRow]]
+    ) -> None:
         """Set each unreadable row aside, inside the caller's write transaction if there is
         one (claim, intake), else in one of its own."""
         if not unreadable:
@@ -542,16 +584,19 @@ class Store:
             for row, exc in unreadable:
                 self._set_aside_row(c, row, exc)
 
-    def _set_aside_row(self, c: sqlite3.Connection, row: sqlite3.Row,
-                       exc: UnreadableRow) -> bool:
+    def _set_aside_row(self, c: sqlite3.Connection, row: sqlite3.Row, exc: UnreadableRow) -> bool:
         """The one place a task row that cannot be read is dealt with: it fails with an
         error naming what could not be read, and a task event says so. A kind that cannot
         be read becomes `start` and JSON that cannot be read is emptied, as the error
         says, so the row reads from then on. A compare-and-set on the row's version: a
         row changed since it was read is left to the next read."""
         problems = dict(exc.problems)
-        sets = {"state": State.FAILED.value, "outcome": Outcome.INFRA_ERROR.value,
-                "pid": None, "pid_start": None}
+        sets = {
+            "state": State.FAILED.value,
+            "outcome": Outcome.INFRA_ERROR.value,
+            "pid": None,
+            "pid_start": None,
+        }
         if "kind" in problems:
             problems["kind"] += f" (now {Kind.START})"
             sets["kind"] = Kind.START.value
@@ -564,7 +609,9 @@ class Store:
         sets.update(error=reason, finished_at=now, updated_at=now)
         cur = c.execute(
             f"UPDATE tasks SET {', '.join(f'{k} = ?' for k in sets)}, version = version + 1 "
-            "WHERE id = ? AND version IS ?", (*sets.values(), row["id"], row["version"]))
+            "WHERE id = ? AND version IS ?",
+            (*sets.values(), row["id"], row["version"]),
+        )
         if cur.rowcount != 1:
             return False
         self._event(c, row["id"], "set aside", str(row["state"]), State.FAILED.value, reason)
@@ -577,9 +624,15 @@ class Store:
             raise KeyError(f"no task {task_id}")
         return task
 
-    def iter_tasks(self, state: State | str | None = None, *, repo: str | None = None,
-                   issue: int | None = None, before: int | None = None,
-                   newest: int | None = None) -> Iterator[Task]:
+    def iter_tasks(
+        self,
+        state: State | str | None = None,
+        *,
+        repo: str | None = None,
+        issue: int | None = None,
+        before: int | None = None,
+        newest: int | None = None,
+    ) -> Iterator[Task]:
         """Tasks in id order, read from the database as the caller iterates. `before`: only
         ids below it; `newest`: only the newest that many of those (still in id order)."""
         sql, args = "SELECT * FROM tasks WHERE 1=1", []
@@ -606,35 +659,59 @@ class Store:
         # once the rows are all read: a write while the query is open would stop it
         self._set_aside_rows(conn, unreadable)
 
-    def list(self, state: State | str | None = None, *, repo: str | None = None,
-             issue: int | None = None) -> list[Task]:
+    def list(
+        self, state: State | str | None = None, *, repo: str | None = None, issue: int | None = None
+    ) -> list[Task]:
         return [*self.iter_tasks(state, repo=repo, issue=issue)]
 
     def existing(self, task_ids: Iterable[int]) -> set[int]:
         """Which of these task ids are in the table."""
         ids, found = [*task_ids], set()
         for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            found.update(row[0] for row in self._conn().execute(
-                f"SELECT id FROM tasks WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+            chunk = ids[start : start + 500]
+            found.update(
+                row[0]
+                for row in self._conn().execute(
+                    f"SELECT id FROM tasks WHERE id IN ({','.join('?' * len(chunk))})", chunk
+                )
+            )
         return found
 
     def events(self, task_id: int) -> list[dict[str, Any]]:
         rows = self._conn().execute(
             "SELECT at, from_state, to_state, event, detail FROM task_events "
-            "WHERE task_id = ? ORDER BY id", (task_id,))
+            "WHERE task_id = ? ORDER BY id",
+            (task_id,),
+        )
         return [dict(r) for r in rows]
 
-    def transition(self, task_id: int, from_state: State | str, to_state: State | str, *,
-                   event: str, detail: str | None = None, **changes: Any) -> bool:
+    def transition(
+        self,
+        task_id: int,
+        from_state: State | str,
+        to_state: State | str,
+        *,
+        event: str,
+        detail: str | None = None,
+        **changes: Any,
+    ) -> bool:
         """The only writer of `state`: compare-and-set. False if the task was not in from_state."""
         with self.tx() as c:
-            return self._transition(c, task_id, from_state, to_state, event=event,
-                                    detail=detail, **changes)
+            return self._transition(
+                c, task_id, from_state, to_state, event=event, detail=detail, **changes
+            )
 
-    def _transition(self, c: sqlite3.Connection, task_id: int, from_state: State | str,
-                    to_state: State | str, *, event: str, detail: str | None = None,
-                    **changes: Any) -> bool:
+    def _transition(
+        self,
+        c: sqlite3.Connection,
+        task_id: int,
+        from_state: State | str,
+        to_state: State | str,
+        *,
+        event: str,
+        detail: str | None = None,
+        **changes: Any,
+    ) -> bool:
         """The compare-and-set of `transition()`, inside the caller's write transaction."""
         check_transition(from_state, to_state)
         bad = set(changes) - _UPDATABLE
@@ -649,15 +726,25 @@ class Store:
         for key, value in changes.items():
             sets.append(f"{key} = ?")
             args.append(_encode(key, value))
-        cur = c.execute(f"UPDATE tasks SET {', '.join(sets)} WHERE id = ? AND state = ?",
-                        (*args, task_id, from_state.value))
+        cur = c.execute(
+            f"UPDATE tasks SET {', '.join(sets)} WHERE id = ? AND state = ?",
+            (*args, task_id, from_state.value),
+        )
         if cur.rowcount != 1:
             return False
         self._event(c, task_id, event, from_state.value, to_state.value, detail)
         return True
 
-    def reject(self, task: Task, reason: str, *, reply_limit: int, reply_window: float,
-               event: str = "rejected", outcome: Outcome | None = None) -> bool:
+    def reject(
+        self,
+        task: Task,
+        reason: str,
+        *,
+        reply_limit: int,
+        reply_window: float,
+        event: str = "rejected",
+        outcome: Outcome | None = None,
+    ) -> bool:
         """Refuse a pending task, with the reason its tracking comment gives. False if it
         was no longer pending.
 
@@ -668,17 +755,26 @@ class Store:
         and an event says why. This is where that is decided, once; the comment pass
         just finds nothing to write."""
         with self.tx() as c:
-            if not self._transition(c, task.id, State.PENDING, State.REJECTED, event=event,
-                                    detail=reason, authorized=False, error=reason,
-                                    outcome=outcome):
+            if not self._transition(
+                c,
+                task.id,
+                State.PENDING,
+                State.REJECTED,
+                event=event,
+                detail=reason,
+                authorized=False,
+                error=reason,
+                outcome=outcome,
+            ):
                 return False
             who = task.requested_by
             if self.recent_replies(c, task.repo, task.issue, who, reply_window) < reply_limit:
                 self.note_reply(c, task.repo, task.issue, who, reply_window)
             else:
                 c.execute("UPDATE tasks SET comment_version = version WHERE id = ?", (task.id,))
-                self._event(c, task.id, "not answered", None, None,
-                            f"reply limit reached for {who}")
+                self._event(
+                    c, task.id, "not answered", None, None, f"reply limit reached for {who}"
+                )
             return True
 
     def update(self, task_id: int, *, bump: bool = True, **changes: Any) -> None:
@@ -691,8 +787,9 @@ class Store:
         with self.tx() as c:
             self._set_fields(c, task_id, changes, bump=bump)
 
-    def _set_fields(self, c: sqlite3.Connection, task_id: int, changes: dict[str, Any], *,
-                    bump: bool = True) -> None:
+    def _set_fields(
+        self, c: sqlite3.Connection, task_id: int, changes: dict[str, Any], *, bump: bool = True
+    ) -> None:
         sets = [f"{k} = ?" for k in changes] + ["updated_at = ?"]
         if bump:
             sets.append("version = version + 1")
@@ -713,18 +810,24 @@ class Store:
         with self.tx() as c:
             self._event(c, task_id, event, None, None, detail)
 
-    def active_task(self, c: sqlite3.Connection | None, repo: str, issue: int,
-                    kind: Kind | None = None) -> Task | None:
+    def active_task(
+        self, c: sqlite3.Connection | None, repo: str, issue: int, kind: Kind | None = None
+    ) -> Task | None:
         conn = c or self._conn()
-        sql = ("SELECT * FROM tasks WHERE repo = ? AND issue = ? AND state IN ('pending', 'running')")
+        sql = "SELECT * FROM tasks WHERE repo = ? AND issue = ? AND state IN ('pending', 'running')"
         args: list[Any] = [repo, issue]
         if kind is not None:
             sql += " AND kind = ?"
             args.append(kind.value)
         return self._one(conn, sql + " ORDER BY id LIMIT 1", args)
 
-    def latest_task(self, repo: str, issue: int, c: sqlite3.Connection | None = None,
-                    states: Sequence[State] | None = None) -> Task | None:
+    def latest_task(
+        self,
+        repo: str,
+        issue: int,
+        c: sqlite3.Connection | None = None,
+        states: Sequence[State] | None = None,
+    ) -> Task | None:
         conn = c or self._conn()
         sql, args = "SELECT * FROM tasks WHERE repo = ? AND issue = ?", [repo, issue]
         if states:
@@ -734,8 +837,11 @@ class Store:
 
     def count(self, state: State) -> int:
         """Tasks in that state (read from the index by state: as many steps as there are)."""
-        return self._conn().execute("SELECT COUNT(*) FROM tasks WHERE state = ?",
-                                    (State(state).value,)).fetchone()[0]
+        return (
+            self._conn()
+            .execute("SELECT COUNT(*) FROM tasks WHERE state = ?", (State(state).value,))
+            .fetchone()[0]
+        )
 
     def claim(self, limit: int, worker_id: str, *, max_claims: int | None = None) -> list[Task]:
         """Lease up to (limit - running) ready tasks, first in first out, one per issue.
@@ -747,10 +853,16 @@ class Store:
         # A read first: with nothing ready, or every slot taken (as while a backlog waits
         # for long-running agents, tick after tick), there is no write transaction at all.
         # The count inside the transaction below is the one that decides.
-        running, ready = self._conn().execute(
-            "SELECT (SELECT COUNT(*) FROM tasks WHERE state = 'running'), "
-            "EXISTS (SELECT 1 FROM tasks WHERE state = 'pending' AND authorized = 1 "
-            "AND not_before <= ?)", (now,)).fetchone()
+        running, ready = (
+            self._conn()
+            .execute(
+                "SELECT (SELECT COUNT(*) FROM tasks WHERE state = 'running'), "
+                "EXISTS (SELECT 1 FROM tasks WHERE state = 'pending' AND authorized = 1 "
+                "AND not_before <= ?)",
+                (now,),
+            )
+            .fetchone()
+        )
         if not ready or running >= limit:
             return []
         with self.tx() as c:
@@ -769,30 +881,41 @@ class Store:
                   AND NOT EXISTS (SELECT 1 FROM tasks AS e WHERE e.repo = t.repo
                                   AND e.issue = t.issue AND e.state = 'pending' AND e.id < t.id)
                 ORDER BY t.id LIMIT ?
-                """, (now, free)).fetchall()
+                """,
+                (now, free),
+            ).fetchall()
             claimed = []
             for row in rows:
                 cur = c.execute(
                     "UPDATE tasks SET state = 'running', attempts = attempts + 1, worker_id = ?, "
                     "started_at = ?, updated_at = ?, version = version + 1, pid = NULL, "
                     "pid_start = NULL, error = NULL WHERE id = ? AND state = 'pending'",
-                    (worker_id, now, now, row["id"]))
+                    (worker_id, now, now, row["id"]),
+                )
                 if cur.rowcount == 1:
                     self._event(c, row["id"], "claimed", "pending", "running", worker_id)
                     claimed.append(row["id"])
-            result = self._tasks(c, [c.execute("SELECT * FROM tasks WHERE id = ?",
-                                               (i,)).fetchone() for i in claimed])
+            result = self._tasks(
+                c, [c.execute("SELECT * FROM tasks WHERE id = ?", (i,)).fetchone() for i in claimed]
+            )
         return result
 
     def unauthorized_pending(self, limit: int = 50) -> list[Task]:
         conn = self._conn()
-        return self._tasks(conn, conn.execute(
-            "SELECT * FROM tasks WHERE state = 'pending' AND authorized IS NULL ORDER BY id LIMIT ?",
-            (limit,)).fetchall())
+        return self._tasks(
+            conn,
+            conn.execute(
+                "SELECT * FROM tasks WHERE state = 'pending' AND authorized IS NULL ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall(),
+        )
 
     def cancel_requested(self, task_id: int) -> str | None:
-        row = self._conn().execute(
-            "SELECT cancel_requested_by FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT cancel_requested_by FROM tasks WHERE id = ?", (task_id,))
+            .fetchone()
+        )
         return row[0] if row else None
 
     def request_cancel(self, task_id: int, by: str) -> str:
@@ -801,9 +924,15 @@ class Store:
         for _ in range(5):
             task = self.require(task_id)
             if task.state is State.PENDING:
-                if self.transition(task_id, State.PENDING, State.CANCELLED, event="cancelled",
-                                   detail=by, cancel_requested_by=by,
-                                   outcome=Outcome.CANCELLED):
+                if self.transition(
+                    task_id,
+                    State.PENDING,
+                    State.CANCELLED,
+                    event="cancelled",
+                    detail=by,
+                    cancel_requested_by=by,
+                    outcome=Outcome.CANCELLED,
+                ):
                     return "cancelled"
                 continue
             if task.state is State.RUNNING:
@@ -811,7 +940,8 @@ class Store:
                     cur = c.execute(
                         "UPDATE tasks SET cancel_requested_by = ?, updated_at = ?, "
                         "version = version + 1 WHERE id = ? AND state = 'running'",
-                        (by, self.clock(), task_id))
+                        (by, self.clock(), task_id),
+                    )
                     if cur.rowcount == 1:
                         self._event(c, task_id, "stop requested", None, None, by)
                         return "stopping"
@@ -842,9 +972,19 @@ class Store:
             if active is not None:
                 return False, active
             done = self._transition(
-                c, task_id, task.state, State.PENDING, event="retry requested", detail=by,
-                attempts=0, not_before=0.0, outcome=None, error=None, cancel_requested_by=None,
-                finished_at=None)
+                c,
+                task_id,
+                task.state,
+                State.PENDING,
+                event="retry requested",
+                detail=by,
+                attempts=0,
+                not_before=0.0,
+                outcome=None,
+                error=None,
+                cancel_requested_by=None,
+                finished_at=None,
+            )
             return done, None
 
     def queue_position(self, task_id: int) -> int | None:
@@ -852,26 +992,42 @@ class Store:
         task = self.get(task_id)
         if task is None or task.state is not State.PENDING:
             return None
-        return self._conn().execute(
-            "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND id <= ? "
-            "AND (authorized IS NULL OR authorized = 1)", (task_id,)).fetchone()[0]
+        return (
+            self._conn()
+            .execute(
+                "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND id <= ? "
+                "AND (authorized IS NULL OR authorized = 1)",
+                (task_id,),
+            )
+            .fetchone()[0]
+        )
 
     def pending_positions(self, limit: int) -> list[tuple[Task, int]]:
         conn = self._conn()
-        tasks = self._tasks(conn, conn.execute(
-            "SELECT * FROM tasks WHERE state = 'pending' AND authorized = 1 ORDER BY id LIMIT ?",
-            (limit,)).fetchall())
+        tasks = self._tasks(
+            conn,
+            conn.execute(
+                "SELECT * FROM tasks WHERE state = 'pending' AND authorized = 1 ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall(),
+        )
         return [(task, i + 1) for i, task in enumerate(tasks)]
 
     def comment_out_of_date(self, limit: int) -> list[Task]:
         """Tasks whose tracking comment has not caught up with their last change."""
         conn = self._conn()
-        return self._tasks(conn, conn.execute(
-            "SELECT * FROM tasks WHERE comment_version < version AND authorized IS NOT NULL "
-            "ORDER BY (state = 'pending'), id LIMIT ?", (limit,)).fetchall())
+        return self._tasks(
+            conn,
+            conn.execute(
+                "SELECT * FROM tasks WHERE comment_version < version AND authorized IS NOT NULL "
+                "ORDER BY (state = 'pending'), id LIMIT ?",
+                (limit,),
+            ).fetchall(),
+        )
 
-    def comment_synced(self, task_id: int, version: int, body: str,
-                       comment_id: int | None = None) -> None:
+    def comment_synced(
+        self, task_id: int, version: int, body: str, comment_id: int | None = None
+    ) -> None:
         self.comment_synced_many([(task_id, version, body, comment_id)])
 
     def comment_synced_many(self, records: Sequence[CommentRecord]) -> None:
@@ -883,18 +1039,26 @@ class Store:
             c.executemany(
                 "UPDATE tasks SET comment_id = COALESCE(?, comment_id), "
                 "comment_version = MAX(comment_version, ?), comment_body = ? WHERE id = ?",
-                [(comment_id, version, body, task_id)
-                 for task_id, version, body, comment_id in records])
+                [
+                    (comment_id, version, body, task_id)
+                    for task_id, version, body, comment_id in records
+                ],
+            )
 
     def comment_attempt(self, task_id: int) -> None:
         """Note that a tracking comment is about to be created (see Publisher.sync_task)."""
         with self.tx() as c:
-            c.execute("UPDATE tasks SET comment_body = COALESCE(comment_body, '') WHERE id = ?",
-                      (task_id,))
+            c.execute(
+                "UPDATE tasks SET comment_body = COALESCE(comment_body, '') WHERE id = ?",
+                (task_id,),
+            )
 
     def comment_state(self, task_id: int) -> tuple[int, str | None]:
-        row = self._conn().execute("SELECT version, comment_body FROM tasks WHERE id = ?",
-                                   (task_id,)).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT version, comment_body FROM tasks WHERE id = ?", (task_id,))
+            .fetchone()
+        )
         return (row[0], row[1]) if row else (0, None)
 
     def stats(self) -> Stats:
@@ -904,15 +1068,26 @@ class Store:
         by_state = {s.value: 0 for s in State}
         for row in conn.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state"):
             by_state[row[0]] = row[1]
-        by_outcome = {row[0]: row[1] for row in conn.execute(
-            "SELECT outcome, COUNT(*) FROM tasks WHERE outcome IS NOT NULL GROUP BY outcome")}
+        by_outcome = {
+            row[0]: row[1]
+            for row in conn.execute(
+                "SELECT outcome, COUNT(*) FROM tasks WHERE outcome IS NOT NULL GROUP BY outcome"
+            )
+        }
         now = self.clock()
-        ready = conn.execute("SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND "
-                             "not_before <= ?", (now,)).fetchone()[0]
-        oldest = conn.execute("SELECT MIN(created_at) FROM tasks WHERE state = 'pending'"
-                              ).fetchone()[0]
-        return Stats(by_state, by_outcome, by_state["running"], ready,
-                     None if oldest is None else max(0.0, now - oldest))
+        ready = conn.execute(
+            "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND not_before <= ?", (now,)
+        ).fetchone()[0]
+        oldest = conn.execute(
+            "SELECT MIN(created_at) FROM tasks WHERE state = 'pending'"
+        ).fetchone()[0]
+        return Stats(
+            by_state,
+            by_outcome,
+            by_state["running"],
+            ready,
+            None if oldest is None else max(0.0, now - oldest),
+        )
 
     def clear(self, older_than_days: float) -> int:
         """Delete finished tasks older than that; active tasks are never deleted.
@@ -922,20 +1097,22 @@ class Store:
         receiver's deliveries wait for the write lock at most one batch, and the work
         grows with what is deleted, not with what is kept."""
         if not math.isfinite(older_than_days) or older_than_days < 0:
-            raise ValueError(f"older_than_days must be a finite number >= 0, "
-                             f"got {older_than_days}")
+            raise ValueError(f"older_than_days must be a finite number >= 0, got {older_than_days}")
         cutoff = self.clock() - older_than_days * 86400.0
         tasks = 0
-        for table, old in (("tasks", f"{_TERMINAL} AND COALESCE(finished_at, updated_at) < ?"),
-                           ("deliveries", "received_at < ?"),
-                           ("outbox", "done_at IS NOT NULL AND done_at < ?"),
-                           ("replies", "at < ?")):
+        for table, old in (
+            ("tasks", f"{_TERMINAL} AND COALESCE(finished_at, updated_at) < ?"),
+            ("deliveries", "received_at < ?"),
+            ("outbox", "done_at IS NOT NULL AND done_at < ?"),
+            ("replies", "at < ?"),
+        ):
             while True:
                 with self.tx() as c:
                     count = c.execute(
                         f"DELETE FROM {table} WHERE rowid IN "
                         f"(SELECT rowid FROM {table} WHERE {old} LIMIT ?)",
-                        (cutoff, CLEAR_BATCH)).rowcount
+                        (cutoff, CLEAR_BATCH),
+                    ).rowcount
                 if table == "tasks":
                     tasks += count
                 if count < CLEAR_BATCH:
@@ -944,18 +1121,23 @@ class Store:
 
     # ------------------------------------------------------------------ issues
 
-    def issue_row(self, repo: str, number: int,
-                  c: sqlite3.Connection | None = None) -> dict[str, Any] | None:
-        row = (c or self._conn()).execute(
-            "SELECT * FROM issues WHERE repo = ? AND number = ?", (repo, number)).fetchone()
+    def issue_row(
+        self, repo: str, number: int, c: sqlite3.Connection | None = None
+    ) -> dict[str, Any] | None:
+        row = (
+            (c or self._conn())
+            .execute("SELECT * FROM issues WHERE repo = ? AND number = ?", (repo, number))
+            .fetchone()
+        )
         if row is None:
             return None
         data = dict(row)
         data["labels"] = None if data["labels"] is None else json.loads(data["labels"])
         return data
 
-    def set_issue(self, repo: str, number: int, c: sqlite3.Connection | None = None,
-                  **values: Any) -> None:
+    def set_issue(
+        self, repo: str, number: int, c: sqlite3.Connection | None = None, **values: Any
+    ) -> None:
         allowed = {"labels", "pr_number", "branch", "session_id", "agent"}
         if set(values) - allowed:
             raise ValueError(f"unknown issue fields {sorted(set(values) - allowed)}")
@@ -963,12 +1145,16 @@ class Store:
             values["labels"] = json.dumps(sorted(values["labels"]))
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT OR IGNORE INTO issues (repo, number, updated_at) VALUES (?, ?, ?)",
-                         (repo, number, self.clock()))
+            conn.execute(
+                "INSERT OR IGNORE INTO issues (repo, number, updated_at) VALUES (?, ?, ?)",
+                (repo, number, self.clock()),
+            )
             if values:
                 sets = ", ".join(f"{k} = ?" for k in values)
-                conn.execute(f"UPDATE issues SET {sets}, updated_at = ? WHERE repo = ? AND number = ?",
-                             (*values.values(), self.clock(), repo, number))
+                conn.execute(
+                    f"UPDATE issues SET {sets}, updated_at = ? WHERE repo = ? AND number = ?",
+                    (*values.values(), self.clock(), repo, number),
+                )
 
         if c is not None:
             write(c)
@@ -976,19 +1162,26 @@ class Store:
             with self.tx() as conn:
                 write(conn)
 
-    def issue_for_pr(self, repo: str, pr_number: int,
-                     c: sqlite3.Connection | None = None) -> int | None:
-        row = (c or self._conn()).execute(
-            "SELECT number FROM issues WHERE repo = ? AND pr_number = ?",
-            (repo, pr_number)).fetchone()
+    def issue_for_pr(
+        self, repo: str, pr_number: int, c: sqlite3.Connection | None = None
+    ) -> int | None:
+        row = (
+            (c or self._conn())
+            .execute(
+                "SELECT number FROM issues WHERE repo = ? AND pr_number = ?", (repo, pr_number)
+            )
+            .fetchone()
+        )
         return row[0] if row else None
 
     # ------------------------------------------------------------------ deliveries
 
     def seen_delivery(self, c: sqlite3.Connection, delivery_id: str, event: str) -> bool:
         """Record a delivery id; True if it was already recorded."""
-        cur = c.execute("INSERT OR IGNORE INTO deliveries (id, event, received_at) VALUES (?, ?, ?)",
-                        (delivery_id, event, self.clock()))
+        cur = c.execute(
+            "INSERT OR IGNORE INTO deliveries (id, event, received_at) VALUES (?, ?, ?)",
+            (delivery_id, event, self.clock()),
+        )
         return cur.rowcount == 0
 
     def delivery_result(self, c: sqlite3.Connection, delivery_id: str, result: str) -> None:
@@ -996,24 +1189,59 @@ class Store:
 
     # ------------------------------------------------------------------ outbox
 
-    def add_outbox(self, c: sqlite3.Connection, *, repo: str, issue: int, kind: str,
-                   body: str = "", target: int | None = None, requested_by: str | None = None,
-                   permission_hint: str | None = None, needs_permission: bool = False,
-                   quiet: bool = False) -> int:
+    def add_outbox(
+        self,
+        c: sqlite3.Connection,
+        *,
+        repo: str,
+        issue: int,
+        kind: str,
+        body: str = "",
+        target: int | None = None,
+        requested_by: str | None = None,
+        permission_hint: str | None = None,
+        needs_permission: bool = False,
+        quiet: bool = False,
+    ) -> int:
         cur = c.execute(
             "INSERT INTO outbox (repo, issue, kind, target, body, requested_by, permission_hint, "
             "needs_permission, quiet, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (repo, issue, kind, target, body, requested_by, permission_hint,
-             int(needs_permission), int(quiet), self.clock()))
+            (
+                repo,
+                issue,
+                kind,
+                target,
+                body,
+                requested_by,
+                permission_hint,
+                int(needs_permission),
+                int(quiet),
+                self.clock(),
+            ),
+        )
         return int(cur.lastrowid)
 
     def outbox_due(self, limit: int) -> list[OutboxItem]:
         rows = self._conn().execute(
             "SELECT * FROM outbox WHERE done_at IS NULL AND not_before <= ? ORDER BY id LIMIT ?",
-            (self.clock(), limit))
-        return [OutboxItem(r["id"], r["repo"], r["issue"], r["kind"], r["target"], r["body"],
-                           r["requested_by"], r["permission_hint"], bool(r["needs_permission"]),
-                           r["attempts"], bool(r["quiet"])) for r in rows]
+            (self.clock(), limit),
+        )
+        return [
+            OutboxItem(
+                r["id"],
+                r["repo"],
+                r["issue"],
+                r["kind"],
+                r["target"],
+                r["body"],
+                r["requested_by"],
+                r["permission_hint"],
+                bool(r["needs_permission"]),
+                r["attempts"],
+                bool(r["quiet"]),
+            )
+            for r in rows
+        ]
 
     def outbox_done(self, item_id: int, error: str | None = None) -> None:
         self.outbox_done_many([(item_id, error)])
@@ -1024,40 +1252,53 @@ class Store:
             return
         now = self.clock()
         with self.tx() as c:
-            c.executemany("UPDATE outbox SET done_at = ?, error = ? WHERE id = ?",
-                          [(now, error, item_id) for item_id, error in items])
+            c.executemany(
+                "UPDATE outbox SET done_at = ?, error = ? WHERE id = ?",
+                [(now, error, item_id) for item_id, error in items],
+            )
 
     def outbox_retry(self, item_id: int, delay: float, error: str) -> None:
         with self.tx() as c:
-            c.execute("UPDATE outbox SET attempts = attempts + 1, not_before = ?, error = ? "
-                      "WHERE id = ?", (self.clock() + delay, error, item_id))
+            c.execute(
+                "UPDATE outbox SET attempts = attempts + 1, not_before = ?, error = ? WHERE id = ?",
+                (self.clock() + delay, error, item_id),
+            )
 
     # ------------------------------------------------------------------ replies
 
-    def recent_replies(self, c: sqlite3.Connection, repo: str, issue: int, login: str,
-                       seconds: float) -> int:
+    def recent_replies(
+        self, c: sqlite3.Connection, repo: str, issue: int, login: str, seconds: float
+    ) -> int:
         """Replies to `login` on issue (or pull request) `issue` in the last `seconds`."""
         return c.execute(
-            "SELECT COUNT(*) FROM replies WHERE repo = ? AND issue = ? AND login = ? "
-            "AND at > ?", (repo, issue, login, self.clock() - seconds)).fetchone()[0]
+            "SELECT COUNT(*) FROM replies WHERE repo = ? AND issue = ? AND login = ? AND at > ?",
+            (repo, issue, login, self.clock() - seconds),
+        ).fetchone()[0]
 
-    def note_reply(self, c: sqlite3.Connection, repo: str, issue: int, login: str,
-                   seconds: float) -> None:
+    def note_reply(
+        self, c: sqlite3.Connection, repo: str, issue: int, login: str, seconds: float
+    ) -> None:
         """Count a reply to `login` on `issue`, forgetting theirs older than `seconds`."""
         now = self.clock()
-        c.execute("DELETE FROM replies WHERE repo = ? AND issue = ? AND login = ? AND at <= ?",
-                  (repo, issue, login, now - seconds))
-        c.execute("INSERT INTO replies (repo, issue, login, at) VALUES (?, ?, ?, ?)",
-                  (repo, issue, login, now))
+        c.execute(
+            "DELETE FROM replies WHERE repo = ? AND issue = ? AND login = ? AND at <= ?",
+            (repo, issue, login, now - seconds),
+        )
+        c.execute(
+            "INSERT INTO replies (repo, issue, login, at) VALUES (?, ?, ?, ?)",
+            (repo, issue, login, now),
+        )
 
     # ------------------------------------------------------------------ workers
 
     def register_worker(self, worker_id: str, pid: int, pid_start: str | None) -> None:
         now = self.clock()
         with self.tx() as c:
-            c.execute("INSERT OR REPLACE INTO workers (id, host, pid, pid_start, started_at, "
-                      "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?)",
-                      (worker_id, socket.gethostname(), pid, pid_start, now, now))
+            c.execute(
+                "INSERT OR REPLACE INTO workers (id, host, pid, pid_start, started_at, "
+                "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (worker_id, socket.gethostname(), pid, pid_start, now, now),
+            )
 
     def heartbeat(self, worker_id: str, report: str | None = None) -> None:
         """Say the worker lives; with `report`, also what it says about its ticks (read by
@@ -1065,8 +1306,10 @@ class Store:
         with self.tx() as c:
             c.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (self.clock(), worker_id))
             if report is not None:
-                c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                          (_REPORT_KEY + worker_id, report))
+                c.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (_REPORT_KEY + worker_id, report),
+                )
 
     def unregister_worker(self, worker_id: str) -> None:
         """Forget a worker, and free the leases it held: a process found dead (kill -9)
@@ -1083,10 +1326,16 @@ class Store:
     def worker_report(self, host: str, pid: int) -> tuple[float, str | None] | None:
         """(heartbeat time, tick report) of the worker running as `pid` on `host`, or None
         if it has not registered."""
-        row = self._conn().execute(
-            "SELECT w.heartbeat_at, m.value FROM workers AS w LEFT JOIN meta AS m "
-            "ON m.key = ? || w.id WHERE w.host = ? AND w.pid = ? "
-            "ORDER BY w.started_at DESC LIMIT 1", (_REPORT_KEY, host, pid)).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                "SELECT w.heartbeat_at, m.value FROM workers AS w LEFT JOIN meta AS m "
+                "ON m.key = ? || w.id WHERE w.host = ? AND w.pid = ? "
+                "ORDER BY w.started_at DESC LIMIT 1",
+                (_REPORT_KEY, host, pid),
+            )
+            .fetchone()
+        )
         return (row[0], row[1]) if row else None
 
     def running_tasks(self) -> list[Task]:
@@ -1102,12 +1351,15 @@ class Store:
         """Hold `name` for `ttl` seconds unless another owner holds it; renewing is allowed."""
         now = self.clock()
         with self.tx() as c:
-            row = c.execute("SELECT owner, expires_at FROM leases WHERE name = ?",
-                            (name,)).fetchone()
+            row = c.execute(
+                "SELECT owner, expires_at FROM leases WHERE name = ?", (name,)
+            ).fetchone()
             if row is not None and row["owner"] != owner and row["expires_at"] > now:
                 return False
-            c.execute("INSERT OR REPLACE INTO leases (name, owner, expires_at) VALUES (?, ?, ?)",
-                      (name, owner, now + ttl))
+            c.execute(
+                "INSERT OR REPLACE INTO leases (name, owner, expires_at) VALUES (?, ?, ?)",
+                (name, owner, now + ttl),
+            )
             return True
 
     def release_leases(self, owner: str) -> None:
@@ -1125,13 +1377,24 @@ class Store:
             c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
 
-def open_store(path: Path | str, clock: Callable[[], float] = time.time, *,
-               checkpoint_pages: int = 0) -> Store:
+def open_store(
+    path: Path | str, clock: Callable[[], float] = time.time, *, checkpoint_pages: int = 0
+) -> Store:
     store = Store(path, clock=clock, checkpoint_pages=checkpoint_pages)
     store.migrate()
     return store
 
 
-__all__ = ["Store", "open_store", "StoreError", "SchemaTooNew", "UnreadableRow",
-           "InvalidTransition", "Stats",
-           "OutboxItem", "ACTIVE_STATES", "MIGRATIONS", "SCHEMA_VERSION"]
+__all__ = [
+    "Store",
+    "open_store",
+    "StoreError",
+    "SchemaTooNew",
+    "UnreadableRow",
+    "InvalidTransition",
+    "Stats",
+    "OutboxItem",
+    "ACTIVE_STATES",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+]

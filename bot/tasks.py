@@ -93,8 +93,9 @@ def doubling(first: float, failures: int, most: float) -> float:
     return min(most, first * 2.0 ** min(max(failures, 1) - 1, 64))
 
 
-def decide(outcome: Outcome | str, attempts: int, max_attempts: int,
-           backoff: Sequence[float]) -> Decision:
+def decide(
+    outcome: Outcome | str, attempts: int, max_attempts: int, backoff: Sequence[float]
+) -> Decision:
     """The one retry policy. `attempts` counts the attempt that just ended."""
     outcome = Outcome(outcome)
     if outcome in (Outcome.SUCCEEDED, Outcome.NO_CHANGES):

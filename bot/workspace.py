@@ -101,7 +101,12 @@ def run_command(
     pipes open after the timeout. It stays in the caller's session, where its inherited
     niceness counts (bot.priority)."""
     with subprocess.Popen(
-        list(args), cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+        list(args),
+        cwd=cwd,
+        env=env,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
         process_group=0,
     ) as proc:
         try:
@@ -109,7 +114,9 @@ def run_command(
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             out, err = proc.communicate()
-            raise subprocess.TimeoutExpired(proc.args, timeout or 0.0, output=out, stderr=err) from None
+            raise subprocess.TimeoutExpired(
+                proc.args, timeout or 0.0, output=out, stderr=err
+            ) from None
         except BaseException:
             _kill_group(proc)
             proc.wait()
@@ -167,8 +174,12 @@ class Workspace:
         with self._repo_lock(owner, name):
             mirror = self._ensure_mirror(owner, name, url, repo)
             head_symref = self._remote_head(mirror, url)
-            self._git(["fetch", "--prune", "--no-tags", "--quiet", REMOTE, FETCH_REFSPEC],
-                      git_dir=mirror, step="fetch", network=url)
+            self._git(
+                ["fetch", "--prune", "--no-tags", "--quiet", REMOTE, FETCH_REFSPEC],
+                git_dir=mirror,
+                step="fetch",
+                network=url,
+            )
             log.info("mirror fetched repo=%s issue=%s", repo, issue)
             default = self._default_branch(mirror, head_symref)
             default_ref = f"refs/remotes/{REMOTE}/{default}"
@@ -184,16 +195,21 @@ class Workspace:
             else:
                 self._create_worktree(mirror, wt, branch, default_ref, repo, issue)
 
-            base = self._git(["merge-base", "HEAD", default_ref], cwd=wt, step="merge-base",
-                             ok=(0, 1))
+            base = self._git(
+                ["merge-base", "HEAD", default_ref], cwd=wt, step="merge-base", ok=(0, 1)
+            )
             base_sha = base.stdout.decode().strip()
             if base.returncode != 0 or not base_sha:
-                raise GitError(f"git merge-base failed: {branch} shares no history with {default}",
-                               step="merge-base", returncode=base.returncode)
+                raise GitError(
+                    f"git merge-base failed: {branch} shares no history with {default}",
+                    step="merge-base",
+                    returncode=base.returncode,
+                )
             with contextlib.suppress(OSError):
                 os.utime(wt)
-        return Prepared(path=wt, branch=branch, base_branch=default, base_sha=base_sha,
-                        reused=reused)
+        return Prepared(
+            path=wt, branch=branch, base_branch=default, base_sha=base_sha, reused=reused
+        )
 
     def commit_all(self, path: Path, message: str) -> bool:
         """Stage everything (respecting .gitignore) and commit as the configured author.
@@ -205,8 +221,11 @@ class Workspace:
         staged = self._git(["diff", "--cached", "--quiet"], cwd=wt, step="diff", ok=(0, 1))
         if staged.returncode == 0:
             return False
-        self._git(["commit", "--quiet", "--no-verify", "--no-gpg-sign", "-m", message],
-                  cwd=wt, step="commit")
+        self._git(
+            ["commit", "--quiet", "--no-verify", "--no-gpg-sign", "-m", message],
+            cwd=wt,
+            step="commit",
+        )
         log.info("commit created worktree=%s", _rel_label(wt, self._worktrees_dir))
         return True
 
@@ -215,21 +234,28 @@ class Workspace:
         path = prepared_or_path.path if isinstance(prepared_or_path, Prepared) else prepared_or_path
         wt = self._checked_worktree(Path(path))
         _check_sha(base_sha)
-        out = self._git(["diff", "--name-only", "--no-renames", "-z", base_sha, "HEAD", "--"],
-                        cwd=wt, step="diff").stdout
+        out = self._git(
+            ["diff", "--name-only", "--no-renames", "-z", base_sha, "HEAD", "--"],
+            cwd=wt,
+            step="diff",
+        ).stdout
         return sorted({os.fsdecode(p) for p in out.split(b"\0") if p})
 
     def head(self, path: Path) -> str:
         """The commit the worktree's HEAD points at."""
         wt = self._checked_worktree(Path(path))
-        return self._git(["rev-parse", "--verify", "HEAD^{commit}"], cwd=wt,
-                         step="rev-parse").stdout.decode().strip()
+        return (
+            self._git(["rev-parse", "--verify", "HEAD^{commit}"], cwd=wt, step="rev-parse")
+            .stdout.decode()
+            .strip()
+        )
 
     def has_new_commits(self, path: Path, base_sha: str) -> bool:
         wt = self._checked_worktree(path)
         _check_sha(base_sha)
-        out = self._git(["rev-list", "--count", f"{base_sha}..HEAD", "--"], cwd=wt,
-                        step="rev-list").stdout
+        out = self._git(
+            ["rev-list", "--count", f"{base_sha}..HEAD", "--"], cwd=wt, step="rev-list"
+        ).stdout
         return int(out.decode().strip() or "0") > 0
 
     def contains(self, path: Path, sha: str) -> bool:
@@ -247,13 +273,25 @@ class Workspace:
         url = self._checked_remote_url(f"{owner}/{name}")
         tracking = f"refs/remotes/{REMOTE}/{branch}"
         with self._repo_lock(owner, name):
-            head = self._git(["rev-parse", "--verify", "HEAD^{commit}"], cwd=wt,
-                             step="rev-parse").stdout.decode().strip()
+            head = (
+                self._git(["rev-parse", "--verify", "HEAD^{commit}"], cwd=wt, step="rev-parse")
+                .stdout.decode()
+                .strip()
+            )
             lease = self._ref_sha(tracking, cwd=wt) or ""
-            self._git(["push", "--quiet", "--no-verify",
-                       f"--force-with-lease=refs/heads/{branch}:{lease}",
-                       REMOTE, f"{head}:refs/heads/{branch}"],
-                      cwd=wt, step="push", network=url)
+            self._git(
+                [
+                    "push",
+                    "--quiet",
+                    "--no-verify",
+                    f"--force-with-lease=refs/heads/{branch}:{lease}",
+                    REMOTE,
+                    f"{head}:refs/heads/{branch}",
+                ],
+                cwd=wt,
+                step="push",
+                network=url,
+            )
             self._git(["update-ref", tracking, head], cwd=wt, step="update-ref")
         log.info("branch pushed repo=%s/%s issue=%s branch=%s", owner, name, issue, branch)
         return head
@@ -264,8 +302,9 @@ class Workspace:
         _check_branch(branch)
         url = self._checked_remote_url(repo)
         ref = f"refs/heads/{branch}"
-        out = self._git(["ls-remote", url, ref], cwd=self._ensure_home(), step="ls-remote",
-                        network=url).stdout.decode()
+        out = self._git(
+            ["ls-remote", url, ref], cwd=self._ensure_home(), step="ls-remote", network=url
+        ).stdout.decode()
         for line in out.splitlines():
             sha, _, name = line.partition("\t")
             if name.strip() == ref:
@@ -293,8 +332,11 @@ class Workspace:
                 owner, name = owner_dir.name, name_dir.name
                 if not (_valid_name(owner) and _valid_name(name)):
                     continue
-                candidates = [wt for wt in _subdirs(name_dir)
-                              if wt.name.isdigit() and os.path.realpath(wt) not in kept]
+                candidates = [
+                    wt
+                    for wt in _subdirs(name_dir)
+                    if wt.name.isdigit() and os.path.realpath(wt) not in kept
+                ]
                 if not any(self._is_stale(wt, older_than_seconds) for wt in candidates):
                     continue
                 with self._repo_lock(owner, name):
@@ -303,7 +345,9 @@ class Workspace:
                         if self._is_stale(wt, older_than_seconds):
                             self._remove_worktree(owner, name, wt)
                             removed.append(wt)
-                            log.info("worktree cleaned up repo=%s/%s issue=%s", owner, name, wt.name)
+                            log.info(
+                                "worktree cleaned up repo=%s/%s issue=%s", owner, name, wt.name
+                            )
         return removed
 
     # ------------------------------------------------------------------ mirror and worktrees
@@ -317,8 +361,11 @@ class Workspace:
             tmp = mirror.with_name(f".{mirror.name}.tmp-{uuid.uuid4().hex}")
             tmp.parent.mkdir(parents=True, exist_ok=True)
             try:
-                self._git(["init", "--bare", "--quiet", "--template=", str(tmp)],
-                          cwd=tmp.parent, step="init mirror")
+                self._git(
+                    ["init", "--bare", "--quiet", "--template=", str(tmp)],
+                    cwd=tmp.parent,
+                    step="init mirror",
+                )
                 tmp.rename(mirror)  # its config is written below
             except BaseException:
                 _rmtree(tmp, missing_ok=True)
@@ -333,15 +380,23 @@ class Workspace:
     def _catch_up(self, wt: Path, remote_sha: str, repo: str, issue: int, branch: str) -> None:
         """Bring the worktree up to the branch on Gitea: a fast-forward, or a merge when it
         has commits of its own; a conflict is an error, with the worktree left as it was."""
-        merge = self._git(["merge", "--quiet", "--no-edit", remote_sha], cwd=wt, step="merge",
-                          ok=(0, 1, 128))
+        merge = self._git(
+            ["merge", "--quiet", "--no-edit", remote_sha], cwd=wt, step="merge", ok=(0, 1, 128)
+        )
         if merge.returncode != 0:
             self._git(["merge", "--abort"], cwd=wt, step="merge abort", ok=(0, 128))
-            raise GitError(f"the branch {branch} on Gitea has commits that conflict with this "
-                           "worktree's; merge them by hand, then ask again", step="merge",
-                           returncode=merge.returncode)
-        log.info("worktree caught up with the remote branch repo=%s issue=%s branch=%s",
-                 repo, issue, branch)
+            raise GitError(
+                f"the branch {branch} on Gitea has commits that conflict with this "
+                "worktree's; merge them by hand, then ask again",
+                step="merge",
+                returncode=merge.returncode,
+            )
+        log.info(
+            "worktree caught up with the remote branch repo=%s issue=%s branch=%s",
+            repo,
+            issue,
+            branch,
+        )
 
     @staticmethod
     def _reset_config(mirror: Path, url: str) -> None:
@@ -352,10 +407,12 @@ class Workspace:
         receivepack command that kugetsu's own git would run. Written whole before kugetsu
         uses the mirror (and atomically, since other worktrees read it meanwhile).
         """
-        text = ("# written by kugetsu; replaced before every use\n"
-                "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n"
-                f'[remote "{REMOTE}"]\n\turl = {_config_value(url)}\n'
-                f"\tfetch = {FETCH_REFSPEC}\n")
+        text = (
+            "# written by kugetsu; replaced before every use\n"
+            "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n"
+            f'[remote "{REMOTE}"]\n\turl = {_config_value(url)}\n'
+            f"\tfetch = {FETCH_REFSPEC}\n"
+        )
         path = mirror / "config"
         tmp = mirror / f".config.tmp-{uuid.uuid4().hex}"
         tmp.write_text(text)
@@ -365,19 +422,21 @@ class Workspace:
     def _write_excludes(mirror: Path) -> None:
         """Files agents leave behind that must never be committed; shared by all worktrees."""
         exclude = mirror / "info" / "exclude"
-        text = "# written by kugetsu: agent state that is not part of the change\n" + \
-            "".join(f"{pattern}\n" for pattern in AGENT_LITTER)
+        text = "# written by kugetsu: agent state that is not part of the change\n" + "".join(
+            f"{pattern}\n" for pattern in AGENT_LITTER
+        )
         if not exclude.exists() or exclude.read_text() != text:
             exclude.parent.mkdir(parents=True, exist_ok=True)
             exclude.write_text(text)
 
     def _remote_head(self, mirror: Path, url: str) -> str | None:
-        out = self._git(["ls-remote", "--symref", REMOTE, "HEAD"], git_dir=mirror,
-                        step="ls-remote", network=url).stdout.decode()
+        out = self._git(
+            ["ls-remote", "--symref", REMOTE, "HEAD"], git_dir=mirror, step="ls-remote", network=url
+        ).stdout.decode()
         for line in out.splitlines():
             target, _, name = line.partition("\t")
             if name.strip() == "HEAD" and target.startswith("ref: refs/heads/"):
-                return target[len("ref: refs/heads/"):].strip()
+                return target[len("ref: refs/heads/") :].strip()
         return None
 
     def _default_branch(self, mirror: Path, head_symref: str | None) -> str:
@@ -385,11 +444,13 @@ class Workspace:
         for candidate in candidates:
             if self._ref_sha(f"refs/remotes/{REMOTE}/{candidate}", git_dir=mirror):
                 return candidate
-        raise GitError("remote has no default branch (is the repository empty?)",
-                       step="default branch")
+        raise GitError(
+            "remote has no default branch (is the repository empty?)", step="default branch"
+        )
 
-    def _create_worktree(self, mirror: Path, wt: Path, branch: str, default_ref: str,
-                         repo: str, issue: int) -> None:
+    def _create_worktree(
+        self, mirror: Path, wt: Path, branch: str, default_ref: str, repo: str, issue: int
+    ) -> None:
         if wt.exists() or wt.is_symlink():
             log.warning("stale worktree directory replaced repo=%s issue=%s", repo, issue)
             _rmtree(wt)
@@ -399,10 +460,18 @@ class Workspace:
         from_remote = self._ref_sha(remote_ref, git_dir=mirror) is not None
         start = remote_ref if from_remote else default_ref
         wt.parent.mkdir(parents=True, exist_ok=True)
-        self._git(["worktree", "add", "--quiet", "--no-track", "-B", branch, str(wt), start],
-                  git_dir=mirror, step="worktree add")
-        log.info("worktree created repo=%s issue=%s branch=%s from_remote_branch=%s",
-                 repo, issue, branch, from_remote)
+        self._git(
+            ["worktree", "add", "--quiet", "--no-track", "-B", branch, str(wt), start],
+            git_dir=mirror,
+            step="worktree add",
+        )
+        log.info(
+            "worktree created repo=%s issue=%s branch=%s from_remote_branch=%s",
+            repo,
+            issue,
+            branch,
+            from_remote,
+        )
 
     def _is_worktree_of(self, wt: Path, mirror: Path, branch: str) -> bool:
         if wt.is_symlink() or not (wt / ".git").is_file():
@@ -411,19 +480,38 @@ class Workspace:
             info = self._worktree_info(wt)
         except GitError:
             return False
-        return (info.get("common") == os.path.realpath(mirror)
-                and info.get("toplevel") == os.path.realpath(wt)
-                and info.get("head") == f"refs/heads/{branch}")
+        return (
+            info.get("common") == os.path.realpath(mirror)
+            and info.get("toplevel") == os.path.realpath(wt)
+            and info.get("head") == f"refs/heads/{branch}"
+        )
 
     def _worktree_info(self, wt: Path) -> dict[str, str]:
-        out = self._git(["rev-parse", "--path-format=absolute", "--git-common-dir",
-                         "--show-toplevel", "--symbolic-full-name", "HEAD"],
-                        cwd=wt, step="inspect worktree").stdout.decode().splitlines()
+        out = (
+            self._git(
+                [
+                    "rev-parse",
+                    "--path-format=absolute",
+                    "--git-common-dir",
+                    "--show-toplevel",
+                    "--symbolic-full-name",
+                    "HEAD",
+                ],
+                cwd=wt,
+                step="inspect worktree",
+            )
+            .stdout.decode()
+            .splitlines()
+        )
         if len(out) < 3:
-            raise GitError("git inspect worktree failed: unexpected rev-parse output",
-                           step="inspect worktree")
-        return {"common": os.path.realpath(out[0]), "toplevel": os.path.realpath(out[1]),
-                "head": out[2].strip()}
+            raise GitError(
+                "git inspect worktree failed: unexpected rev-parse output", step="inspect worktree"
+            )
+        return {
+            "common": os.path.realpath(out[0]),
+            "toplevel": os.path.realpath(out[1]),
+            "head": out[2].strip(),
+        }
 
     def _checked_worktree(self, path: Path) -> Path:
         """The absolute worktree path, after checking that it is the root of a worktree of
@@ -437,21 +525,28 @@ class Workspace:
         if wt.is_symlink() or not (wt / ".git").is_file():
             raise GitError(f"not a kugetsu worktree: {wt}", step="inspect worktree")
         info = self._worktree_info(wt)
-        if (info["common"] != os.path.realpath(self._mirror_path(owner, name))
-                or info["toplevel"] != os.path.realpath(wt)):
-            raise GitError(f"not a worktree of the {owner}/{name} mirror: {wt}",
-                           step="inspect worktree")
+        if info["common"] != os.path.realpath(self._mirror_path(owner, name)) or info[
+            "toplevel"
+        ] != os.path.realpath(wt):
+            raise GitError(
+                f"not a worktree of the {owner}/{name} mirror: {wt}", step="inspect worktree"
+            )
         return wt
 
     def _locate(self, wt: Path) -> tuple[str, str, str]:
         try:
             rel = Path(os.path.realpath(wt)).relative_to(os.path.realpath(self._worktrees_dir))
         except ValueError:
-            raise GitError(f"not under the worktrees directory: {wt}",
-                           step="inspect worktree") from None
+            raise GitError(
+                f"not under the worktrees directory: {wt}", step="inspect worktree"
+            ) from None
         parts = rel.parts
-        if (len(parts) != 3 or not _valid_name(parts[0]) or not _valid_name(parts[1])
-                or not parts[2].isdigit()):
+        if (
+            len(parts) != 3
+            or not _valid_name(parts[0])
+            or not _valid_name(parts[1])
+            or not parts[2].isdigit()
+        ):
             raise GitError(f"not a kugetsu worktree path: {wt}", step="inspect worktree")
         return parts[0], parts[1], parts[2]
 
@@ -469,16 +564,27 @@ class Workspace:
 
     # ------------------------------------------------------------------ git plumbing
 
-    def _ref_sha(self, ref: str, *, git_dir: Path | None = None, cwd: Path | None = None) -> str | None:
-        cp = self._git(["rev-parse", "--quiet", "--verify", f"{ref}^{{commit}}"], git_dir=git_dir,
-                       cwd=cwd, step="rev-parse", ok=(0, 1))
+    def _ref_sha(
+        self, ref: str, *, git_dir: Path | None = None, cwd: Path | None = None
+    ) -> str | None:
+        cp = self._git(
+            ["rev-parse", "--quiet", "--verify", f"{ref}^{{commit}}"],
+            git_dir=git_dir,
+            cwd=cwd,
+            step="rev-parse",
+            ok=(0, 1),
+        )
         sha = cp.stdout.decode().strip()
         return sha if cp.returncode == 0 and sha else None
 
     def _is_ancestor(self, ancestor: str, descendant: str, *, cwd: Path) -> bool:
         # 1: not an ancestor; 128: no such commit here (as good as not an ancestor)
-        cp = self._git(["merge-base", "--is-ancestor", ancestor, descendant], cwd=cwd,
-                       step="merge-base", ok=(0, 1, 128))
+        cp = self._git(
+            ["merge-base", "--is-ancestor", ancestor, descendant],
+            cwd=cwd,
+            step="merge-base",
+            ok=(0, 1, 128),
+        )
         return cp.returncode == 0
 
     def _git(
@@ -498,20 +604,32 @@ class Workspace:
             # explicit: a damaged mirror must fail, not make git search the parent directories
             argv.append(f"--git-dir={git_dir}")
         argv += list(args)
-        run_in = cwd if cwd is not None else (git_dir if git_dir is not None else self._ensure_home())
+        run_in = (
+            cwd if cwd is not None else (git_dir if git_dir is not None else self._ensure_home())
+        )
         log.debug("git step=%s", step)
         try:
-            cp = self._runner(argv, cwd=str(run_in), env=self._env(network=network),
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=self._timeout, check=False)
+            cp = self._runner(
+                argv,
+                cwd=str(run_in),
+                env=self._env(network=network),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                timeout=self._timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             raise GitError(f"git {step} timed out after {self._timeout:g}s", step=step) from None
         except OSError as exc:
             raise GitError(self._scrub(f"git {step} could not start: {exc}"), step=step) from None
         if cp.returncode not in ok:
             detail = _trim(self._scrub(_text(cp.stderr) or _text(cp.stdout)))
-            raise GitError(f"git {step} failed (exit {cp.returncode}): {detail}", step=step,
-                           returncode=cp.returncode)
+            raise GitError(
+                f"git {step} failed (exit {cp.returncode}): {detail}",
+                step=step,
+                returncode=cp.returncode,
+            )
         return cp
 
     def _env(self, *, network: str | None) -> dict[str, str]:
@@ -519,30 +637,39 @@ class Workspace:
         as a header git sends to that URL only: a push or fetch that config written by an
         agent sends somewhere else (pushurl, insteadOf) goes without it."""
         home = self._ensure_home()
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("GIT_") or k.startswith(_KEEP_GIT_ENV_PREFIXES)}
-        env.update({
-            "HOME": str(home),
-            "XDG_CONFIG_HOME": str(home / ".config"),
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_CONFIG_GLOBAL": os.devnull,
-            "GIT_TERMINAL_PROMPT": "0",
-            "GIT_ASKPASS": "true",
-            "SSH_ASKPASS": "true",
-            "LC_ALL": "C",
-            "GIT_CEILING_DIRECTORIES": os.pathsep.join(
-                os.path.realpath(p) for p in (self._worktrees_dir, self._mirrors_dir, home.parent)),
-            "GIT_AUTHOR_NAME": self._author_name,
-            "GIT_AUTHOR_EMAIL": self._author_email,
-            "GIT_COMMITTER_NAME": self._author_name,
-            "GIT_COMMITTER_EMAIL": self._author_email,
-        })
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("GIT_") or k.startswith(_KEEP_GIT_ENV_PREFIXES)
+        }
+        env.update(
+            {
+                "HOME": str(home),
+                "XDG_CONFIG_HOME": str(home / ".config"),
+                "GIT_CONFIG_NOSYSTEM": "1",
+                "GIT_CONFIG_GLOBAL": os.devnull,
+                "GIT_TERMINAL_PROMPT": "0",
+                "GIT_ASKPASS": "true",
+                "SSH_ASKPASS": "true",
+                "LC_ALL": "C",
+                "GIT_CEILING_DIRECTORIES": os.pathsep.join(
+                    os.path.realpath(p)
+                    for p in (self._worktrees_dir, self._mirrors_dir, home.parent)
+                ),
+                "GIT_AUTHOR_NAME": self._author_name,
+                "GIT_AUTHOR_EMAIL": self._author_email,
+                "GIT_COMMITTER_NAME": self._author_name,
+                "GIT_COMMITTER_EMAIL": self._author_email,
+            }
+        )
         if network and self._token:
-            env.update({
-                "GIT_CONFIG_COUNT": "1",
-                "GIT_CONFIG_KEY_0": f"http.{network}.extraHeader",
-                "GIT_CONFIG_VALUE_0": f"Authorization: token {self._token}",
-            })
+            env.update(
+                {
+                    "GIT_CONFIG_COUNT": "1",
+                    "GIT_CONFIG_KEY_0": f"http.{network}.extraHeader",
+                    "GIT_CONFIG_VALUE_0": f"Authorization: token {self._token}",
+                }
+            )
         return env
 
     def _ensure_home(self) -> Path:
@@ -555,22 +682,30 @@ class Workspace:
         try:
             url = os.fspath(self._remote_url_fn(repo))
         except Exception as exc:  # a bad callback must not leak through unscrubbed
-            raise GitError(self._scrub(f"remote URL for {repo} unavailable: {exc}"),
-                           step="remote url") from None
+            raise GitError(
+                self._scrub(f"remote URL for {repo} unavailable: {exc}"), step="remote url"
+            ) from None
         if not url or url.startswith("-") or any(c in url for c in "\r\n\0"):
             raise GitError(f"invalid remote URL for {repo}", step="remote url")
         has_credentials = any(s in url for s in self._secrets)
         if "://" in url:
             try:
                 parts = urlsplit(url)
-                has_credentials = has_credentials or parts.password is not None or (
-                    parts.username is not None and parts.scheme.lower() in ("http", "https"))
+                has_credentials = (
+                    has_credentials
+                    or parts.password is not None
+                    or (parts.username is not None and parts.scheme.lower() in ("http", "https"))
+                )
             except ValueError:
                 raise GitError(f"invalid remote URL for {repo}", step="remote url") from None
         if has_credentials:
-            raise GitError(self._scrub(
-                f"remote URL for {repo} contains credentials ({url}); the token is sent as an "
-                "http.extraHeader instead"), step="remote url")
+            raise GitError(
+                self._scrub(
+                    f"remote URL for {repo} contains credentials ({url}); the token is sent as an "
+                    "http.extraHeader instead"
+                ),
+                step="remote url",
+            )
         return url
 
     def _scrub(self, text: str) -> str:
@@ -628,8 +763,14 @@ def _check_issue(issue: int) -> None:
 def _check_branch(branch: str) -> None:
     """git's rules for a branch name (check-ref-format), plus no leading dash."""
     bad = (
-        not isinstance(branch, str) or not branch or branch == "@" or branch.startswith(("-", "/"))
-        or branch.endswith(("/", ".")) or "//" in branch or ".." in branch or "@{" in branch
+        not isinstance(branch, str)
+        or not branch
+        or branch == "@"
+        or branch.startswith(("-", "/"))
+        or branch.endswith(("/", "."))
+        or "//" in branch
+        or ".." in branch
+        or "@{" in branch
         or any(ord(c) < 0x20 or c == "\x7f" or c in " ~^:?*[\\" for c in branch)
         or any(part.startswith(".") or part.endswith(".lock") for part in branch.split("/"))
     )
@@ -643,8 +784,12 @@ def _check_sha(sha: str) -> None:
 
 
 def _looks_like_bare_repo(path: Path) -> bool:
-    return (not path.is_symlink() and (path / "HEAD").is_file() and (path / "objects").is_dir()
-            and (path / "refs").is_dir())
+    return (
+        not path.is_symlink()
+        and (path / "HEAD").is_file()
+        and (path / "objects").is_dir()
+        and (path / "refs").is_dir()
+    )
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -661,7 +806,7 @@ def _last_touched(wt: Path) -> float:
     with contextlib.suppress(OSError, UnicodeDecodeError):
         text = (wt / ".git").read_text().strip()
         if text.startswith("gitdir:"):
-            admin = Path(text[len("gitdir:"):].strip())
+            admin = Path(text[len("gitdir:") :].strip())
             if not admin.is_absolute():
                 admin = wt / admin
             candidates += [admin, admin / "index", admin / "HEAD", admin / "logs" / "HEAD"]

@@ -25,8 +25,20 @@ PINNED: dict[str, tuple[str, str, str]] = {
 INSTALL_TIMEOUT = 600
 
 # npm's messages when it cannot reach the registry (no network, DNS, proxy, offline cache miss)
-_NETWORK_ERRORS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH",
-                   "EHOSTUNREACH", "network", "ENOTCACHED", "proxy", "socket hang up", "getaddrinfo")
+_NETWORK_ERRORS = (
+    "ENOTFOUND",
+    "EAI_AGAIN",
+    "ECONNREFUSED",
+    "ECONNRESET",
+    "ETIMEDOUT",
+    "ENETUNREACH",
+    "EHOSTUNREACH",
+    "network",
+    "ENOTCACHED",
+    "proxy",
+    "socket hang up",
+    "getaddrinfo",
+)
 
 
 class CLIUnavailable(RuntimeError):
@@ -61,18 +73,36 @@ def ensure(name: str) -> Path:
     prefix.mkdir(parents=True, exist_ok=True)
     try:
         proc = subprocess.run(
-            [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--loglevel=error",
-             f"{package}@{ver}"],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
+            [
+                npm,
+                "install",
+                "--prefix",
+                str(prefix),
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                f"{package}@{ver}",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=INSTALL_TIMEOUT,
+        )
     except subprocess.TimeoutExpired:
-        raise CLIUnavailable(f"npm install {package}@{ver} did not finish in {INSTALL_TIMEOUT} s "
-                             f"(registry unreachable?)") from None
+        raise CLIUnavailable(
+            f"npm install {package}@{ver} did not finish in {INSTALL_TIMEOUT} s "
+            f"(registry unreachable?)"
+        ) from None
     if proc.returncode != 0:
         message = (proc.stderr or proc.stdout).strip()
         if any(marker.lower() in message.lower() for marker in _NETWORK_ERRORS):
-            raise CLIUnavailable(f"npm registry unreachable installing {package}@{ver}: "
-                                 f"{message.splitlines()[-1] if message else proc.returncode}")
-        raise RuntimeError(f"npm install {package}@{ver} failed ({proc.returncode}): {message[-2000:]}")
+            raise CLIUnavailable(
+                f"npm registry unreachable installing {package}@{ver}: "
+                f"{message.splitlines()[-1] if message else proc.returncode}"
+            )
+        raise RuntimeError(
+            f"npm install {package}@{ver} failed ({proc.returncode}): {message[-2000:]}"
+        )
     if not binary.exists():
         raise RuntimeError(f"npm installed {package}@{ver} but {binary} is missing")
     return binary

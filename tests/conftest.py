@@ -11,8 +11,16 @@ from typing import Callable
 
 import pytest
 
-from bot.config import (AgentConfig, AgentsConfig, Config, GiteaConfig, GitConfig, QueueConfig,
-                        ServerConfig, StorageConfig)
+from bot.config import (
+    AgentConfig,
+    AgentsConfig,
+    Config,
+    GiteaConfig,
+    GitConfig,
+    QueueConfig,
+    ServerConfig,
+    StorageConfig,
+)
 
 ROOT = Path(__file__).resolve().parent
 FAKE_AGENT = ROOT / "fixtures" / "bin" / "fake_agent.py"
@@ -22,24 +30,53 @@ REPO = "acme/widget"
 
 
 def fake_agent(name: str = "fake", **env: str) -> AgentConfig:
-    return AgentConfig(name=name, command=(sys.executable, str(FAKE_AGENT), "{prompt}"),
-                       env={k: str(v) for k, v in env.items()})
+    return AgentConfig(
+        name=name,
+        command=(sys.executable, str(FAKE_AGENT), "{prompt}"),
+        env={k: str(v) for k, v in env.items()},
+    )
 
 
-def make_config(data_dir: Path, gitea_url: str, *, agents: dict[str, AgentConfig] | None = None,
-                default: str = "fake", fallback: tuple[str, ...] = (), limit: int = 3,
-                attempts: int = 3, timeout_minutes: float = 1.0, grace: float = 1.0,
-                public_url: str = "http://kugetsu.test:8080", **agents_kw) -> Config:
+def make_config(
+    data_dir: Path,
+    gitea_url: str,
+    *,
+    agents: dict[str, AgentConfig] | None = None,
+    default: str = "fake",
+    fallback: tuple[str, ...] = (),
+    limit: int = 3,
+    attempts: int = 3,
+    timeout_minutes: float = 1.0,
+    grace: float = 1.0,
+    public_url: str = "http://kugetsu.test:8080",
+    **agents_kw,
+) -> Config:
     agents = agents or {"fake": fake_agent()}
     return Config(
         server=ServerConfig(public_url=public_url),
-        gitea=GiteaConfig(url=gitea_url, token=TOKEN, webhook_secret=SECRET,
-                          bot_login="kugetsu-bot", retries=2, timeout_seconds=5),
+        gitea=GiteaConfig(
+            url=gitea_url,
+            token=TOKEN,
+            webhook_secret=SECRET,
+            bot_login="kugetsu-bot",
+            retries=2,
+            timeout_seconds=5,
+        ),
         storage=StorageConfig(data_dir=data_dir),
-        queue=QueueConfig(poll_interval_seconds=30, max_concurrent_agents=limit,
-                          max_attempts=attempts, retry_backoff_seconds=(0.0,)),
-        agents=AgentsConfig(default=default, fallback=fallback, timeout_minutes=timeout_minutes,
-                            kill_grace_seconds=grace, tables=agents, **agents_kw),
+        queue=QueueConfig(
+            poll_interval_seconds=30,
+            max_concurrent_agents=limit,
+            max_attempts=attempts,
+            retry_backoff_seconds=(0.0,),
+        ),
+        agents=AgentsConfig(
+            default=default,
+            fallback=fallback,
+            timeout_minutes=timeout_minutes,
+            kill_grace_seconds=grace,
+            tables=agents,
+            **agents_kw,
+        ),
         git=GitConfig(author_name="kugetsu", author_email="kugetsu@example.invalid"),
     )
 
@@ -51,6 +88,7 @@ def write_unchecked(db_path: Path, sql: str, args: tuple = ()) -> int:
     import sqlite3
 
     from bot.store import MIGRATIONS, _statements
+
     triggers = MIGRATIONS[6]
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
@@ -66,8 +104,13 @@ def write_unchecked(db_path: Path, sql: str, args: tuple = ()) -> int:
         conn.close()
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
-             tick: Callable[[], None] | None = None, what: str = "condition") -> object:
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    tick: Callable[[], None] | None = None,
+    what: str = "condition",
+) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if tick is not None:
@@ -134,8 +177,10 @@ def unreaped():
 
     def start() -> tuple[int, str]:
         from bot.process import process_start_token
-        child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                                 stdin=subprocess.PIPE)
+
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+        )
         children.append(child)
         token = process_start_token(child.pid)
         assert token is not None

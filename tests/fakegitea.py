@@ -131,7 +131,15 @@ class FakeGitea:
         self._fail_queue: list[tuple[int, str | None, re.Pattern | None]] = []
         self._lose: list[tuple[str, re.Pattern, int | str]] = []
         self._released = threading.Event()
-        self._ids = {"user": 0, "repo": 0, "issue": 0, "comment": 0, "pull": 0, "status": 0, "label": 0}
+        self._ids = {
+            "user": 0,
+            "repo": 0,
+            "issue": 0,
+            "comment": 0,
+            "pull": 0,
+            "status": 0,
+            "label": 0,
+        }
         self._conns: set[socket.socket] = set()
         self._down = False
         self._thread: threading.Thread | None = None
@@ -199,8 +207,9 @@ class FakeGitea:
 
     # -- test hooks -------------------------------------------------------------
 
-    def fail_next(self, n: int, status: int = 500, method: str | None = None,
-                  path: str | None = None) -> None:
+    def fail_next(
+        self, n: int, status: int = 500, method: str | None = None, path: str | None = None
+    ) -> None:
         """Answer the next `n` API requests with `status` and a Gitea error body; with
         `method` and/or `path` (a regular expression for the path after /api/v1), only the
         next `n` requests that match."""
@@ -269,7 +278,9 @@ class FakeGitea:
             files = {"README.md": f"# {name}\n"}
         path = self.repos_root / owner / f"{name}.git"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._git(None, "init", "--quiet", "--bare", f"--initial-branch={default_branch}", str(path))
+        self._git(
+            None, "init", "--quiet", "--bare", f"--initial-branch={default_branch}", str(path)
+        )
         self._git(path, "config", "http.receivepack", "true")
         fd, index = tempfile.mkstemp(prefix="index-", dir=self.root)
         os.close(fd)
@@ -279,7 +290,14 @@ class FakeGitea:
             for file_path, content in files.items():
                 data = content.encode() if isinstance(content, str) else content
                 blob = self._git(path, "hash-object", "-w", "--stdin", input=data).strip()
-                self._git(path, "update-index", "--add", "--cacheinfo", f"100644,{blob},{file_path}", env=env)
+                self._git(
+                    path,
+                    "update-index",
+                    "--add",
+                    "--cacheinfo",
+                    f"100644,{blob},{file_path}",
+                    env=env,
+                )
             tree = self._git(path, "write-tree", env=env).strip()
         finally:
             if os.path.exists(index):
@@ -375,7 +393,9 @@ class FakeGitea:
                 if any(existing["id"] == label["id"] for existing in target["labels"]):
                     continue
                 target["labels"].append(label)
-                self._timeline_event(record, number, {"type": "label", "label": label, "body": "1"}, login)
+                self._timeline_event(
+                    record, number, {"type": "label", "label": label, "body": "1"}, login
+                )
 
     def add_comment(self, repo: str, number: int, body: str, login: str = "alice") -> dict:
         """Post a comment as `login` (as a human would through the UI)."""
@@ -384,7 +404,11 @@ class FakeGitea:
 
     def comments_on(self, repo: str, number: int) -> list[dict]:
         with self.lock:
-            return [c for cid, c in self.comments.items() if self._comment_home.get(cid) == (repo, number)]
+            return [
+                c
+                for cid, c in self.comments.items()
+                if self._comment_home.get(cid) == (repo, number)
+            ]
 
     def set_permission(self, repo: str, login: str, permission: str) -> None:
         if permission not in PERMISSION_ORDER:
@@ -410,7 +434,9 @@ class FakeGitea:
             for record in self._repos.values():
                 for number, pr in record["pulls"].items():
                     if number in merged:
-                        raise RuntimeError(f"pull #{number} exists in several repositories; use pulls_of(repo)")
+                        raise RuntimeError(
+                            f"pull #{number} exists in several repositories; use pulls_of(repo)"
+                        )
                     merged[number] = pr
             return merged
 
@@ -427,18 +453,24 @@ class FakeGitea:
     def branch_sha(self, repo: str, branch: str) -> str | None:
         path = self._repo_path(repo)
         try:
-            return self._git(path, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}").strip()
+            return self._git(
+                path, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}"
+            ).strip()
         except subprocess.CalledProcessError:
             return None
 
     def branches(self, repo: str) -> list[str]:
-        out = self._git(self._repo_path(repo), "for-each-ref", "--format=%(refname:lstrip=2)", "refs/heads")
+        out = self._git(
+            self._repo_path(repo), "for-each-ref", "--format=%(refname:lstrip=2)", "refs/heads"
+        )
         return out.split()
 
     def file_at(self, repo: str, branch: str, path: str) -> str | None:
         """The text of `path` on `branch`, or None if either is missing."""
         try:
-            data = self._git(self._repo_path(repo), "cat-file", "blob", f"refs/heads/{branch}:{path}", text=False)
+            data = self._git(
+                self._repo_path(repo), "cat-file", "blob", f"refs/heads/{branch}:{path}", text=False
+            )
         except subprocess.CalledProcessError:
             return None
         return data.decode("utf-8")
@@ -742,7 +774,9 @@ class FakeGitea:
             pr["base"]["sha"] = base_sha
         return pr
 
-    def _open_pull_for(self, record: dict, head: str, base: str, exclude: int | None = None) -> dict | None:
+    def _open_pull_for(
+        self, record: dict, head: str, base: str, exclude: int | None = None
+    ) -> dict | None:
         for number, pr in sorted(record["pulls"].items()):
             if number == exclude or pr["state"] != "open" or pr["merged"]:
                 continue
@@ -755,7 +789,12 @@ class FakeGitea:
             409,
             "pull request already exists for these targets [id: {}, issue_id: {}, head_repo_id: {}, "
             "base_repo_id: {}, head_branch: {}, base_branch: {}]".format(
-                pr["id"], pr["number"], record["id"], record["id"], pr["head"]["ref"], pr["base"]["ref"]
+                pr["id"],
+                pr["number"],
+                record["id"],
+                record["id"],
+                pr["head"]["ref"],
+                pr["base"]["ref"],
             ),
         )
 
@@ -787,13 +826,15 @@ class FakeGitea:
         path = parts.path
         try:
             if path == "/api/v1" or path.startswith("/api/v1/"):
-                status, payload, extra = self._api(h, path[len("/api/v1"):], parts.query, body)
-                if not self._lost(h, path[len("/api/v1"):]):
+                status, payload, extra = self._api(h, path[len("/api/v1") :], parts.query, body)
+                if not self._lost(h, path[len("/api/v1") :]):
                     self._send(h, status, payload, extra)
                 return
             match = re.fullmatch(r"/([^/]+)/([^/]+?)\.git(/.*)?", path)
             if match:
-                self._serve_git(h, unquote(match[1]), unquote(match[2]), match[3] or "", parts.query, body)
+                self._serve_git(
+                    h, unquote(match[1]), unquote(match[2]), match[3] or "", parts.query, body
+                )
                 return
             self._send(h, 404, {"message": "not found"}, content_type="text/plain; charset=utf-8")
         except (BrokenPipeError, ConnectionResetError):
@@ -840,7 +881,11 @@ class FakeGitea:
         elif content_type.startswith("application/json"):
             data = json.dumps(payload, separators=(",", ":")).encode()
         else:
-            data = str(payload.get("message", "")).encode() if isinstance(payload, dict) else bytes(payload)
+            data = (
+                str(payload.get("message", "")).encode()
+                if isinstance(payload, dict)
+                else bytes(payload)
+            )
         h.send_response(status)
         if data or status != 204:
             h.send_header("Content-Type", content_type)
@@ -859,7 +904,9 @@ class FakeGitea:
             return bool(self.token) and cred == self.token
         if scheme == "basic":
             try:
-                user, _, password = base64.b64decode(cred, validate=True).decode("utf-8").partition(":")
+                user, _, password = (
+                    base64.b64decode(cred, validate=True).decode("utf-8").partition(":")
+                )
             except (ValueError, UnicodeDecodeError):
                 return False
             return bool(self.token) and self.token in (user, password)
@@ -881,7 +928,12 @@ class FakeGitea:
         with self.lock:
             known = full in self._repos
         if not known:
-            self._send(h, 404, {"message": "Repository not found"}, content_type="text/plain; charset=utf-8")
+            self._send(
+                h,
+                404,
+                {"message": "Repository not found"},
+                content_type="text/plain; charset=utf-8",
+            )
             return
         env = self.git_env()
         env.update(
@@ -908,7 +960,9 @@ class FakeGitea:
         )
         status, headers, payload = _parse_cgi(proc.stdout)
         if not headers and proc.returncode != 0:
-            log.warning("git http-backend failed: %s", proc.stderr.decode("utf-8", "replace").strip())
+            log.warning(
+                "git http-backend failed: %s", proc.stderr.decode("utf-8", "replace").strip()
+            )
             status, payload = 500, b"git http-backend failed\n"
             headers = [("Content-Type", "text/plain")]
         h.send_response(status)
@@ -950,11 +1004,15 @@ class FakeGitea:
     def _api(self, h, path: str, query: str, body: bytes) -> tuple[int, Any, dict[str, str]]:
         with self.lock:
             for i, (status, method, pattern) in enumerate(self._fail_queue):
-                if ((method is None or method == h.command)
-                        and (pattern is None or pattern.fullmatch(path))):
+                if (method is None or method == h.command) and (
+                    pattern is None or pattern.fullmatch(path)
+                ):
                     del self._fail_queue[i]
-                    return status, {"message": f"injected failure {status}",
-                                    "url": self._doc_url}, {}
+                    return (
+                        status,
+                        {"message": f"injected failure {status}", "url": self._doc_url},
+                        {},
+                    )
         if not self._authorized(h):
             return 401, {"message": "invalid username, password or token", "url": self._doc_url}, {}
         matched_path = False
@@ -1110,11 +1168,17 @@ class FakeGitea:
     def _api_create_pull(self, params, query, data):
         record = self._api_repo_record(params)
         head, base, title = data.get("head"), data.get("base"), data.get("title")
-        missing = [k for k, v in (("Head", head), ("Base", base), ("Title", title)) if not isinstance(v, str) or not v]
+        missing = [
+            k
+            for k, v in (("Head", head), ("Base", base), ("Title", title))
+            if not isinstance(v, str) or not v
+        ]
         if missing:
             raise ApiError(422, ", ".join(f"[{k}]: Required" for k in missing))
         if head == base:
-            raise ApiError(422, "Invalid PullRequest: There are no changes between the head and the base")
+            raise ApiError(
+                422, "Invalid PullRequest: There are no changes between the head and the base"
+            )
         self._require(record, "read")
         head_branch = self._split_head(record, head)
         full = record["full_name"]
@@ -1202,7 +1266,9 @@ class FakeGitea:
             if sha is None:
                 raise ApiError(404, f"new base '{new_base}' not exist")
         if state == "open" and pr["state"] == "closed":
-            other = self._open_pull_for(record, pr["head"]["ref"], new_base or pr["base"]["ref"], exclude=pr["number"])
+            other = self._open_pull_for(
+                record, pr["head"]["ref"], new_base or pr["base"]["ref"], exclude=pr["number"]
+            )
             if other is not None:
                 raise self._already_exists(record, other)
         now = _now()
@@ -1211,7 +1277,9 @@ class FakeGitea:
         if "body" in data and data["body"] is not None:
             pr["body"] = data["body"]
         if new_base and new_base != pr["base"]["ref"]:
-            pr["base"] = self._pull_branch_info(record, new_base, self.branch_sha(record["full_name"], new_base))
+            pr["base"] = self._pull_branch_info(
+                record, new_base, self.branch_sha(record["full_name"], new_base)
+            )
         if state == "closed" and pr["state"] != "closed":
             pr["state"], pr["closed_at"] = "closed", now
         elif state == "open" and pr["state"] != "open":
@@ -1233,10 +1301,13 @@ class FakeGitea:
         base = (query.get("base_branch") or [None])[0]
         page = max(1, int((query.get("page") or ["1"])[0]))
         limit = max(1, min(50, int((query.get("limit") or ["30"])[0])))
-        items = [self._refresh_pull(record, pr) for _, pr in sorted(record["pulls"].items())
-                 if (state == "all" or pr["state"] == state)
-                 and (base is None or pr["base"]["ref"] == base)]
-        return 200, items[(page - 1) * limit:page * limit], {"X-Total-Count": str(len(items))}
+        items = [
+            self._refresh_pull(record, pr)
+            for _, pr in sorted(record["pulls"].items())
+            if (state == "all" or pr["state"] == state)
+            and (base is None or pr["base"]["ref"] == base)
+        ]
+        return 200, items[(page - 1) * limit : page * limit], {"X-Total-Count": str(len(items))}
 
     def _api_list_statuses(self, params, query, data):
         self._api_repo_record(params)
@@ -1251,7 +1322,9 @@ class FakeGitea:
             raise ApiError(422, f"invalid commit status state {state!r}")
         sha = params["sha"]
         try:
-            full_sha = self._git(record["path"], "rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}").strip()
+            full_sha = self._git(
+                record["path"], "rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}"
+            ).strip()
         except subprocess.CalledProcessError:
             # Gitea answers an unknown commit with a bare internal error.
             raise ApiError(500, "") from None

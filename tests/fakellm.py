@@ -86,8 +86,12 @@ def tool_call(name: str, arguments: Mapping[str, Any], text: str = "") -> ToolCa
     return ToolCall(name, dict(arguments), text)
 
 
-def http_error(status: int, headers: Mapping[str, str] | None = None,
-               body: Mapping[str, Any] | None = None, times: int | None = None) -> HTTPError:
+def http_error(
+    status: int,
+    headers: Mapping[str, str] | None = None,
+    body: Mapping[str, Any] | None = None,
+    times: int | None = None,
+) -> HTTPError:
     return HTTPError(status, dict(headers or {}), body, times)
 
 
@@ -101,9 +105,15 @@ USAGE = {"input": 1000, "output": 20, "cache_read": 200, "cache_write": 100}
 
 TITLE = "Fake title"
 
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 429: "rate_limit_error", 500: "api_error",
-                 529: "overloaded_error"}
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
 
 
 # ---------------------------------------------------------------------------- the server
@@ -150,8 +160,9 @@ class FakeLLM:
             owner = fake
 
         self._server = _Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -203,11 +214,21 @@ class FakeLLM:
         Flaky errors (`times` set) that already failed their share are dropped from the script
         first, so they never take a turn's place."""
         with self._lock:
-            live = [(i, s) for i, s in enumerate(self._script)
-                    if not (isinstance(s, HTTPError) and s.times is not None
-                            and self._served.get(i, 0) >= s.times)]
+            live = [
+                (i, s)
+                for i, s in enumerate(self._script)
+                if not (
+                    isinstance(s, HTTPError)
+                    and s.times is not None
+                    and self._served.get(i, 0) >= s.times
+                )
+            ]
             if not live:
-                live = [(len(self._script) - 1, self._script[-1])] if self._script else [(-1, Text(""))]
+                live = (
+                    [(len(self._script) - 1, self._script[-1])]
+                    if self._script
+                    else [(-1, Text(""))]
+                )
             index, step = live[min(turns, len(live) - 1)]
             self._served[index] = self._served.get(index, 0) + 1
             return step
@@ -265,7 +286,9 @@ def _turns_chat(messages: Sequence[Any]) -> int:
     for i, msg in enumerate(messages):
         if isinstance(msg, dict) and msg.get("role") == "user":
             last_user = i
-    return sum(1 for m in messages[last_user + 1:] if isinstance(m, dict) and m.get("role") == "assistant")
+    return sum(
+        1 for m in messages[last_user + 1 :] if isinstance(m, dict) and m.get("role") == "assistant"
+    )
 
 
 def _turns_anthropic(messages: Sequence[Any]) -> int:
@@ -281,11 +304,20 @@ def _turns_anthropic(messages: Sequence[Any]) -> int:
     for i, msg in enumerate(messages):
         if is_real_user(msg):
             last_user = i
-    return sum(1 for m in messages[last_user + 1:] if isinstance(m, dict) and m.get("role") == "assistant")
+    return sum(
+        1 for m in messages[last_user + 1 :] if isinstance(m, dict) and m.get("role") == "assistant"
+    )
 
 
-_INJECTED_PREFIXES = ("<environment_context", "<user_instructions", "# AGENTS.md", "<permissions",
-                      "<collaboration_mode", "<skills_instructions", "<turn_aborted")
+_INJECTED_PREFIXES = (
+    "<environment_context",
+    "<user_instructions",
+    "# AGENTS.md",
+    "<permissions",
+    "<collaboration_mode",
+    "<skills_instructions",
+    "<turn_aborted",
+)
 
 
 def _turns_responses(items: Sequence[Any]) -> int:
@@ -299,12 +331,16 @@ def _turns_responses(items: Sequence[Any]) -> int:
         if is_real_user(item):
             last_user = i
     turns, in_turn = 0, False
-    for item in items[last_user + 1:]:
+    for item in items[last_user + 1 :]:
         if not isinstance(item, dict):
             continue
         kind = item.get("type", "message")
-        assistant = kind in ("function_call", "reasoning", "custom_tool_call", "local_shell_call") or (
-            kind == "message" and item.get("role") == "assistant")
+        assistant = kind in (
+            "function_call",
+            "reasoning",
+            "custom_tool_call",
+            "local_shell_call",
+        ) or (kind == "message" and item.get("role") == "assistant")
         if assistant and not in_turn:
             turns += 1
         in_turn = assistant
@@ -366,7 +402,9 @@ class _Handler(BaseHTTPRequestHandler):
             data += self.rfile.read(size)
             self.rfile.readline()
 
-    def _send_json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
+    def _send_json(
+        self, status: int, payload: Any, headers: Mapping[str, str] | None = None
+    ) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -397,11 +435,18 @@ class _Handler(BaseHTTPRequestHandler):
         if step.body is not None:
             payload: Any = step.body
         elif flavour == "anthropic":
-            payload = {"type": "error", "error": {
-                "type": _STATUS_TYPES.get(step.status, "api_error"), "message": message}}
+            payload = {
+                "type": "error",
+                "error": {"type": _STATUS_TYPES.get(step.status, "api_error"), "message": message},
+            }
         else:
-            payload = {"error": {"message": message, "type": _STATUS_TYPES.get(step.status, "api_error"),
-                                 "code": "rate_limit_exceeded" if step.status == 429 else None}}
+            payload = {
+                "error": {
+                    "message": message,
+                    "type": _STATUS_TYPES.get(step.status, "api_error"),
+                    "code": "rate_limit_exceeded" if step.status == 429 else None,
+                }
+            }
         self._send_json(step.status, payload, step.headers)
 
     # -- routes
@@ -409,10 +454,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.owner._record("GET", self.path, None)
         path = self.path.split("?", 1)[0].rstrip("/")
         if path.endswith("/models"):
-            model = {"id": self.owner.model, "object": "model", "created": 0, "owned_by": "fake",
-                     "type": "model", "display_name": "Fake", "created_at": "2024-01-01T00:00:00Z"}
-            self._send_json(200, {"object": "list", "data": [model], "models": [model],
-                                  "has_more": False, "first_id": model["id"], "last_id": model["id"]})
+            model = {
+                "id": self.owner.model,
+                "object": "model",
+                "created": 0,
+                "owned_by": "fake",
+                "type": "model",
+                "display_name": "Fake",
+                "created_at": "2024-01-01T00:00:00Z",
+            }
+            self._send_json(
+                200,
+                {
+                    "object": "list",
+                    "data": [model],
+                    "models": [model],
+                    "has_more": False,
+                    "first_id": model["id"],
+                    "last_id": model["id"],
+                },
+            )
         else:
             self._send_json(404, {"error": {"message": f"no route {path}"}})
 
@@ -463,35 +524,77 @@ class _Handler(BaseHTTPRequestHandler):
             calls.append((step.name, dict(step.arguments)))
         calls = [(owner._next_id("call"), name, json.dumps(args)) for name, args in calls]
         finish = "tool_calls" if calls else "stop"
-        usage = {"prompt_tokens": USAGE["input"] + USAGE["cache_read"], "completion_tokens": USAGE["output"],
-                 "total_tokens": USAGE["input"] + USAGE["cache_read"] + USAGE["output"],
-                 "prompt_tokens_details": {"cached_tokens": USAGE["cache_read"]}}
-        cid, model, created = owner._next_id("chatcmpl"), body.get("model") or owner.model, int(time.time())
+        usage = {
+            "prompt_tokens": USAGE["input"] + USAGE["cache_read"],
+            "completion_tokens": USAGE["output"],
+            "total_tokens": USAGE["input"] + USAGE["cache_read"] + USAGE["output"],
+            "prompt_tokens_details": {"cached_tokens": USAGE["cache_read"]},
+        }
+        cid, model, created = (
+            owner._next_id("chatcmpl"),
+            body.get("model") or owner.model,
+            int(time.time()),
+        )
         if not body.get("stream"):
             message: dict[str, Any] = {"role": "assistant", "content": content or None}
             if calls:
-                message["tool_calls"] = [{"id": i, "type": "function", "function": {"name": n, "arguments": a}}
-                                         for i, n, a in calls]
-            return self._send_json(200, {"id": cid, "object": "chat.completion", "created": created,
-                                         "model": model, "usage": usage, "choices": [
-                                             {"index": 0, "message": message, "finish_reason": finish}]})
+                message["tool_calls"] = [
+                    {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+                    for i, n, a in calls
+                ]
+            return self._send_json(
+                200,
+                {
+                    "id": cid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "usage": usage,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                },
+            )
 
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            }
 
         self._start_sse()
         self._sse(chunk({"role": "assistant", "content": ""}))
         if content:
             self._sse(chunk({"content": content}))
         for index, (call_id, name, args) in enumerate(calls):
-            self._sse(chunk({"tool_calls": [{"index": index, "id": call_id, "type": "function",
-                                             "function": {"name": name, "arguments": ""}}]}))
+            self._sse(
+                chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": index,
+                                "id": call_id,
+                                "type": "function",
+                                "function": {"name": name, "arguments": ""},
+                            }
+                        ]
+                    }
+                )
+            )
             self._sse(chunk({"tool_calls": [{"index": index, "function": {"arguments": args}}]}))
         self._sse(chunk({}, finish))
         if (body.get("stream_options") or {}).get("include_usage"):
-            self._sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": usage})
+            self._sse(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
         self._sse("[DONE]")
 
     # -- OpenAI Responses (codex)
@@ -517,61 +620,147 @@ class _Handler(BaseHTTPRequestHandler):
         rid = owner._next_id("resp")
         items: list[dict[str, Any]] = []
         if text_out:
-            items.append({"type": "message", "id": owner._next_id("msg"), "role": "assistant",
-                          "status": "completed",
-                          "content": [{"type": "output_text", "text": text_out, "annotations": []}]})
+            items.append(
+                {
+                    "type": "message",
+                    "id": owner._next_id("msg"),
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": text_out, "annotations": []}],
+                }
+            )
         for name, args in calls:
-            items.append({"type": "function_call", "id": owner._next_id("fc"),
-                          "call_id": owner._next_id("call"), "name": name,
-                          "arguments": json.dumps(args), "status": "completed"})
-        usage = {"input_tokens": USAGE["input"] + USAGE["cache_read"],
-                 "input_tokens_details": {"cached_tokens": USAGE["cache_read"]},
-                 "output_tokens": USAGE["output"], "output_tokens_details": {"reasoning_tokens": 0},
-                 "total_tokens": USAGE["input"] + USAGE["cache_read"] + USAGE["output"]}
+            items.append(
+                {
+                    "type": "function_call",
+                    "id": owner._next_id("fc"),
+                    "call_id": owner._next_id("call"),
+                    "name": name,
+                    "arguments": json.dumps(args),
+                    "status": "completed",
+                }
+            )
+        usage = {
+            "input_tokens": USAGE["input"] + USAGE["cache_read"],
+            "input_tokens_details": {"cached_tokens": USAGE["cache_read"]},
+            "output_tokens": USAGE["output"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": USAGE["input"] + USAGE["cache_read"] + USAGE["output"],
+        }
         model = body.get("model") or owner.model
-        base = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model,
-                "status": "in_progress", "output": [], "usage": None}
+        base = {
+            "id": rid,
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": model,
+            "status": "in_progress",
+            "output": [],
+            "usage": None,
+        }
         done = {**base, "status": "completed", "output": items, "usage": usage}
         if not body.get("stream"):
             return self._send_json(200, done)
         self._start_sse()
         seq = iter(range(1_000_000))
-        self._sse({"type": "response.created", "sequence_number": next(seq), "response": base},
-                  "response.created")
+        self._sse(
+            {"type": "response.created", "sequence_number": next(seq), "response": base},
+            "response.created",
+        )
         for index, item in enumerate(items):
             started = {**item, "status": "in_progress"}
             if item["type"] == "message":
                 started["content"] = []
             else:
                 started["arguments"] = ""
-            self._sse({"type": "response.output_item.added", "sequence_number": next(seq),
-                       "output_index": index, "item": started}, "response.output_item.added")
+            self._sse(
+                {
+                    "type": "response.output_item.added",
+                    "sequence_number": next(seq),
+                    "output_index": index,
+                    "item": started,
+                },
+                "response.output_item.added",
+            )
             if item["type"] == "message":
                 t = item["content"][0]["text"]
-                self._sse({"type": "response.content_part.added", "sequence_number": next(seq),
-                           "item_id": item["id"], "output_index": index, "content_index": 0,
-                           "part": {"type": "output_text", "text": "", "annotations": []}},
-                          "response.content_part.added")
-                self._sse({"type": "response.output_text.delta", "sequence_number": next(seq),
-                           "item_id": item["id"], "output_index": index, "content_index": 0, "delta": t},
-                          "response.output_text.delta")
-                self._sse({"type": "response.output_text.done", "sequence_number": next(seq),
-                           "item_id": item["id"], "output_index": index, "content_index": 0, "text": t},
-                          "response.output_text.done")
-                self._sse({"type": "response.content_part.done", "sequence_number": next(seq),
-                           "item_id": item["id"], "output_index": index, "content_index": 0,
-                           "part": item["content"][0]}, "response.content_part.done")
+                self._sse(
+                    {
+                        "type": "response.content_part.added",
+                        "sequence_number": next(seq),
+                        "item_id": item["id"],
+                        "output_index": index,
+                        "content_index": 0,
+                        "part": {"type": "output_text", "text": "", "annotations": []},
+                    },
+                    "response.content_part.added",
+                )
+                self._sse(
+                    {
+                        "type": "response.output_text.delta",
+                        "sequence_number": next(seq),
+                        "item_id": item["id"],
+                        "output_index": index,
+                        "content_index": 0,
+                        "delta": t,
+                    },
+                    "response.output_text.delta",
+                )
+                self._sse(
+                    {
+                        "type": "response.output_text.done",
+                        "sequence_number": next(seq),
+                        "item_id": item["id"],
+                        "output_index": index,
+                        "content_index": 0,
+                        "text": t,
+                    },
+                    "response.output_text.done",
+                )
+                self._sse(
+                    {
+                        "type": "response.content_part.done",
+                        "sequence_number": next(seq),
+                        "item_id": item["id"],
+                        "output_index": index,
+                        "content_index": 0,
+                        "part": item["content"][0],
+                    },
+                    "response.content_part.done",
+                )
             else:
-                self._sse({"type": "response.function_call_arguments.delta", "sequence_number": next(seq),
-                           "item_id": item["id"], "output_index": index, "delta": item["arguments"]},
-                          "response.function_call_arguments.delta")
-                self._sse({"type": "response.function_call_arguments.done", "sequence_number": next(seq),
-                           "item_id": item["id"], "output_index": index, "arguments": item["arguments"]},
-                          "response.function_call_arguments.done")
-            self._sse({"type": "response.output_item.done", "sequence_number": next(seq),
-                       "output_index": index, "item": item}, "response.output_item.done")
-        self._sse({"type": "response.completed", "sequence_number": next(seq), "response": done},
-                  "response.completed")
+                self._sse(
+                    {
+                        "type": "response.function_call_arguments.delta",
+                        "sequence_number": next(seq),
+                        "item_id": item["id"],
+                        "output_index": index,
+                        "delta": item["arguments"],
+                    },
+                    "response.function_call_arguments.delta",
+                )
+                self._sse(
+                    {
+                        "type": "response.function_call_arguments.done",
+                        "sequence_number": next(seq),
+                        "item_id": item["id"],
+                        "output_index": index,
+                        "arguments": item["arguments"],
+                    },
+                    "response.function_call_arguments.done",
+                )
+            self._sse(
+                {
+                    "type": "response.output_item.done",
+                    "sequence_number": next(seq),
+                    "output_index": index,
+                    "item": item,
+                },
+                "response.output_item.done",
+            )
+        self._sse(
+            {"type": "response.completed", "sequence_number": next(seq), "response": done},
+            "response.completed",
+        )
 
     # -- Anthropic Messages (claude code)
     def _anthropic(self, body: dict[str, Any]) -> None:
@@ -595,36 +784,94 @@ class _Handler(BaseHTTPRequestHandler):
                 name, args = "Write", {"file_path": path, "content": step.content}
             else:
                 name, args = step.name, dict(step.arguments)
-            blocks.append({"type": "tool_use", "id": owner._next_id("toolu"), "name": name, "input": args})
+            blocks.append(
+                {"type": "tool_use", "id": owner._next_id("toolu"), "name": name, "input": args}
+            )
         stop = "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn"
         mid, model = owner._next_id("msg"), body.get("model") or owner.model
-        usage = {"input_tokens": USAGE["input"], "output_tokens": USAGE["output"],
-                 "cache_read_input_tokens": USAGE["cache_read"],
-                 "cache_creation_input_tokens": USAGE["cache_write"]}
-        message = {"id": mid, "type": "message", "role": "assistant", "model": model,
-                   "content": blocks, "stop_reason": stop, "stop_sequence": None, "usage": usage}
+        usage = {
+            "input_tokens": USAGE["input"],
+            "output_tokens": USAGE["output"],
+            "cache_read_input_tokens": USAGE["cache_read"],
+            "cache_creation_input_tokens": USAGE["cache_write"],
+        }
+        message = {
+            "id": mid,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": blocks,
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": usage,
+        }
         if not body.get("stream"):
             return self._send_json(200, message)
         self._start_sse()
-        self._sse({"type": "message_start", "message": {**message, "content": [], "stop_reason": None,
-                                                          "usage": {**usage, "output_tokens": 1}}},
-                  "message_start")
+        self._sse(
+            {
+                "type": "message_start",
+                "message": {
+                    **message,
+                    "content": [],
+                    "stop_reason": None,
+                    "usage": {**usage, "output_tokens": 1},
+                },
+            },
+            "message_start",
+        )
         for index, block in enumerate(blocks):
             if block["type"] == "text":
-                self._sse({"type": "content_block_start", "index": index,
-                           "content_block": {"type": "text", "text": ""}}, "content_block_start")
-                self._sse({"type": "content_block_delta", "index": index,
-                           "delta": {"type": "text_delta", "text": block["text"]}}, "content_block_delta")
+                self._sse(
+                    {
+                        "type": "content_block_start",
+                        "index": index,
+                        "content_block": {"type": "text", "text": ""},
+                    },
+                    "content_block_start",
+                )
+                self._sse(
+                    {
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {"type": "text_delta", "text": block["text"]},
+                    },
+                    "content_block_delta",
+                )
             else:
-                self._sse({"type": "content_block_start", "index": index, "content_block": {
-                    "type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}},
-                    "content_block_start")
-                self._sse({"type": "content_block_delta", "index": index, "delta": {
-                    "type": "input_json_delta", "partial_json": json.dumps(block["input"])}},
-                    "content_block_delta")
+                self._sse(
+                    {
+                        "type": "content_block_start",
+                        "index": index,
+                        "content_block": {
+                            "type": "tool_use",
+                            "id": block["id"],
+                            "name": block["name"],
+                            "input": {},
+                        },
+                    },
+                    "content_block_start",
+                )
+                self._sse(
+                    {
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {
+                            "type": "input_json_delta",
+                            "partial_json": json.dumps(block["input"]),
+                        },
+                    },
+                    "content_block_delta",
+                )
             self._sse({"type": "content_block_stop", "index": index}, "content_block_stop")
-        self._sse({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-                   "usage": {"output_tokens": USAGE["output"]}}, "message_delta")
+        self._sse(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop, "stop_sequence": None},
+                "usage": {"output_tokens": USAGE["output"]},
+            },
+            "message_delta",
+        )
         self._sse({"type": "message_stop"}, "message_stop")
 
 
@@ -642,6 +889,17 @@ def conversation_text(body: Mapping[str, Any]) -> str:
 
 
 __all__ = [
-    "FakeLLM", "Text", "WriteFile", "ToolCall", "HTTPError", "text", "write_file", "tool_call",
-    "http_error", "DEFAULT_SCRIPT", "USAGE", "MODEL", "conversation_text",
+    "FakeLLM",
+    "Text",
+    "WriteFile",
+    "ToolCall",
+    "HTTPError",
+    "text",
+    "write_file",
+    "tool_call",
+    "http_error",
+    "DEFAULT_SCRIPT",
+    "USAGE",
+    "MODEL",
+    "conversation_text",
 ]

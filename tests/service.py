@@ -52,33 +52,52 @@ _WITH_FD_LIMIT = (
     "import os, resource, sys\n"
     "resource.setrlimit(resource.RLIMIT_NOFILE,\n"
     "                   (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
-    "os.execv(sys.executable, [sys.executable, '-m', 'bot', *sys.argv[2:]])\n")
+    "os.execv(sys.executable, [sys.executable, '-m', 'bot', *sys.argv[2:]])\n"
+)
 
 
 class Service:
     """`kugetsu serve --config PATH` in its own process; logs go to a file. `fd_limit`:
     start it with that soft limit of open files, as a service manager might."""
 
-    def __init__(self, config_path: Path, port: int, workdir: Path, env: dict[str, str] | None = None,
-                 fd_limit: int | None = None):
+    def __init__(
+        self,
+        config_path: Path,
+        port: int,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        fd_limit: int | None = None,
+    ):
         self.config_path, self.port, self.workdir = config_path, port, workdir
         self.fd_limit = fd_limit
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = workdir / f"service-{port}.log"
-        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir),
-                    "LANG": "C.UTF-8", **(env or {})}
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(workdir),
+            "LANG": "C.UTF-8",
+            **(env or {}),
+        }
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
     def start(self, timeout: float = 30.0) -> "Service":
         self.starts += 1
         log = open(self.log_path, "ab")
-        launch = [sys.executable, "-m", "bot"] if self.fd_limit is None else \
-            [sys.executable, "-c", _WITH_FD_LIMIT, str(self.fd_limit)]
+        launch = (
+            [sys.executable, "-m", "bot"]
+            if self.fd_limit is None
+            else [sys.executable, "-c", _WITH_FD_LIMIT, str(self.fd_limit)]
+        )
         self.proc = subprocess.Popen(
             [*launch, "serve", "--config", str(self.config_path)],
-            cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=self.workdir,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -117,6 +136,11 @@ class Service:
             raise
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bot", *args, "--config",
-                               str(self.config_path)], cwd=self.workdir, env=self.env,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "bot", *args, "--config", str(self.config_path)],
+            cwd=self.workdir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )

@@ -65,10 +65,16 @@ def test_preset_sessions_and_commands():
 
 
 def test_table_overrides_single_fields_of_same_named_preset():
-    table = AgentConfig(name="opencode", command=("opencode", "run", "-m", "x/y", "{prompt}"),
-                        env={"OPENCODE_CONFIG": "/etc/oc.json"}, max_cost_usd=2.0,
-                        home_files={".config/opencode/opencode.json": "/src/oc.json"})
-    s = agents.resolve(AgentsConfig(max_tokens=1000, max_cost_usd=9.0, tables={"opencode": table}), "opencode")
+    table = AgentConfig(
+        name="opencode",
+        command=("opencode", "run", "-m", "x/y", "{prompt}"),
+        env={"OPENCODE_CONFIG": "/etc/oc.json"},
+        max_cost_usd=2.0,
+        home_files={".config/opencode/opencode.json": "/src/oc.json"},
+    )
+    s = agents.resolve(
+        AgentsConfig(max_tokens=1000, max_cost_usd=9.0, tables={"opencode": table}), "opencode"
+    )
     assert s.preset == "opencode"
     assert s.command == ("opencode", "run", "-m", "x/y", "{prompt}")
     assert s.resume_command == agents.PRESETS["opencode"].resume_command  # not set: the preset's
@@ -79,7 +85,10 @@ def test_table_overrides_single_fields_of_same_named_preset():
 
 
 def test_table_with_other_name_uses_its_preset():
-    s = spec("cheap", cheap=AgentConfig(name="cheap", preset="claude", pass_env=("MY_KEY",), max_tokens=10))
+    s = spec(
+        "cheap",
+        cheap=AgentConfig(name="cheap", preset="claude", pass_env=("MY_KEY",), max_tokens=10),
+    )
     assert (s.name, s.preset) == ("cheap", "claude")
     assert s.command == agents.PRESETS["claude"].command
     assert s.pass_env == ("MY_KEY",)
@@ -90,10 +99,18 @@ def test_custom_command():
     s = spec("mine", mine=AgentConfig(name="mine", command=("./agent.sh", "{prompt_file}")))
     assert s.preset is None and s.command == ("./agent.sh", "{prompt_file}")
     assert s.resume_command is None and not s.sessions and s.pass_env == ()
-    with_resume = spec("mine", mine=AgentConfig(name="mine", command=("a", "{prompt}"),
-                                                resume_command=("a", "--id", "{session_id}", "{prompt}")))
+    with_resume = spec(
+        "mine",
+        mine=AgentConfig(
+            name="mine",
+            command=("a", "{prompt}"),
+            resume_command=("a", "--id", "{session_id}", "{prompt}"),
+        ),
+    )
     assert with_resume.sessions
-    no_placeholder = spec("mine", mine=AgentConfig(name="mine", command=("a",), resume_command=("a", "-c")))
+    no_placeholder = spec(
+        "mine", mine=AgentConfig(name="mine", command=("a",), resume_command=("a", "-c"))
+    )
     assert not no_placeholder.sessions
 
 
@@ -116,8 +133,10 @@ def test_table_with_unknown_preset_or_no_command():
 
 def test_config_loader_knows_the_presets(tmp_path):
     path = tmp_path / "kugetsu.toml"
-    path.write_text('[gitea]\ninsecure_no_signature = true\n[agents]\ndefault = "claude"\n'
-                    'fallback = ["codex", "fast"]\n[agents.fast]\npreset = "aider"\n')
+    path.write_text(
+        '[gitea]\ninsecure_no_signature = true\n[agents]\ndefault = "claude"\n'
+        'fallback = ["codex", "fast"]\n[agents.fast]\npreset = "aider"\n'
+    )
     config = load(path, environ={})
     assert agents.resolve(config.agents, "fast").preset == "aider"
     assert agents.resolve(config.agents, config.agents.default).preset == "claude"
@@ -127,14 +146,41 @@ def test_config_loader_knows_the_presets(tmp_path):
 
 
 def render(template, prompt="P", session_id=None):
-    return agents.render(template, prompt=prompt, prompt_file="/p/prompt.md", workdir="/w", session_id=session_id)
+    return agents.render(
+        template, prompt=prompt, prompt_file="/p/prompt.md", workdir="/w", session_id=session_id
+    )
 
 
 def test_render_fills_only_the_four_placeholders():
-    out = render(["x", "{prompt}", "--file={prompt_file}", "-C", "{workdir}", "{session_id}",
-                  '{"json": {"a": 1}}', "{model}", "{{prompt}}", "{ prompt }", "{}"], session_id="S1")
-    assert out == ["x", "P", "--file=/p/prompt.md", "-C", "/w", "S1",
-                   '{"json": {"a": 1}}', "{model}", "{P}", "{ prompt }", "{}"]
+    out = render(
+        [
+            "x",
+            "{prompt}",
+            "--file={prompt_file}",
+            "-C",
+            "{workdir}",
+            "{session_id}",
+            '{"json": {"a": 1}}',
+            "{model}",
+            "{{prompt}}",
+            "{ prompt }",
+            "{}",
+        ],
+        session_id="S1",
+    )
+    assert out == [
+        "x",
+        "P",
+        "--file=/p/prompt.md",
+        "-C",
+        "/w",
+        "S1",
+        '{"json": {"a": 1}}',
+        "{model}",
+        "{P}",
+        "{ prompt }",
+        "{}",
+    ]
 
 
 def test_render_prompt_stays_one_argument():
@@ -151,16 +197,31 @@ def test_render_session_placeholder_needs_a_session():
 def test_argv_for_start_and_resume():
     kw = dict(prompt="do it", prompt_file="/p", workdir="/w")
     oc = agents.resolve(AgentsConfig(), "opencode")
-    assert agents.argv_for(oc, session_id=None, **kw) == ["opencode", "run", "--format", "json", "do it"]
+    assert agents.argv_for(oc, session_id=None, **kw) == [
+        "opencode",
+        "run",
+        "--format",
+        "json",
+        "do it",
+    ]
     assert agents.argv_for(oc, session_id="ses_1", **kw) == [
-        "opencode", "run", "--format", "json", "--session", "ses_1", "do it"]
+        "opencode",
+        "run",
+        "--format",
+        "json",
+        "--session",
+        "ses_1",
+        "do it",
+    ]
     codex = agents.argv_for(agents.resolve(AgentsConfig(), "codex"), session_id="T1", **kw)
     assert codex[:2] == ["codex", "exec"] and codex[-3:] == ["resume", "T1", "do it"]
     assert "--json" in codex and "--skip-git-repo-check" in codex
     claude = agents.argv_for(agents.resolve(AgentsConfig(), "claude"), session_id="U1", **kw)
     assert claude[:2] == ["claude", "-p"] and claude[-3:] == ["--resume", "U1", "do it"]
     aider = agents.resolve(AgentsConfig(), "aider")
-    assert agents.argv_for(aider, session_id="ignored", **kw) == agents.argv_for(aider, session_id=None, **kw)
+    assert agents.argv_for(aider, session_id="ignored", **kw) == agents.argv_for(
+        aider, session_id=None, **kw
+    )
     assert agents.argv_for(aider, session_id=None, **kw)[-2:] == ["--message", "do it"]
     custom = spec("c", c=AgentConfig(name="c", command=("run", "{prompt_file}", "{workdir}")))
     assert agents.argv_for(custom, session_id="x", **kw) == ["run", "/p", "/w"]
@@ -170,17 +231,27 @@ def test_a_command_may_name_the_session_it_starts(tmp_path):
     """{session_id} in `command` is a fresh id kugetsu picks (like claude's --session-id);
     in `resume_command` it is the session to resume."""
     path = tmp_path / "kugetsu.toml"
-    path.write_text('[gitea]\ninsecure_no_signature = true\n[agents]\ndefault = "x"\n'
-                    '[agents.x]\ncommand = ["foo", "--session-id", "{session_id}", "{prompt}"]\n'
-                    'resume_command = ["foo", "-r", "{session_id}", "{prompt}"]\n')
+    path.write_text(
+        '[gitea]\ninsecure_no_signature = true\n[agents]\ndefault = "x"\n'
+        '[agents.x]\ncommand = ["foo", "--session-id", "{session_id}", "{prompt}"]\n'
+        'resume_command = ["foo", "-r", "{session_id}", "{prompt}"]\n'
+    )
     x = agents.resolve(load(path, environ={}).agents, "x")
     kw = dict(prompt="do it", prompt_file="/p", workdir="/w")
     first, second = agents.new_session_id(x), agents.new_session_id(x)
     assert first and second and first != second and len(first) == 36
     assert agents.argv_for(x, session_id=None, new_session_id=first, **kw) == [
-        "foo", "--session-id", first, "do it"]
+        "foo",
+        "--session-id",
+        first,
+        "do it",
+    ]
     assert agents.argv_for(x, session_id="S1", new_session_id=None, **kw) == [
-        "foo", "-r", "S1", "do it"]
+        "foo",
+        "-r",
+        "S1",
+        "do it",
+    ]
     # without an id to fill in, the command cannot be built: a clear error, not a bad argv
     with pytest.raises(ValueError, match="session_id"):
         agents.argv_for(x, session_id=None, **kw)
@@ -204,15 +275,25 @@ def test_prepare_home_dirs_and_vars(tmp_path):
     assert "CLAUDE_CONFIG_DIR" not in env
     assert all(Path(v).is_dir() for v in env.values())
     claude = agents.prepare_home(agents.resolve(AgentsConfig(), "claude"), tmp_path / "c")
-    assert claude["CLAUDE_CONFIG_DIR"] == str(tmp_path / "c" / ".claude") and "CODEX_HOME" not in claude
-    assert "CODEX_HOME" not in agents.prepare_home(agents.resolve(AgentsConfig(), "opencode"), tmp_path / "o")
+    assert (
+        claude["CLAUDE_CONFIG_DIR"] == str(tmp_path / "c" / ".claude")
+        and "CODEX_HOME" not in claude
+    )
+    assert "CODEX_HOME" not in agents.prepare_home(
+        agents.resolve(AgentsConfig(), "opencode"), tmp_path / "o"
+    )
 
 
 def test_prepare_home_copies_home_files_and_keeps_state(tmp_path):
     source = tmp_path / "config.toml"
     source.write_text('model = "one"\n')
-    s = spec("codex", codex=AgentConfig(name="codex", home_files={".codex/config.toml": str(source),
-                                                                  "deep/er/file.txt": str(source)}))
+    s = spec(
+        "codex",
+        codex=AgentConfig(
+            name="codex",
+            home_files={".codex/config.toml": str(source), "deep/er/file.txt": str(source)},
+        ),
+    )
     home = tmp_path / "home"
     agents.prepare_home(s, home)
     assert (home / ".codex/config.toml").read_text() == 'model = "one"\n'
@@ -238,7 +319,9 @@ def test_prepare_home_refuses_paths_outside(tmp_path):
 
 def test_prepare_home_seeds_aider_price_cache(tmp_path):
     agents.prepare_home(agents.resolve(AgentsConfig(), "aider"), tmp_path)
-    cache = json.loads((tmp_path / ".aider/caches/model_prices_and_context_window.json").read_text())
+    cache = json.loads(
+        (tmp_path / ".aider/caches/model_prices_and_context_window.json").read_text()
+    )
     assert cache  # aider downloads the list again when its cache is empty
 
 
@@ -257,10 +340,22 @@ TASK = {"KUGETSU_TASK_ID": "42", "KUGETSU_REPO": "o/r", "KUGETSU_ISSUE": "7"}
 
 def test_build_env_is_minimal():
     s = agents.resolve(AgentsConfig(), "claude")
-    env = agents.build_env(s, home_env={"HOME": "/h", "CLAUDE_CONFIG_DIR": "/h/.claude"}, task_vars=TASK,
-                           environ=ENVIRON, secrets=["tok-123456"])
-    expected = {"PATH", "LANG", "HOME", "CLAUDE_CONFIG_DIR", "ANTHROPIC_API_KEY", *TASK,
-                *agents.PRESETS["claude"].env}
+    env = agents.build_env(
+        s,
+        home_env={"HOME": "/h", "CLAUDE_CONFIG_DIR": "/h/.claude"},
+        task_vars=TASK,
+        environ=ENVIRON,
+        secrets=["tok-123456"],
+    )
+    expected = {
+        "PATH",
+        "LANG",
+        "HOME",
+        "CLAUDE_CONFIG_DIR",
+        "ANTHROPIC_API_KEY",
+        *TASK,
+        *agents.PRESETS["claude"].env,
+    }
     assert set(env) == expected
     assert env["PATH"] == "/opt/agents/bin:/usr/bin" and env["LANG"] == "en_US.UTF-8"
     assert env["HOME"] == "/h"  # never the service's own
@@ -270,9 +365,17 @@ def test_build_env_is_minimal():
 
 
 def test_build_env_defaults_and_table_env_wins_over_preset():
-    s = spec("opencode", opencode=AgentConfig(name="opencode", env={"npm_config_offline": "false", "X": "1"},
-                                              pass_env=("MISSING", "SSH_AUTH_SOCK")))
-    env = agents.build_env(s, home_env={}, task_vars={}, environ={"SSH_AUTH_SOCK": "/s"}, secrets=[])
+    s = spec(
+        "opencode",
+        opencode=AgentConfig(
+            name="opencode",
+            env={"npm_config_offline": "false", "X": "1"},
+            pass_env=("MISSING", "SSH_AUTH_SOCK"),
+        ),
+    )
+    env = agents.build_env(
+        s, home_env={}, task_vars={}, environ={"SSH_AUTH_SOCK": "/s"}, secrets=[]
+    )
     assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin" and env["LANG"] == "C.UTF-8"
     assert env["npm_config_offline"] == "false" and env["X"] == "1"
     assert env["SSH_AUTH_SOCK"] == "/s" and "MISSING" not in env
@@ -280,66 +383,154 @@ def test_build_env_defaults_and_table_env_wins_over_preset():
 
 
 def test_build_env_drops_secret_valued_variables(caplog):
-    s = spec("mine", mine=AgentConfig(name="mine", command=("x",), env={"GIT_TOKEN": "tok-123456",
-                                                                       "HEADER": "Authorization: token tok-123456",
-                                                                       "FINE": "ok"},
-                                      pass_env=("KUGETSU_GITEA_TOKEN", "ANTHROPIC_API_KEY")))
+    s = spec(
+        "mine",
+        mine=AgentConfig(
+            name="mine",
+            command=("x",),
+            env={
+                "GIT_TOKEN": "tok-123456",
+                "HEADER": "Authorization: token tok-123456",
+                "FINE": "ok",
+            },
+            pass_env=("KUGETSU_GITEA_TOKEN", "ANTHROPIC_API_KEY"),
+        ),
+    )
     with caplog.at_level(logging.WARNING, logger="bot.agents"):
-        env = agents.build_env(s, home_env={"HOME": "/h"}, task_vars={**TASK, "KUGETSU_LEAK": "tok-123456"},
-                               environ=ENVIRON, secrets=["", "tok-123456"])
+        env = agents.build_env(
+            s,
+            home_env={"HOME": "/h"},
+            task_vars={**TASK, "KUGETSU_LEAK": "tok-123456"},
+            environ=ENVIRON,
+            secrets=["", "tok-123456"],
+        )
     assert "tok-123456" not in json.dumps(env)
     for name in ("GIT_TOKEN", "HEADER", "KUGETSU_GITEA_TOKEN", "KUGETSU_LEAK"):
         assert name not in env
         assert name in caplog.text
     assert "tok-123456" not in caplog.text
-    assert env["FINE"] == "ok" and env["ANTHROPIC_API_KEY"] == "sk-ant-1" and env["KUGETSU_TASK_ID"] == "42"
+    assert (
+        env["FINE"] == "ok"
+        and env["ANTHROPIC_API_KEY"] == "sk-ant-1"
+        and env["KUGETSU_TASK_ID"] == "42"
+    )
 
 
 # ============================================================================ recorded output
 
 # what each recorded run must parse to; every fixture in the manifest has an entry
 EXPECTED = {
-    "opencode-success.jsonl": dict(summary="Done: hello.txt now says hello.", failed=False, rate_limited=False,
-                                   usage=(2000, 40, 400, 0), cost=0.00672),
-    "opencode-resume.jsonl": dict(summary="Resumed: second.txt created; hello.txt was written earlier.",
-                                  failed=False, rate_limited=False, usage=(2000, 40, 400, 0), cost=0.00672,
-                                  same_session_as="opencode-success.jsonl"),
-    "opencode-error-500.jsonl": dict(summary="", failed=True, rate_limited=False, failure="500",
-                                     usage=(0, 0, 0, 0), cost=None),
-    "opencode-error-429.jsonl": dict(summary="", failed=True, rate_limited=True, failure="429",
-                                     usage=(0, 0, 0, 0), cost=None),
-    "codex-success.jsonl": dict(summary="Done: hello.txt now says hello.", failed=False, rate_limited=False,
-                                usage=(2000, 40, 400, 0), cost=None),
+    "opencode-success.jsonl": dict(
+        summary="Done: hello.txt now says hello.",
+        failed=False,
+        rate_limited=False,
+        usage=(2000, 40, 400, 0),
+        cost=0.00672,
+    ),
+    "opencode-resume.jsonl": dict(
+        summary="Resumed: second.txt created; hello.txt was written earlier.",
+        failed=False,
+        rate_limited=False,
+        usage=(2000, 40, 400, 0),
+        cost=0.00672,
+        same_session_as="opencode-success.jsonl",
+    ),
+    "opencode-error-500.jsonl": dict(
+        summary="", failed=True, rate_limited=False, failure="500", usage=(0, 0, 0, 0), cost=None
+    ),
+    "opencode-error-429.jsonl": dict(
+        summary="", failed=True, rate_limited=True, failure="429", usage=(0, 0, 0, 0), cost=None
+    ),
+    "codex-success.jsonl": dict(
+        summary="Done: hello.txt now says hello.",
+        failed=False,
+        rate_limited=False,
+        usage=(2000, 40, 400, 0),
+        cost=None,
+    ),
     # codex reports the thread's cumulative usage: the resumed run includes the first one
-    "codex-resume.jsonl": dict(summary="Resumed: second.txt created; hello.txt was written earlier.",
-                               failed=False, rate_limited=False, usage=(4000, 80, 800, 0), cost=None,
-                               same_session_as="codex-success.jsonl"),
-    "codex-flaky.jsonl": dict(summary="Done: hello.txt now says hello.", failed=False, rate_limited=False,
-                              usage=(2000, 40, 400, 0), cost=None),
+    "codex-resume.jsonl": dict(
+        summary="Resumed: second.txt created; hello.txt was written earlier.",
+        failed=False,
+        rate_limited=False,
+        usage=(4000, 80, 800, 0),
+        cost=None,
+        same_session_as="codex-success.jsonl",
+    ),
+    "codex-flaky.jsonl": dict(
+        summary="Done: hello.txt now says hello.",
+        failed=False,
+        rate_limited=False,
+        usage=(2000, 40, 400, 0),
+        cost=None,
+    ),
     # codex words a 5xx as "experiencing high demand", its overloaded message
-    "codex-error-500.jsonl": dict(summary="", failed=True, rate_limited=True, failure="high demand",
-                                  usage=(0, 0, 0, 0), cost=None),
-    "codex-error-429.jsonl": dict(summary="", failed=True, rate_limited=True, failure="429",
-                                  usage=(0, 0, 0, 0), cost=None),
-    "claude-success.jsonl": dict(summary="Done: hello.txt now says hello.", failed=False, rate_limited=False,
-                                 usage=(2000, 40, 400, 200), cost=0.01245),
-    "claude-resume.jsonl": dict(summary="Resumed: second.txt created; hello.txt was written earlier.",
-                                failed=False, rate_limited=False, usage=(2000, 40, 400, 200), cost=0.01245,
-                                same_session_as="claude-success.jsonl"),
-    "claude-error-500.jsonl": dict(summary="", failed=True, rate_limited=False, failure="500",
-                                   usage=(0, 0, 0, 0), cost=0.0),
-    "claude-error-429.jsonl": dict(summary="", failed=True, rate_limited=True, failure="429",
-                                   usage=(0, 0, 0, 0), cost=0.0),
-    "claude-error-529.jsonl": dict(summary="", failed=True, rate_limited=True, failure="529",
-                                   usage=(0, 0, 0, 0), cost=0.0),
-    "aider-success.txt": dict(summary="I will create hello.txt.\n\nhello.txt\n```\nhello from the fake model\n```",
-                              failed=False, rate_limited=False, usage=(776, 19, 0, 0), cost=0.0026),
-    "aider-error-500.txt": dict(summary=None, failed=True, rate_limited=False, failure="InternalServerError",
-                                usage=(0, 0, 0, 0), cost=None),
-    "aider-error-429.txt": dict(summary=None, failed=True, rate_limited=True, failure="RateLimitError",
-                                usage=(0, 0, 0, 0), cost=None),
-    "aider-error-401.txt": dict(summary=None, failed=True, rate_limited=False, failure="AuthenticationError",
-                                usage=(0, 0, 0, 0), cost=None),
+    "codex-error-500.jsonl": dict(
+        summary="",
+        failed=True,
+        rate_limited=True,
+        failure="high demand",
+        usage=(0, 0, 0, 0),
+        cost=None,
+    ),
+    "codex-error-429.jsonl": dict(
+        summary="", failed=True, rate_limited=True, failure="429", usage=(0, 0, 0, 0), cost=None
+    ),
+    "claude-success.jsonl": dict(
+        summary="Done: hello.txt now says hello.",
+        failed=False,
+        rate_limited=False,
+        usage=(2000, 40, 400, 200),
+        cost=0.01245,
+    ),
+    "claude-resume.jsonl": dict(
+        summary="Resumed: second.txt created; hello.txt was written earlier.",
+        failed=False,
+        rate_limited=False,
+        usage=(2000, 40, 400, 200),
+        cost=0.01245,
+        same_session_as="claude-success.jsonl",
+    ),
+    "claude-error-500.jsonl": dict(
+        summary="", failed=True, rate_limited=False, failure="500", usage=(0, 0, 0, 0), cost=0.0
+    ),
+    "claude-error-429.jsonl": dict(
+        summary="", failed=True, rate_limited=True, failure="429", usage=(0, 0, 0, 0), cost=0.0
+    ),
+    "claude-error-529.jsonl": dict(
+        summary="", failed=True, rate_limited=True, failure="529", usage=(0, 0, 0, 0), cost=0.0
+    ),
+    "aider-success.txt": dict(
+        summary="I will create hello.txt.\n\nhello.txt\n```\nhello from the fake model\n```",
+        failed=False,
+        rate_limited=False,
+        usage=(776, 19, 0, 0),
+        cost=0.0026,
+    ),
+    "aider-error-500.txt": dict(
+        summary=None,
+        failed=True,
+        rate_limited=False,
+        failure="InternalServerError",
+        usage=(0, 0, 0, 0),
+        cost=None,
+    ),
+    "aider-error-429.txt": dict(
+        summary=None,
+        failed=True,
+        rate_limited=True,
+        failure="RateLimitError",
+        usage=(0, 0, 0, 0),
+        cost=None,
+    ),
+    "aider-error-401.txt": dict(
+        summary=None,
+        failed=True,
+        rate_limited=False,
+        failure="AuthenticationError",
+        usage=(0, 0, 0, 0),
+        cost=None,
+    ),
 }
 
 
@@ -365,8 +556,14 @@ def test_parse_recorded_output(name):
     else:
         assert report.failure is None
     u = report.usage
-    assert (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens) == want["usage"]
-    assert u.cost_usd == pytest.approx(want["cost"]) if want["cost"] is not None else u.cost_usd is None
+    assert (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens) == want[
+        "usage"
+    ]
+    assert (
+        u.cost_usd == pytest.approx(want["cost"])
+        if want["cost"] is not None
+        else u.cost_usd is None
+    )
     cli = MANIFEST[name]["cli"]
     if cli == "aider":
         assert report.session_id is None
@@ -382,7 +579,9 @@ def test_session_id_formats():
     assert parse("claude-success.jsonl").session_id.count("-") == 4
 
 
-@pytest.mark.parametrize("name", ["aider-error-500.txt", "aider-error-429.txt", "aider-error-401.txt"])
+@pytest.mark.parametrize(
+    "name", ["aider-error-500.txt", "aider-error-429.txt", "aider-error-401.txt"]
+)
 def test_aider_api_failure_with_exit_zero_is_failed(name):
     assert MANIFEST[name]["exit_code"] == 0
     report = agents.parse_output(spec("aider"), fixture(name), 0)
@@ -391,26 +590,54 @@ def test_aider_api_failure_with_exit_zero_is_failed(name):
     assert "Retrying" not in report.failure and "The API provider" not in report.failure
 
 
-@pytest.mark.parametrize("name", ["opencode-error-429.jsonl", "codex-error-429.jsonl",
-                                  "claude-error-429.jsonl", "aider-error-429.txt"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "opencode-error-429.jsonl",
+        "codex-error-429.jsonl",
+        "claude-error-429.jsonl",
+        "aider-error-429.txt",
+    ],
+)
 def test_http_429_is_rate_limited_for_every_preset(name):
     report = parse(name)
     assert report.failed and report.rate_limited
 
 
-@pytest.mark.parametrize("name", ["opencode-error-500.jsonl", "claude-error-500.jsonl", "aider-error-500.txt"])
+@pytest.mark.parametrize(
+    "name", ["opencode-error-500.jsonl", "claude-error-500.jsonl", "aider-error-500.txt"]
+)
 def test_http_500_is_not_rate_limited(name):
     # aider prints "servers are down or overloaded" under every 5xx: its hint, not the error
     report = parse(name)
     assert report.failed and not report.rate_limited
 
 
-@pytest.mark.parametrize("name, old, new", [
-    ("opencode-success.jsonl", "Done: hello.txt now says hello.", "Handled HTTP 429 rate limit and quota errors."),
-    ("codex-success.jsonl", "Done: hello.txt now says hello.", "Handled HTTP 429 rate limit and quota errors."),
-    ("claude-success.jsonl", "Done: hello.txt now says hello.", "Handled HTTP 429 rate limit and quota errors."),
-    ("aider-success.txt", "I will create hello.txt.", "litellm.RateLimitError: handled HTTP 429 in the client."),
-])
+@pytest.mark.parametrize(
+    "name, old, new",
+    [
+        (
+            "opencode-success.jsonl",
+            "Done: hello.txt now says hello.",
+            "Handled HTTP 429 rate limit and quota errors.",
+        ),
+        (
+            "codex-success.jsonl",
+            "Done: hello.txt now says hello.",
+            "Handled HTTP 429 rate limit and quota errors.",
+        ),
+        (
+            "claude-success.jsonl",
+            "Done: hello.txt now says hello.",
+            "Handled HTTP 429 rate limit and quota errors.",
+        ),
+        (
+            "aider-success.txt",
+            "I will create hello.txt.",
+            "litellm.RateLimitError: handled HTTP 429 in the client.",
+        ),
+    ],
+)
 def test_words_about_rate_limits_in_a_good_run_are_not_a_rate_limit(name, old, new):
     meta = MANIFEST[name]
     output = fixture(name).replace(old, new)
@@ -423,7 +650,9 @@ def test_nonzero_exit_fails_even_with_a_good_result():
     report = agents.parse_output(spec("opencode"), fixture("opencode-success.jsonl"), 137)
     assert report.failed and "137" in report.failure
     assert report.summary == "Done: hello.txt now says hello."
-    assert "signal 9" in agents.parse_output(spec("codex"), fixture("codex-success.jsonl"), -9).failure
+    assert (
+        "signal 9" in agents.parse_output(spec("codex"), fixture("codex-success.jsonl"), -9).failure
+    )
 
 
 # ============================================================================ UsageMeter
@@ -484,10 +713,18 @@ def test_meter_codex_and_aider():
 
 
 def test_budget_exceeded():
-    u = Usage(input_tokens=100, output_tokens=20, cache_read_tokens=30, cache_write_tokens=5, cost_usd=0.5)
+    u = Usage(
+        input_tokens=100, output_tokens=20, cache_read_tokens=30, cache_write_tokens=5, cost_usd=0.5
+    )
     assert u.total_tokens == 155
-    assert u.as_dict() == {"input_tokens": 100, "output_tokens": 20, "cache_read_tokens": 30,
-                           "cache_write_tokens": 5, "total_tokens": 155, "cost_usd": 0.5}
+    assert u.as_dict() == {
+        "input_tokens": 100,
+        "output_tokens": 20,
+        "cache_read_tokens": 30,
+        "cache_write_tokens": 5,
+        "total_tokens": 155,
+        "cost_usd": 0.5,
+    }
     assert agents.budget_exceeded(u, None, None) is None
     assert agents.budget_exceeded(u, 155, 0.5) is None
     assert "155" in agents.budget_exceeded(u, 154, None)
@@ -498,13 +735,26 @@ def test_budget_exceeded():
 # ============================================================================ noise, truncation, custom
 
 
-NOISE = ["", "not json at all", "{broken json", "[]", "42", '{"type": 7}', '{"part": "x", "type": "text"}',
-         "\x1b[31mred\x1b[0m", "\ufffd\ufffd binary \x00 junk", '{"type":"step_finish","part":{"tokens":"many"}}',
-         '{"type":"item.completed","item":null}', '{"type":"result","usage":[1,2]}']
+NOISE = [
+    "",
+    "not json at all",
+    "{broken json",
+    "[]",
+    "42",
+    '{"type": 7}',
+    '{"part": "x", "type": "text"}',
+    "\x1b[31mred\x1b[0m",
+    "\ufffd\ufffd binary \x00 junk",
+    '{"type":"step_finish","part":{"tokens":"many"}}',
+    '{"type":"item.completed","item":null}',
+    '{"type":"result","usage":[1,2]}',
+]
 
 
-@pytest.mark.parametrize("name", ["opencode-success.jsonl", "codex-success.jsonl", "claude-success.jsonl",
-                                  "aider-success.txt"])
+@pytest.mark.parametrize(
+    "name",
+    ["opencode-success.jsonl", "codex-success.jsonl", "claude-success.jsonl", "aider-success.txt"],
+)
 def test_garbage_lines_change_nothing(name):
     clean = parse(name)
     lines = fixture(name).splitlines()
@@ -516,7 +766,11 @@ def test_garbage_lines_change_nothing(name):
             noisy.extend([line, *NOISE[:3]])
         noisy[1:1] = NOISE
     report = agents.parse_output(spec(MANIFEST[name]["cli"]), "\n".join(noisy), 0)
-    assert (report.summary, report.session_id, report.failed) == (clean.summary, clean.session_id, False)
+    assert (report.summary, report.session_id, report.failed) == (
+        clean.summary,
+        clean.session_id,
+        False,
+    )
     assert report.usage == clean.usage
 
 
@@ -532,11 +786,20 @@ def truncated(text: str, keep_head: int, keep_tail: int, marker: str) -> str:
 
 
 @pytest.mark.parametrize("marker", MARKERS)
-@pytest.mark.parametrize("name, head, tail_", [("opencode-success.jsonl", 2, 2), ("codex-success.jsonl", 2, 2),
-                                               ("claude-success.jsonl", 2, 1), ("aider-success.txt", 3, 12)])
+@pytest.mark.parametrize(
+    "name, head, tail_",
+    [
+        ("opencode-success.jsonl", 2, 2),
+        ("codex-success.jsonl", 2, 2),
+        ("claude-success.jsonl", 2, 1),
+        ("aider-success.txt", 3, 12),
+    ],
+)
 def test_truncated_output_keeps_session_and_summary(name, head, tail_, marker):
     clean = parse(name)
-    report = agents.parse_output(spec(MANIFEST[name]["cli"]), truncated(fixture(name), head, tail_, marker), 0)
+    report = agents.parse_output(
+        spec(MANIFEST[name]["cli"]), truncated(fixture(name), head, tail_, marker), 0
+    )
     assert report.session_id == clean.session_id
     assert report.summary == clean.summary
     assert not report.failed
@@ -572,9 +835,13 @@ def test_custom_command_failure_and_rate_limit():
 
 # ============================================================================ the fake LLM itself
 
+
 def post(llm: FakeLLM, path: str, body: dict) -> tuple[int, dict, str]:
-    request = urllib.request.Request(llm.base + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        llm.base + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
             return resp.status, dict(resp.headers), resp.read().decode()
@@ -583,45 +850,90 @@ def post(llm: FakeLLM, path: str, body: dict) -> tuple[int, dict, str]:
 
 
 def sse_data(raw: str) -> list:
-    return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
-            for line in raw.splitlines() if line.startswith("data: ")]
+    return [
+        json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
+        for line in raw.splitlines()
+        if line.startswith("data: ")
+    ]
 
 
 TOOLS = [{"type": "function", "function": {"name": "write", "parameters": {}}}]
 
 
 def test_fake_chat_completions_script_by_turns():
-    script = [write_file("a.txt", "A\n", "writing"), tool_call("bash", {"command": "ls"}), text("done")]
+    script = [
+        write_file("a.txt", "A\n", "writing"),
+        tool_call("bash", {"command": "ls"}),
+        text("done"),
+    ]
     with FakeLLM(script) as llm:
         user = {"role": "user", "content": "make a.txt"}
         status, _, raw = post(llm, "/v1/chat/completions", {"messages": [user], "tools": TOOLS})
         message = json.loads(raw)["choices"][0]["message"]
         assert status == 200 and message["content"] == "writing"
         call = message["tool_calls"][0]["function"]
-        assert call["name"] == "write" and json.loads(call["arguments"]) == {"filePath": "a.txt", "content": "A\n"}
-        turn = [user, {"role": "assistant", "content": "writing"}, {"role": "tool", "content": "ok"}]
+        assert call["name"] == "write" and json.loads(call["arguments"]) == {
+            "filePath": "a.txt",
+            "content": "A\n",
+        }
+        turn = [
+            user,
+            {"role": "assistant", "content": "writing"},
+            {"role": "tool", "content": "ok"},
+        ]
         raw = post(llm, "/v1/chat/completions", {"messages": turn, "tools": TOOLS})[2]
-        assert json.loads(raw)["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "bash"
+        assert (
+            json.loads(raw)["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "bash"
+        )
         later = [*turn, {"role": "assistant", "content": ""}, {"role": "tool", "content": "ok"}]
-        chunks = sse_data(post(llm, "/v1/chat/completions", {"messages": later, "tools": TOOLS, "stream": True,
-                                                              "stream_options": {"include_usage": True}})[2])
+        chunks = sse_data(
+            post(
+                llm,
+                "/v1/chat/completions",
+                {
+                    "messages": later,
+                    "tools": TOOLS,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            )[2]
+        )
         assert chunks[-1] == "[DONE]" and chunks[-2]["usage"]["completion_tokens"] == 20
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-2]) == "done"
         # a new user message starts the script again; no tools means an aider-style whole edit
-        again = [*later, {"role": "assistant", "content": "done"}, {"role": "user", "content": "more"}]
-        content = json.loads(post(llm, "/v1/chat/completions", {"messages": again})[2])["choices"][0]["message"]
+        again = [
+            *later,
+            {"role": "assistant", "content": "done"},
+            {"role": "user", "content": "more"},
+        ]
+        content = json.loads(post(llm, "/v1/chat/completions", {"messages": again})[2])["choices"][
+            0
+        ]["message"]
         assert content["content"] == "writing\n\na.txt\n```\nA\n```\n"
         title = {"messages": [{"role": "system", "content": "You are a title generator."}, user]}
-        assert json.loads(post(llm, "/v1/chat/completions", title)[2])["choices"][0]["message"]["content"] == "Fake title"
+        assert (
+            json.loads(post(llm, "/v1/chat/completions", title)[2])["choices"][0]["message"][
+                "content"
+            ]
+            == "Fake title"
+        )
         assert len(llm.requests) == 5 and len(llm.agent_requests()) == 4
 
 
 def test_fake_streams_tool_calls_in_pieces():
     with FakeLLM() as llm:
-        chunks = sse_data(post(llm, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                                              "tools": TOOLS, "stream": True})[2])
-        calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks[:-1] if c["choices"]
-                 and "tool_calls" in c["choices"][0]["delta"]]
+        chunks = sse_data(
+            post(
+                llm,
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "stream": True},
+            )[2]
+        )
+        calls = [
+            c["choices"][0]["delta"]["tool_calls"][0]
+            for c in chunks[:-1]
+            if c["choices"] and "tool_calls" in c["choices"][0]["delta"]
+        ]
         assert calls[0]["function"] == {"name": "write", "arguments": ""} and calls[0]["id"]
         assert json.loads(calls[1]["function"]["arguments"])["filePath"] == "hello.txt"
         assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
@@ -629,34 +941,67 @@ def test_fake_streams_tool_calls_in_pieces():
 
 def test_fake_responses_api():
     with FakeLLM() as llm:
-        body = {"stream": True, "input": [
-            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "<environment_context>"
-                                                                                         "<cwd>/w</cwd>"}]},
-            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "make it"}]}]}
+        body = {
+            "stream": True,
+            "input": [
+                {
+                    "type": "message",
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "<environment_context><cwd>/w</cwd>"}
+                    ],
+                },
+                {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "make it"}],
+                },
+            ],
+        }
         events = sse_data(post(llm, "/v1/responses", body)[2])
         done = events[-1]
-        assert done["type"] == "response.completed" and done["response"]["usage"]["input_tokens"] == 1200
+        assert (
+            done["type"] == "response.completed"
+            and done["response"]["usage"]["input_tokens"] == 1200
+        )
         call = [i for i in done["response"]["output"] if i["type"] == "function_call"][0]
-        assert call["name"] == "exec_command" and "hello.txt" in json.loads(call["arguments"])["cmd"]
-        body["input"] += [call, {"type": "function_call_output", "call_id": call["call_id"], "output": "ok"}]
+        assert (
+            call["name"] == "exec_command" and "hello.txt" in json.loads(call["arguments"])["cmd"]
+        )
+        body["input"] += [
+            call,
+            {"type": "function_call_output", "call_id": call["call_id"], "output": "ok"},
+        ]
         output = json.loads(post(llm, "/v1/responses", {**body, "stream": False})[2])["output"]
         assert output[0]["content"][0]["text"] == "Done: hello.txt now says hello."
 
 
 def test_fake_anthropic_messages_uses_the_working_directory():
     with FakeLLM() as llm:
-        body = {"stream": True, "tools": [{"name": "Write"}], "system": [{"type": "text", "text":
-                "Primary working directory: /srv/checkout\nmore"}], "messages": [{"role": "user", "content": "x"}]}
+        body = {
+            "stream": True,
+            "tools": [{"name": "Write"}],
+            "system": [{"type": "text", "text": "Primary working directory: /srv/checkout\nmore"}],
+            "messages": [{"role": "user", "content": "x"}],
+        }
         events = sse_data(post(llm, "/v1/messages?beta=true", body)[2])
         kinds = [e["type"] for e in events]
         assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
-        tool = [e for e in events if e["type"] == "content_block_start"
-                and e["content_block"]["type"] == "tool_use"][0]["content_block"]
-        args = json.loads([e for e in events if e.get("delta", {}).get("type") == "input_json_delta"][0]
-                          ["delta"]["partial_json"])
+        tool = [
+            e
+            for e in events
+            if e["type"] == "content_block_start" and e["content_block"]["type"] == "tool_use"
+        ][0]["content_block"]
+        args = json.loads(
+            [e for e in events if e.get("delta", {}).get("type") == "input_json_delta"][0]["delta"][
+                "partial_json"
+            ]
+        )
         assert tool["name"] == "Write" and args["file_path"] == "/srv/checkout/hello.txt"
-        body["messages"] += [{"role": "assistant", "content": [{"type": "tool_use"}]},
-                             {"role": "user", "content": [{"type": "tool_result", "content": "ok"}]}]
+        body["messages"] += [
+            {"role": "assistant", "content": [{"type": "tool_use"}]},
+            {"role": "user", "content": [{"type": "tool_result", "content": "ok"}]},
+        ]
         reply = json.loads(post(llm, "/v1/messages", {**body, "stream": False})[2])
         assert reply["content"] == [{"type": "text", "text": "Done: hello.txt now says hello."}]
         assert reply["usage"]["cache_creation_input_tokens"] == 100
@@ -672,8 +1017,15 @@ def test_fake_errors_and_flaky_errors():
         assert json.loads(post(llm, "/v1/messages", user)[2])["error"]["type"] == "rate_limit_error"
     with FakeLLM([http_error(500, times=2), text("recovered"), text("second turn")]) as llm:
         assert [post(llm, "/v1/chat/completions", user)[0] for _ in range(3)] == [500, 500, 200]
-        turn = {**user, "messages": [*user["messages"], {"role": "assistant", "content": "recovered"}]}
-        assert json.loads(post(llm, "/v1/chat/completions", turn)[2])["choices"][0]["message"]["content"] \
+        turn = {
+            **user,
+            "messages": [*user["messages"], {"role": "assistant", "content": "recovered"}],
+        }
+        assert (
+            json.loads(post(llm, "/v1/chat/completions", turn)[2])["choices"][0]["message"][
+                "content"
+            ]
             == "second turn"
+        )
         with urllib.request.urlopen(llm.url + "/models", timeout=10) as resp:
             assert json.loads(resp.read())["data"][0]["id"] == "fake-model"

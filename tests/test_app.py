@@ -14,15 +14,22 @@ from bot.httpserver import HttpServer
 from bot.store import open_store
 from tests import payloads
 
-RULES = intake.Rules(label="kugetsu", command="/kugetsu", bot_login="kugetsu-bot",
-                     known_agents=frozenset({"opencode"}), default_agent="opencode",
-                     max_attempts=3)
+RULES = intake.Rules(
+    label="kugetsu",
+    command="/kugetsu",
+    bot_login="kugetsu-bot",
+    known_agents=frozenset({"opencode"}),
+    default_agent="opencode",
+    max_attempts=3,
+)
 
 
 @pytest.fixture
 def service(tmp_path):
-    config = Config(server=ServerConfig(max_body_bytes=64 * 1024),
-                    gitea=GiteaConfig(webhook_secret=payloads.SECRET))
+    config = Config(
+        server=ServerConfig(max_body_bytes=64 * 1024),
+        gitea=GiteaConfig(webhook_secret=payloads.SECRET),
+    )
     store = open_store(tmp_path / "db")
     woken = []
     app = create_app(config, store, rules=lambda: RULES, wake=lambda: woken.append(1))
@@ -98,8 +105,9 @@ def test_oversized_chunked_body_is_413(service):
     data = payloads.issue_payload("label_updated", labels=["kugetsu"], body="x" * 70000)
     body = payloads.encode(data)
     headers = payloads.sign(body, event="issues", event_type="issue_label")
-    r = requests.post(url + "/webhook", data=iter([body[:1000], body[1000:]]), headers=headers,
-                      timeout=10)
+    r = requests.post(
+        url + "/webhook", data=iter([body[:1000], body[1000:]]), headers=headers, timeout=10
+    )
     assert r.status_code == 413
     assert store.list() == []
 
@@ -139,9 +147,11 @@ def test_repeated_delivery_is_acknowledged_and_ignored(service):
 
 def test_answers_carry_the_handler_time(service):
     url, _, _ = service
-    for body, headers in (payloads.label_delivery(["kugetsu"]),
-                          payloads.comment_delivery("Thanks!"),
-                          (b"{not json", payloads.label_delivery(["kugetsu"])[1])):
+    for body, headers in (
+        payloads.label_delivery(["kugetsu"]),
+        payloads.comment_delivery("Thanks!"),
+        (b"{not json", payloads.label_delivery(["kugetsu"])[1]),
+    ):
         r = post(url, body, headers)
         name, _, duration = r.headers["Server-Timing"].partition(";dur=")
         assert name == "handler" and 0 < float(duration) < 10_000, r.headers
@@ -159,7 +169,8 @@ def test_only_deliveries_that_queue_work_are_logged_at_info(service, caplog):
     caplog.set_level(logging.DEBUG, logger="bot.app")
     assert post(url, *payloads.comment_delivery("Looks good")).status_code == 200
     assert [r.reason for r in caplog.records if r.getMessage() == "webhook handled"] == [
-        "no command in comment"]
+        "no command in comment"
+    ]
 
 
 def test_healthz(service):
@@ -171,8 +182,9 @@ def test_healthz(service):
 def test_healthz_reports_an_unhealthy_scheduler(tmp_path):
     config = Config(gitea=GiteaConfig(webhook_secret="s"))
     store = open_store(tmp_path / "db")
-    app = create_app(config, store, rules=lambda: RULES,
-                     health=lambda: (False, {"scheduler": "stopped"}))
+    app = create_app(
+        config, store, rules=lambda: RULES, health=lambda: (False, {"scheduler": "stopped"})
+    )
     r = app.test_client().get("/healthz")
     assert r.status_code == 503 and r.json["scheduler"] == "stopped"
 
@@ -189,6 +201,7 @@ def test_unsigned_deliveries_accepted_only_when_configured_insecure(tmp_path):
 
 def test_wake_needs_the_key(service):
     from bot.app import wake_key
+
     url, _, woken = service
     assert requests.post(url + "/wake", timeout=5).status_code == 403
     config = Config(gitea=GiteaConfig(webhook_secret=payloads.SECRET))
@@ -196,25 +209,33 @@ def test_wake_needs_the_key(service):
     assert r.status_code == 202 and woken == [1]
 
 
-@pytest.mark.parametrize("header, value", [
-    ("X-Gitea-Signature", "\u00e9" * 64),
-    ("X-Hub-Signature-256", "sha256=\u00e9"),
-])
+@pytest.mark.parametrize(
+    "header, value",
+    [
+        ("X-Gitea-Signature", "\u00e9" * 64),
+        ("X-Hub-Signature-256", "sha256=\u00e9"),
+    ],
+)
 def test_non_ascii_signature_is_401_not_a_crash(service, header, value):
     url, store, _ = service
     body, headers = payloads.label_delivery(["kugetsu"])
     headers = {k: v for k, v in headers.items() if "Signature" not in k}
     headers[header] = value
-    r = requests.post(url + "/webhook", data=body, timeout=10,
-                      headers={k: v.encode("latin-1") for k, v in headers.items()})
+    r = requests.post(
+        url + "/webhook",
+        data=body,
+        timeout=10,
+        headers={k: v.encode("latin-1") for k, v in headers.items()},
+    )
     assert r.status_code == 401 and r.json()["reason"] == "signature does not match"
     assert store.list() == []
 
 
 def test_non_ascii_wake_key_and_log_token_are_refused_not_a_crash(service):
     url, _, woken = service
-    r = requests.post(url + "/wake", headers={"X-Kugetsu-Wake": "\u00e9".encode("latin-1")},
-                      timeout=5)
+    r = requests.post(
+        url + "/wake", headers={"X-Kugetsu-Wake": "\u00e9".encode("latin-1")}, timeout=5
+    )
     assert r.status_code == 403 and woken == []
     assert requests.get(url + "/logs/1/%C3%A9", timeout=5).status_code == 404
 
@@ -237,13 +258,16 @@ def test_form_without_its_json_is_401_before_anything_else(service, form):
     assert store.list() == []
 
 
-@pytest.mark.parametrize("mutate, reason", [
-    (lambda d: d["repository"].update(full_name="widget"), "repository.full_name"),
-    (lambda d: d["issue"].update(number=-9223372036854775808), "issue.number"),
-    (lambda d: d["issue"].update(number=2**64), "issue.number"),
-    (lambda d: d["comment"].update(id=2**63), "comment.id"),
-    (lambda d: d["sender"].update(login="../alice"), "sender.login"),
-])
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda d: d["repository"].update(full_name="widget"), "repository.full_name"),
+        (lambda d: d["issue"].update(number=-9223372036854775808), "issue.number"),
+        (lambda d: d["issue"].update(number=2**64), "issue.number"),
+        (lambda d: d["comment"].update(id=2**63), "comment.id"),
+        (lambda d: d["sender"].update(login="../alice"), "sender.login"),
+    ],
+)
 def test_values_out_of_range_are_400_with_a_reason_and_write_nothing(service, mutate, reason):
     url, store, woken = service
     data = payloads.comment_payload("/kugetsu start --max-tokens 5")

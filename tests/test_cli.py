@@ -43,16 +43,26 @@ def test_enqueue_list_and_stats(setup, capsys):
     assert code == 0 and "acme/widget#7" in out and "continue" in out
     code, out, _ = run(capsys, "queue", "list", "--json", "--state", "pending", "--config", config)
     tasks = json.loads(out)
-    assert [(t["kind"], t["requested_by"]) for t in tasks] == [("start", "cli"),
-                                                                ("continue", "cli")]
+    assert [(t["kind"], t["requested_by"]) for t in tasks] == [
+        ("start", "cli"),
+        ("continue", "cli"),
+    ]
     code, out, _ = run(capsys, "queue", "stats", "--json", "--config", config)
     assert json.loads(out)["by_state"]["pending"] == 2
 
 
 def test_cancel_retry_and_clear(setup, capsys):
     config, store, _ = setup
-    tid = store.enqueue(repo="a/b", issue=1, kind=Kind.START, prompt="", agent="opencode",
-                        requested_by="cli", max_attempts=3, authorized=True)
+    tid = store.enqueue(
+        repo="a/b",
+        issue=1,
+        kind=Kind.START,
+        prompt="",
+        agent="opencode",
+        requested_by="cli",
+        max_attempts=3,
+        authorized=True,
+    )
     assert run(capsys, "queue", "retry", str(tid), "--config", config)[0] == 1
     code, out, _ = run(capsys, "queue", "cancel", str(tid), "--config", config)
     assert code == 0 and "cancelled" in out
@@ -80,8 +90,16 @@ def test_retry_refuses_a_second_active_task_on_the_issue(setup, capsys):
 
 def test_logs_follow_streams_until_the_task_ends(setup, capsysbinary):
     config, store, data = setup
-    tid = store.enqueue(repo="a/b", issue=1, kind=Kind.START, prompt="", agent="opencode",
-                        requested_by="cli", max_attempts=3, authorized=True)
+    tid = store.enqueue(
+        repo="a/b",
+        issue=1,
+        kind=Kind.START,
+        prompt="",
+        agent="opencode",
+        requested_by="cli",
+        max_attempts=3,
+        authorized=True,
+    )
     store.claim(1, "w")
     log = data / "logs" / f"{tid}.log"
     log.parent.mkdir(parents=True)
@@ -92,8 +110,9 @@ def test_logs_follow_streams_until_the_task_ends(setup, capsysbinary):
         with log.open("a") as fh:
             fh.write("second line\n")
         time.sleep(0.6)
-        store.transition(tid, State.RUNNING, State.COMPLETED, event="done",
-                         outcome=Outcome.SUCCEEDED)
+        store.transition(
+            tid, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED
+        )
 
     thread = threading.Thread(target=agent)
     thread.start()
@@ -120,14 +139,17 @@ def usage_error(capsys, *args):
     return exc.value.code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [
-    ("queue", "cancel", "99999999999999999999"),
-    ("queue", "retry", "99999999999999999999"),
-    ("queue", "cancel", "0"),
-    ("queue", "retry", "-3"),
-    ("logs", "99999999999999999999"),
-    ("logs", "x"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("queue", "cancel", "99999999999999999999"),
+        ("queue", "retry", "99999999999999999999"),
+        ("queue", "cancel", "0"),
+        ("queue", "retry", "-3"),
+        ("logs", "99999999999999999999"),
+        ("logs", "x"),
+    ],
+)
 def test_task_ids_out_of_range_are_usage_errors(setup, capsys, args):
     config, _, _ = setup
     code, err = usage_error(capsys, *args, "--config", config)
@@ -137,8 +159,16 @@ def test_task_ids_out_of_range_are_usage_errors(setup, capsys, args):
 @pytest.mark.parametrize("days", ["-1", "nan", "inf", "-inf", "soon"])
 def test_clear_refuses_a_negative_or_non_finite_age(setup, capsys, days):
     config, store, _ = setup
-    tid = store.enqueue(repo="a/b", issue=1, kind=Kind.START, prompt="", agent="opencode",
-                        requested_by="cli", max_attempts=3, authorized=True)
+    tid = store.enqueue(
+        repo="a/b",
+        issue=1,
+        kind=Kind.START,
+        prompt="",
+        agent="opencode",
+        requested_by="cli",
+        max_attempts=3,
+        authorized=True,
+    )
     store.request_cancel(tid, "cli")
     with store.tx() as c:
         store.seen_delivery(c, "delivery-1", "issues")
@@ -149,17 +179,20 @@ def test_clear_refuses_a_negative_or_non_finite_age(setup, capsys, days):
         assert store.seen_delivery(c, "delivery-1", "issues")
 
 
-@pytest.mark.parametrize("ref, why", [
-    ("a/b#99999999999999999999", "issue number"),
-    ("a/b#0", "issue number"),
-    ("../..#1", "owner '..' is not a name"),
-    ("./b#1", "owner '.' is not a name"),
-    ("a/..#1", "repository name '..' is not a name"),
-    ("a/b c#1", "OWNER/REPO#NUMBER"),
-    ("a/b/c#1", "is not owner/name"),
-    (f"{'o' * 41}/b#1", "longer than 40"),
-    ("a/b#1\n", "OWNER/REPO#NUMBER"),
-])
+@pytest.mark.parametrize(
+    "ref, why",
+    [
+        ("a/b#99999999999999999999", "issue number"),
+        ("a/b#0", "issue number"),
+        ("../..#1", "owner '..' is not a name"),
+        ("./b#1", "owner '.' is not a name"),
+        ("a/..#1", "repository name '..' is not a name"),
+        ("a/b c#1", "OWNER/REPO#NUMBER"),
+        ("a/b/c#1", "is not owner/name"),
+        (f"{'o' * 41}/b#1", "longer than 40"),
+        ("a/b#1\n", "OWNER/REPO#NUMBER"),
+    ],
+)
 def test_enqueue_rejects_invalid_repos_and_issue_numbers(setup, capsys, ref, why):
     config, store, _ = setup
     code, _, err = run(capsys, "enqueue", ref, "--config", config)
@@ -192,9 +225,18 @@ def test_a_data_dir_that_is_a_file_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def _tasks(store, n: int, issue_from: int = 1) -> list[int]:
-    return [store.enqueue(repo="a/b", issue=issue_from + i, kind=Kind.START, prompt="",
-                          agent="opencode", requested_by="cli", max_attempts=3)
-            for i in range(n)]
+    return [
+        store.enqueue(
+            repo="a/b",
+            issue=issue_from + i,
+            kind=Kind.START,
+            prompt="",
+            agent="opencode",
+            requested_by="cli",
+            max_attempts=3,
+        )
+        for i in range(n)
+    ]
 
 
 def _listed(out: str) -> list[int]:
@@ -208,22 +250,27 @@ def test_queue_list_pages_newest_first_and_says_how_to_go_on(setup, capsys):
         store.request_cancel(tid, "cli")
     code, out, err = run(capsys, "queue", "list", "--limit", "3", "--config", config)
     assert code == 0 and _listed(out) == ids[4:]
-    assert err == (f"kugetsu: the newest 3 shown; older ones with --before {ids[4]}, "
-                   "or all with --all\n")
-    code, out, err = run(capsys, "queue", "list", "--limit", "3", "--before", str(ids[4]),
-                         "--config", config)
+    assert err == (
+        f"kugetsu: the newest 3 shown; older ones with --before {ids[4]}, or all with --all\n"
+    )
+    code, out, err = run(
+        capsys, "queue", "list", "--limit", "3", "--before", str(ids[4]), "--config", config
+    )
     assert _listed(out) == ids[1:4] and f"--before {ids[1]}" in err
-    code, out, err = run(capsys, "queue", "list", "--limit", "3", "--before", str(ids[1]),
-                         "--config", config)
+    code, out, err = run(
+        capsys, "queue", "list", "--limit", "3", "--before", str(ids[1]), "--config", config
+    )
     assert _listed(out) == ids[:1] and err == ""
     assert _listed(run(capsys, "queue", "list", "--all", "--config", config)[1]) == ids
     assert _listed(run(capsys, "queue", "list", "--config", config)[1]) == ids  # 50 by default
     # with a state, the pages are of that state's tasks
-    code, out, err = run(capsys, "queue", "list", "--state", "pending", "--limit", "4",
-                         "--config", config)
+    code, out, err = run(
+        capsys, "queue", "list", "--state", "pending", "--limit", "4", "--config", config
+    )
     assert _listed(out) == ids[3:] and f"--before {ids[3]}" in err
-    code, out, err = run(capsys, "queue", "list", "--state", "cancelled", "--limit", "4",
-                         "--config", config)
+    code, out, err = run(
+        capsys, "queue", "list", "--state", "cancelled", "--limit", "4", "--config", config
+    )
     assert _listed(out) == ids[:2] and err == ""
     assert run(capsys, "queue", "list", "--before", "1", "--config", config)[1] == "no tasks\n"
 
@@ -232,17 +279,34 @@ def test_queue_list_json_is_the_same_array_page_by_page(setup, capsys):
     config, store, _ = setup
     ids = _tasks(store, 5)
     code, out, err = run(capsys, "queue", "list", "--json", "--limit", "2", "--config", config)
-    assert code == 0 and out == json.dumps([store.get(i).public_dict() for i in ids[3:]],
-                                           indent=2) + "\n"
+    assert (
+        code == 0
+        and out == json.dumps([store.get(i).public_dict() for i in ids[3:]], indent=2) + "\n"
+    )
     assert f"--before {ids[3]}" in err
     code, out, _ = run(capsys, "queue", "list", "--json", "--all", "--config", config)
     assert [t["id"] for t in json.loads(out)] == ids
-    assert set(json.loads(out)[0]) == {"id", "repo", "issue", "kind", "state", "attempts",
-                                       "max_attempts", "outcome", "pr_number", "agent",
-                                       "requested_by", "branch", "error", "created_at",
-                                       "started_at", "finished_at"}
-    code, out, err = run(capsys, "queue", "list", "--json", "--before", str(ids[0]),
-                         "--config", config)
+    assert set(json.loads(out)[0]) == {
+        "id",
+        "repo",
+        "issue",
+        "kind",
+        "state",
+        "attempts",
+        "max_attempts",
+        "outcome",
+        "pr_number",
+        "agent",
+        "requested_by",
+        "branch",
+        "error",
+        "created_at",
+        "started_at",
+        "finished_at",
+    }
+    code, out, err = run(
+        capsys, "queue", "list", "--json", "--before", str(ids[0]), "--config", config
+    )
     assert out == "[]\n" and err == ""
 
 
@@ -277,13 +341,22 @@ def test_queue_list_all_prints_each_task_as_it_is_read(setup, monkeypatch, as_js
     out = Out()
     monkeypatch.setattr(bot.store, "_row_to_task", counting)
     monkeypatch.setattr(sys, "stdout", out)
-    assert main(["queue", "list", "--all", "--config", config]
-                + (["--json"] if as_json else [])) == 0
+    assert (
+        main(["queue", "list", "--all", "--config", config] + (["--json"] if as_json else [])) == 0
+    )
     assert read[0] == 300 and out.reads_at_first_task == 1
 
 
-@pytest.mark.parametrize("args", [("--limit", "0"), ("--limit", "-1"), ("--limit", "many"),
-                                  ("--before", "0"), ("--limit", "5", "--all")])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--limit", "0"),
+        ("--limit", "-1"),
+        ("--limit", "many"),
+        ("--before", "0"),
+        ("--limit", "5", "--all"),
+    ],
+)
 def test_queue_list_paging_arguments_are_checked(setup, capsys, args):
     config, _, _ = setup
     code, err = usage_error(capsys, "queue", "list", *args, "--config", config)

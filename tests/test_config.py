@@ -32,10 +32,20 @@ def test_built_in_defaults(tmp_path, monkeypatch):
 
 
 def test_env_overrides_the_file(tmp_path):
-    path = write(tmp_path, '[gitea]\nurl = "http://file:3000"\ntoken = "file-token"\n'
-                           'webhook_secret = "file-secret"\n[storage]\ndata_dir = "/file"\n')
-    config = load(path, {"KUGETSU_GITEA_URL": "http://env:3000/", "KUGETSU_GITEA_TOKEN": "t",
-                         "KUGETSU_WEBHOOK_SECRET": "w", "KUGETSU_DATA_DIR": str(tmp_path / "d")})
+    path = write(
+        tmp_path,
+        '[gitea]\nurl = "http://file:3000"\ntoken = "file-token"\n'
+        'webhook_secret = "file-secret"\n[storage]\ndata_dir = "/file"\n',
+    )
+    config = load(
+        path,
+        {
+            "KUGETSU_GITEA_URL": "http://env:3000/",
+            "KUGETSU_GITEA_TOKEN": "t",
+            "KUGETSU_WEBHOOK_SECRET": "w",
+            "KUGETSU_DATA_DIR": str(tmp_path / "d"),
+        },
+    )
     assert config.gitea.url == "http://env:3000"
     assert (config.gitea.token, config.gitea.webhook_secret) == ("t", "w")
     assert config.storage.data_dir == tmp_path / "d"
@@ -48,7 +58,9 @@ def test_kugetsu_config_names_the_file(tmp_path):
 
 
 def test_fractional_timeout_and_agent_tables(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [agents]
 default = "mine"
 timeout_minutes = 0.5
@@ -59,7 +71,8 @@ env = { MODE = "fast" }
 pass_env = ["MY_KEY"]
 [agents.opencode]
 pass_env = ["OPENROUTER_API_KEY"]
-""")
+""",
+    )
     config = load(path, ENV)
     assert config.agents.timeout_seconds == 30
     assert config.agents.tables["mine"].command == ("my-agent", "--prompt-file", "{prompt_file}")
@@ -74,34 +87,39 @@ def test_missing_secret_refuses_to_start_unless_insecure(tmp_path):
     assert load(write(tmp_path, ""), {}, require_secret=False)
 
 
-@pytest.mark.parametrize("text, key", [
-    ("[queue]\nmax_concurrent_agents = 0\n", "queue.max_concurrent_agents"),
-    ("[queue]\nmax_concurrent_agents = \"3\"\n", "queue.max_concurrent_agents"),
-    ("[queue]\npoll_interval_seconds = -1\n", "queue.poll_interval_seconds"),
-    ("[queue]\nretry_backoff_seconds = []\n", "queue.retry_backoff_seconds"),
-    ("[triggers]\nreply_limit = -1\n", "triggers.reply_limit"),
-    ("[triggers]\nreply_window_seconds = 0\n", "triggers.reply_window_seconds"),
-    ("[queue]\nretry_backoff_seconds = [\"soon\"]\n", "queue.retry_backoff_seconds"),
-    ("[queue]\nbogus = 1\n", "bogus"),
-    ("[nonsense]\n", "nonsense"),
-    ("[gitea]\nurl = \"gitea.local\"\n", "gitea.url"),
-    ("[gitea]\nurl = \"http://user:pw@gitea.local\"\n", "gitea.url"),
-    ("[triggers]\nmin_permission = \"root\"\n", "triggers.min_permission"),
-    ("[triggers]\ncommand = \"/ku getsu\"\n", "triggers.command"),
-    ("[agents]\ndefault = \"nobody\"\n", "nobody"),
-    ("[agents]\ntimeout_minutes = 0\n", "agents.timeout_minutes"),
-    ("[agents]\nnice = -5\n", "agents.nice"),
-    ("[agents]\nnice = 20\n", "agents.nice"),
-    ("[agents]\nnice = 2.5\n", "agents.nice"),
-    ("[agents.custom]\nenv = { A = \"x\" }\n", "agents.custom.command"),
-    ("[agents.custom]\ncommand = []\n", "agents.custom.command"),
-    ("[agents.x]\npreset = \"gpt\"\ncommand = [\"a\"]\n", "agents.x.preset"),
-    ("[agents.x]\ncommand = [\"a\"]\nhome_files = { \"../x\" = \"/etc/passwd\" }\n",
-     "agents.x.home_files"),
-    ("[git]\nbranch_template = \"kugetsu/{issue}\"\n", "git.branch_template"),
-    ("[server]\nport = 70000\n", "server.port"),
-    ("not toml = = 1", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("[queue]\nmax_concurrent_agents = 0\n", "queue.max_concurrent_agents"),
+        ('[queue]\nmax_concurrent_agents = "3"\n', "queue.max_concurrent_agents"),
+        ("[queue]\npoll_interval_seconds = -1\n", "queue.poll_interval_seconds"),
+        ("[queue]\nretry_backoff_seconds = []\n", "queue.retry_backoff_seconds"),
+        ("[triggers]\nreply_limit = -1\n", "triggers.reply_limit"),
+        ("[triggers]\nreply_window_seconds = 0\n", "triggers.reply_window_seconds"),
+        ('[queue]\nretry_backoff_seconds = ["soon"]\n', "queue.retry_backoff_seconds"),
+        ("[queue]\nbogus = 1\n", "bogus"),
+        ("[nonsense]\n", "nonsense"),
+        ('[gitea]\nurl = "gitea.local"\n', "gitea.url"),
+        ('[gitea]\nurl = "http://user:pw@gitea.local"\n', "gitea.url"),
+        ('[triggers]\nmin_permission = "root"\n', "triggers.min_permission"),
+        ('[triggers]\ncommand = "/ku getsu"\n', "triggers.command"),
+        ('[agents]\ndefault = "nobody"\n', "nobody"),
+        ("[agents]\ntimeout_minutes = 0\n", "agents.timeout_minutes"),
+        ("[agents]\nnice = -5\n", "agents.nice"),
+        ("[agents]\nnice = 20\n", "agents.nice"),
+        ("[agents]\nnice = 2.5\n", "agents.nice"),
+        ('[agents.custom]\nenv = { A = "x" }\n', "agents.custom.command"),
+        ("[agents.custom]\ncommand = []\n", "agents.custom.command"),
+        ('[agents.x]\npreset = "gpt"\ncommand = ["a"]\n', "agents.x.preset"),
+        (
+            '[agents.x]\ncommand = ["a"]\nhome_files = { "../x" = "/etc/passwd" }\n',
+            "agents.x.home_files",
+        ),
+        ('[git]\nbranch_template = "kugetsu/{issue}"\n', "git.branch_template"),
+        ("[server]\nport = 70000\n", "server.port"),
+        ("not toml = = 1", "not valid TOML"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as exc:
         load(write(tmp_path, text), ENV)
@@ -109,19 +127,22 @@ def test_bad_values_name_the_key(tmp_path, text, key):
     assert "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("text, key", [
-    ("[queue]\npoll_interval_seconds = nan\n", "queue.poll_interval_seconds"),
-    ("[queue]\npoll_interval_seconds = inf\n", "queue.poll_interval_seconds"),
-    ("[queue]\ncleanup_age_days = inf\n", "queue.cleanup_age_days"),
-    ("[queue]\nauthorization_cache_seconds = nan\n", "queue.authorization_cache_seconds"),
-    ("[queue]\nretry_backoff_seconds = [inf]\n", "queue.retry_backoff_seconds"),
-    ("[queue]\nretry_backoff_seconds = [1, nan]\n", "queue.retry_backoff_seconds"),
-    ("[agents]\ntimeout_minutes = nan\n", "agents.timeout_minutes"),
-    ("[agents]\ntimeout_minutes = inf\n", "agents.timeout_minutes"),
-    ("[agents]\nkill_grace_seconds = -inf\n", "agents.kill_grace_seconds"),
-    ("[agents]\nmax_cost_usd = inf\n", "agents.max_cost_usd"),
-    ("[gitea]\ntimeout_seconds = nan\n", "gitea.timeout_seconds"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("[queue]\npoll_interval_seconds = nan\n", "queue.poll_interval_seconds"),
+        ("[queue]\npoll_interval_seconds = inf\n", "queue.poll_interval_seconds"),
+        ("[queue]\ncleanup_age_days = inf\n", "queue.cleanup_age_days"),
+        ("[queue]\nauthorization_cache_seconds = nan\n", "queue.authorization_cache_seconds"),
+        ("[queue]\nretry_backoff_seconds = [inf]\n", "queue.retry_backoff_seconds"),
+        ("[queue]\nretry_backoff_seconds = [1, nan]\n", "queue.retry_backoff_seconds"),
+        ("[agents]\ntimeout_minutes = nan\n", "agents.timeout_minutes"),
+        ("[agents]\ntimeout_minutes = inf\n", "agents.timeout_minutes"),
+        ("[agents]\nkill_grace_seconds = -inf\n", "agents.kill_grace_seconds"),
+        ("[agents]\nmax_cost_usd = inf\n", "agents.max_cost_usd"),
+        ("[gitea]\ntimeout_seconds = nan\n", "gitea.timeout_seconds"),
+    ],
+)
 def test_non_finite_numbers_are_refused(tmp_path, text, key):
     with pytest.raises(ConfigError) as exc:
         load(write(tmp_path, text), ENV)
@@ -129,17 +150,29 @@ def test_non_finite_numbers_are_refused(tmp_path, text, key):
     assert "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("text, key, why", [
-    ('[agents.x]\ncommand = ["foo", "{promt}"]\n', "agents.x.command", "{promt}"),
-    ('[agents.x]\ncommand = ["foo", "--in={dir}"]\n', "agents.x.command", "{dir}"),
-    ('[agents.x]\ncommand = ["foo"]\nresume_command = ["foo", "{session}"]\n',
-     "agents.x.resume_command", "{session}"),
-    ('[agents.claude]\nresume_command = ["claude", "{sessionid}", "{prompt}"]\n',
-     "agents.claude.resume_command", "{sessionid}"),
-    ('[agents.x]\ncommand = ["foo"]\nresume_command = []\n', "agents.x.resume_command",
-     "empty"),
-    ('[agents.opencode]\nresume_command = []\n', "agents.opencode.resume_command", "empty"),
-])
+@pytest.mark.parametrize(
+    "text, key, why",
+    [
+        ('[agents.x]\ncommand = ["foo", "{promt}"]\n', "agents.x.command", "{promt}"),
+        ('[agents.x]\ncommand = ["foo", "--in={dir}"]\n', "agents.x.command", "{dir}"),
+        (
+            '[agents.x]\ncommand = ["foo"]\nresume_command = ["foo", "{session}"]\n',
+            "agents.x.resume_command",
+            "{session}",
+        ),
+        (
+            '[agents.claude]\nresume_command = ["claude", "{sessionid}", "{prompt}"]\n',
+            "agents.claude.resume_command",
+            "{sessionid}",
+        ),
+        (
+            '[agents.x]\ncommand = ["foo"]\nresume_command = []\n',
+            "agents.x.resume_command",
+            "empty",
+        ),
+        ("[agents.opencode]\nresume_command = []\n", "agents.opencode.resume_command", "empty"),
+    ],
+)
 def test_agent_command_lines_are_checked(tmp_path, text, key, why):
     with pytest.raises(ConfigError) as exc:
         load(write(tmp_path, text), ENV)
@@ -148,12 +181,18 @@ def test_agent_command_lines_are_checked(tmp_path, text, key, why):
 
 
 def test_agent_command_lines_may_hold_other_braces(tmp_path):
-    config = load(write(tmp_path, """
+    config = load(
+        write(
+            tmp_path,
+            """
 [agents.x]
 command = ["foo", "--config", '{"model": "{env:MODEL}"}', "{}", "{ x }", "--in={workdir}",
            "{prompt_file}", "{prompt}"]
 resume_command = ["foo", "--resume={session_id}", "{prompt}"]
-"""), ENV)
+""",
+        ),
+        ENV,
+    )
     assert config.agents.tables["x"].resume_command == ("foo", "--resume={session_id}", "{prompt}")
 
 
@@ -176,6 +215,7 @@ def test_example_config_loads():
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     from bot.cli import main
+
     path = write(tmp_path, "[queue]\nmax_attempts = 0\n")
     assert main(["queue", "list", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()

@@ -19,8 +19,17 @@ from bot.gitea import Forbidden, GiteaClient, Locked
 from bot.store import open_store
 from bot.tasks import LABELLER, Kind, Outcome, State
 from bot.workspace import GitError, Workspace
-from tests.conftest import (FAKE_AGENT, REPO, TOKEN, fake_agent, make_config, peak_overlap,
-                            process_gone, wait_for, write_unchecked)
+from tests.conftest import (
+    FAKE_AGENT,
+    REPO,
+    TOKEN,
+    fake_agent,
+    make_config,
+    peak_overlap,
+    process_gone,
+    wait_for,
+    write_unchecked,
+)
 
 BRANCH = "kugetsu/issue-{}"
 
@@ -32,38 +41,61 @@ class Harness:
         self.store = open_store(self.config.storage.db_path)
         self.client = GiteaClient(gitea.url, TOKEN, retries=2, backoff=0.01, timeout=5)
         storage = self.config.storage
-        self.workspace = Workspace(mirrors_dir=storage.mirrors_dir,
-                                   worktrees_dir=storage.worktrees_dir,
-                                   remote_url=self.config.gitea.git_url, token=TOKEN,
-                                   author_name="kugetsu", author_email="kugetsu@example.invalid",
-                                   secrets=self.config.secrets())
-        self.dispatcher = Dispatcher(self.config, self.store, self.client, self.workspace,
-                                     environ={"PATH": os.environ["PATH"],
-                                              "KUGETSU_GITEA_TOKEN": TOKEN})
+        self.workspace = Workspace(
+            mirrors_dir=storage.mirrors_dir,
+            worktrees_dir=storage.worktrees_dir,
+            remote_url=self.config.gitea.git_url,
+            token=TOKEN,
+            author_name="kugetsu",
+            author_email="kugetsu@example.invalid",
+            secrets=self.config.secrets(),
+        )
+        self.dispatcher = Dispatcher(
+            self.config,
+            self.store,
+            self.client,
+            self.workspace,
+            environ={"PATH": os.environ["PATH"], "KUGETSU_GITEA_TOKEN": TOKEN},
+        )
         self.dispatcher.start()
 
     def issue(self, title="Add a greeting", body="Please add a greeting file.") -> int:
         return self.gitea.create_issue(REPO, title, body)
 
-    def enqueue(self, issue: int, *, kind=Kind.START, prompt="", agent="fake", by="alice",
-                **kw) -> int:
+    def enqueue(
+        self, issue: int, *, kind=Kind.START, prompt="", agent="fake", by="alice", **kw
+    ) -> int:
         perm = self.gitea.permission(REPO, by)
-        return self.store.enqueue(repo=REPO, issue=issue, kind=kind, prompt=prompt, agent=agent,
-                                  requested_by=by, max_attempts=self.config.queue.max_attempts,
-                                  permission_hint=perm, **kw)
+        return self.store.enqueue(
+            repo=REPO,
+            issue=issue,
+            kind=kind,
+            prompt=prompt,
+            agent=agent,
+            requested_by=by,
+            max_attempts=self.config.queue.max_attempts,
+            permission_hint=perm,
+            **kw,
+        )
 
     def settle(self, *task_ids: int, timeout: float = 60.0) -> None:
         def done():
             tasks = [self.store.get(t) for t in task_ids]
-            return (all(not t.active for t in tasks)
-                    and not self.store.comment_out_of_date(1)
-                    and not self.store.outbox_due(1)
-                    and not self.dispatcher.runner_threads())
+            return (
+                all(not t.active for t in tasks)
+                and not self.store.comment_out_of_date(1)
+                and not self.store.outbox_due(1)
+                and not self.dispatcher.runner_threads()
+            )
+
         wait_for(done, timeout=timeout, tick=self.dispatcher.run_tick, what="tasks to finish")
 
     def tracking_comments(self, issue: int) -> list[dict]:
-        return [c for c in self.gitea.comments_on(REPO, issue)
-                if "<!-- kugetsu:task=" in c["body"] and "Pushed a follow-up" not in c["body"]]
+        return [
+            c
+            for c in self.gitea.comments_on(REPO, issue)
+            if "<!-- kugetsu:task=" in c["body"] and "Pushed a follow-up" not in c["body"]
+        ]
 
     def close(self):
         self.dispatcher.shutdown(timeout=10)
@@ -78,6 +110,7 @@ def make(tmp_path, gitea):
         h = Harness(tmp_path, gitea, **kw)
         made.append(h)
         return h
+
     yield factory
     for h in made:
         h.close()
@@ -89,6 +122,7 @@ def alive(pid: int) -> bool:
 
 # ---------------------------------------------------------------- the happy path
 
+
 def test_task_becomes_a_pull_request_and_one_tracking_comment(make):
     h = make()
     n = h.issue()
@@ -96,8 +130,9 @@ def test_task_becomes_a_pull_request_and_one_tracking_comment(make):
     h.settle(tid)
     task = h.store.get(tid)
     assert (task.state, task.outcome, task.attempts) == (State.COMPLETED, Outcome.SUCCEEDED, 1)
-    assert h.gitea.file_at(REPO, BRANCH.format(n), "kugetsu_output.txt") == \
-        f"written by task {tid}\n"
+    assert (
+        h.gitea.file_at(REPO, BRANCH.format(n), "kugetsu_output.txt") == f"written by task {tid}\n"
+    )
     [pr] = h.gitea.pulls_of(REPO).values()
     assert pr["head"]["ref"] == BRANCH.format(n) and pr["base"]["ref"] == "main"
     assert pr["title"] == "Add a greeting"
@@ -139,9 +174,15 @@ def test_queued_and_working_comments_show_progress(make):
     h = make(limit=1, agents={"fake": fake_agent(FAKE_SECONDS="2")})
     first, second = h.issue(), h.issue("Second thing")
     t1, t2 = h.enqueue(first), h.enqueue(second)
-    wait_for(lambda: len(h.tracking_comments(second)) == 1 and h.store.get(t1).state is
-             State.RUNNING and "Working" in (h.tracking_comments(first) or [{"body": ""}])[0]["body"],
-             tick=h.dispatcher.run_tick, what="progress comments")
+    wait_for(
+        lambda: (
+            len(h.tracking_comments(second)) == 1
+            and h.store.get(t1).state is State.RUNNING
+            and "Working" in (h.tracking_comments(first) or [{"body": ""}])[0]["body"]
+        ),
+        tick=h.dispatcher.run_tick,
+        what="progress comments",
+    )
     [working] = h.tracking_comments(first)
     assert "agent `fake`, attempt 1 of 3, started" in working["body"]
     [queued] = h.tracking_comments(second)
@@ -152,6 +193,7 @@ def test_queued_and_working_comments_show_progress(make):
 
 
 # ---------------------------------------------------------------- outcomes
+
 
 def test_no_changes_means_no_pull_request(make):
     h = make(agents={"fake": fake_agent(FAKE_MODE="nochange")})
@@ -195,12 +237,19 @@ def test_failed_attempt_then_success(make, tmp_path):
 
 def opencode_shaped(record: Path) -> AgentConfig:
     """An agent that streams opencode's usage events, writes a file, and records each run."""
-    return AgentConfig(name="oc", preset="opencode",
-                       command=(sys.executable, str(FAKE_AGENT), "{prompt}"),
-                       resume_command=(sys.executable, str(FAKE_AGENT), "--session",
-                                       "{session_id}", "{prompt}"),
-                       env={"FAKE_MODE": "opencode", "FAKE_STEPS": "3", "FAKE_SECONDS": "0",
-                            "FAKE_FILE": "kugetsu_output.txt", "FAKE_RECORD": str(record)})
+    return AgentConfig(
+        name="oc",
+        preset="opencode",
+        command=(sys.executable, str(FAKE_AGENT), "{prompt}"),
+        resume_command=(sys.executable, str(FAKE_AGENT), "--session", "{session_id}", "{prompt}"),
+        env={
+            "FAKE_MODE": "opencode",
+            "FAKE_STEPS": "3",
+            "FAKE_SECONDS": "0",
+            "FAKE_FILE": "kugetsu_output.txt",
+            "FAKE_RECORD": str(record),
+        },
+    )
 
 
 def agent_runs(record: Path) -> int:
@@ -213,7 +262,11 @@ def assert_published_once(h, n: int, tid: int, record: Path, *, attempts: int) -
     task = h.store.get(tid)
     [pr] = h.gitea.pulls_of(REPO).values()
     assert (task.state, task.outcome, task.attempts, task.pr_number) == (
-        State.COMPLETED, Outcome.SUCCEEDED, attempts, pr["number"]), task.error
+        State.COMPLETED,
+        Outcome.SUCCEEDED,
+        attempts,
+        pr["number"],
+    ), task.error
     assert task.publish_sha is None
     assert h.store.issue_for_pr(REPO, pr["number"]) == n
     assert agent_runs(record) == 1
@@ -238,15 +291,17 @@ def test_a_pull_request_whose_answer_was_lost_is_found_not_forgotten(make, tmp_p
     # found by the attempt that made it: no retry was needed
     assert [e["event"] for e in h.store.events(tid)].count("claimed") == 1
     # `continue` on that pull request finds its issue and lands on the same PR
-    posted, result = deliver_comment(h, "/kugetsu continue --agent oc add a test", number,
-                                     is_pull=True)
+    posted, result = deliver_comment(
+        h, "/kugetsu continue --agent oc add a test", number, is_pull=True
+    )
     [follow] = result.task_ids
     h.settle(follow)
     task = h.store.get(follow)
     assert (task.issue, task.outcome, task.pr_number) == (n, Outcome.SUCCEEDED, number)
     assert list(h.gitea.pulls_of(REPO)) == [number]
-    assert any("Pushed a follow-up for @alice" in c["body"]
-               for c in h.gitea.comments_on(REPO, number))
+    assert any(
+        "Pushed a follow-up for @alice" in c["body"] for c in h.gitea.comments_on(REPO, number)
+    )
 
 
 class FailFirstPush:
@@ -286,16 +341,20 @@ def _push_fails(h):
     h.dispatcher.workspace = FailFirstPush(h.workspace)
 
 
-@pytest.mark.parametrize("trouble, attempts", [
-    # Gitea away (5xx, no answer): the task waits for it, no attempt used
-    (_gitea_500s_on_create, 1),
-    (_answer_lost_and_the_lookup_fails, 1),
-    # a refusal or a failed push counts an attempt; the retry still only publishes
-    (_create_refused, 2),
-    (_push_fails, 2),
-])
+@pytest.mark.parametrize(
+    "trouble, attempts",
+    [
+        # Gitea away (5xx, no answer): the task waits for it, no attempt used
+        (_gitea_500s_on_create, 1),
+        (_answer_lost_and_the_lookup_fails, 1),
+        # a refusal or a failed push counts an attempt; the retry still only publishes
+        (_create_refused, 2),
+        (_push_fails, 2),
+    ],
+)
 def test_a_retry_after_a_publishing_failure_publishes_without_running_the_agent(
-        make, tmp_path, trouble, attempts):
+    make, tmp_path, trouble, attempts
+):
     record = tmp_path / "record"
     h = make(default="oc", agents={"oc": opencode_shaped(record)})
     # waiting for Gitea puts the next attempt GITEA_WAIT_SECONDS ahead: the queue's clock
@@ -308,8 +367,9 @@ def test_a_retry_after_a_publishing_failure_publishes_without_running_the_agent(
     events = [e["event"] for e in h.store.events(tid)]
     assert events.count("claimed") == 2, events  # one failed publish, then one more try
     assert_published_once(h, n, tid, record, attempts=attempts)
-    assert h.gitea.file_at(REPO, BRANCH.format(n), "kugetsu_output.txt") == \
-        f"written by task {tid}\n"
+    assert (
+        h.gitea.file_at(REPO, BRANCH.format(n), "kugetsu_output.txt") == f"written by task {tid}\n"
+    )
 
 
 def test_committed_work_that_is_gone_is_done_again(make, tmp_path):
@@ -356,6 +416,7 @@ def test_a_refused_comment_does_not_hold_up_the_others(make):
 
 def test_status_reply_is_not_mistaken_for_a_tracking_comment(make):
     from bot.publisher import status_text
+
     h = make()
     n = h.issue()
     tid = h.enqueue(n)
@@ -367,8 +428,11 @@ def test_status_reply_is_not_mistaken_for_a_tracking_comment(make):
 
 def test_timeout_kills_the_whole_process_group(make, tmp_path):
     pidfile = tmp_path / "pids"
-    h = make(attempts=1, timeout_minutes=0.03,
-             agents={"fake": fake_agent(FAKE_MODE="hang", FAKE_PIDFILE=str(pidfile))})
+    h = make(
+        attempts=1,
+        timeout_minutes=0.03,
+        agents={"fake": fake_agent(FAKE_MODE="hang", FAKE_PIDFILE=str(pidfile))},
+    )
     n = h.issue()
     tid = h.enqueue(n)
     h.settle(tid)
@@ -411,14 +475,24 @@ def deliver_label(h, number, sender, author):
     """The label delivery Gitea sends: repository.permissions is the issue author's."""
     from bot import events, intake
     from tests import payloads
-    body, headers = payloads.label_delivery(["kugetsu"], number, sender=sender, author=author,
-                                            permission=h.gitea.permission(REPO, author))
+
+    body, headers = payloads.label_delivery(
+        ["kugetsu"],
+        number,
+        sender=sender,
+        author=author,
+        permission=h.gitea.permission(REPO, author),
+    )
     delivery = events.delivery_of(headers, body)
-    rules = intake.Rules(label="kugetsu", command="/kugetsu", bot_login="kugetsu-bot",
-                         known_agents=frozenset(h.config.agents.tables), default_agent="fake",
-                         max_attempts=h.config.queue.max_attempts)
-    return intake.ingest(h.store, delivery, events.parse(delivery, events.load_json(body)),
-                         rules)
+    rules = intake.Rules(
+        label="kugetsu",
+        command="/kugetsu",
+        bot_login="kugetsu-bot",
+        known_agents=frozenset(h.config.agents.tables),
+        default_agent="fake",
+        max_attempts=h.config.queue.max_attempts,
+    )
+    return intake.ingest(h.store, delivery, events.parse(delivery, events.load_json(body)), rules)
 
 
 def not_admin(h):
@@ -457,18 +531,22 @@ class _NotAdmin:
         raise Forbidden("user does not have admin permission", status=403)
 
 
-@pytest.mark.parametrize("need, hint, verdict", [
-    ("write", LABELLER, (True, "write")),
-    ("read", LABELLER, (True, "write")),
-    ("admin", LABELLER, False),          # a label shows write at least, not admin
-    ("admin", "admin", (True, "admin")),  # a comment shows the commenter's own
-    ("write", "read", False),
-    ("write", None, False),
-])
+@pytest.mark.parametrize(
+    "need, hint, verdict",
+    [
+        ("write", LABELLER, (True, "write")),
+        ("read", LABELLER, (True, "write")),
+        ("admin", LABELLER, False),  # a label shows write at least, not admin
+        ("admin", "admin", (True, "admin")),  # a comment shows the commenter's own
+        ("write", "read", False),
+        ("write", None, False),
+    ],
+)
 def test_without_admin_a_request_is_judged_by_what_it_shows(tmp_path, need, hint, verdict):
     config = make_config(tmp_path, "http://gitea.invalid")
-    config = dataclasses.replace(config, triggers=dataclasses.replace(config.triggers,
-                                                                      min_permission=need))
+    config = dataclasses.replace(
+        config, triggers=dataclasses.replace(config.triggers, min_permission=need)
+    )
     result = AuthCache(config, _NotAdmin(), time.time).check(REPO, "adam", hint)
     if verdict is False:
         assert result[0] is False
@@ -480,8 +558,9 @@ def test_without_admin_a_request_is_judged_by_what_it_shows(tmp_path, need, hint
 
 def test_allowed_users_list_is_enforced(make, tmp_path):
     h = make()
-    h.config = h.config.__class__(**{**h.config.__dict__, "triggers": h.config.triggers.__class__(
-        allowed_users=("bob",))})
+    h.config = h.config.__class__(
+        **{**h.config.__dict__, "triggers": h.config.triggers.__class__(allowed_users=("bob",))}
+    )
     h.dispatcher.config = h.dispatcher.auth.config = h.config
     n = h.issue()
     tid = h.enqueue(n, by="alice")
@@ -500,23 +579,33 @@ def test_continue_lands_on_the_same_pull_request(make):
     second = h.enqueue(n, kind=Kind.CONTINUE, prompt="add a test too", by="bob")
     h.settle(second)
     task = h.store.get(second)
-    assert (task.state, task.outcome, task.pr_number) == (State.COMPLETED, Outcome.SUCCEEDED,
-                                                          pr["number"])
+    assert (task.state, task.outcome, task.pr_number) == (
+        State.COMPLETED,
+        Outcome.SUCCEEDED,
+        pr["number"],
+    )
     assert list(h.gitea.pulls_of(REPO)) == [pr["number"]]
     sha2 = h.gitea.branch_sha(REPO, BRANCH.format(n))
     assert sha2 != sha1
     assert h.gitea.git(REPO, "rev-parse", f"{sha2}~1").strip() == sha1
-    assert h.gitea.file_at(REPO, BRANCH.format(n), "kugetsu_output.txt") == \
-        f"written by task {first}\nwritten by task {second}\n"
+    assert (
+        h.gitea.file_at(REPO, BRANCH.format(n), "kugetsu_output.txt")
+        == f"written by task {first}\nwritten by task {second}\n"
+    )
     pr_comments = h.gitea.comments_on(REPO, pr["number"])
     assert any("Pushed a follow-up for @bob" in c["body"] for c in pr_comments)
     assert len(h.tracking_comments(n)) == 2
 
 
 def test_rate_limited_agent_falls_back_without_using_an_attempt(make):
-    h = make(default="first", fallback=("second",),
-             agents={"first": fake_agent("first", FAKE_MODE="ratelimit"),
-                     "second": fake_agent("second")})
+    h = make(
+        default="first",
+        fallback=("second",),
+        agents={
+            "first": fake_agent("first", FAKE_MODE="ratelimit"),
+            "second": fake_agent("second"),
+        },
+    )
     n = h.issue()
     tid = h.enqueue(n, agent="first")
     h.settle(tid)
@@ -527,9 +616,12 @@ def test_rate_limited_agent_falls_back_without_using_an_attempt(make):
 
 
 def test_budget_exceeded_stops_the_agent(make):
-    agent = AgentConfig(name="oc", preset="opencode",
-                        command=(sys.executable, str(FAKE_AGENT), "{prompt}"),
-                        env={"FAKE_MODE": "opencode", "FAKE_STEPS": "20", "FAKE_SECONDS": "0.3"})
+    agent = AgentConfig(
+        name="oc",
+        preset="opencode",
+        command=(sys.executable, str(FAKE_AGENT), "{prompt}"),
+        env={"FAKE_MODE": "opencode", "FAKE_STEPS": "20", "FAKE_SECONDS": "0.3"},
+    )
     h = make(default="oc", agents={"oc": agent})
     n = h.issue()
     tid = h.enqueue(n, agent="oc", max_tokens=12000)
@@ -554,6 +646,7 @@ def test_flooding_agent_leaves_a_capped_log(make):
 
 # ---------------------------------------------------------------- limits and recovery
 
+
 def test_concurrency_limit_holds_and_is_used(make, tmp_path):
     record = tmp_path / "record"
     h = make(limit=3, agents={"fake": fake_agent(FAKE_SECONDS="1.0", FAKE_RECORD=str(record))})
@@ -574,8 +667,9 @@ def test_restart_recovers_a_task_whose_process_died_and_kills_its_orphan(make, t
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     h.store.register_worker("old-worker", dead.pid, "0@gone")
-    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
-                              start_new_session=True)
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
+    )
     [claimed] = h.store.claim(3, "old-worker")
     h.store.update(claimed.id, pid=orphan.pid, pid_start=process.process_start_token(orphan.pid))
     recovered = h.dispatcher.recover()
@@ -614,6 +708,7 @@ def test_a_live_worker_keeps_its_tasks(make):
 
 
 # ---------------------------------------------------------------- Gitea trouble
+
 
 def test_gitea_down_then_back_loses_nothing(make):
     h = make()
@@ -664,8 +759,11 @@ def comments_changed(h, count: int, word: str) -> tuple[list[int], list[int], li
 
 def edits_of(h, comment_id: int) -> int:
     """Edits of the comment asked for since `comments_changed`, answered or not."""
-    return sum(1 for method, path, *_ in h.gitea.requests
-               if method == "PATCH" and path.endswith(f"/issues/comments/{comment_id}"))
+    return sum(
+        1
+        for method, path, *_ in h.gitea.requests
+        if method == "PATCH" and path.endswith(f"/issues/comments/{comment_id}")
+    )
 
 
 def shows(h, comment_id: int, text: str) -> bool:
@@ -683,7 +781,7 @@ def test_a_comment_gitea_answers_with_5xx_is_backed_off_and_the_others_are_writt
     assert [shows(h, c, "second summary") for c in comments] == [False, True, True]
     assert [t.id for t in h.store.comment_out_of_date(10)] == [tids[0]]
     tried = edits_of(h, comments[0])
-    assert tried == 3                    # the first try and the client's two retries
+    assert tried == 3  # the first try and the client's two retries
     # backed off: not tried again until its time comes, then tried (and backed off longer)
     for _ in range(3):
         h.dispatcher.run_tick()
@@ -727,8 +825,10 @@ def test_5xx_for_every_comment_or_no_answer_ends_the_comment_pass(make):
 def test_token_never_leaves(make, caplog, tmp_path):
     caplog.set_level("DEBUG")
     # a failed task (log tail in its comment) and a successful one (push, PR body)
-    h = make(attempts=1, agents={"fake": fake_agent(FAKE_COUNTER=str(tmp_path / "count"),
-                                                    FAKE_FAIL_TIMES="1")})
+    h = make(
+        attempts=1,
+        agents={"fake": fake_agent(FAKE_COUNTER=str(tmp_path / "count"), FAKE_FAIL_TIMES="1")},
+    )
     failed, done = h.enqueue(h.issue("First")), None
     h.settle(failed)
     done = h.enqueue(h.issue("Second"))
@@ -783,25 +883,40 @@ def test_cleanup_removes_old_finished_tasks_their_files_and_worktrees(make):
 
 # ---------------------------------------------------------------- commands from Gitea
 
+
 def deliver_comment(h, text, number, sender="alice", is_pull=False, **rules_kw):
     from bot import events, intake
     from tests import payloads
+
     posted = h.gitea.add_comment(REPO, number, text, login=sender)
-    body, headers = payloads.comment_delivery(text, number, sender=sender, is_pull=is_pull,
-                                              comment_id=posted["id"],
-                                              permission=h.gitea.permission(REPO, sender))
+    body, headers = payloads.comment_delivery(
+        text,
+        number,
+        sender=sender,
+        is_pull=is_pull,
+        comment_id=posted["id"],
+        permission=h.gitea.permission(REPO, sender),
+    )
     delivery = events.delivery_of(headers, body)
-    rules = intake.Rules(label="kugetsu", command="/kugetsu", bot_login="kugetsu-bot",
-                         known_agents=frozenset(h.config.agents.tables), default_agent="fake",
-                         max_attempts=h.config.queue.max_attempts, **rules_kw)
-    result = intake.ingest(h.store, delivery, events.parse(delivery, events.load_json(body)),
-                           rules)
+    rules = intake.Rules(
+        label="kugetsu",
+        command="/kugetsu",
+        bot_login="kugetsu-bot",
+        known_agents=frozenset(h.config.agents.tables),
+        default_agent="fake",
+        max_attempts=h.config.queue.max_attempts,
+        **rules_kw,
+    )
+    result = intake.ingest(h.store, delivery, events.parse(delivery, events.load_json(body)), rules)
     return posted, result
 
 
 def replies(h, number):
-    return [c["body"] for c in h.gitea.comments_on(REPO, number)
-            if "<!-- kugetsu:reply -->" in c["body"]]
+    return [
+        c["body"]
+        for c in h.gitea.comments_on(REPO, number)
+        if "<!-- kugetsu:reply -->" in c["body"]
+    ]
 
 
 def test_stop_retry_status_and_help_from_comments(make, tmp_path):
@@ -822,8 +937,11 @@ def test_stop_retry_status_and_help_from_comments(make, tmp_path):
 
     # status answers anyone
     deliver_comment(h, "/kugetsu status", n, sender="mallory")
-    wait_for(lambda: any("kugetsu on this issue" in r for r in replies(h, n)),
-             tick=h.dispatcher.run_tick, what="status reply")
+    wait_for(
+        lambda: any("kugetsu on this issue" in r for r in replies(h, n)),
+        tick=h.dispatcher.run_tick,
+        what="status reply",
+    )
     assert any(f"| #{tid} | start | running |" in r for r in replies(h, n))
 
     # a writer stops it, and the whole group dies
@@ -919,10 +1037,11 @@ def test_a_command_that_names_its_session_is_resumed_with_it(make, tmp_path):
     # like claude's --session-id: kugetsu picks the id for the first run and resumes it
     envfile = tmp_path / "env.json"
     agent = AgentConfig(
-        name="fake", env={"FAKE_ENVFILE": str(envfile)},
+        name="fake",
+        env={"FAKE_ENVFILE": str(envfile)},
         command=(sys.executable, str(FAKE_AGENT), "--session-id", "{session_id}", "{prompt}"),
-        resume_command=(sys.executable, str(FAKE_AGENT), "--resume", "{session_id}",
-                        "{prompt}"))
+        resume_command=(sys.executable, str(FAKE_AGENT), "--resume", "{session_id}", "{prompt}"),
+    )
     h = make(agents={"fake": agent})
     n = h.issue()
     first = h.enqueue(n)
@@ -955,15 +1074,20 @@ def test_retry_from_a_comment_is_refused_while_another_task_of_the_issue_is_acti
 
 # ---------------------------------------------------------------- replies anyone can trigger
 
-@pytest.mark.parametrize("who, permission, shows_queue", [
-    ("bob", "admin", True),
-    ("alice", "write", True),
-    ("mallory", "read", True),
-    ("eve", "none", False),
-    ("eve", "Gitea cannot say", False),
-])
+
+@pytest.mark.parametrize(
+    "who, permission, shows_queue",
+    [
+        ("bob", "admin", True),
+        ("alice", "write", True),
+        ("mallory", "read", True),
+        ("eve", "none", False),
+        ("eve", "Gitea cannot say", False),
+    ],
+)
 def test_status_shows_the_queue_only_to_those_who_can_read_the_repository(
-        make, who, permission, shows_queue):
+    make, who, permission, shows_queue
+):
     h = make()
     n = h.issue()
     tid = h.enqueue(n)
@@ -984,14 +1108,17 @@ def test_past_the_reply_limit_a_command_gets_a_reaction_alone_and_still_acts(mak
     h = make(agents={"fake": fake_agent(FAKE_MODE="hang", FAKE_PIDFILE=str(pidfile))})
     n = h.issue()
     one = {"reply_limit": 1}
-    sent = [deliver_comment(h, text, n, sender=who, **one)[0] for who, text in [
-        ("mallory", "/kugetsu help"),    # answered
-        ("mallory", "/kugetsu help"),    # reaction only, and so on for mallory
-        ("mallory", "/kugetsu status"),
-        ("mallory", "/kugetsu stop"),    # refused, and the refusal not written
-        ("bob", "/kugetsu retry"),       # answered: nothing to retry
-        ("bob", "/kugetsu stop"),        # nothing to stop, not written
-    ]]
+    sent = [
+        deliver_comment(h, text, n, sender=who, **one)[0]
+        for who, text in [
+            ("mallory", "/kugetsu help"),  # answered
+            ("mallory", "/kugetsu help"),  # reaction only, and so on for mallory
+            ("mallory", "/kugetsu status"),
+            ("mallory", "/kugetsu stop"),  # refused, and the refusal not written
+            ("bob", "/kugetsu retry"),  # answered: nothing to retry
+            ("bob", "/kugetsu stop"),  # nothing to stop, not written
+        ]
+    ]
     for _ in range(3):
         h.dispatcher.work_outbox()
     assert all("eyes" in h.gitea.reactions.get(p["id"], []) for p in sent)
@@ -1012,6 +1139,7 @@ def test_past_the_reply_limit_a_command_gets_a_reaction_alone_and_still_acts(mak
 
 def test_refusals_count_against_the_reply_limit_and_past_it_get_a_reaction_alone(make):
     from dataclasses import replace
+
     h = make()
     h.config = replace(h.config, triggers=replace(h.config.triggers, reply_limit=2))
     h.dispatcher.config = h.config
@@ -1023,36 +1151,42 @@ def test_refusals_count_against_the_reply_limit_and_past_it_get_a_reaction_alone
         h.settle(*result.task_ids)
         return posted, list(result.task_ids)
 
-    asked = [request("mallory", "/kugetsu help")]              # a reply: 1 of 2
-    asked += [request("mallory") for _ in range(3)]            # refused: 2 of 2, then none
-    asked.append(request("eve"))                               # not a collaborator: 1 of 2
-    asked.append(request("mallory", "/kugetsu help"))          # the refusals counted: none
+    asked = [request("mallory", "/kugetsu help")]  # a reply: 1 of 2
+    asked += [request("mallory") for _ in range(3)]  # refused: 2 of 2, then none
+    asked.append(request("eve"))  # not a collaborator: 1 of 2
+    asked.append(request("mallory", "/kugetsu help"))  # the refusals counted: none
     h.dispatcher.work_outbox()
     refused = [tid for _posted, tids in asked for tid in tids]
     assert [h.store.get(t).state for t in refused] == [State.REJECTED] * 4
     comments = h.tracking_comments(n)
     assert [c["body"].split("\n")[1] for c in comments] == [
         f"**kugetsu** · task #{tid} (start, requested by @{who})"
-        for tid, who in [(refused[0], "mallory"), (refused[3], "eve")]]
+        for tid, who in [(refused[0], "mallory"), (refused[3], "eve")]
+    ]
     assert all("Not started" in c["body"] for c in comments)
     assert len(replies(h, n)) == 1
     # each request still got its reaction; the quiet refusals say why in their events
     assert all("eyes" in h.gitea.reactions.get(posted["id"], []) for posted, _ in asked)
     for tid in refused[1:3]:
         assert ("not answered", "reply limit reached for mallory") in [
-            (e["event"], e["detail"]) for e in h.store.events(tid)]
+            (e["event"], e["detail"]) for e in h.store.events(tid)
+        ]
     assert h.store.comment_out_of_date(10) == []
 
 
 # ---------------------------------------------------------------- one bad item, the rest go on
 
+
 def insert_raw(h, table: str, **values) -> int:
     """A row written straight into the database, as no code path of kugetsu writes it."""
     import sqlite3
+
     conn = sqlite3.connect(h.config.storage.db_path)
     try:
-        cur = conn.execute(f"INSERT INTO {table} ({', '.join(values)}) "
-                           f"VALUES ({', '.join('?' * len(values))})", tuple(values.values()))
+        cur = conn.execute(
+            f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+            tuple(values.values()),
+        )
         conn.commit()
         return cur.lastrowid
     finally:
@@ -1061,8 +1195,16 @@ def insert_raw(h, table: str, **values) -> int:
 
 def poison_task(h, **values) -> int:
     now = time.time()
-    row = dict(repo="no-slash", issue=1, kind="start", agent="fake", requested_by="alice",
-               state="pending", created_at=now, updated_at=now)
+    row = dict(
+        repo="no-slash",
+        issue=1,
+        kind="start",
+        agent="fake",
+        requested_by="alice",
+        state="pending",
+        created_at=now,
+        updated_at=now,
+    )
     row.update(values)
     return insert_raw(h, "tasks", **row)
 
@@ -1074,11 +1216,21 @@ def test_poison_rows_are_set_aside_with_a_reason_and_the_queue_goes_on(make):
     # an authorized one reaches a runner, which reads task.owner / task.name
     authorized = poison_task(h, issue=2, authorized=1)
     # a running task of a dead worker whose pid no kill() accepts (OverflowError)
-    running = poison_task(h, repo=REPO, issue=99, state="running", attempts=1, worker_id="gone",
-                          pid=2**40, pid_start="x", authorized=1)
+    running = poison_task(
+        h,
+        repo=REPO,
+        issue=99,
+        state="running",
+        attempts=1,
+        worker_id="gone",
+        pid=2**40,
+        pid_start="x",
+        authorized=1,
+    )
     # an outbox reply to a repository that cannot be
-    bad_reply = insert_raw(h, "outbox", repo="no-slash", issue=1, kind="comment", body="hi",
-                           created_at=time.time())
+    bad_reply = insert_raw(
+        h, "outbox", repo="no-slash", issue=1, kind="comment", body="hi", created_at=time.time()
+    )
     issues = [h.issue(f"Issue {i}") for i in range(2)]
     good = [h.enqueue(n) for n in issues]
     deliver_comment(h, "/kugetsu help", issues[0], sender="mallory")
@@ -1100,8 +1252,11 @@ def test_poison_rows_are_set_aside_with_a_reason_and_the_queue_goes_on(make):
     assert task.state is State.FAILED
     assert task.error.startswith("recovery failed: OverflowError: "), task.error
     assert [e["event"] for e in h.store.events(running)][-1] == "set aside"
-    row = h.store._conn().execute("SELECT done_at, error FROM outbox WHERE id = ?",
-                                  (bad_reply,)).fetchone()
+    row = (
+        h.store._conn()
+        .execute("SELECT done_at, error FROM outbox WHERE id = ?", (bad_reply,))
+        .fetchone()
+    )
     assert row["done_at"] is not None
     assert row["error"].startswith("outbox failed: ValueError: "), row["error"]
 
@@ -1110,12 +1265,22 @@ def unreadable_task(h, **values) -> int:
     """A task row holding values kugetsu does not know, written past the checks that
     refuse them (as before those checks existed, by hand, or by corruption)."""
     now = time.time()
-    row = dict(repo=REPO, issue=1, kind="start", agent="fake", requested_by="alice",
-               state="pending", created_at=now, updated_at=now)
+    row = dict(
+        repo=REPO,
+        issue=1,
+        kind="start",
+        agent="fake",
+        requested_by="alice",
+        state="pending",
+        created_at=now,
+        updated_at=now,
+    )
     row.update(values)
-    return write_unchecked(h.config.storage.db_path,
-                           f"INSERT INTO tasks ({', '.join(row)}) "
-                           f"VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+    return write_unchecked(
+        h.config.storage.db_path,
+        f"INSERT INTO tasks ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+        tuple(row.values()),
+    )
 
 
 def test_rows_that_cannot_be_read_are_set_aside_and_every_tick_goes_on(make):
@@ -1123,18 +1288,27 @@ def test_rows_that_cannot_be_read_are_set_aside_and_every_tick_goes_on(make):
     issues = [h.issue(f"Issue {i}") for i in range(3)]
     # read by authorization, by claiming, by recovery and by the tracking comments
     bad = {
-        unreadable_task(h, issue=issues[0], kind="frobnicate"):
-            "unknown kind 'frobnicate' (now start)",
-        unreadable_task(h, issue=issues[1], authorized=1, outcome="exploded"):
-            "unknown outcome 'exploded'",
-        unreadable_task(h, issue=issues[2], state="running", authorized=1, attempts=1,
-                        worker_id="gone", usage="{not json"):
-            "usage is not JSON: '{not json' (emptied)",
-        unreadable_task(h, issue=issues[2], state="paused", authorized=1, version=2):
-            "unknown state 'paused'",
+        unreadable_task(
+            h, issue=issues[0], kind="frobnicate"
+        ): "unknown kind 'frobnicate' (now start)",
+        unreadable_task(
+            h, issue=issues[1], authorized=1, outcome="exploded"
+        ): "unknown outcome 'exploded'",
+        unreadable_task(
+            h,
+            issue=issues[2],
+            state="running",
+            authorized=1,
+            attempts=1,
+            worker_id="gone",
+            usage="{not json",
+        ): "usage is not JSON: '{not json' (emptied)",
+        unreadable_task(
+            h, issue=issues[2], state="paused", authorized=1, version=2
+        ): "unknown state 'paused'",
     }
     good = [h.enqueue(h.issue(f"Good {i}")) for i in range(2)]
-    h.settle(*good, *bad)      # a tick that raised would raise here
+    h.settle(*good, *bad)  # a tick that raised would raise here
     assert h.dispatcher.ticks.failures == 0
     assert [h.store.get(t).outcome for t in good] == [Outcome.SUCCEEDED] * 2
     assert len(h.gitea.pulls_of(REPO)) == 2
@@ -1153,18 +1327,33 @@ def test_an_outbox_item_retried_for_days_is_still_retried(make):
     # overflowed and the reply was dropped as if it were poison
     h = make()
     n = h.issue()
-    item = insert_raw(h, "outbox", repo=REPO, issue=n, kind="comment", body="hello",
-                      attempts=1100, created_at=time.time())
-    h.gitea.fail_next(3, 503, "POST", r".*/comments")   # the try and both retries
+    item = insert_raw(
+        h,
+        "outbox",
+        repo=REPO,
+        issue=n,
+        kind="comment",
+        body="hello",
+        attempts=1100,
+        created_at=time.time(),
+    )
+    h.gitea.fail_next(3, 503, "POST", r".*/comments")  # the try and both retries
     h.dispatcher.work_outbox()
-    row = h.store._conn().execute("SELECT done_at, attempts, not_before - ? AS wait "
-                                  "FROM outbox WHERE id = ?", (time.time(), item)).fetchone()
+    row = (
+        h.store._conn()
+        .execute(
+            "SELECT done_at, attempts, not_before - ? AS wait FROM outbox WHERE id = ?",
+            (time.time(), item),
+        )
+        .fetchone()
+    )
     assert row["done_at"] is None and row["attempts"] == 1101
     assert 590 < row["wait"] <= 600
 
 
 def test_a_runner_that_cannot_start_ends_its_attempt_and_the_others_start(make, monkeypatch):
     import threading
+
     h = make(limit=3)
     issues = [h.issue(f"Issue {i}") for i in range(3)]
     tasks = [h.enqueue(n, authorized=True) for n in issues]

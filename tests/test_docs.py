@@ -38,7 +38,8 @@ def test_readme_starts_with_the_two_commands():
     text = (ROOT / "README.md").read_text()
     commands = re.findall(r"```sh\n(.*?)\n```", text, re.S)[:2]
     assert "kugetsu serve" in commands[0] and "pip install ." in commands[0]
-    assert commands[1] == ("python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && "
-                           ".venv/bin/python -m pytest")
+    assert commands[1] == (
+        "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest"
+    )
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1] in ci

@@ -16,8 +16,7 @@ import pytest
 import requests
 
 from tests import payloads
-from tests.conftest import (FAKE_AGENT, REPO, SECRET, TOKEN, peak_overlap, process_gone,
-                            wait_for)
+from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN, peak_overlap, process_gone, wait_for
 from tests.service import Service, free_port, write_config
 
 pytestmark = pytest.mark.e2e
@@ -31,22 +30,41 @@ def agent_table(**env) -> dict:
 def service_factory(tmp_path, gitea):
     started = []
 
-    def factory(agent_env: dict | None = None, agents: dict | None = None,
-                triggers: dict | None = None, storage: dict | None = None,
-                **queue) -> Service:
+    def factory(
+        agent_env: dict | None = None,
+        agents: dict | None = None,
+        triggers: dict | None = None,
+        storage: dict | None = None,
+        **queue,
+    ) -> Service:
         port = free_port()
-        config = write_config(tmp_path / f"kugetsu-{port}.toml", {
-            "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}"},
-            "gitea": {"url": gitea.url, "token": TOKEN, "webhook_secret": SECRET},
-            "storage": {"data_dir": str(tmp_path / "data"), **(storage or {})},
-            "queue": {"poll_interval_seconds": 30, "max_concurrent_agents": 2,
-                      "retry_backoff_seconds": [0], **queue},
-            "agents": {"default": "fake", "timeout_minutes": 2, "kill_grace_seconds": 2,
-                       **(agents or {})},
-            "agents.fake": agent_table(**(agent_env or {})),
-            "triggers": triggers or {},
-            "git": {"author_name": "kugetsu", "author_email": "kugetsu@example.invalid"},
-        })
+        config = write_config(
+            tmp_path / f"kugetsu-{port}.toml",
+            {
+                "server": {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "public_url": f"http://127.0.0.1:{port}",
+                },
+                "gitea": {"url": gitea.url, "token": TOKEN, "webhook_secret": SECRET},
+                "storage": {"data_dir": str(tmp_path / "data"), **(storage or {})},
+                "queue": {
+                    "poll_interval_seconds": 30,
+                    "max_concurrent_agents": 2,
+                    "retry_backoff_seconds": [0],
+                    **queue,
+                },
+                "agents": {
+                    "default": "fake",
+                    "timeout_minutes": 2,
+                    "kill_grace_seconds": 2,
+                    **(agents or {}),
+                },
+                "agents.fake": agent_table(**(agent_env or {})),
+                "triggers": triggers or {},
+                "git": {"author_name": "kugetsu", "author_email": "kugetsu@example.invalid"},
+            },
+        )
         svc = Service(config, port, tmp_path)
         started.append(svc)
         return svc.start()
@@ -60,8 +78,11 @@ def service_factory(tmp_path, gitea):
 
 
 def tracking(gitea, number):
-    return [c for c in gitea.comments_on(REPO, number) if "<!-- kugetsu:task=" in c["body"]
-            and "Pushed a follow-up" not in c["body"]]
+    return [
+        c
+        for c in gitea.comments_on(REPO, number)
+        if "<!-- kugetsu:task=" in c["body"] and "Pushed a follow-up" not in c["body"]
+    ]
 
 
 def queue_json(svc):
@@ -72,8 +93,9 @@ def queue_json(svc):
 
 def test_label_delivery_leads_to_a_pull_request_and_a_follow_up(service_factory, gitea):
     svc = service_factory()
-    n = gitea.create_issue(REPO, "Add a greeting", "Please add a greeting file.",
-                           labels=["kugetsu"])
+    n = gitea.create_issue(
+        REPO, "Add a greeting", "Please add a greeting file.", labels=["kugetsu"]
+    )
     body, headers = payloads.label_delivery(["kugetsu"], n)
     r = svc.post(body, headers)
     assert r.status_code == 202, r.text
@@ -81,6 +103,7 @@ def test_label_delivery_leads_to_a_pull_request_and_a_follow_up(service_factory,
     def done():
         comments = tracking(gitea, n)
         return comments and "✅ **Done**" in comments[0]["body"]
+
     wait_for(done, timeout=60, what="the tracking comment to say done")
     [pr] = gitea.pulls_of(REPO).values()
     assert pr["head"]["ref"] == f"kugetsu/issue-{n}"
@@ -95,20 +118,34 @@ def test_label_delivery_leads_to_a_pull_request_and_a_follow_up(service_factory,
 
     # a follow-up on the PR lands on the same branch and PR
     posted = gitea.add_comment(REPO, pr["number"], "/kugetsu continue add a test")
-    body, headers = payloads.comment_delivery("/kugetsu continue add a test", pr["number"],
-                                              is_pull=True, comment_id=posted["id"])
+    body, headers = payloads.comment_delivery(
+        "/kugetsu continue add a test", pr["number"], is_pull=True, comment_id=posted["id"]
+    )
     assert svc.post(body, headers).status_code == 202
-    wait_for(lambda: len(tracking(gitea, n)) == 2 and "✅" in tracking(gitea, n)[1]["body"],
-             timeout=60, what="the follow-up to finish")
+    wait_for(
+        lambda: len(tracking(gitea, n)) == 2 and "✅" in tracking(gitea, n)[1]["body"],
+        timeout=60,
+        what="the follow-up to finish",
+    )
     assert list(gitea.pulls_of(REPO)) == [pr["number"]]
     sha2 = gitea.branch_sha(REPO, f"kugetsu/issue-{n}")
     assert gitea.git(REPO, "rev-parse", f"{sha2}~1").strip() == sha1
     tasks = queue_json(svc)
     assert [(t["kind"], t["state"], t["outcome"], t["pr_number"]) for t in tasks] == [
         ("start", "completed", "succeeded", pr["number"]),
-        ("continue", "completed", "succeeded", pr["number"])]
-    assert set(tasks[0]) >= {"id", "repo", "issue", "kind", "state", "attempts", "outcome",
-                             "pr_number", "created_at"}
+        ("continue", "completed", "succeeded", pr["number"]),
+    ]
+    assert set(tasks[0]) >= {
+        "id",
+        "repo",
+        "issue",
+        "kind",
+        "state",
+        "attempts",
+        "outcome",
+        "pr_number",
+        "created_at",
+    }
     # the follow-up's comment got an eyes reaction
     assert "eyes" in gitea.reactions.get(posted["id"], [])
 
@@ -120,8 +157,9 @@ def test_label_delivery_leads_to_a_pull_request_and_a_follow_up(service_factory,
     assert TOKEN not in svc.logs()
 
 
-def test_kill_9_in_mid_task_recovers_with_exactly_one_pull_request(service_factory, gitea,
-                                                                  tmp_path):
+def test_kill_9_in_mid_task_recovers_with_exactly_one_pull_request(
+    service_factory, gitea, tmp_path
+):
     pidfile = tmp_path / "agent.pid"
     svc = service_factory(agent_env={"FAKE_SECONDS": "4", "FAKE_PIDFILE": str(pidfile)})
     n = gitea.create_issue(REPO, "Slow work", "Takes a while.")
@@ -137,6 +175,7 @@ def test_kill_9_in_mid_task_recovers_with_exactly_one_pull_request(service_facto
     def finished():
         tasks = queue_json(svc)
         return tasks and tasks[0]["state"] == "completed"
+
     wait_for(finished, timeout=60, what="the recovered task to finish")
     [task] = queue_json(svc)
     assert (task["outcome"], task["attempts"]) == ("succeeded", 2)
@@ -145,8 +184,7 @@ def test_kill_9_in_mid_task_recovers_with_exactly_one_pull_request(service_facto
     assert process_gone(first_agent)  # the restarted service killed the orphan
 
 
-def test_kill_9_between_opening_the_pull_request_and_recording_it(service_factory, gitea,
-                                                                  tmp_path):
+def test_kill_9_between_opening_the_pull_request_and_recording_it(service_factory, gitea, tmp_path):
     # Gitea opens the PR; kugetsu dies before the answer reaches it
     record = tmp_path / "record"
     svc = service_factory(agent_env={"FAKE_RECORD": str(record)}, poll_interval_seconds=2)
@@ -157,26 +195,44 @@ def test_kill_9_between_opening_the_pull_request_and_recording_it(service_factor
     svc.kill9()
     gitea.release()
     svc.start()
-    wait_for(lambda: queue_json(svc)[0]["state"] == "completed", timeout=60,
-             what="the recovered task to finish")
+    wait_for(
+        lambda: queue_json(svc)[0]["state"] == "completed",
+        timeout=60,
+        what="the recovered task to finish",
+    )
     [number] = gitea.pulls_of(REPO)
     [task] = queue_json(svc)
     # the recovered attempt is counted; it only published, it did not run the agent again
     assert (task["outcome"], task["pr_number"], task["attempts"]) == ("succeeded", number, 2)
     assert record.read_text().count("start ") == 1
-    wait_for(lambda: [f"✅ **Done**: pull request #{number}" in c["body"]
-                      for c in tracking(gitea, n)] == [True], timeout=30,
-             what="the one tracking comment to say done")
+    wait_for(
+        lambda: (
+            [f"✅ **Done**: pull request #{number}" in c["body"] for c in tracking(gitea, n)]
+            == [True]
+        ),
+        timeout=30,
+        what="the one tracking comment to say done",
+    )
     # the issue knows its pull request: a follow-up there is accepted and lands on it
     text = "/kugetsu continue add a test"
     posted = gitea.add_comment(REPO, number, text)
-    assert svc.post(*payloads.comment_delivery(text, number, is_pull=True,
-                                               comment_id=posted["id"])).status_code == 202
-    wait_for(lambda: [t["state"] for t in queue_json(svc)] == ["completed", "completed"],
-             timeout=60, what="the follow-up to finish")
+    assert (
+        svc.post(
+            *payloads.comment_delivery(text, number, is_pull=True, comment_id=posted["id"])
+        ).status_code
+        == 202
+    )
+    wait_for(
+        lambda: [t["state"] for t in queue_json(svc)] == ["completed", "completed"],
+        timeout=60,
+        what="the follow-up to finish",
+    )
     follow = queue_json(svc)[1]
-    assert (follow["kind"], follow["outcome"], follow["pr_number"]) == ("continue", "succeeded",
-                                                                        number)
+    assert (follow["kind"], follow["outcome"], follow["pr_number"]) == (
+        "continue",
+        "succeeded",
+        number,
+    )
     assert list(gitea.pulls_of(REPO)) == [number]
 
 
@@ -199,12 +255,15 @@ def test_replies_past_the_configured_limit_are_a_reaction_alone(service_factory,
     posted = []
     for _ in range(4):
         posted.append(gitea.add_comment(REPO, n, "/kugetsu help", login="mallory"))
-        body, headers = payloads.comment_delivery("/kugetsu help", n, sender="mallory",
-                                                  permission="read",
-                                                  comment_id=posted[-1]["id"])
+        body, headers = payloads.comment_delivery(
+            "/kugetsu help", n, sender="mallory", permission="read", comment_id=posted[-1]["id"]
+        )
         assert svc.post(body, headers).status_code == 202
-    wait_for(lambda: all("eyes" in gitea.reactions.get(p["id"], []) for p in posted),
-             timeout=30, what="a reaction on every command")
+    wait_for(
+        lambda: all("eyes" in gitea.reactions.get(p["id"], []) for p in posted),
+        timeout=30,
+        what="a reaction on every command",
+    )
     answers = [c for c in gitea.comments_on(REPO, n) if "<!-- kugetsu:reply -->" in c["body"]]
     assert len(answers) == 2
 
@@ -259,15 +318,20 @@ def test_two_processes_on_one_database_share_the_limit(service_factory, gitea, t
     wait_for(lambda: record.exists() and record.read_text().count("start") == 2, timeout=30)
     for n in issues[2:]:
         assert second.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
-    wait_for(lambda: [t["state"] for t in queue_json(first)] == ["completed"] * 8, timeout=90,
-             what="all tasks to finish")
+    wait_for(
+        lambda: [t["state"] for t in queue_json(first)] == ["completed"] * 8,
+        timeout=90,
+        what="all tasks to finish",
+    )
     count, peak = peak_overlap(record)
     assert count == 16 and peak <= 3
     assert len(gitea.pulls_of(REPO)) == 8
     from bot.store import open_store
+
     store = open_store(tmp_path / "data" / "kugetsu.db")
-    claimers = {e["detail"] for t in store.list() for e in store.events(t.id)
-                if e["event"] == "claimed"}
+    claimers = {
+        e["detail"] for t in store.list() for e in store.events(t.id) if e["event"] == "claimed"
+    }
     store.close()
     assert len(claimers) == 2  # both processes ran agents
     for n in issues:  # one tracking comment per task, though two processes publish
@@ -298,8 +362,11 @@ def test_worker_stops_its_agents_when_the_receiver_dies(service_factory, gitea, 
     [worker] = children(svc.proc.pid)
     svc.proc.send_signal(signal.SIGKILL)  # the receiver only
     svc.proc.wait(timeout=10)
-    wait_for(lambda: process_gone(worker) and process_gone(agent), timeout=30,
-             what="the worker and its agent to stop")
+    wait_for(
+        lambda: process_gone(worker) and process_gone(agent),
+        timeout=30,
+        what="the worker and its agent to stop",
+    )
     [task] = queue_json(svc)
     assert (task["state"], task["attempts"]) == ("pending", 0)
 
@@ -314,11 +381,11 @@ def policy_of(pid: int) -> int:
         return int(fh.read().rsplit(")", 1)[1].split()[38])
 
 
-def test_the_worker_and_its_agents_yield_the_cpu_to_the_receiver(service_factory, gitea,
-                                                                 tmp_path):
+def test_the_worker_and_its_agents_yield_the_cpu_to_the_receiver(service_factory, gitea, tmp_path):
     pidfile = tmp_path / "agent.pid"
-    svc = service_factory(agent_env={"FAKE_SECONDS": "60", "FAKE_PIDFILE": str(pidfile)},
-                          agents={"nice": 7})
+    svc = service_factory(
+        agent_env={"FAKE_SECONDS": "60", "FAKE_PIDFILE": str(pidfile)}, agents={"nice": 7}
+    )
     n = gitea.create_issue(REPO, "Long work", "Takes a long while.")
     assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
     wait_for(pidfile.exists, timeout=30, what="the agent to start")
@@ -343,8 +410,9 @@ def test_a_crashed_worker_is_restarted(service_factory, gitea):
     svc = service_factory()
     [worker] = children(svc.proc.pid)
     os.kill(worker, signal.SIGKILL)
-    wait_for(lambda: [p for p in children(svc.proc.pid) if p != worker], timeout=30,
-             what="a new worker")
+    wait_for(
+        lambda: [p for p in children(svc.proc.pid) if p != worker], timeout=30, what="a new worker"
+    )
     health = requests.get(svc.url + "/healthz", timeout=5).json()
     assert health["worker_restarts"] == 1
     n = gitea.create_issue(REPO, "After the crash", "Still works.")
@@ -363,13 +431,17 @@ def healthz(svc) -> tuple[int, dict]:
 def wake(svc) -> None:
     from bot.app import wake_key
     from bot.config import Config, GiteaConfig
+
     key = wake_key(Config(gitea=GiteaConfig(webhook_secret=SECRET)))
-    assert requests.post(svc.url + "/wake", headers={"X-Kugetsu-Wake": key},
-                         timeout=5).status_code == 202
+    assert (
+        requests.post(svc.url + "/wake", headers={"X-Kugetsu-Wake": key}, timeout=5).status_code
+        == 202
+    )
 
 
 def test_a_tick_that_keeps_failing_shows_in_healthz_and_clears(service_factory, gitea, tmp_path):
     import sqlite3
+
     svc = service_factory(storage={"min_free_mb": 0})
     wait_for(lambda: "worker started" in svc.logs(), timeout=30, what="the worker to start")
     code, body = healthz(svc)
@@ -383,6 +455,7 @@ def test_a_tick_that_keeps_failing_shows_in_healthz_and_clears(service_factory, 
         wake(svc)  # each wake is a tick
         code, body = healthz(svc)
         return any(p.startswith("tick: failed") for p in body["problems"]) and (code, body)
+
     code, body = wait_for(tick_failing, timeout=30, what="/healthz to name the failing tick")
     assert code == 200 and body["status"] == "degraded" and body["worker"] == "running"
     [line] = body["problems"]
@@ -395,6 +468,7 @@ def test_a_tick_that_keeps_failing_shows_in_healthz_and_clears(service_factory, 
     def ok():
         wake(svc)
         return healthz(svc)[1]["status"] == "ok"
+
     wait_for(ok, timeout=30, what="/healthz to be ok again")
     n = gitea.create_issue(REPO, "After the outage", "Still works.")
     assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
@@ -405,14 +479,20 @@ def test_a_tick_that_keeps_failing_shows_in_healthz_and_clears(service_factory, 
 def small_disk(tmp_path):
     """The data directory on a filesystem of its own, 8 MiB, that a test can fill."""
     import subprocess
+
     data = tmp_path / "data"
     data.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs",
-                           str(data)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(data)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
-        pytest.skip("a real full disk needs a small tmpfs as the data directory, and mount "
-                    f"is not allowed here: {done.stderr.strip() or done.returncode} (the "
-                    "storage-full path is still covered by tests/test_health.py)")
+        pytest.skip(
+            "a real full disk needs a small tmpfs as the data directory, and mount "
+            f"is not allowed here: {done.stderr.strip() or done.returncode} (the "
+            "storage-full path is still covered by tests/test_health.py)"
+        )
     yield data
     subprocess.run(["umount", "-l", str(data)], capture_output=True)
 
@@ -420,6 +500,7 @@ def small_disk(tmp_path):
 def fill(path: Path) -> Path:
     """Write a file until the filesystem has no room left."""
     import errno
+
     filler = path / "filler"
     chunk = b"\0" * 65536
     with open(filler, "wb", buffering=0) as fh:
@@ -430,7 +511,7 @@ def fill(path: Path) -> Path:
                 assert exc.errno == errno.ENOSPC, exc
                 break
         while chunk:  # the last blocks too
-            chunk = chunk[:len(chunk) // 2]
+            chunk = chunk[: len(chunk) // 2]
             try:
                 fh.write(chunk)
             except OSError:
@@ -439,21 +520,25 @@ def fill(path: Path) -> Path:
 
 
 def test_a_full_disk_gets_503_loses_nothing_acknowledged_and_shows_in_healthz(
-        service_factory, gitea, small_disk):
+    service_factory, gitea, small_disk
+):
     svc = service_factory(storage={"min_free_mb": 1})
     code, body = healthz(svc)
     assert (code, body["status"]) == (200, "ok"), body
     acknowledged = []
     for i in range(2):
         n = gitea.create_issue(REPO, f"Before {i}", "Do it.")
-        assert svc.post(*payloads.comment_delivery(f"/kugetsu start before {i}", n)
-                        ).status_code == 202
+        assert (
+            svc.post(*payloads.comment_delivery(f"/kugetsu start before {i}", n)).status_code == 202
+        )
         acknowledged.append(n)
     filler = fill(small_disk)
     code, body = healthz(svc)
     assert code == 200 and body["status"] == "degraded"
-    assert any(p.startswith("disk: 0.0 MiB free in the data directory, below "
-                            "storage.min_free_mb (1)") for p in body["problems"]), body
+    assert any(
+        p.startswith("disk: 0.0 MiB free in the data directory, below storage.min_free_mb (1)")
+        for p in body["problems"]
+    ), body
 
     # Deliveries until one cannot be stored: one may still fit in room SQLite's
     # write-ahead log already has. Instructions of 100 kB make each need new room.
@@ -465,12 +550,17 @@ def test_a_full_disk_gets_503_loses_nothing_acknowledged_and_shows_in_healthz(
             break
         acknowledged.append(n)
     assert r.status_code == 503, r.text
-    assert r.json() == {"status": "error", "reason": "could not store the delivery, so it was "
-                        "not accepted: database or disk is full"}
+    assert r.json() == {
+        "status": "error",
+        "reason": "could not store the delivery, so it was not accepted: database or disk is full",
+    }
     code, body = healthz(svc)
     assert code == 200 and body["status"] == "degraded"
-    assert any(p.startswith("database: a delivery could not be stored") and
-               p.endswith("database or disk is full") for p in body["problems"]), body
+    assert any(
+        p.startswith("database: a delivery could not be stored")
+        and p.endswith("database or disk is full")
+        for p in body["problems"]
+    ), body
 
     # with room again, the same process accepts the refused delivery, redelivered from
     # Gitea's history; killed then, it comes back with everything it acknowledged
@@ -480,9 +570,13 @@ def test_a_full_disk_gets_503_loses_nothing_acknowledged_and_shows_in_healthz(
     svc.kill9()
     svc.start()
     assert sorted(t["issue"] for t in queue_json(svc)) == acknowledged
-    wait_for(lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"],
-             timeout=90, what="the redelivered task to become a pull request")
+    wait_for(
+        lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"],
+        timeout=90,
+        what="the redelivered task to become a pull request",
+    )
     from bot.store import open_store
+
     store = open_store(small_disk / "kugetsu.db")
     try:
         [task] = store.list(repo=REPO, issue=n)
@@ -498,6 +592,7 @@ def test_the_data_directory_is_private_whatever_the_umask(service_factory, gitea
     import stat
 
     from bot.store import open_store
+
     data = tmp_path / "data"
     old_umask = os.umask(0o022)
     try:
@@ -512,8 +607,11 @@ def test_the_data_directory_is_private_whatever_the_umask(service_factory, gitea
         svc = service_factory()  # `kugetsu serve` under umask 022 too
         n = gitea.create_issue(REPO, "Private", "Please add a greeting file.")
         assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
-        wait_for(lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"],
-                 timeout=60, what="the task to finish")
+        wait_for(
+            lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"],
+            timeout=60,
+            what="the task to finish",
+        )
     finally:
         os.umask(old_umask)
     [task] = queue_json(svc)
@@ -526,8 +624,15 @@ def test_the_data_directory_is_private_whatever_the_umask(service_factory, gitea
     assert {p: oct(m) for p, m in modes.items() if m & 0o077} == {}
     assert modes["."] == 0o700
     tid = task["id"]
-    for name in ("kugetsu.db", "kugetsu.db-wal", "kugetsu.db-shm", "logs/1.log",
-                 f"logs/{tid}.log", f"prompts/{tid}.md", "worktrees/acme/old/notes.txt"):
+    for name in (
+        "kugetsu.db",
+        "kugetsu.db-wal",
+        "kugetsu.db-shm",
+        "logs/1.log",
+        f"logs/{tid}.log",
+        f"prompts/{tid}.md",
+        "worktrees/acme/old/notes.txt",
+    ):
         assert modes[name] == 0o600, (name, oct(modes[name]))
     for name in ("logs", "prompts", "mirrors", "worktrees", "homes"):
         assert modes[name] == 0o700, (name, oct(modes[name]))
@@ -535,15 +640,20 @@ def test_the_data_directory_is_private_whatever_the_umask(service_factory, gitea
 
 
 def test_a_secret_an_agent_prints_is_masked_in_its_log_everywhere_it_is_served(
-        service_factory, gitea, tmp_path):
+    service_factory, gitea, tmp_path
+):
     import re
+
     leak = tmp_path / "found-secrets"
     leak.write_text(f"{TOKEN} {SECRET}")
     svc = service_factory(agent_env={"FAKE_LEAK": str(leak)})
     n = gitea.create_issue(REPO, "Leaky", "Print what you know.")
     assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
-    wait_for(lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"], timeout=60,
-             what="the task to finish")
+    wait_for(
+        lambda: tracking(gitea, n) and "✅" in tracking(gitea, n)[0]["body"],
+        timeout=60,
+        what="the task to finish",
+    )
     [task] = queue_json(svc)
     link = re.search(r"\((http://[^)]+/logs/[^)]+)\)", tracking(gitea, n)[0]["body"]).group(1)
     served = {
@@ -554,5 +664,5 @@ def test_a_secret_an_agent_prints_is_masked_in_its_log_everywhere_it_is_served(
     for where, text in served.items():
         assert "leaking [redacted] here\nleaking [redacted] here\n" in text, (where, text)
         for secret in (TOKEN, SECRET):
-            assert secret[:len(secret) // 2] not in text, where
-            assert secret[len(secret) // 2:] not in text, where
+            assert secret[: len(secret) // 2] not in text, where
+            assert secret[len(secret) // 2 :] not in text, where

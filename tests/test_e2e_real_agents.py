@@ -33,49 +33,89 @@ def installed(name: str):
 
 def agent_tables(name: str, llm: FakeLLM, tmp_path) -> dict:
     if name == "opencode":
-        config = {"autoupdate": False, "share": "disabled", "model": "fake/fake-model",
-                  "small_model": "fake/fake-model", "enabled_providers": ["fake"],
-                  "provider": {"fake": {
-                      "npm": "@ai-sdk/openai-compatible", "name": "Fake LLM",
-                      "options": {"baseURL": llm.url, "apiKey": "sk-fake"},
-                      "models": {"fake-model": {"name": "Fake", "tool_call": True,
-                                                "limit": {"context": 128000, "output": 4096}}}}}}
+        config = {
+            "autoupdate": False,
+            "share": "disabled",
+            "model": "fake/fake-model",
+            "small_model": "fake/fake-model",
+            "enabled_providers": ["fake"],
+            "provider": {
+                "fake": {
+                    "npm": "@ai-sdk/openai-compatible",
+                    "name": "Fake LLM",
+                    "options": {"baseURL": llm.url, "apiKey": "sk-fake"},
+                    "models": {
+                        "fake-model": {
+                            "name": "Fake",
+                            "tool_call": True,
+                            "limit": {"context": 128000, "output": 4096},
+                        }
+                    },
+                }
+            },
+        }
         return {"agents.opencode": {"env": {"OPENCODE_CONFIG_CONTENT": json.dumps(config)}}}
     codex_config = tmp_path / "codex-config.toml"
     codex_config.write_text(
         'model = "fake-model"\nmodel_provider = "fake"\n\n[model_providers.fake]\n'
         f'name = "Fake"\nbase_url = "{llm.url}"\nenv_key = "FAKE_API_KEY"\n'
-        'wire_api = "responses"\nrequest_max_retries = 0\nstream_max_retries = 0\n')
-    return {"agents.codex": {"env": {"FAKE_API_KEY": "sk-fake"},
-                             "home_files": {".codex/config.toml": str(codex_config)}}}
+        'wire_api = "responses"\nrequest_max_retries = 0\nstream_max_retries = 0\n'
+    )
+    return {
+        "agents.codex": {
+            "env": {"FAKE_API_KEY": "sk-fake"},
+            "home_files": {".codex/config.toml": str(codex_config)},
+        }
+    }
 
 
 def tracking(gitea, number):
-    return [c for c in gitea.comments_on(REPO, number) if "<!-- kugetsu:task=" in c["body"]
-            and "Pushed a follow-up" not in c["body"]]
+    return [
+        c
+        for c in gitea.comments_on(REPO, number)
+        if "<!-- kugetsu:task=" in c["body"] and "Pushed a follow-up" not in c["body"]
+    ]
 
 
 @pytest.mark.parametrize("agent", ["opencode", "codex"])
 def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(agent, tmp_path, gitea):
     binary = installed(agent)
-    script = [write_file("hello.txt", "Hello, visitor!\n"),
-              text("Created hello.txt with a friendly greeting.")]
+    script = [
+        write_file("hello.txt", "Hello, visitor!\n"),
+        text("Created hello.txt with a friendly greeting."),
+    ]
     with FakeLLM(script) as llm:
         port = free_port()
-        config = write_config(tmp_path / "kugetsu.toml", {
-            "server": {"host": "127.0.0.1", "port": port,
-                       "public_url": f"http://127.0.0.1:{port}"},
-            "gitea": {"url": gitea.url, "token": TOKEN, "webhook_secret": SECRET},
-            "storage": {"data_dir": str(tmp_path / "data")},
-            "queue": {"poll_interval_seconds": 30, "retry_backoff_seconds": [0],
-                      "max_attempts": 1},
-            "agents": {"default": agent, "timeout_minutes": 5, "kill_grace_seconds": 2},
-            **agent_tables(agent, llm, tmp_path),
-        })
+        config = write_config(
+            tmp_path / "kugetsu.toml",
+            {
+                "server": {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "public_url": f"http://127.0.0.1:{port}",
+                },
+                "gitea": {"url": gitea.url, "token": TOKEN, "webhook_secret": SECRET},
+                "storage": {"data_dir": str(tmp_path / "data")},
+                "queue": {
+                    "poll_interval_seconds": 30,
+                    "retry_backoff_seconds": [0],
+                    "max_attempts": 1,
+                },
+                "agents": {"default": agent, "timeout_minutes": 5, "kill_grace_seconds": 2},
+                **agent_tables(agent, llm, tmp_path),
+            },
+        )
         path = f"{binary.parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
-        svc = Service(config, port, tmp_path,
-                      env={"PATH": path, "OPENAI_API_KEY_UNUSED": SERVICE_ONLY_SECRET,
-                           "KUGETSU_GITEA_TOKEN": TOKEN}).start()
+        svc = Service(
+            config,
+            port,
+            tmp_path,
+            env={
+                "PATH": path,
+                "OPENAI_API_KEY_UNUSED": SERVICE_ONLY_SECRET,
+                "KUGETSU_GITEA_TOKEN": TOKEN,
+            },
+        ).start()
         try:
             n = gitea.create_issue(REPO, TITLE, BODY, labels=["kugetsu"])
             assert svc.post(*payloads.label_delivery(["kugetsu"], n)).status_code == 202
@@ -83,8 +123,13 @@ def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(agent, tmp_
             def done(count):
                 comments = tracking(gitea, n)
                 return len(comments) == count and "✅ **Done**" in comments[-1]["body"]
-            wait_for(lambda: done(1), timeout=240, interval=0.5,
-                     what=f"{agent} to finish\n{svc.logs()[-3000:]}")
+
+            wait_for(
+                lambda: done(1),
+                timeout=240,
+                interval=0.5,
+                what=f"{agent} to finish\n{svc.logs()[-3000:]}",
+            )
             [pr] = gitea.pulls_of(REPO).values()
             branch = f"kugetsu/issue-{n}"
             assert gitea.file_at(REPO, branch, "hello.txt") == "Hello, visitor!\n"
@@ -98,14 +143,28 @@ def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(agent, tmp_
             first_requests = len(llm.requests)
 
             # follow-up on the pull request: the same session resumes
-            llm.script = [write_file("test_hello.txt", "assert True\n"),
-                          text("Added a test for the greeting.")]
+            llm.script = [
+                write_file("test_hello.txt", "assert True\n"),
+                text("Added a test for the greeting."),
+            ]
             posted = gitea.add_comment(REPO, pr["number"], "/kugetsu continue add a test")
-            assert svc.post(*payloads.comment_delivery(
-                "/kugetsu continue add a test", pr["number"], is_pull=True,
-                comment_id=posted["id"])).status_code == 202
-            wait_for(lambda: done(2), timeout=240, interval=0.5,
-                     what=f"the {agent} follow-up to finish\n{svc.logs()[-3000:]}")
+            assert (
+                svc.post(
+                    *payloads.comment_delivery(
+                        "/kugetsu continue add a test",
+                        pr["number"],
+                        is_pull=True,
+                        comment_id=posted["id"],
+                    )
+                ).status_code
+                == 202
+            )
+            wait_for(
+                lambda: done(2),
+                timeout=240,
+                interval=0.5,
+                what=f"the {agent} follow-up to finish\n{svc.logs()[-3000:]}",
+            )
             later = [r for r in llm.requests[first_requests:]]
             resumed = conversation_text(later[-1])
             assert "add a test" in resumed

@@ -22,13 +22,23 @@ def test_hub_signature_256_is_accepted_alone():
     events.verify_signature(payloads.SECRET, body, headers)
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda b, h: (b, {k: v for k, v in h.items() if "Signature" not in k}),
-    lambda b, h: (b + b" ", h),
-    lambda b, h: (b, {**h, "X-Gitea-Signature": "0" * 64}),
-    lambda b, h: (b, {**h, "X-Gitea-Signature": "", "X-Gogs-Signature": "",
-                      "X-Hub-Signature-256": "sha256="}),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda b, h: (b, {k: v for k, v in h.items() if "Signature" not in k}),
+        lambda b, h: (b + b" ", h),
+        lambda b, h: (b, {**h, "X-Gitea-Signature": "0" * 64}),
+        lambda b, h: (
+            b,
+            {
+                **h,
+                "X-Gitea-Signature": "",
+                "X-Gogs-Signature": "",
+                "X-Hub-Signature-256": "sha256=",
+            },
+        ),
+    ],
+)
 def test_bad_signatures(mutate):
     body, headers = mutate(*payloads.label_delivery(["kugetsu"]))
     with pytest.raises(WebhookError) as exc:
@@ -51,8 +61,9 @@ def test_form_content_type_signs_the_json_inside():
     events.verify_signature(payloads.SECRET, signed, {"X-Gitea-Signature": sig})
 
 
-@pytest.mark.parametrize("ctype, status", [
-    ("text/plain", 415), ("", 415), ("application/x-www-form-urlencoded", 400)])
+@pytest.mark.parametrize(
+    "ctype, status", [("text/plain", 415), ("", 415), ("application/x-www-form-urlencoded", 400)]
+)
 def test_content_types(ctype, status):
     with pytest.raises(WebhookError) as exc:
         events.signed_bytes(ctype, b"hello")
@@ -71,17 +82,33 @@ def test_malformed_bodies(payload):
 
 
 def test_parse_label_updated():
-    data = payloads.issue_payload("label_updated", 12, labels=["bug", "kugetsu"],
-                                  sender="bob", author="bob", permission="admin")
+    data = payloads.issue_payload(
+        "label_updated",
+        12,
+        labels=["bug", "kugetsu"],
+        sender="bob",
+        author="bob",
+        permission="admin",
+    )
     event = events.parse(Delivery("d", "issues", "issue_label"), data)
-    assert event == IssueEvent("label_updated", "acme/widget", 12, "Fix the widget",
-                               "It is broken.", ("bug", "kugetsu"), False, "bob", "admin")
+    assert event == IssueEvent(
+        "label_updated",
+        "acme/widget",
+        12,
+        "Fix the widget",
+        "It is broken.",
+        ("bug", "kugetsu"),
+        False,
+        "bob",
+        "admin",
+    )
 
 
 def test_a_label_event_never_takes_the_issue_authors_permission_for_the_labellers():
     # Gitea fills repository.permissions with the issue author's on issue events
-    data = payloads.issue_payload("label_updated", 12, labels=["kugetsu"], sender="adam",
-                                  author="rita", permission="read")
+    data = payloads.issue_payload(
+        "label_updated", 12, labels=["kugetsu"], sender="adam", author="rita", permission="read"
+    )
     event = events.parse(Delivery("d", "issues", "issue_label"), data)
     assert (event.sender, event.permission) == ("adam", None)
 
@@ -135,8 +162,9 @@ def test_values_that_would_reach_a_path_or_the_database_are_400(path, value, rea
     assert "\n" not in exc.value.reason and len(exc.value.reason) < 200
 
 
-@pytest.mark.parametrize("path, value, reason",
-                         [v for v in BAD_VALUES if not v[0].startswith("comment.")])
+@pytest.mark.parametrize(
+    "path, value, reason", [v for v in BAD_VALUES if not v[0].startswith("comment.")]
+)
 def test_issue_events_check_the_same_values(path, value, reason):
     data = payloads.issue_payload("label_updated", labels=["kugetsu"])
     _set(data, path, value)
@@ -159,12 +187,17 @@ def test_an_integer_python_will_not_convert_is_400():
 
 
 def test_parse_comment_on_pull_request():
-    data = payloads.comment_payload("/kugetsu continue x", 13, is_pull=True, comment_id=55,
-                                    permission="read")
+    data = payloads.comment_payload(
+        "/kugetsu continue x", 13, is_pull=True, comment_id=55, permission="read"
+    )
     event = events.parse(Delivery("d", "issue_comment", "pull_request_comment"), data)
     assert isinstance(event, CommentEvent)
-    assert (event.number, event.is_pull, event.comment_id, event.permission) == (13, True, 55,
-                                                                                 "read")
+    assert (event.number, event.is_pull, event.comment_id, event.permission) == (
+        13,
+        True,
+        55,
+        "read",
+    )
 
 
 @pytest.mark.parametrize("drop", ["repository", "sender", "issue", "comment", "action"])

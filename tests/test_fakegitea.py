@@ -50,7 +50,9 @@ def git(env, *args, cwd=None, token=TOKEN, check=True):
     cmd = ["git", *GIT_IDENTITY]
     if token is not None:
         cmd += ["-c", f"http.extraHeader=Authorization: token {token}"]
-    proc = subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"git {' '.join(args)} failed: {proc.stderr}")
     return proc
@@ -61,7 +63,9 @@ def clone_and_push_branch(fake, env, tmp_path, branch, files):
     if not work.exists():
         git(env, "clone", "--quiet", fake.clone_url(REPO), str(work))
     git(env, "fetch", "--quiet", "origin", cwd=work)
-    has_remote = git(env, "rev-parse", "--verify", "--quiet", f"origin/{branch}", cwd=work, check=False)
+    has_remote = git(
+        env, "rev-parse", "--verify", "--quiet", f"origin/{branch}", cwd=work, check=False
+    )
     start = f"origin/{branch}" if has_remote.returncode == 0 else "origin/main"
     git(env, "checkout", "--quiet", "-B", branch, start, cwd=work)
     for name, content in files.items():
@@ -83,7 +87,9 @@ def clone_and_push_branch(fake, env, tmp_path, branch, files):
 def test_clone_push_then_pull_request_flow(fake, client, git_env, tmp_path):
     issue = fake.create_issue(REPO, "Crash on empty input", "Steps...", labels=["kugetsu"])
 
-    work, sha = clone_and_push_branch(fake, git_env, tmp_path, "kugetsu/issue-1", {"fix.txt": "fixed\n"})
+    work, sha = clone_and_push_branch(
+        fake, git_env, tmp_path, "kugetsu/issue-1", {"fix.txt": "fixed\n"}
+    )
     assert (work / "README.md").read_text() == "hello\n"
     assert (work / "src" / "app.py").read_text() == "print('hi')\n"
     assert fake.branch_sha(REPO, "kugetsu/issue-1") == sha
@@ -91,8 +97,9 @@ def test_clone_push_then_pull_request_flow(fake, client, git_env, tmp_path):
     assert fake.file_at(REPO, "main", "fix.txt") is None
     assert fake.branch_sha(REPO, "nope") is None
 
-    pr = client.create_pull("acme", "widget", head="kugetsu/issue-1", base="main",
-                            title="Fix crash", body="Closes #1")
+    pr = client.create_pull(
+        "acme", "widget", head="kugetsu/issue-1", base="main", title="Fix crash", body="Closes #1"
+    )
     assert pr["number"] == issue + 1, "issues and pull requests share one number sequence"
     assert pr["head"]["ref"] == "kugetsu/issue-1"
     assert pr["head"]["sha"] == sha
@@ -103,11 +110,15 @@ def test_clone_push_then_pull_request_flow(fake, client, git_env, tmp_path):
 
     found = client.find_pull("acme", "widget", "main", "kugetsu/issue-1")
     assert found["number"] == pr["number"]
-    assert client.find_pull("acme", "widget", "main", "acme:kugetsu/issue-1")["number"] == pr["number"]
+    assert (
+        client.find_pull("acme", "widget", "main", "acme:kugetsu/issue-1")["number"] == pr["number"]
+    )
     assert client.find_pull("acme", "widget", "main", "kugetsu/issue-2") is None
 
     with pytest.raises(Conflict) as info:
-        client.create_pull("acme", "widget", head="kugetsu/issue-1", base="main", title="again", body="")
+        client.create_pull(
+            "acme", "widget", head="kugetsu/issue-1", base="main", title="again", body=""
+        )
     assert info.value.message.startswith("pull request already exists for these targets")
     assert f"issue_id: {pr['number']}" in info.value.message
     with pytest.raises(Unprocessable):
@@ -116,20 +127,25 @@ def test_clone_push_then_pull_request_flow(fake, client, git_env, tmp_path):
         client.create_pull("acme", "widget", head="no-such-branch", base="main", title="x", body="")
 
     tracking = client.create_comment("acme", "widget", issue, "Queued")
-    assert client.edit_comment("acme", "widget", tracking["id"], "Opened a pull request")["body"] == (
-        "Opened a pull request"
-    )
+    assert client.edit_comment("acme", "widget", tracking["id"], "Opened a pull request")[
+        "body"
+    ] == ("Opened a pull request")
     assert fake.comments[tracking["id"]]["body"] == "Opened a pull request"
     assert client.get_comment("acme", "widget", tracking["id"])["user"]["login"] == "kugetsu-bot"
     assert client.get_issue("acme", "widget", issue)["comments"] == 1
 
     # A new push moves the pull request's head.
-    _, sha2 = clone_and_push_branch(fake, git_env, tmp_path, "kugetsu/issue-1", {"fix.txt": "fixed again\n"})
+    _, sha2 = clone_and_push_branch(
+        fake, git_env, tmp_path, "kugetsu/issue-1", {"fix.txt": "fixed again\n"}
+    )
     assert client.get_pull("acme", "widget", pr["number"])["head"]["sha"] == sha2
 
     edited = client.edit_pull("acme", "widget", pr["number"], body="Closes #1\n\nUpdated")
     assert edited["body"].endswith("Updated") and edited["title"] == "Fix crash"
-    assert client.get_issue("acme", "widget", pr["number"])["pull_request"]["html_url"] == pr["html_url"]
+    assert (
+        client.get_issue("acme", "widget", pr["number"])["pull_request"]["html_url"]
+        == pr["html_url"]
+    )
 
     for method, path, headers, _ in fake.requests:
         assert "token=" not in path
@@ -138,10 +154,19 @@ def test_clone_push_then_pull_request_flow(fake, client, git_env, tmp_path):
 
 
 def test_clone_without_token_fails(fake, git_env, tmp_path):
-    proc = git(git_env, "clone", fake.clone_url(REPO), str(tmp_path / "anon"), token=None, check=False)
+    proc = git(
+        git_env, "clone", fake.clone_url(REPO), str(tmp_path / "anon"), token=None, check=False
+    )
     assert proc.returncode != 0
     assert not (tmp_path / "anon" / "README.md").exists()
-    proc = git(git_env, "clone", fake.clone_url(REPO), str(tmp_path / "wrong"), token="not-the-token", check=False)
+    proc = git(
+        git_env,
+        "clone",
+        fake.clone_url(REPO),
+        str(tmp_path / "wrong"),
+        token="not-the-token",
+        check=False,
+    )
     assert proc.returncode != 0
     resp = requests.get(fake.clone_url(REPO) + "/info/refs?service=git-upload-pack", timeout=5)
     assert resp.status_code == 401
@@ -150,8 +175,17 @@ def test_clone_without_token_fails(fake, git_env, tmp_path):
 
 def test_clone_with_basic_auth_token(fake, git_env, tmp_path):
     basic = base64.b64encode(f"kugetsu-bot:{TOKEN}".encode()).decode()
-    proc = git(git_env, "-c", f"http.extraHeader=Authorization: Basic {basic}", "clone", "--quiet",
-               fake.clone_url(REPO), str(tmp_path / "basic"), token=None, check=False)
+    proc = git(
+        git_env,
+        "-c",
+        f"http.extraHeader=Authorization: Basic {basic}",
+        "clone",
+        "--quiet",
+        fake.clone_url(REPO),
+        str(tmp_path / "basic"),
+        token=None,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "basic" / "README.md").read_text() == "hello\n"
 
@@ -173,7 +207,9 @@ def test_fetch_with_gzip_request_body(fake, git_env, tmp_path):
         fake.git(REPO, "update-ref", f"refs/heads/topic-{i}", commit)
     before = len(fake.requests)
     git(git_env, "fetch", "--quiet", "origin", cwd=work)
-    assert git(git_env, "rev-parse", "origin/topic-39", cwd=work).stdout.strip() == fake.branch_sha(REPO, "topic-39")
+    assert git(git_env, "rev-parse", "origin/topic-39", cwd=work).stdout.strip() == fake.branch_sha(
+        REPO, "topic-39"
+    )
     encodings = [h.get("Content-Encoding") for m, _, h, _ in fake.requests[before:] if m == "POST"]
     assert "gzip" in encodings
 
@@ -188,18 +224,32 @@ def test_api_auth_schemes(fake):
     assert anonymous.json()["message"] == "invalid username, password or token"
     assert requests.get(url, params={"token": TOKEN}, timeout=5).status_code == 401
     assert requests.get(url, headers={"Authorization": "token wrong"}, timeout=5).status_code == 401
-    assert requests.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).json()["login"] == "kugetsu-bot"
-    assert requests.get(url, headers={"Authorization": f"TOKEN {TOKEN}"}, timeout=5).status_code == 200
+    assert (
+        requests.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).json()["login"]
+        == "kugetsu-bot"
+    )
+    assert (
+        requests.get(url, headers={"Authorization": f"TOKEN {TOKEN}"}, timeout=5).status_code == 200
+    )
     assert requests.get(url, auth=("kugetsu-bot", TOKEN), timeout=5).status_code == 200
 
 
 def test_unknown_route_is_404_json(fake):
-    resp = requests.get(fake.api_url + "/repos/acme/widget/no-such-thing",
-                        headers={"Authorization": f"token {TOKEN}"}, timeout=5)
+    resp = requests.get(
+        fake.api_url + "/repos/acme/widget/no-such-thing",
+        headers={"Authorization": f"token {TOKEN}"},
+        timeout=5,
+    )
     assert resp.status_code == 404
     assert "message" in resp.json()
-    assert requests.get(fake.api_url + "/repos/acme/nope", headers={"Authorization": f"token {TOKEN}"},
-                        timeout=5).status_code == 404
+    assert (
+        requests.get(
+            fake.api_url + "/repos/acme/nope",
+            headers={"Authorization": f"token {TOKEN}"},
+            timeout=5,
+        ).status_code
+        == 404
+    )
 
 
 def test_repo_version_and_user(fake, client):
@@ -218,7 +268,11 @@ def test_gzip_encoded_api_request(fake):
     resp = requests.post(
         f"{fake.api_url}/repos/{REPO}/issues/{number}/comments",
         data=body,
-        headers={"Authorization": f"token {TOKEN}", "Content-Type": "application/json", "Content-Encoding": "gzip"},
+        headers={
+            "Authorization": f"token {TOKEN}",
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+        },
         timeout=5,
     )
     assert resp.status_code == 201
@@ -230,11 +284,15 @@ def test_reaction_is_201_then_200(fake):
     comment = fake.add_comment(REPO, number, "/kugetsu run", login="alice")
     url = f"{fake.api_url}/repos/{REPO}/issues/comments/{comment['id']}/reactions"
     headers = {"Authorization": f"token {TOKEN}"}
-    assert requests.post(url, json={"content": "eyes"}, headers=headers, timeout=5).status_code == 201
+    assert (
+        requests.post(url, json={"content": "eyes"}, headers=headers, timeout=5).status_code == 201
+    )
     again = requests.post(url, json={"content": "eyes"}, headers=headers, timeout=5)
     assert again.status_code == 200
     assert again.json()["content"] == "eyes"
-    assert requests.post(url, json={"content": "wave"}, headers=headers, timeout=5).status_code == 403
+    assert (
+        requests.post(url, json={"content": "wave"}, headers=headers, timeout=5).status_code == 403
+    )
     assert fake.reactions[comment["id"]] == ["eyes"]
 
 
@@ -247,7 +305,9 @@ def test_permissions(fake, client):
 
 def test_commit_status(fake, client):
     sha = fake.branch_sha(REPO, "main")
-    status = client.create_status("acme", "widget", sha, state="success", context="kugetsu", target_url="http://k/1")
+    status = client.create_status(
+        "acme", "widget", sha, state="success", context="kugetsu", target_url="http://k/1"
+    )
     assert status["status"] == "success"
     assert fake.statuses[sha][0]["context"] == "kugetsu"
     assert fake.statuses[sha][0]["target_url"] == "http://k/1"
@@ -255,11 +315,15 @@ def test_commit_status(fake, client):
 
 def test_closed_pull_is_still_found_and_allows_a_new_one(fake, client, git_env, tmp_path):
     clone_and_push_branch(fake, git_env, tmp_path, "feature/x", {"x.txt": "x\n"})
-    first = client.create_pull("acme", "widget", head="feature/x", base="main", title="one", body="")
+    first = client.create_pull(
+        "acme", "widget", head="feature/x", base="main", title="one", body=""
+    )
     closed = client.edit_pull("acme", "widget", first["number"], state="closed")
     assert closed["state"] == "closed"
     assert client.find_pull("acme", "widget", "main", "feature/x")["state"] == "closed"
-    second = client.create_pull("acme", "widget", head="feature/x", base="main", title="two", body="")
+    second = client.create_pull(
+        "acme", "widget", head="feature/x", base="main", title="two", body=""
+    )
     assert second["number"] == first["number"] + 1
     assert client.find_pull("acme", "widget", "main", "feature/x")["number"] == first["number"]
     with pytest.raises(Conflict):
@@ -271,7 +335,11 @@ def test_timeline_pagination(fake, client):
     for i in range(60):
         fake.add_comment(REPO, number, f"comment {i}")
     entries = list(client.iter_timeline("acme", "widget", number))
-    assert entries[0]["type"] == "label" and entries[0]["label"]["name"] == "kugetsu" and entries[0]["body"] == "1"
+    assert (
+        entries[0]["type"] == "label"
+        and entries[0]["label"]["name"] == "kugetsu"
+        and entries[0]["body"] == "1"
+    )
     assert [e["body"] for e in entries[1:]] == [f"comment {i}" for i in range(60)]
     pages = [p for m, p, _, _ in fake.requests if "/timeline" in p]
     assert len(pages) == 2
@@ -317,10 +385,13 @@ def test_repo_files_are_committed_with_the_fakes_own_identity(fake):
     assert author == "Fake Gitea <fake-gitea@example.invalid>"
 
 
-@pytest.mark.parametrize("answer, error, status", [(504, ServerError, 504), (502, ServerError, 502),
-                                                   ("drop", Unreachable, None)])
-def test_lose_answer_applies_the_request_and_loses_its_answer(fake, client, git_env, tmp_path,
-                                                              answer, error, status):
+@pytest.mark.parametrize(
+    "answer, error, status",
+    [(504, ServerError, 504), (502, ServerError, 502), ("drop", Unreachable, None)],
+)
+def test_lose_answer_applies_the_request_and_loses_its_answer(
+    fake, client, git_env, tmp_path, answer, error, status
+):
     clone_and_push_branch(fake, git_env, tmp_path, "feature/x", {"x.txt": "x\n"})
     fake.lose_answer("POST", r"/repos/[^/]+/[^/]+/pulls", answer)
     with pytest.raises(error) as info:

@@ -33,47 +33,122 @@ from tests.conftest import TOKEN, make_config, wait_for
 
 #: what Gitea sends in X-Gitea-Event (and some it does not)
 EVENTS = [
-    "issues", "issue_comment", "issue_assign", "issue_label", "issue_milestone",
-    "pull_request", "pull_request_assign", "pull_request_label", "pull_request_milestone",
-    "pull_request_comment", "pull_request_approved", "pull_request_rejected",
-    "pull_request_review_request", "pull_request_sync", "push", "create", "delete", "fork",
-    "release", "repository", "wiki", "package", "status", "workflow_run", "workflow_job",
-    "ping", "unknown", "",
+    "issues",
+    "issue_comment",
+    "issue_assign",
+    "issue_label",
+    "issue_milestone",
+    "pull_request",
+    "pull_request_assign",
+    "pull_request_label",
+    "pull_request_milestone",
+    "pull_request_comment",
+    "pull_request_approved",
+    "pull_request_rejected",
+    "pull_request_review_request",
+    "pull_request_sync",
+    "push",
+    "create",
+    "delete",
+    "fork",
+    "release",
+    "repository",
+    "wiki",
+    "package",
+    "status",
+    "workflow_run",
+    "workflow_job",
+    "ping",
+    "unknown",
+    "",
 ]
 EVENT_TYPES = [
-    "issues", "issue_label", "issue_comment", "pull_request_comment", "issue_assign",
-    "pull_request_review_approved", "pull_request_review_rejected", "pull_request_review_comment",
-    "pull_request", "push", "unknown",
+    "issues",
+    "issue_label",
+    "issue_comment",
+    "pull_request_comment",
+    "issue_assign",
+    "pull_request_review_approved",
+    "pull_request_review_rejected",
+    "pull_request_review_comment",
+    "pull_request",
+    "push",
+    "unknown",
 ]
 HOSTILE_TEXT = [
-    "", ".", "..", "../..", "acme/widget", "acme/..", "../widget", "acme/widget/x", "a b",
-    "-1", "0", "9223372036854775808", "kugetsu", "kugetsu-bot", "alice", "bob", "mallory",
-    "<!--", "/kugetsu start", "/kugetsu start --max-tokens 99999999999999999999",
-    "/kugetsu start --max-cost 1e999", "/kugetsu stop", "/kugetsu retry", "/kugetsu status",
-    "/kugetsu help", "/kugetsu continue more", "/kugetsu --agent ../../bin/sh go",
-    "```\nx\u2029```\n/kugetsu start\n```", "> quote\u2029/kugetsu start",
-    "<!--\n/kugetsu start\n-->", "x" * 500, "\u0000", "%2e%2e", "?a=b#c",
+    "",
+    ".",
+    "..",
+    "../..",
+    "acme/widget",
+    "acme/..",
+    "../widget",
+    "acme/widget/x",
+    "a b",
+    "-1",
+    "0",
+    "9223372036854775808",
+    "kugetsu",
+    "kugetsu-bot",
+    "alice",
+    "bob",
+    "mallory",
+    "<!--",
+    "/kugetsu start",
+    "/kugetsu start --max-tokens 99999999999999999999",
+    "/kugetsu start --max-cost 1e999",
+    "/kugetsu stop",
+    "/kugetsu retry",
+    "/kugetsu status",
+    "/kugetsu help",
+    "/kugetsu continue more",
+    "/kugetsu --agent ../../bin/sh go",
+    "```\nx\u2029```\n/kugetsu start\n```",
+    "> quote\u2029/kugetsu start",
+    "<!--\n/kugetsu start\n-->",
+    "x" * 500,
+    "\u0000",
+    "%2e%2e",
+    "?a=b#c",
 ]
-NUMBERS = [-2**63, -2**31, -1, 0, 1, 2, 7, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**30]
+NUMBERS = [-(2**63), -(2**31), -1, 0, 1, 2, 7, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**30]
 
-leaves = (st.none() | st.booleans() | st.sampled_from(NUMBERS) | st.integers()
-          | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(HOSTILE_TEXT)
-          | st.text(max_size=30))
+leaves = (
+    st.none()
+    | st.booleans()
+    | st.sampled_from(NUMBERS)
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(HOSTILE_TEXT)
+    | st.text(max_size=30)
+)
 json_values = st.recursive(
-    leaves, lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=10) | st.sampled_from(["id", "number", "login", "name",
-                                                              "full_name", "body", "labels"]),
-                      inner, max_size=4),
-    max_leaves=12)
+    leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=10)
+            | st.sampled_from(["id", "number", "login", "name", "full_name", "body", "labels"]),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
 
 
 def _review(action: str = "reviewed") -> dict:
     data = payloads.issue_payload("opened")
     pr = data.pop("issue")
     pr["pull_request"] = {"merged": False}
-    return {"action": action, "number": 7, "pull_request": pr,
-            "repository": data["repository"], "sender": data["sender"],
-            "review": {"type": "pull_request_review_approved", "content": "/kugetsu stop"}}
+    return {
+        "action": action,
+        "number": 7,
+        "pull_request": pr,
+        "repository": data["repository"],
+        "sender": data["sender"],
+        "review": {"type": "pull_request_review_approved", "content": "/kugetsu stop"},
+    }
 
 
 BASES = {
@@ -83,24 +158,34 @@ BASES = {
     "pr comment": lambda: payloads.comment_payload("/kugetsu continue more", is_pull=True),
     "pull request": lambda: {**payloads.issue_payload("opened"), "pull_request": {"number": 7}},
     "review": _review,
-    "push": lambda: {"ref": "refs/heads/main", "before": "0" * 40, "after": "1" * 40,
-                     "commits": [], "repository": payloads.repository(),
-                     "sender": payloads.user("alice")},
+    "push": lambda: {
+        "ref": "refs/heads/main",
+        "before": "0" * 40,
+        "after": "1" * 40,
+        "commits": [],
+        "repository": payloads.repository(),
+        "sender": payloads.user("alice"),
+    },
     "empty": lambda: {},
 }
 
 
 #: the shapes Gitea sends with each event, mutated most of the time
 BASES_FOR = {
-    "issues": ["issue", "issue opened"], "issue_label": ["issue"],
-    "issue_comment": ["comment", "pr comment"], "pull_request_comment": ["pr comment"],
-    "pull_request": ["pull request"], "pull_request_label": ["pull request"],
-    "pull_request_approved": ["review"], "pull_request_rejected": ["review"],
+    "issues": ["issue", "issue opened"],
+    "issue_label": ["issue"],
+    "issue_comment": ["comment", "pr comment"],
+    "pull_request_comment": ["pr comment"],
+    "pull_request": ["pull request"],
+    "pull_request_label": ["pull request"],
+    "pull_request_approved": ["review"],
+    "pull_request_rejected": ["review"],
     "push": ["push"],
 }
 #: a value put in place of another: mostly the kind that broke things before
-values = st.one_of(st.sampled_from(NUMBERS), st.sampled_from(NUMBERS),
-                   st.sampled_from(HOSTILE_TEXT), json_values)
+values = st.one_of(
+    st.sampled_from(NUMBERS), st.sampled_from(NUMBERS), st.sampled_from(HOSTILE_TEXT), json_values
+)
 
 
 def _paths(data, prefix=()):
@@ -115,10 +200,21 @@ def _paths(data, prefix=()):
 
 
 #: the fields kugetsu reads: most mutations go here, the rest anywhere
-READ = [("repository", "full_name"), ("repository", "permissions"), ("issue", "number"),
-        ("issue", "user", "login"), ("issue", "labels"), ("issue", "pull_request"),
-        ("issue", "title"), ("comment", "id"), ("comment", "body"), ("sender", "login"),
-        ("action",), ("is_pull",), ("review",)]
+READ = [
+    ("repository", "full_name"),
+    ("repository", "permissions"),
+    ("issue", "number"),
+    ("issue", "user", "login"),
+    ("issue", "labels"),
+    ("issue", "pull_request"),
+    ("issue", "title"),
+    ("comment", "id"),
+    ("comment", "body"),
+    ("sender", "login"),
+    ("action",),
+    ("is_pull",),
+    ("review",),
+]
 
 
 def _mutate(draw, data):
@@ -151,8 +247,9 @@ def deliveries(draw, event: str | None):
         if shape == "json":
             data = draw(json_values)
         else:
-            data = _mutate(draw, BASES[draw(st.sampled_from(BASES_FOR.get(event,
-                                                                             sorted(BASES))))]())
+            data = _mutate(
+                draw, BASES[draw(st.sampled_from(BASES_FOR.get(event, sorted(BASES))))]()
+            )
         body = json.dumps(data).encode()
     headers = payloads.sign(body, event=event, event_type=event_type)
     if draw(st.booleans()) and shape != "bytes":
@@ -167,16 +264,32 @@ def system(tmp_path, gitea):
     config = make_config(tmp_path / "data", gitea.url, attempts=1)
     store = open_store(config.storage.db_path)
     storage = config.storage
-    workspace = Workspace(mirrors_dir=storage.mirrors_dir, worktrees_dir=storage.worktrees_dir,
-                          remote_url=config.gitea.git_url, token=TOKEN, author_name="kugetsu",
-                          author_email="kugetsu@example.invalid", secrets=config.secrets())
+    workspace = Workspace(
+        mirrors_dir=storage.mirrors_dir,
+        worktrees_dir=storage.worktrees_dir,
+        remote_url=config.gitea.git_url,
+        token=TOKEN,
+        author_name="kugetsu",
+        author_email="kugetsu@example.invalid",
+        secrets=config.secrets(),
+    )
     client = GiteaClient(gitea.url, TOKEN, retries=0, timeout=5)
-    dispatcher = Dispatcher(config, store, client, workspace,
-                            environ={"PATH": os.environ["PATH"], "KUGETSU_GITEA_TOKEN": TOKEN})
+    dispatcher = Dispatcher(
+        config,
+        store,
+        client,
+        workspace,
+        environ={"PATH": os.environ["PATH"], "KUGETSU_GITEA_TOKEN": TOKEN},
+    )
     dispatcher.start()
-    rules = intake.Rules(label="kugetsu", command="/kugetsu", bot_login="kugetsu-bot",
-                         known_agents=frozenset(config.agents.tables), default_agent="fake",
-                         max_attempts=config.queue.max_attempts)
+    rules = intake.Rules(
+        label="kugetsu",
+        command="/kugetsu",
+        bot_login="kugetsu-bot",
+        known_agents=frozenset(config.agents.tables),
+        default_agent="fake",
+        max_attempts=config.queue.max_attempts,
+    )
     app = create_app(config, store, rules=lambda: rules)
     server = HttpServer(app, "127.0.0.1", 0, max_body_bytes=config.server.max_body_bytes).start()
     yield server.url, store, dispatcher
@@ -201,8 +314,13 @@ def test_no_delivery_of_any_shape_gives_a_5xx_and_the_queue_still_works(system, 
     # no Gitea sends
     for event in [*EVENTS, None]:
         examples = 400 if event in ("issues", "issue_comment") else 8
-        settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                 suppress_health_check=list(HealthCheck))(given(deliveries(event))(post_any))()
+        settings(
+            max_examples=examples,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )(given(deliveries(event))(post_any))()
     assert set(EVENTS) <= set(answered)
     assert {200, 202, 400} <= answered["issue_comment"] | answered["issues"]
 
@@ -216,8 +334,12 @@ def test_no_delivery_of_any_shape_gives_a_5xx_and_the_queue_still_works(system, 
     r = session.post(url + "/webhook", data=body, headers=headers, timeout=10)
     assert r.status_code == 202
     [task_id] = r.json()["tasks"]
-    wait_for(lambda: not store.get(task_id).active, timeout=120, tick=dispatcher.run_tick,
-             what="the valid delivery's task")
+    wait_for(
+        lambda: not store.get(task_id).active,
+        timeout=120,
+        tick=dispatcher.run_tick,
+        what="the valid delivery's task",
+    )
     task = store.get(task_id)
     assert (task.state, task.outcome) == (State.COMPLETED, Outcome.SUCCEEDED), task.error
     assert [pr["number"] for pr in gitea.pulls_of("acme/gadget").values()] == [task.pr_number]

@@ -111,8 +111,17 @@ def issue(number=12):
         "user": user("alice", 9),
         "title": "Crash on empty input",
         "body": "Steps to reproduce...",
-        "labels": [{"id": 5, "name": "kugetsu", "exclusive": False, "is_archived": False,
-                    "color": "e11d21", "description": "", "url": f"{REPO}/labels/5"}],
+        "labels": [
+            {
+                "id": 5,
+                "name": "kugetsu",
+                "exclusive": False,
+                "is_archived": False,
+                "color": "e11d21",
+                "description": "",
+                "url": f"{REPO}/labels/5",
+            }
+        ],
         "state": "open",
         "comments": 0,
         "pull_request": None,
@@ -186,7 +195,11 @@ def test_token_is_sent_as_header_and_never_in_the_url(rsps, client):
     rsps.get(API + "/user", json=user())
     rsps.get(API + "/version", json={"version": "1.26.3"})
     rsps.post(REPO + "/issues/12/comments", json=comment(), status=201)
-    rsps.get(REPO + "/issues/12/timeline", json=[], match=[matchers.query_param_matcher({"page": "1", "limit": "50"})])
+    rsps.get(
+        REPO + "/issues/12/timeline",
+        json=[],
+        match=[matchers.query_param_matcher({"page": "1", "limit": "50"})],
+    )
 
     assert client.get_user()["login"] == "kugetsu-bot"
     assert client.get_version() == "1.26.3"
@@ -203,15 +216,24 @@ def test_token_is_sent_as_header_and_never_in_the_url(rsps, client):
 
 # -- every method: path, method, body, result ------------------------------------------
 
+
 def _clear_proxy_env(monkeypatch):
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
-                 "https_proxy", "all_proxy", "no_proxy", "REQUESTS_CA_BUNDLE",
-                 "CURL_CA_BUNDLE"):
+    for name in (
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "no_proxy",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_a_netrc_entry_for_the_gitea_host_does_not_replace_the_token(rsps, tmp_path,
-                                                                      monkeypatch):
+def test_a_netrc_entry_for_the_gitea_host_does_not_replace_the_token(rsps, tmp_path, monkeypatch):
     _clear_proxy_env(monkeypatch)
     netrc = tmp_path / ".netrc"
     netrc.write_text("machine gitea.test login someone password hunter2\n")
@@ -233,8 +255,7 @@ def test_proxy_and_ca_bundle_variables_are_honoured(rsps, monkeypatch, tmp_path)
     GiteaClient(BASE, TOKEN, retries=0).get_user()
     sent = rsps.calls[0].request.req_kwargs
     assert sent["verify"] == str(bundle)
-    assert requests.utils.select_proxy(API + "/user", sent["proxies"]) == \
-        "http://proxy.test:3128"
+    assert requests.utils.select_proxy(API + "/user", sent["proxies"]) == "http://proxy.test:3128"
 
 
 def test_no_proxy_exempts_the_gitea_host(rsps, monkeypatch):
@@ -246,7 +267,6 @@ def test_no_proxy_exempts_the_gitea_host(rsps, monkeypatch):
     sent = rsps.calls[0].request.req_kwargs
     assert requests.utils.select_proxy(API + "/user", sent["proxies"]) is None
     assert sent["verify"] is True
-
 
 
 def test_get_repo_and_issue(rsps, client):
@@ -296,7 +316,11 @@ def test_add_reaction_accepts_200_and_201(rsps, client, status):
 
 
 def test_add_reaction_not_allowed_is_forbidden(rsps, client):
-    rsps.post(REPO + "/issues/comments/41/reactions", json=error_body("'wave' is not an allowed reaction"), status=403)
+    rsps.post(
+        REPO + "/issues/comments/41/reactions",
+        json=error_body("'wave' is not an allowed reaction"),
+        status=403,
+    )
     with pytest.raises(Forbidden) as info:
         client.add_reaction("acme", "widget", 41, "wave")
     assert info.value.message == "'wave' is not an allowed reaction"
@@ -316,7 +340,10 @@ def test_path_segments_are_quoted(rsps, client):
         json={"permission": "read", "role_name": "read", "user": user("x", 1)},
     )
     assert client.get_permission("acme", "my repo", "al/ice") == "read"
-    assert rsps.calls[0].request.path_url == "/api/v1/repos/acme/my%20repo/collaborators/al%2Fice/permission"
+    assert (
+        rsps.calls[0].request.path_url
+        == "/api/v1/repos/acme/my%20repo/collaborators/al%2Fice/permission"
+    )
 
 
 def test_find_pull_keeps_the_slash_in_head(rsps, client):
@@ -327,22 +354,32 @@ def test_find_pull_keeps_the_slash_in_head(rsps, client):
 
 
 def test_find_pull_404_is_none(rsps, client):
-    rsps.get(REPO + "/pulls/main/kugetsu/issue-99", json={"message": "not found", "url": DOC_URL, "errors": []},
-             status=404)
+    rsps.get(
+        REPO + "/pulls/main/kugetsu/issue-99",
+        json={"message": "not found", "url": DOC_URL, "errors": []},
+        status=404,
+    )
     assert client.find_pull("acme", "widget", "main", "kugetsu/issue-99") is None
 
 
 def test_find_pull_other_errors_still_raise(rsps, client):
-    rsps.get(REPO + "/pulls/main/feature", json=error_body("token does not have required scope"), status=403)
+    rsps.get(
+        REPO + "/pulls/main/feature",
+        json=error_body("token does not have required scope"),
+        status=403,
+    )
     with pytest.raises(Forbidden):
         client.find_pull("acme", "widget", "main", "feature")
 
 
-@pytest.mark.parametrize("first, calls", [
-    (pull(13), 1),                    # the first match is the open one: one call
-    (None, 1),                        # no pull request in any state: none is open
-    (pull(5, state="closed"), 2),     # after an older closed one, the open ones are paged
-])
+@pytest.mark.parametrize(
+    "first, calls",
+    [
+        (pull(13), 1),  # the first match is the open one: one call
+        (None, 1),  # no pull request in any state: none is open
+        (pull(5, state="closed"), 2),  # after an older closed one, the open ones are paged
+    ],
+)
 def test_find_open_pull_asks_once_unless_the_first_match_is_closed(rsps, client, first, calls):
     by_head = REPO + "/pulls/main/kugetsu/issue-12"
     if first is None:
@@ -350,9 +387,15 @@ def test_find_open_pull_asks_once_unless_the_first_match_is_closed(rsps, client,
     else:
         rsps.get(by_head, json=first)
     if calls == 2:
-        rsps.get(REPO + "/pulls", json=[pull(9, head="other"), pull(13)], match=[
-            matchers.query_param_matcher({"state": "open", "base_branch": "main", "page": "1",
-                                          "limit": "50"})])
+        rsps.get(
+            REPO + "/pulls",
+            json=[pull(9, head="other"), pull(13)],
+            match=[
+                matchers.query_param_matcher(
+                    {"state": "open", "base_branch": "main", "page": "1", "limit": "50"}
+                )
+            ],
+        )
     found = client.find_open_pull("acme", "widget", "main", "kugetsu/issue-12")
     assert (found or {}).get("number") == (None if first is None else 13)
     assert len(rsps.calls) == calls
@@ -390,12 +433,22 @@ def test_create_status(rsps, client):
     sha = "c" * 40
     rsps.post(
         REPO + f"/statuses/{sha}",
-        json={"id": 1, "status": "pending", "target_url": "", "description": "running", "context": "kugetsu",
-              "url": f"{REPO}/statuses/{sha}", "creator": user(), "created_at": "2026-03-01T09:30:00Z",
-              "updated_at": "2026-03-01T09:30:00Z"},
+        json={
+            "id": 1,
+            "status": "pending",
+            "target_url": "",
+            "description": "running",
+            "context": "kugetsu",
+            "url": f"{REPO}/statuses/{sha}",
+            "creator": user(),
+            "created_at": "2026-03-01T09:30:00Z",
+            "updated_at": "2026-03-01T09:30:00Z",
+        },
         status=201,
     )
-    result = client.create_status("acme", "widget", sha, state="pending", context="kugetsu", description="running")
+    result = client.create_status(
+        "acme", "widget", sha, state="pending", context="kugetsu", description="running"
+    )
     assert result["status"] == "pending"
     assert sent_json(rsps.calls[0]) == {
         "state": "pending",
@@ -415,8 +468,14 @@ def test_create_status_rejects_an_unknown_state_without_a_request(rsps, client):
 
 
 def timeline_entry(i):
-    return {"id": i, "type": "comment", "body": f"c{i}", "user": user("alice", 9), "label": None,
-            "created_at": "2026-03-01T09:30:00Z"}
+    return {
+        "id": i,
+        "type": "comment",
+        "body": f"c{i}",
+        "user": user("alice", 9),
+        "label": None,
+        "created_at": "2026-03-01T09:30:00Z",
+    }
 
 
 def test_iter_timeline_follows_link_next(rsps, client):
@@ -426,15 +485,19 @@ def test_iter_timeline_follows_link_next(rsps, client):
     rsps.get(
         url,
         json=page1,
-        headers={"Link": f'<{url}?limit=50&page=2>; rel="next",<{url}?limit=50&page=2>; rel="last"',
-                 "X-Total-Count": "53"},
+        headers={
+            "Link": f'<{url}?limit=50&page=2>; rel="next",<{url}?limit=50&page=2>; rel="last"',
+            "X-Total-Count": "53",
+        },
         match=[matchers.query_param_matcher({"page": "1", "limit": "50"})],
     )
     rsps.get(
         url,
         json=page2,
-        headers={"Link": f'<{url}?limit=50&page=1>; rel="first",<{url}?limit=50&page=1>; rel="prev"',
-                 "X-Total-Count": "53"},
+        headers={
+            "Link": f'<{url}?limit=50&page=1>; rel="first",<{url}?limit=50&page=1>; rel="prev"',
+            "X-Total-Count": "53",
+        },
         match=[matchers.query_param_matcher({"page": "2", "limit": "50"})],
     )
     entries = list(client.iter_timeline("acme", "widget", 12))
@@ -444,18 +507,28 @@ def test_iter_timeline_follows_link_next(rsps, client):
 
 def test_iter_timeline_stops_on_a_short_page_without_link(rsps, client):
     url = REPO + "/issues/12/timeline"
-    rsps.get(url, json=[timeline_entry(i) for i in range(50)],
-             match=[matchers.query_param_matcher({"page": "1", "limit": "50"})])
-    rsps.get(url, json=[timeline_entry(50)], match=[matchers.query_param_matcher({"page": "2", "limit": "50"})])
+    rsps.get(
+        url,
+        json=[timeline_entry(i) for i in range(50)],
+        match=[matchers.query_param_matcher({"page": "1", "limit": "50"})],
+    )
+    rsps.get(
+        url,
+        json=[timeline_entry(50)],
+        match=[matchers.query_param_matcher({"page": "2", "limit": "50"})],
+    )
     assert len(list(client.iter_timeline("acme", "widget", 12))) == 51
     assert len(rsps.calls) == 2
 
 
 def test_iter_timeline_stops_when_link_has_no_next(rsps, client):
     url = REPO + "/issues/12/timeline"
-    rsps.get(url, json=[timeline_entry(i) for i in range(50)],
-             headers={"Link": f'<{url}?limit=50&page=1>; rel="first"'},
-             match=[matchers.query_param_matcher({"page": "1", "limit": "50"})])
+    rsps.get(
+        url,
+        json=[timeline_entry(i) for i in range(50)],
+        headers={"Link": f'<{url}?limit=50&page=1>; rel="first"'},
+        match=[matchers.query_param_matcher({"page": "1", "limit": "50"})],
+    )
     assert len(list(client.iter_timeline("acme", "widget", 12))) == 50
     assert len(rsps.calls) == 1
 
@@ -467,11 +540,23 @@ def test_iter_timeline_stops_when_link_has_no_next(rsps, client):
     "status, cls, message",
     [
         (401, Unauthorized, "invalid username, password or token"),
-        (403, Forbidden, "user should be an owner or a collaborator with admin write of a repository"),
+        (
+            403,
+            Forbidden,
+            "user should be an owner or a collaborator with admin write of a repository",
+        ),
         (404, NotFound, "issue does not exist [id: 0, repo_id: 3, index: 99]"),
-        (409, Conflict, "pull request already exists for these targets [id: 55, issue_id: 13, head_repo_id: 3, "
-                        "base_repo_id: 3, head_branch: kugetsu/issue-12, base_branch: main]"),
-        (422, Unprocessable, "Invalid PullRequest: There are no changes between the head and the base"),
+        (
+            409,
+            Conflict,
+            "pull request already exists for these targets [id: 55, issue_id: 13, head_repo_id: 3, "
+            "base_repo_id: 3, head_branch: kugetsu/issue-12, base_branch: main]",
+        ),
+        (
+            422,
+            Unprocessable,
+            "Invalid PullRequest: There are no changes between the head and the base",
+        ),
         (423, Locked, "repo is archived"),
         (412, GiteaError, "cannot change state of this pull request, it was already merged"),
     ],
@@ -598,8 +683,14 @@ class CountingSession(requests.Session):
 def test_connection_refused_is_retried_then_unreachable(closed_port, method):
     session = CountingSession()
     sleeps = []
-    client = GiteaClient(f"http://127.0.0.1:{closed_port}", TOKEN, retries=2, timeout=5, session=session,
-                         sleep=sleeps.append)
+    client = GiteaClient(
+        f"http://127.0.0.1:{closed_port}",
+        TOKEN,
+        retries=2,
+        timeout=5,
+        session=session,
+        sleep=sleeps.append,
+    )
     with pytest.raises(Unreachable) as info:
         if method == "GET":
             client.get_user()
@@ -656,7 +747,16 @@ def test_unexpected_non_json_success_is_an_error(rsps, client):
 
 
 def test_module_exposes_error_hierarchy():
-    for cls in (Unauthorized, Forbidden, NotFound, Conflict, Unprocessable, Locked, ServerError, Unreachable):
+    for cls in (
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        Conflict,
+        Unprocessable,
+        Locked,
+        ServerError,
+        Unreachable,
+    ):
         assert issubclass(cls, gitea.GiteaError)
 
 
@@ -680,8 +780,25 @@ PATH_CALLS = [
     ("create_status", ["acme", "widget", "abc123"], 2),
     ("iter_timeline", ["acme", "widget", 7], 2),
 ]
-HOSTILE_TEXT = ["..", ".", "", "../..", "a/b", "a/../b", "%2e%2e", "%2F", "?admin=1", "#x",
-                "a b", "ü", ";x", "\\..", "~", "a\nb", "-1"]
+HOSTILE_TEXT = [
+    "..",
+    ".",
+    "",
+    "../..",
+    "a/b",
+    "a/../b",
+    "%2e%2e",
+    "%2F",
+    "?admin=1",
+    "#x",
+    "a b",
+    "ü",
+    ";x",
+    "\\..",
+    "~",
+    "a\nb",
+    "-1",
+]
 HOSTILE_NUMBERS = [0, -1, -9223372036854775808, 2**63, 10**30, True, None, 1.5, "..", "7/8"]
 REFUSED_TEXT = {"..", ".", ""}
 
@@ -698,8 +815,11 @@ def _paths(method, args, value, at):
     client = GiteaClient(BASE, TOKEN, retries=0, sleep=lambda s: None)
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         for verb in ("GET", "POST", "PATCH"):
-            mock.add(verb, re.compile(r".*"), json=[] if method == "iter_timeline" else {
-                "permission": "read"})
+            mock.add(
+                verb,
+                re.compile(r".*"),
+                json=[] if method == "iter_timeline" else {"permission": "read"},
+            )
         args = list(args)
         args[at] = value
         try:
@@ -710,27 +830,28 @@ def _paths(method, args, value, at):
         return [call.request.path_url.split("?")[0] for call in mock.calls]
 
 
-@pytest.mark.parametrize("method, args, at", PATH_CALLS,
-                         ids=[f"{m}-{a}" for m, _, a in PATH_CALLS])
+@pytest.mark.parametrize("method, args, at", PATH_CALLS, ids=[f"{m}-{a}" for m, _, a in PATH_CALLS])
 def test_no_value_can_change_an_api_path(method, args, at):
     numeric = isinstance(args[at], int)
     [reference] = _paths(method, args, 424242 if numeric else "MARK", at)
     before, _, after = reference.partition("424242" if numeric else "MARK")
-    for value in (HOSTILE_NUMBERS if numeric else HOSTILE_TEXT):
+    for value in HOSTILE_NUMBERS if numeric else HOSTILE_TEXT:
         result = _paths(method, args, value, at)
         if isinstance(result, gitea.InvalidPath):
             assert "not sent to Gitea" in str(result)
             if numeric:
-                assert not (isinstance(value, int) and not isinstance(value, bool)
-                            and 1 <= value < 2**63)
+                assert not (
+                    isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 2**63
+                )
             else:
-                assert value in REFUSED_TEXT or (method == "find_pull" and at == 3
-                                                  and REFUSED_TEXT & set(value.split("/")))
+                assert value in REFUSED_TEXT or (
+                    method == "find_pull" and at == 3 and REFUSED_TEXT & set(value.split("/"))
+                )
             continue
         assert not numeric or isinstance(value, str), f"{value!r} was sent"
         [path] = result
         assert path.startswith(before) and path.endswith(after), (value, path)
-        middle = path[len(before):len(path) - len(after)]
+        middle = path[len(before) : len(path) - len(after)]
         if method == "find_pull" and at == 3:  # a branch: its '/' are Gitea's route's own
             parts = middle.split("/")
             assert [urllib.parse.unquote(p) for p in parts] == value.split("/")

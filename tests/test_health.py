@@ -15,16 +15,28 @@ from bot.service import ReceiverHealth
 from bot.store import open_store
 from tests import payloads
 
-RULES = intake.Rules(label="kugetsu", command="/kugetsu", bot_login="kugetsu-bot",
-                     known_agents=frozenset({"opencode"}), default_agent="opencode",
-                     max_attempts=3)
+RULES = intake.Rules(
+    label="kugetsu",
+    command="/kugetsu",
+    bot_login="kugetsu-bot",
+    known_agents=frozenset({"opencode"}),
+    default_agent="opencode",
+    max_attempts=3,
+)
 NOW = 1_800_000_000.0
 
 
 def facts(**kw) -> Facts:
-    base = dict(now=NOW, worker_alive=True, worker_up_since=NOW - 3600, registered=True,
-                heartbeat_at=NOW - 5, tick=TickRecord(ok_at=NOW - 10),
-                free_bytes=10 * health.MIB, min_free_bytes=5 * health.MIB)
+    base = dict(
+        now=NOW,
+        worker_alive=True,
+        worker_up_since=NOW - 3600,
+        registered=True,
+        heartbeat_at=NOW - 5,
+        tick=TickRecord(ok_at=NOW - 10),
+        free_bytes=10 * health.MIB,
+        min_free_bytes=5 * health.MIB,
+    )
     return Facts(**{**base, **kw})
 
 
@@ -38,9 +50,11 @@ def test_ticks_that_keep_failing_are_named_and_one_failure_is_not():
         assert problems(facts(tick=record)) == []
         record = record.failed(NOW - 60 + i, "OperationalError: no such table: tasks")
     [line] = problems(facts(tick=record))
-    assert line == (f"tick: failed {health.TICK_FAILURES_REPORTED} times in a row since "
-                    f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(NOW - 60))}: "
-                    "OperationalError: no such table: tasks")
+    assert line == (
+        f"tick: failed {health.TICK_FAILURES_REPORTED} times in a row since "
+        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(NOW - 60))}: "
+        "OperationalError: no such table: tasks"
+    )
     # one good tick clears it
     assert problems(facts(tick=record.began(NOW).succeeded(NOW))) == []
 
@@ -48,28 +62,36 @@ def test_ticks_that_keep_failing_are_named_and_one_failure_is_not():
 def test_a_stalled_tick_and_a_silent_worker_are_named():
     stalled = TickRecord().began(NOW - health.TICK_STALLED_SECONDS - 5)
     assert problems(facts(tick=stalled)) == [
-        f"tick: running for {int(health.TICK_STALLED_SECONDS) + 5} s, stalled"]
+        f"tick: running for {int(health.TICK_STALLED_SECONDS) + 5} s, stalled"
+    ]
     assert problems(facts(tick=TickRecord().began(NOW - 30))) == []
     late = NOW - health.HEARTBEAT_LATE_SECONDS - 1
     assert problems(facts(heartbeat_at=late)) == [
         f"worker: no heartbeat for {int(health.HEARTBEAT_LATE_SECONDS) + 1} s "
-        "(it cannot write to the database, or it is stuck)"]
+        "(it cannot write to the database, or it is stuck)"
+    ]
     # a worker that just started has not registered yet; one that never does is named
     assert problems(facts(registered=False, worker_up_since=NOW - 5)) == []
     assert problems(facts(registered=False, worker_up_since=NOW - 600)) == [
-        "worker: not registered in the database after 600 s"]
+        "worker: not registered in the database after 600 s"
+    ]
 
 
 def test_disk_database_and_worker_problems_each_get_a_line():
     assert problems(facts(free_bytes=1 * health.MIB)) == [
-        "disk: 1.0 MiB free in the data directory, below storage.min_free_mb (5)"]
-    assert problems(facts(write_failure=(NOW - 12, "OperationalError: database or disk is full"))
-                    ) == ["database: a delivery could not be stored 12 s ago (answered 503): "
-                          "OperationalError: database or disk is full"]
+        "disk: 1.0 MiB free in the data directory, below storage.min_free_mb (5)"
+    ]
+    assert problems(
+        facts(write_failure=(NOW - 12, "OperationalError: database or disk is full"))
+    ) == [
+        "database: a delivery could not be stored 12 s ago (answered 503): "
+        "OperationalError: database or disk is full"
+    ]
     old = NOW - health.WRITE_FAILURE_SECONDS - 1
     assert problems(facts(write_failure=(old, "x"))) == []
     assert problems(facts(database_error="DatabaseError: file is not a database")) == [
-        "database: cannot be read: DatabaseError: file is not a database"]
+        "database: cannot be read: DatabaseError: file is not a database"
+    ]
     assert problems(facts(worker_alive=False)) == ["worker: not running (it is restarted)"]
 
 
@@ -84,13 +106,16 @@ def test_tick_records_survive_the_database_and_bad_ones_are_ignored():
 
 
 def receiver(tmp_path, **storage):
-    config = Config(gitea=GiteaConfig(webhook_secret=payloads.SECRET),
-                    storage=StorageConfig(data_dir=tmp_path, **storage))
+    config = Config(
+        gitea=GiteaConfig(webhook_secret=payloads.SECRET),
+        storage=StorageConfig(data_dir=tmp_path, **storage),
+    )
     store = open_store(tmp_path / "kugetsu.db")
     worker = SimpleNamespace(alive=True, pid=os.getpid(), started_at=time.time(), restarts=0)
     monitor = ReceiverHealth(config, store, worker)
-    app = create_app(config, store, rules=lambda: RULES, health=monitor,
-                     store_failed=monitor.store_failed)
+    app = create_app(
+        config, store, rules=lambda: RULES, health=monitor, store_failed=monitor.store_failed
+    )
     return app.test_client(), store, worker
 
 
@@ -116,7 +141,8 @@ def test_a_dead_worker_is_503_and_named(tmp_path):
 
 
 def test_a_delivery_that_cannot_be_stored_gets_503_nothing_of_it_is_kept_and_health_says_so(
-        tmp_path):
+    tmp_path,
+):
     client, store, _ = receiver(tmp_path, min_free_mb=0)
     conn = store._conn()  # the test client runs the app on this thread, with this connection
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
@@ -125,8 +151,10 @@ def test_a_delivery_that_cannot_be_stored_gets_503_nothing_of_it_is_kept_and_hea
     body, headers = payloads.comment_delivery(f"/kugetsu start {long}", 7)
     r = client.post("/webhook", data=body, headers=headers)
     assert r.status_code == 503
-    assert r.json == {"status": "error", "reason": "could not store the delivery, so it was "
-                      "not accepted: database or disk is full"}
+    assert r.json == {
+        "status": "error",
+        "reason": "could not store the delivery, so it was not accepted: database or disk is full",
+    }
     assert store.list() == []
     assert conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 0
     r = client.get("/healthz")
@@ -151,5 +179,4 @@ def test_a_database_the_receiver_cannot_read_is_named(tmp_path):
         (tmp_path / f"kugetsu.db{suffix}").unlink(missing_ok=True)
     r = client.get("/healthz")
     assert r.status_code == 200 and r.json["status"] == "degraded"
-    assert r.json["problems"] == [
-        "database: cannot be read: DatabaseError: file is not a database"]
+    assert r.json["problems"] == ["database: cannot be read: DatabaseError: file is not a database"]

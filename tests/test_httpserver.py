@@ -16,9 +16,11 @@ def test_prepare_interpreter_freezes_start_up_objects_and_shortens_gil_waits():
         "before = (gc.get_freeze_count(), sys.getswitchinterval())\n"
         "from bot.httpserver import prepare_interpreter\n"
         "prepare_interpreter()\n"
-        "print(json.dumps([before, [gc.get_freeze_count(), sys.getswitchinterval()]]))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60)
+        "print(json.dumps([before, [gc.get_freeze_count(), sys.getswitchinterval()]]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
     (frozen_before, interval_before), (frozen_after, interval_after) = json.loads(out.stdout)
     assert frozen_before == 0 and interval_before == 0.005
     assert frozen_after > 10000  # flask, werkzeug and the rest of start-up
@@ -32,6 +34,7 @@ def _hello(environ, start_response):
 
 def _get(url: str) -> bytes:
     import urllib.request
+
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read()
 

@@ -9,9 +9,14 @@ from bot.store import open_store
 from bot.tasks import LABELLER, Kind, State
 from tests import payloads
 
-RULES = Rules(label="kugetsu", command="/kugetsu", bot_login="kugetsu-bot",
-              known_agents=frozenset({"opencode", "claude"}), default_agent="opencode",
-              max_attempts=3)
+RULES = Rules(
+    label="kugetsu",
+    command="/kugetsu",
+    bot_login="kugetsu-bot",
+    known_agents=frozenset({"opencode", "claude"}),
+    default_agent="opencode",
+    max_attempts=3,
+)
 
 
 @pytest.fixture
@@ -45,12 +50,18 @@ def outbox(store):
 
 # ------------------------------------------------------------------ labels
 
+
 def test_label_added_starts_a_task(store):
     result = label(store, ["kugetsu"])
     assert result.task_ids and not result.duplicate
     [task] = tasks(store)
     assert (task.repo, task.issue, task.kind, task.requested_by, task.state) == (
-        "acme/widget", 7, Kind.START, "alice", State.PENDING)
+        "acme/widget",
+        7,
+        Kind.START,
+        "alice",
+        State.PENDING,
+    )
     assert task.authorized is None and task.permission_hint == "write"
 
 
@@ -120,6 +131,7 @@ def test_pull_request_label_is_not_a_trigger():
 
 # ------------------------------------------------------------------ comments
 
+
 class FakeView:
     def __init__(self, labels=None, active=None, has=False, prs=None, replies=0):
         self.labels, self.active, self.has, self.prs = labels, active, has, prs or {}
@@ -172,8 +184,11 @@ def test_continue_is_queued_behind_the_active_task(store):
     comment(store, "/kugetsu start")
     comment(store, "/kugetsu continue add a test")
     first, second = tasks(store)
-    assert (second.kind, second.prompt, second.state) == (Kind.CONTINUE, "add a test",
-                                                          State.PENDING)
+    assert (second.kind, second.prompt, second.state) == (
+        Kind.CONTINUE,
+        "add a test",
+        State.PENDING,
+    )
 
 
 def test_continue_without_any_task_starts(store):
@@ -189,8 +204,9 @@ def test_free_text_continues_or_starts():
     assert d.intents[-1].kind is Kind.CONTINUE and d.intents[-1].prompt == "make it faster"
 
 
-@pytest.mark.parametrize("verb, kind", [("stop", "stop"), ("cancel", "stop"), ("retry", "retry"),
-                                        ("status", "status")])
+@pytest.mark.parametrize(
+    "verb, kind", [("stop", "stop"), ("cancel", "stop"), ("retry", "retry"), ("status", "status")]
+)
 def test_control_verbs_become_outbox_work(verb, kind):
     d = decide_comment(f"/kugetsu {verb}", comment_id=5)
     assert kinds(d) == [("NoteReply", None), ("Outbox", "reaction"), ("Outbox", kind)]
@@ -215,14 +231,17 @@ def test_usage_error_is_answered():
     assert "Usage:" in d.intents[-1].body
 
 
-@pytest.mark.parametrize("text, kw", [
-    ("> /kugetsu stop", {}),
-    ("```\n/kugetsu start\n```", {}),
-    ("/kugetsu start", {"action": "edited"}),
-    ("/kugetsu start", {"sender": "kugetsu-bot"}),
-    ("<!-- kugetsu:task=3 -->\n/kugetsu stop", {}),
-    ("just a comment", {}),
-])
+@pytest.mark.parametrize(
+    "text, kw",
+    [
+        ("> /kugetsu stop", {}),
+        ("```\n/kugetsu start\n```", {}),
+        ("/kugetsu start", {"action": "edited"}),
+        ("/kugetsu start", {"sender": "kugetsu-bot"}),
+        ("<!-- kugetsu:task=3 -->\n/kugetsu stop", {}),
+        ("just a comment", {}),
+    ],
+)
 def test_ignored_comments(text, kw):
     assert decide_comment(text, **kw).intents == []
 
@@ -242,6 +261,7 @@ def test_comment_on_another_pull_request_is_ignored(store):
 
 
 # ------------------------------------------------------------------ dedupe
+
 
 def test_repeated_delivery_is_acknowledged_and_ignored(store):
     body, headers = payloads.comment_delivery("/kugetsu start")
@@ -283,23 +303,26 @@ def _what(intent):
     return type(intent).__name__
 
 
-@pytest.mark.parametrize("text, replies, expect", [
-    # under the limit: answered, and the reply counted
-    ("/kugetsu help", 0, ["NoteReply", "reaction", "comment"]),
-    ("/kugetsu status", LIMIT - 1, ["NoteReply", "reaction", "status"]),
-    ("/kugetsu continue", 0, ["NoteReply", "reaction", "comment"]),           # usage error
-    ("/kugetsu stop", 0, ["NoteReply", "reaction", "stop"]),
-    ("/kugetsu retry", LIMIT - 1, ["NoteReply", "reaction", "retry"]),
-    # at the limit: the reaction alone; stop and retry still act, without a word
-    ("/kugetsu help", LIMIT, ["reaction"]),
-    ("/kugetsu status", LIMIT, ["reaction"]),
-    ("/kugetsu continue", LIMIT + 10, ["reaction"]),
-    ("/kugetsu start --agent nope", LIMIT, ["reaction"]),
-    ("/kugetsu stop", LIMIT, ["reaction", "quiet stop"]),
-    ("/kugetsu retry", LIMIT, ["reaction", "quiet retry"]),
-    # a request for work is never limited
-    ("/kugetsu start", LIMIT, ["reaction", "RememberLabels", "Enqueue"]),
-])
+@pytest.mark.parametrize(
+    "text, replies, expect",
+    [
+        # under the limit: answered, and the reply counted
+        ("/kugetsu help", 0, ["NoteReply", "reaction", "comment"]),
+        ("/kugetsu status", LIMIT - 1, ["NoteReply", "reaction", "status"]),
+        ("/kugetsu continue", 0, ["NoteReply", "reaction", "comment"]),  # usage error
+        ("/kugetsu stop", 0, ["NoteReply", "reaction", "stop"]),
+        ("/kugetsu retry", LIMIT - 1, ["NoteReply", "reaction", "retry"]),
+        # at the limit: the reaction alone; stop and retry still act, without a word
+        ("/kugetsu help", LIMIT, ["reaction"]),
+        ("/kugetsu status", LIMIT, ["reaction"]),
+        ("/kugetsu continue", LIMIT + 10, ["reaction"]),
+        ("/kugetsu start --agent nope", LIMIT, ["reaction"]),
+        ("/kugetsu stop", LIMIT, ["reaction", "quiet stop"]),
+        ("/kugetsu retry", LIMIT, ["reaction", "quiet retry"]),
+        # a request for work is never limited
+        ("/kugetsu start", LIMIT, ["reaction", "RememberLabels", "Enqueue"]),
+    ],
+)
 def test_replies_are_limited_per_user_and_issue(text, replies, expect):
     view = FakeView(replies=replies)
     assert [_what(i) for i in decide_comment(text, view).intents] == expect
@@ -313,13 +336,15 @@ def test_the_reply_limit_is_counted_where_the_command_was_written_for_its_sender
 
 def test_reply_limit_counts_in_the_database_per_user_issue_and_window(tmp_path):
     from dataclasses import replace
+
     now = [1000.0]
     store = open_store(tmp_path / "db", clock=lambda: now[0])
     rules = replace(RULES, reply_limit=2, reply_window_seconds=60.0)
 
     def help_from(sender, number=7):
-        deliver(store, *payloads.comment_delivery("/kugetsu help", number, sender=sender),
-                rules=rules)
+        deliver(
+            store, *payloads.comment_delivery("/kugetsu help", number, sender=sender), rules=rules
+        )
 
     def replies():
         return sorted((o.issue, o.requested_by) for o in outbox(store) if o.kind == "comment")
@@ -328,10 +353,10 @@ def test_reply_limit_counts_in_the_database_per_user_issue_and_window(tmp_path):
         help_from("mallory")
     assert replies() == [(7, "mallory")] * 2
     assert len([o for o in outbox(store) if o.kind == "reaction"]) == 4
-    help_from("eve")            # another user on the issue, and the same user elsewhere:
-    help_from("mallory", 8)     # each has a count of their own
+    help_from("eve")  # another user on the issue, and the same user elsewhere:
+    help_from("mallory", 8)  # each has a count of their own
     assert replies() == [(7, "eve"), (7, "mallory"), (7, "mallory"), (8, "mallory")]
-    now[0] += 61                # the window has passed
+    now[0] += 61  # the window has passed
     help_from("mallory")
     assert replies().count((7, "mallory")) == 3
     store.close()

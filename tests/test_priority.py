@@ -26,9 +26,13 @@ HAS_AUTOGROUP = Path("/proc/self/autogroup").exists()
 def in_niced_child(code: str, nice: int = 6) -> dict:
     """Runs `code` in a fresh interpreter at +`nice`; it prints one JSON object."""
     prelude = f"import os, json, sys, subprocess\nos.nice({nice})\n"
-    out = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)],
-                         capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).resolve().parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -37,8 +41,11 @@ def in_niced_child(code: str, nice: int = 6) -> dict:
 
 
 def test_a_command_gets_its_own_process_group_in_the_callers_session(tmp_path):
-    out = run_command([sys.executable, "-c", "import os; print(os.getpid(), os.getpgrp(), "
-                       "os.getsid(0))"], stdout=subprocess.PIPE, check=True)
+    out = run_command(
+        [sys.executable, "-c", "import os; print(os.getpid(), os.getpgrp(), os.getsid(0))"],
+        stdout=subprocess.PIPE,
+        check=True,
+    )
     pid, pgid, sid = map(int, out.stdout.split())
     assert pgid == pid != os.getpgrp()  # a timeout can kill its whole tree
     assert sid == os.getsid(0)  # and it shares the worker's scheduling group
@@ -46,15 +53,20 @@ def test_a_command_gets_its_own_process_group_in_the_callers_session(tmp_path):
 
 def test_a_timeout_kills_the_commands_whole_group(tmp_path):
     pidfile = tmp_path / "grandchild.pid"
-    script = (f"import subprocess, sys, time\n"
-              f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-              f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
-              f"time.sleep(60)\n")
+    script = (
+        f"import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        f"time.sleep(60)\n"
+    )
     with pytest.raises(subprocess.TimeoutExpired):
         run_command([sys.executable, "-c", script], timeout=5)
     grandchild = int(pidfile.read_text())
-    wait_for(lambda: process_gone(grandchild), timeout=10,
-             what="the grandchild to be killed with its group")
+    wait_for(
+        lambda: process_gone(grandchild),
+        timeout=10,
+        what="the grandchild to be killed with its group",
+    )
 
 
 def test_commands_inherit_the_callers_niceness():
@@ -87,7 +99,8 @@ def test_commands_stay_in_the_callers_scheduling_group():
 
 @pytest.mark.skipif(not HAS_AUTOGROUP, reason="this kernel has no autogroup scheduling")
 def test_an_agents_own_session_gets_the_workers_niceness(tmp_path):
-    seen = in_niced_child(f"""
+    seen = in_niced_child(
+        f"""
         from bot.process import AgentProcess
         agent = AgentProcess.start(
             [sys.executable, "-c", "import os, time; print(os.getsid(0), flush=True); "
@@ -101,14 +114,17 @@ def test_an_agents_own_session_gets_the_workers_niceness(tmp_path):
         finally:
             agent.terminate(grace=1.0)
             agent.close()
-    """, nice=5)
+    """,
+        nice=5,
+    )
     assert seen["sid"] == seen["pid"]  # its own session...
     assert seen["group"].split()[-1] == str(seen["parent"])  # ...at the worker's niceness
 
 
 @pytest.mark.skipif(not HAS_AUTOGROUP, reason="this kernel has no autogroup scheduling")
 def test_share_with_session_on_a_real_child():
-    seen = in_niced_child("""
+    seen = in_niced_child(
+        """
         from bot import priority
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
                                  start_new_session=True)
@@ -119,7 +135,9 @@ def test_share_with_session_on_a_real_child():
             child.kill()
             child.wait()
         print(json.dumps({"ok": ok, "group": group, "parent": os.nice(0)}))
-    """, nice=4)
+    """,
+        nice=4,
+    )
     assert seen["ok"] is True and seen["group"] == seen["parent"] > 0
 
 
@@ -169,18 +187,22 @@ def test_share_with_session_gives_up_quietly(tmp_path, monkeypatch):
 
 
 def test_the_worker_lowers_its_own_priority():
-    seen = in_niced_child("""
+    seen = in_niced_child(
+        """
         from bot import priority
         before = os.nice(0)
         now = priority.lower_own_priority(3)
         print(json.dumps({"before": before, "now": now, "real": os.nice(0)}))
-    """, nice=1)
+    """,
+        nice=1,
+    )
     assert seen["now"] == seen["real"] == min(seen["before"] + 3, 19)
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH on this system")
 def test_the_niced_worker_its_threads_and_children_are_batch_work():
-    seen = in_niced_child("""
+    seen = in_niced_child(
+        """
         import threading
         from bot import priority
         priority.lower_own_priority(2)
@@ -192,16 +214,20 @@ def test_the_niced_worker_its_threads_and_children_are_batch_work():
                                capture_output=True, text=True, check=True)
         print(json.dumps({"main": os.sched_getscheduler(0), "thread": in_thread[0],
                           "child": int(child.stdout)}))
-    """, nice=1)
-    assert seen == {"main": os.SCHED_BATCH, "thread": os.SCHED_BATCH,
-                    "child": os.SCHED_BATCH}
+    """,
+        nice=1,
+    )
+    assert seen == {"main": os.SCHED_BATCH, "thread": os.SCHED_BATCH, "child": os.SCHED_BATCH}
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="no SCHED_BATCH on this system")
 def test_nice_zero_leaves_the_worker_normal_work():
-    seen = in_niced_child("""
+    seen = in_niced_child(
+        """
         from bot import priority
         priority.lower_own_priority(0)
         print(json.dumps({"policy": os.sched_getscheduler(0)}))
-    """, nice=0)
+    """,
+        nice=0,
+    )
     assert seen["policy"] == os.SCHED_OTHER

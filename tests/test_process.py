@@ -162,10 +162,14 @@ def py(script: Path, *args) -> list[str]:
 
 
 def test_exit_zero_output_in_log_and_output(spawn, tmp_path):
-    agent = write_script(tmp_path, "agent.py", """
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        """
         print("hello")
         print("world")
-    """)
+    """,
+    )
     proc = spawn(py(agent))
     assert proc.wait(WAIT) == 0
     proc.close()
@@ -178,12 +182,16 @@ def test_exit_zero_output_in_log_and_output(spawn, tmp_path):
 
 
 def test_nonzero_exit_and_stderr_captured(spawn, tmp_path):
-    agent = write_script(tmp_path, "agent.py", """
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        """
         import sys
         print("working", flush=True)
         print("boom: it broke", file=sys.stderr, flush=True)
         sys.exit(3)
-    """)
+    """,
+    )
     proc = spawn(py(agent))
     assert proc.wait(WAIT) == 3
     proc.close()
@@ -194,10 +202,14 @@ def test_nonzero_exit_and_stderr_captured(spawn, tmp_path):
 
 
 def test_on_line_gets_every_line_including_last_without_newline(spawn, tmp_path):
-    agent = write_script(tmp_path, "agent.py", r"""
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        r"""
         import sys
         sys.stdout.write("first\nsecond\r\n\nlast without newline")
-    """)
+    """,
+    )
     lines = Lines()
     proc = spawn(py(agent), on_line=lines)
     assert proc.wait(WAIT) == 0
@@ -206,13 +218,17 @@ def test_on_line_gets_every_line_including_last_without_newline(spawn, tmp_path)
 
 
 def test_on_line_handles_characters_split_across_reads(spawn, tmp_path):
-    agent = write_script(tmp_path, "agent.py", r"""
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        r"""
         import sys, time
         out = sys.stdout.buffer
         out.write(b"caf\xc3"); out.flush()
         time.sleep(0.2)
         out.write(b"\xa9\n\xff bad byte\n"); out.flush()
-    """)
+    """,
+    )
     lines = Lines()
     proc = spawn(py(agent), on_line=lines)
     assert proc.wait(WAIT) == 0
@@ -222,10 +238,14 @@ def test_on_line_handles_characters_split_across_reads(spawn, tmp_path):
 
 
 def test_on_line_exception_is_logged_once_and_reading_continues(spawn, tmp_path, caplog):
-    agent = write_script(tmp_path, "agent.py", """
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        """
         for i in range(100):
             print("line", i)
-    """)
+    """,
+    )
 
     def broken(line: str) -> None:
         raise RuntimeError("callback bug")
@@ -241,18 +261,20 @@ def test_on_line_exception_is_logged_once_and_reading_continues(spawn, tmp_path,
 
 
 def test_header_and_append_across_runs(spawn, tmp_path):
-    agent = write_script(tmp_path, "agent.py", """
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        """
         import sys
         print("output of", sys.argv[1])
-    """)
+    """,
+    )
     log = tmp_path / "deep" / "dir" / "task-7.log"
     for attempt in (1, 2):
         proc = spawn(py(agent, attempt), log_path=log, header=f"=== attempt {attempt} ===")
         assert proc.wait(WAIT) == 0
         proc.close()
-    assert log.read_text() == (
-        "=== attempt 1 ===\noutput of 1\n=== attempt 2 ===\noutput of 2\n"
-    )
+    assert log.read_text() == ("=== attempt 1 ===\noutput of 1\n=== attempt 2 ===\noutput of 2\n")
 
 
 def test_missing_command_raises_agent_start_error(spawn, tmp_path):
@@ -290,7 +312,10 @@ def test_cwd_env_and_stdin(spawn, tmp_path, monkeypatch):
     monkeypatch.setenv("KUGETSU_SERVICE_ONLY", "must not leak")
     worktree = tmp_path / "worktree"
     worktree.mkdir()
-    agent = write_script(tmp_path, "agent.py", """
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        """
         import json, os, sys
         print(json.dumps({
             "cwd": os.getcwd(),
@@ -298,8 +323,13 @@ def test_cwd_env_and_stdin(spawn, tmp_path, monkeypatch):
             "stdin": sys.stdin.read(),
             "stdin_is_devnull": os.path.samestat(os.fstat(0), os.stat(os.devnull)),
         }))
-    """)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "AGENT_TOKEN": "t0ken", "HOME": str(tmp_path)}
+    """,
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "AGENT_TOKEN": "t0ken",
+        "HOME": str(tmp_path),
+    }
     proc = spawn(py(agent), cwd=worktree, env=env)
     assert proc.wait(WAIT) == 0
     proc.close()
@@ -313,10 +343,14 @@ def test_cwd_env_and_stdin(spawn, tmp_path, monkeypatch):
 
 
 def test_agent_has_its_own_process_group_and_session(spawn, tmp_path):
-    agent = write_script(tmp_path, "agent.py", """
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        """
         import os
         print(os.getpid(), os.getpgrp(), os.getsid(0))
-    """)
+    """,
+    )
     proc = spawn(py(agent))
     assert proc.wait(WAIT) == 0
     proc.close()
@@ -326,11 +360,15 @@ def test_agent_has_its_own_process_group_and_session(spawn, tmp_path):
 
 
 def test_start_token_identifies_the_agent(spawn, tmp_path):
-    agent = write_script(tmp_path, "agent.py", """
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        """
         import time
         print("ready", flush=True)
         time.sleep(120)
-    """)
+    """,
+    )
     lines = Lines()
     proc = spawn(py(agent), on_line=lines)
     lines.wait_for("ready")
@@ -345,11 +383,15 @@ def test_start_token_identifies_the_agent(spawn, tmp_path):
 
 
 def test_terminate_hanging_agent(spawn, tmp_path):
-    agent = write_script(tmp_path, "agent.py", """
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        """
         import time
         print("ready", flush=True)
         time.sleep(120)
-    """)
+    """,
+    )
     lines = Lines()
     proc = spawn(py(agent), on_line=lines, header="hdr")
     lines.wait_for("ready")
@@ -364,7 +406,9 @@ def test_terminate_hanging_agent(spawn, tmp_path):
     assert (tmp_path / "logs" / "agent.log").read_text() == "hdr\nready\n"
 
 
-@pytest.mark.parametrize("mode, expected_rc", [("hang", -signal.SIGTERM), ("hang-ignore", -signal.SIGKILL)])
+@pytest.mark.parametrize(
+    "mode, expected_rc", [("hang", -signal.SIGTERM), ("hang-ignore", -signal.SIGKILL)]
+)
 def test_terminate_kills_grandchild_that_ignores_sigterm(spawn, tmp_path, mode, expected_rc):
     grandchild = write_script(tmp_path, "grandchild.py", GRANDCHILD)
     leader = write_script(tmp_path, "leader.py", LEADER)
@@ -410,11 +454,15 @@ def test_close_after_leader_exit_kills_grandchild_holding_the_pipe(spawn, tmp_pa
 
 
 def test_close_on_running_agent_terminates_it(spawn, tmp_path):
-    agent = write_script(tmp_path, "agent.py", """
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        """
         import time
         print("ready", flush=True)
         time.sleep(120)
-    """)
+    """,
+    )
     lines = Lines()
     proc = spawn(py(agent), on_line=lines)
     lines.wait_for("ready")
@@ -429,7 +477,10 @@ def test_close_on_running_agent_terminates_it(spawn, tmp_path):
 
 def test_output_flood_is_capped_in_log_and_memory(spawn, tmp_path):
     total_mb = 50
-    agent = write_script(tmp_path, "agent.py", f"""
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        f"""
         import sys
         out = sys.stdout.buffer
         out.write(b"HEAD-MARKER\\n")
@@ -438,7 +489,8 @@ def test_output_flood_is_capped_in_log_and_memory(spawn, tmp_path):
             out.write(block)
         out.write(b"REAL-LAST-LINE\\n")
         out.flush()
-    """)
+    """,
+    )
     count = [0]
 
     def on_line(line: str) -> None:
@@ -478,10 +530,14 @@ def test_output_flood_is_capped_in_log_and_memory(spawn, tmp_path):
 
 def test_single_huge_line_without_newline(spawn, tmp_path):
     size = 5 * 1000 * 1000
-    agent = write_script(tmp_path, "agent.py", f"""
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        f"""
         import sys
         sys.stdout.buffer.write(b"y" * {size})
-    """)
+    """,
+    )
     lines = Lines()
     log = tmp_path / "logs" / "agent.log"
     proc = spawn(py(agent), log_max_bytes=MiB, on_line=lines)
@@ -500,10 +556,14 @@ def test_single_huge_line_without_newline(spawn, tmp_path):
 
 def test_output_just_over_half_the_log_cap_is_kept_whole(spawn, tmp_path):
     # more than the live half, less than both halves: nothing is omitted
-    agent = write_script(tmp_path, "agent.py", """
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        """
         for i in range(3000):
             print(f"line {i:05d}")
-    """)
+    """,
+    )
     log = tmp_path / "logs" / "agent.log"
     proc = spawn(py(agent), log_max_bytes=40_000)
     assert proc.wait(WAIT) == 0
@@ -523,7 +583,10 @@ HOOK_SECRET = "kugetsu-test-secret"
 def test_a_secret_split_across_writes_is_masked_in_the_log(spawn, tmp_path):
     # the token comes in three writes, each flushed and some time apart, so the reader
     # meets it in pieces; the webhook secret comes whole
-    agent = write_script(tmp_path, "agent.py", f"""
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        f"""
         import sys, time
         out = sys.stdout.buffer
         for piece in (b"token: {TOKEN[:7]}", b"{TOKEN[7:20]}", b"{TOKEN[20:]} done\\n",
@@ -531,13 +594,15 @@ def test_a_secret_split_across_writes_is_masked_in_the_log(spawn, tmp_path):
             out.write(piece)
             out.flush()
             time.sleep(0.2)
-    """)
+    """,
+    )
     log = tmp_path / "logs" / "agent.log"
     proc = spawn(py(agent), header="=== run ===", secrets=(TOKEN, HOOK_SECRET))
     assert proc.wait(WAIT) == 0
     proc.close()
-    assert log.read_text() == ("=== run ===\ntoken: [redacted] done\nsecret=[redacted]\n"
-                               "kgt-SEC is no secret\n")
+    assert log.read_text() == (
+        "=== run ===\ntoken: [redacted] done\nsecret=[redacted]\nkgt-SEC is no secret\n"
+    )
     # what kugetsu parses in memory is the agent's own output
     assert TOKEN in proc.output()
 
@@ -548,28 +613,35 @@ def test_a_secret_cut_by_the_log_cap_leaves_no_part_on_either_side(spawn, tmp_pa
     # the end of another: neither part may be written.
     token = TOKEN.encode()
     output = b"." * 90 + token + b"." * 1000 + token + b"." * 80
-    agent = write_script(tmp_path, "agent.py", f"""
+    agent = write_script(
+        tmp_path,
+        "agent.py",
+        f"""
         import sys
         sys.stdout.buffer.write({output!r})
-    """)
+    """,
+    )
     log = tmp_path / "logs" / "agent.log"
     proc = spawn(py(agent), log_max_bytes=200, secrets=(TOKEN,))
     assert proc.wait(WAIT) == 0
     proc.close()
     omitted = len(output) - 100 - 100 + 10 + 20
-    assert log.read_bytes() == (b"." * 90 + f"\n[kugetsu: {omitted} bytes of output omitted]\n"
-                                .encode() + b"." * 80)
+    assert log.read_bytes() == (
+        b"." * 90 + f"\n[kugetsu: {omitted} bytes of output omitted]\n".encode() + b"." * 80
+    )
 
 
 def test_the_stream_redactor_masks_a_secret_split_anywhere():
     from bot.redact import MASK, StreamRedactor
+
     text = f"a {TOKEN} b {HOOK_SECRET}{TOKEN} c kgt- d".encode()
     expected = f"a {MASK} b {MASK}{MASK} c kgt- d".encode()
     for i in range(len(text) + 1):
         for j in range(i, len(text) + 1):
             r = StreamRedactor((TOKEN, HOOK_SECRET, "", "abc"))
-            assert r.feed(text[:i]) + r.feed(text[i:j]) + r.feed(text[j:]) + r.flush() == \
-                expected, (i, j)
+            assert (
+                r.feed(text[:i]) + r.feed(text[i:j]) + r.feed(text[j:]) + r.flush() == expected
+            ), (i, j)
 
 
 # ---------------------------------------------------------------------------
@@ -637,11 +709,15 @@ def test_kill_orphan_kills_the_group_its_dead_leader_left(tmp_path):
     # in the leader's group, still working in the worktree
     pidfile = tmp_path / "child"
     leader = subprocess.Popen(
-        [sys.executable, "-c",
-         "import subprocess, sys\n"
-         "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-         f"open({str(pidfile)!r}, 'w').write(str(c.pid))\n"],
-        start_new_session=True)
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys\n"
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            f"open({str(pidfile)!r}, 'w').write(str(c.pid))\n",
+        ],
+        start_new_session=True,
+    )
     token = process_start_token(leader.pid)
     assert leader.wait(WAIT) == 0
     child = int(pidfile.read_text())

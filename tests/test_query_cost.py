@@ -59,42 +59,85 @@ def add_history(store: Store, n: int, now: float) -> None:
             "comment_id, comment_version, version, comment_body, pr_number, branch) "
             "VALUES (?, ?, ?, 'start', 'do it', 'fake', 'alice', ?, 1, ?, ?, ?, ?, 1, ?, ?, "
             "5, 5, 'done', ?, ?)",
-            [(i, REPO, 10_000 + i // 3, state, t - 60, t, t - 50, t, outcome, 50_000 + i,
-              i, f"kugetsu/issue-{10_000 + i // 3}")
-             for i in range(1, n + 1)
-             for t in [now - 3600 - 4 * (n - i)]
-             for state, outcome in [[("completed", "succeeded"), ("failed", "agent_failed"),
-                                     ("cancelled", "cancelled"), ("rejected", None)][i % 4]]])
+            [
+                (
+                    i,
+                    REPO,
+                    10_000 + i // 3,
+                    state,
+                    t - 60,
+                    t,
+                    t - 50,
+                    t,
+                    outcome,
+                    50_000 + i,
+                    i,
+                    f"kugetsu/issue-{10_000 + i // 3}",
+                )
+                for i in range(1, n + 1)
+                for t in [now - 3600 - 4 * (n - i)]
+                for state, outcome in [
+                    [
+                        ("completed", "succeeded"),
+                        ("failed", "agent_failed"),
+                        ("cancelled", "cancelled"),
+                        ("rejected", None),
+                    ][i % 4]
+                ]
+            ],
+        )
         c.executemany(
             "INSERT INTO task_events (task_id, at, from_state, to_state, event) "
             "VALUES (?, ?, ?, ?, ?)",
-            [(i, now - 3600, a, b, "history") for i in range(1, n + 1)
-             for a, b in ((None, "pending"), ("pending", "running"), ("running", "completed"))])
+            [
+                (i, now - 3600, a, b, "history")
+                for i in range(1, n + 1)
+                for a, b in ((None, "pending"), ("pending", "running"), ("running", "completed"))
+            ],
+        )
         c.executemany(
             "INSERT INTO outbox (id, repo, issue, kind, target, body, created_at, done_at) "
             "VALUES (?, ?, ?, 'reaction', ?, '', ?, ?)",
-            [(i, REPO, 10_000 + i // 3, 60_000 + i, now - 3600, now - 3500)
-             for i in range(1, n + 1)])
-        c.executemany("INSERT INTO deliveries (id, event, received_at, result) "
-                      "VALUES (?, 'issue_comment', ?, 'ignored')",
-                      [(f"history-{i}", now - 3600 - i) for i in range(2 * n)])
-        c.executemany("INSERT INTO issues (repo, number, labels, updated_at) "
-                      "VALUES (?, ?, '[]', ?)",
-                      [(REPO, 10_000 + i, now - 3600) for i in range(n // 3 + 1)])
-        c.executemany("INSERT INTO replies (repo, issue, login, at) VALUES (?, ?, ?, ?)",
-                      [(REPO, 10_000 + i // 3, f"user{i % 50}", now - 3600)
-                       for i in range(1, n + 1)])
-        c.execute("UPDATE sqlite_sequence SET seq = ? WHERE name IN ('tasks', 'task_events', "
-                  "'outbox')", (LIVE_IDS_FROM,))
+            [
+                (i, REPO, 10_000 + i // 3, 60_000 + i, now - 3600, now - 3500)
+                for i in range(1, n + 1)
+            ],
+        )
+        c.executemany(
+            "INSERT INTO deliveries (id, event, received_at, result) "
+            "VALUES (?, 'issue_comment', ?, 'ignored')",
+            [(f"history-{i}", now - 3600 - i) for i in range(2 * n)],
+        )
+        c.executemany(
+            "INSERT INTO issues (repo, number, labels, updated_at) VALUES (?, ?, '[]', ?)",
+            [(REPO, 10_000 + i, now - 3600) for i in range(n // 3 + 1)],
+        )
+        c.executemany(
+            "INSERT INTO replies (repo, issue, login, at) VALUES (?, ?, ?, ?)",
+            [(REPO, 10_000 + i // 3, f"user{i % 50}", now - 3600) for i in range(1, n + 1)],
+        )
+        c.execute(
+            "UPDATE sqlite_sequence SET seq = ? WHERE name IN ('tasks', 'task_events', 'outbox')",
+            (LIVE_IDS_FROM,),
+        )
 
 
 def add_live(store: Store, comment_id: int) -> None:
     """The same live work in every database: a task to authorize (issue 1), a task left
     running by a dead worker (2), a stopped task to retry (3), a queued task to stop (4),
     and a reaction, a reply and a status reply to send."""
+
     def enqueue(issue: int) -> int:
-        return store.enqueue(repo=REPO, issue=issue, kind=Kind.START, prompt="", agent="fake",
-                             requested_by="alice", max_attempts=3, permission_hint="write")
+        return store.enqueue(
+            repo=REPO,
+            issue=issue,
+            kind=Kind.START,
+            prompt="",
+            agent="fake",
+            requested_by="alice",
+            max_attempts=3,
+            permission_hint="write",
+        )
 
     enqueue(1)
     orphan = enqueue(2)
@@ -108,9 +151,16 @@ def add_live(store: Store, comment_id: int) -> None:
         store.add_outbox(c, repo=REPO, issue=1, kind="comment", body="Queued.")
         store.add_outbox(c, repo=REPO, issue=1, kind="status", target=1)
         for issue, kind in ((3, "retry"), (4, "stop")):
-            store.add_outbox(c, repo=REPO, issue=issue, kind=kind, target=issue,
-                             requested_by="alice", permission_hint="write",
-                             needs_permission=True)
+            store.add_outbox(
+                c,
+                repo=REPO,
+                issue=issue,
+                kind=kind,
+                target=issue,
+                requested_by="alice",
+                permission_hint="write",
+                needs_permission=True,
+            )
 
 
 class Recording:
@@ -162,8 +212,12 @@ def steps(conn: sqlite3.Connection, sql: str, args: tuple) -> int:
 def whole_table_reads(conn: sqlite3.Connection, sql: str, args: tuple) -> list[str]:
     """Plan lines that read a growing table in full (through a partial index is fine:
     it holds only the rows the query is after)."""
-    partial = {name for (name,) in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'index' AND sql LIKE '% WHERE %'")}
+    partial = {
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql LIKE '% WHERE %'"
+        )
+    }
     bad = []
     for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args):
         detail = row[3]
@@ -188,8 +242,7 @@ def test_tick_and_cleanup_queries_cost_the_same_at_100_and_20000_tasks(tmp_path,
         assert gitea.create_issue(REPO, f"Issue {n}", "Do something.") == n
     comment_id = int(gitea.add_comment(REPO, 1, "/kugetsu start")["id"])
     now = time.time()
-    databases = {n: build(tmp_path / f"history-{n}.db", n, comment_id, now)
-                 for n in (SMALL, LARGE)}
+    databases = {n: build(tmp_path / f"history-{n}.db", n, comment_id, now) for n in (SMALL, LARGE)}
     for store in databases.values():
         store.close()
 
@@ -208,9 +261,13 @@ def test_tick_and_cleanup_queries_cost_the_same_at_100_and_20000_tasks(tmp_path,
     finally:
         h.close()
 
-    statements = list(dict.fromkeys(
-        (sql, args) for sql, args in seen if sql.split(None, 1)[0].upper()
-        in ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")))
+    statements = list(
+        dict.fromkeys(
+            (sql, args)
+            for sql, args in seen
+            if sql.split(None, 1)[0].upper() in ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")
+        )
+    )
     small = sqlite3.connect(tmp_path / f"history-{SMALL}.db", isolation_level=None)
     large = sqlite3.connect(tmp_path / f"history-{LARGE}.db", isolation_level=None)
     assert large.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == LARGE + 4
@@ -222,9 +279,13 @@ def test_tick_and_cleanup_queries_cost_the_same_at_100_and_20000_tasks(tmp_path,
         a, b = steps(small, sql, args), steps(large, sql, args)
         if a != b:
             grew.append(f"{a} -> {b} steps: {sql} {args}")
-    assert not scans and not grew, ("whole-table reads:\n" + "\n".join(scans)
-                                    + "\nstatements that cost more with a longer history:\n"
-                                    + "\n".join(grew))
-    missing = [what for what, part in EXPECTED.items()
-               if not any(part in sql for sql, _ in statements)]
+    assert not scans and not grew, (
+        "whole-table reads:\n"
+        + "\n".join(scans)
+        + "\nstatements that cost more with a longer history:\n"
+        + "\n".join(grew)
+    )
+    missing = [
+        what for what, part in EXPECTED.items() if not any(part in sql for sql, _ in statements)
+    ]
     assert not missing, f"the scenario did not run: {missing}"

@@ -49,23 +49,50 @@ def worktree(tmp_path: Path) -> Path:
 
 def service_environ(binary: Path, **extra: str) -> dict[str, str]:
     """The service's own environment: the CLI on PATH, plus values that must not reach the agent."""
-    return {"PATH": f"{binary.parent}{os.pathsep}{os.environ.get('PATH', agents.DEFAULT_PATH)}",
-            "HOME": os.environ.get("HOME", "/nonexistent"),
-            "KUGETSU_GITEA_TOKEN": GITEA_TOKEN, "SERVICE_SECRET": SERVICE_SECRET, **extra}
+    return {
+        "PATH": f"{binary.parent}{os.pathsep}{os.environ.get('PATH', agents.DEFAULT_PATH)}",
+        "HOME": os.environ.get("HOME", "/nonexistent"),
+        "KUGETSU_GITEA_TOKEN": GITEA_TOKEN,
+        "SERVICE_SECRET": SERVICE_SECRET,
+        **extra,
+    }
 
 
-def run_agent(spec: agents.AgentSpec, environ: dict[str, str], worktree: Path, home: Path,
-              prompt: str, session_id: str | None = None) -> tuple[subprocess.CompletedProcess, agents.AgentReport]:
+def run_agent(
+    spec: agents.AgentSpec,
+    environ: dict[str, str],
+    worktree: Path,
+    home: Path,
+    prompt: str,
+    session_id: str | None = None,
+) -> tuple[subprocess.CompletedProcess, agents.AgentReport]:
     home_env = agents.prepare_home(spec, home)
-    env = agents.build_env(spec, home_env=home_env, environ=environ, secrets=[GITEA_TOKEN],
-                           task_vars={"KUGETSU_TASK_ID": "1", "KUGETSU_ISSUE": "7"})
+    env = agents.build_env(
+        spec,
+        home_env=home_env,
+        environ=environ,
+        secrets=[GITEA_TOKEN],
+        task_vars={"KUGETSU_TASK_ID": "1", "KUGETSU_ISSUE": "7"},
+    )
     assert GITEA_TOKEN not in json.dumps(env) and SERVICE_SECRET not in json.dumps(env)
     prompt_file = home.parent / "prompt.md"
     prompt_file.write_text(prompt)
-    argv = agents.argv_for(spec, prompt=prompt, prompt_file=str(prompt_file), workdir=str(worktree),
-                           session_id=session_id)
-    proc = subprocess.run(argv, cwd=worktree, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT)
+    argv = agents.argv_for(
+        spec,
+        prompt=prompt,
+        prompt_file=str(prompt_file),
+        workdir=str(worktree),
+        session_id=session_id,
+    )
+    proc = subprocess.run(
+        argv,
+        cwd=worktree,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
     meter = agents.UsageMeter(spec)
     for line in proc.stdout.splitlines():
         meter.feed(line)
@@ -96,7 +123,9 @@ def check_start_and_resume(spec, environ, worktree, home, llm: FakeLLM) -> None:
     first_requests = len(llm.requests)
 
     llm.script = [text("Resumed: the earlier hello.txt stays as it is.")]
-    proc, resumed = run_agent(spec, environ, worktree, home, FOLLOW_UP, session_id=report.session_id)
+    proc, resumed = run_agent(
+        spec, environ, worktree, home, FOLLOW_UP, session_id=report.session_id
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert not resumed.failed, resumed.failure
     assert resumed.session_id == report.session_id
@@ -112,15 +141,37 @@ def check_start_and_resume(spec, environ, worktree, home, llm: FakeLLM) -> None:
 
 def opencode_spec(url: str) -> agents.AgentSpec:
     """The opencode preset with a config (through the spec's env) naming the fake provider."""
-    config = json.dumps({
-        "autoupdate": False, "share": "disabled", "model": "fake/fake-model",
-        "small_model": "fake/fake-model", "enabled_providers": ["fake"],
-        "provider": {"fake": {"npm": "@ai-sdk/openai-compatible", "name": "Fake LLM",
-                              "options": {"baseURL": url, "apiKey": "sk-fake"},
-                              "models": {"fake-model": {"name": "Fake", "tool_call": True,
-                                                        "limit": {"context": 128000, "output": 4096}}}}}})
-    return agents.resolve(AgentsConfig(tables={"opencode": AgentConfig(
-        name="opencode", env={"OPENCODE_CONFIG_CONTENT": config})}), "opencode")
+    config = json.dumps(
+        {
+            "autoupdate": False,
+            "share": "disabled",
+            "model": "fake/fake-model",
+            "small_model": "fake/fake-model",
+            "enabled_providers": ["fake"],
+            "provider": {
+                "fake": {
+                    "npm": "@ai-sdk/openai-compatible",
+                    "name": "Fake LLM",
+                    "options": {"baseURL": url, "apiKey": "sk-fake"},
+                    "models": {
+                        "fake-model": {
+                            "name": "Fake",
+                            "tool_call": True,
+                            "limit": {"context": 128000, "output": 4096},
+                        }
+                    },
+                }
+            },
+        }
+    )
+    return agents.resolve(
+        AgentsConfig(
+            tables={
+                "opencode": AgentConfig(name="opencode", env={"OPENCODE_CONFIG_CONTENT": config})
+            }
+        ),
+        "opencode",
+    )
 
 
 def test_opencode_writes_file_and_resumes(worktree, tmp_path):
@@ -129,7 +180,9 @@ def test_opencode_writes_file_and_resumes(worktree, tmp_path):
         spec = opencode_spec(llm.url)
         check_start_and_resume(spec, service_environ(binary), worktree, tmp_path / "home", llm)
         assert any(r.get("tools") for r in llm.requests)
-        assert not [p for p in worktree.iterdir() if p.name not in (".git", "README.md", "hello.txt")]
+        assert not [
+            p for p in worktree.iterdir() if p.name not in (".git", "README.md", "hello.txt")
+        ]
 
 
 def test_codex_writes_file_and_resumes(worktree, tmp_path):
@@ -147,9 +200,18 @@ wire_api = "responses"
 request_max_retries = 0
 stream_max_retries = 0
 """)
-        spec = agents.resolve(AgentsConfig(tables={"codex": AgentConfig(
-            name="codex", env={"FAKE_API_KEY": "sk-fake"},
-            home_files={".codex/config.toml": str(config)})}), "codex")
+        spec = agents.resolve(
+            AgentsConfig(
+                tables={
+                    "codex": AgentConfig(
+                        name="codex",
+                        env={"FAKE_API_KEY": "sk-fake"},
+                        home_files={".codex/config.toml": str(config)},
+                    )
+                }
+            ),
+            "codex",
+        )
         check_start_and_resume(spec, service_environ(binary), worktree, tmp_path / "home", llm)
         assert (tmp_path / "home" / ".codex" / "config.toml").read_text() == config.read_text()
         posts = [path for method, path, _ in llm.calls if method == "POST"]
@@ -159,9 +221,21 @@ stream_max_retries = 0
 def test_claude_writes_file_and_resumes(worktree, tmp_path):
     binary = installed("claude")
     with FakeLLM() as llm:
-        spec = agents.resolve(AgentsConfig(tables={"claude": AgentConfig(
-            name="claude", env={"ANTHROPIC_BASE_URL": llm.base, "ANTHROPIC_MODEL": "fake-model",
-                                "CLAUDE_CODE_MAX_RETRIES": "0"})}), "claude")
+        spec = agents.resolve(
+            AgentsConfig(
+                tables={
+                    "claude": AgentConfig(
+                        name="claude",
+                        env={
+                            "ANTHROPIC_BASE_URL": llm.base,
+                            "ANTHROPIC_MODEL": "fake-model",
+                            "CLAUDE_CODE_MAX_RETRIES": "0",
+                        },
+                    )
+                }
+            ),
+            "claude",
+        )
         # the API key reaches claude only through the preset's pass_env
         environ = service_environ(binary, ANTHROPIC_API_KEY="sk-ant-fake-key")
         check_start_and_resume(spec, environ, worktree, tmp_path / "home", llm)

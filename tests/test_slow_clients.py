@@ -47,10 +47,12 @@ def socket_count(pid: int) -> int:
 def hostile_connections(port: int, n: int) -> list[socket.socket]:
     """n connections: a third send nothing, a third stop inside the headers, a third
     send whole headers and stop inside the body."""
-    partial = (b"",
-               b"POST /webhook HTTP/1.1\r\nHost: kugetsu\r\nContent-Type: applica",
-               b"POST /webhook HTTP/1.1\r\nHost: kugetsu\r\nContent-Type: application/json\r\n"
-               b"Content-Length: 4000\r\nX-Gitea-Event: issues\r\n\r\n{\"action\": ")
+    partial = (
+        b"",
+        b"POST /webhook HTTP/1.1\r\nHost: kugetsu\r\nContent-Type: applica",
+        b"POST /webhook HTTP/1.1\r\nHost: kugetsu\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 4000\r\nX-Gitea-Event: issues\r\n\r\n{"action": ',
+    )
     out = []
     for i in range(n):
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -62,14 +64,17 @@ def hostile_connections(port: int, n: int) -> list[socket.socket]:
 
 def test_deliveries_are_answered_while_500_connections_hang(tmp_path, gitea):
     port = free_port()
-    config = write_config(tmp_path / "kugetsu.toml", {
-        "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}"},
-        "gitea": {"url": gitea.url, "token": TOKEN, "webhook_secret": SECRET},
-        "storage": {"data_dir": str(tmp_path / "data")},
-        "queue": {"poll_interval_seconds": 30},
-        "agents": {"default": "fake"},
-        "agents.fake": {"command": ["true"]},
-    })
+    config = write_config(
+        tmp_path / "kugetsu.toml",
+        {
+            "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}"},
+            "gitea": {"url": gitea.url, "token": TOKEN, "webhook_secret": SECRET},
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "queue": {"poll_interval_seconds": 30},
+            "agents": {"default": "fake"},
+            "agents.fake": {"command": ["true"]},
+        },
+    )
     svc = Service(config, port, tmp_path, fd_limit=STARTING_FD_LIMIT).start()
     hostile: list[socket.socket] = []
     try:
@@ -79,22 +84,32 @@ def test_deliveries_are_answered_while_500_connections_hang(tmp_path, gitea):
         # the receiver raised its own limit for the connections; the worker (and the agents
         # it starts) keeps the one it was started with
         assert soft_fd_limit(receiver) > STARTING_FD_LIMIT + HOSTILE_CONNECTIONS // 2
-        wait_for(lambda: soft_fd_limit(int(workers[0])) == STARTING_FD_LIMIT, timeout=30,
-                 what="the worker to restore its limit")
+        wait_for(
+            lambda: soft_fd_limit(int(workers[0])) == STARTING_FD_LIMIT,
+            timeout=30,
+            what="the worker to restore its limit",
+        )
 
         before = socket_count(receiver)
         hostile = hostile_connections(port, HOSTILE_CONNECTIONS)
         session = requests.Session()
         for number in (1, 2, 3):
             body, headers = payloads.comment_delivery("Looks fine to me.", number)
-            r = session.post(svc.url + "/webhook", data=body, headers=headers,
-                             timeout=GITEA_DELIVERY_TIMEOUT_SECONDS)
+            r = session.post(
+                svc.url + "/webhook",
+                data=body,
+                headers=headers,
+                timeout=GITEA_DELIVERY_TIMEOUT_SECONDS,
+            )
             assert r.status_code == 200, r.text
             assert r.json()["status"] == "ignored"
         # the hostile connections were accepted and are still held, not merely queued
         # in the kernel behind a full server
-        wait_for(lambda: socket_count(receiver) >= before + HOSTILE_CONNECTIONS, timeout=10,
-                 what="the receiver to hold the hostile connections")
+        wait_for(
+            lambda: socket_count(receiver) >= before + HOSTILE_CONNECTIONS,
+            timeout=10,
+            what="the receiver to hold the hostile connections",
+        )
         assert all(s.fileno() != -1 for s in hostile)
     finally:
         for sock in hostile:

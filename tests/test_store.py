@@ -15,9 +15,17 @@ from tests.conftest import write_unchecked
 
 
 def add(store, issue=1, repo="acme/widget", authorized=True, **kw):
-    return store.enqueue(repo=repo, issue=issue, kind=kw.pop("kind", Kind.START), prompt="",
-                         agent="opencode", requested_by="alice", max_attempts=3,
-                         authorized=authorized, **kw)
+    return store.enqueue(
+        repo=repo,
+        issue=issue,
+        kind=kw.pop("kind", Kind.START),
+        prompt="",
+        agent="opencode",
+        requested_by="alice",
+        max_attempts=3,
+        authorized=authorized,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -37,8 +45,10 @@ def test_migrates_forward_from_version_1_and_keeps_rows(tmp_path):
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path)
     conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
-    conn.execute("INSERT INTO tasks (repo, issue, kind, agent, requested_by, state, created_at, "
-                 "updated_at) VALUES ('acme/widget', 3, 'start', 'opencode', 'bob', 'pending', 1, 1)")
+    conn.execute(
+        "INSERT INTO tasks (repo, issue, kind, agent, requested_by, state, created_at, "
+        "updated_at) VALUES ('acme/widget', 3, 'start', 'opencode', 'bob', 'pending', 1, 1)"
+    )
     conn.commit()
     conn.close()
     store = open_store(path)
@@ -72,14 +82,19 @@ def test_values_kugetsu_does_not_know_are_refused_when_written(store):
     for state in State:
         conn.execute("UPDATE tasks SET state = ? WHERE id = ?", (state.value, tid))
     for outcome in [*Outcome, None]:
-        conn.execute("UPDATE tasks SET outcome = ? WHERE id = ?",
-                     (outcome and outcome.value, tid))
+        conn.execute("UPDATE tasks SET outcome = ? WHERE id = ?", (outcome and outcome.value, tid))
     # ... and nothing else, by an insert or an update
-    insert = ("INSERT INTO tasks (repo, issue, kind, agent, requested_by, state, outcome, "
-              "created_at, updated_at) VALUES ('acme/widget', 2, ?, 'fake', 'bob', ?, ?, 1, 1)")
-    for kind, state, outcome in [("frobnicate", "pending", None), ("start", "paused", None),
-                                 ("start", "failed", "exploded"), ("start", "failed", ""),
-                                 ("start", 3, None)]:
+    insert = (
+        "INSERT INTO tasks (repo, issue, kind, agent, requested_by, state, outcome, "
+        "created_at, updated_at) VALUES ('acme/widget', 2, ?, 'fake', 'bob', ?, ?, 1, 1)"
+    )
+    for kind, state, outcome in [
+        ("frobnicate", "pending", None),
+        ("start", "paused", None),
+        ("start", "failed", "exploded"),
+        ("start", "failed", ""),
+        ("start", 3, None),
+    ]:
         with pytest.raises(sqlite3.IntegrityError, match="not a value kugetsu knows"):
             conn.execute(insert, (kind, state, outcome))
     for column, value in [("kind", "frobnicate"), ("state", "paused"), ("outcome", "exploded")]:
@@ -92,7 +107,7 @@ def test_a_row_written_before_the_checks_can_still_be_moved_on(store):
     # an unknown kind already there does not stop an update of the state
     tid = add(store)
     write_unchecked(store.path, "UPDATE tasks SET kind = 'frobnicate' WHERE id = ?", (tid,))
-    assert [t.id for t in store.claim(1, "w")] == []   # set aside as it was read
+    assert [t.id for t in store.claim(1, "w")] == []  # set aside as it was read
     task = store.get(tid)
     assert (task.state, task.kind) == (State.FAILED, Kind.START)
 
@@ -106,8 +121,10 @@ READERS = [
     ("running_tasks", lambda s, good, bad: s.running_tasks()),
     ("active_tasks", lambda s, good, bad: s.active_tasks()),
     ("active_task", lambda s, good, bad: [s.active_task(None, "acme/widget", 1)]),
-    ("latest_task", lambda s, good, bad: [s.latest_task("acme/widget", 1),
-                                          s.latest_task("acme/widget", 2)]),
+    (
+        "latest_task",
+        lambda s, good, bad: [s.latest_task("acme/widget", 1), s.latest_task("acme/widget", 2)],
+    ),
     ("claim", lambda s, good, bad: s.claim(5, "w")),
     ("unauthorized_pending", lambda s, good, bad: s.unauthorized_pending()),
     ("pending_positions", lambda s, good, bad: [t for t, _ in s.pending_positions(10)]),
@@ -115,20 +132,30 @@ READERS = [
     ("queue_position", lambda s, good, bad: [s.queue_position(bad), s.get(good)]),
     ("try_requeue", lambda s, good, bad: [s.try_requeue(bad, "bob")[1]]),
 ]
-BY_STATE = {"running_tasks", "active_tasks", "active_task", "claim", "unauthorized_pending",
-            "pending_positions"}
+BY_STATE = {
+    "running_tasks",
+    "active_tasks",
+    "active_task",
+    "claim",
+    "unauthorized_pending",
+    "pending_positions",
+}
 
 
 @pytest.mark.parametrize("name, read", READERS, ids=[r[0] for r in READERS])
-@pytest.mark.parametrize("column, value, shown", [
-    ("kind", "frobnicate", "unknown kind 'frobnicate' (now start)"),
-    ("state", "paused", "unknown state 'paused'"),
-    ("outcome", "exploded", "unknown outcome 'exploded'"),
-    ("usage", "{not json", "usage is not JSON: '{not json' (emptied)"),
-    ("agents_tried", '{"a": 1}', "agents_tried is not a JSON list (emptied)"),
-])
+@pytest.mark.parametrize(
+    "column, value, shown",
+    [
+        ("kind", "frobnicate", "unknown kind 'frobnicate' (now start)"),
+        ("state", "paused", "unknown state 'paused'"),
+        ("outcome", "exploded", "unknown outcome 'exploded'"),
+        ("usage", "{not json", "usage is not JSON: '{not json' (emptied)"),
+        ("agents_tried", '{"a": 1}', "agents_tried is not a JSON list (emptied)"),
+    ],
+)
 def test_a_row_that_cannot_be_read_is_set_aside_and_the_others_are_read(
-        store, name, read, column, value, shown):
+    store, name, read, column, value, shown
+):
     # the bad row is one each reader meets (authorized or not, pending or running), and a
     # good task comes after it
     authorized = None if name == "unauthorized_pending" else True
@@ -141,13 +168,16 @@ def test_a_row_that_cannot_be_read_is_set_aside_and_the_others_are_read(
     if name == "running_tasks":
         store.transition(good, State.PENDING, State.RUNNING, event="claimed")
 
-    found = read(store, good, bad)     # does not raise
+    found = read(store, good, bad)  # does not raise
 
     assert good in [t.id for t in found if t is not None]
-    raw = store._conn().execute("SELECT state, outcome, error FROM tasks WHERE id = ?",
-                                (bad,)).fetchone()
+    raw = (
+        store._conn()
+        .execute("SELECT state, outcome, error FROM tasks WHERE id = ?", (bad,))
+        .fetchone()
+    )
     if column == "state" and name in BY_STATE:
-        assert tuple(raw) == ("paused", None, None)   # never read, so left alone
+        assert tuple(raw) == ("paused", None, None)  # never read, so left alone
         return
     reason = f"set aside, unreadable: {shown}"
     assert tuple(raw) == ("failed", "infra_error", reason)
@@ -183,8 +213,7 @@ def test_claim_is_fifo_one_per_issue_and_skips_unauthorized_and_backoff(store):
     assert all(t.state is State.RUNNING and t.attempts == 1 for t in claimed)
     # the follow-up waits until the issue's running task is done
     assert store.claim(10, "w1") == []
-    store.transition(first, State.RUNNING, State.COMPLETED, event="done",
-                     outcome=Outcome.SUCCEEDED)
+    store.transition(first, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED)
     assert [t.id for t in store.claim(10, "w1")] == [follow]
     assert store.get(unauth).state is State.PENDING
 
@@ -224,8 +253,9 @@ def test_requeue_refuses_while_another_task_of_the_issue_is_active(store):
     # once the other task has finished, the retry goes through
     store.claim(1, "w")
     assert not store.requeue(first, "carol")
-    store.transition(second, State.RUNNING, State.COMPLETED, event="done",
-                     outcome=Outcome.SUCCEEDED)
+    store.transition(
+        second, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED
+    )
     assert store.try_requeue(first, "carol") == (True, None)
     assert store.get(first).state is State.PENDING
     with pytest.raises(KeyError):
@@ -291,8 +321,9 @@ def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
     from bot.store import _TERMINAL, CLEAR_BATCH
     from bot.tasks import TERMINAL_STATES
 
-    assert set(_TERMINAL.split("(")[1].rstrip(")").replace("'", "").split(", ")) == \
-        {s.value for s in TERMINAL_STATES}
+    assert set(_TERMINAL.split("(")[1].rstrip(")").replace("'", "").split(", ")) == {
+        s.value for s in TERMINAL_STATES
+    }
     rng = random.Random(7)
     now = 100 * 86400.0
     store = open_store(tmp_path / "db", clock=lambda: now)
@@ -303,42 +334,66 @@ def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
             "INSERT INTO tasks (repo, issue, kind, agent, requested_by, state, created_at, "
             "updated_at, finished_at, authorized, version, comment_version) "
             "VALUES ('acme/widget', ?, 'start', 'opencode', 'alice', ?, 0, ?, ?, ?, ?, ?)",
-            [(rng.randint(1, 50), rng.choice(states), now - rng.uniform(0, 20) * 86400,
-              rng.choice([None, now - rng.uniform(0, 20) * 86400]),
-              rng.choice([None, 0, 1]), version, rng.randint(0, version))
-             for _ in range(n) for version in [rng.randint(1, 4)]])
-        c.executemany("INSERT INTO task_events (task_id, at, event) VALUES (?, 0, 'x')",
-                      [(i,) for i in range(1, n + 1)])
-        c.executemany("INSERT INTO deliveries (id, event, received_at) VALUES (?, 'e', ?)",
-                      [(f"d{i}", now - rng.uniform(0, 20) * 86400) for i in range(n)])
-        c.executemany("INSERT INTO outbox (repo, issue, kind, created_at, done_at) "
-                      "VALUES ('acme/widget', 1, 'reaction', 0, ?)",
-                      [(rng.choice([None, now - rng.uniform(0, 20) * 86400]),)
-                       for _ in range(n)])
-        c.executemany("INSERT INTO replies (repo, issue, login, at) "
-                      "VALUES ('acme/widget', 1, 'alice', ?)",
-                      [(now - rng.uniform(0, 20) * 86400,) for _ in range(n)])
+            [
+                (
+                    rng.randint(1, 50),
+                    rng.choice(states),
+                    now - rng.uniform(0, 20) * 86400,
+                    rng.choice([None, now - rng.uniform(0, 20) * 86400]),
+                    rng.choice([None, 0, 1]),
+                    version,
+                    rng.randint(0, version),
+                )
+                for _ in range(n)
+                for version in [rng.randint(1, 4)]
+            ],
+        )
+        c.executemany(
+            "INSERT INTO task_events (task_id, at, event) VALUES (?, 0, 'x')",
+            [(i,) for i in range(1, n + 1)],
+        )
+        c.executemany(
+            "INSERT INTO deliveries (id, event, received_at) VALUES (?, 'e', ?)",
+            [(f"d{i}", now - rng.uniform(0, 20) * 86400) for i in range(n)],
+        )
+        c.executemany(
+            "INSERT INTO outbox (repo, issue, kind, created_at, done_at) "
+            "VALUES ('acme/widget', 1, 'reaction', 0, ?)",
+            [(rng.choice([None, now - rng.uniform(0, 20) * 86400]),) for _ in range(n)],
+        )
+        c.executemany(
+            "INSERT INTO replies (repo, issue, login, at) VALUES ('acme/widget', 1, 'alice', ?)",
+            [(now - rng.uniform(0, 20) * 86400,) for _ in range(n)],
+        )
 
     def rows(sql: str) -> list[dict]:
         return [dict(r) for r in store._conn().execute(sql)]
 
     tasks = rows("SELECT * FROM tasks")
-    due = sorted((t for t in tasks
-                  if t["comment_version"] < t["version"] and t["authorized"] is not None),
-                 key=lambda t: (t["state"] == "pending", t["id"]))
+    due = sorted(
+        (t for t in tasks if t["comment_version"] < t["version"] and t["authorized"] is not None),
+        key=lambda t: (t["state"] == "pending", t["id"]),
+    )
     for limit in (1, 30, n):
-        assert [t.id for t in store.comment_out_of_date(limit)] == \
-            [t["id"] for t in due[:limit]]
+        assert [t.id for t in store.comment_out_of_date(limit)] == [t["id"] for t in due[:limit]]
     for state in State:
         assert store.count(state) == sum(1 for t in tasks if t["state"] == state.value)
-    assert [t.id for t in store.active_tasks()] == \
-        [t["id"] for t in tasks if t["state"] == "pending"] + \
-        [t["id"] for t in tasks if t["state"] == "running"]
+    assert [t.id for t in store.active_tasks()] == [
+        t["id"] for t in tasks if t["state"] == "pending"
+    ] + [t["id"] for t in tasks if t["state"] == "running"]
     ids = [t["id"] for t in tasks]
-    for state, before, newest in ((None, None, None), (None, None, 10), (None, 700, 25),
-                                  ("failed", None, 5), ("pending", 900, None)):
-        expected = [i for i, t in zip(ids, tasks)
-                    if (state is None or t["state"] == state) and (before is None or i < before)]
+    for state, before, newest in (
+        (None, None, None),
+        (None, None, 10),
+        (None, 700, 25),
+        ("failed", None, 5),
+        ("pending", 900, None),
+    ):
+        expected = [
+            i
+            for i, t in zip(ids, tasks)
+            if (state is None or t["state"] == state) and (before is None or i < before)
+        ]
         if newest is not None:
             expected = expected[-newest:]
         assert [t.id for t in store.iter_tasks(state, before=before, newest=newest)] == expected
@@ -346,13 +401,21 @@ def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
     assert store.existing(asked) == set(ids[::2])
 
     cutoff = now - 7 * 86400
-    old = {t["id"] for t in tasks if t["state"] in {s.value for s in TERMINAL_STATES}
-           and (t["finished_at"] if t["finished_at"] is not None else t["updated_at"]) < cutoff}
+    old = {
+        t["id"]
+        for t in tasks
+        if t["state"] in {s.value for s in TERMINAL_STATES}
+        and (t["finished_at"] if t["finished_at"] is not None else t["updated_at"]) < cutoff
+    }
     assert len(old) > 2 * CLEAR_BATCH  # deleted in more than one batch
-    kept_deliveries = {r["id"] for r in rows("SELECT * FROM deliveries")
-                       if r["received_at"] >= cutoff}
-    kept_outbox = {r["id"] for r in rows("SELECT * FROM outbox")
-                   if r["done_at"] is None or r["done_at"] >= cutoff}
+    kept_deliveries = {
+        r["id"] for r in rows("SELECT * FROM deliveries") if r["received_at"] >= cutoff
+    }
+    kept_outbox = {
+        r["id"]
+        for r in rows("SELECT * FROM outbox")
+        if r["done_at"] is None or r["done_at"] >= cutoff
+    }
     kept_replies = sorted(r["at"] for r in rows("SELECT at FROM replies") if r["at"] >= cutoff)
     assert store.clear(7) == len(old)
     assert {r["id"] for r in rows("SELECT id FROM tasks")} == set(ids) - old
@@ -364,9 +427,11 @@ def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
 
 # ---------------------------------------------------------------- concurrency
 
+
 def _overlap(intervals):
-    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals],
-                    key=lambda p: (p[0], p[1]))
+    points = sorted(
+        [(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda p: (p[0], p[1])
+    )
     cur = best = 0
     for _, delta in points:
         cur += delta
@@ -390,8 +455,9 @@ def _worker_loop(path, limit, worker, out):
         for task in claimed:
             end = time.monotonic()
             intervals.append((start, end))
-            assert store.transition(task.id, State.RUNNING, State.COMPLETED, event="done",
-                                    outcome=Outcome.SUCCEEDED)
+            assert store.transition(
+                task.id, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED
+            )
     out.extend(intervals) if isinstance(out, list) else out.put(intervals)
 
 
@@ -400,8 +466,10 @@ def test_claim_limit_holds_across_threads(tmp_path):
     for i in range(120):
         add(store, issue=i)
     results = []
-    threads = [threading.Thread(target=_worker_loop, args=(store.path, 3, f"t{n}", results))
-               for n in range(8)]
+    threads = [
+        threading.Thread(target=_worker_loop, args=(store.path, 3, f"t{n}", results))
+        for n in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -417,8 +485,9 @@ def test_claim_limit_holds_across_processes(tmp_path):
         add(store, issue=i)
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker_loop, args=(store.path, 3, f"p{n}", queue))
-             for n in range(2)]
+    procs = [
+        ctx.Process(target=_worker_loop, args=(store.path, 3, f"p{n}", queue)) for n in range(2)
+    ]
     for p in procs:
         p.start()
     intervals = []
@@ -434,6 +503,7 @@ def test_claim_limit_holds_across_processes(tmp_path):
 
 def test_checkpoint_pages_keeps_the_write_ahead_log_short(tmp_path):
     """The worker's store checkpoints after commits; the receiver's never does."""
+
     def wal_size_after_commits(path, pages):
         store = open_store(path, checkpoint_pages=pages)
         try:
@@ -471,8 +541,9 @@ def test_claim_takes_no_write_lock_when_every_slot_is_taken(store):
     store._conn().set_trace_callback(None)
     assert "BEGIN IMMEDIATE" not in statements
     running = [t for t in store.list() if t.state is State.RUNNING]
-    store.transition(running[0].id, State.RUNNING, State.COMPLETED, event="done",
-                     outcome=Outcome.SUCCEEDED)
+    store.transition(
+        running[0].id, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED
+    )
     assert len(store.claim(2, "w1")) == 1  # a freed slot is claimed at the next call
 
 

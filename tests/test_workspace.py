@@ -40,7 +40,12 @@ def git(*args: str, cwd: Path | None = None, check: bool = True) -> str:
     )
     cp = subprocess.run(
         ["git", "-c", "init.defaultBranch=main", "-c", "advice.detachedHead=false", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
     )
     if check and cp.returncode != 0:
         raise AssertionError(f"git {' '.join(args)} failed: {cp.stderr}")
@@ -71,8 +76,14 @@ class Remote:
         return path
 
     def sha(self, branch: str) -> str | None:
-        out = git(f"--git-dir={self.path}", "rev-parse", "--quiet", "--verify",
-                  f"refs/heads/{branch}", check=False)
+        out = git(
+            f"--git-dir={self.path}",
+            "rev-parse",
+            "--quiet",
+            "--verify",
+            f"refs/heads/{branch}",
+            check=False,
+        )
         return out or None
 
     def commit(self, branch: str, files: dict[str, str], message: str = "upstream change") -> str:
@@ -190,8 +201,12 @@ def ws(make_ws) -> Workspace:
 
 
 def test_constructor_does_no_io(tmp_path, recorder):
-    Workspace(mirrors_dir=tmp_path / "d" / "mirrors", worktrees_dir=tmp_path / "d" / "worktrees",
-              remote_url=lambda repo: "unused", runner=recorder)
+    Workspace(
+        mirrors_dir=tmp_path / "d" / "mirrors",
+        worktrees_dir=tmp_path / "d" / "worktrees",
+        remote_url=lambda repo: "unused",
+        runner=recorder,
+    )
     assert not (tmp_path / "d").exists()
     assert recorder.calls == []
 
@@ -447,8 +462,9 @@ def test_paths_that_are_not_kugetsu_worktrees_are_refused(ws, remote, tmp_path, 
         ws.changed_files(p, "--output=x")
 
 
-def test_host_git_configuration_and_environment_are_ignored(ws, remote, tmp_path, empty_home,
-                                                            monkeypatch):
+def test_host_git_configuration_and_environment_are_ignored(
+    ws, remote, tmp_path, empty_home, monkeypatch
+):
     (empty_home / ".gitconfig").write_text("[user]\n\tname = Host User\n\temail = host@example\n")
     xdg = tmp_path / "xdg"
     (xdg / "git").mkdir(parents=True)
@@ -574,8 +590,9 @@ def test_cleanup_without_worktrees_dir(ws):
 # ---------------------------------------------------------------------- secrets
 
 
-def test_token_never_lands_in_files_argv_or_non_network_commands(ws, remote, remotes, data,
-                                                                 recorder):
+def test_token_never_lands_in_files_argv_or_non_network_commands(
+    ws, remote, remotes, data, recorder
+):
     p = ws.prepare(REPO, 7, BRANCH)
     (p.path / "a.txt").write_text("a\n")
     ws.commit_all(p.path, "a")
@@ -616,12 +633,15 @@ def test_error_for_a_bad_remote_names_the_step_without_the_token(make_ws, tmp_pa
     assert TOKEN not in message
 
 
-@pytest.mark.parametrize("url", [
-    f"http://user:{TOKEN}@gitea:3000/acme/widget.git",
-    f"https://{TOKEN}@gitea:3000/acme/widget.git",
-    f"http://oauth2:{TOKEN}@gitea:3000/acme/widget.git",
-    f"http://gitea:3000/acme/widget.git?token={TOKEN}",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://user:{TOKEN}@gitea:3000/acme/widget.git",
+        f"https://{TOKEN}@gitea:3000/acme/widget.git",
+        f"http://oauth2:{TOKEN}@gitea:3000/acme/widget.git",
+        f"http://gitea:3000/acme/widget.git?token={TOKEN}",
+    ],
+)
 def test_urls_with_credentials_are_refused(make_ws, recorder, url):
     ws = make_ws(remote_url=lambda repo: url)
     with pytest.raises(GitError, match="credentials") as info:
@@ -639,8 +659,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.server.release.wait(30)
             return
         # a smart-HTTP error whose text git prints: it echoes the token back
-        body = (_pkt("# service=git-upload-pack\n") + b"0000"
-                + _pkt(f"ERR bad credentials {TOKEN} {OTHER_SECRET}\n"))
+        body = (
+            _pkt("# service=git-upload-pack\n")
+            + b"0000"
+            + _pkt(f"ERR bad credentials {TOKEN} {OTHER_SECRET}\n")
+        )
         self.send_response(200)
         self.send_header("Content-Type", "application/x-git-upload-pack-advertisement")
         self.send_header("Content-Length", str(len(body)))
@@ -675,8 +698,9 @@ def http_remote():
 
 def test_git_sends_the_token_as_a_header_and_never_in_argv(make_ws, http_remote, recorder, data):
     port = http_remote.server_address[1]
-    ws = make_ws(remote_url=lambda repo: f"http://127.0.0.1:{port}/{repo}.git",
-                 secrets=[OTHER_SECRET])
+    ws = make_ws(
+        remote_url=lambda repo: f"http://127.0.0.1:{port}/{repo}.git", secrets=[OTHER_SECRET]
+    )
 
     with pytest.raises(GitError) as info:
         ws.prepare(REPO, 7, BRANCH)
@@ -722,10 +746,12 @@ def test_config_an_agent_writes_cannot_redirect_the_push_or_run_commands(ws, rem
     script.write_text(f"#!/bin/sh\necho ran >> {ran}\ncat\n")
     script.chmod(0o755)
     # what an agent can do from its worktree: the config is the mirror's, shared by all
-    for key, value in (("remote.origin.pushurl", str(elsewhere)),
-                       (f"url.{elsewhere}.insteadOf", str(remote.path)),
-                       ("filter.evil.clean", str(script)),
-                       ("remote.origin.receivepack", str(script))):
+    for key, value in (
+        ("remote.origin.pushurl", str(elsewhere)),
+        (f"url.{elsewhere}.insteadOf", str(remote.path)),
+        ("filter.evil.clean", str(script)),
+        ("remote.origin.receivepack", str(script)),
+    ):
         git("config", key, value, cwd=p.path)
     (p.path / ".gitattributes").write_text("* filter=evil\n")
     (p.path / "a.txt").write_text("a\n")
