@@ -9,15 +9,16 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN  # noqa: E402
-from tests.service import Service, free_port, write_config  # noqa: E402
+from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN
+from tests.service import Service, free_port, write_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRACKING_MARK = "<!-- kugetsu:task="
@@ -30,28 +31,28 @@ FINAL_MARKS = {
 }
 
 __all__ = [
-    "ROOT",
+    "FAKE_AGENT",
     "REPO",
+    "ROOT",
     "SECRET",
     "TOKEN",
-    "FAKE_AGENT",
     "Service",
-    "free_port",
-    "write_config",
-    "pct",
-    "summary",
-    "write_result",
-    "table",
-    "machine",
-    "service_tables",
     "fake_agent_table",
-    "tracking_comments",
     "final_state",
-    "wait_until",
+    "free_port",
+    "machine",
     "memory_kib",
-    "read_task_rows",
+    "pct",
     "read_record",
+    "read_task_rows",
+    "service_tables",
+    "summary",
+    "table",
     "task_phases",
+    "tracking_comments",
+    "wait_until",
+    "write_config",
+    "write_result",
 ]
 
 
@@ -151,11 +152,13 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
     lines = [
-        "  ".join(h.ljust(w) for h, w in zip(headers, widths)),
+        "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False)),
         "  ".join("-" * w for w in widths),
     ]
     lines += [
-        "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+        "  ".join(
+            v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths, strict=False))
+        )
         for r in rows
     ]
     return "\n".join(lines)
@@ -345,7 +348,7 @@ def sequential_runs(runs: int, gap: float, timeout: float) -> dict[str, Any]:
                         raise RuntimeError(f"delivery answered {r.status_code}: {r.text}")
                     task = str(r.json()["tasks"][0])
                     state = wait_until(
-                        lambda: final_state(gitea, n),
+                        lambda n=n: final_state(gitea, n),
                         timeout,
                         interval=0.002,
                         what=f"task {task} to finish",

@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO, ROOT, TOKEN  # noqa: E402
+from bench.common import REPO, ROOT, TOKEN
 
 
 def main() -> int:
@@ -46,7 +46,7 @@ class GiteaProcess:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def __enter__(self) -> "GiteaProcess":
+    def __enter__(self) -> GiteaProcess:
         self.proc = subprocess.Popen(
             [
                 sys.executable,

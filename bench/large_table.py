@@ -38,7 +38,7 @@ from bench.common import (
     ROOT,
     Service,
     fake_agent_table,
-    free_port,  # noqa: E402
+    free_port,
     memory_kib,
     read_task_rows,
     service_tables,
@@ -46,12 +46,12 @@ from bench.common import (
     write_config,
     write_result,
 )
-from bench.gitea_process import GiteaProcess  # noqa: E402
-from bench.memory import service_pids  # noqa: E402
+from bench.gitea_process import GiteaProcess
+from bench.memory import service_pids
 from bench.webhook_latency import (
     build_deliveries,
     cpu_seconds,
-    measure,  # noqa: E402
+    measure,
     plain_deliveries,
 )
 
@@ -250,7 +250,7 @@ def main() -> int:
         parser.error("rate x seconds must be between 1 and 20000, and --tasks at least 1")
 
     rng = random.Random(args.seed)
-    work = build_deliveries(int(round(args.rate * args.seconds)), args.issues, rng)
+    work = build_deliveries(round(args.rate * args.seconds), args.issues, rng)
     warm = plain_deliveries(args.warmup, args.issues, rng)
     names = ("empty", f"{args.tasks:,} tasks")
     print(
@@ -297,7 +297,9 @@ def main() -> int:
                 )
                 wall = time.monotonic() - wall
                 after = [(worker_cpu(p), cpu_seconds(p)) for p in pids]
-                for result, (w0, r0), (w1, r1), k in zip(results, before, after, range(2)):
+                for k, (result, (w0, r0), (w1, r1)) in enumerate(
+                    zip(results, before, after, strict=False)
+                ):
                     result["worker_cpu_s_per_min"] = round((w1 - w0) * 60 / wall, 2)
                     result["receiver_cpu_s_per_min"] = round((r1 - r0) * 60 / wall, 2)
                     rows = read_task_rows(tmp / f"data-{k}" / "kugetsu.db")
@@ -324,7 +326,7 @@ def main() -> int:
             r["tasks_in_table"],
             " ".join(f"{k}:{v}" for k, v in sorted(r["status_counts"].items())),
         ]
-        for name, r in zip(names, results)
+        for name, r in zip(names, results, strict=False)
     ]
     print()
     print(
@@ -361,7 +363,7 @@ def main() -> int:
         "large_table",
         {
             "options": vars(args),
-            "runs": dict(zip(names, results)),
+            "runs": dict(zip(names, results, strict=False)),
             "p99_ratio": ratio,
             "target_met": ratio <= 1.5,
             "queue_list": cli,

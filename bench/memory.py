@@ -22,14 +22,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import requests  # noqa: E402
+import requests
 
 from bench.common import (
     REPO,
     ROOT,
     TOKEN,
     Service,
-    fake_agent_table,  # noqa: E402
+    fake_agent_table,
     free_port,
     memory_kib,
     read_task_rows,
@@ -39,8 +39,8 @@ from bench.common import (
     write_config,
     write_result,
 )
-from tests import payloads  # noqa: E402
-from tests.fakegitea import FakeGitea  # noqa: E402
+from tests import payloads
+from tests.fakegitea import FakeGitea
 
 
 def mib(kib: int) -> float:

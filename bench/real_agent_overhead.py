@@ -28,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import requests  # noqa: E402
+import requests
 
 from bench.common import (
     REPO,
@@ -36,7 +36,7 @@ from bench.common import (
     TOKEN,
     Service,
     final_state,
-    free_port,  # noqa: E402
+    free_port,
     read_record,
     read_task_rows,
     service_tables,
@@ -47,11 +47,11 @@ from bench.common import (
     write_config,
     write_result,
 )
-from bot import agents  # noqa: E402
-from bot.config import load as load_config  # noqa: E402
-from tests import agentcli, payloads  # noqa: E402
-from tests.fakegitea import FakeGitea  # noqa: E402
-from tests.fakellm import FakeLLM, text, write_file  # noqa: E402
+from bot import agents
+from bot.config import load as load_config
+from tests import agentcli, payloads
+from tests.fakegitea import FakeGitea
+from tests.fakellm import FakeLLM, text, write_file
 
 TIMED = Path(__file__).resolve().parent / "timed.py"
 WRAPPER = [sys.executable, "-I", "-S", str(TIMED)]
@@ -161,7 +161,7 @@ def main() -> int:
                         raise RuntimeError(f"delivery answered {r.status_code}: {r.text}")
                     task = r.json()["tasks"][0]
                     state = wait_until(
-                        lambda: final_state(gitea, n),
+                        lambda n=n: final_state(gitea, n),
                         args.timeout,
                         interval=0.01,
                         what=f"task {task} to finish",

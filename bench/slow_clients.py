@@ -33,20 +33,22 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import contextlib
+
 from bench.common import (
     ROOT,
     Service,
     fake_agent_table,
-    free_port,  # noqa: E402
+    free_port,
     service_tables,
     summary,
     table,
     write_config,
     write_result,
 )
-from bench.gitea_process import GiteaProcess  # noqa: E402
-from bench.webhook_latency import Connection, cpu_seconds, plain_deliveries  # noqa: E402
-from bot.httpserver import raise_fd_limit  # noqa: E402
+from bench.gitea_process import GiteaProcess
+from bench.webhook_latency import Connection, cpu_seconds, plain_deliveries
+from bot.httpserver import raise_fd_limit
 
 GITEA_TIMEOUT_SECONDS = 5.0
 
@@ -86,7 +88,7 @@ class Attacker:
             return
         self.selector.register(sock, selectors.EVENT_READ, kind)
 
-    def start(self) -> "Attacker":
+    def start(self) -> Attacker:
         for kind in self.kinds:
             self._open(kind)
         self._thread.start()
@@ -113,10 +115,8 @@ class Attacker:
                 next_trickle = now + self.trickle_seconds
                 for key in list(self.selector.get_map().values()):
                     if key.data == "trickle":
-                        try:
+                        with contextlib.suppress(OSError):
                             key.fileobj.send(b"x")
-                        except OSError:
-                            pass
             if now >= next_sample:
                 next_sample = now + 1.0
                 self.held.append(len(self.selector.get_map()))
@@ -215,7 +215,7 @@ def main() -> int:
     raise_fd_limit(args.connections + 512)  # this process holds the hostile connections
 
     rng = random.Random(args.seed)
-    work = plain_deliveries(int(round(args.rate * args.seconds)), 50, rng)
+    work = plain_deliveries(round(args.rate * args.seconds), 50, rng)
     # each delivery on a new connection, as Gitea's may come: a new connection is what
     # waits while the server accepts no more
     work = [(kind, body, {**headers, "Connection": "close"}) for kind, body, headers in work]
@@ -262,7 +262,7 @@ def main() -> int:
 
     runs = {
         name: result(recs, c1 - c0)
-        for name, recs, c0, c1 in zip(("attacked", "quiet"), records, cpu0, cpu1)
+        for name, recs, c0, c1 in zip(("attacked", "quiet"), records, cpu0, cpu1, strict=False)
     }
     held = attacker.held
     runs["attacker"] = {
@@ -307,7 +307,8 @@ def main() -> int:
     a = runs["attacker"]
     print(
         f"\nhostile connections held: {a['held_min']} to {a['held_max']} of "
-        f"{args.connections}; reopened after the server closed them: {a['reopened_after_server_closed']}"
+        f"{args.connections}; reopened after the server closed them: "
+        f"{a['reopened_after_server_closed']}"
     )
     ok = runs["attacked"]["over_1s"] == 0 and not runs["attacked"]["errors"]
     print(f"target: no delivery to the attacked service over 1 s: {'met' if ok else 'MISSED'}")

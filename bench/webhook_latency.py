@@ -41,8 +41,8 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -52,7 +52,7 @@ from bench.common import (
     SECRET,
     Service,
     fake_agent_table,
-    free_port,  # noqa: E402
+    free_port,
     read_task_rows,
     service_tables,
     summary,
@@ -60,8 +60,8 @@ from bench.common import (
     write_config,
     write_result,
 )
-from bench.gitea_process import GiteaProcess  # noqa: E402
-from tests import payloads  # noqa: E402
+from bench.gitea_process import GiteaProcess
+from tests import payloads
 
 Delivery = tuple[str, bytes, dict[str, str]]  # (kind, body, headers)
 
@@ -285,7 +285,7 @@ def _result(
     lags = [max(0.0, r[1] - r[0]) for r in done]
     end = max(r[2] for r in done)
     by_kind: dict[str, list[float]] = collections.defaultdict(list)
-    for (kind, _, _), r in zip(deliveries, records):
+    for (kind, _, _), r in zip(deliveries, records, strict=False):
         if r is not None:
             by_kind[kind].append(r[2] - r[1])
     return {
@@ -356,7 +356,7 @@ class BareServer:
     one with the load generator when both endpoints are measured side by side.
     """
 
-    def __enter__(self) -> "BareServer":
+    def __enter__(self) -> BareServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.bare_webhook", "--secret", SECRET, "--threads", "8"],
             cwd=ROOT,
@@ -388,7 +388,7 @@ def measure(
     cpu0, wall0 = [cpu_seconds(pid) for _, pid in servers], time.monotonic()
     results = blast(urls, work, args.rate, args.threads, seed=args.seed)
     cpu1, wall1 = [cpu_seconds(pid) for _, pid in servers], time.monotonic()
-    for result, before, after in zip(results, cpu0, cpu1):
+    for result, before, after in zip(results, cpu0, cpu1, strict=False):
         result["server_cpu_ms_per_delivery"] = round((after - before) * 1000 / len(work), 3)
         result["server_cpu_share_of_one_core"] = round((after - before) / (wall1 - wall0), 3)
     return results
@@ -492,7 +492,7 @@ def main() -> int:
         parser.error("rate x seconds must be between 1 and 20000 deliveries")
 
     rng = random.Random(args.seed)
-    n = int(round(args.rate * args.seconds))
+    n = round(args.rate * args.seconds)
     work = build_deliveries(n, args.issues, rng, args.mix)
     warm = plain_deliveries(args.warmup, args.issues, rng)
     mix = dict(collections.Counter(k for k, _, _ in work))

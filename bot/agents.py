@@ -5,7 +5,8 @@ Nothing here starts a process. The dispatcher asks this module for:
 - `resolve(agents_config, name)`: an `AgentSpec`, a preset merged with an ``[agents.NAME]`` table,
   or a custom command;
 - `argv_for(spec, ...)`: the argument vector (start, or resume when a session id is known);
-- `prepare_home(spec, home)` and `build_env(spec, ...)`: a per-issue home and a scrubbed environment;
+- `prepare_home(spec, home)` and `build_env(spec, ...)`: a per-issue home and a scrubbed
+  environment;
 - `UsageMeter(spec)`: fed line by line while the agent runs, to stop it when over budget;
 - `parse_output(spec, output, exit_code)`: an `AgentReport` (summary, session id, usage, failure).
 
@@ -20,10 +21,11 @@ import logging
 import re
 import shutil
 import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from bot.config import AGENT_PLACEHOLDERS
 
@@ -73,8 +75,8 @@ _ANTHROPIC_KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_
 
 PRESETS: dict[str, Preset] = {
     # opencode picks its model and provider from its own config: put an opencode.json in the
-    # agent home with `home_files` (".config/opencode/opencode.json") or pass OPENCODE_CONFIG_CONTENT
-    # in the table's env.
+    # agent home with `home_files` (".config/opencode/opencode.json") or pass
+    # OPENCODE_CONFIG_CONTENT in the table's env.
     "opencode": Preset(
         name="opencode",
         command=("opencode", "run", "--format", "json", "{prompt}"),
@@ -93,8 +95,9 @@ PRESETS: dict[str, Preset] = {
                 "OPENCODE_DISABLE_MODELS_FETCH": "1",
                 "OPENCODE_DISABLE_SHARE": "1",
                 "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
-                # keeps it from asking registry.npmjs.org about its plugin package on every start; set
-                # npm_config_offline = "false" in the table's env if your config names npm plugins
+                # keeps it from asking registry.npmjs.org about its plugin package on every
+                # start; set npm_config_offline = "false" in the table's env if your config
+                # names npm plugins
                 "npm_config_offline": "true",
             }
         ),
@@ -155,8 +158,8 @@ PRESETS: dict[str, Preset] = {
     ),
     # `exec` defaults to a read-only sandbox, in which the agent cannot change the worktree, and
     # every codex sandbox mode (read-only and workspace-write too) runs commands under its bundled
-    # bubblewrap, which needs user namespaces: a default Docker seccomp profile refuses them and then
-    # every command the agent runs fails. So, like claude's --dangerously-skip-permissions, the
+    # bubblewrap, which needs user namespaces: a default Docker seccomp profile refuses them and
+    # then every command the agent runs fails. So, like claude's --dangerously-skip-permissions, the
     # preset runs without codex's own sandbox; the worktree, the per-issue home, the scrubbed
     # environment and the container are the isolation. Where bubblewrap works, a table can use
     # `--sandbox workspace-write` in its own command and resume_command.
@@ -281,7 +284,7 @@ class AgentSpec:
         )
 
 
-def resolve(agents: "AgentsConfig", name: str) -> AgentSpec:
+def resolve(agents: AgentsConfig, name: str) -> AgentSpec:
     """The spec for `name`: an [agents.NAME] table (based on its `preset`, or on the preset of the
     same name), else a bare preset. Every field the table sets replaces the preset's; the table's
     budget defaults to the global [agents] one."""
@@ -560,7 +563,7 @@ class AgentReport:
     rate_limited: bool
 
 
-# ============================================================================ output parsing helpers
+# ======================================================================= output parsing helpers
 
 _ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*(\x07|\x1b\\)")
 _RATE_LIMIT_RE = re.compile(
@@ -587,6 +590,11 @@ def _json_line(line: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one: a CLI's event may lack any field."""
+    return value if isinstance(value, dict) else {}
 
 
 def _int(value: Any) -> int:
@@ -688,13 +696,13 @@ class _OpencodeParser(_Parser):
         sid = event.get("sessionID")
         if isinstance(sid, str) and sid and self.session_id is None:
             self.session_id = sid
-        part = event.get("part") if isinstance(event.get("part"), dict) else {}
+        part = _dict(event.get("part"))
         kind = event.get("type")
         if kind == "text" and isinstance(part.get("text"), str):
             self._texts.append((str(part.get("messageID", "")), part["text"]))
         elif kind == "step_finish":
-            tokens = part.get("tokens") if isinstance(part.get("tokens"), dict) else {}
-            cache = tokens.get("cache") if isinstance(tokens.get("cache"), dict) else {}
+            tokens = _dict(part.get("tokens"))
+            cache = _dict(tokens.get("cache"))
             self.usage.input_tokens += _int(tokens.get("input"))
             self.usage.output_tokens += _int(tokens.get("output")) + _int(tokens.get("reasoning"))
             self.usage.cache_read_tokens += _int(cache.get("read"))
@@ -706,7 +714,7 @@ class _OpencodeParser(_Parser):
             if isinstance(reason, str) and reason not in ("tool-calls", "tool_calls"):
                 self._finished = True
         elif kind == "error":
-            self._errors.append(event.get("error") if isinstance(event.get("error"), dict) else {})
+            self._errors.append(_dict(event.get("error")))
 
     def report(self, output: str, exit_code: int) -> AgentReport:
         summary = ""
@@ -716,7 +724,7 @@ class _OpencodeParser(_Parser):
         error, limited = None, False
         if self._errors:
             err = self._errors[-1]
-            data = err.get("data") if isinstance(err.get("data"), dict) else {}
+            data = _dict(err.get("data"))
             status = data.get("statusCode")
             message = str(data.get("message") or err.get("message") or "")
             error = f"{err.get('name') or 'error'}: {message or 'no message'}"
@@ -769,7 +777,7 @@ class _ClaudeParser(_Parser):
                 self._set_usage(self._live.values(), cost=None)
         elif kind == "result" and ("subtype" in event or isinstance(event.get("is_error"), bool)):
             self._result = event
-            usage = event.get("usage") if isinstance(event.get("usage"), dict) else {}
+            usage = _dict(event.get("usage"))
             self._set_usage([usage], cost=_float(event.get("total_cost_usd")))
 
     def _set_usage(self, usages: Iterable[Mapping[str, Any]], cost: float | None) -> None:
@@ -791,7 +799,7 @@ class _ClaudeParser(_Parser):
                 rate_limited=False,
                 completed=False,
             )
-        text = result.get("result") if isinstance(result.get("result"), str) else ""
+        text = result["result"] if isinstance(result.get("result"), str) else ""
         error, limited = None, False
         status = result.get("api_error_status")
         if result.get("is_error") or str(result.get("subtype", "success")) != "success":
@@ -837,7 +845,7 @@ class _CodexParser(_Parser):
                 self._last_message = item["text"]
         elif kind == "turn.completed":
             self._completed = True
-            u = event.get("usage") if isinstance(event.get("usage"), dict) else {}
+            u = _dict(event.get("usage"))
             cached = _int(u.get("cached_input_tokens"))
             written = _int(u.get("cache_write_input_tokens"))
             self.usage = Usage(
@@ -847,7 +855,7 @@ class _CodexParser(_Parser):
                 cache_write_tokens=written,
             )
         elif kind == "turn.failed":
-            err = event.get("error") if isinstance(event.get("error"), dict) else {}
+            err = _dict(event.get("error"))
             self._turn_failed = str(err.get("message") or "turn failed")
         elif kind == "error" and isinstance(event.get("message"), str):
             self._last_error = event["message"]
@@ -889,7 +897,7 @@ def _aider_count(value: str | None) -> int:
     if not value:
         return 0
     if value.endswith("k"):
-        return int(round(float(value[:-1]) * 1000))
+        return round(float(value[:-1]) * 1000)
     return int(float(value))
 
 

@@ -12,8 +12,9 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge

@@ -15,7 +15,7 @@ import re
 import sqlite3
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from bot import __version__, names
 from bot.config import Config, ConfigError, load

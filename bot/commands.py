@@ -100,7 +100,7 @@ def _command_line(body: str, word: str) -> tuple[int, str, str] | None:
     lines = markdown.split_lines(body if complete else body[:MAX_COMMAND_SCAN_CHARS])
     for index in markdown.plain_lines(lines, complete=complete):
         if lines[index].strip().startswith(word):
-            parts = markdown.split_lines(body, maxsplit=index + 1) + [""]
+            parts = [*markdown.split_lines(body, maxsplit=index + 1), ""]
             stripped, rest = parts[index].strip(), parts[index + 1]
             if (
                 stripped == word
@@ -151,7 +151,7 @@ def parse_comment(body: str, word: str = "/kugetsu") -> Command | CommandError |
     found = _command_line(body, word)
     if found is None:
         return None
-    index, line, after_line = found
+    _index, line, after_line = found
     after = line[len(word) :].strip()
     words = after.split()
     options, rest, error = _split_flags(words)

@@ -12,9 +12,10 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, overload
 
 DEFAULT_CONFIG_PATHS = ("kugetsu.toml", "/etc/kugetsu/config.toml")
 PERMISSION_LEVELS = ("none", "read", "write", "admin", "owner")
@@ -194,6 +195,14 @@ class _Section:
             raise ConfigError(f"{self._key(key)} must be true or false, got {value!r}")
         return value
 
+    @overload
+    def integer(
+        self, key: str, default: int, minimum: int | None = None, maximum: int | None = None
+    ) -> int: ...
+    @overload
+    def integer(
+        self, key: str, default: None, minimum: int | None = None, maximum: int | None = None
+    ) -> int | None: ...
     def integer(
         self, key: str, default: int | None, minimum: int | None = None, maximum: int | None = None
     ) -> int | None:
@@ -208,6 +217,14 @@ class _Section:
             raise ConfigError(f"{self._key(key)} must be at most {maximum}, got {value}")
         return value
 
+    @overload
+    def number(
+        self, key: str, default: float, minimum: float | None = None, positive: bool = False
+    ) -> float: ...
+    @overload
+    def number(
+        self, key: str, default: None, minimum: float | None = None, positive: bool = False
+    ) -> float | None: ...
     def number(
         self, key: str, default: float | None, minimum: float | None = None, positive: bool = False
     ) -> float | None:

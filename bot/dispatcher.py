@@ -18,10 +18,11 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from bot import agents, names, process
 from bot.config import Config
@@ -611,7 +612,9 @@ class Dispatcher:
             history = None
             if task.kind is Kind.CONTINUE and not (session and spec.sessions):
                 history = [
-                    t for t in self.store.list(repo=task.repo, issue=task.issue) if t.id < task.id
+                    t
+                    for t in self.store.list_tasks(repo=task.repo, issue=task.issue)
+                    if t.id < task.id
                 ]
             prompt = build_prompt(
                 task,
@@ -808,7 +811,7 @@ class Dispatcher:
         prompt: str,
         session: str | None,
         branch: str,
-    ) -> "AgentRun":
+    ) -> AgentRun:
         cfg = self.config
         storage = cfg.storage
         prompt_file = storage.prompts_dir / f"{task.id}.md"
@@ -1008,7 +1011,9 @@ class Dispatcher:
                 ),
             )
         elif item.kind == "stop":
-            active = [t for t in self.store.list(repo=item.repo, issue=item.issue) if t.active]
+            active = [
+                t for t in self.store.list_tasks(repo=item.repo, issue=item.issue) if t.active
+            ]
             if not active:
                 self._answer(item, "There is nothing to stop on this issue.")
             for task in active:

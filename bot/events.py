@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from bot import names
@@ -81,11 +82,18 @@ class Ignored:
 
 Event = IssueEvent | CommentEvent | Ignored
 
+
+class Headers(Protocol):
+    """A delivery's HTTP headers: a dict, or the web framework's own (case-insensitive)."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+
 JSON_TYPES = ("application/json",)
 FORM_TYPES = ("application/x-www-form-urlencoded",)
 
 
-def _header(headers: Mapping[str, str], *names: str) -> str | None:
+def _header(headers: Headers, *names: str) -> str | None:
     for name in names:
         value = headers.get(name)
         if value:
@@ -121,7 +129,7 @@ def signed_bytes(content_type: str, body: bytes, *, signed: bool = False) -> byt
     raise WebhookError(415, f"unsupported content type {mime or '(none)'}; send application/json")
 
 
-def verify_signature(secret: str, payload: bytes, headers: Mapping[str, str]) -> None:
+def verify_signature(secret: str, payload: bytes, headers: Headers) -> None:
     """Raise WebhookError(401) unless the payload carries a valid HMAC-SHA256 of `secret`."""
     expected = hmac.new(secret.encode("utf-8"), payload, hashlib.sha256).hexdigest()
     given = _header(headers, "X-Gitea-Signature", "X-Gogs-Signature")
@@ -144,7 +152,7 @@ def equal_secrets(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8", "replace"), b.encode("utf-8", "replace"))
 
 
-def delivery_of(headers: Mapping[str, str], payload: bytes) -> Delivery:
+def delivery_of(headers: Headers, payload: bytes) -> Delivery:
     event = _header(headers, "X-Gitea-Event", "X-Gogs-Event", "X-GitHub-Event")
     if not event:
         raise WebhookError(400, "missing X-Gitea-Event header")

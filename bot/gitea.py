@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import requests
@@ -316,7 +317,8 @@ class GiteaClient:
                 retryable = not (method == "POST" and _may_have_been_sent(exc))
                 give_up = last or not retryable
                 log.warning(
-                    "gitea request failed without a response: method=%s path=%s error=%s attempt=%d retry=%s",
+                    "gitea request failed without a response: "
+                    "method=%s path=%s error=%s attempt=%d retry=%s",
                     method,
                     path,
                     kind,
@@ -517,7 +519,8 @@ class GiteaClient:
     ) -> dict:
         if state not in COMMIT_STATUS_STATES:
             raise ValueError(
-                f"commit status state must be one of {', '.join(COMMIT_STATUS_STATES)}, not {state!r}"
+                f"commit status state must be one of {', '.join(COMMIT_STATUS_STATES)}, "
+                f"not {state!r}"
             )
         payload = {
             "state": state,

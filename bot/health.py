@@ -48,13 +48,13 @@ class TickRecord:
     failing_since: float | None = None  # when the first of them failed
     error: str | None = None  # the last failure, one line
 
-    def began(self, now: float) -> "TickRecord":
+    def began(self, now: float) -> TickRecord:
         return replace(self, started_at=now)
 
-    def succeeded(self, now: float) -> "TickRecord":
+    def succeeded(self, now: float) -> TickRecord:
         return TickRecord(ok_at=now)
 
-    def failed(self, now: float, error: str) -> "TickRecord":
+    def failed(self, now: float, error: str) -> TickRecord:
         return replace(
             self,
             started_at=None,
@@ -67,7 +67,7 @@ class TickRecord:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str | None) -> "TickRecord | None":
+    def from_json(cls, text: str | None) -> TickRecord | None:
         """The record a worker wrote, or None if there is none or it cannot be read."""
         if not text:
             return None

@@ -7,6 +7,7 @@ import logging
 import resource
 import sys
 import threading
+from typing import Any
 
 from waitress.server import create_server
 
@@ -88,7 +89,7 @@ class HttpServer:
     ):
         self.app, self.host, self.requested_port = app, host, port
         self.threads, self.max_body_bytes = threads, max_body_bytes
-        self._server = None
+        self._server: Any = None  # waitress's server, once started
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -102,7 +103,7 @@ class HttpServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "HttpServer":
+    def start(self) -> HttpServer:
         # The body limit is enforced again by Flask; here it stops waitress from
         # buffering an oversized body at all.
         limit = connection_limit()

@@ -9,8 +9,9 @@ and queue two starts, nor both see a reply limit not yet reached.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from bot import commands
 from bot.config import TriggersConfig

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from bot.gitea import ServerError, Unreachable
 from bot.health import describe

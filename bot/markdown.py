@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 #: "blank" in CommonMark: spaces and tabs only (str.isspace() would take U+2029 too)
@@ -113,6 +113,13 @@ _TITLE_AND_CLOSE = re.compile(
 )
 _INLINE_SPECIAL = re.compile(r"[\\`<]|\]\(")
 _RAW_SPECIAL = re.compile(r"<")
+
+
+def _end_of(pattern: re.Pattern[str], text: str, pos: int) -> int:
+    """Where a match of `pattern`, which matches the empty string too, ends at `pos`."""
+    m = pattern.match(text, pos)
+    assert m is not None
+    return m.end()
 
 
 def split_lines(text: str, maxsplit: int = 0) -> list[str]:
@@ -371,7 +378,7 @@ class _Reader:
 
     def _html_until(self, i: int, closer: re.Pattern, content: int) -> int:
         """An HTML block of types 1-5: hidden through the line that holds its end marker."""
-        lines, taken = self.lines, []
+        lines, taken = self.lines, list[str]()
         while i < len(lines):
             line = lines[i]
             if taken and content > 0 and not _BLANK.match(line) and _columns(line)[0] < content:
@@ -388,7 +395,7 @@ class _Reader:
 
     def _html_to_blank(self, i: int, content: int, marker: bool) -> int:
         """An HTML block of types 6 or 7: hidden through the next blank line."""
-        lines, taken = self.lines, []
+        lines, taken = self.lines, list[str]()
         while i < len(lines) and not _BLANK.match(lines[i]):
             if taken and content > 0 and _columns(lines[i])[0] < content:
                 if not marker:
@@ -440,7 +447,7 @@ class _Reader:
         # joined to the next segment, what is left open here may close there
         open_from = scan.dangling if ambiguous and scan.dangling is not None else None
         if not self.hide_chunk:
-            for index, offset in zip(self.segment, offsets):
+            for index, offset in zip(self.segment, offsets, strict=False):
                 if index in self.starts:
                     line = lines[index]
                     first = offset + len(line) - len(line.lstrip(" \t"))
@@ -572,7 +579,7 @@ class _Inline:
             return m.end()  # shown as a link
         m = _OPEN_TAG.match(text, i)
         closing = m is None
-        if closing:
+        if m is None:
             m = _CLOSE_TAG.match(text, i)
             if m is None:
                 return self._not_html(i)
@@ -606,16 +613,16 @@ class _Inline:
         be told: it is hidden, and so is the rest of the chunk.
         """
         text = self.text
-        j = _SPACE.match(text, i + 2).end()
+        j = _end_of(_SPACE, text, i + 2)
         if text.startswith("<", j):
             m = _ANGLE_DESTINATION.match(text, j)
-            end = m and _TITLE_AND_CLOSE.match(text, m.end())
+            end = _TITLE_AND_CLOSE.match(text, m.end()) if m else None
         else:
-            end = _TITLE_AND_CLOSE.match(text, _DESTINATION.match(text, j).end())
+            end = _TITLE_AND_CLOSE.match(text, _end_of(_DESTINATION, text, j))
             if end is None:
                 run = self._dest_run
                 if not run[0] <= j < run[1]:
-                    stop = _NON_SPACE.match(text, j).end()
+                    stop = _end_of(_NON_SPACE, text, j)
                     deep = (
                         text.count("(", j, stop) > 3
                         and _TITLE_AND_CLOSE.match(text, stop) is not None

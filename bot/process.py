@@ -14,6 +14,7 @@ Linux only: process identity and zombie detection read /proc.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import logging
 import os
@@ -22,8 +23,9 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping, Sequence
+from typing import IO, BinaryIO
 
 from bot.priority import share_with_session
 from bot.redact import StreamRedactor
@@ -348,7 +350,8 @@ class AgentProcess:
         self._partial = ""
 
         self._stop = threading.Event()
-        self._pipe = popen.stdout
+        assert popen.stdout is not None  # started with stdout=PIPE
+        self._pipe: IO[bytes] = popen.stdout
         self._reader = threading.Thread(
             target=self._read_loop, name=f"agent-reader-{self.pid}", daemon=True
         )
@@ -369,7 +372,7 @@ class AgentProcess:
         on_line: Callable[[str], None] | None = None,
         header: str | None = None,
         secrets: Sequence[str] = (),
-    ) -> "AgentProcess":
+    ) -> AgentProcess:
         """Start `argv` in `cwd` with exactly `env`, in a new session, output to `log_path`
         with `secrets` masked.
 
@@ -383,7 +386,8 @@ class AgentProcess:
         argv0 = argv[0]
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "ab", buffering=0)
+        # not a `with`: the log outlives this call, and AgentProcess closes it
+        log_file = open(log_path, "ab", buffering=0)  # noqa: SIM115
         try:
             if _ends_without_newline(log_path):
                 log_file.write(b"\n")  # an earlier run's last line stays on its own line
@@ -425,7 +429,7 @@ class AgentProcess:
             logger.error("could not start output reader, killing agent pid=%d", proc.pid)
             _signal_group(proc.pid, signal.SIGKILL)
             popen.wait()
-            popen.stdout.close()
+            proc._pipe.close()
             log_file.close()
             raise AgentStartError(
                 f"cannot start agent {argv0!r}: no reader thread ({exc})"
@@ -532,7 +536,8 @@ class AgentProcess:
     # -- output --------------------------------------------------------------
 
     def _kept(self, tail_limit: int) -> tuple[bytes, int, bytes]:
-        """(head, bytes omitted between, tail) of the output, the tail at most `tail_limit` bytes."""
+        """(head, bytes omitted between, tail) of the output; the tail at most `tail_limit`
+        bytes."""
         with self._buf_lock:
             total = self._bytes_seen
             head = bytes(self._head)
@@ -591,10 +596,8 @@ class AgentProcess:
                 self._end_of_output()
             except Exception:
                 logger.exception("finishing agent output failed pid=%d", self.pid)
-            try:
+            with contextlib.suppress(OSError):
                 self._pipe.close()
-            except OSError:
-                pass
             self._close_log()
 
     def _drain(self, fd: int) -> None:

@@ -12,11 +12,12 @@ import hashlib
 import hmac
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from bot.config import Config
-from bot.gitea import Conflict, GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
+from bot.gitea import GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
 from bot.isolate import on_its_own
 from bot.redact import redact
 from bot.store import CommentRecord, Store
@@ -52,7 +53,7 @@ def _when(ts: float | None) -> str:
 def duration(seconds: float | None) -> str:
     if seconds is None or seconds < 0:
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
@@ -240,7 +241,7 @@ def status_text(
 ) -> str:
     """The issue's tasks, and with `show_queue` how busy kugetsu is over all repositories
     (only for those who may read the repository: the queue says what happens elsewhere)."""
-    tasks = store.list(repo=repo, issue=issue)
+    tasks = store.list_tasks(repo=repo, issue=issue)
     if not tasks:
         return (
             f"{REPLY_MARKER}\nkugetsu has no tasks for this issue. Comment "
@@ -327,7 +328,8 @@ class Publisher:
         if task.comment_id is not None and body == last_body:
             record(version, body)
             return False
-        if task.comment_id is None:
+        comment_id = task.comment_id
+        if comment_id is None:
             # last_body is set just before every create: if it is there but no comment id,
             # a create may have reached Gitea before a crash, so look for it first
             existing = self._find_existing_comment(task) if last_body is not None else None
@@ -337,9 +339,9 @@ class Publisher:
                 record(version, body, int(created["id"]))
                 return True
             self.store.comment_synced(task.id, 0, last_body or "", comment_id=existing)
-            task = self.store.require(task.id)
+            task, comment_id = self.store.require(task.id), existing
         try:
-            self.gitea.edit_comment(task.owner, task.name, task.comment_id, body)
+            self.gitea.edit_comment(task.owner, task.name, comment_id, body)
         except NotFound:
             # someone deleted it: write a new one rather than lose the update
             created = self.gitea.create_comment(task.owner, task.name, task.issue, body)
@@ -534,11 +536,11 @@ class Publisher:
 
 __all__: Sequence[str] = (
     "Publisher",
-    "render_tracking",
-    "render_pr_body",
-    "status_text",
-    "marker",
+    "QueueView",
     "log_link",
     "log_token",
-    "QueueView",
+    "marker",
+    "render_pr_body",
+    "render_tracking",
+    "status_text",
 )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import AnyStr, Iterable
+from collections.abc import Iterable
+from typing import AnyStr
 
 MASK = "[redacted]"
 
@@ -15,11 +16,12 @@ def _maskable(secrets: Iterable[str]) -> tuple[str, ...]:
 
 def redact(text: AnyStr, secrets: Iterable[str]) -> AnyStr:
     """Every secret in `text` (str, or bytes such as an agent's raw output) masked."""
-    raw = isinstance(text, bytes)
     for secret in _maskable(secrets):
-        needle = secret.encode() if raw else secret
-        if needle in text:
-            text = text.replace(needle, MASK.encode() if raw else MASK)  # type: ignore[arg-type]
+        if isinstance(text, bytes):
+            if secret.encode() in text:
+                text = text.replace(secret.encode(), MASK.encode())
+        elif secret in text:
+            text = text.replace(secret, MASK)
     return text
 
 

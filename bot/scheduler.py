@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime, timedelta, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -73,18 +73,18 @@ class Scheduler:
         interval: float,
         *,
         heartbeat: Callable[[], None] | None = None,
-        cleanup: Callable[[], None] | None = None,
+        cleanup: Callable[[], object] | None = None,
     ):
         self._tick = tick
         self.interval = interval
         self._scheduler = BackgroundScheduler(
-            timezone=timezone.utc, job_defaults={"misfire_grace_time": None}
+            timezone=UTC, job_defaults={"misfire_grace_time": None}
         )
         self._heartbeat = heartbeat
         self._cleanup = cleanup
 
     def start(self) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         self._scheduler.add_job(
             self._tick,
             "interval",
@@ -121,7 +121,7 @@ class Scheduler:
         self._scheduler.add_job(
             self._tick,
             "date",
-            run_date=datetime.now(timezone.utc),
+            run_date=datetime.now(UTC),
             id="wake",
             replace_existing=True,
             max_instances=4,

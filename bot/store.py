@@ -18,10 +18,11 @@ import socket
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from bot.tasks import (
     ACTIVE_STATES,
@@ -274,7 +275,7 @@ def _shown(value: Any) -> str:
 
 def _row_to_task(row: sqlite3.Row) -> Task:
     """The task a row holds; UnreadableRow naming every value that cannot be read."""
-    data = {k: row[k] for k in row.keys() if k in _TASK_FIELDS}
+    data = {k: row[k] for k in row.keys() if k in _TASK_FIELDS}  # noqa: SIM118 - a Row iterates its values
     problems: dict[str, str] = {}
     for key, enum in _ENUMS.items():
         if key == "outcome" and not data[key]:
@@ -312,6 +313,12 @@ def _readable(
             yield _row_to_task(row)
         except UnreadableRow as exc:
             unreadable.append((row, exc))
+
+
+def _inserted_id(cur: sqlite3.Cursor) -> int:
+    """The id of the row an INSERT just wrote."""
+    assert cur.lastrowid is not None
+    return cur.lastrowid
 
 
 def _encode(key: str, value: Any) -> Any:
@@ -454,10 +461,8 @@ class Store:
     def close(self) -> None:
         with self._lock:
             for conn in self._conns:
-                try:
+                with suppress(sqlite3.Error):
                     conn.close()
-                except sqlite3.Error:
-                    pass
             self._conns.clear()
         self._local = threading.local()
 
@@ -538,7 +543,7 @@ class Store:
                 max_cost_usd,
             ),
         )
-        task_id = int(cur.lastrowid)
+        task_id = _inserted_id(cur)
         self._event(c, task_id, "queued", None, "pending", f"{kind} by {requested_by}")
         return task_id
 
@@ -591,7 +596,7 @@ class Store:
         says, so the row reads from then on. A compare-and-set on the row's version: a
         row changed since it was read is left to the next read."""
         problems = dict(exc.problems)
-        sets = {
+        sets: dict[str, Any] = {
             "state": State.FAILED.value,
             "outcome": Outcome.INFRA_ERROR.value,
             "pid": None,
@@ -635,7 +640,7 @@ class Store:
     ) -> Iterator[Task]:
         """Tasks in id order, read from the database as the caller iterates. `before`: only
         ids below it; `newest`: only the newest that many of those (still in id order)."""
-        sql, args = "SELECT * FROM tasks WHERE 1=1", []
+        sql, args = "SELECT * FROM tasks WHERE 1=1", list[Any]()
         if state is not None:
             sql += " AND state = ?"
             args.append(str(State(state)))
@@ -659,14 +664,14 @@ class Store:
         # once the rows are all read: a write while the query is open would stop it
         self._set_aside_rows(conn, unreadable)
 
-    def list(
+    def list_tasks(
         self, state: State | str | None = None, *, repo: str | None = None, issue: int | None = None
     ) -> list[Task]:
         return [*self.iter_tasks(state, repo=repo, issue=issue)]
 
     def existing(self, task_ids: Iterable[int]) -> set[int]:
         """Which of these task ids are in the table."""
-        ids, found = [*task_ids], set()
+        ids, found = [*task_ids], set[int]()
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             found.update(
@@ -905,7 +910,8 @@ class Store:
         return self._tasks(
             conn,
             conn.execute(
-                "SELECT * FROM tasks WHERE state = 'pending' AND authorized IS NULL ORDER BY id LIMIT ?",
+                "SELECT * FROM tasks WHERE state = 'pending' AND authorized IS NULL "
+                "ORDER BY id LIMIT ?",
                 (limit,),
             ).fetchall(),
         )
@@ -1007,7 +1013,8 @@ class Store:
         tasks = self._tasks(
             conn,
             conn.execute(
-                "SELECT * FROM tasks WHERE state = 'pending' AND authorized = 1 ORDER BY id LIMIT ?",
+                "SELECT * FROM tasks WHERE state = 'pending' AND authorized = 1 "
+                "ORDER BY id LIMIT ?",
                 (limit,),
             ).fetchall(),
         )
@@ -1219,7 +1226,7 @@ class Store:
                 self.clock(),
             ),
         )
-        return int(cur.lastrowid)
+        return _inserted_id(cur)
 
     def outbox_due(self, limit: int) -> list[OutboxItem]:
         rows = self._conn().execute(
@@ -1339,11 +1346,11 @@ class Store:
         return (row[0], row[1]) if row else None
 
     def running_tasks(self) -> list[Task]:
-        return self.list(State.RUNNING)
+        return self.list_tasks(State.RUNNING)
 
     def active_tasks(self) -> list[Task]:
         """Pending and running tasks (read from the index by state)."""
-        return self.list(State.PENDING) + self.list(State.RUNNING)
+        return self.list_tasks(State.PENDING) + self.list_tasks(State.RUNNING)
 
     # ------------------------------------------------------------------ leases
 
@@ -1386,15 +1393,15 @@ def open_store(
 
 
 __all__ = [
-    "Store",
-    "open_store",
-    "StoreError",
-    "SchemaTooNew",
-    "UnreadableRow",
-    "InvalidTransition",
-    "Stats",
-    "OutboxItem",
     "ACTIVE_STATES",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "InvalidTransition",
+    "OutboxItem",
+    "SchemaTooNew",
+    "Stats",
+    "Store",
+    "StoreError",
+    "UnreadableRow",
+    "open_store",
 ]

@@ -8,11 +8,12 @@ outcome into the next state in exactly one place.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -20,11 +21,8 @@ class State(str, enum.Enum):
     CANCELLED = "cancelled"
     REJECTED = "rejected"
 
-    def __str__(self) -> str:  # so f-strings and SQL parameters show the bare value
-        return self.value
 
-
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     SUCCEEDED = "succeeded"
     NO_CHANGES = "no_changes"
     AGENT_FAILED = "agent_failed"
@@ -32,16 +30,10 @@ class Outcome(str, enum.Enum):
     CANCELLED = "cancelled"
     INFRA_ERROR = "infra_error"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Kind(str, enum.Enum):
+class Kind(enum.StrEnum):
     START = "start"
     CONTINUE = "continue"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 ACTIVE_STATES = (State.PENDING, State.RUNNING)

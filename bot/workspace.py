@@ -25,9 +25,10 @@ import stat
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from bot import names

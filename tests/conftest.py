@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -15,8 +15,8 @@ from bot.config import (
     AgentConfig,
     AgentsConfig,
     Config,
-    GiteaConfig,
     GitConfig,
+    GiteaConfig,
     QueueConfig,
     ServerConfig,
     StorageConfig,

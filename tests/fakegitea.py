@@ -29,6 +29,7 @@ to act as a human would.
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import json
 import logging
@@ -39,10 +40,11 @@ import subprocess
 import tempfile
 import threading
 import zlib
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ MAX_PAGE_SIZE = 50
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _rank(permission: str) -> int:
@@ -78,7 +80,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address, fake: "FakeGitea"):
+    def __init__(self, address, fake: FakeGitea):
         self.fake = fake
         super().__init__(address, _Handler)
 
@@ -152,7 +154,7 @@ class FakeGitea:
 
     # -- lifecycle ------------------------------------------------------------
 
-    def __enter__(self) -> "FakeGitea":
+    def __enter__(self) -> FakeGitea:
         self.start()
         return self
 
@@ -184,10 +186,8 @@ class FakeGitea:
         with self.lock:
             conns = list(self._conns)
         for conn in conns:
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         if thread is not None:
             thread.join(timeout=10)
 
@@ -428,7 +428,8 @@ class FakeGitea:
 
     @property
     def pulls(self) -> dict[int, dict]:
-        """All pull requests, number -> live dict; use `pulls_of` when numbers collide across repos."""
+        """All pull requests, number -> live dict; use `pulls_of` when numbers collide across
+        repos."""
         with self.lock:
             merged: dict[int, dict] = {}
             for record in self._repos.values():
@@ -787,8 +788,8 @@ class FakeGitea:
     def _already_exists(self, record: dict, pr: dict) -> ApiError:
         return ApiError(
             409,
-            "pull request already exists for these targets [id: {}, issue_id: {}, head_repo_id: {}, "
-            "base_repo_id: {}, head_branch: {}, base_branch: {}]".format(
+            "pull request already exists for these targets [id: {}, issue_id: {}, "
+            "head_repo_id: {}, base_repo_id: {}, head_branch: {}, base_branch: {}]".format(
                 pr["id"],
                 pr["number"],
                 record["id"],
@@ -849,7 +850,7 @@ class FakeGitea:
     def _lost(self, h: BaseHTTPRequestHandler, api_path: str) -> bool:
         """Lose the answer to an applied request if `lose_answer` asked for it."""
         with self.lock:
-            for i, (method, pattern, answer) in enumerate(self._lose):
+            for i, (method, pattern, answer) in enumerate(self._lose):  # noqa: B007 - read after the loop
                 if method == h.command and pattern.fullmatch(api_path):
                     del self._lose[i]
                     break
@@ -1290,7 +1291,7 @@ class FakeGitea:
     def _api_find_pull(self, params, query, data):
         record = self._api_repo_record(params)
         head = self._split_head(record, params["head"])
-        for number, pr in sorted(record["pulls"].items()):
+        for _number, pr in sorted(record["pulls"].items()):
             if pr["base"]["ref"] == params["base"] and pr["head"]["ref"] == head:
                 return 200, self._refresh_pull(record, pr)
         raise ApiError(404, "pull request does not exist")

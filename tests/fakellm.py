@@ -28,9 +28,10 @@ import re
 import shlex
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 MODEL = "fake-model"
 
@@ -44,7 +45,8 @@ class Text:
 
 @dataclass(frozen=True)
 class WriteFile:
-    """Write a file, with the tool each client knows (a `whole` edit block when there are no tools)."""
+    """Write a file, with the tool each client knows (a `whole` edit block when there are no
+    tools)."""
 
     path: str
     content: str
@@ -146,7 +148,7 @@ class FakeLLM:
             self._served.clear()
 
     # -- lifecycle
-    def __enter__(self) -> "FakeLLM":
+    def __enter__(self) -> FakeLLM:
         self.start()
         return self
 
@@ -193,7 +195,8 @@ class FakeLLM:
             return json.dumps(self.requests)
 
     def agent_requests(self) -> list[dict[str, Any]]:
-        """Requests that offered tools or came from a client that never does (not title requests)."""
+        """Requests that offered tools or came from a client that never does (not title
+        requests)."""
         with self._lock:
             return [r for r in self.requests if not _is_title_request(r)]
 
@@ -876,7 +879,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def conversation_text(body: Mapping[str, Any]) -> str:
-    """All message text of one request (chat `messages`, Responses `input`, Anthropic `messages`)."""
+    """All message text of one request (chat `messages`, Responses `input`, Anthropic
+    `messages`)."""
     parts: list[str] = []
     for msg in list(body.get("messages") or []) + list(body.get("input") or []):
         if isinstance(msg, dict):
@@ -889,17 +893,17 @@ def conversation_text(body: Mapping[str, Any]) -> str:
 
 
 __all__ = [
-    "FakeLLM",
-    "Text",
-    "WriteFile",
-    "ToolCall",
-    "HTTPError",
-    "text",
-    "write_file",
-    "tool_call",
-    "http_error",
     "DEFAULT_SCRIPT",
-    "USAGE",
     "MODEL",
+    "USAGE",
+    "FakeLLM",
+    "HTTPError",
+    "Text",
+    "ToolCall",
+    "WriteFile",
     "conversation_text",
+    "http_error",
+    "text",
+    "tool_call",
+    "write_file",
 ]

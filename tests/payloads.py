@@ -12,7 +12,8 @@ import hmac
 import itertools
 import json
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 SECRET = "kugetsu-test-secret"
 GITEA = "http://gitea.local:3000"

@@ -81,24 +81,23 @@ class Service:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
-    def start(self, timeout: float = 30.0) -> "Service":
+    def start(self, timeout: float = 30.0) -> Service:
         self.starts += 1
-        log = open(self.log_path, "ab")
         launch = (
             [sys.executable, "-m", "bot"]
             if self.fd_limit is None
             else [sys.executable, "-c", _WITH_FD_LIMIT, str(self.fd_limit)]
         )
-        self.proc = subprocess.Popen(
-            [*launch, "serve", "--config", str(self.config_path)],
-            cwd=self.workdir,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*launch, "serve", "--config", str(self.config_path)],
+                cwd=self.workdir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -675,7 +675,7 @@ def line_index(name: str, predicate) -> list[int]:
 
 
 def test_meter_opencode_stops_at_the_step_that_crosses_the_budget():
-    steps = line_index("opencode-success.jsonl", lambda l: '"type":"step_finish"' in l)
+    steps = line_index("opencode-success.jsonl", lambda line: '"type":"step_finish"' in line)
     index, reason, meter = meter_over("opencode-success.jsonl", max_tokens=1500)
     assert index == steps[1] and "2440" in reason and "1500" in reason
     index, reason, _ = meter_over("opencode-success.jsonl", max_tokens=1220)
@@ -688,8 +688,10 @@ def test_meter_opencode_stops_at_the_step_that_crosses_the_budget():
 def test_meter_claude_sees_usage_while_streaming():
     name = "claude-success.jsonl"
     lines = fixture(name).splitlines()
-    result = line_index(name, lambda l: '"type":"result"' in l)[0]
-    second_message = line_index(name, lambda l: '"type":"assistant"' in l and '"msg_0003"' in l)[0]
+    result = line_index(name, lambda line: '"type":"result"' in line)[0]
+    second_message = line_index(
+        name, lambda line: '"type":"assistant"' in line and '"msg_0003"' in line
+    )[0]
     index, reason, _ = meter_over(name, max_tokens=2000)
     assert index == second_message < result  # before the run ends
     index, _, meter = meter_over(name, max_cost_usd=0.01)
@@ -702,10 +704,10 @@ def test_meter_claude_sees_usage_while_streaming():
 
 def test_meter_codex_and_aider():
     index, reason, meter = meter_over("codex-success.jsonl", max_tokens=100)
-    assert index == line_index("codex-success.jsonl", lambda l: "turn.completed" in l)[0]
+    assert index == line_index("codex-success.jsonl", lambda line: "turn.completed" in line)[0]
     assert meter.session_id == parse("codex-success.jsonl").session_id
     index, reason, meter = meter_over("aider-success.txt", max_tokens=500)
-    assert index == line_index("aider-success.txt", lambda l: l.startswith("Tokens:"))[0]
+    assert index == line_index("aider-success.txt", lambda line: line.startswith("Tokens:"))[0]
     assert meter.usage.cost_usd == pytest.approx(0.0026)
     custom = agents.UsageMeter(spec("c", c=AgentConfig(name="c", command=("x",))))
     custom.feed('{"type":"step_finish","part":{"tokens":{"input":99999}}}')
@@ -732,7 +734,7 @@ def test_budget_exceeded():
     assert agents.budget_exceeded(Usage(input_tokens=10), None, 0.01) is None  # no cost known
 
 
-# ============================================================================ noise, truncation, custom
+# ======================================================================= noise, truncation, custom
 
 
 NOISE = [
@@ -780,7 +782,7 @@ MARKERS = ["[kugetsu: {n} bytes of output omitted]", "[... {n} bytes omitted ...
 def truncated(text: str, keep_head: int, keep_tail: int, marker: str) -> str:
     lines = text.splitlines()
     head, tail_ = lines[:keep_head], lines[-keep_tail:]
-    omitted = sum(len(l) + 1 for l in lines[keep_head:-keep_tail])
+    omitted = sum(len(line) + 1 for line in lines[keep_head:-keep_tail])
     cut = head[-1][: len(head[-1]) // 2]  # the middle may start and end anywhere in a line
     return "\n".join([*head[:-1], cut, marker.format(n=omitted), *tail_])
 
@@ -964,7 +966,7 @@ def test_fake_responses_api():
             done["type"] == "response.completed"
             and done["response"]["usage"]["input_tokens"] == 1200
         )
-        call = [i for i in done["response"]["output"] if i["type"] == "function_call"][0]
+        call = next(i for i in done["response"]["output"] if i["type"] == "function_call")
         assert (
             call["name"] == "exec_command" and "hello.txt" in json.loads(call["arguments"])["cmd"]
         )
@@ -987,15 +989,15 @@ def test_fake_anthropic_messages_uses_the_working_directory():
         events = sse_data(post(llm, "/v1/messages?beta=true", body)[2])
         kinds = [e["type"] for e in events]
         assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
-        tool = [
+        tool = next(
             e
             for e in events
             if e["type"] == "content_block_start" and e["content_block"]["type"] == "tool_use"
-        ][0]["content_block"]
+        )["content_block"]
         args = json.loads(
-            [e for e in events if e.get("delta", {}).get("type") == "input_json_delta"][0]["delta"][
-                "partial_json"
-            ]
+            next(e for e in events if e.get("delta", {}).get("type") == "input_json_delta")[
+                "delta"
+            ]["partial_json"]
         )
         assert tool["name"] == "Write" and args["file_path"] == "/srv/checkout/hello.txt"
         body["messages"] += [

@@ -48,7 +48,7 @@ def test_label_delivery_is_queued_with_202(service):
     r = post(url, *payloads.label_delivery(["kugetsu"]))
     assert r.status_code == 202
     assert r.json()["status"] == "queued"
-    [task] = store.list()
+    [task] = store.list_tasks()
     assert r.json()["tasks"] == [task.id]
     assert woken == [1]
 
@@ -57,7 +57,7 @@ def test_comment_delivery_is_queued(service):
     url, store, _ = service
     r = post(url, *payloads.comment_delivery("/kugetsu start fix it"))
     assert r.status_code == 202
-    assert store.list()[0].prompt == "fix it"
+    assert store.list_tasks()[0].prompt == "fix it"
 
 
 def test_missing_signature_is_401_and_writes_nothing(service):
@@ -66,7 +66,7 @@ def test_missing_signature_is_401_and_writes_nothing(service):
     headers = {k: v for k, v in headers.items() if "Signature" not in k}
     r = post(url, body, headers)
     assert r.status_code == 401
-    assert store.list() == []
+    assert store.list_tasks() == []
 
 
 def test_wrong_signature_is_401(service):
@@ -74,7 +74,7 @@ def test_wrong_signature_is_401(service):
     body, headers = payloads.label_delivery(["kugetsu"])
     body = body.replace(b"Fix the widget", b"Fix the widgeT")
     assert post(url, body, headers).status_code == 401
-    assert store.list() == []
+    assert store.list_tasks() == []
 
 
 def test_malformed_json_is_400(service):
@@ -97,7 +97,7 @@ def test_oversized_body_is_413(service):
     body = payloads.encode(data)
     r = post(url, body, payloads.sign(body, event="issues", event_type="issue_label"))
     assert r.status_code == 413
-    assert store.list() == []
+    assert store.list_tasks() == []
 
 
 def test_oversized_chunked_body_is_413(service):
@@ -109,7 +109,7 @@ def test_oversized_chunked_body_is_413(service):
         url + "/webhook", data=iter([body[:1000], body[1000:]]), headers=headers, timeout=10
     )
     assert r.status_code == 413
-    assert store.list() == []
+    assert store.list_tasks() == []
 
 
 def test_wrong_content_type_is_415(service):
@@ -125,7 +125,7 @@ def test_form_content_type_is_accepted(service):
     form = "payload=" + urllib.parse.quote(json_body.decode())
     headers["Content-Type"] = "application/x-www-form-urlencoded"
     assert post(url, form.encode(), headers).status_code == 202
-    assert len(store.list()) == 1
+    assert len(store.list_tasks()) == 1
 
 
 def test_event_not_for_us_is_2xx_with_reason(service):
@@ -142,7 +142,7 @@ def test_repeated_delivery_is_acknowledged_and_ignored(service):
     assert post(url, body, headers).status_code == 202
     r = post(url, body, headers)
     assert r.status_code == 200 and r.json()["status"] == "duplicate"
-    assert len(store.list()) == 1
+    assert len(store.list_tasks()) == 1
 
 
 def test_answers_carry_the_handler_time(service):
@@ -228,7 +228,7 @@ def test_non_ascii_signature_is_401_not_a_crash(service, header, value):
         headers={k: v.encode("latin-1") for k, v in headers.items()},
     )
     assert r.status_code == 401 and r.json()["reason"] == "signature does not match"
-    assert store.list() == []
+    assert store.list_tasks() == []
 
 
 def test_non_ascii_wake_key_and_log_token_are_refused_not_a_crash(service):
@@ -245,7 +245,7 @@ def test_deeply_nested_json_is_400(service):
     body = b"[" * 5000 + b"]" * 5000
     r = post(url, body, payloads.sign(body, event="issues"))
     assert r.status_code == 400 and "nested too deeply" in r.json()["reason"]
-    assert store.list() == []
+    assert store.list_tasks() == []
 
 
 @pytest.mark.parametrize("form", [b"action=created", b"payload=\xff\xfe"])
@@ -255,7 +255,7 @@ def test_form_without_its_json_is_401_before_anything_else(service, form):
     headers["Content-Type"] = "application/x-www-form-urlencoded"
     r = post(url, form, headers)
     assert r.status_code == 401 and r.json()["reason"].startswith("cannot check the signature")
-    assert store.list() == []
+    assert store.list_tasks() == []
 
 
 @pytest.mark.parametrize(
@@ -275,13 +275,13 @@ def test_values_out_of_range_are_400_with_a_reason_and_write_nothing(service, mu
     body = payloads.encode(data)
     r = post(url, body, payloads.sign(body, event="issue_comment"))
     assert r.status_code == 400 and reason in r.json()["reason"]
-    assert store.list() == [] and woken == []
+    assert store.list_tasks() == [] and woken == []
 
 
 def test_a_budget_out_of_range_is_refused_with_a_reply_not_a_500(service):
     url, store, _ = service
     r = post(url, *payloads.comment_delivery("/kugetsu start --max-tokens 99999999999999999999"))
     assert r.status_code == 202
-    assert store.list() == []
+    assert store.list_tasks() == []
     [reply] = [item for item in store.outbox_due(10) if item.kind == "comment"]
     assert "--max-tokens must be greater than 0 and at most 1,000,000,000,000" in reply.body

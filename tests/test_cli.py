@@ -84,7 +84,7 @@ def test_retry_refuses_a_second_active_task_on_the_issue(setup, capsys):
     code, _, err = run(capsys, "queue", "retry", "1", "--config", config)
     assert code == 1 and "task 2 is already active on o/r#5" in err
     assert err.count("\n") == 1
-    assert [t.id for t in store.list(state=State.PENDING)] == [2]
+    assert [t.id for t in store.list_tasks(state=State.PENDING)] == [2]
     assert store.get(1).state is State.CANCELLED
 
 
@@ -197,7 +197,7 @@ def test_enqueue_rejects_invalid_repos_and_issue_numbers(setup, capsys, ref, why
     config, store, _ = setup
     code, _, err = run(capsys, "enqueue", ref, "--config", config)
     assert code == 2 and why in err and err.count("\n") == 1
-    assert store.list() == []
+    assert store.list_tasks() == []
 
 
 def test_a_junk_database_is_one_line(tmp_path, capsys, monkeypatch):

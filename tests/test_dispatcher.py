@@ -1001,7 +1001,7 @@ def test_a_comment_pass_records_what_it_wrote_in_one_transaction(make):
     h.store._conn().set_trace_callback(None)
     # one transaction marking each create before it is made, one recording all five
     assert statements.count("BEGIN IMMEDIATE") == 5 + 1
-    for n, tid in zip(issues, tasks):
+    for n, tid in zip(issues, tasks, strict=False):
         [comment] = h.tracking_comments(n)
         assert h.store.require(tid).comment_id == comment["id"]
     assert h.store.comment_out_of_date(10) == []
@@ -1027,7 +1027,7 @@ def test_comments_whose_record_was_lost_are_found_again_not_duplicated(make, mon
 
     monkeypatch.setattr(h.store, "comment_synced_many", real)
     h.dispatcher.publisher.sync_comments(30)
-    for n, tid in zip(issues, tasks):
+    for n, tid in zip(issues, tasks, strict=False):
         [comment] = h.tracking_comments(n)  # still one each
         assert h.store.require(tid).comment_id == comment["id"]
     assert h.store.comment_out_of_date(10) == []
@@ -1069,7 +1069,7 @@ def test_retry_from_a_comment_is_refused_while_another_task_of_the_issue_is_acti
     h.settle(blocker, first)
     assert h.store.get(follow).state is State.CANCELLED
     assert any(f"Task #{first} is still active" in body for body in replies(h, n))
-    assert [t.id for t in h.store.list(repo=REPO, issue=n) if t.active] == []
+    assert [t.id for t in h.store.list_tasks(repo=REPO, issue=n) if t.active] == []
 
 
 # ---------------------------------------------------------------- replies anyone can trigger
@@ -1236,7 +1236,7 @@ def test_poison_rows_are_set_aside_with_a_reason_and_the_queue_goes_on(make):
     deliver_comment(h, "/kugetsu help", issues[0], sender="mallory")
 
     h.settle(unauthorized, authorized, running, *good)
-    for tid, n in zip(good, issues):
+    for tid, n in zip(good, issues, strict=False):
         task = h.store.get(tid)
         assert (task.state, task.outcome) == (State.COMPLETED, Outcome.SUCCEEDED), task
         assert h.gitea.file_at(REPO, BRANCH.format(n), "kugetsu_output.txt")

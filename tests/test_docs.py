@@ -41,5 +41,12 @@ def test_readme_starts_with_the_two_commands():
     assert commands[1] == (
         "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest"
     )
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert commands[1] in ci
+    # CI runs the README's test command, one step a line, with the checks before the tests
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    steps = commands[1].split(" && ")
+    assert all(step in ci for step in steps)
+    checks = [".venv/bin/ruff check .", ".venv/bin/ruff format --check .", ".venv/bin/mypy bot"]
+    assert all(check in ci for check in checks)
+    order = [ci.index(line) for line in [*steps[:2], *checks, steps[2]]]
+    assert order == sorted(order)
+    assert "set -euo pipefail" in ci  # a failed check stops CI

@@ -6,6 +6,7 @@ are real bare git repositories served over smart HTTP with the token required.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -71,10 +72,8 @@ def service_factory(tmp_path, gitea):
 
     yield factory
     for svc in started:
-        try:
+        with contextlib.suppress(Exception):
             svc.stop()
-        except Exception:
-            pass
 
 
 def tracking(gitea, number):
@@ -330,7 +329,10 @@ def test_two_processes_on_one_database_share_the_limit(service_factory, gitea, t
 
     store = open_store(tmp_path / "data" / "kugetsu.db")
     claimers = {
-        e["detail"] for t in store.list() for e in store.events(t.id) if e["event"] == "claimed"
+        e["detail"]
+        for t in store.list_tasks()
+        for e in store.events(t.id)
+        if e["event"] == "claimed"
     }
     store.close()
     assert len(claimers) == 2  # both processes ran agents
@@ -512,10 +514,8 @@ def fill(path: Path) -> Path:
                 break
         while chunk:  # the last blocks too
             chunk = chunk[: len(chunk) // 2]
-            try:
+            with contextlib.suppress(OSError):
                 fh.write(chunk)
-            except OSError:
-                pass
     return filler
 
 
@@ -579,7 +579,7 @@ def test_a_full_disk_gets_503_loses_nothing_acknowledged_and_shows_in_healthz(
 
     store = open_store(small_disk / "kugetsu.db")
     try:
-        [task] = store.list(repo=REPO, issue=n)
+        [task] = store.list_tasks(repo=REPO, issue=n)
         assert task.prompt == f"{i} " + "x" * 100_000
     finally:
         store.close()

@@ -147,7 +147,7 @@ def test_clone_push_then_pull_request_flow(fake, client, git_env, tmp_path):
         == pr["html_url"]
     )
 
-    for method, path, headers, _ in fake.requests:
+    for _method, path, headers, _ in fake.requests:
         assert "token=" not in path
         if path.startswith("/api/v1/"):
             assert headers["Authorization"] == f"token {TOKEN}"
@@ -345,7 +345,7 @@ def test_timeline_pagination(fake, client):
     assert len(pages) == 2
 
 
-# -- failure injection ------------------------------------------------------------------------------
+# -- failure injection ---------------------------------------------------------------------------
 
 
 def test_fail_next_is_retried(fake, client):

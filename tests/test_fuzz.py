@@ -18,7 +18,8 @@ import urllib.parse
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bot import intake
 from bot.app import create_app
@@ -193,10 +194,10 @@ def _paths(data, prefix=()):
     yield prefix
     if isinstance(data, dict):
         for key, value in data.items():
-            yield from _paths(value, prefix + (key,))
+            yield from _paths(value, (*prefix, key))
     elif isinstance(data, list):
         for index, value in enumerate(data):
-            yield from _paths(value, prefix + (index,))
+            yield from _paths(value, (*prefix, index))
 
 
 #: the fields kugetsu reads: most mutations go here, the rest anywhere

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
-import urllib.parse
 import logging
+import re
 import socket
 import traceback
+import urllib.parse
 
 import pytest
 import requests

@@ -155,7 +155,7 @@ def test_a_delivery_that_cannot_be_stored_gets_503_nothing_of_it_is_kept_and_hea
         "status": "error",
         "reason": "could not store the delivery, so it was not accepted: database or disk is full",
     }
-    assert store.list() == []
+    assert store.list_tasks() == []
     assert conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 0
     r = client.get("/healthz")
     assert r.status_code == 200 and r.json["status"] == "degraded"
@@ -167,7 +167,7 @@ def test_a_delivery_that_cannot_be_stored_gets_503_nothing_of_it_is_kept_and_hea
     conn.execute("PRAGMA max_page_count = 1000000")
     r = client.post("/webhook", data=body, headers=headers)
     assert r.status_code == 202
-    [task] = store.list()
+    [task] = store.list_tasks()
     assert task.prompt == long
 
 

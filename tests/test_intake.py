@@ -41,7 +41,7 @@ def comment(store, text, number=7, **kw):
 
 
 def tasks(store):
-    return store.list()
+    return store.list_tasks()
 
 
 def outbox(store):

@@ -294,7 +294,7 @@ def test_missing_command_on_path_raises_agent_start_error(spawn):
 def test_not_executable_raises_agent_start_error(spawn, tmp_path):
     agent = write_script(tmp_path, "agent.sh", "#!/bin/sh\necho hi\n")
     agent.chmod(0o644)
-    with pytest.raises(AgentStartError, match="agent.sh"):
+    with pytest.raises(AgentStartError, match=r"agent\.sh"):
         spawn([agent])
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import agentcli
 from bot import agents
 from bot.config import AgentConfig, AgentsConfig
+from tests import agentcli
 from tests.fakellm import FakeLLM, conversation_text, http_error, text
 
 pytestmark = pytest.mark.realagent

@@ -9,6 +9,7 @@ manager may start it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -37,10 +38,8 @@ def soft_fd_limit(pid: int) -> int:
 def socket_count(pid: int) -> int:
     count = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
+        with contextlib.suppress(OSError):
             count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-        except OSError:
-            pass
     return count
 
 

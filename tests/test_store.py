@@ -53,7 +53,7 @@ def test_migrates_forward_from_version_1_and_keeps_rows(tmp_path):
     conn.close()
     store = open_store(path)
     assert store.schema_version() == SCHEMA_VERSION
-    task = store.list()[0]
+    task = store.list_tasks()[0]
     assert (task.issue, task.requested_by, task.max_tokens, task.usage) == (3, "bob", None, {})
     store.update(task.id, max_tokens=10)
     assert store.get(task.id).max_tokens == 10
@@ -100,7 +100,7 @@ def test_values_kugetsu_does_not_know_are_refused_when_written(store):
     for column, value in [("kind", "frobnicate"), ("state", "paused"), ("outcome", "exploded")]:
         with pytest.raises(sqlite3.IntegrityError, match="not a value kugetsu knows"):
             conn.execute(f"UPDATE tasks SET {column} = ? WHERE id = ?", (value, tid))
-    assert [t.id for t in store.list()] == [tid]
+    assert [t.id for t in store.list_tasks()] == [tid]
 
 
 def test_a_row_written_before_the_checks_can_still_be_moved_on(store):
@@ -116,7 +116,7 @@ def test_a_row_written_before_the_checks_can_still_be_moved_on(store):
 #: meet a row whose state is unknown
 READERS = [
     ("get", lambda s, good, bad: [s.get(good), s.get(bad)]),
-    ("list", lambda s, good, bad: s.list()),
+    ("list_tasks", lambda s, good, bad: s.list_tasks()),
     ("iter_tasks", lambda s, good, bad: [*s.iter_tasks()]),
     ("running_tasks", lambda s, good, bad: s.running_tasks()),
     ("active_tasks", lambda s, good, bad: s.active_tasks()),
@@ -187,7 +187,7 @@ def test_a_row_that_cannot_be_read_is_set_aside_and_the_others_are_read(
     # set aside once: from now on it reads
     task, events = store.get(bad), store.events(bad)
     assert (task.state, task.outcome, task.error) == (State.FAILED, Outcome.INFRA_ERROR, reason)
-    assert store.list() and store.events(bad) == events
+    assert store.list_tasks() and store.events(bad) == events
 
 
 def test_transition_is_compare_and_set(store):
@@ -248,7 +248,7 @@ def test_requeue_refuses_while_another_task_of_the_issue_is_active(store):
     assert not store.requeue(first, "carol")
     assert store.try_requeue(first, "carol") == (False, store.get(second))
     assert store.get(first).state is State.CANCELLED
-    assert [t.id for t in store.list(state=State.PENDING)] == [second]
+    assert [t.id for t in store.list_tasks(state=State.PENDING)] == [second]
     assert store.events(first)[-1]["event"] == "cancelled"
     # once the other task has finished, the retry goes through
     store.claim(1, "w")
@@ -391,13 +391,13 @@ def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
     ):
         expected = [
             i
-            for i, t in zip(ids, tasks)
+            for i, t in zip(ids, tasks, strict=False)
             if (state is None or t["state"] == state) and (before is None or i < before)
         ]
         if newest is not None:
             expected = expected[-newest:]
         assert [t.id for t in store.iter_tasks(state, before=before, newest=newest)] == expected
-    asked = ids[::2] + [n + 1, n + 2]
+    asked = [*ids[::2], n + 1, n + 2]
     assert store.existing(asked) == set(ids[::2])
 
     cutoff = now - 7 * 86400
@@ -540,7 +540,7 @@ def test_claim_takes_no_write_lock_when_every_slot_is_taken(store):
     assert store.claim(2, "w1") == []
     store._conn().set_trace_callback(None)
     assert "BEGIN IMMEDIATE" not in statements
-    running = [t for t in store.list() if t.state is State.RUNNING]
+    running = [t for t in store.list_tasks() if t.state is State.RUNNING]
     store.transition(
         running[0].id, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED
     )
@@ -577,7 +577,7 @@ def test_a_write_gives_up_after_the_busy_timeout(store, monkeypatch):
     finally:
         other.execute("ROLLBACK")
         other.close()
-    assert store.list() == []
+    assert store.list_tasks() == []
 
 
 def test_reply_counts_forget_what_is_older_than_the_window_and_use_the_index(tmp_path):

@@ -653,7 +653,7 @@ def test_urls_with_credentials_are_refused(make_ws, recorder, url):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's naming
+    def do_GET(self):
         self.server.auth.append(self.headers.get("Authorization"))
         if self.server.hang.is_set():
             self.server.release.wait(30)
