@@ -27,8 +27,12 @@
 #   its path. Your file must keep [server] host = "0.0.0.0", and port = 8080
 #   unless you also change EXPOSE, the port mapping and the HEALTHCHECK.
 #   Keep secrets in the environment, not in the file.
-
-FROM python:3.11-slim-bookworm
+#
+# Layout: three build stages install the agent CLIs, aider and kugetsu, each
+# into its own directory under /opt; the final stage copies those directories
+# and nothing else from them. npm, pip's build tools, the npm cache and the
+# per-platform builds the agent packages download stay behind in the build
+# stages.
 
 # Space-separated npm package specs installed with `npm install -g`.
 # Pin exact versions: agent CLIs change their flags and output often, and
@@ -39,10 +43,85 @@ ARG AGENT_PACKAGES="opencode-ai@1.18.33"
 # aider version to install from PyPI (e.g. 0.86.2). Empty means no aider.
 ARG AIDER_VERSION=""
 
+# ---------------------------------------------------------------------------
+# Agent CLIs from npm, into /opt/agents (commands in /opt/agents/bin).
+FROM python:3.11-slim-bookworm AS agents
+ARG AGENT_PACKAGES
+# opencode and claude code ship their program as a native executable: their
+# install script copies the build for this machine (for opencode, the AVX2 or
+# the baseline build, whichever this CPU runs) from a per-platform package in
+# their own node_modules over the command's file. That node_modules is then
+# unused at run time, and for opencode it holds both x64 builds (185 MB each).
+# So a package whose commands are all native executables keeps only its own
+# files. A package whose command is a Node.js script (codex) keeps everything:
+# the script finds its binary there at run time.
+# The install is made readable and executable by every uid (o+rX) and writable
+# by root only (go-w): agents may run as other users, and none may change a
+# program another one runs.
+RUN set -eux; \
+    mkdir -p /opt/agents; \
+    if [ -n "$AGENT_PACKAGES" ]; then \
+        apt-get update; \
+        apt-get install -y --no-install-recommends nodejs npm; \
+        npm install -g --prefix /opt/agents --no-audit --no-fund $AGENT_PACKAGES; \
+        cd /opt/agents/lib/node_modules; \
+        for pkg in $(ls -d */ @*/*/ 2>/dev/null); do \
+            pkg=${pkg%/}; \
+            [ -d "$pkg/node_modules" ] || continue; \
+            native=""; \
+            for cmd in $(find /opt/agents/bin -lname "*/node_modules/$pkg/*"); do \
+                if [ "$(od -An -tx1 -N4 "$cmd" | tr -d ' \n')" = 7f454c46 ]; then \
+                    native=${native:-yes}; \
+                else \
+                    native=no; \
+                fi; \
+            done; \
+            if [ "$native" = yes ]; then \
+                echo "$pkg: its commands are native executables; dropping its node_modules"; \
+                rm -rf "$pkg/node_modules"; \
+            fi; \
+        done; \
+        chmod -R o+rX,go-w /opt/agents; \
+    fi
+
+# ---------------------------------------------------------------------------
+# aider in a virtualenv of its own, so its many pinned dependencies cannot
+# clash with kugetsu's.
+FROM python:3.11-slim-bookworm AS aider
+ARG AIDER_VERSION
+RUN set -eux; \
+    mkdir -p /opt/aider; \
+    if [ -n "$AIDER_VERSION" ]; then \
+        python -m venv /opt/aider; \
+        /opt/aider/bin/pip install --no-cache-dir --disable-pip-version-check "aider-chat==$AIDER_VERSION"; \
+        chmod -R o+rX,go-w /opt/aider; \
+    fi
+
+# ---------------------------------------------------------------------------
+# kugetsu itself: built as a wheel and installed into a virtualenv without
+# pip or setuptools. .dockerignore limits the build context to what the
+# package needs (pyproject.toml, README, the bot/ package), so local data,
+# virtualenvs and secrets such as .env never end up in the image.
+FROM python:3.11-slim-bookworm AS kugetsu
+COPY . /tmp/kugetsu-src
+RUN set -eux; \
+    pip wheel --no-cache-dir --disable-pip-version-check --no-deps --wheel-dir /tmp/wheels /tmp/kugetsu-src; \
+    python -m venv /opt/kugetsu; \
+    /opt/kugetsu/bin/pip install --no-cache-dir --disable-pip-version-check /tmp/wheels/kugetsu-*.whl; \
+    /opt/kugetsu/bin/pip uninstall --yes --disable-pip-version-check pip setuptools; \
+    chmod -R o+rX,go-w /opt/kugetsu
+
+# ---------------------------------------------------------------------------
+# The image.
+FROM python:3.11-slim-bookworm
+
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
+
+COPY --from=agents /opt/agents /opt/agents
+COPY --from=aider /opt/aider /opt/aider
 
 # System packages:
 #   git              kugetsu clones, makes worktrees, commits and pushes
@@ -53,41 +132,48 @@ ENV PYTHONUNBUFFERED=1 \
 #                    the ENTRYPOINT here, so there is no need for both)
 #   ripgrep          opencode's glob and grep tools call `rg`; without it they
 #                    try to download ripgrep at run time and fail
-#   nodejs, npm      only when AGENT_PACKAGES is not empty; codex and claude
-#                    code start through Node.js, so it stays in the image
+#   nodejs           only when an agent command is a Node.js script rather
+#                    than a native executable (codex: bin/codex.js starts its
+#                    binary through Node.js). opencode and claude code are
+#                    native executables and run without it. npm is never in
+#                    the image.
+# `apt-get clean` drops the downloaded .deb files and apt's package cache; the
+# official base image's apt config already does that, a base without it would
+# keep them in the image. The agent commands and aider are linked onto PATH
+# (/usr/local/bin).
 RUN set -eux; \
+    node=""; \
+    for cmd in /opt/agents/bin/*; do \
+        [ -e "$cmd" ] || continue; \
+        if [ "$(od -An -tx1 -N4 "$cmd" | tr -d ' \n')" != 7f454c46 ]; then \
+            echo "$(basename "$cmd") is not a native executable: keeping Node.js"; \
+            node=nodejs; \
+        fi; \
+    done; \
     apt-get update; \
-    apt-get install -y --no-install-recommends git ca-certificates tini ripgrep; \
-    if [ -n "$AGENT_PACKAGES" ]; then \
-        apt-get install -y --no-install-recommends nodejs npm; \
-    fi; \
-    rm -rf /var/lib/apt/lists/*
+    apt-get install -y --no-install-recommends git ca-certificates tini ripgrep $node; \
+    apt-get clean; \
+    rm -rf /var/lib/apt/lists/*; \
+    for cmd in /opt/agents/bin/* /opt/aider/bin/aider; do \
+        if [ -e "$cmd" ]; then ln -s "$cmd" /usr/local/bin/; fi; \
+    done; \
+    rmdir --ignore-fail-on-non-empty /opt/agents /opt/aider
 
-# Agent CLIs from npm, installed globally into /usr/local (on PATH).
+# Every installed agent CLI must start, as a uid that is neither root nor
+# kugetsu's (nobody, 65534): this checks that the install is complete after
+# the pruning above and that other users can read and run it. (The home is
+# outside /tmp because codex warns about helper files in a temporary dir.)
 RUN set -eux; \
-    if [ -n "$AGENT_PACKAGES" ]; then \
-        npm install -g --no-audit --no-fund $AGENT_PACKAGES; \
-        npm cache clean --force; \
-        rm -rf /root/.npm; \
-    fi
-
-# aider in a virtualenv of its own, so its many pinned dependencies cannot
-# clash with kugetsu's; the `aider` command is linked onto PATH.
-RUN set -eux; \
-    if [ -n "$AIDER_VERSION" ]; then \
-        python -m venv /opt/aider; \
-        /opt/aider/bin/pip install --no-cache-dir "aider-chat==$AIDER_VERSION"; \
-        ln -s /opt/aider/bin/aider /usr/local/bin/aider; \
-    fi
-
-# kugetsu itself. .dockerignore limits the build context to what the package
-# needs (pyproject.toml, README, the bot/ package), so local data, virtualenvs
-# and secrets such as .env never end up in the image.
-COPY . /tmp/kugetsu-src
-RUN set -eux; \
-    pip install --no-cache-dir /tmp/kugetsu-src; \
-    rm -rf /tmp/kugetsu-src; \
-    kugetsu --help > /dev/null
+    closed=$(find /opt -mindepth 1 \( ! -perm -o+r -o -type d ! -perm -o+x \) -print -quit); \
+    if [ -n "$closed" ]; then echo "not readable by other users: $closed"; exit 1; fi; \
+    home=$(mktemp -d /var/tmp/agent-check.XXXXXX); chown 65534:65534 "$home"; \
+    for cmd in opencode claude codex aider; do \
+        if command -v "$cmd" > /dev/null; then \
+            setpriv --reuid=65534 --regid=65534 --clear-groups \
+                env HOME="$home" "$cmd" --version < /dev/null; \
+        fi; \
+    done; \
+    rm -rf "$home"
 
 # A non-root user (uid/gid 1000) that runs kugetsu and the agents, the
 # default config, and the data directory. Each agent run still gets its own
@@ -104,6 +190,13 @@ RUN set -eux; \
         'port = 8080' \
         > /etc/kugetsu/config.toml; \
     chown kugetsu:kugetsu /data
+
+# Last, since it changes most often: kugetsu's virtualenv, with the
+# `kugetsu` command linked onto PATH.
+COPY --from=kugetsu /opt/kugetsu /opt/kugetsu
+RUN set -eux; \
+    ln -s /opt/kugetsu/bin/kugetsu /usr/local/bin/kugetsu; \
+    kugetsu --help > /dev/null
 
 ENV KUGETSU_CONFIG=/etc/kugetsu/config.toml \
     KUGETSU_DATA_DIR=/data
