@@ -506,7 +506,7 @@ def test_an_admin_labelling_a_readers_issue_starts_work_when_kugetsu_is_not_admi
     h = make()
     not_admin(h)
     n = h.gitea.create_issue(REPO, "Add a greeting", "Please add one.", login="rita")
-    h.gitea.add_labels(REPO, n, "kugetsu", login="adam")
+    h.gitea.add_labels(REPO, n, "kugetsu")
     [tid] = deliver_label(h, n, sender="adam", author="rita").task_ids
     h.settle(tid)
     task = h.store.get(tid)
