@@ -20,7 +20,8 @@ from urllib.parse import quote
 import requests
 from urllib3.exceptions import NewConnectionError
 
-from bot import names
+from bot.core import names
+from bot.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +242,7 @@ class GiteaClient:
     # -- the funnel -------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        if self._token and self._token in text:
-            text = text.replace(self._token, "***")
-        return text
+        return redact(text, (self._token,))
 
     def _request(
         self,
