@@ -201,7 +201,7 @@ def main() -> int:
                     environ={"PATH": path_env, "LANG": "C.UTF-8"},
                     secrets=[],
                 )
-                argv = agents.render(
+                argv = agents.fill(
                     preset.command,
                     prompt=prompts[i % len(prompts)],
                     prompt_file="",

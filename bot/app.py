@@ -13,14 +13,14 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from bot import events, intake
 from bot.config import Config
+from bot.core import events, intake, render
+from bot.ingest import ingest
 from bot.store import Store
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,6 @@ def create_app(
     wake: Callable[[], None] = lambda: None,
     health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (True, {}),
     store_failed: Callable[[Exception], None] = lambda exc: None,
-    log_dir: Path | None = None,
-    log_token: Callable[[int], str] | None = None,
 ) -> Flask:
     app = Flask("kugetsu")
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
@@ -94,7 +92,7 @@ def create_app(
             return answer(exc.status, "rejected", exc.reason, started)
 
         try:
-            result = intake.ingest(store, delivery, event, rules())
+            result = ingest(store, delivery, event, rules())
         except sqlite3.Error as exc:
             # Nothing of the delivery was written (one transaction), and it is not
             # acknowledged: Gitea's webhook history shows the answer, and can redeliver it.
@@ -158,13 +156,9 @@ def create_app(
     def task_log(task_id: int, token: str) -> Response:
         # Linked from PRs and comments; the token is an HMAC of the task id, so
         # only people who can see those links can read the log.
-        if (
-            log_dir is None
-            or log_token is None
-            or not events.equal_secrets(token, log_token(task_id))
-        ):
+        if not events.equal_secrets(token, render.log_token(config, task_id)):
             return answer(404, "not found", "no such log")
-        path = log_dir / f"{task_id}.log"
+        path = config.storage.log_path(task_id)
         if not path.is_file():
             return answer(404, "not found", "no such log")
         data = path.read_bytes()

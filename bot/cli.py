@@ -16,12 +16,16 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import BinaryIO
 
-from bot import __version__, names
+from bot import __version__
 from bot.config import Config, ConfigError, load
+from bot.core import names
+from bot.core.intake import start_or_continue
+from bot.core.tasks import CancelResult, Kind, State
+from bot.ingest import StoreView
 from bot.service import known_agents, run_worker, serve
 from bot.store import SchemaTooNew, Store, open_store
-from bot.tasks import Kind, State
 
 log = logging.getLogger("kugetsu")
 
@@ -118,12 +122,12 @@ def queue_cancel(store: Store, task_id: int) -> int:
         return 1
     result = store.request_cancel(task_id, "cli")
     messages = {
-        "cancelled": f"task {task_id} cancelled",
-        "stopping": f"task {task_id} is running; its agent will be stopped",
-        "finished": f"task {task_id} has already finished",
+        CancelResult.CANCELLED: f"task {task_id} cancelled",
+        CancelResult.STOPPING: f"task {task_id} is running; its agent will be stopped",
+        CancelResult.FINISHED: f"task {task_id} has already finished",
     }
     print(messages[result])
-    return 0 if result != "finished" else 1
+    return 0 if result is not CancelResult.FINISHED else 1
 
 
 def queue_retry(store: Store, task_id: int) -> int:
@@ -180,16 +184,14 @@ def enqueue(
         print(f"kugetsu: unknown agent {agent!r}", file=sys.stderr)
         return 2
     with store.tx() as c:
-        has_task = store.latest_task(repo, issue, c) is not None
-        kind = Kind.CONTINUE if follow_up and has_task else Kind.START
+        asked = Kind.CONTINUE if follow_up else Kind.START
+        kind, active = start_or_continue(StoreView(store, c), repo, issue, asked)
         if follow_up and not message:
             print("kugetsu: --continue needs a message", file=sys.stderr)
             return 2
-        if kind is Kind.START:
-            active = store.active_task(c, repo, issue)
-            if active is not None:
-                print(f"kugetsu: already queued on {ref} as task {active.id}", file=sys.stderr)
-                return 1
+        if active is not None:
+            print(f"kugetsu: already queued on {ref} as task {active.id}", file=sys.stderr)
+            return 1
         task_id = store.insert_task(
             c,
             repo=repo,
@@ -211,13 +213,31 @@ def enqueue(
     return 0
 
 
-def show_logs(config: Config, store: Store, task_id: int, follow: bool) -> int:
-    path = config.storage.logs_dir / f"{task_id}.log"
+#: how often `kugetsu logs --follow` looks for more output
+FOLLOW_SECONDS = 0.5
+
+
+def _follow_wait() -> None:
+    time.sleep(FOLLOW_SECONDS)
+
+
+def show_logs(
+    config: Config,
+    store: Store,
+    task_id: int,
+    follow: bool,
+    *,
+    out: BinaryIO | None = None,
+    wait: Callable[[], object] = _follow_wait,
+) -> int:
+    """Print a task's log; with `follow`, what is added to it too (`wait` between looks),
+    until the task is no longer active and nothing more came."""
+    path = config.storage.log_path(task_id)
     if store.get(task_id) is None and not path.exists():
         print(f"kugetsu: no task {task_id}", file=sys.stderr)
         return 1
     position = 0
-    out = sys.stdout.buffer
+    out = sys.stdout.buffer if out is None else out
     while True:
         try:
             with path.open("rb") as fh:
@@ -236,7 +256,7 @@ def show_logs(config: Config, store: Store, task_id: int, follow: bool) -> int:
         task = store.get(task_id)
         if task is None or (not task.active and not chunk):
             return 0
-        time.sleep(0.5)
+        wait()
 
 
 # --------------------------------------------------------------------------- parsing

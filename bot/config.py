@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
+from bot.agents.presets import PLACEHOLDERS, PRESETS
+from bot.core.permissions import PERMISSIONS
+from bot.core.tasks import RetryPolicy
+
 DEFAULT_CONFIG_PATHS = ("kugetsu.toml", "/etc/kugetsu/config.toml")
-PERMISSION_LEVELS = ("none", "read", "write", "admin", "owner")
 
 
 class ConfigError(ValueError):
@@ -51,6 +54,10 @@ class GiteaConfig:
         return f"{self.url.rstrip('/')}/{full_name}.git"
 
 
+LOG_SUFFIX = ".log"
+PROMPT_SUFFIX = ".md"
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     data_dir: Path = Path("kugetsu-data")
@@ -81,6 +88,20 @@ class StorageConfig:
     def prompts_dir(self) -> Path:
         return self.data_dir / "prompts"
 
+    def log_path(self, task_id: int) -> Path:
+        """A task's agent log: written by the runner, served by the receiver's log link,
+        shown by `kugetsu logs`, its tail quoted in a failed task's comment."""
+        return self.logs_dir / f"{task_id}{LOG_SUFFIX}"
+
+    def prompt_path(self, task_id: int) -> Path:
+        """The prompt a task's agent was given (for `{prompt_file}`)."""
+        return self.prompts_dir / f"{task_id}{PROMPT_SUFFIX}"
+
+    @property
+    def task_files(self) -> tuple[tuple[Path, str], ...]:
+        """(folder, suffix) of the files kept per task, named `<task id><suffix>`."""
+        return ((self.logs_dir, LOG_SUFFIX), (self.prompts_dir, PROMPT_SUFFIX))
+
 
 @dataclass(frozen=True)
 class QueueConfig:
@@ -90,6 +111,10 @@ class QueueConfig:
     retry_backoff_seconds: tuple[float, ...] = (30.0, 120.0, 600.0)
     cleanup_age_days: float = 7.0
     authorization_cache_seconds: float = 300.0
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.max_attempts, self.retry_backoff_seconds)
 
 
 @dataclass(frozen=True)
@@ -281,8 +306,6 @@ def _override(env: Mapping[str, str], name: str, file_value: str) -> str:
     return env.get(name) or file_value
 
 
-#: what agent command lines may use (bot.agents.render fills them); other braces stay as written
-AGENT_PLACEHOLDERS = ("prompt", "prompt_file", "workdir", "session_id")
 _PLACEHOLDER_NAME_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -315,10 +338,10 @@ def _agent_table(name: str, data: Any) -> AgentConfig:
     for key in ("command", "resume_command"):
         for arg in getattr(cfg, key) or ():
             for placeholder in _PLACEHOLDER_NAME_RE.findall(arg):
-                if placeholder not in AGENT_PLACEHOLDERS:
+                if placeholder not in PLACEHOLDERS:
                     raise ConfigError(
                         f"agents.{name}.{key}: unknown placeholder {{{placeholder}}}; use "
-                        + ", ".join(f"{{{p}}}" for p in AGENT_PLACEHOLDERS)
+                        + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
                     )
     return cfg
 
@@ -357,7 +380,7 @@ def load(
     server = ServerConfig(
         host=s.string("host", ServerConfig.host),
         port=s.integer("port", ServerConfig.port, minimum=0, maximum=65535),
-        public_url=s.string("public_url", "").rstrip("/"),
+        public_url=s.string("public_url", ServerConfig.public_url).rstrip("/"),
         max_body_bytes=s.integer("max_body_bytes", ServerConfig.max_body_bytes, minimum=1024),
     )
     s.check_unknown()
@@ -366,10 +389,12 @@ def load(
     g = _Section("gitea", data.get("gitea"))
     gitea = GiteaConfig(
         url=_override(env, "KUGETSU_GITEA_URL", g.string("url", GiteaConfig.url)),
-        token=_override(env, "KUGETSU_GITEA_TOKEN", g.string("token", "")),
-        webhook_secret=_override(env, "KUGETSU_WEBHOOK_SECRET", g.string("webhook_secret", "")),
-        insecure_no_signature=g.boolean("insecure_no_signature", False),
-        bot_login=g.string("bot_login", ""),
+        token=_override(env, "KUGETSU_GITEA_TOKEN", g.string("token", GiteaConfig.token)),
+        webhook_secret=_override(
+            env, "KUGETSU_WEBHOOK_SECRET", g.string("webhook_secret", GiteaConfig.webhook_secret)
+        ),
+        insecure_no_signature=g.boolean("insecure_no_signature", GiteaConfig.insecure_no_signature),
+        bot_login=g.string("bot_login", GiteaConfig.bot_login),
         timeout_seconds=g.number("timeout_seconds", GiteaConfig.timeout_seconds, positive=True),
         retries=g.integer("retries", GiteaConfig.retries, minimum=0),
     )
@@ -412,22 +437,28 @@ def load(
             f"got {backoff!r}"
         )
     queue = QueueConfig(
-        poll_interval_seconds=q.number("poll_interval_seconds", 30.0, positive=True),
-        max_concurrent_agents=q.integer("max_concurrent_agents", 3, minimum=1),
-        max_attempts=q.integer("max_attempts", 3, minimum=1),
+        poll_interval_seconds=q.number(
+            "poll_interval_seconds", QueueConfig.poll_interval_seconds, positive=True
+        ),
+        max_concurrent_agents=q.integer(
+            "max_concurrent_agents", QueueConfig.max_concurrent_agents, minimum=1
+        ),
+        max_attempts=q.integer("max_attempts", QueueConfig.max_attempts, minimum=1),
         retry_backoff_seconds=tuple(float(b) for b in backoff),
-        cleanup_age_days=q.number("cleanup_age_days", 7.0, minimum=0),
-        authorization_cache_seconds=q.number("authorization_cache_seconds", 300.0, minimum=0),
+        cleanup_age_days=q.number("cleanup_age_days", QueueConfig.cleanup_age_days, minimum=0),
+        authorization_cache_seconds=q.number(
+            "authorization_cache_seconds", QueueConfig.authorization_cache_seconds, minimum=0
+        ),
     )
     q.check_unknown()
 
     # triggers
     t = _Section("triggers", data.get("triggers"))
     triggers = TriggersConfig(
-        label=t.string("label", "kugetsu"),
-        command=t.string("command", "/kugetsu"),
-        min_permission=t.string("min_permission", "write"),
-        allowed_users=t.strings("allowed_users", ()) or (),
+        label=t.string("label", TriggersConfig.label),
+        command=t.string("command", TriggersConfig.command),
+        min_permission=t.string("min_permission", TriggersConfig.min_permission),
+        allowed_users=t.strings("allowed_users", TriggersConfig.allowed_users) or (),
         reply_limit=t.integer("reply_limit", TriggersConfig.reply_limit, minimum=0),
         reply_window_seconds=t.number(
             "reply_window_seconds", TriggersConfig.reply_window_seconds, positive=True
@@ -438,7 +469,7 @@ def load(
         raise ConfigError("triggers.label must not be empty")
     if not triggers.command.strip() or any(c.isspace() for c in triggers.command):
         raise ConfigError(f"triggers.command must be one word, got {triggers.command!r}")
-    if triggers.min_permission not in PERMISSION_LEVELS[1:]:
+    if triggers.min_permission not in PERMISSIONS[1:]:
         raise ConfigError(
             f"triggers.min_permission must be one of read, write, admin, owner; "
             f"got {triggers.min_permission!r}"
@@ -452,14 +483,16 @@ def load(
             a.used.add(key)
             tables[key] = _agent_table(key, value)
     agents = AgentsConfig(
-        default=a.string("default", "opencode"),
-        timeout_minutes=a.number("timeout_minutes", 60.0, positive=True),
-        fallback=a.strings("fallback", ()) or (),
-        kill_grace_seconds=a.number("kill_grace_seconds", 10.0, minimum=0),
-        log_max_bytes=a.integer("log_max_bytes", 5 * 1024 * 1024, minimum=4096),
+        default=a.string("default", AgentsConfig.default),
+        timeout_minutes=a.number("timeout_minutes", AgentsConfig.timeout_minutes, positive=True),
+        fallback=a.strings("fallback", AgentsConfig.fallback) or (),
+        kill_grace_seconds=a.number(
+            "kill_grace_seconds", AgentsConfig.kill_grace_seconds, minimum=0
+        ),
+        log_max_bytes=a.integer("log_max_bytes", AgentsConfig.log_max_bytes, minimum=4096),
         max_tokens=a.integer("max_tokens", None, minimum=1),
         max_cost_usd=a.number("max_cost_usd", None, positive=True),
-        nice=a.integer("nice", 10, minimum=0, maximum=19),
+        nice=a.integer("nice", AgentsConfig.nice, minimum=0, maximum=19),
         tables=tables,
     )
     a.check_unknown()
@@ -496,19 +529,16 @@ def load(
 
 
 def _check_agents(config: Config) -> None:
-    # Imported here: agents imports config for its types.
-    from bot import agents as agents_mod
-
     names = [config.agents.default, *config.agents.fallback]
     for name in names:
-        if name not in config.agents.tables and name not in agents_mod.PRESETS:
+        if name not in config.agents.tables and name not in PRESETS:
             raise ConfigError(
-                f"agents: {name!r} is neither a preset ({', '.join(sorted(agents_mod.PRESETS))}) "
+                f"agents: {name!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                 f"nor an [agents.{name}] table with a command"
             )
     for name, table in config.agents.tables.items():
-        preset = table.preset or (name if name in agents_mod.PRESETS else None)
-        if preset is not None and preset not in agents_mod.PRESETS:
+        preset = table.preset or (name if name in PRESETS else None)
+        if preset is not None and preset not in PRESETS:
             raise ConfigError(f"agents.{name}.preset: unknown preset {preset!r}")
         if preset is None and table.command is None:
             raise ConfigError(f"agents.{name}.command is required (no preset named {name!r})")

@@ -13,19 +13,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import quote
 
 import requests
 from urllib3.exceptions import NewConnectionError
 
-from bot import names
+from bot.core import names
+from bot.redact import redact
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
-TIMELINE_PAGE_SIZE = 50
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 #: open pull requests are listed this many at a time, for at most this many pages
 PULL_PAGE_SIZE = 50
@@ -33,7 +33,6 @@ MAX_PULL_PAGES = 20
 #: a proxy's "bad gateway" / "gateway timeout": Gitea behind it may have applied the request
 GATEWAY_STATUSES = frozenset({502, 504})
 MAX_BACKOFF_SECONDS = 30.0
-COMMIT_STATUS_STATES = ("pending", "success", "error", "failure", "warning", "skipped")
 
 
 class GiteaError(Exception):
@@ -109,17 +108,11 @@ class GiteaAPI(Protocol):
 
     def get_user(self) -> dict: ...
 
-    def get_version(self) -> str: ...
-
-    def get_repo(self, owner: str, repo: str) -> dict: ...
-
     def get_issue(self, owner: str, repo: str, number: int) -> dict: ...
 
     def create_comment(self, owner: str, repo: str, number: int, body: str) -> dict: ...
 
     def edit_comment(self, owner: str, repo: str, comment_id: int, body: str) -> dict | None: ...
-
-    def get_comment(self, owner: str, repo: str, comment_id: int) -> dict: ...
 
     def list_comments(self, owner: str, repo: str, number: int) -> list[dict]: ...
 
@@ -145,22 +138,6 @@ class GiteaAPI(Protocol):
         body: str | None = None,
         state: str | None = None,
     ) -> dict: ...
-
-    def get_pull(self, owner: str, repo: str, number: int) -> dict: ...
-
-    def create_status(
-        self,
-        owner: str,
-        repo: str,
-        sha: str,
-        *,
-        state: str,
-        context: str,
-        description: str = "",
-        target_url: str = "",
-    ) -> dict: ...
-
-    def iter_timeline(self, owner: str, repo: str, number: int) -> Iterator[dict]: ...
 
 
 def _seg(value: str | int, *, safe: str = "") -> str:
@@ -192,15 +169,6 @@ def _segs(value: str) -> str:
 
 def _repo_path(owner: str, repo: str) -> str:
     return f"/repos/{_seg(owner)}/{_seg(repo)}"
-
-
-def _has_next_link(link_header: str) -> bool:
-    for part in link_header.split(","):
-        for param in part.split(";")[1:]:
-            name, _, value = param.strip().partition("=")
-            if name.strip().lower() == "rel" and "next" in value.strip().strip('"').split():
-                return True
-    return False
 
 
 def _may_have_been_sent(exc: requests.RequestException) -> bool:
@@ -274,9 +242,7 @@ class GiteaClient:
     # -- the funnel -------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        if self._token and self._token in text:
-            text = text.replace(self._token, "***")
-        return text
+        return redact(text, (self._token,))
 
     def _request(
         self,
@@ -402,12 +368,6 @@ class GiteaClient:
     def get_user(self) -> dict:
         return self._call("GET", "/user")
 
-    def get_version(self) -> str:
-        return self._call("GET", "/version")["version"]
-
-    def get_repo(self, owner: str, repo: str) -> dict:
-        return self._call("GET", _repo_path(owner, repo))
-
     def get_issue(self, owner: str, repo: str, number: int) -> dict:
         return self._call("GET", f"{_repo_path(owner, repo)}/issues/{_seg(number)}")
 
@@ -423,10 +383,6 @@ class GiteaClient:
         """All comments of an issue or PR (Gitea does not page this endpoint)."""
         path = f"{_repo_path(owner, repo)}/issues/{_seg(number)}/comments"
         return list(self._call("GET", path) or [])
-
-    def get_comment(self, owner: str, repo: str, comment_id: int) -> dict:
-        path = f"{_repo_path(owner, repo)}/issues/comments/{_seg(comment_id)}"
-        return self._call("GET", path)
 
     def add_reaction(self, owner: str, repo: str, comment_id: int, content: str) -> None:
         path = f"{_repo_path(owner, repo)}/issues/comments/{_seg(comment_id)}/reactions"
@@ -502,61 +458,3 @@ class GiteaClient:
         }
         path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}"
         return self._call("PATCH", path, json=payload)
-
-    def get_pull(self, owner: str, repo: str, number: int) -> dict:
-        return self._call("GET", f"{_repo_path(owner, repo)}/pulls/{_seg(number)}")
-
-    def create_status(
-        self,
-        owner: str,
-        repo: str,
-        sha: str,
-        *,
-        state: str,
-        context: str,
-        description: str = "",
-        target_url: str = "",
-    ) -> dict:
-        if state not in COMMIT_STATUS_STATES:
-            raise ValueError(
-                f"commit status state must be one of {', '.join(COMMIT_STATUS_STATES)}, "
-                f"not {state!r}"
-            )
-        payload = {
-            "state": state,
-            "context": context,
-            "description": description,
-            "target_url": target_url,
-        }
-        return self._call("POST", f"{_repo_path(owner, repo)}/statuses/{_seg(sha)}", json=payload)
-
-    def iter_timeline(self, owner: str, repo: str, number: int) -> Iterator[dict]:
-        """Yield the issue's timeline entries, oldest first, fetching pages lazily.
-
-        Pages are requested by number rather than by following the Link URLs, which
-        Gitea builds from its ROOT_URL and may not be reachable from here. A page
-        ends the walk when it is empty, when a Link header has no rel="next", or,
-        without a Link header, when it is shorter than the page size.
-        """
-        path = f"{_repo_path(owner, repo)}/issues/{_seg(number)}/timeline"
-        page = 1
-        while True:
-            resp = self._request("GET", path, params={"page": page, "limit": TIMELINE_PAGE_SIZE})
-            items = self._json("GET", path, resp) or []
-            if not isinstance(items, list):
-                raise GiteaError(
-                    "timeline response is not a list",
-                    status=resp.status_code,
-                    method="GET",
-                    path=path,
-                )
-            yield from items
-            if not items:
-                return
-            link = resp.headers.get("Link")
-            if link is not None:
-                if not _has_next_link(link):
-                    return
-            elif len(items) < TIMELINE_PAGE_SIZE:
-                return
-            page += 1

@@ -21,8 +21,8 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from bot.core.health import describe
 from bot.gitea import ServerError, Unreachable
-from bot.health import describe
 
 log = logging.getLogger(__name__)
 

@@ -1,32 +1,31 @@
-"""What kugetsu says on Gitea: the tracking comment, pull requests, replies.
+"""Writing on Gitea: tracking comments, pull requests, replies and reactions.
 
-Rendering is pure (`render_tracking`, `render_pr_body`, `status_text`); the
-`Publisher` pushes rendered text through the Gitea client. The tracking comment
-is idempotent: the store remembers which version of a task the comment shows,
-so after an outage the comment simply catches up with the task's latest state.
+I/O only: the text comes from `core.render`. The `Publisher` gathers what a text needs
+(a task's row, its queue position, the tail of its log), has it rendered, and sends it
+through the Gitea client. The tracking comment is idempotent: the store remembers which
+version of a task the comment shows, so after an outage the comment simply catches up
+with the task's latest state.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from bot.config import Config
+from bot.core import render
+from bot.core.render import QueueView
+from bot.core.tasks import Kind, State, Task, doubling
 from bot.gitea import GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
 from bot.isolate import on_its_own
-from bot.redact import redact
 from bot.store import CommentRecord, Store
-from bot.tasks import Kind, Outcome, State, Task, doubling
 
 log = logging.getLogger(__name__)
 
-MAX_SUMMARY = 6000
-MAX_TAIL = 2500
+#: how much of the end of a failed task's log its comment quotes (before MAX_TAIL cuts it)
+LOG_TAIL_BYTES = 4000
 #: a tracking comment that Gitea answers with 5xx is not tried again for this long, twice
 #: as long after each further 5xx, up to COMMENT_BACKOFF_MAX_SECONDS
 COMMENT_BACKOFF_SECONDS = 10.0
@@ -34,233 +33,6 @@ COMMENT_BACKOFF_MAX_SECONDS = 300.0
 #: 5xx for this many tracking comments in a row, none written in between: Gitea is failing
 #: as a whole, not for one comment, and the pass ends
 FAILING_IN_A_ROW = 2
-
-
-REPLY_MARKER = "<!-- kugetsu:reply -->"
-
-
-def marker(task_id: int) -> str:
-    """Marks a task's tracking comment, and only that (other comments use their own)."""
-    return f"<!-- kugetsu:task={task_id} -->"
-
-
-def _when(ts: float | None) -> str:
-    if not ts:
-        return "?"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None or seconds < 0:
-        return "?"
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
-
-
-def usage_line(usage: dict[str, Any]) -> str:
-    if not usage:
-        return ""
-    parts = []
-    if usage.get("input_tokens") or usage.get("output_tokens"):
-        parts.append(
-            f"{usage.get('input_tokens', 0):,} tokens in, {usage.get('output_tokens', 0):,} out"
-        )
-    if usage.get("cost_usd") is not None:
-        parts.append(f"cost ${usage['cost_usd']:.4f}")
-    return ", ".join(parts)
-
-
-def _inert(text: str) -> str:
-    """Agent output made safe to put in a code block: it cannot close the block, and it
-    cannot carry kugetsu's hidden markers (which are found by plain text search)."""
-    return text.replace("```", "ʼʼʼ").replace("<!--", "<!\u2060--")
-
-
-def _quote_block(text: str, limit: int) -> str:
-    text = text.strip()
-    if len(text) > limit:
-        text = "…" + text[-limit:]
-    return f"```\n{_inert(text)}\n```"
-
-
-def agent_block(text: str, secrets: Sequence[str], limit: int = MAX_SUMMARY) -> str:
-    """What the agent said about its work, shown as written but without effect.
-
-    The agent's words follow instructions from issue text anyone may write, so they go
-    in a code block: no @mention notifies anyone, no "Fixes #3" closes another issue
-    (Gitea looks for references outside code only), no markdown or HTML hides the rest
-    of the comment. Secrets are redacted before the text is cut, so a cut cannot leave
-    part of one behind. Empty text gives "".
-    """
-    text = redact(text.strip(), secrets)
-    if not text:
-        return ""
-    if len(text) > limit:
-        text = text[:limit] + "…"
-    return f"```text\n{_inert(text)}\n```"
-
-
-def log_link(config: Config, task_id: int) -> str | None:
-    """An unguessable link to the task's log, if the service has a public URL."""
-    if not config.server.public_url:
-        return None
-    return f"{config.server.public_url}/logs/{task_id}/{log_token(config, task_id)}"
-
-
-def log_token(config: Config, task_id: int) -> str:
-    key = (config.gitea.webhook_secret or config.gitea.token or "kugetsu").encode()
-    return hmac.new(key, f"log:{task_id}".encode(), hashlib.sha256).hexdigest()[:24]
-
-
-@dataclass(frozen=True)
-class QueueView:
-    position: int | None
-    busy: int
-    limit: int
-
-
-def render_tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = "") -> str:
-    """The one tracking comment of a task, for its current state."""
-    who = (
-        "from the command line"
-        if task.requested_by == "cli"
-        else f"requested by @{task.requested_by}"
-    )
-    head = f"{marker(task.id)}\n**kugetsu** · task #{task.id} ({task.kind.value}, {who})\n\n"
-    agent = f"`{task.agent}`"
-    link = log_link(config, task.id)
-    log_ref = f" · [log]({link})" if link else ""
-    n = task.max_attempts
-
-    if task.state is State.PENDING:
-        where = f"position {queue.position} in the queue, " if queue.position else ""
-        line = f"⏳ **Queued**: {where}{queue.busy} of {queue.limit} agents busy."
-        if task.attempts and task.outcome:
-            line = (
-                f"🔁 **Retrying**: attempt {task.attempts} of {n} ended with "
-                f"`{task.outcome.value}`"
-                + (f" ({redact(task.error, config.secrets())})" if task.error else "")
-                + f". Next attempt not before {_when(task.not_before)}; "
-                + line[len("⏳ **Queued**: ") :]
-            )
-        return head + line
-    if task.state is State.RUNNING:
-        line = (
-            f"🛠️ **Working**: agent {agent}, attempt {task.attempts} of {n}, "
-            f"started {_when(task.started_at)}{log_ref}."
-        )
-        if task.cancel_requested_by:
-            line += f"\n\nStopping, as requested by @{task.cancel_requested_by}."
-        return head + line
-    if task.state is State.REJECTED:
-        return head + f"🚫 **Not started**: {redact(task.error or 'not allowed', config.secrets())}"
-    if task.state is State.CANCELLED:
-        who = task.cancel_requested_by or "an operator"
-        return head + (
-            f"🛑 **Stopped** by @{who}."
-            if who != "cli"
-            else "🛑 **Stopped** from the kugetsu command line."
-        )
-
-    took = duration((task.finished_at or 0) - (task.started_at or 0)) if task.started_at else "?"
-    usage = usage_line(task.usage)
-    footer = " · ".join(
-        x for x in (f"agent {agent}", f"took {took}", f"attempt {task.attempts} of {n}", usage) if x
-    )
-    summary = agent_block(task.summary or "", config.secrets())
-    summary_block = f"\n\n{summary}" if summary else ""
-
-    if task.state is State.COMPLETED and task.outcome is Outcome.SUCCEEDED:
-        files = (
-            f", {task.files_changed} file{'s' if task.files_changed != 1 else ''} changed"
-            if task.files_changed is not None
-            else ""
-        )
-        # "#9" and not a URL: Gitea links it to the pull request itself, with its own public
-        # address, while gitea.url is often an internal name (http://gitea:3000)
-        return (
-            head + f"✅ **Done**: pull request #{task.pr_number}{files}.{summary_block}\n\n"
-            f"<sub>{footer}{log_ref}</sub>"
-        )
-    if task.state is State.COMPLETED:
-        return (
-            head + "➖ **No changes**: the agent finished without changing any files, "
-            f"so there is no pull request.{summary_block}\n\n<sub>{footer}{log_ref}</sub>"
-        )
-    # failed
-    reason = redact(task.error or "", config.secrets())
-    tail = redact(log_tail, config.secrets())
-    tail_block = (
-        (
-            f"\n\n<details><summary>Last lines of the log</summary>\n\n"
-            f"{_quote_block(tail, MAX_TAIL)}\n</details>"
-        )
-        if tail.strip()
-        else ""
-    )
-    outcome = task.outcome.value if task.outcome else "failed"
-    return (
-        head + f"❌ **Failed** (`{outcome}`) after {task.attempts} attempt"
-        f"{'s' if task.attempts != 1 else ''}: {reason}{tail_block}\n\n"
-        f"Comment `{config.triggers.command} retry` to try again.\n\n"
-        f"<sub>{footer}{log_ref}</sub>"
-    )
-
-
-def render_pr_body(
-    task: Task, config: Config, *, summary: str, files_changed: int, usage: dict[str, Any]
-) -> str:
-    link = log_link(config, task.id)
-    summary = agent_block(summary, config.secrets())
-    details = [
-        f"task #{task.id}",
-        f"agent `{task.agent}`",
-        f"{files_changed} file{'s' if files_changed != 1 else ''} changed",
-    ]
-    if usage_line(usage):
-        details.append(usage_line(usage))
-    if link:
-        details.append(f"[task log]({link})")
-    return (
-        f"Closes #{task.issue}\n\n"
-        + (f"{summary}\n\n" if summary else "")
-        + "---\nWritten by kugetsu · "
-        + " · ".join(details)
-        + f"\n{marker(task.id)}"
-    )
-
-
-def status_text(
-    store: Store, repo: str, issue: int, config: Config, *, show_queue: bool = True
-) -> str:
-    """The issue's tasks, and with `show_queue` how busy kugetsu is over all repositories
-    (only for those who may read the repository: the queue says what happens elsewhere)."""
-    tasks = store.list_tasks(repo=repo, issue=issue)
-    if not tasks:
-        return (
-            f"{REPLY_MARKER}\nkugetsu has no tasks for this issue. Comment "
-            f"`{config.triggers.command} start` or add the label `{config.triggers.label}`."
-        )
-    rows = ["| task | kind | state | outcome | attempts | PR |", "|---|---|---|---|---|---|"]
-    for t in tasks[-10:]:
-        rows.append(
-            f"| #{t.id} | {t.kind.value} | {t.state.value} | "
-            f"{t.outcome.value if t.outcome else ''} | {t.attempts}/{t.max_attempts} | "
-            f"{'#' + str(t.pr_number) if t.pr_number else ''} |"
-        )
-    text = f"{REPLY_MARKER}\nkugetsu on this issue:\n\n" + "\n".join(rows)
-    if not show_queue:
-        return text
-    return (
-        text + f"\n\nAgents busy: {store.count(State.RUNNING)} of "
-        f"{config.queue.max_concurrent_agents}; tasks waiting: {store.count(State.PENDING)}."
-    )
 
 
 class Publisher:
@@ -286,24 +58,24 @@ class Publisher:
     # ---------------------------------------------------------------- tracking comment
 
     def _log_tail(self, task: Task) -> str:
-        path = self.config.storage.logs_dir / f"{task.id}.log"
         try:
-            with path.open("rb") as fh:
+            with self.config.storage.log_path(task.id).open("rb") as fh:
                 fh.seek(0, 2)
                 size = fh.tell()
-                fh.seek(max(0, size - 4000))
+                fh.seek(max(0, size - LOG_TAIL_BYTES))
                 return fh.read().decode("utf-8", "replace")
         except OSError:
             return ""
 
-    def render(self, task: Task, position: int | None = None) -> str:
+    def tracking_body(self, task: Task, position: int | None = None) -> str:
+        """The task's tracking comment as it should read now."""
         if task.state is State.PENDING and position is None:
             position = self.store.queue_position(task.id)
         queue = QueueView(
             position, self.store.count(State.RUNNING), self.config.queue.max_concurrent_agents
         )
         tail = self._log_tail(task) if task.state is State.FAILED else ""
-        return render_tracking(task, self.config, queue, log_tail=tail)
+        return render.tracking(task, self.config, queue, log_tail=tail)
 
     def sync_task(
         self, task: Task, position: int | None = None, synced: list[CommentRecord] | None = None
@@ -324,7 +96,7 @@ class Publisher:
 
         version, last_body = self.store.comment_state(task.id)
         task = self.store.require(task.id)  # the freshest row, read after the version
-        body = self.render(task, position)
+        body = self.tracking_body(task, position)
         if task.comment_id is not None and body == last_body:
             record(version, body)
             return False
@@ -356,7 +128,7 @@ class Publisher:
         Only a comment that begins with the task's marker and, when the bot's login is
         known, was written by the bot: anyone can type the marker into a comment.
         """
-        mark = marker(task.id)
+        mark = render.marker(task.id)
         login = self.config.gitea.bot_login or self.store.get_meta("bot_login")
         for comment in self.gitea.list_comments(task.owner, task.name, task.issue):
             if not (comment.get("body") or "").startswith(mark):
@@ -474,7 +246,7 @@ class Publisher:
         title: str,
         summary: str,
         files_changed: int,
-        usage: dict[str, Any],
+        usage: Mapping[str, Any],
     ) -> tuple[int, bool]:
         """Open a PR for the branch or update the one that exists. Returns (number, created).
 
@@ -484,7 +256,7 @@ class Publisher:
         decided, and one found is adopted. `created` is True when the PR is this task's own
         (its body carries the task's marker), whichever call made it.
         """
-        body = render_pr_body(
+        body = render.pr_body(
             task, self.config, summary=summary, files_changed=files_changed, usage=usage
         )
         existing = self.gitea.find_open_pull(task.owner, task.name, base, branch)
@@ -506,17 +278,13 @@ class Publisher:
                     extra={"task": task.id, "pr": existing.get("number"), "error": str(exc)},
                 )
         number = int(existing["number"])
-        own = marker(task.id) in (existing.get("body") or "")
+        own = render.marker(task.id) in (existing.get("body") or "")
         if task.kind is Kind.CONTINUE and not own:
             self.gitea.create_comment(
                 task.owner,
                 task.name,
                 number,
-                f"<!-- kugetsu:follow-up={task.id} -->\n"
-                f"Pushed a follow-up for @{task.requested_by} "
-                f"(task #{task.id}, {files_changed} file{'s' if files_changed != 1 else ''} "
-                f"changed in this pull request so far).\n\n"
-                + agent_block(summary, self.config.secrets()),
+                render.follow_up(task, self.config, summary=summary, files_changed=files_changed),
             )
         elif existing.get("body") != body:
             self.gitea.edit_pull(task.owner, task.name, number, body=body)
@@ -526,21 +294,8 @@ class Publisher:
 
     def reply(self, repo: str, number: int, body: str) -> None:
         owner, name = repo.split("/", 1)
-        text = body if "<!-- kugetsu" in body else f"{REPLY_MARKER}\n{body}"
-        self.gitea.create_comment(owner, name, number, redact(text, self.config.secrets()))
+        self.gitea.create_comment(owner, name, number, render.reply(body, self.config.secrets()))
 
     def react(self, repo: str, comment_id: int, content: str = "eyes") -> None:
         owner, name = repo.split("/", 1)
         self.gitea.add_reaction(owner, name, comment_id, content)
-
-
-__all__: Sequence[str] = (
-    "Publisher",
-    "QueueView",
-    "log_link",
-    "log_token",
-    "marker",
-    "render_pr_body",
-    "render_tracking",
-    "status_text",
-)

@@ -1,32 +1,54 @@
-"""Keeps secrets out of everything kugetsu writes: logs, comments, PR bodies, errors."""
+"""Keeps secrets out of everything kugetsu writes: logs, comments, PR bodies, errors.
+
+One set of rules, `redact()`, for every text kugetsu writes out: the configured secrets
+(the Gitea token, the webhook secret), the value of an `Authorization:` header, and the
+credentials of a URL (`https://user:pass@host`), each replaced by `MASK`. A secret
+shorter than MIN_SECRET_LENGTH is left alone: it would mask ordinary text. An agent's
+output, which arrives in pieces, goes through `StreamRedactor`, which masks the secrets
+even when one is split between two pieces.
+"""
 
 from __future__ import annotations
 
-import logging
+import re
 from collections.abc import Iterable
-from typing import AnyStr
 
 MASK = "[redacted]"
+MIN_SECRET_LENGTH = 4
+
+_AUTH_HEADER_RE = re.compile(r"(?i)(authorization:\s*)\S[^\r\n]*")
+_URL_USERINFO_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 
 
 def _maskable(secrets: Iterable[str]) -> tuple[str, ...]:
-    """The secrets that are masked: shorter ones would mask ordinary text."""
-    return tuple(s for s in secrets if s and len(s) >= 4)
+    """The secrets that are masked, longest first (so that a secret holding another one
+    is masked whole); shorter ones would mask ordinary text."""
+    return tuple(
+        sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+    )
 
 
-def redact(text: AnyStr, secrets: Iterable[str]) -> AnyStr:
-    """Every secret in `text` (str, or bytes such as an agent's raw output) masked."""
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret, Authorization header value and URL credential masked."""
     for secret in _maskable(secrets):
-        if isinstance(text, bytes):
-            if secret.encode() in text:
-                text = text.replace(secret.encode(), MASK.encode())
-        elif secret in text:
+        if secret in text:
             text = text.replace(secret, MASK)
+    text = _AUTH_HEADER_RE.sub(rf"\1{MASK}", text)
+    if "://" in text:
+        text = _URL_USERINFO_RE.sub(rf"\1{MASK}@", text)
     return text
 
 
+def _redact_bytes(data: bytes, needles: Iterable[bytes]) -> bytes:
+    for needle in needles:
+        if needle in data:
+            data = data.replace(needle, MASK.encode())
+    return data
+
+
 class StreamRedactor:
-    """`redact` for bytes that arrive in pieces (an agent's output on its way to the log).
+    """The secrets of `redact` masked in bytes that arrive in pieces (an agent's output on
+    its way to the log).
 
     A secret may be split across two pieces, so the end of what `feed` was given is held
     back while it could be the start of a secret, and masked or let through with the next
@@ -45,7 +67,7 @@ class StreamRedactor:
         """What can be written now of what came so far, secrets masked."""
         if not self._needles:
             return data
-        text = redact(self._held + data, self.secrets)
+        text = _redact_bytes(self._held + data, self._needles)
         keep = self._start_of_secret(text)
         self._held = text[len(text) - keep :] if keep else b""
         return text[: len(text) - keep]
@@ -72,53 +94,3 @@ class StreamRedactor:
             if any(needle.startswith(data[-n:]) for needle in self._needles):
                 return n
         return 0
-
-
-class RedactingFilter(logging.Filter):
-    """Applied to log handlers: formats the record, then masks every secret in it."""
-
-    def __init__(self, secrets: Iterable[str]):
-        super().__init__()
-        self.secrets = tuple(s for s in secrets if s)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            message = record.getMessage()
-            clean = redact(message, self.secrets)
-            if clean != message:
-                record.msg, record.args = clean, None
-            for key, value in list(record.__dict__.items()):
-                if isinstance(value, str) and key not in ("msg", "message"):
-                    cleaned = redact(value, self.secrets)
-                    if cleaned != value:
-                        setattr(record, key, cleaned)
-        return True
-
-
-_STANDARD = set(logging.LogRecord("x", 0, "x", 0, "x", None, None).__dict__) | {
-    "message",
-    "asctime",
-}
-
-
-class ContextFormatter(logging.Formatter):
-    """Constant messages with their context fields appended as key=value."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        base = super().format(record)
-        extras = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
-        if extras:
-            base += " " + " ".join(f"{k}={v}" for k, v in sorted(extras.items()))
-        return base
-
-
-def configure_logging(level: str, secrets: Iterable[str]) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(ContextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter(secrets))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("waitress").setLevel(logging.WARNING)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)

@@ -60,33 +60,33 @@ class Coalescer:
 
 
 class Scheduler:
-    """Runs `tick` every `interval` seconds, and at once when woken.
+    """Runs the tick every `interval` seconds, and at once when woken.
 
     The interval job has max_instances=1 and coalesces missed runs. wake() adds a
-    one-off job; the dispatcher's own lock and "run again" flag make sure a wake
-    that arrives during a tick is not lost.
+    one-off job; the tick's own Coalescer makes sure a wake that arrives during a tick
+    is not lost. Until start() gives it the jobs, wake() does nothing.
     """
 
-    def __init__(
-        self,
-        tick: Callable[[], None],
-        interval: float,
-        *,
-        heartbeat: Callable[[], None] | None = None,
-        cleanup: Callable[[], object] | None = None,
-    ):
-        self._tick = tick
+    def __init__(self, interval: float):
         self.interval = interval
+        self._tick: Callable[[], None] | None = None
         self._scheduler = BackgroundScheduler(
             timezone=UTC, job_defaults={"misfire_grace_time": None}
         )
-        self._heartbeat = heartbeat
-        self._cleanup = cleanup
 
-    def start(self) -> None:
+    def start(
+        self,
+        tick: Callable[[], None],
+        *,
+        heartbeat: Callable[[], None] | None = None,
+        cleanup: Callable[[], object] | None = None,
+    ) -> None:
+        """Run `tick` now and every interval; `heartbeat` every HEARTBEAT_SECONDS; `cleanup`
+        five minutes from now and then daily."""
+        self._tick = tick
         now = datetime.now(UTC)
         self._scheduler.add_job(
-            self._tick,
+            tick,
             "interval",
             seconds=self.interval,
             id="tick",
@@ -94,18 +94,18 @@ class Scheduler:
             coalesce=True,
             next_run_time=now,
         )
-        if self._heartbeat is not None:
+        if heartbeat is not None:
             self._scheduler.add_job(
-                self._heartbeat,
+                heartbeat,
                 "interval",
                 seconds=HEARTBEAT_SECONDS,
                 id="heartbeat",
                 max_instances=1,
                 coalesce=True,
             )
-        if self._cleanup is not None:
+        if cleanup is not None:
             self._scheduler.add_job(
-                self._cleanup,
+                cleanup,
                 "interval",
                 hours=24,
                 id="cleanup",
@@ -116,7 +116,7 @@ class Scheduler:
         self._scheduler.start()
 
     def wake(self) -> None:
-        if not self._scheduler.running:
+        if self._tick is None or not self._scheduler.running:
             return
         self._scheduler.add_job(
             self._tick,

@@ -2,7 +2,7 @@
 
 The receiver process answers Gitea (verify, parse, write rows, answer) and
 nothing else. The worker process, started and watched by the receiver, runs the
-scheduler, the dispatcher and the agents. Keeping them apart means git and agent
+scheduler, the tick and the agents. Keeping them apart means git and agent
 subprocesses, Gitea API calls and output parsing never hold the interpreter while
 a delivery waits for its answer, and a crash in one shows in the other.
 
@@ -31,7 +31,7 @@ from typing import Any
 
 from bot import __version__, agents
 from bot.config import Config
-from bot.health import Facts, TickRecord, describe, problems
+from bot.core.health import Facts, TickRecord, describe, problems
 from bot.priority import lower_own_priority
 from bot.redact import redact
 
@@ -40,7 +40,6 @@ log = logging.getLogger("kugetsu")
 #: how long the worker gets to stop its agents before it is killed
 WORKER_STOP_EXTRA_SECONDS = 30.0
 WORKER_RESTART_DELAY_SECONDS = 2.0
-BOT_LOGIN_REFRESH_SECONDS = 60.0
 #: a worker commit that leaves more pages than this (4 KiB each) in the WAL checkpoints it
 WORKER_CHECKPOINT_PAGES = 1000
 
@@ -64,15 +63,15 @@ def _signals(stop: threading.Event) -> None:
 def run_worker(
     config: Config, wake_fd: int | None, *, log_level: str = "INFO", fd_limit: int | None = None
 ) -> int:
-    """The worker process: scheduler, dispatcher and agents. `fd_limit`: the soft limit
+    """The worker process: scheduler, tick and agents. `fd_limit`: the soft limit
     of open files the receiver found before it raised its own (httpserver.raise_fd_limit),
     for the worker, git and the agents."""
-    from bot.dispatcher import Dispatcher
     from bot.gitea import GiteaClient
     from bot.httpserver import prepare_interpreter
-    from bot.redact import configure_logging
+    from bot.logs import configure_logging
     from bot.scheduler import Scheduler
     from bot.store import open_store
+    from bot.worker.tick import Worker
     from bot.workspace import Workspace
 
     if fd_limit is not None:
@@ -100,39 +99,26 @@ def run_worker(
         author_email=config.git.author_email,
         secrets=config.secrets(),
     )
-    scheduler_ref: list[Scheduler] = []
-
-    def wake() -> None:
-        dispatcher.request_tick()
-        if scheduler_ref:
-            scheduler_ref[0].wake()
-
-    dispatcher = Dispatcher(config, store, gitea, workspace, on_change=wake)
-    scheduler = Scheduler(
-        dispatcher.run_tick,
-        config.queue.poll_interval_seconds,
-        heartbeat=dispatcher.heartbeat,
-        cleanup=lambda: dispatcher.cleanup(config.queue.cleanup_age_days),
-    )
-    scheduler_ref.append(scheduler)
+    scheduler = Scheduler(config.queue.poll_interval_seconds)
+    worker = Worker(config, store, gitea, workspace, schedule_tick=scheduler.wake)
 
     stop = threading.Event()
     _signals(stop)
     prepare_interpreter()
-    dispatcher.start()
-    scheduler.start()
+    worker.start()
+    scheduler.start(worker.run_tick, heartbeat=worker.heartbeat, cleanup=worker.cleanup)
     if wake_fd is not None:
         threading.Thread(
-            target=_read_wakes, args=(wake_fd, wake, stop), name="wake", daemon=True
+            target=_read_wakes, args=(wake_fd, worker.wake, stop), name="wake", daemon=True
         ).start()
     log.info(
         "worker started",
-        extra={"pid": os.getpid(), "worker": dispatcher.worker_id, "nice": niceness},
+        extra={"pid": os.getpid(), "worker": worker.worker_id, "nice": niceness},
     )
     while not stop.wait(1.0):
         pass
     scheduler.shutdown()
-    dispatcher.shutdown()
+    worker.shutdown()
     store.close()
     log.info("worker stopped")
     return 0
@@ -344,9 +330,8 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     """The receiver process: the webhook server, supervising the worker."""
     from bot.app import create_app
     from bot.httpserver import HttpServer, prepare_interpreter, raise_fd_limit
-    from bot.intake import Rules
-    from bot.publisher import log_token
-    from bot.redact import configure_logging
+    from bot.ingest import RulesSource
+    from bot.logs import configure_logging
     from bot.store import open_store
 
     configure_logging(log_level, config.secrets())
@@ -363,38 +348,14 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
         log.warning("no Gitea token configured: kugetsu can queue work but not act on Gitea")
     # waitress holds a file per connection; the worker gets the limit it had back
     worker = WorkerProcess(config, log_level, fd_limit=raise_fd_limit())
-    known = known_agents(config)
-    bot_login: dict[str, Any] = {"value": config.gitea.bot_login or None, "at": float("-inf")}
-
-    def rules() -> Rules:
-        # the worker finds out who the bot is (GET /user) and keeps it in the database
-        if (
-            not bot_login["value"]
-            and time.monotonic() - bot_login["at"] > BOT_LOGIN_REFRESH_SECONDS
-        ):
-            bot_login["at"] = time.monotonic()
-            bot_login["value"] = store.get_meta("bot_login")
-        return Rules(
-            label=config.triggers.label,
-            command=config.triggers.command,
-            bot_login=bot_login["value"],
-            known_agents=known,
-            default_agent=config.agents.default,
-            max_attempts=config.queue.max_attempts,
-            reply_limit=config.triggers.reply_limit,
-            reply_window_seconds=config.triggers.reply_window_seconds,
-        )
-
     health = ReceiverHealth(config, store, worker)
     app = create_app(
         config,
         store,
-        rules=rules,
+        rules=RulesSource(config, store, known_agents(config)),
         wake=worker.wake,
         health=health,
         store_failed=health.store_failed,
-        log_dir=storage.logs_dir,
-        log_token=lambda i: log_token(config, i),
     )
     stop = threading.Event()
     _signals(stop)

@@ -1,12 +1,19 @@
 """The durable queue: SQLite in WAL mode, the single source of truth.
 
-Every task is a row. A task's state changes only through `transition()`, a
-compare-and-set checked against `tasks.TRANSITIONS`. `claim()` counts running
-tasks and leases pending ones inside one `BEGIN IMMEDIATE` transaction, which
-holds SQLite's write lock, so the concurrency limit holds across threads and
-across processes that share the database file. A row that cannot be read (a kind,
-state or outcome this code does not know) is set aside where it is read, in one place,
-`Store._set_aside_row`: it fails with the reason, and the query goes on without it.
+Every task is a row. A task's state changes only by compare-and-set
+(`UPDATE ... WHERE id = ? AND state = ?`), in two places: `_transition()` (behind
+`transition()`, `claim()`, `reject()` and `try_requeue()`), which checks every change
+against `core.tasks.TRANSITIONS`; and `_set_aside_row()`, which fails a row that cannot
+be read at all (a kind, state or outcome this code does not know), whatever its state,
+so the query that met it goes on without it. `claim()` counts running tasks and leases
+pending ones inside one `BEGIN IMMEDIATE` transaction, which holds SQLite's write lock,
+so the concurrency limit holds across threads and across processes that share the
+database file.
+
+The public methods are the queue's interface; a second backend would implement the
+same ones. A method that may run inside the caller's write transaction (`Store.tx()`)
+takes that transaction's connection as its first parameter (`Tx`); where it may also run
+outside one, None reads on this thread's own connection.
 """
 
 from __future__ import annotations
@@ -24,10 +31,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from bot.tasks import (
-    ACTIVE_STATES,
+from bot.core.outbox import OutboxItem, OutboxKind
+from bot.core.tasks import (
     TERMINAL_STATES,
-    InvalidTransition,
+    CancelResult,
     Kind,
     Outcome,
     State,
@@ -349,21 +356,8 @@ class Stats:
         }
 
 
-@dataclass(frozen=True)
-class OutboxItem:
-    id: int
-    repo: str
-    issue: int
-    kind: str  # "comment" | "status" | "reaction"
-    target: int | None
-    body: str
-    requested_by: str | None
-    permission_hint: str | None
-    needs_permission: bool
-    attempts: int
-    #: act, but write no comment (the requester's reply limit was reached)
-    quiet: bool = False
-
+#: the connection of a write transaction (`Store.tx()`), passed to the methods that run in it
+Tx = sqlite3.Connection
 
 #: a tracking comment written to Gitea: (task id, the task version its body shows, the body,
 #: the comment's id when it was just created, else None)
@@ -482,9 +476,6 @@ class Store:
                 log.info("database migrated", extra={"schema_version": number + 1})
         return SCHEMA_VERSION
 
-    def schema_version(self) -> int:
-        return self._conn().execute("PRAGMA user_version").fetchone()[0]
-
     # ------------------------------------------------------------------ tasks
 
     def _event(
@@ -546,10 +537,6 @@ class Store:
         task_id = _inserted_id(cur)
         self._event(c, task_id, "queued", None, "pending", f"{kind} by {requested_by}")
         return task_id
-
-    def enqueue(self, **kwargs: Any) -> int:
-        with self.tx() as c:
-            return self.insert_task(c, **kwargs)
 
     def get(self, task_id: int) -> Task | None:
         return self._one(self._conn(), "SELECT * FROM tasks WHERE id = ?", (task_id,))
@@ -682,14 +669,6 @@ class Store:
             )
         return found
 
-    def events(self, task_id: int) -> list[dict[str, Any]]:
-        rows = self._conn().execute(
-            "SELECT at, from_state, to_state, event, detail FROM task_events "
-            "WHERE task_id = ? ORDER BY id",
-            (task_id,),
-        )
-        return [dict(r) for r in rows]
-
     def transition(
         self,
         task_id: int,
@@ -700,7 +679,8 @@ class Store:
         detail: str | None = None,
         **changes: Any,
     ) -> bool:
-        """The only writer of `state`: compare-and-set. False if the task was not in from_state."""
+        """Move a task from `from_state` to `to_state` (checked against TRANSITIONS) by
+        compare-and-set, setting `changes` with it. False if it was not in from_state."""
         with self.tx() as c:
             return self._transition(
                 c, task_id, from_state, to_state, event=event, detail=detail, **changes
@@ -811,34 +791,22 @@ class Store:
                 self._set_fields(c, task_id, {"authorized": True})
                 self._event(c, task_id, "authorized", None, None, reason)
 
-    def note(self, task_id: int, event: str, detail: str | None = None) -> None:
-        with self.tx() as c:
-            self._event(c, task_id, event, None, None, detail)
+    def active_task(self, c: Tx | None, repo: str, issue: int) -> Task | None:
+        """The issue's pending or running task (there is at most one), or None."""
+        return self._one(
+            c or self._conn(),
+            "SELECT * FROM tasks WHERE repo = ? AND issue = ? "
+            "AND state IN ('pending', 'running') ORDER BY id LIMIT 1",
+            (repo, issue),
+        )
 
-    def active_task(
-        self, c: sqlite3.Connection | None, repo: str, issue: int, kind: Kind | None = None
-    ) -> Task | None:
-        conn = c or self._conn()
-        sql = "SELECT * FROM tasks WHERE repo = ? AND issue = ? AND state IN ('pending', 'running')"
-        args: list[Any] = [repo, issue]
-        if kind is not None:
-            sql += " AND kind = ?"
-            args.append(kind.value)
-        return self._one(conn, sql + " ORDER BY id LIMIT 1", args)
-
-    def latest_task(
-        self,
-        repo: str,
-        issue: int,
-        c: sqlite3.Connection | None = None,
-        states: Sequence[State] | None = None,
-    ) -> Task | None:
-        conn = c or self._conn()
-        sql, args = "SELECT * FROM tasks WHERE repo = ? AND issue = ?", [repo, issue]
-        if states:
-            sql += f" AND state IN ({','.join('?' * len(states))})"
-            args += [s.value for s in states]
-        return self._one(conn, sql + " ORDER BY id DESC LIMIT 1", args)
+    def latest_task(self, c: Tx | None, repo: str, issue: int) -> Task | None:
+        """The issue's newest task, whatever its state, or None."""
+        return self._one(
+            c or self._conn(),
+            "SELECT * FROM tasks WHERE repo = ? AND issue = ? ORDER BY id DESC LIMIT 1",
+            (repo, issue),
+        )
 
     def count(self, state: State) -> int:
         """Tasks in that state (read from the index by state: as many steps as there are)."""
@@ -849,7 +817,8 @@ class Store:
         )
 
     def claim(self, limit: int, worker_id: str, *, max_claims: int | None = None) -> list[Task]:
-        """Lease up to (limit - running) ready tasks, first in first out, one per issue.
+        """Lease up to (limit - running) ready tasks, first in first out, one per issue:
+        each goes from pending to running through `_transition()`, its attempt counted.
 
         Count and update happen under one write lock, so no interleaving of
         threads or processes can push the number of running tasks over `limit`.
@@ -879,7 +848,7 @@ class Store:
                 return []
             rows = c.execute(
                 """
-                SELECT id FROM tasks AS t
+                SELECT id, attempts FROM tasks AS t
                 WHERE t.state = 'pending' AND t.authorized = 1 AND t.not_before <= ?
                   AND NOT EXISTS (SELECT 1 FROM tasks AS r WHERE r.repo = t.repo
                                   AND r.issue = t.issue AND r.state = 'running')
@@ -891,14 +860,20 @@ class Store:
             ).fetchall()
             claimed = []
             for row in rows:
-                cur = c.execute(
-                    "UPDATE tasks SET state = 'running', attempts = attempts + 1, worker_id = ?, "
-                    "started_at = ?, updated_at = ?, version = version + 1, pid = NULL, "
-                    "pid_start = NULL, error = NULL WHERE id = ? AND state = 'pending'",
-                    (worker_id, now, now, row["id"]),
-                )
-                if cur.rowcount == 1:
-                    self._event(c, row["id"], "claimed", "pending", "running", worker_id)
+                if self._transition(
+                    c,
+                    row["id"],
+                    State.PENDING,
+                    State.RUNNING,
+                    event="claimed",
+                    detail=worker_id,
+                    attempts=row["attempts"] + 1,
+                    worker_id=worker_id,
+                    started_at=now,
+                    pid=None,
+                    pid_start=None,
+                    error=None,
+                ):
                     claimed.append(row["id"])
             result = self._tasks(
                 c, [c.execute("SELECT * FROM tasks WHERE id = ?", (i,)).fetchone() for i in claimed]
@@ -924,9 +899,9 @@ class Store:
         )
         return row[0] if row else None
 
-    def request_cancel(self, task_id: int, by: str) -> str:
+    def request_cancel(self, task_id: int, by: str) -> CancelResult:
         """Stop a task: a pending one is cancelled at once, a running one is flagged for its
-        runner. Returns what happened: cancelled | stopping | finished."""
+        runner (which stops its agent). KeyError if there is no such task."""
         for _ in range(5):
             task = self.require(task_id)
             if task.state is State.PENDING:
@@ -939,7 +914,7 @@ class Store:
                     cancel_requested_by=by,
                     outcome=Outcome.CANCELLED,
                 ):
-                    return "cancelled"
+                    return CancelResult.CANCELLED
                 continue
             if task.state is State.RUNNING:
                 with self.tx() as c:
@@ -950,21 +925,16 @@ class Store:
                     )
                     if cur.rowcount == 1:
                         self._event(c, task_id, "stop requested", None, None, by)
-                        return "stopping"
+                        return CancelResult.STOPPING
                 continue
-            return "finished"
-        return "finished"
-
-    def requeue(self, task_id: int, by: str) -> bool:
-        """Put a failed or cancelled task back in the queue with fresh attempts.
-
-        False if the task is not failed or cancelled, or if another task of its issue is
-        pending or running (at most one active task per issue); `try_requeue` says which.
-        """
-        return self.try_requeue(task_id, by)[0]
+            return CancelResult.FINISHED
+        return CancelResult.FINISHED
 
     def try_requeue(self, task_id: int, by: str) -> tuple[bool, Task | None]:
-        """`requeue`, returning (done, the other active task of the issue that blocked it).
+        """Put a failed or cancelled task back in the queue with fresh attempts. Returns
+        (done, the other active task of its issue that stands in the way, if one does):
+        not done when the task is not failed or cancelled, or while another task of its
+        issue is pending or running (at most one active task per issue).
 
         The check and the compare-and-set share one write transaction, so no task of the
         issue can become active in between. KeyError if there is no such task."""
@@ -1128,9 +1098,9 @@ class Store:
 
     # ------------------------------------------------------------------ issues
 
-    def issue_row(
-        self, repo: str, number: int, c: sqlite3.Connection | None = None
-    ) -> dict[str, Any] | None:
+    def issue_row(self, c: Tx | None, repo: str, number: int) -> dict[str, Any] | None:
+        """What kugetsu remembers of an issue (labels, its pull request, branch, agent
+        session), or None if nothing."""
         row = (
             (c or self._conn())
             .execute("SELECT * FROM issues WHERE repo = ? AND number = ?", (repo, number))
@@ -1142,9 +1112,9 @@ class Store:
         data["labels"] = None if data["labels"] is None else json.loads(data["labels"])
         return data
 
-    def set_issue(
-        self, repo: str, number: int, c: sqlite3.Connection | None = None, **values: Any
-    ) -> None:
+    def set_issue(self, c: Tx | None, repo: str, number: int, **values: Any) -> None:
+        """Remember `values` (labels, pr_number, branch, session_id, agent) of an issue;
+        with `c` None, in a write transaction of its own."""
         allowed = {"labels", "pr_number", "branch", "session_id", "agent"}
         if set(values) - allowed:
             raise ValueError(f"unknown issue fields {sorted(set(values) - allowed)}")
@@ -1169,9 +1139,8 @@ class Store:
             with self.tx() as conn:
                 write(conn)
 
-    def issue_for_pr(
-        self, repo: str, pr_number: int, c: sqlite3.Connection | None = None
-    ) -> int | None:
+    def issue_for_pr(self, c: Tx | None, repo: str, pr_number: int) -> int | None:
+        """The issue whose task opened pull request `pr_number`, or None."""
         row = (
             (c or self._conn())
             .execute(
@@ -1196,59 +1165,63 @@ class Store:
 
     # ------------------------------------------------------------------ outbox
 
-    def add_outbox(
-        self,
-        c: sqlite3.Connection,
-        *,
-        repo: str,
-        issue: int,
-        kind: str,
-        body: str = "",
-        target: int | None = None,
-        requested_by: str | None = None,
-        permission_hint: str | None = None,
-        needs_permission: bool = False,
-        quiet: bool = False,
-    ) -> int:
+    def add_outbox(self, c: Tx, item: OutboxItem) -> int:
+        """Store an outbox item inside the caller's transaction; returns its id."""
         cur = c.execute(
             "INSERT INTO outbox (repo, issue, kind, target, body, requested_by, permission_hint, "
             "needs_permission, quiet, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                repo,
-                issue,
-                kind,
-                target,
-                body,
-                requested_by,
-                permission_hint,
-                int(needs_permission),
-                int(quiet),
+                item.repo,
+                item.issue,
+                item.kind.value,
+                item.target,
+                item.body,
+                item.requested_by,
+                item.permission_hint,
+                int(item.needs_permission),
+                int(item.quiet),
                 self.clock(),
             ),
         )
         return _inserted_id(cur)
 
     def outbox_due(self, limit: int) -> list[OutboxItem]:
-        rows = self._conn().execute(
-            "SELECT * FROM outbox WHERE done_at IS NULL AND not_before <= ? ORDER BY id LIMIT ?",
-            (self.clock(), limit),
-        )
-        return [
-            OutboxItem(
-                r["id"],
-                r["repo"],
-                r["issue"],
-                r["kind"],
-                r["target"],
-                r["body"],
-                r["requested_by"],
-                r["permission_hint"],
-                bool(r["needs_permission"]),
-                r["attempts"],
-                bool(r["quiet"]),
+        """Items due now, oldest first. An item of a kind this code does not know (written
+        by a newer kugetsu, or by hand) is marked done with the reason, and left out."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT * FROM outbox WHERE done_at IS NULL AND not_before <= ? "
+                "ORDER BY id LIMIT ?",
+                (self.clock(), limit),
             )
-            for r in rows
-        ]
+            .fetchall()
+        )
+        items, unknown = [], []
+        for r in rows:
+            try:
+                kind = OutboxKind(r["kind"])
+            except ValueError:
+                unknown.append((r["id"], f"set aside: unknown kind {_shown(r['kind'])}"))
+                log.error("outbox item set aside", extra={"item": r["id"], "kind": r["kind"]})
+                continue
+            items.append(
+                OutboxItem(
+                    kind,
+                    r["repo"],
+                    r["issue"],
+                    requested_by=r["requested_by"],
+                    permission_hint=r["permission_hint"],
+                    body=r["body"],
+                    target=r["target"],
+                    needs_permission=bool(r["needs_permission"]),
+                    quiet=bool(r["quiet"]),
+                    id=r["id"],
+                    attempts=r["attempts"],
+                )
+            )
+        self.outbox_done_many(unknown)
+        return items
 
     def outbox_done(self, item_id: int, error: str | None = None) -> None:
         self.outbox_done_many([(item_id, error)])
@@ -1393,15 +1366,14 @@ def open_store(
 
 
 __all__ = [
-    "ACTIVE_STATES",
     "MIGRATIONS",
     "SCHEMA_VERSION",
-    "InvalidTransition",
-    "OutboxItem",
+    "CommentRecord",
     "SchemaTooNew",
     "Stats",
     "Store",
     "StoreError",
+    "Tx",
     "UnreadableRow",
     "open_store",
 ]

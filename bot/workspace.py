@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bot import names
+from bot.core import names
+from bot.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,7 @@ _SAFE_CONFIG = (
 _KEEP_GIT_ENV_PREFIXES = ("GIT_SSL_", "GIT_HTTP_", "GIT_PROXY_SSL_")
 
 _SHA_RE = re.compile(r"^[0-9a-fA-F]{4,64}$")
-_URL_USERINFO_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
-_AUTH_HEADER_RE = re.compile(r"(?i)(authorization:\s*)\S[^\r\n]*")
 _MAX_ERROR_CHARS = 2000
-MASK = "[redacted]"
 
 Runner = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
@@ -157,8 +155,7 @@ class Workspace:
         self._author_name = author_name
         self._author_email = author_email
         self._timeout = timeout
-        # longest first, so a secret that contains another one is replaced whole
-        self._secrets = tuple(sorted({s for s in (token, *secrets) if s}, key=len, reverse=True))
+        self._secrets = tuple(s for s in (token, *secrets) if s)
         self._runner: Runner = runner or run_command
         self._clock = clock
         self._home_ready = False
@@ -710,10 +707,7 @@ class Workspace:
         return url
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, MASK)
-        text = _AUTH_HEADER_RE.sub(rf"\1{MASK}", text)
-        return _URL_USERINFO_RE.sub(rf"\1{MASK}@", text)
+        return redact(text, self._secrets)
 
     # ------------------------------------------------------------------ paths and locks
 

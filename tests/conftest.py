@@ -81,6 +81,23 @@ def make_config(
     )
 
 
+def enqueue(store, **task) -> int:
+    """Queue a task as intake does, in a write transaction of its own (the fields of
+    `Store.insert_task`)."""
+    with store.tx() as c:
+        return store.insert_task(c, **task)
+
+
+def task_events(store, task_id: int) -> list[dict]:
+    """A task's events, oldest first (what the store records with each change)."""
+    rows = store._conn().execute(
+        "SELECT at, from_state, to_state, event, detail FROM task_events "
+        "WHERE task_id = ? ORDER BY id",
+        (task_id,),
+    )
+    return [dict(r) for r in rows]
+
+
 def write_unchecked(db_path: Path, sql: str, args: tuple = ()) -> int:
     """Write to the database as no code path of kugetsu can: past the triggers that refuse
     values kugetsu does not know (a row written before they existed, by hand, or by

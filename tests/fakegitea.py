@@ -16,11 +16,11 @@ sharing one number sequence per repository, 409 for a second open pull request w
 the same head and base, 200 (not 201) for a reaction that already exists, and
 `/pulls/{base}/{head}` returning the first match in any state. The bot's permission
 on a new repository is "admin"; other users default to "read". Writes to pull
-requests and statuses need "write"; the collaborator-permission endpoint needs
+requests need "write"; the collaborator-permission endpoint needs
 "admin" (as in Gitea).
 
 Test hooks: `requests`, `comments`, `pulls` (and `pulls_of(repo)`), `reactions`,
-`statuses`, `fail_next(n, status, method, path)`, `lose_answer(method, path, answer)` / `release()`,
+`fail_next(n, status, method, path)`, `lose_answer(method, path, answer)` / `release()`,
 `down()` / `up()`, `branch_sha()`, `file_at()`,
 `git(repo, ...)`, and `create_issue` / `add_comment` / `add_labels` / `close_pull`
 to act as a human would.
@@ -51,11 +51,8 @@ log = logging.getLogger(__name__)
 
 GITEA_VERSION = "1.26.3"
 ALLOWED_REACTIONS = ("+1", "-1", "laugh", "hooray", "confused", "heart", "rocket", "eyes")
-STATUS_STATES = ("pending", "success", "error", "failure", "warning", "skipped")
 PERMISSION_ORDER = ("none", "read", "write", "admin", "owner")
 GIT_IDENTITY = ("-c", "user.name=Fake Gitea", "-c", "user.email=fake-gitea@example.invalid")
-DEFAULT_PAGE_SIZE = 30
-MAX_PAGE_SIZE = 50
 
 
 def _now() -> str:
@@ -126,7 +123,6 @@ class FakeGitea:
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
         self.comments: dict[int, dict] = {}
         self.reactions: dict[int, list[str]] = {}
-        self.statuses: dict[str, list[dict]] = {}
         self._repos: dict[str, dict] = {}
         self._users: dict[str, dict] = {}
         self._comment_home: dict[int, tuple[str, int]] = {}
@@ -318,7 +314,6 @@ class FakeGitea:
                 "next_number": 1,
                 "issues": {},
                 "pulls": {},
-                "timeline": {},
                 "labels": {},
                 "permissions": {self.bot_login: "admin"},
                 "created_at": _now(),
@@ -371,9 +366,8 @@ class FakeGitea:
                 "content_version": 0,
             }
             record["issues"][number] = issue
-            record["timeline"][number] = []
             if labels:
-                self.add_labels(repo, number, *labels, login=login)
+                self.add_labels(repo, number, *labels)
             return number
 
     def issue(self, repo: str, number: int) -> dict:
@@ -381,8 +375,9 @@ class FakeGitea:
         with self.lock:
             return self._issue_view(self._repo(repo), number)
 
-    def add_labels(self, repo: str, number: int, *names: str, login: str = "alice") -> None:
-        """Put labels on an issue, recording `label` timeline entries like Gitea."""
+    def add_labels(self, repo: str, number: int, *names: str) -> None:
+        """Put labels on an issue. Like Gitea, each label added is recorded as a comment of
+        its own (not listed with the issue's comments): it takes a comment id."""
         with self.lock:
             record = self._repo(repo)
             target = record["issues"].get(number) or record["pulls"].get(number)
@@ -393,9 +388,7 @@ class FakeGitea:
                 if any(existing["id"] == label["id"] for existing in target["labels"]):
                     continue
                 target["labels"].append(label)
-                self._timeline_event(
-                    record, number, {"type": "label", "label": label, "body": "1"}, login
-                )
+                self._next("comment")
 
     def add_comment(self, repo: str, number: int, body: str, login: str = "alice") -> dict:
         """Post a comment as `login` (as a human would through the UI)."""
@@ -684,43 +677,6 @@ class FakeGitea:
             "content_version": 0,
         }
 
-    def _timeline_event(self, record: dict, number: int, fields: dict, login: str) -> None:
-        cid = self._next("comment")
-        now = _now()
-        base = {
-            "id": cid,
-            "type": "",
-            "html_url": "",
-            "pull_request_url": "",
-            "issue_url": f"{self.url}/{record['full_name']}/issues/{number}",
-            "user": self.user(login),
-            "body": "",
-            "created_at": now,
-            "updated_at": now,
-            "old_project_id": 0,
-            "project_id": 0,
-            "old_milestone": None,
-            "milestone": None,
-            "tracked_time": None,
-            "old_title": "",
-            "new_title": "",
-            "old_ref": "",
-            "new_ref": "",
-            "ref_issue": None,
-            "ref_comment": None,
-            "ref_action": "",
-            "ref_commit_sha": "",
-            "review_id": 0,
-            "label": None,
-            "assignee": None,
-            "assignee_team": None,
-            "removed_assignee": False,
-            "resolve_doer": None,
-            "dependent_issue": None,
-        }
-        base.update(fields)
-        record["timeline"].setdefault(number, []).append(base)
-
     def _new_comment(self, record: dict, number: int, body: str, poster: dict) -> dict:
         full = record["full_name"]
         target = record["issues"].get(number) or record["pulls"].get(number)
@@ -746,22 +702,7 @@ class FakeGitea:
         self.comments[cid] = comment
         self._comment_home[cid] = (full, number)
         target["comments"] += 1
-        record["timeline"].setdefault(number, []).append({"type": "comment", "id": cid})
         return comment
-
-    def _render_timeline(self, record: dict, number: int) -> list[dict]:
-        out = []
-        for entry in record["timeline"].get(number, []):
-            if entry.get("type") == "comment" and set(entry) == {"type", "id"}:
-                comment = self.comments.get(entry["id"])
-                if comment is None:
-                    continue
-                item = dict(comment)
-                item.update(type="comment", label=None, assignee=None, milestone=None)
-                out.append(item)
-            else:
-                out.append(entry)
-        return out
 
     def _branch_exists(self, record: dict, branch: str) -> bool:
         return self.branch_sha(record["full_name"], branch) is not None
@@ -981,24 +922,17 @@ class FakeGitea:
         repo = r"/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)"
         table = [
             ("GET", r"/user", self._api_user),
-            ("GET", r"/version", self._api_version),
-            ("GET", repo, self._api_repo),
             ("GET", repo + r"/issues/(?P<index>\d+)", self._api_issue),
             ("GET", repo + r"/issues/(?P<index>\d+)/comments", self._api_list_comments),
             ("POST", repo + r"/issues/(?P<index>\d+)/comments", self._api_create_comment),
-            ("GET", repo + r"/issues/(?P<index>\d+)/timeline", self._api_timeline),
-            ("GET", repo + r"/issues/comments/(?P<id>\d+)", self._api_get_comment),
             ("PATCH", repo + r"/issues/comments/(?P<id>\d+)", self._api_edit_comment),
             ("GET", repo + r"/issues/comments/(?P<id>\d+)/reactions", self._api_list_reactions),
             ("POST", repo + r"/issues/comments/(?P<id>\d+)/reactions", self._api_add_reaction),
             ("GET", repo + r"/collaborators/(?P<login>[^/]+)/permission", self._api_permission),
             ("POST", repo + r"/pulls", self._api_create_pull),
             ("GET", repo + r"/pulls", self._api_list_pulls),
-            ("GET", repo + r"/pulls/(?P<index>\d+)", self._api_get_pull),
             ("PATCH", repo + r"/pulls/(?P<index>\d+)", self._api_edit_pull),
             ("GET", repo + r"/pulls/(?P<base>[^/]+)/(?P<head>.+)", self._api_find_pull),
-            ("GET", repo + r"/statuses/(?P<sha>[^/]+)", self._api_list_statuses),
-            ("POST", repo + r"/statuses/(?P<sha>[^/]+)", self._api_create_status),
         ]
         return [(method, re.compile(pattern), fn) for method, pattern, fn in table]
 
@@ -1059,12 +993,6 @@ class FakeGitea:
     def _api_user(self, params, query, data):
         return 200, self.user(self.bot_login)
 
-    def _api_version(self, params, query, data):
-        return 200, {"version": GITEA_VERSION}
-
-    def _api_repo(self, params, query, data):
-        return 200, self._repo_json(self._api_repo_record(params))
-
     def _api_issue(self, params, query, data):
         record = self._api_repo_record(params)
         return 200, self._issue_view(record, int(params["index"]))
@@ -1084,29 +1012,6 @@ class FakeGitea:
         self._require(record, "read")
         return 201, self._new_comment(record, int(params["index"]), body, self.user(self.bot_login))
 
-    def _api_timeline(self, params, query, data):
-        record = self._api_repo_record(params)
-        number = int(params["index"])
-        self._issue_view(record, number)
-        items = self._render_timeline(record, number)
-        page = max(1, int(query.get("page", ["1"])[0] or 1))
-        limit = int(query.get("limit", [str(DEFAULT_PAGE_SIZE)])[0] or DEFAULT_PAGE_SIZE)
-        limit = max(1, min(limit, MAX_PAGE_SIZE))
-        chunk = items[(page - 1) * limit : page * limit]
-        last = max(1, -(-len(items) // limit))
-        base = f"{self.api_url}/repos/{record['full_name']}/issues/{number}/timeline"
-        links = []
-        if page < last:
-            links.append(f'<{base}?limit={limit}&page={page + 1}>; rel="next"')
-            links.append(f'<{base}?limit={limit}&page={last}>; rel="last"')
-        if page > 1:
-            links.append(f'<{base}?limit={limit}&page=1>; rel="first"')
-            links.append(f'<{base}?limit={limit}&page={page - 1}>; rel="prev"')
-        extra = {"X-Total-Count": str(len(items))}
-        if links:
-            extra["Link"] = ",".join(links)
-        return 200, chunk, extra
-
     def _api_comment(self, params) -> tuple[dict, dict]:
         record = self._api_repo_record(params)
         cid = int(params["id"])
@@ -1114,9 +1019,6 @@ class FakeGitea:
         if home is None or home[0] != record["full_name"]:
             raise ApiError(404, "comment does not exist")
         return record, self.comments[cid]
-
-    def _api_get_comment(self, params, query, data):
-        return 200, self._api_comment(params)[1]
 
     def _api_edit_comment(self, params, query, data):
         record, comment = self._api_comment(params)
@@ -1238,7 +1140,6 @@ class FakeGitea:
             "pin_order": 0,
         }
         record["pulls"][number] = pr
-        record["timeline"][number] = []
         return 201, pr
 
     def _api_pull(self, params) -> tuple[dict, dict]:
@@ -1247,10 +1148,6 @@ class FakeGitea:
         if pr is None:
             raise ApiError(404, "pull request does not exist")
         return record, pr
-
-    def _api_get_pull(self, params, query, data):
-        record, pr = self._api_pull(params)
-        return 200, self._refresh_pull(record, pr)
 
     def _api_edit_pull(self, params, query, data):
         record, pr = self._api_pull(params)
@@ -1309,41 +1206,6 @@ class FakeGitea:
             and (base is None or pr["base"]["ref"] == base)
         ]
         return 200, items[(page - 1) * limit : page * limit], {"X-Total-Count": str(len(items))}
-
-    def _api_list_statuses(self, params, query, data):
-        self._api_repo_record(params)
-        items = list(reversed(self.statuses.get(params["sha"], [])))
-        return 200, items, {"X-Total-Count": str(len(items))}
-
-    def _api_create_status(self, params, query, data):
-        record = self._api_repo_record(params)
-        self._require(record, "write")
-        state = data.get("state")
-        if state not in STATUS_STATES:
-            raise ApiError(422, f"invalid commit status state {state!r}")
-        sha = params["sha"]
-        try:
-            full_sha = self._git(
-                record["path"], "rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}"
-            ).strip()
-        except subprocess.CalledProcessError:
-            # Gitea answers an unknown commit with a bare internal error.
-            raise ApiError(500, "") from None
-        now = _now()
-        sid = self._next("status")
-        status = {
-            "id": sid,
-            "status": state,
-            "target_url": data.get("target_url") or "",
-            "description": data.get("description") or "",
-            "url": f"{self.api_url}/repos/{record['full_name']}/statuses/{full_sha}",
-            "context": data.get("context") or "default",
-            "creator": self.user(self.bot_login),
-            "created_at": now,
-            "updated_at": now,
-        }
-        self.statuses.setdefault(full_sha, []).append(status)
-        return 201, status
 
 
 def _read_body(h: BaseHTTPRequestHandler) -> bytes:

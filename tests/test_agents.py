@@ -145,14 +145,14 @@ def test_config_loader_knows_the_presets(tmp_path):
 # ============================================================================ render and argv
 
 
-def render(template, prompt="P", session_id=None):
-    return agents.render(
+def fill(template, prompt="P", session_id=None):
+    return agents.fill(
         template, prompt=prompt, prompt_file="/p/prompt.md", workdir="/w", session_id=session_id
     )
 
 
-def test_render_fills_only_the_four_placeholders():
-    out = render(
+def test_fill_fills_only_the_four_placeholders():
+    out = fill(
         [
             "x",
             "{prompt}",
@@ -185,13 +185,13 @@ def test_render_fills_only_the_four_placeholders():
 
 def test_render_prompt_stays_one_argument():
     prompt = 'Fix "bug" in it\'s $(rm -rf /) `x`; echo {workdir} \\1 \\n\nsecond line\n--flag'
-    out = render(["agent", "--message", "{prompt}"], prompt=prompt)
+    out = fill(["agent", "--message", "{prompt}"], prompt=prompt)
     assert out == ["agent", "--message", prompt]  # placeholders in the prompt are not expanded
 
 
 def test_render_session_placeholder_needs_a_session():
     with pytest.raises(ValueError, match="session_id"):
-        render(["a", "{session_id}"])
+        fill(["a", "{session_id}"])
 
 
 def test_argv_for_start_and_resume():

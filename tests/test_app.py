@@ -7,9 +7,9 @@ import urllib.parse
 import pytest
 import requests
 
-from bot import intake
 from bot.app import create_app
 from bot.config import Config, GiteaConfig, ServerConfig
+from bot.core import intake
 from bot.httpserver import HttpServer
 from bot.store import open_store
 from tests import payloads

@@ -1,14 +1,15 @@
 """The command line against a real database: list, stats, clear, enqueue, logs --follow."""
 
+import io
 import json
-import threading
-import time
 
 import pytest
 
-from bot.cli import main
+from bot.cli import main, show_logs
+from bot.config import load
+from bot.core.tasks import Kind, Outcome, State
 from bot.store import open_store
-from bot.tasks import Kind, Outcome, State
+from tests.conftest import enqueue
 
 
 @pytest.fixture
@@ -53,7 +54,8 @@ def test_enqueue_list_and_stats(setup, capsys):
 
 def test_cancel_retry_and_clear(setup, capsys):
     config, store, _ = setup
-    tid = store.enqueue(
+    tid = enqueue(
+        store,
         repo="a/b",
         issue=1,
         kind=Kind.START,
@@ -90,7 +92,8 @@ def test_retry_refuses_a_second_active_task_on_the_issue(setup, capsys):
 
 def test_logs_follow_streams_until_the_task_ends(setup, capsysbinary):
     config, store, data = setup
-    tid = store.enqueue(
+    tid = enqueue(
+        store,
         repo="a/b",
         issue=1,
         kind=Kind.START,
@@ -104,20 +107,28 @@ def test_logs_follow_streams_until_the_task_ends(setup, capsysbinary):
     log = data / "logs" / f"{tid}.log"
     log.parent.mkdir(parents=True)
     log.write_text("first line\n")
+    out = io.BytesIO()
 
-    def agent():
-        time.sleep(0.6)
+    def more_output():
+        # what was there is shown before the task ends; then the agent writes more
+        assert out.getvalue() == b"first line\n"
         with log.open("a") as fh:
             fh.write("second line\n")
-        time.sleep(0.6)
+
+    def task_ends():
+        assert out.getvalue() == b"first line\nsecond line\n"
         store.transition(
             tid, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED
         )
 
-    thread = threading.Thread(target=agent)
-    thread.start()
+    # each wait between two looks at the log is one step of the agent's run; a wait after
+    # the task ended with nothing more to show would find no step left
+    steps = [more_output, task_ends]
+    cfg = load(config, require_secret=False)
+    assert show_logs(cfg, store, tid, True, out=out, wait=lambda: steps.pop(0)()) == 0
+    assert steps == [] and out.getvalue() == b"first line\nsecond line\n"
+    # the command itself, for the task that has ended: all of it, and it returns
     assert main(["logs", str(tid), "--follow", "--config", config]) == 0
-    thread.join()
     assert capsysbinary.readouterr().out == b"first line\nsecond line\n"
 
 
@@ -159,7 +170,8 @@ def test_task_ids_out_of_range_are_usage_errors(setup, capsys, args):
 @pytest.mark.parametrize("days", ["-1", "nan", "inf", "-inf", "soon"])
 def test_clear_refuses_a_negative_or_non_finite_age(setup, capsys, days):
     config, store, _ = setup
-    tid = store.enqueue(
+    tid = enqueue(
+        store,
         repo="a/b",
         issue=1,
         kind=Kind.START,
@@ -226,7 +238,8 @@ def test_a_data_dir_that_is_a_file_is_one_line(tmp_path, capsys, monkeypatch):
 
 def _tasks(store, n: int, issue_from: int = 1) -> list[int]:
     return [
-        store.enqueue(
+        enqueue(
+            store,
             repo="a/b",
             issue=issue_from + i,
             kind=Kind.START,

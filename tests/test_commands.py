@@ -2,8 +2,8 @@
 
 import pytest
 
-from bot import commands
-from bot.commands import AUTO, Command, CommandError, parse_comment
+from bot.core import commands, render
+from bot.core.commands import AUTO, Command, CommandError, parse_comment
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ def test_custom_command_word():
 
 
 def test_help_is_generated_from_the_registry():
-    text = commands.help_text("/kugetsu", "kugetsu")
+    text = render.help_text("/kugetsu", "kugetsu")
     for verb in commands.REGISTRY:
         assert f"/kugetsu {verb.usage}" in text
         assert verb.help in text

@@ -17,7 +17,16 @@ import pytest
 import requests
 
 from tests import payloads
-from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN, peak_overlap, process_gone, wait_for
+from tests.conftest import (
+    FAKE_AGENT,
+    REPO,
+    SECRET,
+    TOKEN,
+    peak_overlap,
+    process_gone,
+    task_events,
+    wait_for,
+)
 from tests.service import Service, free_port, write_config
 
 pytestmark = pytest.mark.e2e
@@ -331,7 +340,7 @@ def test_two_processes_on_one_database_share_the_limit(service_factory, gitea, t
     claimers = {
         e["detail"]
         for t in store.list_tasks()
-        for e in store.events(t.id)
+        for e in task_events(store, t.id)
         if e["event"] == "claimed"
     }
     store.close()

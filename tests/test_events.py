@@ -6,8 +6,8 @@ import urllib.parse
 
 import pytest
 
-from bot import events
-from bot.events import CommentEvent, Delivery, Ignored, IssueEvent, WebhookError
+from bot.core import events
+from bot.core.events import CommentEvent, Delivery, Ignored, IssueEvent, WebhookError
 from tests import payloads
 
 

@@ -21,13 +21,13 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot import intake
 from bot.app import create_app
-from bot.dispatcher import Dispatcher
+from bot.core import intake
+from bot.core.tasks import Outcome, State
 from bot.gitea import GiteaClient
 from bot.httpserver import HttpServer
 from bot.store import open_store
-from bot.tasks import Outcome, State
+from bot.worker.tick import Worker
 from bot.workspace import Workspace
 from tests import payloads
 from tests.conftest import TOKEN, make_config, wait_for
@@ -275,14 +275,14 @@ def system(tmp_path, gitea):
         secrets=config.secrets(),
     )
     client = GiteaClient(gitea.url, TOKEN, retries=0, timeout=5)
-    dispatcher = Dispatcher(
+    worker = Worker(
         config,
         store,
         client,
         workspace,
         environ={"PATH": os.environ["PATH"], "KUGETSU_GITEA_TOKEN": TOKEN},
     )
-    dispatcher.start()
+    worker.start()
     rules = intake.Rules(
         label="kugetsu",
         command="/kugetsu",
@@ -293,14 +293,14 @@ def system(tmp_path, gitea):
     )
     app = create_app(config, store, rules=lambda: rules)
     server = HttpServer(app, "127.0.0.1", 0, max_body_bytes=config.server.max_body_bytes).start()
-    yield server.url, store, dispatcher
+    yield server.url, store, worker
     server.stop()
-    dispatcher.shutdown(timeout=10)
+    worker.shutdown(timeout=10)
     store.close()
 
 
 def test_no_delivery_of_any_shape_gives_a_5xx_and_the_queue_still_works(system, gitea):
-    url, store, dispatcher = system
+    url, store, worker = system
     session = requests.Session()
     answered: dict[str, set[int]] = {}
 
@@ -338,7 +338,7 @@ def test_no_delivery_of_any_shape_gives_a_5xx_and_the_queue_still_works(system, 
     wait_for(
         lambda: not store.get(task_id).active,
         timeout=120,
-        tick=dispatcher.run_tick,
+        tick=worker.run_tick,
         what="the valid delivery's task",
     )
     task = store.get(task_id)

@@ -7,10 +7,10 @@ import os
 import time
 from types import SimpleNamespace
 
-from bot import health, intake
 from bot.app import create_app
 from bot.config import Config, GiteaConfig, StorageConfig
-from bot.health import Facts, TickRecord, problems
+from bot.core import health, intake
+from bot.core.health import Facts, TickRecord, problems
 from bot.service import ReceiverHealth
 from bot.store import open_store
 from tests import payloads

@@ -2,11 +2,14 @@
 
 import pytest
 
-from bot import events, intake
-from bot.events import Delivery
-from bot.intake import Rules
+from bot.core import events, intake
+from bot.core.events import Delivery
+from bot.core.intake import Rules
+from bot.core.outbox import OutboxItem
+from bot.core.permissions import LABELLER
+from bot.core.tasks import Kind, State
+from bot.ingest import ingest
 from bot.store import open_store
-from bot.tasks import LABELLER, Kind, State
 from tests import payloads
 
 RULES = Rules(
@@ -29,7 +32,7 @@ def store(tmp_path):
 def deliver(store, body, headers, rules=RULES):
     delivery = events.delivery_of(headers, body)
     event = events.parse(delivery, events.load_json(body))
-    return intake.ingest(store, delivery, event, rules)
+    return ingest(store, delivery, event, rules)
 
 
 def label(store, labels, number=7, **kw):
@@ -209,7 +212,7 @@ def test_free_text_continues_or_starts():
 )
 def test_control_verbs_become_outbox_work(verb, kind):
     d = decide_comment(f"/kugetsu {verb}", comment_id=5)
-    assert kinds(d) == [("NoteReply", None), ("Outbox", "reaction"), ("Outbox", kind)]
+    assert kinds(d) == [("NoteReply", None), ("OutboxItem", "reaction"), ("OutboxItem", kind)]
     assert d.intents[2].needs_permission == (kind != "status")
 
 
@@ -247,7 +250,7 @@ def test_ignored_comments(text, kw):
 
 
 def test_comment_on_kugetsu_pull_request_acts_on_its_issue(store):
-    store.set_issue("acme/widget", 7, pr_number=13)
+    store.set_issue(None, "acme/widget", 7, pr_number=13)
     comment(store, "/kugetsu start")
     store.transition(tasks(store)[0].id, State.PENDING, State.CANCELLED, event="x")
     comment(store, "/kugetsu continue add a test", 13, is_pull=True)
@@ -298,7 +301,7 @@ LIMIT = RULES.reply_limit
 
 
 def _what(intent):
-    if isinstance(intent, intake.Outbox):
+    if isinstance(intent, OutboxItem):
         return ("quiet " if intent.quiet else "") + intent.kind
     return type(intent).__name__
 
@@ -360,3 +363,25 @@ def test_reply_limit_counts_in_the_database_per_user_issue_and_window(tmp_path):
     help_from("mallory")
     assert replies().count((7, "mallory")) == 3
     store.close()
+
+
+# ------------------------------------------------------------------ start or continue
+
+
+@pytest.mark.parametrize(
+    "asked, has_task, active, expected",
+    [
+        # no verb: continue if the issue has a task, else start
+        (None, False, None, (Kind.START, None)),
+        (None, True, None, (Kind.CONTINUE, None)),
+        # a start is refused while the issue has an active task; a follow-up queues behind it
+        (Kind.START, True, "active", (Kind.START, "active")),
+        (Kind.START, True, None, (Kind.START, None)),
+        (Kind.CONTINUE, True, "active", (Kind.CONTINUE, None)),
+        # a follow-up on an issue without any task starts the work
+        (Kind.CONTINUE, False, None, (Kind.START, None)),
+    ],
+)
+def test_start_or_continue(asked, has_task, active, expected):
+    view = FakeView(has=has_task, active=active)
+    assert intake.start_or_continue(view, "acme/widget", 7, asked) == expected

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot import markdown
+from bot.core import markdown
 
 markdown_it = pytest.importorskip("markdown_it")
 

@@ -1,17 +1,28 @@
-"""Tracking comment and PR body rendering, for every state."""
+"""The publisher against Gitea's API: tracking comments and pull requests (the texts
+themselves are core.render's, tested in tests/test_render.py)."""
 
 import pytest
 
 from bot.config import Config, GiteaConfig, ServerConfig
+from bot.core.render import marker, pr_body
+from bot.core.tasks import Kind, State, Task
 from bot.gitea import ServerError, Unprocessable, Unreachable
-from bot.publisher import QueueView, log_link, marker, render_pr_body, render_tracking
-from bot.tasks import Kind, Outcome, State, Task
+from tests.conftest import enqueue
 
 CONFIG = Config(
     server=ServerConfig(public_url="https://kugetsu.example"),
     gitea=GiteaConfig(
         url="https://git.example", token="tok-ABCDEF123", webhook_secret="whsec-987654"
     ),
+)
+QUEUED = dict(
+    repo="acme/widget",
+    issue=7,
+    kind=Kind.START,
+    prompt="",
+    agent="opencode",
+    requested_by="alice",
+    max_attempts=3,
 )
 
 
@@ -27,177 +38,9 @@ def task(**kw) -> Task:
         state=State.PENDING,
         attempts=0,
         max_attempts=3,
-        started_at=1_800_000_000.0,
-        finished_at=1_800_000_125.0,
     )
     base.update(kw)
     return Task(**base)
-
-
-def render(t, position=2, busy=3, **kw):
-    return render_tracking(t, CONFIG, QueueView(position, busy, 3), **kw)
-
-
-def test_every_state_carries_the_marker_and_the_requester():
-    for state in State:
-        body = render(task(state=state, outcome=Outcome.AGENT_FAILED, pr_number=4))
-        assert body.startswith(marker(12)) and "@alice" in body
-
-
-def test_queued_shows_position_and_busy_agents():
-    body = render(task())
-    assert "⏳ **Queued**: position 2 in the queue, 3 of 3 agents busy." in body
-
-
-def test_retrying_shows_the_last_outcome():
-    body = render(
-        task(
-            attempts=1, outcome=Outcome.TIMED_OUT, error="ran too long", not_before=1_800_000_200.0
-        )
-    )
-    assert "Retrying" in body and "attempt 1 of 3" in body and "timed_out" in body
-    assert "ran too long" in body and "position 2 in the queue" in body
-
-
-def test_working_shows_agent_attempt_start_and_log_link():
-    body = render(task(state=State.RUNNING, attempts=2))
-    assert "agent `opencode`, attempt 2 of 3, started 2027-01-15 08:00:00 UTC" in body
-    assert log_link(CONFIG, 12) in body and log_link(CONFIG, 12).startswith(
-        "https://kugetsu.example/logs/12/"
-    )
-
-
-def test_stopping_and_stopped_say_by_whom():
-    assert "Stopping, as requested by @bob" in render(
-        task(state=State.RUNNING, attempts=1, cancel_requested_by="bob")
-    )
-    assert "🛑 **Stopped** by @bob." in render(
-        task(state=State.CANCELLED, cancel_requested_by="bob")
-    )
-
-
-def test_done_has_pr_link_duration_files_summary_and_usage():
-    body = render(
-        task(
-            state=State.COMPLETED,
-            outcome=Outcome.SUCCEEDED,
-            attempts=1,
-            pr_number=9,
-            files_changed=3,
-            summary="Added greeting.",
-            usage={"input_tokens": 12000, "output_tokens": 800, "cost_usd": 0.0421},
-        )
-    )
-    # a reference Gitea links itself, not a URL built from the (often internal) API address
-    assert "✅ **Done**: pull request #9, 3 files changed." in body
-    assert "http" not in body.split("✅", 1)[1].split("\n", 1)[0]
-    assert "Added greeting." in body and "took 2m05s" in body
-    assert "12,000 tokens in, 800 out" in body and "cost $0.0421" in body
-
-
-def test_no_changes():
-    body = render(
-        task(
-            state=State.COMPLETED, outcome=Outcome.NO_CHANGES, attempts=1, summary="Nothing to do."
-        )
-    )
-    assert "No changes" in body and "Nothing to do." in body
-
-
-def test_failed_shows_outcome_reason_and_a_safe_log_tail():
-    tail = "step 1\nleaked tok-ABCDEF123 here\n```\nclosing fence\n"
-    body = render(
-        task(
-            state=State.FAILED,
-            outcome=Outcome.AGENT_FAILED,
-            attempts=3,
-            error="exit code 3 with whsec-987654",
-        ),
-        log_tail=tail,
-    )
-    assert "❌ **Failed** (`agent_failed`) after 3 attempts: exit code 3" in body
-    assert "tok-ABCDEF123" not in body and "whsec-987654" not in body
-    assert "closing fence" in body and body.count("```") == 2
-    assert "/kugetsu retry" in body
-
-
-def test_rejected_says_why():
-    body = render(task(state=State.REJECTED, error="@eve needs write access to acme/widget"))
-    assert "Not started" in body and "@eve needs write access" in body
-
-
-def test_cli_requests_are_named_as_such():
-    assert "from the command line" in render(task(requested_by="cli"))
-
-
-def test_pr_body_closes_the_issue_and_keeps_secrets_out():
-    body = render_pr_body(
-        task(),
-        CONFIG,
-        summary="Did it. token tok-ABCDEF123",
-        files_changed=1,
-        usage={"input_tokens": 5, "output_tokens": 6},
-    )
-    assert body.startswith("Closes #7\n")
-    assert "tok-ABCDEF123" not in body and "Did it." in body
-    assert "1 file changed" in body and "5 tokens in, 6 out" in body
-    assert log_link(CONFIG, 12) in body
-
-
-def test_stopped_by_a_user_whose_name_starts_with_cli():
-    assert "🛑 **Stopped** by @clifford." in render(
-        task(state=State.CANCELLED, cancel_requested_by="clifford")
-    )
-    assert "from the kugetsu command line" in render(
-        task(state=State.CANCELLED, cancel_requested_by="cli")
-    )
-
-
-HOSTILE = (
-    "All done.\n```\n@admin please look. Fixes #3\n<!-- kugetsu:task=13 -->\n"
-    "<!-- kugetsu:reply -->\n<!-- the rest is hidden"
-)
-
-
-def _code_blocks_hold(body: str, text: str) -> bool:
-    """True if every occurrence of `text` in `body` is inside a ``` code block."""
-    inside = False
-    for line in body.splitlines():
-        if line.startswith("```"):
-            inside = not inside
-        elif text in line and not inside:
-            return False
-    return not inside  # every block is closed
-
-
-def test_agent_text_is_inert_in_comments_and_pull_requests():
-    done = render(
-        task(
-            state=State.COMPLETED,
-            outcome=Outcome.SUCCEEDED,
-            attempts=1,
-            pr_number=9,
-            files_changed=1,
-            summary=HOSTILE,
-        )
-    )
-    pr = render_pr_body(task(), CONFIG, summary=HOSTILE, files_changed=1, usage={})
-    for body in (done, pr):
-        for text in ("@admin", "Fixes #3", "All done."):
-            assert text in body and _code_blocks_hold(body, text), (text, body)
-        # kugetsu's markers are found by text search: the agent cannot plant them
-        assert "<!-- kugetsu:task=13" not in body and "<!-- kugetsu:reply" not in body
-        assert "<!--" not in body.replace(marker(12), "")
-    assert pr.startswith("Closes #7\n") and pr.count("Closes #") == 1
-    assert done.rstrip().endswith("</sub>")  # the footer is not swallowed by a block
-
-
-def test_a_secret_cut_by_the_length_limit_is_still_redacted():
-    from bot.publisher import MAX_SUMMARY, agent_block
-
-    text = "x" * (MAX_SUMMARY - 5) + "tok-ABCDEF123 and more"
-    block = agent_block(text, CONFIG.secrets())
-    assert "tok-A" not in block and "ABCDEF" not in block
 
 
 def _publisher(tmp_path, login="kugetsu-bot"):
@@ -215,18 +58,35 @@ def test_a_lost_tracking_comment_is_found_only_if_kugetsu_wrote_it(tmp_path):
     import responses
 
     publisher, store = _publisher(tmp_path)
-    url = "https://git.example/api/v1/repos/acme/widget/issues/7/comments"
+    api = "https://git.example/api/v1/repos/acme/widget/issues"
+    tid = enqueue(store, **QUEUED)
+    mark = marker(tid)
     comments = [
-        {"id": 100, "user": {"login": "mallory"}, "body": f"{marker(12)}\nlooks official"},
-        {"id": 101, "user": {"login": "kugetsu-bot"}, "body": f"quoting:\n{marker(12)}"},
-        {"id": 102, "user": {"login": "kugetsu-bot"}, "body": f"{marker(12)}\n**kugetsu**"},
+        {"id": 100, "user": {"login": "mallory"}, "body": f"{mark}\nlooks official"},
+        {"id": 101, "user": {"login": "kugetsu-bot"}, "body": f"quoting:\n{mark}"},
+        {"id": 102, "user": {"login": "kugetsu-bot"}, "body": f"{mark}\n**kugetsu**"},
     ]
+    # a create that reached Gitea before a crash: marked as tried, its id never recorded
+    store.comment_attempt(tid)
     with responses.RequestsMock() as rsps:
-        rsps.get(url, json=comments)
-        assert publisher._find_existing_comment(task()) == 102
+        rsps.get(f"{api}/7/comments", json=comments)
+        edit = rsps.patch(f"{api}/comments/102", json=comments[2])
+        assert publisher.sync_task(store.require(tid))
+    assert edit.call_count == 1 and store.require(tid).comment_id == 102
+
+    # only comments that carry the marker without being kugetsu's own tracking comment:
+    # none of them is edited, a new one is written
+    other = enqueue(store, **{**QUEUED, "issue": 8})
+    mark = marker(other)
+    store.comment_attempt(other)
     with responses.RequestsMock() as rsps:
-        rsps.get(url, json=comments[:2])
-        assert publisher._find_existing_comment(task()) is None
+        rsps.get(
+            f"{api}/8/comments",
+            json=[{**c, "body": c["body"].replace(marker(tid), mark)} for c in comments[:2]],
+        )
+        create = rsps.post(f"{api}/8/comments", status=201, json={"id": 103, "body": mark})
+        assert publisher.sync_task(store.require(other))
+    assert create.call_count == 1 and store.require(other).comment_id == 103
     store.close()
 
 
@@ -281,7 +141,7 @@ def _found(mine):
     def lookup(rsps, url):
         # this task's create, applied: the body it sent; else another task's PR
         body = (
-            render_pr_body(task(), CONFIG, summary="s", files_changed=1, usage={})
+            pr_body(task(), CONFIG, summary="s", files_changed=1, usage={})
             if mine
             else "Closes #7\n<!-- kugetsu:task=3 -->"
         )

@@ -1,6 +1,6 @@
 """The worker's queries cost the same whether the database holds 100 finished tasks or 20,000.
 
-A real dispatcher ticks against the fake Gitea until its work is done (authorizing,
+A real worker ticks against the fake Gitea until its work is done (authorizing,
 recovering a dead worker's task, claiming, running agents, replies, reactions, a status
 reply, a stop and a retry, tracking comments), then beats its heart and runs the daily
 cleanup. Every statement it ran on the database is recorded. Each is then run again on
@@ -18,10 +18,11 @@ import sqlite3
 import time
 from pathlib import Path
 
+from bot.core.outbox import OutboxItem, OutboxKind
+from bot.core.tasks import Kind
 from bot.store import Store, open_store
-from bot.tasks import Kind
-from tests.conftest import REPO
-from tests.test_dispatcher import Harness
+from tests.conftest import REPO, enqueue
+from tests.test_worker import Harness
 
 #: tables whose size grows with use; a query may read one of them only through an index
 GROWING = ("tasks", "task_events", "outbox", "deliveries", "issues", "replies")
@@ -127,8 +128,9 @@ def add_live(store: Store, comment_id: int) -> None:
     running by a dead worker (2), a stopped task to retry (3), a queued task to stop (4),
     and a reaction, a reply and a status reply to send."""
 
-    def enqueue(issue: int) -> int:
-        return store.enqueue(
+    def queue(issue: int) -> int:
+        return enqueue(
+            store,
             repo=REPO,
             issue=issue,
             kind=Kind.START,
@@ -139,27 +141,29 @@ def add_live(store: Store, comment_id: int) -> None:
             permission_hint="write",
         )
 
-    enqueue(1)
-    orphan = enqueue(2)
+    queue(1)
+    orphan = queue(2)
     store.mark_authorized([(orphan, "test")])
     store.register_worker("gone", pid=2**22 + 1, pid_start="gone")
     assert [t.id for t in store.claim(3, "gone")] == [orphan]
-    store.request_cancel(enqueue(3), "alice")
-    enqueue(4)
+    store.request_cancel(queue(3), "alice")
+    queue(4)
     with store.tx() as c:
-        store.add_outbox(c, repo=REPO, issue=1, kind="reaction", target=comment_id)
-        store.add_outbox(c, repo=REPO, issue=1, kind="comment", body="Queued.")
-        store.add_outbox(c, repo=REPO, issue=1, kind="status", target=1)
-        for issue, kind in ((3, "retry"), (4, "stop")):
+        store.add_outbox(c, OutboxItem(OutboxKind.REACTION, REPO, 1, target=comment_id))
+        store.add_outbox(c, OutboxItem(OutboxKind.COMMENT, REPO, 1, body="Queued."))
+        store.add_outbox(c, OutboxItem(OutboxKind.STATUS, REPO, 1, target=1))
+        for issue, kind in ((3, OutboxKind.RETRY), (4, OutboxKind.STOP)):
             store.add_outbox(
                 c,
-                repo=REPO,
-                issue=issue,
-                kind=kind,
-                target=issue,
-                requested_by="alice",
-                permission_hint="write",
-                needs_permission=True,
+                OutboxItem(
+                    kind,
+                    REPO,
+                    issue,
+                    target=issue,
+                    requested_by="alice",
+                    permission_hint="write",
+                    needs_permission=True,
+                ),
             )
 
 
@@ -256,8 +260,8 @@ def test_tick_and_cleanup_queries_cost_the_same_at_100_and_20000_tasks(tmp_path,
             os.utime(logs / f"{task_id}.log", (now - 30 * 86400, now - 30 * 86400))
         seen = record_statements(h.store)
         h.settle(*range(LIVE_IDS_FROM + 1, LIVE_IDS_FROM + 5))
-        h.dispatcher.heartbeat()
-        assert h.dispatcher.cleanup(7.0)["files"] == 1
+        h.worker.heartbeat()
+        assert h.worker.cleanup(7.0)["files"] == 1
     finally:
         h.close()
 

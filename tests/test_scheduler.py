@@ -9,8 +9,9 @@ from tests.conftest import wait_for
 
 def test_wake_runs_the_tick_at_once_whatever_the_interval():
     calls = []
-    scheduler = Scheduler(lambda: calls.append(time.monotonic()), interval=3600)
-    scheduler.start()
+    scheduler = Scheduler(interval=3600)
+    scheduler.wake()  # before start: nothing to run yet, and no error
+    scheduler.start(lambda: calls.append(time.monotonic()))
     try:
         wait_for(lambda: len(calls) == 1, timeout=10, what="the first tick at start")
         scheduler.wake()
@@ -22,7 +23,7 @@ def test_wake_runs_the_tick_at_once_whatever_the_interval():
 
 def test_a_wake_during_a_tick_is_not_lost():
     started, release = threading.Event(), threading.Event()
-    runs = []
+    runs, returned = [], []
 
     def slow_tick():
         runs.append(1)
@@ -31,18 +32,26 @@ def test_a_wake_during_a_tick_is_not_lost():
             release.wait(10)
 
     ticks = Coalescer(slow_tick)
-    scheduler = Scheduler(ticks.run, interval=3600)
-    scheduler.start()
+
+    def job():
+        # what the scheduler runs: each of its jobs (the first tick, the wake) returns here
+        ticks.run()
+        returned.append(1)
+
+    scheduler = Scheduler(interval=3600)
+    scheduler.start(job)
     try:
         assert started.wait(10)
         # work arrives while the first tick is still running
         ticks.request()
         scheduler.wake()
-        time.sleep(0.3)
+        # the wake's job found the tick running and returned without a second one at once
+        wait_for(lambda: len(returned) == 1, timeout=10, what="the wake's job to return")
         assert len(runs) == 1
         release.set()
-        wait_for(lambda: len(runs) == 2, timeout=10, what="the tick that the wake asked for")
-        time.sleep(0.3)
+        # the running tick went round once more for the wake, and then its job returned:
+        # both jobs are done and the next interval is an hour away, so nothing else runs
+        wait_for(lambda: len(returned) == 2, timeout=10, what="the first job to return")
         assert len(runs) == 2  # one wake, one extra run
     finally:
         release.set()

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from bot.core.tasks import CancelResult, InvalidTransition, Kind, Outcome, State
 from bot.store import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, Store, open_store
-from bot.tasks import InvalidTransition, Kind, Outcome, State
-from tests.conftest import write_unchecked
+from tests.conftest import enqueue, task_events, write_unchecked
 
 
 def add(store, issue=1, repo="acme/widget", authorized=True, **kw):
-    return store.enqueue(
+    return enqueue(
+        store,
         repo=repo,
         issue=issue,
         kind=kw.pop("kind", Kind.START),
@@ -36,7 +37,7 @@ def store(tmp_path):
 
 
 def test_fresh_database_gets_the_latest_schema(store):
-    assert store.schema_version() == SCHEMA_VERSION
+    assert store._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     mode = store._conn().execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
 
@@ -52,7 +53,7 @@ def test_migrates_forward_from_version_1_and_keeps_rows(tmp_path):
     conn.commit()
     conn.close()
     store = open_store(path)
-    assert store.schema_version() == SCHEMA_VERSION
+    assert store._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     task = store.list_tasks()[0]
     assert (task.issue, task.requested_by, task.max_tokens, task.usage) == (3, "bob", None, {})
     store.update(task.id, max_tokens=10)
@@ -123,7 +124,10 @@ READERS = [
     ("active_task", lambda s, good, bad: [s.active_task(None, "acme/widget", 1)]),
     (
         "latest_task",
-        lambda s, good, bad: [s.latest_task("acme/widget", 1), s.latest_task("acme/widget", 2)],
+        lambda s, good, bad: [
+            s.latest_task(None, "acme/widget", 1),
+            s.latest_task(None, "acme/widget", 2),
+        ],
     ),
     ("claim", lambda s, good, bad: s.claim(5, "w")),
     ("unauthorized_pending", lambda s, good, bad: s.unauthorized_pending()),
@@ -182,12 +186,12 @@ def test_a_row_that_cannot_be_read_is_set_aside_and_the_others_are_read(
     reason = f"set aside, unreadable: {shown}"
     assert tuple(raw) == ("failed", "infra_error", reason)
     assert bad not in [t.id for t in found if t is not None and t.active]
-    [event] = [e for e in store.events(bad) if e["event"] == "set aside"]
+    [event] = [e for e in task_events(store, bad) if e["event"] == "set aside"]
     assert (event["to_state"], event["detail"]) == ("failed", reason)
     # set aside once: from now on it reads
-    task, events = store.get(bad), store.events(bad)
+    task, events = store.get(bad), task_events(store, bad)
     assert (task.state, task.outcome, task.error) == (State.FAILED, Outcome.INFRA_ERROR, reason)
-    assert store.list_tasks() and store.events(bad) == events
+    assert store.list_tasks() and task_events(store, bad) == events
 
 
 def test_transition_is_compare_and_set(store):
@@ -197,7 +201,7 @@ def test_transition_is_compare_and_set(store):
     assert store.get(tid).state is State.CANCELLED
     with pytest.raises(InvalidTransition):
         store.transition(tid, State.COMPLETED, State.RUNNING, event="nope")
-    events = [e["event"] for e in store.events(tid)]
+    events = [e["event"] for e in task_events(store, tid)]
     assert events == ["queued", "cancelled"]
 
 
@@ -226,33 +230,33 @@ def test_claim_never_exceeds_the_limit(store):
     assert store.count(State.RUNNING) == 3
 
 
-def test_request_cancel_and_requeue(store):
+def test_request_cancel_and_try_requeue(store):
     pending = add(store, issue=1)
-    assert store.request_cancel(pending, "bob") == "cancelled"
+    assert store.request_cancel(pending, "bob") is CancelResult.CANCELLED
     assert store.get(pending).outcome is Outcome.CANCELLED
     running = add(store, issue=2)
     store.claim(5, "w")
-    assert store.request_cancel(running, "bob") == "stopping"
+    assert store.request_cancel(running, "bob") is CancelResult.STOPPING
     assert store.cancel_requested(running) == "bob"
     assert store.get(running).state is State.RUNNING
-    assert store.requeue(pending, "carol")
+    assert store.try_requeue(pending, "carol")[0]
     task = store.get(pending)
     assert (task.state, task.attempts, task.outcome) == (State.PENDING, 0, None)
-    assert not store.requeue(running, "carol")
+    assert not store.try_requeue(running, "carol")[0]
 
 
-def test_requeue_refuses_while_another_task_of_the_issue_is_active(store):
+def test_try_requeue_refuses_while_another_task_of_the_issue_is_active(store):
     first = add(store, issue=5)
-    assert store.request_cancel(first, "bob") == "cancelled"
+    assert store.request_cancel(first, "bob") is CancelResult.CANCELLED
     second = add(store, issue=5)
-    assert not store.requeue(first, "carol")
+    assert not store.try_requeue(first, "carol")[0]
     assert store.try_requeue(first, "carol") == (False, store.get(second))
     assert store.get(first).state is State.CANCELLED
     assert [t.id for t in store.list_tasks(state=State.PENDING)] == [second]
-    assert store.events(first)[-1]["event"] == "cancelled"
+    assert task_events(store, first)[-1]["event"] == "cancelled"
     # once the other task has finished, the retry goes through
     store.claim(1, "w")
-    assert not store.requeue(first, "carol")
+    assert not store.try_requeue(first, "carol")[0]
     store.transition(
         second, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED
     )
@@ -318,8 +322,8 @@ def test_clear_removes_only_old_finished_tasks(tmp_path):
 def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
     """The indexes and batches behind the worker's queries (tests/test_query_cost.py) change
     what they cost, not what they return: compared with Python over every row."""
+    from bot.core.tasks import TERMINAL_STATES
     from bot.store import _TERMINAL, CLEAR_BATCH
-    from bot.tasks import TERMINAL_STATES
 
     assert set(_TERMINAL.split("(")[1].rstrip(")").replace("'", "").split(", ")) == {
         s.value for s in TERMINAL_STATES
@@ -527,7 +531,9 @@ def test_mark_authorized_writes_a_batch_in_one_transaction(tmp_path):
     assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1
     assert [t.id for t in store.unauthorized_pending()] == []
     assert store.require(first).authorized and store.require(second).authorized
-    assert [e["detail"] for e in store.events(second) if e["event"] == "authorized"] == ["admin"]
+    assert [e["detail"] for e in task_events(store, second) if e["event"] == "authorized"] == [
+        "admin"
+    ]
     store.mark_authorized([])  # nothing to write
 
 
@@ -600,3 +606,40 @@ def test_reply_counts_forget_what_is_older_than_the_window_and_use_the_index(tmp
         plan = " ".join(r[-1] for r in c.execute("EXPLAIN QUERY PLAN " + seen[-1]))
         assert "USING COVERING INDEX replies_by_user" in plan, plan
     store.close()
+
+
+def test_claim_moves_a_task_through_the_transition_check(store, monkeypatch):
+    # a task's state changes only through the check against TRANSITIONS, claiming included
+    from bot.core import tasks
+
+    tid = add(store)
+    monkeypatch.setitem(
+        tasks.TRANSITIONS, State.PENDING, frozenset({State.CANCELLED, State.REJECTED})
+    )
+    with pytest.raises(InvalidTransition):
+        store.claim(3, "w")
+    assert store.get(tid).state is State.PENDING
+
+
+def test_an_outbox_item_of_an_unknown_kind_is_set_aside_and_the_others_are_read(store):
+    from bot.core.outbox import OutboxItem, OutboxKind
+
+    with store.tx() as c:
+        first = store.add_outbox(c, OutboxItem(OutboxKind.COMMENT, "acme/widget", 1, body="hi"))
+        c.execute(
+            "INSERT INTO outbox (repo, issue, kind, created_at) VALUES ('acme/widget', 1, "
+            "'teleport', 0)"
+        )
+        last = store.add_outbox(c, OutboxItem(OutboxKind.REACTION, "acme/widget", 1, target=5))
+    due = store.outbox_due(10)
+    assert [(i.id, i.kind) for i in due] == [
+        (first, OutboxKind.COMMENT),
+        (last, OutboxKind.REACTION),
+    ]
+    row = (
+        store._conn()
+        .execute("SELECT done_at, error FROM outbox WHERE kind = 'teleport'")
+        .fetchone()
+    )
+    assert row["done_at"] is not None and row["error"] == "set aside: unknown kind 'teleport'"
+    assert [i.id for i in store.outbox_due(10)] == [first, last]

@@ -2,37 +2,54 @@
 
 import pytest
 
-from bot.tasks import (
-    LABELLER,
+from bot.core.tasks import (
     TRANSITIONS,
+    AttemptResult,
     InvalidTransition,
     Outcome,
+    RetryPolicy,
     State,
     backoff_for,
     check_transition,
-    decide,
     doubling,
-    fallback_permission,
-    permission_at_least,
 )
+
+POLICY = RetryPolicy(max_attempts=3, backoff=(10.0, 20.0))
 
 
 @pytest.mark.parametrize(
-    "outcome, attempts, state, delay",
+    "result, attempts, state, delay, refund",
     [
-        (Outcome.SUCCEEDED, 1, State.COMPLETED, None),
-        (Outcome.NO_CHANGES, 1, State.COMPLETED, None),
-        (Outcome.CANCELLED, 1, State.CANCELLED, None),
-        (Outcome.AGENT_FAILED, 1, State.PENDING, 10.0),
-        (Outcome.TIMED_OUT, 2, State.PENDING, 20.0),
-        (Outcome.INFRA_ERROR, 2, State.PENDING, 20.0),
-        (Outcome.AGENT_FAILED, 3, State.FAILED, None),
-        (Outcome.INFRA_ERROR, 3, State.FAILED, None),
+        (AttemptResult(Outcome.SUCCEEDED), 1, State.COMPLETED, None, False),
+        (AttemptResult(Outcome.NO_CHANGES), 1, State.COMPLETED, None, False),
+        (AttemptResult(Outcome.CANCELLED), 1, State.CANCELLED, None, False),
+        (AttemptResult(Outcome.AGENT_FAILED), 1, State.PENDING, 10.0, False),
+        (AttemptResult(Outcome.TIMED_OUT), 2, State.PENDING, 20.0, False),
+        (AttemptResult(Outcome.INFRA_ERROR), 2, State.PENDING, 20.0, False),
+        (AttemptResult(Outcome.AGENT_FAILED), 3, State.FAILED, None, False),
+        (AttemptResult(Outcome.INFRA_ERROR), 3, State.FAILED, None, False),
+        # an attempt that must not be retried (an unknown agent, a budget) fails at once
+        (AttemptResult(Outcome.AGENT_FAILED, retry=False), 1, State.FAILED, None, False),
+        # waiting for Gitea: back in the queue after the wait, the attempt given back,
+        # even on the last attempt
+        (
+            AttemptResult(Outcome.INFRA_ERROR, requeue=True, delay=15.0),
+            3,
+            State.PENDING,
+            15.0,
+            True,
+        ),
     ],
 )
-def test_decide(outcome, attempts, state, delay):
-    decision = decide(outcome, attempts, 3, (10.0, 20.0))
-    assert decision.state is state and decision.retry_in == delay
+def test_the_retry_policy(result, attempts, state, delay, refund):
+    decision = POLICY.decide(result, attempts, 3)
+    assert (decision.state, decision.retry_in, decision.refund) == (state, delay, refund)
+
+
+def test_the_retry_policy_reads_the_tasks_own_attempts():
+    # a task keeps the max_attempts it was queued with, whatever the config says now
+    assert POLICY.decide(AttemptResult(Outcome.TIMED_OUT), 3, 5).state is State.PENDING
+    assert POLICY.decide(AttemptResult(Outcome.TIMED_OUT), 1, 1).state is State.FAILED
 
 
 def test_backoff_repeats_its_last_entry():
@@ -50,38 +67,6 @@ def test_transitions():
         check_transition(State.PENDING, State.COMPLETED)
 
 
-@pytest.mark.parametrize(
-    "have, need, ok",
-    [
-        ("write", "write", True),
-        ("admin", "write", True),
-        ("owner", "admin", True),
-        ("read", "write", False),
-        ("none", "read", False),
-        (None, "read", False),
-        ("weird", "read", False),
-    ],
-)
-def test_permission_order(have, need, ok):
-    assert permission_at_least(have, need) is ok
-
-
 def test_doubling_waits_twice_as_long_each_time_up_to_its_most_however_many_failures():
     assert [doubling(5.0, n, 600.0) for n in (1, 2, 3, 7, 8)] == [5.0, 10.0, 20.0, 320.0, 600.0]
     assert doubling(5.0, 5000, 600.0) == 600.0  # 5.0 * 2 ** 4999 is no float
-
-
-@pytest.mark.parametrize(
-    "hint, expected",
-    [
-        ("admin", ("admin", True)),
-        ("write", ("write", True)),
-        ("read", ("read", True)),
-        ("none", ("none", True)),
-        (LABELLER, ("write", False)),  # at least write: Gitea lets only writers change labels
-        (None, ("none", True)),
-        ("root", ("none", True)),
-    ],
-)
-def test_fallback_permission_is_what_the_request_itself_shows(hint, expected):
-    assert fallback_permission(hint) == expected

@@ -1,9 +1,10 @@
 """Slash commands: one registry of verbs with their usage and help text.
 
 Pure. `parse_comment()` finds the first command line of a comment: a line that a
-reader of the rendered comment sees as plain text (`bot.markdown` decides which, so
-quoted lines, code blocks and HTML comments are never read); `help_text()` is
-generated from the registry, so help can never drift from what is parsed.
+reader of the rendered comment sees as plain text (`core.markdown` decides which, so
+quoted lines, code blocks and HTML comments are never read); the help text
+(`core.render.help_text`) is generated from the registry, so help can never drift from
+what is parsed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from bot import markdown, names
+from bot.core import markdown, names
 
 
 @dataclass(frozen=True)
@@ -185,25 +186,3 @@ def usage_line(word: str, verb: Verb | None = None) -> str:
     if verb is not None:
         return f"`{word} {verb.usage}`"
     return f"`{word} <{'|'.join(v.name for v in REGISTRY)}> ...`"
-
-
-def help_text(word: str = "/kugetsu", label: str = "kugetsu") -> str:
-    rows = ["| command | what it does |", "|---|---|"]
-    for verb in REGISTRY:
-        alias = f" (also `{word} {verb.aliases[0]}`)" if verb.aliases else ""
-        rows.append(f"| `{word} {verb.usage}`{alias} | {verb.help} |")
-    rows.append(
-        f"| `{word} <instructions>` | Continue if this issue already has a task, else start. |"
-    )
-    flags = "\n".join(
-        f"- `{flag} ...`: {desc}" + (f" (at most {limit:,})" if limit else "")
-        for flag, (_, _, desc, limit) in FLAGS.items()
-    )
-    return (
-        f"**kugetsu** turns this issue into a pull request written by an AI coding agent. "
-        f"Add the label `{label}`, or comment one of these on its own line:\n\n"
-        + "\n".join(rows)
-        + f"\n\nOptions, after the command word or the verb:\n{flags}\n\n"
-        "Quoted lines, code blocks and HTML comments are never read as commands. Starting, "
-        "following up, stopping and retrying need write access to the repository."
-    )

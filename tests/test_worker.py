@@ -1,4 +1,4 @@
-"""The dispatcher against a fake Gitea, a real git remote and real agent subprocesses."""
+"""The worker against a fake Gitea, a real git remote and real agent subprocesses."""
 
 from __future__ import annotations
 
@@ -8,25 +8,32 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bot import process
 from bot.config import AgentConfig
-from bot.dispatcher import GITEA_WAIT_SECONDS, AuthCache, Dispatcher
+from bot.core.permissions import LABELLER
+from bot.core.tasks import CancelResult, Kind, Outcome, State
 from bot.gitea import Forbidden, GiteaClient, Locked
+from bot.ingest import ingest
 from bot.store import open_store
-from bot.tasks import LABELLER, Kind, Outcome, State
+from bot.worker.auth import AuthCache
+from bot.worker.runner import GITEA_WAIT_SECONDS
+from bot.worker.tick import Worker
 from bot.workspace import GitError, Workspace
 from tests.conftest import (
     FAKE_AGENT,
     REPO,
     TOKEN,
+    enqueue,
     fake_agent,
     make_config,
     peak_overlap,
     process_gone,
+    task_events,
     wait_for,
     write_unchecked,
 )
@@ -50,14 +57,25 @@ class Harness:
             author_email="kugetsu@example.invalid",
             secrets=self.config.secrets(),
         )
-        self.dispatcher = Dispatcher(
+        self.worker = self._worker(self.client)
+
+    def _worker(self, client) -> Worker:
+        worker = Worker(
             self.config,
             self.store,
-            self.client,
+            client,
             self.workspace,
             environ={"PATH": os.environ["PATH"], "KUGETSU_GITEA_TOKEN": TOKEN},
         )
-        self.dispatcher.start()
+        worker.start()
+        return worker
+
+    def rebuild(self, *, config=None, client=None) -> None:
+        """A new worker in place of the first (before any task ran), with another config
+        or another Gitea client."""
+        self.worker.shutdown(timeout=5)
+        self.config = config or self.config
+        self.worker = self._worker(client or self.client)
 
     def issue(self, title="Add a greeting", body="Please add a greeting file.") -> int:
         return self.gitea.create_issue(REPO, title, body)
@@ -66,7 +84,8 @@ class Harness:
         self, issue: int, *, kind=Kind.START, prompt="", agent="fake", by="alice", **kw
     ) -> int:
         perm = self.gitea.permission(REPO, by)
-        return self.store.enqueue(
+        return enqueue(
+            self.store,
             repo=REPO,
             issue=issue,
             kind=kind,
@@ -85,10 +104,10 @@ class Harness:
                 all(not t.active for t in tasks)
                 and not self.store.comment_out_of_date(1)
                 and not self.store.outbox_due(1)
-                and not self.dispatcher.runner_threads()
+                and not self.worker.runner_threads()
             )
 
-        wait_for(done, timeout=timeout, tick=self.dispatcher.run_tick, what="tasks to finish")
+        wait_for(done, timeout=timeout, tick=self.worker.run_tick, what="tasks to finish")
 
     def tracking_comments(self, issue: int) -> list[dict]:
         return [
@@ -98,7 +117,7 @@ class Harness:
         ]
 
     def close(self):
-        self.dispatcher.shutdown(timeout=10)
+        self.worker.shutdown(timeout=10)
         self.store.close()
 
 
@@ -180,7 +199,7 @@ def test_queued_and_working_comments_show_progress(make):
             and h.store.get(t1).state is State.RUNNING
             and "Working" in (h.tracking_comments(first) or [{"body": ""}])[0]["body"]
         ),
-        tick=h.dispatcher.run_tick,
+        tick=h.worker.run_tick,
         what="progress comments",
     )
     [working] = h.tracking_comments(first)
@@ -220,7 +239,7 @@ def test_failing_agent_is_retried_then_failed_with_log_tail(make):
     assert "❌ **Failed** (`agent_failed`) after 2 attempts" in comment["body"]
     assert "something went wrong in the agent" in comment["body"]
     assert "/kugetsu retry" in comment["body"]
-    events = [e["event"] for e in h.store.events(tid)]
+    events = [e["event"] for e in task_events(h.store, tid)]
     assert events.count("claimed") == 2
 
 
@@ -268,7 +287,7 @@ def assert_published_once(h, n: int, tid: int, record: Path, *, attempts: int) -
         pr["number"],
     ), task.error
     assert task.publish_sha is None
-    assert h.store.issue_for_pr(REPO, pr["number"]) == n
+    assert h.store.issue_for_pr(None, REPO, pr["number"]) == n
     assert agent_runs(record) == 1
     [comment] = h.tracking_comments(n)
     assert f"✅ **Done**: pull request #{pr['number']}" in comment["body"]
@@ -289,7 +308,7 @@ def test_a_pull_request_whose_answer_was_lost_is_found_not_forgotten(make, tmp_p
     h.settle(tid)
     number = assert_published_once(h, n, tid, record, attempts=1)
     # found by the attempt that made it: no retry was needed
-    assert [e["event"] for e in h.store.events(tid)].count("claimed") == 1
+    assert [e["event"] for e in task_events(h.store, tid)].count("claimed") == 1
     # `continue` on that pull request finds its issue and lands on the same PR
     posted, result = deliver_comment(
         h, "/kugetsu continue --agent oc add a test", number, is_pull=True
@@ -338,7 +357,7 @@ def _create_refused(h):
 
 
 def _push_fails(h):
-    h.dispatcher.workspace = FailFirstPush(h.workspace)
+    h.worker.runner.workspace = FailFirstPush(h.workspace)
 
 
 @pytest.mark.parametrize(
@@ -364,7 +383,7 @@ def test_a_retry_after_a_publishing_failure_publishes_without_running_the_agent(
     trouble(h)
     tid = h.enqueue(n, agent="oc")
     h.settle(tid)
-    events = [e["event"] for e in h.store.events(tid)]
+    events = [e["event"] for e in task_events(h.store, tid)]
     assert events.count("claimed") == 2, events  # one failed publish, then one more try
     assert_published_once(h, n, tid, record, attempts=attempts)
     assert (
@@ -405,7 +424,7 @@ def test_a_refused_comment_does_not_hold_up_the_others(make):
     h = make()
     locked, fine = h.issue("Locked"), h.issue("Fine")
     gitea = LockedIssue(h.client, locked)
-    h.dispatcher.gitea = h.dispatcher.publisher.gitea = gitea
+    h.rebuild(client=gitea)
     t1, t2 = h.enqueue(locked), h.enqueue(fine)
     h.settle(t1, t2)
     assert h.store.get(t1).outcome is h.store.get(t2).outcome is Outcome.SUCCEEDED
@@ -415,15 +434,18 @@ def test_a_refused_comment_does_not_hold_up_the_others(make):
 
 
 def test_status_reply_is_not_mistaken_for_a_tracking_comment(make):
-    from bot.publisher import status_text
-
     h = make()
     n = h.issue()
     tid = h.enqueue(n)
     h.settle(tid)
-    text = status_text(h.store, REPO, n, h.config)
+    deliver_comment(h, "/kugetsu status", n)
+    h.settle(tid)
+    [text] = replies(h, n)
     assert f"#{tid}" in text and "completed" in text
     assert "kugetsu:task=" not in text
+    # the tracking comment is still the task's one comment with its marker, unchanged
+    [tracking] = h.tracking_comments(n)
+    assert "✅" in tracking["body"] and tracking["body"] != text
 
 
 def test_timeout_kills_the_whole_process_group(make, tmp_path):
@@ -448,8 +470,8 @@ def test_stop_kills_the_whole_process_group(make, tmp_path):
     h = make(agents={"fake": fake_agent(FAKE_MODE="hang", FAKE_PIDFILE=str(pidfile))})
     n = h.issue()
     tid = h.enqueue(n)
-    wait_for(pidfile.exists, tick=h.dispatcher.run_tick, what="agent to start")
-    assert h.store.request_cancel(tid, "bob") == "stopping"
+    wait_for(pidfile.exists, tick=h.worker.run_tick, what="agent to start")
+    assert h.store.request_cancel(tid, "bob") is CancelResult.STOPPING
     h.settle(tid)
     task = h.store.get(tid)
     assert (task.state, task.outcome, task.attempts) == (State.CANCELLED, Outcome.CANCELLED, 1)
@@ -473,7 +495,7 @@ def test_unauthorized_requester_is_refused_with_a_reason(make):
 
 def deliver_label(h, number, sender, author):
     """The label delivery Gitea sends: repository.permissions is the issue author's."""
-    from bot import events, intake
+    from bot.core import events, intake
     from tests import payloads
 
     body, headers = payloads.label_delivery(
@@ -492,7 +514,7 @@ def deliver_label(h, number, sender, author):
         default_agent="fake",
         max_attempts=h.config.queue.max_attempts,
     )
-    return intake.ingest(h.store, delivery, events.parse(delivery, events.load_json(body)), rules)
+    return ingest(h.store, delivery, events.parse(delivery, events.load_json(body)), rules)
 
 
 def not_admin(h):
@@ -506,7 +528,7 @@ def test_an_admin_labelling_a_readers_issue_starts_work_when_kugetsu_is_not_admi
     h = make()
     not_admin(h)
     n = h.gitea.create_issue(REPO, "Add a greeting", "Please add one.", login="rita")
-    h.gitea.add_labels(REPO, n, "kugetsu", login="adam")
+    h.gitea.add_labels(REPO, n, "kugetsu")
     [tid] = deliver_label(h, n, sender="adam", author="rita").task_ids
     h.settle(tid)
     task = h.store.get(tid)
@@ -558,10 +580,7 @@ def test_without_admin_a_request_is_judged_by_what_it_shows(tmp_path, need, hint
 
 def test_allowed_users_list_is_enforced(make, tmp_path):
     h = make()
-    h.config = h.config.__class__(
-        **{**h.config.__dict__, "triggers": h.config.triggers.__class__(allowed_users=("bob",))}
-    )
-    h.dispatcher.config = h.dispatcher.auth.config = h.config
+    h.rebuild(config=replace(h.config, triggers=replace(h.config.triggers, allowed_users=("bob",))))
     n = h.issue()
     tid = h.enqueue(n, by="alice")
     h.settle(tid)
@@ -672,7 +691,7 @@ def test_restart_recovers_a_task_whose_process_died_and_kills_its_orphan(make, t
     )
     [claimed] = h.store.claim(3, "old-worker")
     h.store.update(claimed.id, pid=orphan.pid, pid_start=process.process_start_token(orphan.pid))
-    recovered = h.dispatcher.recover()
+    recovered = h.worker.recover()
     assert recovered == [tid]
     orphan.wait(timeout=10)
     task = h.store.get(tid)
@@ -683,6 +702,27 @@ def test_restart_recovers_a_task_whose_process_died_and_kills_its_orphan(make, t
     assert len(h.gitea.pulls_of(REPO)) == 1
 
 
+def test_recovery_waits_the_configured_backoff_like_any_failed_attempt(make):
+    # the retry policy is decided once: an attempt ended by a crash waits as any other
+    h = make()
+    h.rebuild(
+        config=replace(h.config, queue=replace(h.config.queue, retry_backoff_seconds=(100.0,)))
+    )
+    tid = h.enqueue(h.issue())
+    h.store.update(tid, authorized=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    h.store.register_worker("old-worker", dead.pid, "0@gone")
+    h.store.claim(3, "old-worker")
+    before = time.time()
+    assert h.worker.recover() == [tid]
+    task = h.store.get(tid)
+    assert (task.state, task.attempts, task.outcome) == (State.PENDING, 1, Outcome.INFRA_ERROR)
+    assert before + 100.0 <= task.not_before <= time.time() + 100.0
+    assert task.error == "kugetsu stopped while the agent was running"
+    assert task_events(h.store, tid)[-1]["event"] == "recovered"
+
+
 def test_a_worker_that_exited_and_is_not_yet_reaped_is_dead(make, unreaped):
     # kill -9 leaves the worker a zombie until its parent reaps it: its tasks go back now
     h = make()
@@ -690,7 +730,7 @@ def test_a_worker_that_exited_and_is_not_yet_reaped_is_dead(make, unreaped):
     pid, token = unreaped()
     h.store.register_worker("killed", pid, token)
     h.store.claim(3, "killed")
-    assert h.dispatcher.recover() == [tid]
+    assert h.worker.recover() == [tid]
     task = h.store.get(tid)
     assert (task.state, task.attempts) == (State.PENDING, 1)
     assert "killed" not in {w["id"] for w in h.store.workers()}
@@ -703,7 +743,7 @@ def test_a_live_worker_keeps_its_tasks(make):
     h.store.update(tid, authorized=True)
     h.store.register_worker("other", os.getpid(), process.process_start_token(os.getpid()))
     h.store.claim(3, "other")
-    assert h.dispatcher.recover() == []
+    assert h.worker.recover() == []
     assert h.store.get(tid).state is State.RUNNING
 
 
@@ -716,7 +756,7 @@ def test_gitea_down_then_back_loses_nothing(make):
     h.gitea.down()
     tid = h.enqueue(n)
     for _ in range(3):
-        h.dispatcher.run_tick()
+        h.worker.run_tick()
     assert h.store.get(tid).state is State.PENDING
     h.gitea.up()
     h.settle(tid)
@@ -730,7 +770,7 @@ def test_gitea_500s_are_retried_and_the_comment_catches_up(make):
     h = make(agents={"fake": fake_agent(FAKE_SECONDS="1")})
     n = h.issue()
     tid = h.enqueue(n)
-    wait_for(lambda: h.store.get(tid).state is State.RUNNING, tick=h.dispatcher.run_tick)
+    wait_for(lambda: h.store.get(tid).state is State.RUNNING, tick=h.worker.run_tick)
     h.gitea.fail_next(7, 500)
     h.settle(tid)
     task = h.store.get(tid)
@@ -751,7 +791,7 @@ def comments_changed(h, count: int, word: str) -> tuple[list[int], list[int], li
     for tid in tids:
         h.store.update(tid, summary=f"{word} summary of task {tid}")
     now = [1000.0]
-    h.dispatcher.publisher.clock = lambda: now[0]
+    h.worker.publisher.clock = lambda: now[0]
     with h.gitea.lock:
         h.gitea.requests.clear()
     return tids, [h.store.get(t).comment_id for t in tids], now
@@ -776,7 +816,7 @@ def test_a_comment_gitea_answers_with_5xx_is_backed_off_and_the_others_are_writt
     tids, comments, now = comments_changed(h, 3, "second")
     # Gitea fails every edit of the first task's comment, and only that
     h.gitea.fail_next(1000, 500, "PATCH", f"/repos/acme/widget/issues/comments/{comments[0]}")
-    publisher = h.dispatcher.publisher
+    publisher = h.worker.publisher
     assert publisher.sync_comments() == 2
     assert [shows(h, c, "second summary") for c in comments] == [False, True, True]
     assert [t.id for t in h.store.comment_out_of_date(10)] == [tids[0]]
@@ -784,7 +824,7 @@ def test_a_comment_gitea_answers_with_5xx_is_backed_off_and_the_others_are_writt
     assert tried == 3  # the first try and the client's two retries
     # backed off: not tried again until its time comes, then tried (and backed off longer)
     for _ in range(3):
-        h.dispatcher.run_tick()
+        h.worker.run_tick()
     now[0] += 9.0
     publisher.sync_comments()
     assert edits_of(h, comments[0]) == tried
@@ -799,7 +839,7 @@ def test_a_comment_gitea_answers_with_5xx_is_backed_off_and_the_others_are_writt
 def test_5xx_for_every_comment_or_no_answer_ends_the_comment_pass(make):
     h = make()
     tids, comments, now = comments_changed(h, 3, "second")
-    publisher = h.dispatcher.publisher
+    publisher = h.worker.publisher
     # every comment fails (the try and both retries of the first two): two in a row end
     # the pass, and the third is not tried
     h.gitea.fail_next(6, 503, "PATCH", r"/repos/acme/widget/issues/comments/\d+")
@@ -852,7 +892,7 @@ def test_a_backlog_of_tracking_comments_is_created_without_waiting_for_the_inter
     h = make(limit=1, agents={"fake": fake_agent(FAKE_MODE="hang")})
     issues = [h.issue(f"Backlog {i}") for i in range(45)]
     ids = [h.enqueue(n) for n in issues]
-    h.dispatcher.run_tick()  # one wake: the tick goes round until the backlog is written
+    h.worker.run_tick()  # one wake: the tick goes round until the backlog is written
     assert all(h.store.get(t).comment_id is not None for t in ids)
     assert all(len(h.tracking_comments(n)) == 1 for n in issues)
     h.store.request_cancel(ids[0], "bob")
@@ -870,13 +910,13 @@ def test_cleanup_removes_old_finished_tasks_their_files_and_worktrees(make):
     prompt = h.config.storage.prompts_dir / f"{tid}.md"
     worktree = Path(h.store.get(tid).worktree)
     assert log.exists() and prompt.exists() and worktree.exists()
-    assert h.dispatcher.cleanup(7) == {"tasks": 0, "files": 0, "worktrees": 0}
+    assert h.worker.cleanup(7) == {"tasks": 0, "files": 0, "worktrees": 0}
     later = time.time() + 8 * 86400
-    h.dispatcher.clock = h.store.clock = h.workspace._clock = lambda: later
+    h.worker.clock = h.store.clock = h.workspace._clock = lambda: later
     old = time.time() - 8 * 86400
     for path in (log, prompt):
         os.utime(path, (old, old))
-    result = h.dispatcher.cleanup(7)
+    result = h.worker.cleanup(7)
     assert result["tasks"] == 1 and result["files"] == 2 and result["worktrees"] == 1
     assert h.store.get(tid) is None and not log.exists() and not worktree.exists()
 
@@ -885,7 +925,7 @@ def test_cleanup_removes_old_finished_tasks_their_files_and_worktrees(make):
 
 
 def deliver_comment(h, text, number, sender="alice", is_pull=False, **rules_kw):
-    from bot import events, intake
+    from bot.core import events, intake
     from tests import payloads
 
     posted = h.gitea.add_comment(REPO, number, text, login=sender)
@@ -907,7 +947,7 @@ def deliver_comment(h, text, number, sender="alice", is_pull=False, **rules_kw):
         max_attempts=h.config.queue.max_attempts,
         **rules_kw,
     )
-    result = intake.ingest(h.store, delivery, events.parse(delivery, events.load_json(body)), rules)
+    result = ingest(h.store, delivery, events.parse(delivery, events.load_json(body)), rules)
     return posted, result
 
 
@@ -925,13 +965,13 @@ def test_stop_retry_status_and_help_from_comments(make, tmp_path):
     n = h.issue()
     posted, result = deliver_comment(h, "/kugetsu start", n)
     [tid] = result.task_ids
-    wait_for(pidfile.exists, tick=h.dispatcher.run_tick, what="agent to start")
+    wait_for(pidfile.exists, tick=h.worker.run_tick, what="agent to start")
     assert "eyes" in h.gitea.reactions[posted["id"]]
 
     # someone with read access cannot stop it
     deliver_comment(h, "/kugetsu stop", n, sender="mallory")
     for _ in range(3):
-        h.dispatcher.run_tick()
+        h.worker.run_tick()
     assert h.store.get(tid).state is State.RUNNING
     assert any("@mallory needs write access" in r for r in replies(h, n))
 
@@ -939,7 +979,7 @@ def test_stop_retry_status_and_help_from_comments(make, tmp_path):
     deliver_comment(h, "/kugetsu status", n, sender="mallory")
     wait_for(
         lambda: any("kugetsu on this issue" in r for r in replies(h, n)),
-        tick=h.dispatcher.run_tick,
+        tick=h.worker.run_tick,
         what="status reply",
     )
     assert any(f"| #{tid} | start | running |" in r for r in replies(h, n))
@@ -955,7 +995,7 @@ def test_stop_retry_status_and_help_from_comments(make, tmp_path):
     # retry queues it again with fresh attempts
     pidfile.unlink()
     deliver_comment(h, "/kugetsu retry", n, sender="alice")
-    wait_for(pidfile.exists, tick=h.dispatcher.run_tick, what="the retried agent to start")
+    wait_for(pidfile.exists, tick=h.worker.run_tick, what="the retried agent to start")
     task = h.store.get(tid)
     assert (task.state, task.attempts) == (State.RUNNING, 1)
     deliver_comment(h, "/kugetsu cancel", n, sender="bob")
@@ -979,7 +1019,7 @@ def test_reactions_of_one_outbox_pass_are_marked_done_together(make):
     statements: list[str] = []
     h.store._conn().set_trace_callback(statements.append)
     try:
-        assert h.dispatcher.work_outbox() == 6  # three reactions, three help replies
+        assert h.worker.outbox.work() == 6  # three reactions, three help replies
     finally:
         h.store._conn().set_trace_callback(None)
     assert all("eyes" in h.gitea.reactions[p["id"]] for p in posted)
@@ -993,11 +1033,11 @@ def test_a_comment_pass_records_what_it_wrote_in_one_transaction(make):
     h = make()
     issues = [h.issue(f"Issue {i}") for i in range(5)]
     tasks = [h.enqueue(n, authorized=True) for n in issues]
-    publisher = h.dispatcher.publisher
+    publisher = h.worker.publisher
     publisher._positions_at = publisher.clock()  # queue positions are not due in this pass
     statements: list[str] = []
     h.store._conn().set_trace_callback(statements.append)
-    assert h.dispatcher.publisher.sync_comments(30) == 5
+    assert h.worker.publisher.sync_comments(30) == 5
     h.store._conn().set_trace_callback(None)
     # one transaction marking each create before it is made, one recording all five
     assert statements.count("BEGIN IMMEDIATE") == 5 + 1
@@ -1021,12 +1061,12 @@ def test_comments_whose_record_was_lost_are_found_again_not_duplicated(make, mon
 
     monkeypatch.setattr(h.store, "comment_synced_many", crash)
     with pytest.raises(RuntimeError):
-        h.dispatcher.publisher.sync_comments(30)
+        h.worker.publisher.sync_comments(30)
     assert all(h.store.require(t).comment_id is None for t in tasks)
     assert all(len(h.tracking_comments(n)) == 1 for n in issues)
 
     monkeypatch.setattr(h.store, "comment_synced_many", real)
-    h.dispatcher.publisher.sync_comments(30)
+    h.worker.publisher.sync_comments(30)
     for n, tid in zip(issues, tasks, strict=False):
         [comment] = h.tracking_comments(n)  # still one each
         assert h.store.require(tid).comment_id == comment["id"]
@@ -1097,7 +1137,7 @@ def test_status_shows_the_queue_only_to_those_who_can_read_the_repository(
     elif permission == "Gitea cannot say":
         h.gitea.fail_next(3, 503, "GET", r".*/collaborators/.*")  # the try and both retries
     deliver_comment(h, "/kugetsu status", n, sender=who)
-    h.dispatcher.work_outbox()
+    h.worker.outbox.work()
     [reply] = replies(h, n)
     assert f"| #{tid} | start | completed | succeeded |" in reply
     assert ("Agents busy" in reply and "tasks waiting" in reply) == shows_queue
@@ -1120,7 +1160,7 @@ def test_past_the_reply_limit_a_command_gets_a_reaction_alone_and_still_acts(mak
         ]
     ]
     for _ in range(3):
-        h.dispatcher.work_outbox()
+        h.worker.outbox.work()
     assert all("eyes" in h.gitea.reactions.get(p["id"], []) for p in sent)
     bodies = replies(h, n)
     assert len(bodies) == 2, bodies
@@ -1130,7 +1170,7 @@ def test_past_the_reply_limit_a_command_gets_a_reaction_alone_and_still_acts(mak
     # bob is past his limit on this issue, and his stop still stops the work
     _posted, result = deliver_comment(h, "/kugetsu start", n, sender="bob", **one)
     [tid] = result.task_ids
-    wait_for(pidfile.exists, tick=h.dispatcher.run_tick, what="the agent to start")
+    wait_for(pidfile.exists, tick=h.worker.run_tick, what="the agent to start")
     deliver_comment(h, "/kugetsu stop", n, sender="bob", **one)
     h.settle(tid)
     assert h.store.get(tid).state is State.CANCELLED
@@ -1138,11 +1178,9 @@ def test_past_the_reply_limit_a_command_gets_a_reaction_alone_and_still_acts(mak
 
 
 def test_refusals_count_against_the_reply_limit_and_past_it_get_a_reaction_alone(make):
-    from dataclasses import replace
 
     h = make()
-    h.config = replace(h.config, triggers=replace(h.config.triggers, reply_limit=2))
-    h.dispatcher.config = h.config
+    h.rebuild(config=replace(h.config, triggers=replace(h.config.triggers, reply_limit=2)))
     n = h.issue()
     two = {"reply_limit": 2}
 
@@ -1155,7 +1193,7 @@ def test_refusals_count_against_the_reply_limit_and_past_it_get_a_reaction_alone
     asked += [request("mallory") for _ in range(3)]  # refused: 2 of 2, then none
     asked.append(request("eve"))  # not a collaborator: 1 of 2
     asked.append(request("mallory", "/kugetsu help"))  # the refusals counted: none
-    h.dispatcher.work_outbox()
+    h.worker.outbox.work()
     refused = [tid for _posted, tids in asked for tid in tids]
     assert [h.store.get(t).state for t in refused] == [State.REJECTED] * 4
     comments = h.tracking_comments(n)
@@ -1169,7 +1207,7 @@ def test_refusals_count_against_the_reply_limit_and_past_it_get_a_reaction_alone
     assert all("eyes" in h.gitea.reactions.get(posted["id"], []) for posted, _ in asked)
     for tid in refused[1:3]:
         assert ("not answered", "reply limit reached for mallory") in [
-            (e["event"], e["detail"]) for e in h.store.events(tid)
+            (e["event"], e["detail"]) for e in task_events(h.store, tid)
         ]
     assert h.store.comment_out_of_date(10) == []
 
@@ -1251,7 +1289,7 @@ def test_poison_rows_are_set_aside_with_a_reason_and_the_queue_goes_on(make):
     task = h.store.get(running)
     assert task.state is State.FAILED
     assert task.error.startswith("recovery failed: OverflowError: "), task.error
-    assert [e["event"] for e in h.store.events(running)][-1] == "set aside"
+    assert [e["event"] for e in task_events(h.store, running)][-1] == "set aside"
     row = (
         h.store._conn()
         .execute("SELECT done_at, error FROM outbox WHERE id = ?", (bad_reply,))
@@ -1309,14 +1347,14 @@ def test_rows_that_cannot_be_read_are_set_aside_and_every_tick_goes_on(make):
     }
     good = [h.enqueue(h.issue(f"Good {i}")) for i in range(2)]
     h.settle(*good, *bad)  # a tick that raised would raise here
-    assert h.dispatcher.ticks.failures == 0
+    assert h.worker.ticks.failures == 0
     assert [h.store.get(t).outcome for t in good] == [Outcome.SUCCEEDED] * 2
     assert len(h.gitea.pulls_of(REPO)) == 2
     for tid, shown in bad.items():
         task = h.store.get(tid)
         assert (task.state, task.outcome) == (State.FAILED, Outcome.INFRA_ERROR), tid
         assert task.error == f"set aside, unreadable: {shown}"
-        assert "set aside" in [e["event"] for e in h.store.events(tid)]
+        assert "set aside" in [e["event"] for e in task_events(h.store, tid)]
     # an authorized request hears why, in its tracking comment
     [comment] = h.tracking_comments(issues[1])
     assert "unknown outcome 'exploded'" in comment["body"] and "Failed" in comment["body"]
@@ -1338,7 +1376,7 @@ def test_an_outbox_item_retried_for_days_is_still_retried(make):
         created_at=time.time(),
     )
     h.gitea.fail_next(3, 503, "POST", r".*/comments")  # the try and both retries
-    h.dispatcher.work_outbox()
+    h.worker.outbox.work()
     row = (
         h.store._conn()
         .execute(
@@ -1365,7 +1403,7 @@ def test_a_runner_that_cannot_start_ends_its_attempt_and_the_others_start(make, 
         start(thread)
 
     monkeypatch.setattr(threading.Thread, "start", no_thread_for_the_first)
-    assert h.dispatcher.launch() == tasks
+    assert h.worker.launch() == tasks
     monkeypatch.setattr(threading.Thread, "start", start)
     first = h.store.get(tasks[0])
     # the attempt ended like any other infrastructure failure: back in the queue, counted
@@ -1373,3 +1411,11 @@ def test_a_runner_that_cannot_start_ends_its_attempt_and_the_others_start(make, 
     assert first.error == "start failed: RuntimeError: can't start new thread"
     h.settle(*tasks)
     assert [h.store.get(t).state for t in tasks] == [State.COMPLETED] * 3
+
+
+def test_every_outbox_kind_has_its_answer_and_its_handler():
+    # adding a kind is one member, its answer and its handler: none can be left out
+    from bot.core.outbox import ANSWERS, OutboxKind
+    from bot.worker.outbox import HANDLERS
+
+    assert set(ANSWERS) == set(OutboxKind) == set(HANDLERS)

@@ -1,14 +1,14 @@
 """The task model: states, outcomes, the allowed transitions and the retry policy.
 
-Pure: no I/O. `store.transition()` is the only writer of a task's state and
-checks every change against `TRANSITIONS`; `decide()` turns an attempt's
-outcome into the next state in exactly one place.
+Pure: no I/O. The store changes a task's state only by compare-and-set, checked against
+`TRANSITIONS`; every attempt ends in one `AttemptResult`, which `RetryPolicy.decide`
+turns into the task's next state, in exactly one place.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,11 +65,31 @@ def check_transition(current: State | str, new: State | str) -> None:
 
 
 @dataclass(frozen=True)
+class AttemptResult:
+    """How one attempt ended: the one result every path gives, the runner's, recovery's
+    after a crash, and that of a runner that could not start. `RetryPolicy.decide`
+    turns it into the task's next state."""
+
+    outcome: Outcome
+    error: str | None = None
+    #: False: do not retry, even if the outcome allows it (an unknown agent, a budget)
+    retry: bool = True
+    #: put back in the queue without counting the attempt (waiting for Gitea, a shutdown)
+    requeue: bool = False
+    #: with requeue: wait this long first
+    delay: float = 0.0
+    #: fields of the task the attempt sets (usage, summary, pull request ...)
+    changes: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Decision:
     """What happens to a task after one attempt."""
 
     state: State
     retry_in: float | None = None  # seconds until the next attempt, when state is PENDING
+    #: the attempt is given back: it does not count against max_attempts
+    refund: bool = False
 
 
 def backoff_for(attempt: int, backoff: Sequence[float]) -> float:
@@ -85,18 +105,38 @@ def doubling(first: float, failures: int, most: float) -> float:
     return min(most, first * 2.0 ** min(max(failures, 1) - 1, 64))
 
 
-def decide(
-    outcome: Outcome | str, attempts: int, max_attempts: int, backoff: Sequence[float]
-) -> Decision:
-    """The one retry policy. `attempts` counts the attempt that just ended."""
-    outcome = Outcome(outcome)
-    if outcome in (Outcome.SUCCEEDED, Outcome.NO_CHANGES):
-        return Decision(State.COMPLETED)
-    if outcome is Outcome.CANCELLED:
-        return Decision(State.CANCELLED)
-    if outcome in RETRYABLE_OUTCOMES and attempts < max_attempts:
-        return Decision(State.PENDING, backoff_for(attempts, backoff))
-    return Decision(State.FAILED)
+@dataclass(frozen=True)
+class RetryPolicy:
+    """The one retry policy, built once from `[queue]` (`QueueConfig.retry_policy`): every
+    attempt's end, whether the runner finished it, recovery found it orphaned, or its
+    runner never started, goes through `decide`."""
+
+    #: attempts a new task gets (each task keeps the number it was queued with)
+    max_attempts: int
+    #: wait before attempt n + 1 after attempt n failed; the last entry repeats
+    backoff: tuple[float, ...]
+
+    def decide(self, result: AttemptResult, attempts: int, max_attempts: int) -> Decision:
+        """The next state of a task whose attempt number `attempts` (of its own
+        `max_attempts`) ended with `result`."""
+        if result.requeue:
+            return Decision(State.PENDING, result.delay, refund=True)
+        outcome = result.outcome
+        if outcome in (Outcome.SUCCEEDED, Outcome.NO_CHANGES):
+            return Decision(State.COMPLETED)
+        if outcome is Outcome.CANCELLED:
+            return Decision(State.CANCELLED)
+        if outcome in RETRYABLE_OUTCOMES and result.retry and attempts < max_attempts:
+            return Decision(State.PENDING, backoff_for(attempts, self.backoff))
+        return Decision(State.FAILED)
+
+
+class CancelResult(enum.Enum):
+    """What asking to stop a task did."""
+
+    CANCELLED = "cancelled"  # it was queued: cancelled at once
+    STOPPING = "stopping"  # it is running: its runner stops the agent
+    FINISHED = "finished"  # it had already finished: nothing to stop
 
 
 @dataclass(frozen=True)
@@ -176,30 +216,3 @@ class Task:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
         }
-
-
-PERMISSIONS = ("none", "read", "write", "admin", "owner")
-#: The permission hint of a request made by adding a label. Gitea lets only users with
-#: write access change labels, so whoever did has at least write.
-LABELLER = "labeller"
-
-
-def permission_at_least(have: str | None, need: str) -> bool:
-    if have not in PERMISSIONS:
-        return False
-    return PERMISSIONS.index(have) >= PERMISSIONS.index(need)
-
-
-def fallback_permission(hint: str | None) -> tuple[str, bool]:
-    """What a request itself shows of its requester's permission: (permission, exact).
-
-    For when Gitea will not tell (its permission API needs a repository admin). The
-    hint never comes from a field that describes someone else: a comment carries the
-    commenter's permission (exact); a label change shows only that the labeller has at
-    least write; anything else shows nothing ("none").
-    """
-    if hint == LABELLER:
-        return "write", False
-    if hint in PERMISSIONS:
-        return hint, True
-    return "none", True

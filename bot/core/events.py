@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
-from bot import names
+from bot.core import names, permissions
 
 
 class WebhookError(Exception):
@@ -215,21 +215,6 @@ def _text(issue: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def _permission(data: Mapping[str, Any]) -> str | None:
-    """The permission Gitea put in `repository.permissions`: whose it is depends on the event."""
-    repository = data.get("repository")
-    perms = repository.get("permissions") if isinstance(repository, Mapping) else None
-    if not isinstance(perms, Mapping):
-        return None
-    if perms.get("admin"):
-        return "admin"
-    if perms.get("push"):
-        return "write"
-    if perms.get("pull"):
-        return "read"
-    return "none"
-
-
 def _labels(issue: Mapping[str, Any]) -> tuple[str, ...]:
     labels = issue.get("labels") or []
     if not isinstance(labels, list):
@@ -261,7 +246,7 @@ def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
             labels=_labels(issue),
             is_pull=is_pull,
             sender=sender,
-            permission=_permission(data) if by_author else None,
+            permission=permissions.in_delivery(data.get("repository")) if by_author else None,
         )
     if delivery.event == "issue_comment":
         action = _get(data, "action", str)
@@ -274,7 +259,7 @@ def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
             comment_id=_checked(data, "comment.id", int, names.number_error),
             body=_get(data, "comment.body", str),
             sender=_checked(data, "sender.login", str, names.login_error),
-            permission=_permission(data),  # the commenter's: Gitea fills it for the doer
+            permission=permissions.in_delivery(data.get("repository")),  # the commenter's
             title=_text(issue, "title"),
             labels=_labels(issue),
         )

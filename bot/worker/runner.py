@@ -1,0 +1,461 @@
+"""One attempt of one task, from its worktree to its `AttemptResult`.
+
+The runner reads the issue, prepares the worktree, runs the agent (and its fallbacks
+when one is rate limited) under a timeout, a budget and the stop flag, commits what it
+changed, pushes the branch and opens or updates the pull request. Its result goes back
+to the tick, whose `finish()` turns it into the task's next state by the retry policy.
+
+The agent's process is started through one function, `start_agent` (by default
+`AgentProcess.start`): whatever changes how an agent is started (a sandbox) replaces
+that function and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from bot import agents, process
+from bot.config import Config
+from bot.core import render
+from bot.core.tasks import AttemptResult, Kind, Outcome, Task
+from bot.gitea import GiteaAPI, GiteaError, ServerError, Unreachable
+from bot.publisher import Publisher
+from bot.redact import redact
+from bot.store import Store
+from bot.workspace import GitError, Prepared, Workspace
+
+log = logging.getLogger(__name__)
+
+#: how often the runner looks at its agent (exit, stop flag, timeout, budget)
+POLL_SECONDS = 0.25
+#: how often it reads the task's stop request from the database
+STOP_CHECK_SECONDS = 1.0
+#: an attempt that waits for Gitea (no answer, 5xx) is tried again after this long
+GITEA_WAIT_SECONDS = 15.0
+
+
+class Stopping(Exception):
+    """The service is shutting down; the task goes back to the queue."""
+
+
+class StartAgent(Protocol):
+    """Starts an agent's process: the one place the runner hands a command line to the
+    system. Its arguments are those of `process.AgentProcess.start`, the default."""
+
+    def __call__(
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: Path,
+        env: Mapping[str, str],
+        log_path: Path,
+        log_max_bytes: int,
+        on_line: Callable[[str], None] | None = None,
+        header: str | None = None,
+        secrets: Sequence[str] = (),
+    ) -> process.AgentProcess: ...
+
+
+@dataclass
+class AgentRun:
+    outcome: Outcome | None  # None: the agent succeeded and the result is to be published
+    error: str | None
+    retry: bool = True
+    session_id: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    rate_limited: bool = False
+
+
+class Runner:
+    """Runs attempts; one instance serves every runner thread of the worker."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        gitea: GiteaAPI,
+        workspace: Workspace,
+        publisher: Publisher,
+        *,
+        stopping: threading.Event,
+        clock: Callable[[], float] = time.time,
+        environ: Mapping[str, str],
+        start_agent: StartAgent = process.AgentProcess.start,
+    ):
+        self.config, self.store, self.gitea = config, store, gitea
+        self.workspace, self.publisher = workspace, publisher
+        self.stopping, self.clock, self.environ = stopping, clock, environ
+        self.start_agent = start_agent
+
+    def branch(self, task: Task) -> str:
+        return self.config.git.branch_template.format(
+            number=task.issue, owner=task.owner, repo=task.name
+        )
+
+    def run(self, task: Task) -> AttemptResult:
+        """One attempt of a claimed task, from its worktree to its result. Raises Stopping
+        when the service shuts down meanwhile (its agent is stopped first)."""
+        cfg = self.config
+        secrets = cfg.secrets()
+        try:
+            issue = self.gitea.get_issue(task.owner, task.name, task.issue)
+        except (Unreachable, ServerError) as exc:
+            # Gitea is away: wait for it without using up an attempt; nothing has run yet.
+            return AttemptResult(
+                Outcome.INFRA_ERROR,
+                f"waiting for Gitea: {exc}",
+                requeue=True,
+                delay=GITEA_WAIT_SECONDS,
+            )
+        except GiteaError as exc:
+            return AttemptResult(
+                Outcome.INFRA_ERROR, f"could not read the issue: {exc}", retry=False
+            )
+        branch = self.branch(task)
+        try:
+            prepared = self.workspace.prepare(task.repo, task.issue, branch)
+        except GitError as exc:
+            return AttemptResult(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets))
+        self.store.update(task.id, branch=branch, worktree=str(prepared.path))
+        if task.publish_sha:
+            resumed = self._resume_publishing(task, issue, prepared, branch)
+            if resumed is not None:
+                return resumed
+        start_head = self.workspace.head(prepared.path)
+
+        issue_row = self.store.issue_row(None, task.repo, task.issue) or {}
+        order = [task.agent] + [a for a in cfg.agents.fallback if a != task.agent]
+        tried: list[str] = []
+        run: AgentRun | None = None
+        for name in order:
+            try:
+                spec = agents.resolve(cfg.agents, name)
+            except agents.UnknownAgent as exc:
+                return AttemptResult(Outcome.AGENT_FAILED, str(exc), retry=False)
+            tried.append(name)
+            session = self._session_for(task, spec, issue_row)
+            history = None
+            if task.kind is Kind.CONTINUE and not (session and spec.sessions):
+                history = [
+                    t
+                    for t in self.store.list_tasks(repo=task.repo, issue=task.issue)
+                    if t.id < task.id
+                ]
+            prompt = render.prompt(
+                task,
+                issue.get("title") or "",
+                issue.get("body") or "",
+                history=history,
+                branch=branch,
+                base=prepared.base_branch,
+            )
+            run = self._run_agent(task, spec, prepared.path, prompt, session, branch)
+            self.store.update(
+                task.id,
+                agents_tried=tried,
+                session_id=run.session_id,
+                usage=run.usage,
+                summary=run.summary,
+            )
+            if run.session_id and spec.sessions:
+                self.store.set_issue(
+                    None,
+                    task.repo,
+                    task.issue,
+                    session_id=run.session_id,
+                    agent=name,
+                    branch=branch,
+                )
+            if run.outcome is Outcome.AGENT_FAILED and run.rate_limited and name != order[-1]:
+                log.warning(
+                    "agent rate limited; falling back", extra={"task": task.id, "agent": name}
+                )
+                continue
+            break
+        assert run is not None
+        changes = {
+            "summary": run.summary,
+            "usage": run.usage,
+            "session_id": run.session_id,
+            "agents_tried": tried,
+        }
+        if run.outcome is not None:
+            return AttemptResult(run.outcome, run.error, retry=run.retry, changes=changes)
+
+        # the agent succeeded: commit, push, open or update the pull request
+        try:
+            self.workspace.commit_all(
+                prepared.path, render.commit_message(task, issue.get("title"))
+            )
+            if not self.workspace.has_new_commits(prepared.path, prepared.base_sha):
+                return AttemptResult(Outcome.NO_CHANGES, None, changes=changes)
+            head = self.workspace.head(prepared.path)
+            remote = self.workspace.remote_branch_sha(task.repo, branch)
+        except GitError as exc:
+            return AttemptResult(
+                Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets), changes=changes
+            )
+        if head == start_head and head == remote:
+            # Nothing new from this run. The branch may still lack its PR, if an earlier
+            # attempt or task pushed and then could not open it: publish in that case.
+            try:
+                existing = self.gitea.find_open_pull(
+                    task.owner, task.name, prepared.base_branch, branch
+                )
+            except GiteaError as exc:
+                return AttemptResult(
+                    Outcome.INFRA_ERROR,
+                    f"could not look up the pull request: {exc}",
+                    changes=changes,
+                )
+            if existing:
+                return AttemptResult(Outcome.NO_CHANGES, None, changes=changes)
+        # The agent's work is committed: from here on, a retry publishes it and does not
+        # run the agent again (see _resume_publishing).
+        self.store.update(task.id, publish_sha=head, bump=False)
+        return self._publish(
+            task,
+            issue,
+            prepared,
+            branch,
+            head=head,
+            remote=remote,
+            summary=run.summary,
+            usage=run.usage,
+            changes=changes,
+        )
+
+    def _resume_publishing(
+        self, task: Task, issue: Mapping[str, Any], prepared: Prepared, branch: str
+    ) -> AttemptResult | None:
+        """An earlier attempt committed the agent's work and could not publish it (Gitea
+        away, a lost answer, a crash): publish that work, with that run's summary and usage.
+        None when the work is gone (a worktree lost before its push): the agent runs again."""
+        commit = task.publish_sha or ""
+        try:
+            present = self.workspace.contains(prepared.path, commit)
+            if present:
+                head = self.workspace.head(prepared.path)
+                remote = self.workspace.remote_branch_sha(task.repo, branch)
+        except GitError as exc:
+            return AttemptResult(Outcome.INFRA_ERROR, redact(f"git: {exc}", self.config.secrets()))
+        if not present:
+            log.warning(
+                "committed work is gone; running the agent again",
+                extra={"task": task.id, "commit": commit},
+            )
+            self.store.update(task.id, publish_sha=None, bump=False)
+            return None
+        log.info("resuming at publishing", extra={"task": task.id, "commit": commit})
+        current = self.store.require(task.id)
+        return self._publish(
+            current,
+            issue,
+            prepared,
+            branch,
+            head=head,
+            remote=remote,
+            summary=current.summary or "",
+            usage=current.usage,
+            changes={},
+        )
+
+    def _publish(
+        self,
+        task: Task,
+        issue: Mapping[str, Any],
+        prepared: Prepared,
+        branch: str,
+        *,
+        head: str,
+        remote: str | None,
+        summary: str,
+        usage: Mapping[str, Any],
+        changes: Mapping[str, Any],
+    ) -> AttemptResult:
+        """Push the committed work and open or update its pull request.
+
+        While Gitea is away (no answer, 5xx) the task waits for it without using up an
+        attempt, as it does before the agent runs; a refusal counts one. Either way the
+        next attempt publishes without running the agent again.
+        """
+        secrets = self.config.secrets()
+        try:
+            files = len(self.workspace.changed_files(prepared.path, prepared.base_sha))
+            if head != remote:
+                self.workspace.push(prepared.path, branch)
+        except GitError as exc:
+            return AttemptResult(
+                Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets), changes=changes
+            )
+        current = self.store.require(task.id)
+        try:
+            number, _own = self.publisher.publish_pr(
+                current,
+                branch=branch,
+                base=prepared.base_branch,
+                title=issue.get("title") or f"Issue #{task.issue}",
+                summary=summary,
+                files_changed=files,
+                usage=usage,
+            )
+        except (Unreachable, ServerError) as exc:
+            return AttemptResult(
+                Outcome.INFRA_ERROR,
+                f"waiting for Gitea to open the pull request: {exc}",
+                requeue=True,
+                delay=GITEA_WAIT_SECONDS,
+                changes=changes,
+            )
+        except GiteaError as exc:
+            return AttemptResult(
+                Outcome.INFRA_ERROR, f"could not open the pull request: {exc}", changes=changes
+            )
+        self.store.set_issue(None, task.repo, task.issue, pr_number=number, branch=branch)
+        return AttemptResult(
+            Outcome.SUCCEEDED,
+            None,
+            changes={**changes, "pr_number": number, "files_changed": files, "publish_sha": None},
+        )
+
+    def _session_for(
+        self, task: Task, spec: agents.AgentSpec, issue_row: Mapping[str, Any]
+    ) -> str | None:
+        if not spec.sessions:
+            return None
+        current = self.store.require(task.id)
+        if current.session_id and current.agents_tried and current.agents_tried[-1] == spec.name:
+            return current.session_id  # a retry resumes its own conversation
+        if task.kind is Kind.CONTINUE and issue_row.get("agent") == spec.name:
+            return issue_row.get("session_id")
+        return None
+
+    def _run_agent(
+        self,
+        task: Task,
+        spec: agents.AgentSpec,
+        workdir: Path,
+        prompt: str,
+        session: str | None,
+        branch: str,
+    ) -> AgentRun:
+        cfg = self.config
+        storage = cfg.storage
+        prompt_file = storage.prompt_path(task.id)
+        prompt_file.parent.mkdir(parents=True, exist_ok=True)
+        prompt_file.write_text(prompt, encoding="utf-8")
+        home = storage.homes_dir / task.owner / task.name / str(task.issue)
+        home_env = agents.prepare_home(spec, home)
+        task_vars = {
+            "KUGETSU_TASK_ID": str(task.id),
+            "KUGETSU_REPO": task.repo,
+            "KUGETSU_ISSUE": str(task.issue),
+            "KUGETSU_BRANCH": branch,
+            "KUGETSU_WORKDIR": str(workdir),
+            "KUGETSU_PROMPT_FILE": str(prompt_file),
+        }
+        env = agents.build_env(
+            spec,
+            home_env=home_env,
+            task_vars=task_vars,
+            environ=self.environ,
+            secrets=cfg.secrets(),
+        )
+        started = agents.new_session_id(spec, session)
+        argv = agents.argv_for(
+            spec,
+            prompt=prompt,
+            prompt_file=str(prompt_file),
+            workdir=str(workdir),
+            session_id=session,
+            new_session_id=started,
+        )
+        if started:
+            # the command names the session it starts: a follow-up resumes that one
+            session = started
+            self.store.update(task.id, session_id=started, bump=False)
+        meter = agents.UsageMeter(spec)
+        max_tokens = task.max_tokens or spec.max_tokens or cfg.agents.max_tokens
+        max_cost = task.max_cost_usd or spec.max_cost_usd or cfg.agents.max_cost_usd
+        header = (
+            f"=== kugetsu task {task.id} attempt {task.attempts} agent {spec.name} "
+            f"at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.clock()))} ==="
+        )
+        try:
+            proc = self.start_agent(
+                argv,
+                cwd=workdir,
+                env=env,
+                log_path=storage.log_path(task.id),
+                log_max_bytes=cfg.agents.log_max_bytes,
+                on_line=meter.feed,
+                header=header,
+                secrets=cfg.secrets(),
+            )
+        except process.AgentStartError as exc:
+            return AgentRun(Outcome.AGENT_FAILED, str(exc), retry=False)
+        self.store.update(task.id, pid=proc.pid, pid_start=proc.start_token, bump=False)
+        deadline = self.clock() + cfg.agents.timeout_seconds
+        grace = cfg.agents.kill_grace_seconds
+        stop: tuple[Outcome, str, bool] | None = None
+        session_saved = None
+        last_flag_check = 0.0
+        while proc.wait(POLL_SECONDS) is None:
+            if meter.session_id and meter.session_id != session_saved:
+                session_saved = meter.session_id
+                self.store.update(task.id, session_id=session_saved, bump=False)
+            if self.stopping.is_set():
+                proc.terminate(grace)
+                proc.close()
+                raise Stopping()
+            if time.monotonic() - last_flag_check >= STOP_CHECK_SECONDS:
+                last_flag_check = time.monotonic()
+                by = self.store.cancel_requested(task.id)
+                if by:
+                    stop = (Outcome.CANCELLED, f"stopped by {by}", False)
+            if stop is None and self.clock() >= deadline:
+                stop = (
+                    Outcome.TIMED_OUT,
+                    f"the agent ran longer than {cfg.agents.timeout_minutes:g} minutes",
+                    True,
+                )
+            if stop is None:
+                over = meter.exceeded(max_tokens, max_cost)
+                if over:
+                    stop = (Outcome.AGENT_FAILED, f"budget exceeded: {over}", False)
+            if stop is not None:
+                proc.terminate(grace)
+                break
+        proc.close()
+        code = proc.returncode if proc.returncode is not None else -9
+        report = agents.parse_output(spec, proc.output(), code)
+        session_id = report.session_id or meter.session_id or session
+        # The meter saw every line; the parsed output may miss the middle of a huge log.
+        best = max((report.usage, meter.usage), key=lambda u: u.total_tokens)
+        usage = best.as_dict()
+        summary = report.summary or ""
+        if stop is not None:
+            return AgentRun(
+                stop[0], stop[1], retry=stop[2], session_id=session_id, usage=usage, summary=summary
+            )
+        over = agents.budget_exceeded(best, max_tokens, max_cost)
+        if code != 0 or report.failed:
+            reason = report.failure or f"the agent exited with code {code}"
+            return AgentRun(
+                Outcome.AGENT_FAILED,
+                reason,
+                session_id=session_id,
+                usage=usage,
+                summary=summary,
+                rate_limited=report.rate_limited,
+            )
+        if over:
+            summary = (summary + f"\n\nNote: the run went over its budget ({over}).").strip()
+        return AgentRun(None, None, session_id=session_id, usage=usage, summary=summary)

@@ -1,0 +1,453 @@
+"""The worker's tick: one quick pass over the queue, and the end of every attempt.
+
+`Worker.tick()` never waits on an agent. In order, its steps:
+
+1. `recover()`: tasks left running by a process that is gone go back to the queue;
+2. `authorize()`: new tasks are allowed or refused by their requester's permission;
+3. `launch()`: up to the free slots are claimed (the store guarantees the limit) and each
+   gets a runner thread (`runner.Runner`), which ends in `finish()`;
+4. the outbox (`outbox.Outbox`): replies, reactions, stops and retries;
+5. tracking comments are brought up to date (`Publisher.sync_comments`).
+
+Steps 4 and 5 talk for kugetsu on Gitea, so with several processes on one database only
+the holder of the publisher lease does them. `finish()` is the one place an attempt's
+result becomes the task's next state, by the retry policy, for the runner's results,
+recovery's and those of runners that could not start alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from bot import process
+from bot.config import Config
+from bot.core.health import TickRecord, describe
+from bot.core.tasks import AttemptResult, Outcome, State, Task
+from bot.gitea import GiteaAPI, GiteaError
+from bot.isolate import on_its_own
+from bot.publisher import Publisher
+from bot.scheduler import Coalescer
+from bot.store import Store
+from bot.worker.auth import AuthCache
+from bot.worker.outbox import OUTBOX_BUDGET, Outbox
+from bot.worker.runner import Runner, StartAgent, Stopping
+from bot.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+#: a worker on another host whose heartbeat is this old counts as gone
+HEARTBEAT_STALE_SECONDS = 90.0
+PUBLISHER_LEASE_SECONDS = 120.0
+BOT_LOGIN_RETRY_SECONDS = 60.0
+#: a burst of wakes becomes one tick per this many seconds, not one tick per delivery
+MIN_TICK_SPACING_SECONDS = 0.05
+#: tracking comments written per tick at most (a backlog makes the tick go round again)
+COMMENT_BUDGET = 30
+#: the extra time a shutdown gives runners, beyond the agents' kill grace
+SHUTDOWN_EXTRA_SECONDS = 30.0
+
+
+class Worker:
+    """The tick and its steps, the runner threads, and the end of every attempt.
+
+    `schedule_tick` asks whatever runs `run_tick` (the scheduler) to run it now; the
+    worker calls it through `wake()` when something it did changed the queue.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        gitea: GiteaAPI,
+        workspace: Workspace,
+        *,
+        clock: Callable[[], float] = time.time,
+        environ: Mapping[str, str] | None = None,
+        schedule_tick: Callable[[], None] = lambda: None,
+        start_agent: StartAgent = process.AgentProcess.start,
+    ):
+        self.config, self.store, self.gitea, self.workspace = config, store, gitea, workspace
+        self.clock = clock
+        self.schedule_tick = schedule_tick
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.policy = config.queue.retry_policy
+        self.publisher = Publisher(config, store, gitea)
+        self.auth = AuthCache(config, gitea, clock)
+        self.outbox = Outbox(config, store, self.publisher, self.auth, on_change=self.wake)
+        self._stopping = threading.Event()
+        self.runner = Runner(
+            config,
+            store,
+            gitea,
+            workspace,
+            self.publisher,
+            stopping=self._stopping,
+            clock=clock,
+            environ=dict(os.environ if environ is None else environ),
+            start_agent=start_agent,
+        )
+        self._runners: dict[int, threading.Thread] = {}
+        self._runners_lock = threading.Lock()
+        self._ticks = Coalescer(
+            self.tick, stopped=self._stopping.is_set, min_interval=MIN_TICK_SPACING_SECONDS
+        )
+        self.bot_login: str | None = config.gitea.bot_login or None
+        self._bot_login_tried = float("-inf")
+        self._lease_renew_at = float("-inf")
+        self.ticks = TickRecord()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Register this process and recover what a previous run left behind."""
+        storage = self.config.storage
+        for path in (storage.logs_dir, storage.prompts_dir, storage.homes_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        self.store.register_worker(
+            self.worker_id, os.getpid(), process.process_start_token(os.getpid())
+        )
+        self.recover()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the agents this process started and put their tasks back in the queue."""
+        self._stopping.set()
+        if timeout is None:
+            timeout = self.config.agents.kill_grace_seconds + SHUTDOWN_EXTRA_SECONDS
+        deadline = time.monotonic() + timeout
+        for thread in self.runner_threads():
+            thread.join(max(0.1, deadline - time.monotonic()))
+        self.store.release_leases(self.worker_id)
+        self._lease_renew_at = float("-inf")
+        self.store.unregister_worker(self.worker_id)
+
+    def runner_threads(self) -> list[threading.Thread]:
+        with self._runners_lock:
+            return list(self._runners.values())
+
+    # ---------------------------------------------------------------- the tick
+
+    def wake(self) -> None:
+        """The queue changed: tick again now (or once more, if a tick is running)."""
+        self.request_tick()
+        self.schedule_tick()
+
+    def request_tick(self) -> None:
+        """Ask for another tick; the next run_tick (or the one in progress) will do it."""
+        self._ticks.request()
+
+    def run_tick(self) -> None:
+        """Run tick() now, or make the tick in progress run once more. Never loses a wake."""
+        self._ticks.run()
+
+    def tick(self) -> None:
+        """One pass over the queue. Its outcome is kept for /healthz: an exception that
+        escapes it (an item's own failure does not) is written to the database at once."""
+        self.ticks = self.ticks.began(self.clock())
+        try:
+            self._steps()
+        except Exception as exc:
+            self.ticks = self.ticks.failed(self.clock(), describe(exc))
+            self._report_ticks()
+            raise
+        recovered = self.ticks.failures > 0
+        self.ticks = self.ticks.succeeded(self.clock())
+        if recovered:
+            self._report_ticks()
+
+    def _report_ticks(self) -> None:
+        try:
+            self.store.heartbeat(self.worker_id, self.ticks.to_json())
+        except sqlite3.Error as exc:
+            # the heartbeat goes stale, which /healthz reports in its place
+            log.error("cannot report the ticks to the database", extra={"error": str(exc)})
+
+    def _steps(self) -> None:
+        self.ensure_bot_login()
+        self._reap()
+        self.recover()
+        self.authorize()
+        self.launch()
+        # With several processes on one database, one at a time talks for kugetsu, so a
+        # tracking comment is never created twice and a reply never sent twice.
+        if self._publisher_lease():
+            busy = self.outbox.work() >= OUTBOX_BUDGET
+            busy |= self.publisher.sync_comments(COMMENT_BUDGET) >= COMMENT_BUDGET
+            if busy:
+                self.request_tick()  # a backlog (say, 1,000 queued tasks): go round again now
+
+    def _publisher_lease(self) -> bool:
+        """Hold the publisher lease; renewed only when half of it is used up."""
+        now = self.clock()
+        if now < self._lease_renew_at:
+            return True
+        if self.store.try_lease("publisher", self.worker_id, PUBLISHER_LEASE_SECONDS):
+            self._lease_renew_at = now + PUBLISHER_LEASE_SECONDS / 2
+            return True
+        return False
+
+    def ensure_bot_login(self) -> str | None:
+        """Who kugetsu is on Gitea, for the loop guard: config, then the store, then /user."""
+        if self.bot_login:
+            return self.bot_login
+        login = self.config.gitea.bot_login or self.store.get_meta("bot_login")
+        if (
+            not login
+            and self.config.gitea.token
+            and self.clock() - self._bot_login_tried >= BOT_LOGIN_RETRY_SECONDS
+        ):
+            self._bot_login_tried = self.clock()
+            try:
+                login = self.gitea.get_user().get("login")
+            except GiteaError as exc:
+                log.warning("cannot read the bot's own user", extra={"error": str(exc)})
+            if login:
+                self.store.set_meta("bot_login", login)
+        self.bot_login = login or None
+        return self.bot_login
+
+    def _reap(self) -> None:
+        with self._runners_lock:
+            for task_id, thread in list(self._runners.items()):
+                if not thread.is_alive():
+                    del self._runners[task_id]
+
+    # ---------------------------------------------------------------- jobs beside the tick
+
+    def heartbeat(self) -> None:
+        """Every few seconds, on its own job: say this process lives and how its ticks go,
+        and checkpoint the WAL."""
+        self.store.heartbeat(self.worker_id, self.ticks.to_json())
+        self.store.checkpoint()
+
+    def cleanup(self, older_than_days: float | None = None) -> dict[str, int]:
+        """Delete old finished tasks, their logs and prompt files, and idle worktrees
+        (by default those older than queue.cleanup_age_days)."""
+        if older_than_days is None:
+            older_than_days = self.config.queue.cleanup_age_days
+        removed = self.store.clear(older_than_days)
+        cutoff = self.clock() - older_than_days * 86400.0
+        old: dict[int, list[Path]] = {}
+        for folder, suffix in self.config.storage.task_files:
+            for path in folder.glob(f"*{suffix}") if folder.is_dir() else ():
+                stem = path.name[: -len(suffix)]
+                if stem.isdigit() and path.stat().st_mtime < cutoff:
+                    old.setdefault(int(stem), []).append(path)
+        known = self.store.existing(old)
+        files = 0
+        for task_id, paths in old.items():
+            if task_id not in known:
+                for path in paths:
+                    path.unlink(missing_ok=True)
+                    files += 1
+        keep = [Path(t.worktree) for t in self.store.active_tasks() if t.worktree]
+        worktrees = self.workspace.cleanup(older_than_days * 86400.0, keep=keep)
+        log.info(
+            "cleanup done", extra={"tasks": removed, "files": files, "worktrees": len(worktrees)}
+        )
+        return {"tasks": removed, "files": files, "worktrees": len(worktrees)}
+
+    # ---------------------------------------------------------------- 1. recovery
+
+    def _worker_alive(self, worker: dict[str, Any]) -> bool:
+        if worker["id"] == self.worker_id:
+            return True
+        if worker["host"] == socket.gethostname():
+            token = process.process_start_token(worker["pid"])
+            return token is not None and token == worker["pid_start"]
+        return bool(self.clock() - worker["heartbeat_at"] < HEARTBEAT_STALE_SECONDS)
+
+    def recover(self) -> list[int]:
+        """Tasks left running by a process that is gone go back to the queue, their
+        attempt counted, by the retry policy like any other attempt's end."""
+        workers = {w["id"]: w for w in self.store.workers()}
+        alive = {wid for wid, w in workers.items() if self._worker_alive(w)}
+        recovered = []
+        for task in self.store.running_tasks():
+            if task.worker_id == self.worker_id:
+                with self._runners_lock:
+                    if task.id in self._runners:
+                        continue
+                # ours, but no runner holds it (should not happen): recover it too
+            elif task.worker_id in alive:
+                continue
+            with on_its_own("recovery", task.id, self._set_aside(task)):
+                if self._recover_one(task):
+                    recovered.append(task.id)
+        for wid in set(workers) - alive:
+            self.store.unregister_worker(wid)
+        return recovered
+
+    def _recover_one(self, task: Task) -> bool:
+        if task.pid and process.kill_orphan(
+            task.pid, task.pid_start, self.config.agents.kill_grace_seconds
+        ):
+            log.warning("killed orphaned agent", extra={"task": task.id, "pid": task.pid})
+        result = AttemptResult(Outcome.INFRA_ERROR, "kugetsu stopped while the agent was running")
+        state = self._end_attempt(task, result, event="recovered", detail=task.worker_id)
+        if state is None:
+            return False
+        log.warning(
+            "recovered task",
+            extra={"task": task.id, "to": state.value, "attempts": task.attempts},
+        )
+        return True
+
+    def _set_aside(self, task: Task) -> Callable[[str], bool]:
+        """How a tick step gives up on a task it cannot process: the task ends, with the
+        reason, through the store's compare-and-set (a pending one is not started)."""
+
+        def give_up(reason: str) -> bool:
+            if task.state is State.PENDING:
+                # a request not started is refused, which its tracking comment then says
+                to = State.REJECTED
+                done = self._reject(task, reason, event="set aside", outcome=Outcome.INFRA_ERROR)
+            else:
+                to = State.FAILED
+                done = self.store.transition(
+                    task.id,
+                    task.state,
+                    to,
+                    event="set aside",
+                    detail=reason,
+                    error=reason,
+                    outcome=Outcome.INFRA_ERROR,
+                    pid=None,
+                    pid_start=None,
+                )
+            log.error("task set aside", extra={"task": task.id, "to": to.value, "error": reason})
+            return done
+
+        return give_up
+
+    def _reject(self, task: Task, reason: str, **how: Any) -> bool:
+        """Refuse a pending task; its comment counts against the requester's reply limit."""
+        triggers = self.config.triggers
+        return self.store.reject(
+            task,
+            reason,
+            reply_limit=triggers.reply_limit,
+            reply_window=triggers.reply_window_seconds,
+            **how,
+        )
+
+    # ---------------------------------------------------------------- 2. authorization
+
+    def authorize(self) -> None:
+        allowed_tasks: list[tuple[int, str]] = []
+        try:
+            for task in self.store.unauthorized_pending():
+                with on_its_own("authorization", task.id, self._set_aside(task)):
+                    verdict = self.auth.check(task.repo, task.requested_by, task.permission_hint)
+                    if verdict is None:
+                        break  # Gitea cannot answer now; the rest wait for the next tick
+                    allowed, reason = verdict
+                    if allowed:
+                        allowed_tasks.append((task.id, reason))
+                        continue
+                    self._reject(task, reason)
+                    log.info("task rejected", extra={"task": task.id, "user": task.requested_by})
+        finally:
+            self.store.mark_authorized(allowed_tasks)
+
+    # ---------------------------------------------------------------- 3. launching
+
+    def launch(self) -> list[int]:
+        if self._stopping.is_set():
+            return []
+        claimed = self.store.claim(self.config.queue.max_concurrent_agents, self.worker_id)
+        for task in claimed:
+            with on_its_own("start", task.id, partial(self._not_started, task)):
+                thread = threading.Thread(
+                    target=self._run, args=(task,), name=f"task-{task.id}", daemon=True
+                )
+                with self._runners_lock:
+                    self._runners[task.id] = thread
+                thread.start()
+                log.info(
+                    "task started",
+                    extra={
+                        "task": task.id,
+                        "repo": task.repo,
+                        "issue": task.issue,
+                        "attempt": task.attempts,
+                    },
+                )
+        return [t.id for t in claimed]
+
+    def _not_started(self, task: Task, reason: str) -> None:
+        """A claimed task whose runner could not start: the attempt ends like any other."""
+        with self._runners_lock:
+            self._runners.pop(task.id, None)
+        self.finish(task, AttemptResult(Outcome.INFRA_ERROR, reason))
+
+    def _run(self, task: Task) -> None:
+        try:
+            try:
+                result = self.runner.run(task)
+            except Stopping:
+                result = AttemptResult(Outcome.INFRA_ERROR, "kugetsu was shut down", requeue=True)
+            except Exception as exc:  # a bug must not leave the task running forever
+                log.exception("task crashed", extra={"task": task.id})
+                result = AttemptResult(
+                    Outcome.INFRA_ERROR, f"internal error: {exc.__class__.__name__}"
+                )
+            self.finish(task, result)
+        finally:
+            with self._runners_lock:
+                self._runners.pop(task.id, None)
+            self.wake()
+
+    # ---------------------------------------------------------------- the end of an attempt
+
+    def finish(self, task: Task, result: AttemptResult) -> State | None:
+        """The one place an attempt's result becomes the task's next state. None if the
+        task was no longer running (stopped meanwhile, or already finished)."""
+        current = self.store.get(task.id)
+        if current is None or current.state is not State.RUNNING:
+            return None
+        state = self._end_attempt(current, result)
+        if state is not None:
+            log.info(
+                "task finished",
+                extra={"task": task.id, "outcome": result.outcome.value, "state": state.value},
+            )
+        return state
+
+    def _end_attempt(
+        self,
+        task: Task,
+        result: AttemptResult,
+        *,
+        event: str | None = None,
+        detail: str | None = None,
+    ) -> State | None:
+        """Move a running task on by the retry policy, through the store's compare-and-set:
+        None if it was no longer running as `task` was read."""
+        decision = self.policy.decide(result, task.attempts, task.max_attempts)
+        changes: dict[str, Any] = dict(result.changes)
+        changes.update(outcome=result.outcome, error=result.error, pid=None, pid_start=None)
+        if decision.state is State.PENDING:
+            changes["not_before"] = self.clock() + (decision.retry_in or 0.0)
+        if decision.refund:
+            changes["attempts"] = max(0, task.attempts - 1)
+        if event is None:
+            event = "requeued" if result.requeue else result.outcome.value
+        done = self.store.transition(
+            task.id,
+            State.RUNNING,
+            decision.state,
+            event=event,
+            detail=result.error if detail is None else detail,
+            **changes,
+        )
+        return decision.state if done else None
