@@ -1,4 +1,8 @@
-"""The durable queue: migrations, compare-and-set transitions, atomic claiming."""
+"""The durable queue: migrations, compare-and-set transitions, atomic claiming.
+
+The contract tests take `store` or `make_store` and run on both backends, SQLite and
+PostgreSQL (tests/conftest.py: `backend`); those about SQLite's own mechanics (its
+pragmas, write lock, query plans) take `sqlite_store`."""
 
 import multiprocessing
 import random
@@ -10,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bot.core.tasks import CancelResult, InvalidTransition, Kind, Outcome, State
-from bot.store import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, Store, open_store
+from bot.store import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, open_store
 from tests.conftest import enqueue, task_events, write_unchecked
 
 
@@ -30,13 +34,30 @@ def add(store, issue=1, repo="acme/widget", authorized=True, **kw):
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(make_store):
+    return make_store()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
     s = open_store(tmp_path / "db.sqlite")
     yield s
     s.close()
 
 
+def integrity_errors() -> tuple[type[BaseException], ...]:
+    import psycopg
+
+    return (sqlite3.IntegrityError, psycopg.IntegrityError)
+
+
 def test_fresh_database_gets_the_latest_schema(store):
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.check() == []
+
+
+def test_a_fresh_sqlite_database_is_in_wal_mode(sqlite_store):
+    store = sqlite_store
     assert store._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     mode = store._conn().execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
@@ -65,13 +86,15 @@ def test_migrate_is_idempotent(store):
     assert store.migrate() == SCHEMA_VERSION
 
 
-def test_refuses_a_newer_schema(tmp_path):
-    path = tmp_path / "new.sqlite"
-    conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    conn.close()
+def test_refuses_a_newer_schema(make_store, backend):
+    store = make_store()
+    if backend == "sqlite":
+        store._conn().execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    else:
+        store._conn().execute("UPDATE kugetsu_schema SET version = ?", (SCHEMA_VERSION + 1,))
     with pytest.raises(SchemaTooNew):
-        open_store(path)
+        make_store()
+    assert "this kugetsu expects" in store.check()[0]
 
 
 def test_values_kugetsu_does_not_know_are_refused_when_written(store):
@@ -96,10 +119,10 @@ def test_values_kugetsu_does_not_know_are_refused_when_written(store):
         ("start", "failed", ""),
         ("start", 3, None),
     ]:
-        with pytest.raises(sqlite3.IntegrityError, match="not a value kugetsu knows"):
+        with pytest.raises(integrity_errors(), match="not a value kugetsu knows"):
             conn.execute(insert, (kind, state, outcome))
     for column, value in [("kind", "frobnicate"), ("state", "paused"), ("outcome", "exploded")]:
-        with pytest.raises(sqlite3.IntegrityError, match="not a value kugetsu knows"):
+        with pytest.raises(integrity_errors(), match="not a value kugetsu knows"):
             conn.execute(f"UPDATE tasks SET {column} = ? WHERE id = ?", (value, tid))
     assert [t.id for t in store.list_tasks()] == [tid]
 
@@ -107,7 +130,7 @@ def test_values_kugetsu_does_not_know_are_refused_when_written(store):
 def test_a_row_written_before_the_checks_can_still_be_moved_on(store):
     # an unknown kind already there does not stop an update of the state
     tid = add(store)
-    write_unchecked(store.path, "UPDATE tasks SET kind = 'frobnicate' WHERE id = ?", (tid,))
+    write_unchecked(store, "UPDATE tasks SET kind = 'frobnicate' WHERE id = ?", (tid,))
     assert [t.id for t in store.claim(1, "w")] == []  # set aside as it was read
     task = store.get(tid)
     assert (task.state, task.kind) == (State.FAILED, Kind.START)
@@ -166,7 +189,7 @@ def test_a_row_that_cannot_be_read_is_set_aside_and_the_others_are_read(
     bad = add(store, issue=1, authorized=authorized)
     if name == "running_tasks":
         store.claim(1, "w")
-    write_unchecked(store.path, f"UPDATE tasks SET {column} = ? WHERE id = ?", (value, bad))
+    write_unchecked(store, f"UPDATE tasks SET {column} = ? WHERE id = ?", (value, bad))
     # (on another issue where the reader takes one task per issue, or the latest)
     good = add(store, issue=2 if name in ("claim", "latest_task") else 1, authorized=authorized)
     if name == "running_tasks":
@@ -287,9 +310,9 @@ def test_queue_positions(store):
     assert store.queue_position(ids[3]) == 3
 
 
-def test_leases(tmp_path):
+def test_leases(make_store):
     now = [100.0]
-    store = open_store(tmp_path / "db", clock=lambda: now[0])
+    store = make_store(clock=lambda: now[0])
     assert store.try_lease("publisher", "a", 10)
     assert not store.try_lease("publisher", "b", 10)
     assert store.try_lease("publisher", "a", 10)  # renewal
@@ -299,8 +322,7 @@ def test_leases(tmp_path):
     assert store.try_lease("publisher", "a", 10)
 
 
-def test_a_worker_found_gone_frees_its_leases(tmp_path):
-    store = open_store(tmp_path / "db")
+def test_a_worker_found_gone_frees_its_leases(store):
     store.register_worker("dead", 1, "0@gone")
     assert store.try_lease("publisher", "dead", 120)
     assert not store.try_lease("publisher", "alive", 120)
@@ -308,9 +330,9 @@ def test_a_worker_found_gone_frees_its_leases(tmp_path):
     assert store.try_lease("publisher", "alive", 120)
 
 
-def test_clear_removes_only_old_finished_tasks(tmp_path):
+def test_clear_removes_only_old_finished_tasks(make_store):
     now = [1000.0]
-    store = open_store(tmp_path / "db", clock=lambda: now[0])
+    store = make_store(clock=lambda: now[0])
     done = add(store, issue=1)
     store.transition(done, State.PENDING, State.CANCELLED, event="x")
     active = add(store, issue=2)
@@ -319,7 +341,7 @@ def test_clear_removes_only_old_finished_tasks(tmp_path):
     assert store.get(done) is None and store.get(active) is not None
 
 
-def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
+def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(make_store):
     """The indexes and batches behind the worker's queries (tests/test_query_cost.py) change
     what they cost, not what they return: compared with Python over every row."""
     from bot.core.tasks import TERMINAL_STATES
@@ -330,7 +352,7 @@ def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
     }
     rng = random.Random(7)
     now = 100 * 86400.0
-    store = open_store(tmp_path / "db", clock=lambda: now)
+    store = make_store(clock=lambda: now)
     states = [s.value for s in State]
     n = 6 * CLEAR_BATCH + 7
     with store.tx() as c:
@@ -443,8 +465,8 @@ def _overlap(intervals):
     return best
 
 
-def _worker_loop(path, limit, worker, out):
-    store = Store(path)
+def _worker_loop(location, limit, worker, out):
+    store = open_store(location)
     intervals = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -462,16 +484,17 @@ def _worker_loop(path, limit, worker, out):
             assert store.transition(
                 task.id, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED
             )
+    store.close()
     out.extend(intervals) if isinstance(out, list) else out.put(intervals)
 
 
-def test_claim_limit_holds_across_threads(tmp_path):
-    store = open_store(tmp_path / "db")
+def test_claim_limit_holds_across_threads(make_store):
+    store = make_store()
     for i in range(120):
         add(store, issue=i)
     results = []
     threads = [
-        threading.Thread(target=_worker_loop, args=(store.path, 3, f"t{n}", results))
+        threading.Thread(target=_worker_loop, args=(make_store.location, 3, f"t{n}", results))
         for n in range(8)
     ]
     for t in threads:
@@ -483,14 +506,15 @@ def test_claim_limit_holds_across_threads(tmp_path):
     assert store.stats().by_state["completed"] == 120
 
 
-def test_claim_limit_holds_across_processes(tmp_path):
-    store = open_store(tmp_path / "db")
+def test_claim_limit_holds_across_processes(make_store):
+    store = make_store()
     for i in range(80):
         add(store, issue=i)
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker_loop, args=(store.path, 3, f"p{n}", queue)) for n in range(2)
+        ctx.Process(target=_worker_loop, args=(make_store.location, 3, f"p{n}", queue))
+        for n in range(2)
     ]
     for p in procs:
         p.start()
@@ -521,8 +545,8 @@ def test_checkpoint_pages_keeps_the_write_ahead_log_short(tmp_path):
     assert wal_size_after_commits(tmp_path / "worker.db", 20) < 300_000
 
 
-def test_mark_authorized_writes_a_batch_in_one_transaction(tmp_path):
-    store = open_store(tmp_path / "k.db")
+def test_mark_authorized_writes_a_batch_in_one_transaction(sqlite_store):
+    store = sqlite_store
     first, second = add(store, 1, authorized=False), add(store, 2, authorized=False)
     statements: list[str] = []
     store._conn().set_trace_callback(statements.append)
@@ -537,7 +561,8 @@ def test_mark_authorized_writes_a_batch_in_one_transaction(tmp_path):
     store.mark_authorized([])  # nothing to write
 
 
-def test_claim_takes_no_write_lock_when_every_slot_is_taken(store):
+def test_claim_takes_no_write_lock_when_every_slot_is_taken(sqlite_store):
+    store = sqlite_store
     for issue in range(1, 5):
         add(store, issue)
     assert len(store.claim(2, "w1")) == 2
@@ -553,7 +578,8 @@ def test_claim_takes_no_write_lock_when_every_slot_is_taken(store):
     assert len(store.claim(2, "w1")) == 1  # a freed slot is claimed at the next call
 
 
-def test_a_write_waits_for_another_process_holding_the_lock(store):
+def test_a_write_waits_for_another_process_holding_the_lock(sqlite_store):
+    store = sqlite_store
     # Another process (here: another connection) holds SQLite's write lock for longer
     # than the fast polling phase; the write must wait for it and then go through, not
     # fail with "database is locked".
@@ -573,7 +599,8 @@ def test_a_write_waits_for_another_process_holding_the_lock(store):
     other.close()
 
 
-def test_a_write_gives_up_after_the_busy_timeout(store, monkeypatch):
+def test_a_write_gives_up_after_the_busy_timeout(sqlite_store, monkeypatch):
+    store = sqlite_store
     monkeypatch.setattr("bot.store.BUSY_TIMEOUT_SECONDS", 0.05)
     other = sqlite3.connect(store.path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
@@ -588,7 +615,7 @@ def test_a_write_gives_up_after_the_busy_timeout(store, monkeypatch):
 
 def test_reply_counts_forget_what_is_older_than_the_window_and_use_the_index(tmp_path):
     now = [0.0]
-    store = open_store(tmp_path / "db", clock=lambda: now[0])
+    store = open_store(tmp_path / "db.sqlite", clock=lambda: now[0])
     with store.tx() as c:
         for i in range(10):
             now[0] = i * 100.0

@@ -179,6 +179,10 @@ class Task:
     #: the commit holding the agent's work while it waits to be published: a retry then
     #: publishes it and does not run the agent again (None: the agent has yet to run)
     publish_sha: str | None = None
+    #: the running attempt's lease: its token, checked by compare-and-set before each
+    #: step that publishes, and when it runs out unless its worker renews it
+    lease_token: str | None = None
+    lease_expires_at: float | None = None
 
     @property
     def owner(self) -> str:
