@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,10 +17,11 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from bot import tasklog
 from bot.config import Config
 from bot.core import events, intake, render
 from bot.ingest import ingest
-from bot.store import Store
+from bot.store import DATABASE_ERRORS, Store
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def create_app(
 
         try:
             result = ingest(store, delivery, event, rules())
-        except sqlite3.Error as exc:
+        except DATABASE_ERRORS as exc:
             # Nothing of the delivery was written (one transaction), and it is not
             # acknowledged: Gitea's webhook history shows the answer, and can redeliver it.
             store_failed(exc)
@@ -158,10 +158,9 @@ def create_app(
         # only people who can see those links can read the log.
         if not events.equal_secrets(token, render.log_token(config, task_id)):
             return answer(404, "not found", "no such log")
-        path = config.storage.log_path(task_id)
-        if not path.is_file():
+        data = tasklog.read(config, store, task_id)
+        if data is None:
             return answer(404, "not found", "no such log")
-        data = path.read_bytes()
         return Response(data, mimetype="text/plain", headers={"Cache-Control": "no-store"})
 
     return app

@@ -63,6 +63,14 @@ class StorageConfig:
     data_dir: Path = Path("kugetsu-data")
     #: /healthz reports the disk when less than this is free in data_dir
     min_free_mb: int = 200
+    #: a PostgreSQL URL: the queue lives there, shared by every machine that names it;
+    #: empty: SQLite in data_dir (one machine)
+    database_url: str = field(default="", repr=False)
+
+    @property
+    def database(self) -> str | Path:
+        """Where the store is: the PostgreSQL URL, or the SQLite file in data_dir."""
+        return self.database_url or self.db_path
 
     @property
     def db_path(self) -> Path:
@@ -164,6 +172,21 @@ class AgentsConfig:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    """This process's worker: how many agents it runs, how it holds its tasks."""
+
+    #: agents this worker runs at most; None: queue.max_concurrent_agents (the global
+    #: limit, which holds across all workers whatever their capacities add up to)
+    capacity: int | None = None
+    #: a running task's lease runs out this long after its worker last renewed it; then
+    #: any worker may put the task back in the queue
+    lease_seconds: float = 60.0
+    #: the name of this machine as other workers see it (the PID check of a dead worker
+    #: applies only between workers of one host); empty: the host name
+    host: str = ""
+
+
+@dataclass(frozen=True)
 class GitConfig:
     branch_template: str = "kugetsu/issue-{number}"
     author_name: str = "kugetsu"
@@ -179,11 +202,32 @@ class Config:
     triggers: TriggersConfig = field(default_factory=TriggersConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     git: GitConfig = field(default_factory=GitConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     source: str = "(built-in defaults)"
 
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, comment, body or URL."""
-        return tuple(s for s in (self.gitea.token, self.gitea.webhook_secret) if s)
+        values = (self.gitea.token, self.gitea.webhook_secret, _url_password(self))
+        return tuple(s for s in values if s)
+
+    @property
+    def capacity(self) -> int:
+        """Agents this process's worker may run: `[worker] capacity`, by default the
+        global limit."""
+        return self.worker.capacity or self.queue.max_concurrent_agents
+
+
+def _url_password(config: Config) -> str:
+    """The password in the database URL, if it carries one (a secret like the token)."""
+    from urllib.parse import unquote, urlsplit
+
+    url = config.storage.database_url
+    if not url:
+        return ""
+    try:
+        return unquote(urlsplit(url).password or "")
+    except ValueError:
+        return ""
 
 
 # --------------------------------------------------------------------------- reading
@@ -288,7 +332,7 @@ class _Section:
             raise ConfigError(f"[{self.name}] has an unknown key: {unknown[0]}")
 
 
-_SECTIONS = ("server", "gitea", "storage", "queue", "triggers", "agents", "git")
+_SECTIONS = ("server", "gitea", "storage", "queue", "triggers", "agents", "git", "worker")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -416,9 +460,19 @@ def load(
         env, "KUGETSU_DATA_DIR", st.string("data_dir", str(StorageConfig.data_dir))
     )
     min_free_mb = st.integer("min_free_mb", StorageConfig.min_free_mb, minimum=0)
+    database_url = _override(
+        env, "KUGETSU_DATABASE_URL", st.string("database_url", StorageConfig.database_url)
+    )
     st.check_unknown()
+    if database_url and not database_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            "storage.database_url must be a PostgreSQL URL (postgresql://user@host/db), "
+            "or empty for SQLite in data_dir"
+        )
     storage = StorageConfig(
-        data_dir=Path(data_dir).expanduser().absolute(), min_free_mb=min_free_mb
+        data_dir=Path(data_dir).expanduser().absolute(),
+        min_free_mb=min_free_mb,
+        database_url=database_url,
     )
 
     # queue
@@ -514,6 +568,15 @@ def load(
     if not branch or branch.startswith(("-", "/")) or ".." in branch or " " in branch:
         raise ConfigError(f"git.branch_template gives an invalid branch name: {branch!r}")
 
+    # worker
+    w = _Section("worker", data.get("worker"))
+    worker = WorkerConfig(
+        capacity=w.integer("capacity", WorkerConfig.capacity, minimum=1),
+        lease_seconds=w.number("lease_seconds", WorkerConfig.lease_seconds, minimum=1),
+        host=w.string("host", WorkerConfig.host),
+    )
+    w.check_unknown()
+
     config = Config(
         server=server,
         gitea=gitea,
@@ -522,6 +585,7 @@ def load(
         triggers=triggers,
         agents=agents,
         git=git,
+        worker=worker,
         source=source,
     )
     _check_agents(config)

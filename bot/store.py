@@ -376,8 +376,31 @@ class StoreError(RuntimeError):
     pass
 
 
+def _driver_errors() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], ...]]:
+    try:
+        import psycopg
+    except ImportError:  # the optional PostgreSQL extra is not installed
+        return (), ()
+    return (psycopg.Error,), (psycopg.OperationalError,)
+
+
+#: what a database of either backend raises: callers that must survive a database
+#: failure (a delivery answered 503, a tick that fails and is retried) catch these
+DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, *_driver_errors()[0])
+#: failures of the database itself (locked, full, unreachable), not of one row
+OPERATIONAL_ERRORS: tuple[type[Exception], ...] = (
+    sqlite3.OperationalError,
+    *_driver_errors()[1],
+)
+
+
 class SchemaTooNew(StoreError):
     pass
+
+
+class LeaseLost(StoreError):
+    """A step only a lease's holder may take was refused: the lease (a task's, or a
+    cluster-wide duty's) is no longer this worker's."""
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -1589,17 +1612,18 @@ class Store:
             return bool(cur.rowcount == 1)
 
     def holds_lease(self, name: str, owner: str, margin: float = 0.0) -> bool:
-        """True if `owner` holds `name` for at least `margin` seconds more: the check a
-        node makes before a step only the lease's holder may take."""
+        """The check a node makes before a step only the holder of lease `name` may take:
+        True if `owner` holds it for at least `margin` seconds more, or if no one holds
+        it now; False while another owner does."""
         row = (
             self._conn()
-            .execute(
-                "SELECT 1 FROM leases WHERE name = ? AND owner = ? AND expires_at > ?",
-                (name, owner, self.clock() + margin),
-            )
+            .execute("SELECT owner, expires_at FROM leases WHERE name = ?", (name,))
             .fetchone()
         )
-        return row is not None
+        now = self.clock()
+        if row is None or (row[0] != owner and row[1] <= now):
+            return True
+        return bool(row[0] == owner and row[1] > now + margin)
 
     def renew_leases(self, leases: Mapping[int, str], seconds: float) -> set[int]:
         """Extend each running task's lease (task id -> its token) to `seconds` from now,
@@ -1664,6 +1688,18 @@ class Store:
                 "ON CONFLICT (task_id, at_byte) DO NOTHING",
                 (task_id, at_byte, data),
             )
+
+    def log_size(self, task_id: int) -> int:
+        """How many bytes of a task's log were shipped."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT COALESCE(MAX(at_byte + LENGTH(data)), 0) FROM task_logs WHERE task_id = ?",
+                (task_id,),
+            )
+            .fetchone()
+        )
+        return int(row[0])
 
     def read_log(self, task_id: int, from_byte: int = 0) -> bytes | None:
         """A task's shipped log from byte `from_byte` on; None if none was shipped."""
@@ -1744,11 +1780,14 @@ def open_store(
 
 
 __all__ = [
+    "DATABASE_ERRORS",
     "MIGRATIONS",
+    "OPERATIONAL_ERRORS",
     "SCHEMA_VERSION",
     "CommentRecord",
     "Conn",
     "Dialects",
+    "LeaseLost",
     "SchemaTooNew",
     "Stats",
     "Store",

@@ -8,6 +8,14 @@ to the tick, whose `finish()` turns it into the task's next state by the retry p
 The agent's process is started through one function, `start_agent` (by default
 `AgentProcess.start`): whatever changes how an agent is started (a sandbox) replaces
 that function and nothing else.
+
+The attempt holds the task's lease (its token, from the claim). Every write about the
+attempt is made only while the token is still the task's, and before each step that
+publishes (the push, the pull request and its comments) `_fence` renews the lease by
+compare-and-set: a runner whose task was taken over (its worker was cut off from the
+database past the lease) publishes nothing. Where the database is shared by several
+machines (PostgreSQL), the agent's log is shipped to it as it grows, so any node can
+serve it (`bot.tasklog`).
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from bot.core.tasks import AttemptResult, Kind, Outcome, Task
 from bot.gitea import GiteaAPI, GiteaError, ServerError, Unreachable
 from bot.publisher import Publisher
 from bot.redact import redact
-from bot.store import Store
+from bot.store import LeaseLost, Store
+from bot.tasklog import LogShipper
 from bot.workspace import GitError, Prepared, Workspace
 
 log = logging.getLogger(__name__)
@@ -88,11 +97,29 @@ class Runner:
         clock: Callable[[], float] = time.time,
         environ: Mapping[str, str],
         start_agent: StartAgent = process.AgentProcess.start,
+        node: str | None = None,
     ):
         self.config, self.store, self.gitea = config, store, gitea
         self.workspace, self.publisher = workspace, publisher
         self.stopping, self.clock, self.environ = stopping, clock, environ
         self.start_agent = start_agent
+        #: where this worker's worktrees and agent homes are (`Worker.node`)
+        self.node = node
+        #: tasks whose lease this worker lost (the heartbeat found it taken over): their
+        #: agents are stopped and their attempts publish nothing
+        self.fenced: set[int] = set()
+        #: the lease token of each attempt running here, by task id
+        self._tokens: dict[int, str | None] = {}
+
+    def _fence(self, task_id: int) -> None:
+        """Before a step that publishes: renew the attempt's lease by compare-and-set;
+        LeaseLost if the task is no longer this attempt's."""
+        token = self._tokens.get(task_id)
+        if task_id in self.fenced or not self.store.hold_lease(
+            task_id, token, self.config.worker.lease_seconds
+        ):
+            self.fenced.add(task_id)
+            raise LeaseLost(f"task {task_id}: its lease was taken over")
 
     def branch(self, task: Task) -> str:
         return self.config.git.branch_template.format(
@@ -102,6 +129,20 @@ class Runner:
     def run(self, task: Task) -> AttemptResult:
         """One attempt of a claimed task, from its worktree to its result. Raises Stopping
         when the service shuts down meanwhile (its agent is stopped first)."""
+        self._tokens[task.id] = task.lease_token
+        try:
+            return self._run(task)
+        except LeaseLost as exc:
+            log.warning("lease lost; nothing published", extra={"task": task.id})
+            return AttemptResult(Outcome.INFRA_ERROR, str(exc))
+        finally:
+            self._tokens.pop(task.id, None)
+
+    def _update(self, task: Task, **changes: Any) -> None:
+        """Write about this attempt while it still holds the task's lease."""
+        self.store.update(task.id, lease=self._tokens.get(task.id), **changes)
+
+    def _run(self, task: Task) -> AttemptResult:
         cfg = self.config
         secrets = cfg.secrets()
         try:
@@ -123,7 +164,7 @@ class Runner:
             prepared = self.workspace.prepare(task.repo, task.issue, branch)
         except GitError as exc:
             return AttemptResult(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets))
-        self.store.update(task.id, branch=branch, worktree=str(prepared.path))
+        self._update(task, branch=branch, worktree=str(prepared.path))
         if task.publish_sha:
             resumed = self._resume_publishing(task, issue, prepared, branch)
             if resumed is not None:
@@ -157,8 +198,8 @@ class Runner:
                 base=prepared.base_branch,
             )
             run = self._run_agent(task, spec, prepared.path, prompt, session, branch)
-            self.store.update(
-                task.id,
+            self._update(
+                task,
                 agents_tried=tried,
                 session_id=run.session_id,
                 usage=run.usage,
@@ -219,7 +260,7 @@ class Runner:
                 return AttemptResult(Outcome.NO_CHANGES, None, changes=changes)
         # The agent's work is committed: from here on, a retry publishes it and does not
         # run the agent again (see _resume_publishing).
-        self.store.update(task.id, publish_sha=head, bump=False)
+        self._update(task, publish_sha=head, bump=False)
         return self._publish(
             task,
             issue,
@@ -251,7 +292,7 @@ class Runner:
                 "committed work is gone; running the agent again",
                 extra={"task": task.id, "commit": commit},
             )
-            self.store.update(task.id, publish_sha=None, bump=False)
+            self._update(task, publish_sha=None, bump=False)
             return None
         log.info("resuming at publishing", extra={"task": task.id, "commit": commit})
         current = self.store.require(task.id)
@@ -290,6 +331,7 @@ class Runner:
         try:
             files = len(self.workspace.changed_files(prepared.path, prepared.base_sha))
             if head != remote:
+                self._fence(task.id)
                 self.workspace.push(prepared.path, branch)
         except GitError as exc:
             return AttemptResult(
@@ -299,6 +341,7 @@ class Runner:
         try:
             number, _own = self.publisher.publish_pr(
                 current,
+                fence=lambda: self._fence(task.id),
                 branch=branch,
                 base=prepared.base_branch,
                 title=issue.get("title") or f"Issue #{task.issue}",
@@ -380,13 +423,18 @@ class Runner:
         if started:
             # the command names the session it starts: a follow-up resumes that one
             session = started
-            self.store.update(task.id, session_id=started, bump=False)
+            self._update(task, session_id=started, bump=False)
         meter = agents.UsageMeter(spec)
         max_tokens = task.max_tokens or spec.max_tokens or cfg.agents.max_tokens
         max_cost = task.max_cost_usd or spec.max_cost_usd or cfg.agents.max_cost_usd
         header = (
             f"=== kugetsu task {task.id} attempt {task.attempts} agent {spec.name} "
             f"at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.clock()))} ==="
+        )
+        shipper = (
+            LogShipper(self.store, task.id, storage.log_path(task.id))
+            if self.store.SHARED
+            else None
         )
         try:
             proc = self.start_agent(
@@ -401,7 +449,7 @@ class Runner:
             )
         except process.AgentStartError as exc:
             return AgentRun(Outcome.AGENT_FAILED, str(exc), retry=False)
-        self.store.update(task.id, pid=proc.pid, pid_start=proc.start_token, bump=False)
+        self._update(task, pid=proc.pid, pid_start=proc.start_token, bump=False)
         deadline = self.clock() + cfg.agents.timeout_seconds
         grace = cfg.agents.kill_grace_seconds
         stop: tuple[Outcome, str, bool] | None = None
@@ -410,7 +458,7 @@ class Runner:
         while proc.wait(POLL_SECONDS) is None:
             if meter.session_id and meter.session_id != session_saved:
                 session_saved = meter.session_id
-                self.store.update(task.id, session_id=session_saved, bump=False)
+                self._update(task, session_id=session_saved, bump=False)
             if self.stopping.is_set():
                 proc.terminate(grace)
                 proc.close()
@@ -420,6 +468,10 @@ class Runner:
                 by = self.store.cancel_requested(task.id)
                 if by:
                     stop = (Outcome.CANCELLED, f"stopped by {by}", False)
+                if shipper is not None:
+                    shipper.ship()
+            if stop is None and task.id in self.fenced:
+                stop = (Outcome.INFRA_ERROR, "its lease was taken over", False)
             if stop is None and self.clock() >= deadline:
                 stop = (
                     Outcome.TIMED_OUT,
@@ -434,6 +486,8 @@ class Runner:
                 proc.terminate(grace)
                 break
         proc.close()
+        if shipper is not None:
+            shipper.ship()
         code = proc.returncode if proc.returncode is not None else -9
         report = agents.parse_output(spec, proc.output(), code)
         session_id = report.session_id or meter.session_id or session
