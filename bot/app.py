@@ -40,7 +40,10 @@ def create_app(
     wake: Callable[[], None] = lambda: None,
     health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (True, {}),
     store_failed: Callable[[Exception], None] = lambda exc: None,
+    receive: bool = True,
 ) -> Flask:
+    """The HTTP side of a node. `receive`: it takes Gitea's deliveries (False on a node
+    that only runs a worker: `kugetsu serve --role worker`)."""
     app = Flask("kugetsu")
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
     secret = config.gitea.webhook_secret
@@ -69,6 +72,10 @@ def create_app(
     @app.post("/webhook")
     def webhook() -> Response:
         started = time.perf_counter()
+        if not receive:
+            return answer(
+                404, "rejected", "this node runs a worker only; send deliveries to a receiver"
+            )
         length = request.content_length
         if length is not None and length > config.server.max_body_bytes:
             return too_large(RequestEntityTooLarge())

@@ -1,4 +1,4 @@
-"""The `kugetsu` command: serve, queue, enqueue, logs.
+"""The `kugetsu` command: serve, queue, enqueue, logs, doctor.
 
 Loads the config once and wires the parts together; nothing here holds logic
 that a test would want to reach without a process.
@@ -12,20 +12,20 @@ import logging
 import math
 import os
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
-from bot import __version__
+from bot import __version__, tasklog
 from bot.config import Config, ConfigError, load
 from bot.core import names
 from bot.core.intake import start_or_continue
 from bot.core.tasks import CancelResult, Kind, State
 from bot.ingest import StoreView
-from bot.service import known_agents, run_worker, serve
-from bot.store import SchemaTooNew, Store, open_store
+from bot.redact import redact
+from bot.service import ROLES, known_agents, run_worker, serve
+from bot.store import STORE_ERRORS, SchemaTooNew, Store, open_store
 
 log = logging.getLogger("kugetsu")
 
@@ -113,7 +113,43 @@ def queue_stats(store: Store, as_json: bool) -> int:
         print(f"{state:<10} {count}")
     if stats["by_outcome"]:
         print("outcomes:  " + ", ".join(f"{k} {v}" for k, v in sorted(stats["by_outcome"].items())))
+    for w in stats["workers"]:
+        print(
+            f"worker {w['id']} on {w['host']}: {w['running']} of {w['capacity'] or '?'} "
+            f"agents running, heartbeat {w['heartbeat_age_seconds']:.0f} s ago"
+        )
     return 0
+
+
+#: a worker whose heartbeat is older than this is named by `kugetsu doctor`
+DOCTOR_HEARTBEAT_SECONDS = 90.0
+
+
+def doctor(config: Config) -> int:
+    """Check what kugetsu stands on, one line each; 1 if anything is wrong."""
+    problems: list[str] = []
+    try:
+        store = open_store(config.storage.database, migrate=False)
+    except STORE_ERRORS as exc:
+        print(f"database: cannot be opened: {exc.__class__.__name__}: {exc}")
+        return 1
+    try:
+        print(f"database: {store.describe()}")
+        problems += store.check()
+        if not problems:
+            for w in store.worker_stats():
+                if w["heartbeat_age_seconds"] > DOCTOR_HEARTBEAT_SECONDS:
+                    problems.append(
+                        f"worker {w['id']} on {w['host']}: no heartbeat for "
+                        f"{w['heartbeat_age_seconds']:.0f} s"
+                    )
+    finally:
+        store.close()
+    for line in problems:
+        print(line)
+    if not problems:
+        print("database: ok")
+    return 1 if problems else 0
 
 
 def queue_cancel(store: Store, task_id: int) -> int:
@@ -205,6 +241,8 @@ def enqueue(
         )
     if ping_server(config):
         print(f"task {task_id} queued ({kind.value} on {ref})")
+    elif store.SHARED:
+        print(f"task {task_id} queued ({kind.value} on {ref}); the database wakes the workers")
     else:
         print(
             f"task {task_id} queued ({kind.value} on {ref}); kugetsu serve is not reachable "
@@ -232,19 +270,13 @@ def show_logs(
 ) -> int:
     """Print a task's log; with `follow`, what is added to it too (`wait` between looks),
     until the task is no longer active and nothing more came."""
-    path = config.storage.log_path(task_id)
-    if store.get(task_id) is None and not path.exists():
+    if store.get(task_id) is None and tasklog.read(config, store, task_id) is None:
         print(f"kugetsu: no task {task_id}", file=sys.stderr)
         return 1
     position = 0
     out = sys.stdout.buffer if out is None else out
     while True:
-        try:
-            with path.open("rb") as fh:
-                fh.seek(position)
-                chunk = fh.read()
-        except FileNotFoundError:
-            chunk = b""
+        chunk = tasklog.read(config, store, task_id, position) or b""
         if chunk:
             out.write(chunk)
             out.flush()
@@ -311,12 +343,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kugetsu {__version__}")
     # `worker` is started by `serve` itself and is left out of the listing
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,queue,enqueue,logs}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{serve,queue,enqueue,logs,doctor}"
+    )
 
     levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
     p = sub.add_parser("serve", parents=[common], help="run the webhook server and scheduler")
     p.add_argument(
         "--log-level", default=os.environ.get("KUGETSU_LOG_LEVEL", "INFO"), choices=levels
+    )
+    p.add_argument(
+        "--role",
+        choices=ROLES,
+        default="all",
+        help="all: receiver and worker (default); receiver: take Gitea's deliveries only; "
+        "worker: run agents only. Several machines share one queue through "
+        "storage.database_url",
     )
     # started by `serve` itself; not for people
     w = sub.add_parser("worker", parents=[common])
@@ -370,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="follow up on the issue's earlier work",
     )
 
+    sub.add_parser("doctor", parents=[common], help="check the database and the workers")
+
     lg = sub.add_parser("logs", parents=[common], help="show a task's agent log")
     lg.add_argument("id", type=task_id_arg)
     lg.add_argument("--follow", "-f", action="store_true")
@@ -389,19 +433,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "serve":
-            return serve(config, log_level=args.log_level)
+            return serve(config, log_level=args.log_level, role=args.role)
+        if args.command == "doctor":
+            return doctor(config)
         if args.command == "worker":
             return run_worker(
                 config, args.wake_fd, log_level=args.log_level, fd_limit=args.fd_limit
             )
-        if not config.storage.db_path.exists() and args.command != "enqueue":
+        if (
+            not config.storage.database_url
+            and not config.storage.db_path.exists()
+            and args.command != "enqueue"
+        ):
             print(
                 f"kugetsu: no database at {config.storage.db_path} (has kugetsu served "
                 "with this data_dir yet?)",
                 file=sys.stderr,
             )
             return 1
-        store = open_store(config.storage.db_path)
+        store = open_store(config.storage.database)
         try:
             if args.command == "queue":
                 if args.queue_command == "list":
@@ -437,8 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SchemaTooNew as exc:
         print(f"kugetsu: {exc}", file=sys.stderr)
         return 1
-    except sqlite3.DatabaseError as exc:
-        print(f"kugetsu: database {config.storage.db_path}: {exc}", file=sys.stderr)
+    except STORE_ERRORS as exc:
+        where = "the PostgreSQL database" if config.storage.database_url else config.storage.db_path
+        print(f"kugetsu: database {where}: {redact(str(exc), config.secrets())}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # the reader stopped early (`kugetsu queue list --all | head`): not an error of

@@ -67,8 +67,9 @@ class Scheduler:
     is not lost. Until start() gives it the jobs, wake() does nothing.
     """
 
-    def __init__(self, interval: float):
+    def __init__(self, interval: float, *, heartbeat_seconds: float = HEARTBEAT_SECONDS):
         self.interval = interval
+        self.heartbeat_seconds = heartbeat_seconds
         self._tick: Callable[[], None] | None = None
         self._scheduler = BackgroundScheduler(
             timezone=UTC, job_defaults={"misfire_grace_time": None}
@@ -81,7 +82,7 @@ class Scheduler:
         heartbeat: Callable[[], None] | None = None,
         cleanup: Callable[[], object] | None = None,
     ) -> None:
-        """Run `tick` now and every interval; `heartbeat` every HEARTBEAT_SECONDS; `cleanup`
+        """Run `tick` now and every interval; `heartbeat` every heartbeat_seconds; `cleanup`
         five minutes from now and then daily."""
         self._tick = tick
         now = datetime.now(UTC)
@@ -98,7 +99,7 @@ class Scheduler:
             self._scheduler.add_job(
                 heartbeat,
                 "interval",
-                seconds=HEARTBEAT_SECONDS,
+                seconds=self.heartbeat_seconds,
                 id="heartbeat",
                 max_instances=1,
                 coalesce=True,

@@ -1,5 +1,10 @@
 """`kugetsu serve`: the webhook receiver and the worker, as two processes.
 
+`--role` chooses what a node runs: `all` (the default) both; `receiver` the HTTP side
+alone, stateless, so several can stand behind a load balancer; `worker` the worker
+(with /healthz, without /webhook). Roles on several machines share the queue through
+PostgreSQL (`[storage] database_url`), which also wakes the workers (LISTEN/NOTIFY).
+
 The receiver process answers Gitea (verify, parse, write rows, answer) and
 nothing else. The worker process, started and watched by the receiver, runs the
 scheduler, the tick and the agents. Keeping them apart means git and agent
@@ -19,7 +24,6 @@ import resource
 import shutil
 import signal
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -34,8 +38,13 @@ from bot.config import Config
 from bot.core.health import Facts, TickRecord, describe, problems
 from bot.priority import lower_own_priority
 from bot.redact import redact
+from bot.scheduler import HEARTBEAT_SECONDS
+from bot.store import DATABASE_ERRORS
 
 log = logging.getLogger("kugetsu")
+
+#: what `kugetsu serve --role` accepts
+ROLES = ("all", "receiver", "worker")
 
 #: how long the worker gets to stop its agents before it is killed
 WORKER_STOP_EXTRA_SECONDS = 30.0
@@ -83,7 +92,7 @@ def run_worker(
     niceness = lower_own_priority(config.agents.nice)
     storage = config.storage
     # the worker keeps the write-ahead log short; the receiver never checkpoints
-    store = open_store(storage.db_path, checkpoint_pages=WORKER_CHECKPOINT_PAGES)
+    store = open_store(storage.database, checkpoint_pages=WORKER_CHECKPOINT_PAGES)
     gitea = GiteaClient(
         config.gitea.url,
         config.gitea.token,
@@ -99,7 +108,11 @@ def run_worker(
         author_email=config.git.author_email,
         secrets=config.secrets(),
     )
-    scheduler = Scheduler(config.queue.poll_interval_seconds)
+    # the heartbeat renews the leases of running tasks: several times per lease
+    scheduler = Scheduler(
+        config.queue.poll_interval_seconds,
+        heartbeat_seconds=min(HEARTBEAT_SECONDS, config.worker.lease_seconds / 3),
+    )
     worker = Worker(config, store, gitea, workspace, schedule_tick=scheduler.wake)
 
     stop = threading.Event()
@@ -111,6 +124,8 @@ def run_worker(
         threading.Thread(
             target=_read_wakes, args=(wake_fd, worker.wake, stop), name="wake", daemon=True
         ).start()
+    # deliveries taken by a receiver on any machine wake this worker (PostgreSQL)
+    store.listen(worker.wake, stop)
     log.info(
         "worker started",
         extra={"pid": os.getpid(), "worker": worker.worker_id, "nice": niceness},
@@ -305,10 +320,17 @@ class ReceiverHealth:
             facts["free_bytes"] = shutil.disk_usage(self.config.storage.data_dir).free
         except OSError as exc:
             facts["disk_error"] = describe(exc)
-        if alive and self.worker.pid is not None:
+        if self.worker.pid is None:
+            # a receiver alone: it has no worker to ask about, only the database
             try:
-                report = self.store.worker_report(socket.gethostname(), self.worker.pid)
-            except sqlite3.Error as exc:
+                self.store.schema_version()
+            except DATABASE_ERRORS as exc:
+                facts["database_error"] = describe(exc)
+        elif alive:
+            host = self.config.worker.host or socket.gethostname()
+            try:
+                report = self.store.worker_report(host, self.worker.pid)
+            except DATABASE_ERRORS as exc:
                 facts["database_error"] = describe(exc)
             else:
                 if report is not None:
@@ -326,8 +348,31 @@ class ReceiverHealth:
         }
 
 
-def serve(config: Config, *, log_level: str = "INFO") -> int:
-    """The receiver process: the webhook server, supervising the worker."""
+class NoWorker:
+    """The worker of a node that runs none (`--role receiver`): /healthz never calls it
+    down, and wakes go to the workers through the database."""
+
+    alive = True
+    pid: int | None = None
+    started_at: float | None = None
+    restarts = 0
+
+    def __init__(self, wake: Callable[[], None]):
+        self.wake = wake
+
+    def watch(self) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def serve(config: Config, *, log_level: str = "INFO", role: str = "all") -> int:
+    """The node's main process: the HTTP server (the webhook receiver unless `role` is
+    "worker"), supervising the worker process (unless `role` is "receiver")."""
     from bot.app import create_app
     from bot.httpserver import HttpServer, prepare_interpreter, raise_fd_limit
     from bot.ingest import RulesSource
@@ -338,7 +383,7 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     storage = config.storage
     storage.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     make_private(storage.data_dir, deep=False)  # the database files before they are opened
-    store = open_store(storage.db_path)  # migrate before the worker starts
+    store = open_store(storage.database)  # migrate before the worker starts
     if store.get_meta(PRIVATE_MARK) is None:
         # once per data directory: what earlier versions wrote under the umask
         changed = make_private(storage.data_dir, deep=True)
@@ -347,7 +392,12 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     if not config.gitea.token:
         log.warning("no Gitea token configured: kugetsu can queue work but not act on Gitea")
     # waitress holds a file per connection; the worker gets the limit it had back
-    worker = WorkerProcess(config, log_level, fd_limit=raise_fd_limit())
+    fd_limit = raise_fd_limit()
+    worker: WorkerProcess | NoWorker = (
+        NoWorker(store.wake_workers)
+        if role == "receiver"
+        else WorkerProcess(config, log_level, fd_limit=fd_limit)
+    )
     health = ReceiverHealth(config, store, worker)
     app = create_app(
         config,
@@ -356,6 +406,7 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
         wake=worker.wake,
         health=health,
         store_failed=health.store_failed,
+        receive=role != "worker",
     )
     stop = threading.Event()
     _signals(stop)
@@ -366,10 +417,18 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     ).start()
     log.info(
         "kugetsu serving",
-        extra={"url": server.url, "data_dir": str(storage.data_dir), "config": config.source},
+        extra={
+            "url": server.url,
+            "role": role,
+            "data_dir": str(storage.data_dir),
+            "database": store.describe(),
+            "config": config.source,
+        },
     )
     print(
-        f"kugetsu {__version__} listening on {server.url} (data in {storage.data_dir})", flush=True
+        f"kugetsu {__version__} listening on {server.url} as {role} "
+        f"(data in {storage.data_dir}, database {store.describe()})",
+        flush=True,
     )
     while not stop.wait(1.0):
         worker.watch()

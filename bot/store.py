@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -387,6 +387,9 @@ def _driver_errors() -> tuple[tuple[type[Exception], ...], tuple[type[Exception]
 #: what a database of either backend raises: callers that must survive a database
 #: failure (a delivery answered 503, a tick that fails and is retried) catch these
 DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, *_driver_errors()[0])
+#: what opening or using the store may raise, its own errors included (the command line
+#: answers each with one line)
+STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, *DATABASE_ERRORS)
 #: failures of the database itself (locked, full, unreachable), not of one row
 OPERATIONAL_ERRORS: tuple[type[Exception], ...] = (
     sqlite3.OperationalError,
@@ -504,6 +507,8 @@ class Stats:
     running: int
     pending_ready: int
     oldest_pending_age: float | None
+    #: each registered worker: id, host, node, capacity, heartbeat age, running tasks
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -512,6 +517,7 @@ class Stats:
             "running": self.running,
             "pending_ready": self.pending_ready,
             "oldest_pending_age_seconds": self.oldest_pending_age,
+            "workers": self.workers,
         }
 
 
@@ -1323,6 +1329,7 @@ class Store:
             by_state["running"],
             ready,
             None if oldest is None else max(0.0, now - oldest),
+            self.worker_stats(),
         )
 
     def clear(self, older_than_days: float) -> int:
@@ -1588,6 +1595,27 @@ class Store:
         )
         return (row[0], row[1]) if row else None
 
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """Each registered worker as `queue stats` and /metrics show it: where it runs,
+        its capacity, how old its heartbeat is and how many tasks it runs."""
+        now = self.clock()
+        rows = self._conn().execute(
+            "SELECT w.id, w.host, w.node, w.capacity, w.heartbeat_at, "
+            "(SELECT COUNT(*) FROM tasks AS t WHERE t.state = 'running' "
+            "AND t.worker_id = w.id) AS running FROM workers AS w ORDER BY w.id"
+        )
+        return [
+            {
+                "id": r["id"],
+                "host": r["host"],
+                "node": r["node"],
+                "capacity": r["capacity"],
+                "heartbeat_age_seconds": max(0.0, now - r["heartbeat_at"]),
+                "running": int(r["running"]),
+            }
+            for r in rows
+        ]
+
     def running_tasks(self) -> list[Task]:
         return self.list_tasks(State.RUNNING)
 
@@ -1643,6 +1671,18 @@ class Store:
                 if cur.rowcount != 1:
                     lost.add(task_id)
         return lost
+
+    def leases_expired(self) -> bool:
+        """True if a running task's lease has run out (its worker stopped renewing)."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT 1 FROM tasks WHERE state = 'running' AND lease_expires_at < ? LIMIT 1",
+                (self.clock(),),
+            )
+            .fetchone()
+        )
+        return row is not None
 
     def hold_lease(self, task_id: int, token: str | None, seconds: float) -> bool:
         """The fence before a step that publishes: True if the task's lease is still
@@ -1766,8 +1806,10 @@ def open_store(
     *,
     checkpoint_pages: int = 0,
     pool_size: int | None = None,
+    migrate: bool = True,
 ) -> Store:
-    """The store at `location`: a SQLite file, or a PostgreSQL URL. Migrated."""
+    """The store at `location`: a SQLite file, or a PostgreSQL URL; migrated unless
+    `migrate` is False (`kugetsu doctor` looks without changing anything)."""
     store: Store
     if is_database_url(location):
         from bot.pgstore import PostgresStore
@@ -1775,7 +1817,8 @@ def open_store(
         store = PostgresStore(str(location), clock=clock, pool_size=pool_size)
     else:
         store = Store(location, clock=clock, checkpoint_pages=checkpoint_pages)
-    store.migrate()
+    if migrate:
+        store.migrate()
     return store
 
 
@@ -1784,6 +1827,7 @@ __all__ = [
     "MIGRATIONS",
     "OPERATIONAL_ERRORS",
     "SCHEMA_VERSION",
+    "STORE_ERRORS",
     "CommentRecord",
     "Conn",
     "Dialects",

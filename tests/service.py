@@ -58,7 +58,8 @@ _WITH_FD_LIMIT = (
 
 class Service:
     """`kugetsu serve --config PATH` in its own process; logs go to a file. `fd_limit`:
-    start it with that soft limit of open files, as a service manager might."""
+    start it with that soft limit of open files, as a service manager might. `args`: more
+    arguments to `serve` (`--role worker`)."""
 
     def __init__(
         self,
@@ -67,7 +68,9 @@ class Service:
         workdir: Path,
         env: dict[str, str] | None = None,
         fd_limit: int | None = None,
+        args: tuple[str, ...] = (),
     ):
+        self.args = args
         self.config_path, self.port, self.workdir = config_path, port, workdir
         self.fd_limit = fd_limit
         self.url = f"http://127.0.0.1:{port}"
@@ -90,7 +93,7 @@ class Service:
         )
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*launch, "serve", "--config", str(self.config_path)],
+                [*launch, "serve", "--config", str(self.config_path), *self.args],
                 cwd=self.workdir,
                 env=self.env,
                 stdin=subprocess.DEVNULL,

@@ -52,9 +52,11 @@ from bot.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-#: a worker on another host whose heartbeat is this old counts as gone
-HEARTBEAT_STALE_SECONDS = 90.0
-PUBLISHER_LEASE_SECONDS = 120.0
+#: a worker on another host whose heartbeat is this many task leases old counts as gone
+#: (90 s with the default lease of 60 s); its cluster-wide duties are then handed on
+HEARTBEAT_STALE_LEASES = 1.5
+#: the publisher lease lasts this many task leases (120 s by default)
+PUBLISHER_LEASES = 2.0
 #: the database side of the daily cleanup runs on one node a day
 CLEANUP_LEASE_SECONDS = 3600.0
 BOT_LOGIN_RETRY_SECONDS = 60.0
@@ -218,8 +220,9 @@ class Worker:
         now = self.clock()
         if now < self._lease_renew_at:
             return True
-        if self._duty("publisher", PUBLISHER_LEASE_SECONDS):
-            self._lease_renew_at = now + PUBLISHER_LEASE_SECONDS / 2
+        seconds = PUBLISHER_LEASES * self.config.worker.lease_seconds
+        if self._duty("publisher", seconds):
+            self._lease_renew_at = now + seconds / 2
             return True
         return False
 
@@ -231,10 +234,14 @@ class Worker:
 
     def _still_publisher(self) -> bool:
         """The fence before the publisher writes on Gitea: the publisher lease is still
-        this worker's for at least as long as one call to Gitea may take, or no node's;
-        never while another node holds it."""
-        margin = self.config.gitea.timeout_seconds * (self.config.gitea.retries + 1)
-        return self.store.holds_lease("publisher", self.worker_id, margin)
+        this worker's for at least as long as one call to Gitea may take (renewed here if
+        less is left), or no node's; never while another node holds it."""
+        seconds = PUBLISHER_LEASES * self.config.worker.lease_seconds
+        margin = min(self.config.gitea.timeout_seconds, seconds / 4)
+        if self.store.holds_lease("publisher", self.worker_id, margin):
+            return True
+        self._lease_renew_at = float("-inf")
+        return self._publisher_lease()
 
     def ensure_bot_login(self) -> str | None:
         """Who kugetsu is on Gitea, for the loop guard: config, then the store, then /user."""
@@ -278,6 +285,9 @@ class Worker:
         self.store.heartbeat(self.worker_id, self.ticks.to_json())
         self.store.repair_slots()
         self.store.checkpoint()
+        if self.store.SHARED and self.store.leases_expired():
+            # a worker elsewhere stopped renewing: recover its tasks now, not at the poll
+            self.wake()
 
     def cleanup(self, older_than_days: float | None = None) -> dict[str, int]:
         """Delete old finished tasks, their logs and prompt files, and idle worktrees
@@ -317,7 +327,8 @@ class Worker:
         if worker["host"] == self.host:
             token = process.process_start_token(worker["pid"])
             return token is not None and token == worker["pid_start"]
-        return bool(self.clock() - worker["heartbeat_at"] < HEARTBEAT_STALE_SECONDS)
+        stale = HEARTBEAT_STALE_LEASES * self.config.worker.lease_seconds
+        return bool(self.clock() - worker["heartbeat_at"] < stale)
 
     def recover(self) -> list[int]:
         """Tasks left running by a process that is gone go back to the queue, their
