@@ -49,6 +49,7 @@ def make_config(
     timeout_minutes: float = 1.0,
     grace: float = 1.0,
     public_url: str = "http://kugetsu.test:8080",
+    database_url: str = "",
     **agents_kw,
 ) -> Config:
     agents = agents or {"fake": fake_agent()}
@@ -62,7 +63,7 @@ def make_config(
             retries=2,
             timeout_seconds=5,
         ),
-        storage=StorageConfig(data_dir=data_dir),
+        storage=StorageConfig(data_dir=data_dir, database_url=database_url),
         queue=QueueConfig(
             poll_interval_seconds=30,
             max_concurrent_agents=limit,

@@ -670,3 +670,141 @@ def test_an_outbox_item_of_an_unknown_kind_is_set_aside_and_the_others_are_read(
     )
     assert row["done_at"] is not None and row["error"] == "set aside: unknown kind 'teleport'"
     assert [i.id for i in store.outbox_due(10)] == [first, last]
+
+
+# ---------------------------------------------------------------- leases and logs
+
+
+def test_a_claim_leases_each_task_and_only_the_token_moves_it_on(make_store):
+    now = [1000.0]
+    store = make_store(clock=lambda: now[0])
+    tid = add(store)
+    [task] = store.claim(3, "w1", lease_seconds=60)
+    assert task.lease_token and task.lease_expires_at == 1060.0
+    # renewing takes the token; another token is refused and reported lost
+    now[0] = 1030.0
+    assert store.renew_leases({tid: task.lease_token}, 60) == set()
+    assert store.get(tid).lease_expires_at == 1090.0
+    assert store.renew_leases({tid: "someone-else"}, 60) == {tid}
+    assert not store.hold_lease(tid, "someone-else", 60) and not store.hold_lease(tid, None, 60)
+    # a write about the attempt and its end go through only with the task's token
+    assert not store.update(tid, lease="someone-else", summary="no")
+    assert store.update(tid, lease=task.lease_token, summary="yes")
+    done = dict(event="done", outcome=Outcome.SUCCEEDED)
+    assert not store.transition(tid, State.RUNNING, State.COMPLETED, lease="nope", **done)
+    # recovery by expiry is refused while the lease is renewed, and goes through once not
+    assert not store.transition(
+        tid,
+        State.RUNNING,
+        State.PENDING,
+        event="recovered",
+        lease=task.lease_token,
+        lease_expired_by=now[0],
+    )
+    now[0] = 1100.0
+    assert store.leases_expired()
+    assert store.transition(
+        tid,
+        State.RUNNING,
+        State.PENDING,
+        event="recovered",
+        lease=task.lease_token,
+        lease_expired_by=now[0],
+    )
+    after = store.get(tid)
+    assert (after.state, after.summary, after.lease_token, after.lease_expires_at) == (
+        State.PENDING,
+        "yes",
+        None,
+        None,
+    )
+    assert not store.hold_lease(tid, task.lease_token, 60)  # the old token holds nothing
+    [again] = store.claim(3, "w2")
+    assert again.lease_token != task.lease_token and again.attempts == 2
+
+
+def test_a_slot_freed_by_any_way_out_of_running_is_claimed_again(make_store):
+    store = make_store()
+    first, second, third, fourth = (add(store, issue=i) for i in range(4))
+    assert [t.id for t in store.claim(2, "w")] == [first, second]
+    assert store.claim(2, "w") == []
+    # finished, recovered, set aside: each gives its slot back
+    store.transition(first, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED)
+    assert [t.id for t in store.claim(2, "w")] == [third]
+    store.transition(second, State.RUNNING, State.PENDING, event="recovered")
+    assert [t.id for t in store.claim(2, "w")] == [second]
+    write_unchecked(store, "UPDATE tasks SET usage = 'x' WHERE id = ?", (third,))
+    assert store.get(third).state is State.FAILED  # set aside as it was read
+    assert [t.id for t in store.claim(2, "w")] == [fourth]
+    assert store.claim(2, "w") == [] and store.count(State.RUNNING) == 2
+    assert store.repair_slots() == 0  # every slot was given back where it was freed
+
+
+def test_capacity_and_limit_together(make_store):
+    store = make_store()
+    for i in range(6):
+        add(store, issue=i)
+    assert len(store.claim(3, "a", max_claims=2)) == 2
+    assert len(store.claim(3, "b", max_claims=2)) == 1  # the global limit, not b's capacity
+    assert store.claim(3, "b", max_claims=2) == [] and store.count(State.RUNNING) == 3
+
+
+def test_a_lease_for_a_duty_is_one_nodes_at_a_time(make_store):
+    stores = [make_store() for _ in range(4)]
+    won = []
+
+    def ask(i: int) -> None:
+        if stores[i].try_lease("publisher", f"node-{i}", 60):
+            won.append(i)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1
+    assert stores[0].holds_lease("publisher", f"node-{won[0]}", 30)
+    other = (won[0] + 1) % 4
+    assert not stores[0].holds_lease("publisher", f"node-{other}")
+
+
+def test_shipped_logs_read_back_from_any_byte(make_store):
+    store = make_store()
+    tid = add(store)
+    assert store.read_log(tid) is None and store.log_size(tid) == 0
+    store.append_log(tid, 0, b"hello ")
+    store.append_log(tid, 6, b"world\n")
+    store.append_log(tid, 6, b"WORLD\n")  # shipped twice: the first stays
+    assert store.read_log(tid) == b"hello world\n" and store.log_size(tid) == 12
+    assert store.read_log(tid, 3) == b"lo world\n"
+    assert store.read_log(tid, 12) == b""
+
+
+def test_workers_are_shown_with_capacity_heartbeat_and_running_tasks(make_store):
+    now = [500.0]
+    store = make_store(clock=lambda: now[0])
+    store.register_worker("w1", 10, None, host="machine-a", node="machine-a:/data", capacity=2)
+    store.register_worker("w2", 11, None, host="machine-b", node="machine-b:/data", capacity=4)
+    add(store, issue=1)
+    store.claim(3, "w1")
+    now[0] = 512.0
+    store.heartbeat("w2")
+    stats = store.stats().as_dict()
+    assert stats["workers"] == [
+        {
+            "id": "w1",
+            "host": "machine-a",
+            "node": "machine-a:/data",
+            "capacity": 2,
+            "heartbeat_age_seconds": 12.0,
+            "running": 1,
+        },
+        {
+            "id": "w2",
+            "host": "machine-b",
+            "node": "machine-b:/data",
+            "capacity": 4,
+            "heartbeat_age_seconds": 0.0,
+            "running": 0,
+        },
+    ]

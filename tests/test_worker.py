@@ -45,7 +45,7 @@ class Harness:
     def __init__(self, tmp_path: Path, gitea, **config_kw):
         self.gitea = gitea
         self.config = make_config(tmp_path / "data", gitea.url, **config_kw)
-        self.store = open_store(self.config.storage.db_path)
+        self.store = open_store(self.config.storage.database)
         self.client = GiteaClient(gitea.url, TOKEN, retries=2, backoff=0.01, timeout=5)
         storage = self.config.storage
         self.workspace = Workspace(
