@@ -18,7 +18,9 @@
   (`CLAIM_LOCK`), so concurrent claims pick different tasks instead of queueing;
 - wakes: a trigger NOTIFYs `kugetsu_wake` when a task is queued, changes state or is
   authorized, and when a reply is queued; `listen()` turns those into wakes of this
-  process's worker, on any machine.
+  process's worker, on any machine;
+- errors: the driver's are raised as the store's own (`DatabaseFailure` and its kinds,
+  `translated`), so that code which catches database errors need not import the driver.
 """
 
 from __future__ import annotations
@@ -31,7 +33,18 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from bot.store import MIGRATIONS, SCHEMA_VERSION, Conn, Dialects, SchemaTooNew, Store, StoreError
+from bot.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Conn,
+    DatabaseFailure,
+    Dialects,
+    IntegrityFailure,
+    OperationalFailure,
+    SchemaTooNew,
+    Store,
+    StoreError,
+)
 
 try:
     import psycopg
@@ -55,6 +68,19 @@ POOL_TIMEOUT_SECONDS = 30.0
 _MIGRATE_LOCK = 0x6B75676574737531
 
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\?|%")
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Raise the driver's errors as the store's own, the message kept."""
+    try:
+        yield
+    except psycopg.IntegrityError as exc:
+        raise IntegrityFailure(str(exc)) from exc
+    except psycopg.OperationalError as exc:  # the pool's timeout included
+        raise OperationalFailure(str(exc)) from exc
+    except psycopg.Error as exc:
+        raise DatabaseFailure(str(exc)) from exc
 
 
 @functools.lru_cache(maxsize=2048)
@@ -136,22 +162,24 @@ class Session:
 
     def execute(self, sql: str, parameters: Any = (), /) -> Any:
         conn = self._tx
-        if conn is not None:
-            return conn.execute(to_pyformat(sql), tuple(parameters))
-        with self._store.pool.connection() as conn:
-            return conn.execute(to_pyformat(sql), tuple(parameters))
+        with translated():
+            if conn is not None:
+                return conn.execute(to_pyformat(sql), tuple(parameters))
+            with self._store.pool.connection() as conn:
+                return conn.execute(to_pyformat(sql), tuple(parameters))
 
     def executemany(self, sql: str, seq_of_parameters: Any, /) -> Any:
         conn = self._tx
         rows = [tuple(p) for p in seq_of_parameters]
-        if conn is not None:
-            cur = conn.cursor()
-            cur.executemany(to_pyformat(sql), rows)
-            return cur
-        with self._store.pool.connection() as conn:
-            cur = conn.cursor()
-            cur.executemany(to_pyformat(sql), rows)
-            return cur
+        with translated():
+            if conn is not None:
+                cur = conn.cursor()
+                cur.executemany(to_pyformat(sql), rows)
+                return cur
+            with self._store.pool.connection() as conn:
+                cur = conn.cursor()
+                cur.executemany(to_pyformat(sql), rows)
+                return cur
 
 
 class PostgresStore(Store):
@@ -190,7 +218,8 @@ class PostgresStore(Store):
             name="kugetsu",
             open=False,
         )
-        self.pool.open(wait=True, timeout=POOL_TIMEOUT_SECONDS)
+        with translated():
+            self.pool.open(wait=True, timeout=POOL_TIMEOUT_SECONDS)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -203,7 +232,7 @@ class PostgresStore(Store):
         compare-and-set re-reads the row it changes once the row's lock is free)."""
         if getattr(self._local, "tx", None) is not None:
             raise StoreError("a transaction is already open on this thread")
-        with self.pool.connection() as conn:
+        with translated(), self.pool.connection() as conn:
             conn.execute("BEGIN")
             self._local.tx = conn
             try:
@@ -224,7 +253,7 @@ class PostgresStore(Store):
         self.pool.close()
 
     def migrate(self) -> int:
-        with self.pool.connection() as conn, conn.transaction():
+        with translated(), self.pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATE_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS kugetsu_schema (version BIGINT NOT NULL)")
             row = conn.execute("SELECT version FROM kugetsu_schema").fetchone()

@@ -302,6 +302,7 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
         sqlite="""
     ALTER TABLE tasks ADD COLUMN lease_token TEXT;
     ALTER TABLE tasks ADD COLUMN lease_expires_at REAL;
+    ALTER TABLE tasks ADD COLUMN moved_from TEXT;
     ALTER TABLE workers ADD COLUMN node TEXT;
     ALTER TABLE workers ADD COLUMN capacity INTEGER;
     ALTER TABLE issues ADD COLUMN node TEXT;
@@ -315,6 +316,7 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
         postgres="""
     ALTER TABLE tasks ADD COLUMN lease_token TEXT;
     ALTER TABLE tasks ADD COLUMN lease_expires_at DOUBLE PRECISION;
+    ALTER TABLE tasks ADD COLUMN moved_from TEXT;
     ALTER TABLE workers ADD COLUMN node TEXT;
     ALTER TABLE workers ADD COLUMN capacity BIGINT;
     ALTER TABLE issues ADD COLUMN node TEXT;
@@ -376,25 +378,28 @@ class StoreError(RuntimeError):
     pass
 
 
-def _driver_errors() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], ...]]:
-    try:
-        import psycopg
-    except ImportError:  # the optional PostgreSQL extra is not installed
-        return (), ()
-    return (psycopg.Error,), (psycopg.OperationalError,)
+class DatabaseFailure(StoreError):
+    """An error of the PostgreSQL database, as bot.pgstore raises it in place of the
+    driver's own: catching the driver's classes would mean importing the driver (14 MB
+    in each process) where SQLite is used."""
+
+
+class OperationalFailure(DatabaseFailure):
+    """PostgreSQL is unreachable, refused the connection, or ran out of something."""
+
+
+class IntegrityFailure(DatabaseFailure):
+    """PostgreSQL refused a write that breaks a constraint or a trigger's check."""
 
 
 #: what a database of either backend raises: callers that must survive a database
 #: failure (a delivery answered 503, a tick that fails and is retried) catch these
-DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, *_driver_errors()[0])
+DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, DatabaseFailure)
 #: what opening or using the store may raise, its own errors included (the command line
 #: answers each with one line)
-STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, *DATABASE_ERRORS)
+STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, sqlite3.Error)
 #: failures of the database itself (locked, full, unreachable), not of one row
-OPERATIONAL_ERRORS: tuple[type[Exception], ...] = (
-    sqlite3.OperationalError,
-    *_driver_errors()[1],
-)
+OPERATIONAL_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError, OperationalFailure)
 
 
 class SchemaTooNew(StoreError):
@@ -1379,9 +1384,10 @@ class Store:
         return data
 
     def set_issue(self, c: Tx | None, repo: str, number: int, **values: Any) -> None:
-        """Remember `values` (labels, pr_number, branch, session_id, agent) of an issue;
+        """Remember `values` (labels, pr_number, branch, session_id, agent, and the node
+        that holds its worktree and agent home) of an issue;
         with `c` None, in a write transaction of its own."""
-        allowed = {"labels", "pr_number", "branch", "session_id", "agent"}
+        allowed = {"labels", "pr_number", "branch", "session_id", "agent", "node"}
         if set(values) - allowed:
             raise ValueError(f"unknown issue fields {sorted(set(values) - allowed)}")
         if "labels" in values and values["labels"] is not None:

@@ -10,17 +10,19 @@ likewise written only by the holder of the publisher lease. Both backends.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from dataclasses import replace
 
 import pytest
 
-from bot.config import WorkerConfig
-from bot.core.tasks import Outcome, State
+from bot.config import AgentConfig, WorkerConfig
+from bot.core.tasks import Kind, Outcome, State
 from bot.store import open_store
 from bot.worker.tick import Worker
 from bot.workspace import Workspace
-from tests.conftest import REPO, TOKEN, task_events
+from tests.conftest import FAKE_AGENT, REPO, TOKEN, task_events
 from tests.test_worker import BRANCH, Harness
 
 
@@ -133,3 +135,44 @@ def test_only_the_publisher_lease_holder_writes_tracking_comments(harness):
     h.worker._lease_renew_at = float("-inf")
     h.worker.tick()
     assert len(h.tracking_comments(n)) == 1
+
+
+def test_a_follow_up_on_another_node_rebuilds_the_worktree_and_starts_a_fresh_session(
+    tmp_path, gitea, pg_cluster
+):
+    """The issue's worktree and agent session are on a node that is gone: the follow-up
+    runs here from the pushed branch, with the earlier request and result in its prompt,
+    no session resumed, and its comment says so."""
+    envfile = tmp_path / "env.json"
+    agent = AgentConfig(
+        name="fake",
+        env={"FAKE_ENVFILE": str(envfile)},
+        command=(sys.executable, str(FAKE_AGENT), "--session-id", "{session_id}", "{prompt}"),
+        resume_command=(sys.executable, str(FAKE_AGENT), "--resume", "{session_id}", "{prompt}"),
+    )
+    h = Harness(tmp_path, gitea, database_url=pg_cluster.url_for(), agents={"fake": agent})
+    try:
+        n = h.issue()
+        first = h.enqueue(n, prompt="add a greeting", authorized=True)
+        h.settle(first)
+        assert h.store.get(first).state is State.COMPLETED
+        old_session = h.store.get(first).session_id
+        # the earlier work was done on another machine, which is gone
+        h.store.set_issue(None, REPO, n, node="gone-machine:/data")
+        follow = h.enqueue(n, prompt="now say goodbye too", kind=Kind.CONTINUE, authorized=True)
+        h.settle(follow)
+        task = h.store.get(follow)
+        assert (task.state, task.moved_from) == (State.COMPLETED, "gone-machine:/data")
+        argv = json.loads(envfile.read_text())["argv"]
+        assert argv[1] == "--session-id" and argv[2] != old_session  # a fresh session
+        prompt = h.config.storage.prompt_path(follow).read_text()
+        assert "add a greeting" in prompt and "now say goodbye too" in prompt
+        assert h.store.issue_row(None, REPO, n)["node"] == h.worker.node
+        [pr] = h.gitea.pulls_of(REPO).values()  # the same pull request, on the same branch
+        assert pr["head"]["ref"] == BRANCH.format(n)
+        [comment] = [c for c in h.tracking_comments(n) if f"task #{follow}" in c["body"]]
+        assert "Continued on another worker" in comment["body"]
+        [earlier] = [c for c in h.tracking_comments(n) if f"task #{first}" in c["body"]]
+        assert "Continued on another worker" not in earlier["body"]
+    finally:
+        h.close()

@@ -46,9 +46,9 @@ def sqlite_store(tmp_path):
 
 
 def integrity_errors() -> tuple[type[BaseException], ...]:
-    import psycopg
+    from bot.store import IntegrityFailure
 
-    return (sqlite3.IntegrityError, psycopg.IntegrityError)
+    return (sqlite3.IntegrityError, IntegrityFailure)
 
 
 def test_fresh_database_gets_the_latest_schema(store):
@@ -808,3 +808,24 @@ def test_workers_are_shown_with_capacity_heartbeat_and_running_tasks(make_store)
             "running": 0,
         },
     ]
+
+
+def test_a_follow_up_waits_a_while_for_the_node_that_holds_its_worktree(make_store):
+    now = [10_000.0]
+    store = make_store(clock=lambda: now[0])
+    store.register_worker("a1", 1, None, host="a", node="a:/data", capacity=1)
+    store.set_issue(None, "acme/widget", 1, node="a:/data")
+    follow = add(store, issue=1, kind=Kind.CONTINUE)
+    start = add(store, issue=2)
+    # a start goes anywhere; the follow-up is left to node a while it lives
+    assert [t.id for t in store.claim(5, "b1", node="b:/data")] == [start]
+    assert [t.id for t in store.claim(5, "a1", node="a:/data")] == [follow]
+    store.transition(follow, State.RUNNING, State.PENDING, event="recovered")
+    # ... for locality_wait seconds from its queueing; then any node takes it
+    now[0] += 30
+    assert store.claim(5, "b1", node="b:/data", locality_wait=60) == []
+    assert [t.id for t in store.claim(5, "b1", node="b:/data", locality_wait=20)] == [follow]
+    store.transition(follow, State.RUNNING, State.PENDING, event="recovered")
+    # ... and at once when node a has no live worker (its heartbeat is old)
+    now[0] += 600
+    assert [t.id for t in store.claim(5, "b1", node="b:/data", locality_wait=3600)] == [follow]

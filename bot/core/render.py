@@ -176,10 +176,17 @@ def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = ""
                 + line[len("⏳ **Queued**: ") :]
             )
         return head + line
+    moved = (
+        "\n\nContinued on another worker than the earlier work on this issue: it rebuilt "
+        "the worktree from the pushed branch and started a fresh agent session, with the "
+        "earlier requests and results in its prompt."
+        if task.moved_from
+        else ""
+    )
     if task.state is State.RUNNING:
         line = (
             f"🛠️ **Working**: agent {agent}, attempt {task.attempts} of {n}, "
-            f"started {_when(task.started_at)}{log_ref}."
+            f"started {_when(task.started_at)}{log_ref}.{moved}"
         )
         if task.cancel_requested_by:
             line += f"\n\nStopping, as requested by @{task.cancel_requested_by}."
@@ -211,8 +218,8 @@ def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = ""
         # "#9" and not a URL: Gitea links it to the pull request itself, with its own public
         # address, while gitea.url is often an internal name (http://gitea:3000)
         return (
-            head + f"✅ **Done**: pull request #{task.pr_number}{files}.{summary_block}\n\n"
-            f"<sub>{footer}{log_ref}</sub>"
+            head + f"✅ **Done**: pull request #{task.pr_number}{files}.{moved}{summary_block}"
+            f"\n\n<sub>{footer}{log_ref}</sub>"
         )
     if task.state is State.COMPLETED:
         return (

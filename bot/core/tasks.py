@@ -183,6 +183,10 @@ class Task:
     #: step that publishes, and when it runs out unless its worker renews it
     lease_token: str | None = None
     lease_expires_at: float | None = None
+    #: a follow-up that ran on another node than its issue's worktree and agent home
+    #: (that node was gone or busy): the node they were on. It got a worktree rebuilt from
+    #: the pushed branch and a fresh session with the earlier requests and results.
+    moved_from: str | None = None
 
     @property
     def owner(self) -> str:

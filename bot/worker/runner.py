@@ -160,18 +160,29 @@ class Runner:
                 Outcome.INFRA_ERROR, f"could not read the issue: {exc}", retry=False
             )
         branch = self.branch(task)
+        # Locality: the issue's worktree and agent home are on the node that worked on it
+        # last. Elsewhere the worktree is rebuilt from the pushed branch and no session is
+        # resumed (it lives in that node's agent home): a follow-up gets the earlier
+        # requests and results in its prompt instead, and its comment says so.
+        issue_row = self.store.issue_row(None, task.repo, task.issue) or {}
+        held_by = issue_row.get("node")
+        home_here = not self.store.SHARED or held_by in (None, self.node)
         try:
             prepared = self.workspace.prepare(task.repo, task.issue, branch)
         except GitError as exc:
             return AttemptResult(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets))
         self._update(task, branch=branch, worktree=str(prepared.path))
+        if self.store.SHARED:
+            if not home_here and task.kind is Kind.CONTINUE:
+                log.info("follow-up moved", extra={"task": task.id, "from": held_by})
+                self._update(task, moved_from=held_by)
+            self.store.set_issue(None, task.repo, task.issue, node=self.node)
         if task.publish_sha:
             resumed = self._resume_publishing(task, issue, prepared, branch)
             if resumed is not None:
                 return resumed
         start_head = self.workspace.head(prepared.path)
 
-        issue_row = self.store.issue_row(None, task.repo, task.issue) or {}
         order = [task.agent] + [a for a in cfg.agents.fallback if a != task.agent]
         tried: list[str] = []
         run: AgentRun | None = None
@@ -181,7 +192,7 @@ class Runner:
             except agents.UnknownAgent as exc:
                 return AttemptResult(Outcome.AGENT_FAILED, str(exc), retry=False)
             tried.append(name)
-            session = self._session_for(task, spec, issue_row)
+            session = self._session_for(task, spec, issue_row) if home_here else None
             history = None
             if task.kind is Kind.CONTINUE and not (session and spec.sessions):
                 history = [
