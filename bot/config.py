@@ -210,6 +210,11 @@ class NotifyConfig:
     def retry_seconds(self) -> float:
         return self.retry_hours * 3600.0
 
+    @property
+    def shown(self) -> str:
+        """The endpoint as logs and errors name it: never its URL."""
+        return self.name or f"endpoint {self.id[:8]}"
+
 
 @dataclass(frozen=True)
 class Config:

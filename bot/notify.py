@@ -63,11 +63,11 @@ class Sender:
         try:
             resp = post(endpoint.url, data=body, headers=headers, timeout=endpoint.timeout_seconds)
         except requests.RequestException as exc:
-            raise NotSent(f"{endpoint.name}: no answer ({type(exc).__name__})") from None
+            raise NotSent(f"{endpoint.shown}: no answer ({type(exc).__name__})") from None
         status = resp.status_code
         resp.close()
         if not 200 <= status < 300:
-            raise NotSent(f"{endpoint.name}: answered HTTP {status}")
+            raise NotSent(f"{endpoint.shown}: answered HTTP {status}")
 
     def _session_post(self, url: str, **kwargs: object) -> requests.Response:
         # one session per endpoint: each keeps its connection, with its own proxy settings

@@ -63,7 +63,7 @@ class NotifyLane:
         self.drop_unknown()
         for endpoint in self.config.notify:
             thread = threading.Thread(
-                target=self._loop, args=(endpoint,), name=f"notify-{endpoint.name}", daemon=True
+                target=self._loop, args=(endpoint,), name=f"notify-{endpoint.shown}", daemon=True
             )
             self._threads.append(thread)
             thread.start()
@@ -101,10 +101,11 @@ class NotifyLane:
                 self.work(endpoint)
             except sqlite3.Error as exc:
                 log.error(
-                    "notification pass failed", extra={"endpoint": endpoint.name, "error": str(exc)}
+                    "notification pass failed",
+                    extra={"endpoint": endpoint.shown, "error": str(exc)},
                 )
             except Exception:
-                log.exception("notification pass failed", extra={"endpoint": endpoint.name})
+                log.exception("notification pass failed", extra={"endpoint": endpoint.shown})
             wake.wait(POLL_SECONDS)
 
     @staticmethod
@@ -137,7 +138,7 @@ class NotifyLane:
                     self.store.outbox_done(item.id, error=reason[:1000])
                     log.error(
                         "notification dropped",
-                        extra={"endpoint": endpoint.name, "item": item.id, "task": item.target},
+                        extra={"endpoint": endpoint.shown, "item": item.id, "task": item.target},
                     )
                     continue
                 if item.not_before > now:
@@ -149,7 +150,7 @@ class NotifyLane:
                     self.store.outbox_retry(item.id, delay, str(exc))
                     log.warning(
                         "notification not taken; will retry",
-                        extra={"endpoint": endpoint.name, "item": item.id, "in": delay},
+                        extra={"endpoint": endpoint.shown, "item": item.id, "in": delay},
                     )
                     return sent
                 except Exception as exc:
@@ -157,7 +158,7 @@ class NotifyLane:
                     self.store.outbox_done(item.id, error=f"set aside: {exc!r}"[:500])
                     log.error(
                         "notification set aside",
-                        extra={"endpoint": endpoint.name, "item": item.id, "error": repr(exc)},
+                        extra={"endpoint": endpoint.shown, "item": item.id, "error": repr(exc)},
                     )
                     continue
                 self.store.outbox_done(item.id)
