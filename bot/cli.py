@@ -405,14 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
     qc.add_argument("id", type=task_id_arg)
     qr = qsub.add_parser("retry", parents=[common], help="queue a failed or cancelled task again")
     qr.add_argument("id", type=task_id_arg)
-    qx = qsub.add_parser("clear", parents=[common], help="delete old finished tasks")
-    qx.add_argument(
+    age = argparse.ArgumentParser(add_help=False)
+    age.add_argument(
         "--older-than",
         type=days_arg,
         metavar="DAYS",
         default=None,
         help="default: queue.cleanup_age_days",
     )
+    qsub.add_parser("clear", parents=[common, age], help="delete old finished tasks")
 
     e = sub.add_parser("enqueue", parents=[common], help="queue work on an issue by hand")
     e.add_argument("ref", metavar="OWNER/REPO#N")
@@ -427,17 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser(
         "prune",
-        parents=[common],
+        parents=[common, age],
         help="remove old tasks, idle worktrees and the homes of finished issues now",
     )
     pr.add_argument("--dry-run", action="store_true", help="show what would go; change nothing")
-    pr.add_argument(
-        "--older-than",
-        type=days_arg,
-        metavar="DAYS",
-        default=None,
-        help="default: queue.cleanup_age_days",
-    )
     pr.add_argument("--json", action="store_true")
 
     lg = sub.add_parser("logs", parents=[common], help="show a task's agent log")

@@ -18,25 +18,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot.app import create_app
 from bot.config import Config, ConfigError, GiteaConfig, MetricsConfig, load
-from bot.core import intake
 from bot.core import metrics as m
-from bot.core.tasks import Kind, Outcome, State
+from bot.core.tasks import Outcome, State
 from bot.httpserver import HttpServer
 from bot.metrics import render
 from bot.service import RefusedDeliveries
 from bot.store import open_store
 from tests import payloads
-from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN, enqueue, wait_for
+from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN, queue_task, wait_for
 from tests.service import Service, free_port, write_config
-
-RULES = intake.Rules(
-    label="kugetsu",
-    command="/kugetsu",
-    bot_login="kugetsu-bot",
-    known_agents=frozenset({"opencode"}),
-    default_agent="opencode",
-    max_attempts=3,
-)
+from tests.test_app import RULES
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -124,17 +115,7 @@ def test_every_change_of_state_is_counted_once_in_its_own_transaction(tmp_path):
     now = [1000.0]
     store = open_store(tmp_path / "db", clock=lambda: now[0])
     config = Config()
-    tid = enqueue(
-        store,
-        repo=REPO,
-        issue=3,
-        kind=Kind.START,
-        prompt="",
-        agent="fake",
-        requested_by="alice",
-        max_attempts=3,
-        authorized=True,
-    )
+    tid = queue_task(store)
     before = samples(render(config, store).decode())
     assert value(before, "kugetsu_tasks", state="pending") == 1
     assert value(before, "kugetsu_tasks", state="completed") == 0

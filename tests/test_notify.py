@@ -20,12 +20,12 @@ from bot.config import Config, ConfigError, NotifyConfig, load
 from bot.core import notify
 from bot.core.notify import Format, NotifyEvent
 from bot.core.outbox import OutboxKind
-from bot.core.tasks import Kind, Outcome, State
+from bot.core.tasks import Outcome, State
 from bot.store import open_store
 from bot.worker.notify import NotifyLane
 from bot.worker.outbox import HANDLERS, Outbox
 from tests import payloads
-from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN, enqueue, wait_for
+from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN, queue_task, wait_for
 from tests.service import Service, free_port, write_config
 
 HOOK_SECRET = "notify-secret-42"
@@ -176,21 +176,6 @@ def test_notify_entries_are_read_and_checked(tmp_path):
 
 
 # ---------------------------------------------------------------------- produced once, in order
-
-
-def queue_task(store, issue=3, **kw) -> int:
-    return enqueue(
-        store,
-        repo=REPO,
-        issue=issue,
-        kind=Kind.START,
-        prompt="",
-        agent="fake",
-        requested_by="alice",
-        max_attempts=3,
-        authorized=True,
-        **kw,
-    )
 
 
 def test_each_change_of_state_writes_one_notification_for_each_endpoint_that_wants_it(tmp_path):
