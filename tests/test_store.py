@@ -829,3 +829,29 @@ def test_a_follow_up_waits_a_while_for_the_node_that_holds_its_worktree(make_sto
     # ... and at once when node a has no live worker (its heartbeat is old)
     now[0] += 600
     assert [t.id for t in store.claim(5, "b1", node="b:/data", locality_wait=3600)] == [follow]
+
+
+def test_what_prune_notifications_and_metrics_read_works_on_both_backends(make_store):
+    from bot.core.outbox import OutboxItem, OutboxKind
+
+    now = [100 * 86400.0]
+    store = make_store(clock=lambda: now[0], notify=(("ops", frozenset({"failed"})),))
+    old = add(store, issue=1)
+    store.request_cancel(old, "bob")
+    kept = add(store, issue=2)
+    now[0] += 10 * 86400
+    assert store.clearable(7) == 1
+    assert store.existing([old, kept], cleared_before=now[0] - 7 * 86400) == {kept}
+    assert store.issue_task_ids("acme/widget", 1) == [old]
+    with store.tx() as c:
+        store.add_outbox(
+            c, OutboxItem(OutboxKind.NOTIFY, "acme/widget", 2, body="{}", endpoint="gone")
+        )
+    assert store.notify_endpoints() == ["gone"]
+    assert store.drop_notifications("gone", "endpoint no longer configured") == 1
+    assert store.notify_endpoints() == []
+    store.set_disk_usage("machine-a", '{"logs": 1}')
+    snap = store.metrics_snapshot(by_repo=True)
+    assert sorted(snap.tasks) == [("cancelled", "acme/widget", 1), ("pending", "acme/widget", 1)]
+    assert snap.disk == [("machine-a", '{"logs": 1}')] and snap.agents_running == 0
+    assert store.clear(7) == 1 and store.get(old) is None

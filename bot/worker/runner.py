@@ -209,11 +209,13 @@ class Runner:
                 base=prepared.base_branch,
             )
             run = self._run_agent(task, spec, prepared.path, prompt, session, branch)
-            self._update(
-                task,
+            self.store.agent_ran(
+                task.id,
+                name,
+                run.usage,
+                lease=self._tokens.get(task.id),
                 agents_tried=tried,
                 session_id=run.session_id,
-                usage=run.usage,
                 summary=run.summary,
             )
             if run.session_id and spec.sessions:
