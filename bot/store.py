@@ -578,6 +578,8 @@ class MetricsSnapshot:
     counters: list[tuple[str, str, float]]
     #: (host, the disk use it measured, as JSON)
     disk: list[tuple[str, str]]
+    #: each registered worker (`Store.worker_stats`)
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
 
 #: the connection of a write transaction (`Store.tx()`), passed to the methods that run in it
@@ -2003,7 +2005,8 @@ class Store:
                     (_DISK_KEY, _DISK_KEY[:-1] + chr(ord(_DISK_KEY[-1]) + 1)),
                 )
             ]
-        return MetricsSnapshot(tasks, agents, counters, disk)
+            workers = self.worker_stats()
+        return MetricsSnapshot(tasks, agents, counters, disk, workers)
 
     def set_disk_usage(self, host: str, usage: str) -> None:
         """What a worker measured of the disk its data directory uses (a JSON object)."""

@@ -342,3 +342,22 @@ def test_metrics_of_a_running_service_count_the_receivers_and_the_workers_work(t
         assert ("kugetsu_disk_usage_bytes", (("dir", "mirrors"), ("host", host))) in after
     finally:
         svc.stop()
+
+
+def test_metrics_show_each_workers_capacity_running_tasks_and_heartbeat_age(make_store):
+    # on both backends: with several machines, every worker on one scrape
+    now = [500.0]
+    store = make_store(clock=lambda: now[0])
+    store.register_worker("w1", 10, None, host="machine-a", node="machine-a:/d", capacity=2)
+    store.register_worker("w2", 11, None, host="machine-b", node="machine-b:/d", capacity=3)
+    queue_task(store)
+    store.claim(3, "w2")
+    now[0] = 530.0
+    store.heartbeat("w2")
+    text = samples(render(Config(), store).decode())
+    assert value(text, "kugetsu_worker_capacity", worker="w1", host="machine-a") == 2
+    assert value(text, "kugetsu_worker_capacity", worker="w2", host="machine-b") == 3
+    assert value(text, "kugetsu_worker_running_tasks", worker="w1", host="machine-a") == 0
+    assert value(text, "kugetsu_worker_running_tasks", worker="w2", host="machine-b") == 1
+    assert value(text, "kugetsu_worker_heartbeat_age_seconds", worker="w1", host="machine-a") == 30
+    assert value(text, "kugetsu_worker_heartbeat_age_seconds", worker="w2", host="machine-b") == 0
