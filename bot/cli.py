@@ -142,7 +142,8 @@ def doctor(config: Config) -> int:
     try:
         store = open_store(config.storage.database, migrate=False)
     except STORE_ERRORS as exc:
-        print(f"database: cannot be opened: {exc.__class__.__name__}: {exc}")
+        reason = redact(f"{exc.__class__.__name__}: {exc}", config.secrets())
+        print(f"database: cannot be opened: {' '.join(reason.split())}")
         return 1
     try:
         print(f"database: {store.describe()}")
@@ -552,7 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except STORE_ERRORS as exc:
         where = "the PostgreSQL database" if config.storage.database_url else config.storage.db_path
-        print(f"kugetsu: database {where}: {redact(str(exc), config.secrets())}", file=sys.stderr)
+        reason = " ".join(redact(str(exc), config.secrets()).split())
+        print(f"kugetsu: database {where}: {reason}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # the reader stopped early (`kugetsu queue list --all | head`): not an error of

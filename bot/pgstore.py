@@ -112,7 +112,10 @@ def translate_ddl(script: str) -> str:
 def postgres_migration(number: int) -> str:
     """The script of migration `number` (0-based) for PostgreSQL."""
     entry = MIGRATIONS[number]
-    return entry.postgres if isinstance(entry, Dialects) else translate_ddl(entry)
+    if not isinstance(entry, Dialects):
+        return translate_ddl(entry)
+    own = entry.postgres if entry.postgres is not None else translate_ddl(entry.sqlite)
+    return own + entry.postgres_extra
 
 
 class Row:
@@ -211,6 +214,10 @@ class PostgresStore(Store):
         self._local = threading.local()
         self._session = Session(self)
         self._slots_ready: set[int] = set()
+        # one connection first, so that a database that cannot be reached is said at
+        # once, in the driver's words, rather than after the pool's timeout
+        with translated():
+            psycopg.connect(url, autocommit=True).close()
         self.pool = ConnectionPool(
             url,
             min_size=1,
