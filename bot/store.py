@@ -86,7 +86,10 @@ class Dialects:
     translated (`bot.pgstore.translate_ddl`)."""
 
     sqlite: str
-    postgres: str
+    #: PostgreSQL's own script; None: SQLite's, translated
+    postgres: str | None = None
+    #: run on PostgreSQL after that: what PostgreSQL alone has (slot rows, wake triggers)
+    postgres_extra: str = ""
 
 
 # Each entry moves the schema from version i to i+1. Never edit a released entry;
@@ -342,19 +345,8 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
         PRIMARY KEY (task_id, at_byte)
     );
     """,
-        postgres="""
-    ALTER TABLE tasks ADD COLUMN lease_token TEXT;
-    ALTER TABLE tasks ADD COLUMN lease_expires_at DOUBLE PRECISION;
-    ALTER TABLE tasks ADD COLUMN moved_from TEXT;
-    ALTER TABLE workers ADD COLUMN node TEXT;
-    ALTER TABLE workers ADD COLUMN capacity BIGINT;
-    ALTER TABLE issues ADD COLUMN node TEXT;
-    CREATE TABLE task_logs (
-        task_id BIGINT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
-        at_byte BIGINT NOT NULL,
-        data BYTEA NOT NULL,
-        PRIMARY KEY (task_id, at_byte)
-    );
+        # the same, translated; then what PostgreSQL alone has
+        postgres_extra="""
     CREATE TABLE slots (
         n BIGINT PRIMARY KEY,
         task_id BIGINT UNIQUE,

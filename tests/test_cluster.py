@@ -14,7 +14,10 @@ import sys
 import time
 
 import pytest
+import requests
 
+from bot.config import load
+from bot.core import render
 from bot.core.tasks import State
 from bot.store import open_store
 from tests import payloads
@@ -85,6 +88,17 @@ def tracking(gitea, number):
     ]
 
 
+def one_done_comment_each(gitea, issues) -> None:
+    for n in issues:
+        wait_for(
+            lambda n=n: (
+                len(tracking(gitea, n)) == 1 and "✅ **Done**" in tracking(gitea, n)[0]["body"]
+            ),
+            timeout=60,
+            what=f"issue {n}'s one tracking comment to say done",
+        )
+
+
 def pulls_by_branch(gitea) -> dict[str, int]:
     counts: dict[str, int] = {}
     for pr in gitea.pulls_of(REPO).values():
@@ -115,15 +129,18 @@ def test_one_receiver_and_two_workers_share_one_queue_and_one_exact_limit(cluste
             if e["event"] == "claimed"
         }
         assert claimed_by == {"machine-a", "machine-b"}
-        for n in issues:
-            wait_for(
-                lambda n=n: (
-                    len(tracking(gitea, n)) == 1 and "✅ **Done**" in tracking(gitea, n)[0]["body"]
-                ),
-                timeout=60,
-                what=f"issue {n}'s one tracking comment to say done",
-            )
+        one_done_comment_each(gitea, issues)
         assert pulls_by_branch(gitea) == {f"kugetsu/issue-{n}": 1 for n in issues}
+        # the log of a task that ran on a worker is read where it did not run: by
+        # `kugetsu logs` and the signed log link of the receiver, which has no log files
+        task = store.list_tasks()[0]
+        shown = receiver.cli("logs", str(task.id))
+        assert shown.returncode == 0 and f"=== kugetsu task {task.id} attempt 1" in shown.stdout
+        config = load(receiver.config_path)
+        assert not config.storage.log_path(task.id).exists()
+        link = f"{receiver.url}/logs/{task.id}/{render.log_token(config, task.id)}"
+        served = requests.get(link, timeout=10)
+        assert served.status_code == 200 and served.text == shown.stdout
 
         # kill -9 one machine's worker and its agents while they run: its tasks finish on
         # the other machine once their leases run out
@@ -160,13 +177,6 @@ def test_one_receiver_and_two_workers_share_one_queue_and_one_exact_limit(cluste
             assert store.get(task.id).worker_id.startswith("machine-b-")
             assert store.get(task.id).attempts == 2  # the lost attempt counted
         assert pulls_by_branch(gitea) == {f"kugetsu/issue-{n}": 1 for n in issues + more}
-        for n in more:
-            wait_for(
-                lambda n=n: (
-                    len(tracking(gitea, n)) == 1 and "✅ **Done**" in tracking(gitea, n)[0]["body"]
-                ),
-                timeout=60,
-                what=f"issue {n}'s one tracking comment to say done",
-            )
+        one_done_comment_each(gitea, more)
     finally:
         store.close()

@@ -11,19 +11,18 @@ likewise written only by the holder of the publisher lease. Both backends.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import replace
 
 import pytest
 
-from bot.config import AgentConfig, WorkerConfig
+from bot.config import WorkerConfig
 from bot.core.tasks import Kind, Outcome, State
 from bot.store import open_store
 from bot.worker.tick import Worker
 from bot.workspace import Workspace
-from tests.conftest import FAKE_AGENT, REPO, TOKEN, task_events
-from tests.test_worker import BRANCH, Harness
+from tests.conftest import REPO, TOKEN, task_events
+from tests.test_worker import BRANCH, Harness, naming_its_session
 
 
 @pytest.fixture
@@ -144,12 +143,7 @@ def test_a_follow_up_on_another_node_rebuilds_the_worktree_and_starts_a_fresh_se
     runs here from the pushed branch, with the earlier request and result in its prompt,
     no session resumed, and its comment says so."""
     envfile = tmp_path / "env.json"
-    agent = AgentConfig(
-        name="fake",
-        env={"FAKE_ENVFILE": str(envfile)},
-        command=(sys.executable, str(FAKE_AGENT), "--session-id", "{session_id}", "{prompt}"),
-        resume_command=(sys.executable, str(FAKE_AGENT), "--resume", "{session_id}", "{prompt}"),
-    )
+    agent = naming_its_session(envfile)
     h = Harness(tmp_path, gitea, database_url=pg_cluster.url_for(), agents={"fake": agent})
     try:
         n = h.issue()
