@@ -311,7 +311,7 @@ class AgentProcess:
 
     def __init__(
         self,
-        popen: subprocess.Popen,
+        popen: subprocess.Popen[bytes],
         *,
         argv0: str,
         log_file: BinaryIO,
@@ -658,8 +658,10 @@ class AgentProcess:
             self._partial = self._partial[MAX_LINE_CHARS:]
 
     def _emit(self, line: str) -> None:
+        if self._on_line is None:
+            return
         try:
-            self._on_line(line)  # type: ignore[misc]
+            self._on_line(line)
         except Exception:
             if not self._on_line_failed:
                 self._on_line_failed = True

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from bot import __version__, agents
@@ -49,7 +50,7 @@ def known_agents(config: Config) -> frozenset[str]:
 
 
 def _signals(stop: threading.Event) -> None:
-    def on_signal(signum, _frame) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("shutting down", extra={"signal": signal.Signals(signum).name})
         stop.set()
 
@@ -149,7 +150,7 @@ class WorkerProcess:
 
     def __init__(self, config: Config, log_level: str, fd_limit: int | None = None):
         self.config, self.log_level, self.fd_limit = config, log_level, fd_limit
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self._wake_w: int | None = None
         self._lock = threading.Lock()
         self.restarts = 0
@@ -243,7 +244,7 @@ def make_private(data_dir: Path, *, deep: bool) -> int:
     """
     changed = 0
 
-    def tighten(path: str, entry: os.DirEntry | None = None) -> int | None:
+    def tighten(path: str, entry: os.DirEntry[str] | None = None) -> int | None:
         """Its mode, made private; None if it cannot be read or changed, or is a link."""
         nonlocal changed
         try:

@@ -322,6 +322,11 @@ def _readable(
             unreadable.append((row, exc))
 
 
+def _number(c: sqlite3.Connection, sql: str, args: Sequence[Any] = ()) -> int:
+    """The whole number a query of one row and one column gives (a count, a version)."""
+    return int(c.execute(sql, args).fetchone()[0])
+
+
 def _inserted_id(cur: sqlite3.Cursor) -> int:
     """The id of the row an INSERT just wrote."""
     assert cur.lastrowid is not None
@@ -463,7 +468,7 @@ class Store:
     def migrate(self) -> int:
         """Bring the schema up to date; returns the version. Safe to run concurrently."""
         with self.tx() as c:
-            version = c.execute("PRAGMA user_version").fetchone()[0]
+            version = _number(c, "PRAGMA user_version")
             if version > SCHEMA_VERSION:
                 raise SchemaTooNew(
                     f"database {self.path} has schema version {version}, this kugetsu knows "
@@ -495,7 +500,7 @@ class Store:
 
     def insert_task(
         self,
-        c: sqlite3.Connection,
+        c: Tx,
         *,
         repo: str,
         issue: int,
@@ -810,11 +815,7 @@ class Store:
 
     def count(self, state: State) -> int:
         """Tasks in that state (read from the index by state: as many steps as there are)."""
-        return (
-            self._conn()
-            .execute("SELECT COUNT(*) FROM tasks WHERE state = ?", (State(state).value,))
-            .fetchone()[0]
-        )
+        return _number(self._conn(), "SELECT COUNT(*) FROM tasks WHERE state = ?", (state.value,))
 
     def claim(self, limit: int, worker_id: str, *, max_claims: int | None = None) -> list[Task]:
         """Lease up to (limit - running) ready tasks, first in first out, one per issue:
@@ -840,7 +841,7 @@ class Store:
         if not ready or running >= limit:
             return []
         with self.tx() as c:
-            running = c.execute("SELECT COUNT(*) FROM tasks WHERE state = 'running'").fetchone()[0]
+            running = _number(c, "SELECT COUNT(*) FROM tasks WHERE state = 'running'")
             free = limit - running
             if max_claims is not None:
                 free = min(free, max_claims)
@@ -968,14 +969,11 @@ class Store:
         task = self.get(task_id)
         if task is None or task.state is not State.PENDING:
             return None
-        return (
-            self._conn()
-            .execute(
-                "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND id <= ? "
-                "AND (authorized IS NULL OR authorized = 1)",
-                (task_id,),
-            )
-            .fetchone()[0]
+        return _number(
+            self._conn(),
+            "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND id <= ? "
+            "AND (authorized IS NULL OR authorized = 1)",
+            (task_id,),
         )
 
     def pending_positions(self, limit: int) -> list[tuple[Task, int]]:
@@ -1052,9 +1050,9 @@ class Store:
             )
         }
         now = self.clock()
-        ready = conn.execute(
-            "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND not_before <= ?", (now,)
-        ).fetchone()[0]
+        ready = _number(
+            conn, "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND not_before <= ?", (now,)
+        )
         oldest = conn.execute(
             "SELECT MIN(created_at) FROM tasks WHERE state = 'pending'"
         ).fetchone()[0]
@@ -1152,7 +1150,7 @@ class Store:
 
     # ------------------------------------------------------------------ deliveries
 
-    def seen_delivery(self, c: sqlite3.Connection, delivery_id: str, event: str) -> bool:
+    def seen_delivery(self, c: Tx, delivery_id: str, event: str) -> bool:
         """Record a delivery id; True if it was already recorded."""
         cur = c.execute(
             "INSERT OR IGNORE INTO deliveries (id, event, received_at) VALUES (?, ?, ?)",
@@ -1160,7 +1158,7 @@ class Store:
         )
         return cur.rowcount == 0
 
-    def delivery_result(self, c: sqlite3.Connection, delivery_id: str, result: str) -> None:
+    def delivery_result(self, c: Tx, delivery_id: str, result: str) -> None:
         c.execute("UPDATE deliveries SET result = ? WHERE id = ?", (result, delivery_id))
 
     # ------------------------------------------------------------------ outbox
@@ -1246,18 +1244,15 @@ class Store:
 
     # ------------------------------------------------------------------ replies
 
-    def recent_replies(
-        self, c: sqlite3.Connection, repo: str, issue: int, login: str, seconds: float
-    ) -> int:
+    def recent_replies(self, c: Tx, repo: str, issue: int, login: str, seconds: float) -> int:
         """Replies to `login` on issue (or pull request) `issue` in the last `seconds`."""
-        return c.execute(
+        return _number(
+            c,
             "SELECT COUNT(*) FROM replies WHERE repo = ? AND issue = ? AND login = ? AND at > ?",
             (repo, issue, login, self.clock() - seconds),
-        ).fetchone()[0]
+        )
 
-    def note_reply(
-        self, c: sqlite3.Connection, repo: str, issue: int, login: str, seconds: float
-    ) -> None:
+    def note_reply(self, c: Tx, repo: str, issue: int, login: str, seconds: float) -> None:
         """Count a reply to `login` on `issue`, forgetting theirs older than `seconds`."""
         now = self.clock()
         c.execute(
