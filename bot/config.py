@@ -20,6 +20,7 @@ from typing import Any, overload
 from bot.agents.presets import PLACEHOLDERS, PRESETS
 from bot.core.permissions import PERMISSIONS
 from bot.core.tasks import RetryPolicy
+from bot.logs import FORMATS, LEVELS
 
 DEFAULT_CONFIG_PATHS = ("kugetsu.toml", "/etc/kugetsu/config.toml")
 
@@ -171,6 +172,13 @@ class GitConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    #: "text" (one line of text a record) or "json" (one JSON object a line)
+    format: str = "text"
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     gitea: GiteaConfig = field(default_factory=GiteaConfig)
@@ -179,6 +187,7 @@ class Config:
     triggers: TriggersConfig = field(default_factory=TriggersConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     git: GitConfig = field(default_factory=GitConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "(built-in defaults)"
 
     def secrets(self) -> tuple[str, ...]:
@@ -288,7 +297,7 @@ class _Section:
             raise ConfigError(f"[{self.name}] has an unknown key: {unknown[0]}")
 
 
-_SECTIONS = ("server", "gitea", "storage", "queue", "triggers", "agents", "git")
+_SECTIONS = ("server", "gitea", "storage", "queue", "triggers", "agents", "git", "logging")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -514,6 +523,22 @@ def load(
     if not branch or branch.startswith(("-", "/")) or ".." in branch or " " in branch:
         raise ConfigError(f"git.branch_template gives an invalid branch name: {branch!r}")
 
+    # logging
+    lg = _Section("logging", data.get("logging"))
+    logging_config = LoggingConfig(
+        format=lg.string("format", LoggingConfig.format),
+        level=_override(env, "KUGETSU_LOG_LEVEL", lg.string("level", LoggingConfig.level)).upper(),
+    )
+    lg.check_unknown()
+    if logging_config.format not in FORMATS:
+        raise ConfigError(
+            f"logging.format must be one of {', '.join(FORMATS)}, got {logging_config.format!r}"
+        )
+    if logging_config.level not in LEVELS:
+        raise ConfigError(
+            f"logging.level must be one of {', '.join(LEVELS)}, got {logging_config.level!r}"
+        )
+
     config = Config(
         server=server,
         gitea=gitea,
@@ -522,6 +547,7 @@ def load(
         triggers=triggers,
         agents=agents,
         git=git,
+        logging=logging_config,
         source=source,
     )
     _check_agents(config)

@@ -289,13 +289,14 @@ class GiteaClient:
                 retryable = not (method == "POST" and _may_have_been_sent(exc))
                 give_up = last or not retryable
                 log.warning(
-                    "gitea request failed without a response: "
-                    "method=%s path=%s error=%s attempt=%d retry=%s",
-                    method,
-                    path,
-                    kind,
-                    attempt,
-                    not give_up,
+                    "gitea request failed without a response",
+                    extra={
+                        "method": method,
+                        "path": path,
+                        "error": kind,
+                        "attempt": attempt,
+                        "retry": not give_up,
+                    },
                 )
                 if give_up:
                     why = f"{kind} after {attempt} attempt(s)"
@@ -307,11 +308,8 @@ class GiteaClient:
 
             status = resp.status_code
             log.debug(
-                "gitea request: method=%s path=%s status=%d attempt=%d",
-                method,
-                path,
-                status,
-                attempt,
+                "gitea request",
+                extra={"method": method, "path": path, "status": status, "attempt": attempt},
             )
             if status in ok:
                 return resp
@@ -321,11 +319,8 @@ class GiteaClient:
                 and not (method == "POST" and status in GATEWAY_STATUSES)
             ):
                 log.warning(
-                    "gitea server error, retrying: method=%s path=%s status=%d attempt=%d",
-                    method,
-                    path,
-                    status,
-                    attempt,
+                    "gitea server error, retrying",
+                    extra={"method": method, "path": path, "status": status, "attempt": attempt},
                 )
                 resp.close()
                 self._sleep(self._delay(attempt))
@@ -352,7 +347,9 @@ class GiteaClient:
         else:
             cls = _ERRORS_BY_STATUS.get(status, GiteaError)
         if status >= 400:
-            log.info("gitea request rejected: method=%s path=%s status=%d", method, path, status)
+            log.info(
+                "gitea request rejected", extra={"method": method, "path": path, "status": status}
+            )
         return cls(message, status=status, method=method, path=path)
 
     def _json(self, method: str, path: str, resp: requests.Response) -> Any:

@@ -79,7 +79,7 @@ def run_worker(
         resource.setrlimit(
             resource.RLIMIT_NOFILE, (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         )
-    configure_logging(log_level, config.secrets())
+    configure_logging(log_level, config.secrets(), output=config.logging.format)
     # Before any thread starts: threads and child processes inherit it.
     niceness = lower_own_priority(config.agents.nice)
     storage = config.storage
@@ -335,7 +335,7 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     from bot.logs import configure_logging
     from bot.store import open_store
 
-    configure_logging(log_level, config.secrets())
+    configure_logging(log_level, config.secrets(), output=config.logging.format)
     storage = config.storage
     storage.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     make_private(storage.data_dir, deep=False)  # the database files before they are opened

@@ -121,6 +121,15 @@ def write_unchecked(db_path: Path, sql: str, args: tuple = ()) -> int:
         conn.close()
 
 
+def logged(caplog) -> str:
+    """All that the captured log records hold: each message and every field of the record
+    (what `extra=` put there too, which caplog.text leaves out)."""
+    return "\n".join(
+        f"{r.getMessage()} {sorted((k, str(v)) for k, v in r.__dict__.items())}"
+        for r in caplog.records
+    )
+
+
 def wait_for(
     predicate: Callable[[], object],
     timeout: float = 30.0,

@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bot import process
+from bot import logs, process
 from bot.config import Config
 from bot.core.health import TickRecord, describe
 from bot.core.tasks import AttemptResult, Outcome, State, Task
@@ -391,6 +391,10 @@ class Worker:
         self.finish(task, AttemptResult(Outcome.INFRA_ERROR, reason))
 
     def _run(self, task: Task) -> None:
+        with logs.context(task=task.id, repo=task.repo, issue=task.issue):
+            self._attempt(task)
+
+    def _attempt(self, task: Task) -> None:
         try:
             try:
                 result = self.runner.run(task)
