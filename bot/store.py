@@ -185,7 +185,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX replies_by_time ON replies (at);
     """,
     # 7: a task's kind, state and outcome must be values kugetsu knows, or the row cannot
-    # be read (bot/tasks.py; tests/test_store.py checks that these lists match it). New
+    # be read (bot/core/tasks.py; tests/test_store.py checks that these lists match it). New
     # writes are refused here; rows written before are set aside when read
     # (Store._set_aside_row). Triggers, not CHECK constraints: SQLite adds a CHECK only
     # by copying the whole table into a new one, which would hold the write lock for as

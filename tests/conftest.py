@@ -1,4 +1,4 @@
-"""Shared fixtures: a fake Gitea with a real git remote, configs, a dispatcher."""
+"""Shared fixtures: a fake Gitea with a real git remote, configs, task helpers."""
 
 from __future__ import annotations
 
