@@ -119,10 +119,16 @@ def create_app(
         # delivery with kugetsu's answer and reason.
         level = logging.INFO if result.queued else logging.DEBUG
         if log.isEnabledFor(level):
+            about = (
+                {}
+                if isinstance(event, events.Ignored)
+                else {"repo": event.repo, "issue": event.number}
+            )
             log.log(
                 level,
                 "webhook handled",
                 extra={
+                    **about,
                     "delivery": delivery.id,
                     "event": delivery.event_type,
                     "reason": result.reason,

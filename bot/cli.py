@@ -24,6 +24,7 @@ from bot.core import names
 from bot.core.intake import start_or_continue
 from bot.core.tasks import CancelResult, Kind, State
 from bot.ingest import StoreView
+from bot.logs import LEVELS
 from bot.prune import disk_usage
 from bot.service import known_agents, run_worker, serve
 from bot.store import SchemaTooNew, Store, open_store
@@ -368,16 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, metavar="{serve,queue,enqueue,logs,prune}"
     )
 
-    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
     p = sub.add_parser("serve", parents=[common], help="run the webhook server and scheduler")
     p.add_argument(
-        "--log-level", default=os.environ.get("KUGETSU_LOG_LEVEL", "INFO"), choices=levels
+        "--log-level",
+        default=None,
+        choices=LEVELS,
+        help="default: logging.level (or $KUGETSU_LOG_LEVEL), else INFO",
     )
     # started by `serve` itself; not for people
     w = sub.add_parser("worker", parents=[common])
     w.add_argument("--wake-fd", type=int, default=None)
     w.add_argument("--fd-limit", type=int, default=None)
-    w.add_argument("--log-level", default="INFO", choices=levels)
+    w.add_argument("--log-level", default=None, choices=LEVELS)
 
     q = sub.add_parser("queue", parents=[common], help="inspect and manage the task queue")
     qsub = q.add_subparsers(dest="queue_command", required=True)
@@ -453,10 +456,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "serve":
-            return serve(config, log_level=args.log_level)
+            return serve(config, log_level=args.log_level or config.logging.level)
         if args.command == "worker":
             return run_worker(
-                config, args.wake_fd, log_level=args.log_level, fd_limit=args.fd_limit
+                config,
+                args.wake_fd,
+                log_level=args.log_level or config.logging.level,
+                fd_limit=args.fd_limit,
             )
         if not config.storage.db_path.exists() and args.command != "enqueue":
             print(

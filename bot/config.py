@@ -22,6 +22,7 @@ from bot.agents.presets import PLACEHOLDERS, PRESETS
 from bot.core.notify import Format, NotifyEvent
 from bot.core.permissions import PERMISSIONS
 from bot.core.tasks import RetryPolicy
+from bot.logs import FORMATS, LEVELS
 
 DEFAULT_CONFIG_PATHS = ("kugetsu.toml", "/etc/kugetsu/config.toml")
 
@@ -217,6 +218,13 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    #: "text" (one line of text a record) or "json" (one JSON object a line)
+    format: str = "text"
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     gitea: GiteaConfig = field(default_factory=GiteaConfig)
@@ -227,6 +235,7 @@ class Config:
     git: GitConfig = field(default_factory=GitConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     notify: tuple[NotifyConfig, ...] = ()
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "(built-in defaults)"
 
     def secrets(self) -> tuple[str, ...]:
@@ -351,6 +360,7 @@ _SECTIONS = (
     "git",
     "metrics",
     "notify",
+    "logging",
 )
 
 
@@ -577,6 +587,22 @@ def load(
     if not branch or branch.startswith(("-", "/")) or ".." in branch or " " in branch:
         raise ConfigError(f"git.branch_template gives an invalid branch name: {branch!r}")
 
+    # logging
+    lg = _Section("logging", data.get("logging"))
+    logging_config = LoggingConfig(
+        format=lg.string("format", LoggingConfig.format),
+        level=_override(env, "KUGETSU_LOG_LEVEL", lg.string("level", LoggingConfig.level)).upper(),
+    )
+    lg.check_unknown()
+    if logging_config.format not in FORMATS:
+        raise ConfigError(
+            f"logging.format must be one of {', '.join(FORMATS)}, got {logging_config.format!r}"
+        )
+    if logging_config.level not in LEVELS:
+        raise ConfigError(
+            f"logging.level must be one of {', '.join(LEVELS)}, got {logging_config.level!r}"
+        )
+
     config = Config(
         server=server,
         gitea=gitea,
@@ -587,6 +613,7 @@ def load(
         git=git,
         metrics=_metrics_section(data.get("metrics"), env),
         notify=_notify_entries(data.get("notify")),
+        logging=logging_config,
         source=source,
     )
     _check_agents(config)

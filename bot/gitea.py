@@ -103,32 +103,38 @@ _ERRORS_BY_STATUS: dict[int, type[GiteaError]] = {
 }
 
 
+#: a JSON object as Gitea sends it: a user, an issue, a comment, a pull request
+JSONObject = dict[str, Any]
+
+
 class GiteaAPI(Protocol):
     """The calls kugetsu makes to Gitea. `GiteaClient` implements it; test fakes may too."""
 
-    def get_user(self) -> dict: ...
+    def get_user(self) -> JSONObject: ...
 
-    def get_issue(self, owner: str, repo: str, number: int) -> dict: ...
+    def get_issue(self, owner: str, repo: str, number: int) -> JSONObject: ...
 
-    def create_comment(self, owner: str, repo: str, number: int, body: str) -> dict: ...
+    def create_comment(self, owner: str, repo: str, number: int, body: str) -> JSONObject: ...
 
-    def edit_comment(self, owner: str, repo: str, comment_id: int, body: str) -> dict | None: ...
+    def edit_comment(
+        self, owner: str, repo: str, comment_id: int, body: str
+    ) -> JSONObject | None: ...
 
-    def list_comments(self, owner: str, repo: str, number: int) -> list[dict]: ...
+    def list_comments(self, owner: str, repo: str, number: int) -> list[JSONObject]: ...
 
     def add_reaction(self, owner: str, repo: str, comment_id: int, content: str) -> None: ...
 
     def get_permission(self, owner: str, repo: str, login: str) -> str: ...
 
-    def find_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None: ...
+    def find_pull(self, owner: str, repo: str, base: str, head: str) -> JSONObject | None: ...
 
-    def get_pull(self, owner: str, repo: str, number: int) -> dict: ...
+    def get_pull(self, owner: str, repo: str, number: int) -> JSONObject: ...
 
-    def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None: ...
+    def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> JSONObject | None: ...
 
     def create_pull(
         self, owner: str, repo: str, *, head: str, base: str, title: str, body: str
-    ) -> dict: ...
+    ) -> JSONObject: ...
 
     def edit_pull(
         self,
@@ -139,7 +145,7 @@ class GiteaAPI(Protocol):
         title: str | None = None,
         body: str | None = None,
         state: str | None = None,
-    ) -> dict: ...
+    ) -> JSONObject: ...
 
 
 def _seg(value: str | int, *, safe: str = "") -> str:
@@ -290,13 +296,14 @@ class GiteaClient:
                 retryable = not (method == "POST" and _may_have_been_sent(exc))
                 give_up = last or not retryable
                 log.warning(
-                    "gitea request failed without a response: "
-                    "method=%s path=%s error=%s attempt=%d retry=%s",
-                    method,
-                    path,
-                    kind,
-                    attempt,
-                    not give_up,
+                    "gitea request failed without a response",
+                    extra={
+                        "method": method,
+                        "path": path,
+                        "error": kind,
+                        "attempt": attempt,
+                        "retry": not give_up,
+                    },
                 )
                 if give_up:
                     why = f"{kind} after {attempt} attempt(s)"
@@ -309,11 +316,8 @@ class GiteaClient:
             status = resp.status_code
             self.tally.add(metrics.gitea_request(method, status))
             log.debug(
-                "gitea request: method=%s path=%s status=%d attempt=%d",
-                method,
-                path,
-                status,
-                attempt,
+                "gitea request",
+                extra={"method": method, "path": path, "status": status, "attempt": attempt},
             )
             if status in ok:
                 return resp
@@ -323,11 +327,8 @@ class GiteaClient:
                 and not (method == "POST" and status in GATEWAY_STATUSES)
             ):
                 log.warning(
-                    "gitea server error, retrying: method=%s path=%s status=%d attempt=%d",
-                    method,
-                    path,
-                    status,
-                    attempt,
+                    "gitea server error, retrying",
+                    extra={"method": method, "path": path, "status": status, "attempt": attempt},
                 )
                 resp.close()
                 self._sleep(self._delay(attempt))
@@ -336,7 +337,7 @@ class GiteaClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _delay(self, attempt: int) -> float:
-        return min(self.backoff * (2 ** (attempt - 1)), MAX_BACKOFF_SECONDS)
+        return float(min(self.backoff * (2 ** (attempt - 1)), MAX_BACKOFF_SECONDS))
 
     def _error(self, method: str, path: str, resp: requests.Response) -> GiteaError:
         status = resp.status_code
@@ -354,7 +355,9 @@ class GiteaClient:
         else:
             cls = _ERRORS_BY_STATUS.get(status, GiteaError)
         if status >= 400:
-            log.info("gitea request rejected: method=%s path=%s status=%d", method, path, status)
+            log.info(
+                "gitea request rejected", extra={"method": method, "path": path, "status": status}
+            )
         return cls(message, status=status, method=method, path=path)
 
     def _json(self, method: str, path: str, resp: requests.Response) -> Any:
@@ -371,26 +374,49 @@ class GiteaClient:
         resp = self._request(method, path, **kwargs)
         return self._json(method, path, resp)
 
+    def _object(self, method: str, path: str, **kwargs: Any) -> JSONObject:
+        """An answer that must be a JSON object; GiteaError if it is anything else."""
+        found = self._object_or_none(method, path, **kwargs)
+        if found is None:
+            raise GiteaError("response is not a JSON object", method=method, path=path)
+        return found
+
+    def _object_or_none(self, method: str, path: str, **kwargs: Any) -> JSONObject | None:
+        """A JSON object, or None for an empty answer (204)."""
+        value = self._call(method, path, **kwargs)
+        if value is not None and not isinstance(value, dict):
+            raise GiteaError("response is not a JSON object", method=method, path=path)
+        return value
+
+    def _objects(self, method: str, path: str, **kwargs: Any) -> list[JSONObject]:
+        """An answer that must be a list of JSON objects (an empty answer is none)."""
+        value = self._call(method, path, **kwargs)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise GiteaError("response is not a list of JSON objects", method=method, path=path)
+        return value
+
     # -- endpoints ----------------------------------------------------------
 
-    def get_user(self) -> dict:
-        return self._call("GET", "/user")
+    def get_user(self) -> JSONObject:
+        return self._object("GET", "/user")
 
-    def get_issue(self, owner: str, repo: str, number: int) -> dict:
-        return self._call("GET", f"{_repo_path(owner, repo)}/issues/{_seg(number)}")
+    def get_issue(self, owner: str, repo: str, number: int) -> JSONObject:
+        return self._object("GET", f"{_repo_path(owner, repo)}/issues/{_seg(number)}")
 
-    def create_comment(self, owner: str, repo: str, number: int, body: str) -> dict:
+    def create_comment(self, owner: str, repo: str, number: int, body: str) -> JSONObject:
         path = f"{_repo_path(owner, repo)}/issues/{_seg(number)}/comments"
-        return self._call("POST", path, json={"body": body})
+        return self._object("POST", path, json={"body": body})
 
-    def edit_comment(self, owner: str, repo: str, comment_id: int, body: str) -> dict | None:
+    def edit_comment(self, owner: str, repo: str, comment_id: int, body: str) -> JSONObject | None:
         path = f"{_repo_path(owner, repo)}/issues/comments/{_seg(comment_id)}"
-        return self._call("PATCH", path, json={"body": body}, ok=(200, 204))
+        return self._object_or_none("PATCH", path, json={"body": body}, ok=(200, 204))
 
-    def list_comments(self, owner: str, repo: str, number: int) -> list[dict]:
+    def list_comments(self, owner: str, repo: str, number: int) -> list[JSONObject]:
         """All comments of an issue or PR (Gitea does not page this endpoint)."""
         path = f"{_repo_path(owner, repo)}/issues/{_seg(number)}/comments"
-        return list(self._call("GET", path) or [])
+        return self._objects("GET", path)
 
     def add_reaction(self, owner: str, repo: str, comment_id: int, content: str) -> None:
         path = f"{_repo_path(owner, repo)}/issues/comments/{_seg(comment_id)}/reactions"
@@ -398,9 +424,12 @@ class GiteaClient:
 
     def get_permission(self, owner: str, repo: str, login: str) -> str:
         path = f"{_repo_path(owner, repo)}/collaborators/{_seg(login)}/permission"
-        return self._call("GET", path)["permission"]
+        permission = self._object("GET", path).get("permission")
+        if not isinstance(permission, str):
+            raise GiteaError("the answer holds no permission", method="GET", path=path)
+        return permission
 
-    def find_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None:
+    def find_pull(self, owner: str, repo: str, base: str, head: str) -> JSONObject | None:
         """The pull request from `head` into `base` in any state, or None.
 
         `head` is `branch`, `owner:branch` or `owner/repo:branch`; a branch may
@@ -409,15 +438,15 @@ class GiteaClient:
         """
         path = f"{_repo_path(owner, repo)}/pulls/{_seg(base)}/{_segs(head)}"
         try:
-            return self._call("GET", path)
+            return self._object("GET", path)
         except NotFound:
             return None
 
-    def get_pull(self, owner: str, repo: str, number: int) -> dict:
+    def get_pull(self, owner: str, repo: str, number: int) -> JSONObject:
         """A pull request by number, in any state (`merged`, `head.sha` included)."""
-        return self._call("GET", f"{_repo_path(owner, repo)}/pulls/{_seg(number)}")
+        return self._object("GET", f"{_repo_path(owner, repo)}/pulls/{_seg(number)}")
 
-    def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None:
+    def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> JSONObject | None:
         """The open pull request from branch `head` (of this repository) into `base`, or None.
 
         `find_pull` answers with the first match in any state: one call settles it when that
@@ -429,7 +458,7 @@ class GiteaClient:
             return first
         path = f"{_repo_path(owner, repo)}/pulls"
         for page in range(1, MAX_PULL_PAGES + 1):
-            items = self._call(
+            items = self._objects(
                 "GET",
                 path,
                 params={
@@ -439,7 +468,7 @@ class GiteaClient:
                     "limit": PULL_PAGE_SIZE,
                 },
             )
-            for pr in items or []:
+            for pr in items:
                 if (pr.get("head") or {}).get("ref") == head and (pr.get("base") or {}).get(
                     "ref"
                 ) == base:
@@ -450,10 +479,10 @@ class GiteaClient:
 
     def create_pull(
         self, owner: str, repo: str, *, head: str, base: str, title: str, body: str
-    ) -> dict:
+    ) -> JSONObject:
         path = f"{_repo_path(owner, repo)}/pulls"
         payload = {"head": head, "base": base, "title": title, "body": body}
-        return self._call("POST", path, json=payload)
+        return self._object("POST", path, json=payload)
 
     def edit_pull(
         self,
@@ -464,9 +493,9 @@ class GiteaClient:
         title: str | None = None,
         body: str | None = None,
         state: str | None = None,
-    ) -> dict:
+    ) -> JSONObject:
         payload = {
             k: v for k, v in (("title", title), ("body", body), ("state", state)) if v is not None
         }
         path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}"
-        return self._call("PATCH", path, json=payload)
+        return self._object("PATCH", path, json=payload)

@@ -8,6 +8,7 @@ import resource
 import sys
 import threading
 from typing import Any
+from wsgiref.types import WSGIApplication
 
 from waitress.server import create_server
 
@@ -85,7 +86,13 @@ class HttpServer:
     """Serves a WSGI app on a background thread; `port=0` picks a free port."""
 
     def __init__(
-        self, app, host: str, port: int, *, threads: int = 8, max_body_bytes: int = 5 * 1024 * 1024
+        self,
+        app: WSGIApplication,
+        host: str,
+        port: int,
+        *,
+        threads: int = 8,
+        max_body_bytes: int = 5 * 1024 * 1024,
     ):
         self.app, self.host, self.requested_port = app, host, port
         self.threads, self.max_body_bytes = threads, max_body_bytes
@@ -138,7 +145,7 @@ class HttpServer:
         )
         return self
 
-    def _run(self, server) -> None:
+    def _run(self, server: Any) -> None:
         # waitress's own run() loops until the socket map is empty; closing its
         # sockets from another thread races with select(). Loop here instead and
         # close on this thread once asked to stop.

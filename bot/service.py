@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from bot import __version__, agents
@@ -59,7 +60,7 @@ def known_agents(config: Config) -> frozenset[str]:
 
 
 def _signals(stop: threading.Event) -> None:
-    def on_signal(signum, _frame) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("shutting down", extra={"signal": signal.Signals(signum).name})
         stop.set()
 
@@ -86,7 +87,7 @@ def run_worker(
         resource.setrlimit(
             resource.RLIMIT_NOFILE, (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         )
-    configure_logging(log_level, config.secrets())
+    configure_logging(log_level, config.secrets(), output=config.logging.format)
     # Before any thread starts: threads and child processes inherit it.
     niceness = lower_own_priority(config.agents.nice)
     storage = config.storage
@@ -183,7 +184,7 @@ class WorkerProcess:
 
     def __init__(self, config: Config, log_level: str, fd_limit: int | None = None):
         self.config, self.log_level, self.fd_limit = config, log_level, fd_limit
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self._wake_w: int | None = None
         self._lock = threading.Lock()
         self.restarts = 0
@@ -277,7 +278,7 @@ def make_private(data_dir: Path, *, deep: bool) -> int:
     """
     changed = 0
 
-    def tighten(path: str, entry: os.DirEntry | None = None) -> int | None:
+    def tighten(path: str, entry: os.DirEntry[str] | None = None) -> int | None:
         """Its mode, made private; None if it cannot be read or changed, or is a link."""
         nonlocal changed
         try:
@@ -401,7 +402,7 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     from bot.metrics import render as render_metrics
     from bot.store import open_store
 
-    configure_logging(log_level, config.secrets())
+    configure_logging(log_level, config.secrets(), output=config.logging.format)
     storage = config.storage
     storage.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     make_private(storage.data_dir, deep=False)  # the database files before they are opened

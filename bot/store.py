@@ -186,7 +186,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX replies_by_time ON replies (at);
     """,
     # 7: a task's kind, state and outcome must be values kugetsu knows, or the row cannot
-    # be read (bot/tasks.py; tests/test_store.py checks that these lists match it). New
+    # be read (bot/core/tasks.py; tests/test_store.py checks that these lists match it). New
     # writes are refused here; rows written before are set aside when read
     # (Store._set_aside_row). Triggers, not CHECK constraints: SQLite adds a CHECK only
     # by copying the whole table into a new one, which would hold the write lock for as
@@ -351,6 +351,11 @@ def _readable(
             yield _row_to_task(row)
         except UnreadableRow as exc:
             unreadable.append((row, exc))
+
+
+def _number(c: sqlite3.Connection, sql: str, args: Sequence[Any] = ()) -> int:
+    """The whole number a query of one row and one column gives (a count, a version)."""
+    return int(c.execute(sql, args).fetchone()[0])
 
 
 def _inserted_id(cur: sqlite3.Cursor) -> int:
@@ -525,7 +530,7 @@ class Store:
     def migrate(self) -> int:
         """Bring the schema up to date; returns the version. Safe to run concurrently."""
         with self.tx() as c:
-            version = c.execute("PRAGMA user_version").fetchone()[0]
+            version = _number(c, "PRAGMA user_version")
             if version > SCHEMA_VERSION:
                 raise SchemaTooNew(
                     f"database {self.path} has schema version {version}, this kugetsu knows "
@@ -557,7 +562,7 @@ class Store:
 
     def insert_task(
         self,
-        c: sqlite3.Connection,
+        c: Tx,
         *,
         repo: str,
         issue: int,
@@ -744,14 +749,11 @@ class Store:
     def clearable(self, older_than_days: float) -> int:
         """How many finished tasks `clear(older_than_days)` would delete now."""
         cutoff = self.clock() - older_than_days * 86400.0
-        return (
-            self._conn()
-            .execute(
-                f"SELECT COUNT(*) FROM tasks WHERE {_TERMINAL} "
-                "AND COALESCE(finished_at, updated_at) < ?",
-                (cutoff,),
-            )
-            .fetchone()[0]
+        return _number(
+            self._conn(),
+            f"SELECT COUNT(*) FROM tasks WHERE {_TERMINAL} "
+            "AND COALESCE(finished_at, updated_at) < ?",
+            (cutoff,),
         )
 
     def issue_task_ids(self, repo: str, issue: int) -> list[int]:
@@ -972,11 +974,7 @@ class Store:
 
     def count(self, state: State) -> int:
         """Tasks in that state (read from the index by state: as many steps as there are)."""
-        return (
-            self._conn()
-            .execute("SELECT COUNT(*) FROM tasks WHERE state = ?", (State(state).value,))
-            .fetchone()[0]
-        )
+        return _number(self._conn(), "SELECT COUNT(*) FROM tasks WHERE state = ?", (state.value,))
 
     def claim(self, limit: int, worker_id: str, *, max_claims: int | None = None) -> list[Task]:
         """Lease up to (limit - running) ready tasks, first in first out, one per issue:
@@ -1002,7 +1000,7 @@ class Store:
         if not ready or running >= limit:
             return []
         with self.tx() as c:
-            running = c.execute("SELECT COUNT(*) FROM tasks WHERE state = 'running'").fetchone()[0]
+            running = _number(c, "SELECT COUNT(*) FROM tasks WHERE state = 'running'")
             free = limit - running
             if max_claims is not None:
                 free = min(free, max_claims)
@@ -1131,14 +1129,11 @@ class Store:
         task = self.get(task_id)
         if task is None or task.state is not State.PENDING:
             return None
-        return (
-            self._conn()
-            .execute(
-                "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND id <= ? "
-                "AND (authorized IS NULL OR authorized = 1)",
-                (task_id,),
-            )
-            .fetchone()[0]
+        return _number(
+            self._conn(),
+            "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND id <= ? "
+            "AND (authorized IS NULL OR authorized = 1)",
+            (task_id,),
         )
 
     def pending_positions(self, limit: int) -> list[tuple[Task, int]]:
@@ -1215,9 +1210,9 @@ class Store:
             )
         }
         now = self.clock()
-        ready = conn.execute(
-            "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND not_before <= ?", (now,)
-        ).fetchone()[0]
+        ready = _number(
+            conn, "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND not_before <= ?", (now,)
+        )
         oldest = conn.execute(
             "SELECT MIN(created_at) FROM tasks WHERE state = 'pending'"
         ).fetchone()[0]
@@ -1324,7 +1319,7 @@ class Store:
 
     # ------------------------------------------------------------------ deliveries
 
-    def seen_delivery(self, c: sqlite3.Connection, delivery_id: str, event: str) -> bool:
+    def seen_delivery(self, c: Tx, delivery_id: str, event: str) -> bool:
         """Record a delivery id; True if it was already recorded."""
         cur = c.execute(
             "INSERT OR IGNORE INTO deliveries (id, event, received_at) VALUES (?, ?, ?)",
@@ -1332,7 +1327,7 @@ class Store:
         )
         return cur.rowcount == 0
 
-    def delivery_result(self, c: sqlite3.Connection, delivery_id: str, result: str) -> None:
+    def delivery_result(self, c: Tx, delivery_id: str, result: str) -> None:
         c.execute("UPDATE deliveries SET result = ? WHERE id = ?", (result, delivery_id))
 
     # ------------------------------------------------------------------ outbox
@@ -1465,18 +1460,15 @@ class Store:
 
     # ------------------------------------------------------------------ replies
 
-    def recent_replies(
-        self, c: sqlite3.Connection, repo: str, issue: int, login: str, seconds: float
-    ) -> int:
+    def recent_replies(self, c: Tx, repo: str, issue: int, login: str, seconds: float) -> int:
         """Replies to `login` on issue (or pull request) `issue` in the last `seconds`."""
-        return c.execute(
+        return _number(
+            c,
             "SELECT COUNT(*) FROM replies WHERE repo = ? AND issue = ? AND login = ? AND at > ?",
             (repo, issue, login, self.clock() - seconds),
-        ).fetchone()[0]
+        )
 
-    def note_reply(
-        self, c: sqlite3.Connection, repo: str, issue: int, login: str, seconds: float
-    ) -> None:
+    def note_reply(self, c: Tx, repo: str, issue: int, login: str, seconds: float) -> None:
         """Count a reply to `login` on `issue`, forgetting theirs older than `seconds`."""
         now = self.clock()
         c.execute(

@@ -30,6 +30,7 @@ from tests.conftest import (
     TOKEN,
     enqueue,
     fake_agent,
+    logged,
     make_config,
     peak_overlap,
     process_gone,
@@ -885,7 +886,7 @@ def test_token_never_leaves(make, caplog, tmp_path):
         assert TOKEN not in comment["body"]
     for pr in h.gitea.pulls_of(REPO).values():
         assert TOKEN not in pr["body"]
-    assert TOKEN not in caplog.text
+    assert TOKEN not in logged(caplog)
 
 
 def test_a_backlog_of_tracking_comments_is_created_without_waiting_for_the_interval(make):
