@@ -52,7 +52,12 @@ _KILL_WAIT = 5.0
 
 
 class AgentStartError(Exception):
-    """The agent command could not be started (not found, not executable, bad cwd)."""
+    """The agent command could not be started (not found, not executable, bad cwd).
+    `not_found`: the command itself is not there (not installed, or a wrong path)."""
+
+    def __init__(self, message: str, *, not_found: bool = False):
+        super().__init__(message)
+        self.not_found = not_found
 
 
 # ---------------------------------------------------------------------------
@@ -409,7 +414,8 @@ class AgentProcess:
                 message = _start_error_message(argv0, cwd, exc)
                 logger.warning("agent could not be started argv0=%s error=%s", argv0, exc)
                 log_file.write(f"[kugetsu: {message}]\n".encode("utf-8", "replace"))
-                raise AgentStartError(message) from exc
+                missing = _command_missing(argv0, cwd, exc)
+                raise AgentStartError(message, not_found=missing) from exc
         except BaseException:
             log_file.close()
             raise
@@ -718,6 +724,15 @@ def _ends_without_newline(path: Path) -> bool:
             return f.read(1) != b"\n"
     except OSError:
         return False
+
+
+def _command_missing(argv0: str, cwd: Path, exc: BaseException) -> bool:
+    """True when the command itself is not there (rather than its working directory)."""
+    return (
+        isinstance(exc, OSError)
+        and exc.errno == errno.ENOENT
+        and not (exc.filename is not None and os.fspath(exc.filename) == os.fspath(cwd) != argv0)
+    )
 
 
 def _start_error_message(argv0: str, cwd: Path, exc: BaseException) -> str:
