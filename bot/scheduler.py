@@ -1,4 +1,5 @@
-"""APScheduler wiring only: the interval tick, the heartbeat, a daily clean-up, and wake()."""
+"""APScheduler wiring only: the interval tick, the heartbeat, a daily clean-up, the setup
+checks, and wake()."""
 
 from __future__ import annotations
 
@@ -80,9 +81,11 @@ class Scheduler:
         *,
         heartbeat: Callable[[], None] | None = None,
         cleanup: Callable[[], object] | None = None,
+        checks: tuple[Callable[[], object], float] | None = None,
     ) -> None:
         """Run `tick` now and every interval; `heartbeat` every HEARTBEAT_SECONDS; `cleanup`
-        five minutes from now and then daily."""
+        five minutes from now and then daily; `checks` (a job and its interval) now and
+        then every interval, beside the tick."""
         self._tick = tick
         now = datetime.now(UTC)
         self._scheduler.add_job(
@@ -112,6 +115,17 @@ class Scheduler:
                 max_instances=1,
                 coalesce=True,
                 next_run_time=now + timedelta(minutes=5),
+            )
+        if checks is not None:
+            job, seconds = checks
+            self._scheduler.add_job(
+                job,
+                "interval",
+                seconds=seconds,
+                id="checks",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=now,
             )
         self._scheduler.start()
 
