@@ -217,10 +217,9 @@ def _check_issue(config: Config, repo: str, issue: int) -> str | None:
     """Why `repo#issue` cannot be queued (it is not an issue on Gitea), or None. When Gitea
     cannot say (it is away, the token is refused), a warning is printed and None given:
     the task waits in the queue, as one from a delivery would."""
-    from bot.gitea import GiteaClient, GiteaError, NotFound
+    from bot.gitea import GiteaError, NotFound, client_for
 
-    g = config.gitea
-    client = GiteaClient(g.url, g.token, timeout=min(g.timeout_seconds, 10.0), retries=0)
+    client = client_for(config.gitea, retries=0)
     owner, name = repo.split("/", 1)
     try:
         found = client.get_issue(owner, name, issue)
@@ -349,6 +348,10 @@ def _webhook_targets(
     return [names.split_repo(r) for r in dict.fromkeys(repos)]
 
 
+def _target_name(owner: str, repo: str | None) -> str:
+    return f"{owner}/{repo}" if repo else f"organization {owner}"
+
+
 def _hook_url(config: Config, url: str | None) -> str:
     from bot.core import hooks
 
@@ -359,7 +362,7 @@ def webhook_install(config: Config, repos: Sequence[str], org: str | None, url: 
     """Create kugetsu's webhook on each target, or update it in place: one hook each,
     however often this runs."""
     from bot.core import hooks
-    from bot.gitea import Forbidden, GiteaClient, GiteaError, missing_scope
+    from bot.gitea import Forbidden, GiteaError, client_for, missing_scope
 
     targets = _webhook_targets(config, repos, org)
     if isinstance(targets, str):
@@ -381,11 +384,10 @@ def webhook_install(config: Config, repos: Sequence[str], org: str | None, url: 
             file=sys.stderr,
         )
         return 2
-    g = config.gitea
-    client = GiteaClient(g.url, g.token, timeout=g.timeout_seconds, retries=g.retries)
+    client = client_for(config.gitea)
     failed = 0
     for owner, repo in targets:
-        target = f"{owner}/{repo}" if repo else f"organization {owner}"
+        target = _target_name(owner, repo)
         try:
             found = hooks.ours(client.list_hooks(owner, repo), where)
             if not found:
@@ -427,18 +429,17 @@ def webhook_list(config: Config, repos: Sequence[str], org: str | None, url: str
     """The webhooks of each target, and how kugetsu's differs from what it needs; 1 when
     one is missing or differs."""
     from bot.core import hooks
-    from bot.gitea import GiteaClient, GiteaError
+    from bot.gitea import GiteaError, client_for
 
     targets = _webhook_targets(config, repos, org)
     if isinstance(targets, str):
         print(f"kugetsu: {targets}", file=sys.stderr)
         return 2
     where = _hook_url(config, url)
-    g = config.gitea
-    client = GiteaClient(g.url, g.token, timeout=g.timeout_seconds, retries=g.retries)
+    client = client_for(config.gitea)
     wrong = 0
     for owner, repo in targets:
-        target = f"{owner}/{repo}" if repo else f"organization {owner}"
+        target = _target_name(owner, repo)
         try:
             installed = client.list_hooks(owner, repo)
         except GiteaError as exc:
@@ -460,7 +461,7 @@ def webhook_list(config: Config, repos: Sequence[str], org: str | None, url: str
             wrong += 1
             print(
                 f"  no hook delivers to {where or '(server.public_url is not set)'}: "
-                f"kugetsu webhook install {owner + '/' + repo if repo else '--org ' + owner}"
+                f"kugetsu webhook install {f'{owner}/{repo}' if repo else '--org ' + owner}"
             )
     return 1 if wrong else 0
 

@@ -42,6 +42,7 @@ from bot.gitea import (
     ServerError,
     Unauthorized,
     Unreachable,
+    client_for,
     missing_scope,
 )
 from bot.store import SchemaTooNew, Store, open_store
@@ -104,8 +105,7 @@ class Context:
     @property
     def gitea(self) -> GiteaClient:
         if self._client is None:
-            g = self.config.gitea
-            self._client = GiteaClient(g.url, g.token, timeout=g.timeout_seconds, retries=0)
+            self._client = client_for(self.config.gitea, retries=0)
         return self._client
 
     def repos(self) -> list[str]:

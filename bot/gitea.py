@@ -525,6 +525,30 @@ class GiteaClient:
         self._request("POST", path, ok=(200, 204))
 
 
+class GiteaSettings(Protocol):
+    """The `[gitea]` section (`config.GiteaConfig`), as far as a client needs it."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def token(self) -> str: ...
+    @property
+    def timeout_seconds(self) -> float: ...
+    @property
+    def retries(self) -> int: ...
+
+
+def client_for(settings: GiteaSettings, *, retries: int | None = None) -> GiteaClient:
+    """The client of the configured Gitea; `retries` in place of the configured ones (0 for
+    a check, which must say at once what it finds)."""
+    return GiteaClient(
+        settings.url,
+        settings.token,
+        timeout=settings.timeout_seconds,
+        retries=settings.retries if retries is None else retries,
+    )
+
+
 _SCOPE_RE = re.compile(r"required scope\(s\)[^\[]*\[([^\]]*)\]")
 
 

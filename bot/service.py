@@ -71,7 +71,7 @@ def run_worker(
     """The worker process: scheduler, tick and agents. `fd_limit`: the soft limit
     of open files the receiver found before it raised its own (httpserver.raise_fd_limit),
     for the worker, git and the agents."""
-    from bot.gitea import GiteaClient
+    from bot.gitea import client_for
     from bot.httpserver import prepare_interpreter
     from bot.logs import configure_logging
     from bot.scheduler import Scheduler
@@ -89,12 +89,7 @@ def run_worker(
     storage = config.storage
     # the worker keeps the write-ahead log short; the receiver never checkpoints
     store = open_store(storage.db_path, checkpoint_pages=WORKER_CHECKPOINT_PAGES)
-    gitea = GiteaClient(
-        config.gitea.url,
-        config.gitea.token,
-        timeout=config.gitea.timeout_seconds,
-        retries=config.gitea.retries,
-    )
+    gitea = client_for(config.gitea)
     workspace = Workspace(
         mirrors_dir=storage.mirrors_dir,
         worktrees_dir=storage.worktrees_dir,
