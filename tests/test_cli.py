@@ -443,12 +443,15 @@ def test_a_reader_that_stops_early_ends_it_quietly(setup, args):
     (data / "logs" / "1.log").write_text("a line of the agent\n" * 10)
     read, write = os.pipe()
     os.close(read)  # the reader has stopped before the first line
+    # as in a shell: output to a pipe is buffered, so some of it is written only at exit
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     try:
         done = subprocess.run(
             [sys.executable, "-m", "bot", *args, "--config", config],
             stdout=write,
             stderr=subprocess.PIPE,
             timeout=60,
+            env=env,
         )
     finally:
         os.close(write)
