@@ -121,30 +121,38 @@ def test_doctor_passes_on_a_good_setup_in_order(gitea, tmp_path, capsys):
 def test_doctor_fails_with_the_right_check_for_each_broken_part(gitea, tmp_path, capsys):
     good = write(tmp_path, gitea)
     assert install(capsys, good)[0] == 0
+    # what is broken: (the config's change, the checks that fail, what the first one says)
     cases = {
-        "a missing hook": ({}, [f"webhook {REPO}"]),
-        "a wrong token": ({"gitea": {"token": "not-the-token"}}, ["token", f"repo {REPO}"]),
+        "a missing hook": ({}, [f"webhook {REPO}"], "no webhook delivers to " + HOOK_URL),
+        "a wrong token": (
+            {"gitea": {"token": "not-the-token"}},
+            ["token", f"repo {REPO}"],
+            "Gitea rejects it (HTTP 401)",
+        ),
         "a missing agent binary": (
             {"agents__fake": {"command": [str(tmp_path / "no-such-agent"), "{prompt}"]}},
             ["agent fake"],
+            "the default agent cannot start",
         ),
         "an unreachable Gitea": (
             {"gitea": {"url": f"http://127.0.0.1:{free_port()}"}},
             ["gitea", "token", f"repo {REPO}"],
+            "is not reachable",
         ),
         "an unwritable data dir": (
             {"storage": {"data_dir": str(unwritable_dir(tmp_path))}},
             ["data_dir"],
+            "cannot be written",
         ),
     }
-    for what, (change, expected) in cases.items():
+    for what, (change, expected, says) in cases.items():
         if what == "a missing hook":
             gitea.hooks.clear()
         config = write(tmp_path, gitea, **change)
         code, report = doctor(capsys, config)
         assert (code, report["ok"], failing(report)) == (1, False, expected), what
         first = check(report, expected[0])
-        assert " Fix: " in first["detail"] or "not checked" in first["detail"], what
+        assert says in first["detail"] and " Fix: " in first["detail"], what
         if what == "a missing hook":
             assert install(capsys, good)[0] == 0
     # and the human form prints each problem with its fix under it

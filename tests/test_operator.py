@@ -237,6 +237,12 @@ def test_deliver_test_proves_the_delivery_arrives(serve, gitea, tmp_path):
 def test_backup_while_serving_holds_every_task(serve, tmp_path):
     svc = serve()
     store = open_store(tmp_path / "data" / "kugetsu.db")
+    # A reader that stays (a long `queue list --all`, say) keeps every write after it in the
+    # write-ahead log: no checkpoint copies them into the database file meanwhile, so a copy
+    # of the file alone would not hold them.
+    reader = sqlite3.connect(tmp_path / "data" / "kugetsu.db")
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM tasks").fetchone()
     before = [
         enqueue(
             store,
@@ -279,6 +285,8 @@ def test_backup_while_serving_holds_every_task(serve, tmp_path):
     finally:
         stop.set()
         thread.join()
+        reader.rollback()
+        reader.close()
     assert done.returncode == 0, done.stderr
     [path] = copy.iterdir()
     assert done.stdout.startswith("backed up ") and str(path) in done.stdout
