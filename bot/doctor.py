@@ -42,9 +42,9 @@ from bot.gitea import (
     ServerError,
     Unauthorized,
     Unreachable,
-    client_for,
     missing_scope,
 )
+from bot.service import gitea_client
 from bot.store import SchemaTooNew, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class Context:
     @property
     def gitea(self) -> GiteaClient:
         if self._client is None:
-            self._client = client_for(self.config.gitea, retries=0)
+            self._client = gitea_client(self.config, retries=0)
         return self._client
 
     def repos(self) -> list[str]:
