@@ -757,9 +757,10 @@ def _operator_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        code = _main(argv)
-        sys.stdout.flush()
-        return code
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # what is still buffered (argparse's --help too) goes now
     except BrokenPipeError:
         # the reader stopped early (`kugetsu queue list --all | head`): not an error of
         # ours, and nothing more is to be written, not even at exit
