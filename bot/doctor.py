@@ -591,7 +591,7 @@ def _check_agent(ctx: Context, name: str, *, default: bool) -> Result:
     if spec.preset is None:
         parts.append("a custom command: its version is not asked")
     elif not ctx.quick:
-        version = _version(found, path)
+        version = _version(ctx, spec, found)
         if version.startswith("!"):
             return Result(
                 label,
@@ -631,14 +631,22 @@ def _install_hint(spec: agents.AgentSpec) -> str:
     }.get(spec.preset or "", "install it ")
 
 
-def _version(binary: str, path: str) -> str:
-    """Its `--version` output's first line, or "!" and why it failed. Run in an empty
-    home, with nothing of kugetsu's environment but PATH."""
+def _version(ctx: Context, spec: agents.AgentSpec, binary: str) -> str:
+    """Its `--version` output's first line, or "!" and why it failed. Run as a task runs it
+    (the environment `build_env` gives it: the preset's variables that keep it from phoning
+    home included), in an empty home of its own."""
     with tempfile.TemporaryDirectory(prefix="kugetsu-doctor-") as home:
+        env = agents.build_env(
+            spec,
+            home_env={"HOME": home},
+            task_vars={},
+            environ=ctx.environ,
+            secrets=ctx.config.secrets(),
+        )
         try:
             done = subprocess.run(
                 [binary, "--version"],
-                env={"PATH": path, "HOME": home, "LANG": "C.UTF-8"},
+                env=env,
                 cwd=home,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,

@@ -388,3 +388,38 @@ def _registered(store, worker_id: str) -> tuple[str, int]:
 
     store.register_worker(worker_id, os.getpid(), None)
     return socket.gethostname(), os.getpid()
+
+
+def test_an_agent_is_found_its_version_runs_and_its_pass_env_is_set(
+    gitea, tmp_path, capsys, monkeypatch
+):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    claude = bin_dir / "claude"
+    # answers --version as the real CLI does, and tells whether the preset's variables that
+    # keep it from phoning home reached it
+    claude.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && [ "$DISABLE_AUTOUPDATER" = 1 ] && '
+        'echo "2.1.197 (Claude Code)" && exit 0\nexit 3\n'
+    )
+    claude.chmod(0o755)
+    config = write(
+        tmp_path,
+        gitea,
+        agents={"default": "claude"},
+        agents__claude={"command": [str(claude), "{prompt}"], "pass_env": ["ANTHROPIC_API_KEY"]},
+    )
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    assert install(capsys, config)[0] == 0
+    code, report = doctor(capsys, config)
+    agent = check(report, "agent claude")
+    assert agent["ok"] and f"{claude}; version 2.1.197 (Claude Code)" in agent["detail"]
+    assert "passes ANTHROPIC_API_KEY" in agent["detail"]
+    monkeypatch.delenv("ANTHROPIC_API_KEY")  # named in pass_env, and not set
+    code, report = doctor(capsys, config)
+    agent = check(report, "agent claude")
+    assert not agent["ok"] and "pass_env names variables that are not set: " in agent["detail"]
+    claude.write_text("#!/bin/sh\necho broken >&2\nexit 3\n")
+    code, report = doctor(capsys, config)
+    agent = check(report, "agent claude")
+    assert not agent["ok"] and "--version failed: exit code 3: broken" in agent["detail"]
