@@ -157,7 +157,7 @@ def check_config(ctx: Context) -> list[Result]:
             "config",
             False,
             f"{config.source}: " + "; ".join(d for d, _ in found) + ".",
-            " ".join(f for _, f in found),
+            "; ".join(f for _, f in found),
         )
     ]
 
@@ -387,7 +387,7 @@ def _check_permission(ctx: Context, owner: str, name: str) -> tuple[Result, bool
             label,
             False,
             " ".join(p for p, _ in problems),
-            " ".join(dict.fromkeys(f for _, f in problems if f)),
+            "; ".join(dict.fromkeys(f for _, f in problems if f)),
         ), True
     if admin:
         return Result(label, True, "admin: may push, read permissions and manage its webhook"), True
@@ -416,13 +416,14 @@ def _check_webhook(ctx: Context, owner: str, name: str) -> list[Result]:
     url = hooks.url_for(ctx.config.server.public_url)
     if not url:
         return [Result(label, False, "not checked: server.public_url is not set.", "set it")]
-    install = f"run: kugetsu webhook install {full}"
+    install = f"run kugetsu webhook install {full}"
     try:
         found = hooks.ours(ctx.gitea.list_hooks(owner, name), url)
         where = "repository"
     except GiteaError as exc:
         if missing_scope(exc) or not isinstance(exc, Forbidden):
-            return [Result(label, False, _refused("read its webhooks", exc), _fix(exc, "", full))]
+            bot = ctx.login or "the bot"
+            return [Result(label, False, _refused("read its webhooks", exc), _fix(exc, bot, full))]
         # not an admin of the repository: what arrives tells instead
         last = ctx.store.last_delivery(full) if ctx.store is not None else None
         if last is not None:
@@ -440,8 +441,8 @@ def _check_webhook(ctx: Context, owner: str, name: str) -> list[Result]:
                 False,
                 "its webhooks cannot be read without admin, and no delivery from it has "
                 "arrived yet.",
-                f"give the bot admin on {full} and {install}; or check it in Gitea (Settings, "
-                "Webhooks) and send a test delivery",
+                f"give the bot admin on {full} and {install}, or check the webhook in Gitea "
+                "(Settings, Webhooks) and send a test delivery",
             )
         ]
     if not found:
