@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from bot.agents.presets import PLACEHOLDERS, PRESETS
+from bot.core import names
 from bot.core.notify import Format, NotifyEvent
 from bot.core.permissions import PERMISSIONS
 from bot.core.tasks import RetryPolicy
@@ -48,6 +49,9 @@ class GiteaConfig:
     bot_login: str = ""
     timeout_seconds: float = 10.0
     retries: int = 3
+    #: repositories kugetsu serves besides those the database knows (tasks, deliveries):
+    #: `kugetsu doctor` checks them, `kugetsu webhook install` without arguments uses them
+    repos: tuple[str, ...] = ()
 
     @property
     def api_url(self) -> str:
@@ -419,6 +423,16 @@ def _agent_table(name: str, data: Any) -> AgentConfig:
     return cfg
 
 
+def _repos(section: _Section) -> tuple[str, ...]:
+    """`gitea.repos`: OWNER/NAME each, as Gitea names repositories, without repeats."""
+    repos = section.strings("repos", GiteaConfig.repos) or ()
+    for repo in repos:
+        error = names.repo_error(repo)
+        if error:
+            raise ConfigError(f"gitea.repos: {names.shown(repo)} is not OWNER/NAME: {error}")
+    return tuple(dict.fromkeys(repos))
+
+
 def load(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -470,6 +484,7 @@ def load(
         bot_login=g.string("bot_login", GiteaConfig.bot_login),
         timeout_seconds=g.number("timeout_seconds", GiteaConfig.timeout_seconds, positive=True),
         retries=g.integer("retries", GiteaConfig.retries, minimum=0),
+        repos=_repos(g),
     )
     g.check_unknown()
     if not gitea.url.startswith(("http://", "https://")):
@@ -621,8 +636,7 @@ def load(
 
 
 def _check_agents(config: Config) -> None:
-    names = [config.agents.default, *config.agents.fallback]
-    for name in names:
+    for name in (config.agents.default, *config.agents.fallback):
         if name not in config.agents.tables and name not in PRESETS:
             raise ConfigError(
                 f"agents: {name!r} is neither a preset ({', '.join(sorted(PRESETS))}) "

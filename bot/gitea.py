@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -264,14 +265,19 @@ class GiteaClient:
         json: Any = None,
         params: Mapping[str, Any] | None = None,
         ok: tuple[int, ...] = (200, 201, 204),
+        auth: bool = True,
+        api: bool = True,
     ) -> requests.Response:
-        """Send one API call (path relative to /api/v1) and return the response.
+        """Send one API call (path relative to /api/v1; with `api` False, relative to
+        Gitea's root) and return the response. `auth` False sends no token.
 
         Returns only when the status is in `ok`; otherwise raises a `GiteaError`.
         """
         method = method.upper()
-        url = self.api_url + path
-        headers = {"Authorization": f"token {self._token}", "Accept": "application/json"}
+        url = (self.api_url if api else self.base_url) + path
+        headers = {"Accept": "application/json"}
+        if auth:
+            headers["Authorization"] = f"token {self._token}"
         attempts = self.retries + 1
         for attempt in range(1, attempts + 1):
             last = attempt == attempts
@@ -347,6 +353,9 @@ class GiteaClient:
             data = None
         if isinstance(data, dict) and isinstance(data.get("message"), str):
             message = data["message"]
+        elif resp.headers.get("Content-Type", "").startswith("text/plain") and resp.content:
+            # git's HTTP routes answer in plain text ("User permission denied", a scope)
+            message = resp.text.strip().splitlines()[0][:300] if resp.text.strip() else ""
         else:
             message = (resp.reason or "").strip() if resp.content else ""
         message = self._scrub(message)
@@ -499,3 +508,71 @@ class GiteaClient:
         }
         path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}"
         return self._object("PATCH", path, json=payload)
+
+    # -- operator calls: kugetsu doctor and kugetsu webhook -------------------------------
+
+    def get_version(self) -> str:
+        """Gitea's version (GET /version needs no token, so it tells reachability alone)."""
+        data = self._call("GET", "/version", auth=False)
+        return str((data or {}).get("version") or "")
+
+    def get_repo(self, owner: str, repo: str) -> JSONObject:
+        """The repository, with the token user's `permissions` (admin, push, pull) on it."""
+        return self._object("GET", _repo_path(owner, repo))
+
+    def list_issues(self, owner: str, repo: str, *, limit: int = 1) -> list[JSONObject]:
+        """The newest `limit` issues (any state): asked to see that issues can be read."""
+        path = f"{_repo_path(owner, repo)}/issues"
+        return self._objects("GET", path, params={"state": "all", "limit": limit})
+
+    def may_push(self, owner: str, repo: str) -> None:
+        """Raise GiteaError unless the token may push to the repository. Asks for git's
+        push handshake (`info/refs?service=git-receive-pack`), which Gitea answers only
+        for a token with write:repository of a user with write access: nothing is sent."""
+        path = f"/{_seg(owner)}/{_seg(repo)}.git/info/refs"
+        resp = self._request(
+            "GET", path, params={"service": "git-receive-pack"}, ok=(200,), api=False
+        )
+        resp.close()
+
+    @staticmethod
+    def _hooks_path(owner: str, repo: str | None) -> str:
+        """The hooks of a repository, or with `repo` None those of organization `owner`."""
+        return f"{_repo_path(owner, repo)}/hooks" if repo else f"/orgs/{_seg(owner)}/hooks"
+
+    def list_hooks(self, owner: str, repo: str | None = None) -> list[JSONObject]:
+        """Every webhook of a repository (or, with `repo` None, of organization `owner`)."""
+        path = self._hooks_path(owner, repo)
+        hooks: list[JSONObject] = []
+        for page in range(1, MAX_PULL_PAGES + 1):
+            items = self._objects("GET", path, params={"page": page, "limit": PULL_PAGE_SIZE})
+            hooks += items
+            if not items or len(items) < PULL_PAGE_SIZE:
+                break
+        return hooks
+
+    def create_hook(self, owner: str, repo: str | None, body: Mapping[str, Any]) -> JSONObject:
+        return self._object("POST", self._hooks_path(owner, repo), json=dict(body))
+
+    def edit_hook(
+        self, owner: str, repo: str | None, hook_id: int, body: Mapping[str, Any]
+    ) -> JSONObject:
+        path = f"{self._hooks_path(owner, repo)}/{_seg(hook_id)}"
+        return self._object("PATCH", path, json=dict(body))
+
+    def test_hook(self, owner: str, repo: str, hook_id: int) -> None:
+        """Make Gitea send the hook a test delivery (a push event) now."""
+        path = f"{self._hooks_path(owner, repo)}/{_seg(hook_id)}/tests"
+        self._request("POST", path, ok=(200, 204))
+
+
+_SCOPE_RE = re.compile(r"required scope\(s\)[^\[]*\[([^\]]*)\]")
+
+
+def missing_scope(exc: GiteaError) -> str | None:
+    """The token scope(s) a 403 says the token lacks ("read:user"), or None when the 403
+    is for something else (the user's own access)."""
+    if not isinstance(exc, Forbidden):
+        return None
+    found = _SCOPE_RE.search(exc.message)
+    return found.group(1).strip() or None if found else None

@@ -52,7 +52,12 @@ _KILL_WAIT = 5.0
 
 
 class AgentStartError(Exception):
-    """The agent command could not be started (not found, not executable, bad cwd)."""
+    """The agent command could not be started (not found, not executable, bad cwd).
+    `not_found`: the command itself is not there (not installed, or a wrong path)."""
+
+    def __init__(self, message: str, *, not_found: bool = False):
+        super().__init__(message)
+        self.not_found = not_found
 
 
 # ---------------------------------------------------------------------------
@@ -414,7 +419,8 @@ class AgentProcess:
                     "agent could not be started", extra={"argv0": argv0, "error": str(exc)}
                 )
                 log_file.write(f"[kugetsu: {message}]\n".encode("utf-8", "replace"))
-                raise AgentStartError(message) from exc
+                missing = _command_missing(argv0, cwd, exc)
+                raise AgentStartError(message, not_found=missing) from exc
         except BaseException:
             log_file.close()
             raise
@@ -730,6 +736,15 @@ def _ends_without_newline(path: Path) -> bool:
             return f.read(1) != b"\n"
     except OSError:
         return False
+
+
+def _command_missing(argv0: str, cwd: Path, exc: BaseException) -> bool:
+    """True when the command itself is not there (rather than its working directory)."""
+    return (
+        isinstance(exc, OSError)
+        and exc.errno == errno.ENOENT
+        and not (exc.filename is not None and os.fspath(exc.filename) == os.fspath(cwd) != argv0)
+    )
 
 
 def _start_error_message(argv0: str, cwd: Path, exc: BaseException) -> str:

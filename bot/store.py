@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import socket
 import sqlite3
 import threading
@@ -244,6 +245,14 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE issues ADD COLUMN state TEXT;
     ALTER TABLE issues ADD COLUMN state_checked_at REAL;
     """,
+    # 11: the repository a delivery came from, so that the repositories kugetsu serves are
+    # known (those with tasks or deliveries, `kugetsu doctor`), and a test delivery can be
+    # seen arriving (`kugetsu doctor --deliver-test`). NULL for rows written before and for
+    # deliveries without one. The index holds only rows that name one.
+    """
+    ALTER TABLE deliveries ADD COLUMN repo TEXT;
+    CREATE INDEX deliveries_by_repo ON deliveries (repo, received_at) WHERE repo IS NOT NULL;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -258,6 +267,8 @@ BUSY_TIMEOUT_SECONDS = 30.0
 _REPORT_KEY = "worker-report:"
 #: meta key prefix of the disk use a worker measured, followed by its host's name
 _DISK_KEY = "disk-usage:"
+#: meta key prefix of what a worker's checks found (bot/doctor.py), followed by its id
+_READY_KEY = "worker-readiness:"
 
 _TASK_FIELDS = {f.name for f in fields(Task)}
 #: fields that callers may set without changing state
@@ -540,7 +551,12 @@ class Store:
                 for statement in _statements(MIGRATIONS[number]):
                     c.execute(statement)
                 c.execute(f"PRAGMA user_version = {number + 1}")
-                log.info("database migrated", extra={"schema_version": number + 1})
+        if version < SCHEMA_VERSION:
+            # one line, however many steps: a new database takes them all at once
+            log.info(
+                "database migrated",
+                extra={"from_version": version, "schema_version": SCHEMA_VERSION},
+            )
         return SCHEMA_VERSION
 
     # ------------------------------------------------------------------ tasks
@@ -1319,13 +1335,38 @@ class Store:
 
     # ------------------------------------------------------------------ deliveries
 
-    def seen_delivery(self, c: Tx, delivery_id: str, event: str) -> bool:
-        """Record a delivery id; True if it was already recorded."""
+    def seen_delivery(self, c: Tx, delivery_id: str, event: str, repo: str | None = None) -> bool:
+        """Record a delivery id, with the repository it came from when it names one; True
+        if it was already recorded."""
         cur = c.execute(
-            "INSERT OR IGNORE INTO deliveries (id, event, received_at) VALUES (?, ?, ?)",
-            (delivery_id, event, self.clock()),
+            "INSERT OR IGNORE INTO deliveries (id, event, received_at, repo) VALUES (?, ?, ?, ?)",
+            (delivery_id, event, self.clock(), repo),
         )
         return cur.rowcount == 0
+
+    def served_repos(self) -> list[str]:
+        """The repositories kugetsu serves as the database knows them: those with tasks or
+        deliveries, sorted. Read from the indexes on repo, never from the rows."""
+        rows = self._conn().execute(
+            "SELECT repo FROM tasks GROUP BY repo UNION "
+            "SELECT repo FROM deliveries WHERE repo IS NOT NULL GROUP BY repo"
+        )
+        return sorted(row[0] for row in rows)
+
+    def last_delivery(
+        self, repo: str, *, event: str | None = None, since: float | None = None
+    ) -> float | None:
+        """When the newest delivery from `repo` (of `event`, at or after `since`) arrived,
+        or None if none did."""
+        sql, args = "SELECT MAX(received_at) FROM deliveries WHERE repo = ?", list[Any]([repo])
+        if event is not None:
+            sql += " AND event = ?"
+            args.append(event)
+        if since is not None:
+            sql += " AND received_at >= ?"
+            args.append(since)
+        newest = self._conn().execute(sql, args).fetchone()[0]
+        return None if newest is None else float(newest)
 
     def delivery_result(self, c: Tx, delivery_id: str, result: str) -> None:
         c.execute("UPDATE deliveries SET result = ? WHERE id = ?", (result, delivery_id))
@@ -1517,25 +1558,34 @@ class Store:
         with self.tx() as c:
             c.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
             c.execute("DELETE FROM leases WHERE owner = ?", (worker_id,))
-            c.execute("DELETE FROM meta WHERE key = ?", (_REPORT_KEY + worker_id,))
+            c.execute(
+                "DELETE FROM meta WHERE key IN (?, ?)",
+                (_REPORT_KEY + worker_id, _READY_KEY + worker_id),
+            )
 
     def workers(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._conn().execute("SELECT * FROM workers")]
 
-    def worker_report(self, host: str, pid: int) -> tuple[float, str | None] | None:
-        """(heartbeat time, tick report) of the worker running as `pid` on `host`, or None
-        if it has not registered."""
+    def set_readiness(self, worker_id: str, readiness: str) -> None:
+        """What the worker's checks found (read by /healthz and /readyz through
+        `worker_report`)."""
+        self.set_meta(_READY_KEY + worker_id, readiness)
+
+    def worker_report(self, host: str, pid: int) -> tuple[float, str | None, str | None] | None:
+        """(heartbeat time, tick report, readiness) of the worker running as `pid` on
+        `host`, or None if it has not registered."""
         row = (
             self._conn()
             .execute(
-                "SELECT w.heartbeat_at, m.value FROM workers AS w LEFT JOIN meta AS m "
-                "ON m.key = ? || w.id WHERE w.host = ? AND w.pid = ? "
+                "SELECT w.heartbeat_at, m.value, r.value FROM workers AS w "
+                "LEFT JOIN meta AS m ON m.key = ? || w.id "
+                "LEFT JOIN meta AS r ON r.key = ? || w.id WHERE w.host = ? AND w.pid = ? "
                 "ORDER BY w.started_at DESC LIMIT 1",
-                (_REPORT_KEY, host, pid),
+                (_REPORT_KEY, _READY_KEY, host, pid),
             )
             .fetchone()
         )
-        return (row[0], row[1]) if row else None
+        return (row[0], row[1], row[2]) if row else None
 
     def running_tasks(self) -> list[Task]:
         return self.list_tasks(State.RUNNING)
@@ -1623,6 +1673,36 @@ class Store:
     def set_disk_usage(self, host: str, usage: str) -> None:
         """What a worker measured of the disk its data directory uses (a JSON object)."""
         self.set_meta(_DISK_KEY + host, usage)
+
+    # ------------------------------------------------------------------ backup
+
+    def backup(self, dest: Path) -> tuple[int, int]:
+        """Copy the database to `dest` with SQLite's online backup, while other processes
+        read and write it: the copy is one consistent moment of it. Written beside `dest`
+        and renamed into place once whole and checked, so a `dest` that exists is whole.
+        Returns the copy's (schema version, number of tasks)."""
+        dest = Path(dest)
+        part = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+        copy = sqlite3.connect(part)
+        try:
+            # one step: a read transaction on the source for the whole copy (in WAL mode
+            # writers go on meanwhile); in steps, every write in between restarts it
+            self._conn().backup(copy)
+            copy.execute("PRAGMA journal_mode = DELETE")  # one file, whole by itself
+            check = copy.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise StoreError(f"the copy does not check out: {check}")
+            version = copy.execute("PRAGMA user_version").fetchone()[0]
+            tasks = copy.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
+            copy.close()
+            with open(part, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(part, dest)
+        except BaseException:
+            copy.close()
+            part.unlink(missing_ok=True)
+            raise
+        return version, tasks
 
     # ------------------------------------------------------------------ meta
 

@@ -443,14 +443,9 @@ def healthz(svc) -> tuple[int, dict]:
 
 
 def wake(svc) -> None:
-    from bot.app import wake_key
-    from bot.config import Config, GiteaConfig
+    from bot import wake
 
-    key = wake_key(Config(gitea=GiteaConfig(webhook_secret=SECRET)))
-    assert (
-        requests.post(svc.url + "/wake", headers={"X-Kugetsu-Wake": key}, timeout=5).status_code
-        == 202
-    )
+    assert wake.send(svc.workdir / "data")
 
 
 def test_a_tick_that_keeps_failing_shows_in_healthz_and_clears(service_factory, gitea, tmp_path):
