@@ -43,7 +43,7 @@ class Publisher:
         store: Store,
         gitea: GiteaAPI,
         *,
-        clock=time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
         position_refresh_seconds: float = 15.0,
     ):
         self.config, self.store, self.gitea = config, store, gitea

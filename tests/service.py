@@ -72,6 +72,7 @@ class Service:
     ):
         self.args = args
         self.config_path, self.port, self.workdir = config_path, port, workdir
+        self.args = args
         self.fd_limit = fd_limit
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = workdir / f"service-{port}.log"

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 
 import pytest
 
@@ -16,8 +17,9 @@ from tests.conftest import enqueue
 def setup(tmp_path):
     data = tmp_path / "data"
     config = tmp_path / "kugetsu.toml"
-    # a port nothing listens on: enqueue's wake-up ping must fail quietly
-    config.write_text(f'[storage]\ndata_dir = "{data}"\n[server]\nport = 9\n')
+    # no server runs, and nothing listens where Gitea would be: enqueue queues all the
+    # same, with a warning that it could not check the issue
+    config.write_text(f'[storage]\ndata_dir = "{data}"\n[gitea]\nurl = "http://127.0.0.1:9"\n')
     store = open_store(data / "kugetsu.db")
     yield str(config), store, data
     store.close()
@@ -32,7 +34,7 @@ def run(capsys, *args):
 def test_enqueue_list_and_stats(setup, capsys):
     config, store, _ = setup
     code, out, _ = run(capsys, "enqueue", "acme/widget#7", "make it so", "--config", config)
-    assert code == 0 and "queued (start on acme/widget#7)" in out and "not reachable" in out
+    assert code == 0 and "queued (start on acme/widget#7)" in out and "is not running" in out
     code, _, err = run(capsys, "enqueue", "acme/widget#7", "--config", config)
     assert code == 1 and "already queued" in err
     code, out, _ = run(capsys, "enqueue", "acme/widget#7", "more", "--continue", "--config", config)
@@ -377,6 +379,121 @@ def test_queue_list_paging_arguments_are_checked(setup, capsys, args):
     assert err.splitlines()[-1].startswith("kugetsu queue list: error: argument --")
 
 
+# ---------------------------------------------------------------- operators' rough edges
+
+
+def test_queue_list_by_repository_and_issue(setup, capsys):
+    config, store, _ = setup
+    for repo, issue in (("a/b", 1), ("a/b", 2), ("c/d", 1)):
+        enqueue(
+            store,
+            repo=repo,
+            issue=issue,
+            kind=Kind.START,
+            prompt="",
+            agent="opencode",
+            requested_by="cli",
+            max_attempts=3,
+        )
+    code, out, _ = run(capsys, "queue", "list", "--repo", "a/b", "--json", "--config", config)
+    assert [(t["repo"], t["issue"]) for t in json.loads(out)] == [("a/b", 1), ("a/b", 2)]
+    code, out, _ = run(
+        capsys, "queue", "list", "--repo", "a/b", "--issue", "2", "--json", "--config", config
+    )
+    assert [(t["repo"], t["issue"]) for t in json.loads(out)] == [("a/b", 2)]
+    code, out, _ = run(capsys, "queue", "list", "--repo", "a/b", "--issue", "9", "--config", config)
+    assert code == 0 and out == "no tasks\n"
+    code, _, err = run(capsys, "queue", "list", "--issue", "2", "--config", config)
+    assert code == 2 and err == "kugetsu: --issue needs --repo\n"
+    assert usage_error(capsys, "queue", "list", "--repo", "a/b/c", "--config", config)[0] == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["queue", "list"],
+        ["queue", "list", "--json"],
+        ["queue", "stats"],
+        ["queue", "stats", "--json"],
+        ["queue", "clear"],
+        ["logs", "1"],
+        ["doctor"],
+        ["doctor", "--json"],
+        ["webhook", "list", "a/b"],
+        ["--help"],
+    ],
+)
+def test_a_reader_that_stops_early_ends_it_quietly(setup, args):
+    """`kugetsu ... | head`: a pipe whose reader is gone is no error of kugetsu's."""
+    import subprocess
+    import sys
+
+    config, store, data = setup
+    enqueue(
+        store,
+        repo="a/b",
+        issue=1,
+        kind=Kind.START,
+        prompt="",
+        agent="opencode",
+        requested_by="cli",
+        max_attempts=3,
+    )
+    (data / "logs").mkdir(exist_ok=True)
+    (data / "logs" / "1.log").write_text("a line of the agent\n" * 10)
+    read, write = os.pipe()
+    os.close(read)  # the reader has stopped before the first line
+    # as in a shell: output to a pipe is buffered, so some of it is written only at exit
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bot", *args, "--config", config],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            env=env,
+        )
+    finally:
+        os.close(write)
+    assert done.stderr.decode() == ""
+
+
+def test_data_dir_errors_name_storage_data_dir(tmp_path):
+    import subprocess
+    import sys
+
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    config = tmp_path / "kugetsu.toml"
+    config.write_text(
+        f'[storage]\ndata_dir = "{plain}"\n[gitea]\nwebhook_secret = "s"\n'
+        f'url = "http://127.0.0.1:9"\n[server]\nport = 0\n'
+    )
+    for args in (["serve"], ["queue", "list"], ["enqueue", "a/b#1"], ["backup", "x"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "bot", *args, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 1 and "storage.data_dir" in last, (args, done.stderr)
+        assert last.startswith("kugetsu: ") and str(plain) in last
+
+
+def test_one_log_line_for_the_migrations_of_a_new_database(tmp_path, caplog):
+    import logging
+
+    from bot.store import SCHEMA_VERSION
+
+    with caplog.at_level(logging.INFO, logger="bot.store"):
+        open_store(tmp_path / "new.db").close()
+        open_store(tmp_path / "new.db").close()  # nothing to do the second time
+    [record] = [r for r in caplog.records if r.getMessage() == "database migrated"]
+    assert (record.from_version, record.schema_version) == (0, SCHEMA_VERSION)
+
+
 @pytest.fixture
 def any_backend(tmp_path, backend, request):
     """A config file and a store for the test's backend (SQLite in data_dir, or a
@@ -396,13 +513,20 @@ def test_doctor_checks_the_database_and_names_a_worker_whose_heartbeat_is_old(
     any_backend, capsys, backend
 ):
     config, store = any_backend
-    code, out, _ = run(capsys, "doctor", "--config", config)
-    assert code == 0 and out.splitlines()[-1] == "database: ok"
-    assert out.startswith("database: sqlite " if backend == "sqlite" else "database: postgresql ")
+
+    def database_checks() -> tuple[int, list[dict]]:
+        code, out, _ = run(capsys, "doctor", "--json", "--config", config)
+        checks = json.loads(out)["checks"]
+        return code, [c for c in checks if c["name"] == "database" or c["name"][:7] == "worker "]
+
+    _, [found] = database_checks()
+    assert found["ok"] and found["detail"].endswith(": schema up to date")
+    assert found["detail"].startswith("sqlite " if backend == "sqlite" else "postgresql ")
     store.register_worker("w-old", 1, None, host="machine-a", capacity=2)
     store._conn().execute("UPDATE workers SET heartbeat_at = heartbeat_at - 600")
-    code, out, _ = run(capsys, "doctor", "--config", config)
-    assert code == 1 and "worker w-old on machine-a: no heartbeat for 600 s" in out
+    code, [found, worker] = database_checks()
+    assert code == 1 and found["ok"] and not worker["ok"] and worker["name"] == "worker w-old"
+    assert worker["detail"].startswith("on machine-a: no heartbeat for 600 s")
     # queue stats names the workers too
     code, out, _ = run(capsys, "queue", "stats", "--config", config)
     assert code == 0 and "worker w-old on machine-a: 0 of 2 agents running" in out
@@ -413,9 +537,10 @@ def test_doctor_says_when_the_database_cannot_be_reached(tmp_path, capsys):
 
     config = tmp_path / "kugetsu.toml"
     url = f"postgresql://kugetsu:pw-in-url@127.0.0.1:{free_port()}/kugetsu?connect_timeout=2"
-    config.write_text(f'[storage]\ndatabase_url = "{url}"\n')
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path}"\ndatabase_url = "{url}"\n')
     code, out, err = run(capsys, "doctor", "--config", str(config))
-    assert code == 1 and out.startswith("database: cannot be opened: OperationalFailure")
+    [line] = [x for x in out.splitlines() if x.startswith("FAIL database: ")]
+    assert code == 1 and line.startswith("FAIL database: cannot be opened: OperationalFailure")
     assert "pw-in-url" not in out + err
     # and the other commands say it in one line
     code, out, err = run(capsys, "queue", "stats", "--config", str(config))
