@@ -170,3 +170,30 @@ def test_a_follow_up_on_another_node_rebuilds_the_worktree_and_starts_a_fresh_se
         assert "Continued on another worker" not in earlier["body"]
     finally:
         h.close()
+
+
+def test_the_database_side_of_the_daily_cleanup_runs_on_one_node(harness, tmp_path):
+    """Two nodes run their daily prune; the one that holds the cleanup lease deletes the
+    old finished tasks, the other only its own files."""
+    h = harness
+    b = machine_b(h, tmp_path)
+
+    def old_finished_task() -> int:
+        tid = h.enqueue(h.issue(), authorized=True)
+        assert h.store.transition(tid, State.PENDING, State.CANCELLED, event="cancelled")
+        h.store._conn().execute(
+            "UPDATE tasks SET finished_at = 1, updated_at = 1 WHERE id = ?", (tid,)
+        )
+        return tid
+
+    try:
+        first = old_finished_task()
+        assert h.worker.cleanup(1).tasks == 1 and h.store.get(first) is None
+        # the other node's prune, the same day: the lease is this node's, so not again
+        second = old_finished_task()
+        assert b.cleanup(1).tasks == 0 and h.store.get(second) is not None
+        # and once the holder is gone (its lease ran out), the other node takes it on
+        h.store._conn().execute("UPDATE leases SET expires_at = 0 WHERE name = 'cleanup'")
+        assert b.cleanup(1).tasks == 1 and h.store.get(second) is None
+    finally:
+        b.store.close()

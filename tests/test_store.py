@@ -56,6 +56,46 @@ def test_fresh_database_gets_the_latest_schema(store):
     assert store.check() == []
 
 
+def test_both_backends_have_the_same_tables_columns_and_indexes(sqlite_store, pg_cluster):
+    """PostgreSQL's schema follows SQLite's migrations, entry for entry: the same tables,
+    columns and indexes; PostgreSQL adds only its version table and the slot rows."""
+    sqlite = sqlite_store._conn()
+    tables = {
+        row[0]
+        for row in sqlite.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        )
+    }
+    lite = {t: {row[1] for row in sqlite.execute(f"PRAGMA table_info({t})")} for t in tables}
+    lite_indexes = {
+        row[0]
+        for row in sqlite.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+        )
+    }
+    pg = open_store(pg_cluster.url_for())
+    try:
+        conn = pg._conn()
+        pg_columns: dict[str, set[str]] = {}
+        for table, column in conn.execute(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema()"
+        ):
+            pg_columns.setdefault(table, set()).add(column)
+        pg_indexes = {
+            row[0]
+            for row in conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() "
+                "AND right(indexname, 5) <> '_pkey' AND right(indexname, 4) <> '_key'"
+            )
+        }
+    finally:
+        pg.close()
+    assert set(pg_columns) - set(lite) == {"kugetsu_schema", "slots"}
+    assert {t: pg_columns[t] for t in lite} == lite
+    assert pg_indexes == lite_indexes
+
+
 def test_a_fresh_sqlite_database_is_in_wal_mode(sqlite_store):
     store = sqlite_store
     assert store._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
