@@ -252,11 +252,14 @@ def unreaped():
 
 @pytest.fixture(scope="session")
 def pg_cluster():
-    """A PostgreSQL cluster of the tests' own for the session (tests/pg.py). Without
-    PostgreSQL installed the tests that need it are skipped, saying so, except in CI
-    (.ci/run installs it), where that is an error."""
-    from tests.pg import PgCluster, bin_dir
+    """A PostgreSQL cluster for the session: the one $KUGETSU_TEST_DATABASE_URL names (CI
+    starts it, .ci/run), else one of the tests' own (tests/pg.py). Without either, the tests
+    that need it are skipped, saying so, except in CI, where that is an error."""
+    from tests.pg import PgCluster, Running, bin_dir
 
+    if os.environ.get("KUGETSU_TEST_DATABASE_URL"):
+        yield Running(os.environ["KUGETSU_TEST_DATABASE_URL"])
+        return
     binaries = bin_dir()
     if binaries is None:
         if os.environ.get("CI"):

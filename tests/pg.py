@@ -1,7 +1,8 @@
 """A throwaway PostgreSQL cluster for the tests: initdb in a temporary directory, on a free
 loopback port, as the `postgres` user when the tests run as root (initdb and pg_ctl
 refuse root). Each test gets a schema of its own (`PgCluster.url_for`), so tests share
-one cluster, started once per session."""
+one cluster, started once per session. CI starts the cluster itself (.ci/run) and names
+it in $KUGETSU_TEST_DATABASE_URL (`Running`)."""
 
 from __future__ import annotations
 
@@ -33,10 +34,31 @@ def bin_dir() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
-class PgCluster:
+class Running:
+    """A cluster that runs already, at `url` (a superuser's, to its `postgres` database)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def url_for(self, schema: str | None = None) -> str:
+        """A URL whose connections work in a schema of their own, made now."""
+        import psycopg
+
+        schema = schema or f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        sep = "&" if "?" in self.url else "?"
+        return f"{self.url}{sep}options={quote(f'-csearch_path={schema}')}"
+
+    def stop(self) -> None:
+        """Left running: whoever started it stops it."""
+
+
+class PgCluster(Running):
     def __init__(self, binaries: Path):
         self.bin = binaries
         self.port = free_port()
+        super().__init__(f"postgresql://postgres@127.0.0.1:{self.port}/postgres")
         self.root = Path(tempfile.mkdtemp(prefix="kugetsu-pg-"))
         self.data = self.root / "data"
         self.user: str | None = None
@@ -84,19 +106,6 @@ class PgCluster:
             "start",
         )
         return self
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def url_for(self, schema: str | None = None) -> str:
-        """A URL whose connections work in a schema of their own, made now."""
-        import psycopg
-
-        schema = schema or f"t_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-        return f"{self.url}?options={quote(f'-csearch_path={schema}')}"
 
     def stop(self) -> None:
         try:
