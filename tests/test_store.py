@@ -892,3 +892,27 @@ def test_what_prune_notifications_and_metrics_read_works_on_both_backends(make_s
     assert sorted(snap.tasks) == [("cancelled", "acme/widget", 1), ("pending", "acme/widget", 1)]
     assert snap.disk == [("machine-a", '{"logs": 1}')] and snap.agents_running == 0
     assert store.clear(7) == 1 and store.get(old) is None
+
+
+def test_a_task_queued_anywhere_wakes_the_listening_workers(make_store, backend):
+    """PostgreSQL: a task added or moved by any process (a receiver on another machine)
+    wakes each listener at once (LISTEN/NOTIFY); SQLite has no such thing and says so."""
+    from tests.conftest import wait_for
+
+    store, other = make_store(), make_store()
+    wakes: list[float] = []
+    stop = threading.Event()
+    try:
+        listening = store.listen(lambda: wakes.append(time.time()), stop)
+        if backend == "sqlite":
+            assert listening is False
+            return
+        wait_for(lambda: len(wakes) >= 1, timeout=30, what="the listener to connect")
+        seen = len(wakes)
+        tid = add(other, issue=1)
+        wait_for(lambda: len(wakes) > seen, timeout=30, what="a wake for the new task")
+        seen = len(wakes)
+        assert other.request_cancel(tid, "alice") is not None
+        wait_for(lambda: len(wakes) > seen, timeout=30, what="a wake for the change of state")
+    finally:
+        stop.set()
