@@ -546,6 +546,36 @@ def test_claim_limit_holds_across_threads(make_store):
     assert store.stats().by_state["completed"] == 120
 
 
+def test_claims_racing_at_the_same_moment_admit_exactly_the_limit(make_store):
+    """The count-then-claim race: 8 workers (a store each, as on as many machines) claim at
+    the same moment, and again until the limit is full. Exactly the limit runs, never
+    more, round after round."""
+    stores = [make_store() for _ in range(8)]
+    for i in range(40):
+        add(stores[0], issue=i)
+    for _ in range(4):
+        barrier = threading.Barrier(len(stores))
+        claimed: list[int] = []
+
+        def race(store, name: str, barrier=barrier, claimed=claimed) -> None:
+            barrier.wait()
+            for _ in range(200):
+                claimed.extend(t.id for t in store.claim(3, name, max_claims=1))
+                if store.count(State.RUNNING) >= 3:
+                    return
+
+        threads = [threading.Thread(target=race, args=(s, f"w{n}")) for n, s in enumerate(stores)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(claimed) == 3 and stores[0].count(State.RUNNING) == 3
+        for tid in claimed:
+            assert stores[0].transition(
+                tid, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED
+            )
+
+
 def test_claim_limit_holds_across_processes(make_store):
     store = make_store()
     for i in range(80):
