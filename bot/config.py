@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from bot.agents.presets import PLACEHOLDERS, PRESETS
+from bot.core.names import repo_error
 from bot.core.permissions import PERMISSIONS
 from bot.core.tasks import RetryPolicy
 
@@ -171,6 +172,20 @@ class GitConfig:
 
 
 @dataclass(frozen=True)
+class ReconcileConfig:
+    """`[reconcile]`: looking on Gitea for what deliveries missed (Gitea never retries one)."""
+
+    #: minutes between passes over the repositories kugetsu serves; 0: no passes at all
+    interval_minutes: float = 10.0
+    #: repositories polled besides those kugetsu has tasks in or deliveries from
+    repos: tuple[str, ...] = ()
+
+    @property
+    def interval_seconds(self) -> float:
+        return self.interval_minutes * 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     gitea: GiteaConfig = field(default_factory=GiteaConfig)
@@ -179,6 +194,7 @@ class Config:
     triggers: TriggersConfig = field(default_factory=TriggersConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     git: GitConfig = field(default_factory=GitConfig)
+    reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
     source: str = "(built-in defaults)"
 
     def secrets(self) -> tuple[str, ...]:
@@ -288,7 +304,7 @@ class _Section:
             raise ConfigError(f"[{self.name}] has an unknown key: {unknown[0]}")
 
 
-_SECTIONS = ("server", "gitea", "storage", "queue", "triggers", "agents", "git")
+_SECTIONS = ("server", "gitea", "storage", "queue", "triggers", "agents", "git", "reconcile")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -522,10 +538,25 @@ def load(
         triggers=triggers,
         agents=agents,
         git=git,
+        reconcile=_reconcile(data.get("reconcile")),
         source=source,
     )
     _check_agents(config)
     return config
+
+
+def _reconcile(data: Any) -> ReconcileConfig:
+    r = _Section("reconcile", data)
+    reconcile = ReconcileConfig(
+        interval_minutes=r.number("interval_minutes", ReconcileConfig.interval_minutes, minimum=0),
+        repos=r.strings("repos", ReconcileConfig.repos) or (),
+    )
+    r.check_unknown()
+    for repo in reconcile.repos:
+        error = repo_error(repo)
+        if error:
+            raise ConfigError(f"reconcile.repos: {error}")
+    return reconcile
 
 
 def _check_agents(config: Config) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from bot.config import Config
 from bot.core import intake
-from bot.core.events import Delivery, Event
+from bot.core.events import Delivery, Event, Ignored, event_key
 from bot.core.outbox import OutboxItem
 from bot.core.tasks import Task
 from bot.store import Store, Tx
@@ -61,10 +61,21 @@ class IngestResult:
 
 
 def ingest(store: Store, delivery: Delivery, event: Event, rules: intake.Rules) -> IngestResult:
-    """Dedupe the delivery, decide, and write the result, all in one transaction."""
+    """Dedupe the delivery, decide, and write the result, all in one transaction.
+
+    A delivery is taken in once by its id, and an event once by its key
+    (`core.events.event_key`), however it came: a reconcile pass gives the key as the
+    delivery id, so it and Gitea's delivery of the same comment dedupe each other in
+    either order. The repository is remembered as one kugetsu serves."""
+    key = event_key(event)
     with store.tx() as c:
         if store.seen_delivery(c, delivery.id, delivery.event):
             return IngestResult(True, "delivery already received")
+        if key is not None and key != delivery.id and store.seen_event(c, key, delivery.event):
+            # delivered after a reconcile pass found it on Gitea (or delivered twice)
+            return IngestResult(True, f"{key} already taken in")
+        if not isinstance(event, Ignored):
+            store.note_repo(c, event.repo)
         decision = intake.decide(event, rules, StoreView(store, c))
         task_ids, outbox_ids = _apply(store, c, decision.intents, rules)
         store.delivery_result(c, delivery.id, decision.reason)

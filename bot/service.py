@@ -106,7 +106,13 @@ def run_worker(
     _signals(stop)
     prepare_interpreter()
     worker.start()
-    scheduler.start(worker.run_tick, heartbeat=worker.heartbeat, cleanup=worker.cleanup)
+    scheduler.start(
+        worker.run_tick,
+        heartbeat=worker.heartbeat,
+        cleanup=worker.cleanup,
+        reconcile=worker.reconcile,
+        reconcile_seconds=config.reconcile.interval_seconds,
+    )
     if wake_fd is not None:
         threading.Thread(
             target=_read_wakes, args=(wake_fd, worker.wake, stop), name="wake", daemon=True

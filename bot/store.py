@@ -230,6 +230,16 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (repo, requested_by)
     );
     """,
+    # 9: the repositories kugetsu serves (it has tasks in them or deliveries from them),
+    # each with how far a pass has looked on Gitea for what deliveries missed
+    """
+    CREATE TABLE repos (
+        repo TEXT PRIMARY KEY,
+        first_seen REAL NOT NULL,
+        reconciled_to REAL
+    );
+    INSERT INTO repos (repo, first_seen) SELECT repo, MIN(created_at) FROM tasks GROUP BY repo;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -610,6 +620,7 @@ class Store:
         )
         task_id = _inserted_id(cur)
         self._event(c, task_id, "queued", None, "pending", f"{kind} by {requested_by}")
+        self.note_repo(c, repo)
         return task_id
 
     def get(self, task_id: int) -> Task | None:
@@ -1256,6 +1267,37 @@ class Store:
     def delivery_result(self, c: sqlite3.Connection, delivery_id: str, result: str) -> None:
         c.execute("UPDATE deliveries SET result = ? WHERE id = ?", (result, delivery_id))
 
+    def seen_event(self, c: Tx, key: str, event: str) -> bool:
+        """Record what a delivery is about (`core.events.event_key`: the same for the
+        delivery of an event and for the reconcile pass that found it on Gitea); True if
+        it was already recorded, whichever came first. Kept as long as deliveries are."""
+        return self.seen_delivery(c, key, event)
+
+    # ------------------------------------------------------------------ repositories
+
+    def note_repo(self, c: Tx, repo: str) -> None:
+        """Remember that kugetsu serves `repo` (a task, a delivery, the config), from now
+        on if it did not already."""
+        c.execute(
+            "INSERT INTO repos (repo, first_seen) VALUES (?, ?) ON CONFLICT (repo) DO NOTHING",
+            (repo, self.clock()),
+        )
+
+    def served_repos(self) -> list[tuple[str, float, float | None]]:
+        """(repository, when kugetsu first served it, how far a reconcile pass has looked
+        on Gitea, in Gitea's time, or None), for every repository kugetsu serves."""
+        return [
+            (row[0], row[1], row[2])
+            for row in self._conn().execute(
+                "SELECT repo, first_seen, reconciled_to FROM repos ORDER BY repo"
+            )
+        ]
+
+    def reconciled(self, repo: str, to: float) -> None:
+        """A reconcile pass has looked at `repo` up to `to` (Gitea's time)."""
+        with self.tx() as c:
+            c.execute("UPDATE repos SET reconciled_to = ? WHERE repo = ?", (to, repo))
+
     # ------------------------------------------------------------------ outbox
 
     def add_outbox(self, c: Tx, item: OutboxItem) -> int:
@@ -1434,6 +1476,11 @@ class Store:
                 (name, owner, now + ttl),
             )
             return True
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Let go of `name` if `owner` holds it."""
+        with self.tx() as c:
+            c.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
 
     def release_leases(self, owner: str) -> None:
         with self.tx() as c:

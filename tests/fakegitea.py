@@ -22,8 +22,10 @@ requests need "write"; the collaborator-permission endpoint needs
 Test hooks: `requests`, `comments`, `pulls` (and `pulls_of(repo)`), `reactions`,
 `fail_next(n, status, method, path)`, `lose_answer(method, path, answer)` / `release()`,
 `down()` / `up()`, `branch_sha()`, `file_at()`,
-`git(repo, ...)`, and `create_issue` / `add_comment` / `add_labels` / `close_pull`
-to act as a human would.
+`git(repo, ...)`, and `create_issue` / `add_comment` / `add_labels` / `remove_labels` /
+`close_pull` to act as a human would. Like Gitea, a comment or a label change updates its
+issue's `updated_at`, and shows in the issue's timeline; the issue list, the comments and
+the timeline take `since` (compared with `updated_at`, whole seconds, inclusive).
 """
 
 from __future__ import annotations
@@ -126,6 +128,9 @@ class FakeGitea:
         self._repos: dict[str, dict] = {}
         self._users: dict[str, dict] = {}
         self._comment_home: dict[int, tuple[str, int]] = {}
+        #: timeline events that are not comments (labels added and removed), by id
+        self.events: dict[int, dict] = {}
+        self._event_home: dict[int, tuple[str, int]] = {}
         self._fail_queue: list[tuple[int, str | None, re.Pattern | None]] = []
         self._lose: list[tuple[str, re.Pattern, int | str]] = []
         self._released = threading.Event()
@@ -367,7 +372,7 @@ class FakeGitea:
             }
             record["issues"][number] = issue
             if labels:
-                self.add_labels(repo, number, *labels)
+                self.add_labels(repo, number, *labels, login=login)
             return number
 
     def issue(self, repo: str, number: int) -> dict:
@@ -375,9 +380,10 @@ class FakeGitea:
         with self.lock:
             return self._issue_view(self._repo(repo), number)
 
-    def add_labels(self, repo: str, number: int, *names: str) -> None:
-        """Put labels on an issue. Like Gitea, each label added is recorded as a comment of
-        its own (not listed with the issue's comments): it takes a comment id."""
+    def add_labels(self, repo: str, number: int, *names: str, login: str = "alice") -> None:
+        """Put labels on an issue as `login`. Like Gitea, each label added is recorded as a
+        comment of its own (not listed with the issue's comments, but in its timeline, as
+        `type: "label"` with body "1"): it takes a comment id."""
         with self.lock:
             record = self._repo(repo)
             target = record["issues"].get(number) or record["pulls"].get(number)
@@ -388,7 +394,40 @@ class FakeGitea:
                 if any(existing["id"] == label["id"] for existing in target["labels"]):
                     continue
                 target["labels"].append(label)
-                self._next("comment")
+                self._label_event(record, number, label, "1", login)
+
+    def remove_labels(self, repo: str, number: int, *names: str, login: str = "alice") -> None:
+        """Take labels off an issue as `login` (a timeline event with an empty body each)."""
+        with self.lock:
+            record = self._repo(repo)
+            target = record["issues"].get(number) or record["pulls"].get(number)
+            if target is None:
+                raise KeyError(f"{repo}#{number}")
+            for label_name in names:
+                label = record["labels"].get(label_name)
+                if label is None or label not in target["labels"]:
+                    continue
+                target["labels"].remove(label)
+                self._label_event(record, number, label, "", login)
+
+    def _label_event(self, record: dict, number: int, label: dict, body: str, login: str) -> None:
+        full = record["full_name"]
+        target = record["issues"].get(number) or record["pulls"][number]
+        event_id, now = self._next("comment"), _now()
+        self.events[event_id] = {
+            "id": event_id,
+            "type": "label",
+            "html_url": f"{self.url}/{full}/issues/{number}#issuecomment-{event_id}",
+            "pull_request_url": "",
+            "issue_url": f"{self.url}/{full}/issues/{number}",
+            "user": self.user(login),
+            "body": body,
+            "label": dict(label),
+            "created_at": now,
+            "updated_at": now,
+        }
+        self._event_home[event_id] = (full, number)
+        target["updated_at"] = now
 
     def add_comment(self, repo: str, number: int, body: str, login: str = "alice") -> dict:
         """Post a comment as `login` (as a human would through the UI)."""
@@ -702,6 +741,7 @@ class FakeGitea:
         self.comments[cid] = comment
         self._comment_home[cid] = (full, number)
         target["comments"] += 1
+        target["updated_at"] = now
         return comment
 
     def _branch_exists(self, record: dict, branch: str) -> bool:
@@ -922,7 +962,9 @@ class FakeGitea:
         repo = r"/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)"
         table = [
             ("GET", r"/user", self._api_user),
+            ("GET", repo + r"/issues", self._api_list_issues),
             ("GET", repo + r"/issues/(?P<index>\d+)", self._api_issue),
+            ("GET", repo + r"/issues/(?P<index>\d+)/timeline", self._api_timeline),
             ("GET", repo + r"/issues/(?P<index>\d+)/comments", self._api_list_comments),
             ("POST", repo + r"/issues/(?P<index>\d+)/comments", self._api_create_comment),
             ("PATCH", repo + r"/issues/comments/(?P<id>\d+)", self._api_edit_comment),
@@ -1001,8 +1043,39 @@ class FakeGitea:
         record = self._api_repo_record(params)
         number = int(params["index"])
         self._issue_view(record, number)
-        items = self.comments_on(record["full_name"], number)
+        since = _since(query)
+        items = [c for c in self.comments_on(record["full_name"], number) if since(c)]
         return 200, items, {"X-Total-Count": str(len(items))}
+
+    def _api_list_issues(self, params, query, data):
+        """Gitea's ListIssues: newest first; `state` open (default), closed or all; `type`
+        issues or pulls (both when unset); `since` on the updated time; pages of at most 50."""
+        record = self._api_repo_record(params)
+        state = (query.get("state") or ["open"])[0]
+        kind = (query.get("type") or [""])[0]
+        since = _since(query)
+        views = [self._issue_view(record, n) for n in (*record["issues"], *record["pulls"])]
+        items = [
+            v
+            for v in sorted(views, key=lambda v: v["id"], reverse=True)
+            if (state == "all" or v["state"] == state)
+            and (kind != "issues" or v["pull_request"] is None)
+            and (kind != "pulls" or v["pull_request"] is not None)
+            and since(v)
+        ]
+        return _page(items, query)
+
+    def _api_timeline(self, params, query, data):
+        """An issue's comments and label events, oldest first, `since` on the updated time,
+        in pages (default 30, at most 50)."""
+        record = self._api_repo_record(params)
+        number = int(params["index"])
+        self._issue_view(record, number)
+        home, since = (record["full_name"], number), _since(query)
+        entries = [{**c, "type": "comment"} for c in self.comments_on(*home)] + [
+            e for eid, e in self.events.items() if self._event_home[eid] == home
+        ]
+        return _page([e for e in sorted(entries, key=lambda e: e["id"]) if since(e)], query)
 
     def _api_create_comment(self, params, query, data):
         record = self._api_repo_record(params)
@@ -1206,6 +1279,23 @@ class FakeGitea:
             and (base is None or pr["base"]["ref"] == base)
         ]
         return 200, items[(page - 1) * limit : page * limit], {"X-Total-Count": str(len(items))}
+
+
+def _since(query: dict[str, list[str]]) -> Callable[[dict], bool]:
+    """Whether an item was updated at or after the query's `since` (RFC 3339), as Gitea
+    compares them: in whole seconds, inclusive."""
+    if not query.get("since"):
+        return lambda item: True
+    since = int(datetime.fromisoformat(query["since"][0]).timestamp())
+    return lambda item: int(datetime.fromisoformat(item["updated_at"]).timestamp()) >= since
+
+
+def _page(items: list, query: dict[str, list[str]]) -> tuple[int, list, dict[str, str]]:
+    """One page of a list, as Gitea pages it (`page` from 1, `limit` 30 by default, at most
+    50), with the total in X-Total-Count."""
+    page = max(1, int((query.get("page") or ["1"])[0]))
+    limit = max(1, min(50, int((query.get("limit") or ["30"])[0])))
+    return 200, items[(page - 1) * limit : page * limit], {"X-Total-Count": str(len(items))}
 
 
 def _read_body(h: BaseHTTPRequestHandler) -> bytes:
