@@ -106,6 +106,7 @@ def _apply(
                     trigger_comment_id=intent.trigger_comment_id,
                     max_tokens=intent.max_tokens,
                     max_cost_usd=intent.max_cost_usd,
+                    agent_requested=intent.agent_requested,
                 )
             )
         elif isinstance(intent, OutboxItem):

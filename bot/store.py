@@ -240,6 +240,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     INSERT INTO repos (repo, first_seen) SELECT repo, MIN(created_at) FROM tasks GROUP BY repo;
     """,
+    # 10: a repository's own settings (.kugetsu.toml): whether a request named its agent
+    # (else the repository's default agent runs it; tasks queued before keep theirs), and
+    # the versions of the file kugetsu has answered that it cannot use them
+    """
+    ALTER TABLE tasks ADD COLUMN agent_requested INTEGER NOT NULL DEFAULT 0;
+    UPDATE tasks SET agent_requested = 1 WHERE state IN ('pending', 'running');
+    CREATE TABLE repo_files_refused (
+        repo TEXT NOT NULL,
+        blob TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (repo, blob)
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -391,6 +404,7 @@ def _row_to_task(row: sqlite3.Row) -> Task:
         raise UnreadableRow(row["id"], problems)
     if data.get("authorized") is not None:
         data["authorized"] = bool(data["authorized"])
+    data["agent_requested"] = bool(data.get("agent_requested"))
     data["agents_tried"] = tuple(data["agents_tried"])
     return Task(**data)
 
@@ -593,14 +607,15 @@ class Store:
         trigger_comment_id: int | None = None,
         max_tokens: int | None = None,
         max_cost_usd: float | None = None,
+        agent_requested: bool = False,
     ) -> int:
         """Insert a pending task inside the caller's transaction."""
         now = self.clock()
         cur = c.execute(
             "INSERT INTO tasks (repo, issue, kind, prompt, agent, requested_by, state, "
             "max_attempts, created_at, updated_at, authorized, permission_hint, "
-            "trigger_comment_id, max_tokens, max_cost_usd) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+            "trigger_comment_id, max_tokens, max_cost_usd, agent_requested) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 repo,
                 issue,
@@ -616,6 +631,7 @@ class Store:
                 trigger_comment_id,
                 max_tokens,
                 max_cost_usd,
+                int(agent_requested),
             ),
         )
         task_id = _inserted_id(cur)
@@ -1297,6 +1313,20 @@ class Store:
         """A reconcile pass has looked at `repo` up to `to` (Gitea's time)."""
         with self.tx() as c:
             c.execute("UPDATE repos SET reconciled_to = ? WHERE repo = ?", (to, repo))
+
+    def refuse_repo_file(self, repo: str, blob: str, issue: int, body: str) -> bool:
+        """Answer on `issue` with `body` that a repository's settings file cannot be used,
+        once per version of the file (`blob`, its git object id): True if this is the
+        first time, and the answer was queued (in the outbox, with the note, atomically)."""
+        with self.tx() as c:
+            new = c.execute(
+                "INSERT INTO repo_files_refused (repo, blob, at) VALUES (?, ?, ?) "
+                "ON CONFLICT (repo, blob) DO NOTHING",
+                (repo, blob, self.clock()),
+            ).rowcount
+            if new:
+                self.add_outbox(c, OutboxItem(OutboxKind.COMMENT, repo, issue, body=body))
+            return bool(new)
 
     # ------------------------------------------------------------------ outbox
 

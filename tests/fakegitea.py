@@ -21,7 +21,7 @@ requests need "write"; the collaborator-permission endpoint needs
 
 Test hooks: `requests`, `comments`, `pulls` (and `pulls_of(repo)`), `reactions`,
 `fail_next(n, status, method, path)`, `lose_answer(method, path, answer)` / `release()`,
-`down()` / `up()`, `branch_sha()`, `file_at()`,
+`down()` / `up()`, `branch_sha()`, `file_at()`, `commit_files()`,
 `git(repo, ...)`, and `create_issue` / `add_comment` / `add_labels` / `remove_labels` /
 `close_pull` to act as a human would. Like Gitea, a comment or a label change updates its
 issue's `updated_at`, and shows in the issue's timeline; the issue list, the comments and
@@ -482,6 +482,51 @@ class FakeGitea:
             if merged:
                 pr.update(merged=True, merged_at=now, merged_by=self.user(self.bot_login))
             return pr
+
+    def commit_files(
+        self,
+        repo: str,
+        files: dict[str, str | bytes],
+        *,
+        branch: str | None = None,
+        modes: dict[str, str] | None = None,
+        message: str = "Change files",
+    ) -> str:
+        """Commit `files` (path -> content; `modes` may make one a link, "120000") on top
+        of `branch` (the default branch if None; made from it if it does not exist), as
+        a person pushing would. Returns the new commit."""
+        with self.lock:
+            record = self._repo(repo)
+        path, default = record["path"], record["default_branch"]
+        branch = branch or default
+        parent = self.branch_sha(repo, branch) or self.branch_sha(repo, default)
+        fd, index = tempfile.mkstemp(prefix="index-", dir=self.root)
+        os.close(fd)
+        os.unlink(index)
+        env = {"GIT_INDEX_FILE": index}
+        try:
+            self._git(path, "read-tree", parent, env=env)
+            for file_path, content in files.items():
+                data = content.encode() if isinstance(content, str) else content
+                blob = self._git(path, "hash-object", "-w", "--stdin", input=data).strip()
+                mode = (modes or {}).get(file_path, "100644")
+                self._git(
+                    path,
+                    "update-index",
+                    "--add",
+                    "--cacheinfo",
+                    f"{mode},{blob},{file_path}",
+                    env=env,
+                )
+            tree = self._git(path, "write-tree", env=env).strip()
+        finally:
+            if os.path.exists(index):
+                os.unlink(index)
+        commit = self._git(
+            path, *GIT_IDENTITY, "commit-tree", tree, "-p", parent, "-m", message
+        ).strip()
+        self._git(path, "update-ref", f"refs/heads/{branch}", commit)
+        return commit
 
     def branch_sha(self, repo: str, branch: str) -> str | None:
         path = self._repo_path(repo)
