@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from bot.agents.presets import PLACEHOLDERS, PRESETS
-from bot.core import names
-from bot.core.names import repo_error
+from bot.core import commands, names
 from bot.core.permissions import PERMISSIONS
 from bot.core.tasks import RetryPolicy
 
@@ -560,7 +559,7 @@ def _reconcile(data: Any) -> ReconcileConfig:
     )
     r.check_unknown()
     for repo in reconcile.repos:
-        error = repo_error(repo)
+        error = names.repo_error(repo)
         if error:
             raise ConfigError(f"reconcile.repos: {error}")
     return reconcile
@@ -641,9 +640,11 @@ def repo_settings(
 
     a = _Section("agents", doc.get("agents"))
     agent = a.string("default", "") or None
-    max_tokens = a.integer("max_tokens", None, minimum=1)
+    max_tokens = a.integer("max_tokens", None, minimum=1, maximum=commands.MAX_TOKENS)
     max_cost = a.number("max_cost_usd", None, positive=True)
     a.check_unknown()
+    if max_cost is not None and max_cost > commands.MAX_COST_USD:
+        raise ConfigError(f"agents.max_cost_usd must be at most {commands.MAX_COST_USD}")
     if agent is not None and agent not in known_agents:
         raise ConfigError(
             f"agents.default {names.shown(agent)} is not one of this server's agents "

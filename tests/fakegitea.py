@@ -283,26 +283,7 @@ class FakeGitea:
             None, "init", "--quiet", "--bare", f"--initial-branch={default_branch}", str(path)
         )
         self._git(path, "config", "http.receivepack", "true")
-        fd, index = tempfile.mkstemp(prefix="index-", dir=self.root)
-        os.close(fd)
-        os.unlink(index)
-        try:
-            env = {"GIT_INDEX_FILE": index}
-            for file_path, content in files.items():
-                data = content.encode() if isinstance(content, str) else content
-                blob = self._git(path, "hash-object", "-w", "--stdin", input=data).strip()
-                self._git(
-                    path,
-                    "update-index",
-                    "--add",
-                    "--cacheinfo",
-                    f"100644,{blob},{file_path}",
-                    env=env,
-                )
-            tree = self._git(path, "write-tree", env=env).strip()
-        finally:
-            if os.path.exists(index):
-                os.unlink(index)
+        tree = self._tree(path, files)
         commit = self._git(path, *GIT_IDENTITY, "commit-tree", tree, "-m", "Initial commit").strip()
         self._git(path, "update-ref", f"refs/heads/{default_branch}", commit)
         with self.lock:
@@ -500,12 +481,31 @@ class FakeGitea:
         path, default = record["path"], record["default_branch"]
         branch = branch or default
         parent = self.branch_sha(repo, branch) or self.branch_sha(repo, default)
+        assert parent is not None
+        tree = self._tree(path, files, modes=modes, base=parent)
+        commit = self._git(
+            path, *GIT_IDENTITY, "commit-tree", tree, "-p", parent, "-m", message
+        ).strip()
+        self._git(path, "update-ref", f"refs/heads/{branch}", commit)
+        return commit
+
+    def _tree(
+        self,
+        path: Path,
+        files: dict[str, str | bytes],
+        *,
+        modes: dict[str, str] | None = None,
+        base: str | None = None,
+    ) -> str:
+        """A tree object in the bare repository at `path`: `base`'s tree (or none) with
+        `files` written over it (mode 100644 unless `modes` says otherwise)."""
         fd, index = tempfile.mkstemp(prefix="index-", dir=self.root)
         os.close(fd)
         os.unlink(index)
         env = {"GIT_INDEX_FILE": index}
         try:
-            self._git(path, "read-tree", parent, env=env)
+            if base is not None:
+                self._git(path, "read-tree", base, env=env)
             for file_path, content in files.items():
                 data = content.encode() if isinstance(content, str) else content
                 blob = self._git(path, "hash-object", "-w", "--stdin", input=data).strip()
@@ -518,15 +518,10 @@ class FakeGitea:
                     f"{mode},{blob},{file_path}",
                     env=env,
                 )
-            tree = self._git(path, "write-tree", env=env).strip()
+            return self._git(path, "write-tree", env=env).strip()
         finally:
             if os.path.exists(index):
                 os.unlink(index)
-        commit = self._git(
-            path, *GIT_IDENTITY, "commit-tree", tree, "-p", parent, "-m", message
-        ).strip()
-        self._git(path, "update-ref", f"refs/heads/{branch}", commit)
-        return commit
 
     def branch_sha(self, repo: str, branch: str) -> str | None:
         path = self._repo_path(repo)

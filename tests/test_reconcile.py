@@ -10,7 +10,7 @@ import pytest
 import responses
 
 from bot.config import ConfigError, load
-from bot.core import events, intake
+from bot.core import events
 from bot.core import reconcile as core
 from bot.core.events import CommentEvent, IssueEvent
 from bot.core.outbox import OutboxKind
@@ -157,20 +157,11 @@ def h(tmp_path, gitea):
     harness.close()
 
 
-def rules(h) -> intake.Rules:
-    return intake.Rules(
-        label="kugetsu",
-        command="/kugetsu",
-        bot_login="kugetsu-bot",
-        known_agents=frozenset(h.config.agents.tables),
-        default_agent="fake",
-        max_attempts=h.config.queue.max_attempts,
-    )
-
-
 def deliver(h, body: bytes, headers: dict):
+    """Take in a delivery as the receiver does, with the rules the worker's passes use."""
     delivery = events.delivery_of(headers, body)
-    return ingest(h.store, delivery, events.parse(delivery, events.load_json(body)), rules(h))
+    event = events.parse(delivery, events.load_json(body))
+    return ingest(h.store, delivery, event, h.worker.reconciler.rules())
 
 
 def deliver_comment(h, number: int, comment: dict, sender: str):

@@ -17,8 +17,10 @@ from bot.config import (
 )
 from bot.core.tasks import Kind, Outcome, State
 from bot.workspace import Workspace
+from tests import test_worker
 from tests.conftest import FAKE_AGENT, REPO, TOKEN, enqueue, fake_agent
-from tests.test_worker import Harness
+
+make = test_worker.make  # the fixture: a worker against the fake Gitea, closed after the test
 
 KNOWN = frozenset({"fake", "other", "capped"})
 BUDGETS = {"fake": (None, None), "other": (None, None), "capped": (5000, 2.0)}
@@ -77,6 +79,8 @@ def test_a_file_may_set_the_agent_instructions_budgets_and_branch():
         ("[agents]\nmax_tokens = 0", "agents.max_tokens must be at least 1, got 0"),
         ("[agents]\nmax_tokens = '9'", "agents.max_tokens must be a whole number, got '9'"),
         ("[agents]\nmax_cost_usd = nan", "agents.max_cost_usd must be a finite number"),
+        ("[agents]\nmax_tokens = 1_000_000_000_001", "max_tokens must be at most 1000000000000"),
+        ("[agents]\nmax_cost_usd = 1e7", "agents.max_cost_usd must be at most 1000000"),
         (
             "[agents]\ndefault = 'capped'\nmax_tokens = 5001",
             "agents.max_tokens must be at most 5000 (the server's budget for capped), got 5001",
@@ -174,20 +178,6 @@ def queue(h, issue: int, **kw) -> int:
         permission_hint="write",
         **kw,
     )
-
-
-@pytest.fixture
-def make(tmp_path, gitea):
-    made = []
-
-    def factory(**kw) -> Harness:
-        h = Harness(tmp_path, gitea, **kw)
-        made.append(h)
-        return h
-
-    yield factory
-    for h in made:
-        h.close()
 
 
 def test_the_repositorys_agent_instructions_and_branch_are_used(make, tmp_path):
