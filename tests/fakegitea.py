@@ -366,10 +366,7 @@ class FakeGitea:
         comment of its own (not listed with the issue's comments, but in its timeline, as
         `type: "label"` with body "1"): it takes a comment id."""
         with self.lock:
-            record = self._repo(repo)
-            target = record["issues"].get(number) or record["pulls"].get(number)
-            if target is None:
-                raise KeyError(f"{repo}#{number}")
+            record, target = self._labelled(repo, number)
             for label_name in names:
                 label = self._label(record, label_name)
                 if any(existing["id"] == label["id"] for existing in target["labels"]):
@@ -380,16 +377,21 @@ class FakeGitea:
     def remove_labels(self, repo: str, number: int, *names: str, login: str = "alice") -> None:
         """Take labels off an issue as `login` (a timeline event with an empty body each)."""
         with self.lock:
-            record = self._repo(repo)
-            target = record["issues"].get(number) or record["pulls"].get(number)
-            if target is None:
-                raise KeyError(f"{repo}#{number}")
+            record, target = self._labelled(repo, number)
             for label_name in names:
                 label = record["labels"].get(label_name)
                 if label is None or label not in target["labels"]:
                     continue
                 target["labels"].remove(label)
                 self._label_event(record, number, label, "", login)
+
+    def _labelled(self, repo: str, number: int) -> tuple[dict, dict]:
+        """The repository's record and the issue or pull request whose labels change."""
+        record = self._repo(repo)
+        target = record["issues"].get(number) or record["pulls"].get(number)
+        if target is None:
+            raise KeyError(f"{repo}#{number}")
+        return record, target
 
     def _label_event(self, record: dict, number: int, label: dict, body: str, login: str) -> None:
         full = record["full_name"]

@@ -248,6 +248,20 @@ def test_what_was_delivered_is_not_taken_in_again_by_the_pass(h):
     assert [i.target for i in reactions] == [comment["id"]]  # one 👀, the delivery's
 
 
+def test_a_label_removed_unseen_is_remembered_so_adding_it_again_starts_work(h):
+    served(h)
+    n = h.issue()
+    h.gitea.add_labels(REPO, n, "kugetsu", login="alice")
+    [first] = deliver_label(h, n, ["kugetsu"]).task_ids
+    h.settle(first)
+    h.worker.reconcile()
+    h.gitea.remove_labels(REPO, n, "kugetsu", login="alice")  # its delivery is lost
+    assert h.worker.reconcile().tasks == []
+    h.gitea.add_labels(REPO, n, "kugetsu", login="alice")  # delivered, this time
+    [again] = deliver_label(h, n, ["kugetsu"]).task_ids
+    assert [t.id for t in tasks_of(h, n)] == [first, again]
+
+
 def test_a_pass_asks_gitea_once_per_repository_and_once_per_changed_issue(h):
     quiet = [h.issue(f"Old {i}", "Nothing new.") for i in range(30)]
     for n in quiet:
