@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bot.config import Config
-from bot.core import intake
+from bot.core import intake, metrics
 from bot.core.events import Delivery, Event, Ignored, event_key
 from bot.core.outbox import OutboxItem
 from bot.core.tasks import Task
@@ -60,26 +60,43 @@ class IngestResult:
         return bool(self.task_ids or self.outbox_ids)
 
 
-def ingest(store: Store, delivery: Delivery, event: Event, rules: intake.Rules) -> IngestResult:
+def ingest(
+    store: Store, delivery: Delivery, event: Event, rules: intake.Rules, *, counted: bool = True
+) -> IngestResult:
     """Dedupe the delivery, decide, and write the result, all in one transaction.
 
     A delivery is taken in once by its id, and an event once by its key
     (`core.events.event_key`), however it came: a reconcile pass gives the key as the
     delivery id, so it and Gitea's delivery of the same comment dedupe each other in
-    either order. The repository is remembered as one kugetsu serves."""
+    either order. The repository is remembered as one kugetsu serves. `counted`: the
+    delivery counts in /metrics (a reconcile pass's findings do not: they are not
+    deliveries, and a pass finds again what the one before it found)."""
     key = event_key(event)
+
+    def count(c: Tx, result: metrics.DeliveryResult) -> None:
+        if counted:
+            store.add_counts(c, metrics.delivery(result))
+
     with store.tx() as c:
         if store.seen_delivery(c, delivery.id, delivery.event):
+            count(c, metrics.DeliveryResult.DUPLICATE)
             return IngestResult(True, "delivery already received")
         if key is not None and key != delivery.id and store.seen_event(c, key, delivery.event):
             # delivered after a reconcile pass found it on Gitea (or delivered twice)
+            count(c, metrics.DeliveryResult.DUPLICATE)
             return IngestResult(True, f"{key} already taken in")
         if not isinstance(event, Ignored):
             store.note_repo(c, event.repo)
         decision = intake.decide(event, rules, StoreView(store, c))
         task_ids, outbox_ids = _apply(store, c, decision.intents, rules)
         store.delivery_result(c, delivery.id, decision.reason)
-    return IngestResult(False, decision.reason, task_ids, outbox_ids)
+        result = IngestResult(False, decision.reason, task_ids, outbox_ids)
+        # counted in the delivery's own transaction: no write of its own
+        count(
+            c,
+            metrics.DeliveryResult.QUEUED if result.queued else metrics.DeliveryResult.IGNORED,
+        )
+    return result
 
 
 def _apply(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -83,12 +83,14 @@ class Scheduler:
         *,
         heartbeat: Callable[[], None] | None = None,
         cleanup: Callable[[], object] | None = None,
+        every: Sequence[tuple[str, float, Callable[[], object]]] = (),
         reconcile: Callable[[], object] | None = None,
         reconcile_seconds: float = 0.0,
     ) -> None:
         """Run `tick` now and every interval; `heartbeat` every HEARTBEAT_SECONDS; `cleanup`
-        five minutes from now and then daily; `reconcile` RECONCILE_FIRST_SECONDS from now
-        and then every `reconcile_seconds` (never, if that is 0)."""
+        five minutes from now and then daily; each of `every` (name, seconds, job) now and
+        then every that many seconds; `reconcile` RECONCILE_FIRST_SECONDS from now and then
+        every `reconcile_seconds` (never, if that is 0)."""
         self._tick = tick
         now = datetime.now(UTC)
         self._scheduler.add_job(
@@ -118,6 +120,16 @@ class Scheduler:
                 max_instances=1,
                 coalesce=True,
                 next_run_time=now + timedelta(minutes=5),
+            )
+        for name, seconds, job in every:
+            self._scheduler.add_job(
+                job,
+                "interval",
+                seconds=seconds,
+                id=name,
+                max_instances=1,
+                coalesce=True,
+                next_run_time=now,
             )
         if reconcile is not None and reconcile_seconds > 0:
             self._scheduler.add_job(

@@ -23,9 +23,10 @@ Test hooks: `requests`, `comments`, `pulls` (and `pulls_of(repo)`), `reactions`,
 `fail_next(n, status, method, path)`, `lose_answer(method, path, answer)` / `release()`,
 `down()` / `up()`, `branch_sha()`, `file_at()`, `commit_files()`,
 `git(repo, ...)`, and `create_issue` / `add_comment` / `add_labels` / `remove_labels` /
-`close_pull` to act as a human would. Like Gitea, a comment or a label change updates its
-issue's `updated_at`, and shows in the issue's timeline; the issue list, the comments and
-the timeline take `since` (compared with `updated_at`, whole seconds, inclusive).
+`close_pull` / `close_issue` to act as a human would. Like Gitea, a comment or a label
+change updates its issue's `updated_at`, and shows in the issue's timeline; the issue list,
+the comments and the timeline take `since` (compared with `updated_at`, whole seconds,
+inclusive).
 """
 
 from __future__ import annotations
@@ -465,6 +466,14 @@ class FakeGitea:
             if merged:
                 pr.update(merged=True, merged_at=now, merged_by=self.user(self.bot_login))
             return pr
+
+    def close_issue(self, repo: str, number: int) -> dict:
+        """Close an issue as a human would."""
+        with self.lock:
+            issue = self._repo(repo)["issues"][number]
+            now = _now()
+            issue.update(state="closed", closed_at=now, updated_at=now)
+            return issue
 
     def commit_files(
         self,
@@ -1017,6 +1026,7 @@ class FakeGitea:
             ("GET", repo + r"/pulls", self._api_list_pulls),
             ("PATCH", repo + r"/pulls/(?P<index>\d+)", self._api_edit_pull),
             ("GET", repo + r"/pulls/(?P<base>[^/]+)/(?P<head>.+)", self._api_find_pull),
+            ("GET", repo + r"/pulls/(?P<index>\d+)", self._api_get_pull),
         ]
         return [(method, re.compile(pattern), fn) for method, pattern, fn in table]
 
@@ -1299,6 +1309,10 @@ class FakeGitea:
             pr["state"], pr["closed_at"] = "open", None
         pr["updated_at"] = now
         return 201, self._refresh_pull(record, pr)
+
+    def _api_get_pull(self, params, query, data):
+        record, pr = self._api_pull(params)
+        return 200, self._refresh_pull(record, pr)
 
     def _api_find_pull(self, params, query, data):
         record = self._api_repo_record(params)

@@ -153,7 +153,7 @@ class Reconciler:
             )
         for item in sorted(found, key=lambda f: (f.at, f.entry_id)):
             report.found += 1
-            result = ingest(self.store, item.delivery, item.event, self.rules())
+            result = ingest(self.store, item.delivery, item.event, self.rules(), counted=False)
             if not result.duplicate:
                 report.taken_in += 1
                 report.tasks += result.task_ids
