@@ -248,6 +248,29 @@ def test_what_was_delivered_is_not_taken_in_again_by_the_pass(h):
     assert [i.target for i in reactions] == [comment["id"]]  # one 👀, the delivery's
 
 
+def delivery_counts(h) -> dict[str, float]:
+    rows = h.store._conn().execute(
+        "SELECT labels, value FROM counters WHERE name = 'webhook_deliveries'"
+    )
+    return {labels: value for labels, value in rows}
+
+
+def test_what_a_pass_finds_is_not_counted_as_deliveries_and_a_late_delivery_is_a_duplicate(h):
+    served(h)
+    h.worker.reconcile()
+    before = delivery_counts(h)
+    n = h.issue()
+    comment = h.gitea.add_comment(REPO, n, "/kugetsu start", login="bob")
+    assert len(h.worker.reconcile().tasks) == 1
+    assert h.worker.reconcile().taken_in == 0  # found again in the overlap
+    assert delivery_counts(h) == before
+    assert deliver_comment(h, n, comment, "bob").duplicate
+    after = delivery_counts(h)
+    assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k)} == {
+        '{"result":"duplicate"}': 1.0
+    }
+
+
 def test_a_label_removed_unseen_is_remembered_so_adding_it_again_starts_work(h):
     served(h)
     n = h.issue()
