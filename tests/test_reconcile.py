@@ -15,7 +15,7 @@ from bot.core import reconcile as core
 from bot.core.events import CommentEvent, IssueEvent
 from bot.core.outbox import OutboxKind
 from bot.core.permissions import UNSHOWN
-from bot.core.tasks import Outcome, State
+from bot.core.tasks import Kind, Outcome, State
 from bot.gitea import GiteaClient
 from bot.ingest import ingest
 from bot.worker.reconcile import LEASE
@@ -269,6 +269,22 @@ def test_what_a_pass_finds_is_not_counted_as_deliveries_and_a_late_delivery_is_a
     assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k)} == {
         '{"result":"duplicate"}': 1.0
     }
+
+
+def test_a_follow_up_written_on_kugetsus_pull_request_is_found_too(h):
+    served(h)
+    n = h.issue()
+    [first] = deliver_label(h, n, ["kugetsu"]).task_ids
+    h.settle(first)
+    h.worker.reconcile()
+    pr = h.store.get(first).pr_number
+    h.gitea.add_comment(REPO, pr, "/kugetsu continue add a test", login="bob")
+    [follow] = h.worker.reconcile().tasks
+    task = h.store.get(follow)
+    assert (task.issue, task.kind, task.prompt) == (n, Kind.CONTINUE, "add a test")
+    h.settle(follow)
+    assert h.store.get(follow).outcome is Outcome.SUCCEEDED
+    assert len(h.gitea.pulls_of(REPO)) == 1
 
 
 def test_a_label_removed_unseen_is_remembered_so_adding_it_again_starts_work(h):
