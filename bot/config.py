@@ -23,6 +23,7 @@ from bot.core import commands, names
 from bot.core.notify import Format, NotifyEvent
 from bot.core.permissions import PERMISSIONS
 from bot.core.tasks import RetryPolicy
+from bot.logs import FORMATS, LEVELS
 
 DEFAULT_CONFIG_PATHS = ("kugetsu.toml", "/etc/kugetsu/config.toml")
 
@@ -48,6 +49,9 @@ class GiteaConfig:
     bot_login: str = ""
     timeout_seconds: float = 10.0
     retries: int = 3
+    #: repositories kugetsu serves besides those the database knows (tasks, deliveries):
+    #: `kugetsu doctor` checks them, `kugetsu webhook install` without arguments uses them
+    repos: tuple[str, ...] = ()
 
     @property
     def api_url(self) -> str:
@@ -232,6 +236,13 @@ class ReconcileConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    #: "text" (one line of text a record) or "json" (one JSON object a line)
+    format: str = "text"
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     gitea: GiteaConfig = field(default_factory=GiteaConfig)
@@ -243,6 +254,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     notify: tuple[NotifyConfig, ...] = ()
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "(built-in defaults)"
 
     def secrets(self) -> tuple[str, ...]:
@@ -368,6 +380,7 @@ _SECTIONS = (
     "metrics",
     "notify",
     "reconcile",
+    "logging",
 )
 
 
@@ -426,6 +439,16 @@ def _agent_table(name: str, data: Any) -> AgentConfig:
     return cfg
 
 
+def _repos(section: _Section) -> tuple[str, ...]:
+    """`gitea.repos`: OWNER/NAME each, as Gitea names repositories, without repeats."""
+    repos = section.strings("repos", GiteaConfig.repos) or ()
+    for repo in repos:
+        error = names.repo_error(repo)
+        if error:
+            raise ConfigError(f"gitea.repos: {names.shown(repo)} is not OWNER/NAME: {error}")
+    return tuple(dict.fromkeys(repos))
+
+
 def load(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -477,6 +500,7 @@ def load(
         bot_login=g.string("bot_login", GiteaConfig.bot_login),
         timeout_seconds=g.number("timeout_seconds", GiteaConfig.timeout_seconds, positive=True),
         retries=g.integer("retries", GiteaConfig.retries, minimum=0),
+        repos=_repos(g),
     )
     g.check_unknown()
     if not gitea.url.startswith(("http://", "https://")):
@@ -589,6 +613,22 @@ def load(
     if error:
         raise ConfigError(f"git.branch_template {error}")
 
+    # logging
+    lg = _Section("logging", data.get("logging"))
+    logging_config = LoggingConfig(
+        format=lg.string("format", LoggingConfig.format),
+        level=_override(env, "KUGETSU_LOG_LEVEL", lg.string("level", LoggingConfig.level)).upper(),
+    )
+    lg.check_unknown()
+    if logging_config.format not in FORMATS:
+        raise ConfigError(
+            f"logging.format must be one of {', '.join(FORMATS)}, got {logging_config.format!r}"
+        )
+    if logging_config.level not in LEVELS:
+        raise ConfigError(
+            f"logging.level must be one of {', '.join(LEVELS)}, got {logging_config.level!r}"
+        )
+
     config = Config(
         server=server,
         gitea=gitea,
@@ -600,6 +640,7 @@ def load(
         metrics=_metrics_section(data.get("metrics"), env),
         notify=_notify_entries(data.get("notify")),
         reconcile=_reconcile(data.get("reconcile")),
+        logging=logging_config,
         source=source,
     )
     _check_agents(config)
@@ -632,8 +673,7 @@ def _reconcile(data: Any) -> ReconcileConfig:
 
 
 def _check_agents(config: Config) -> None:
-    names = [config.agents.default, *config.agents.fallback]
-    for name in names:
+    for name in (config.agents.default, *config.agents.fallback):
         if name not in config.agents.tables and name not in PRESETS:
             raise ConfigError(
                 f"agents: {name!r} is neither a preset ({', '.join(sorted(PRESETS))}) "

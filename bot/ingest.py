@@ -61,9 +61,16 @@ class IngestResult:
 
 
 def ingest(
-    store: Store, delivery: Delivery, event: Event, rules: intake.Rules, *, counted: bool = True
+    store: Store,
+    delivery: Delivery,
+    event: Event,
+    rules: intake.Rules,
+    *,
+    repo: str | None = None,
+    counted: bool = True,
 ) -> IngestResult:
-    """Dedupe the delivery, decide, and write the result, all in one transaction.
+    """Dedupe the delivery, decide, and write the result, all in one transaction. `repo`:
+    the repository the delivery came from, recorded with it.
 
     A delivery is taken in once by its id, and an event once by its key
     (`core.events.event_key`), however it came: a reconcile pass gives the key as the
@@ -78,15 +85,16 @@ def ingest(
             store.add_counts(c, metrics.delivery(result))
 
     with store.tx() as c:
-        if store.seen_delivery(c, delivery.id, delivery.event):
+        if store.seen_delivery(c, delivery.id, delivery.event, repo):
             count(c, metrics.DeliveryResult.DUPLICATE)
             return IngestResult(True, "delivery already received")
         if key is not None and key != delivery.id and store.seen_event(c, key, delivery.event):
             # delivered after a reconcile pass found it on Gitea (or delivered twice)
             count(c, metrics.DeliveryResult.DUPLICATE)
             return IngestResult(True, f"{key} already taken in")
-        if not isinstance(event, Ignored):
-            store.note_repo(c, event.repo)
+        served = repo or (None if isinstance(event, Ignored) else event.repo)
+        if served:
+            store.note_repo(c, served)
         decision = intake.decide(event, rules, StoreView(store, c))
         task_ids, outbox_ids = _apply(store, c, decision.intents, rules)
         store.delivery_result(c, delivery.id, decision.reason)

@@ -1,5 +1,5 @@
-"""APScheduler wiring only: the interval tick, the heartbeat, a daily clean-up, the
-reconcile pass, and wake()."""
+"""APScheduler wiring only: the interval tick, the heartbeat, a daily clean-up, the setup
+checks, the reconcile pass, and wake()."""
 
 from __future__ import annotations
 

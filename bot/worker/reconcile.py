@@ -1,8 +1,9 @@
 """The reconcile pass: what Gitea's lost deliveries said, found on Gitea and taken in.
 
 Gitea never retries a delivery. Every `reconcile.interval_minutes`, and once shortly
-after every start, the worker looks at each repository kugetsu serves (it has tasks in
-it or deliveries from it, or `reconcile.repos` names it): one listing of the issues
+after every start, the worker looks at each repository kugetsu serves as `kugetsu
+doctor` counts them (it has tasks in it or deliveries from it, or `gitea.repos` names
+it), and at those `reconcile.repos` names besides: one listing of the issues
 updated since the last pass (`since`, every page), then one timeline per issue that
 changed. So a pass costs Gitea calls in proportion to what changed, not to how many
 issues there are. `core.reconcile` turns what it finds into events, and each goes
@@ -103,12 +104,13 @@ class Reconciler:
         return report
 
     def _pass(self, report: PassReport) -> None:
-        if self.config.reconcile.repos:
+        configured = (*self.config.gitea.repos, *self.config.reconcile.repos)
+        if configured:
             with self.store.tx() as c:
-                for repo in self.config.reconcile.repos:
+                for repo in configured:
                     self.store.note_repo(c, repo)
         remembered = self.config.queue.cleanup_age_days * 86400.0
-        for repo, first_seen, reconciled_to in self.store.served_repos():
+        for repo, first_seen, reconciled_to in self.store.reconcile_windows():
             if self.stopping():
                 return
             if names.repo_error(repo):
