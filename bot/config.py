@@ -440,12 +440,15 @@ def _agent_table(name: str, data: Any) -> AgentConfig:
 
 
 def _repos(section: _Section) -> tuple[str, ...]:
-    """`gitea.repos`: OWNER/NAME each, as Gitea names repositories, without repeats."""
-    repos = section.strings("repos", GiteaConfig.repos) or ()
+    """`repos` of a section (`gitea.repos`, `reconcile.repos`): OWNER/NAME each, as Gitea
+    names repositories, without repeats."""
+    repos = section.strings("repos", ()) or ()
     for repo in repos:
         error = names.repo_error(repo)
         if error:
-            raise ConfigError(f"gitea.repos: {names.shown(repo)} is not OWNER/NAME: {error}")
+            raise ConfigError(
+                f"{section.name}.repos: {names.shown(repo)} is not OWNER/NAME: {error}"
+            )
     return tuple(dict.fromkeys(repos))
 
 
@@ -662,13 +665,9 @@ def _reconcile(data: Any) -> ReconcileConfig:
     r = _Section("reconcile", data)
     reconcile = ReconcileConfig(
         interval_minutes=r.number("interval_minutes", ReconcileConfig.interval_minutes, minimum=0),
-        repos=r.strings("repos", ReconcileConfig.repos) or (),
+        repos=_repos(r),
     )
     r.check_unknown()
-    for repo in reconcile.repos:
-        error = names.repo_error(repo)
-        if error:
-            raise ConfigError(f"reconcile.repos: {error}")
     return reconcile
 
 

@@ -373,7 +373,7 @@ def test_reconcile_settings_are_read_and_checked(tmp_path):
     assert (config.reconcile.interval_seconds, config.reconcile.repos) == (0.0, (REPO,))
     assert load(None, {}, require_secret=False).reconcile.interval_minutes == 10.0
     for bad, message in [
-        ('repos = ["acme"]', "reconcile.repos: repository 'acme' is not owner/name"),
+        ('repos = ["acme"]', "reconcile.repos: 'acme' is not OWNER/NAME"),
         ("interval_minutes = -1", "reconcile.interval_minutes must be at least 0"),
         ("every = 5", r"\[reconcile\] has an unknown key: every"),
     ]:
@@ -382,14 +382,18 @@ def test_reconcile_settings_are_read_and_checked(tmp_path):
             load(path, {}, require_secret=False)
 
 
-def test_repositories_named_in_the_config_are_polled_from_the_first_pass_on(tmp_path, gitea):
+@pytest.mark.parametrize("section", ["gitea", "reconcile"])
+def test_repositories_named_in_the_config_are_polled_from_the_first_pass_on(
+    tmp_path, gitea, section
+):
+    """`gitea.repos` (served: doctor and webhook install count them too) and
+    `reconcile.repos` (polled only)."""
     from dataclasses import replace
-
-    from bot.config import ReconcileConfig
 
     h = Harness(tmp_path, gitea)
     try:
-        h.rebuild(config=replace(h.config, reconcile=ReconcileConfig(repos=(REPO,))))
+        named = replace(getattr(h.config, section), repos=(REPO,))
+        h.rebuild(config=replace(h.config, **{section: named}))
         h.worker.reconcile()  # the first pass: the repository is served from now on
         n = h.issue()
         h.gitea.add_comment(REPO, n, "/kugetsu start", login="bob")
