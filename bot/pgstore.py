@@ -14,8 +14,9 @@
   LOCKED` inside its transaction and fills them with the tasks it moves to running, so
   two claims can never fill the same slot and the limit cannot be passed, however many
   workers claim at once; a task that stops running frees its slot in the same
-  transaction (`_free_slot`). The candidate tasks are locked the same way
-  (`CLAIM_LOCK`), so concurrent claims pick different tasks instead of queueing;
+  transaction (`_free_slot`). A candidate task is locked the same way
+  before it is taken (`_lock_candidate`), so concurrent claims pass over each other's
+  tasks instead of queueing behind them;
 - wakes: a trigger NOTIFYs `kugetsu_wake` when a task is queued, changes state or is
   authorized, and when a reply is queued; `listen()` turns those into wakes of this
   process's worker, on any machine;
@@ -193,7 +194,6 @@ class PostgresStore(Store):
     BACKEND = "postgresql"
     SHARED = True
     ROWID = "ctid"
-    CLAIM_LOCK = " FOR UPDATE OF t SKIP LOCKED"
 
     def __init__(
         self,
@@ -328,6 +328,13 @@ class PostgresStore(Store):
             "SELECT COUNT(*) FROM slots WHERE n > ? AND task_id IS NOT NULL", (limit,)
         ).fetchone()[0]
         return list(free[: max(0, len(free) - above)])
+
+    def _lock_candidate(self, c: Conn, task_id: int) -> bool:
+        row = c.execute(
+            "SELECT 1 FROM tasks WHERE id = ? AND state = 'pending' FOR UPDATE SKIP LOCKED",
+            (task_id,),
+        ).fetchone()
+        return row is not None
 
     def _take_slot(self, c: Conn, slot: int | None, task_id: int) -> None:
         c.execute(

@@ -16,7 +16,7 @@ One interface, two backends. Each query is written once, here, in the SQL both r
 (`?` placeholders, `INSERT ... ON CONFLICT`, `RETURNING`); PostgresStore translates the
 placeholders in one place and overrides only the plumbing (connections, transactions,
 migrations' bookkeeping) and the few hooks where the engines differ (`_admit`,
-`CLAIM_LOCK`, `ROWID`, the slots). A new query is one method here; a new migration is
+`_lock_candidate`, `ROWID`, the slots). A new query is one method here; a new migration is
 one entry in MIGRATIONS, in SQLite's dialect, which PostgreSQL runs with its column types
 translated (`Dialects` where a statement differs, as triggers do). A method that may run
 inside the caller's write transaction (`Store.tx()`) takes that transaction's connection
@@ -330,7 +330,67 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
     ALTER TABLE deliveries ADD COLUMN repo TEXT;
     CREATE INDEX deliveries_by_repo ON deliveries (repo, received_at) WHERE repo IS NOT NULL;
     """,
-    # 12: several machines on one queue. A running task holds a lease (a token and when it
+    # 12: fair share: when each repository, and each requester within it, last got a slot
+    # (a number that grows with every slot given, see _fair_order and Store._take_turn)
+    """
+    CREATE TABLE repo_turns (
+        repo TEXT PRIMARY KEY,
+        turn INTEGER NOT NULL
+    );
+    CREATE INDEX repo_turns_by_turn ON repo_turns (turn);
+    CREATE TABLE requester_turns (
+        repo TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        turn INTEGER NOT NULL,
+        PRIMARY KEY (repo, requested_by)
+    );
+    """,
+    # 13: the repositories a reconcile pass looks at (those kugetsu serves: tasks in them,
+    # deliveries from them, the config), each with when kugetsu first served it and how far
+    # a pass has looked on Gitea for what deliveries missed. (PostgreSQL before 16 wants a
+    # name for the subquery; SQLite's script is as released.)
+    Dialects(
+        sqlite="""
+    CREATE TABLE repos (
+        repo TEXT PRIMARY KEY,
+        first_seen REAL NOT NULL,
+        reconciled_to REAL
+    );
+    INSERT INTO repos (repo, first_seen)
+        SELECT repo, MIN(at) FROM (
+            SELECT repo, MIN(created_at) AS at FROM tasks GROUP BY repo
+            UNION ALL
+            SELECT repo, MIN(received_at) FROM deliveries WHERE repo IS NOT NULL GROUP BY repo
+        ) GROUP BY repo;
+    """,
+        postgres="""
+    CREATE TABLE repos (
+        repo TEXT PRIMARY KEY,
+        first_seen DOUBLE PRECISION NOT NULL,
+        reconciled_to DOUBLE PRECISION
+    );
+    INSERT INTO repos (repo, first_seen)
+        SELECT repo, MIN(at) FROM (
+            SELECT repo, MIN(created_at) AS at FROM tasks GROUP BY repo
+            UNION ALL
+            SELECT repo, MIN(received_at) FROM deliveries WHERE repo IS NOT NULL GROUP BY repo
+        ) AS served GROUP BY repo;
+    """,
+    ),
+    # 14: a repository's own settings (.kugetsu.toml): whether a request named its agent
+    # (else the repository's default agent runs it; tasks queued before keep theirs), and
+    # the versions of the file kugetsu has answered that it cannot use them
+    """
+    ALTER TABLE tasks ADD COLUMN agent_requested INTEGER NOT NULL DEFAULT 0;
+    UPDATE tasks SET agent_requested = 1 WHERE state IN ('pending', 'running');
+    CREATE TABLE repo_files_refused (
+        repo TEXT NOT NULL,
+        blob TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (repo, blob)
+    );
+    """,
+    # 15: several machines on one queue. A running task holds a lease (a token and when it
     # runs out), renewed by its worker and checked by compare-and-set before each step
     # that publishes (push, pull request, comment, finish), so a worker that was cut off
     # cannot publish over the task's next owner. Workers say where they run (`node`: a
@@ -383,10 +443,70 @@ SCHEMA_VERSION = len(MIGRATIONS)
 #: the finished states as migration 6 writes them in the index `tasks_finished`: a query
 #: uses that index only if it names them the same way (as text, not as bound values)
 _TERMINAL = "state IN ('completed', 'failed', 'cancelled', 'rejected')"
+#: the tasks a queue position is counted among: pending and not refused (those still to be
+#: authorized included), whatever their wait before a retry
+_WAITING = "t.state = 'pending' AND (t.authorized IS NULL OR t.authorized = 1)"
+
+
+def _fair_order(waiting: str) -> str:
+    """A `WITH` clause naming `queue (id, position)`: the tasks for which `waiting` (a
+    condition on `tasks AS t`) holds, each with its 1-based place in the order in which
+    slots go to them.
+
+    Fair share is round-robin with a memory. Each slot goes to the repository served
+    longest ago (one never served first), within it to the requester served longest
+    ago, and to that requester's oldest task; among repositories (or requesters) never
+    served, the one whose next task is oldest goes first. `claim()` records each turn
+    (`_take_turn`). So one repository's hundred waiting tasks take one slot in every
+    round, and another repository's single task waits for one slot at most.
+
+    Played out in advance, that is: the k-th task of each requester (oldest first) is in
+    its requester's round k, and the requesters of a repository take their rounds in
+    the order they were last served; that gives each task its place within its
+    repository, and the k-th of each repository is in the queue's round k, the
+    repositories again in the order they were last served. Claiming the first task
+    leaves the order of the others as it was (its repository and requester, served
+    last now, move behind the others in every later round, where they already were),
+    so the position shown is the order the tasks start in while nothing else changes.
+
+    Plain SQL (window functions, UPSERT-maintained turn tables) that SQLite and
+    PostgreSQL both run. It reads waiting tasks through the index by state and the turn
+    tables by key, never the finished tasks: its cost grows with the queue, not with
+    the history.
+    """
+    return f"""
+        WITH waiting AS (
+            SELECT t.id, t.repo, t.requested_by FROM tasks AS t WHERE {waiting}
+        ), by_requester AS (
+            SELECT w.id, w.repo,
+                   ROW_NUMBER() OVER (PARTITION BY w.repo, w.requested_by ORDER BY w.id)
+                       AS round,
+                   COALESCE(u.turn, 0) AS served,
+                   MIN(w.id) OVER (PARTITION BY w.repo, w.requested_by) AS first_task
+            FROM waiting AS w
+            LEFT JOIN requester_turns AS u
+                   ON u.repo = w.repo AND u.requested_by = w.requested_by
+        ), by_repo AS (
+            SELECT b.id, b.repo,
+                   ROW_NUMBER() OVER (PARTITION BY b.repo
+                                      ORDER BY b.round, b.served, b.first_task) AS round,
+                   FIRST_VALUE(b.id) OVER (PARTITION BY b.repo
+                                           ORDER BY b.round, b.served, b.first_task)
+                       AS first_task
+            FROM by_requester AS b
+        ), queue AS (
+            SELECT r.id,
+                   ROW_NUMBER() OVER (ORDER BY r.round, COALESCE(p.turn, 0), r.first_task)
+                       AS position
+            FROM by_repo AS r LEFT JOIN repo_turns AS p ON p.repo = r.repo
+        )"""
+
+
 #: rows that Store.clear() deletes per write transaction
 CLEAR_BATCH = 500
-#: how the claim orders ready tasks (its candidate query's ORDER BY, on `tasks AS t`)
-CLAIM_ORDER = "t.id"
+#: the claim reads this many candidates more than it has slots: those another claim takes
+#: at the same moment (PostgreSQL) are passed over for the next ones
+CLAIM_SPARE = 8
 #: a claimed task's lease runs out after this long unless its worker renews it
 DEFAULT_LEASE_SECONDS = 60.0
 #: a follow-up waits this long for the node that holds its issue's worktree, if that
@@ -511,6 +631,7 @@ def _row_to_task(row: Row) -> Task:
         raise UnreadableRow(row["id"], problems)
     if data.get("authorized") is not None:
         data["authorized"] = bool(data["authorized"])
+    data["agent_requested"] = bool(data.get("agent_requested"))
     data["agents_tried"] = tuple(data["agents_tried"])
     return Task(**data)
 
@@ -522,6 +643,12 @@ def _readable(rows: Iterable[Row], unreadable: list[tuple[Row, UnreadableRow]]) 
             yield _row_to_task(row)
         except UnreadableRow as exc:
             unreadable.append((row, exc))
+
+
+def sqlite_migration(number: int) -> str:
+    """The script of migration `number` (0-based) for SQLite."""
+    entry = MIGRATIONS[number]
+    return entry.sqlite if isinstance(entry, Dialects) else entry
 
 
 def _number(c: Conn, sql: str, args: Sequence[Any] = ()) -> int:
@@ -610,9 +737,6 @@ class Store:
     SHARED = False
     #: the name of a row's physical address, for deleting in batches
     ROWID = "rowid"
-    #: appended to the claim's candidate query: the rows it picks are this transaction's
-    #: alone (PostgreSQL: `FOR UPDATE OF t SKIP LOCKED`); SQLite's write lock covers it
-    CLAIM_LOCK = ""
 
     def _indexed_by(self, index: str) -> str:
         """`INDEXED BY index ` where the engine takes that hint (SQLite); PostgreSQL has
@@ -740,9 +864,7 @@ class Store:
                     f"up to {SCHEMA_VERSION}; upgrade kugetsu"
                 )
             for number in range(version, SCHEMA_VERSION):
-                entry = MIGRATIONS[number]
-                script = entry.sqlite if isinstance(entry, Dialects) else entry
-                for statement in _statements(script):
+                for statement in _statements(sqlite_migration(number)):
                     c.execute(statement)
                 c.execute(f"PRAGMA user_version = {number + 1}")
         if version < SCHEMA_VERSION:
@@ -786,14 +908,15 @@ class Store:
         trigger_comment_id: int | None = None,
         max_tokens: int | None = None,
         max_cost_usd: float | None = None,
+        agent_requested: bool = False,
     ) -> int:
         """Insert a pending task inside the caller's transaction."""
         now = self.clock()
         cur = c.execute(
             "INSERT INTO tasks (repo, issue, kind, prompt, agent, requested_by, state, "
             "max_attempts, created_at, updated_at, authorized, permission_hint, "
-            "trigger_comment_id, max_tokens, max_cost_usd) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "trigger_comment_id, max_tokens, max_cost_usd, agent_requested) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 repo,
                 issue,
@@ -809,11 +932,13 @@ class Store:
                 trigger_comment_id,
                 max_tokens,
                 max_cost_usd,
+                int(agent_requested),
             ),
         )
         task_id = _inserted_id(cur)
         self._event(c, task_id, "queued", None, "pending", f"{kind} by {requested_by}")
         self._changed(c, task_id, None, State.PENDING)
+        self.note_repo(c, repo)
         return task_id
 
     def get(self, task_id: int) -> Task | None:
@@ -1244,9 +1369,10 @@ class Store:
         locality_wait: float = LOCALITY_WAIT_SECONDS,
     ) -> list[Task]:
         """Lease up to (limit - running) ready tasks, at most `max_claims` (the worker's
-        free capacity), one per issue, in the order `_claim_candidates` gives: each goes
-        from pending to running through `_transition()`, its attempt counted, with a new
-        lease token that runs out `lease_seconds` from now unless renewed.
+        free capacity), one per issue, in the fair order (`_fair_order`, through
+        `_claim_candidates`): each goes from pending to running through `_transition()`,
+        its attempt counted, with a new lease token that runs out `lease_seconds` from now
+        unless renewed.
 
         Admission and update happen in one write transaction (`_admit`), so no
         interleaving of threads, processes or machines can push the number of running
@@ -1275,8 +1401,12 @@ class Store:
                 return []
             sql, args = self._claim_candidates(now, len(slots), node, locality_wait)
             rows = c.execute(sql, args).fetchall()
-            claimed = []
-            for slot, row in zip(slots, rows, strict=False):
+            claimed: list[int] = []
+            for row in rows:
+                if len(claimed) == len(slots):
+                    break
+                if not self._lock_candidate(c, row["id"]):
+                    continue  # another claim is taking it at this moment
                 if self._transition(
                     c,
                     row["id"],
@@ -1293,7 +1423,8 @@ class Store:
                     lease_token=uuid.uuid4().hex,
                     lease_expires_at=now + lease_seconds,
                 ):
-                    self._take_slot(c, slot, row["id"])
+                    self._take_slot(c, slots[len(claimed)], row["id"])
+                    self._take_turn(c, row["repo"], row["requested_by"])
                     claimed.append(row["id"])
             result = self._tasks(
                 c, [c.execute("SELECT * FROM tasks WHERE id = ?", (i,)).fetchone() for i in claimed]
@@ -1307,6 +1438,11 @@ class Store:
         running = c.execute("SELECT COUNT(*) FROM tasks WHERE state = 'running'").fetchone()[0]
         return [None] * max(0, min(limit - running, wanted))
 
+    def _lock_candidate(self, c: Conn, task_id: int) -> bool:
+        """The candidate task is this claim's to try, False if another claim holds it now
+        (PostgreSQL). SQLite's write lock, held since BEGIN IMMEDIATE, already makes it so."""
+        return True
+
     def _take_slot(self, c: Conn, slot: int | None, task_id: int) -> None:
         """A claimed task holds the slot `_admit` gave it (PostgreSQL's slot rows)."""
 
@@ -1317,29 +1453,51 @@ class Store:
         self, now: float, free: int, node: str | None, locality_wait: float
     ) -> tuple[str, list[Any]]:
         """The claim's candidate query: ready tasks, one per issue (the issue's oldest
-        pending task, and none while the issue has one running), in CLAIM_ORDER. What
+        pending task, and none while the issue has one running), in the fair order
+        (`_fair_order`), up to CLAIM_SPARE more than `free`: on PostgreSQL a claim at the
+        same moment may take one of them first, and this claim then takes the next. What
         makes the claim exact is `_admit` and the compare-and-set; the order and the
         filters here only choose among the ready tasks."""
-        sql = """
-                SELECT t.id, t.attempts FROM tasks AS t
-                WHERE t.state = 'pending' AND t.authorized = 1 AND t.not_before <= ?
-                  AND NOT EXISTS (SELECT 1 FROM tasks AS r WHERE r.repo = t.repo
-                                  AND r.issue = t.issue AND r.state = 'running')
-                  AND NOT EXISTS (SELECT 1 FROM tasks AS e WHERE e.repo = t.repo
-                                  AND e.issue = t.issue AND e.state = 'pending' AND e.id < t.id)
+        waiting = """
+                t.state = 'pending' AND t.authorized = 1 AND t.not_before <= ?
+                AND NOT EXISTS (SELECT 1 FROM tasks AS r WHERE r.repo = t.repo
+                                AND r.issue = t.issue AND r.state = 'running')
+                AND NOT EXISTS (SELECT 1 FROM tasks AS e WHERE e.repo = t.repo
+                                AND e.issue = t.issue AND e.state = 'pending'
+                                AND e.id < t.id)
                 """
         args: list[Any] = [now]
         if node is not None:
             # locality: a follow-up waits a while for the node that holds its worktree
-            sql += """  AND NOT (t.kind = 'continue' AND t.created_at > ? AND EXISTS (
-                        SELECT 1 FROM issues AS i JOIN workers AS w ON w.node = i.node
-                        WHERE i.repo = t.repo AND i.number = t.issue AND i.node <> ?
-                          AND w.heartbeat_at > ?))
+            waiting += """
+                AND NOT (t.kind = 'continue' AND t.created_at > ? AND EXISTS (
+                    SELECT 1 FROM issues AS i JOIN workers AS w ON w.node = i.node
+                    WHERE i.repo = t.repo AND i.number = t.issue AND i.node <> ?
+                      AND w.heartbeat_at > ?))
                 """
             args += [now - locality_wait, node, now - LIVE_WORKER_SECONDS]
-        sql += f"ORDER BY {CLAIM_ORDER} LIMIT ?{self.CLAIM_LOCK}"
-        args.append(free)
+        sql = (
+            _fair_order(waiting)
+            + " SELECT queue.id, tasks.attempts, tasks.repo, tasks.requested_by FROM queue"
+            " JOIN tasks ON tasks.id = queue.id ORDER BY queue.position LIMIT ?"
+        )
+        args.append(free + CLAIM_SPARE)
         return sql, args
+
+    def _take_turn(self, c: Tx, repo: str, requested_by: str) -> None:
+        """Record that `repo` and its `requested_by` just got a slot: their turn is the
+        newest, so the others come before them in the next round (`_fair_order`)."""
+        turn = c.execute("SELECT COALESCE(MAX(turn), 0) + 1 FROM repo_turns").fetchone()[0]
+        c.execute(
+            "INSERT INTO repo_turns (repo, turn) VALUES (?, ?) "
+            "ON CONFLICT (repo) DO UPDATE SET turn = excluded.turn",
+            (repo, turn),
+        )
+        c.execute(
+            "INSERT INTO requester_turns (repo, requested_by, turn) VALUES (?, ?, ?) "
+            "ON CONFLICT (repo, requested_by) DO UPDATE SET turn = excluded.turn",
+            (repo, requested_by, turn),
+        )
 
     def unauthorized_pending(self, limit: int = 50) -> list[Task]:
         conn = self._conn()
@@ -1426,28 +1584,30 @@ class Store:
             return done, None
 
     def queue_position(self, task_id: int) -> int | None:
-        """1-based position among pending tasks, counting those ahead of it."""
-        task = self.get(task_id)
+        """1-based place among the tasks waiting (pending, not refused), in the order they
+        get slots (`_fair_order`); None if the task is not waiting."""
+        task = self.get(task_id)  # a row that cannot be read is set aside here
         if task is None or task.state is not State.PENDING:
             return None
-        return _number(
-            self._conn(),
-            "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND id <= ? "
-            "AND (authorized IS NULL OR authorized = 1)",
-            (task_id,),
+        row = (
+            self._conn()
+            .execute(_fair_order(_WAITING) + " SELECT position FROM queue WHERE id = ?", (task_id,))
+            .fetchone()
         )
+        return row[0] if row else None
 
     def pending_positions(self, limit: int) -> list[tuple[Task, int]]:
+        """The first `limit` authorized waiting tasks with their places in the queue (the
+        same places `queue_position` gives), first place first."""
         conn = self._conn()
-        tasks = self._tasks(
-            conn,
-            conn.execute(
-                "SELECT * FROM tasks WHERE state = 'pending' AND authorized = 1 "
-                "ORDER BY id LIMIT ?",
-                (limit,),
-            ).fetchall(),
-        )
-        return [(task, i + 1) for i, task in enumerate(tasks)]
+        rows = conn.execute(
+            _fair_order(_WAITING) + " SELECT tasks.*, queue.position AS queue_place FROM queue "
+            "JOIN tasks ON tasks.id = queue.id WHERE tasks.authorized = 1 "
+            "ORDER BY queue.position LIMIT ?",
+            (limit,),
+        ).fetchall()
+        places = {row["id"]: row["queue_place"] for row in rows}
+        return [(task, places[task.id]) for task in self._tasks(conn, rows)]
 
     def comment_out_of_date(self, limit: int) -> list[Task]:
         """Tasks whose tracking comment has not caught up with their last change."""
@@ -1660,6 +1820,52 @@ class Store:
 
     def delivery_result(self, c: Tx, delivery_id: str, result: str) -> None:
         c.execute("UPDATE deliveries SET result = ? WHERE id = ?", (result, delivery_id))
+
+    def seen_event(self, c: Tx, key: str, event: str) -> bool:
+        """Record what a delivery is about (`core.events.event_key`: the same for the
+        delivery of an event and for the reconcile pass that found it on Gitea); True if
+        it was already recorded, whichever came first. Kept as long as deliveries are."""
+        return self.seen_delivery(c, key, event)
+
+    # ------------------------------------------------------------------ repositories
+
+    def note_repo(self, c: Tx, repo: str) -> None:
+        """Remember that kugetsu serves `repo` (a task, a delivery, the config), from now
+        on if it did not already."""
+        c.execute(
+            "INSERT INTO repos (repo, first_seen) VALUES (?, ?) ON CONFLICT (repo) DO NOTHING",
+            (repo, self.clock()),
+        )
+
+    def reconcile_windows(self) -> list[tuple[str, float, float | None]]:
+        """(repository, when kugetsu first served it, how far a reconcile pass has looked
+        on Gitea, in Gitea's time, or None), for every repository noted (`note_repo`):
+        those `served_repos` names, and those the config named to a pass."""
+        return [
+            (row[0], row[1], row[2])
+            for row in self._conn().execute(
+                "SELECT repo, first_seen, reconciled_to FROM repos ORDER BY repo"
+            )
+        ]
+
+    def reconciled(self, repo: str, to: float) -> None:
+        """A reconcile pass has looked at `repo` up to `to` (Gitea's time)."""
+        with self.tx() as c:
+            c.execute("UPDATE repos SET reconciled_to = ? WHERE repo = ?", (to, repo))
+
+    def refuse_repo_file(self, repo: str, blob: str, issue: int, body: str) -> bool:
+        """Answer on `issue` with `body` that a repository's settings file cannot be used,
+        once per version of the file (`blob`, its git object id): True if this is the
+        first time, and the answer was queued (in the outbox, with the note, atomically)."""
+        with self.tx() as c:
+            new = c.execute(
+                "INSERT INTO repo_files_refused (repo, blob, at) VALUES (?, ?, ?) "
+                "ON CONFLICT (repo, blob) DO NOTHING",
+                (repo, blob, self.clock()),
+            ).rowcount
+            if new:
+                self.add_outbox(c, OutboxItem(OutboxKind.COMMENT, repo, issue, body=body))
+            return bool(new)
 
     # ------------------------------------------------------------------ outbox
 
@@ -1991,6 +2197,11 @@ class Store:
         its slot, so this finds none unless a row was changed by hand)."""
         return 0
 
+    def release_lease(self, name: str, owner: str) -> None:
+        """Let go of `name` if `owner` holds it."""
+        with self.tx() as c:
+            c.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
+
     def release_leases(self, owner: str) -> None:
         with self.tx() as c:
             c.execute("DELETE FROM leases WHERE owner = ?", (owner,))
@@ -2224,4 +2435,5 @@ __all__ = [
     "Tx",
     "UnreadableRow",
     "open_store",
+    "sqlite_migration",
 ]

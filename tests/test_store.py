@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bot.core.tasks import CancelResult, InvalidTransition, Kind, Outcome, State
-from bot.store import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, open_store
+from bot.store import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, open_store, sqlite_migration
 from tests.conftest import enqueue, task_events, write_unchecked
 
 
@@ -119,6 +119,31 @@ def test_migrates_forward_from_version_1_and_keeps_rows(tmp_path):
     assert (task.issue, task.requested_by, task.max_tokens, task.usage) == (3, "bob", None, {})
     store.update(task.id, max_tokens=10)
     assert store.get(task.id).max_tokens == 10
+
+
+def test_the_repositories_a_pass_looks_at_start_from_the_tasks_and_deliveries_before(tmp_path):
+    """An existing database: the repositories kugetsu served before (tasks, deliveries with
+    their repository) are looked at by the first pass, each from when it was first seen."""
+    path = tmp_path / "old.sqlite"
+    scripts = [sqlite_migration(i) for i in range(len(MIGRATIONS))]
+    repos_table = next(i for i, m in enumerate(scripts) if "CREATE TABLE repos " in m)
+    conn = sqlite3.connect(path)
+    conn.executescript(";".join(scripts[:repos_table]) + f"; PRAGMA user_version = {repos_table};")
+    conn.execute(
+        "INSERT INTO tasks (repo, issue, kind, agent, requested_by, state, created_at, "
+        "updated_at) VALUES ('acme/widget', 3, 'start', 'opencode', 'bob', 'pending', 5, 5)"
+    )
+    conn.executemany(
+        "INSERT INTO deliveries (id, event, received_at, repo) VALUES (?, 'issues', ?, ?)",
+        [("d1", 2.0, "acme/widget"), ("d2", 3.0, "acme/other"), ("d3", 1.0, None)],
+    )
+    conn.commit()
+    conn.close()
+    store = open_store(path)
+    try:
+        assert store.reconcile_windows() == [("acme/other", 3.0, None), ("acme/widget", 2.0, None)]
+    finally:
+        store.close()
 
 
 def test_migrate_is_idempotent(store):
@@ -435,7 +460,7 @@ def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(make_store
     def rows(sql: str) -> list[dict]:
         return [dict(r) for r in store._conn().execute(sql)]
 
-    tasks = rows("SELECT * FROM tasks")
+    tasks = rows("SELECT * FROM tasks ORDER BY id")
     due = sorted(
         (t for t in tasks if t["comment_version"] < t["version"] and t["authorized"] is not None),
         key=lambda t: (t["state"] == "pending", t["id"]),

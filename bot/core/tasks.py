@@ -197,6 +197,8 @@ class Task:
     #: (that node was gone or busy): the node they were on. It got a worktree rebuilt from
     #: the pushed branch and a fresh session with the earlier requests and results.
     moved_from: str | None = None
+    #: the request named its agent: a repository's default agent does not replace it
+    agent_requested: bool = False
 
     @property
     def owner(self) -> str:
