@@ -971,3 +971,29 @@ def test_a_task_queued_anywhere_wakes_the_listening_workers(make_store, backend)
         wait_for(lambda: len(wakes) > seen, timeout=30, what="a wake for the change of state")
     finally:
         stop.set()
+
+
+def test_a_claim_passes_over_a_task_another_claim_holds(pg_cluster):
+    """PostgreSQL: while another transaction holds the first task in line (a claim at the
+    same moment), a claim takes the next one at once instead of waiting behind it."""
+    import psycopg
+
+    from tests.conftest import wait_for
+
+    url = pg_cluster.url_for()
+    store = open_store(url)
+    first, second = add(store, issue=1), add(store, issue=2)
+    taken: list[int] = []
+    holder = psycopg.connect(url)
+    try:
+        holder.execute("SELECT id FROM tasks WHERE id = %s FOR UPDATE", (first,))
+        claimer = threading.Thread(
+            target=lambda: taken.extend(t.id for t in store.claim(3, "w", max_claims=1))
+        )
+        claimer.start()
+        wait_for(lambda: taken == [second], timeout=10, what="the next task claimed at once")
+    finally:
+        holder.rollback()
+        holder.close()
+        claimer.join(timeout=30)
+        store.close()
