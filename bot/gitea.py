@@ -30,6 +30,9 @@ RETRY_STATUSES = frozenset({500, 502, 503, 504})
 #: open pull requests are listed this many at a time, for at most this many pages
 PULL_PAGE_SIZE = 50
 MAX_PULL_PAGES = 20
+#: a pull request's reviews are listed this many at a time, for at most this many pages
+REVIEW_PAGE_SIZE = 50
+MAX_REVIEW_PAGES = 20
 #: a proxy's "bad gateway" / "gateway timeout": Gitea behind it may have applied the request
 GATEWAY_STATUSES = frozenset({502, 504})
 MAX_BACKOFF_SECONDS = 30.0
@@ -138,6 +141,14 @@ class GiteaAPI(Protocol):
         body: str | None = None,
         state: str | None = None,
     ) -> dict: ...
+
+    def get_pull(self, owner: str, repo: str, number: int) -> dict: ...
+
+    def list_reviews(self, owner: str, repo: str, number: int) -> list[dict]: ...
+
+    def review_comments(self, owner: str, repo: str, number: int, review_id: int) -> list[dict]: ...
+
+    def resolve_review_comment(self, owner: str, repo: str, comment_id: int) -> None: ...
 
 
 def _seg(value: str | int, *, safe: str = "") -> str:
@@ -458,3 +469,28 @@ class GiteaClient:
         }
         path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}"
         return self._call("PATCH", path, json=payload)
+
+    def get_pull(self, owner: str, repo: str, number: int) -> dict:
+        return self._call("GET", f"{_repo_path(owner, repo)}/pulls/{_seg(number)}")
+
+    def list_reviews(self, owner: str, repo: str, number: int) -> list[dict]:
+        """A pull request's reviews, oldest first (pending ones included: Gitea lists them
+        to their author)."""
+        path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}/reviews"
+        found: list[dict] = []
+        for page in range(1, MAX_REVIEW_PAGES + 1):
+            items = self._call("GET", path, params={"page": page, "limit": REVIEW_PAGE_SIZE})
+            found += items or []
+            if not items or len(items) < REVIEW_PAGE_SIZE:
+                break
+        return found
+
+    def review_comments(self, owner: str, repo: str, number: int, review_id: int) -> list[dict]:
+        """The line comments of one review (Gitea does not page this endpoint)."""
+        path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}/reviews/{_seg(review_id)}/comments"
+        return list(self._call("GET", path) or [])
+
+    def resolve_review_comment(self, owner: str, repo: str, comment_id: int) -> None:
+        """Mark the conversation of a line comment resolved (Gitea 1.26)."""
+        path = f"{_repo_path(owner, repo)}/pulls/comments/{_seg(comment_id)}/resolve"
+        self._request("POST", path, ok=(200, 204))
