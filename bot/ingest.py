@@ -60,8 +60,16 @@ class IngestResult:
         return bool(self.task_ids or self.outbox_ids)
 
 
-def ingest(store: Store, delivery: Delivery, event: Event, rules: intake.Rules) -> IngestResult:
-    """Dedupe the delivery, decide, and write the result, all in one transaction."""
+def ingest(
+    store: Store,
+    delivery: Delivery,
+    event: Event | intake.ReviewRequest,
+    rules: intake.Rules,
+) -> IngestResult:
+    """Dedupe the delivery, decide, and write the result, all in one transaction.
+
+    A review the worker read is taken in the same way, under an id of its own
+    (`core.reviews.key`), so it is acted on once whatever delivered it."""
     with store.tx() as c:
         if store.seen_delivery(c, delivery.id, delivery.event):
             return IngestResult(True, "delivery already received")
@@ -95,6 +103,8 @@ def _apply(
                     trigger_comment_id=intent.trigger_comment_id,
                     max_tokens=intent.max_tokens,
                     max_cost_usd=intent.max_cost_usd,
+                    answer_on=intent.answer_on,
+                    review=intent.review,
                 )
             )
         elif isinstance(intent, OutboxItem):
@@ -126,14 +136,19 @@ class RulesSource:
         return self._bot_login
 
     def __call__(self) -> intake.Rules:
-        config = self.config
-        return intake.Rules(
-            label=config.triggers.label,
-            command=config.triggers.command,
-            bot_login=self.bot_login(),
-            known_agents=self.known_agents,
-            default_agent=config.agents.default,
-            max_attempts=config.queue.max_attempts,
-            reply_limit=config.triggers.reply_limit,
-            reply_window_seconds=config.triggers.reply_window_seconds,
-        )
+        return rules_for(self.config, self.bot_login(), self.known_agents)
+
+
+def rules_for(config: Config, bot_login: str | None, agents: frozenset[str]) -> intake.Rules:
+    """Intake's rules from the config, the bot's login and the agents installed."""
+    return intake.Rules(
+        label=config.triggers.label,
+        command=config.triggers.command,
+        bot_login=bot_login,
+        known_agents=agents,
+        default_agent=config.agents.default,
+        max_attempts=config.queue.max_attempts,
+        reply_limit=config.triggers.reply_limit,
+        reply_window_seconds=config.triggers.reply_window_seconds,
+        review_changes=config.triggers.review_changes,
+    )

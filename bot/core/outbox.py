@@ -23,6 +23,10 @@ class OutboxKind(enum.StrEnum):
     STATUS = "status"  # the tasks, written when it is sent
     STOP = "stop"  # stop the active task
     RETRY = "retry"  # queue the last failed or stopped task again
+    #: read a review of a pull request kugetsu opened (the delivery names neither the
+    #: review nor its line comments; `body` holds the state and text it gave, as JSON,
+    #: `target` the pull request) and act on the command it holds
+    REVIEW = "review"
 
 
 class Answer(enum.Enum):
@@ -39,6 +43,9 @@ ANSWERS: dict[OutboxKind, Answer] = {
     OutboxKind.STATUS: Answer.ALWAYS,
     OutboxKind.STOP: Answer.MAYBE,
     OutboxKind.RETRY: Answer.MAYBE,
+    # writes nothing itself: what the review asks for is decided, replies and their
+    # limit included, once it has been read
+    OutboxKind.REVIEW: Answer.NEVER,
 }
 
 
@@ -62,6 +69,8 @@ class OutboxItem:
     quiet: bool = False
     id: int = 0
     attempts: int = 0
+    #: when intake stored it (the store's clock)
+    created_at: float = 0.0
 
     @property
     def answer(self) -> Answer:

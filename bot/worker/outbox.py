@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from bot.config import Config
-from bot.core import render
+from bot.core import intake, render
 from bot.core.outbox import OutboxItem, OutboxKind
 from bot.core.render import QueueLoad
 from bot.core.tasks import State, doubling
@@ -25,6 +25,7 @@ from bot.gitea import GiteaError, ServerError, Unreachable
 from bot.isolate import on_its_own
 from bot.publisher import Publisher
 from bot.store import Store
+from bot.worker import reviews
 from bot.worker.auth import AuthCache
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ RETRY_MOST_SECONDS = 600.0
 
 class Outbox:
     """Sends the outbox's items through the publisher; `on_change` wakes the tick after
-    a stop or retry changed the queue."""
+    a stop, a retry or a review changed the queue. `rules`: intake's rules, for the
+    reviews it reads."""
 
     def __init__(
         self,
@@ -49,9 +51,11 @@ class Outbox:
         publisher: Publisher,
         auth: AuthCache,
         on_change: Callable[[], None],
+        rules: Callable[[], intake.Rules],
     ):
         self.config, self.store, self.publisher, self.auth = config, store, publisher, auth
         self.on_change = on_change
+        self.rules = rules
 
     def work(self, budget: int = OUTBOX_BUDGET) -> int:
         """Send the items due; returns how many it handled."""
@@ -85,6 +89,9 @@ class Outbox:
                             continue
                     try:
                         HANDLERS[item.kind].send(self, item)
+                    except reviews.Deferred as exc:
+                        self.store.outbox_retry(item.id, RECHECK_SECONDS, str(exc))
+                        continue
                     except (ServerError, Unreachable) as exc:
                         delay = doubling(RETRY_FIRST_SECONDS, item.attempts + 1, RETRY_MOST_SECONDS)
                         self.store.outbox_retry(item.id, delay, str(exc))
@@ -160,10 +167,26 @@ def _retry(outbox: Outbox, item: OutboxItem) -> None:
     if last is None or last.state not in (State.FAILED, State.CANCELLED):
         outbox.answer(item, render.NOTHING_TO_RETRY)
         return
-    done, blocker = store.try_requeue(last.id, item.requested_by or "someone")
+    here = item.target or item.issue
+    by = item.requested_by or "someone"
+    # its result is posted where the retry was asked, not only in its old comment far up
+    done, blocker = store.try_requeue(last.id, by, answer_on=here)
     if blocker is not None:
         outbox.answer(item, render.retry_blocked(blocker))
     if done:
+        outbox.answer(item, render.retry_queued(last, by, here))
+        outbox.on_change()
+
+
+def _review(outbox: Outbox, item: OutboxItem) -> None:
+    taken = reviews.take(
+        item,
+        store=outbox.store,
+        gitea=outbox.publisher.gitea,
+        auth=outbox.auth,
+        rules=outbox.rules,
+    )
+    if taken:
         outbox.on_change()
 
 
@@ -182,4 +205,5 @@ HANDLERS: dict[OutboxKind, Handler] = {
     OutboxKind.STATUS: Handler(_status),
     OutboxKind.STOP: Handler(_stop, acts=True),
     OutboxKind.RETRY: Handler(_retry, acts=True),
+    OutboxKind.REVIEW: Handler(_review),
 }
