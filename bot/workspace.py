@@ -162,12 +162,31 @@ class Workspace:
 
     # ------------------------------------------------------------------ public API
 
-    def prepare(self, repo: str, issue: int, branch: str) -> Prepared:
-        """Fetch the mirror and return the issue's worktree on `branch`, reusing it when valid."""
+    def prepare(
+        self,
+        repo: str,
+        issue: int,
+        branch: str,
+        *,
+        base: str | None = None,
+        source: str | None = None,
+    ) -> Prepared:
+        """Fetch the mirror and return the issue's worktree on `branch`, reusing it when valid.
+
+        `base`: the branch the work is to be merged into (the default branch if None).
+        `source`: the repository that holds `branch` when it is not `repo` itself (the fork
+        of a pull request); its branch is fetched into the mirror beside `repo`'s."""
         owner, name = _split_repo(repo)
         _check_issue(issue)
         _check_branch(branch)
+        if base is not None:
+            _check_branch(base)
         url = self._checked_remote_url(repo)
+        source_url = None
+        if source is not None:
+            _split_repo(source)
+            source_url = self._checked_remote_url(source)
+        tracking = self._tracking_ref(branch, source)
         wt = self._worktree_path(owner, name, issue)
         with self._repo_lock(owner, name):
             mirror = self._ensure_mirror(owner, name, url, repo)
@@ -178,36 +197,51 @@ class Workspace:
                 step="fetch",
                 network=url,
             )
+            if source_url is not None:
+                self._git(
+                    [
+                        "fetch",
+                        "--no-tags",
+                        "--quiet",
+                        source_url,
+                        f"+refs/heads/{branch}:{tracking}",
+                    ],
+                    git_dir=mirror,
+                    step="fetch fork",
+                    network=source_url,
+                )
             log.info("mirror fetched repo=%s issue=%s", repo, issue)
             default = self._default_branch(mirror, head_symref)
             default_ref = f"refs/remotes/{REMOTE}/{default}"
+            into = base or default
+            base_ref = f"refs/remotes/{REMOTE}/{into}"
+            if self._ref_sha(base_ref, git_dir=mirror) is None:
+                raise GitError(f"the branch {into} is not on Gitea", step="fetch")
 
             reused = self._is_worktree_of(wt, mirror, branch)
             if reused:
                 log.info("worktree reused repo=%s issue=%s branch=%s", repo, issue, branch)
-                remote_sha = self._ref_sha(f"refs/remotes/{REMOTE}/{branch}", git_dir=mirror)
+                remote_sha = self._ref_sha(tracking, git_dir=mirror)
                 if remote_sha and not self._is_ancestor(remote_sha, "HEAD", cwd=wt):
                     # someone pushed to the branch since (a fix on the pull request): the
                     # follow-up builds on those commits, and its push can never drop them
                     self._catch_up(wt, remote_sha, repo, issue, branch)
             else:
-                self._create_worktree(mirror, wt, branch, default_ref, repo, issue)
+                self._create_worktree(mirror, wt, branch, default_ref, repo, issue, tracking)
 
-            base = self._git(
-                ["merge-base", "HEAD", default_ref], cwd=wt, step="merge-base", ok=(0, 1)
+            merged = self._git(
+                ["merge-base", "HEAD", base_ref], cwd=wt, step="merge-base", ok=(0, 1)
             )
-            base_sha = base.stdout.decode().strip()
-            if base.returncode != 0 or not base_sha:
+            base_sha = merged.stdout.decode().strip()
+            if merged.returncode != 0 or not base_sha:
                 raise GitError(
-                    f"git merge-base failed: {branch} shares no history with {default}",
+                    f"git merge-base failed: {branch} shares no history with {into}",
                     step="merge-base",
-                    returncode=base.returncode,
+                    returncode=merged.returncode,
                 )
             with contextlib.suppress(OSError):
                 os.utime(wt)
-        return Prepared(
-            path=wt, branch=branch, base_branch=default, base_sha=base_sha, reused=reused
-        )
+        return Prepared(path=wt, branch=branch, base_branch=into, base_sha=base_sha, reused=reused)
 
     def commit_all(self, path: Path, message: str) -> bool:
         """Stage everything (respecting .gitignore) and commit as the configured author.
@@ -262,14 +296,20 @@ class Workspace:
         _check_sha(sha)
         return self._is_ancestor(sha, "HEAD", cwd=wt)
 
-    def push(self, path: Path, branch: str) -> str:
-        """Push HEAD to `refs/heads/<branch>` with a lease on the last fetched remote sha.
-        Returns the pushed sha."""
+    def push(
+        self, path: Path, branch: str, *, source: str | None = None, force: bool = True
+    ) -> str:
+        """Push HEAD to `refs/heads/<branch>` of the repository (or of `source`, the fork
+        that holds the branch; see `prepare`). Returns the pushed sha.
+
+        kugetsu's own branches are pushed with a lease on the last fetched remote sha;
+        with `force` False (a branch a person owns) the push is a plain one, which Gitea
+        takes only as a fast-forward: their commits are never rewritten."""
         _check_branch(branch)
         wt = self._checked_worktree(path)
         owner, name, issue = self._locate(wt)
-        url = self._checked_remote_url(f"{owner}/{name}")
-        tracking = f"refs/remotes/{REMOTE}/{branch}"
+        url = self._checked_remote_url(source or f"{owner}/{name}")
+        tracking = self._tracking_ref(branch, source)
         with self._repo_lock(owner, name):
             head = (
                 self._git(["rev-parse", "--verify", "HEAD^{commit}"], cwd=wt, step="rev-parse")
@@ -277,13 +317,14 @@ class Workspace:
                 .strip()
             )
             lease = self._ref_sha(tracking, cwd=wt) or ""
+            how = [f"--force-with-lease=refs/heads/{branch}:{lease}"] if force else []
             self._git(
                 [
                     "push",
                     "--quiet",
                     "--no-verify",
-                    f"--force-with-lease=refs/heads/{branch}:{lease}",
-                    REMOTE,
+                    *how,
+                    REMOTE if source is None else url,
                     f"{head}:refs/heads/{branch}",
                 ],
                 cwd=wt,
@@ -293,6 +334,14 @@ class Workspace:
             self._git(["update-ref", tracking, head], cwd=wt, step="update-ref")
         log.info("branch pushed repo=%s/%s issue=%s branch=%s", owner, name, issue, branch)
         return head
+
+    @staticmethod
+    def _tracking_ref(branch: str, source: str | None) -> str:
+        """Where the mirror keeps the last fetched sha of `branch`: of the repository
+        itself, or of the fork `source` (outside refs/remotes, which fetch prunes)."""
+        if source is None:
+            return f"refs/remotes/{REMOTE}/{branch}"
+        return f"refs/kugetsu/forks/{source}/{branch}"
 
     def remote_branch_sha(self, repo: str, branch: str) -> str | None:
         """The sha of `branch` on the remote now, or None when the remote has no such branch."""
@@ -447,14 +496,20 @@ class Workspace:
         )
 
     def _create_worktree(
-        self, mirror: Path, wt: Path, branch: str, default_ref: str, repo: str, issue: int
+        self,
+        mirror: Path,
+        wt: Path,
+        branch: str,
+        default_ref: str,
+        repo: str,
+        issue: int,
+        remote_ref: str,
     ) -> None:
         if wt.exists() or wt.is_symlink():
             log.warning("stale worktree directory replaced repo=%s issue=%s", repo, issue)
             _rmtree(wt)
         # forget registrations whose directory is gone, so the path and branch are free again
         self._git(["worktree", "prune"], git_dir=mirror, step="worktree prune")
-        remote_ref = f"refs/remotes/{REMOTE}/{branch}"
         from_remote = self._ref_sha(remote_ref, git_dir=mirror) is not None
         start = remote_ref if from_remote else default_ref
         wt.parent.mkdir(parents=True, exist_ok=True)

@@ -165,6 +165,37 @@ def test_label_delivery_leads_to_a_pull_request_and_a_follow_up(service_factory,
     assert TOKEN not in svc.logs()
 
 
+def test_a_review_delivery_becomes_a_follow_up_on_the_same_pull_request(service_factory, gitea):
+    svc = service_factory()
+    n = gitea.create_issue(REPO, "Add a greeting", "Please add a greeting file.")
+    assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(lambda: gitea.pulls_of(REPO), timeout=60, what="the pull request")
+    [pr] = gitea.pulls_of(REPO)
+    wait_for(lambda: queue_json(svc)[0]["state"] == "completed", timeout=60, what="the first task")
+    before = gitea.branch_sha(REPO, f"kugetsu/issue-{n}")
+    review = gitea.add_review(
+        REPO,
+        pr,
+        "bob",
+        "REQUEST_CHANGES",
+        comments=[{"path": "kugetsu_output.txt", "line": 1, "body": "/kugetsu say more"}],
+    )
+    payload, event_type, event = gitea.review_event(REPO, pr, review)
+    r = svc.post(*payloads.review_delivery(payload, event_type, event))
+    assert (r.status_code, r.json()["reason"]) == (202, "review to read")
+
+    def follow_up_done():
+        tasks = queue_json(svc)
+        return len(tasks) == 2 and tasks[1]["state"] == "completed"
+
+    wait_for(follow_up_done, timeout=60, what="the follow-up for the review")
+    assert queue_json(svc)[1]["kind"] == "continue"
+    after = gitea.branch_sha(REPO, f"kugetsu/issue-{n}")
+    assert gitea.git(REPO, "rev-parse", f"{after}~1").strip() == before
+    assert list(gitea.pulls_of(REPO)) == [pr]
+    wait_for(lambda: gitea.resolved(REPO, pr), timeout=30, what="the conversation resolved")
+
+
 def test_kill_9_in_mid_task_recovers_with_exactly_one_pull_request(
     service_factory, gitea, tmp_path
 ):
@@ -254,7 +285,8 @@ def test_sigterm_stops_agents_and_requeues_their_tasks(service_factory, gitea, t
     assert svc.stop(timeout=30) == 0
     assert process_gone(agent)
     [task] = queue_json(svc)
-    assert (task["state"], task["attempts"]) == ("pending", 0)
+    # put back, not failed: no attempt used up, and no outcome (its comment says "queued again")
+    assert (task["state"], task["attempts"], task["outcome"]) == ("pending", 0, None)
 
 
 def test_replies_past_the_configured_limit_are_a_reaction_alone(service_factory, gitea):
@@ -379,7 +411,8 @@ def test_worker_stops_its_agents_when_the_receiver_dies(service_factory, gitea, 
         what="the worker and its agent to stop",
     )
     [task] = queue_json(svc)
-    assert (task["state"], task["attempts"]) == ("pending", 0)
+    # put back, not failed: no attempt used up, and no outcome (its comment says "queued again")
+    assert (task["state"], task["attempts"], task["outcome"]) == ("pending", 0, None)
 
 
 def nice_of(pid: int) -> int:
