@@ -45,7 +45,8 @@ WORKER_CHECKPOINT_PAGES = 1000
 
 
 def known_agents(config: Config) -> frozenset[str]:
-    return frozenset(agents.PRESETS) | frozenset(config.agents.tables)
+    """The agents configured: every preset and every `[agents.NAME]` table."""
+    return agents.configured(config.agents)
 
 
 def _signals(stop: threading.Event) -> None:
@@ -100,7 +101,14 @@ def run_worker(
         secrets=config.secrets(),
     )
     scheduler = Scheduler(config.queue.poll_interval_seconds)
-    worker = Worker(config, store, gitea, workspace, schedule_tick=scheduler.wake)
+    worker = Worker(
+        config,
+        store,
+        gitea,
+        workspace,
+        schedule_tick=scheduler.wake,
+        schedule_at=scheduler.wake_at,
+    )
 
     stop = threading.Event()
     _signals(stop)
@@ -352,7 +360,8 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     app = create_app(
         config,
         store,
-        rules=RulesSource(config, store, known_agents(config)),
+        # what a request may name and `help` lists: the agents installed here
+        rules=RulesSource(config, store, agents.available(config.agents, os.environ)),
         wake=worker.wake,
         health=health,
         store_failed=health.store_failed,

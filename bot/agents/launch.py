@@ -18,6 +18,7 @@ the config imports this package to check its tables, never the other way round.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -156,6 +157,35 @@ def resolve(agents: AgentsSettings, name: str) -> AgentSpec:
         max_cost_usd=table.max_cost_usd if table.max_cost_usd is not None else agents.max_cost_usd,
         home_files=frozen(table.home_files),
     )
+
+
+def installed(spec: AgentSpec, environ: Mapping[str, str]) -> bool:
+    """Whether the agent's program is there to run: the first word of its command names
+    an executable file, as a path or on the PATH the agent gets (see `build_env`)."""
+    program = spec.command[0]
+    if "/" in program:
+        return os.path.isfile(program) and os.access(program, os.X_OK)
+    path = spec.env.get("PATH") or spec.base.env.get("PATH") or environ.get("PATH") or DEFAULT_PATH
+    return shutil.which(program, path=path) is not None
+
+
+def configured(agents: AgentsSettings) -> frozenset[str]:
+    """Every agent a name may stand for: the presets and the `[agents.NAME]` tables."""
+    return frozenset(PRESETS) | frozenset(agents.tables)
+
+
+def available(agents: AgentsSettings, environ: Mapping[str, str]) -> frozenset[str]:
+    """The agents a request may name, and that `help` lists: those configured that
+    resolve and whose program is installed."""
+    found = set()
+    for name in sorted(configured(agents)):
+        try:
+            spec = resolve(agents, name)
+        except UnknownAgent:
+            continue
+        if installed(spec, environ):
+            found.add(name)
+    return frozenset(found)
 
 
 # ============================================================================ command lines
