@@ -20,7 +20,7 @@ from urllib.parse import quote
 import requests
 from urllib3.exceptions import NewConnectionError
 
-from bot.core import names
+from bot.core import metrics, names
 from bot.redact import redact
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,8 @@ class GiteaAPI(Protocol):
 
     def find_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None: ...
 
+    def get_pull(self, owner: str, repo: str, number: int) -> dict: ...
+
     def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None: ...
 
     def create_pull(
@@ -141,8 +143,6 @@ class GiteaAPI(Protocol):
         body: str | None = None,
         state: str | None = None,
     ) -> dict: ...
-
-    def get_pull(self, owner: str, repo: str, number: int) -> dict: ...
 
     def list_reviews(self, owner: str, repo: str, number: int) -> list[dict]: ...
 
@@ -237,6 +237,7 @@ class GiteaClient:
         backoff: float = 0.5,
         session: requests.Session | None = None,
         sleep: Callable[[float], Any] = time.sleep,
+        tally: metrics.Tally | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self.api_url = self.base_url + API_PREFIX
@@ -246,6 +247,9 @@ class GiteaClient:
         self.backoff = backoff
         self._session = session if session is not None else environment_session(self.base_url)
         self._sleep = sleep
+        #: every HTTP request sent, by method and answer (`gitea_requests` on /metrics):
+        #: counted in memory here, written to the database in batches by its owner
+        self.tally = tally if tally is not None else metrics.Tally()
 
     def __repr__(self) -> str:
         return f"GiteaClient({self.base_url!r})"
@@ -284,6 +288,7 @@ class GiteaClient:
                     timeout=self.timeout,
                 )
             except requests.RequestException as exc:
+                self.tally.add(metrics.gitea_request(method, None))
                 if not isinstance(exc, (requests.ConnectionError, requests.Timeout)):
                     raise GiteaError(
                         self._scrub(f"request failed: {type(exc).__name__}"),
@@ -311,6 +316,7 @@ class GiteaClient:
                 continue
 
             status = resp.status_code
+            self.tally.add(metrics.gitea_request(method, status))
             log.debug(
                 "gitea request: method=%s path=%s status=%d attempt=%d",
                 method,
@@ -416,6 +422,10 @@ class GiteaClient:
         except NotFound:
             return None
 
+    def get_pull(self, owner: str, repo: str, number: int) -> dict:
+        """A pull request by number, in any state (`merged`, `head.sha` included)."""
+        return self._call("GET", f"{_repo_path(owner, repo)}/pulls/{_seg(number)}")
+
     def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None:
         """The open pull request from branch `head` (of this repository) into `base`, or None.
 
@@ -469,9 +479,6 @@ class GiteaClient:
         }
         path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}"
         return self._call("PATCH", path, json=payload)
-
-    def get_pull(self, owner: str, repo: str, number: int) -> dict:
-        return self._call("GET", f"{_repo_path(owner, repo)}/pulls/{_seg(number)}")
 
     def list_reviews(self, owner: str, repo: str, number: int) -> list[dict]:
         """A pull request's reviews, oldest first (pending ones included: Gitea lists them

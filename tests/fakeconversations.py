@@ -1,8 +1,8 @@
 """The fake Gitea's conversations: reviews, their line comments, and pull requests
 opened by people (from the repository or from a fork), as Gitea 1.26 serves them.
 
-`FakeGitea` takes these methods from `Conversations`: `GET /repos/{o}/{r}/pulls/{index}`
-(PullRequest), `.../pulls/{index}/reviews` and `.../reviews/{id}` (PullReview),
+`FakeGitea` takes these methods from `Conversations`:
+`GET /repos/{o}/{r}/pulls/{index}/reviews` and `.../reviews/{id}` (PullReview),
 `.../reviews/{id}/comments` (PullReviewComment), and
 `POST /repos/{o}/{r}/pulls/comments/{id}/resolve` (204). A review's delivery
 (`review_event`) is a PullRequestPayload with `action: "reviewed"` and
@@ -78,7 +78,6 @@ class Conversations:
     def _conversation_routes(self, repo: str) -> list[tuple[str, str, Callable]]:
         pull = repo + r"/pulls/(?P<index>\d+)"
         return [
-            ("GET", pull, self._api_get_pull),
             ("GET", pull + r"/reviews", self._api_list_reviews),
             ("GET", pull + r"/reviews/(?P<id>\d+)", self._api_get_review),
             ("GET", pull + r"/reviews/(?P<id>\d+)/comments", self._api_review_comments),
@@ -299,10 +298,6 @@ class Conversations:
             }
 
     # -- REST API -------------------------------------------------------------------
-
-    def _api_get_pull(self, params, query, data):
-        record, pr = self._api_pull(params)
-        return 200, self._refresh_pull(record, pr)
 
     def _api_list_reviews(self, params, query, data):
         record, pr = self._api_pull(params)

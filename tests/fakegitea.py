@@ -30,7 +30,7 @@ Test hooks: `requests`, `comments`, `pulls` (and `pulls_of(repo)`), `reactions`,
 `fail_next(n, status, method, path)`, `lose_answer(method, path, answer)` / `release()`,
 `down()` / `up()`, `branch_sha()`, `file_at()`,
 `git(repo, ...)`, and `create_issue` / `add_comment` / `add_labels` / `close_pull`
-to act as a human would.
+/ `close_issue` to act as a human would.
 """
 
 from __future__ import annotations
@@ -463,6 +463,14 @@ class FakeGitea(Conversations):
             if merged:
                 pr.update(merged=True, merged_at=now, merged_by=self.user(self.bot_login))
             return pr
+
+    def close_issue(self, repo: str, number: int) -> dict:
+        """Close an issue as a human would."""
+        with self.lock:
+            issue = self._repo(repo)["issues"][number]
+            now = _now()
+            issue.update(state="closed", closed_at=now, updated_at=now)
+            return issue
 
     def branch_sha(self, repo: str, branch: str) -> str | None:
         path = self._repo_path(repo)
@@ -956,6 +964,7 @@ class FakeGitea(Conversations):
             ("GET", repo + r"/pulls", self._api_list_pulls),
             ("PATCH", repo + r"/pulls/(?P<index>\d+)", self._api_edit_pull),
             ("GET", repo + r"/pulls/(?P<base>[^/]+)/(?P<head>.+)", self._api_find_pull),
+            ("GET", repo + r"/pulls/(?P<index>\d+)", self._api_get_pull),
         ]
         return [(method, re.compile(pattern), fn) for method, pattern, fn in table]
 
@@ -1234,6 +1243,10 @@ class FakeGitea(Conversations):
             pr["state"], pr["closed_at"] = "open", None
         pr["updated_at"] = now
         return 201, self._refresh_pull(record, pr)
+
+    def _api_get_pull(self, params, query, data):
+        record, pr = self._api_pull(params)
+        return 200, self._refresh_pull(record, pr)
 
     def _api_find_pull(self, params, query, data):
         record = self._api_repo_record(params)

@@ -23,6 +23,7 @@ class OutboxKind(enum.StrEnum):
     STATUS = "status"  # the tasks, written when it is sent
     STOP = "stop"  # stop the active task
     RETRY = "retry"  # queue the last failed or stopped task again
+    NOTIFY = "notify"  # tell a notification endpoint of a task's change (not Gitea)
     #: read a review of a pull request kugetsu opened (the delivery names neither the
     #: review nor its line comments; `body` holds the state and text it gave, as JSON,
     #: `target` the pull request) and act on the command it holds
@@ -43,6 +44,7 @@ ANSWERS: dict[OutboxKind, Answer] = {
     OutboxKind.STATUS: Answer.ALWAYS,
     OutboxKind.STOP: Answer.MAYBE,
     OutboxKind.RETRY: Answer.MAYBE,
+    OutboxKind.NOTIFY: Answer.NEVER,
     # writes nothing itself: what the review asks for is decided, replies and their
     # limit included, once it has been read
     OutboxKind.REVIEW: Answer.NEVER,
@@ -69,8 +71,12 @@ class OutboxItem:
     quiet: bool = False
     id: int = 0
     attempts: int = 0
-    #: when intake stored it (the store's clock)
+    #: a notification's endpoint (`NotifyConfig.id`); None for work on Gitea
+    endpoint: str | None = None
     created_at: float = 0.0
+    not_before: float = 0.0
+    #: why the last try failed (an item tried again later)
+    error: str | None = None
 
     @property
     def answer(self) -> Answer:

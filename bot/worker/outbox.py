@@ -1,5 +1,9 @@
 """The outbox pass of the tick: replies, reactions, stops and retries, one handler per kind.
 
+Notifications (kind NOTIFY) have their handler here too, but are sent by a lane of their
+own (bot/worker/notify.py), in order per endpoint and never by the tick: an endpoint that
+is slow or down must not hold the work on Gitea.
+
 Intake leaves `core.outbox.OutboxItem` rows; each tick sends the ones due, oldest first.
 `HANDLERS` maps each `OutboxKind` to its handler: adding a kind is one entry here (and
 its member in `core.outbox`). An item whose requester needs a permission is checked
@@ -16,13 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from bot import agents
 from bot.config import Config
 from bot.core import intake, render
 from bot.core.outbox import OutboxItem, OutboxKind
 from bot.core.render import QueueLoad
 from bot.core.tasks import State, doubling
 from bot.gitea import GiteaError, ServerError, Unreachable
+from bot.ingest import rules_for
 from bot.isolate import on_its_own
+from bot.notify import Sender
 from bot.publisher import Publisher
 from bot.store import Store
 from bot.worker import reviews
@@ -51,10 +58,18 @@ class Outbox:
         publisher: Publisher,
         auth: AuthCache,
         on_change: Callable[[], None],
-        rules: Callable[[], intake.Rules],
+        sender: Sender | None = None,
+        rules: Callable[[], intake.Rules] | None = None,
     ):
         self.config, self.store, self.publisher, self.auth = config, store, publisher, auth
         self.on_change = on_change
+        self.sender = sender if sender is not None else Sender(config)
+        if rules is None:
+            # from the config alone: the worker passes its own, with the login it learned
+            fixed = rules_for(
+                config, config.gitea.bot_login or None, agents.configured(config.agents)
+            )
+            rules = lambda: fixed  # noqa: E731
         self.rules = rules
 
     def work(self, budget: int = OUTBOX_BUDGET) -> int:
@@ -190,6 +205,10 @@ def _review(outbox: Outbox, item: OutboxItem) -> None:
         outbox.on_change()
 
 
+def _notify(outbox: Outbox, item: OutboxItem) -> None:
+    outbox.sender.send(item)
+
+
 @dataclass(frozen=True)
 class Handler:
     send: Callable[[Outbox, OutboxItem], None]
@@ -197,6 +216,8 @@ class Handler:
     batched: bool = False
     #: it acts on the queue for its requester: refused, it answers why
     acts: bool = False
+    #: sent by the notification lane (bot/worker/notify.py), never by the tick's pass
+    own_lane: bool = False
 
 
 HANDLERS: dict[OutboxKind, Handler] = {
@@ -205,5 +226,6 @@ HANDLERS: dict[OutboxKind, Handler] = {
     OutboxKind.STATUS: Handler(_status),
     OutboxKind.STOP: Handler(_stop, acts=True),
     OutboxKind.RETRY: Handler(_retry, acts=True),
+    OutboxKind.NOTIFY: Handler(_notify, own_lane=True),
     OutboxKind.REVIEW: Handler(_review),
 }
