@@ -446,3 +446,22 @@ def test_a_retry_back_off_wakes_the_worker_when_it_ends_not_at_the_next_poll(mak
     finally:
         scheduler.shutdown()
         worker.shutdown(timeout=10)
+
+
+def test_a_fork_kugetsu_may_not_push_to_is_refused_before_any_run(make, tmp_path):
+    record = tmp_path / "runs"
+    h = make(agents={"fake": fake_agent(FAKE_RECORD=str(record))})
+    fork = h.gitea.fork_repo(REPO, "carol")
+    theirs = h.gitea.commit_files(fork, "fix", {"fix.txt": "fixed\n"}, start="main")
+    pr = h.gitea.open_pull(REPO, "fix", head_repo=fork, login="carol", allow_maintainer_edit=True)
+    h.gitea.set_permission(REPO, "kugetsu-bot", "read")  # no longer a maintainer
+
+    [tid] = deliver_pull_comment(h, "/kugetsu tidy this up", pr).task_ids
+    [task] = settle_all(h)
+
+    assert (task.id, task.state, task.attempts) == (tid, State.FAILED, 1)
+    assert "Gitea lets those with write access to acme/widget push there" in task.error
+    assert not record.exists()  # no agent ran
+    assert h.gitea.branch_sha(fork, "fix") == theirs
+    [comment] = tracking_on(h, pr)
+    assert "kugetsu has read" in comment

@@ -594,6 +594,15 @@ def fork_not_editable(sender: str, head: str | None) -> str:
     )
 
 
+def fork_not_pushable(fork: str, repo: str, have: str) -> str:
+    """Why kugetsu does not work on a fork's branch whose author allowed edits by
+    maintainers: only those who may write to the base repository may push there."""
+    return (
+        f"kugetsu cannot push to this pull request's branch in the fork {fork}: Gitea lets "
+        f"those with write access to {repo} push there, and kugetsu has {have}"
+    )
+
+
 def retry_queued(task: Task, by: str, here: int) -> str:
     """The answer to `retry` once the task is queued again: its result is posted where
     the retry was asked, `here`, when it ends."""

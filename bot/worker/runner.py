@@ -22,9 +22,9 @@ from typing import Any, Protocol
 
 from bot import agents, process
 from bot.config import Config
-from bot.core import render
+from bot.core import permissions, render
 from bot.core.tasks import AttemptResult, Kind, Outcome, Task
-from bot.gitea import GiteaAPI, GiteaError, ServerError, Unreachable
+from bot.gitea import Forbidden, GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
 from bot.publisher import Publisher
 from bot.redact import redact
 from bot.store import Store
@@ -286,9 +286,19 @@ class Runner:
             return f"pull request #{task.issue} is {pr.get('state') or 'not open'}"
         if repo == task.repo:
             return PullTarget(head["ref"], base["ref"])
-        if repo and pr.get("allow_maintainer_edit") is True:
-            return PullTarget(head["ref"], base["ref"], source=repo)
-        return render.fork_not_editable(task.requested_by, repo)
+        if not repo or pr.get("allow_maintainer_edit") is not True:
+            return render.fork_not_editable(task.requested_by, repo)
+        # Gitea lets those who may write to the base repository push to the fork's branch:
+        # find out before a paid run whether kugetsu may
+        login = self.config.gitea.bot_login or self.store.get_meta("bot_login")
+        if login:
+            try:
+                have = self.gitea.get_permission(task.owner, task.name, login)
+            except (Forbidden, NotFound):
+                have = None  # cannot tell: the push will
+            if have is not None and not permissions.at_least(have, "write"):
+                return render.fork_not_pushable(repo, task.repo, have)
+        return PullTarget(head["ref"], base["ref"], source=repo)
 
     def _resume_publishing(
         self,
