@@ -65,13 +65,16 @@ def ingest(
     delivery: Delivery,
     event: Event | intake.ReviewRequest,
     rules: intake.Rules,
+    *,
+    repo: str | None = None,
 ) -> IngestResult:
-    """Dedupe the delivery, decide, and write the result, all in one transaction.
+    """Dedupe the delivery, decide, and write the result, all in one transaction. `repo`:
+    the repository the delivery came from, recorded with it.
 
     A review the worker read is taken in the same way, under an id of its own
     (`core.reviews.key`), so it is acted on once whatever delivered it."""
     with store.tx() as c:
-        if store.seen_delivery(c, delivery.id, delivery.event):
+        if store.seen_delivery(c, delivery.id, delivery.event, repo):
             store.add_counts(c, metrics.delivery(metrics.DeliveryResult.DUPLICATE))
             return IngestResult(True, "delivery already received")
         decision = intake.decide(event, rules, StoreView(store, c))

@@ -139,6 +139,25 @@ class Conversations:
             self._repos[full] = record
         return full
 
+    def maintainer_may_push(self, repo: str, login: str) -> bool:
+        """Whether `login` may push to the fork `repo` as a maintainer: an open pull request
+        from it allows edits by maintainers, and `login` may write to its base repository.
+        (Gitea checks the pushed branch in its pre-receive hook; the fake lets the whole
+        fork through, which is enough for a test that pushes only that branch.)"""
+        fake = _fake()
+        with self.lock:
+            for base in self._repos.values():
+                for pull in base["pulls"].values():
+                    if (
+                        pull["state"] == "open"
+                        and pull["allow_maintainer_edit"]
+                        and (pull["head"].get("repo") or {}).get("full_name") == repo
+                        and fake._rank(self.permission(base["full_name"], login))
+                        >= fake._rank("write")
+                    ):
+                        return True
+        return False
+
     def open_pull(
         self,
         repo: str,

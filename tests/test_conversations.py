@@ -295,7 +295,7 @@ def test_a_fork_pull_request_with_maintainer_edits_gets_a_commit_on_the_forks_br
     [tid] = deliver_pull_comment(h, "/kugetsu tidy this up", pr).task_ids
     [task] = settle_all(h)
 
-    assert (task.outcome, task.pr_number) == (Outcome.SUCCEEDED, pr)
+    assert (task.outcome, task.pr_number) == (Outcome.SUCCEEDED, pr), task.error
     after = h.gitea.branch_sha(fork, "fix")
     assert h.gitea.git(fork, "rev-parse", f"{after}~1").strip() == theirs
     assert h.gitea.file_at(fork, "fix", "kugetsu_output.txt") == f"written by task {tid}\n"
