@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -417,6 +417,18 @@ class GiteaClient:
             raise GiteaError("response is not a list of JSON objects", method=method, path=path)
         return value
 
+    def _pages(
+        self, path: str, *, size: int, most: int, params: Mapping[str, Any] | None = None
+    ) -> Iterator[list[JSONObject]]:
+        """The pages of a paged listing, in order, until one is short or `most` were read."""
+        for page in range(1, most + 1):
+            items = self._objects(
+                "GET", path, params={**(params or {}), "page": page, "limit": size}
+            )
+            yield items
+            if len(items) < size:
+                return
+
     # -- endpoints ----------------------------------------------------------
 
     def get_user(self) -> JSONObject:
@@ -477,24 +489,13 @@ class GiteaClient:
         if first is None or first.get("state") == "open":
             return first
         path = f"{_repo_path(owner, repo)}/pulls"
-        for page in range(1, MAX_PULL_PAGES + 1):
-            items = self._objects(
-                "GET",
-                path,
-                params={
-                    "state": "open",
-                    "base_branch": base,
-                    "page": page,
-                    "limit": PULL_PAGE_SIZE,
-                },
-            )
+        params = {"state": "open", "base_branch": base}
+        for items in self._pages(path, size=PULL_PAGE_SIZE, most=MAX_PULL_PAGES, params=params):
             for pr in items:
                 if (pr.get("head") or {}).get("ref") == head and (pr.get("base") or {}).get(
                     "ref"
                 ) == base:
                     return pr
-            if not items or len(items) < PULL_PAGE_SIZE:
-                break
         return None
 
     def create_pull(
@@ -524,13 +525,8 @@ class GiteaClient:
         """A pull request's reviews, oldest first (pending ones included: Gitea lists them
         to their author)."""
         path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}/reviews"
-        found: list[JSONObject] = []
-        for page in range(1, MAX_REVIEW_PAGES + 1):
-            items = self._objects("GET", path, params={"page": page, "limit": REVIEW_PAGE_SIZE})
-            found += items
-            if not items or len(items) < REVIEW_PAGE_SIZE:
-                break
-        return found
+        pages = self._pages(path, size=REVIEW_PAGE_SIZE, most=MAX_REVIEW_PAGES)
+        return [review for page in pages for review in page]
 
     def review_comments(
         self, owner: str, repo: str, number: int, review_id: int
@@ -578,13 +574,8 @@ class GiteaClient:
     def list_hooks(self, owner: str, repo: str | None = None) -> list[JSONObject]:
         """Every webhook of a repository (or, with `repo` None, of organization `owner`)."""
         path = self._hooks_path(owner, repo)
-        hooks: list[JSONObject] = []
-        for page in range(1, MAX_PULL_PAGES + 1):
-            items = self._objects("GET", path, params={"page": page, "limit": PULL_PAGE_SIZE})
-            hooks += items
-            if not items or len(items) < PULL_PAGE_SIZE:
-                break
-        return hooks
+        pages = self._pages(path, size=PULL_PAGE_SIZE, most=MAX_PULL_PAGES)
+        return [hook for page in pages for hook in page]
 
     def create_hook(self, owner: str, repo: str | None, body: Mapping[str, Any]) -> JSONObject:
         return self._object("POST", self._hooks_path(owner, repo), json=dict(body))
