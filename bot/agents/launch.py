@@ -18,7 +18,6 @@ the config imports this package to check its tables, never the other way round.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import uuid
@@ -159,14 +158,15 @@ def resolve(agents: AgentsSettings, name: str) -> AgentSpec:
     )
 
 
-def installed(spec: AgentSpec, environ: Mapping[str, str]) -> bool:
-    """Whether the agent's program is there to run: the first word of its command names
-    an executable file, as a path or on the PATH the agent gets (see `build_env`)."""
-    program = spec.command[0]
-    if "/" in program:
-        return os.path.isfile(program) and os.access(program, os.X_OK)
-    path = spec.env.get("PATH") or spec.base.env.get("PATH") or environ.get("PATH") or DEFAULT_PATH
-    return shutil.which(program, path=path) is not None
+def agent_path(spec: AgentSpec, environ: Mapping[str, str]) -> str:
+    """The PATH the agent runs with (`build_env`'s)."""
+    return build_env(spec, home_env={}, task_vars={}, environ=environ, secrets=())["PATH"]
+
+
+def find_program(spec: AgentSpec, environ: Mapping[str, str]) -> str | None:
+    """Where the agent's program is: the first word of its command, an executable file
+    named as a path or found on the PATH the agent gets; None if there is none."""
+    return shutil.which(spec.command[0], path=agent_path(spec, environ))
 
 
 def configured(agents: AgentsSettings) -> frozenset[str]:
@@ -183,7 +183,7 @@ def available(agents: AgentsSettings, environ: Mapping[str, str]) -> frozenset[s
             spec = resolve(agents, name)
         except UnknownAgent:
             continue
-        if installed(spec, environ):
+        if find_program(spec, environ) is not None:
             found.add(name)
     return frozenset(found)
 
