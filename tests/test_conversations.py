@@ -465,3 +465,21 @@ def test_a_fork_kugetsu_may_not_push_to_is_refused_before_any_run(make, tmp_path
     assert h.gitea.branch_sha(fork, "fix") == theirs
     [comment] = tracking_on(h, pr)
     assert "kugetsu has read" in comment
+
+
+def test_maintainer_edits_withdrawn_after_the_request_stop_it_before_any_run(make, tmp_path):
+    record = tmp_path / "runs"
+    h = make(agents={"fake": fake_agent(FAKE_RECORD=str(record))})
+    fork = h.gitea.fork_repo(REPO, "carol")
+    theirs = h.gitea.commit_files(fork, "fix", {"fix.txt": "fixed\n"}, start="main")
+    pr = h.gitea.open_pull(REPO, "fix", head_repo=fork, login="carol", allow_maintainer_edit=True)
+    [tid] = deliver_pull_comment(h, "/kugetsu tidy this up", pr).task_ids
+    # the author unticks "Allow edits from maintainers" before the task starts
+    h.gitea.pulls_of(REPO)[pr]["allow_maintainer_edit"] = False
+
+    [task] = settle_all(h)
+
+    assert (task.id, task.state, task.attempts) == (tid, State.FAILED, 1)
+    assert "whose author has not allowed edits by maintainers" in task.error
+    assert not record.exists()  # no agent ran
+    assert h.gitea.branch_sha(fork, "fix") == theirs
