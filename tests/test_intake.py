@@ -536,6 +536,17 @@ def test_a_review_with_a_command_in_a_line_comment_asks_for_a_follow_up():
     assert [i.kind for i in alone.intents if isinstance(i, intake.Enqueue)] == [Kind.CONTINUE]
 
 
+@pytest.mark.parametrize("state", ["APPROVED", "REQUEST_CHANGES", "COMMENT"])
+def test_a_review_in_any_state_with_a_command_in_its_text_asks_for_a_follow_up(state):
+    d = decide_review(a_review(state=state, body="Looks fine.\n/kugetsu add a changelog line"))
+    [work] = [i for i in d.intents if isinstance(i, intake.Enqueue)]
+    assert (work.kind, work.prompt, work.review["state"]) == (
+        Kind.CONTINUE,
+        "add a changelog line",
+        state,
+    )
+
+
 def test_a_review_is_read_for_commands_only_where_readers_see_them():
     assert decide_review(a_review("> /kugetsu fix it", "`/kugetsu` is the word")).intents == []
 
