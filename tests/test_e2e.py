@@ -311,6 +311,27 @@ def test_replies_past_the_configured_limit_are_a_reaction_alone(service_factory,
     assert len(answers) == 2
 
 
+def test_help_and_agent_names_are_the_agents_installed(service_factory, gitea, tmp_path):
+    ghost = {"command": [str(tmp_path / "not-installed"), "{prompt}"]}
+    svc = service_factory(agents={"ghost": ghost})
+    n = gitea.create_issue(REPO, "Curious", "What can it do?")
+    for text in ("/kugetsu help", "/kugetsu --agent ghost add a file"):
+        comment = gitea.add_comment(REPO, n, text, login="alice")
+        body, headers = payloads.comment_delivery(text, n, comment_id=comment["id"])
+        assert svc.post(body, headers).status_code == 202
+
+    def answers():
+        return [c["body"] for c in gitea.comments_on(REPO, n) if "kugetsu:reply" in c["body"]]
+
+    wait_for(lambda: len(answers()) == 2, timeout=30, what="both replies")
+    help_reply, refusal = answers()
+    assert "`fake` (the default)" in help_reply and "`ghost`" not in help_reply
+    assert "there is no agent named `ghost` here. Available:" in refusal
+    assert "`fake`" in refusal.split("Available:")[1]
+    assert "`ghost`" not in refusal.split("Available:")[1]
+    assert queue_json(svc) == []
+
+
 def test_bad_deliveries_get_clear_errors_and_change_nothing(service_factory, gitea):
     svc = service_factory()
     body, headers = payloads.label_delivery(["kugetsu"])
