@@ -37,6 +37,9 @@ from bot.redact import redact
 log = logging.getLogger(__name__)
 
 REMOTE = "origin"
+#: where the mirror keeps the branches of forks it fetched or pushed (outside refs/remotes,
+#: which a fetch prunes)
+FORK_REFS = "refs/kugetsu/forks"
 FETCH_REFSPEC = "+refs/heads/*:refs/remotes/origin/*"
 
 #: Passed as `-c` to every command: nothing an agent writes into the shared mirror config
@@ -343,7 +346,7 @@ class Workspace:
         itself, or of the fork `source` (outside refs/remotes, which fetch prunes)."""
         if source is None:
             return f"refs/remotes/{REMOTE}/{branch}"
-        return f"refs/kugetsu/forks/{source}/{branch}"
+        return f"{FORK_REFS}/{source}/{branch}"
 
     def remote_branch_sha(self, repo: str, branch: str) -> str | None:
         """The sha of `branch` on the remote now, or None when the remote has no such branch."""
@@ -402,9 +405,9 @@ class Workspace:
 
     def unpushed_commits(self, path: Path, also: Sequence[str] = ()) -> int:
         """Commits of the worktree's HEAD that no branch of the remote holds, as the mirror
-        last fetched them, nor any commit in `also` (a pull request's head, which Gitea
-        keeps after its branch is deleted). A commit named in `also` that is not here is
-        left out. GitError if git cannot tell."""
+        last fetched them, nor a fork's branch it fetched or pushed, nor any commit in
+        `also` (a pull request's head, which Gitea keeps after its branch is deleted). A
+        commit named in `also` that is not here is left out. GitError if git cannot tell."""
         wt = self._checked_worktree(path)
         for sha in also:
             _check_sha(sha)
@@ -416,6 +419,7 @@ class Workspace:
                 "HEAD",
                 "--not",
                 f"--remotes={REMOTE}",
+                f"--glob={FORK_REFS}/*",
                 *also,
             ],
             cwd=wt,

@@ -824,6 +824,8 @@ def test_a_forks_branch_is_fetched_from_the_fork_and_pushed_there(ws, remote, re
     assert ws.remote_branch_sha("carol/widget", "fix") == theirs
     ours = ws.push(p.path, "fix", source="carol/widget", force=False)
     assert forked.sha("fix") == ours and remote.sha("fix") is None
+    # what went to the fork counts as pushed: prune may remove the worktree once idle
+    assert ws.unpushed_commits(p.path) == 0
     # a base that is not on the remote is an error, not a guess
     with pytest.raises(GitError, match="not on Gitea"):
         ws.prepare(REPO, 23, "fix", base="release", source="carol/widget")
