@@ -67,15 +67,21 @@ def ingest(
     rules: intake.Rules,
     *,
     repo: str | None = None,
+    webhook: bool = True,
 ) -> IngestResult:
     """Dedupe the delivery, decide, and write the result, all in one transaction. `repo`:
     the repository the delivery came from, recorded with it.
 
     A review the worker read is taken in the same way, under an id of its own
-    (`core.reviews.key`), so it is acted on once whatever delivered it."""
+    (`core.reviews.key`), so it is acted on once whatever delivered it; with `webhook`
+    False, as then, it is not counted among the webhook's deliveries (/metrics)."""
+
+    def count(result: metrics.DeliveryResult) -> metrics.Counts:
+        return metrics.delivery(result) if webhook else {}
+
     with store.tx() as c:
         if store.seen_delivery(c, delivery.id, delivery.event, repo):
-            store.add_counts(c, metrics.delivery(metrics.DeliveryResult.DUPLICATE))
+            store.add_counts(c, count(metrics.DeliveryResult.DUPLICATE))
             return IngestResult(True, "delivery already received")
         decision = intake.decide(event, rules, StoreView(store, c))
         task_ids, outbox_ids = _apply(store, c, decision.intents, rules)
@@ -84,7 +90,7 @@ def ingest(
         # counted in the delivery's own transaction: no write of its own
         store.add_counts(
             c,
-            metrics.delivery(
+            count(
                 metrics.DeliveryResult.QUEUED if result.queued else metrics.DeliveryResult.IGNORED
             ),
         )

@@ -141,6 +141,13 @@ def test_a_review_with_two_line_comments_becomes_one_follow_up_on_the_same_pull_
     # the same delivery again (Gitea's "replay" gives it a new id) takes nothing more
     deliver_review(h, pr, review)
     assert len(settle_all(h)) == 2
+    # /metrics counts the two webhook deliveries, not the worker's readings of the review
+    deliveries = {
+        labels: value
+        for name, labels, value in h.store.metrics_snapshot().counters
+        if name == "webhook_deliveries"
+    }
+    assert sum(deliveries.values()) == 2, deliveries
 
 
 def test_the_same_review_from_a_read_only_user_does_nothing(make):
