@@ -87,29 +87,6 @@ class Conversations:
 
     # -- test hooks ---------------------------------------------------------------
 
-    def commit_files(
-        self,
-        repo: str,
-        branch: str,
-        files: dict[str, str],
-        message: str = "A person's commit",
-        *,
-        start: str | None = None,
-        author: str = "Alice <alice@example.invalid>",
-    ) -> str:
-        """Commit `files` on top of `branch` (or of `start`, making `branch`), as a person
-        pushing; returns the new commit."""
-        path = self._repo_path(repo)
-        parent = self.branch_sha(repo, start or branch)
-        if parent is None:
-            raise KeyError(f"no branch {start or branch!r} in {repo}")
-        tree = self._tree(path, files, parent)
-        name, _, email = author.partition(" <")
-        ident = ("-c", f"user.name={name}", "-c", f"user.email={email.rstrip('>')}")
-        commit = self._git(path, *ident, "commit-tree", tree, "-p", parent, "-m", message).strip()
-        self._git(path, "update-ref", f"refs/heads/{branch}", commit)
-        return commit
-
     def fork_repo(self, source: str, owner: str) -> str:
         """Fork `source` into `owner`'s namespace (its branches and history); returns the
         fork's full name."""

@@ -69,7 +69,7 @@ def review_of_two_line_comments(h, pr: int, login: str) -> dict:
     """A person's commit adds a notes file to kugetsu's branch; `login` reviews the pull
     request with two line comments and no text (the shape Gitea sends with an empty body)."""
     h.gitea.commit_files(
-        REPO, BRANCH.format(1), {"docs/notes.md": "# Notes\n\nfirst note\nsecond note\n"}
+        REPO, {"docs/notes.md": "# Notes\n\nfirst note\nsecond note\n"}, branch=BRANCH.format(1)
     )
     return h.gitea.add_review(
         REPO,
@@ -229,8 +229,8 @@ def tracking_on(h, number: int) -> list[str]:
 def test_a_persons_pull_request_gets_a_commit_on_its_branch_on_top_of_theirs(make, tmp_path):
     envfile = tmp_path / "env.json"
     h = make(agents={"fake": fake_agent(FAKE_ENVFILE=str(envfile))})
-    h.gitea.commit_files(REPO, "feature/greet", {"greet.py": "print('hi')\n"}, start="main")
-    theirs = h.gitea.commit_files(REPO, "feature/greet", {"greet.py": "print('hello')\n"})
+    h.gitea.commit_files(REPO, {"greet.py": "print('hi')\n"}, branch="feature/greet")
+    theirs = h.gitea.commit_files(REPO, {"greet.py": "print('hello')\n"}, branch="feature/greet")
     pr = h.gitea.open_pull(REPO, "feature/greet", title="Greet people", login="alice")
 
     result = deliver_pull_comment(h, "/kugetsu add a greeting file as well", pr)
@@ -281,7 +281,7 @@ def test_a_persons_pull_request_gets_a_commit_on_its_branch_on_top_of_theirs(mak
 def test_a_fork_pull_request_without_maintainer_edits_gets_a_reply(make):
     h = make()
     fork = h.gitea.fork_repo(REPO, "carol")
-    h.gitea.commit_files(fork, "fix", {"fix.txt": "fixed\n"}, start="main")
+    h.gitea.commit_files(fork, {"fix.txt": "fixed\n"}, branch="fix")
     pr = h.gitea.open_pull(REPO, "fix", head_repo=fork, login="carol")
 
     result = deliver_pull_comment(h, "/kugetsu tidy this up", pr)
@@ -296,7 +296,7 @@ def test_a_fork_pull_request_without_maintainer_edits_gets_a_reply(make):
 def test_a_fork_pull_request_with_maintainer_edits_gets_a_commit_on_the_forks_branch(make):
     h = make()
     fork = h.gitea.fork_repo(REPO, "carol")
-    theirs = h.gitea.commit_files(fork, "fix", {"fix.txt": "fixed\n"}, start="main")
+    theirs = h.gitea.commit_files(fork, {"fix.txt": "fixed\n"}, branch="fix")
     pr = h.gitea.open_pull(REPO, "fix", head_repo=fork, login="carol", allow_maintainer_edit=True)
 
     [tid] = deliver_pull_comment(h, "/kugetsu tidy this up", pr).task_ids
@@ -459,7 +459,7 @@ def test_a_fork_kugetsu_may_not_push_to_is_refused_before_any_run(make, tmp_path
     record = tmp_path / "runs"
     h = make(agents={"fake": fake_agent(FAKE_RECORD=str(record))})
     fork = h.gitea.fork_repo(REPO, "carol")
-    theirs = h.gitea.commit_files(fork, "fix", {"fix.txt": "fixed\n"}, start="main")
+    theirs = h.gitea.commit_files(fork, {"fix.txt": "fixed\n"}, branch="fix")
     pr = h.gitea.open_pull(REPO, "fix", head_repo=fork, login="carol", allow_maintainer_edit=True)
     h.gitea.set_permission(REPO, "kugetsu-bot", "read")  # no longer a maintainer
 
@@ -478,7 +478,7 @@ def test_maintainer_edits_withdrawn_after_the_request_stop_it_before_any_run(mak
     record = tmp_path / "runs"
     h = make(agents={"fake": fake_agent(FAKE_RECORD=str(record))})
     fork = h.gitea.fork_repo(REPO, "carol")
-    theirs = h.gitea.commit_files(fork, "fix", {"fix.txt": "fixed\n"}, start="main")
+    theirs = h.gitea.commit_files(fork, {"fix.txt": "fixed\n"}, branch="fix")
     pr = h.gitea.open_pull(REPO, "fix", head_repo=fork, login="carol", allow_maintainer_edit=True)
     [tid] = deliver_pull_comment(h, "/kugetsu tidy this up", pr).task_ids
     # the author unticks "Allow edits from maintainers" before the task starts

@@ -52,6 +52,8 @@ class Enqueue:
     answer_on: int | None = None
     #: the review it answers (`reviews.Review.as_dict`)
     review: dict[str, Any] | None = None
+    #: the request named its agent (else a repository's `.kugetsu.toml` may choose it)
+    agent_requested: bool = False
 
 
 @dataclass(frozen=True)
@@ -420,6 +422,7 @@ def _command(
             max_cost_usd=command.max_cost_usd,
             answer_on=asked.number if asked.number != asked.issue else None,
             review=asked.review,
+            agent_requested=command.agent is not None,
         )
     )
     decision.reason = f"{work.value} requested"

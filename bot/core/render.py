@@ -458,10 +458,12 @@ def prompt(
     branch: str,
     base: str,
     pull: bool = False,
+    repo_instructions: str = "",
 ) -> str:
     """What the agent is asked to do: the issue (or the pull request a person opened,
     with `pull`), earlier requests on it (when the agent cannot resume its own session),
-    the request itself with the review it answers, and where it works."""
+    the request itself with the review it answers, the repository's own instructions
+    (its `.kugetsu.toml`), and where it works."""
     thing = "pull request" if pull else "issue"
     parts = [
         f"You are working on {thing} #{task.issue} of the repository {task.repo}.",
@@ -486,6 +488,10 @@ def prompt(
         parts.append(f"\nInstructions from {who}:\n{task.prompt}")
     if task.review:
         parts.append(_review_prompt(task.review))
+    if repo_instructions:
+        parts.append(
+            f"\nInstructions from this repository (its .kugetsu.toml):\n{repo_instructions}"
+        )
     if pull:
         parts.append(
             f"\nThe current directory is a git worktree on branch {branch}, the branch of "
@@ -688,6 +694,23 @@ def status(tasks: Sequence[Task], config: Config, load: QueueLoad | None) -> str
 
 
 # -------------------------------------------------------------------------------------- refusals
+
+
+#: how much of what is wrong with a repository's settings file its refusal quotes
+MAX_SETTINGS_PROBLEM = 300
+
+
+def repo_settings_refused(path: str, commit: str, problem: str) -> str:
+    """The one comment on a version of a repository's `.kugetsu.toml` that kugetsu cannot
+    use. What is wrong may quote the file, which anyone who can push wrote: it goes in a
+    code block, cut short."""
+    if len(problem) > MAX_SETTINGS_PROBLEM:
+        problem = problem[:MAX_SETTINGS_PROBLEM] + "…"
+    return (
+        f"kugetsu cannot use `{path}` as the default branch has it (commit "
+        f"`{commit[:12]}`), so it uses the server's settings for this repository until the "
+        f"file is fixed:\n\n```text\n{_inert(problem)}\n```"
+    )
 
 
 def not_allowed_user(login: str) -> str:

@@ -196,6 +196,8 @@ class Task:
     answer_id: int | None = None
     #: the review a follow-up answers: id, state, body, user and its line comments
     review: dict[str, Any] = field(default_factory=dict)
+    #: the request named its agent: a repository's default agent does not replace it
+    agent_requested: bool = False
 
     @property
     def owner(self) -> str:

@@ -77,7 +77,7 @@ def take(
         item.repo, number, review, permission=permission, allowed=allowed, refusal=refusal
     )
     key = reviews.key(item.repo, review.id)
-    result = ingest(store, Delivery(key, "review", "review"), request, current, webhook=False)
+    result = ingest(store, Delivery(key, "review", "review"), request, current, counted=False)
     log.info(
         "review taken",
         extra={
