@@ -37,11 +37,10 @@ from bot.core import intake, metrics
 from bot.core.health import TickRecord, describe
 from bot.core.tasks import AttemptResult, Outcome, State, Task
 from bot.gitea import GiteaAPI, GiteaError
-from bot.ingest import RulesSource, rules_for
+from bot.ingest import rules_for
 from bot.isolate import on_its_own
 from bot.publisher import Publisher
 from bot.scheduler import Coalescer
-from bot.service import known_agents
 from bot.store import Store
 from bot.worker.auth import AuthCache
 from bot.worker.notify import NotifyLane
@@ -122,7 +121,7 @@ class Worker:
             config,
             store,
             gitea,
-            RulesSource(config, store, known_agents(config)),
+            self.rules,  # one source of rules for all the worker takes in
             owner=self.worker_id,
             clock=clock,
             on_queued=self.wake,
@@ -257,7 +256,8 @@ class Worker:
         return self.bot_login
 
     def rules(self) -> intake.Rules:
-        """Intake's rules, as the receiver has them, for what the worker takes in."""
+        """Intake's rules, as the receiver has them, for what the worker takes in: the
+        reviews it reads and what a reconcile pass finds."""
         return rules_for(self.config, self.ensure_bot_login(), self.agents)
 
     def _reap(self) -> None:
