@@ -34,7 +34,6 @@ from bot.core.tasks import AGENT_MISSING, AttemptResult, Kind, Outcome, Task
 from bot.gitea import Forbidden, GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
 from bot.publisher import Publisher
 from bot.redact import redact
-from bot.service import known_agents
 from bot.store import Store
 from bot.workspace import Fetched, GitError, Prepared, Workspace
 
@@ -449,7 +448,7 @@ class Runner:
                 return repo_settings(
                     found.data,
                     default_agent=cfg.agents.default,
-                    known_agents=known_agents(cfg),
+                    known_agents=agents.available(cfg.agents, self.environ),
                     budget_of=self._server_budget,
                 )
             except ConfigError as exc:
