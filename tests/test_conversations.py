@@ -278,11 +278,20 @@ def test_a_persons_pull_request_gets_a_commit_on_its_branch_on_top_of_theirs(mak
     assert len(tracking_on(h, pr)) == 2
 
 
+def fork_pull(h, *, maintainer_edit: bool) -> tuple[str, str, int]:
+    """carol's fork with a commit on branch `fix`, and her pull request from it: the fork,
+    her commit and the pull request's number."""
+    fork = h.gitea.fork_repo(REPO, "carol")
+    theirs = h.gitea.commit_files(fork, {"fix.txt": "fixed\n"}, branch="fix")
+    pr = h.gitea.open_pull(
+        REPO, "fix", head_repo=fork, login="carol", allow_maintainer_edit=maintainer_edit
+    )
+    return fork, theirs, pr
+
+
 def test_a_fork_pull_request_without_maintainer_edits_gets_a_reply(make):
     h = make()
-    fork = h.gitea.fork_repo(REPO, "carol")
-    h.gitea.commit_files(fork, {"fix.txt": "fixed\n"}, branch="fix")
-    pr = h.gitea.open_pull(REPO, "fix", head_repo=fork, login="carol")
+    _, _, pr = fork_pull(h, maintainer_edit=False)
 
     result = deliver_pull_comment(h, "/kugetsu tidy this up", pr)
     assert not result.task_ids
@@ -295,9 +304,7 @@ def test_a_fork_pull_request_without_maintainer_edits_gets_a_reply(make):
 
 def test_a_fork_pull_request_with_maintainer_edits_gets_a_commit_on_the_forks_branch(make):
     h = make()
-    fork = h.gitea.fork_repo(REPO, "carol")
-    theirs = h.gitea.commit_files(fork, {"fix.txt": "fixed\n"}, branch="fix")
-    pr = h.gitea.open_pull(REPO, "fix", head_repo=fork, login="carol", allow_maintainer_edit=True)
+    fork, theirs, pr = fork_pull(h, maintainer_edit=True)
 
     [tid] = deliver_pull_comment(h, "/kugetsu tidy this up", pr).task_ids
     [task] = settle_all(h)
@@ -458,9 +465,7 @@ def test_a_retry_back_off_wakes_the_worker_when_it_ends_not_at_the_next_poll(mak
 def test_a_fork_kugetsu_may_not_push_to_is_refused_before_any_run(make, tmp_path):
     record = tmp_path / "runs"
     h = make(agents={"fake": fake_agent(FAKE_RECORD=str(record))})
-    fork = h.gitea.fork_repo(REPO, "carol")
-    theirs = h.gitea.commit_files(fork, {"fix.txt": "fixed\n"}, branch="fix")
-    pr = h.gitea.open_pull(REPO, "fix", head_repo=fork, login="carol", allow_maintainer_edit=True)
+    fork, theirs, pr = fork_pull(h, maintainer_edit=True)
     h.gitea.set_permission(REPO, "kugetsu-bot", "read")  # no longer a maintainer
 
     [tid] = deliver_pull_comment(h, "/kugetsu tidy this up", pr).task_ids
@@ -477,9 +482,7 @@ def test_a_fork_kugetsu_may_not_push_to_is_refused_before_any_run(make, tmp_path
 def test_maintainer_edits_withdrawn_after_the_request_stop_it_before_any_run(make, tmp_path):
     record = tmp_path / "runs"
     h = make(agents={"fake": fake_agent(FAKE_RECORD=str(record))})
-    fork = h.gitea.fork_repo(REPO, "carol")
-    theirs = h.gitea.commit_files(fork, {"fix.txt": "fixed\n"}, branch="fix")
-    pr = h.gitea.open_pull(REPO, "fix", head_repo=fork, login="carol", allow_maintainer_edit=True)
+    fork, theirs, pr = fork_pull(h, maintainer_edit=True)
     [tid] = deliver_pull_comment(h, "/kugetsu tidy this up", pr).task_ids
     # the author unticks "Allow edits from maintainers" before the task starts
     h.gitea.pulls_of(REPO)[pr]["allow_maintainer_edit"] = False
