@@ -66,7 +66,8 @@ REFUSED_FLUSH_SECONDS = 5.0
 
 
 def known_agents(config: Config) -> frozenset[str]:
-    return frozenset(agents.PRESETS) | frozenset(config.agents.tables)
+    """The agents configured: every preset and every `[agents.NAME]` table."""
+    return agents.configured(config.agents)
 
 
 def _signals(stop: threading.Event, *, level: int = logging.INFO) -> None:
@@ -119,7 +120,13 @@ def run_worker(
         heartbeat_seconds=min(HEARTBEAT_SECONDS, config.worker.lease_seconds / 3),
     )
     worker = Worker(
-        config, store, gitea, workspace, schedule_tick=scheduler.wake, counts=gitea.tally
+        config,
+        store,
+        gitea,
+        workspace,
+        schedule_tick=scheduler.wake,
+        schedule_at=scheduler.wake_at,
+        counts=gitea.tally,
     )
 
     stop = threading.Event()
@@ -493,7 +500,8 @@ def serve(config: Config, *, log_level: str = "INFO", role: str = "all") -> int:
     app = create_app(
         config,
         store,
-        rules=RulesSource(config, store, known_agents(config)),
+        # what a request may name and `help` lists: the agents installed here
+        rules=RulesSource(config, store, agents.available(config.agents, os.environ)),
         wake=worker.wake,
         health=health,
         store_failed=health.store_failed,

@@ -390,7 +390,16 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
         PRIMARY KEY (repo, blob)
     );
     """,
-    # 15: several machines on one queue. A running task holds a lease (a token and when it
+    # 15: conversations. `answer_on`: the issue or pull request where the task's result is
+    # also posted when it ends (a request typed on a pull request, a retry), and
+    # `answer_id` that answer's comment (0 while it is being written); `review`: the
+    # review a follow-up answers (its id, state, body and line comments), as JSON.
+    """
+    ALTER TABLE tasks ADD COLUMN answer_on INTEGER;
+    ALTER TABLE tasks ADD COLUMN answer_id INTEGER;
+    ALTER TABLE tasks ADD COLUMN review TEXT;
+    """,
+    # 16: several machines on one queue. A running task holds a lease (a token and when it
     # runs out), renewed by its worker and checked by compare-and-set before each step
     # that publishes (push, pull request, comment, finish), so a worker that was cut off
     # cannot publish over the task's next owner. Workers say where they run (`node`: a
@@ -594,7 +603,7 @@ _ENUMS: dict[str, type[Kind] | type[State] | type[Outcome]] = {
     "outcome": Outcome,
 }
 #: JSON columns, and the type their value must have
-_JSON_TYPES: dict[str, type] = {"usage": dict, "agents_tried": list}
+_JSON_TYPES: dict[str, type] = {"usage": dict, "agents_tried": list, "review": dict}
 _JSON_FIELDS = set(_JSON_TYPES)
 
 
@@ -908,6 +917,8 @@ class Store:
         trigger_comment_id: int | None = None,
         max_tokens: int | None = None,
         max_cost_usd: float | None = None,
+        answer_on: int | None = None,
+        review: dict[str, Any] | None = None,
         agent_requested: bool = False,
     ) -> int:
         """Insert a pending task inside the caller's transaction."""
@@ -915,8 +926,8 @@ class Store:
         cur = c.execute(
             "INSERT INTO tasks (repo, issue, kind, prompt, agent, requested_by, state, "
             "max_attempts, created_at, updated_at, authorized, permission_hint, "
-            "trigger_comment_id, max_tokens, max_cost_usd, agent_requested) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "trigger_comment_id, max_tokens, max_cost_usd, answer_on, review, agent_requested) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 repo,
                 issue,
@@ -932,6 +943,8 @@ class Store:
                 trigger_comment_id,
                 max_tokens,
                 max_cost_usd,
+                answer_on,
+                _encode("review", review),
                 int(agent_requested),
             ),
         )
@@ -1549,11 +1562,14 @@ class Store:
             return CancelResult.FINISHED
         return CancelResult.FINISHED
 
-    def try_requeue(self, task_id: int, by: str) -> tuple[bool, Task | None]:
+    def try_requeue(
+        self, task_id: int, by: str, *, answer_on: int | None = None
+    ) -> tuple[bool, Task | None]:
         """Put a failed or cancelled task back in the queue with fresh attempts. Returns
         (done, the other active task of its issue that stands in the way, if one does):
         not done when the task is not failed or cancelled, or while another task of its
-        issue is pending or running (at most one active task per issue).
+        issue is pending or running (at most one active task per issue). `answer_on`:
+        where its result is to be posted when it ends again (where the retry was asked).
 
         The check and the compare-and-set share one write transaction, so no task of the
         issue can become active in between. KeyError if there is no such task."""
@@ -1580,8 +1596,26 @@ class Store:
                 error=None,
                 cancel_requested_by=None,
                 finished_at=None,
+                answer_on=answer_on,
+                answer_id=None,
             )
             return done, None
+
+    def next_due(self) -> float | None:
+        """When the next task or item for Gitea in the outbox that waits out a back-off
+        becomes due (later than now), or None if none waits."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT (SELECT MIN(not_before) FROM tasks WHERE state = 'pending' "
+                "AND not_before > ?1), (SELECT MIN(not_before) FROM outbox "
+                "WHERE done_at IS NULL AND endpoint IS NULL AND not_before > ?1)",
+                (self.clock(),),
+            )
+            .fetchone()
+        )
+        found = [t for t in row if t is not None]
+        return min(found) if found else None
 
     def queue_position(self, task_id: int) -> int | None:
         """1-based place among the tasks waiting (pending, not refused), in the order they
@@ -1793,6 +1827,13 @@ class Store:
             (delivery_id, event, self.clock(), repo),
         )
         return bool(cur.rowcount == 0)
+
+    def delivery_known(self, delivery_id: str) -> bool:
+        """Whether a delivery (or a review taken as one) was recorded."""
+        row = (
+            self._conn().execute("SELECT 1 FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+        )
+        return row is not None
 
     def served_repos(self) -> list[str]:
         """The repositories kugetsu serves as the database knows them: those with tasks or

@@ -197,6 +197,13 @@ class Task:
     #: (that node was gone or busy): the node they were on. It got a worktree rebuilt from
     #: the pushed branch and a fresh session with the earlier requests and results.
     moved_from: str | None = None
+    #: where the task's result is also posted when it ends (the pull request a request
+    #: was typed on, or where a retry was asked); None: the tracking comment is enough
+    answer_on: int | None = None
+    #: that answer's comment id once written (0 while it is being written)
+    answer_id: int | None = None
+    #: the review a follow-up answers: id, state, body, user and its line comments
+    review: dict[str, Any] = field(default_factory=dict)
     #: the request named its agent: a repository's default agent does not replace it
     agent_requested: bool = False
 
