@@ -1604,13 +1604,14 @@ class Store:
     def next_due(self) -> float | None:
         """When the next task or item for Gitea in the outbox that waits out a back-off
         becomes due (later than now), or None if none waits."""
+        now = self.clock()
         row = (
             self._conn()
             .execute(
                 "SELECT (SELECT MIN(not_before) FROM tasks WHERE state = 'pending' "
-                "AND not_before > ?1), (SELECT MIN(not_before) FROM outbox "
-                "WHERE done_at IS NULL AND endpoint IS NULL AND not_before > ?1)",
-                (self.clock(),),
+                "AND not_before > ?), (SELECT MIN(not_before) FROM outbox "
+                "WHERE done_at IS NULL AND endpoint IS NULL AND not_before > ?)",
+                (now, now),
             )
             .fetchone()
         )
