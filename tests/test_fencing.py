@@ -17,6 +17,7 @@ from dataclasses import replace
 import pytest
 
 from bot.config import WorkerConfig
+from bot.core import render
 from bot.core.tasks import Kind, Outcome, State
 from bot.store import open_store
 from bot.worker.tick import Worker
@@ -164,9 +165,9 @@ def test_a_follow_up_on_another_node_rebuilds_the_worktree_and_starts_a_fresh_se
         assert h.store.issue_row(None, REPO, n)["node"] == h.worker.node
         [pr] = h.gitea.pulls_of(REPO).values()  # the same pull request, on the same branch
         assert pr["head"]["ref"] == BRANCH.format(n)
-        [comment] = [c for c in h.tracking_comments(n) if f"task #{follow}" in c["body"]]
+        [comment] = [c for c in h.tracking_comments(n) if render.marker(follow) in c["body"]]
         assert "Continued on another worker" in comment["body"]
-        [earlier] = [c for c in h.tracking_comments(n) if f"task #{first}" in c["body"]]
+        [earlier] = [c for c in h.tracking_comments(n) if render.marker(first) in c["body"]]
         assert "Continued on another worker" not in earlier["body"]
     finally:
         h.close()
