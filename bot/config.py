@@ -171,6 +171,24 @@ class GitConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    """`[dashboard]`: the web pages people sign in to with their Gitea account."""
+
+    enabled: bool = False
+    #: the OAuth2 application kugetsu is registered as in Gitea (docs/gitea-setup.md)
+    oauth_client_id: str = ""
+    oauth_client_secret: str = field(default="", repr=False)
+    #: Gitea as browsers reach it (its ROOT_URL), when gitea.url is an internal address
+    gitea_public_url: str = ""
+    #: a sign-in lasts this long
+    session_hours: float = 8.0
+    #: what Gitea said a user may read is kept this long before it is asked again
+    access_cache_seconds: float = 60.0
+    #: live log views at most at once; each holds one of the receiver's threads
+    max_log_streams: int = 50
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     gitea: GiteaConfig = field(default_factory=GiteaConfig)
@@ -179,11 +197,20 @@ class Config:
     triggers: TriggersConfig = field(default_factory=TriggersConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     git: GitConfig = field(default_factory=GitConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     source: str = "(built-in defaults)"
 
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, comment, body or URL."""
-        return tuple(s for s in (self.gitea.token, self.gitea.webhook_secret) if s)
+        return tuple(
+            s
+            for s in (
+                self.gitea.token,
+                self.gitea.webhook_secret,
+                self.dashboard.oauth_client_secret,
+            )
+            if s
+        )
 
 
 # --------------------------------------------------------------------------- reading
@@ -288,7 +315,7 @@ class _Section:
             raise ConfigError(f"[{self.name}] has an unknown key: {unknown[0]}")
 
 
-_SECTIONS = ("server", "gitea", "storage", "queue", "triggers", "agents", "git")
+_SECTIONS = ("server", "gitea", "storage", "queue", "triggers", "agents", "git", "dashboard")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -514,6 +541,8 @@ def load(
     if not branch or branch.startswith(("-", "/")) or ".." in branch or " " in branch:
         raise ConfigError(f"git.branch_template gives an invalid branch name: {branch!r}")
 
+    dashboard = _dashboard(data.get("dashboard"), env, server, gitea)
+
     config = Config(
         server=server,
         gitea=gitea,
@@ -522,10 +551,53 @@ def load(
         triggers=triggers,
         agents=agents,
         git=git,
+        dashboard=dashboard,
         source=source,
     )
     _check_agents(config)
     return config
+
+
+def _dashboard(
+    data: Any, env: Mapping[str, str], server: ServerConfig, gitea: GiteaConfig
+) -> DashboardConfig:
+    d = _Section("dashboard", data)
+    dashboard = DashboardConfig(
+        enabled=d.boolean("enabled", DashboardConfig.enabled),
+        oauth_client_id=d.string("oauth_client_id", DashboardConfig.oauth_client_id),
+        oauth_client_secret=_override(
+            env,
+            "KUGETSU_OAUTH_CLIENT_SECRET",
+            d.string("oauth_client_secret", DashboardConfig.oauth_client_secret),
+        ),
+        gitea_public_url=d.string("gitea_public_url", "").rstrip("/") or gitea.url,
+        session_hours=d.number("session_hours", DashboardConfig.session_hours, positive=True),
+        access_cache_seconds=d.number(
+            "access_cache_seconds", DashboardConfig.access_cache_seconds, minimum=0
+        ),
+        max_log_streams=d.integer(
+            "max_log_streams", DashboardConfig.max_log_streams, minimum=1, maximum=1000
+        ),
+    )
+    d.check_unknown()
+    if not dashboard.gitea_public_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            "dashboard.gitea_public_url must start with http:// or https://, "
+            f"got {dashboard.gitea_public_url!r}"
+        )
+    if dashboard.enabled:
+        if not dashboard.oauth_client_id or not dashboard.oauth_client_secret:
+            raise ConfigError(
+                "dashboard.enabled needs dashboard.oauth_client_id and "
+                "dashboard.oauth_client_secret (or KUGETSU_OAUTH_CLIENT_SECRET): register "
+                "kugetsu as an OAuth2 application in Gitea (docs/gitea-setup.md)"
+            )
+        if not server.public_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                "dashboard.enabled needs server.public_url (http:// or https://): Gitea "
+                "sends people back to it after they sign in"
+            )
+    return dashboard
 
 
 def _check_agents(config: Config) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bot import __version__, agents
+from bot import __version__, agents, dashboard
 from bot.config import Config
 from bot.core.health import Facts, TickRecord, describe, problems
 from bot.priority import lower_own_priority
@@ -37,6 +37,8 @@ from bot.redact import redact
 
 log = logging.getLogger("kugetsu")
 
+#: the receiver's HTTP threads for the webhook and /healthz (the dashboard adds its own)
+HTTP_THREADS = 8
 #: how long the worker gets to stop its agents before it is killed
 WORKER_STOP_EXTRA_SECONDS = 30.0
 WORKER_RESTART_DELAY_SECONDS = 2.0
@@ -362,7 +364,11 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     worker.start()
     prepare_interpreter()
     server = HttpServer(
-        app, config.server.host, config.server.port, max_body_bytes=config.server.max_body_bytes
+        app,
+        config.server.host,
+        config.server.port,
+        max_body_bytes=config.server.max_body_bytes,
+        threads=HTTP_THREADS + dashboard.http_threads(config),
     ).start()
     log.info(
         "kugetsu serving",

@@ -18,6 +18,7 @@ outside one, None reads on this thread's own connection.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -215,12 +216,31 @@ MIGRATIONS: tuple[str, ...] = (
       SELECT RAISE(ABORT, 'tasks: kind, state or outcome is not a value kugetsu knows');
     END;
     """,
+    # 8: the dashboard. Who last retried a task (its tracking comment names them), and
+    # indexes for its lists: newest first per repository, agent, requester and issue
+    # number, and finished tasks by the time they finished, over all repositories and
+    # per repository (`_FINISHED_AT` below is the expression as written here).
+    """
+    ALTER TABLE tasks ADD COLUMN retried_by TEXT;
+    CREATE INDEX tasks_by_repo ON tasks (repo, id);
+    CREATE INDEX tasks_by_agent ON tasks (agent, id);
+    CREATE INDEX tasks_by_requester ON tasks (requested_by, id);
+    CREATE INDEX tasks_by_number ON tasks (issue, id);
+    CREATE INDEX tasks_finished_recent ON tasks (COALESCE(finished_at, updated_at), id)
+        WHERE state IN ('completed', 'failed', 'cancelled', 'rejected');
+    CREATE INDEX tasks_finished_by_repo ON tasks (repo, COALESCE(finished_at, updated_at), id)
+        WHERE state IN ('completed', 'failed', 'cancelled', 'rejected');
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
 #: the finished states as migration 6 writes them in the index `tasks_finished`: a query
 #: uses that index only if it names them the same way (as text, not as bound values)
 _TERMINAL = "state IN ('completed', 'failed', 'cancelled', 'rejected')"
+#: the dashboard's lists for at most this many repositories read each one on its own
+MERGE_REPOS = 32
+#: when a finished task finished, as migration 8 writes it in its indexes
+_FINISHED_AT = "COALESCE(finished_at, updated_at)"
 #: rows that Store.clear() deletes per write transaction
 CLEAR_BATCH = 500
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -354,6 +374,50 @@ class Stats:
             "pending_ready": self.pending_ready,
             "oldest_pending_age_seconds": self.oldest_pending_age,
         }
+
+
+@dataclass(frozen=True)
+class TaskQuery:
+    """Which tasks a list shows (the dashboard's filters). `repos`: only these
+    repositories (None: all of them; empty: none)."""
+
+    repos: tuple[str, ...] | None = None
+    state: State | None = None
+    agent: str | None = None
+    requester: str | None = None
+    issue: int | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The SQL conditions (joined with AND, each a term the indexes of migration 8
+        can serve) and their arguments."""
+        terms, args = list[str](), list[Any]()
+        if self.repos is not None:
+            terms.append(f"repo IN ({','.join('?' * len(self.repos))})" if self.repos else "0")
+            args.extend(self.repos)
+        for column, value in (
+            ("state", None if self.state is None else State(self.state).value),
+            ("agent", self.agent),
+            ("requested_by", self.requester),
+            ("issue", self.issue),
+        ):
+            if value is not None:
+                terms.append(f"{column} = ?")
+                args.append(value)
+        return " AND ".join(terms) or "1", args
+
+
+@dataclass(frozen=True)
+class FinishedRow:
+    """What the dashboard's charts read of one finished task."""
+
+    repo: str
+    agent: str
+    state: str
+    outcome: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float
+    cost_usd: float | None
 
 
 #: the connection of a write transaction (`Store.tx()`), passed to the methods that run in it
@@ -899,9 +963,12 @@ class Store:
         )
         return row[0] if row else None
 
-    def request_cancel(self, task_id: int, by: str) -> CancelResult:
+    def request_cancel(self, task_id: int, by: str, *, via: str | None = None) -> CancelResult:
         """Stop a task: a pending one is cancelled at once, a running one is flagged for its
-        runner (which stops its agent). KeyError if there is no such task."""
+        runner (which stops its agent). `by` is who asked (the tracking comment names
+        them), `via` where, for the task's events ("the dashboard"). KeyError if there is
+        no such task."""
+        detail = by if via is None else f"{by} via {via}"
         for _ in range(5):
             task = self.require(task_id)
             if task.state is State.PENDING:
@@ -910,7 +977,7 @@ class Store:
                     State.PENDING,
                     State.CANCELLED,
                     event="cancelled",
-                    detail=by,
+                    detail=detail,
                     cancel_requested_by=by,
                     outcome=Outcome.CANCELLED,
                 ):
@@ -924,14 +991,17 @@ class Store:
                         (by, self.clock(), task_id),
                     )
                     if cur.rowcount == 1:
-                        self._event(c, task_id, "stop requested", None, None, by)
+                        self._event(c, task_id, "stop requested", None, None, detail)
                         return CancelResult.STOPPING
                 continue
             return CancelResult.FINISHED
         return CancelResult.FINISHED
 
-    def try_requeue(self, task_id: int, by: str) -> tuple[bool, Task | None]:
-        """Put a failed or cancelled task back in the queue with fresh attempts. Returns
+    def try_requeue(
+        self, task_id: int, by: str, *, via: str | None = None
+    ) -> tuple[bool, Task | None]:
+        """Put a failed or cancelled task back in the queue with fresh attempts, noting
+        `by` on it (its tracking comment names them) and `via` in its events. Returns
         (done, the other active task of its issue that stands in the way, if one does):
         not done when the task is not failed or cancelled, or while another task of its
         issue is pending or running (at most one active task per issue).
@@ -953,7 +1023,8 @@ class Store:
                 task.state,
                 State.PENDING,
                 event="retry requested",
-                detail=by,
+                detail=by if via is None else f"{by} via {via}",
+                retried_by=by,
                 attempts=0,
                 not_before=0.0,
                 outcome=None,
@@ -1346,6 +1417,109 @@ class Store:
         with self.tx() as c:
             c.execute("DELETE FROM leases WHERE owner = ?", (owner,))
 
+    # ------------------------------------------------------------------ the dashboard
+
+    def repos(self) -> list[str]:
+        """Every repository with tasks, in order. A skip scan of the index by repository:
+        as many steps as there are repositories, whatever the number of tasks."""
+        return [
+            row[0]
+            for row in self._conn().execute(
+                "WITH RECURSIVE r(repo) AS (SELECT MIN(repo) FROM tasks UNION ALL "
+                "SELECT (SELECT MIN(repo) FROM tasks WHERE repo > r.repo) FROM r "
+                "WHERE r.repo IS NOT NULL) SELECT repo FROM r WHERE repo IS NOT NULL"
+            )
+        ]
+
+    def find_tasks(self, query: TaskQuery, *, before: int | None = None, limit: int) -> list[Task]:
+        """Tasks that match, newest first; with `before`, only ids below it."""
+        tail, args = "", list[Any]()
+        if before is not None:
+            tail, args = " AND id < ?", [before]
+        return self._newest(query, "", tail, args, "id DESC", limit, lambda t: t.id)
+
+    def finished_tasks(
+        self, query: TaskQuery, *, before: tuple[float, int] | None = None, limit: int
+    ) -> list[Task]:
+        """Finished tasks that match, the last to finish first; with `before` (when it
+        finished, id), only those that finished before that one."""
+        tail, args = f" AND {_TERMINAL}", list[Any]()
+        if before is not None:
+            tail += f" AND ({_FINISHED_AT}, id) < (?, ?)"
+            args.extend(before)
+        return self._newest(
+            query,
+            "INDEXED BY tasks_finished_recent" if query.repos is None else "",
+            tail,
+            args,
+            f"{_FINISHED_AT} DESC, id DESC",
+            limit,
+            lambda t: (t.finished_at or t.updated_at, t.id),
+        )
+
+    def _newest(
+        self,
+        query: TaskQuery,
+        index: str,
+        tail: str,
+        args: list[Any],
+        order: str,
+        limit: int,
+        key: Callable[[Task], Any],
+    ) -> list[Task]:
+        """The first `limit` tasks in `order` that match `query` and `tail`. For a few
+        repositories, one query per repository, each read in order from an index that
+        starts with the repository (no sort of all their tasks), merged here."""
+        conn = self._conn()
+        repos = query.repos
+        groups: list[TaskQuery] = [query]
+        if repos is not None and 0 < len(repos) <= MERGE_REPOS:
+            groups = [replace(query, repos=(repo,)) for repo in repos]
+        found: list[Task] = []
+        for group in groups:
+            where, group_args = group.where()
+            if group.repos is not None and len(group.repos) == 1:
+                where = where.replace("repo IN (?)", "repo = ?", 1)
+            rows = conn.execute(
+                f"SELECT * FROM tasks {index} WHERE {where}{tail} ORDER BY {order} LIMIT ?",
+                (*group_args, *args, limit),
+            ).fetchall()
+            found.extend(self._tasks(conn, rows))
+        if len(groups) == 1:
+            return found
+        return heapq.nlargest(limit, found, key=key)
+
+    def waiting_tasks(self, limit: int) -> list[Task]:
+        """The first `limit` pending tasks in the order the worker claims them (by id)."""
+        conn = self._conn()
+        rows = conn.execute(
+            "SELECT * FROM tasks WHERE state = 'pending' ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+        return self._tasks(conn, rows)
+
+    def task_events(self, task_id: int, limit: int = 1000) -> list[dict[str, Any]]:
+        """A task's events, oldest first: at, from_state, to_state, event, detail."""
+        return [
+            dict(row)
+            for row in self._conn().execute(
+                "SELECT at, from_state, to_state, event, detail FROM task_events "
+                "WHERE task_id = ? ORDER BY id LIMIT ?",
+                (task_id, limit),
+            )
+        ]
+
+    def finished_since(self, since: float, repos: tuple[str, ...] | None) -> list[FinishedRow]:
+        """What the charts read of each task that finished at or after `since`, read
+        through the index of finished tasks by when they finished."""
+        where, args = TaskQuery(repos=repos).where()
+        rows = self._conn().execute(
+            f"SELECT repo, agent, state, outcome, created_at, started_at, {_FINISHED_AT}, "
+            "CASE WHEN json_valid(usage) THEN json_extract(usage, '$.cost_usd') END "
+            f"FROM tasks WHERE {_TERMINAL} AND {_FINISHED_AT} >= ? AND {where}",
+            (since, *args),
+        )
+        return [FinishedRow(*row) for row in rows]
+
     # ------------------------------------------------------------------ meta
 
     def get_meta(self, key: str) -> str | None:
@@ -1369,10 +1543,12 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "CommentRecord",
+    "FinishedRow",
     "SchemaTooNew",
     "Stats",
     "Store",
     "StoreError",
+    "TaskQuery",
     "Tx",
     "UnreadableRow",
     "open_store",

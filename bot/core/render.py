@@ -160,9 +160,17 @@ def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = ""
     head = f"{marker(task.id)}\n**kugetsu** · task #{task.id} ({task.kind.value}, {who})\n\n"
     agent = f"`{task.agent}`"
     link = log_link(config, task.id)
-    log_ref = f" · [log]({link})" if link else ""
+    # with the dashboard on, the same link opens the task page for those signed in
+    log_ref = f" · [{'task page' if config.dashboard.enabled else 'log'}]({link})" if link else ""
     n = task.max_attempts
     secrets = config.secrets()
+    retried = ""
+    if task.retried_by and task.active:
+        retried = (
+            " Queued again from the command line."
+            if task.retried_by == "cli"
+            else f" Queued again by @{task.retried_by}."
+        )
 
     if task.state is State.PENDING:
         where = f"position {queue.position} in the queue, " if queue.position else ""
@@ -175,11 +183,11 @@ def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = ""
                 + f". Next attempt not before {_when(task.not_before)}; "
                 + line[len("⏳ **Queued**: ") :]
             )
-        return head + line
+        return head + line + retried
     if task.state is State.RUNNING:
         line = (
             f"🛠️ **Working**: agent {agent}, attempt {task.attempts} of {n}, "
-            f"started {_when(task.started_at)}{log_ref}."
+            f"started {_when(task.started_at)}{log_ref}.{retried}"
         )
         if task.cancel_requested_by:
             line += f"\n\nStopping, as requested by @{task.cancel_requested_by}."
