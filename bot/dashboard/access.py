@@ -33,8 +33,6 @@ from bot.gitea import (
 
 log = logging.getLogger(__name__)
 
-#: the list of repositories with tasks is read again after this long
-REPOS_CACHE_SECONDS = 5.0
 #: Gitea calls at once for one page
 CHECK_THREADS = 4
 #: a Gitea call made for a page waits this long at most
@@ -91,7 +89,6 @@ class Access:
         self._http: requests.Session = environment_session(config.gitea.url)
         self._pool = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="dashboard-gitea")
         self._lock = threading.Lock()
-        self._repos: tuple[float, list[str]] = (float("-inf"), [])
         self._titles: dict[tuple[str, int], tuple[float, str]] = {}
 
     def client(self, session: Session) -> GiteaClient:
@@ -123,13 +120,9 @@ class Access:
             session.token_expires = self.clock() + float(tokens.get("expires_in") or 3600)
 
     def known_repos(self) -> list[str]:
-        with self._lock:
-            at, repos = self._repos
-        if self.clock() - at > REPOS_CACHE_SECONDS:
-            repos = self._all_repos()
-            with self._lock:
-                self._repos = (self.clock(), repos)
-        return repos
+        """Every repository with tasks (read each time: a skip scan, as many steps as
+        there are repositories, so a new repository's first task shows at once)."""
+        return self._all_repos()
 
     # -- permissions
 

@@ -8,6 +8,7 @@ alone; each chart also comes with its numbers as a table (the page shows it belo
 from __future__ import annotations
 
 import html
+import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -21,6 +22,17 @@ LEFT, RIGHT, TOP, BOTTOM = 56, 12, 16, 40
 DAY = 86400.0
 #: series colours (CSS classes s0..s7 in dashboard.css, light and dark)
 SERIES = 8
+#: each outcome's pattern and colour, the same on every day (green for success, red for
+#: an agent's failure, grey for no changes ...)
+OUTCOME_STYLES = {
+    "succeeded": 0,
+    "no_changes": 7,
+    "agent_failed": 2,
+    "timed_out": 3,
+    "infra_error": 4,
+    "cancelled": 6,
+    "rejected": 5,
+}
 #: per-repository and per-agent charts show this many, and the rest as "other"
 TOP_N = 6
 
@@ -44,16 +56,18 @@ def _day(ts: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
-def _nice(top: float) -> float:
-    """A round number at or above `top` for the axis."""
-    if top <= 0:
-        return 1.0
-    step: float = 10 ** len(str(int(top))) / 10 if top >= 1 else 0.1
-    while step * 10 < top:
-        step *= 10
+def _nice(top: float, whole: bool) -> float:
+    """The top of the axis: four equal steps of a round size (1, 2, 2.5 or 5 times a
+    power of ten; whole numbers only for counts) that reach `top`."""
+    if top <= 0 or (whole and top <= 4):
+        return 4.0 if whole else 1.0
+    power = 10.0 ** math.floor(math.log10(top / 4))
     for mult in (1, 2, 2.5, 5, 10):
-        if step * mult >= top:
-            return step * mult
+        step = mult * power
+        if whole and (step < 1 or step != int(step)):
+            continue
+        if step * 4 >= top:
+            return step * 4
     return top
 
 
@@ -118,9 +132,19 @@ def _defs() -> str:
     return f"<defs>{patterns}</defs>"
 
 
-def _legend(names: Sequence[str], *, lines: bool = False) -> str:
+def _nothing() -> str:
+    x, y = (LEFT + WIDTH - RIGHT) / 2, TOP + (HEIGHT - TOP - BOTTOM) / 2
+    return (
+        f'<text class="legend" x="{x}" y="{y}" text-anchor="middle">nothing in this period</text>'
+    )
+
+
+def _legend(
+    names: Sequence[str], *, lines: bool = False, styles: Sequence[int] | None = None
+) -> str:
     items, x = [], LEFT
-    for i, name in enumerate(names):
+    for n, name in enumerate(names):
+        i = styles[n] if styles is not None else n
         mark = (
             f'<line x1="{x}" x2="{x + 18}" y1="{HEIGHT - 10}" y2="{HEIGHT - 10}" '
             f'class="line l{i % SERIES}"/>{_marker(i, x + 9, HEIGHT - 10)}'
@@ -152,10 +176,17 @@ def _marker(i: int, x: float, y: float) -> str:
 
 
 def stacked_bars(
-    title: str, days: Sequence[str], series: Sequence[tuple[str, Sequence[float]]], unit: str = ""
+    title: str,
+    days: Sequence[str],
+    series: Sequence[tuple[str, Sequence[float]]],
+    unit: str = "",
+    styles: Sequence[int] | None = None,
 ) -> Chart:
+    """Bars per day, the series stacked; `styles` picks each series' pattern and colour
+    (by default its place)."""
+    styles = list(styles) if styles is not None else list(range(len(series)))
     totals = [sum(values[i] for _, values in series) for i in range(len(days))]
-    top = _nice(max(totals, default=0))
+    top = _nice(max(totals, default=0), whole=unit == "")
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     slot = plot_w / max(1, len(days))
     bar = max(1.0, slot * 0.7)
@@ -171,10 +202,12 @@ def stacked_bars(
             y -= h
             body.append(
                 f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar:.1f}" height="{h:.1f}" '
-                f'fill="url(#p{s % SERIES})" class="edge"><title>{html.escape(day)} '
+                f'fill="url(#p{styles[s] % SERIES})" class="edge"><title>{html.escape(day)} '
                 f"{html.escape(name)}: {html.escape(_fmt(value, unit))}</title></rect>"
             )
-    body.append(_legend([name for name, _ in series]))
+    body.append(_legend([name for name, _ in series], styles=styles))
+    if not any(totals):
+        body.append(_nothing())
     desc = f"{title}, per day from {days[0]} to {days[-1]}" if days else title
     rows = tuple(
         (day, *(_fmt(values[i], unit) for _, values in series), _fmt(totals[i], unit))
@@ -195,7 +228,9 @@ def lines(
     series: Sequence[tuple[str, Sequence[float | None]]],
     unit: str = "",
 ) -> Chart:
-    top = _nice(max((v for _, values in series for v in values if v is not None), default=0))
+    top = _nice(
+        max((v for _, values in series for v in values if v is not None), default=0), whole=False
+    )
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     slot = plot_w / max(1, len(days))
     body = []
@@ -217,6 +252,8 @@ def lines(
                 f"{html.escape(_fmt(v, unit))}</title></g>"
             )
     body.append(_legend([name for name, _ in series], lines=True))
+    if not any(v is not None for _, values in series for v in values):
+        body.append(_nothing())
     desc = f"{title}, per day from {days[0]} to {days[-1]}" if days else title
     rows = tuple(
         (day, *("" if values[i] is None else _fmt(values[i] or 0.0, unit) for _, values in series))
@@ -239,9 +276,15 @@ def outcomes_per_day(rows: Iterable[FinishedRow], days: Sequence[str]) -> Chart:
         if i is not None:
             name = row.outcome or row.state
             counts[name][i] += 1
-    order = ["succeeded", "no_changes", "agent_failed", "timed_out", "infra_error", "cancelled"]
-    names = [n for n in order if n in counts] + sorted(n for n in counts if n not in order)
-    return stacked_bars("Tasks finished per day, by outcome", days, [(n, counts[n]) for n in names])
+    names = [n for n in OUTCOME_STYLES if n in counts] + sorted(
+        n for n in counts if n not in OUTCOME_STYLES
+    )
+    return stacked_bars(
+        "Tasks finished per day, by outcome",
+        days,
+        [(n, counts[n]) for n in names],
+        styles=[OUTCOME_STYLES.get(n, 7) for n in names],
+    )
 
 
 def times_per_day(rows: Iterable[FinishedRow], days: Sequence[str]) -> Chart:

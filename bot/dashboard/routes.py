@@ -168,6 +168,7 @@ class Dashboard:
             config=self.config,
             gitea=self.config.dashboard.gitea_public_url,
             now=self.clock(),
+            views=views,
             **context,
         )
         return Response(body, status=status, mimetype="text/html")
@@ -427,7 +428,6 @@ class Dashboard:
             paged=before is not None,
             limit=self.config.queue.max_concurrent_agents,
             busy=len(all_running),
-            views=views,
         )
         if request.args.get("fragment") == "live":
             return self._page("_live.html", **context)

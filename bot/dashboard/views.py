@@ -157,7 +157,7 @@ def percentile(values: Sequence[float], p: float) -> float | None:
 
 
 STATE_ICONS = {
-    State.PENDING: "⏳",
+    State.PENDING: "◷",
     State.RUNNING: "▶",
     State.COMPLETED: "✔",
     State.FAILED: "✖",
