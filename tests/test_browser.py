@@ -334,9 +334,7 @@ def test_sign_out(site, open_browser):
     shot(page, "09-signed-out")
     assert "kugetsu_session" not in {c["name"] for c in page.context.cookies(site.url)}
     # the old cookie, sent again, is no session any more
-    answer = requests.get(
-        site.url + "/", cookies={"kugetsu_session": cookie["value"]}, timeout=10
-    )
+    answer = requests.get(site.url + "/", cookies={"kugetsu_session": cookie["value"]}, timeout=10)
     assert "Sign in with Gitea" in answer.text and "Signed in as" not in answer.text
 
 

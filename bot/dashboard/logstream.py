@@ -25,9 +25,10 @@ TAIL_BYTES = 128 * 1024
 POLL_SECONDS = 0.2
 #: how often it asks whether the task still runs
 ACTIVE_SECONDS = 1.0
-#: a comment line this often keeps proxies from closing a quiet stream, and finds
-#: browsers that went away
-KEEPALIVE_SECONDS = 15.0
+#: a comment line this often on a quiet stream: a browser that went away is found by the
+#: write that fails (the server cannot see it otherwise), and its thread given back;
+#: it also keeps proxies from closing a quiet stream
+KEEPALIVE_SECONDS = 2.0
 #: how long a browser waits before it reconnects (sent with every stream)
 RETRY_MS = 2000
 
@@ -103,12 +104,13 @@ def follow(
     offset: int,
     *,
     active: Callable[[], bool],
+    gone: Callable[[], bool] = lambda: False,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Iterator[bytes]:
     """The events of a log from byte `offset` on, as it grows, until the task is no longer
-    active and everything was sent (then an `end` event). Closing the iterator (the
-    browser went away) closes the file."""
+    active and everything was sent (then an `end` event), or until `gone()` says the
+    browser went away. Closing the iterator closes the file."""
     yield f"retry: {RETRY_MS}\n\n".encode()
     fh = None
     last_check = last_sent = clock()
@@ -153,6 +155,8 @@ def follow(
                 still_active = active()
                 if not still_active:
                     continue
+            if gone():
+                return
             if now - last_sent >= KEEPALIVE_SECONDS:
                 last_sent = now
                 yield b": keepalive\n\n"

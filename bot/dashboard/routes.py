@@ -596,7 +596,12 @@ class Dashboard:
             current = self.store.get(task_id)
             return current is not None and current.active
 
-        stream = logstream.follow(self.config.storage.log_path(task_id), offset, active=active)
+        stream = logstream.follow(
+            self.config.storage.log_path(task_id),
+            offset,
+            active=active,
+            gone=request.environ.get("waitress.client_disconnected", lambda: False),
+        )
         return Response(
             _Stream(stream, release),  # type: ignore[arg-type]
             mimetype="text/event-stream",
