@@ -24,6 +24,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--issues", type=int, default=0)
+    parser.add_argument(
+        "--oauth-redirect", default="", help="register the dashboard's OAuth2 application"
+    )
     args = parser.parse_args()
 
     from tests.fakegitea import FakeGitea
@@ -33,6 +36,10 @@ def main() -> int:
         gitea.set_permission(REPO, "alice", "write")
         for i in range(args.issues):
             gitea.create_issue(REPO, f"Issue {i + 1}", "Something to do.")
+        if args.oauth_redirect:
+            from tests.dashboard import CLIENT_ID, CLIENT_SECRET
+
+            gitea.register_oauth_app(CLIENT_ID, CLIENT_SECRET, args.oauth_redirect)
         print(json.dumps({"url": gitea.url}), flush=True)
         sys.stdin.read()  # until the parent closes the pipe
     return 0
@@ -41,8 +48,8 @@ def main() -> int:
 class GiteaProcess:
     """Starts `bench.gitea_process` and stops it again; `url` once started."""
 
-    def __init__(self, root: Path, issues: int = 0):
-        self.root, self.issues = root, issues
+    def __init__(self, root: Path, issues: int = 0, oauth_redirect: str = ""):
+        self.root, self.issues, self.oauth_redirect = root, issues, oauth_redirect
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -56,6 +63,8 @@ class GiteaProcess:
                 str(self.root),
                 "--issues",
                 str(self.issues),
+                "--oauth-redirect",
+                self.oauth_redirect,
             ],
             cwd=ROOT,
             stdin=subprocess.PIPE,

@@ -217,12 +217,13 @@ MIGRATIONS: tuple[str, ...] = (
     END;
     """,
     # 8: the dashboard. Who last retried a task (its tracking comment names them), and
-    # indexes for its lists: newest first per repository, agent, requester and issue
-    # number, and finished tasks by the time they finished, over all repositories and
+    # indexes for its lists: newest first per repository (and state), agent, requester
+    # and issue number, and finished tasks by the time they finished, over all repositories and
     # per repository (`_FINISHED_AT` below is the expression as written here).
     """
     ALTER TABLE tasks ADD COLUMN retried_by TEXT;
     CREATE INDEX tasks_by_repo ON tasks (repo, id);
+    CREATE INDEX tasks_by_repo_state ON tasks (repo, state, id);
     CREATE INDEX tasks_by_agent ON tasks (agent, id);
     CREATE INDEX tasks_by_requester ON tasks (requested_by, id);
     CREATE INDEX tasks_by_number ON tasks (issue, id);
@@ -1441,9 +1442,15 @@ class Store:
     def finished_tasks(
         self, query: TaskQuery, *, before: tuple[float, int] | None = None, limit: int
     ) -> list[Task]:
-        """Finished tasks that match, the last to finish first; with `before` (when it
-        finished, id), only those that finished before that one."""
+        """Finished tasks that match: the last to finish first, or with a filter besides
+        the repositories, the newest first (each filter has an index by id); `before` is
+        (when it finished, id) of the last one shown, for the next page."""
         tail, args = f" AND {_TERMINAL}", list[Any]()
+        if query.state or query.agent or query.requester or query.issue is not None:
+            if before is not None:
+                tail += " AND id < ?"
+                args.append(before[1])
+            return self._newest(query, "", tail, args, "id DESC", limit, lambda t: t.id)
         if before is not None:
             tail += f" AND ({_FINISHED_AT}, id) < (?, ?)"
             args.extend(before)
