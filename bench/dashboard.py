@@ -273,31 +273,36 @@ def bench_biglog(tmp: Path, megabytes: int) -> dict:
         for _ in range(megabytes * 1024 * 1024 // len(line)):
             fh.write(line)
     size = (data / "logs" / "1.log").stat().st_size
+    rows: dict = {}
+    bases = []
     with GiteaProcess(tmp / "gitea", issues=1, oauth_redirect=url + "/oauth/callback") as gitea:
         tables = service_tables(
             port=port, gitea_url=gitea.url, data_dir=data, agents={"fake": fake_agent_table()}
         )
         tables["dashboard"] = dashboard_table(gitea.url)
-        svc = Service(write_config(tmp / "kugetsu.toml", tables), port, tmp).start()
-        try:
-            http = sign_in_http(url, "alice")
-            from bot.config import load
-            from bot.core.render import log_token
+        config = write_config(tmp / "kugetsu.toml", tables)
+        from bot.config import load
+        from bot.core.render import log_token
 
-            token = log_token(load(tmp / "kugetsu.toml", {}), 1)
-            pid = svc.proc.pid
-            time.sleep(1.0)
-            base = memory_kib(pid)["VmRSS"]
-            rows = {}
-            for name, path, slow in (
-                ("live stream from byte 0", "/tasks/1/log/stream?from=0", False),
-                ("live stream, slow reader", "/tasks/1/log/stream?from=0", True),
-                ("download", "/tasks/1/log.txt", False),
-                ("signed log link", f"/logs/1/{token}?plain", False),
-            ):
+        token = log_token(load(config, {}), 1)
+        for name, path, slow in (
+            ("live stream from byte 0", "/tasks/1/log/stream?from=0", False),
+            ("live stream, slow reader", "/tasks/1/log/stream?from=0", True),
+            ("download", "/tasks/1/log.txt", False),
+            ("signed log link", f"/logs/1/{token}?plain", False),
+        ):
+            # each read in a receiver of its own: memory it took and kept does not count
+            # against the next
+            svc = Service(config, port, tmp).start()
+            try:
+                http = sign_in_http(url, "alice")
+                pid = svc.proc.pid
+                time.sleep(1.0)
+                base = memory_kib(pid)["VmRSS"]
+                bases.append(base)
                 peak, stop = [base], threading.Event()
 
-                def sample(peak=peak, stop=stop) -> None:
+                def sample(peak=peak, stop=stop, pid=pid) -> None:
                     while not stop.is_set():
                         peak[0] = max(peak[0], memory_kib(pid)["VmRSS"])
                         time.sleep(0.02)
@@ -320,9 +325,9 @@ def bench_biglog(tmp: Path, megabytes: int) -> dict:
                     "seconds": round(took, 2),
                     "rss_growth_mib": round((peak[0] - base) / 1024, 1),
                 }
-            return {"log_bytes": size, "rss_before_mib": round(base / 1024, 1), "reads": rows}
-        finally:
-            svc.stop()
+            finally:
+                svc.stop()
+    return {"log_bytes": size, "rss_before_mib": round(min(bases) / 1024, 1), "reads": rows}
 
 
 def pct95(s: dict) -> float:

@@ -22,7 +22,7 @@ CHUNK = 64 * 1024
 #: the page starts this far from the end of the log (earlier parts on request)
 TAIL_BYTES = 128 * 1024
 #: how often a stream at the end of the log looks for more
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.5
 #: how often it asks whether the task still runs
 ACTIVE_SECONDS = 1.0
 #: a comment line this often on a quiet stream: a browser that went away is found by the
