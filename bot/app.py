@@ -21,7 +21,9 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from bot import dashboard
 from bot.config import Config
 from bot.core import events, intake, render
+from bot.core import metrics as counts
 from bot.ingest import ingest
+from bot.metrics import CONTENT_TYPE
 from bot.store import Store
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,13 @@ def create_app(
     wake: Callable[[], None] = lambda: None,
     health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (True, {}),
     store_failed: Callable[[Exception], None] = lambda exc: None,
+    refused: counts.Tally | None = None,
+    scrape: Callable[[], bytes] | None = None,
 ) -> Flask:
+    """`refused`: where deliveries answered without a write are counted (the rest are
+    counted in their own transaction); `scrape`: the text of GET /metrics."""
     app = Flask("kugetsu")
+    refused = refused if refused is not None else counts.Tally()
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
     secret = config.gitea.webhook_secret
     verify = bool(secret)
@@ -65,6 +72,7 @@ def create_app(
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_exc: Exception) -> Response:
+        refused.add(_REJECTED)
         return answer(413, "rejected", f"body larger than {config.server.max_body_bytes} bytes")
 
     @app.post("/webhook")
@@ -90,6 +98,7 @@ def create_app(
                     "delivery": request.headers.get("X-Gitea-Delivery"),
                 },
             )
+            refused.add(_REJECTED)
             return answer(exc.status, "rejected", exc.reason, started)
 
         try:
@@ -98,6 +107,7 @@ def create_app(
             # Nothing of the delivery was written (one transaction), and it is not
             # acknowledged: Gitea's webhook history shows the answer, and can redeliver it.
             store_failed(exc)
+            refused.add(_ERROR)
             log.error("delivery not stored", extra={"delivery": delivery.id, "error": str(exc)})
             return answer(
                 503,
@@ -168,5 +178,32 @@ def create_app(
         response.headers["Cache-Control"] = "no-store"
         return response
 
+    if scrape is not None and config.metrics.enabled:
+        _metrics_route(app, config, scrape)
     dashboard.register(app, config, store, wake=wake)
     return app
+
+
+_REJECTED = counts.key(counts.Counter.DELIVERIES, result=str(counts.DeliveryResult.REJECTED))
+_ERROR = counts.key(counts.Counter.DELIVERIES, result=str(counts.DeliveryResult.ERROR))
+
+
+def _metrics_route(app: Flask, config: Config, scrape: Callable[[], bytes]) -> None:
+    """GET /metrics (`[metrics] enabled`). With `[metrics] token`, only for a request that
+    sends it as `Authorization: Bearer <token>`: 401 otherwise."""
+    token = config.metrics.token
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        if token:
+            sent = request.headers.get("Authorization", "")
+            scheme, _, value = sent.partition(" ")
+            if scheme.lower() != "bearer" or not events.equal_secrets(value.strip(), token):
+                response = Response(
+                    json.dumps({"status": "rejected", "reason": "a bearer token is required"}),
+                    status=401,
+                    mimetype="application/json",
+                )
+                response.headers["WWW-Authenticate"] = 'Bearer realm="kugetsu metrics"'
+                return response
+        return Response(scrape(), content_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})

@@ -24,6 +24,7 @@ from bot.core import names
 from bot.core.intake import start_or_continue
 from bot.core.tasks import CancelResult, Kind, State
 from bot.ingest import StoreView
+from bot.prune import disk_usage
 from bot.service import known_agents, run_worker, serve
 from bot.store import SchemaTooNew, Store, open_store
 
@@ -104,8 +105,9 @@ def queue_list(
     return 0
 
 
-def queue_stats(store: Store, as_json: bool) -> int:
+def queue_stats(config: Config, store: Store, as_json: bool) -> int:
     stats = store.stats().as_dict()
+    stats["disk_bytes"] = disk_usage(config.storage)
     if as_json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -113,7 +115,16 @@ def queue_stats(store: Store, as_json: bool) -> int:
         print(f"{state:<10} {count}")
     if stats["by_outcome"]:
         print("outcomes:  " + ", ".join(f"{k} {v}" for k, v in sorted(stats["by_outcome"].items())))
+    print("disk:      " + ", ".join(f"{k} {_size(v)}" for k, v in stats["disk_bytes"].items()))
     return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
 
 
 def queue_cancel(store: Store, task_id: int) -> int:
@@ -153,6 +164,48 @@ def queue_retry(store: Store, task_id: int) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+# --------------------------------------------------------------------------- prune
+
+
+def prune_now(
+    config: Config, store: Store, days: float | None, dry_run: bool, as_json: bool
+) -> int:
+    """`kugetsu prune`: what the daily clean-up does, now; with `dry_run`, only shown."""
+    from bot.prune import MAX_LOOKUPS, Pruner
+    from bot.service import gitea_client, workspace_of
+
+    report = Pruner(config, store, gitea_client(config), workspace_of(config)).run(
+        days, dry_run=dry_run
+    )
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    would = "would be " if dry_run else ""
+    print(
+        f"finished tasks {would}deleted: {report.tasks} (with {report.files} log and prompt files)"
+    )
+    print(f"worktrees {would}removed: {len(report.worktrees)}")
+    for ref in report.worktrees:
+        print(f"  {ref}")
+    print(
+        f"agent homes {would}removed (issue closed, or its pull request merged or closed): "
+        f"{len(report.homes)}, with {report.prompts} prompt files"
+    )
+    for ref in report.homes:
+        print(f"  {ref}")
+    for ref, commits in report.unpushed:
+        what = "commits that git could not check" if commits is None else f"{commits} commit(s)"
+        print(f"kept: the worktree of {ref} holds {what} not pushed", file=sys.stderr)
+    if report.unknown:
+        print(
+            f"{len(report.unknown)} idle issue(s) whose state was not learned this run "
+            f"(Gitea asked {report.lookups} times, at most {MAX_LOOKUPS}, or it did not "
+            "answer); their homes stay",
+            file=sys.stderr,
+        )
+    return 0
 
 
 _REF = re.compile(r"(?P<repo>[^#]*)#(?P<issue>[0-9]{1,30})")
@@ -311,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kugetsu {__version__}")
     # `worker` is started by `serve` itself and is left out of the listing
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,queue,enqueue,logs}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{serve,queue,enqueue,logs,prune}"
+    )
 
     levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
     p = sub.add_parser("serve", parents=[common], help="run the webhook server and scheduler")
@@ -350,14 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
     qc.add_argument("id", type=task_id_arg)
     qr = qsub.add_parser("retry", parents=[common], help="queue a failed or cancelled task again")
     qr.add_argument("id", type=task_id_arg)
-    qx = qsub.add_parser("clear", parents=[common], help="delete old finished tasks")
-    qx.add_argument(
+    age = argparse.ArgumentParser(add_help=False)
+    age.add_argument(
         "--older-than",
         type=days_arg,
         metavar="DAYS",
         default=None,
         help="default: queue.cleanup_age_days",
     )
+    qsub.add_parser("clear", parents=[common, age], help="delete old finished tasks")
 
     e = sub.add_parser("enqueue", parents=[common], help="queue work on an issue by hand")
     e.add_argument("ref", metavar="OWNER/REPO#N")
@@ -369,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="follow up on the issue's earlier work",
     )
+
+    pr = sub.add_parser(
+        "prune",
+        parents=[common, age],
+        help="remove old tasks, idle worktrees and the homes of finished issues now",
+    )
+    pr.add_argument("--dry-run", action="store_true", help="show what would go; change nothing")
+    pr.add_argument("--json", action="store_true")
 
     lg = sub.add_parser("logs", parents=[common], help="show a task's agent log")
     lg.add_argument("id", type=task_id_arg)
@@ -401,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        store = open_store(config.storage.db_path)
+        store = open_store(config.storage.db_path, notify=config.notify_routes())
         try:
             if args.command == "queue":
                 if args.queue_command == "list":
@@ -413,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         before=args.before,
                     )
                 if args.queue_command == "stats":
-                    return queue_stats(store, args.json)
+                    return queue_stats(config, store, args.json)
                 if args.queue_command in ("cancel", "retry"):
                     action = queue_cancel if args.queue_command == "cancel" else queue_retry
                     code = action(store, args.id)
@@ -432,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return enqueue(config, store, args.ref, args.message, args.agent, args.follow_up)
             if args.command == "logs":
                 return show_logs(config, store, args.id, args.follow)
+            if args.command == "prune":
+                return prune_now(config, store, args.older_than, args.dry_run, args.json)
         finally:
             store.close()
     except SchemaTooNew as exc:

@@ -8,6 +8,7 @@ so `kugetsu` can stop with one clear line.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from bot.agents.presets import PLACEHOLDERS, PRESETS
+from bot.core.notify import Format, NotifyEvent
 from bot.core.permissions import PERMISSIONS
 from bot.core.tasks import RetryPolicy
 
@@ -170,6 +172,50 @@ class GitConfig:
     author_email: str = "kugetsu@localhost"
 
 
+# --------------------------------------------------------------------------- metrics, notify
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """`[metrics]`: GET /metrics in the Prometheus text format."""
+
+    enabled: bool = False
+    #: with a token, /metrics answers 401 without `Authorization: Bearer <token>`
+    token: str = field(default="", repr=False)
+    #: label the task counts (and tokens, cost) by repository too: one series per repository
+    repo_label: bool = False
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """One `[[notify]]` entry: an endpoint that is told of tasks' changes."""
+
+    url: str = field(repr=False)
+    format: Format = Format.JSON
+    events: frozenset[NotifyEvent] = frozenset(NotifyEvent)
+    secret: str = field(default="", repr=False)
+    #: an event the endpoint has not accepted within this long is dropped (and logged)
+    retry_hours: float = 24.0
+    timeout_seconds: float = 5.0
+    #: how logs and errors name the endpoint (its URL may hold a secret): notify[N] otherwise
+    name: str = ""
+
+    @property
+    def id(self) -> str:
+        """What the endpoint's outbox rows are stored under: the same while its URL and format
+        stay the same, whatever else changes in the file."""
+        return hashlib.sha256(f"{self.format}\n{self.url}".encode()).hexdigest()[:16]
+
+    @property
+    def retry_seconds(self) -> float:
+        return self.retry_hours * 3600.0
+
+    @property
+    def shown(self) -> str:
+        """The endpoint as logs and errors name it: never its URL."""
+        return self.name or f"endpoint {self.id[:8]}"
+
+
 @dataclass(frozen=True)
 class DashboardConfig:
     """`[dashboard]`: the web pages people sign in to with their Gitea account."""
@@ -197,20 +243,20 @@ class Config:
     triggers: TriggersConfig = field(default_factory=TriggersConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     git: GitConfig = field(default_factory=GitConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    notify: tuple[NotifyConfig, ...] = ()
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     source: str = "(built-in defaults)"
 
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, comment, body or URL."""
-        return tuple(
-            s
-            for s in (
-                self.gitea.token,
-                self.gitea.webhook_secret,
-                self.dashboard.oauth_client_secret,
-            )
-            if s
-        )
+        extra = [self.metrics.token, *(n.secret for n in self.notify)]
+        extra.append(self.dashboard.oauth_client_secret)
+        return tuple(s for s in (self.gitea.token, self.gitea.webhook_secret, *extra) if s)
+
+    def notify_routes(self) -> tuple[tuple[str, frozenset[str]], ...]:
+        """(endpoint id, the events it wants) of each `[[notify]]` entry, for the store."""
+        return tuple((n.id, frozenset(str(e) for e in n.events)) for n in self.notify)
 
 
 # --------------------------------------------------------------------------- reading
@@ -315,7 +361,18 @@ class _Section:
             raise ConfigError(f"[{self.name}] has an unknown key: {unknown[0]}")
 
 
-_SECTIONS = ("server", "gitea", "storage", "queue", "triggers", "agents", "git", "dashboard")
+_SECTIONS = (
+    "server",
+    "gitea",
+    "storage",
+    "queue",
+    "triggers",
+    "agents",
+    "git",
+    "metrics",
+    "notify",
+    "dashboard",
+)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -551,6 +608,8 @@ def load(
         triggers=triggers,
         agents=agents,
         git=git,
+        metrics=_metrics_section(data.get("metrics"), env),
+        notify=_notify_entries(data.get("notify")),
         dashboard=dashboard,
         source=source,
     )
@@ -614,3 +673,55 @@ def _check_agents(config: Config) -> None:
             raise ConfigError(f"agents.{name}.preset: unknown preset {preset!r}")
         if preset is None and table.command is None:
             raise ConfigError(f"agents.{name}.command is required (no preset named {name!r})")
+
+
+def _metrics_section(data: Any, env: Mapping[str, str]) -> MetricsConfig:
+    m = _Section("metrics", data)
+    metrics = MetricsConfig(
+        enabled=m.boolean("enabled", MetricsConfig.enabled),
+        token=_override(env, "KUGETSU_METRICS_TOKEN", m.string("token", MetricsConfig.token)),
+        repo_label=m.boolean("repo_label", MetricsConfig.repo_label),
+    )
+    m.check_unknown()
+    return metrics
+
+
+def _notify_entries(data: Any) -> tuple[NotifyConfig, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ConfigError("notify must be written as [[notify]] entries (an array of tables)")
+    entries = []
+    for i, item in enumerate(data):
+        n = _Section(f"notify[{i}]", item)
+        url = n.string("url", "")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"notify[{i}].url must start with http:// or https://")
+        fmt = n.string("format", str(Format.JSON))
+        if fmt not in {str(f) for f in Format}:
+            raise ConfigError(f"notify[{i}].format must be one of {', '.join(Format)}; got {fmt!r}")
+        default_events = tuple(str(e) for e in NotifyEvent)
+        events = n.strings("events", default_events) or ()
+        unknown = [e for e in events if e not in default_events]
+        if unknown:
+            raise ConfigError(
+                f"notify[{i}].events: unknown event {unknown[0]!r}; use "
+                + ", ".join(default_events)
+            )
+        entry = NotifyConfig(
+            url=url,
+            format=Format(fmt),
+            events=frozenset(NotifyEvent(e) for e in events),
+            secret=n.string("secret", ""),
+            retry_hours=n.number("retry_hours", NotifyConfig.retry_hours, positive=True),
+            timeout_seconds=n.number(
+                "timeout_seconds", NotifyConfig.timeout_seconds, positive=True
+            ),
+            name=n.string("name", "") or f"notify[{i}]",
+        )
+        n.check_unknown()
+        entries.append(entry)
+    ids = [e.id for e in entries]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("notify: two entries have the same url and format")
+    return tuple(entries)

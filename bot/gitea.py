@@ -20,7 +20,7 @@ from urllib.parse import quote
 import requests
 from urllib3.exceptions import NewConnectionError
 
-from bot.core import names
+from bot.core import metrics, names
 from bot.redact import redact
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ class GiteaAPI(Protocol):
     def get_permission(self, owner: str, repo: str, login: str) -> str: ...
 
     def find_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None: ...
+
+    def get_pull(self, owner: str, repo: str, number: int) -> dict: ...
 
     def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None: ...
 
@@ -226,6 +228,7 @@ class GiteaClient:
         backoff: float = 0.5,
         session: requests.Session | None = None,
         sleep: Callable[[float], Any] = time.sleep,
+        tally: metrics.Tally | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self.api_url = self.base_url + API_PREFIX
@@ -235,6 +238,9 @@ class GiteaClient:
         self.backoff = backoff
         self._session = session if session is not None else environment_session(self.base_url)
         self._sleep = sleep
+        #: every HTTP request sent, by method and answer (`gitea_requests` on /metrics):
+        #: counted in memory here, written to the database in batches by its owner
+        self.tally = tally if tally is not None else metrics.Tally()
 
     def __repr__(self) -> str:
         return f"GiteaClient({self.base_url!r})"
@@ -273,6 +279,7 @@ class GiteaClient:
                     timeout=self.timeout,
                 )
             except requests.RequestException as exc:
+                self.tally.add(metrics.gitea_request(method, None))
                 if not isinstance(exc, (requests.ConnectionError, requests.Timeout)):
                     raise GiteaError(
                         self._scrub(f"request failed: {type(exc).__name__}"),
@@ -300,6 +307,7 @@ class GiteaClient:
                 continue
 
             status = resp.status_code
+            self.tally.add(metrics.gitea_request(method, status))
             log.debug(
                 "gitea request: method=%s path=%s status=%d attempt=%d",
                 method,
@@ -409,6 +417,10 @@ class GiteaClient:
             return self._call("GET", path)
         except NotFound:
             return None
+
+    def get_pull(self, owner: str, repo: str, number: int) -> dict:
+        """A pull request by number, in any state (`merged`, `head.sha` included)."""
+        return self._call("GET", f"{_repo_path(owner, repo)}/pulls/{_seg(number)}")
 
     def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None:
         """The open pull request from branch `head` (of this repository) into `base`, or None.

@@ -26,14 +26,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot import __version__, agents, dashboard
 from bot.config import Config
+from bot.core import metrics
 from bot.core.health import Facts, TickRecord, describe, problems
 from bot.priority import lower_own_priority
 from bot.redact import redact
+
+if TYPE_CHECKING:
+    from bot.gitea import GiteaClient
+    from bot.workspace import Workspace
 
 log = logging.getLogger("kugetsu")
 
@@ -44,6 +50,10 @@ WORKER_STOP_EXTRA_SECONDS = 30.0
 WORKER_RESTART_DELAY_SECONDS = 2.0
 #: a worker commit that leaves more pages than this (4 KiB each) in the WAL checkpoints it
 WORKER_CHECKPOINT_PAGES = 1000
+#: how often the worker measures the disk use of mirrors, worktrees and logs (/metrics)
+DISK_USAGE_SECONDS = 600.0
+#: how often the receiver writes the deliveries it refused without a write (/metrics)
+REFUSED_FLUSH_SECONDS = 5.0
 
 
 def known_agents(config: Config) -> frozenset[str]:
@@ -68,13 +78,11 @@ def run_worker(
     """The worker process: scheduler, tick and agents. `fd_limit`: the soft limit
     of open files the receiver found before it raised its own (httpserver.raise_fd_limit),
     for the worker, git and the agents."""
-    from bot.gitea import GiteaClient
     from bot.httpserver import prepare_interpreter
     from bot.logs import configure_logging
     from bot.scheduler import Scheduler
     from bot.store import open_store
     from bot.worker.tick import Worker
-    from bot.workspace import Workspace
 
     if fd_limit is not None:
         resource.setrlimit(
@@ -85,30 +93,28 @@ def run_worker(
     niceness = lower_own_priority(config.agents.nice)
     storage = config.storage
     # the worker keeps the write-ahead log short; the receiver never checkpoints
-    store = open_store(storage.db_path, checkpoint_pages=WORKER_CHECKPOINT_PAGES)
-    gitea = GiteaClient(
-        config.gitea.url,
-        config.gitea.token,
-        timeout=config.gitea.timeout_seconds,
-        retries=config.gitea.retries,
+    store = open_store(
+        storage.db_path,
+        checkpoint_pages=WORKER_CHECKPOINT_PAGES,
+        notify=config.notify_routes(),
     )
-    workspace = Workspace(
-        mirrors_dir=storage.mirrors_dir,
-        worktrees_dir=storage.worktrees_dir,
-        remote_url=config.gitea.git_url,
-        token=config.gitea.token,
-        author_name=config.git.author_name,
-        author_email=config.git.author_email,
-        secrets=config.secrets(),
-    )
+    gitea = gitea_client(config)
+    workspace = workspace_of(config)
     scheduler = Scheduler(config.queue.poll_interval_seconds)
-    worker = Worker(config, store, gitea, workspace, schedule_tick=scheduler.wake)
+    worker = Worker(
+        config, store, gitea, workspace, schedule_tick=scheduler.wake, counts=gitea.tally
+    )
 
     stop = threading.Event()
     _signals(stop)
     prepare_interpreter()
     worker.start()
-    scheduler.start(worker.run_tick, heartbeat=worker.heartbeat, cleanup=worker.cleanup)
+    scheduler.start(
+        worker.run_tick,
+        heartbeat=worker.heartbeat,
+        cleanup=worker.cleanup,
+        every=[("disk usage", DISK_USAGE_SECONDS, worker.measure_disk)],
+    )
     if wake_fd is not None:
         threading.Thread(
             target=_read_wakes, args=(wake_fd, worker.wake, stop), name="wake", daemon=True
@@ -124,6 +130,34 @@ def run_worker(
     store.close()
     log.info("worker stopped")
     return 0
+
+
+def gitea_client(config: Config) -> GiteaClient:
+    """The Gitea client of the configuration (no I/O)."""
+    from bot.gitea import GiteaClient
+
+    return GiteaClient(
+        config.gitea.url,
+        config.gitea.token,
+        timeout=config.gitea.timeout_seconds,
+        retries=config.gitea.retries,
+    )
+
+
+def workspace_of(config: Config) -> Workspace:
+    """The git workspaces of the configuration's data directory (no I/O)."""
+    from bot.workspace import Workspace
+
+    storage = config.storage
+    return Workspace(
+        mirrors_dir=storage.mirrors_dir,
+        worktrees_dir=storage.worktrees_dir,
+        remote_url=config.gitea.git_url,
+        token=config.gitea.token,
+        author_name=config.git.author_name,
+        author_email=config.git.author_email,
+        secrets=config.secrets(),
+    )
 
 
 def _read_wakes(fd: int, wake: Callable[[], None], stop: threading.Event) -> None:
@@ -328,19 +362,53 @@ class ReceiverHealth:
         }
 
 
+class RefusedDeliveries:
+    """Deliveries the receiver answered without writing (refused: 400, 401, 413, 415; or
+    not stored: 503), counted in memory and added to the counters at most every few
+    seconds, and before each scrape of /metrics. Most deliveries are counted in their own
+    transaction (bot/ingest.py)."""
+
+    def __init__(self, store: Any, clock: Callable[[], float] = time.monotonic):
+        self.store, self.clock = store, clock
+        self.tally = metrics.Tally()
+        self._flushed_at = float("-inf")
+
+    def flush(self, *, every: float = 0.0) -> None:
+        if not self.tally or self.clock() - self._flushed_at < every:
+            return
+        self._flushed_at = self.clock()
+        counts = self.tally.take()
+        try:
+            self.store.add_counts(None, counts)
+        except sqlite3.Error as exc:
+            self.tally.give_back(counts)  # the database cannot be written: later
+            log.warning("refused deliveries not counted yet", extra={"error": str(exc)})
+
+    def flushed(self, scrape: Callable[[], bytes]) -> Callable[[], bytes]:
+        """`scrape`, after writing what is counted in memory."""
+
+        def run() -> bytes:
+            self.flush()
+            return scrape()
+
+        return run
+
+
 def serve(config: Config, *, log_level: str = "INFO") -> int:
     """The receiver process: the webhook server, supervising the worker."""
     from bot.app import create_app
     from bot.httpserver import HttpServer, prepare_interpreter, raise_fd_limit
     from bot.ingest import RulesSource
     from bot.logs import configure_logging
+    from bot.metrics import render as render_metrics
     from bot.store import open_store
 
     configure_logging(log_level, config.secrets())
     storage = config.storage
     storage.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     make_private(storage.data_dir, deep=False)  # the database files before they are opened
-    store = open_store(storage.db_path)  # migrate before the worker starts
+    # migrate before the worker starts
+    store = open_store(storage.db_path, notify=config.notify_routes())
     if store.get_meta(PRIVATE_MARK) is None:
         # once per data directory: what earlier versions wrote under the umask
         changed = make_private(storage.data_dir, deep=True)
@@ -351,6 +419,7 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     # waitress holds a file per connection; the worker gets the limit it had back
     worker = WorkerProcess(config, log_level, fd_limit=raise_fd_limit())
     health = ReceiverHealth(config, store, worker)
+    refused = RefusedDeliveries(store)
     app = create_app(
         config,
         store,
@@ -358,6 +427,8 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
         wake=worker.wake,
         health=health,
         store_failed=health.store_failed,
+        refused=refused.tally,
+        scrape=refused.flushed(partial(render_metrics, config, store)),
     )
     stop = threading.Event()
     _signals(stop)
@@ -379,8 +450,10 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     )
     while not stop.wait(1.0):
         worker.watch()
+        refused.flush(every=REFUSED_FLUSH_SECONDS)
     server.stop()
     worker.stop()
+    refused.flush()
     store.close()
     log.info("stopped")
     return 0

@@ -88,6 +88,21 @@ def enqueue(store, **task) -> int:
         return store.insert_task(c, **task)
 
 
+def queue_task(store, issue: int = 3, **kw) -> int:
+    """An authorized start on REPO#issue by alice for the agent "fake" (`enqueue`)."""
+    fields = dict(
+        repo=REPO,
+        issue=issue,
+        kind="start",
+        prompt="",
+        agent="fake",
+        requested_by="alice",
+        max_attempts=3,
+        authorized=True,
+    )
+    return enqueue(store, **{**fields, **kw})
+
+
 def task_events(store, task_id: int) -> list[dict]:
     """A task's events, oldest first (what the store records with each change)."""
     rows = store._conn().execute(

@@ -33,7 +33,7 @@ Test hooks: `requests`, `comments`, `pulls` (and `pulls_of(repo)`), `reactions`,
 `fail_next(n, status, method, path)`, `lose_answer(method, path, answer)` / `release()`,
 `down()` / `up()`, `branch_sha()`, `file_at()`,
 `git(repo, ...)`, and `create_issue` / `add_comment` / `add_labels` / `close_pull`
-to act as a human would.
+/ `close_issue` to act as a human would.
 """
 
 from __future__ import annotations
@@ -604,6 +604,14 @@ class FakeGitea:
                 pr.update(merged=True, merged_at=now, merged_by=self.user(self.bot_login))
             return pr
 
+    def close_issue(self, repo: str, number: int) -> dict:
+        """Close an issue as a human would."""
+        with self.lock:
+            issue = self._repo(repo)["issues"][number]
+            now = _now()
+            issue.update(state="closed", closed_at=now, updated_at=now)
+            return issue
+
     def branch_sha(self, repo: str, branch: str) -> str | None:
         path = self._repo_path(repo)
         try:
@@ -1098,6 +1106,7 @@ class FakeGitea:
             ("GET", repo + r"/pulls", self._api_list_pulls),
             ("PATCH", repo + r"/pulls/(?P<index>\d+)", self._api_edit_pull),
             ("GET", repo + r"/pulls/(?P<base>[^/]+)/(?P<head>.+)", self._api_find_pull),
+            ("GET", repo + r"/pulls/(?P<index>\d+)", self._api_get_pull),
         ]
         # what a user's token may call (everything else is the bot's)
         self._user_routes = {self._api_user, self._api_repo, self._api_issue}
@@ -1373,6 +1382,10 @@ class FakeGitea:
             pr["state"], pr["closed_at"] = "open", None
         pr["updated_at"] = now
         return 201, self._refresh_pull(record, pr)
+
+    def _api_get_pull(self, params, query, data):
+        record, pr = self._api_pull(params)
+        return 200, self._refresh_pull(record, pr)
 
     def _api_find_pull(self, params, query, data):
         record = self._api_repo_record(params)

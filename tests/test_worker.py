@@ -910,14 +910,15 @@ def test_cleanup_removes_old_finished_tasks_their_files_and_worktrees(make):
     prompt = h.config.storage.prompts_dir / f"{tid}.md"
     worktree = Path(h.store.get(tid).worktree)
     assert log.exists() and prompt.exists() and worktree.exists()
-    assert h.worker.cleanup(7) == {"tasks": 0, "files": 0, "worktrees": 0}
+    first = h.worker.cleanup(7)
+    assert (first.tasks, first.files, first.worktrees) == (0, 0, [])
     later = time.time() + 8 * 86400
     h.worker.clock = h.store.clock = h.workspace._clock = lambda: later
     old = time.time() - 8 * 86400
     for path in (log, prompt):
         os.utime(path, (old, old))
     result = h.worker.cleanup(7)
-    assert result["tasks"] == 1 and result["files"] == 2 and result["worktrees"] == 1
+    assert result.tasks == 1 and result.files == 2 and result.worktrees == [f"{REPO}#{n}"]
     assert h.store.get(tid) is None and not log.exists() and not worktree.exists()
 
 

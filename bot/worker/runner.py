@@ -157,11 +157,12 @@ class Runner:
                 base=prepared.base_branch,
             )
             run = self._run_agent(task, spec, prepared.path, prompt, session, branch)
-            self.store.update(
+            self.store.agent_ran(
                 task.id,
+                name,
+                run.usage,
                 agents_tried=tried,
                 session_id=run.session_id,
-                usage=run.usage,
                 summary=run.summary,
             )
             if run.session_id and spec.sessions:
