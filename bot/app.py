@@ -7,7 +7,6 @@ scheduler and answers. Gitea waits 5 s for an answer and never retries.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import sqlite3
@@ -27,12 +26,6 @@ from bot.metrics import CONTENT_TYPE
 from bot.store import Store
 
 log = logging.getLogger(__name__)
-
-
-def wake_key(config: Config) -> str:
-    """A key derived from the webhook secret, shared by the CLI and the server."""
-    secret = (config.gitea.webhook_secret or "kugetsu-insecure").encode()
-    return hmac.new(secret, b"kugetsu:wake", "sha256").hexdigest()
 
 
 def create_app(
@@ -102,7 +95,7 @@ def create_app(
             return answer(exc.status, "rejected", exc.reason, started)
 
         try:
-            result = ingest(store, delivery, event, rules())
+            result = ingest(store, delivery, event, rules(), repo=events.repo_of(data))
         except sqlite3.Error as exc:
             # Nothing of the delivery was written (one transaction), and it is not
             # acknowledged: Gitea's webhook history shows the answer, and can redeliver it.
@@ -120,10 +113,16 @@ def create_app(
         # delivery with kugetsu's answer and reason.
         level = logging.INFO if result.queued else logging.DEBUG
         if log.isEnabledFor(level):
+            about = (
+                {}
+                if isinstance(event, events.Ignored)
+                else {"repo": event.repo, "issue": event.number}
+            )
             log.log(
                 level,
                 "webhook handled",
                 extra={
+                    **about,
                     "delivery": delivery.id,
                     "event": delivery.event_type,
                     "reason": result.reason,
@@ -146,22 +145,27 @@ def create_app(
         ok, details = health()
         problems = list(details.get("problems", ()))
         status = "unhealthy" if not ok else ("degraded" if problems else "ok")
+        body = {k: v for k, v in details.items() if k != "not_ready"}
         return Response(
-            json.dumps({"status": status, **details, "problems": problems}),
+            json.dumps({"status": status, **body, "problems": problems}),
             status=200 if ok else 503,
             mimetype="application/json",
         )
 
-    @app.post("/wake")
-    def wake_now() -> Response:
-        # The command line pings this after changing the queue, so a running
-        # server acts at once instead of at its next poll. Without the key it
-        # does nothing; with it, it can only cause an extra tick.
-        key = request.headers.get("X-Kugetsu-Wake", "")
-        if not events.equal_secrets(key, wake_key(config)):
-            return answer(403, "rejected", "wrong wake key")
-        wake()
-        return answer(202, "woken", "tick requested")
+    @app.get("/readyz")
+    def readyz() -> Response:
+        # Ready: the worker runs, its checks at start have run, and nothing keeps kugetsu
+        # from working (Gitea away, the token refused, the default agent missing, a disk
+        # nearly full, ticks failing). 503 with each problem in one line otherwise.
+        ok, details = health()
+        waiting = list(details.get("not_ready", details.get("problems", ())))
+        ready = ok and not waiting
+        body = {k: v for k, v in details.items() if k not in ("problems", "not_ready")}
+        return Response(
+            json.dumps({"status": "ready" if ready else "not ready", **body, "problems": waiting}),
+            status=200 if ready else 503,
+            mimetype="application/json",
+        )
 
     @app.get("/logs/<int:task_id>/<token>")
     def task_log(task_id: int, token: str) -> Response:

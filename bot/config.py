@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any, overload
 
 from bot.agents.presets import PLACEHOLDERS, PRESETS
+from bot.core import names
 from bot.core.notify import Format, NotifyEvent
 from bot.core.permissions import PERMISSIONS
 from bot.core.tasks import RetryPolicy
+from bot.logs import FORMATS, LEVELS
 
 DEFAULT_CONFIG_PATHS = ("kugetsu.toml", "/etc/kugetsu/config.toml")
 
@@ -47,6 +49,9 @@ class GiteaConfig:
     bot_login: str = ""
     timeout_seconds: float = 10.0
     retries: int = 3
+    #: repositories kugetsu serves besides those the database knows (tasks, deliveries):
+    #: `kugetsu doctor` checks them, `kugetsu webhook install` without arguments uses them
+    repos: tuple[str, ...] = ()
 
     @property
     def api_url(self) -> str:
@@ -235,6 +240,13 @@ class DashboardConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    #: "text" (one line of text a record) or "json" (one JSON object a line)
+    format: str = "text"
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     gitea: GiteaConfig = field(default_factory=GiteaConfig)
@@ -246,6 +258,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     notify: tuple[NotifyConfig, ...] = ()
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "(built-in defaults)"
 
     def secrets(self) -> tuple[str, ...]:
@@ -372,6 +385,7 @@ _SECTIONS = (
     "metrics",
     "notify",
     "dashboard",
+    "logging",
 )
 
 
@@ -430,6 +444,16 @@ def _agent_table(name: str, data: Any) -> AgentConfig:
     return cfg
 
 
+def _repos(section: _Section) -> tuple[str, ...]:
+    """`gitea.repos`: OWNER/NAME each, as Gitea names repositories, without repeats."""
+    repos = section.strings("repos", GiteaConfig.repos) or ()
+    for repo in repos:
+        error = names.repo_error(repo)
+        if error:
+            raise ConfigError(f"gitea.repos: {names.shown(repo)} is not OWNER/NAME: {error}")
+    return tuple(dict.fromkeys(repos))
+
+
 def load(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -481,6 +505,7 @@ def load(
         bot_login=g.string("bot_login", GiteaConfig.bot_login),
         timeout_seconds=g.number("timeout_seconds", GiteaConfig.timeout_seconds, positive=True),
         retries=g.integer("retries", GiteaConfig.retries, minimum=0),
+        repos=_repos(g),
     )
     g.check_unknown()
     if not gitea.url.startswith(("http://", "https://")):
@@ -598,6 +623,22 @@ def load(
     if not branch or branch.startswith(("-", "/")) or ".." in branch or " " in branch:
         raise ConfigError(f"git.branch_template gives an invalid branch name: {branch!r}")
 
+    # logging
+    lg = _Section("logging", data.get("logging"))
+    logging_config = LoggingConfig(
+        format=lg.string("format", LoggingConfig.format),
+        level=_override(env, "KUGETSU_LOG_LEVEL", lg.string("level", LoggingConfig.level)).upper(),
+    )
+    lg.check_unknown()
+    if logging_config.format not in FORMATS:
+        raise ConfigError(
+            f"logging.format must be one of {', '.join(FORMATS)}, got {logging_config.format!r}"
+        )
+    if logging_config.level not in LEVELS:
+        raise ConfigError(
+            f"logging.level must be one of {', '.join(LEVELS)}, got {logging_config.level!r}"
+        )
+
     dashboard = _dashboard(data.get("dashboard"), env, server, gitea)
 
     config = Config(
@@ -611,6 +652,7 @@ def load(
         metrics=_metrics_section(data.get("metrics"), env),
         notify=_notify_entries(data.get("notify")),
         dashboard=dashboard,
+        logging=logging_config,
         source=source,
     )
     _check_agents(config)
@@ -660,8 +702,7 @@ def _dashboard(
 
 
 def _check_agents(config: Config) -> None:
-    names = [config.agents.default, *config.agents.fallback]
-    for name in names:
+    for name in (config.agents.default, *config.agents.fallback):
         if name not in config.agents.tables and name not in PRESETS:
             raise ConfigError(
                 f"agents: {name!r} is neither a preset ({', '.join(sorted(PRESETS))}) "

@@ -60,10 +60,18 @@ class IngestResult:
         return bool(self.task_ids or self.outbox_ids)
 
 
-def ingest(store: Store, delivery: Delivery, event: Event, rules: intake.Rules) -> IngestResult:
-    """Dedupe the delivery, decide, and write the result, all in one transaction."""
+def ingest(
+    store: Store,
+    delivery: Delivery,
+    event: Event,
+    rules: intake.Rules,
+    *,
+    repo: str | None = None,
+) -> IngestResult:
+    """Dedupe the delivery, decide, and write the result, all in one transaction. `repo`:
+    the repository the delivery came from, recorded with it."""
     with store.tx() as c:
-        if store.seen_delivery(c, delivery.id, delivery.event):
+        if store.seen_delivery(c, delivery.id, delivery.event, repo):
             store.add_counts(c, metrics.delivery(metrics.DeliveryResult.DUPLICATE))
             return IngestResult(True, "delivery already received")
         decision = intake.decide(event, rules, StoreView(store, c))

@@ -1,4 +1,5 @@
-"""APScheduler wiring only: the interval tick, the heartbeat, a daily clean-up, and wake()."""
+"""APScheduler wiring only: the interval tick, the heartbeat, a daily clean-up, the setup
+checks, and wake()."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ its agents, putting their tasks back in the queue.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -28,12 +29,13 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from bot import __version__, agents, dashboard
 from bot.config import Config
 from bot.core import metrics
-from bot.core.health import Facts, TickRecord, describe, problems
+from bot.core.health import Facts, Readiness, TickRecord, describe, not_ready, problems
 from bot.priority import lower_own_priority
 from bot.redact import redact
 
@@ -60,9 +62,13 @@ def known_agents(config: Config) -> frozenset[str]:
     return frozenset(agents.PRESETS) | frozenset(config.agents.tables)
 
 
-def _signals(stop: threading.Event) -> None:
-    def on_signal(signum, _frame) -> None:
-        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+def _signals(stop: threading.Event, *, level: int = logging.INFO) -> None:
+    """Stop on SIGTERM and SIGINT. The worker gets the receiver's signal too (Ctrl-C
+    reaches the whole process group; the receiver passes SIGTERM on), so it logs it at
+    `level` DEBUG and the shutdown is logged once."""
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.log(level, "shutting down", extra={"signal": signal.Signals(signum).name})
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -88,7 +94,7 @@ def run_worker(
         resource.setrlimit(
             resource.RLIMIT_NOFILE, (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         )
-    configure_logging(log_level, config.secrets())
+    configure_logging(log_level, config.secrets(), output=config.logging.format)
     # Before any thread starts: threads and child processes inherit it.
     niceness = lower_own_priority(config.agents.nice)
     storage = config.storage
@@ -106,14 +112,20 @@ def run_worker(
     )
 
     stop = threading.Event()
-    _signals(stop)
+    _signals(stop, level=logging.DEBUG)
     prepare_interpreter()
     worker.start()
+    from bot.doctor import SERVE_RECHECK_SECONDS, ServeChecks
+
+    checks = ServeChecks(config, store, worker.worker_id)
     scheduler.start(
         worker.run_tick,
         heartbeat=worker.heartbeat,
         cleanup=worker.cleanup,
-        every=[("disk usage", DISK_USAGE_SECONDS, worker.measure_disk)],
+        every=[
+            ("disk usage", DISK_USAGE_SECONDS, worker.measure_disk),
+            ("checks", SERVE_RECHECK_SECONDS, checks),
+        ],
     )
     if wake_fd is not None:
         threading.Thread(
@@ -128,19 +140,20 @@ def run_worker(
     scheduler.shutdown()
     worker.shutdown()
     store.close()
-    log.info("worker stopped")
+    log.debug("worker stopped")
     return 0
 
 
-def gitea_client(config: Config) -> GiteaClient:
-    """The Gitea client of the configuration (no I/O)."""
+def gitea_client(config: Config, *, retries: int | None = None) -> GiteaClient:
+    """The Gitea client of the configuration (no I/O); `retries` in place of the configured
+    ones (0 for a check, which must say at once what it finds)."""
     from bot.gitea import GiteaClient
 
     return GiteaClient(
         config.gitea.url,
         config.gitea.token,
         timeout=config.gitea.timeout_seconds,
-        retries=config.gitea.retries,
+        retries=config.gitea.retries if retries is None else retries,
     )
 
 
@@ -185,7 +198,7 @@ class WorkerProcess:
 
     def __init__(self, config: Config, log_level: str, fd_limit: int | None = None):
         self.config, self.log_level, self.fd_limit = config, log_level, fd_limit
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self._wake_w: int | None = None
         self._lock = threading.Lock()
         self.restarts = 0
@@ -279,7 +292,7 @@ def make_private(data_dir: Path, *, deep: bool) -> int:
     """
     changed = 0
 
-    def tighten(path: str, entry: os.DirEntry | None = None) -> int | None:
+    def tighten(path: str, entry: os.DirEntry[str] | None = None) -> int | None:
         """Its mode, made private; None if it cannot be read or changed, or is a link."""
         nonlocal changed
         try:
@@ -312,10 +325,11 @@ def make_private(data_dir: Path, *, deep: bool) -> int:
 
 
 class ReceiverHealth:
-    """/healthz of `kugetsu serve`: the worker process, its ticks as it reports them
-    through the database, the free space of the data directory, and deliveries that
-    could not be stored. `(alive, details)`: alive is False only when the worker is not
-    running; details["problems"] names each problem in one line."""
+    """/healthz and /readyz of `kugetsu serve`: the worker process, its ticks and its
+    checks as it reports them through the database, the free space of the data directory,
+    and deliveries that could not be stored. `(alive, details)`: alive is False only when
+    the worker is not running; details["problems"] names each problem in one line, and
+    details["not_ready"] what /readyz answers 503 for."""
 
     def __init__(
         self, config: Config, store: Any, worker: Any, clock: Callable[[], float] = time.time
@@ -352,10 +366,14 @@ class ReceiverHealth:
                         registered=True,
                         heartbeat_at=report[0],
                         tick=TickRecord.from_json(report[1]),
+                        readiness=Readiness.from_json(report[2]),
                     )
-        found = [redact(line, self.config.secrets()) for line in problems(Facts(**facts))]
+        known = Facts(**facts)
+        secrets = self.config.secrets()
+        found = [redact(line, secrets) for line in problems(known)]
         return alive, {
             "problems": found,
+            "not_ready": [redact(line, secrets) for line in not_ready(known)],
             "worker": "running" if alive else "stopped",
             "worker_restarts": self.worker.restarts,
             "version": __version__,
@@ -402,9 +420,12 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     from bot.logs import configure_logging
     from bot.metrics import render as render_metrics
     from bot.store import open_store
+    from bot.wake import Listener
 
-    configure_logging(log_level, config.secrets())
+    configure_logging(log_level, config.secrets(), output=config.logging.format)
     storage = config.storage
+    if storage.data_dir.exists() and not storage.data_dir.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(storage.data_dir))
     storage.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     make_private(storage.data_dir, deep=False)  # the database files before they are opened
     # migrate before the worker starts
@@ -413,9 +434,8 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
         # once per data directory: what earlier versions wrote under the umask
         changed = make_private(storage.data_dir, deep=True)
         store.set_meta(PRIVATE_MARK, "1")
-        log.info("data directory made private", extra={"changed": changed})
-    if not config.gitea.token:
-        log.warning("no Gitea token configured: kugetsu can queue work but not act on Gitea")
+        if changed:
+            log.info("data directory made private", extra={"changed": changed})
     # waitress holds a file per connection; the worker gets the limit it had back
     worker = WorkerProcess(config, log_level, fd_limit=raise_fd_limit())
     health = ReceiverHealth(config, store, worker)
@@ -432,8 +452,7 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     )
     stop = threading.Event()
     _signals(stop)
-    worker.start()
-    prepare_interpreter()
+    # the port first: a port in use ends the start before any worker runs
     server = HttpServer(
         app,
         config.server.host,
@@ -441,6 +460,9 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
         max_body_bytes=config.server.max_body_bytes,
         threads=HTTP_THREADS + dashboard.http_threads(config),
     ).start()
+    worker.start()
+    waker = Listener(storage.data_dir, worker.wake).start()
+    prepare_interpreter()
     log.info(
         "kugetsu serving",
         extra={"url": server.url, "data_dir": str(storage.data_dir), "config": config.source},
@@ -451,6 +473,7 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     while not stop.wait(1.0):
         worker.watch()
         refused.flush(every=REFUSED_FLUSH_SECONDS)
+    waker.close()
     server.stop()
     worker.stop()
     refused.flush()

@@ -22,6 +22,7 @@ import heapq
 import json
 import logging
 import math
+import os
 import socket
 import sqlite3
 import threading
@@ -187,7 +188,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX replies_by_time ON replies (at);
     """,
     # 7: a task's kind, state and outcome must be values kugetsu knows, or the row cannot
-    # be read (bot/tasks.py; tests/test_store.py checks that these lists match it). New
+    # be read (bot/core/tasks.py; tests/test_store.py checks that these lists match it). New
     # writes are refused here; rows written before are set aside when read
     # (Store._set_aside_row). Triggers, not CHECK constraints: SQLite adds a CHECK only
     # by copying the whole table into a new one, which would hold the write lock for as
@@ -245,7 +246,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE issues ADD COLUMN state TEXT;
     ALTER TABLE issues ADD COLUMN state_checked_at REAL;
     """,
-    # 11: the dashboard. Who last retried a task (its tracking comment names them), and
+    # 11: the repository a delivery came from, so that the repositories kugetsu serves are
+    # known (those with tasks or deliveries, `kugetsu doctor`), and a test delivery can be
+    # seen arriving (`kugetsu doctor --deliver-test`). NULL for rows written before and for
+    # deliveries without one. The index holds only rows that name one.
+    """
+    ALTER TABLE deliveries ADD COLUMN repo TEXT;
+    CREATE INDEX deliveries_by_repo ON deliveries (repo, received_at) WHERE repo IS NOT NULL;
+    """,
+    # 12: the dashboard. Who last retried a task (its tracking comment names them), and
     # indexes for its lists: newest first per repository (and state), agent, requester
     # and issue number, and finished tasks by the time they finished, over all
     # repositories and per repository (`_FINISHED_AT` below is the expression as written).
@@ -269,7 +278,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _TERMINAL = "state IN ('completed', 'failed', 'cancelled', 'rejected')"
 #: the dashboard's lists for at most this many repositories read each one on its own
 MERGE_REPOS = 32
-#: when a finished task finished, as migration 11 writes it in its indexes
+#: when a finished task finished, as migration 12 writes it in its indexes
 _FINISHED_AT = "COALESCE(finished_at, updated_at)"
 #: rows that Store.clear() deletes per write transaction
 CLEAR_BATCH = 500
@@ -279,6 +288,8 @@ BUSY_TIMEOUT_SECONDS = 30.0
 _REPORT_KEY = "worker-report:"
 #: meta key prefix of the disk use a worker measured, followed by its host's name
 _DISK_KEY = "disk-usage:"
+#: meta key prefix of what a worker's checks found (bot/doctor.py), followed by its id
+_READY_KEY = "worker-readiness:"
 
 _TASK_FIELDS = {f.name for f in fields(Task)}
 #: fields that callers may set without changing state
@@ -374,6 +385,11 @@ def _readable(
             unreadable.append((row, exc))
 
 
+def _number(c: sqlite3.Connection, sql: str, args: Sequence[Any] = ()) -> int:
+    """The whole number a query of one row and one column gives (a count, a version)."""
+    return int(c.execute(sql, args).fetchone()[0])
+
+
 def _inserted_id(cur: sqlite3.Cursor) -> int:
     """The id of the row an INSERT just wrote."""
     assert cur.lastrowid is not None
@@ -443,7 +459,7 @@ class TaskQuery:
     issue: int | None = None
 
     def where(self) -> tuple[str, list[Any]]:
-        """The SQL conditions (joined with AND, each a term the indexes of migration 11
+        """The SQL conditions (joined with AND, each a term the indexes of migration 12
         can serve) and their arguments."""
         terms, args = list[str](), list[Any]()
         if self.repos is not None:
@@ -590,7 +606,7 @@ class Store:
     def migrate(self) -> int:
         """Bring the schema up to date; returns the version. Safe to run concurrently."""
         with self.tx() as c:
-            version = c.execute("PRAGMA user_version").fetchone()[0]
+            version = _number(c, "PRAGMA user_version")
             if version > SCHEMA_VERSION:
                 raise SchemaTooNew(
                     f"database {self.path} has schema version {version}, this kugetsu knows "
@@ -600,7 +616,12 @@ class Store:
                 for statement in _statements(MIGRATIONS[number]):
                     c.execute(statement)
                 c.execute(f"PRAGMA user_version = {number + 1}")
-                log.info("database migrated", extra={"schema_version": number + 1})
+        if version < SCHEMA_VERSION:
+            # one line, however many steps: a new database takes them all at once
+            log.info(
+                "database migrated",
+                extra={"from_version": version, "schema_version": SCHEMA_VERSION},
+            )
         return SCHEMA_VERSION
 
     # ------------------------------------------------------------------ tasks
@@ -622,7 +643,7 @@ class Store:
 
     def insert_task(
         self,
-        c: sqlite3.Connection,
+        c: Tx,
         *,
         repo: str,
         issue: int,
@@ -809,14 +830,11 @@ class Store:
     def clearable(self, older_than_days: float) -> int:
         """How many finished tasks `clear(older_than_days)` would delete now."""
         cutoff = self.clock() - older_than_days * 86400.0
-        return (
-            self._conn()
-            .execute(
-                f"SELECT COUNT(*) FROM tasks WHERE {_TERMINAL} "
-                "AND COALESCE(finished_at, updated_at) < ?",
-                (cutoff,),
-            )
-            .fetchone()[0]
+        return _number(
+            self._conn(),
+            f"SELECT COUNT(*) FROM tasks WHERE {_TERMINAL} "
+            "AND COALESCE(finished_at, updated_at) < ?",
+            (cutoff,),
         )
 
     def issue_task_ids(self, repo: str, issue: int) -> list[int]:
@@ -1037,11 +1055,7 @@ class Store:
 
     def count(self, state: State) -> int:
         """Tasks in that state (read from the index by state: as many steps as there are)."""
-        return (
-            self._conn()
-            .execute("SELECT COUNT(*) FROM tasks WHERE state = ?", (State(state).value,))
-            .fetchone()[0]
-        )
+        return _number(self._conn(), "SELECT COUNT(*) FROM tasks WHERE state = ?", (state.value,))
 
     def claim(self, limit: int, worker_id: str, *, max_claims: int | None = None) -> list[Task]:
         """Lease up to (limit - running) ready tasks, first in first out, one per issue:
@@ -1067,7 +1081,7 @@ class Store:
         if not ready or running >= limit:
             return []
         with self.tx() as c:
-            running = c.execute("SELECT COUNT(*) FROM tasks WHERE state = 'running'").fetchone()[0]
+            running = _number(c, "SELECT COUNT(*) FROM tasks WHERE state = 'running'")
             free = limit - running
             if max_claims is not None:
                 free = min(free, max_claims)
@@ -1203,14 +1217,11 @@ class Store:
         task = self.get(task_id)
         if task is None or task.state is not State.PENDING:
             return None
-        return (
-            self._conn()
-            .execute(
-                "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND id <= ? "
-                "AND (authorized IS NULL OR authorized = 1)",
-                (task_id,),
-            )
-            .fetchone()[0]
+        return _number(
+            self._conn(),
+            "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND id <= ? "
+            "AND (authorized IS NULL OR authorized = 1)",
+            (task_id,),
         )
 
     def pending_positions(self, limit: int) -> list[tuple[Task, int]]:
@@ -1287,9 +1298,9 @@ class Store:
             )
         }
         now = self.clock()
-        ready = conn.execute(
-            "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND not_before <= ?", (now,)
-        ).fetchone()[0]
+        ready = _number(
+            conn, "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND not_before <= ?", (now,)
+        )
         oldest = conn.execute(
             "SELECT MIN(created_at) FROM tasks WHERE state = 'pending'"
         ).fetchone()[0]
@@ -1396,15 +1407,40 @@ class Store:
 
     # ------------------------------------------------------------------ deliveries
 
-    def seen_delivery(self, c: sqlite3.Connection, delivery_id: str, event: str) -> bool:
-        """Record a delivery id; True if it was already recorded."""
+    def seen_delivery(self, c: Tx, delivery_id: str, event: str, repo: str | None = None) -> bool:
+        """Record a delivery id, with the repository it came from when it names one; True
+        if it was already recorded."""
         cur = c.execute(
-            "INSERT OR IGNORE INTO deliveries (id, event, received_at) VALUES (?, ?, ?)",
-            (delivery_id, event, self.clock()),
+            "INSERT OR IGNORE INTO deliveries (id, event, received_at, repo) VALUES (?, ?, ?, ?)",
+            (delivery_id, event, self.clock(), repo),
         )
         return cur.rowcount == 0
 
-    def delivery_result(self, c: sqlite3.Connection, delivery_id: str, result: str) -> None:
+    def served_repos(self) -> list[str]:
+        """The repositories kugetsu serves as the database knows them: those with tasks or
+        deliveries, sorted. Read from the indexes on repo, never from the rows."""
+        rows = self._conn().execute(
+            "SELECT repo FROM tasks GROUP BY repo UNION "
+            "SELECT repo FROM deliveries WHERE repo IS NOT NULL GROUP BY repo"
+        )
+        return sorted(row[0] for row in rows)
+
+    def last_delivery(
+        self, repo: str, *, event: str | None = None, since: float | None = None
+    ) -> float | None:
+        """When the newest delivery from `repo` (of `event`, at or after `since`) arrived,
+        or None if none did."""
+        sql, args = "SELECT MAX(received_at) FROM deliveries WHERE repo = ?", list[Any]([repo])
+        if event is not None:
+            sql += " AND event = ?"
+            args.append(event)
+        if since is not None:
+            sql += " AND received_at >= ?"
+            args.append(since)
+        newest = self._conn().execute(sql, args).fetchone()[0]
+        return None if newest is None else float(newest)
+
+    def delivery_result(self, c: Tx, delivery_id: str, result: str) -> None:
         c.execute("UPDATE deliveries SET result = ? WHERE id = ?", (result, delivery_id))
 
     # ------------------------------------------------------------------ outbox
@@ -1537,18 +1573,15 @@ class Store:
 
     # ------------------------------------------------------------------ replies
 
-    def recent_replies(
-        self, c: sqlite3.Connection, repo: str, issue: int, login: str, seconds: float
-    ) -> int:
+    def recent_replies(self, c: Tx, repo: str, issue: int, login: str, seconds: float) -> int:
         """Replies to `login` on issue (or pull request) `issue` in the last `seconds`."""
-        return c.execute(
+        return _number(
+            c,
             "SELECT COUNT(*) FROM replies WHERE repo = ? AND issue = ? AND login = ? AND at > ?",
             (repo, issue, login, self.clock() - seconds),
-        ).fetchone()[0]
+        )
 
-    def note_reply(
-        self, c: sqlite3.Connection, repo: str, issue: int, login: str, seconds: float
-    ) -> None:
+    def note_reply(self, c: Tx, repo: str, issue: int, login: str, seconds: float) -> None:
         """Count a reply to `login` on `issue`, forgetting theirs older than `seconds`."""
         now = self.clock()
         c.execute(
@@ -1597,25 +1630,34 @@ class Store:
         with self.tx() as c:
             c.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
             c.execute("DELETE FROM leases WHERE owner = ?", (worker_id,))
-            c.execute("DELETE FROM meta WHERE key = ?", (_REPORT_KEY + worker_id,))
+            c.execute(
+                "DELETE FROM meta WHERE key IN (?, ?)",
+                (_REPORT_KEY + worker_id, _READY_KEY + worker_id),
+            )
 
     def workers(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._conn().execute("SELECT * FROM workers")]
 
-    def worker_report(self, host: str, pid: int) -> tuple[float, str | None] | None:
-        """(heartbeat time, tick report) of the worker running as `pid` on `host`, or None
-        if it has not registered."""
+    def set_readiness(self, worker_id: str, readiness: str) -> None:
+        """What the worker's checks found (read by /healthz and /readyz through
+        `worker_report`)."""
+        self.set_meta(_READY_KEY + worker_id, readiness)
+
+    def worker_report(self, host: str, pid: int) -> tuple[float, str | None, str | None] | None:
+        """(heartbeat time, tick report, readiness) of the worker running as `pid` on
+        `host`, or None if it has not registered."""
         row = (
             self._conn()
             .execute(
-                "SELECT w.heartbeat_at, m.value FROM workers AS w LEFT JOIN meta AS m "
-                "ON m.key = ? || w.id WHERE w.host = ? AND w.pid = ? "
+                "SELECT w.heartbeat_at, m.value, r.value FROM workers AS w "
+                "LEFT JOIN meta AS m ON m.key = ? || w.id "
+                "LEFT JOIN meta AS r ON r.key = ? || w.id WHERE w.host = ? AND w.pid = ? "
                 "ORDER BY w.started_at DESC LIMIT 1",
-                (_REPORT_KEY, host, pid),
+                (_REPORT_KEY, _READY_KEY, host, pid),
             )
             .fetchone()
         )
-        return (row[0], row[1]) if row else None
+        return (row[0], row[1], row[2]) if row else None
 
     def running_tasks(self) -> list[Task]:
         return self.list_tasks(State.RUNNING)
@@ -1812,6 +1854,36 @@ class Store:
             (since, *args),
         )
         return [FinishedRow(*row) for row in rows]
+
+    # ------------------------------------------------------------------ backup
+
+    def backup(self, dest: Path) -> tuple[int, int]:
+        """Copy the database to `dest` with SQLite's online backup, while other processes
+        read and write it: the copy is one consistent moment of it. Written beside `dest`
+        and renamed into place once whole and checked, so a `dest` that exists is whole.
+        Returns the copy's (schema version, number of tasks)."""
+        dest = Path(dest)
+        part = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+        copy = sqlite3.connect(part)
+        try:
+            # one step: a read transaction on the source for the whole copy (in WAL mode
+            # writers go on meanwhile); in steps, every write in between restarts it
+            self._conn().backup(copy)
+            copy.execute("PRAGMA journal_mode = DELETE")  # one file, whole by itself
+            check = copy.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise StoreError(f"the copy does not check out: {check}")
+            version = copy.execute("PRAGMA user_version").fetchone()[0]
+            tasks = copy.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
+            copy.close()
+            with open(part, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(part, dest)
+        except BaseException:
+            copy.close()
+            part.unlink(missing_ok=True)
+            raise
+        return version, tasks
 
     # ------------------------------------------------------------------ meta
 

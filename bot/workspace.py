@@ -178,13 +178,13 @@ class Workspace:
                 step="fetch",
                 network=url,
             )
-            log.info("mirror fetched repo=%s issue=%s", repo, issue)
+            log.info("mirror fetched", extra={"repo": repo, "issue": issue})
             default = self._default_branch(mirror, head_symref)
             default_ref = f"refs/remotes/{REMOTE}/{default}"
 
             reused = self._is_worktree_of(wt, mirror, branch)
             if reused:
-                log.info("worktree reused repo=%s issue=%s branch=%s", repo, issue, branch)
+                log.info("worktree reused", extra={"repo": repo, "issue": issue, "branch": branch})
                 remote_sha = self._ref_sha(f"refs/remotes/{REMOTE}/{branch}", git_dir=mirror)
                 if remote_sha and not self._is_ancestor(remote_sha, "HEAD", cwd=wt):
                     # someone pushed to the branch since (a fix on the pull request): the
@@ -224,7 +224,7 @@ class Workspace:
             cwd=wt,
             step="commit",
         )
-        log.info("commit created worktree=%s", _rel_label(wt, self._worktrees_dir))
+        log.info("commit created", extra={"worktree": _rel_label(wt, self._worktrees_dir)})
         return True
 
     def changed_files(self, prepared_or_path: Prepared | Path | str, base_sha: str) -> list[str]:
@@ -291,7 +291,9 @@ class Workspace:
                 network=url,
             )
             self._git(["update-ref", tracking, head], cwd=wt, step="update-ref")
-        log.info("branch pushed repo=%s/%s issue=%s branch=%s", owner, name, issue, branch)
+        log.info(
+            "branch pushed", extra={"repo": f"{owner}/{name}", "issue": issue, "branch": branch}
+        )
         return head
 
     def remote_branch_sha(self, repo: str, branch: str) -> str | None:
@@ -316,7 +318,7 @@ class Workspace:
         wt = self._worktree_path(owner, name, issue)
         with self._repo_lock(owner, name):
             self._remove_worktree(owner, name, wt)
-        log.info("worktree removed repo=%s issue=%s", repo, issue)
+        log.info("worktree removed", extra={"repo": repo, "issue": issue})
 
     def cleanup(self, older_than_seconds: float, *, keep: Collection[Path] = ()) -> list[Path]:
         """Remove worktrees not touched for `older_than_seconds`. Paths in `keep` (worktrees of
@@ -389,22 +391,18 @@ class Workspace:
                 unpushed = self.unpushed_commits(wt) if (wt / ".git").is_file() else 0
             except GitError as exc:
                 log.warning(
-                    "worktree kept: cannot tell what is pushed repo=%s issue=%s: %s",
-                    repo,
-                    issue,
-                    exc,
+                    "worktree kept: cannot tell what is pushed",
+                    extra={"repo": repo, "issue": issue, "error": str(exc)},
                 )
                 return False, None
             if unpushed:
                 log.warning(
-                    "worktree kept: %d commit(s) not pushed repo=%s issue=%s",
-                    unpushed,
-                    repo,
-                    issue,
+                    "worktree kept: commits not pushed",
+                    extra={"repo": repo, "issue": issue, "unpushed": unpushed},
                 )
                 return False, unpushed
             self._remove_worktree(owner, name, wt)
-        log.info("worktree cleaned up repo=%s issue=%s", repo, issue)
+        log.info("worktree cleaned up", extra={"repo": repo, "issue": issue})
         return True, 0
 
     # ------------------------------------------------------------------ mirror and worktrees
@@ -413,7 +411,7 @@ class Workspace:
         mirror = self._mirror_path(owner, name)
         if not _looks_like_bare_repo(mirror):
             if mirror.exists() or mirror.is_symlink():
-                log.warning("mirror is not a git repository, recreating repo=%s", repo)
+                log.warning("mirror is not a git repository, recreating", extra={"repo": repo})
                 remove_tree(mirror)
             tmp = mirror.with_name(f".{mirror.name}.tmp-{uuid.uuid4().hex}")
             tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -427,7 +425,7 @@ class Workspace:
             except BaseException:
                 remove_tree(tmp, missing_ok=True)
                 raise
-            log.info("mirror created repo=%s", repo)
+            log.info("mirror created", extra={"repo": repo})
         # every time: the configured URL may have changed, and an agent may have written
         # into the config its worktree shares
         self._reset_config(mirror, url)
@@ -449,10 +447,8 @@ class Workspace:
                 returncode=merge.returncode,
             )
         log.info(
-            "worktree caught up with the remote branch repo=%s issue=%s branch=%s",
-            repo,
-            issue,
-            branch,
+            "worktree caught up with the remote branch",
+            extra={"repo": repo, "issue": issue, "branch": branch},
         )
 
     @staticmethod
@@ -509,7 +505,7 @@ class Workspace:
         self, mirror: Path, wt: Path, branch: str, default_ref: str, repo: str, issue: int
     ) -> None:
         if wt.exists() or wt.is_symlink():
-            log.warning("stale worktree directory replaced repo=%s issue=%s", repo, issue)
+            log.warning("stale worktree directory replaced", extra={"repo": repo, "issue": issue})
             remove_tree(wt)
         # forget registrations whose directory is gone, so the path and branch are free again
         self._git(["worktree", "prune"], git_dir=mirror, step="worktree prune")
@@ -523,11 +519,13 @@ class Workspace:
             step="worktree add",
         )
         log.info(
-            "worktree created repo=%s issue=%s branch=%s from_remote_branch=%s",
-            repo,
-            issue,
-            branch,
-            from_remote,
+            "worktree created",
+            extra={
+                "repo": repo,
+                "issue": issue,
+                "branch": branch,
+                "from_remote_branch": from_remote,
+            },
         )
 
     def _is_worktree_of(self, wt: Path, mirror: Path, branch: str) -> bool:
@@ -664,7 +662,7 @@ class Workspace:
         run_in = (
             cwd if cwd is not None else (git_dir if git_dir is not None else self._ensure_home())
         )
-        log.debug("git step=%s", step)
+        log.debug("git step", extra={"step": step})
         try:
             cp = self._runner(
                 argv,

@@ -1,4 +1,4 @@
-"""Shared fixtures: a fake Gitea with a real git remote, configs, a dispatcher."""
+"""Shared fixtures: a fake Gitea with a real git remote, configs, task helpers."""
 
 from __future__ import annotations
 
@@ -134,6 +134,15 @@ def write_unchecked(db_path: Path, sql: str, args: tuple = ()) -> int:
         return row_id
     finally:
         conn.close()
+
+
+def logged(caplog) -> str:
+    """All that the captured log records hold: each message and every field of the record
+    (what `extra=` put there too, which caplog.text leaves out)."""
+    return "\n".join(
+        f"{r.getMessage()} {sorted((k, str(v)) for k, v in r.__dict__.items())}"
+        for r in caplog.records
+    )
 
 
 def wait_for(

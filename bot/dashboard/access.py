@@ -25,6 +25,7 @@ from bot.gitea import (
     GiteaClient,
     GiteaError,
     GiteaOAuth,
+    JSONObject,
     NotFound,
     OAuthError,
     Unauthorized,
@@ -66,7 +67,7 @@ class Visible:
         return self.everything or repo in self.repos
 
 
-def permission_of(repo: dict, login: str) -> str:
+def permission_of(repo: JSONObject, login: str) -> str:
     """The user's permission as `GET /repos/{o}/{r}` with their token shows it."""
     owner = repo.get("owner") if isinstance(repo, dict) else None
     if isinstance(owner, dict) and owner.get("login") == login:

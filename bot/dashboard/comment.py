@@ -70,7 +70,7 @@ def _renderer() -> MarkdownIt:
         if not href.lower().startswith(_SCHEMES):
             token.attrSet("href", "#")
         token.attrSet("rel", "nofollow noopener noreferrer")
-        return md.renderer.renderToken(tokens, idx, options, env)  # type: ignore[attr-defined]
+        return str(md.renderer.renderToken(tokens, idx, options, env))  # type: ignore[attr-defined]
 
     md.add_render_rule("html_block", html_block)
     md.add_render_rule("html_inline", html_inline)
@@ -83,4 +83,4 @@ _MD = _renderer()
 
 def render(body: str | None) -> str:
     """The comment as HTML that is safe to put in a page."""
-    return _MD.render(body or "")
+    return str(_MD.render(body or ""))

@@ -72,7 +72,12 @@ class _Stream:
 
 class Dashboard:
     def __init__(
-        self, config: Config, store: Store, *, wake: Callable[[], None], clock=time.time
+        self,
+        config: Config,
+        store: Store,
+        *,
+        wake: Callable[[], None],
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config, self.store, self.wake, self.clock = config, store, wake, clock
         dash = config.dashboard
@@ -603,7 +608,7 @@ class Dashboard:
             gone=request.environ.get("waitress.client_disconnected", lambda: False),
         )
         return Response(
-            _Stream(stream, release),  # type: ignore[arg-type]
+            _Stream(stream, release),
             mimetype="text/event-stream",
             headers=headers,
             direct_passthrough=True,

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from bot import agents, process
 from bot.config import Config
 from bot.core import render
-from bot.core.tasks import AttemptResult, Kind, Outcome, Task
+from bot.core.tasks import AGENT_MISSING, AttemptResult, Kind, Outcome, Task
 from bot.gitea import GiteaAPI, GiteaError, ServerError, Unreachable
 from bot.publisher import Publisher
 from bot.redact import redact
@@ -401,7 +401,8 @@ class Runner:
                 secrets=cfg.secrets(),
             )
         except process.AgentStartError as exc:
-            return AgentRun(Outcome.AGENT_FAILED, str(exc), retry=False)
+            reason = f"{AGENT_MISSING}{exc}" if exc.not_found else str(exc)
+            return AgentRun(Outcome.AGENT_FAILED, reason, retry=False)
         self.store.update(task.id, pid=proc.pid, pid_start=proc.start_token, bump=False)
         deadline = self.clock() + cfg.agents.timeout_seconds
         grace = cfg.agents.kill_grace_seconds

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
-from bot import process, prune
+from bot import logs, process, prune
 from bot.config import Config
 from bot.core import metrics
 from bot.core.health import TickRecord, describe
@@ -401,6 +401,10 @@ class Worker:
         self.finish(task, AttemptResult(Outcome.INFRA_ERROR, reason))
 
     def _run(self, task: Task) -> None:
+        with logs.context(task=task.id, repo=task.repo, issue=task.issue):
+            self._attempt(task)
+
+    def _attempt(self, task: Task) -> None:
         try:
             try:
                 result = self.runner.run(task)
