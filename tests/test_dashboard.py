@@ -320,6 +320,22 @@ def test_a_writer_retries_a_failed_task_and_the_comment_names_them(site):
     assert "Queued again by @alice." in render.tracking(task, site.config, QueueView(1, 0, 3))
 
 
+def test_the_task_page_shows_the_prompt_the_agent_was_given(site):
+    task_id = site.task(REPO, state=State.RUNNING)
+    c = site.client()
+    sign_in(c, "alice")
+    assert "Not given yet" in text_of(c.get(f"/tasks/{task_id}").get_data(as_text=True))
+    path = site.config.storage.prompt_path(task_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the text is in the prompt: hostile markup is shown as text
+    path.write_text("Fix <script>alert(1)</script> the widget\n" + "x" * 70_000)
+    page = c.get(f"/tasks/{task_id}").get_data(as_text=True)
+    assert "Fix &lt;script&gt;alert(1)&lt;/script&gt; the widget" in page
+    assert "<script>alert" not in page
+    assert "70,041 bytes; the first 65,536 shown" in text_of(page)
+    assert "x" * 60_000 in page and "x" * 70_000 not in page
+
+
 # ------------------------------------------------------------------ the log link
 
 

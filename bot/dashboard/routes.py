@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -33,6 +34,8 @@ QUEUE_SHOWN = 50
 FINISHED_SHOWN = 25
 #: bytes read from the end of a running task's log for its last line
 TAIL_READ = 4096
+#: bytes of the prompt an agent was given shown on its task page at most
+PROMPT_SHOWN = 64 * 1024
 #: charts are drawn again after this long
 CHARTS_SECONDS = 60.0
 CHART_DAYS = (7, 30, 90)
@@ -466,6 +469,7 @@ class Dashboard:
         except OSError:
             size = 0
         title = self.access.titles(session, [(task.repo, task.issue)]).get((task.repo, task.issue))
+        prompt, prompt_size = _head(self.config.storage.prompt_path(task_id), PROMPT_SHOWN)
         gitea = self.config.dashboard.gitea_public_url
         return self._page(
             "task.html",
@@ -483,6 +487,9 @@ class Dashboard:
             can_retry=task.state in (State.FAILED, State.CANCELLED),
             log_size=size,
             log_start=logstream.start_offset(path),
+            prompt=prompt,
+            prompt_size=prompt_size,
+            prompt_shown=PROMPT_SHOWN,
             done=request.args.get("done"),
             tokens=views.tokens(task),
             cost=views.cost(task),
@@ -673,6 +680,17 @@ def _money(value: float | None) -> str:
 
 def _count(value: int | None) -> str:
     return "" if value is None else f"{value:,}"
+
+
+def _head(path: Path, limit: int) -> tuple[str | None, int]:
+    """(the first `limit` bytes of a file as text, its size), or (None, 0) without it."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(limit)
+            size = fh.seek(0, os.SEEK_END)
+    except OSError:
+        return None, 0
+    return data.decode("utf-8", "replace"), size
 
 
 def _before(text: str | None) -> tuple[float, int] | None:
