@@ -125,7 +125,10 @@ def site(tmp_path_factory):
 @pytest.fixture(scope="module")
 def playwright():
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run does)")
+        why = f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run does)"
+        if os.environ.get("KUGETSU_REQUIRE_BROWSER"):
+            pytest.fail(why)
+        pytest.skip(why)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
