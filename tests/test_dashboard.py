@@ -128,6 +128,21 @@ def test_sign_in_sets_a_signed_session_cookie_and_sign_out_ends_it(site):
     assert "Signed in as" not in text_of(c.get("/").get_data(as_text=True))
 
 
+def test_the_overview_refreshes_in_place_and_an_ended_sign_in_reloads_it(site):
+    """The overview's script fetches `?fragment=live` every few seconds and puts it in
+    the page; on 401 it reloads (to the sign-in page) instead."""
+    task_id = site.task(REPO, state=State.RUNNING)
+    c = site.client()
+    sign_in(c, "alice")
+    live = c.get("/?fragment=live")
+    assert live.status_code == 200
+    text = live.get_data(as_text=True)
+    assert f"/tasks/{task_id}" in text and "<html" not in text and "Running now" in text
+    signed_out = site.client().get("/?fragment=live")
+    assert signed_out.status_code == 401
+    assert site.client().get("/").status_code == 200  # the page itself: the sign-in page
+
+
 def test_the_session_cookie_is_secure_behind_https(tmp_path, gitea):
     site = Harness(tmp_path, gitea, public_url="https://kugetsu.example")
     back = sign_in(site.client(), "alice")

@@ -334,7 +334,9 @@ class Dashboard:
 
     def overview(self) -> BaseResponse:
         if self._session() is None:
-            return self._signin(200)
+            # the page's own refresh reloads on 401, to the sign-in page, rather than
+            # put that page inside the overview
+            return self._signin(401 if request.args.get("fragment") == "live" else 200)
         return self._guarded(self._overview)
 
     def _filters(self, visible: Visible) -> tuple[dict[str, str], TaskQuery, str | None]:
