@@ -27,7 +27,7 @@ from bot.gitea import GiteaOAuth, OAuthError
 from bot.httpserver import HttpServer
 from bot.ingest import RulesSource
 from bot.store import TaskQuery, open_store
-from tests.conftest import REPO, enqueue, make_config, task_events, wait_for
+from tests.conftest import REPO, make_config, queue_task, task_events, wait_for
 from tests.dashboard import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -66,17 +66,7 @@ class Harness:
 
     def task(self, repo: str = REPO, *, state: State = State.PENDING, **fields) -> int:
         number = self.gitea.create_issue(repo, f"Issue in {repo}")
-        task_id = enqueue(
-            self.store,
-            repo=repo,
-            issue=number,
-            kind="start",
-            prompt="please",
-            agent="fake",
-            requested_by="alice",
-            max_attempts=3,
-        )
-        self.store.mark_authorized([(task_id, "write")])
+        task_id = queue_task(self.store, number, repo=repo, prompt="please")
         if state is not State.PENDING:
             assert [t.id for t in self.store.claim(10, "w1")] == [task_id]
         if state in (State.FAILED, State.COMPLETED, State.CANCELLED):
