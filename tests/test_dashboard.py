@@ -704,7 +704,13 @@ def test_charts_tell_series_apart_by_pattern_and_list_their_numbers():
     assert 'fill="url(#p0)"' in outcome.svg and 'fill="url(#p2)"' in outcome.svg
     assert "<title>" in outcome.svg and outcome.rows == ((days[0], "1", "1", "2"),)
     times = charts.times_per_day(rows, days)
-    assert times.rows[0][1:] == ("20s", "29s", "35s", "58s")
+    assert times.rows[0][1:] == ("20s", "29s", "35s", "57.5s")
+    # the axis of times reaches 80 s in steps of 20: none is rounded to another number
+    ticks = re.findall(r'text-anchor="end">([^<]+)</text>', times.svg)
+    assert ticks == ["0s", "20s", "40s", "1m00s", "1m20s"]
+    wait = [FinishedRow(REPO, "fake", "completed", "succeeded", day, day + 10, day + 20, None)]
+    ticks = re.findall(r'text-anchor="end">([^<]+)</text>', charts.times_per_day(wait, days).svg)
+    assert ticks == ["0s", "2.5s", "5s", "7.5s", "10s"]
     cost = charts.cost_per_day(rows, days, "agent")
     assert cost.columns == ("day", "fake", "claude", "total")
     assert "nothing in this period" in charts.cost_per_day([], days, "repo").svg

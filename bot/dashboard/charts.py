@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from bot.dashboard.views import percentile
+from bot.dashboard.views import duration, percentile
 from bot.store import FinishedRow
 
 WIDTH, HEIGHT = 720, 260
@@ -75,11 +75,10 @@ def _fmt(value: float, unit: str) -> str:
     if unit == "$":
         return f"${value:,.2f}"
     if unit == "s":
-        if value >= 3600:
-            return f"{value / 3600:.1f}h"
-        if value >= 60:
-            return f"{value / 60:.1f}m"
-        return f"{value:.0f}s"
+        # exact, as an axis step needs: 2.5s, 1m20s (never 1.3m, nor 2.5 shown as 2)
+        if value < 60 and value != round(value):
+            return f"{value:.1f}s"
+        return duration(value)
     return f"{value:,.0f}"
 
 
