@@ -9,7 +9,8 @@ follow live logs, and the receiver's memory while a 50 MB log is sent.
   cached, as in use), timed around the app's own handling (no network): p50, p95, max.
 - viewers: `kugetsu serve` with three agents that print 100 lines a second, then
   deliveries at 200/s for 10 s (bench/webhook_latency.py's lean client and mix), first
-  with nobody watching, then with 50 signed-in viewers following the three live logs.
+  with nobody watching, then with 50 signed-in viewers following the three live logs
+  (the viewers in a process of their own, beside the timing client's).
 - biglog: `kugetsu serve` with a finished task whose log is 50 MB; the whole log is
   read over the live stream from byte 0, as a download, and through the signed link,
   once by a fast reader and once by a slow one, while the receiver's resident memory is
@@ -21,6 +22,7 @@ Writes bench/results/dashboard.json.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import random
 import socket
 import sqlite3
@@ -29,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -155,7 +158,7 @@ def bench_pages(tmp: Path, repeat: int) -> dict:
 class Viewer(threading.Thread):
     """One person following a live log: a connection that reads whatever arrives."""
 
-    def __init__(self, port: int, path: str, cookie: str, stop: threading.Event):
+    def __init__(self, port: int, path: str, cookie: str, stop: Any):
         super().__init__(daemon=True)
         self.port, self.path, self.cookie, self.stop = port, path, cookie, stop
         self.bytes = 0
@@ -181,12 +184,31 @@ class Viewer(threading.Thread):
             self.error = repr(exc)
 
 
-def bench_viewers(tmp: Path, viewers: int, rate: float, seconds: float) -> dict:
+def crowd(
+    port: int, paths: list[str], cookie: str, stop: Any, received: Any, connected: Any
+) -> None:
+    """The viewers, in a process of their own (so that their threads do not slow the
+    timing client's): `received` is the bytes they have read so far, `connected` how
+    many read something without an error, once `stop` is set."""
+    people = [Viewer(port, path, cookie, stop) for path in paths]
+    for v in people:
+        v.start()
+    while not stop.wait(0.2):
+        received.value = sum(v.bytes for v in people)
+    for v in people:
+        v.join(5)
+    received.value = sum(v.bytes for v in people)
+    connected.value = sum(1 for v in people if v.bytes and not v.error)
+
+
+def bench_viewers(tmp: Path, viewers: int, rate: float, seconds: float, rounds: int) -> dict:
     from bench.webhook_latency import blast, build_deliveries, plain_deliveries
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with GiteaProcess(tmp / "gitea", issues=500, oauth_redirect=url + "/oauth/callback") as gitea:
+    # the deliveries go to issues 1 to 500 (a /kugetsu stop among them must not end a
+    # followed task); the followed agents work on 501 to 503
+    with GiteaProcess(tmp / "gitea", issues=503, oauth_redirect=url + "/oauth/callback") as gitea:
         agent = fake_agent_table(FAKE_MODE="nochange", FAKE_SECONDS=600, FAKE_PRINT_EVERY=0.01)
         tables = service_tables(
             port=port, gitea_url=gitea.url, data_dir=tmp / "data", agents={"fake": agent}
@@ -194,7 +216,7 @@ def bench_viewers(tmp: Path, viewers: int, rate: float, seconds: float) -> dict:
         tables["dashboard"] = dashboard_table(gitea.url)
         svc = Service(write_config(tmp / "kugetsu.toml", tables), port, tmp).start()
         try:
-            for number in (1, 2, 3):
+            for number in (501, 502, 503):
                 body, headers = payloads.comment_delivery("/kugetsu start", number)
                 assert svc.post(body, headers).status_code == 202
             db = tmp / "data" / "kugetsu.db"
@@ -215,29 +237,31 @@ def bench_viewers(tmp: Path, viewers: int, rate: float, seconds: float) -> dict:
             rng = random.Random(7)
             n = round(rate * seconds)
             out: dict = {}
-            for label, watchers in (("nobody watching", 0), (f"{viewers} viewers", viewers)):
-                stop = threading.Event()
-                crowd = [
-                    Viewer(port, f"/tasks/{1 + i % 3}/log/stream?from=0", cookie, stop)
-                    for i in range(watchers)
-                ]
-                for v in crowd:
-                    v.start()
-                time.sleep(2.0 if watchers else 0.5)
+            spawn = multiprocessing.get_context("spawn")
+            # the two in turn, `rounds` times: a machine whose load drifts meets both alike
+            runs = [("nobody watching", 0), (f"{viewers} viewers", viewers)] * rounds
+            for turn, (name, watchers) in enumerate(runs):
+                label = f"{name}, round {turn // 2 + 1}" if rounds > 1 else name
+                stop, received, connected = spawn.Event(), spawn.Value("q", 0), spawn.Value("i", 0)
+                paths = [f"/tasks/{1 + i % 3}/log/stream?from=0" for i in range(watchers)]
+                people = spawn.Process(
+                    target=crowd, args=(port, paths, cookie, stop, received, connected)
+                )
+                people.start()
+                time.sleep(3.0 if watchers else 1.0)
                 blast([url + "/webhook"], plain_deliveries(200, 500, rng), rate, 8)
                 work = build_deliveries(n, 500, rng, "realistic")
-                before = sum(v.bytes for v in crowd)
+                before = received.value
                 started = time.monotonic()
                 (result,) = blast([url + "/webhook"], work, rate, 8)
                 took = time.monotonic() - started
-                streamed = sum(v.bytes for v in crowd) - before
+                streamed = received.value - before
                 stop.set()
-                for v in crowd:
-                    v.join(5)
+                people.join(15)
                 out[label] = {
                     "latency_ms": result["latency_ms"],
                     "status_counts": result["status_counts"],
-                    "viewers_connected": sum(1 for v in crowd if v.bytes and not v.error),
+                    "viewers_connected": connected.value,
                     "log_bytes_streamed_per_s": round(streamed / took),
                 }
                 time.sleep(3.0)  # the streams end (their next write fails) before the next run
@@ -337,6 +361,7 @@ def main() -> int:
     parser.add_argument("--viewers", type=int, default=50)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3, help="viewers: runs of each, in turn")
     parser.add_argument("--megabytes", type=int, default=50)
     args = parser.parse_args()
     results: dict = {}
@@ -355,7 +380,7 @@ def main() -> int:
                     print(f"{login}: first overview {pages['first_overview_ms (Gitea asked)']} ms")
             elif part == "viewers":
                 results["viewers"] = r = bench_viewers(
-                    Path(d), args.viewers, args.rate, args.seconds
+                    Path(d), args.viewers, args.rate, args.seconds, args.rounds
                 )
                 rows = [
                     [
