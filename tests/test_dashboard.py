@@ -238,6 +238,22 @@ def test_what_a_user_may_read_is_cached_then_asked_again(tmp_path, gitea):
     assert asked() > before
 
 
+def test_the_queue_is_shown_in_the_fair_order_slots_go_in(site):
+    """Three tasks of one repository, then one of another: the other's takes the second
+    slot (fair share), and the page shows each at the place its tracking comment gives."""
+    site.gitea.create_repo("acme/other")
+    first = [site.task(REPO) for _ in range(3)]
+    other = site.task("acme/other")
+    c = site.client()
+    sign_in(c, "alice")
+    page = c.get("/?state=pending").get_data(as_text=True)
+    queue = page[page.index('id="h-queue"') :]
+    shown = [int(n) for n in re.findall(r'href="/tasks/(\d+)"', queue)]
+    assert shown == [first[0], other, first[1], first[2]]
+    places = [int(p) for p in re.findall(r'data-label="Position">(\d+)<', queue)]
+    assert places == [site.store.queue_position(t) for t in shown] == [1, 2, 3, 4]
+
+
 # --------------------------------------------------------------- stop and retry
 
 
@@ -499,7 +515,6 @@ def test_the_lists_read_indexes_not_the_whole_table(site):
         lambda: store.finished_tasks(TaskQuery(), limit=25),
         lambda: store.finished_tasks(TaskQuery(repos=(REPO,)), before=(time.time(), 5), limit=25),
         lambda: store.finished_tasks(TaskQuery(state=State.FAILED), limit=25),
-        lambda: store.waiting_tasks(1000),
         lambda: store.task_events(1),
         lambda: store.repos(),
         lambda: store.finished_since(time.time() - 86400, (REPO,)),
@@ -602,23 +617,29 @@ def _task(task_id, repo=REPO, issue=1, **kw):
 
 def test_queue_rows_say_why_each_task_waits():
     running = [_task(1, issue=1, state=State.RUNNING)]
-    pending = [
+    # in the fair order the store gives (not by id): 6 comes before 5, its issue's
+    # earlier task, and the one free slot goes to the first task that is ready
+    waiting = [
         _task(2, issue=1),  # its issue's task runs
         _task(3, issue=2, authorized=None),
         _task(4, issue=3, not_before=500.0),
-        _task(5, issue=4),  # the one free slot
         _task(6, issue=4),  # behind 5
-        _task(7, issue=5),  # no slot left
+        _task(7, issue=5),  # the one free slot
+        _task(5, issue=4),  # no slot left
     ]
-    rows = views.queue_rows(pending, running, limit=2, now=100.0)
+    rows = views.queue_rows(
+        [(t, place) for place, t in enumerate(waiting, start=1)], running, limit=2, now=100.0
+    )
     reasons = {r.task.id: r.reason for r in rows}
+    assert [r.task.id for r in rows] == [2, 3, 4, 6, 7, 5]
     assert [r.position for r in rows] == [1, 2, 3, 4, 5, 6]
     assert reasons[2] == "waiting on the issue's running task #1"
     assert "permission" in reasons[3]
     assert reasons[4].startswith("back-off until 1970-01-01 00:08:20")
-    assert rows[3].next_up and "slot is free" in reasons[5]
     assert reasons[6] == "behind task #5 of the same issue"
-    assert reasons[7] == "no free slot: 1 of 2 agents busy"
+    assert rows[4].next_up and "slot is free" in reasons[7]
+    assert reasons[5] == "no free slot: 1 of 2 agents busy"
+    assert [r.next_up for r in rows].count(True) == 1
 
 
 def test_attempts_are_read_from_events():

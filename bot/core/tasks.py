@@ -189,6 +189,8 @@ class Task:
     #: the commit holding the agent's work while it waits to be published: a retry then
     #: publishes it and does not run the agent again (None: the agent has yet to run)
     publish_sha: str | None = None
+    #: the request named its agent: a repository's default agent does not replace it
+    agent_requested: bool = False
     #: who last put the task back in the queue (`retry`), shown in its tracking comment
     retried_by: str | None = None
 

@@ -395,7 +395,7 @@ class Dashboard:
         pending_total = 0
         if state in (None, State.PENDING):
             rows = views.queue_rows(
-                self.store.waiting_tasks(QUEUE_SCAN),
+                self.store.pending_positions(QUEUE_SCAN, unchecked=True),
                 all_running,
                 self.config.queue.max_concurrent_agents,
                 now,

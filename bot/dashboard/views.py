@@ -40,25 +40,28 @@ class QueueRow:
 
 
 def queue_rows(
-    pending: Sequence[Task], running: Iterable[Task], limit: int, now: float
+    waiting: Sequence[tuple[Task, int]], running: Iterable[Task], limit: int, now: float
 ) -> list[QueueRow]:
-    """The queue in claim order (pending tasks by id), each with its position and why it
-    waits, as `Store.claim` would decide: a task waits for its requester's permission
-    to be checked, for its back-off to end, for its issue's running task, for an
-    earlier task of its issue, or for a free agent slot."""
+    """The queue as `Store.pending_positions` gives it (each waiting task with its place
+    in the fair order in which slots go), each with why it waits, as `Store.claim` would
+    decide: a task waits for its requester's permission to be checked, for its back-off
+    to end, for its issue's running task, for an earlier task of its issue, or for a free
+    agent slot (the free slots go to the first ready tasks in that order)."""
     running = list(running)
     busy_issues = {(t.repo, t.issue): t for t in running}
     free = max(0, limit - len(running))
     first_of_issue: dict[tuple[str, int], Task] = {}
-    rows = []
-    for position, task in enumerate(sorted(pending, key=lambda t: t.id), start=1):
+    for task, _ in waiting:
         key = (task.repo, task.issue)
-        earlier = first_of_issue.setdefault(key, task)
+        if key not in first_of_issue or task.id < first_of_issue[key].id:
+            first_of_issue[key] = task
+    rows = []
+    for task, position in waiting:
+        key = (task.repo, task.issue)
+        earlier = first_of_issue[key]
         next_up = False
-        if task.authorized is None:
+        if not task.authorized:
             reason = "waiting for the requester's permission to be checked"
-        elif task.authorized is False:
-            reason = "not allowed to run"
         elif key in busy_issues:
             reason = f"waiting on the issue's running task #{busy_issues[key].id}"
         elif earlier is not task:
