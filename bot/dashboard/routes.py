@@ -93,7 +93,6 @@ class Dashboard:
         self.access = Access(config, store.repos, self.sessions, self.oauth, clock=clock)
         self.pages = threading.BoundedSemaphore(PAGE_SLOTS)
         self.streams = threading.BoundedSemaphore(dash.max_log_streams)
-        self.watching = 0
         self._charts: dict[tuple[Any, ...], tuple[float, list[charts.Chart]]] = {}
         gitea_origin = "{0.scheme}://{0.netloc}".format(urlsplit(dash.gitea_public_url))
         self.headers = {
@@ -596,12 +595,6 @@ class Dashboard:
             )
             log.info("live log refused: every stream slot is taken", extra={"limit": limit})
             return Response(busy, mimetype="text/event-stream", headers=headers)
-        self.watching += 1
-
-        def release() -> None:
-            self.watching -= 1
-            self.streams.release()
-
         offset = logstream.resume_offset(
             request.headers.get("Last-Event-ID"), request.args.get("from")
         )
@@ -617,7 +610,7 @@ class Dashboard:
             gone=request.environ.get("waitress.client_disconnected", lambda: False),
         )
         return Response(
-            _Stream(stream, release),
+            _Stream(stream, self.streams.release),
             mimetype="text/event-stream",
             headers=headers,
             direct_passthrough=True,
