@@ -1930,15 +1930,25 @@ class Store:
 
     # ------------------------------------------------------------------ the dashboard
 
-    def repos(self) -> list[str]:
-        """Every repository with tasks, in order. A skip scan of the index by repository:
-        as many steps as there are repositories, whatever the number of tasks."""
+    def task_repos(self) -> list[str]:
+        """Every repository with tasks, in order (`_distinct`)."""
+        return self._distinct("repo")
+
+    def task_agents(self) -> list[str]:
+        """Every agent tasks were given, in order (`_distinct`)."""
+        return self._distinct("agent")
+
+    def _distinct(self, column: str) -> list[str]:
+        """The values of `column` in tasks, in order. A skip scan of the index that starts
+        with it (migration 15): as many steps as there are values, whatever the number of
+        tasks (a GROUP BY would read every entry)."""
+        assert column in ("repo", "agent"), column
         return [
             row[0]
             for row in self._conn().execute(
-                "WITH RECURSIVE r(repo) AS (SELECT MIN(repo) FROM tasks UNION ALL "
-                "SELECT (SELECT MIN(repo) FROM tasks WHERE repo > r.repo) FROM r "
-                "WHERE r.repo IS NOT NULL) SELECT repo FROM r WHERE repo IS NOT NULL"
+                f"WITH RECURSIVE r(v) AS (SELECT MIN({column}) FROM tasks UNION ALL "
+                f"SELECT (SELECT MIN({column}) FROM tasks WHERE {column} > r.v) FROM r "
+                "WHERE r.v IS NOT NULL) SELECT v FROM r WHERE v IS NOT NULL"
             )
         ]
 

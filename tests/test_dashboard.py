@@ -254,6 +254,20 @@ def test_the_queue_is_shown_in_the_fair_order_slots_go_in(site):
     assert places == [site.store.queue_position(t) for t in shown] == [1, 2, 3, 4]
 
 
+def test_the_agent_filter_offers_every_agent_tasks_were_given(site):
+    """An agent named by a repository's .kugetsu.toml (a preset the server's config does
+    not list) is offered too, and filters."""
+    given = site.task(REPO, agent="claude")
+    other = site.task(REPO)
+    c = site.client()
+    sign_in(c, "alice")
+    page = c.get("/").get_data(as_text=True)
+    options = re.findall(r'<option value="([^"]*)"', page[page.index('id="f-agent"') :])
+    assert "claude" in options and "fake" in options
+    found = c.get("/?agent=claude&state=pending").get_data(as_text=True)
+    assert f"/tasks/{given}" in found and f"/tasks/{other}" not in found
+
+
 # --------------------------------------------------------------- stop and retry
 
 
@@ -516,7 +530,8 @@ def test_the_lists_read_indexes_not_the_whole_table(site):
         lambda: store.finished_tasks(TaskQuery(repos=(REPO,)), before=(time.time(), 5), limit=25),
         lambda: store.finished_tasks(TaskQuery(state=State.FAILED), limit=25),
         lambda: store.task_events(1),
-        lambda: store.repos(),
+        lambda: store.task_repos(),
+        lambda: store.task_agents(),
         lambda: store.finished_since(time.time() - 86400, (REPO,)),
     ]
     conn = store._conn()

@@ -90,7 +90,7 @@ class Dashboard:
         self.oauth = GiteaOAuth(
             config.gitea.url, dash.gitea_public_url, dash.oauth_client_id, dash.oauth_client_secret
         )
-        self.access = Access(config, store.repos, self.sessions, self.oauth, clock=clock)
+        self.access = Access(config, store.task_repos, self.sessions, self.oauth, clock=clock)
         self.pages = threading.BoundedSemaphore(PAGE_SLOTS)
         self.streams = threading.BoundedSemaphore(dash.max_log_streams)
         self._charts: dict[tuple[Any, ...], tuple[float, list[charts.Chart]]] = {}
@@ -418,9 +418,12 @@ class Dashboard:
             session=session,
             visible=visible,
             repos=sorted(visible.repos) if not visible.everything else self.access.known_repos(),
+            # those configured, and any other that tasks were given (a repository's own
+            # .kugetsu.toml can name a preset)
             agents=sorted(
                 {self.config.agents.default, *self.config.agents.fallback}
                 | set(self.config.agents.tables)
+                | set(self.store.task_agents())
             ),
             states=[s.value for s in State],
             shown=shown,
