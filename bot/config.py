@@ -134,6 +134,9 @@ class TriggersConfig:
     #: commands are answered with a reaction alone
     reply_limit: int = 5
     reply_window_seconds: float = 600.0
+    #: any "request changes" review on a pull request kugetsu opened, by someone who may
+    #: ask for work, asks for a follow-up (without it, only a review holding a command)
+    review_changes: bool = False
 
 
 @dataclass(frozen=True)
@@ -591,6 +594,7 @@ def load(
         reply_window_seconds=t.number(
             "reply_window_seconds", TriggersConfig.reply_window_seconds, positive=True
         ),
+        review_changes=t.boolean("review_changes", TriggersConfig.review_changes),
     )
     t.check_unknown()
     if not triggers.label.strip():

@@ -59,7 +59,8 @@ REFUSED_FLUSH_SECONDS = 5.0
 
 
 def known_agents(config: Config) -> frozenset[str]:
-    return frozenset(agents.PRESETS) | frozenset(config.agents.tables)
+    """The agents configured: every preset and every `[agents.NAME]` table."""
+    return agents.configured(config.agents)
 
 
 def _signals(stop: threading.Event, *, level: int = logging.INFO) -> None:
@@ -108,7 +109,13 @@ def run_worker(
     workspace = workspace_of(config)
     scheduler = Scheduler(config.queue.poll_interval_seconds)
     worker = Worker(
-        config, store, gitea, workspace, schedule_tick=scheduler.wake, counts=gitea.tally
+        config,
+        store,
+        gitea,
+        workspace,
+        schedule_tick=scheduler.wake,
+        schedule_at=scheduler.wake_at,
+        counts=gitea.tally,
     )
 
     stop = threading.Event()
@@ -445,7 +452,8 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     app = create_app(
         config,
         store,
-        rules=RulesSource(config, store, known_agents(config)),
+        # what a request may name and `help` lists: the agents installed here
+        rules=RulesSource(config, store, agents.available(config.agents, os.environ)),
         wake=worker.wake,
         health=health,
         store_failed=health.store_failed,

@@ -298,7 +298,16 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (repo, blob)
     );
     """,
-    # 15: the dashboard. Who last retried a task (its tracking comment names them), and
+    # 15: conversations. `answer_on`: the issue or pull request where the task's result is
+    # also posted when it ends (a request typed on a pull request, a retry), and
+    # `answer_id` that answer's comment (0 while it is being written); `review`: the
+    # review a follow-up answers (its id, state, body and line comments), as JSON.
+    """
+    ALTER TABLE tasks ADD COLUMN answer_on INTEGER;
+    ALTER TABLE tasks ADD COLUMN answer_id INTEGER;
+    ALTER TABLE tasks ADD COLUMN review TEXT;
+    """,
+    # 16: the dashboard. Who last retried a task (its tracking comment names them), and
     # indexes for its lists: newest first per repository (and state), agent, requester
     # and issue number, and finished tasks by the time they finished, over all
     # repositories and per repository (`_FINISHED_AT` below is the expression as written).
@@ -322,7 +331,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _TERMINAL = "state IN ('completed', 'failed', 'cancelled', 'rejected')"
 #: the dashboard's lists for at most this many repositories read each one on its own
 MERGE_REPOS = 32
-#: when a finished task finished, as migration 15 writes it in its indexes
+#: when a finished task finished, as migration 16 writes it in its indexes
 _FINISHED_AT = "COALESCE(finished_at, updated_at)"
 #: the tasks a queue position is counted among: pending and not refused (those still to be
 #: authorized included), whatever their wait before a retry
@@ -436,7 +445,7 @@ _ENUMS: dict[str, type[Kind] | type[State] | type[Outcome]] = {
     "outcome": Outcome,
 }
 #: JSON columns, and the type their value must have
-_JSON_TYPES: dict[str, type] = {"usage": dict, "agents_tried": list}
+_JSON_TYPES: dict[str, type] = {"usage": dict, "agents_tried": list, "review": dict}
 _JSON_FIELDS = set(_JSON_TYPES)
 
 
@@ -563,7 +572,7 @@ class TaskQuery:
     issue: int | None = None
 
     def where(self) -> tuple[str, list[Any]]:
-        """The SQL conditions (joined with AND, each a term the indexes of migration 15
+        """The SQL conditions (joined with AND, each a term the indexes of migration 16
         can serve) and their arguments."""
         terms, args = list[str](), list[Any]()
         if self.repos is not None:
@@ -761,6 +770,8 @@ class Store:
         trigger_comment_id: int | None = None,
         max_tokens: int | None = None,
         max_cost_usd: float | None = None,
+        answer_on: int | None = None,
+        review: dict[str, Any] | None = None,
         agent_requested: bool = False,
     ) -> int:
         """Insert a pending task inside the caller's transaction."""
@@ -768,8 +779,8 @@ class Store:
         cur = c.execute(
             "INSERT INTO tasks (repo, issue, kind, prompt, agent, requested_by, state, "
             "max_attempts, created_at, updated_at, authorized, permission_hint, "
-            "trigger_comment_id, max_tokens, max_cost_usd, agent_requested) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "trigger_comment_id, max_tokens, max_cost_usd, answer_on, review, agent_requested) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 repo,
                 issue,
@@ -785,6 +796,8 @@ class Store:
                 trigger_comment_id,
                 max_tokens,
                 max_cost_usd,
+                answer_on,
+                _encode("review", review),
                 int(agent_requested),
             ),
         )
@@ -1302,13 +1315,19 @@ class Store:
         return CancelResult.FINISHED
 
     def try_requeue(
-        self, task_id: int, by: str, *, via: str | None = None
+        self,
+        task_id: int,
+        by: str,
+        *,
+        via: str | None = None,
+        answer_on: int | None = None,
     ) -> tuple[bool, Task | None]:
         """Put a failed or cancelled task back in the queue with fresh attempts, noting
         `by` on it (its tracking comment names them) and `via` in its events. Returns
         (done, the other active task of its issue that stands in the way, if one does):
         not done when the task is not failed or cancelled, or while another task of its
-        issue is pending or running (at most one active task per issue).
+        issue is pending or running (at most one active task per issue). `answer_on`:
+        where its result is to be posted when it ends again (where the retry was asked).
 
         The check and the compare-and-set share one write transaction, so no task of the
         issue can become active in between. KeyError if there is no such task."""
@@ -1336,8 +1355,26 @@ class Store:
                 error=None,
                 cancel_requested_by=None,
                 finished_at=None,
+                answer_on=answer_on,
+                answer_id=None,
             )
             return done, None
+
+    def next_due(self) -> float | None:
+        """When the next task or item for Gitea in the outbox that waits out a back-off
+        becomes due (later than now), or None if none waits."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT (SELECT MIN(not_before) FROM tasks WHERE state = 'pending' "
+                "AND not_before > ?1), (SELECT MIN(not_before) FROM outbox "
+                "WHERE done_at IS NULL AND endpoint IS NULL AND not_before > ?1)",
+                (self.clock(),),
+            )
+            .fetchone()
+        )
+        found = [t for t in row if t is not None]
+        return min(found) if found else None
 
     def queue_position(self, task_id: int) -> int | None:
         """1-based place among the tasks waiting (pending, not refused), in the order they
@@ -1546,6 +1583,13 @@ class Store:
             (delivery_id, event, self.clock(), repo),
         )
         return cur.rowcount == 0
+
+    def delivery_known(self, delivery_id: str) -> bool:
+        """Whether a delivery (or a review taken as one) was recorded."""
+        row = (
+            self._conn().execute("SELECT 1 FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+        )
+        return row is not None
 
     def served_repos(self) -> list[str]:
         """The repositories kugetsu serves as the database knows them: those with tasks or
@@ -1940,7 +1984,7 @@ class Store:
 
     def _distinct(self, column: str) -> list[str]:
         """The values of `column` in tasks, in order. A skip scan of the index that starts
-        with it (migration 15): as many steps as there are values, whatever the number of
+        with it (migration 16): as many steps as there are values, whatever the number of
         tasks (a GROUP BY would read every entry)."""
         assert column in ("repo", "agent"), column
         return [

@@ -29,6 +29,13 @@ tokens (from that flow, or `user_token(login)`) act as that user on `GET /user` 
 private repository, `set_private`, they cannot read) and reading issues; anything else
 needs the bot's token.
 
+Reviews and pull requests people open (section "Conversations"): `add_review` submits a
+review with line comments as Gitea 1.26 stores and serves them (ids, `position` or
+`original_position`, a `diff_hunk` cut from the real diff), `review_event` gives the
+delivery Gitea would send for it (no review id, no line comment in it), `resolved` the
+conversations kugetsu resolved; `commit_files` pushes a person's commit, `open_pull` opens
+a pull request as a person (from the repository or a fork made by `fork_repo`).
+
 Webhooks as Gitea 1.26 keeps them (repository and organization hooks): `active` defaults
 to false, `config.url` and `config.content_type` are required, the secret is never
 returned, an edit replaces the event list (empty means `push`), the groups `issues` and
@@ -76,6 +83,8 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import requests
+
+from tests.fakeconversations import Conversations
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = do_HEAD = _dispatch
 
 
-class FakeGitea:
+class FakeGitea(Conversations):
     """An in-memory Gitea with real git repositories under `root`.
 
     The listening socket is bound in the constructor (so `url` is known before any
@@ -221,7 +230,11 @@ class FakeGitea:
             "pull": 0,
             "status": 0,
             "label": 0,
+            "review": 0,
         }
+        #: (repo, pull number) -> its reviews, oldest first; review id -> its line comments
+        self._reviews: dict[tuple[str, int], list[dict]] = {}
+        self._review_comments: dict[int, list[dict]] = {}
         self._conns: set[socket.socket] = set()
         self._down = False
         self._thread: threading.Thread | None = None
@@ -1038,7 +1051,8 @@ class FakeGitea:
         return self.branch_sha(record["full_name"], branch) is not None
 
     def _refresh_pull(self, record: dict, pr: dict) -> dict:
-        sha = self.branch_sha(record["full_name"], pr["head"]["ref"])
+        holder = (pr["head"].get("repo") or {}).get("full_name") or record["full_name"]
+        sha = self.branch_sha(holder, pr["head"]["ref"])
         if sha is not None:
             pr["head"]["sha"] = sha
         base_sha = self.branch_sha(record["full_name"], pr["base"]["ref"])
@@ -1216,6 +1230,7 @@ class FakeGitea:
             missing is None
             and pushing
             and _rank(self.permission(full, self.bot_login)) < _rank("write")
+            and not self.maintainer_may_push(full, self.bot_login)
         ):
             self._send(
                 h,
@@ -1278,6 +1293,8 @@ class FakeGitea:
         org = r"/orgs/(?P<org>[^/]+)"
         table = [
             ("GET", r"/version", self._api_version),
+            # before `/pulls/{base}/{head}`, which their paths would match too
+            *self._conversation_routes(repo),
             ("GET", r"/user", self._api_user),
             ("GET", repo, self._api_repo),
             ("GET", repo + r"/issues", self._api_list_issues),
@@ -1727,6 +1744,64 @@ class FakeGitea:
             "repo": self._repo_json(record),
         }
 
+    def _new_pull(
+        self,
+        record: dict,
+        number: int,
+        *,
+        user: dict,
+        title: str,
+        body: str,
+        base: dict,
+        head: dict,
+        merge_base: str,
+        allow_maintainer_edit: bool,
+    ) -> dict:
+        """A new open pull request as Gitea stores and serves it (`PullRequest`)."""
+        full = record["full_name"]
+        now = _now()
+        html = f"{self.url}/{full}/pulls/{number}"
+        return {
+            "id": self._next("pull"),
+            "issue_id": self._next("issue"),
+            "url": html,
+            "number": number,
+            "user": user,
+            "title": title,
+            "body": body,
+            "labels": [],
+            "milestone": None,
+            "assignee": None,
+            "assignees": None,
+            "requested_reviewers": None,
+            "requested_reviewers_teams": None,
+            "state": "open",
+            "draft": False,
+            "is_locked": False,
+            "comments": 0,
+            "review_comments": 0,
+            "additions": 0,
+            "deletions": 0,
+            "changed_files": 0,
+            "html_url": html,
+            "diff_url": html + ".diff",
+            "patch_url": html + ".patch",
+            "mergeable": True,
+            "merged": False,
+            "merged_at": None,
+            "merge_commit_sha": None,
+            "merged_by": None,
+            "allow_maintainer_edit": allow_maintainer_edit,
+            "base": base,
+            "head": head,
+            "merge_base": merge_base,
+            "due_date": None,
+            "created_at": now,
+            "updated_at": now,
+            "closed_at": None,
+            "pin_order": 0,
+        }
+
     def _api_create_pull(self, params, query, data):
         record = self._api_repo_record(params)
         head, base, title = data.get("head"), data.get("base"), data.get("title")
@@ -1756,48 +1831,17 @@ class FakeGitea:
         except subprocess.CalledProcessError:
             merge_base = ""
         number = self._take_number(record)
-        now = _now()
-        html = f"{self.url}/{full}/pulls/{number}"
-        pr = {
-            "id": self._next("pull"),
-            "issue_id": self._next("issue"),
-            "url": html,
-            "number": number,
-            "user": self.user(self.bot_login),
-            "title": title,
-            "body": data.get("body") or "",
-            "labels": [],
-            "milestone": None,
-            "assignee": None,
-            "assignees": None,
-            "requested_reviewers": None,
-            "requested_reviewers_teams": None,
-            "state": "open",
-            "draft": False,
-            "is_locked": False,
-            "comments": 0,
-            "review_comments": 0,
-            "additions": 0,
-            "deletions": 0,
-            "changed_files": 0,
-            "html_url": html,
-            "diff_url": html + ".diff",
-            "patch_url": html + ".patch",
-            "mergeable": True,
-            "merged": False,
-            "merged_at": None,
-            "merge_commit_sha": None,
-            "merged_by": None,
-            "allow_maintainer_edit": bool(data.get("allow_maintainer_edit", False)),
-            "base": self._pull_branch_info(record, base, base_sha),
-            "head": self._pull_branch_info(record, head_branch, head_sha),
-            "merge_base": merge_base,
-            "due_date": None,
-            "created_at": now,
-            "updated_at": now,
-            "closed_at": None,
-            "pin_order": 0,
-        }
+        pr = self._new_pull(
+            record,
+            number,
+            user=self.user(self.bot_login),
+            title=title,
+            body=data.get("body") or "",
+            base=self._pull_branch_info(record, base, base_sha),
+            head=self._pull_branch_info(record, head_branch, head_sha),
+            merge_base=merge_base,
+            allow_maintainer_edit=bool(data.get("allow_maintainer_edit", False)),
+        )
         record["pulls"][number] = pr
         return 201, pr
 

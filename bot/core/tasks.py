@@ -189,6 +189,13 @@ class Task:
     #: the commit holding the agent's work while it waits to be published: a retry then
     #: publishes it and does not run the agent again (None: the agent has yet to run)
     publish_sha: str | None = None
+    #: where the task's result is also posted when it ends (the pull request a request
+    #: was typed on, or where a retry was asked); None: the tracking comment is enough
+    answer_on: int | None = None
+    #: that answer's comment id once written (0 while it is being written)
+    answer_id: int | None = None
+    #: the review a follow-up answers: id, state, body, user and its line comments
+    review: dict[str, Any] = field(default_factory=dict)
     #: the request named its agent: a repository's default agent does not replace it
     agent_requested: bool = False
     #: who last put the task back in the queue (`retry`), shown in its tracking comment
