@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response, request, send_file
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from bot import tasklog
+from bot import dashboard, tasklog
 from bot.config import Config
 from bot.core import events, intake, render
 from bot.core import metrics as counts
@@ -182,10 +182,22 @@ def create_app(
         data = tasklog.read(config, store, task_id)
         if data is None:
             return answer(404, "not found", "no such log")
-        return Response(data, mimetype="text/plain", headers={"Cache-Control": "no-store"})
+        # this node's file, streamed as the client reads it: a log of any size costs the
+        # receiver neither its size in memory nor a thread while it is sent; a task that
+        # ran on another machine has its log in the database (PostgreSQL), read whole
+        path = config.storage.log_path(task_id)
+        if not path.is_file():
+            data = tasklog.read(config, store, task_id)
+            if data is None:
+                return answer(404, "not found", "no such log")
+            return Response(data, mimetype="text/plain", headers={"Cache-Control": "no-store"})
+        response = send_file(path, mimetype="text/plain", conditional=False, etag=False)
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     if scrape is not None and config.metrics.enabled:
         _metrics_route(app, config, scrape)
+    dashboard.register(app, config, store, wake=wake)
     return app
 
 

@@ -262,6 +262,24 @@ class ReconcileConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    """`[dashboard]`: the web pages people sign in to with their Gitea account."""
+
+    enabled: bool = False
+    #: the OAuth2 application kugetsu is registered as in Gitea (docs/gitea-setup.md)
+    oauth_client_id: str = ""
+    oauth_client_secret: str = field(default="", repr=False)
+    #: Gitea as browsers reach it (its ROOT_URL), when gitea.url is an internal address
+    gitea_public_url: str = ""
+    #: a sign-in lasts this long
+    session_hours: float = 8.0
+    #: what Gitea said a user may read is kept this long before it is asked again
+    access_cache_seconds: float = 60.0
+    #: live log views at most at once; each holds one of the receiver's threads
+    max_log_streams: int = 50
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     #: "text" (one line of text a record) or "json" (one JSON object a line)
     format: str = "text"
@@ -281,12 +299,14 @@ class Config:
     notify: tuple[NotifyConfig, ...] = ()
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "(built-in defaults)"
 
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, comment, body or URL."""
         extra = [self.metrics.token, *(n.secret for n in self.notify), _url_password(self)]
+        extra.append(self.dashboard.oauth_client_secret)
         return tuple(s for s in (self.gitea.token, self.gitea.webhook_secret, *extra) if s)
 
     def notify_routes(self) -> tuple[tuple[str, frozenset[str]], ...]:
@@ -427,6 +447,7 @@ _SECTIONS = (
     "notify",
     "worker",
     "reconcile",
+    "dashboard",
     "logging",
 )
 
@@ -698,6 +719,8 @@ def load(
             f"logging.level must be one of {', '.join(LEVELS)}, got {logging_config.level!r}"
         )
 
+    dashboard = _dashboard(data.get("dashboard"), env, server, gitea)
+
     config = Config(
         server=server,
         gitea=gitea,
@@ -710,6 +733,7 @@ def load(
         notify=_notify_entries(data.get("notify")),
         worker=worker,
         reconcile=_reconcile(data.get("reconcile")),
+        dashboard=dashboard,
         logging=logging_config,
         source=source,
     )
@@ -736,6 +760,48 @@ def _reconcile(data: Any) -> ReconcileConfig:
     )
     r.check_unknown()
     return reconcile
+
+
+def _dashboard(
+    data: Any, env: Mapping[str, str], server: ServerConfig, gitea: GiteaConfig
+) -> DashboardConfig:
+    d = _Section("dashboard", data)
+    dashboard = DashboardConfig(
+        enabled=d.boolean("enabled", DashboardConfig.enabled),
+        oauth_client_id=d.string("oauth_client_id", DashboardConfig.oauth_client_id),
+        oauth_client_secret=_override(
+            env,
+            "KUGETSU_OAUTH_CLIENT_SECRET",
+            d.string("oauth_client_secret", DashboardConfig.oauth_client_secret),
+        ),
+        gitea_public_url=d.string("gitea_public_url", "").rstrip("/") or gitea.url,
+        session_hours=d.number("session_hours", DashboardConfig.session_hours, positive=True),
+        access_cache_seconds=d.number(
+            "access_cache_seconds", DashboardConfig.access_cache_seconds, minimum=0
+        ),
+        max_log_streams=d.integer(
+            "max_log_streams", DashboardConfig.max_log_streams, minimum=1, maximum=1000
+        ),
+    )
+    d.check_unknown()
+    if not dashboard.gitea_public_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            "dashboard.gitea_public_url must start with http:// or https://, "
+            f"got {dashboard.gitea_public_url!r}"
+        )
+    if dashboard.enabled:
+        if not dashboard.oauth_client_id or not dashboard.oauth_client_secret:
+            raise ConfigError(
+                "dashboard.enabled needs dashboard.oauth_client_id and "
+                "dashboard.oauth_client_secret (or KUGETSU_OAUTH_CLIENT_SECRET): register "
+                "kugetsu as an OAuth2 application in Gitea (docs/gitea-setup.md)"
+            )
+        if not server.public_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                "dashboard.enabled needs server.public_url (http:// or https://): Gitea "
+                "sends people back to it after they sign in"
+            )
+    return dashboard
 
 
 def _check_agents(config: Config) -> None:

@@ -659,3 +659,101 @@ def missing_scope(exc: GiteaError) -> str | None:
         return None
     found = _SCOPE_RE.search(exc.message)
     return found.group(1).strip() or None if found else None
+
+
+# --------------------------------------------------------------------------- OAuth2
+
+#: Gitea's OAuth2 provider, under its web root (not /api/v1)
+OAUTH_AUTHORIZE_PATH = "/login/oauth/authorize"
+OAUTH_TOKEN_PATH = "/login/oauth/access_token"
+
+
+class OAuthError(GiteaError):
+    """Gitea refused to give a token (a wrong or used code, a wrong PKCE verifier, a
+    wrong client secret, an expired refresh token), or could not be asked."""
+
+
+class GiteaOAuth:
+    """Signs people in with Gitea as an OAuth2 provider: the authorization code grant
+    with PKCE. The tokens it gets are the user's own; they are sent only in the
+    Authorization header of API calls (`GiteaClient`), never in a URL or a log line."""
+
+    def __init__(
+        self,
+        base_url: str,
+        public_url: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        timeout: float = 10,
+        session: requests.Session | None = None,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.public_url = public_url.rstrip("/")
+        self.client_id = client_id
+        self._secret = client_secret
+        self.timeout = timeout
+        self._session = session if session is not None else environment_session(self.base_url)
+
+    def authorize_url(
+        self, *, redirect_uri: str, state: str, code_challenge: str, scope: str
+    ) -> str:
+        """Where the browser goes to sign in (Gitea as browsers reach it)."""
+        from urllib.parse import urlencode
+
+        query = urlencode(
+            {
+                "client_id": self.client_id,
+                "redirect_uri": redirect_uri,
+                "response_type": "code",
+                "state": state,
+                "scope": scope,
+                "code_challenge": code_challenge,
+                "code_challenge_method": "S256",
+            }
+        )
+        return f"{self.public_url}{OAUTH_AUTHORIZE_PATH}?{query}"
+
+    def exchange_code(self, *, code: str, verifier: str, redirect_uri: str) -> JSONObject:
+        """The tokens for an authorization code: {access_token, refresh_token, expires_in}."""
+        return self._token(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": redirect_uri,
+                "code_verifier": verifier,
+            }
+        )
+
+    def refresh(self, refresh_token: str) -> JSONObject:
+        return self._token({"grant_type": "refresh_token", "refresh_token": refresh_token})
+
+    def _token(self, form: dict[str, str]) -> JSONObject:
+        secrets = tuple(v for v in (self._secret, *form.values()) if len(v) >= 8)
+        form = {**form, "client_id": self.client_id, "client_secret": self._secret}
+        try:
+            resp = self._session.post(
+                self.base_url + OAUTH_TOKEN_PATH,
+                data=form,
+                headers={"Accept": "application/json"},
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            raise OAuthError(
+                type(exc).__name__, status=None, method="POST", path=OAUTH_TOKEN_PATH
+            ) from None
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if resp.status_code != 200 or not isinstance(data, dict) or not data.get("access_token"):
+            reason = ""
+            if isinstance(data, dict):
+                reason = str(data.get("error_description") or data.get("error") or "")
+            raise OAuthError(
+                redact(reason or "no access token in the answer", secrets),
+                status=resp.status_code,
+                method="POST",
+                path=OAUTH_TOKEN_PATH,
+            )
+        return data

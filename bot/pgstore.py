@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import threading
@@ -328,6 +329,18 @@ class PostgresStore(Store):
             "SELECT COUNT(*) FROM slots WHERE n > ? AND task_id IS NOT NULL", (limit,)
         ).fetchone()[0]
         return list(free[: max(0, len(free) - above)])
+
+    COST_OF_USAGE = "usage"
+
+    def _cost(self, value: Any) -> float | None:
+        """The cost in a task's usage (JSON text); None if it has none or is not JSON,
+        as SQLite's json_valid makes it."""
+        try:
+            usage = json.loads(value) if value else None
+        except ValueError:
+            return None
+        cost = usage.get("cost_usd") if isinstance(usage, dict) else None
+        return float(cost) if isinstance(cost, (int, float)) else None
 
     def _lock_candidate(self, c: Conn, task_id: int) -> bool:
         row = c.execute(

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from bot import __version__, agents
+from bot import __version__, agents, dashboard
 from bot.config import Config
 from bot.core import metrics
 from bot.core.health import Facts, Readiness, TickRecord, describe, not_ready, problems
@@ -54,6 +54,8 @@ log = logging.getLogger("kugetsu")
 #: what `kugetsu serve --role` accepts
 ROLES = ("all", "receiver", "worker")
 
+#: the receiver's HTTP threads for the webhook and /healthz (the dashboard adds its own)
+HTTP_THREADS = 8
 #: how long the worker gets to stop its agents before it is killed
 WORKER_STOP_EXTRA_SECONDS = 30.0
 WORKER_RESTART_DELAY_SECONDS = 2.0
@@ -513,7 +515,11 @@ def serve(config: Config, *, log_level: str = "INFO", role: str = "all") -> int:
     _signals(stop)
     # the port first: a port in use ends the start before any worker runs
     server = HttpServer(
-        app, config.server.host, config.server.port, max_body_bytes=config.server.max_body_bytes
+        app,
+        config.server.host,
+        config.server.port,
+        max_body_bytes=config.server.max_body_bytes,
+        threads=HTTP_THREADS + dashboard.http_threads(config),
     ).start()
     worker.start()
     waker = Listener(storage.data_dir, worker.wake).start()

@@ -26,6 +26,7 @@ thread's own connection.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import math
@@ -37,9 +38,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from bot.core import metrics, notify
 from bot.core.outbox import OutboxItem, OutboxKind
@@ -399,7 +400,23 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
     ALTER TABLE tasks ADD COLUMN answer_id INTEGER;
     ALTER TABLE tasks ADD COLUMN review TEXT;
     """,
-    # 16: several machines on one queue. A running task holds a lease (a token and when it
+    # 16: the dashboard. Who last retried a task (its tracking comment names them), and
+    # indexes for its lists: newest first per repository (and state), agent, requester
+    # and issue number, and finished tasks by the time they finished, over all
+    # repositories and per repository (`_FINISHED_AT` below is the expression as written).
+    """
+    ALTER TABLE tasks ADD COLUMN retried_by TEXT;
+    CREATE INDEX tasks_by_repo ON tasks (repo, id);
+    CREATE INDEX tasks_by_repo_state ON tasks (repo, state, id);
+    CREATE INDEX tasks_by_agent ON tasks (agent, id);
+    CREATE INDEX tasks_by_requester ON tasks (requested_by, id);
+    CREATE INDEX tasks_by_number ON tasks (issue, id);
+    CREATE INDEX tasks_finished_recent ON tasks (COALESCE(finished_at, updated_at), id)
+        WHERE state IN ('completed', 'failed', 'cancelled', 'rejected');
+    CREATE INDEX tasks_finished_by_repo ON tasks (repo, COALESCE(finished_at, updated_at), id)
+        WHERE state IN ('completed', 'failed', 'cancelled', 'rejected');
+    """,
+    # 17: several machines on one queue. A running task holds a lease (a token and when it
     # runs out), renewed by its worker and checked by compare-and-set before each step
     # that publishes (push, pull request, comment, finish), so a worker that was cut off
     # cannot publish over the task's next owner. Workers say where they run (`node`: a
@@ -452,6 +469,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 #: the finished states as migration 6 writes them in the index `tasks_finished`: a query
 #: uses that index only if it names them the same way (as text, not as bound values)
 _TERMINAL = "state IN ('completed', 'failed', 'cancelled', 'rejected')"
+#: the dashboard's lists for at most this many repositories read each one on its own
+MERGE_REPOS = 32
+#: when a finished task finished, as migration 16 writes it in its indexes
+_FINISHED_AT = "COALESCE(finished_at, updated_at)"
 #: the tasks a queue position is counted among: pending and not refused (those still to be
 #: authorized included), whatever their wait before a retry
 _WAITING = "t.state = 'pending' AND (t.authorized IS NULL OR t.authorized = 1)"
@@ -724,6 +745,50 @@ class MetricsSnapshot:
     disk: list[tuple[str, str]]
     #: each registered worker (`Store.worker_stats`)
     workers: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TaskQuery:
+    """Which tasks a list shows (the dashboard's filters). `repos`: only these
+    repositories (None: all of them; empty: none)."""
+
+    repos: tuple[str, ...] | None = None
+    state: State | None = None
+    agent: str | None = None
+    requester: str | None = None
+    issue: int | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The SQL conditions (joined with AND, each a term the indexes of migration 16
+        can serve) and their arguments."""
+        terms, args = list[str](), list[Any]()
+        if self.repos is not None:
+            terms.append(f"repo IN ({','.join('?' * len(self.repos))})" if self.repos else "0")
+            args.extend(self.repos)
+        for column, value in (
+            ("state", None if self.state is None else State(self.state).value),
+            ("agent", self.agent),
+            ("requested_by", self.requester),
+            ("issue", self.issue),
+        ):
+            if value is not None:
+                terms.append(f"{column} = ?")
+                args.append(value)
+        return " AND ".join(terms) or "1", args
+
+
+@dataclass(frozen=True)
+class FinishedRow:
+    """What the dashboard's charts read of one finished task."""
+
+    repo: str
+    agent: str
+    state: str
+    outcome: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float
+    cost_usd: float | None
 
 
 #: the connection of a write transaction (`Store.tx()`), passed to the methods that run in it
@@ -1531,9 +1596,12 @@ class Store:
         )
         return row[0] if row else None
 
-    def request_cancel(self, task_id: int, by: str) -> CancelResult:
+    def request_cancel(self, task_id: int, by: str, *, via: str | None = None) -> CancelResult:
         """Stop a task: a pending one is cancelled at once, a running one is flagged for its
-        runner (which stops its agent). KeyError if there is no such task."""
+        runner (which stops its agent). `by` is who asked (the tracking comment names
+        them), `via` where, for the task's events ("the dashboard"). KeyError if there is
+        no such task."""
+        detail = by if via is None else f"{by} via {via}"
         for _ in range(5):
             task = self.require(task_id)
             if task.state is State.PENDING:
@@ -1542,7 +1610,7 @@ class Store:
                     State.PENDING,
                     State.CANCELLED,
                     event="cancelled",
-                    detail=by,
+                    detail=detail,
                     cancel_requested_by=by,
                     outcome=Outcome.CANCELLED,
                 ):
@@ -1556,16 +1624,22 @@ class Store:
                         (by, self.clock(), task_id),
                     )
                     if cur.rowcount == 1:
-                        self._event(c, task_id, "stop requested", None, None, by)
+                        self._event(c, task_id, "stop requested", None, None, detail)
                         return CancelResult.STOPPING
                 continue
             return CancelResult.FINISHED
         return CancelResult.FINISHED
 
     def try_requeue(
-        self, task_id: int, by: str, *, answer_on: int | None = None
+        self,
+        task_id: int,
+        by: str,
+        *,
+        via: str | None = None,
+        answer_on: int | None = None,
     ) -> tuple[bool, Task | None]:
-        """Put a failed or cancelled task back in the queue with fresh attempts. Returns
+        """Put a failed or cancelled task back in the queue with fresh attempts, noting
+        `by` on it (its tracking comment names them) and `via` in its events. Returns
         (done, the other active task of its issue that stands in the way, if one does):
         not done when the task is not failed or cancelled, or while another task of its
         issue is pending or running (at most one active task per issue). `answer_on`:
@@ -1588,7 +1662,8 @@ class Store:
                 task.state,
                 State.PENDING,
                 event="retry requested",
-                detail=by,
+                detail=by if via is None else f"{by} via {via}",
+                retried_by=by,
                 attempts=0,
                 # ready from now: the wait counted when it starts runs from here
                 not_before=self.clock(),
@@ -1631,13 +1706,15 @@ class Store:
         )
         return row[0] if row else None
 
-    def pending_positions(self, limit: int) -> list[tuple[Task, int]]:
+    def pending_positions(self, limit: int, *, unchecked: bool = False) -> list[tuple[Task, int]]:
         """The first `limit` authorized waiting tasks with their places in the queue (the
-        same places `queue_position` gives), first place first."""
+        same places `queue_position` gives), first place first; with `unchecked`, those
+        whose requester's permission is still to be checked too (the dashboard's queue)."""
         conn = self._conn()
+        authorized = "" if unchecked else "WHERE tasks.authorized = 1 "
         rows = conn.execute(
             _fair_order(_WAITING) + " SELECT tasks.*, queue.position AS queue_place FROM queue "
-            "JOIN tasks ON tasks.id = queue.id WHERE tasks.authorized = 1 "
+            f"JOIN tasks ON tasks.id = queue.id {authorized}"
             "ORDER BY queue.position LIMIT ?",
             (limit,),
         ).fetchall()
@@ -2304,6 +2381,125 @@ class Store:
         """What a worker measured of the disk its data directory uses (a JSON object)."""
         self.set_meta(_DISK_KEY + host, usage)
 
+    # ------------------------------------------------------------------ the dashboard
+
+    def task_repos(self) -> list[str]:
+        """Every repository with tasks, in order (`_distinct`)."""
+        return self._distinct("repo")
+
+    def task_agents(self) -> list[str]:
+        """Every agent tasks were given, in order (`_distinct`)."""
+        return self._distinct("agent")
+
+    def _distinct(self, column: str) -> list[str]:
+        """The values of `column` in tasks, in order. A skip scan of the index that starts
+        with it (migration 16): as many steps as there are values, whatever the number of
+        tasks (a GROUP BY would read every entry)."""
+        assert column in ("repo", "agent"), column
+        return [
+            row[0]
+            for row in self._conn().execute(
+                f"WITH RECURSIVE r(v) AS (SELECT MIN({column}) FROM tasks UNION ALL "
+                f"SELECT (SELECT MIN({column}) FROM tasks WHERE {column} > r.v) FROM r "
+                "WHERE r.v IS NOT NULL) SELECT v FROM r WHERE v IS NOT NULL"
+            )
+        ]
+
+    def find_tasks(self, query: TaskQuery, *, before: int | None = None, limit: int) -> list[Task]:
+        """Tasks that match, newest first; with `before`, only ids below it."""
+        tail, args = "", list[Any]()
+        if before is not None:
+            tail, args = " AND id < ?", [before]
+        return self._newest(query, "", tail, args, "id DESC", limit, lambda t: t.id)
+
+    def finished_tasks(
+        self, query: TaskQuery, *, before: tuple[float, int] | None = None, limit: int
+    ) -> list[Task]:
+        """Finished tasks that match: the last to finish first, or with a filter besides
+        the repositories, the newest first (each filter has an index by id); `before` is
+        (when it finished, id) of the last one shown, for the next page."""
+        tail, args = f" AND {_TERMINAL}", list[Any]()
+        if query.state or query.agent or query.requester or query.issue is not None:
+            if before is not None:
+                tail += " AND id < ?"
+                args.append(before[1])
+            return self._newest(query, "", tail, args, "id DESC", limit, lambda t: t.id)
+        if before is not None:
+            tail += f" AND ({_FINISHED_AT}, id) < (?, ?)"
+            args.extend(before)
+        return self._newest(
+            query,
+            self._indexed_by("tasks_finished_recent") if query.repos is None else "",
+            tail,
+            args,
+            f"{_FINISHED_AT} DESC, id DESC",
+            limit,
+            lambda t: (t.finished_at or t.updated_at, t.id),
+        )
+
+    def _newest(
+        self,
+        query: TaskQuery,
+        index: str,
+        tail: str,
+        args: list[Any],
+        order: str,
+        limit: int,
+        key: Callable[[Task], Any],
+    ) -> list[Task]:
+        """The first `limit` tasks in `order` that match `query` and `tail`. For a few
+        repositories, one query per repository, each read in order from an index that
+        starts with the repository (no sort of all their tasks), merged here."""
+        conn = self._conn()
+        repos = query.repos
+        groups: list[TaskQuery] = [query]
+        if repos is not None and 0 < len(repos) <= MERGE_REPOS:
+            groups = [replace(query, repos=(repo,)) for repo in repos]
+        found: list[Task] = []
+        for group in groups:
+            where, group_args = group.where()
+            if group.repos is not None and len(group.repos) == 1:
+                where = where.replace("repo IN (?)", "repo = ?", 1)
+            rows = conn.execute(
+                f"SELECT * FROM tasks {index} WHERE {where}{tail} ORDER BY {order} LIMIT ?",
+                (*group_args, *args, limit),
+            ).fetchall()
+            found.extend(self._tasks(conn, rows))
+        if len(groups) == 1:
+            return found
+        return heapq.nlargest(limit, found, key=key)
+
+    def task_events(self, task_id: int, limit: int = 1000) -> list[dict[str, Any]]:
+        """A task's events, oldest first: at, from_state, to_state, event, detail."""
+        return [
+            dict(row)
+            for row in self._conn().execute(
+                "SELECT at, from_state, to_state, event, detail FROM task_events "
+                "WHERE task_id = ? ORDER BY id LIMIT ?",
+                (task_id, limit),
+            )
+        ]
+
+    def finished_since(self, since: float, repos: tuple[str, ...] | None) -> list[FinishedRow]:
+        """What the charts read of each task that finished at or after `since`, read
+        through the index of finished tasks by when they finished."""
+        where, args = TaskQuery(repos=repos).where()
+        rows = self._conn().execute(
+            f"SELECT repo, agent, state, outcome, created_at, started_at, {_FINISHED_AT}, "
+            f"{self.COST_OF_USAGE} "
+            f"FROM tasks WHERE {_TERMINAL} AND {_FINISHED_AT} >= ? AND {where}",
+            (since, *args),
+        )
+        return [FinishedRow(*row[:7], self._cost(row[7])) for row in rows]
+
+    #: what finished_since() reads of a task's usage: its cost, in SQL where the engine
+    #: reads JSON safely (SQLite's json_valid), else the text, read by `_cost`
+    COST_OF_USAGE = "CASE WHEN json_valid(usage) THEN json_extract(usage, '$.cost_usd') END"
+
+    def _cost(self, value: Any) -> float | None:
+        """The cost `COST_OF_USAGE` gave (SQLite: already the number)."""
+        return cast("float | None", value)
+
     # ------------------------------------------------------------------ backup
 
     def backup(self, dest: Path) -> tuple[int, int]:
@@ -2468,12 +2664,14 @@ __all__ = [
     "CommentRecord",
     "Conn",
     "Dialects",
+    "FinishedRow",
     "LeaseLost",
     "MetricsSnapshot",
     "SchemaTooNew",
     "Stats",
     "Store",
     "StoreError",
+    "TaskQuery",
     "Tx",
     "UnreadableRow",
     "open_store",

@@ -184,9 +184,17 @@ def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = ""
     )
     agent = f"`{task.agent}`"
     link = log_link(config, task.id)
-    log_ref = f" · [log]({link})" if link else ""
+    # with the dashboard on, the same link opens the task page for those signed in
+    log_ref = f" · [{'task page' if config.dashboard.enabled else 'log'}]({link})" if link else ""
     n = task.max_attempts
     secrets = config.secrets()
+    retried = ""
+    if task.retried_by and task.active:
+        retried = (
+            " Queued again from the command line."
+            if task.retried_by == CLI
+            else f" Queued again by @{task.retried_by}."
+        )
 
     if task.state is State.PENDING:
         where = f"position {queue.position} in the queue, " if queue.position else ""
@@ -205,7 +213,7 @@ def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = ""
                 + f". Next attempt not before {_when(task.not_before)}; "
                 + line[len("⏳ **Queued**: ") :]
             )
-        return head + line
+        return head + line + retried
     moved = (
         "\n\nContinued on another worker than the earlier work on this issue: it rebuilt "
         "the worktree from the pushed branch and started a fresh agent session, with the "
@@ -216,7 +224,7 @@ def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = ""
     if task.state is State.RUNNING:
         line = (
             f"🛠️ **Working**: agent {agent}, attempt {task.attempts} of {n}, "
-            f"started {_when(task.started_at)}{log_ref}.{moved}"
+            f"started {_when(task.started_at)}{log_ref}.{moved}{retried}"
         )
         if task.cancel_requested_by:
             line += f"\n\nStopping, as {requested(task.cancel_requested_by)}."

@@ -206,6 +206,8 @@ class Task:
     review: dict[str, Any] = field(default_factory=dict)
     #: the request named its agent: a repository's default agent does not replace it
     agent_requested: bool = False
+    #: who last put the task back in the queue (`retry`), shown in its tracking comment
+    retried_by: str | None = None
 
     @property
     def owner(self) -> str:
