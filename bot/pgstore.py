@@ -128,8 +128,8 @@ class Row:
     def __init__(self, values: Sequence[Any], index: dict[str, int]):
         self._values, self._index = values, index
 
-    def __getitem__(self, key: int | str) -> Any:
-        return self._values[key if isinstance(key, int) else self._index[key]]
+    def __getitem__(self, key: int | slice | str) -> Any:
+        return self._values[self._index[key] if isinstance(key, str) else key]
 
     def keys(self) -> list[str]:
         return list(self._index)

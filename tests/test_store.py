@@ -997,3 +997,27 @@ def test_a_claim_passes_over_a_task_another_claim_holds(pg_cluster):
         holder.close()
         claimer.join(timeout=30)
         store.close()
+
+
+def test_the_dashboards_queries_answer_alike_on_both_backends(store):
+    from bot.store import TaskQuery
+
+    ids = [add(store, issue=i) for i in range(1, 6)]
+    [task] = store.claim(3, "w", max_claims=1)
+    assert store.update(task.id, usage={"cost_usd": 0.5}, lease=task.lease_token)
+    assert store.transition(
+        task.id,
+        State.RUNNING,
+        State.COMPLETED,
+        event="done",
+        outcome=Outcome.SUCCEEDED,
+        lease=task.lease_token,
+    )
+    assert (store.task_repos(), store.task_agents()) == (["acme/widget"], ["opencode"])
+    assert [t.id for t in store.find_tasks(TaskQuery(), limit=10)] == ids[::-1]
+    assert store.find_tasks(TaskQuery(repos=()), limit=10) == []
+    pending = TaskQuery(repos=("acme/widget", "other/repo"), state="pending")
+    assert len(store.find_tasks(pending, limit=10)) == 4
+    assert [t.id for t in store.finished_tasks(TaskQuery(), limit=10)] == [task.id]
+    [row] = store.finished_since(0, ("acme/widget",))
+    assert (row.outcome, row.cost_usd) == ("succeeded", 0.5)
