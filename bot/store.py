@@ -2490,7 +2490,10 @@ class Store:
             f"FROM tasks WHERE {_TERMINAL} AND {_FINISHED_AT} >= ? AND {where}",
             (since, *args),
         )
-        return [FinishedRow(*row[:7], self._cost(row[7])) for row in rows]
+        return [
+            FinishedRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], self._cost(row[7]))
+            for row in rows
+        ]
 
     #: what finished_since() reads of a task's usage: its cost, in SQL where the engine
     #: reads JSON safely (SQLite's json_valid), else the text, read by `_cost`
