@@ -763,7 +763,7 @@ class TaskQuery:
         can serve) and their arguments."""
         terms, args = list[str](), list[Any]()
         if self.repos is not None:
-            terms.append(f"repo IN ({','.join('?' * len(self.repos))})" if self.repos else "1 = 0")
+            terms.append(f"repo IN ({','.join('?' * len(self.repos))})" if self.repos else "FALSE")
             args.extend(self.repos)
         for column, value in (
             ("state", None if self.state is None else State(self.state).value),
@@ -774,7 +774,7 @@ class TaskQuery:
             if value is not None:
                 terms.append(f"{column} = ?")
                 args.append(value)
-        return " AND ".join(terms) or "1 = 1", args
+        return " AND ".join(terms) or "TRUE", args
 
 
 @dataclass(frozen=True)
