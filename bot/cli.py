@@ -323,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--wake-fd", type=int, default=None)
     w.add_argument("--fd-limit", type=int, default=None)
     w.add_argument("--log-level", default="INFO", choices=levels)
+    w.add_argument("--launcher", default=None)
 
     q = sub.add_parser("queue", parents=[common], help="inspect and manage the task queue")
     qsub = q.add_subparsers(dest="queue_command", required=True)
@@ -392,7 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(config, log_level=args.log_level)
         if args.command == "worker":
             return run_worker(
-                config, args.wake_fd, log_level=args.log_level, fd_limit=args.fd_limit
+                config,
+                args.wake_fd,
+                log_level=args.log_level,
+                fd_limit=args.fd_limit,
+                launcher=args.launcher,
             )
         if not config.storage.db_path.exists() and args.command != "enqueue":
             print(

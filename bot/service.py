@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bot import __version__, agents
+from bot import __version__, agents, sandbox
 from bot.config import Config
 from bot.core.health import Facts, TickRecord, describe, problems
 from bot.priority import lower_own_priority
@@ -61,11 +61,17 @@ def _signals(stop: threading.Event) -> None:
 
 
 def run_worker(
-    config: Config, wake_fd: int | None, *, log_level: str = "INFO", fd_limit: int | None = None
+    config: Config,
+    wake_fd: int | None,
+    *,
+    log_level: str = "INFO",
+    fd_limit: int | None = None,
+    launcher: str | None = None,
 ) -> int:
     """The worker process: scheduler, tick and agents. `fd_limit`: the soft limit
     of open files the receiver found before it raised its own (httpserver.raise_fd_limit),
-    for the worker, git and the agents."""
+    for the worker, git and the agents. `launcher`: the socket of the sandbox's launcher
+    the receiver started; None runs agents as this process's own user."""
     from bot.gitea import GiteaClient
     from bot.httpserver import prepare_interpreter
     from bot.logs import configure_logging
@@ -100,7 +106,14 @@ def run_worker(
         secrets=config.secrets(),
     )
     scheduler = Scheduler(config.queue.poll_interval_seconds)
-    worker = Worker(config, store, gitea, workspace, schedule_tick=scheduler.wake)
+    worker = Worker(
+        config,
+        store,
+        gitea,
+        workspace,
+        schedule_tick=scheduler.wake,
+        sandbox=(sandbox.sandbox_for(config, Path(launcher)) if launcher else sandbox.NoSandbox()),
+    )
 
     stop = threading.Event()
     _signals(stop)
@@ -147,8 +160,15 @@ def _read_wakes(fd: int, wake: Callable[[], None], stop: threading.Event) -> Non
 class WorkerProcess:
     """Starts the worker, wakes it through a pipe, restarts it if it dies."""
 
-    def __init__(self, config: Config, log_level: str, fd_limit: int | None = None):
+    def __init__(
+        self,
+        config: Config,
+        log_level: str,
+        fd_limit: int | None = None,
+        launcher: Path | None = None,
+    ):
         self.config, self.log_level, self.fd_limit = config, log_level, fd_limit
+        self.launcher = launcher
         self.proc: subprocess.Popen | None = None
         self._wake_w: int | None = None
         self._lock = threading.Lock()
@@ -168,10 +188,13 @@ class WorkerProcess:
             "--log-level",
             self.log_level,
         ]
+        if self.launcher is not None:
+            argv += ["--launcher", str(self.launcher)]
         if self.fd_limit is not None:
             argv += ["--fd-limit", str(self.fd_limit)]
         if self.config.source and not self.config.source.startswith("("):
-            argv += ["--config", self.config.source]
+            # absolute: the service user may not search the directory serve started in
+            argv += ["--config", os.path.abspath(self.config.source)]
         try:
             # same environment: the worker resolves the same config and secrets
             self.proc = subprocess.Popen(argv, pass_fds=(read_fd,), stdin=subprocess.DEVNULL)
@@ -282,9 +305,15 @@ class ReceiverHealth:
     running; details["problems"] names each problem in one line."""
 
     def __init__(
-        self, config: Config, store: Any, worker: Any, clock: Callable[[], float] = time.time
+        self,
+        config: Config,
+        store: Any,
+        worker: Any,
+        clock: Callable[[], float] = time.time,
+        sandbox_warnings: tuple[str, ...] = (),
     ):
         self.config, self.store, self.worker, self.clock = config, store, worker, clock
+        self.sandbox_warnings = sandbox_warnings
         self._write_failure: tuple[float, str] | None = None
 
     def store_failed(self, exc: BaseException) -> None:
@@ -300,6 +329,7 @@ class ReceiverHealth:
             "worker_up_since": self.worker.started_at,
             "write_failure": self._write_failure,
             "min_free_bytes": self.config.storage.min_free_mb * 1024 * 1024,
+            "sandbox_warnings": self.sandbox_warnings,
         }
         try:
             facts["free_bytes"] = shutil.disk_usage(self.config.storage.data_dir).free
@@ -326,6 +356,33 @@ class ReceiverHealth:
         }
 
 
+def _sandbox_up(config: Config, log_level: str) -> sandbox.LauncherProcess:
+    """Started as root (or with the launcher's capabilities): the data directory goes to
+    the service user, the launcher starts, and this process becomes the service user with
+    no privilege left, before it opens the database or starts the worker."""
+    account = sandbox.service_account(config)
+    assert account is not None  # state() said the sandbox can be had
+    slots = sandbox.slot_uids(config)
+    if os.geteuid() == 0:
+        sandbox.prepare_data_dir(config.storage, account, slots)
+    launcher = sandbox.start_launcher(
+        config,
+        account,
+        socket_path=config.storage.launcher_socket(os.getpid()),
+        log_level=log_level,
+    )
+    try:
+        sandbox.drop_privileges(account)
+    except BaseException:
+        launcher.stop()
+        raise
+    log.info(
+        "sandbox on",
+        extra={"uid": account.uid, "first_uid": config.sandbox.first_uid, "slots": len(slots)},
+    )
+    return launcher
+
+
 def serve(config: Config, *, log_level: str = "INFO") -> int:
     """The receiver process: the webhook server, supervising the worker."""
     from bot.app import create_app
@@ -336,6 +393,19 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
 
     configure_logging(log_level, config.secrets())
     storage = config.storage
+    where = sandbox.state(config)
+    if where.error:
+        print(f"kugetsu: {where.error}", file=sys.stderr)
+        return 2
+    for warning in where.warnings:
+        log.warning("not as safe as it could be", extra={"problem": warning})
+    launcher = None
+    if where.active:
+        try:
+            launcher = _sandbox_up(config, log_level)
+        except (sandbox.SandboxError, OSError) as exc:
+            print(f"kugetsu: sandbox: {exc}", file=sys.stderr)
+            return 2
     storage.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     make_private(storage.data_dir, deep=False)  # the database files before they are opened
     store = open_store(storage.db_path)  # migrate before the worker starts
@@ -347,8 +417,13 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     if not config.gitea.token:
         log.warning("no Gitea token configured: kugetsu can queue work but not act on Gitea")
     # waitress holds a file per connection; the worker gets the limit it had back
-    worker = WorkerProcess(config, log_level, fd_limit=raise_fd_limit())
-    health = ReceiverHealth(config, store, worker)
+    worker = WorkerProcess(
+        config,
+        log_level,
+        fd_limit=raise_fd_limit(),
+        launcher=launcher.socket if launcher is not None else None,
+    )
+    health = ReceiverHealth(config, store, worker, sandbox_warnings=where.warnings)
     app = create_app(
         config,
         store,
@@ -366,15 +441,27 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     ).start()
     log.info(
         "kugetsu serving",
-        extra={"url": server.url, "data_dir": str(storage.data_dir), "config": config.source},
+        extra={
+            "url": server.url,
+            "data_dir": str(storage.data_dir),
+            "config": config.source,
+            "sandbox": where.mode,
+        },
     )
     print(
         f"kugetsu {__version__} listening on {server.url} (data in {storage.data_dir})", flush=True
     )
+    code = 0
     while not stop.wait(1.0):
         worker.watch()
+        if launcher is not None and not launcher.alive:
+            log.error("the sandbox's launcher is gone; stopping, to be started again")
+            code = 1
+            break
     server.stop()
     worker.stop()
     store.close()
+    if launcher is not None:
+        launcher.stop()
     log.info("stopped")
-    return 0
+    return code

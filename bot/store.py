@@ -215,6 +215,11 @@ MIGRATIONS: tuple[str, ...] = (
       SELECT RAISE(ABORT, 'tasks: kind, state or outcome is not a value kugetsu knows');
     END;
     """,
+    # 8: the concurrency slot a running task holds; with the sandbox its agent runs as
+    # the slot's uid, so no two running tasks may hold the same one (Store.claim)
+    """
+    ALTER TABLE tasks ADD COLUMN slot INTEGER;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -858,8 +863,18 @@ class Store:
                 """,
                 (now, free),
             ).fetchall()
+            # each claimed task gets a slot no running task holds, the lowest first: with
+            # the sandbox the slot is its agent's uid, and free slots exist below the limit
+            held = {
+                r[0]
+                for r in c.execute(
+                    "SELECT slot FROM tasks WHERE state = 'running' AND slot IS NOT NULL"
+                )
+            }
+            free_slots = (s for s in range(limit) if s not in held)
             claimed = []
             for row in rows:
+                slot = next(free_slots)
                 if self._transition(
                     c,
                     row["id"],
@@ -873,6 +888,7 @@ class Store:
                     pid=None,
                     pid_start=None,
                     error=None,
+                    slot=slot,
                 ):
                     claimed.append(row["id"])
             result = self._tasks(

@@ -95,6 +95,8 @@ class Facts:
     disk_error: str | None = None  # free space could not be read
     #: (when, what) of the receiver's last failed write
     write_failure: tuple[float, str] | None = None
+    #: what `serve` warned of at start about the sandbox (core.sandbox.assess), one line each
+    sandbox_warnings: tuple[str, ...] = ()
 
 
 def _ago(seconds: float) -> str:
@@ -126,6 +128,7 @@ def problems(f: Facts) -> list[str]:
         )
     if f.worker_alive and f.database_error is None:
         found += _worker_problems(f)
+    found += f.sandbox_warnings
     return found
 
 
