@@ -7,7 +7,6 @@ scheduler and answers. Gitea waits 5 s for an answer and never retries.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import sqlite3
@@ -20,16 +19,12 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from bot.config import Config
 from bot.core import events, intake, render
+from bot.core import metrics as counts
 from bot.ingest import ingest
+from bot.metrics import CONTENT_TYPE
 from bot.store import Store
 
 log = logging.getLogger(__name__)
-
-
-def wake_key(config: Config) -> str:
-    """A key derived from the webhook secret, shared by the CLI and the server."""
-    secret = (config.gitea.webhook_secret or "kugetsu-insecure").encode()
-    return hmac.new(secret, b"kugetsu:wake", "sha256").hexdigest()
 
 
 def create_app(
@@ -40,8 +35,13 @@ def create_app(
     wake: Callable[[], None] = lambda: None,
     health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (True, {}),
     store_failed: Callable[[Exception], None] = lambda exc: None,
+    refused: counts.Tally | None = None,
+    scrape: Callable[[], bytes] | None = None,
 ) -> Flask:
+    """`refused`: where deliveries answered without a write are counted (the rest are
+    counted in their own transaction); `scrape`: the text of GET /metrics."""
     app = Flask("kugetsu")
+    refused = refused if refused is not None else counts.Tally()
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
     secret = config.gitea.webhook_secret
     verify = bool(secret)
@@ -64,6 +64,7 @@ def create_app(
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_exc: Exception) -> Response:
+        refused.add(_REJECTED)
         return answer(413, "rejected", f"body larger than {config.server.max_body_bytes} bytes")
 
     @app.post("/webhook")
@@ -89,14 +90,16 @@ def create_app(
                     "delivery": request.headers.get("X-Gitea-Delivery"),
                 },
             )
+            refused.add(_REJECTED)
             return answer(exc.status, "rejected", exc.reason, started)
 
         try:
-            result = ingest(store, delivery, event, rules())
+            result = ingest(store, delivery, event, rules(), repo=events.repo_of(data))
         except sqlite3.Error as exc:
             # Nothing of the delivery was written (one transaction), and it is not
             # acknowledged: Gitea's webhook history shows the answer, and can redeliver it.
             store_failed(exc)
+            refused.add(_ERROR)
             log.error("delivery not stored", extra={"delivery": delivery.id, "error": str(exc)})
             return answer(
                 503,
@@ -109,10 +112,16 @@ def create_app(
         # delivery with kugetsu's answer and reason.
         level = logging.INFO if result.queued else logging.DEBUG
         if log.isEnabledFor(level):
+            about = (
+                {}
+                if isinstance(event, events.Ignored)
+                else {"repo": event.repo, "issue": event.number}
+            )
             log.log(
                 level,
                 "webhook handled",
                 extra={
+                    **about,
                     "delivery": delivery.id,
                     "event": delivery.event_type,
                     "reason": result.reason,
@@ -135,22 +144,27 @@ def create_app(
         ok, details = health()
         problems = list(details.get("problems", ()))
         status = "unhealthy" if not ok else ("degraded" if problems else "ok")
+        body = {k: v for k, v in details.items() if k != "not_ready"}
         return Response(
-            json.dumps({"status": status, **details, "problems": problems}),
+            json.dumps({"status": status, **body, "problems": problems}),
             status=200 if ok else 503,
             mimetype="application/json",
         )
 
-    @app.post("/wake")
-    def wake_now() -> Response:
-        # The command line pings this after changing the queue, so a running
-        # server acts at once instead of at its next poll. Without the key it
-        # does nothing; with it, it can only cause an extra tick.
-        key = request.headers.get("X-Kugetsu-Wake", "")
-        if not events.equal_secrets(key, wake_key(config)):
-            return answer(403, "rejected", "wrong wake key")
-        wake()
-        return answer(202, "woken", "tick requested")
+    @app.get("/readyz")
+    def readyz() -> Response:
+        # Ready: the worker runs, its checks at start have run, and nothing keeps kugetsu
+        # from working (Gitea away, the token refused, the default agent missing, a disk
+        # nearly full, ticks failing). 503 with each problem in one line otherwise.
+        ok, details = health()
+        waiting = list(details.get("not_ready", details.get("problems", ())))
+        ready = ok and not waiting
+        body = {k: v for k, v in details.items() if k not in ("problems", "not_ready")}
+        return Response(
+            json.dumps({"status": "ready" if ready else "not ready", **body, "problems": waiting}),
+            status=200 if ready else 503,
+            mimetype="application/json",
+        )
 
     @app.get("/logs/<int:task_id>/<token>")
     def task_log(task_id: int, token: str) -> Response:
@@ -164,4 +178,31 @@ def create_app(
         data = path.read_bytes()
         return Response(data, mimetype="text/plain", headers={"Cache-Control": "no-store"})
 
+    if scrape is not None and config.metrics.enabled:
+        _metrics_route(app, config, scrape)
     return app
+
+
+_REJECTED = counts.key(counts.Counter.DELIVERIES, result=str(counts.DeliveryResult.REJECTED))
+_ERROR = counts.key(counts.Counter.DELIVERIES, result=str(counts.DeliveryResult.ERROR))
+
+
+def _metrics_route(app: Flask, config: Config, scrape: Callable[[], bytes]) -> None:
+    """GET /metrics (`[metrics] enabled`). With `[metrics] token`, only for a request that
+    sends it as `Authorization: Bearer <token>`: 401 otherwise."""
+    token = config.metrics.token
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        if token:
+            sent = request.headers.get("Authorization", "")
+            scheme, _, value = sent.partition(" ")
+            if scheme.lower() != "bearer" or not events.equal_secrets(value.strip(), token):
+                response = Response(
+                    json.dumps({"status": "rejected", "reason": "a bearer token is required"}),
+                    status=401,
+                    mimetype="application/json",
+                )
+                response.headers["WWW-Authenticate"] = 'Bearer realm="kugetsu metrics"'
+                return response
+        return Response(scrape(), content_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})

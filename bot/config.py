@@ -8,6 +8,7 @@ so `kugetsu` can stop with one clear line.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -18,8 +19,11 @@ from pathlib import Path
 from typing import Any, overload
 
 from bot.agents.presets import PLACEHOLDERS, PRESETS
+from bot.core import names
+from bot.core.notify import Format, NotifyEvent
 from bot.core.permissions import PERMISSIONS
 from bot.core.tasks import RetryPolicy
+from bot.logs import FORMATS, LEVELS
 
 DEFAULT_CONFIG_PATHS = ("kugetsu.toml", "/etc/kugetsu/config.toml")
 
@@ -45,6 +49,9 @@ class GiteaConfig:
     bot_login: str = ""
     timeout_seconds: float = 10.0
     retries: int = 3
+    #: repositories kugetsu serves besides those the database knows (tasks, deliveries):
+    #: `kugetsu doctor` checks them, `kugetsu webhook install` without arguments uses them
+    repos: tuple[str, ...] = ()
 
     @property
     def api_url(self) -> str:
@@ -200,6 +207,57 @@ class SandboxConfig:
     max_file_size_mb: int | None = None
 
 
+# --------------------------------------------------------------------------- metrics, notify
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """`[metrics]`: GET /metrics in the Prometheus text format."""
+
+    enabled: bool = False
+    #: with a token, /metrics answers 401 without `Authorization: Bearer <token>`
+    token: str = field(default="", repr=False)
+    #: label the task counts (and tokens, cost) by repository too: one series per repository
+    repo_label: bool = False
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """One `[[notify]]` entry: an endpoint that is told of tasks' changes."""
+
+    url: str = field(repr=False)
+    format: Format = Format.JSON
+    events: frozenset[NotifyEvent] = frozenset(NotifyEvent)
+    secret: str = field(default="", repr=False)
+    #: an event the endpoint has not accepted within this long is dropped (and logged)
+    retry_hours: float = 24.0
+    timeout_seconds: float = 5.0
+    #: how logs and errors name the endpoint (its URL may hold a secret): notify[N] otherwise
+    name: str = ""
+
+    @property
+    def id(self) -> str:
+        """What the endpoint's outbox rows are stored under: the same while its URL and format
+        stay the same, whatever else changes in the file."""
+        return hashlib.sha256(f"{self.format}\n{self.url}".encode()).hexdigest()[:16]
+
+    @property
+    def retry_seconds(self) -> float:
+        return self.retry_hours * 3600.0
+
+    @property
+    def shown(self) -> str:
+        """The endpoint as logs and errors name it: never its URL."""
+        return self.name or f"endpoint {self.id[:8]}"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    #: "text" (one line of text a record) or "json" (one JSON object a line)
+    format: str = "text"
+    level: str = "INFO"
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -210,6 +268,9 @@ class Config:
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     git: GitConfig = field(default_factory=GitConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    notify: tuple[NotifyConfig, ...] = ()
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "(built-in defaults)"
     #: the file named by `source` holds the token or the webhook secret (not only the
     #: environment): kugetsu warns when others can read it
@@ -217,7 +278,12 @@ class Config:
 
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, comment, body or URL."""
-        return tuple(s for s in (self.gitea.token, self.gitea.webhook_secret) if s)
+        extra = [self.metrics.token, *(n.secret for n in self.notify)]
+        return tuple(s for s in (self.gitea.token, self.gitea.webhook_secret, *extra) if s)
+
+    def notify_routes(self) -> tuple[tuple[str, frozenset[str]], ...]:
+        """(endpoint id, the events it wants) of each `[[notify]]` entry, for the store."""
+        return tuple((n.id, frozenset(str(e) for e in n.events)) for n in self.notify)
 
 
 # --------------------------------------------------------------------------- reading
@@ -322,7 +388,19 @@ class _Section:
             raise ConfigError(f"[{self.name}] has an unknown key: {unknown[0]}")
 
 
-_SECTIONS = ("server", "gitea", "storage", "queue", "triggers", "agents", "git", "sandbox")
+_SECTIONS = (
+    "server",
+    "gitea",
+    "storage",
+    "queue",
+    "triggers",
+    "agents",
+    "git",
+    "metrics",
+    "notify",
+    "logging",
+    "sandbox",
+)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -380,6 +458,16 @@ def _agent_table(name: str, data: Any) -> AgentConfig:
     return cfg
 
 
+def _repos(section: _Section) -> tuple[str, ...]:
+    """`gitea.repos`: OWNER/NAME each, as Gitea names repositories, without repeats."""
+    repos = section.strings("repos", GiteaConfig.repos) or ()
+    for repo in repos:
+        error = names.repo_error(repo)
+        if error:
+            raise ConfigError(f"gitea.repos: {names.shown(repo)} is not OWNER/NAME: {error}")
+    return tuple(dict.fromkeys(repos))
+
+
 def load(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -431,6 +519,7 @@ def load(
         bot_login=g.string("bot_login", GiteaConfig.bot_login),
         timeout_seconds=g.number("timeout_seconds", GiteaConfig.timeout_seconds, positive=True),
         retries=g.integer("retries", GiteaConfig.retries, minimum=0),
+        repos=_repos(g),
     )
     g.check_unknown()
     if not gitea.url.startswith(("http://", "https://")):
@@ -548,6 +637,22 @@ def load(
     if not branch or branch.startswith(("-", "/")) or ".." in branch or " " in branch:
         raise ConfigError(f"git.branch_template gives an invalid branch name: {branch!r}")
 
+    # logging
+    lg = _Section("logging", data.get("logging"))
+    logging_config = LoggingConfig(
+        format=lg.string("format", LoggingConfig.format),
+        level=_override(env, "KUGETSU_LOG_LEVEL", lg.string("level", LoggingConfig.level)).upper(),
+    )
+    lg.check_unknown()
+    if logging_config.format not in FORMATS:
+        raise ConfigError(
+            f"logging.format must be one of {', '.join(FORMATS)}, got {logging_config.format!r}"
+        )
+    if logging_config.level not in LEVELS:
+        raise ConfigError(
+            f"logging.level must be one of {', '.join(LEVELS)}, got {logging_config.level!r}"
+        )
+
     config = Config(
         server=server,
         gitea=gitea,
@@ -557,6 +662,9 @@ def load(
         agents=agents,
         git=git,
         sandbox=_sandbox(data.get("sandbox"), env, queue.max_concurrent_agents),
+        metrics=_metrics_section(data.get("metrics"), env),
+        notify=_notify_entries(data.get("notify")),
+        logging=logging_config,
         source=source,
         source_holds_secret=bool(g.data.get("token") or g.data.get("webhook_secret")),
     )
@@ -597,8 +705,7 @@ def _sandbox(data: Any, env: Mapping[str, str], slots: int) -> SandboxConfig:
 
 
 def _check_agents(config: Config) -> None:
-    names = [config.agents.default, *config.agents.fallback]
-    for name in names:
+    for name in (config.agents.default, *config.agents.fallback):
         if name not in config.agents.tables and name not in PRESETS:
             raise ConfigError(
                 f"agents: {name!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
@@ -610,3 +717,55 @@ def _check_agents(config: Config) -> None:
             raise ConfigError(f"agents.{name}.preset: unknown preset {preset!r}")
         if preset is None and table.command is None:
             raise ConfigError(f"agents.{name}.command is required (no preset named {name!r})")
+
+
+def _metrics_section(data: Any, env: Mapping[str, str]) -> MetricsConfig:
+    m = _Section("metrics", data)
+    metrics = MetricsConfig(
+        enabled=m.boolean("enabled", MetricsConfig.enabled),
+        token=_override(env, "KUGETSU_METRICS_TOKEN", m.string("token", MetricsConfig.token)),
+        repo_label=m.boolean("repo_label", MetricsConfig.repo_label),
+    )
+    m.check_unknown()
+    return metrics
+
+
+def _notify_entries(data: Any) -> tuple[NotifyConfig, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ConfigError("notify must be written as [[notify]] entries (an array of tables)")
+    entries = []
+    for i, item in enumerate(data):
+        n = _Section(f"notify[{i}]", item)
+        url = n.string("url", "")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"notify[{i}].url must start with http:// or https://")
+        fmt = n.string("format", str(Format.JSON))
+        if fmt not in {str(f) for f in Format}:
+            raise ConfigError(f"notify[{i}].format must be one of {', '.join(Format)}; got {fmt!r}")
+        default_events = tuple(str(e) for e in NotifyEvent)
+        events = n.strings("events", default_events) or ()
+        unknown = [e for e in events if e not in default_events]
+        if unknown:
+            raise ConfigError(
+                f"notify[{i}].events: unknown event {unknown[0]!r}; use "
+                + ", ".join(default_events)
+            )
+        entry = NotifyConfig(
+            url=url,
+            format=Format(fmt),
+            events=frozenset(NotifyEvent(e) for e in events),
+            secret=n.string("secret", ""),
+            retry_hours=n.number("retry_hours", NotifyConfig.retry_hours, positive=True),
+            timeout_seconds=n.number(
+                "timeout_seconds", NotifyConfig.timeout_seconds, positive=True
+            ),
+            name=n.string("name", "") or f"notify[{i}]",
+        )
+        n.check_unknown()
+        entries.append(entry)
+    ids = [e.id for e in entries]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("notify: two entries have the same url and format")
+    return tuple(entries)

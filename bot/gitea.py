@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -20,7 +21,7 @@ from urllib.parse import quote
 import requests
 from urllib3.exceptions import NewConnectionError
 
-from bot.core import names
+from bot.core import metrics, names
 from bot.redact import redact
 
 log = logging.getLogger(__name__)
@@ -103,30 +104,38 @@ _ERRORS_BY_STATUS: dict[int, type[GiteaError]] = {
 }
 
 
+#: a JSON object as Gitea sends it: a user, an issue, a comment, a pull request
+JSONObject = dict[str, Any]
+
+
 class GiteaAPI(Protocol):
     """The calls kugetsu makes to Gitea. `GiteaClient` implements it; test fakes may too."""
 
-    def get_user(self) -> dict: ...
+    def get_user(self) -> JSONObject: ...
 
-    def get_issue(self, owner: str, repo: str, number: int) -> dict: ...
+    def get_issue(self, owner: str, repo: str, number: int) -> JSONObject: ...
 
-    def create_comment(self, owner: str, repo: str, number: int, body: str) -> dict: ...
+    def create_comment(self, owner: str, repo: str, number: int, body: str) -> JSONObject: ...
 
-    def edit_comment(self, owner: str, repo: str, comment_id: int, body: str) -> dict | None: ...
+    def edit_comment(
+        self, owner: str, repo: str, comment_id: int, body: str
+    ) -> JSONObject | None: ...
 
-    def list_comments(self, owner: str, repo: str, number: int) -> list[dict]: ...
+    def list_comments(self, owner: str, repo: str, number: int) -> list[JSONObject]: ...
 
     def add_reaction(self, owner: str, repo: str, comment_id: int, content: str) -> None: ...
 
     def get_permission(self, owner: str, repo: str, login: str) -> str: ...
 
-    def find_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None: ...
+    def find_pull(self, owner: str, repo: str, base: str, head: str) -> JSONObject | None: ...
 
-    def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None: ...
+    def get_pull(self, owner: str, repo: str, number: int) -> JSONObject: ...
+
+    def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> JSONObject | None: ...
 
     def create_pull(
         self, owner: str, repo: str, *, head: str, base: str, title: str, body: str
-    ) -> dict: ...
+    ) -> JSONObject: ...
 
     def edit_pull(
         self,
@@ -137,7 +146,7 @@ class GiteaAPI(Protocol):
         title: str | None = None,
         body: str | None = None,
         state: str | None = None,
-    ) -> dict: ...
+    ) -> JSONObject: ...
 
 
 def _seg(value: str | int, *, safe: str = "") -> str:
@@ -226,6 +235,7 @@ class GiteaClient:
         backoff: float = 0.5,
         session: requests.Session | None = None,
         sleep: Callable[[float], Any] = time.sleep,
+        tally: metrics.Tally | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self.api_url = self.base_url + API_PREFIX
@@ -235,6 +245,9 @@ class GiteaClient:
         self.backoff = backoff
         self._session = session if session is not None else environment_session(self.base_url)
         self._sleep = sleep
+        #: every HTTP request sent, by method and answer (`gitea_requests` on /metrics):
+        #: counted in memory here, written to the database in batches by its owner
+        self.tally = tally if tally is not None else metrics.Tally()
 
     def __repr__(self) -> str:
         return f"GiteaClient({self.base_url!r})"
@@ -252,14 +265,19 @@ class GiteaClient:
         json: Any = None,
         params: Mapping[str, Any] | None = None,
         ok: tuple[int, ...] = (200, 201, 204),
+        auth: bool = True,
+        api: bool = True,
     ) -> requests.Response:
-        """Send one API call (path relative to /api/v1) and return the response.
+        """Send one API call (path relative to /api/v1; with `api` False, relative to
+        Gitea's root) and return the response. `auth` False sends no token.
 
         Returns only when the status is in `ok`; otherwise raises a `GiteaError`.
         """
         method = method.upper()
-        url = self.api_url + path
-        headers = {"Authorization": f"token {self._token}", "Accept": "application/json"}
+        url = (self.api_url if api else self.base_url) + path
+        headers = {"Accept": "application/json"}
+        if auth:
+            headers["Authorization"] = f"token {self._token}"
         attempts = self.retries + 1
         for attempt in range(1, attempts + 1):
             last = attempt == attempts
@@ -273,6 +291,7 @@ class GiteaClient:
                     timeout=self.timeout,
                 )
             except requests.RequestException as exc:
+                self.tally.add(metrics.gitea_request(method, None))
                 if not isinstance(exc, (requests.ConnectionError, requests.Timeout)):
                     raise GiteaError(
                         self._scrub(f"request failed: {type(exc).__name__}"),
@@ -283,13 +302,14 @@ class GiteaClient:
                 retryable = not (method == "POST" and _may_have_been_sent(exc))
                 give_up = last or not retryable
                 log.warning(
-                    "gitea request failed without a response: "
-                    "method=%s path=%s error=%s attempt=%d retry=%s",
-                    method,
-                    path,
-                    kind,
-                    attempt,
-                    not give_up,
+                    "gitea request failed without a response",
+                    extra={
+                        "method": method,
+                        "path": path,
+                        "error": kind,
+                        "attempt": attempt,
+                        "retry": not give_up,
+                    },
                 )
                 if give_up:
                     why = f"{kind} after {attempt} attempt(s)"
@@ -300,12 +320,10 @@ class GiteaClient:
                 continue
 
             status = resp.status_code
+            self.tally.add(metrics.gitea_request(method, status))
             log.debug(
-                "gitea request: method=%s path=%s status=%d attempt=%d",
-                method,
-                path,
-                status,
-                attempt,
+                "gitea request",
+                extra={"method": method, "path": path, "status": status, "attempt": attempt},
             )
             if status in ok:
                 return resp
@@ -315,11 +333,8 @@ class GiteaClient:
                 and not (method == "POST" and status in GATEWAY_STATUSES)
             ):
                 log.warning(
-                    "gitea server error, retrying: method=%s path=%s status=%d attempt=%d",
-                    method,
-                    path,
-                    status,
-                    attempt,
+                    "gitea server error, retrying",
+                    extra={"method": method, "path": path, "status": status, "attempt": attempt},
                 )
                 resp.close()
                 self._sleep(self._delay(attempt))
@@ -328,7 +343,7 @@ class GiteaClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _delay(self, attempt: int) -> float:
-        return min(self.backoff * (2 ** (attempt - 1)), MAX_BACKOFF_SECONDS)
+        return float(min(self.backoff * (2 ** (attempt - 1)), MAX_BACKOFF_SECONDS))
 
     def _error(self, method: str, path: str, resp: requests.Response) -> GiteaError:
         status = resp.status_code
@@ -338,6 +353,9 @@ class GiteaClient:
             data = None
         if isinstance(data, dict) and isinstance(data.get("message"), str):
             message = data["message"]
+        elif resp.headers.get("Content-Type", "").startswith("text/plain") and resp.content:
+            # git's HTTP routes answer in plain text ("User permission denied", a scope)
+            message = resp.text.strip().splitlines()[0][:300] if resp.text.strip() else ""
         else:
             message = (resp.reason or "").strip() if resp.content else ""
         message = self._scrub(message)
@@ -346,7 +364,9 @@ class GiteaClient:
         else:
             cls = _ERRORS_BY_STATUS.get(status, GiteaError)
         if status >= 400:
-            log.info("gitea request rejected: method=%s path=%s status=%d", method, path, status)
+            log.info(
+                "gitea request rejected", extra={"method": method, "path": path, "status": status}
+            )
         return cls(message, status=status, method=method, path=path)
 
     def _json(self, method: str, path: str, resp: requests.Response) -> Any:
@@ -363,26 +383,49 @@ class GiteaClient:
         resp = self._request(method, path, **kwargs)
         return self._json(method, path, resp)
 
+    def _object(self, method: str, path: str, **kwargs: Any) -> JSONObject:
+        """An answer that must be a JSON object; GiteaError if it is anything else."""
+        found = self._object_or_none(method, path, **kwargs)
+        if found is None:
+            raise GiteaError("response is not a JSON object", method=method, path=path)
+        return found
+
+    def _object_or_none(self, method: str, path: str, **kwargs: Any) -> JSONObject | None:
+        """A JSON object, or None for an empty answer (204)."""
+        value = self._call(method, path, **kwargs)
+        if value is not None and not isinstance(value, dict):
+            raise GiteaError("response is not a JSON object", method=method, path=path)
+        return value
+
+    def _objects(self, method: str, path: str, **kwargs: Any) -> list[JSONObject]:
+        """An answer that must be a list of JSON objects (an empty answer is none)."""
+        value = self._call(method, path, **kwargs)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise GiteaError("response is not a list of JSON objects", method=method, path=path)
+        return value
+
     # -- endpoints ----------------------------------------------------------
 
-    def get_user(self) -> dict:
-        return self._call("GET", "/user")
+    def get_user(self) -> JSONObject:
+        return self._object("GET", "/user")
 
-    def get_issue(self, owner: str, repo: str, number: int) -> dict:
-        return self._call("GET", f"{_repo_path(owner, repo)}/issues/{_seg(number)}")
+    def get_issue(self, owner: str, repo: str, number: int) -> JSONObject:
+        return self._object("GET", f"{_repo_path(owner, repo)}/issues/{_seg(number)}")
 
-    def create_comment(self, owner: str, repo: str, number: int, body: str) -> dict:
+    def create_comment(self, owner: str, repo: str, number: int, body: str) -> JSONObject:
         path = f"{_repo_path(owner, repo)}/issues/{_seg(number)}/comments"
-        return self._call("POST", path, json={"body": body})
+        return self._object("POST", path, json={"body": body})
 
-    def edit_comment(self, owner: str, repo: str, comment_id: int, body: str) -> dict | None:
+    def edit_comment(self, owner: str, repo: str, comment_id: int, body: str) -> JSONObject | None:
         path = f"{_repo_path(owner, repo)}/issues/comments/{_seg(comment_id)}"
-        return self._call("PATCH", path, json={"body": body}, ok=(200, 204))
+        return self._object_or_none("PATCH", path, json={"body": body}, ok=(200, 204))
 
-    def list_comments(self, owner: str, repo: str, number: int) -> list[dict]:
+    def list_comments(self, owner: str, repo: str, number: int) -> list[JSONObject]:
         """All comments of an issue or PR (Gitea does not page this endpoint)."""
         path = f"{_repo_path(owner, repo)}/issues/{_seg(number)}/comments"
-        return list(self._call("GET", path) or [])
+        return self._objects("GET", path)
 
     def add_reaction(self, owner: str, repo: str, comment_id: int, content: str) -> None:
         path = f"{_repo_path(owner, repo)}/issues/comments/{_seg(comment_id)}/reactions"
@@ -390,9 +433,12 @@ class GiteaClient:
 
     def get_permission(self, owner: str, repo: str, login: str) -> str:
         path = f"{_repo_path(owner, repo)}/collaborators/{_seg(login)}/permission"
-        return self._call("GET", path)["permission"]
+        permission = self._object("GET", path).get("permission")
+        if not isinstance(permission, str):
+            raise GiteaError("the answer holds no permission", method="GET", path=path)
+        return permission
 
-    def find_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None:
+    def find_pull(self, owner: str, repo: str, base: str, head: str) -> JSONObject | None:
         """The pull request from `head` into `base` in any state, or None.
 
         `head` is `branch`, `owner:branch` or `owner/repo:branch`; a branch may
@@ -401,11 +447,15 @@ class GiteaClient:
         """
         path = f"{_repo_path(owner, repo)}/pulls/{_seg(base)}/{_segs(head)}"
         try:
-            return self._call("GET", path)
+            return self._object("GET", path)
         except NotFound:
             return None
 
-    def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> dict | None:
+    def get_pull(self, owner: str, repo: str, number: int) -> JSONObject:
+        """A pull request by number, in any state (`merged`, `head.sha` included)."""
+        return self._object("GET", f"{_repo_path(owner, repo)}/pulls/{_seg(number)}")
+
+    def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> JSONObject | None:
         """The open pull request from branch `head` (of this repository) into `base`, or None.
 
         `find_pull` answers with the first match in any state: one call settles it when that
@@ -417,7 +467,7 @@ class GiteaClient:
             return first
         path = f"{_repo_path(owner, repo)}/pulls"
         for page in range(1, MAX_PULL_PAGES + 1):
-            items = self._call(
+            items = self._objects(
                 "GET",
                 path,
                 params={
@@ -427,7 +477,7 @@ class GiteaClient:
                     "limit": PULL_PAGE_SIZE,
                 },
             )
-            for pr in items or []:
+            for pr in items:
                 if (pr.get("head") or {}).get("ref") == head and (pr.get("base") or {}).get(
                     "ref"
                 ) == base:
@@ -438,10 +488,10 @@ class GiteaClient:
 
     def create_pull(
         self, owner: str, repo: str, *, head: str, base: str, title: str, body: str
-    ) -> dict:
+    ) -> JSONObject:
         path = f"{_repo_path(owner, repo)}/pulls"
         payload = {"head": head, "base": base, "title": title, "body": body}
-        return self._call("POST", path, json=payload)
+        return self._object("POST", path, json=payload)
 
     def edit_pull(
         self,
@@ -452,9 +502,77 @@ class GiteaClient:
         title: str | None = None,
         body: str | None = None,
         state: str | None = None,
-    ) -> dict:
+    ) -> JSONObject:
         payload = {
             k: v for k, v in (("title", title), ("body", body), ("state", state)) if v is not None
         }
         path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}"
-        return self._call("PATCH", path, json=payload)
+        return self._object("PATCH", path, json=payload)
+
+    # -- operator calls: kugetsu doctor and kugetsu webhook -------------------------------
+
+    def get_version(self) -> str:
+        """Gitea's version (GET /version needs no token, so it tells reachability alone)."""
+        data = self._call("GET", "/version", auth=False)
+        return str((data or {}).get("version") or "")
+
+    def get_repo(self, owner: str, repo: str) -> JSONObject:
+        """The repository, with the token user's `permissions` (admin, push, pull) on it."""
+        return self._object("GET", _repo_path(owner, repo))
+
+    def list_issues(self, owner: str, repo: str, *, limit: int = 1) -> list[JSONObject]:
+        """The newest `limit` issues (any state): asked to see that issues can be read."""
+        path = f"{_repo_path(owner, repo)}/issues"
+        return self._objects("GET", path, params={"state": "all", "limit": limit})
+
+    def may_push(self, owner: str, repo: str) -> None:
+        """Raise GiteaError unless the token may push to the repository. Asks for git's
+        push handshake (`info/refs?service=git-receive-pack`), which Gitea answers only
+        for a token with write:repository of a user with write access: nothing is sent."""
+        path = f"/{_seg(owner)}/{_seg(repo)}.git/info/refs"
+        resp = self._request(
+            "GET", path, params={"service": "git-receive-pack"}, ok=(200,), api=False
+        )
+        resp.close()
+
+    @staticmethod
+    def _hooks_path(owner: str, repo: str | None) -> str:
+        """The hooks of a repository, or with `repo` None those of organization `owner`."""
+        return f"{_repo_path(owner, repo)}/hooks" if repo else f"/orgs/{_seg(owner)}/hooks"
+
+    def list_hooks(self, owner: str, repo: str | None = None) -> list[JSONObject]:
+        """Every webhook of a repository (or, with `repo` None, of organization `owner`)."""
+        path = self._hooks_path(owner, repo)
+        hooks: list[JSONObject] = []
+        for page in range(1, MAX_PULL_PAGES + 1):
+            items = self._objects("GET", path, params={"page": page, "limit": PULL_PAGE_SIZE})
+            hooks += items
+            if not items or len(items) < PULL_PAGE_SIZE:
+                break
+        return hooks
+
+    def create_hook(self, owner: str, repo: str | None, body: Mapping[str, Any]) -> JSONObject:
+        return self._object("POST", self._hooks_path(owner, repo), json=dict(body))
+
+    def edit_hook(
+        self, owner: str, repo: str | None, hook_id: int, body: Mapping[str, Any]
+    ) -> JSONObject:
+        path = f"{self._hooks_path(owner, repo)}/{_seg(hook_id)}"
+        return self._object("PATCH", path, json=dict(body))
+
+    def test_hook(self, owner: str, repo: str, hook_id: int) -> None:
+        """Make Gitea send the hook a test delivery (a push event) now."""
+        path = f"{self._hooks_path(owner, repo)}/{_seg(hook_id)}/tests"
+        self._request("POST", path, ok=(200, 204))
+
+
+_SCOPE_RE = re.compile(r"required scope\(s\)[^\[]*\[([^\]]*)\]")
+
+
+def missing_scope(exc: GiteaError) -> str | None:
+    """The token scope(s) a 403 says the token lacks ("read:user"), or None when the 403
+    is for something else (the user's own access)."""
+    if not isinstance(exc, Forbidden):
+        return None
+    found = _SCOPE_RE.search(exc.message)
+    return found.group(1).strip() or None if found else None

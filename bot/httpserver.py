@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import resource
 import sys
 import threading
 from typing import Any
+from wsgiref.types import WSGIApplication
 
 from waitress.server import create_server
 
@@ -85,7 +87,13 @@ class HttpServer:
     """Serves a WSGI app on a background thread; `port=0` picks a free port."""
 
     def __init__(
-        self, app, host: str, port: int, *, threads: int = 8, max_body_bytes: int = 5 * 1024 * 1024
+        self,
+        app: WSGIApplication,
+        host: str,
+        port: int,
+        *,
+        threads: int = 8,
+        max_body_bytes: int = 5 * 1024 * 1024,
     ):
         self.app, self.host, self.requested_port = app, host, port
         self.threads, self.max_body_bytes = threads, max_body_bytes
@@ -112,19 +120,20 @@ class HttpServer:
                 "open file limit caps the connections",
                 extra={"connection_limit": limit, "wanted": CONNECTION_LIMIT},
             )
-        self._server = create_server(
-            self.app,
-            host=self.host,
-            port=self.requested_port,
-            threads=self.threads,
-            max_request_body_size=self.max_body_bytes + 1,
-            ident="kugetsu",
-            clear_untrusted_proxy_headers=True,
-            connection_limit=limit,
-            channel_timeout=CHANNEL_TIMEOUT_SECONDS,
-            cleanup_interval=CLEANUP_INTERVAL_SECONDS,
-            asyncore_loop_timeout=0.2,
-        )
+        try:
+            self._server = self._create(limit)
+        except OSError as exc:
+            # one line that names what to change: `address already in use` alone does not
+            what = (
+                "is already in use (another kugetsu, or another program, listens there)"
+                if exc.errno == errno.EADDRINUSE
+                else f"cannot be listened on: {exc.strerror or exc}"
+            )
+            raise OSError(
+                exc.errno,
+                f"{self.host}:{self.requested_port} {what}; choose another with "
+                "server.host and server.port",
+            ) from None
         # Each answer leaves from the thread that made it: waitress 3 flushes as soon as
         # one byte is buffered (its deprecated `send_bytes`, default 1), so a small answer
         # never waits for the socket thread to wake up. Not set here: setting it only
@@ -138,7 +147,22 @@ class HttpServer:
         )
         return self
 
-    def _run(self, server) -> None:
+    def _create(self, limit: int) -> Any:
+        return create_server(
+            self.app,
+            host=self.host,
+            port=self.requested_port,
+            threads=self.threads,
+            max_request_body_size=self.max_body_bytes + 1,
+            ident="kugetsu",
+            clear_untrusted_proxy_headers=True,
+            connection_limit=limit,
+            channel_timeout=CHANNEL_TIMEOUT_SECONDS,
+            cleanup_interval=CLEANUP_INTERVAL_SECONDS,
+            asyncore_loop_timeout=0.2,
+        )
+
+    def _run(self, server: Any) -> None:
         # waitress's own run() loops until the socket map is empty; closing its
         # sockets from another thread races with select(). Loop here instead and
         # close on this thread once asked to stop.

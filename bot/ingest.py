@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bot.config import Config
-from bot.core import intake
+from bot.core import intake, metrics
 from bot.core.events import Delivery, Event
 from bot.core.outbox import OutboxItem
 from bot.core.tasks import Task
@@ -60,15 +60,32 @@ class IngestResult:
         return bool(self.task_ids or self.outbox_ids)
 
 
-def ingest(store: Store, delivery: Delivery, event: Event, rules: intake.Rules) -> IngestResult:
-    """Dedupe the delivery, decide, and write the result, all in one transaction."""
+def ingest(
+    store: Store,
+    delivery: Delivery,
+    event: Event,
+    rules: intake.Rules,
+    *,
+    repo: str | None = None,
+) -> IngestResult:
+    """Dedupe the delivery, decide, and write the result, all in one transaction. `repo`:
+    the repository the delivery came from, recorded with it."""
     with store.tx() as c:
-        if store.seen_delivery(c, delivery.id, delivery.event):
+        if store.seen_delivery(c, delivery.id, delivery.event, repo):
+            store.add_counts(c, metrics.delivery(metrics.DeliveryResult.DUPLICATE))
             return IngestResult(True, "delivery already received")
         decision = intake.decide(event, rules, StoreView(store, c))
         task_ids, outbox_ids = _apply(store, c, decision.intents, rules)
         store.delivery_result(c, delivery.id, decision.reason)
-    return IngestResult(False, decision.reason, task_ids, outbox_ids)
+        result = IngestResult(False, decision.reason, task_ids, outbox_ids)
+        # counted in the delivery's own transaction: no write of its own
+        store.add_counts(
+            c,
+            metrics.delivery(
+                metrics.DeliveryResult.QUEUED if result.queued else metrics.DeliveryResult.IGNORED
+            ),
+        )
+    return result
 
 
 def _apply(

@@ -58,7 +58,12 @@ _KILL_WAIT = 5.0
 
 
 class AgentStartError(Exception):
-    """The agent command could not be started (not found, not executable, bad cwd)."""
+    """The agent command could not be started (not found, not executable, bad cwd).
+    `not_found`: the command itself is not there (not installed, or a wrong path)."""
+
+    def __init__(self, message: str, *, not_found: bool = False):
+        super().__init__(message)
+        self.not_found = not_found
 
 
 # ---------------------------------------------------------------------------
@@ -218,7 +223,7 @@ def _signal_group(pgid: int, sig: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        logger.warning("not permitted to signal process group pgid=%d signal=%d", pgid, sig)
+        logger.warning("not permitted to signal process group", extra={"pgid": pgid, "signal": sig})
         return False
     return True
 
@@ -258,16 +263,15 @@ def stop_members(members: Members, grace: float) -> bool:
     if not members.signal(signal.SIGTERM):
         return False
     if _wait_gone(members, grace):
-        logger.debug("agent processes exited after SIGTERM members=%s", members)
+        logger.debug("agent processes exited after SIGTERM", extra={"members": repr(members)})
         return True
     logger.warning(
-        "agent processes still alive after grace, sending SIGKILL members=%s grace=%s",
-        members,
-        grace,
+        "agent processes still alive after grace, sending SIGKILL",
+        extra={"members": repr(members), "grace": grace},
     )
     members.signal(signal.SIGKILL)
     if not _wait_gone(members, _KILL_WAIT):
-        logger.error("agent processes still alive after SIGKILL members=%s", members)
+        logger.error("agent processes still alive after SIGKILL", extra={"members": repr(members)})
     return True
 
 
@@ -299,23 +303,25 @@ def kill_orphan(pid: int, start_token: str | None, grace: float) -> bool:
         # still the agent's.
         if pid != os.getpgrp() and group_alive(pid):
             logger.warning(
-                "orphaned agent's leader is gone but its group is not, killing pgid=%d", pid
+                "orphaned agent's leader is gone but its group is not, killing", extra={"pgid": pid}
             )
             return kill_group(pid, grace)
-        logger.info("orphaned agent already gone pid=%d", pid)
+        logger.info("orphaned agent already gone", extra={"pid": pid})
         return False
     if current != start_token:
-        logger.info("pid reused by another process, not killing pid=%d", pid)
+        logger.info("pid reused by another process, not killing", extra={"pid": pid})
         return False
     fields = _read_stat(pid)
     if fields is None:
         return False
     if fields[_STAT_PGRP] != str(pid):
-        logger.warning("orphaned agent is not a process group leader, not killing pid=%d", pid)
+        logger.warning(
+            "orphaned agent is not a process group leader, not killing", extra={"pid": pid}
+        )
         return False
     if pid == os.getpgrp():
         return False
-    logger.warning("killing orphaned agent process group pgid=%d", pid)
+    logger.warning("killing orphaned agent process group", extra={"pgid": pid})
     return kill_group(pid, grace)
 
 
@@ -527,9 +533,14 @@ class AgentProcess:
                     if isinstance(exc, AgentStartError)
                     else _start_error_message(argv0, cwd, exc)
                 )
-                logger.warning("agent could not be started argv0=%s error=%s", argv0, exc)
+                logger.warning(
+                    "agent could not be started", extra={"argv0": argv0, "error": str(exc)}
+                )
                 log_file.write(f"[kugetsu: {message}]\n".encode("utf-8", "replace"))
-                raise AgentStartError(message) from exc
+                if isinstance(exc, AgentStartError):
+                    raise
+                missing = _command_missing(argv0, cwd, exc)
+                raise AgentStartError(message, not_found=missing) from exc
         except BaseException:
             log_file.close()
             raise
@@ -546,7 +557,7 @@ class AgentProcess:
         try:
             proc._reader.start()
         except BaseException as exc:
-            logger.error("could not start output reader, killing agent pid=%d", proc.pid)
+            logger.error("could not start output reader, killing agent", extra={"pid": proc.pid})
             spawned.members.signal(signal.SIGKILL)
             spawned.leader.wait()
             proc._pipe.close()
@@ -554,7 +565,7 @@ class AgentProcess:
             raise AgentStartError(
                 f"cannot start agent {argv0!r}: no reader thread ({exc})"
             ) from exc
-        logger.info("agent started pid=%d argv0=%s log=%s", proc.pid, argv0, log_path)
+        logger.info("agent started", extra={"pid": proc.pid, "argv0": argv0, "log": str(log_path)})
         return proc
 
     # -- state ---------------------------------------------------------------
@@ -587,7 +598,7 @@ class AgentProcess:
         by a signal). Safe to call again and after the agent exited by itself.
         """
         if self._leader.poll() is None:
-            logger.info("terminating agent pid=%d grace=%s", self.pid, grace)
+            logger.info("terminating agent", extra={"pid": self.pid, "grace": grace})
             self._members.signal(signal.SIGTERM)
             deadline = time.monotonic() + max(0.0, grace)
             while True:
@@ -598,11 +609,15 @@ class AgentProcess:
                     break
                 time.sleep(_POLL_INTERVAL)
             if self._leader.poll() is None or self._members.alive():
-                logger.warning("agent still alive after grace, sending SIGKILL pid=%d", self.pid)
+                logger.warning(
+                    "agent still alive after grace, sending SIGKILL", extra={"pid": self.pid}
+                )
                 self._members.signal(signal.SIGKILL)
                 self._reap_leader()
                 if not _wait_gone(self._members, _KILL_WAIT):
-                    logger.error("agent processes still alive after SIGKILL pid=%d", self.pid)
+                    logger.error(
+                        "agent processes still alive after SIGKILL", extra={"pid": self.pid}
+                    )
             else:
                 self._reap_leader()
         self._finish(grace)
@@ -615,21 +630,21 @@ class AgentProcess:
         If the leader is still running it is terminated first. Idempotent.
         """
         if self._leader.poll() is None:
-            logger.warning("close called on a running agent, terminating pid=%d", self.pid)
+            logger.warning("close called on a running agent, terminating", extra={"pid": self.pid})
             self.terminate(grace)
             return
         self._finish(grace)
 
     def _reap_leader(self) -> None:
         if self._leader.wait(_KILL_WAIT) is None:
-            logger.error("agent leader not reaped after SIGKILL pid=%d", self.pid)
+            logger.error("agent leader not reaped after SIGKILL", extra={"pid": self.pid})
 
     def _finish(self, grace: float) -> None:
         with self._finish_lock:
             if self._finished:
                 return
             if self._members.alive():
-                logger.info("killing leftover processes of agent pid=%d", self.pid)
+                logger.info("killing leftover processes of agent", extra={"pid": self.pid})
                 stop_members(self._members, grace)
             # Everything in the group is gone, so whatever is still in the pipe
             # can be read without waiting; a writer that escaped the group
@@ -637,13 +652,11 @@ class AgentProcess:
             self._stop.set()
             self._reader.join(_READER_JOIN_TIMEOUT)
             if self._reader.is_alive():
-                logger.error("agent output reader did not finish pid=%d", self.pid)
+                logger.error("agent output reader did not finish", extra={"pid": self.pid})
             self._finished = True
             logger.info(
-                "agent finished pid=%d returncode=%s bytes=%d",
-                self.pid,
-                self.returncode,
-                self._bytes_seen,
+                "agent finished",
+                extra={"pid": self.pid, "returncode": self.returncode, "bytes": self._bytes_seen},
             )
 
     # -- output --------------------------------------------------------------
@@ -703,12 +716,12 @@ class AgentProcess:
                     break
                 self._feed(data)
         except Exception:
-            logger.exception("agent output reader failed pid=%d", self.pid)
+            logger.exception("agent output reader failed", extra={"pid": self.pid})
         finally:
             try:
                 self._end_of_output()
             except Exception:
-                logger.exception("finishing agent output failed pid=%d", self.pid)
+                logger.exception("finishing agent output failed", extra={"pid": self.pid})
             with contextlib.suppress(OSError):
                 self._pipe.close()
             self._close_log()
@@ -721,7 +734,7 @@ class AgentProcess:
                 data = os.read(fd, min(READ_CHUNK, budget))
             except BlockingIOError:
                 logger.warning(
-                    "agent output pipe still open after its group ended pid=%d", self.pid
+                    "agent output pipe still open after its group ended", extra={"pid": self.pid}
                 )
                 return
             if not data:
@@ -729,7 +742,8 @@ class AgentProcess:
             budget -= len(data)
             self._feed(data)
         logger.warning(
-            "agent output still flowing after its group ended, stopped reading pid=%d", self.pid
+            "agent output still flowing after its group ended, stopped reading",
+            extra={"pid": self.pid},
         )
 
     def _feed(self, data: bytes) -> None:
@@ -771,12 +785,16 @@ class AgentProcess:
             self._partial = self._partial[MAX_LINE_CHARS:]
 
     def _emit(self, line: str) -> None:
+        if self._on_line is None:
+            return
         try:
-            self._on_line(line)  # type: ignore[misc]
+            self._on_line(line)
         except Exception:
             if not self._on_line_failed:
                 self._on_line_failed = True
-                logger.exception("on_line callback failed, further errors ignored pid=%d", self.pid)
+                logger.exception(
+                    "on_line callback failed, further errors ignored", extra={"pid": self.pid}
+                )
 
     def _end_of_output(self) -> None:
         if self._on_line is not None:
@@ -802,7 +820,7 @@ class AgentProcess:
             )
         self._write_log(self._redactor.feed(tail) + self._redactor.flush())
         if omitted > 0:
-            logger.info("agent log capped pid=%d omitted=%d", self.pid, omitted)
+            logger.info("agent log capped", extra={"pid": self.pid, "omitted": omitted})
 
     def _write_log(self, data: bytes) -> None:
         if self._log_broken or not data:
@@ -812,13 +830,15 @@ class AgentProcess:
             self._log_last_byte = data[-1:]
         except (OSError, ValueError):
             self._log_broken = True
-            logger.exception("writing agent log failed, log left incomplete pid=%d", self.pid)
+            logger.exception(
+                "writing agent log failed, log left incomplete", extra={"pid": self.pid}
+            )
 
     def _close_log(self) -> None:
         try:
             self._log.close()
         except OSError:
-            logger.exception("closing agent log failed pid=%d", self.pid)
+            logger.exception("closing agent log failed", extra={"pid": self.pid})
 
 
 def _ends_without_newline(path: Path) -> bool:
@@ -831,6 +851,15 @@ def _ends_without_newline(path: Path) -> bool:
             return f.read(1) != b"\n"
     except OSError:
         return False
+
+
+def _command_missing(argv0: str, cwd: Path, exc: BaseException) -> bool:
+    """True when the command itself is not there (rather than its working directory)."""
+    return (
+        isinstance(exc, OSError)
+        and exc.errno == errno.ENOENT
+        and not (exc.filename is not None and os.fspath(exc.filename) == os.fspath(cwd) != argv0)
+    )
 
 
 def _start_error_message(argv0: str, cwd: Path, exc: BaseException) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from bot.config import Config
@@ -42,7 +42,7 @@ class Publisher:
         store: Store,
         gitea: GiteaAPI,
         *,
-        clock=time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
         position_refresh_seconds: float = 15.0,
     ):
         self.config, self.store, self.gitea = config, store, gitea

@@ -1,11 +1,12 @@
-"""APScheduler wiring only: the interval tick, the heartbeat, a daily clean-up, and wake()."""
+"""APScheduler wiring only: the interval tick, the heartbeat, a daily clean-up, the setup
+checks, and wake()."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -80,9 +81,11 @@ class Scheduler:
         *,
         heartbeat: Callable[[], None] | None = None,
         cleanup: Callable[[], object] | None = None,
+        every: Sequence[tuple[str, float, Callable[[], object]]] = (),
     ) -> None:
         """Run `tick` now and every interval; `heartbeat` every HEARTBEAT_SECONDS; `cleanup`
-        five minutes from now and then daily."""
+        five minutes from now and then daily; each of `every` (name, seconds, job) now and
+        then every that many seconds."""
         self._tick = tick
         now = datetime.now(UTC)
         self._scheduler.add_job(
@@ -112,6 +115,16 @@ class Scheduler:
                 max_instances=1,
                 coalesce=True,
                 next_run_time=now + timedelta(minutes=5),
+            )
+        for name, seconds, job in every:
+            self._scheduler.add_job(
+                job,
+                "interval",
+                seconds=seconds,
+                id=name,
+                max_instances=1,
+                coalesce=True,
+                next_run_time=now,
             )
         self._scheduler.start()
 

@@ -13,6 +13,7 @@ its agents, putting their tasks back in the queue.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -26,14 +27,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from bot import __version__, agents, sandbox
 from bot.config import Config
-from bot.core.health import Facts, TickRecord, describe, problems
+from bot.core import metrics
+from bot.core.health import Facts, Readiness, TickRecord, describe, not_ready, problems
 from bot.priority import lower_own_priority
 from bot.redact import redact
+
+if TYPE_CHECKING:
+    from bot.gitea import GiteaClient
+    from bot.workspace import Workspace
 
 log = logging.getLogger("kugetsu")
 
@@ -42,15 +50,23 @@ WORKER_STOP_EXTRA_SECONDS = 30.0
 WORKER_RESTART_DELAY_SECONDS = 2.0
 #: a worker commit that leaves more pages than this (4 KiB each) in the WAL checkpoints it
 WORKER_CHECKPOINT_PAGES = 1000
+#: how often the worker measures the disk use of mirrors, worktrees and logs (/metrics)
+DISK_USAGE_SECONDS = 600.0
+#: how often the receiver writes the deliveries it refused without a write (/metrics)
+REFUSED_FLUSH_SECONDS = 5.0
 
 
 def known_agents(config: Config) -> frozenset[str]:
     return frozenset(agents.PRESETS) | frozenset(config.agents.tables)
 
 
-def _signals(stop: threading.Event) -> None:
-    def on_signal(signum, _frame) -> None:
-        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+def _signals(stop: threading.Event, *, level: int = logging.INFO) -> None:
+    """Stop on SIGTERM and SIGINT. The worker gets the receiver's signal too (Ctrl-C
+    reaches the whole process group; the receiver passes SIGTERM on), so it logs it at
+    `level` DEBUG and the shutdown is logged once."""
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.log(level, "shutting down", extra={"signal": signal.Signals(signum).name})
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -72,39 +88,28 @@ def run_worker(
     of open files the receiver found before it raised its own (httpserver.raise_fd_limit),
     for the worker, git and the agents. `launcher`: the socket of the sandbox's launcher
     the receiver started; None runs agents as this process's own user."""
-    from bot.gitea import GiteaClient
     from bot.httpserver import prepare_interpreter
     from bot.logs import configure_logging
     from bot.scheduler import Scheduler
     from bot.store import open_store
     from bot.worker.tick import Worker
-    from bot.workspace import Workspace
 
     if fd_limit is not None:
         resource.setrlimit(
             resource.RLIMIT_NOFILE, (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         )
-    configure_logging(log_level, config.secrets())
+    configure_logging(log_level, config.secrets(), output=config.logging.format)
     # Before any thread starts: threads and child processes inherit it.
     niceness = lower_own_priority(config.agents.nice)
     storage = config.storage
     # the worker keeps the write-ahead log short; the receiver never checkpoints
-    store = open_store(storage.db_path, checkpoint_pages=WORKER_CHECKPOINT_PAGES)
-    gitea = GiteaClient(
-        config.gitea.url,
-        config.gitea.token,
-        timeout=config.gitea.timeout_seconds,
-        retries=config.gitea.retries,
+    store = open_store(
+        storage.db_path,
+        checkpoint_pages=WORKER_CHECKPOINT_PAGES,
+        notify=config.notify_routes(),
     )
-    workspace = Workspace(
-        mirrors_dir=storage.mirrors_dir,
-        worktrees_dir=storage.worktrees_dir,
-        remote_url=config.gitea.git_url,
-        token=config.gitea.token,
-        author_name=config.git.author_name,
-        author_email=config.git.author_email,
-        secrets=config.secrets(),
-    )
+    gitea = gitea_client(config)
+    workspace = workspace_of(config)
     scheduler = Scheduler(config.queue.poll_interval_seconds)
     worker = Worker(
         config,
@@ -112,14 +117,26 @@ def run_worker(
         gitea,
         workspace,
         schedule_tick=scheduler.wake,
+        counts=gitea.tally,
         sandbox=(sandbox.sandbox_for(config, Path(launcher)) if launcher else sandbox.NoSandbox()),
     )
 
     stop = threading.Event()
-    _signals(stop)
+    _signals(stop, level=logging.DEBUG)
     prepare_interpreter()
     worker.start()
-    scheduler.start(worker.run_tick, heartbeat=worker.heartbeat, cleanup=worker.cleanup)
+    from bot.doctor import SERVE_RECHECK_SECONDS, ServeChecks
+
+    checks = ServeChecks(config, store, worker.worker_id)
+    scheduler.start(
+        worker.run_tick,
+        heartbeat=worker.heartbeat,
+        cleanup=worker.cleanup,
+        every=[
+            ("disk usage", DISK_USAGE_SECONDS, worker.measure_disk),
+            ("checks", SERVE_RECHECK_SECONDS, checks),
+        ],
+    )
     if wake_fd is not None:
         threading.Thread(
             target=_read_wakes, args=(wake_fd, worker.wake, stop), name="wake", daemon=True
@@ -133,8 +150,37 @@ def run_worker(
     scheduler.shutdown()
     worker.shutdown()
     store.close()
-    log.info("worker stopped")
+    log.debug("worker stopped")
     return 0
+
+
+def gitea_client(config: Config, *, retries: int | None = None) -> GiteaClient:
+    """The Gitea client of the configuration (no I/O); `retries` in place of the configured
+    ones (0 for a check, which must say at once what it finds)."""
+    from bot.gitea import GiteaClient
+
+    return GiteaClient(
+        config.gitea.url,
+        config.gitea.token,
+        timeout=config.gitea.timeout_seconds,
+        retries=config.gitea.retries if retries is None else retries,
+    )
+
+
+def workspace_of(config: Config) -> Workspace:
+    """The git workspaces of the configuration's data directory (no I/O)."""
+    from bot.workspace import Workspace
+
+    storage = config.storage
+    return Workspace(
+        mirrors_dir=storage.mirrors_dir,
+        worktrees_dir=storage.worktrees_dir,
+        remote_url=config.gitea.git_url,
+        token=config.gitea.token,
+        author_name=config.git.author_name,
+        author_email=config.git.author_email,
+        secrets=config.secrets(),
+    )
 
 
 def _read_wakes(fd: int, wake: Callable[[], None], stop: threading.Event) -> None:
@@ -169,7 +215,7 @@ class WorkerProcess:
     ):
         self.config, self.log_level, self.fd_limit = config, log_level, fd_limit
         self.launcher = launcher
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self._wake_w: int | None = None
         self._lock = threading.Lock()
         self.restarts = 0
@@ -266,7 +312,7 @@ def make_private(data_dir: Path, *, deep: bool) -> int:
     """
     changed = 0
 
-    def tighten(path: str, entry: os.DirEntry | None = None) -> int | None:
+    def tighten(path: str, entry: os.DirEntry[str] | None = None) -> int | None:
         """Its mode, made private; None if it cannot be read or changed, or is a link."""
         nonlocal changed
         try:
@@ -299,10 +345,11 @@ def make_private(data_dir: Path, *, deep: bool) -> int:
 
 
 class ReceiverHealth:
-    """/healthz of `kugetsu serve`: the worker process, its ticks as it reports them
-    through the database, the free space of the data directory, and deliveries that
-    could not be stored. `(alive, details)`: alive is False only when the worker is not
-    running; details["problems"] names each problem in one line."""
+    """/healthz and /readyz of `kugetsu serve`: the worker process, its ticks and its
+    checks as it reports them through the database, the free space of the data directory,
+    and deliveries that could not be stored. `(alive, details)`: alive is False only when
+    the worker is not running; details["problems"] names each problem in one line, and
+    details["not_ready"] what /readyz answers 503 for."""
 
     def __init__(
         self,
@@ -346,10 +393,14 @@ class ReceiverHealth:
                         registered=True,
                         heartbeat_at=report[0],
                         tick=TickRecord.from_json(report[1]),
+                        readiness=Readiness.from_json(report[2]),
                     )
-        found = [redact(line, self.config.secrets()) for line in problems(Facts(**facts))]
+        known = Facts(**facts)
+        secrets = self.config.secrets()
+        found = [redact(line, secrets) for line in problems(known)]
         return alive, {
             "problems": found,
+            "not_ready": [redact(line, secrets) for line in not_ready(known)],
             "worker": "running" if alive else "stopped",
             "worker_restarts": self.worker.restarts,
             "version": __version__,
@@ -383,16 +434,52 @@ def _sandbox_up(config: Config, log_level: str) -> sandbox.LauncherProcess:
     return launcher
 
 
+class RefusedDeliveries:
+    """Deliveries the receiver answered without writing (refused: 400, 401, 413, 415; or
+    not stored: 503), counted in memory and added to the counters at most every few
+    seconds, and before each scrape of /metrics. Most deliveries are counted in their own
+    transaction (bot/ingest.py)."""
+
+    def __init__(self, store: Any, clock: Callable[[], float] = time.monotonic):
+        self.store, self.clock = store, clock
+        self.tally = metrics.Tally()
+        self._flushed_at = float("-inf")
+
+    def flush(self, *, every: float = 0.0) -> None:
+        if not self.tally or self.clock() - self._flushed_at < every:
+            return
+        self._flushed_at = self.clock()
+        counts = self.tally.take()
+        try:
+            self.store.add_counts(None, counts)
+        except sqlite3.Error as exc:
+            self.tally.give_back(counts)  # the database cannot be written: later
+            log.warning("refused deliveries not counted yet", extra={"error": str(exc)})
+
+    def flushed(self, scrape: Callable[[], bytes]) -> Callable[[], bytes]:
+        """`scrape`, after writing what is counted in memory."""
+
+        def run() -> bytes:
+            self.flush()
+            return scrape()
+
+        return run
+
+
 def serve(config: Config, *, log_level: str = "INFO") -> int:
     """The receiver process: the webhook server, supervising the worker."""
     from bot.app import create_app
     from bot.httpserver import HttpServer, prepare_interpreter, raise_fd_limit
     from bot.ingest import RulesSource
     from bot.logs import configure_logging
+    from bot.metrics import render as render_metrics
     from bot.store import open_store
+    from bot.wake import Listener
 
-    configure_logging(log_level, config.secrets())
+    configure_logging(log_level, config.secrets(), output=config.logging.format)
     storage = config.storage
+    if storage.data_dir.exists() and not storage.data_dir.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(storage.data_dir))
     where = sandbox.state(config)
     if where.error:
         print(f"kugetsu: {where.error}", file=sys.stderr)
@@ -408,14 +495,14 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
             return 2
     storage.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     make_private(storage.data_dir, deep=False)  # the database files before they are opened
-    store = open_store(storage.db_path)  # migrate before the worker starts
+    # migrate before the worker starts
+    store = open_store(storage.db_path, notify=config.notify_routes())
     if store.get_meta(PRIVATE_MARK) is None:
         # once per data directory: what earlier versions wrote under the umask
         changed = make_private(storage.data_dir, deep=True)
         store.set_meta(PRIVATE_MARK, "1")
-        log.info("data directory made private", extra={"changed": changed})
-    if not config.gitea.token:
-        log.warning("no Gitea token configured: kugetsu can queue work but not act on Gitea")
+        if changed:
+            log.info("data directory made private", extra={"changed": changed})
     # waitress holds a file per connection; the worker gets the limit it had back
     worker = WorkerProcess(
         config,
@@ -424,6 +511,7 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
         launcher=launcher.socket if launcher is not None else None,
     )
     health = ReceiverHealth(config, store, worker, sandbox_warnings=where.warnings)
+    refused = RefusedDeliveries(store)
     app = create_app(
         config,
         store,
@@ -431,14 +519,18 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
         wake=worker.wake,
         health=health,
         store_failed=health.store_failed,
+        refused=refused.tally,
+        scrape=refused.flushed(partial(render_metrics, config, store)),
     )
     stop = threading.Event()
     _signals(stop)
-    worker.start()
-    prepare_interpreter()
+    # the port first: a port in use ends the start before any worker runs
     server = HttpServer(
         app, config.server.host, config.server.port, max_body_bytes=config.server.max_body_bytes
     ).start()
+    worker.start()
+    waker = Listener(storage.data_dir, worker.wake).start()
+    prepare_interpreter()
     log.info(
         "kugetsu serving",
         extra={
@@ -454,12 +546,15 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     code = 0
     while not stop.wait(1.0):
         worker.watch()
+        refused.flush(every=REFUSED_FLUSH_SECONDS)
         if launcher is not None and not launcher.alive:
             log.error("the sandbox's launcher is gone; stopping, to be started again")
             code = 1
             break
+    waker.close()
     server.stop()
     worker.stop()
+    refused.flush()
     store.close()
     if launcher is not None:
         launcher.stop()

@@ -21,16 +21,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from bot.core import metrics, notify
 from bot.core.outbox import OutboxItem, OutboxKind
 from bot.core.tasks import (
     TERMINAL_STATES,
@@ -185,7 +187,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX replies_by_time ON replies (at);
     """,
     # 7: a task's kind, state and outcome must be values kugetsu knows, or the row cannot
-    # be read (bot/tasks.py; tests/test_store.py checks that these lists match it). New
+    # be read (bot/core/tasks.py; tests/test_store.py checks that these lists match it). New
     # writes are refused here; rows written before are set aside when read
     # (Store._set_aside_row). Triggers, not CHECK constraints: SQLite adds a CHECK only
     # by copying the whole table into a new one, which would hold the write lock for as
@@ -215,7 +217,43 @@ MIGRATIONS: tuple[str, ...] = (
       SELECT RAISE(ABORT, 'tasks: kind, state or outcome is not a value kugetsu knows');
     END;
     """,
-    # 8: the concurrency slot a running task holds; with the sandbox its agent runs as
+    # 8: counters for /metrics that every process adds to (bot/core/metrics.py): a row per
+    # counter and set of labels, added to inside the transactions that change what they
+    # count. WITHOUT ROWID: the key is the row, so an add is one lookup in one b-tree.
+    """
+    CREATE TABLE counters (
+        name TEXT NOT NULL,
+        labels TEXT NOT NULL,
+        value REAL NOT NULL,
+        PRIMARY KEY (name, labels)
+    ) WITHOUT ROWID;
+    """,
+    # 9: notifications are outbox rows for one endpoint each (its id from the config),
+    # sent in id order per endpoint. Partial indexes hold only the rows still to send:
+    # per endpoint, and those for Gitea, so that a backlog of notifications for an
+    # endpoint that is down is never read by the tick.
+    """
+    ALTER TABLE outbox ADD COLUMN endpoint TEXT;
+    CREATE INDEX outbox_endpoint_open ON outbox (endpoint, id)
+        WHERE done_at IS NULL AND endpoint IS NOT NULL;
+    CREATE INDEX outbox_gitea_due ON outbox (id)
+        WHERE done_at IS NULL AND endpoint IS NULL;
+    """,
+    # 10: what Gitea last said of an issue's state (open, closed, merged, gone) and when,
+    # so that prune asks about each issue in turn, the longest unasked first
+    """
+    ALTER TABLE issues ADD COLUMN state TEXT;
+    ALTER TABLE issues ADD COLUMN state_checked_at REAL;
+    """,
+    # 11: the repository a delivery came from, so that the repositories kugetsu serves are
+    # known (those with tasks or deliveries, `kugetsu doctor`), and a test delivery can be
+    # seen arriving (`kugetsu doctor --deliver-test`). NULL for rows written before and for
+    # deliveries without one. The index holds only rows that name one.
+    """
+    ALTER TABLE deliveries ADD COLUMN repo TEXT;
+    CREATE INDEX deliveries_by_repo ON deliveries (repo, received_at) WHERE repo IS NOT NULL;
+    """,
+    # 12: the concurrency slot a running task holds; with the sandbox its agent runs as
     # the slot's uid, so no two running tasks may hold the same one (Store.claim)
     """
     ALTER TABLE tasks ADD COLUMN slot INTEGER;
@@ -232,6 +270,10 @@ BUSY_TIMEOUT_SECONDS = 30.0
 
 #: meta key prefix of a worker's report on its ticks, followed by the worker's id
 _REPORT_KEY = "worker-report:"
+#: meta key prefix of the disk use a worker measured, followed by its host's name
+_DISK_KEY = "disk-usage:"
+#: meta key prefix of what a worker's checks found (bot/doctor.py), followed by its id
+_READY_KEY = "worker-readiness:"
 
 _TASK_FIELDS = {f.name for f in fields(Task)}
 #: fields that callers may set without changing state
@@ -327,10 +369,24 @@ def _readable(
             unreadable.append((row, exc))
 
 
+def _number(c: sqlite3.Connection, sql: str, args: Sequence[Any] = ()) -> int:
+    """The whole number a query of one row and one column gives (a count, a version)."""
+    return int(c.execute(sql, args).fetchone()[0])
+
+
 def _inserted_id(cur: sqlite3.Cursor) -> int:
     """The id of the row an INSERT just wrote."""
     assert cur.lastrowid is not None
     return cur.lastrowid
+
+
+def _agent_that_ran(agent: str, agents_tried: str | None) -> str:
+    """The agent of a task's last run (a fallback's, if one ran), else the one it asked for."""
+    try:
+        tried = json.loads(agents_tried) if agents_tried else []
+    except ValueError:
+        tried = []
+    return str(tried[-1]) if isinstance(tried, list) and tried else agent
 
 
 def _encode(key: str, value: Any) -> Any:
@@ -361,6 +417,20 @@ class Stats:
         }
 
 
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """The database's part of /metrics, read at once (`Store.metrics_snapshot`)."""
+
+    #: (state, repository or None, tasks)
+    tasks: list[tuple[str, str | None, int]]
+    #: running tasks whose agent runs
+    agents_running: int
+    #: (counter name, labels as stored, value)
+    counters: list[tuple[str, str, float]]
+    #: (host, the disk use it measured, as JSON)
+    disk: list[tuple[str, str]]
+
+
 #: the connection of a write transaction (`Store.tx()`), passed to the methods that run in it
 Tx = sqlite3.Connection
 
@@ -373,10 +443,18 @@ class Store:
     """Owns the database file. One connection per thread; safe to share."""
 
     def __init__(
-        self, path: Path | str, *, clock: Callable[[], float] = time.time, checkpoint_pages: int = 0
+        self,
+        path: Path | str,
+        *,
+        clock: Callable[[], float] = time.time,
+        checkpoint_pages: int = 0,
+        notify: Sequence[tuple[str, frozenset[str]]] = (),
     ):
         self.path = Path(path)
         self.clock = clock
+        # (endpoint id, the events it wants) of each notification endpoint
+        # (Config.notify_routes): a change of state writes one outbox row for each
+        self.notify = tuple(notify)
         # 0: commits in this process never copy the write-ahead log back (the receiver,
         # the command line). The worker passes a page count: a commit that leaves more
         # pages than that in the log checkpoints it, so each checkpoint stays small.
@@ -468,7 +546,7 @@ class Store:
     def migrate(self) -> int:
         """Bring the schema up to date; returns the version. Safe to run concurrently."""
         with self.tx() as c:
-            version = c.execute("PRAGMA user_version").fetchone()[0]
+            version = _number(c, "PRAGMA user_version")
             if version > SCHEMA_VERSION:
                 raise SchemaTooNew(
                     f"database {self.path} has schema version {version}, this kugetsu knows "
@@ -478,7 +556,12 @@ class Store:
                 for statement in _statements(MIGRATIONS[number]):
                     c.execute(statement)
                 c.execute(f"PRAGMA user_version = {number + 1}")
-                log.info("database migrated", extra={"schema_version": number + 1})
+        if version < SCHEMA_VERSION:
+            # one line, however many steps: a new database takes them all at once
+            log.info(
+                "database migrated",
+                extra={"from_version": version, "schema_version": SCHEMA_VERSION},
+            )
         return SCHEMA_VERSION
 
     # ------------------------------------------------------------------ tasks
@@ -500,7 +583,7 @@ class Store:
 
     def insert_task(
         self,
-        c: sqlite3.Connection,
+        c: Tx,
         *,
         repo: str,
         issue: int,
@@ -541,6 +624,7 @@ class Store:
         )
         task_id = _inserted_id(cur)
         self._event(c, task_id, "queued", None, "pending", f"{kind} by {requested_by}")
+        self._changed(c, task_id, None, State.PENDING)
         return task_id
 
     def get(self, task_id: int) -> Task | None:
@@ -612,6 +696,8 @@ class Store:
         if cur.rowcount != 1:
             return False
         self._event(c, row["id"], "set aside", str(row["state"]), State.FAILED.value, reason)
+        before = row["state"] if row["state"] in set(State) else None
+        self._changed(c, row["id"], None if before is None else State(before), State.FAILED)
         log.error("task row set aside", extra={"task": row["id"], "error": reason})
         return True
 
@@ -661,18 +747,44 @@ class Store:
     ) -> list[Task]:
         return [*self.iter_tasks(state, repo=repo, issue=issue)]
 
-    def existing(self, task_ids: Iterable[int]) -> set[int]:
-        """Which of these task ids are in the table."""
+    def existing(self, task_ids: Iterable[int], *, cleared_before: float | None = None) -> set[int]:
+        """Which of these task ids are in the table; with `cleared_before`, which would still
+        be there after `clear()` with that cutoff (what `kugetsu prune --dry-run` shows)."""
         ids, found = [*task_ids], set[int]()
+        kept = (
+            ""
+            if cleared_before is None
+            else (f" AND NOT ({_TERMINAL} AND COALESCE(finished_at, updated_at) < ?)")
+        )
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             found.update(
                 row[0]
                 for row in self._conn().execute(
-                    f"SELECT id FROM tasks WHERE id IN ({','.join('?' * len(chunk))})", chunk
+                    f"SELECT id FROM tasks WHERE id IN ({','.join('?' * len(chunk))}){kept}",
+                    [*chunk] + ([] if cleared_before is None else [cleared_before]),
                 )
             )
         return found
+
+    def clearable(self, older_than_days: float) -> int:
+        """How many finished tasks `clear(older_than_days)` would delete now."""
+        cutoff = self.clock() - older_than_days * 86400.0
+        return _number(
+            self._conn(),
+            f"SELECT COUNT(*) FROM tasks WHERE {_TERMINAL} "
+            "AND COALESCE(finished_at, updated_at) < ?",
+            (cutoff,),
+        )
+
+    def issue_task_ids(self, repo: str, issue: int) -> list[int]:
+        """The ids of an issue's tasks (read from the index by issue)."""
+        return [
+            row[0]
+            for row in self._conn().execute(
+                "SELECT id FROM tasks WHERE repo = ? AND issue = ? ORDER BY id", (repo, issue)
+            )
+        ]
 
     def transition(
         self,
@@ -723,7 +835,62 @@ class Store:
         if cur.rowcount != 1:
             return False
         self._event(c, task_id, event, from_state.value, to_state.value, detail)
+        self._changed(c, task_id, from_state, to_state)
         return True
+
+    def _changed(
+        self, c: sqlite3.Connection, task_id: int, from_state: State | None, to_state: State
+    ) -> None:
+        """What follows from a task's change of state, in the transaction that changed it:
+        its counts for /metrics, and a notification for each endpoint that wants its event.
+        Every change of state passes here (insert_task, _transition, _set_aside_row), so
+        none is missed and none counted or sent twice."""
+        event = str(notify.event_for(to_state))
+        endpoints = [endpoint for endpoint, events in self.notify if event in events]
+        if from_state is None and to_state is State.PENDING and not endpoints:
+            return  # queued (the webhook path): nothing to count, nothing to send
+        row = c.execute(
+            "SELECT id, repo, issue, agent, agents_tried, state, outcome, pr_number, "
+            "created_at, not_before, started_at FROM tasks WHERE id = ?",
+            (task_id,),
+        ).fetchone()
+        facts = metrics.TaskFacts(
+            id=row["id"],
+            repo=row["repo"],
+            issue=row["issue"],
+            agent=_agent_that_ran(row["agent"], row["agents_tried"]),
+            state=to_state,
+            outcome=row["outcome"],
+            pr_number=row["pr_number"],
+            created_at=row["created_at"],
+            not_before=row["not_before"],
+            started_at=row["started_at"],
+        )
+        self.add_counts(c, metrics.for_transition(facts, from_state, to_state, self.clock()))
+        if not endpoints:
+            return
+        body = json.dumps(
+            {
+                "event": event,
+                "task": notify.task_view(
+                    task_id=facts.id,
+                    repo=facts.repo,
+                    issue=facts.issue,
+                    state=str(to_state),
+                    outcome=facts.outcome,
+                    pr_number=facts.pr_number,
+                ),
+            }
+        )
+        now = self.clock()
+        c.executemany(
+            "INSERT INTO outbox (repo, issue, kind, target, body, endpoint, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (facts.repo, facts.issue, OutboxKind.NOTIFY.value, facts.id, body, endpoint, now)
+                for endpoint in endpoints
+            ],
+        )
 
     def reject(
         self,
@@ -777,6 +944,19 @@ class Store:
         with self.tx() as c:
             self._set_fields(c, task_id, changes, bump=bump)
 
+    def agent_ran(self, task_id: int, agent: str, usage: dict[str, Any], **changes: Any) -> None:
+        """Record one agent run of a task: `usage` and `changes` on the task (as update()),
+        and the run's tokens and cost in the counters, in one transaction, so each run
+        counts once, fallbacks' included."""
+        bad = set(changes) - _UPDATABLE
+        if bad:
+            raise ValueError(f"cannot set {sorted(bad)} with agent_ran()")
+        with self.tx() as c:
+            self._set_fields(c, task_id, {**changes, "usage": usage})
+            repo = c.execute("SELECT repo FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if repo is not None:
+                self.add_counts(c, metrics.for_agent_run(agent, repo[0], usage))
+
     def _set_fields(
         self, c: sqlite3.Connection, task_id: int, changes: dict[str, Any], *, bump: bool = True
     ) -> None:
@@ -815,11 +995,7 @@ class Store:
 
     def count(self, state: State) -> int:
         """Tasks in that state (read from the index by state: as many steps as there are)."""
-        return (
-            self._conn()
-            .execute("SELECT COUNT(*) FROM tasks WHERE state = ?", (State(state).value,))
-            .fetchone()[0]
-        )
+        return _number(self._conn(), "SELECT COUNT(*) FROM tasks WHERE state = ?", (state.value,))
 
     def claim(self, limit: int, worker_id: str, *, max_claims: int | None = None) -> list[Task]:
         """Lease up to (limit - running) ready tasks, first in first out, one per issue:
@@ -845,7 +1021,7 @@ class Store:
         if not ready or running >= limit:
             return []
         with self.tx() as c:
-            running = c.execute("SELECT COUNT(*) FROM tasks WHERE state = 'running'").fetchone()[0]
+            running = _number(c, "SELECT COUNT(*) FROM tasks WHERE state = 'running'")
             free = limit - running
             if max_claims is not None:
                 free = min(free, max_claims)
@@ -971,7 +1147,8 @@ class Store:
                 event="retry requested",
                 detail=by,
                 attempts=0,
-                not_before=0.0,
+                # ready from now: the wait counted when it starts runs from here
+                not_before=self.clock(),
                 outcome=None,
                 error=None,
                 cancel_requested_by=None,
@@ -984,14 +1161,11 @@ class Store:
         task = self.get(task_id)
         if task is None or task.state is not State.PENDING:
             return None
-        return (
-            self._conn()
-            .execute(
-                "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND id <= ? "
-                "AND (authorized IS NULL OR authorized = 1)",
-                (task_id,),
-            )
-            .fetchone()[0]
+        return _number(
+            self._conn(),
+            "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND id <= ? "
+            "AND (authorized IS NULL OR authorized = 1)",
+            (task_id,),
         )
 
     def pending_positions(self, limit: int) -> list[tuple[Task, int]]:
@@ -1068,9 +1242,9 @@ class Store:
             )
         }
         now = self.clock()
-        ready = conn.execute(
-            "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND not_before <= ?", (now,)
-        ).fetchone()[0]
+        ready = _number(
+            conn, "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND not_before <= ?", (now,)
+        )
         oldest = conn.execute(
             "SELECT MIN(created_at) FROM tasks WHERE state = 'pending'"
         ).fetchone()[0]
@@ -1129,9 +1303,18 @@ class Store:
         return data
 
     def set_issue(self, c: Tx | None, repo: str, number: int, **values: Any) -> None:
-        """Remember `values` (labels, pr_number, branch, session_id, agent) of an issue;
-        with `c` None, in a write transaction of its own."""
-        allowed = {"labels", "pr_number", "branch", "session_id", "agent"}
+        """Remember `values` (labels, pr_number, branch, session_id, agent; state and
+        state_checked_at, what Gitea said of it last) of an issue; with `c` None, in a
+        write transaction of its own."""
+        allowed = {
+            "labels",
+            "pr_number",
+            "branch",
+            "session_id",
+            "agent",
+            "state",
+            "state_checked_at",
+        }
         if set(values) - allowed:
             raise ValueError(f"unknown issue fields {sorted(set(values) - allowed)}")
         if "labels" in values and values["labels"] is not None:
@@ -1168,15 +1351,40 @@ class Store:
 
     # ------------------------------------------------------------------ deliveries
 
-    def seen_delivery(self, c: sqlite3.Connection, delivery_id: str, event: str) -> bool:
-        """Record a delivery id; True if it was already recorded."""
+    def seen_delivery(self, c: Tx, delivery_id: str, event: str, repo: str | None = None) -> bool:
+        """Record a delivery id, with the repository it came from when it names one; True
+        if it was already recorded."""
         cur = c.execute(
-            "INSERT OR IGNORE INTO deliveries (id, event, received_at) VALUES (?, ?, ?)",
-            (delivery_id, event, self.clock()),
+            "INSERT OR IGNORE INTO deliveries (id, event, received_at, repo) VALUES (?, ?, ?, ?)",
+            (delivery_id, event, self.clock(), repo),
         )
         return cur.rowcount == 0
 
-    def delivery_result(self, c: sqlite3.Connection, delivery_id: str, result: str) -> None:
+    def served_repos(self) -> list[str]:
+        """The repositories kugetsu serves as the database knows them: those with tasks or
+        deliveries, sorted. Read from the indexes on repo, never from the rows."""
+        rows = self._conn().execute(
+            "SELECT repo FROM tasks GROUP BY repo UNION "
+            "SELECT repo FROM deliveries WHERE repo IS NOT NULL GROUP BY repo"
+        )
+        return sorted(row[0] for row in rows)
+
+    def last_delivery(
+        self, repo: str, *, event: str | None = None, since: float | None = None
+    ) -> float | None:
+        """When the newest delivery from `repo` (of `event`, at or after `since`) arrived,
+        or None if none did."""
+        sql, args = "SELECT MAX(received_at) FROM deliveries WHERE repo = ?", list[Any]([repo])
+        if event is not None:
+            sql += " AND event = ?"
+            args.append(event)
+        if since is not None:
+            sql += " AND received_at >= ?"
+            args.append(since)
+        newest = self._conn().execute(sql, args).fetchone()[0]
+        return None if newest is None else float(newest)
+
+    def delivery_result(self, c: Tx, delivery_id: str, result: str) -> None:
         c.execute("UPDATE deliveries SET result = ? WHERE id = ?", (result, delivery_id))
 
     # ------------------------------------------------------------------ outbox
@@ -1185,7 +1393,8 @@ class Store:
         """Store an outbox item inside the caller's transaction; returns its id."""
         cur = c.execute(
             "INSERT INTO outbox (repo, issue, kind, target, body, requested_by, permission_hint, "
-            "needs_permission, quiet, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "needs_permission, quiet, endpoint, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 item.repo,
                 item.issue,
@@ -1196,23 +1405,30 @@ class Store:
                 item.permission_hint,
                 int(item.needs_permission),
                 int(item.quiet),
+                item.endpoint,
                 self.clock(),
             ),
         )
         return _inserted_id(cur)
 
     def outbox_due(self, limit: int) -> list[OutboxItem]:
-        """Items due now, oldest first. An item of a kind this code does not know (written
-        by a newer kugetsu, or by hand) is marked done with the reason, and left out."""
+        """Items for Gitea due now, oldest first (notifications are read per endpoint:
+        `notify_queue`). An item of a kind this code does not know (written by a newer
+        kugetsu, or by hand) is marked done with the reason, and left out."""
         rows = (
             self._conn()
             .execute(
-                "SELECT * FROM outbox WHERE done_at IS NULL AND not_before <= ? "
-                "ORDER BY id LIMIT ?",
+                # the index that holds Gitea's items alone: notifications waiting for an
+                # endpoint that is down are never read here, however many there are
+                "SELECT * FROM outbox INDEXED BY outbox_gitea_due WHERE done_at IS NULL "
+                "AND endpoint IS NULL AND not_before <= ? ORDER BY id LIMIT ?",
                 (self.clock(), limit),
             )
             .fetchall()
         )
+        return self._outbox_items(rows)
+
+    def _outbox_items(self, rows: Sequence[sqlite3.Row]) -> list[OutboxItem]:
         items, unknown = [], []
         for r in rows:
             try:
@@ -1234,10 +1450,49 @@ class Store:
                     quiet=bool(r["quiet"]),
                     id=r["id"],
                     attempts=r["attempts"],
+                    endpoint=r["endpoint"],
+                    created_at=r["created_at"],
+                    not_before=r["not_before"],
+                    error=r["error"],
                 )
             )
         self.outbox_done_many(unknown)
         return items
+
+    def notify_queue(self, endpoint: str, limit: int) -> list[OutboxItem]:
+        """The first `limit` notifications still to send to `endpoint`, in the order they
+        were written, whether due or not: the first one that is not due holds the others
+        back, so an endpoint gets its events in order."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT * FROM outbox WHERE endpoint = ? AND done_at IS NULL "
+                "AND endpoint IS NOT NULL ORDER BY id LIMIT ?",
+                (endpoint, limit),
+            )
+            .fetchall()
+        )
+        return self._outbox_items(rows)
+
+    def notify_endpoints(self) -> list[str]:
+        """Endpoints that have notifications still to send (read from the partial index)."""
+        return [
+            row[0]
+            for row in self._conn().execute(
+                "SELECT DISTINCT endpoint FROM outbox WHERE done_at IS NULL "
+                "AND endpoint IS NOT NULL"
+            )
+        ]
+
+    def drop_notifications(self, endpoint: str, error: str) -> int:
+        """Mark every notification still to send to `endpoint` done with `error` (an
+        endpoint no longer configured); returns how many."""
+        with self.tx() as c:
+            return c.execute(
+                "UPDATE outbox SET done_at = ?, error = ? WHERE endpoint = ? "
+                "AND done_at IS NULL AND endpoint IS NOT NULL",
+                (self.clock(), error, endpoint),
+            ).rowcount
 
     def outbox_done(self, item_id: int, error: str | None = None) -> None:
         self.outbox_done_many([(item_id, error)])
@@ -1262,18 +1517,15 @@ class Store:
 
     # ------------------------------------------------------------------ replies
 
-    def recent_replies(
-        self, c: sqlite3.Connection, repo: str, issue: int, login: str, seconds: float
-    ) -> int:
+    def recent_replies(self, c: Tx, repo: str, issue: int, login: str, seconds: float) -> int:
         """Replies to `login` on issue (or pull request) `issue` in the last `seconds`."""
-        return c.execute(
+        return _number(
+            c,
             "SELECT COUNT(*) FROM replies WHERE repo = ? AND issue = ? AND login = ? AND at > ?",
             (repo, issue, login, self.clock() - seconds),
-        ).fetchone()[0]
+        )
 
-    def note_reply(
-        self, c: sqlite3.Connection, repo: str, issue: int, login: str, seconds: float
-    ) -> None:
+    def note_reply(self, c: Tx, repo: str, issue: int, login: str, seconds: float) -> None:
         """Count a reply to `login` on `issue`, forgetting theirs older than `seconds`."""
         now = self.clock()
         c.execute(
@@ -1296,9 +1548,15 @@ class Store:
                 (worker_id, socket.gethostname(), pid, pid_start, now, now),
             )
 
-    def heartbeat(self, worker_id: str, report: str | None = None) -> None:
+    def heartbeat(
+        self,
+        worker_id: str,
+        report: str | None = None,
+        counts: Mapping[metrics.Key, float] | None = None,
+    ) -> None:
         """Say the worker lives; with `report`, also what it says about its ticks (read by
-        the receiver's /healthz through `worker_report`)."""
+        the receiver's /healthz through `worker_report`); with `counts`, add what it
+        counted in memory since (its Gitea calls) to the counters."""
         with self.tx() as c:
             c.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (self.clock(), worker_id))
             if report is not None:
@@ -1306,6 +1564,8 @@ class Store:
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     (_REPORT_KEY + worker_id, report),
                 )
+            if counts:
+                self.add_counts(c, counts)
 
     def unregister_worker(self, worker_id: str) -> None:
         """Forget a worker, and free the leases it held: a process found dead (kill -9)
@@ -1314,25 +1574,34 @@ class Store:
         with self.tx() as c:
             c.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
             c.execute("DELETE FROM leases WHERE owner = ?", (worker_id,))
-            c.execute("DELETE FROM meta WHERE key = ?", (_REPORT_KEY + worker_id,))
+            c.execute(
+                "DELETE FROM meta WHERE key IN (?, ?)",
+                (_REPORT_KEY + worker_id, _READY_KEY + worker_id),
+            )
 
     def workers(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._conn().execute("SELECT * FROM workers")]
 
-    def worker_report(self, host: str, pid: int) -> tuple[float, str | None] | None:
-        """(heartbeat time, tick report) of the worker running as `pid` on `host`, or None
-        if it has not registered."""
+    def set_readiness(self, worker_id: str, readiness: str) -> None:
+        """What the worker's checks found (read by /healthz and /readyz through
+        `worker_report`)."""
+        self.set_meta(_READY_KEY + worker_id, readiness)
+
+    def worker_report(self, host: str, pid: int) -> tuple[float, str | None, str | None] | None:
+        """(heartbeat time, tick report, readiness) of the worker running as `pid` on
+        `host`, or None if it has not registered."""
         row = (
             self._conn()
             .execute(
-                "SELECT w.heartbeat_at, m.value FROM workers AS w LEFT JOIN meta AS m "
-                "ON m.key = ? || w.id WHERE w.host = ? AND w.pid = ? "
+                "SELECT w.heartbeat_at, m.value, r.value FROM workers AS w "
+                "LEFT JOIN meta AS m ON m.key = ? || w.id "
+                "LEFT JOIN meta AS r ON r.key = ? || w.id WHERE w.host = ? AND w.pid = ? "
                 "ORDER BY w.started_at DESC LIMIT 1",
-                (_REPORT_KEY, host, pid),
+                (_REPORT_KEY, _READY_KEY, host, pid),
             )
             .fetchone()
         )
-        return (row[0], row[1]) if row else None
+        return (row[0], row[1], row[2]) if row else None
 
     def running_tasks(self) -> list[Task]:
         return self.list_tasks(State.RUNNING)
@@ -1362,6 +1631,95 @@ class Store:
         with self.tx() as c:
             c.execute("DELETE FROM leases WHERE owner = ?", (owner,))
 
+    # ------------------------------------------------------------------ counters (/metrics)
+
+    def add_counts(self, c: Tx | None, counts: Mapping[metrics.Key, float]) -> None:
+        """Add to counters (bot/core/metrics.py), inside the caller's transaction, or with
+        `c` None in one of its own."""
+        if not counts:
+            return
+        rows = [(name, labels, amount) for (name, labels), amount in counts.items()]
+        sql = (
+            "INSERT INTO counters (name, labels, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (name, labels) DO UPDATE SET value = value + excluded.value"
+        )
+        if c is not None:
+            c.executemany(sql, rows)
+            return
+        with self.tx() as conn:
+            conn.executemany(sql, rows)
+
+    def metrics_snapshot(self, *, by_repo: bool = False) -> MetricsSnapshot:
+        """What /metrics shows, read in one read transaction (one consistent view). Costs
+        the same whatever the history: the counters are a row per series, the counts by
+        state come from the index by state, and the running tasks are few."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            if by_repo:
+                tasks = [
+                    (row[0], row[1], row[2])
+                    for row in conn.execute(
+                        "SELECT state, repo, COUNT(*) FROM tasks GROUP BY state, repo"
+                    )
+                ]
+            else:
+                tasks = [
+                    (row[0], None, row[1])
+                    for row in conn.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state")
+                ]
+            agents = conn.execute(
+                "SELECT COUNT(*) FROM tasks WHERE state = 'running' AND pid IS NOT NULL"
+            ).fetchone()[0]
+            counters = [
+                (row[0], row[1], row[2])
+                for row in conn.execute("SELECT name, labels, value FROM counters")
+            ]
+            disk = [
+                (row[0][len(_DISK_KEY) :], row[1])
+                for row in conn.execute(
+                    "SELECT key, value FROM meta WHERE key >= ? AND key < ?",
+                    (_DISK_KEY, _DISK_KEY[:-1] + chr(ord(_DISK_KEY[-1]) + 1)),
+                )
+            ]
+        finally:
+            conn.execute("COMMIT")
+        return MetricsSnapshot(tasks, agents, counters, disk)
+
+    def set_disk_usage(self, host: str, usage: str) -> None:
+        """What a worker measured of the disk its data directory uses (a JSON object)."""
+        self.set_meta(_DISK_KEY + host, usage)
+
+    # ------------------------------------------------------------------ backup
+
+    def backup(self, dest: Path) -> tuple[int, int]:
+        """Copy the database to `dest` with SQLite's online backup, while other processes
+        read and write it: the copy is one consistent moment of it. Written beside `dest`
+        and renamed into place once whole and checked, so a `dest` that exists is whole.
+        Returns the copy's (schema version, number of tasks)."""
+        dest = Path(dest)
+        part = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+        copy = sqlite3.connect(part)
+        try:
+            # one step: a read transaction on the source for the whole copy (in WAL mode
+            # writers go on meanwhile); in steps, every write in between restarts it
+            self._conn().backup(copy)
+            copy.execute("PRAGMA journal_mode = DELETE")  # one file, whole by itself
+            check = copy.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise StoreError(f"the copy does not check out: {check}")
+            version = copy.execute("PRAGMA user_version").fetchone()[0]
+            tasks = copy.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
+            copy.close()
+            with open(part, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(part, dest)
+        except BaseException:
+            copy.close()
+            part.unlink(missing_ok=True)
+            raise
+        return version, tasks
+
     # ------------------------------------------------------------------ meta
 
     def get_meta(self, key: str) -> str | None:
@@ -1374,9 +1732,13 @@ class Store:
 
 
 def open_store(
-    path: Path | str, clock: Callable[[], float] = time.time, *, checkpoint_pages: int = 0
+    path: Path | str,
+    clock: Callable[[], float] = time.time,
+    *,
+    checkpoint_pages: int = 0,
+    notify: Sequence[tuple[str, frozenset[str]]] = (),
 ) -> Store:
-    store = Store(path, clock=clock, checkpoint_pages=checkpoint_pages)
+    store = Store(path, clock=clock, checkpoint_pages=checkpoint_pages, notify=notify)
     store.migrate()
     return store
 
@@ -1385,6 +1747,7 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "CommentRecord",
+    "MetricsSnapshot",
     "SchemaTooNew",
     "Stats",
     "Store",

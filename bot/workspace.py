@@ -178,13 +178,13 @@ class Workspace:
                 step="fetch",
                 network=url,
             )
-            log.info("mirror fetched repo=%s issue=%s", repo, issue)
+            log.info("mirror fetched", extra={"repo": repo, "issue": issue})
             default = self._default_branch(mirror, head_symref)
             default_ref = f"refs/remotes/{REMOTE}/{default}"
 
             reused = self._is_worktree_of(wt, mirror, branch)
             if reused:
-                log.info("worktree reused repo=%s issue=%s branch=%s", repo, issue, branch)
+                log.info("worktree reused", extra={"repo": repo, "issue": issue, "branch": branch})
                 remote_sha = self._ref_sha(f"refs/remotes/{REMOTE}/{branch}", git_dir=mirror)
                 if remote_sha and not self._is_ancestor(remote_sha, "HEAD", cwd=wt):
                     # someone pushed to the branch since (a fix on the pull request): the
@@ -256,7 +256,7 @@ class Workspace:
             cwd=wt,
             step="commit",
         )
-        log.info("commit created worktree=%s", _rel_label(wt, self._worktrees_dir))
+        log.info("commit created", extra={"worktree": _rel_label(wt, self._worktrees_dir)})
         return True
 
     def changed_files(self, prepared_or_path: Prepared | Path | str, base_sha: str) -> list[str]:
@@ -323,7 +323,9 @@ class Workspace:
                 network=url,
             )
             self._git(["update-ref", tracking, head], cwd=wt, step="update-ref")
-        log.info("branch pushed repo=%s/%s issue=%s branch=%s", owner, name, issue, branch)
+        log.info(
+            "branch pushed", extra={"repo": f"{owner}/{name}", "issue": issue, "branch": branch}
+        )
         return head
 
     def remote_branch_sha(self, repo: str, branch: str) -> str | None:
@@ -348,37 +350,92 @@ class Workspace:
         wt = self._worktree_path(owner, name, issue)
         with self._repo_lock(owner, name):
             self._remove_worktree(owner, name, wt)
-        log.info("worktree removed repo=%s issue=%s", repo, issue)
+        log.info("worktree removed", extra={"repo": repo, "issue": issue})
 
     def cleanup(self, older_than_seconds: float, *, keep: Collection[Path] = ()) -> list[Path]:
         """Remove worktrees not touched for `older_than_seconds`. Paths in `keep` (worktrees of
-        running tasks) are never removed. Returns the removed paths."""
-        if not self._worktrees_dir.is_dir():
-            return []
+        running tasks) are never removed, nor is a worktree with commits that are not pushed
+        (`unpushed_commits`; logged). Returns the removed paths."""
         kept = {os.path.realpath(p) for p in keep}
         removed: list[Path] = []
+        for repo, issue, wt in self.worktrees():
+            if os.path.realpath(wt) in kept or self.idle_seconds(wt) < older_than_seconds:
+                continue
+            if self.remove_if_idle(repo, issue, older_than_seconds)[0]:
+                removed.append(wt)
+        return removed
+
+    def worktrees(self) -> list[tuple[str, int, Path]]:
+        """(repository, issue, path) of each issue's worktree directory on disk."""
+        found = []
         for owner_dir in _subdirs(self._worktrees_dir):
             for name_dir in _subdirs(owner_dir):
                 owner, name = owner_dir.name, name_dir.name
-                if not (_valid_name(owner) and _valid_name(name)):
-                    continue
-                candidates = [
-                    wt
-                    for wt in _subdirs(name_dir)
-                    if wt.name.isdigit() and os.path.realpath(wt) not in kept
-                ]
-                if not any(self._is_stale(wt, older_than_seconds) for wt in candidates):
-                    continue
-                with self._repo_lock(owner, name):
-                    for wt in candidates:
-                        # checked again under the lock: a prepare may just have reused it
-                        if self._is_stale(wt, older_than_seconds):
-                            self._remove_worktree(owner, name, wt)
-                            removed.append(wt)
-                            log.info(
-                                "worktree cleaned up repo=%s/%s issue=%s", owner, name, wt.name
-                            )
-        return removed
+                if _valid_name(owner) and _valid_name(name):
+                    found += [
+                        (f"{owner}/{name}", int(wt.name), wt)
+                        for wt in _subdirs(name_dir)
+                        if wt.name.isdigit()
+                    ]
+        return found
+
+    def idle_seconds(self, wt: Path) -> float:
+        """How long ago the worktree was last used (by kugetsu's git or the agent's)."""
+        return self._clock() - _last_touched(wt)
+
+    def unpushed_commits(self, path: Path, also: Sequence[str] = ()) -> int:
+        """Commits of the worktree's HEAD that no branch of the remote holds, as the mirror
+        last fetched them, nor any commit in `also` (a pull request's head, which Gitea
+        keeps after its branch is deleted). A commit named in `also` that is not here is
+        left out. GitError if git cannot tell."""
+        wt = self._checked_worktree(path)
+        for sha in also:
+            _check_sha(sha)
+        out = self._git(
+            [
+                "rev-list",
+                "--count",
+                "--ignore-missing",
+                "HEAD",
+                "--not",
+                f"--remotes={REMOTE}",
+                *also,
+            ],
+            cwd=wt,
+            step="rev-list",
+        ).stdout
+        return int(out.decode().strip() or "0")
+
+    def remove_if_idle(
+        self, repo: str, issue: int, older_than_seconds: float
+    ) -> tuple[bool, int | None]:
+        """Remove the issue's worktree if it has not been used for `older_than_seconds` and
+        every commit of it is pushed; checked under the repository's lock, so a task that
+        has just taken it up keeps it. Returns (removed, commits not pushed: None when git
+        cannot tell, which keeps it too)."""
+        owner, name = _split_repo(repo)
+        _check_issue(issue)
+        wt = self._worktree_path(owner, name, issue)
+        with self._repo_lock(owner, name):
+            if not self._is_stale(wt, older_than_seconds):
+                return False, 0
+            try:
+                unpushed = self.unpushed_commits(wt) if (wt / ".git").is_file() else 0
+            except GitError as exc:
+                log.warning(
+                    "worktree kept: cannot tell what is pushed",
+                    extra={"repo": repo, "issue": issue, "error": str(exc)},
+                )
+                return False, None
+            if unpushed:
+                log.warning(
+                    "worktree kept: commits not pushed",
+                    extra={"repo": repo, "issue": issue, "unpushed": unpushed},
+                )
+                return False, unpushed
+            self._remove_worktree(owner, name, wt)
+        log.info("worktree cleaned up", extra={"repo": repo, "issue": issue})
+        return True, 0
 
     # ------------------------------------------------------------------ mirror and worktrees
 
@@ -386,8 +443,8 @@ class Workspace:
         mirror = self._mirror_path(owner, name)
         if not _looks_like_bare_repo(mirror):
             if mirror.exists() or mirror.is_symlink():
-                log.warning("mirror is not a git repository, recreating repo=%s", repo)
-                _rmtree(mirror)
+                log.warning("mirror is not a git repository, recreating", extra={"repo": repo})
+                remove_tree(mirror)
             tmp = mirror.with_name(f".{mirror.name}.tmp-{uuid.uuid4().hex}")
             tmp.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -398,9 +455,9 @@ class Workspace:
                 )
                 tmp.rename(mirror)  # its config is written below
             except BaseException:
-                _rmtree(tmp, missing_ok=True)
+                remove_tree(tmp, missing_ok=True)
                 raise
-            log.info("mirror created repo=%s", repo)
+            log.info("mirror created", extra={"repo": repo})
         # every time: the configured URL may have changed, and an agent may have written
         # into the config its worktree shares
         self._reset_config(mirror, url)
@@ -422,10 +479,8 @@ class Workspace:
                 returncode=merge.returncode,
             )
         log.info(
-            "worktree caught up with the remote branch repo=%s issue=%s branch=%s",
-            repo,
-            issue,
-            branch,
+            "worktree caught up with the remote branch",
+            extra={"repo": repo, "issue": issue, "branch": branch},
         )
 
     @staticmethod
@@ -482,8 +537,8 @@ class Workspace:
         self, mirror: Path, wt: Path, branch: str, default_ref: str, repo: str, issue: int
     ) -> None:
         if wt.exists() or wt.is_symlink():
-            log.warning("stale worktree directory replaced repo=%s issue=%s", repo, issue)
-            _rmtree(wt)
+            log.warning("stale worktree directory replaced", extra={"repo": repo, "issue": issue})
+            remove_tree(wt)
         # a registration of this path still locked (kugetsu stopped while it was lent) is
         # not pruned; it is this issue's own, so it is unlocked first
         self._unlock(mirror, wt)
@@ -499,11 +554,13 @@ class Workspace:
             step="worktree add",
         )
         log.info(
-            "worktree created repo=%s issue=%s branch=%s from_remote_branch=%s",
-            repo,
-            issue,
-            branch,
-            from_remote,
+            "worktree created",
+            extra={
+                "repo": repo,
+                "issue": issue,
+                "branch": branch,
+                "from_remote_branch": from_remote,
+            },
         )
 
     def _is_worktree_of(self, wt: Path, mirror: Path, branch: str) -> bool:
@@ -584,7 +641,7 @@ class Workspace:
         return parts[0], parts[1], parts[2]
 
     def _remove_worktree(self, owner: str, name: str, wt: Path) -> None:
-        _rmtree(wt, missing_ok=True)
+        remove_tree(wt, missing_ok=True)
         mirror = self._mirror_path(owner, name)
         if _looks_like_bare_repo(mirror):
             self._git(["worktree", "prune"], git_dir=mirror, step="worktree prune")
@@ -646,7 +703,7 @@ class Workspace:
         run_in = (
             cwd if cwd is not None else (git_dir if git_dir is not None else self._ensure_home())
         )
-        log.debug("git step=%s", step)
+        log.debug("git step", extra={"step": step})
         try:
             cp = self._runner(
                 argv,
@@ -853,7 +910,7 @@ def _last_touched(wt: Path) -> float:
     return latest
 
 
-def _rmtree(path: Path, *, missing_ok: bool = True) -> None:
+def remove_tree(path: Path, *, missing_ok: bool = True) -> None:
     """Remove a directory tree, including read-only directories an agent may leave behind."""
     if path.is_symlink() or path.is_file():
         path.unlink()

@@ -1,4 +1,4 @@
-"""Shared fixtures: a fake Gitea with a real git remote, configs, a dispatcher.
+"""Shared fixtures: a fake Gitea with a real git remote, configs, task helpers.
 
 `KUGETSU_TEST_SANDBOX=user` runs the suite with the sandbox on (it needs root): configs from
 `make_config` and the e2e tests' `write_config` get `sandbox.mode = "user"`, each data
@@ -146,6 +146,21 @@ def enqueue(store, **task) -> int:
         return store.insert_task(c, **task)
 
 
+def queue_task(store, issue: int = 3, **kw) -> int:
+    """An authorized start on REPO#issue by alice for the agent "fake" (`enqueue`)."""
+    fields = dict(
+        repo=REPO,
+        issue=issue,
+        kind="start",
+        prompt="",
+        agent="fake",
+        requested_by="alice",
+        max_attempts=3,
+        authorized=True,
+    )
+    return enqueue(store, **{**fields, **kw})
+
+
 def task_events(store, task_id: int) -> list[dict]:
     """A task's events, oldest first (what the store records with each change)."""
     rows = store._conn().execute(
@@ -177,6 +192,15 @@ def write_unchecked(db_path: Path, sql: str, args: tuple = ()) -> int:
         return row_id
     finally:
         conn.close()
+
+
+def logged(caplog) -> str:
+    """All that the captured log records hold: each message and every field of the record
+    (what `extra=` put there too, which caplog.text leaves out)."""
+    return "\n".join(
+        f"{r.getMessage()} {sorted((k, str(v)) for k, v in r.__dict__.items())}"
+        for r in caplog.records
+    )
 
 
 def wait_for(

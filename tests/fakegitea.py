@@ -19,11 +19,22 @@ on a new repository is "admin"; other users default to "read". Writes to pull
 requests need "write"; the collaborator-permission endpoint needs
 "admin" (as in Gitea).
 
-Test hooks: `requests`, `comments`, `pulls` (and `pulls_of(repo)`), `reactions`,
+Webhooks as Gitea 1.26 keeps them (repository and organization hooks): `active` defaults
+to false, `config.url` and `config.content_type` are required, the secret is never
+returned, an edit replaces the event list (empty means `push`), the groups `issues` and
+`pull_request` stand for their single events, and a repository hook needs an admin of the
+repository (an organization hook, an owner of the organization). `POST .../hooks/{id}/tests`
+really POSTs a signed push delivery to the hook's URL, but only to a hook with the push
+event, as Gitea's PrepareWebhook (`hook_deliveries` records each try; `block_deliveries`
+refuses them as `ALLOWED_HOST_LIST` would). `GET /version` needs no token.
+`token_scopes` (None: every scope) makes the API and git's push answer 403 as Gitea does
+for a token without the scope a route needs.
+
+Test hooks: `requests`, `comments`, `pulls` (and `pulls_of(repo)`), `reactions`, `hooks_of()`,
 `fail_next(n, status, method, path)`, `lose_answer(method, path, answer)` / `release()`,
 `down()` / `up()`, `branch_sha()`, `file_at()`,
 `git(repo, ...)`, and `create_issue` / `add_comment` / `add_labels` / `close_pull`
-to act as a human would.
+/ `close_issue` to act as a human would.
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -39,19 +52,64 @@ import socket
 import subprocess
 import tempfile
 import threading
+import uuid
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import requests
 
 log = logging.getLogger(__name__)
 
 GITEA_VERSION = "1.26.3"
 ALLOWED_REACTIONS = ("+1", "-1", "laugh", "hooray", "confused", "heart", "rocket", "eyes")
 PERMISSION_ORDER = ("none", "read", "write", "admin", "owner")
+#: the single events a hook can have (Gitea's HookEvents keys), and the groups that stand
+#: for several of them in a create or edit request
+HOOK_EVENTS = (
+    "create",
+    "delete",
+    "fork",
+    "issues",
+    "issue_assign",
+    "issue_label",
+    "issue_milestone",
+    "issue_comment",
+    "push",
+    "pull_request",
+    "pull_request_assign",
+    "pull_request_label",
+    "pull_request_milestone",
+    "pull_request_comment",
+    "pull_request_review",
+    "pull_request_review_request",
+    "pull_request_sync",
+    "wiki",
+    "repository",
+    "release",
+    "package",
+    "status",
+)
+_HOOK_GROUPS = {
+    "issues_only": ("issues",),
+    "pull_request_only": ("pull_request",),
+    "issues": ("issues", "issue_assign", "issue_label", "issue_milestone", "issue_comment"),
+    "pull_request": (
+        "pull_request",
+        "pull_request_assign",
+        "pull_request_label",
+        "pull_request_milestone",
+        "pull_request_comment",
+        "pull_request_review",
+        "pull_request_review_request",
+        "pull_request_sync",
+    ),
+}
+HOOK_TYPES = ("dingtalk", "discord", "gitea", "gogs", "msteams", "slack", "telegram", "feishu")
 GIT_IDENTITY = ("-c", "user.name=Fake Gitea", "-c", "user.email=fake-gitea@example.invalid")
 
 
@@ -129,7 +187,16 @@ class FakeGitea:
         self._fail_queue: list[tuple[int, str | None, re.Pattern | None]] = []
         self._lose: list[tuple[str, re.Pattern, int | str]] = []
         self._released = threading.Event()
+        self.hooks: dict[int, dict] = {}
+        #: each test delivery tried: {"hook", "url", "status" (None: not sent), "error"}
+        self.hook_deliveries: list[dict] = []
+        #: refuse every delivery, as Gitea's ALLOWED_HOST_LIST refuses a private address
+        self.block_deliveries = False
+        #: the token's scopes ("read:user", "write:repository", ...); None: every scope
+        self.token_scopes: set[str] | None = None
+        self._orgs: dict[str, set[str]] = {}
         self._ids = {
+            "hook": 0,
             "user": 0,
             "repo": 0,
             "issue": 0,
@@ -410,6 +477,18 @@ class FakeGitea:
             self._repo(repo)["permissions"][login] = permission
             self.user(login)
 
+    def create_org(self, name: str, owners: tuple[str, ...] | None = None) -> None:
+        """Make `name` an organization; its owners (default: the bot) may manage its hooks."""
+        with self.lock:
+            self._orgs[name] = set(owners if owners is not None else (self.bot_login,))
+            self.user(name)
+
+    def hooks_of(self, repo: str | None = None, *, org: str | None = None) -> list[dict]:
+        """The hooks of a repository (or organization) as stored, secret included."""
+        scope = ("repo", repo) if repo is not None else ("org", org)
+        with self.lock:
+            return [dict(h) for _, h in sorted(self.hooks.items()) if h["scope"] == scope]
+
     def permission(self, repo: str, login: str) -> str:
         with self.lock:
             return self._repo(repo)["permissions"].get(login, "read")
@@ -443,6 +522,14 @@ class FakeGitea:
             if merged:
                 pr.update(merged=True, merged_at=now, merged_by=self.user(self.bot_login))
             return pr
+
+    def close_issue(self, repo: str, number: int) -> dict:
+        """Close an issue as a human would."""
+        with self.lock:
+            issue = self._repo(repo)["issues"][number]
+            now = _now()
+            issue.update(state="closed", closed_at=now, updated_at=now)
+            return issue
 
     def branch_sha(self, repo: str, branch: str) -> str | None:
         path = self._repo_path(repo)
@@ -877,6 +964,28 @@ class FakeGitea:
                 content_type="text/plain; charset=utf-8",
             )
             return
+        pushing = rest.endswith("/git-receive-pack") or "service=git-receive-pack" in query
+        missing = self._missing_scope("repository", "POST" if pushing else "GET")
+        if (
+            missing is None
+            and pushing
+            and _rank(self.permission(full, self.bot_login)) < _rank("write")
+        ):
+            self._send(
+                h,
+                403,
+                {"message": "User permission denied"},
+                content_type="text/plain; charset=utf-8",
+            )
+            return
+        if missing is not None:
+            self._send(
+                h,
+                403,
+                {"message": f"token does not have at least one of required scope(s): [{missing}]"},
+                content_type="text/plain; charset=utf-8",
+            )
+            return
         env = self.git_env()
         env.update(
             GIT_PROJECT_ROOT=str(self.repos_root),
@@ -920,8 +1029,19 @@ class FakeGitea:
 
     def _build_routes(self) -> list[tuple[str, re.Pattern, Callable]]:
         repo = r"/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)"
+        org = r"/orgs/(?P<org>[^/]+)"
         table = [
+            ("GET", r"/version", self._api_version),
             ("GET", r"/user", self._api_user),
+            ("GET", repo, self._api_get_repo),
+            ("GET", repo + r"/issues", self._api_list_issues),
+            ("GET", repo + r"/hooks", self._api_list_hooks),
+            ("POST", repo + r"/hooks", self._api_create_hook),
+            ("PATCH", repo + r"/hooks/(?P<id>\d+)", self._api_edit_hook),
+            ("POST", repo + r"/hooks/(?P<id>\d+)/tests", self._api_test_hook),
+            ("GET", org + r"/hooks", self._api_list_hooks),
+            ("POST", org + r"/hooks", self._api_create_hook),
+            ("PATCH", org + r"/hooks/(?P<id>\d+)", self._api_edit_hook),
             ("GET", repo + r"/issues/(?P<index>\d+)", self._api_issue),
             ("GET", repo + r"/issues/(?P<index>\d+)/comments", self._api_list_comments),
             ("POST", repo + r"/issues/(?P<index>\d+)/comments", self._api_create_comment),
@@ -933,6 +1053,7 @@ class FakeGitea:
             ("GET", repo + r"/pulls", self._api_list_pulls),
             ("PATCH", repo + r"/pulls/(?P<index>\d+)", self._api_edit_pull),
             ("GET", repo + r"/pulls/(?P<base>[^/]+)/(?P<head>.+)", self._api_find_pull),
+            ("GET", repo + r"/pulls/(?P<index>\d+)", self._api_get_pull),
         ]
         return [(method, re.compile(pattern), fn) for method, pattern, fn in table]
 
@@ -948,8 +1069,12 @@ class FakeGitea:
                         {"message": f"injected failure {status}", "url": self._doc_url},
                         {},
                     )
-        if not self._authorized(h):
+        public = path == "/version" and not h.headers.get("Authorization")
+        if not public and not self._authorized(h):
             return 401, {"message": "invalid username, password or token", "url": self._doc_url}, {}
+        refused = None if public else self._scope_refusal(h.command, path)
+        if refused is not None:
+            return 403, {"message": refused, "url": self._doc_url}, {}
         matched_path = False
         for method, pattern, fn in self._routes:
             match = pattern.fullmatch(path)
@@ -992,6 +1117,240 @@ class FakeGitea:
 
     def _api_user(self, params, query, data):
         return 200, self.user(self.bot_login)
+
+    def _api_version(self, params, query, data):
+        return 200, {"version": GITEA_VERSION}
+
+    def _api_get_repo(self, params, query, data):
+        return 200, self._repo_json(self._api_repo_record(params))
+
+    def _api_list_issues(self, params, query, data):
+        record = self._api_repo_record(params)
+        limit = max(1, min(50, int((query.get("limit") or ["30"])[0])))
+        items = [i for _, i in sorted(record["issues"].items(), reverse=True)]
+        return 200, items[:limit], {"X-Total-Count": str(len(items))}
+
+    # -- scopes and hooks -----------------------------------------------------------
+
+    @staticmethod
+    def _scope_category(path: str) -> str | None:
+        if path == "/user" or path.startswith("/user/"):
+            return "user"
+        if re.fullmatch(r"/repos/[^/]+/[^/]+/issues(/.*)?", path):
+            return "issue"
+        if path.startswith("/repos/"):
+            return "repository"
+        if path.startswith("/orgs/"):
+            return "organization"
+        return None
+
+    def _missing_scope(self, category: str | None, method: str) -> str | None:
+        """The scope a request lacks, as Gitea names it, or None."""
+        scopes = self.token_scopes
+        if scopes is None or category is None or "all" in scopes:
+            return None
+        level = "read" if method in ("GET", "HEAD") else "write"
+        if f"write:{category}" in scopes or f"{level}:{category}" in scopes:
+            return None
+        return f"{level}:{category}"
+
+    def _scope_refusal(self, method: str, path: str) -> str | None:
+        missing = self._missing_scope(self._scope_category(path), method)
+        if missing is None:
+            return None
+        return (
+            f"token does not have at least one of required scope(s), required=[{missing}], "
+            f"token scope={','.join(sorted(self.token_scopes or ()))}"
+        )
+
+    def _hook_scope(self, params: dict) -> tuple[str, str]:
+        """("repo", full name) or ("org", name) of a hooks route, its access checked."""
+        if "org" in params:
+            name = params["org"]
+            if name not in self._orgs:
+                raise ApiError(404, "organization does not exist")
+            if self.bot_login not in self._orgs[name]:
+                raise ApiError(403, "Must be an organization owner")
+            return "org", name
+        record = self._api_repo_record(params)
+        if _rank(self.permission(record["full_name"], self.bot_login)) < _rank("admin"):
+            raise ApiError(
+                403, "user should be an owner or a collaborator with admin write of a repository"
+            )
+        return "repo", record["full_name"]
+
+    @staticmethod
+    def _hook_events(events: Any) -> list[str]:
+        """The single events a request's list turns on (as Gitea's addHook/editHook)."""
+        if not isinstance(events, list) or not events:
+            events = ["push"]
+        chosen: list[str] = []
+        for name in events:
+            for single in _HOOK_GROUPS.get(name, (name,)):
+                if single in HOOK_EVENTS and single not in chosen:
+                    chosen.append(single)
+        return chosen
+
+    def _hook_json(self, hook: dict) -> dict:
+        """The hook as the API shows it: never the secret."""
+        return {
+            "id": hook["id"],
+            "type": hook["type"],
+            "name": hook["name"],
+            "branch_filter": hook["branch_filter"],
+            "config": {"url": hook["url"], "content_type": hook["content_type"]},
+            "events": list(hook["events"]),
+            "authorization_header": hook["authorization_header"],
+            "active": hook["active"],
+            "created_at": hook["created_at"],
+            "updated_at": hook["updated_at"],
+        }
+
+    def _api_list_hooks(self, params, query, data):
+        scope = self._hook_scope(params)
+        page = max(1, int((query.get("page") or ["1"])[0]))
+        limit = max(1, min(50, int((query.get("limit") or ["30"])[0])))
+        items = [self._hook_json(h) for _, h in sorted(self.hooks.items()) if h["scope"] == scope]
+        return 200, items[(page - 1) * limit : page * limit], {"X-Total-Count": str(len(items))}
+
+    def _api_create_hook(self, params, query, data):
+        scope = self._hook_scope(params)
+        if data.get("type") not in HOOK_TYPES:
+            raise ApiError(422, f"Invalid hook type: {data.get('type')}")
+        config = data.get("config") if isinstance(data.get("config"), dict) else {}
+        for name in ("url", "content_type"):
+            if name not in config:
+                raise ApiError(422, f"Missing config option: {name}")
+        if config["content_type"] not in ("json", "form"):
+            raise ApiError(422, "Invalid content type")
+        now = _now()
+        hook = {
+            "id": self._next("hook"),
+            "scope": scope,
+            "type": data["type"],
+            "name": str(data.get("name") or ""),
+            "url": str(config["url"]),
+            "content_type": config["content_type"],
+            "secret": str(config.get("secret") or ""),
+            "events": self._hook_events(data.get("events")),
+            "branch_filter": str(data.get("branch_filter") or ""),
+            "authorization_header": str(data.get("authorization_header") or ""),
+            "active": bool(data.get("active", False)),
+            "created_at": now,
+            "updated_at": now,
+        }
+        self.hooks[hook["id"]] = hook
+        return 201, self._hook_json(hook)
+
+    def _api_hook(self, params) -> dict:
+        scope = self._hook_scope(params)
+        hook = self.hooks.get(int(params["id"]))
+        if hook is None or hook["scope"] != scope:
+            raise ApiError(404, "webhook does not exist")
+        return hook
+
+    def _api_edit_hook(self, params, query, data):
+        hook = self._api_hook(params)
+        config = data.get("config")
+        if isinstance(config, dict):
+            if "content_type" in config and config["content_type"] not in ("json", "form"):
+                raise ApiError(422, "Invalid content type")
+            for key, field in (("url", "url"), ("content_type", "content_type")):
+                if key in config:
+                    hook[field] = str(config[key])
+            if "secret" in config:
+                hook["secret"] = str(config["secret"])
+        # as Gitea's editHook: the events, branch filter and authorization header are
+        # replaced by what the request says, or emptied
+        hook["events"] = self._hook_events(data.get("events"))
+        hook["branch_filter"] = str(data.get("branch_filter") or "")
+        hook["authorization_header"] = str(data.get("authorization_header") or "")
+        if "active" in data and data["active"] is not None:
+            hook["active"] = bool(data["active"])
+        if data.get("name") is not None:
+            hook["name"] = str(data["name"])
+        hook["updated_at"] = _now()
+        return 200, self._hook_json(hook)
+
+    def _api_test_hook(self, params, query, data):
+        hook = dict(self._api_hook(params))
+        record = self._api_repo_record(params)
+        if "push" not in hook["events"]:
+            # as Gitea's PrepareWebhook: a hook without the push event gets no push test
+            # delivery, and the answer is 204 all the same
+            return 204, None
+        payload = self._push_payload(record)
+        threading.Thread(
+            target=self._deliver, args=(hook, "push", payload), name="fake-gitea-hook", daemon=True
+        ).start()
+        return 204, None
+
+    def _push_payload(self, record: dict) -> dict:
+        full, branch = record["full_name"], record["default_branch"]
+        sha = self.branch_sha(full, branch) or "0" * 40
+        bot = self.user(self.bot_login)
+        commit = {
+            "id": sha,
+            "message": "Initial commit\n",
+            "url": f"{self.url}/{full}/commit/{sha}",
+            "author": {"name": "Fake Gitea", "email": "fake-gitea@example.invalid"},
+            "committer": {"name": "Fake Gitea", "email": "fake-gitea@example.invalid"},
+            "timestamp": _now(),
+            "added": [],
+            "removed": [],
+            "modified": [],
+        }
+        return {
+            "ref": f"refs/heads/{branch}",
+            "before": sha,
+            "after": sha,
+            "compare_url": f"{self.url}/{full}/compare/{sha}...{sha}",
+            "commits": [commit],
+            "total_commits": 1,
+            "head_commit": commit,
+            "repository": self._repo_json(record),
+            "pusher": bot,
+            "sender": bot,
+        }
+
+    def _deliver(self, hook: dict, event: str, payload: dict) -> None:
+        """Send one delivery as Gitea does: signed with the hook's secret, 5 s to answer."""
+        attempt: dict[str, Any] = {"hook": hook["id"], "url": hook["url"], "status": None}
+        if self.block_deliveries:
+            attempt["error"] = (
+                "webhook can only call allowed HTTP servers (check your "
+                "webhook.ALLOWED_HOST_LIST setting)"
+            )
+            with self.lock:
+                self.hook_deliveries.append(attempt)
+            return
+        signed = json.dumps(payload, indent=2).encode()
+        body = signed
+        content_type = "application/json"
+        if hook["content_type"] == "form":
+            body = ("payload=" + quote(signed.decode(), safe="")).encode()
+            content_type = "application/x-www-form-urlencoded"
+        signature = hmac.new(hook["secret"].encode(), signed, hashlib.sha256).hexdigest()
+        delivery = str(uuid.uuid4())
+        headers = {"Content-Type": content_type, "User-Agent": "Go-http-client/1.1"}
+        for prefix in ("X-Gitea", "X-Gogs"):
+            headers.update(
+                {
+                    f"{prefix}-Delivery": delivery,
+                    f"{prefix}-Event": event,
+                    f"{prefix}-Event-Type": event,
+                    f"{prefix}-Signature": signature,
+                }
+            )
+        headers["X-Hub-Signature-256"] = "sha256=" + signature
+        try:
+            answer = requests.post(hook["url"], data=body, headers=headers, timeout=5)
+            attempt["status"] = answer.status_code
+            attempt["error"] = None
+        except requests.RequestException as exc:
+            attempt["error"] = f"{type(exc).__name__}: {exc}"
+        with self.lock:
+            self.hook_deliveries.append(attempt)
 
     def _api_issue(self, params, query, data):
         record = self._api_repo_record(params)
@@ -1184,6 +1543,10 @@ class FakeGitea:
             pr["state"], pr["closed_at"] = "open", None
         pr["updated_at"] = now
         return 201, self._refresh_pull(record, pr)
+
+    def _api_get_pull(self, params, query, data):
+        record, pr = self._api_pull(params)
+        return 200, self._refresh_pull(record, pr)
 
     def _api_find_pull(self, params, query, data):
         record = self._api_repo_record(params)

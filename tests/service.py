@@ -75,8 +75,8 @@ _WITH_FD_LIMIT = (
 
 
 class Service:
-    """`kugetsu serve --config PATH` in its own process; logs go to a file. `fd_limit`:
-    start it with that soft limit of open files, as a service manager might."""
+    """`kugetsu serve --config PATH [ARGS]` in its own process; logs go to a file.
+    `fd_limit`: start it with that soft limit of open files, as a service manager might."""
 
     def __init__(
         self,
@@ -85,8 +85,10 @@ class Service:
         workdir: Path,
         env: dict[str, str] | None = None,
         fd_limit: int | None = None,
+        args: tuple[str, ...] = (),
     ):
         self.config_path, self.port, self.workdir = config_path, port, workdir
+        self.args = args
         self.fd_limit = fd_limit
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = workdir / f"service-{port}.log"
@@ -108,7 +110,7 @@ class Service:
         )
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*launch, "serve", "--config", str(self.config_path)],
+                [*launch, "serve", "--config", str(self.config_path), *self.args],
                 cwd=self.workdir,
                 env=self.env,
                 stdin=subprocess.DEVNULL,

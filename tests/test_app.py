@@ -199,16 +199,6 @@ def test_unsigned_deliveries_accepted_only_when_configured_insecure(tmp_path):
     assert r.status_code == 202
 
 
-def test_wake_needs_the_key(service):
-    from bot.app import wake_key
-
-    url, _, woken = service
-    assert requests.post(url + "/wake", timeout=5).status_code == 403
-    config = Config(gitea=GiteaConfig(webhook_secret=payloads.SECRET))
-    r = requests.post(url + "/wake", headers={"X-Kugetsu-Wake": wake_key(config)}, timeout=5)
-    assert r.status_code == 202 and woken == [1]
-
-
 @pytest.mark.parametrize(
     "header, value",
     [
@@ -231,12 +221,8 @@ def test_non_ascii_signature_is_401_not_a_crash(service, header, value):
     assert store.list_tasks() == []
 
 
-def test_non_ascii_wake_key_and_log_token_are_refused_not_a_crash(service):
-    url, _, woken = service
-    r = requests.post(
-        url + "/wake", headers={"X-Kugetsu-Wake": "\u00e9".encode("latin-1")}, timeout=5
-    )
-    assert r.status_code == 403 and woken == []
+def test_a_non_ascii_log_token_is_refused_not_a_crash(service):
+    url, _, _ = service
     assert requests.get(url + "/logs/1/%C3%A9", timeout=5).status_code == 404
 
 

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 
 import pytest
 
@@ -16,8 +17,9 @@ from tests.conftest import enqueue
 def setup(tmp_path):
     data = tmp_path / "data"
     config = tmp_path / "kugetsu.toml"
-    # a port nothing listens on: enqueue's wake-up ping must fail quietly
-    config.write_text(f'[storage]\ndata_dir = "{data}"\n[server]\nport = 9\n')
+    # no server runs, and nothing listens where Gitea would be: enqueue queues all the
+    # same, with a warning that it could not check the issue
+    config.write_text(f'[storage]\ndata_dir = "{data}"\n[gitea]\nurl = "http://127.0.0.1:9"\n')
     store = open_store(data / "kugetsu.db")
     yield str(config), store, data
     store.close()
@@ -32,7 +34,7 @@ def run(capsys, *args):
 def test_enqueue_list_and_stats(setup, capsys):
     config, store, _ = setup
     code, out, _ = run(capsys, "enqueue", "acme/widget#7", "make it so", "--config", config)
-    assert code == 0 and "queued (start on acme/widget#7)" in out and "not reachable" in out
+    assert code == 0 and "queued (start on acme/widget#7)" in out and "is not running" in out
     code, _, err = run(capsys, "enqueue", "acme/widget#7", "--config", config)
     assert code == 1 and "already queued" in err
     code, out, _ = run(capsys, "enqueue", "acme/widget#7", "more", "--continue", "--config", config)
@@ -375,3 +377,118 @@ def test_queue_list_paging_arguments_are_checked(setup, capsys, args):
     code, err = usage_error(capsys, "queue", "list", *args, "--config", config)
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1].startswith("kugetsu queue list: error: argument --")
+
+
+# ---------------------------------------------------------------- operators' rough edges
+
+
+def test_queue_list_by_repository_and_issue(setup, capsys):
+    config, store, _ = setup
+    for repo, issue in (("a/b", 1), ("a/b", 2), ("c/d", 1)):
+        enqueue(
+            store,
+            repo=repo,
+            issue=issue,
+            kind=Kind.START,
+            prompt="",
+            agent="opencode",
+            requested_by="cli",
+            max_attempts=3,
+        )
+    code, out, _ = run(capsys, "queue", "list", "--repo", "a/b", "--json", "--config", config)
+    assert [(t["repo"], t["issue"]) for t in json.loads(out)] == [("a/b", 1), ("a/b", 2)]
+    code, out, _ = run(
+        capsys, "queue", "list", "--repo", "a/b", "--issue", "2", "--json", "--config", config
+    )
+    assert [(t["repo"], t["issue"]) for t in json.loads(out)] == [("a/b", 2)]
+    code, out, _ = run(capsys, "queue", "list", "--repo", "a/b", "--issue", "9", "--config", config)
+    assert code == 0 and out == "no tasks\n"
+    code, _, err = run(capsys, "queue", "list", "--issue", "2", "--config", config)
+    assert code == 2 and err == "kugetsu: --issue needs --repo\n"
+    assert usage_error(capsys, "queue", "list", "--repo", "a/b/c", "--config", config)[0] == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["queue", "list"],
+        ["queue", "list", "--json"],
+        ["queue", "stats"],
+        ["queue", "stats", "--json"],
+        ["queue", "clear"],
+        ["logs", "1"],
+        ["doctor"],
+        ["doctor", "--json"],
+        ["webhook", "list", "a/b"],
+        ["--help"],
+    ],
+)
+def test_a_reader_that_stops_early_ends_it_quietly(setup, args):
+    """`kugetsu ... | head`: a pipe whose reader is gone is no error of kugetsu's."""
+    import subprocess
+    import sys
+
+    config, store, data = setup
+    enqueue(
+        store,
+        repo="a/b",
+        issue=1,
+        kind=Kind.START,
+        prompt="",
+        agent="opencode",
+        requested_by="cli",
+        max_attempts=3,
+    )
+    (data / "logs").mkdir(exist_ok=True)
+    (data / "logs" / "1.log").write_text("a line of the agent\n" * 10)
+    read, write = os.pipe()
+    os.close(read)  # the reader has stopped before the first line
+    # as in a shell: output to a pipe is buffered, so some of it is written only at exit
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bot", *args, "--config", config],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            env=env,
+        )
+    finally:
+        os.close(write)
+    assert done.stderr.decode() == ""
+
+
+def test_data_dir_errors_name_storage_data_dir(tmp_path):
+    import subprocess
+    import sys
+
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    config = tmp_path / "kugetsu.toml"
+    config.write_text(
+        f'[storage]\ndata_dir = "{plain}"\n[gitea]\nwebhook_secret = "s"\n'
+        f'url = "http://127.0.0.1:9"\n[server]\nport = 0\n'
+    )
+    for args in (["serve"], ["queue", "list"], ["enqueue", "a/b#1"], ["backup", "x"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "bot", *args, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 1 and "storage.data_dir" in last, (args, done.stderr)
+        assert last.startswith("kugetsu: ") and str(plain) in last
+
+
+def test_one_log_line_for_the_migrations_of_a_new_database(tmp_path, caplog):
+    import logging
+
+    from bot.store import SCHEMA_VERSION
+
+    with caplog.at_level(logging.INFO, logger="bot.store"):
+        open_store(tmp_path / "new.db").close()
+        open_store(tmp_path / "new.db").close()  # nothing to do the second time
+    [record] = [r for r in caplog.records if r.getMessage() == "database migrated"]
+    assert (record.from_version, record.schema_version) == (0, SCHEMA_VERSION)

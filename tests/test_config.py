@@ -29,6 +29,7 @@ def test_built_in_defaults(tmp_path, monkeypatch):
     assert config.git.branch_template == "kugetsu/issue-{number}"
     assert config.storage.data_dir == tmp_path / "kugetsu-data"
     assert config.gitea.api_url == "http://localhost:3000/api/v1"
+    assert (config.logging.format, config.logging.level) == ("text", "INFO")
 
 
 def test_env_overrides_the_file(tmp_path):
@@ -117,6 +118,9 @@ def test_missing_secret_refuses_to_start_unless_insecure(tmp_path):
         ),
         ('[git]\nbranch_template = "kugetsu/{issue}"\n', "git.branch_template"),
         ("[server]\nport = 70000\n", "server.port"),
+        ('[logging]\nformat = "xml"\n', "logging.format"),
+        ('[logging]\nlevel = "LOUD"\n', "logging.level"),
+        ("[logging]\ncolour = true\n", "colour"),
         ("not toml = = 1", "not valid TOML"),
     ],
 )
@@ -220,3 +224,10 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     assert main(["queue", "list", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "queue.max_attempts" in err
+
+
+def test_logging_format_and_level_and_the_environment(tmp_path):
+    path = write(tmp_path, '[logging]\nformat = "json"\nlevel = "warning"\n')
+    assert (load(path, ENV).logging.format, load(path, ENV).logging.level) == ("json", "WARNING")
+    # KUGETSU_LOG_LEVEL overrides the file, as the other variables do
+    assert load(path, {**ENV, "KUGETSU_LOG_LEVEL": "DEBUG"}).logging.level == "DEBUG"

@@ -46,6 +46,8 @@ def service_factory(tmp_path, gitea):
         agents: dict | None = None,
         triggers: dict | None = None,
         storage: dict | None = None,
+        logging: dict | None = None,
+        args: tuple[str, ...] = (),
         **queue,
     ) -> Service:
         port = free_port()
@@ -74,9 +76,10 @@ def service_factory(tmp_path, gitea):
                 "agents.fake": agent_table(**(agent_env or {})),
                 "triggers": triggers or {},
                 "git": {"author_name": "kugetsu", "author_email": "kugetsu@example.invalid"},
+                "logging": logging or {},
             },
         )
-        svc = Service(config, port, tmp_path)
+        svc = Service(config, port, tmp_path, args=args)
         started.append(svc)
         return svc.start()
 
@@ -444,14 +447,9 @@ def healthz(svc) -> tuple[int, dict]:
 
 
 def wake(svc) -> None:
-    from bot.app import wake_key
-    from bot.config import Config, GiteaConfig
+    from bot import wake
 
-    key = wake_key(Config(gitea=GiteaConfig(webhook_secret=SECRET)))
-    assert (
-        requests.post(svc.url + "/wake", headers={"X-Kugetsu-Wake": key}, timeout=5).status_code
-        == 202
-    )
+    assert wake.send(svc.workdir / "data")
 
 
 def test_a_tick_that_keeps_failing_shows_in_healthz_and_clears(service_factory, gitea, tmp_path):
@@ -691,3 +689,46 @@ def test_a_secret_an_agent_prints_is_masked_in_its_log_everywhere_it_is_served(
         for secret in (TOKEN, SECRET):
             assert secret[: len(secret) // 2] not in text, where
             assert secret[len(secret) // 2 :] not in text, where
+
+
+def json_lines(svc) -> list[dict]:
+    """The service's log lines, each a JSON object (the one line it prints is not a log)."""
+    lines = [line for line in svc.logs().splitlines() if not line.startswith("kugetsu ")]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def run_one_task(svc, gitea) -> tuple[int, int, dict[str, str]]:
+    """A label delivery, and its task to Done: (issue, task id, the delivery's headers)."""
+    number = gitea.create_issue(REPO, "Add a greeting", "Please add one.")
+    body, headers = payloads.label_delivery(["kugetsu"], number)
+    [task] = svc.post(body, headers).json()["tasks"]
+    wait_for(
+        lambda: any("Done" in c["body"] for c in tracking(gitea, number)), what="the task done"
+    )
+    return number, task, headers
+
+
+def test_json_logs_say_which_task_and_the_log_level_flag_wins(service_factory, gitea):
+    # the config asks for warnings only; --log-level INFO on the command line wins
+    svc = service_factory(
+        logging={"format": "json", "level": "WARNING"}, args=("--log-level", "INFO")
+    )
+    number, task, headers = run_one_task(svc, gitea)
+    lines = json_lines(svc)  # every line is one JSON object
+    started = [line for line in lines if line["message"] == "task started"]
+    assert [(s["level"], s["task"], s["repo"], s["issue"]) for s in started] == [
+        ("INFO", task, REPO, number)
+    ]
+    # what the attempt's thread logs, git's steps included, says which task it served
+    fetched = [line for line in lines if line["message"] == "mirror fetched"]
+    assert fetched and all(line["task"] == task for line in fetched)
+    handled = [line for line in lines if line["message"] == "webhook handled"]
+    assert [line["delivery"] for line in handled] == [headers["X-Gitea-Delivery"]]
+    assert TOKEN not in svc.logs() and SECRET not in svc.logs()
+
+
+def test_the_configured_log_level_applies_without_the_flag(service_factory, gitea):
+    svc = service_factory(logging={"format": "json", "level": "WARNING"})
+    run_one_task(svc, gitea)  # the receiver and the worker log at INFO on the way
+    assert all(line["level"] in ("WARNING", "ERROR") for line in json_lines(svc))
+    assert "task started" not in svc.logs()

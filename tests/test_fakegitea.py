@@ -394,3 +394,122 @@ def test_a_held_answer_waits_until_released(fake, tmp_path, git_env):
     fake.release()
     thread.join(10)
     assert len(failed) == 1 and len(fake.pulls_of(REPO)) == 1
+
+
+# ---------------------------------------------------------------- hooks, version, scopes
+
+
+def test_hooks_are_kept_as_gitea_1_26_keeps_them(fake, client):
+    from bot.gitea import Forbidden
+
+    api = f"{fake.api_url}/repos/{REPO}/hooks"
+    auth = {"Authorization": f"token {TOKEN}"}
+    # url and content_type are required, and content_type is json or form
+    for config, message in (
+        ({"content_type": "json"}, "Missing config option: url"),
+        ({"url": "http://k/webhook"}, "Missing config option: content_type"),
+        ({"url": "http://k/webhook", "content_type": "xml"}, "Invalid content type"),
+    ):
+        r = requests.post(api, json={"type": "gitea", "config": config}, headers=auth, timeout=5)
+        assert (r.status_code, r.json()["message"]) == (422, message)
+    # active defaults to false, the secret is never shown, groups stand for their events
+    made = client.create_hook(
+        "acme",
+        "widget",
+        {
+            "type": "gitea",
+            "events": ["issues"],
+            "config": {"url": "http://k/webhook", "content_type": "json", "secret": "s3"},
+        },
+    )
+    assert made["active"] is False and "secret" not in json.dumps(made)
+    assert made["config"] == {"url": "http://k/webhook", "content_type": "json"}
+    assert set(made["events"]) == {
+        "issues",
+        "issue_assign",
+        "issue_label",
+        "issue_milestone",
+        "issue_comment",
+    }
+    [listed] = client.list_hooks("acme", "widget")
+    assert listed == made and fake.hooks_of(REPO)[0]["secret"] == "s3"
+    # an edit replaces the events (none: push) and keeps the secret it is not given
+    edited = client.edit_hook("acme", "widget", made["id"], {"active": True})
+    assert edited["events"] == ["push"] and edited["active"] is True
+    assert fake.hooks_of(REPO)[0]["secret"] == "s3"
+    # a repository's hooks are for its admins
+    fake.set_permission(REPO, fake.bot_login, "write")
+    with pytest.raises(Forbidden, match="admin"):
+        client.list_hooks("acme", "widget")
+
+
+def test_a_test_delivery_is_a_signed_push_sent_only_to_a_hook_with_push(fake, client):
+    import hashlib
+    import hmac
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    got: list[tuple[dict, bytes]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append((dict(self.headers), body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/webhook"
+        hook = client.create_hook(
+            "acme",
+            "widget",
+            {
+                "type": "gitea",
+                "active": True,
+                "events": ["issue_comment"],
+                "config": {"url": url, "content_type": "json", "secret": "s3"},
+            },
+        )
+        client.test_hook("acme", "widget", hook["id"])  # no push event: 204 and nothing
+        client.edit_hook("acme", "widget", hook["id"], {"events": ["issue_comment", "push"]})
+        client.test_hook("acme", "widget", hook["id"])
+        wait_for(lambda: got, timeout=10, what="the test delivery")
+        [(headers, body)] = got
+        assert headers["X-Gitea-Event"] == "push"
+        expected = hmac.new(b"s3", body, hashlib.sha256).hexdigest()
+        assert headers["X-Gitea-Signature"] == expected
+        assert json.loads(body)["repository"]["full_name"] == REPO
+        assert fake.hook_deliveries == [
+            {"hook": hook["id"], "url": url, "status": 200, "error": None}
+        ]
+        fake.block_deliveries = True  # as ALLOWED_HOST_LIST refuses a private address
+        client.test_hook("acme", "widget", hook["id"])
+        wait_for(lambda: len(fake.hook_deliveries) == 2, timeout=10)
+        assert "ALLOWED_HOST_LIST" in fake.hook_deliveries[1]["error"] and len(got) == 1
+    finally:
+        server.shutdown()
+
+
+def test_version_needs_no_token_and_scopes_are_enforced(fake, client, git_env, tmp_path):
+    from bot.gitea import Forbidden, missing_scope
+
+    assert GiteaClient(fake.url, "wrong").get_version() == "1.26.3"
+    fake.token_scopes = {"read:repository"}
+    with pytest.raises(Forbidden) as refused:
+        client.get_user()
+    assert missing_scope(refused.value) == "read:user"
+    assert client.get_repo("acme", "widget")["full_name"] == REPO
+    with pytest.raises(Forbidden) as refused:
+        client.may_push("acme", "widget")
+    assert missing_scope(refused.value) == "write:repository"
+    fake.token_scopes = {"write:repository"}
+    client.may_push("acme", "widget")
+    fake.set_permission(REPO, fake.bot_login, "read")
+    with pytest.raises(Forbidden, match="User permission denied") as refused:
+        client.may_push("acme", "widget")
+    assert missing_scope(refused.value) is None

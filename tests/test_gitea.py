@@ -29,6 +29,7 @@ from bot.gitea import (
     Unprocessable,
     Unreachable,
 )
+from tests.conftest import logged
 
 BASE = "http://gitea.test:3000"
 API = BASE + "/api/v1"
@@ -631,8 +632,10 @@ def test_token_not_in_errors_or_logs(rsps, caplog, closed_port):
         assert TOKEN not in repr(err)
         assert TOKEN not in str(err)
     assert caplog.records, "expected log records"
-    assert TOKEN not in caplog.text
-    assert "/repos/acme/widget" in caplog.text
+    assert TOKEN not in logged(caplog)
+    assert {r.path for r in caplog.records if r.name == "bot.gitea"} >= {
+        "/repos/acme/widget/issues/12"
+    }
     assert TOKEN not in repr(client)
 
 
@@ -690,7 +693,8 @@ def _paths(method, args, value, at):
     client = GiteaClient(BASE, TOKEN, retries=0, sleep=lambda s: None)
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         for verb in ("GET", "POST", "PATCH"):
-            mock.add(verb, re.compile(r".*"), json={"permission": "read"})
+            answer = [] if method == "list_comments" else {"permission": "read"}
+            mock.add(verb, re.compile(r".*"), json=answer)
         args = list(args)
         args[at] = value
         try:
@@ -739,3 +743,19 @@ def test_a_refused_segment_is_a_gitea_error_that_sends_nothing(rsps, client):
     with pytest.raises(GiteaError):
         client.get_permission("acme", "widget", "..")
     assert len(rsps.calls) == 0
+
+
+@pytest.mark.parametrize(
+    "call, answer",
+    [
+        (lambda c: c.get_issue("acme", "widget", 12), [1, 2]),
+        (lambda c: c.get_user(), "kugetsu-bot"),
+        (lambda c: c.list_comments("acme", "widget", 12), {"id": 1}),
+        (lambda c: c.list_comments("acme", "widget", 12), [{"id": 1}, "two"]),
+        (lambda c: c.get_permission("acme", "widget", "alice"), {"role": "write"}),
+    ],
+)
+def test_an_answer_of_the_wrong_shape_is_a_gitea_error(rsps, client, call, answer):
+    rsps.add(responses.GET, re.compile(r".*"), json=answer)
+    with pytest.raises(GiteaError):
+        call(client)

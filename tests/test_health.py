@@ -180,3 +180,63 @@ def test_a_database_the_receiver_cannot_read_is_named(tmp_path):
     r = client.get("/healthz")
     assert r.status_code == 200 and r.json["status"] == "degraded"
     assert r.json["problems"] == ["database: cannot be read: DatabaseError: file is not a database"]
+
+
+# ---------------------------------------------------------------- readiness and /readyz
+
+
+def test_what_the_checks_found_is_a_problem_and_unchecked_is_not_ready():
+    from bot.core.health import Readiness, not_ready
+
+    assert not_ready(facts()) == ["checks: not run yet (the worker runs them as it starts)"]
+    assert problems(facts()) == []  # /healthz does not wait for them
+    found = Readiness(NOW - 1, ("gitea: http://gitea:3000 is not reachable",))
+    assert problems(facts(readiness=found)) == ["gitea: http://gitea:3000 is not reachable"]
+    assert not_ready(facts(readiness=found)) == problems(facts(readiness=found))
+    assert not_ready(facts(readiness=Readiness(NOW - 1))) == []
+    assert Readiness.from_json(found.to_json()) == found
+    assert Readiness.from_json("{") is None and Readiness.from_json(None) is None
+
+
+def test_readyz_and_healthz_bodies_say_what_is_wrong(tmp_path):
+    import socket
+
+    from bot.core.health import Readiness
+
+    client, store, worker = receiver(tmp_path, min_free_mb=0)
+    # the worker has not registered, so its checks have not run: not ready, yet alive
+    r = client.get("/readyz")
+    assert (r.status_code, r.json["status"]) == (503, "not ready")
+    assert r.json["problems"] == ["checks: not run yet (the worker runs them as it starts)"]
+    assert client.get("/healthz").json["status"] == "ok"
+    store.register_worker("w1", os.getpid(), None)
+    assert store.worker_report(socket.gethostname(), os.getpid())[0] > 0
+    store.set_readiness("w1", Readiness(time.time()).to_json())
+    r = client.get("/readyz")
+    assert (r.status_code, r.json["status"], r.json["problems"]) == (200, "ready", [])
+    lines = (
+        "gitea: http://gitea:3000 is not reachable: ConnectionError (check gitea.url)",
+        "token: Gitea rejects it (HTTP 401) (create a new token)",
+        "agent opencode: the default agent cannot start: opencode is not on PATH",
+    )
+    store.set_readiness("w1", Readiness(time.time(), lines).to_json())
+    r = client.get("/readyz")
+    assert (r.status_code, r.json["status"], r.json["problems"]) == (503, "not ready", list(lines))
+    r = client.get("/healthz")  # liveness: still 200, and its body names the same
+    assert (r.status_code, r.json["status"], r.json["problems"]) == (200, "degraded", list(lines))
+    assert "not_ready" not in r.json
+    # a worker restarting is not ready, nor alive
+    worker.alive = False
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json["problems"] == ["worker: not running (it is restarted)"]
+
+
+def test_a_disk_nearly_full_is_not_ready(tmp_path):
+    from bot.core.health import Readiness
+
+    total_mib = os.statvfs(tmp_path).f_blocks * os.statvfs(tmp_path).f_frsize // health.MIB
+    client, store, _ = receiver(tmp_path, min_free_mb=total_mib + 1)
+    store.register_worker("w1", os.getpid(), None)
+    store.set_readiness("w1", Readiness(time.time()).to_json())
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json["problems"][0].startswith("disk: ")

@@ -35,7 +35,7 @@ EXPECTED = {
     "recover: running tasks": "FROM tasks WHERE 1=1 AND state = ?",
     "authorize": "state = 'pending' AND authorized IS NULL",
     "claim": "NOT EXISTS",
-    "outbox": "FROM outbox WHERE done_at IS NULL",
+    "outbox": "FROM outbox INDEXED BY outbox_gitea_due WHERE done_at IS NULL",
     "tracking comments": "comment_version < version",
     "queue positions": "state = 'pending' AND authorized = 1 ORDER BY id LIMIT",
     "queue position": "COUNT(*) FROM tasks WHERE state = 'pending' AND id <=",
@@ -261,7 +261,7 @@ def test_tick_and_cleanup_queries_cost_the_same_at_100_and_20000_tasks(tmp_path,
         seen = record_statements(h.store)
         h.settle(*range(LIVE_IDS_FROM + 1, LIVE_IDS_FROM + 5))
         h.worker.heartbeat()
-        assert h.worker.cleanup(7.0)["files"] == 1
+        assert h.worker.cleanup(7.0).files == 1
     finally:
         h.close()
 

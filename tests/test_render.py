@@ -287,6 +287,30 @@ TRACKING = [
         id="failed, one attempt, no log",
     ),
     pytest.param(
+        dict(
+            state=State.FAILED,
+            outcome=Outcome.AGENT_FAILED,
+            attempts=1,
+            error="agent not installed: cannot start agent 'opencode': command not found "
+            "(No such file or directory)",
+        ),
+        QueueView(None, 0, 3),
+        "[kugetsu: cannot start agent 'opencode': command not found]\n",
+        CONFIG,
+        (
+            "<!-- kugetsu:task=12 -->\n"
+            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "\n"
+            "⚠️ **Not started**: the agent `opencode` is not installed where kugetsu runs "
+            "(cannot start agent 'opencode': command not found (No such file or directory)).\n"
+            "\n"
+            "This needs an operator of kugetsu, not a retry: install the agent, or set "
+            "`agents.opencode.command` to where it is, check with `kugetsu doctor`, then queue "
+            "this task again with `kugetsu queue retry 12`."
+        ),
+        id="failed: the agent is not installed",
+    ),
+    pytest.param(
         dict(requested_by="cli"),
         QueueView(1, 0, 3),
         "",

@@ -75,7 +75,7 @@ def test_refuses_a_newer_schema(tmp_path):
 
 
 def test_values_kugetsu_does_not_know_are_refused_when_written(store):
-    # every value of the enums is accepted (the triggers' lists match bot/tasks.py) ...
+    # every value of the enums is accepted (the triggers' lists match bot/core/tasks.py) ...
     conn = store._conn()
     tid = add(store)
     for kind in Kind:

@@ -31,6 +31,7 @@ from tests.conftest import (
     TOKEN,
     enqueue,
     fake_agent,
+    logged,
     make_config,
     peak_overlap,
     process_gone,
@@ -886,7 +887,7 @@ def test_token_never_leaves(make, caplog, tmp_path):
         assert TOKEN not in comment["body"]
     for pr in h.gitea.pulls_of(REPO).values():
         assert TOKEN not in pr["body"]
-    assert TOKEN not in caplog.text
+    assert TOKEN not in logged(caplog)
 
 
 def test_a_backlog_of_tracking_comments_is_created_without_waiting_for_the_interval(make):
@@ -911,14 +912,15 @@ def test_cleanup_removes_old_finished_tasks_their_files_and_worktrees(make):
     prompt = h.config.storage.prompts_dir / f"{tid}.md"
     worktree = Path(h.store.get(tid).worktree)
     assert log.exists() and prompt.exists() and worktree.exists()
-    assert h.worker.cleanup(7) == {"tasks": 0, "files": 0, "worktrees": 0}
+    first = h.worker.cleanup(7)
+    assert (first.tasks, first.files, first.worktrees) == (0, 0, [])
     later = time.time() + 8 * 86400
     h.worker.clock = h.store.clock = h.workspace._clock = lambda: later
     old = time.time() - 8 * 86400
     for path in (log, prompt):
         os.utime(path, (old, old))
     result = h.worker.cleanup(7)
-    assert result["tasks"] == 1 and result["files"] == 2 and result["worktrees"] == 1
+    assert result.tasks == 1 and result.files == 2 and result.worktrees == [f"{REPO}#{n}"]
     assert h.store.get(tid) is None and not log.exists() and not worktree.exists()
 
 
@@ -1420,3 +1422,21 @@ def test_every_outbox_kind_has_its_answer_and_its_handler():
     from bot.worker.outbox import HANDLERS
 
     assert set(ANSWERS) == set(OutboxKind) == set(HANDLERS)
+
+
+def test_a_task_whose_agent_is_not_installed_says_so_and_how_an_operator_fixes_it(make, tmp_path):
+    missing = AgentConfig(name="gone", command=(str(tmp_path / "no-such-agent"), "{prompt}"))
+    h = make(agents={"fake": fake_agent(), "gone": missing})
+    n = h.issue()
+    tid = h.enqueue(n, agent="gone", authorized=True)
+    h.settle(tid)
+    task = h.store.get(tid)
+    # not an agent's failure worth retrying: one attempt, and the reason is kept
+    assert (task.state, task.outcome, task.attempts) == (State.FAILED, Outcome.AGENT_FAILED, 1)
+    [comment] = h.tracking_comments(n)
+    body = comment["body"]
+    assert "⚠️ **Not started**: the agent `gone` is not installed where kugetsu runs" in body
+    assert "command not found" in body and "no-such-agent" in body
+    assert "`agents.gone.command`" in body and "`kugetsu doctor`" in body
+    assert f"`kugetsu queue retry {tid}`" in body
+    assert "/kugetsu retry" not in body and "❌" not in body

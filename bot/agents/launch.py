@@ -308,9 +308,8 @@ def build_env(
         if any(s in env[name] for s in live_secrets):
             del env[name]
             logger.warning(
-                "agent %s: dropped %s from its environment: the value contains a secret",
-                spec.name,
-                name,
+                "variable dropped from the agent's environment: its value contains a secret",
+                extra={"agent": spec.name, "variable": name},
             )
     return env
 

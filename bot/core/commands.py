@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from bot.core import markdown, names
 
@@ -81,7 +82,7 @@ class Command:
     agent: str | None = None
     max_tokens: int | None = None
     max_cost_usd: float | None = None
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,9 @@ def _command_line(body: str, word: str) -> tuple[int, str, str] | None:
     return None
 
 
-def _split_flags(words: list[str]) -> tuple[dict, list[str], str | None]:
+def _split_flags(words: list[str]) -> tuple[dict[str, Any], list[str], str | None]:
     """Consume leading --flags; returns (options, rest, error)."""
-    options: dict = {}
+    options: dict[str, Any] = {}
     rest = list(words)
     while rest and rest[0].startswith("--"):
         flag, _, inline = rest.pop(0).partition("=")

@@ -182,6 +182,16 @@ def load_json(payload: bytes) -> dict[str, Any]:
     return data
 
 
+def repo_of(data: Mapping[str, Any]) -> str | None:
+    """The repository a delivery names (`repository.full_name`), whatever its event, when
+    it is one Gitea could have named; None otherwise. Recorded with the delivery."""
+    repository = data.get("repository")
+    full_name = repository.get("full_name") if isinstance(repository, Mapping) else None
+    if isinstance(full_name, str) and not names.repo_error(full_name):
+        return full_name
+    return None
+
+
 def _get(data: Mapping[str, Any], path: str, kind: type | tuple[type, ...]) -> Any:
     cur: Any = data
     for part in path.split("."):

@@ -1,13 +1,17 @@
-"""What /healthz says beyond "the process lives": each problem in one line.
+"""What /healthz and /readyz say beyond "the process lives": each problem in one line.
 
 The receiver and the worker are separate processes and share only the database. The
 worker keeps a `TickRecord` of its ticks and writes it there with its heartbeat, and at
 once when a tick fails or recovers; the receiver reads it back (`Store.worker_report`),
 adds the free space of the data directory and its own failed writes, and `problems()`
-turns those facts into lines. When the database cannot be written, the heartbeat stops
-and that is reported; when it cannot be read, the receiver says so.
+turns those facts into lines. The worker's checks (bot/doctor.py: Gitea reachable, the
+token accepted, the default agent found) reach the receiver the same way, as a
+`Readiness`. When the database cannot be written, the heartbeat stops and that is
+reported; when it cannot be read, the receiver says so. /readyz answers 503 for
+`not_ready()`: every problem, and checks that have not run yet.
 
-`problems()` and `TickRecord` are pure: no I/O, the time is passed in.
+`problems()`, `not_ready()`, `TickRecord` and `Readiness` are pure: no I/O, the time is
+passed in.
 """
 
 from __future__ import annotations
@@ -79,6 +83,30 @@ class TickRecord:
 
 
 @dataclass(frozen=True)
+class Readiness:
+    """What the worker's checks (bot/doctor.py) last found that keeps kugetsu from working:
+    Gitea away, the token refused, the default agent missing; one line each, with its fix.
+    The worker writes it to the database at start and after each re-check."""
+
+    checked_at: float
+    problems: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps({"checked_at": self.checked_at, "problems": list(self.problems)})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Readiness | None:
+        """The record a worker wrote, or None if there is none or it cannot be read."""
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+            return cls(float(data["checked_at"]), tuple(str(p) for p in data["problems"]))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+@dataclass(frozen=True)
 class Facts:
     """What the receiver knows when /healthz is asked, each None when unknown."""
 
@@ -97,6 +125,8 @@ class Facts:
     write_failure: tuple[float, str] | None = None
     #: what `serve` warned of at start about the sandbox (core.sandbox.assess), one line each
     sandbox_warnings: tuple[str, ...] = ()
+    #: what the worker's checks found (None: they have not run yet)
+    readiness: Readiness | None = None
 
 
 def _ago(seconds: float) -> str:
@@ -132,8 +162,18 @@ def problems(f: Facts) -> list[str]:
     return found
 
 
+def not_ready(f: Facts) -> list[str]:
+    """What /readyz answers 503 for: every problem, and checks that have not run yet."""
+    found = problems(f)
+    if f.worker_alive and f.database_error is None and f.readiness is None:
+        found.append("checks: not run yet (the worker runs them as it starts)")
+    return found
+
+
 def _worker_problems(f: Facts) -> list[str]:
-    found = []
+    found: list[str] = []
+    if f.readiness is not None:
+        found += f.readiness.problems
     if not f.registered:
         if f.worker_up_since is not None and f.now - f.worker_up_since > HEARTBEAT_LATE_SECONDS:
             found.append(

@@ -376,7 +376,7 @@ class _Reader:
             i += 1
         return i
 
-    def _html_until(self, i: int, closer: re.Pattern, content: int) -> int:
+    def _html_until(self, i: int, closer: re.Pattern[str], content: int) -> int:
         """An HTML block of types 1-5: hidden through the line that holds its end marker."""
         lines, taken = self.lines, list[str]()
         while i < len(lines):

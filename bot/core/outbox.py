@@ -23,6 +23,7 @@ class OutboxKind(enum.StrEnum):
     STATUS = "status"  # the tasks, written when it is sent
     STOP = "stop"  # stop the active task
     RETRY = "retry"  # queue the last failed or stopped task again
+    NOTIFY = "notify"  # tell a notification endpoint of a task's change (not Gitea)
 
 
 class Answer(enum.Enum):
@@ -39,6 +40,7 @@ ANSWERS: dict[OutboxKind, Answer] = {
     OutboxKind.STATUS: Answer.ALWAYS,
     OutboxKind.STOP: Answer.MAYBE,
     OutboxKind.RETRY: Answer.MAYBE,
+    OutboxKind.NOTIFY: Answer.NEVER,
 }
 
 
@@ -62,6 +64,12 @@ class OutboxItem:
     quiet: bool = False
     id: int = 0
     attempts: int = 0
+    #: a notification's endpoint (`NotifyConfig.id`); None for work on Gitea
+    endpoint: str | None = None
+    created_at: float = 0.0
+    not_before: float = 0.0
+    #: why the last try failed (an item tried again later)
+    error: str | None = None
 
     @property
     def answer(self) -> Answer:

@@ -23,7 +23,7 @@ from typing import Any
 
 from bot.config import Config
 from bot.core import commands
-from bot.core.tasks import Kind, Outcome, State, Task
+from bot.core.tasks import AGENT_MISSING, Kind, Outcome, State, Task, agent_missing
 from bot.redact import redact
 
 MAX_SUMMARY = 6000
@@ -219,6 +219,8 @@ def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = ""
             head + "➖ **No changes**: the agent finished without changing any files, "
             f"so there is no pull request.{summary_block}\n\n<sub>{footer}{log_ref}</sub>"
         )
+    if agent_missing(task):
+        return head + agent_not_installed(task, config)
     # failed
     reason = redact(task.error or "", secrets)
     tail = redact(log_tail, secrets)
@@ -236,6 +238,19 @@ def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = ""
         f"{reason}{tail_block}\n\n"
         f"Comment `{config.triggers.command} retry` to try again.\n\n"
         f"<sub>{footer}{log_ref}</sub>"
+    )
+
+
+def agent_not_installed(task: Task, config: Config) -> str:
+    """A task whose agent is not installed: an operator must act, and a retry from the
+    issue would fail the same way, so none is suggested."""
+    why = redact((task.error or "")[len(AGENT_MISSING) :], config.secrets())
+    return (
+        f"⚠️ **Not started**: the agent `{task.agent}` is not installed where kugetsu runs"
+        + (f" ({why})" if why else "")
+        + ".\n\nThis needs an operator of kugetsu, not a retry: install the agent, or set "
+        f"`agents.{task.agent}.command` to where it is, check with `kugetsu doctor`, then "
+        f"queue this task again with `kugetsu queue retry {task.id}`."
     )
 
 

@@ -131,6 +131,16 @@ class RetryPolicy:
         return Decision(State.FAILED)
 
 
+#: how the error of an attempt begins when its agent's command is not there (not installed,
+#: or a wrong path): an operator's problem, which the tracking comment says
+AGENT_MISSING = "agent not installed: "
+
+
+def agent_missing(task: Task) -> bool:
+    """True when the task failed because its agent's command is not there."""
+    return task.state is State.FAILED and (task.error or "").startswith(AGENT_MISSING)
+
+
 class CancelResult(enum.Enum):
     """What asking to stop a task did."""
 

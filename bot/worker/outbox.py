@@ -1,5 +1,9 @@
 """The outbox pass of the tick: replies, reactions, stops and retries, one handler per kind.
 
+Notifications (kind NOTIFY) have their handler here too, but are sent by a lane of their
+own (bot/worker/notify.py), in order per endpoint and never by the tick: an endpoint that
+is slow or down must not hold the work on Gitea.
+
 Intake leaves `core.outbox.OutboxItem` rows; each tick sends the ones due, oldest first.
 `HANDLERS` maps each `OutboxKind` to its handler: adding a kind is one entry here (and
 its member in `core.outbox`). An item whose requester needs a permission is checked
@@ -23,6 +27,7 @@ from bot.core.render import QueueLoad
 from bot.core.tasks import State, doubling
 from bot.gitea import GiteaError, ServerError, Unreachable
 from bot.isolate import on_its_own
+from bot.notify import Sender
 from bot.publisher import Publisher
 from bot.store import Store
 from bot.worker.auth import AuthCache
@@ -49,9 +54,11 @@ class Outbox:
         publisher: Publisher,
         auth: AuthCache,
         on_change: Callable[[], None],
+        sender: Sender | None = None,
     ):
         self.config, self.store, self.publisher, self.auth = config, store, publisher, auth
         self.on_change = on_change
+        self.sender = sender if sender is not None else Sender(config)
 
     def work(self, budget: int = OUTBOX_BUDGET) -> int:
         """Send the items due; returns how many it handled."""
@@ -167,6 +174,10 @@ def _retry(outbox: Outbox, item: OutboxItem) -> None:
         outbox.on_change()
 
 
+def _notify(outbox: Outbox, item: OutboxItem) -> None:
+    outbox.sender.send(item)
+
+
 @dataclass(frozen=True)
 class Handler:
     send: Callable[[Outbox, OutboxItem], None]
@@ -174,6 +185,8 @@ class Handler:
     batched: bool = False
     #: it acts on the queue for its requester: refused, it answers why
     acts: bool = False
+    #: sent by the notification lane (bot/worker/notify.py), never by the tick's pass
+    own_lane: bool = False
 
 
 HANDLERS: dict[OutboxKind, Handler] = {
@@ -182,4 +195,5 @@ HANDLERS: dict[OutboxKind, Handler] = {
     OutboxKind.STATUS: Handler(_status),
     OutboxKind.STOP: Handler(_stop, acts=True),
     OutboxKind.RETRY: Handler(_retry, acts=True),
+    OutboxKind.NOTIFY: Handler(_notify, own_lane=True),
 }

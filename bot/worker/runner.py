@@ -25,7 +25,7 @@ from typing import Any
 from bot import agents, process
 from bot.config import Config
 from bot.core import render
-from bot.core.tasks import AttemptResult, Kind, Outcome, Task
+from bot.core.tasks import AGENT_MISSING, AttemptResult, Kind, Outcome, Task
 from bot.gitea import GiteaAPI, GiteaError, ServerError, Unreachable
 from bot.publisher import Publisher
 from bot.redact import redact
@@ -147,11 +147,12 @@ class Runner:
                 base=prepared.base_branch,
             )
             run = self._run_agent(task, spec, prepared.path, prompt, session, branch)
-            self.store.update(
+            self.store.agent_ran(
                 task.id,
+                name,
+                run.usage,
                 agents_tried=tried,
                 session_id=run.session_id,
-                usage=run.usage,
                 summary=run.summary,
             )
             if run.session_id and spec.sessions:
@@ -413,7 +414,8 @@ class Runner:
                     max_cost,
                 )
         except process.AgentStartError as exc:
-            return AgentRun(Outcome.AGENT_FAILED, str(exc), retry=False)
+            reason = f"{AGENT_MISSING}{exc}" if exc.not_found else str(exc)
+            return AgentRun(Outcome.AGENT_FAILED, reason, retry=False)
         except SandboxError as exc:
             return AgentRun(Outcome.INFRA_ERROR, f"sandbox: {exc}")
         except GitError as exc:

@@ -26,11 +26,11 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-from bot import process
+from bot import logs, process, prune
 from bot.config import Config
+from bot.core import metrics
 from bot.core.health import TickRecord, describe
 from bot.core.tasks import AttemptResult, Outcome, State, Task
 from bot.gitea import GiteaAPI, GiteaError
@@ -40,6 +40,7 @@ from bot.sandbox import Sandbox, sandbox_for
 from bot.scheduler import Coalescer
 from bot.store import Store
 from bot.worker.auth import AuthCache
+from bot.worker.notify import NotifyLane
 from bot.worker.outbox import OUTBOX_BUDGET, Outbox
 from bot.worker.runner import Runner, Stopping
 from bot.workspace import Workspace
@@ -76,6 +77,7 @@ class Worker:
         environ: Mapping[str, str] | None = None,
         schedule_tick: Callable[[], None] = lambda: None,
         sandbox: Sandbox | None = None,
+        counts: metrics.Tally | None = None,
     ):
         self.config, self.store, self.gitea, self.workspace = config, store, gitea, workspace
         self.clock = clock
@@ -85,6 +87,11 @@ class Worker:
         self.publisher = Publisher(config, store, gitea)
         self.auth = AuthCache(config, gitea, clock)
         self.outbox = Outbox(config, store, self.publisher, self.auth, on_change=self.wake)
+        self.notify = NotifyLane(config, store, self.outbox, self.worker_id, clock=clock)
+        # what this process counts in memory (its Gitea calls), written with each heartbeat
+        if counts is None:
+            counts = getattr(gitea, "tally", None)
+        self.counts = counts if isinstance(counts, metrics.Tally) else metrics.Tally()
         self._stopping = threading.Event()
         self.sandbox = sandbox or sandbox_for(config)
         self.runner = Runner(
@@ -119,6 +126,7 @@ class Worker:
             self.worker_id, os.getpid(), process.process_start_token(os.getpid())
         )
         self.recover()
+        self.notify.start()
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop the agents this process started and put their tasks back in the queue."""
@@ -128,6 +136,8 @@ class Worker:
         deadline = time.monotonic() + timeout
         for thread in self.runner_threads():
             thread.join(max(0.1, deadline - time.monotonic()))
+        self.notify.stop()
+        self._write_counts()
         self.store.release_leases(self.worker_id)
         self._lease_renew_at = float("-inf")
         self.store.unregister_worker(self.worker_id)
@@ -139,9 +149,11 @@ class Worker:
     # ---------------------------------------------------------------- the tick
 
     def wake(self) -> None:
-        """The queue changed: tick again now (or once more, if a tick is running)."""
+        """The queue changed: tick again now (or once more, if a tick is running), and look
+        for notifications to send."""
         self.request_tick()
         self.schedule_tick()
+        self.notify.wake()
 
     def request_tick(self) -> None:
         """Ask for another tick; the next run_tick (or the one in progress) will do it."""
@@ -165,6 +177,7 @@ class Worker:
         self.ticks = self.ticks.succeeded(self.clock())
         if recovered:
             self._report_ticks()
+        self.notify.wake()  # what the tick started or ended has its events to send
 
     def _report_ticks(self) -> None:
         try:
@@ -227,36 +240,33 @@ class Worker:
 
     def heartbeat(self) -> None:
         """Every few seconds, on its own job: say this process lives and how its ticks go,
-        and checkpoint the WAL."""
-        self.store.heartbeat(self.worker_id, self.ticks.to_json())
+        add what it counted in memory to the counters, and checkpoint the WAL."""
+        self._write_counts(report=True)
         self.store.checkpoint()
 
-    def cleanup(self, older_than_days: float | None = None) -> dict[str, int]:
-        """Delete old finished tasks, their logs and prompt files, and idle worktrees
-        (by default those older than queue.cleanup_age_days)."""
-        if older_than_days is None:
-            older_than_days = self.config.queue.cleanup_age_days
-        removed = self.store.clear(older_than_days)
-        cutoff = self.clock() - older_than_days * 86400.0
-        old: dict[int, list[Path]] = {}
-        for folder, suffix in self.config.storage.task_files:
-            for path in folder.glob(f"*{suffix}") if folder.is_dir() else ():
-                stem = path.name[: -len(suffix)]
-                if stem.isdigit() and path.stat().st_mtime < cutoff:
-                    old.setdefault(int(stem), []).append(path)
-        known = self.store.existing(old)
-        files = 0
-        for task_id, paths in old.items():
-            if task_id not in known:
-                for path in paths:
-                    path.unlink(missing_ok=True)
-                    files += 1
-        keep = [Path(t.worktree) for t in self.store.active_tasks() if t.worktree]
-        worktrees = self.workspace.cleanup(older_than_days * 86400.0, keep=keep)
-        log.info(
-            "cleanup done", extra={"tasks": removed, "files": files, "worktrees": len(worktrees)}
-        )
-        return {"tasks": removed, "files": files, "worktrees": len(worktrees)}
+    def _write_counts(self, *, report: bool = False) -> None:
+        counts = self.counts.take()
+        try:
+            if report:
+                self.store.heartbeat(self.worker_id, self.ticks.to_json(), counts)
+            else:
+                self.store.add_counts(None, counts)
+        except BaseException:
+            self.counts.give_back(counts)  # with the next heartbeat
+            raise
+
+    def cleanup(self, older_than_days: float | None = None) -> prune.Report:
+        """The daily prune (bot/prune.py): old finished tasks with their logs and prompts,
+        idle worktrees whose work is pushed, and the homes and prompts of issues that are
+        done (by default after queue.cleanup_age_days)."""
+        return prune.Pruner(
+            self.config, self.store, self.gitea, self.workspace, clock=self.clock
+        ).run(older_than_days)
+
+    def measure_disk(self) -> None:
+        """Every few minutes, on its own job: the disk use of mirrors, worktrees, logs and
+        homes, kept in the database for /metrics."""
+        self.store.set_disk_usage(*prune.disk_record(self.config.storage, self.clock()))
 
     # ---------------------------------------------------------------- 1. recovery
 
@@ -398,6 +408,10 @@ class Worker:
         self.finish(task, AttemptResult(Outcome.INFRA_ERROR, reason))
 
     def _run(self, task: Task) -> None:
+        with logs.context(task=task.id, repo=task.repo, issue=task.issue):
+            self._attempt(task)
+
+    def _attempt(self, task: Task) -> None:
         try:
             try:
                 result = self.runner.run(task)
