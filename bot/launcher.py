@@ -447,6 +447,9 @@ class Launcher:
     def _handle(self, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> bool:
         """Carry out one request; True when the connection stays open (a running agent)."""
         op = request.get("op")
+        if op == "ping":  # `kugetsu doctor`: it runs and answers
+            send_message(conn, {"ok": True, "first_uid": self.first_uid, "slots": self.slots})
+            return False
         if op == "reclaim":
             for tree in [self._tree(p) for p in request.get("paths") or ()]:
                 chown_tree(tree, self.service_uid, self.slot_uids, private=True)

@@ -185,7 +185,7 @@ def gather(config: Config) -> SandboxFacts:
         service_user=sb.user,
         service_uid=account.uid if account else None,
         slot_uids=slots,
-        readable_token_config=_readable_secret_file(config),
+        readable_token_config=readable_secret_file(config),
     )
     if sb.mode == "none" or not set(LAUNCHER_CAPABILITIES) <= caps or account is None:
         return facts
@@ -241,7 +241,8 @@ def _unreachable(config: Config, account: Account, slot_uid: int) -> list[str]:
     return found
 
 
-def _readable_secret_file(config: Config) -> str | None:
+def readable_secret_file(config: Config) -> str | None:
+    """The config file, if it holds the token or webhook secret and others can read it."""
     if not config.source_holds_secret:
         return None
     path = os.path.abspath(config.source)
@@ -390,6 +391,15 @@ def start_launcher(
         reason = answer.decode(errors="replace").strip() or f"exit code {proc.poll()}"
         raise SandboxError(f"the sandbox's launcher did not start: {reason}")
     return LauncherProcess(proc, parent_w, socket_path)
+
+
+def running_launcher(data_dir: Path) -> Path | None:
+    """The socket of a launcher a running `serve` started, if one answers there."""
+    for path in sorted(data_dir.glob("launcher-*.sock")):
+        with contextlib.suppress(SandboxError):
+            LauncherClient(path).call({"op": "ping"})
+            return path
+    return None
 
 
 def _remove_stale_sockets(data_dir: Path) -> None:

@@ -127,7 +127,9 @@ def run_worker(
     worker.start()
     from bot.doctor import SERVE_RECHECK_SECONDS, ServeChecks
 
-    checks = ServeChecks(config, store, worker.worker_id)
+    checks = ServeChecks(
+        config, store, worker.worker_id, launcher=Path(launcher) if launcher else None
+    )
     scheduler.start(
         worker.run_tick,
         heartbeat=worker.heartbeat,

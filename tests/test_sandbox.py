@@ -955,3 +955,90 @@ def test_a_follow_up_on_another_slot_resumes_the_session_in_the_issue_s_home(tmp
     hold.write_text("")
     store.close()
     svc.stop()
+
+
+# ------------------------------------------------------------------------- kugetsu doctor
+
+
+def doctor_sandbox(config, **ctx):
+    from bot.doctor import Context, run
+
+    return {r.name: r for r in run(Context(config, **ctx), ["sandbox"])}
+
+
+def doctor_config(tmp, sandbox_table=None, mode=0o600):
+    path = write_config(
+        tmp / "config.toml",
+        {
+            "gitea": {"url": "http://127.0.0.1:9", "token": TOKEN, "webhook_secret": SECRET},
+            "storage": {"data_dir": str(tmp / "data")},
+            "sandbox": sandbox_table or {"mode": "none"},
+        },
+    )
+    path.chmod(mode)
+    return load(path, {})
+
+
+def test_doctor_without_the_sandbox_says_it_is_off_and_names_a_readable_config(tmp):
+    config = doctor_config(tmp)
+    [off] = doctor_sandbox(config).values()
+    assert off.ok and off.detail.startswith('off (sandbox.mode = "none"): agents run as')
+    config = doctor_config(tmp, mode=0o644)
+    found = doctor_sandbox(config)
+    assert found["sandbox"].ok
+    readable = found["config file"]
+    assert not readable.ok and readable.detail == (
+        f"{tmp / 'config.toml'} holds the Gitea token and other users can read it."
+    )
+    assert readable.fix.startswith("chmod 600")
+
+
+@needs_root
+def test_serve_s_checks_say_the_sandbox_is_off_while_kugetsu_runs_as_root(tmp):
+    [off] = doctor_sandbox(doctor_config(tmp), serving=True).values()
+    assert not off.ok and off.detail.startswith("off while kugetsu runs as root")
+    assert off.fix == 'set sandbox.mode = "user"'
+
+
+@needs_root
+def test_doctor_says_why_the_sandbox_cannot_be_had_and_that_it_can(tmp):
+    import pwd
+
+    taken = pwd.getpwnam("daemon").pw_uid  # an account every Debian-like system has
+    config = doctor_config(tmp, {"mode": "user", "user": str(SERVICE_UID), "first_uid": taken})
+    [no] = doctor_sandbox(config).values()
+    assert not no.ok and no.blocks
+    assert no.detail.startswith("sandbox.mode = 'user' cannot be had as uid 0 runs it: ")
+    assert f"uid {taken} (daemon) belongs to this system" in no.detail
+    config = doctor_config(tmp, {"mode": "user", "user": str(SERVICE_UID)})
+    os.chown(tmp / "config.toml", SERVICE_UID, SERVICE_UID)
+    [yes] = doctor_sandbox(config).values()
+    assert yes.ok, yes.detail
+    assert yes.detail == (
+        f"can be had as uid 0 runs it: agents would run as uids {FIRST_UID}-{FIRST_UID + 2}, "
+        f"kugetsu as {SERVICE_UID}"
+    )
+
+
+@needs_root
+def test_doctor_finds_the_launcher_of_a_running_serve_and_says_when_it_is_gone(tmp):
+    config = doctor_config(tmp, {"mode": "user", "user": str(SERVICE_UID)})
+    data = config.storage.data_dir
+    data.mkdir(mode=0o700)
+    os.chown(data, SERVICE_UID, SERVICE_UID)
+    socket_path = config.storage.launcher_socket(os.getpid())
+    launcher = sandbox.start_launcher(
+        config, sandbox.Account(None, SERVICE_UID, SERVICE_UID), socket_path=socket_path
+    )
+    try:
+        [on] = doctor_sandbox(config).values()
+        assert on.ok and on.detail == (
+            f"on: agents run as uids {FIRST_UID}-{FIRST_UID + 2}, "
+            f"through the launcher at {socket_path}"
+        )
+    finally:
+        launcher.stop()
+    # serve's worker names the launcher it runs agents through: gone, it is a problem
+    [gone] = doctor_sandbox(config, serving=True, launcher=socket_path).values()
+    assert gone.name == "sandbox launcher" and not gone.ok
+    assert "the sandbox's launcher is not reachable" in gone.detail
