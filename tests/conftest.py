@@ -243,17 +243,23 @@ def pytest_unconfigure(config):
         shutil.rmtree(_sandbox_basetemp, ignore_errors=True)
 
 
+def open_to_other_uids(path: Path) -> None:
+    """`path` writable by every uid, and the folders above it searchable (not readable) by
+    them: for slot uids and kugetsu's service user in tests that run the sandbox."""
+    path.chmod(0o777)
+    for folder in path.parents:
+        mode = folder.stat().st_mode
+        if not mode & 0o001:
+            folder.chmod((mode & 0o7777) | 0o011)
+
+
 @pytest.fixture(autouse=True)
 def sandboxed(tmp_path):
     """In sandbox runs: agents (slot uids) and `kugetsu serve`'s service user can reach the
     test's folder and write what the fake agent records there; the launchers started for
     the test stop with it."""
     if SANDBOX == "user":
-        tmp_path.chmod(0o777)
-        for folder in tmp_path.parents:
-            mode = folder.stat().st_mode
-            if not mode & 0o001:
-                folder.chmod((mode & 0o7777) | 0o011)
+        open_to_other_uids(tmp_path)
     yield
     while _launchers:
         _data_dir, (_slots, launcher) = _launchers.popitem()

@@ -13,11 +13,13 @@ import os
 import pytest
 
 from tests import agentcli, payloads
-from tests.conftest import REPO, SECRET, TOKEN, wait_for
+from tests.conftest import REPO, SECRET, SERVICE_UID, TOKEN, open_to_other_uids, wait_for
 from tests.fakellm import FakeLLM, conversation_text, text, write_file
 from tests.service import Service, free_port, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realagent]
+
+SANDBOXED = {"sandbox": {"mode": "user", "user": str(SERVICE_UID)}} if os.geteuid() == 0 else {}
 
 SERVICE_ONLY_SECRET = "sk-service-only-4f1c9e2b7a"
 TITLE = "Greet the visitors"
@@ -80,6 +82,8 @@ def tracking(gitea, number):
 @pytest.mark.parametrize("agent", ["opencode", "codex"])
 def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(agent, tmp_path, gitea):
     binary = installed(agent)
+    if SANDBOXED:
+        open_to_other_uids(tmp_path)
     script = [
         write_file("hello.txt", "Hello, visitor!\n"),
         text("Created hello.txt with a friendly greeting."),
@@ -103,6 +107,9 @@ def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(agent, tmp_
                 },
                 "agents": {"default": agent, "timeout_minutes": 5, "kill_grace_seconds": 2},
                 **agent_tables(agent, llm, tmp_path),
+                # as root (as CI runs), the agent runs as a slot's uid: the CLI, its home and
+                # its session resume work in the sandbox
+                **SANDBOXED,
             },
         )
         path = f"{binary.parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
