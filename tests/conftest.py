@@ -253,6 +253,20 @@ def open_to_other_uids(path: Path) -> None:
             folder.chmod((mode & 0o7777) | 0o011)
 
 
+@pytest.fixture
+def shared_tmp():
+    """A folder every uid can reach and write, for tests that run the sandbox (slot uids and
+    kugetsu's service user work there): outside pytest's own, which is private to root and
+    which every pytest run started meanwhile sets back to 0700."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="kugetsu-sandbox-test-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def sandboxed(tmp_path):
     """In sandbox runs: agents (slot uids) and `kugetsu serve`'s service user can reach the

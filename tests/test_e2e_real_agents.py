@@ -13,7 +13,7 @@ import os
 import pytest
 
 from tests import agentcli, payloads
-from tests.conftest import REPO, SECRET, SERVICE_UID, TOKEN, open_to_other_uids, wait_for
+from tests.conftest import REPO, SECRET, SERVICE_UID, TOKEN, wait_for
 from tests.fakellm import FakeLLM, conversation_text, text, write_file
 from tests.service import Service, free_port, write_config
 
@@ -80,10 +80,12 @@ def tracking(gitea, number):
 
 
 @pytest.mark.parametrize("agent", ["opencode", "codex"])
-def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(agent, tmp_path, gitea):
+def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(
+    agent, tmp_path, shared_tmp, gitea
+):
     binary = installed(agent)
-    if SANDBOXED:
-        open_to_other_uids(tmp_path)
+    if SANDBOXED:  # kugetsu's service user and the slots work there
+        tmp_path = shared_tmp
     script = [
         write_file("hello.txt", "Hello, visitor!\n"),
         text("Created hello.txt with a friendly greeting."),
@@ -137,6 +139,11 @@ def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(agent, tmp_
                 interval=0.5,
                 what=f"{agent} to finish\n{svc.logs()[-3000:]}",
             )
+            if SANDBOXED:  # the launcher started it as the first slot's uid
+                started = [
+                    line for line in svc.logs().splitlines() if "launcher: agent started" in line
+                ]
+                assert started and all("uid=20000" in line for line in started), started
             [pr] = gitea.pulls_of(REPO).values()
             branch = f"kugetsu/issue-{n}"
             assert gitea.file_at(REPO, branch, "hello.txt") == "Hello, visitor!\n"

@@ -48,16 +48,10 @@ FIRST_UID = 20000
 
 
 @pytest.fixture
-def tmp():
-    """A folder every uid can reach and write (pytest's own is private to root): the slots'
-    agents work below it and record there, and kugetsu's service user reads its config."""
-    import shutil
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="kugetsu-sandbox-test-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def tmp(shared_tmp):
+    """The slots' agents work below it and record there; kugetsu's service user reads its
+    config there."""
+    return shared_tmp
 
 
 needs_root = pytest.mark.skipif(
