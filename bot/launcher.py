@@ -549,10 +549,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--linger", type=float, default=0.0)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", default="text")
     args = parser.parse_args(argv)
     from bot.logs import configure_logging
 
-    configure_logging(args.log_level, ())
+    configure_logging(args.log_level, (), output=args.log_format)
     # stopped by its pipe closing, not by the signals a terminal or a service manager
     # sends the whole group: the worker still needs it to stop its agents
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -363,6 +363,8 @@ def start_launcher(
         str(ready_w),
         "--log-level",
         log_level,
+        "--log-format",
+        config.logging.format,
         # as long as the worker takes to stop its agents when serve is gone
         "--linger",
         str(config.agents.kill_grace_seconds + LINGER_EXTRA_SECONDS),

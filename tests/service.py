@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -57,6 +58,12 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
         if user.isdigit():
             os.chown(path, int(user), int(user))
     return path
+
+
+def json_lines(svc: Service) -> list[dict[str, Any]]:
+    """The service's log lines, each a JSON object (the one line it prints is not a log)."""
+    lines = [line for line in svc.logs().splitlines() if not line.startswith("kugetsu ")]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def problems(body: dict[str, Any]) -> list[str]:

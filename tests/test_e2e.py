@@ -28,7 +28,7 @@ from tests.conftest import (
     task_events,
     wait_for,
 )
-from tests.service import Service, free_port, problems, write_config
+from tests.service import Service, free_port, json_lines, problems, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -689,12 +689,6 @@ def test_a_secret_an_agent_prints_is_masked_in_its_log_everywhere_it_is_served(
         for secret in (TOKEN, SECRET):
             assert secret[: len(secret) // 2] not in text, where
             assert secret[len(secret) // 2 :] not in text, where
-
-
-def json_lines(svc) -> list[dict]:
-    """The service's log lines, each a JSON object (the one line it prints is not a log)."""
-    lines = [line for line in svc.logs().splitlines() if not line.startswith("kugetsu ")]
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def run_one_task(svc, gitea) -> tuple[int, int, dict[str, str]]:

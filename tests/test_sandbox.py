@@ -40,7 +40,7 @@ from tests.conftest import (
     enqueue,
     wait_for,
 )
-from tests.service import Service, free_port, write_config
+from tests.service import Service, free_port, json_lines, write_config
 
 ROOT = Path(__file__).resolve().parent
 ESCAPE_AGENT = ROOT / "fixtures" / "bin" / "escape_agent.py"
@@ -591,6 +591,7 @@ def sandbox_service(
     sandbox_table: dict | None = None,
     limit: int = 2,
     port: int | None = None,
+    more: dict[str, dict] | None = None,
 ) -> Service:
     """`kugetsu serve` with the sandbox on (as its service user SERVICE_UID), its data and
     its config (`config_path(tmp, port)`) in `tmp`; `agents`: the [agents.NAME] tables, the
@@ -617,6 +618,7 @@ def sandbox_service(
             },
             **tables,
             "git": {"author_name": "kugetsu", "author_email": "kugetsu@example.invalid"},
+            **(more or {}),
         },
     )
     os.chown(config, SERVICE_UID, SERVICE_UID)  # it reads its config as that user
@@ -1036,3 +1038,20 @@ def test_doctor_finds_the_launcher_of_a_running_serve_and_says_when_it_is_gone(t
     [gone] = doctor_sandbox(config, serving=True, launcher=socket_path).values()
     assert gone.name == "sandbox launcher" and not gone.ok
     assert "the sandbox's launcher is not reachable" in gone.detail
+
+
+@needs_root
+def test_the_launcher_logs_in_the_format_the_config_asks_for(tmp, gitea):
+    svc = sandbox_service(
+        tmp, gitea, agents={"fake": fake()}, more={"logging": {"format": "json"}}
+    ).start()
+    n = gitea.create_issue(REPO, "Greet", "Please add a greeting file.")
+    assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(lambda: done(gitea, n), timeout=60, what=f"the pull request\n{svc.logs()}")
+    svc.stop()
+    lines = json_lines(svc)  # every line, the launcher's included, is one JSON object
+    assert [
+        (line["uid"], line["argv0"])
+        for line in lines
+        if line["logger"] == "kugetsu.launcher" and line["message"] == "agent started"
+    ] == [(FIRST_UID, AGENT_PYTHON)]
