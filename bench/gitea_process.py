@@ -1,9 +1,12 @@
 """A fake Gitea in a process of its own, so its work does not share a GIL with a client.
 
-    python -m bench.gitea_process --root DIR --issues 500
+    python -m bench.gitea_process --root DIR --issues 500 [--age SECONDS]
 
-Creates the test repository (with alice as a writer) and that many issues, prints one JSON
-line {"url": ...} on stdout, and serves until its stdin is closed.
+Creates the test repository (with alice as a writer) and that many issues (last updated
+`--age` seconds ago), prints one JSON line {"url": ...} on stdout, and serves until its
+stdin is closed. Meanwhile each JSON line on stdin acts as a person would, and is answered
+with "ok": {"op": "comment", "number": N, "login": L, "body": TEXT} or {"op": "label",
+"number": N, "login": L, "label": NAME}.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -24,6 +28,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--issues", type=int, default=0)
+    parser.add_argument("--age", type=float, default=0.0, help="issues last updated so long ago")
     args = parser.parse_args()
 
     from tests.fakegitea import FakeGitea
@@ -31,18 +36,27 @@ def main() -> int:
     with FakeGitea(args.root, token=TOKEN) as gitea:
         gitea.create_repo(REPO, files={"README.md": "# widget\n"})
         gitea.set_permission(REPO, "alice", "write")
+        old = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - args.age))
         for i in range(args.issues):
-            gitea.create_issue(REPO, f"Issue {i + 1}", "Something to do.")
+            n = gitea.create_issue(REPO, f"Issue {i + 1}", "Something to do.")
+            if args.age:
+                gitea.issue(REPO, n).update(created_at=old, updated_at=old)
         print(json.dumps({"url": gitea.url}), flush=True)
-        sys.stdin.read()  # until the parent closes the pipe
+        for line in sys.stdin:  # until the parent closes the pipe
+            op = json.loads(line)
+            if op["op"] == "comment":
+                gitea.add_comment(REPO, op["number"], op["body"], login=op["login"])
+            elif op["op"] == "label":
+                gitea.add_labels(REPO, op["number"], op["label"], login=op["login"])
+            print("ok", flush=True)
     return 0
 
 
 class GiteaProcess:
     """Starts `bench.gitea_process` and stops it again; `url` once started."""
 
-    def __init__(self, root: Path, issues: int = 0):
-        self.root, self.issues = root, issues
+    def __init__(self, root: Path, issues: int = 0, age: float = 0.0):
+        self.root, self.issues, self.age = root, issues, age
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -56,6 +70,8 @@ class GiteaProcess:
                 str(self.root),
                 "--issues",
                 str(self.issues),
+                "--age",
+                str(self.age),
             ],
             cwd=ROOT,
             stdin=subprocess.PIPE,
@@ -69,6 +85,14 @@ class GiteaProcess:
             raise RuntimeError(f"fake Gitea process exited with {self.proc.returncode}")
         self.url = json.loads(line)["url"]
         return self
+
+    def act(self, **op: object) -> None:
+        """Act on the fake Gitea as a person would (see the module's docstring)."""
+        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(op) + "\n")
+        self.proc.stdin.flush()
+        if self.proc.stdout.readline().strip() != "ok":
+            raise RuntimeError(f"the fake Gitea did not do {op}")
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is None:

@@ -232,6 +232,7 @@ def enqueue(
         print(f"kugetsu: {parsed}", file=sys.stderr)
         return 2
     repo, issue = parsed
+    agent_requested = agent is not None
     agent = agent or config.agents.default
     if agent not in known_agents(config):
         print(f"kugetsu: unknown agent {agent!r}", file=sys.stderr)
@@ -259,6 +260,7 @@ def enqueue(
             requested_by="cli",
             max_attempts=config.queue.max_attempts,
             authorized=True,
+            agent_requested=agent_requested,
         )
     if ping_server(config):
         print(f"task {task_id} queued ({kind.value} on {ref})")

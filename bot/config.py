@@ -13,13 +13,13 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
 from bot.agents.presets import PLACEHOLDERS, PRESETS
-from bot.core import names
+from bot.core import commands, names
 from bot.core.notify import Format, NotifyEvent
 from bot.core.permissions import PERMISSIONS
 from bot.core.tasks import RetryPolicy
@@ -252,6 +252,20 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class ReconcileConfig:
+    """`[reconcile]`: looking on Gitea for what deliveries missed (Gitea never retries one)."""
+
+    #: minutes between passes over the repositories kugetsu serves; 0: no passes at all
+    interval_minutes: float = 10.0
+    #: repositories polled besides those kugetsu has tasks in or deliveries from
+    repos: tuple[str, ...] = ()
+
+    @property
+    def interval_seconds(self) -> float:
+        return self.interval_minutes * 60.0
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     #: "text" (one line of text a record) or "json" (one JSON object a line)
     format: str = "text"
@@ -270,6 +284,7 @@ class Config:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     notify: tuple[NotifyConfig, ...] = ()
+    reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "(built-in defaults)"
     #: the file named by `source` holds the token or the webhook secret (not only the
@@ -398,6 +413,7 @@ _SECTIONS = (
     "git",
     "metrics",
     "notify",
+    "reconcile",
     "logging",
     "sandbox",
 )
@@ -459,12 +475,15 @@ def _agent_table(name: str, data: Any) -> AgentConfig:
 
 
 def _repos(section: _Section) -> tuple[str, ...]:
-    """`gitea.repos`: OWNER/NAME each, as Gitea names repositories, without repeats."""
-    repos = section.strings("repos", GiteaConfig.repos) or ()
+    """`repos` of a section (`gitea.repos`, `reconcile.repos`): OWNER/NAME each, as Gitea
+    names repositories, without repeats."""
+    repos = section.strings("repos", ()) or ()
     for repo in repos:
         error = names.repo_error(repo)
         if error:
-            raise ConfigError(f"gitea.repos: {names.shown(repo)} is not OWNER/NAME: {error}")
+            raise ConfigError(
+                f"{section.name}.repos: {names.shown(repo)} is not OWNER/NAME: {error}"
+            )
     return tuple(dict.fromkeys(repos))
 
 
@@ -628,14 +647,9 @@ def load(
         author_email=gi.string("author_email", GitConfig.author_email),
     )
     gi.check_unknown()
-    try:
-        branch = git.branch_template.format(number=1, owner="o", repo="r")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(
-            f"git.branch_template may use only {{number}}, {{owner}} and {{repo}}: {exc}"
-        ) from None
-    if not branch or branch.startswith(("-", "/")) or ".." in branch or " " in branch:
-        raise ConfigError(f"git.branch_template gives an invalid branch name: {branch!r}")
+    error = _branch_template_error(git.branch_template)
+    if error:
+        raise ConfigError(f"git.branch_template {error}")
 
     # logging
     lg = _Section("logging", data.get("logging"))
@@ -664,6 +678,7 @@ def load(
         sandbox=_sandbox(data.get("sandbox"), env, queue.max_concurrent_agents),
         metrics=_metrics_section(data.get("metrics"), env),
         notify=_notify_entries(data.get("notify")),
+        reconcile=_reconcile(data.get("reconcile")),
         logging=logging_config,
         source=source,
         source_holds_secret=bool(g.data.get("token") or g.data.get("webhook_secret")),
@@ -702,6 +717,27 @@ def _sandbox(data: Any, env: Mapping[str, str], slots: int) -> SandboxConfig:
             f"{MAX_SLOT_UID}, got {cfg.first_uid + slots - 1}"
         )
     return cfg
+
+
+def _branch_template_error(template: str) -> str | None:
+    """Why a branch template cannot be used (the words after its key's name), or None."""
+    try:
+        branch = template.format(number=1, owner="o", repo="r")
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        return f"may use only {{number}}, {{owner}} and {{repo}}: {exc}"
+    if not branch or branch.startswith(("-", "/")) or ".." in branch or " " in branch:
+        return f"gives an invalid branch name: {branch!r}"
+    return None
+
+
+def _reconcile(data: Any) -> ReconcileConfig:
+    r = _Section("reconcile", data)
+    reconcile = ReconcileConfig(
+        interval_minutes=r.number("interval_minutes", ReconcileConfig.interval_minutes, minimum=0),
+        repos=_repos(r),
+    )
+    r.check_unknown()
+    return reconcile
 
 
 def _check_agents(config: Config) -> None:
@@ -769,3 +805,105 @@ def _notify_entries(data: Any) -> tuple[NotifyConfig, ...]:
     if len(set(ids)) != len(ids):
         raise ConfigError("notify: two entries have the same url and format")
     return tuple(entries)
+
+
+# --------------------------------------------------------------------------- a repository's own
+
+
+#: where a repository may keep settings of its own, on its default branch; the first found
+REPO_SETTINGS_PATHS = (".kugetsu.toml", ".gitea/.kugetsu.toml")
+#: a larger file is refused unread
+REPO_SETTINGS_MAX_BYTES = 16 * 1024
+#: the most text `[prompt] instructions` may add to every prompt
+REPO_INSTRUCTIONS_MAX_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    """What a repository asks for in its `.kugetsu.toml`, within the server's bounds.
+    Each field left out (None, "") is the server's own setting."""
+
+    agent: str | None = None
+    instructions: str = ""
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+    branch_template: str | None = None
+
+
+#: the server's budget for an agent: (max_tokens, max_cost_usd), None where it sets none
+Budget = tuple[int | None, float | None]
+
+
+def repo_settings(
+    data: bytes,
+    *,
+    default_agent: str,
+    known_agents: frozenset[str],
+    budget_of: Callable[[str], Budget],
+) -> RepoSettings:
+    """Read a repository's `.kugetsu.toml`, written by whoever can push to its default
+    branch: hostile input. ConfigError, in one line, says the first thing wrong with it.
+
+    It may set `[agents] default` (one of the server's agents), `max_tokens` and
+    `max_cost_usd` (at or below the server's budget for that agent, where the server
+    sets one), `[prompt] instructions` (at most REPO_INSTRUCTIONS_MAX_CHARS characters)
+    and `[git] branch_template` (the server's rules, and it must use `{number}` so that
+    no two issues share a branch). Nothing else.
+    """
+    if len(data) > REPO_SETTINGS_MAX_BYTES:
+        raise ConfigError(f"it is larger than {REPO_SETTINGS_MAX_BYTES} bytes")
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("it is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"it is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError("it is not valid TOML: nested too deeply") from None
+    unknown = sorted(set(doc) - {"agents", "prompt", "git"})
+    if unknown:
+        raise ConfigError(f"unknown section or key {names.shown(unknown[0])}")
+
+    a = _Section("agents", doc.get("agents"))
+    agent = a.string("default", "") or None
+    max_tokens = a.integer("max_tokens", None, minimum=1, maximum=commands.MAX_TOKENS)
+    max_cost = a.number("max_cost_usd", None, positive=True)
+    a.check_unknown()
+    if max_cost is not None and max_cost > commands.MAX_COST_USD:
+        raise ConfigError(f"agents.max_cost_usd must be at most {commands.MAX_COST_USD}")
+    if agent is not None and agent not in known_agents:
+        raise ConfigError(
+            f"agents.default {names.shown(agent)} is not one of this server's agents "
+            f"({', '.join(sorted(known_agents))})"
+        )
+    name = agent or default_agent
+    server_tokens, server_cost = budget_of(name)
+    if max_tokens is not None and server_tokens is not None and max_tokens > server_tokens:
+        raise ConfigError(
+            f"agents.max_tokens must be at most {server_tokens} (the server's budget for "
+            f"{name}), got {max_tokens}"
+        )
+    if max_cost is not None and server_cost is not None and max_cost > server_cost:
+        raise ConfigError(
+            f"agents.max_cost_usd must be at most {server_cost:g} (the server's budget for "
+            f"{name}), got {max_cost:g}"
+        )
+
+    pr = _Section("prompt", doc.get("prompt"))
+    instructions = pr.string("instructions", "").strip()
+    pr.check_unknown()
+    if len(instructions) > REPO_INSTRUCTIONS_MAX_CHARS:
+        raise ConfigError(
+            f"prompt.instructions is longer than {REPO_INSTRUCTIONS_MAX_CHARS} characters"
+        )
+
+    g = _Section("git", doc.get("git"))
+    template = g.string("branch_template", "") or None
+    g.check_unknown()
+    if template is not None:
+        error = _branch_template_error(template)
+        if error is None and "{number}" not in template:
+            error = "must use {number}, so that each issue has a branch of its own"
+        if error:
+            raise ConfigError(f"git.branch_template {error}")
+    return RepoSettings(agent, instructions, max_tokens, max_cost, template)

@@ -15,6 +15,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -31,6 +32,8 @@ RETRY_STATUSES = frozenset({500, 502, 503, 504})
 #: open pull requests are listed this many at a time, for at most this many pages
 PULL_PAGE_SIZE = 50
 MAX_PULL_PAGES = 20
+#: issues and timeline entries are listed this many at a time (Gitea's largest page)
+LIST_PAGE_SIZE = 50
 #: a proxy's "bad gateway" / "gateway timeout": Gitea behind it may have applied the request
 GATEWAY_STATUSES = frozenset({502, 504})
 MAX_BACKOFF_SECONDS = 30.0
@@ -129,6 +132,12 @@ class GiteaAPI(Protocol):
 
     def find_pull(self, owner: str, repo: str, base: str, head: str) -> JSONObject | None: ...
 
+    def changed_issues(
+        self, owner: str, repo: str, since: str
+    ) -> tuple[list[JSONObject], float | None]: ...
+
+    def timeline(self, owner: str, repo: str, number: int, since: str) -> list[JSONObject]: ...
+
     def get_pull(self, owner: str, repo: str, number: int) -> JSONObject: ...
 
     def find_open_pull(self, owner: str, repo: str, base: str, head: str) -> JSONObject | None: ...
@@ -178,6 +187,16 @@ def _segs(value: str) -> str:
 
 def _repo_path(owner: str, repo: str) -> str:
     return f"/repos/{_seg(owner)}/{_seg(repo)}"
+
+
+def _date_header(value: str | None) -> float | None:
+    """An HTTP `Date` header as a Unix time, or None if there is none that reads."""
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def _may_have_been_sent(exc: requests.RequestException) -> bool:
@@ -430,6 +449,44 @@ class GiteaClient:
     def add_reaction(self, owner: str, repo: str, comment_id: int, content: str) -> None:
         path = f"{_repo_path(owner, repo)}/issues/comments/{_seg(comment_id)}/reactions"
         self._request("POST", path, json={"content": content}, ok=(200, 201))
+
+    def changed_issues(
+        self, owner: str, repo: str, since: str
+    ) -> tuple[list[JSONObject], float | None]:
+        """Issues and pull requests, open or closed, updated at or after `since` (RFC 3339;
+        a comment or a label updates an issue), and Gitea's own time when it answered the
+        first page (its `Date` header, as a Unix time; None if it sent none). Every page."""
+        path = f"{_repo_path(owner, repo)}/issues"
+        params = {"state": "all", "since": since, "limit": LIST_PAGE_SIZE}
+        first = self._request("GET", path, params={**params, "page": 1})
+        server_time = _date_header(first.headers.get("Date"))
+        items = self._json("GET", path, first) or []
+        return self._more_pages(path, params, items), server_time
+
+    def timeline(self, owner: str, repo: str, number: int, since: str) -> list[JSONObject]:
+        """An issue's comments and events (labels added or removed, ...) updated at or
+        after `since` (RFC 3339), oldest first. Every page."""
+        path = f"{_repo_path(owner, repo)}/issues/{_seg(number)}/timeline"
+        params = {"since": since, "limit": LIST_PAGE_SIZE}
+        first = self._call("GET", path, params={**params, "page": 1}) or []
+        return self._more_pages(path, params, first)
+
+    def _more_pages(
+        self, path: str, params: Mapping[str, Any], first: list[Any]
+    ) -> list[JSONObject]:
+        """The first page and the ones after it, until one comes back short. A page that
+        brings nothing new ends it too, so a server that ignores `page` cannot loop."""
+        items, seen = list(first), {item.get("id") for item in first if isinstance(item, dict)}
+        page, last = 1, first
+        while len(last) >= LIST_PAGE_SIZE:
+            page += 1
+            last = self._call("GET", path, params={**params, "page": page}) or []
+            new = [i for i in last if isinstance(i, dict) and i.get("id") not in seen]
+            if not new:
+                break
+            seen.update(i.get("id") for i in new)
+            items += new
+        return [i for i in items if isinstance(i, dict)]
 
     def get_permission(self, owner: str, repo: str, login: str) -> str:
         path = f"{_repo_path(owner, repo)}/collaborators/{_seg(login)}/permission"

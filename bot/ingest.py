@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from bot.config import Config
 from bot.core import intake, metrics
-from bot.core.events import Delivery, Event
+from bot.core.events import Delivery, Event, Ignored, event_key
 from bot.core.outbox import OutboxItem
 from bot.core.tasks import Task
 from bot.store import Store, Tx
@@ -67,23 +67,42 @@ def ingest(
     rules: intake.Rules,
     *,
     repo: str | None = None,
+    counted: bool = True,
 ) -> IngestResult:
     """Dedupe the delivery, decide, and write the result, all in one transaction. `repo`:
-    the repository the delivery came from, recorded with it."""
+    the repository the delivery came from, recorded with it.
+
+    A delivery is taken in once by its id, and an event once by its key
+    (`core.events.event_key`), however it came: a reconcile pass gives the key as the
+    delivery id, so it and Gitea's delivery of the same comment dedupe each other in
+    either order. The repository is remembered as one kugetsu serves. `counted`: the
+    delivery counts in /metrics (a reconcile pass's findings do not: they are not
+    deliveries, and a pass finds again what the one before it found)."""
+    key = event_key(event)
+
+    def count(c: Tx, result: metrics.DeliveryResult) -> None:
+        if counted:
+            store.add_counts(c, metrics.delivery(result))
+
     with store.tx() as c:
         if store.seen_delivery(c, delivery.id, delivery.event, repo):
-            store.add_counts(c, metrics.delivery(metrics.DeliveryResult.DUPLICATE))
+            count(c, metrics.DeliveryResult.DUPLICATE)
             return IngestResult(True, "delivery already received")
+        if key is not None and key != delivery.id and store.seen_event(c, key, delivery.event):
+            # delivered after a reconcile pass found it on Gitea (or delivered twice)
+            count(c, metrics.DeliveryResult.DUPLICATE)
+            return IngestResult(True, f"{key} already taken in")
+        served = repo or (None if isinstance(event, Ignored) else event.repo)
+        if served:
+            store.note_repo(c, served)
         decision = intake.decide(event, rules, StoreView(store, c))
         task_ids, outbox_ids = _apply(store, c, decision.intents, rules)
         store.delivery_result(c, delivery.id, decision.reason)
         result = IngestResult(False, decision.reason, task_ids, outbox_ids)
         # counted in the delivery's own transaction: no write of its own
-        store.add_counts(
+        count(
             c,
-            metrics.delivery(
-                metrics.DeliveryResult.QUEUED if result.queued else metrics.DeliveryResult.IGNORED
-            ),
+            metrics.DeliveryResult.QUEUED if result.queued else metrics.DeliveryResult.IGNORED,
         )
     return result
 
@@ -112,6 +131,7 @@ def _apply(
                     trigger_comment_id=intent.trigger_comment_id,
                     max_tokens=intent.max_tokens,
                     max_cost_usd=intent.max_cost_usd,
+                    agent_requested=intent.agent_requested,
                 )
             )
         elif isinstance(intent, OutboxItem):

@@ -1,5 +1,5 @@
 """APScheduler wiring only: the interval tick, the heartbeat, a daily clean-up, the setup
-checks, and wake()."""
+checks, the reconcile pass, and wake()."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10.0
+#: the first reconcile pass runs this long after the worker starts (the first tick first)
+RECONCILE_FIRST_SECONDS = 3.0
 
 
 class Coalescer:
@@ -82,10 +84,13 @@ class Scheduler:
         heartbeat: Callable[[], None] | None = None,
         cleanup: Callable[[], object] | None = None,
         every: Sequence[tuple[str, float, Callable[[], object]]] = (),
+        reconcile: Callable[[], object] | None = None,
+        reconcile_seconds: float = 0.0,
     ) -> None:
         """Run `tick` now and every interval; `heartbeat` every HEARTBEAT_SECONDS; `cleanup`
         five minutes from now and then daily; each of `every` (name, seconds, job) now and
-        then every that many seconds."""
+        then every that many seconds; `reconcile` RECONCILE_FIRST_SECONDS from now and then
+        every `reconcile_seconds` (never, if that is 0)."""
         self._tick = tick
         now = datetime.now(UTC)
         self._scheduler.add_job(
@@ -125,6 +130,16 @@ class Scheduler:
                 max_instances=1,
                 coalesce=True,
                 next_run_time=now,
+            )
+        if reconcile is not None and reconcile_seconds > 0:
+            self._scheduler.add_job(
+                reconcile,
+                "interval",
+                seconds=reconcile_seconds,
+                id="reconcile",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=now + timedelta(seconds=RECONCILE_FIRST_SECONDS),
             )
         self._scheduler.start()
 

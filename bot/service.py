@@ -138,6 +138,8 @@ def run_worker(
             ("disk usage", DISK_USAGE_SECONDS, worker.measure_disk),
             ("checks", SERVE_RECHECK_SECONDS, checks),
         ],
+        reconcile=worker.reconcile,
+        reconcile_seconds=config.reconcile.interval_seconds,
     )
     if wake_fd is not None:
         threading.Thread(

@@ -253,7 +253,51 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE deliveries ADD COLUMN repo TEXT;
     CREATE INDEX deliveries_by_repo ON deliveries (repo, received_at) WHERE repo IS NOT NULL;
     """,
-    # 12: the concurrency slot a running task holds; with the sandbox its agent runs as
+    # 12: fair share: when each repository, and each requester within it, last got a slot
+    # (a number that grows with every slot given, see _fair_order and Store._take_turn)
+    """
+    CREATE TABLE repo_turns (
+        repo TEXT PRIMARY KEY,
+        turn INTEGER NOT NULL
+    );
+    CREATE INDEX repo_turns_by_turn ON repo_turns (turn);
+    CREATE TABLE requester_turns (
+        repo TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        turn INTEGER NOT NULL,
+        PRIMARY KEY (repo, requested_by)
+    );
+    """,
+    # 13: the repositories a reconcile pass looks at (those kugetsu serves: tasks in them,
+    # deliveries from them, the config), each with when kugetsu first served it and how far
+    # a pass has looked on Gitea for what deliveries missed
+    """
+    CREATE TABLE repos (
+        repo TEXT PRIMARY KEY,
+        first_seen REAL NOT NULL,
+        reconciled_to REAL
+    );
+    INSERT INTO repos (repo, first_seen)
+        SELECT repo, MIN(at) FROM (
+            SELECT repo, MIN(created_at) AS at FROM tasks GROUP BY repo
+            UNION ALL
+            SELECT repo, MIN(received_at) FROM deliveries WHERE repo IS NOT NULL GROUP BY repo
+        ) GROUP BY repo;
+    """,
+    # 14: a repository's own settings (.kugetsu.toml): whether a request named its agent
+    # (else the repository's default agent runs it; tasks queued before keep theirs), and
+    # the versions of the file kugetsu has answered that it cannot use them
+    """
+    ALTER TABLE tasks ADD COLUMN agent_requested INTEGER NOT NULL DEFAULT 0;
+    UPDATE tasks SET agent_requested = 1 WHERE state IN ('pending', 'running');
+    CREATE TABLE repo_files_refused (
+        repo TEXT NOT NULL,
+        blob TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (repo, blob)
+    );
+    """,
+    # 15: the concurrency slot a running task holds; with the sandbox its agent runs as
     # the slot's uid, so no two running tasks may hold the same one (Store.claim)
     """
     ALTER TABLE tasks ADD COLUMN slot INTEGER;
@@ -264,6 +308,65 @@ SCHEMA_VERSION = len(MIGRATIONS)
 #: the finished states as migration 6 writes them in the index `tasks_finished`: a query
 #: uses that index only if it names them the same way (as text, not as bound values)
 _TERMINAL = "state IN ('completed', 'failed', 'cancelled', 'rejected')"
+#: the tasks a queue position is counted among: pending and not refused (those still to be
+#: authorized included), whatever their wait before a retry
+_WAITING = "t.state = 'pending' AND (t.authorized IS NULL OR t.authorized = 1)"
+
+
+def _fair_order(waiting: str) -> str:
+    """A `WITH` clause naming `queue (id, position)`: the tasks for which `waiting` (a
+    condition on `tasks AS t`) holds, each with its 1-based place in the order in which
+    slots go to them.
+
+    Fair share is round-robin with a memory. Each slot goes to the repository served
+    longest ago (one never served first), within it to the requester served longest
+    ago, and to that requester's oldest task; among repositories (or requesters) never
+    served, the one whose next task is oldest goes first. `claim()` records each turn
+    (`_take_turn`). So one repository's hundred waiting tasks take one slot in every
+    round, and another repository's single task waits for one slot at most.
+
+    Played out in advance, that is: the k-th task of each requester (oldest first) is in
+    its requester's round k, and the requesters of a repository take their rounds in
+    the order they were last served; that gives each task its place within its
+    repository, and the k-th of each repository is in the queue's round k, the
+    repositories again in the order they were last served. Claiming the first task
+    leaves the order of the others as it was (its repository and requester, served
+    last now, move behind the others in every later round, where they already were),
+    so the position shown is the order the tasks start in while nothing else changes.
+
+    Plain SQL (window functions, UPSERT-maintained turn tables) that SQLite and
+    PostgreSQL both run. It reads waiting tasks through the index by state and the turn
+    tables by key, never the finished tasks: its cost grows with the queue, not with
+    the history.
+    """
+    return f"""
+        WITH waiting AS (
+            SELECT t.id, t.repo, t.requested_by FROM tasks AS t WHERE {waiting}
+        ), by_requester AS (
+            SELECT w.id, w.repo,
+                   ROW_NUMBER() OVER (PARTITION BY w.repo, w.requested_by ORDER BY w.id)
+                       AS round,
+                   COALESCE(u.turn, 0) AS served,
+                   MIN(w.id) OVER (PARTITION BY w.repo, w.requested_by) AS first_task
+            FROM waiting AS w
+            LEFT JOIN requester_turns AS u
+                   ON u.repo = w.repo AND u.requested_by = w.requested_by
+        ), by_repo AS (
+            SELECT b.id, b.repo,
+                   ROW_NUMBER() OVER (PARTITION BY b.repo
+                                      ORDER BY b.round, b.served, b.first_task) AS round,
+                   FIRST_VALUE(b.id) OVER (PARTITION BY b.repo
+                                           ORDER BY b.round, b.served, b.first_task)
+                       AS first_task
+            FROM by_requester AS b
+        ), queue AS (
+            SELECT r.id,
+                   ROW_NUMBER() OVER (ORDER BY r.round, COALESCE(p.turn, 0), r.first_task)
+                       AS position
+            FROM by_repo AS r LEFT JOIN repo_turns AS p ON p.repo = r.repo
+        )"""
+
+
 #: rows that Store.clear() deletes per write transaction
 CLEAR_BATCH = 500
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -354,6 +457,7 @@ def _row_to_task(row: sqlite3.Row) -> Task:
         raise UnreadableRow(row["id"], problems)
     if data.get("authorized") is not None:
         data["authorized"] = bool(data["authorized"])
+    data["agent_requested"] = bool(data.get("agent_requested"))
     data["agents_tried"] = tuple(data["agents_tried"])
     return Task(**data)
 
@@ -597,14 +701,15 @@ class Store:
         trigger_comment_id: int | None = None,
         max_tokens: int | None = None,
         max_cost_usd: float | None = None,
+        agent_requested: bool = False,
     ) -> int:
         """Insert a pending task inside the caller's transaction."""
         now = self.clock()
         cur = c.execute(
             "INSERT INTO tasks (repo, issue, kind, prompt, agent, requested_by, state, "
             "max_attempts, created_at, updated_at, authorized, permission_hint, "
-            "trigger_comment_id, max_tokens, max_cost_usd) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+            "trigger_comment_id, max_tokens, max_cost_usd, agent_requested) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 repo,
                 issue,
@@ -620,11 +725,13 @@ class Store:
                 trigger_comment_id,
                 max_tokens,
                 max_cost_usd,
+                int(agent_requested),
             ),
         )
         task_id = _inserted_id(cur)
         self._event(c, task_id, "queued", None, "pending", f"{kind} by {requested_by}")
         self._changed(c, task_id, None, State.PENDING)
+        self.note_repo(c, repo)
         return task_id
 
     def get(self, task_id: int) -> Task | None:
@@ -998,8 +1105,9 @@ class Store:
         return _number(self._conn(), "SELECT COUNT(*) FROM tasks WHERE state = ?", (state.value,))
 
     def claim(self, limit: int, worker_id: str, *, max_claims: int | None = None) -> list[Task]:
-        """Lease up to (limit - running) ready tasks, first in first out, one per issue:
-        each goes from pending to running through `_transition()`, its attempt counted.
+        """Lease up to (limit - running) ready tasks, in the fair order (`_fair_order`), one
+        per issue: each goes from pending to running through `_transition()`, its attempt
+        counted.
 
         Count and update happen under one write lock, so no interleaving of
         threads or processes can push the number of running tasks over `limit`.
@@ -1028,15 +1136,18 @@ class Store:
             if free <= 0:
                 return []
             rows = c.execute(
-                """
-                SELECT id, attempts FROM tasks AS t
-                WHERE t.state = 'pending' AND t.authorized = 1 AND t.not_before <= ?
-                  AND NOT EXISTS (SELECT 1 FROM tasks AS r WHERE r.repo = t.repo
-                                  AND r.issue = t.issue AND r.state = 'running')
-                  AND NOT EXISTS (SELECT 1 FROM tasks AS e WHERE e.repo = t.repo
-                                  AND e.issue = t.issue AND e.state = 'pending' AND e.id < t.id)
-                ORDER BY t.id LIMIT ?
-                """,
+                _fair_order(
+                    """
+                    t.state = 'pending' AND t.authorized = 1 AND t.not_before <= ?
+                    AND NOT EXISTS (SELECT 1 FROM tasks AS r WHERE r.repo = t.repo
+                                    AND r.issue = t.issue AND r.state = 'running')
+                    AND NOT EXISTS (SELECT 1 FROM tasks AS e WHERE e.repo = t.repo
+                                    AND e.issue = t.issue AND e.state = 'pending'
+                                    AND e.id < t.id)
+                    """
+                )
+                + " SELECT queue.id, tasks.attempts, tasks.repo, tasks.requested_by FROM queue"
+                " JOIN tasks ON tasks.id = queue.id ORDER BY queue.position LIMIT ?",
                 (now, free),
             ).fetchall()
             # each claimed task gets a slot no running task holds, the lowest first: with
@@ -1066,11 +1177,27 @@ class Store:
                     error=None,
                     slot=slot,
                 ):
+                    self._take_turn(c, row["repo"], row["requested_by"])
                     claimed.append(row["id"])
             result = self._tasks(
                 c, [c.execute("SELECT * FROM tasks WHERE id = ?", (i,)).fetchone() for i in claimed]
             )
         return result
+
+    def _take_turn(self, c: Tx, repo: str, requested_by: str) -> None:
+        """Record that `repo` and its `requested_by` just got a slot: their turn is the
+        newest, so the others come before them in the next round (`_fair_order`)."""
+        turn = c.execute("SELECT COALESCE(MAX(turn), 0) + 1 FROM repo_turns").fetchone()[0]
+        c.execute(
+            "INSERT INTO repo_turns (repo, turn) VALUES (?, ?) "
+            "ON CONFLICT (repo) DO UPDATE SET turn = excluded.turn",
+            (repo, turn),
+        )
+        c.execute(
+            "INSERT INTO requester_turns (repo, requested_by, turn) VALUES (?, ?, ?) "
+            "ON CONFLICT (repo, requested_by) DO UPDATE SET turn = excluded.turn",
+            (repo, requested_by, turn),
+        )
 
     def unauthorized_pending(self, limit: int = 50) -> list[Task]:
         conn = self._conn()
@@ -1157,28 +1284,30 @@ class Store:
             return done, None
 
     def queue_position(self, task_id: int) -> int | None:
-        """1-based position among pending tasks, counting those ahead of it."""
-        task = self.get(task_id)
+        """1-based place among the tasks waiting (pending, not refused), in the order they
+        get slots (`_fair_order`); None if the task is not waiting."""
+        task = self.get(task_id)  # a row that cannot be read is set aside here
         if task is None or task.state is not State.PENDING:
             return None
-        return _number(
-            self._conn(),
-            "SELECT COUNT(*) FROM tasks WHERE state = 'pending' AND id <= ? "
-            "AND (authorized IS NULL OR authorized = 1)",
-            (task_id,),
+        row = (
+            self._conn()
+            .execute(_fair_order(_WAITING) + " SELECT position FROM queue WHERE id = ?", (task_id,))
+            .fetchone()
         )
+        return row[0] if row else None
 
     def pending_positions(self, limit: int) -> list[tuple[Task, int]]:
+        """The first `limit` authorized waiting tasks with their places in the queue (the
+        same places `queue_position` gives), first place first."""
         conn = self._conn()
-        tasks = self._tasks(
-            conn,
-            conn.execute(
-                "SELECT * FROM tasks WHERE state = 'pending' AND authorized = 1 "
-                "ORDER BY id LIMIT ?",
-                (limit,),
-            ).fetchall(),
-        )
-        return [(task, i + 1) for i, task in enumerate(tasks)]
+        rows = conn.execute(
+            _fair_order(_WAITING) + " SELECT tasks.*, queue.position AS queue_place FROM queue "
+            "JOIN tasks ON tasks.id = queue.id WHERE tasks.authorized = 1 "
+            "ORDER BY queue.position LIMIT ?",
+            (limit,),
+        ).fetchall()
+        places = {row["id"]: row["queue_place"] for row in rows}
+        return [(task, places[task.id]) for task in self._tasks(conn, rows)]
 
     def comment_out_of_date(self, limit: int) -> list[Task]:
         """Tasks whose tracking comment has not caught up with their last change."""
@@ -1386,6 +1515,52 @@ class Store:
 
     def delivery_result(self, c: Tx, delivery_id: str, result: str) -> None:
         c.execute("UPDATE deliveries SET result = ? WHERE id = ?", (result, delivery_id))
+
+    def seen_event(self, c: Tx, key: str, event: str) -> bool:
+        """Record what a delivery is about (`core.events.event_key`: the same for the
+        delivery of an event and for the reconcile pass that found it on Gitea); True if
+        it was already recorded, whichever came first. Kept as long as deliveries are."""
+        return self.seen_delivery(c, key, event)
+
+    # ------------------------------------------------------------------ repositories
+
+    def note_repo(self, c: Tx, repo: str) -> None:
+        """Remember that kugetsu serves `repo` (a task, a delivery, the config), from now
+        on if it did not already."""
+        c.execute(
+            "INSERT INTO repos (repo, first_seen) VALUES (?, ?) ON CONFLICT (repo) DO NOTHING",
+            (repo, self.clock()),
+        )
+
+    def reconcile_windows(self) -> list[tuple[str, float, float | None]]:
+        """(repository, when kugetsu first served it, how far a reconcile pass has looked
+        on Gitea, in Gitea's time, or None), for every repository noted (`note_repo`):
+        those `served_repos` names, and those the config named to a pass."""
+        return [
+            (row[0], row[1], row[2])
+            for row in self._conn().execute(
+                "SELECT repo, first_seen, reconciled_to FROM repos ORDER BY repo"
+            )
+        ]
+
+    def reconciled(self, repo: str, to: float) -> None:
+        """A reconcile pass has looked at `repo` up to `to` (Gitea's time)."""
+        with self.tx() as c:
+            c.execute("UPDATE repos SET reconciled_to = ? WHERE repo = ?", (to, repo))
+
+    def refuse_repo_file(self, repo: str, blob: str, issue: int, body: str) -> bool:
+        """Answer on `issue` with `body` that a repository's settings file cannot be used,
+        once per version of the file (`blob`, its git object id): True if this is the
+        first time, and the answer was queued (in the outbox, with the note, atomically)."""
+        with self.tx() as c:
+            new = c.execute(
+                "INSERT INTO repo_files_refused (repo, blob, at) VALUES (?, ?, ?) "
+                "ON CONFLICT (repo, blob) DO NOTHING",
+                (repo, blob, self.clock()),
+            ).rowcount
+            if new:
+                self.add_outbox(c, OutboxItem(OutboxKind.COMMENT, repo, issue, body=body))
+            return bool(new)
 
     # ------------------------------------------------------------------ outbox
 
@@ -1626,6 +1801,11 @@ class Store:
                 (name, owner, now + ttl),
             )
             return True
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Let go of `name` if `owner` holds it."""
+        with self.tx() as c:
+            c.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
 
     def release_leases(self, owner: str) -> None:
         with self.tx() as c:

@@ -76,6 +76,26 @@ class GitError(Exception):
 
 
 @dataclass(frozen=True)
+class Fetched:
+    """The repository's mirror just fetched: its default branch and that branch's commit."""
+
+    repo: str
+    default_branch: str
+    default_sha: str
+
+
+@dataclass(frozen=True)
+class RepoFile:
+    """A file read from a commit in the mirror: its path, its blob's id, and its bytes,
+    or why it could not be read (`problem`; the bytes are then empty)."""
+
+    path: str
+    blob: str
+    data: bytes = b""
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
 class Prepared:
     path: Path
     branch: str
@@ -162,24 +182,76 @@ class Workspace:
 
     # ------------------------------------------------------------------ public API
 
-    def prepare(self, repo: str, issue: int, branch: str) -> Prepared:
-        """Fetch the mirror and return the issue's worktree on `branch`, reusing it when valid."""
+    def fetch(self, repo: str) -> Fetched:
+        """Fetch the repository's mirror (made if need be) from Gitea."""
+        owner, name = _split_repo(repo)
+        url = self._checked_remote_url(repo)
+        with self._repo_lock(owner, name):
+            return self._fetch(owner, name, url, repo)
+
+    def _fetch(self, owner: str, name: str, url: str, repo: str) -> Fetched:
+        mirror = self._ensure_mirror(owner, name, url, repo)
+        head_symref = self._remote_head(mirror, url)
+        self._git(
+            ["fetch", "--prune", "--no-tags", "--quiet", REMOTE, FETCH_REFSPEC],
+            git_dir=mirror,
+            step="fetch",
+            network=url,
+        )
+        log.info("mirror fetched", extra={"repo": repo})
+        default = self._default_branch(mirror, head_symref)
+        sha = self._ref_sha(f"refs/remotes/{REMOTE}/{default}", git_dir=mirror)
+        assert sha is not None  # _default_branch found it
+        return Fetched(repo, default, sha)
+
+    def read_file(
+        self, repo: str, commit: str, paths: Sequence[str], max_bytes: int
+    ) -> RepoFile | None:
+        """The first of `paths` that commit `commit` of the mirror holds, read with git
+        (never from a worktree, where an agent could have changed it), or None when it
+        holds none of them. A path that is not a regular file (a link, a folder, a
+        submodule), or a file larger than `max_bytes`, is not read: its `problem` says so."""
+        owner, name = _split_repo(repo)
+        _check_sha(commit)
+        mirror = self._mirror_path(owner, name)
+        for path in paths:
+            listed = self._git(
+                ["--literal-pathspecs", "ls-tree", "-z", "--full-tree", "-l", commit, "--", path],
+                git_dir=mirror,
+                step="ls-tree",
+            ).stdout
+            entry = listed.split(b"\0", 1)[0]
+            if not entry:
+                continue
+            meta, _, found = entry.partition(b"\t")
+            mode, kind, blob, size = meta.decode().split()
+            if os.fsdecode(found) != path:
+                continue
+            if kind != "blob" or mode not in ("100644", "100755"):
+                return RepoFile(path, blob, problem="it is not a regular file")
+            if int(size) > max_bytes:
+                return RepoFile(path, blob, problem=f"it is larger than {max_bytes} bytes")
+            data = self._git(["cat-file", "blob", blob], git_dir=mirror, step="cat-file").stdout
+            return RepoFile(path, blob, data[:max_bytes])
+        return None
+
+    def prepare(
+        self, repo: str, issue: int, branch: str, *, fetched: Fetched | None = None
+    ) -> Prepared:
+        """Fetch the mirror (unless `fetched` says it was just fetched) and return the
+        issue's worktree on `branch`, reusing it when valid."""
         owner, name = _split_repo(repo)
         _check_issue(issue)
         _check_branch(branch)
         url = self._checked_remote_url(repo)
         wt = self._worktree_path(owner, name, issue)
         with self._repo_lock(owner, name):
-            mirror = self._ensure_mirror(owner, name, url, repo)
-            head_symref = self._remote_head(mirror, url)
-            self._git(
-                ["fetch", "--prune", "--no-tags", "--quiet", REMOTE, FETCH_REFSPEC],
-                git_dir=mirror,
-                step="fetch",
-                network=url,
-            )
-            log.info("mirror fetched", extra={"repo": repo, "issue": issue})
-            default = self._default_branch(mirror, head_symref)
+            if fetched is None or fetched.repo != repo:
+                fetched = self._fetch(owner, name, url, repo)
+                mirror = self._mirror_path(owner, name)
+            else:  # its config written again before use, as every use does
+                mirror = self._ensure_mirror(owner, name, url, repo)
+            default = fetched.default_branch
             default_ref = f"refs/remotes/{REMOTE}/{default}"
 
             reused = self._is_worktree_of(wt, mirror, branch)

@@ -32,9 +32,12 @@ for a token without the scope a route needs.
 
 Test hooks: `requests`, `comments`, `pulls` (and `pulls_of(repo)`), `reactions`, `hooks_of()`,
 `fail_next(n, status, method, path)`, `lose_answer(method, path, answer)` / `release()`,
-`down()` / `up()`, `branch_sha()`, `file_at()`,
-`git(repo, ...)`, and `create_issue` / `add_comment` / `add_labels` / `close_pull`
-/ `close_issue` to act as a human would.
+`down()` / `up()`, `branch_sha()`, `file_at()`, `commit_files()`,
+`git(repo, ...)`, and `create_issue` / `add_comment` / `add_labels` / `remove_labels` /
+`close_pull` / `close_issue` to act as a human would. Like Gitea, a comment or a label
+change updates its issue's `updated_at`, and shows in the issue's timeline; the issue list,
+the comments and the timeline take `since` (compared with `updated_at`, whole seconds,
+inclusive).
 """
 
 from __future__ import annotations
@@ -184,6 +187,9 @@ class FakeGitea:
         self._repos: dict[str, dict] = {}
         self._users: dict[str, dict] = {}
         self._comment_home: dict[int, tuple[str, int]] = {}
+        #: timeline events that are not comments (labels added and removed), by id
+        self.events: dict[int, dict] = {}
+        self._event_home: dict[int, tuple[str, int]] = {}
         self._fail_queue: list[tuple[int, str | None, re.Pattern | None]] = []
         self._lose: list[tuple[str, re.Pattern, int | str]] = []
         self._released = threading.Event()
@@ -345,26 +351,7 @@ class FakeGitea:
             None, "init", "--quiet", "--bare", f"--initial-branch={default_branch}", str(path)
         )
         self._git(path, "config", "http.receivepack", "true")
-        fd, index = tempfile.mkstemp(prefix="index-", dir=self.root)
-        os.close(fd)
-        os.unlink(index)
-        try:
-            env = {"GIT_INDEX_FILE": index}
-            for file_path, content in files.items():
-                data = content.encode() if isinstance(content, str) else content
-                blob = self._git(path, "hash-object", "-w", "--stdin", input=data).strip()
-                self._git(
-                    path,
-                    "update-index",
-                    "--add",
-                    "--cacheinfo",
-                    f"100644,{blob},{file_path}",
-                    env=env,
-                )
-            tree = self._git(path, "write-tree", env=env).strip()
-        finally:
-            if os.path.exists(index):
-                os.unlink(index)
+        tree = self._tree(path, files)
         commit = self._git(path, *GIT_IDENTITY, "commit-tree", tree, "-m", "Initial commit").strip()
         self._git(path, "update-ref", f"refs/heads/{default_branch}", commit)
         with self.lock:
@@ -434,7 +421,7 @@ class FakeGitea:
             }
             record["issues"][number] = issue
             if labels:
-                self.add_labels(repo, number, *labels)
+                self.add_labels(repo, number, *labels, login=login)
             return number
 
     def issue(self, repo: str, number: int) -> dict:
@@ -442,20 +429,56 @@ class FakeGitea:
         with self.lock:
             return self._issue_view(self._repo(repo), number)
 
-    def add_labels(self, repo: str, number: int, *names: str) -> None:
-        """Put labels on an issue. Like Gitea, each label added is recorded as a comment of
-        its own (not listed with the issue's comments): it takes a comment id."""
+    def add_labels(self, repo: str, number: int, *names: str, login: str = "alice") -> None:
+        """Put labels on an issue as `login`. Like Gitea, each label added is recorded as a
+        comment of its own (not listed with the issue's comments, but in its timeline, as
+        `type: "label"` with body "1"): it takes a comment id."""
         with self.lock:
-            record = self._repo(repo)
-            target = record["issues"].get(number) or record["pulls"].get(number)
-            if target is None:
-                raise KeyError(f"{repo}#{number}")
+            record, target = self._labelled(repo, number)
             for label_name in names:
                 label = self._label(record, label_name)
                 if any(existing["id"] == label["id"] for existing in target["labels"]):
                     continue
                 target["labels"].append(label)
-                self._next("comment")
+                self._label_event(record, number, label, "1", login)
+
+    def remove_labels(self, repo: str, number: int, *names: str, login: str = "alice") -> None:
+        """Take labels off an issue as `login` (a timeline event with an empty body each)."""
+        with self.lock:
+            record, target = self._labelled(repo, number)
+            for label_name in names:
+                label = record["labels"].get(label_name)
+                if label is None or label not in target["labels"]:
+                    continue
+                target["labels"].remove(label)
+                self._label_event(record, number, label, "", login)
+
+    def _labelled(self, repo: str, number: int) -> tuple[dict, dict]:
+        """The repository's record and the issue or pull request whose labels change."""
+        record = self._repo(repo)
+        target = record["issues"].get(number) or record["pulls"].get(number)
+        if target is None:
+            raise KeyError(f"{repo}#{number}")
+        return record, target
+
+    def _label_event(self, record: dict, number: int, label: dict, body: str, login: str) -> None:
+        full = record["full_name"]
+        target = record["issues"].get(number) or record["pulls"][number]
+        event_id, now = self._next("comment"), _now()
+        self.events[event_id] = {
+            "id": event_id,
+            "type": "label",
+            "html_url": f"{self.url}/{full}/issues/{number}#issuecomment-{event_id}",
+            "pull_request_url": "",
+            "issue_url": f"{self.url}/{full}/issues/{number}",
+            "user": self.user(login),
+            "body": body,
+            "label": dict(label),
+            "created_at": now,
+            "updated_at": now,
+        }
+        self._event_home[event_id] = (full, number)
+        target["updated_at"] = now
 
     def add_comment(self, repo: str, number: int, body: str, login: str = "alice") -> dict:
         """Post a comment as `login` (as a human would through the UI)."""
@@ -530,6 +553,65 @@ class FakeGitea:
             now = _now()
             issue.update(state="closed", closed_at=now, updated_at=now)
             return issue
+
+    def commit_files(
+        self,
+        repo: str,
+        files: dict[str, str | bytes],
+        *,
+        branch: str | None = None,
+        modes: dict[str, str] | None = None,
+        message: str = "Change files",
+    ) -> str:
+        """Commit `files` (path -> content; `modes` may make one a link, "120000") on top
+        of `branch` (the default branch if None; made from it if it does not exist), as
+        a person pushing would. Returns the new commit."""
+        with self.lock:
+            record = self._repo(repo)
+        path, default = record["path"], record["default_branch"]
+        branch = branch or default
+        parent = self.branch_sha(repo, branch) or self.branch_sha(repo, default)
+        assert parent is not None
+        tree = self._tree(path, files, modes=modes, base=parent)
+        commit = self._git(
+            path, *GIT_IDENTITY, "commit-tree", tree, "-p", parent, "-m", message
+        ).strip()
+        self._git(path, "update-ref", f"refs/heads/{branch}", commit)
+        return commit
+
+    def _tree(
+        self,
+        path: Path,
+        files: dict[str, str | bytes],
+        *,
+        modes: dict[str, str] | None = None,
+        base: str | None = None,
+    ) -> str:
+        """A tree object in the bare repository at `path`: `base`'s tree (or none) with
+        `files` written over it (mode 100644 unless `modes` says otherwise)."""
+        fd, index = tempfile.mkstemp(prefix="index-", dir=self.root)
+        os.close(fd)
+        os.unlink(index)
+        env = {"GIT_INDEX_FILE": index}
+        try:
+            if base is not None:
+                self._git(path, "read-tree", base, env=env)
+            for file_path, content in files.items():
+                data = content.encode() if isinstance(content, str) else content
+                blob = self._git(path, "hash-object", "-w", "--stdin", input=data).strip()
+                mode = (modes or {}).get(file_path, "100644")
+                self._git(
+                    path,
+                    "update-index",
+                    "--add",
+                    "--cacheinfo",
+                    f"{mode},{blob},{file_path}",
+                    env=env,
+                )
+            return self._git(path, "write-tree", env=env).strip()
+        finally:
+            if os.path.exists(index):
+                os.unlink(index)
 
     def branch_sha(self, repo: str, branch: str) -> str | None:
         path = self._repo_path(repo)
@@ -789,6 +871,7 @@ class FakeGitea:
         self.comments[cid] = comment
         self._comment_home[cid] = (full, number)
         target["comments"] += 1
+        target["updated_at"] = now
         return comment
 
     def _branch_exists(self, record: dict, branch: str) -> bool:
@@ -1043,6 +1126,7 @@ class FakeGitea:
             ("POST", org + r"/hooks", self._api_create_hook),
             ("PATCH", org + r"/hooks/(?P<id>\d+)", self._api_edit_hook),
             ("GET", repo + r"/issues/(?P<index>\d+)", self._api_issue),
+            ("GET", repo + r"/issues/(?P<index>\d+)/timeline", self._api_timeline),
             ("GET", repo + r"/issues/(?P<index>\d+)/comments", self._api_list_comments),
             ("POST", repo + r"/issues/(?P<index>\d+)/comments", self._api_create_comment),
             ("PATCH", repo + r"/issues/comments/(?P<id>\d+)", self._api_edit_comment),
@@ -1360,8 +1444,39 @@ class FakeGitea:
         record = self._api_repo_record(params)
         number = int(params["index"])
         self._issue_view(record, number)
-        items = self.comments_on(record["full_name"], number)
+        since = _since(query)
+        items = [c for c in self.comments_on(record["full_name"], number) if since(c)]
         return 200, items, {"X-Total-Count": str(len(items))}
+
+    def _api_list_issues(self, params, query, data):
+        """Gitea's ListIssues: newest first; `state` open (default), closed or all; `type`
+        issues or pulls (both when unset); `since` on the updated time; pages of at most 50."""
+        record = self._api_repo_record(params)
+        state = (query.get("state") or ["open"])[0]
+        kind = (query.get("type") or [""])[0]
+        since = _since(query)
+        views = [self._issue_view(record, n) for n in (*record["issues"], *record["pulls"])]
+        items = [
+            v
+            for v in sorted(views, key=lambda v: v["id"], reverse=True)
+            if (state == "all" or v["state"] == state)
+            and (kind != "issues" or v["pull_request"] is None)
+            and (kind != "pulls" or v["pull_request"] is not None)
+            and since(v)
+        ]
+        return _page(items, query)
+
+    def _api_timeline(self, params, query, data):
+        """An issue's comments and label events, oldest first, `since` on the updated time,
+        in pages (default 30, at most 50)."""
+        record = self._api_repo_record(params)
+        number = int(params["index"])
+        self._issue_view(record, number)
+        home, since = (record["full_name"], number), _since(query)
+        entries = [{**c, "type": "comment"} for c in self.comments_on(*home)] + [
+            e for eid, e in self.events.items() if self._event_home[eid] == home
+        ]
+        return _page([e for e in sorted(entries, key=lambda e: e["id"]) if since(e)], query)
 
     def _api_create_comment(self, params, query, data):
         record = self._api_repo_record(params)
@@ -1569,6 +1684,23 @@ class FakeGitea:
             and (base is None or pr["base"]["ref"] == base)
         ]
         return 200, items[(page - 1) * limit : page * limit], {"X-Total-Count": str(len(items))}
+
+
+def _since(query: dict[str, list[str]]) -> Callable[[dict], bool]:
+    """Whether an item was updated at or after the query's `since` (RFC 3339), as Gitea
+    compares them: in whole seconds, inclusive."""
+    if not query.get("since"):
+        return lambda item: True
+    since = int(datetime.fromisoformat(query["since"][0]).timestamp())
+    return lambda item: int(datetime.fromisoformat(item["updated_at"]).timestamp()) >= since
+
+
+def _page(items: list, query: dict[str, list[str]]) -> tuple[int, list, dict[str, str]]:
+    """One page of a list, as Gitea pages it (`page` from 1, `limit` 30 by default, at most
+    50), with the total in X-Total-Count."""
+    page = max(1, int((query.get("page") or ["1"])[0]))
+    limit = max(1, min(50, int((query.get("limit") or ["30"])[0])))
+    return 200, items[(page - 1) * limit : page * limit], {"X-Total-Count": str(len(items))}
 
 
 def _read_body(h: BaseHTTPRequestHandler) -> bytes:

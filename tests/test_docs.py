@@ -13,15 +13,31 @@ DOCS = [ROOT / "README.md", ROOT / "docs" / "agents.md"]
 BLOCK = re.compile(r"```toml\n(.*?)```", re.S)
 
 
-SECTION = re.compile(r"^\[(server|gitea|storage|queue|triggers|agents|git)[.\]]", re.M)
+SECTION = re.compile(r"^\[(server|gitea|storage|queue|triggers|agents|git|reconcile)[.\]]", re.M)
+#: the first line of an example of a repository's own settings file
+REPO_FILE = "# .kugetsu.toml\n"
 
 
-def blocks():
-    # blocks that are kugetsu config (other tools' files, such as codex's config.toml, are not)
+def blocks(repo_files: bool = False):
+    # blocks that are kugetsu config (other tools' files, such as codex's config.toml, are not);
+    # or, with repo_files, examples of a repository's .kugetsu.toml
     for doc in DOCS:
         for i, block in enumerate(BLOCK.findall(doc.read_text())):
-            if SECTION.search(block):
+            if block.startswith(REPO_FILE) == repo_files and SECTION.search(block):
                 yield pytest.param(block, id=f"{doc.name}-{i}")
+
+
+@pytest.mark.parametrize("block", list(blocks(repo_files=True)))
+def test_repository_settings_example_is_accepted(block):
+    from bot.config import repo_settings
+
+    settings = repo_settings(
+        block.encode(),
+        default_agent="opencode",
+        known_agents=frozenset(agents.PRESETS),
+        budget_of=lambda name: (None, None),
+    )
+    assert settings.agent and settings.instructions and settings.branch_template
 
 
 @pytest.mark.parametrize("block", list(blocks()))

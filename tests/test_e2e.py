@@ -691,6 +691,66 @@ def test_a_secret_an_agent_prints_is_masked_in_its_log_everywhere_it_is_served(
             assert secret[len(secret) // 2 :] not in text, where
 
 
+# -------------------------------------------------------------- nothing lost while kugetsu is down
+
+
+def passes(tmp_path) -> float | None:
+    """How far the last reconcile pass looked at the repository (None: not yet)."""
+    from bot.store import open_store
+
+    store = open_store(tmp_path / "data" / "kugetsu.db")
+    try:
+        return {repo: to for repo, _, to in store.reconcile_windows()}.get(REPO)
+    finally:
+        store.close()
+
+
+def test_kugetsu_stopped_then_a_label_and_a_start_each_run_once_after_the_restart(
+    service_factory, gitea, tmp_path
+):
+    svc = service_factory()
+    n = gitea.create_issue(REPO, "Unrelated", "Nothing to do.")
+    hello = gitea.add_comment(REPO, n, "Looks fine.", login="bob")
+    body, headers = payloads.comment_delivery(
+        hello["body"], n, sender="bob", comment_id=hello["id"]
+    )
+    assert svc.post(body, headers).status_code == 200
+    first = wait_for(lambda: passes(tmp_path), what="the pass after the start")
+    svc.stop()
+
+    labelled = gitea.create_issue(REPO, "Add a greeting", "Please add one.", login="carol")
+    gitea.add_labels(REPO, labelled, "kugetsu", login="alice")
+    commented = gitea.create_issue(REPO, "Add a farewell", "Please add one.")
+    start = gitea.add_comment(REPO, commented, "/kugetsu start", login="bob")
+    refused = gitea.create_issue(REPO, "Delete everything", "Please.")
+    gitea.add_comment(REPO, refused, "/kugetsu start", login="mallory")
+
+    svc.start()
+
+    def finished():
+        tasks = {t["issue"]: t for t in queue_json(svc)}
+        states = [tasks.get(i, {}).get("state") for i in (labelled, commented, refused)]
+        return tasks if states == ["completed", "completed", "rejected"] else None
+
+    tasks = wait_for(finished, timeout=60, what="the missed requests to be done")
+    assert len(tasks) == 3 and len(gitea.pulls_of(REPO)) == 2
+    assert (tasks[labelled]["requested_by"], tasks[commented]["requested_by"]) == ("alice", "bob")
+
+    # Gitea's deliveries, had they come late, and one more restart: nothing runs again
+    late_label = svc.post(*payloads.label_delivery(["kugetsu"], labelled, author="carol"))
+    assert late_label.json()["status"] == "ignored"
+    body, headers = payloads.comment_delivery(
+        "/kugetsu start", commented, sender="bob", comment_id=start["id"]
+    )
+    assert svc.post(body, headers).json()["status"] == "duplicate"
+    svc.stop()
+    before = passes(tmp_path)
+    assert before is not None and before >= first
+    svc.start()
+    wait_for(lambda: (passes(tmp_path) or 0) > before, what="the pass after the second start")
+    assert len(queue_json(svc)) == 3
+
+
 def run_one_task(svc, gitea) -> tuple[int, int, dict[str, str]]:
     """A label delivery, and its task to Done: (issue, task id, the delivery's headers)."""
     number = gitea.create_issue(REPO, "Add a greeting", "Please add one.")

@@ -25,7 +25,16 @@ from tests.conftest import REPO, enqueue
 from tests.test_worker import Harness
 
 #: tables whose size grows with use; a query may read one of them only through an index
-GROWING = ("tasks", "task_events", "outbox", "deliveries", "issues", "replies")
+GROWING = (
+    "tasks",
+    "task_events",
+    "outbox",
+    "deliveries",
+    "issues",
+    "replies",
+    "repo_turns",
+    "requester_turns",
+)
 #: live rows get ids from here on in every database, whatever the history before them
 LIVE_IDS_FROM = 1_000_000
 SMALL, LARGE = 100, 20_000
@@ -37,8 +46,10 @@ EXPECTED = {
     "claim": "NOT EXISTS",
     "outbox": "FROM outbox INDEXED BY outbox_gitea_due WHERE done_at IS NULL",
     "tracking comments": "comment_version < version",
-    "queue positions": "state = 'pending' AND authorized = 1 ORDER BY id LIMIT",
-    "queue position": "COUNT(*) FROM tasks WHERE state = 'pending' AND id <=",
+    "queue positions": "queue.position AS queue_place FROM queue",
+    "queue position": "SELECT position FROM queue WHERE id = ?",
+    "claim: the fair order": "ROW_NUMBER() OVER (PARTITION BY w.repo, w.requested_by",
+    "claim: the turn taken": "INSERT INTO requester_turns",
     "claim: agents busy": "COUNT(*) FROM tasks WHERE state = 'running'",
     "status reply and comments: tasks by state": "COUNT(*) FROM tasks WHERE state = ?",
     "heartbeat": "UPDATE workers SET heartbeat_at",
@@ -116,6 +127,15 @@ def add_history(store: Store, n: int, now: float) -> None:
         c.executemany(
             "INSERT INTO replies (repo, issue, login, at) VALUES (?, ?, ?, ?)",
             [(REPO, 10_000 + i // 3, f"user{i % 50}", now - 3600) for i in range(1, n + 1)],
+        )
+        # fair share remembers every repository and requester that ever got a slot
+        c.executemany(
+            "INSERT INTO repo_turns (repo, turn) VALUES (?, ?)",
+            [(f"acme/old-{i}", i) for i in range(1, n // 10 + 1)],
+        )
+        c.executemany(
+            "INSERT INTO requester_turns (repo, requested_by, turn) VALUES (?, ?, ?)",
+            [(f"acme/old-{i % (n // 10)}", f"user{i}", i) for i in range(1, n // 2 + 1)],
         )
         c.execute(
             "UPDATE sqlite_sequence SET seq = ? WHERE name IN ('tasks', 'task_events', 'outbox')",

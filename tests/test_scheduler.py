@@ -79,3 +79,22 @@ def test_coalescer_runs_one_at_a_time():
         t.join()
     assert peak[0] == 1
     assert 1 <= len(runs) <= 20
+
+
+def test_the_reconcile_pass_runs_shortly_after_start_and_not_at_all_when_turned_off():
+    passes = []
+    scheduler = Scheduler(interval=3600)
+    scheduler.start(lambda: None, reconcile=lambda: passes.append(1), reconcile_seconds=3600)
+    try:
+        wait_for(lambda: passes, timeout=15, what="the pass after the start")
+    finally:
+        scheduler.shutdown()
+
+    off = Scheduler(interval=3600)
+    off.start(lambda: None, reconcile=lambda: passes.append(1), reconcile_seconds=0)
+    try:
+        # interval_minutes = 0: no job at all, so not the pass after the start either
+        assert off._scheduler.get_job("reconcile") is None
+    finally:
+        off.shutdown()
+    assert passes == [1]

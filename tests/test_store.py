@@ -60,6 +60,32 @@ def test_migrates_forward_from_version_1_and_keeps_rows(tmp_path):
     assert store.get(task.id).max_tokens == 10
 
 
+def test_the_repositories_a_pass_looks_at_start_from_the_tasks_and_deliveries_before(tmp_path):
+    """An existing database: the repositories kugetsu served before (tasks, deliveries with
+    their repository) are looked at by the first pass, each from when it was first seen."""
+    path = tmp_path / "old.sqlite"
+    repos_table = next(i for i, m in enumerate(MIGRATIONS) if "CREATE TABLE repos " in m)
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        ";".join(MIGRATIONS[:repos_table]) + f"; PRAGMA user_version = {repos_table};"
+    )
+    conn.execute(
+        "INSERT INTO tasks (repo, issue, kind, agent, requested_by, state, created_at, "
+        "updated_at) VALUES ('acme/widget', 3, 'start', 'opencode', 'bob', 'pending', 5, 5)"
+    )
+    conn.executemany(
+        "INSERT INTO deliveries (id, event, received_at, repo) VALUES (?, 'issues', ?, ?)",
+        [("d1", 2.0, "acme/widget"), ("d2", 3.0, "acme/other"), ("d3", 1.0, None)],
+    )
+    conn.commit()
+    conn.close()
+    store = open_store(path)
+    try:
+        assert store.reconcile_windows() == [("acme/other", 3.0, None), ("acme/widget", 2.0, None)]
+    finally:
+        store.close()
+
+
 def test_migrate_is_idempotent(store):
     assert store.migrate() == SCHEMA_VERSION
     assert store.migrate() == SCHEMA_VERSION

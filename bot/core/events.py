@@ -83,6 +83,17 @@ class Ignored:
 Event = IssueEvent | CommentEvent | Ignored
 
 
+def event_key(event: Event) -> str | None:
+    """What a delivery is about, the same however kugetsu learns of it: from Gitea's
+    delivery, or from a reconcile pass that found it on Gitea (`core.reconcile`). A new
+    comment is its id (Gitea numbers comments across the whole instance). None for the
+    rest: a label change is taken in once through the labels kugetsu remembers of the
+    issue (`core.intake`), and other changes are not acted on."""
+    if isinstance(event, CommentEvent) and event.action == "created":
+        return f"comment:{event.comment_id}"
+    return None
+
+
 class Headers(Protocol):
     """A delivery's HTTP headers: a dict, or the web framework's own (case-insensitive)."""
 

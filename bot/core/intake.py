@@ -44,6 +44,8 @@ class Enqueue:
     trigger_comment_id: int | None = None
     max_tokens: int | None = None
     max_cost_usd: float | None = None
+    #: the request named its agent (else a repository's `.kugetsu.toml` may choose it)
+    agent_requested: bool = False
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,7 @@ def _comment_event(event: CommentEvent, rules: Rules, view: IntakeView) -> Decis
             trigger_comment_id=event.comment_id,
             max_tokens=command.max_tokens,
             max_cost_usd=command.max_cost_usd,
+            agent_requested=command.agent is not None,
         )
     )
     decision.reason = f"{work.value} requested"

@@ -19,6 +19,10 @@ PERMISSIONS = ("none", "read", "write", "admin", "owner")
 #: write access change labels, so whoever did has at least write.
 LABELLER = "labeller"
 
+#: The permission hint of a comment that a reconcile pass found on Gitea: with no
+#: delivery, nothing shows the commenter's permission.
+UNSHOWN = "unshown"
+
 
 def at_least(have: str | None, need: str) -> bool:
     """True if `have` is a permission and is `need` or stronger."""
@@ -53,10 +57,13 @@ def shown(hint: str | None) -> tuple[str, bool]:
     For when Gitea will not tell (its permission API needs a repository admin). The
     hint never comes from a field that describes someone else: a comment carries the
     commenter's permission (exact); a label change shows only that the labeller has at
-    least write; anything else shows nothing ("none").
+    least write; a comment found by a reconcile pass shows nothing, and says so (not
+    exact); anything else shows nothing ("none").
     """
     if hint == LABELLER:
         return "write", False
+    if hint == UNSHOWN:
+        return "none", False
     if hint in PERMISSIONS:
         return hint, True
     return "none", True

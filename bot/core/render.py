@@ -316,9 +316,11 @@ def prompt(
     history: Sequence[Task] | None = None,
     branch: str,
     base: str,
+    repo_instructions: str = "",
 ) -> str:
     """What the agent is asked to do: the issue, earlier requests on it (when the agent
-    cannot resume its own session), the request itself, and where it works."""
+    cannot resume its own session), the request itself, the repository's own
+    instructions (its `.kugetsu.toml`), and where it works."""
     parts = [
         f"You are working on issue #{task.issue} of the repository {task.repo}.",
         f"\nIssue title: {title}",
@@ -339,6 +341,10 @@ def prompt(
         parts.append(f"\nFollow-up request from @{task.requested_by}:\n{task.prompt}")
     elif task.prompt:
         parts.append(f"\nInstructions from @{task.requested_by}:\n{task.prompt}")
+    if repo_instructions:
+        parts.append(
+            f"\nInstructions from this repository (its .kugetsu.toml):\n{repo_instructions}"
+        )
     parts.append(
         f"\nThe current directory is a git worktree on branch {branch}, made from {base}. "
         "Make the changes the issue asks for in this directory. You do not need to commit, "
@@ -442,6 +448,23 @@ def status(tasks: Sequence[Task], config: Config, load: QueueLoad | None) -> str
 
 
 # -------------------------------------------------------------------------------------- refusals
+
+
+#: how much of what is wrong with a repository's settings file its refusal quotes
+MAX_SETTINGS_PROBLEM = 300
+
+
+def repo_settings_refused(path: str, commit: str, problem: str) -> str:
+    """The one comment on a version of a repository's `.kugetsu.toml` that kugetsu cannot
+    use. What is wrong may quote the file, which anyone who can push wrote: it goes in a
+    code block, cut short."""
+    if len(problem) > MAX_SETTINGS_PROBLEM:
+        problem = problem[:MAX_SETTINGS_PROBLEM] + "…"
+    return (
+        f"kugetsu cannot use `{path}` as the default branch has it (commit "
+        f"`{commit[:12]}`), so it uses the server's settings for this repository until the "
+        f"file is fixed:\n\n```text\n{_inert(problem)}\n```"
+    )
 
 
 def not_allowed_user(login: str) -> str:

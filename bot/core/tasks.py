@@ -192,6 +192,8 @@ class Task:
     #: the concurrency slot of its last claim (0 .. max_concurrent_agents - 1): no two
     #: running tasks hold the same one, and with the sandbox its agent runs as that slot's uid
     slot: int | None = None
+    #: the request named its agent: a repository's default agent does not replace it
+    agent_requested: bool = False
 
     @property
     def owner(self) -> str:

@@ -18,22 +18,32 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bot import agents, process
-from bot.config import Config
+from bot.config import (
+    REPO_SETTINGS_MAX_BYTES,
+    REPO_SETTINGS_PATHS,
+    Config,
+    ConfigError,
+    RepoSettings,
+    repo_settings,
+)
 from bot.core import render
 from bot.core.tasks import AGENT_MISSING, AttemptResult, Kind, Outcome, Task
 from bot.gitea import GiteaAPI, GiteaError, ServerError, Unreachable
 from bot.publisher import Publisher
 from bot.redact import redact
 from bot.sandbox import NoSandbox, Sandbox, SandboxError
+from bot.service import known_agents
 from bot.store import Store
-from bot.workspace import GitError, Prepared, Workspace
+from bot.workspace import Fetched, GitError, Prepared, Workspace
 
 log = logging.getLogger(__name__)
+
+_N = TypeVar("_N", int, float)
 
 #: how often the runner looks at its agent (exit, stop flag, timeout, budget)
 POLL_SECONDS = 0.25
@@ -79,10 +89,18 @@ class Runner:
         self.stopping, self.clock, self.environ = stopping, clock, environ
         self.sandbox: Sandbox = sandbox or NoSandbox()
 
-    def branch(self, task: Task) -> str:
-        return self.config.git.branch_template.format(
-            number=task.issue, owner=task.owner, repo=task.name
-        )
+    def branch(
+        self, task: Task, settings: RepoSettings, issue_row: Mapping[str, Any] | None = None
+    ) -> str:
+        """The task's branch: the one an earlier attempt of it used, or for a follow-up
+        the issue's, so that neither moves when a template changes; else the repository's
+        template, or the server's."""
+        if task.branch:
+            return task.branch
+        if task.kind is Kind.CONTINUE and issue_row and issue_row.get("branch"):
+            return str(issue_row["branch"])
+        template = settings.branch_template or self.config.git.branch_template
+        return template.format(number=task.issue, owner=task.owner, repo=task.name)
 
     def run(self, task: Task) -> AttemptResult:
         """One attempt of a claimed task, from its worktree to its result. Raises Stopping
@@ -103,14 +121,20 @@ class Runner:
             return AttemptResult(
                 Outcome.INFRA_ERROR, f"could not read the issue: {exc}", retry=False
             )
-        branch = self.branch(task)
+        issue_row = self.store.issue_row(None, task.repo, task.issue) or {}
         try:
             # what a run that crashed may still hold is kugetsu's again before git runs there
             self.sandbox.reclaim(self.lent(task))
         except SandboxError as exc:
             return AttemptResult(Outcome.INFRA_ERROR, f"sandbox: {exc}")
         try:
-            prepared = self.workspace.prepare(task.repo, task.issue, branch)
+            fetched = self.workspace.fetch(task.repo)
+            settings = self._repo_settings(task, fetched)
+            if settings.agent and not task.agent_requested and settings.agent != task.agent:
+                self.store.update(task.id, agent=settings.agent)
+                task = replace(task, agent=settings.agent)
+            branch = self.branch(task, settings, issue_row)
+            prepared = self.workspace.prepare(task.repo, task.issue, branch, fetched=fetched)
         except GitError as exc:
             return AttemptResult(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets))
         self.store.update(task.id, branch=branch, worktree=str(prepared.path))
@@ -120,7 +144,6 @@ class Runner:
                 return resumed
         start_head = self.workspace.head(prepared.path)
 
-        issue_row = self.store.issue_row(None, task.repo, task.issue) or {}
         order = [task.agent] + [a for a in cfg.agents.fallback if a != task.agent]
         tried: list[str] = []
         run: AgentRun | None = None
@@ -145,8 +168,9 @@ class Runner:
                 history=history,
                 branch=branch,
                 base=prepared.base_branch,
+                repo_instructions=settings.instructions,
             )
-            run = self._run_agent(task, spec, prepared.path, prompt, session, branch)
+            run = self._run_agent(task, spec, prepared.path, prompt, session, branch, settings)
             self.store.agent_ran(
                 task.id,
                 name,
@@ -323,6 +347,44 @@ class Runner:
             self.config.storage.agent_home(task.owner, task.name, task.issue),
         ]
 
+    def _repo_settings(self, task: Task, fetched: Fetched) -> RepoSettings:
+        """The repository's `.kugetsu.toml` as its default branch holds it now (the commit
+        the task starts from, read from the mirror with git: a pull request cannot change
+        its own settings). A file that cannot be used is answered once per version of it,
+        on the issue that found it, and the server's settings are used."""
+        cfg = self.config
+        found = self.workspace.read_file(
+            task.repo, fetched.default_sha, REPO_SETTINGS_PATHS, REPO_SETTINGS_MAX_BYTES
+        )
+        if found is None:
+            return RepoSettings()
+        problem = found.problem
+        if problem is None:
+            try:
+                return repo_settings(
+                    found.data,
+                    default_agent=cfg.agents.default,
+                    known_agents=known_agents(cfg),
+                    budget_of=self._server_budget,
+                )
+            except ConfigError as exc:
+                problem = str(exc)
+        body = render.repo_settings_refused(found.path, fetched.default_sha, problem)
+        if self.store.refuse_repo_file(task.repo, found.blob, task.issue, body):
+            log.warning(
+                "repository settings refused",
+                extra={"repo": task.repo, "path": found.path, "error": problem},
+            )
+        return RepoSettings()
+
+    def _server_budget(self, name: str) -> tuple[int | None, float | None]:
+        """The server's budget for agent `name`: its table's, else the [agents] one."""
+        try:
+            spec = agents.resolve(self.config.agents, name)
+        except agents.UnknownAgent:
+            return self.config.agents.max_tokens, self.config.agents.max_cost_usd
+        return spec.max_tokens, spec.max_cost_usd
+
     def _session_for(
         self, task: Task, spec: agents.AgentSpec, issue_row: Mapping[str, Any]
     ) -> str | None:
@@ -343,6 +405,7 @@ class Runner:
         prompt: str,
         session: str | None,
         branch: str,
+        settings: RepoSettings,
     ) -> AgentRun:
         cfg = self.config
         storage = cfg.storage
@@ -385,8 +448,13 @@ class Runner:
             session = started
             self.store.update(task.id, session_id=started, bump=False)
         meter = agents.UsageMeter(spec)
-        max_tokens = task.max_tokens or spec.max_tokens or cfg.agents.max_tokens
-        max_cost = task.max_cost_usd or spec.max_cost_usd or cfg.agents.max_cost_usd
+        # the request's own budget, else the repository's within the server's, else the server's
+        max_tokens = task.max_tokens or _within(
+            settings.max_tokens, spec.max_tokens or cfg.agents.max_tokens
+        )
+        max_cost = task.max_cost_usd or _within(
+            settings.max_cost_usd, spec.max_cost_usd or cfg.agents.max_cost_usd
+        )
         header = (
             f"=== kugetsu task {task.id} attempt {task.attempts} agent {spec.name} "
             f"at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.clock()))} ==="
@@ -492,3 +560,10 @@ class Runner:
                 break
         proc.close()
         return proc, stop
+
+
+def _within(asked: _N | None, bound: _N | None) -> _N | None:
+    """A repository's budget held to the server's (None: not set)."""
+    if asked is None:
+        return bound
+    return asked if bound is None else min(asked, bound)

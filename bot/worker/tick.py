@@ -9,6 +9,9 @@
 4. the outbox (`outbox.Outbox`): replies, reactions, stops and retries;
 5. tracking comments are brought up to date (`Publisher.sync_comments`).
 
+Beside the tick, on jobs of their own: the heartbeat, the daily cleanup, and the
+reconcile pass (`reconcile.Reconciler`), which finds on Gitea what deliveries missed.
+
 Steps 4 and 5 talk for kugetsu on Gitea, so with several processes on one database only
 the holder of the publisher lease does them. `finish()` is the one place an attempt's
 result becomes the task's next state, by the retry policy, for the runner's results,
@@ -34,14 +37,17 @@ from bot.core import metrics
 from bot.core.health import TickRecord, describe
 from bot.core.tasks import AttemptResult, Outcome, State, Task
 from bot.gitea import GiteaAPI, GiteaError
+from bot.ingest import RulesSource
 from bot.isolate import on_its_own
 from bot.publisher import Publisher
 from bot.sandbox import Sandbox, sandbox_for
 from bot.scheduler import Coalescer
+from bot.service import known_agents
 from bot.store import Store
 from bot.worker.auth import AuthCache
 from bot.worker.notify import NotifyLane
 from bot.worker.outbox import OUTBOX_BUDGET, Outbox
+from bot.worker.reconcile import PassReport, Reconciler
 from bot.worker.runner import Runner, Stopping
 from bot.workspace import Workspace
 
@@ -104,6 +110,16 @@ class Worker:
             clock=clock,
             environ=dict(os.environ if environ is None else environ),
             sandbox=self.sandbox,
+        )
+        self.reconciler = Reconciler(
+            config,
+            store,
+            gitea,
+            RulesSource(config, store, known_agents(config)),
+            owner=self.worker_id,
+            clock=clock,
+            on_queued=self.wake,
+            stopping=self._stopping.is_set,
         )
         self._runners: dict[int, threading.Thread] = {}
         self._runners_lock = threading.Lock()
@@ -267,6 +283,13 @@ class Worker:
         """Every few minutes, on its own job: the disk use of mirrors, worktrees, logs and
         homes, kept in the database for /metrics."""
         self.store.set_disk_usage(*prune.disk_record(self.config.storage, self.clock()))
+
+    def reconcile(self) -> PassReport | None:
+        """On its own job: look on Gitea for what deliveries missed (`worker.reconcile`).
+        None when another process runs the passes, or this one is shutting down."""
+        if self._stopping.is_set():
+            return None
+        return self.reconciler.run()
 
     # ---------------------------------------------------------------- 1. recovery
 

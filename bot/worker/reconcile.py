@@ -1,0 +1,181 @@
+"""The reconcile pass: what Gitea's lost deliveries said, found on Gitea and taken in.
+
+Gitea never retries a delivery. Every `reconcile.interval_minutes`, and once shortly
+after every start, the worker looks at each repository kugetsu serves as `kugetsu
+doctor` counts them (it has tasks in it or deliveries from it, or `gitea.repos` names
+it), and at those `reconcile.repos` names besides: one listing of the issues
+updated since the last pass (`since`, every page), then one timeline per issue that
+changed. So a pass costs Gitea calls in proportion to what changed, not to how many
+issues there are. `core.reconcile` turns what it finds into events, and each goes
+through the same intake as a delivery (`bot.ingest`), which takes it in once.
+
+It is a duty of the whole cluster: with several processes on one database, the one that
+holds the `reconcile` lease runs the pass, the others skip it. How far each repository
+was looked at is in the database (`Store.reconciled`), so whichever process runs the
+next pass goes on from there. A repository is marked only when its pass went through;
+while Gitea is away or failing the pass ends, and the next one looks at the same window
+again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from bot.config import Config
+from bot.core import names
+from bot.core import reconcile as core
+from bot.core.intake import Rules
+from bot.gitea import GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
+from bot.ingest import ingest
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+LEASE = "reconcile"
+#: the lease is taken for this long and renewed before each repository
+LEASE_SECONDS = 300.0
+
+
+@dataclass
+class PassReport:
+    """What one pass did."""
+
+    repos: int = 0
+    #: issues (and pull requests) updated in the windows looked at
+    changed: int = 0
+    #: events found on Gitea (comments, label changes), including those already taken in
+    found: int = 0
+    #: of those, taken in for the first time: they were not delivered
+    taken_in: int = 0
+    tasks: list[int] = field(default_factory=list)
+    #: repositories whose pass did not go through (their window is looked at again)
+    failed: list[str] = field(default_factory=list)
+
+
+class GiteaAway(Exception):
+    """Gitea did not answer, or answered 5xx: the pass ends."""
+
+
+class Reconciler:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        gitea: GiteaAPI,
+        rules: Callable[[], Rules],
+        *,
+        owner: str,
+        clock: Callable[[], float] = time.time,
+        on_queued: Callable[[], None] = lambda: None,
+        stopping: Callable[[], bool] = lambda: False,
+    ):
+        self.config, self.store, self.gitea, self.rules = config, store, gitea, rules
+        self.owner, self.clock, self.on_queued, self.stopping = owner, clock, on_queued, stopping
+
+    def run(self) -> PassReport | None:
+        """One pass over every repository kugetsu serves. None when another process holds
+        the lease (it runs the passes meanwhile)."""
+        if not self.store.try_lease(LEASE, self.owner, LEASE_SECONDS):
+            return None
+        started = time.monotonic()
+        report = PassReport()
+        try:
+            self._pass(report)
+        finally:
+            self.store.release_lease(LEASE, self.owner)
+            if report.tasks or report.taken_in:
+                self.on_queued()
+        log.info(
+            "reconcile pass done",
+            extra={
+                "repos": report.repos,
+                "changed": report.changed,
+                "found": report.found,
+                "taken_in": report.taken_in,
+                "tasks": report.tasks,
+                "failed": report.failed,
+                "ms": round((time.monotonic() - started) * 1000, 1),
+            },
+        )
+        return report
+
+    def _pass(self, report: PassReport) -> None:
+        configured = (*self.config.gitea.repos, *self.config.reconcile.repos)
+        if configured:
+            with self.store.tx() as c:
+                for repo in configured:
+                    self.store.note_repo(c, repo)
+        remembered = self.config.queue.cleanup_age_days * 86400.0
+        for repo, first_seen, reconciled_to in self.store.reconcile_windows():
+            if self.stopping():
+                return
+            if names.repo_error(repo):
+                continue
+            if not self.store.try_lease(LEASE, self.owner, LEASE_SECONDS):
+                return  # held too long: another process has taken the duty over
+            report.repos += 1
+            since = core.window_start(first_seen, reconciled_to, self.clock(), remembered)
+            try:
+                self._repo(repo, since, report)
+            except GiteaAway as exc:
+                report.failed.append(repo)
+                log.warning("reconcile pass ended: Gitea is away", extra={"error": str(exc)})
+                return
+            except GiteaError as exc:
+                # this repository only (gone, renamed, no longer readable by the bot)
+                report.failed.append(repo)
+                log.warning("repository not reconciled", extra={"repo": repo, "error": str(exc)})
+
+    def _repo(self, repo: str, since: float, report: PassReport) -> None:
+        owner, name = names.split_repo(repo)
+        label, bot_login = self.config.triggers.label, self.rules().bot_login
+        window = core.rfc3339(since)
+        with _away_ends_the_pass():
+            issues, server_time = self.gitea.changed_issues(owner, name, window)
+        # the next window starts where Gitea's clock stood as it answered (less the
+        # overlap); without its Date header, where ours stood before we asked
+        looked_to = server_time if server_time is not None else self.clock()
+        found: list[core.Found] = []
+        for issue in issues:
+            number = issue.get("number")
+            if not isinstance(number, int) or names.number_error(number):
+                continue
+            report.changed += 1
+            with _away_ends_the_pass():
+                try:
+                    timeline = self.gitea.timeline(owner, name, number, window)
+                except NotFound:
+                    continue  # deleted since it was listed
+            found += core.found(
+                repo, issue, timeline, label=label, since=since, bot_login=bot_login
+            )
+        for item in sorted(found, key=lambda f: (f.at, f.entry_id)):
+            report.found += 1
+            result = ingest(self.store, item.delivery, item.event, self.rules(), counted=False)
+            if not result.duplicate:
+                report.taken_in += 1
+                report.tasks += result.task_ids
+                log.info(
+                    "missed event taken in",
+                    extra={
+                        "delivery": item.delivery.id,
+                        "repo": repo,
+                        "issue": item.event.number,
+                        "reason": result.reason,
+                        "tasks": list(result.task_ids),
+                    },
+                )
+        self.store.reconciled(repo, looked_to)
+
+
+@contextmanager
+def _away_ends_the_pass() -> Iterator[None]:
+    """Gitea's absence (no answer, 5xx) ends the whole pass, as GiteaAway."""
+    try:
+        yield
+    except (ServerError, Unreachable) as exc:
+        raise GiteaAway(str(exc)) from exc
