@@ -163,8 +163,9 @@ def problems(f: Facts) -> list[str]:
 
 
 def not_ready(f: Facts) -> list[str]:
-    """What /readyz answers 503 for: every problem, and checks that have not run yet."""
-    found = problems(f)
+    """What /readyz answers 503 for: every problem but the sandbox's warnings (kugetsu works
+    as it is; /healthz names them), and checks that have not run yet."""
+    found = [p for p in problems(f) if p not in f.sandbox_warnings]
     if f.worker_alive and f.database_error is None and f.readiness is None:
         found.append("checks: not run yet (the worker runs them as it starts)")
     return found
