@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import re
@@ -60,15 +59,11 @@ __all__ = [
 
 
 def pct(values: Sequence[float], p: float) -> float | None:
-    """The p-th percentile (0..100), interpolated between the two nearest ranks."""
-    if not values:
-        return None
-    data = sorted(values)
-    if len(data) == 1:
-        return float(data[0])
-    k = (len(data) - 1) * p / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return float(data[lo] + (data[hi] - data[lo]) * (k - lo))
+    """The p-th percentile (0..100), interpolated between the two nearest ranks (the
+    dashboard's charts compute theirs the same way)."""
+    from bot.dashboard.views import percentile
+
+    return percentile(values, p)
 
 
 def summary(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> dict[str, Any]:

@@ -28,6 +28,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--issues", type=int, default=0)
+    parser.add_argument(
+        "--oauth-redirect", default="", help="register the dashboard's OAuth2 application"
+    )
     parser.add_argument("--age", type=float, default=0.0, help="issues last updated so long ago")
     args = parser.parse_args()
 
@@ -41,6 +44,10 @@ def main() -> int:
             n = gitea.create_issue(REPO, f"Issue {i + 1}", "Something to do.")
             if args.age:
                 gitea.issue(REPO, n).update(created_at=old, updated_at=old)
+        if args.oauth_redirect:
+            from tests.dashboard import CLIENT_ID, CLIENT_SECRET
+
+            gitea.register_oauth_app(CLIENT_ID, CLIENT_SECRET, args.oauth_redirect)
         print(json.dumps({"url": gitea.url}), flush=True)
         for line in sys.stdin:  # until the parent closes the pipe
             op = json.loads(line)
@@ -55,8 +62,9 @@ def main() -> int:
 class GiteaProcess:
     """Starts `bench.gitea_process` and stops it again; `url` once started."""
 
-    def __init__(self, root: Path, issues: int = 0, age: float = 0.0):
+    def __init__(self, root: Path, issues: int = 0, age: float = 0.0, oauth_redirect: str = ""):
         self.root, self.issues, self.age = root, issues, age
+        self.oauth_redirect = oauth_redirect
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -72,6 +80,8 @@ class GiteaProcess:
                 str(self.issues),
                 "--age",
                 str(self.age),
+                "--oauth-redirect",
+                self.oauth_redirect,
             ],
             cwd=ROOT,
             stdin=subprocess.PIPE,

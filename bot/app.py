@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response, request, send_file
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from bot import dashboard
 from bot.config import Config
 from bot.core import events, intake, render
 from bot.core import metrics as counts
@@ -175,11 +176,15 @@ def create_app(
         path = config.storage.log_path(task_id)
         if not path.is_file():
             return answer(404, "not found", "no such log")
-        data = path.read_bytes()
-        return Response(data, mimetype="text/plain", headers={"Cache-Control": "no-store"})
+        # streamed from the file as the client reads it: a log of any size costs the
+        # receiver neither its size in memory nor a thread while it is sent
+        response = send_file(path, mimetype="text/plain", conditional=False, etag=False)
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     if scrape is not None and config.metrics.enabled:
         _metrics_route(app, config, scrape)
+    dashboard.register(app, config, store, wake=wake)
     return app
 
 

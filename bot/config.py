@@ -144,6 +144,9 @@ class TriggersConfig:
     #: commands are answered with a reaction alone
     reply_limit: int = 5
     reply_window_seconds: float = 600.0
+    #: any "request changes" review on a pull request kugetsu opened, by someone who may
+    #: ask for work, asks for a follow-up (without it, only a review holding a command)
+    review_changes: bool = False
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,24 @@ class ReconcileConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    """`[dashboard]`: the web pages people sign in to with their Gitea account."""
+
+    enabled: bool = False
+    #: the OAuth2 application kugetsu is registered as in Gitea (docs/gitea-setup.md)
+    oauth_client_id: str = ""
+    oauth_client_secret: str = field(default="", repr=False)
+    #: Gitea as browsers reach it (its ROOT_URL), when gitea.url is an internal address
+    gitea_public_url: str = ""
+    #: a sign-in lasts this long
+    session_hours: float = 8.0
+    #: what Gitea said a user may read is kept this long before it is asked again
+    access_cache_seconds: float = 60.0
+    #: live log views at most at once; each holds one of the receiver's threads
+    max_log_streams: int = 50
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     #: "text" (one line of text a record) or "json" (one JSON object a line)
     format: str = "text"
@@ -285,6 +306,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     notify: tuple[NotifyConfig, ...] = ()
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "(built-in defaults)"
     #: the file named by `source` holds the token or the webhook secret (not only the
@@ -294,6 +316,7 @@ class Config:
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, comment, body or URL."""
         extra = [self.metrics.token, *(n.secret for n in self.notify)]
+        extra.append(self.dashboard.oauth_client_secret)
         return tuple(s for s in (self.gitea.token, self.gitea.webhook_secret, *extra) if s)
 
     def notify_routes(self) -> tuple[tuple[str, frozenset[str]], ...]:
@@ -414,6 +437,7 @@ _SECTIONS = (
     "metrics",
     "notify",
     "reconcile",
+    "dashboard",
     "logging",
     "sandbox",
 )
@@ -605,6 +629,7 @@ def load(
         reply_window_seconds=t.number(
             "reply_window_seconds", TriggersConfig.reply_window_seconds, positive=True
         ),
+        review_changes=t.boolean("review_changes", TriggersConfig.review_changes),
     )
     t.check_unknown()
     if not triggers.label.strip():
@@ -667,6 +692,8 @@ def load(
             f"logging.level must be one of {', '.join(LEVELS)}, got {logging_config.level!r}"
         )
 
+    dashboard = _dashboard(data.get("dashboard"), env, server, gitea)
+
     config = Config(
         server=server,
         gitea=gitea,
@@ -679,6 +706,7 @@ def load(
         metrics=_metrics_section(data.get("metrics"), env),
         notify=_notify_entries(data.get("notify")),
         reconcile=_reconcile(data.get("reconcile")),
+        dashboard=dashboard,
         logging=logging_config,
         source=source,
         source_holds_secret=bool(g.data.get("token") or g.data.get("webhook_secret")),
@@ -738,6 +766,48 @@ def _reconcile(data: Any) -> ReconcileConfig:
     )
     r.check_unknown()
     return reconcile
+
+
+def _dashboard(
+    data: Any, env: Mapping[str, str], server: ServerConfig, gitea: GiteaConfig
+) -> DashboardConfig:
+    d = _Section("dashboard", data)
+    dashboard = DashboardConfig(
+        enabled=d.boolean("enabled", DashboardConfig.enabled),
+        oauth_client_id=d.string("oauth_client_id", DashboardConfig.oauth_client_id),
+        oauth_client_secret=_override(
+            env,
+            "KUGETSU_OAUTH_CLIENT_SECRET",
+            d.string("oauth_client_secret", DashboardConfig.oauth_client_secret),
+        ),
+        gitea_public_url=d.string("gitea_public_url", "").rstrip("/") or gitea.url,
+        session_hours=d.number("session_hours", DashboardConfig.session_hours, positive=True),
+        access_cache_seconds=d.number(
+            "access_cache_seconds", DashboardConfig.access_cache_seconds, minimum=0
+        ),
+        max_log_streams=d.integer(
+            "max_log_streams", DashboardConfig.max_log_streams, minimum=1, maximum=1000
+        ),
+    )
+    d.check_unknown()
+    if not dashboard.gitea_public_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            "dashboard.gitea_public_url must start with http:// or https://, "
+            f"got {dashboard.gitea_public_url!r}"
+        )
+    if dashboard.enabled:
+        if not dashboard.oauth_client_id or not dashboard.oauth_client_secret:
+            raise ConfigError(
+                "dashboard.enabled needs dashboard.oauth_client_id and "
+                "dashboard.oauth_client_secret (or KUGETSU_OAUTH_CLIENT_SECRET): register "
+                "kugetsu as an OAuth2 application in Gitea (docs/gitea-setup.md)"
+            )
+        if not server.public_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                "dashboard.enabled needs server.public_url (http:// or https://): Gitea "
+                "sends people back to it after they sign in"
+            )
+    return dashboard
 
 
 def _check_agents(config: Config) -> None:

@@ -574,11 +574,8 @@ def _check_agent(ctx: Context, name: str, *, default: bool) -> Result:
         spec = agents.resolve(ctx.config.agents, name)
     except agents.UnknownAgent as exc:
         return Result(label, False, f"{exc}.", f"fix [agents.{name}]", blocks=default)
-    argv0 = spec.command[0]
-    path = agents.build_env(spec, home_env={}, task_vars={}, environ=ctx.environ, secrets=())[
-        "PATH"
-    ]
-    found = shutil.which(argv0, path=path)
+    argv0, path = spec.command[0], agents.agent_path(spec, ctx.environ)
+    found = agents.find_program(spec, ctx.environ)
     if found is None:
         where = (
             f"{argv0} is not an executable file"

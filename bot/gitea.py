@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -32,6 +32,9 @@ RETRY_STATUSES = frozenset({500, 502, 503, 504})
 #: open pull requests are listed this many at a time, for at most this many pages
 PULL_PAGE_SIZE = 50
 MAX_PULL_PAGES = 20
+#: a pull request's reviews are listed this many at a time, for at most this many pages
+REVIEW_PAGE_SIZE = 50
+MAX_REVIEW_PAGES = 20
 #: issues and timeline entries are listed this many at a time (Gitea's largest page)
 LIST_PAGE_SIZE = 50
 #: a proxy's "bad gateway" / "gateway timeout": Gitea behind it may have applied the request
@@ -156,6 +159,14 @@ class GiteaAPI(Protocol):
         body: str | None = None,
         state: str | None = None,
     ) -> JSONObject: ...
+
+    def list_reviews(self, owner: str, repo: str, number: int) -> list[JSONObject]: ...
+
+    def review_comments(
+        self, owner: str, repo: str, number: int, review_id: int
+    ) -> list[JSONObject]: ...
+
+    def resolve_review_comment(self, owner: str, repo: str, comment_id: int) -> None: ...
 
 
 def _seg(value: str | int, *, safe: str = "") -> str:
@@ -425,6 +436,18 @@ class GiteaClient:
             raise GiteaError("response is not a list of JSON objects", method=method, path=path)
         return value
 
+    def _pages(
+        self, path: str, *, size: int, most: int, params: Mapping[str, Any] | None = None
+    ) -> Iterator[list[JSONObject]]:
+        """The pages of a paged listing, in order, until one is short or `most` were read."""
+        for page in range(1, most + 1):
+            items = self._objects(
+                "GET", path, params={**(params or {}), "page": page, "limit": size}
+            )
+            yield items
+            if len(items) < size:
+                return
+
     # -- endpoints ----------------------------------------------------------
 
     def get_user(self) -> JSONObject:
@@ -523,24 +546,13 @@ class GiteaClient:
         if first is None or first.get("state") == "open":
             return first
         path = f"{_repo_path(owner, repo)}/pulls"
-        for page in range(1, MAX_PULL_PAGES + 1):
-            items = self._objects(
-                "GET",
-                path,
-                params={
-                    "state": "open",
-                    "base_branch": base,
-                    "page": page,
-                    "limit": PULL_PAGE_SIZE,
-                },
-            )
+        params = {"state": "open", "base_branch": base}
+        for items in self._pages(path, size=PULL_PAGE_SIZE, most=MAX_PULL_PAGES, params=params):
             for pr in items:
                 if (pr.get("head") or {}).get("ref") == head and (pr.get("base") or {}).get(
                     "ref"
                 ) == base:
                     return pr
-            if not items or len(items) < PULL_PAGE_SIZE:
-                break
         return None
 
     def create_pull(
@@ -565,6 +577,25 @@ class GiteaClient:
         }
         path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}"
         return self._object("PATCH", path, json=payload)
+
+    def list_reviews(self, owner: str, repo: str, number: int) -> list[JSONObject]:
+        """A pull request's reviews, oldest first (pending ones included: Gitea lists them
+        to their author)."""
+        path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}/reviews"
+        pages = self._pages(path, size=REVIEW_PAGE_SIZE, most=MAX_REVIEW_PAGES)
+        return [review for page in pages for review in page]
+
+    def review_comments(
+        self, owner: str, repo: str, number: int, review_id: int
+    ) -> list[JSONObject]:
+        """The line comments of one review (Gitea does not page this endpoint)."""
+        path = f"{_repo_path(owner, repo)}/pulls/{_seg(number)}/reviews/{_seg(review_id)}/comments"
+        return self._objects("GET", path)
+
+    def resolve_review_comment(self, owner: str, repo: str, comment_id: int) -> None:
+        """Mark the conversation of a line comment resolved (Gitea 1.26)."""
+        path = f"{_repo_path(owner, repo)}/pulls/comments/{_seg(comment_id)}/resolve"
+        self._request("POST", path, ok=(200, 204))
 
     # -- operator calls: kugetsu doctor and kugetsu webhook -------------------------------
 
@@ -600,13 +631,8 @@ class GiteaClient:
     def list_hooks(self, owner: str, repo: str | None = None) -> list[JSONObject]:
         """Every webhook of a repository (or, with `repo` None, of organization `owner`)."""
         path = self._hooks_path(owner, repo)
-        hooks: list[JSONObject] = []
-        for page in range(1, MAX_PULL_PAGES + 1):
-            items = self._objects("GET", path, params={"page": page, "limit": PULL_PAGE_SIZE})
-            hooks += items
-            if not items or len(items) < PULL_PAGE_SIZE:
-                break
-        return hooks
+        pages = self._pages(path, size=PULL_PAGE_SIZE, most=MAX_PULL_PAGES)
+        return [hook for page in pages for hook in page]
 
     def create_hook(self, owner: str, repo: str | None, body: Mapping[str, Any]) -> JSONObject:
         return self._object("POST", self._hooks_path(owner, repo), json=dict(body))
@@ -633,3 +659,101 @@ def missing_scope(exc: GiteaError) -> str | None:
         return None
     found = _SCOPE_RE.search(exc.message)
     return found.group(1).strip() or None if found else None
+
+
+# --------------------------------------------------------------------------- OAuth2
+
+#: Gitea's OAuth2 provider, under its web root (not /api/v1)
+OAUTH_AUTHORIZE_PATH = "/login/oauth/authorize"
+OAUTH_TOKEN_PATH = "/login/oauth/access_token"
+
+
+class OAuthError(GiteaError):
+    """Gitea refused to give a token (a wrong or used code, a wrong PKCE verifier, a
+    wrong client secret, an expired refresh token), or could not be asked."""
+
+
+class GiteaOAuth:
+    """Signs people in with Gitea as an OAuth2 provider: the authorization code grant
+    with PKCE. The tokens it gets are the user's own; they are sent only in the
+    Authorization header of API calls (`GiteaClient`), never in a URL or a log line."""
+
+    def __init__(
+        self,
+        base_url: str,
+        public_url: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        timeout: float = 10,
+        session: requests.Session | None = None,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.public_url = public_url.rstrip("/")
+        self.client_id = client_id
+        self._secret = client_secret
+        self.timeout = timeout
+        self._session = session if session is not None else environment_session(self.base_url)
+
+    def authorize_url(
+        self, *, redirect_uri: str, state: str, code_challenge: str, scope: str
+    ) -> str:
+        """Where the browser goes to sign in (Gitea as browsers reach it)."""
+        from urllib.parse import urlencode
+
+        query = urlencode(
+            {
+                "client_id": self.client_id,
+                "redirect_uri": redirect_uri,
+                "response_type": "code",
+                "state": state,
+                "scope": scope,
+                "code_challenge": code_challenge,
+                "code_challenge_method": "S256",
+            }
+        )
+        return f"{self.public_url}{OAUTH_AUTHORIZE_PATH}?{query}"
+
+    def exchange_code(self, *, code: str, verifier: str, redirect_uri: str) -> JSONObject:
+        """The tokens for an authorization code: {access_token, refresh_token, expires_in}."""
+        return self._token(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": redirect_uri,
+                "code_verifier": verifier,
+            }
+        )
+
+    def refresh(self, refresh_token: str) -> JSONObject:
+        return self._token({"grant_type": "refresh_token", "refresh_token": refresh_token})
+
+    def _token(self, form: dict[str, str]) -> JSONObject:
+        secrets = tuple(v for v in (self._secret, *form.values()) if len(v) >= 8)
+        form = {**form, "client_id": self.client_id, "client_secret": self._secret}
+        try:
+            resp = self._session.post(
+                self.base_url + OAUTH_TOKEN_PATH,
+                data=form,
+                headers={"Accept": "application/json"},
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            raise OAuthError(
+                type(exc).__name__, status=None, method="POST", path=OAUTH_TOKEN_PATH
+            ) from None
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if resp.status_code != 200 or not isinstance(data, dict) or not data.get("access_token"):
+            reason = ""
+            if isinstance(data, dict):
+                reason = str(data.get("error_description") or data.get("error") or "")
+            raise OAuthError(
+                redact(reason or "no access token in the answer", secrets),
+                status=resp.status_code,
+                method="POST",
+                path=OAUTH_TOKEN_PATH,
+            )
+        return data

@@ -63,7 +63,7 @@ class IngestResult:
 def ingest(
     store: Store,
     delivery: Delivery,
-    event: Event,
+    event: Event | intake.ReviewRequest,
     rules: intake.Rules,
     *,
     repo: str | None = None,
@@ -77,8 +77,10 @@ def ingest(
     delivery id, so it and Gitea's delivery of the same comment dedupe each other in
     either order. The repository is remembered as one kugetsu serves. `counted`: the
     delivery counts in /metrics (a reconcile pass's findings do not: they are not
-    deliveries, and a pass finds again what the one before it found)."""
-    key = event_key(event)
+    deliveries, and a pass finds again what the one before it found; nor does a review
+    the worker read, under an id of its own, `core.reviews.key`, so that it is acted on
+    once whatever delivered it)."""
+    key = None if isinstance(event, intake.ReviewRequest) else event_key(event)
 
     def count(c: Tx, result: metrics.DeliveryResult) -> None:
         if counted:
@@ -131,6 +133,8 @@ def _apply(
                     trigger_comment_id=intent.trigger_comment_id,
                     max_tokens=intent.max_tokens,
                     max_cost_usd=intent.max_cost_usd,
+                    answer_on=intent.answer_on,
+                    review=intent.review,
                     agent_requested=intent.agent_requested,
                 )
             )
@@ -163,14 +167,19 @@ class RulesSource:
         return self._bot_login
 
     def __call__(self) -> intake.Rules:
-        config = self.config
-        return intake.Rules(
-            label=config.triggers.label,
-            command=config.triggers.command,
-            bot_login=self.bot_login(),
-            known_agents=self.known_agents,
-            default_agent=config.agents.default,
-            max_attempts=config.queue.max_attempts,
-            reply_limit=config.triggers.reply_limit,
-            reply_window_seconds=config.triggers.reply_window_seconds,
-        )
+        return rules_for(self.config, self.bot_login(), self.known_agents)
+
+
+def rules_for(config: Config, bot_login: str | None, agents: frozenset[str]) -> intake.Rules:
+    """Intake's rules from the config, the bot's login and the agents installed."""
+    return intake.Rules(
+        label=config.triggers.label,
+        command=config.triggers.command,
+        bot_login=bot_login,
+        known_agents=agents,
+        default_agent=config.agents.default,
+        max_attempts=config.queue.max_attempts,
+        reply_limit=config.triggers.reply_limit,
+        reply_window_seconds=config.triggers.reply_window_seconds,
+        review_changes=config.triggers.review_changes,
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bot.config import Config
@@ -96,6 +96,8 @@ class Publisher:
 
         version, last_body = self.store.comment_state(task.id)
         task = self.store.require(task.id)  # the freshest row, read after the version
+        if render.answer_due(task):
+            self._answer(task)
         body = self.tracking_body(task, position)
         if task.comment_id is not None and body == last_body:
             record(version, body)
@@ -104,7 +106,11 @@ class Publisher:
         if comment_id is None:
             # last_body is set just before every create: if it is there but no comment id,
             # a create may have reached Gitea before a crash, so look for it first
-            existing = self._find_existing_comment(task) if last_body is not None else None
+            existing = (
+                self._find_marked(task, task.issue, render.marker(task.id))
+                if last_body is not None
+                else None
+            )
             if existing is None:
                 self.store.comment_attempt(task.id)
                 created = self.gitea.create_comment(task.owner, task.name, task.issue, body)
@@ -122,15 +128,41 @@ class Publisher:
         record(version, body)
         return True
 
-    def _find_existing_comment(self, task: Task) -> int | None:
-        """After a crash between creating a comment and recording it, find it again.
+    def _answer(self, task: Task) -> None:
+        """Post a task's result where it was asked (`Task.answer_on`), once: the comment is
+        marked as being written first, so that one whose record a crash lost is found
+        again instead of written twice. Gitea refusing it (a locked pull request) gives
+        up on it; the tracking comment has the result anyway."""
+        assert task.answer_on is not None
+        mark = render.answer_marker(task.id)
+        if task.answer_id == 0:
+            found = self._find_marked(task, task.answer_on, mark)
+            if found is not None:
+                self.store.update(task.id, answer_id=found, bump=False)
+                return
+        else:
+            self.store.update(task.id, answer_id=0, bump=False)
+        try:
+            created = self.gitea.create_comment(
+                task.owner, task.name, task.answer_on, render.answer(task, self.config)
+            )
+        except (ServerError, Unreachable):
+            raise
+        except GiteaError as exc:
+            log.warning("answer refused", extra={"task": task.id, "error": str(exc)})
+            self.store.update(task.id, answer_id=-1, bump=False)
+            return
+        self.store.update(task.id, answer_id=int(created["id"]), bump=False)
 
-        Only a comment that begins with the task's marker and, when the bot's login is
-        known, was written by the bot: anyone can type the marker into a comment.
+    def _find_marked(self, task: Task, number: int, mark: str) -> int | None:
+        """After a crash between creating a comment and recording it, find it again on
+        issue or pull request `number`.
+
+        Only a comment that begins with the marker and, when the bot's login is known,
+        was written by the bot: anyone can type the marker into a comment.
         """
-        mark = render.marker(task.id)
         login = self.config.gitea.bot_login or self.store.get_meta("bot_login")
-        for comment in self.gitea.list_comments(task.owner, task.name, task.issue):
+        for comment in self.gitea.list_comments(task.owner, task.name, number):
             if not (comment.get("body") or "").startswith(mark):
                 continue
             author = (comment.get("user") or {}).get("login")
@@ -247,6 +279,7 @@ class Publisher:
         summary: str,
         files_changed: int,
         usage: Mapping[str, Any],
+        changed: Sequence[str] | None = None,
     ) -> tuple[int, bool]:
         """Open a PR for the branch or update the one that exists. Returns (number, created).
 
@@ -255,6 +288,11 @@ class Publisher:
         So after any failed create the open PR is looked up again before anything is
         decided, and one found is adopted. `created` is True when the PR is this task's own
         (its body carries the task's marker), whichever call made it.
+
+        A follow-up on a pull request it did not open announces its commits there (for a
+        review, comment by comment, resolving the conversations whose files it changed:
+        `changed` are the files its run changed, None when not known) and brings the body
+        kugetsu wrote up to date: the files changed in it, the latest summary and usage.
         """
         body = render.pr_body(
             task, self.config, summary=summary, files_changed=files_changed, usage=usage
@@ -278,17 +316,57 @@ class Publisher:
                     extra={"task": task.id, "pr": existing.get("number"), "error": str(exc)},
                 )
         number = int(existing["number"])
-        own = render.marker(task.id) in (existing.get("body") or "")
+        old_body = existing.get("body") or ""
+        own = render.marker(task.id) in old_body
         if task.kind is Kind.CONTINUE and not own:
-            self.gitea.create_comment(
-                task.owner,
-                task.name,
-                number,
-                render.follow_up(task, self.config, summary=summary, files_changed=files_changed),
-            )
-        elif existing.get("body") != body:
+            if task.review:
+                resolved = self._resolve(task, changed)
+                note = render.review_answer(
+                    task,
+                    self.config,
+                    summary=summary,
+                    files_changed=files_changed,
+                    changed=changed,
+                    resolved=resolved,
+                )
+            else:
+                note = render.follow_up(
+                    task, self.config, summary=summary, files_changed=files_changed
+                )
+            self.gitea.create_comment(task.owner, task.name, number, note)
+            if not self._wrote(existing):
+                return number, own
+        if old_body != body:
             self.gitea.edit_pull(task.owner, task.name, number, body=body)
         return number, own
+
+    def _wrote(self, pull: Mapping[str, Any]) -> bool:
+        """Whether kugetsu wrote this pull request (and so may rewrite its body)."""
+        login = self.config.gitea.bot_login or self.store.get_meta("bot_login")
+        author = (pull.get("user") or {}).get("login")
+        return render.MARKER in (pull.get("body") or "") and (not login or author == login)
+
+    def _resolve(self, task: Task, changed: Sequence[str] | None) -> list[int]:
+        """Resolve the conversations of the review's line comments whose files the run
+        changed; returns their ids. A conversation Gitea will not resolve stays open."""
+        if changed is None:
+            return []
+        done = []
+        for comment in task.review.get("comments") or ():
+            if comment.get("path") not in changed or not isinstance(comment.get("id"), int):
+                continue
+            try:
+                self.gitea.resolve_review_comment(task.owner, task.name, comment["id"])
+            except (ServerError, Unreachable):
+                raise
+            except GiteaError as exc:
+                log.warning(
+                    "conversation not resolved",
+                    extra={"task": task.id, "comment": comment["id"], "error": str(exc)},
+                )
+                continue
+            done.append(comment["id"])
+        return done
 
     # ---------------------------------------------------------------- replies
 

@@ -155,6 +155,21 @@ class Scheduler:
             max_instances=4,
         )
 
+    def wake_at(self, when: float) -> None:
+        """Run the tick at `when` (a Unix time) too: a back-off that ends then need not
+        wait for the next interval. A later call replaces the time asked for before (each
+        tick asks again for the earliest)."""
+        if self._tick is None or not self._scheduler.running:
+            return
+        self._scheduler.add_job(
+            self._tick,
+            "date",
+            run_date=datetime.fromtimestamp(when, UTC),
+            id="wake-at",
+            replace_existing=True,
+            max_instances=4,
+        )
+
     @property
     def running(self) -> bool:
         return bool(self._scheduler.running)

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from bot import __version__, agents, sandbox
+from bot import __version__, agents, dashboard, sandbox
 from bot.config import Config
 from bot.core import metrics
 from bot.core.health import Facts, Readiness, TickRecord, describe, not_ready, problems
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kugetsu")
 
+#: the receiver's HTTP threads for the webhook and /healthz (the dashboard adds its own)
+HTTP_THREADS = 8
 #: how long the worker gets to stop its agents before it is killed
 WORKER_STOP_EXTRA_SECONDS = 30.0
 WORKER_RESTART_DELAY_SECONDS = 2.0
@@ -57,7 +59,8 @@ REFUSED_FLUSH_SECONDS = 5.0
 
 
 def known_agents(config: Config) -> frozenset[str]:
-    return frozenset(agents.PRESETS) | frozenset(config.agents.tables)
+    """The agents configured: every preset and every `[agents.NAME]` table."""
+    return agents.configured(config.agents)
 
 
 def _signals(stop: threading.Event, *, level: int = logging.INFO) -> None:
@@ -117,6 +120,7 @@ def run_worker(
         gitea,
         workspace,
         schedule_tick=scheduler.wake,
+        schedule_at=scheduler.wake_at,
         counts=gitea.tally,
         sandbox=(sandbox.sandbox_for(config, Path(launcher)) if launcher else sandbox.NoSandbox()),
     )
@@ -519,7 +523,8 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     app = create_app(
         config,
         store,
-        rules=RulesSource(config, store, known_agents(config)),
+        # what a request may name and `help` lists: the agents installed here
+        rules=RulesSource(config, store, agents.available(config.agents, os.environ)),
         wake=worker.wake,
         health=health,
         store_failed=health.store_failed,
@@ -530,7 +535,11 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     _signals(stop)
     # the port first: a port in use ends the start before any worker runs
     server = HttpServer(
-        app, config.server.host, config.server.port, max_body_bytes=config.server.max_body_bytes
+        app,
+        config.server.host,
+        config.server.port,
+        max_body_bytes=config.server.max_body_bytes,
+        threads=HTTP_THREADS + dashboard.http_threads(config),
     ).start()
     worker.start()
     waker = Listener(storage.data_dir, worker.wake).start()

@@ -18,6 +18,7 @@ outside one, None reads on this thread's own connection.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -297,7 +298,32 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (repo, blob)
     );
     """,
-    # 15: the concurrency slot a running task holds; with the sandbox its agent runs as
+    # 15: conversations. `answer_on`: the issue or pull request where the task's result is
+    # also posted when it ends (a request typed on a pull request, a retry), and
+    # `answer_id` that answer's comment (0 while it is being written); `review`: the
+    # review a follow-up answers (its id, state, body and line comments), as JSON.
+    """
+    ALTER TABLE tasks ADD COLUMN answer_on INTEGER;
+    ALTER TABLE tasks ADD COLUMN answer_id INTEGER;
+    ALTER TABLE tasks ADD COLUMN review TEXT;
+    """,
+    # 16: the dashboard. Who last retried a task (its tracking comment names them), and
+    # indexes for its lists: newest first per repository (and state), agent, requester
+    # and issue number, and finished tasks by the time they finished, over all
+    # repositories and per repository (`_FINISHED_AT` below is the expression as written).
+    """
+    ALTER TABLE tasks ADD COLUMN retried_by TEXT;
+    CREATE INDEX tasks_by_repo ON tasks (repo, id);
+    CREATE INDEX tasks_by_repo_state ON tasks (repo, state, id);
+    CREATE INDEX tasks_by_agent ON tasks (agent, id);
+    CREATE INDEX tasks_by_requester ON tasks (requested_by, id);
+    CREATE INDEX tasks_by_number ON tasks (issue, id);
+    CREATE INDEX tasks_finished_recent ON tasks (COALESCE(finished_at, updated_at), id)
+        WHERE state IN ('completed', 'failed', 'cancelled', 'rejected');
+    CREATE INDEX tasks_finished_by_repo ON tasks (repo, COALESCE(finished_at, updated_at), id)
+        WHERE state IN ('completed', 'failed', 'cancelled', 'rejected');
+    """,
+    # 17: the concurrency slot a running task holds; with the sandbox its agent runs as
     # the slot's uid, so no two running tasks may hold the same one (Store.claim)
     """
     ALTER TABLE tasks ADD COLUMN slot INTEGER;
@@ -308,6 +334,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 #: the finished states as migration 6 writes them in the index `tasks_finished`: a query
 #: uses that index only if it names them the same way (as text, not as bound values)
 _TERMINAL = "state IN ('completed', 'failed', 'cancelled', 'rejected')"
+#: the dashboard's lists for at most this many repositories read each one on its own
+MERGE_REPOS = 32
+#: when a finished task finished, as migration 16 writes it in its indexes
+_FINISHED_AT = "COALESCE(finished_at, updated_at)"
 #: the tasks a queue position is counted among: pending and not refused (those still to be
 #: authorized included), whatever their wait before a retry
 _WAITING = "t.state = 'pending' AND (t.authorized IS NULL OR t.authorized = 1)"
@@ -420,7 +450,7 @@ _ENUMS: dict[str, type[Kind] | type[State] | type[Outcome]] = {
     "outcome": Outcome,
 }
 #: JSON columns, and the type their value must have
-_JSON_TYPES: dict[str, type] = {"usage": dict, "agents_tried": list}
+_JSON_TYPES: dict[str, type] = {"usage": dict, "agents_tried": list, "review": dict}
 _JSON_FIELDS = set(_JSON_TYPES)
 
 
@@ -533,6 +563,50 @@ class MetricsSnapshot:
     counters: list[tuple[str, str, float]]
     #: (host, the disk use it measured, as JSON)
     disk: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class TaskQuery:
+    """Which tasks a list shows (the dashboard's filters). `repos`: only these
+    repositories (None: all of them; empty: none)."""
+
+    repos: tuple[str, ...] | None = None
+    state: State | None = None
+    agent: str | None = None
+    requester: str | None = None
+    issue: int | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The SQL conditions (joined with AND, each a term the indexes of migration 16
+        can serve) and their arguments."""
+        terms, args = list[str](), list[Any]()
+        if self.repos is not None:
+            terms.append(f"repo IN ({','.join('?' * len(self.repos))})" if self.repos else "0")
+            args.extend(self.repos)
+        for column, value in (
+            ("state", None if self.state is None else State(self.state).value),
+            ("agent", self.agent),
+            ("requested_by", self.requester),
+            ("issue", self.issue),
+        ):
+            if value is not None:
+                terms.append(f"{column} = ?")
+                args.append(value)
+        return " AND ".join(terms) or "1", args
+
+
+@dataclass(frozen=True)
+class FinishedRow:
+    """What the dashboard's charts read of one finished task."""
+
+    repo: str
+    agent: str
+    state: str
+    outcome: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float
+    cost_usd: float | None
 
 
 #: the connection of a write transaction (`Store.tx()`), passed to the methods that run in it
@@ -701,6 +775,8 @@ class Store:
         trigger_comment_id: int | None = None,
         max_tokens: int | None = None,
         max_cost_usd: float | None = None,
+        answer_on: int | None = None,
+        review: dict[str, Any] | None = None,
         agent_requested: bool = False,
     ) -> int:
         """Insert a pending task inside the caller's transaction."""
@@ -708,8 +784,8 @@ class Store:
         cur = c.execute(
             "INSERT INTO tasks (repo, issue, kind, prompt, agent, requested_by, state, "
             "max_attempts, created_at, updated_at, authorized, permission_hint, "
-            "trigger_comment_id, max_tokens, max_cost_usd, agent_requested) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "trigger_comment_id, max_tokens, max_cost_usd, answer_on, review, agent_requested) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 repo,
                 issue,
@@ -725,6 +801,8 @@ class Store:
                 trigger_comment_id,
                 max_tokens,
                 max_cost_usd,
+                answer_on,
+                _encode("review", review),
                 int(agent_requested),
             ),
         )
@@ -1218,9 +1296,12 @@ class Store:
         )
         return row[0] if row else None
 
-    def request_cancel(self, task_id: int, by: str) -> CancelResult:
+    def request_cancel(self, task_id: int, by: str, *, via: str | None = None) -> CancelResult:
         """Stop a task: a pending one is cancelled at once, a running one is flagged for its
-        runner (which stops its agent). KeyError if there is no such task."""
+        runner (which stops its agent). `by` is who asked (the tracking comment names
+        them), `via` where, for the task's events ("the dashboard"). KeyError if there is
+        no such task."""
+        detail = by if via is None else f"{by} via {via}"
         for _ in range(5):
             task = self.require(task_id)
             if task.state is State.PENDING:
@@ -1229,7 +1310,7 @@ class Store:
                     State.PENDING,
                     State.CANCELLED,
                     event="cancelled",
-                    detail=by,
+                    detail=detail,
                     cancel_requested_by=by,
                     outcome=Outcome.CANCELLED,
                 ):
@@ -1243,17 +1324,26 @@ class Store:
                         (by, self.clock(), task_id),
                     )
                     if cur.rowcount == 1:
-                        self._event(c, task_id, "stop requested", None, None, by)
+                        self._event(c, task_id, "stop requested", None, None, detail)
                         return CancelResult.STOPPING
                 continue
             return CancelResult.FINISHED
         return CancelResult.FINISHED
 
-    def try_requeue(self, task_id: int, by: str) -> tuple[bool, Task | None]:
-        """Put a failed or cancelled task back in the queue with fresh attempts. Returns
+    def try_requeue(
+        self,
+        task_id: int,
+        by: str,
+        *,
+        via: str | None = None,
+        answer_on: int | None = None,
+    ) -> tuple[bool, Task | None]:
+        """Put a failed or cancelled task back in the queue with fresh attempts, noting
+        `by` on it (its tracking comment names them) and `via` in its events. Returns
         (done, the other active task of its issue that stands in the way, if one does):
         not done when the task is not failed or cancelled, or while another task of its
-        issue is pending or running (at most one active task per issue).
+        issue is pending or running (at most one active task per issue). `answer_on`:
+        where its result is to be posted when it ends again (where the retry was asked).
 
         The check and the compare-and-set share one write transaction, so no task of the
         issue can become active in between. KeyError if there is no such task."""
@@ -1272,7 +1362,8 @@ class Store:
                 task.state,
                 State.PENDING,
                 event="retry requested",
-                detail=by,
+                detail=by if via is None else f"{by} via {via}",
+                retried_by=by,
                 attempts=0,
                 # ready from now: the wait counted when it starts runs from here
                 not_before=self.clock(),
@@ -1280,8 +1371,26 @@ class Store:
                 error=None,
                 cancel_requested_by=None,
                 finished_at=None,
+                answer_on=answer_on,
+                answer_id=None,
             )
             return done, None
+
+    def next_due(self) -> float | None:
+        """When the next task or item for Gitea in the outbox that waits out a back-off
+        becomes due (later than now), or None if none waits."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT (SELECT MIN(not_before) FROM tasks WHERE state = 'pending' "
+                "AND not_before > ?1), (SELECT MIN(not_before) FROM outbox "
+                "WHERE done_at IS NULL AND endpoint IS NULL AND not_before > ?1)",
+                (self.clock(),),
+            )
+            .fetchone()
+        )
+        found = [t for t in row if t is not None]
+        return min(found) if found else None
 
     def queue_position(self, task_id: int) -> int | None:
         """1-based place among the tasks waiting (pending, not refused), in the order they
@@ -1296,13 +1405,15 @@ class Store:
         )
         return row[0] if row else None
 
-    def pending_positions(self, limit: int) -> list[tuple[Task, int]]:
+    def pending_positions(self, limit: int, *, unchecked: bool = False) -> list[tuple[Task, int]]:
         """The first `limit` authorized waiting tasks with their places in the queue (the
-        same places `queue_position` gives), first place first."""
+        same places `queue_position` gives), first place first; with `unchecked`, those
+        whose requester's permission is still to be checked too (the dashboard's queue)."""
         conn = self._conn()
+        authorized = "" if unchecked else "WHERE tasks.authorized = 1 "
         rows = conn.execute(
             _fair_order(_WAITING) + " SELECT tasks.*, queue.position AS queue_place FROM queue "
-            "JOIN tasks ON tasks.id = queue.id WHERE tasks.authorized = 1 "
+            f"JOIN tasks ON tasks.id = queue.id {authorized}"
             "ORDER BY queue.position LIMIT ?",
             (limit,),
         ).fetchall()
@@ -1488,6 +1599,13 @@ class Store:
             (delivery_id, event, self.clock(), repo),
         )
         return cur.rowcount == 0
+
+    def delivery_known(self, delivery_id: str) -> bool:
+        """Whether a delivery (or a review taken as one) was recorded."""
+        row = (
+            self._conn().execute("SELECT 1 FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+        )
+        return row is not None
 
     def served_repos(self) -> list[str]:
         """The repositories kugetsu serves as the database knows them: those with tasks or
@@ -1870,6 +1988,117 @@ class Store:
         """What a worker measured of the disk its data directory uses (a JSON object)."""
         self.set_meta(_DISK_KEY + host, usage)
 
+    # ------------------------------------------------------------------ the dashboard
+
+    def task_repos(self) -> list[str]:
+        """Every repository with tasks, in order (`_distinct`)."""
+        return self._distinct("repo")
+
+    def task_agents(self) -> list[str]:
+        """Every agent tasks were given, in order (`_distinct`)."""
+        return self._distinct("agent")
+
+    def _distinct(self, column: str) -> list[str]:
+        """The values of `column` in tasks, in order. A skip scan of the index that starts
+        with it (migration 16): as many steps as there are values, whatever the number of
+        tasks (a GROUP BY would read every entry)."""
+        assert column in ("repo", "agent"), column
+        return [
+            row[0]
+            for row in self._conn().execute(
+                f"WITH RECURSIVE r(v) AS (SELECT MIN({column}) FROM tasks UNION ALL "
+                f"SELECT (SELECT MIN({column}) FROM tasks WHERE {column} > r.v) FROM r "
+                "WHERE r.v IS NOT NULL) SELECT v FROM r WHERE v IS NOT NULL"
+            )
+        ]
+
+    def find_tasks(self, query: TaskQuery, *, before: int | None = None, limit: int) -> list[Task]:
+        """Tasks that match, newest first; with `before`, only ids below it."""
+        tail, args = "", list[Any]()
+        if before is not None:
+            tail, args = " AND id < ?", [before]
+        return self._newest(query, "", tail, args, "id DESC", limit, lambda t: t.id)
+
+    def finished_tasks(
+        self, query: TaskQuery, *, before: tuple[float, int] | None = None, limit: int
+    ) -> list[Task]:
+        """Finished tasks that match: the last to finish first, or with a filter besides
+        the repositories, the newest first (each filter has an index by id); `before` is
+        (when it finished, id) of the last one shown, for the next page."""
+        tail, args = f" AND {_TERMINAL}", list[Any]()
+        if query.state or query.agent or query.requester or query.issue is not None:
+            if before is not None:
+                tail += " AND id < ?"
+                args.append(before[1])
+            return self._newest(query, "", tail, args, "id DESC", limit, lambda t: t.id)
+        if before is not None:
+            tail += f" AND ({_FINISHED_AT}, id) < (?, ?)"
+            args.extend(before)
+        return self._newest(
+            query,
+            "INDEXED BY tasks_finished_recent" if query.repos is None else "",
+            tail,
+            args,
+            f"{_FINISHED_AT} DESC, id DESC",
+            limit,
+            lambda t: (t.finished_at or t.updated_at, t.id),
+        )
+
+    def _newest(
+        self,
+        query: TaskQuery,
+        index: str,
+        tail: str,
+        args: list[Any],
+        order: str,
+        limit: int,
+        key: Callable[[Task], Any],
+    ) -> list[Task]:
+        """The first `limit` tasks in `order` that match `query` and `tail`. For a few
+        repositories, one query per repository, each read in order from an index that
+        starts with the repository (no sort of all their tasks), merged here."""
+        conn = self._conn()
+        repos = query.repos
+        groups: list[TaskQuery] = [query]
+        if repos is not None and 0 < len(repos) <= MERGE_REPOS:
+            groups = [replace(query, repos=(repo,)) for repo in repos]
+        found: list[Task] = []
+        for group in groups:
+            where, group_args = group.where()
+            if group.repos is not None and len(group.repos) == 1:
+                where = where.replace("repo IN (?)", "repo = ?", 1)
+            rows = conn.execute(
+                f"SELECT * FROM tasks {index} WHERE {where}{tail} ORDER BY {order} LIMIT ?",
+                (*group_args, *args, limit),
+            ).fetchall()
+            found.extend(self._tasks(conn, rows))
+        if len(groups) == 1:
+            return found
+        return heapq.nlargest(limit, found, key=key)
+
+    def task_events(self, task_id: int, limit: int = 1000) -> list[dict[str, Any]]:
+        """A task's events, oldest first: at, from_state, to_state, event, detail."""
+        return [
+            dict(row)
+            for row in self._conn().execute(
+                "SELECT at, from_state, to_state, event, detail FROM task_events "
+                "WHERE task_id = ? ORDER BY id LIMIT ?",
+                (task_id, limit),
+            )
+        ]
+
+    def finished_since(self, since: float, repos: tuple[str, ...] | None) -> list[FinishedRow]:
+        """What the charts read of each task that finished at or after `since`, read
+        through the index of finished tasks by when they finished."""
+        where, args = TaskQuery(repos=repos).where()
+        rows = self._conn().execute(
+            f"SELECT repo, agent, state, outcome, created_at, started_at, {_FINISHED_AT}, "
+            "CASE WHEN json_valid(usage) THEN json_extract(usage, '$.cost_usd') END "
+            f"FROM tasks WHERE {_TERMINAL} AND {_FINISHED_AT} >= ? AND {where}",
+            (since, *args),
+        )
+        return [FinishedRow(*row) for row in rows]
+
     # ------------------------------------------------------------------ backup
 
     def backup(self, dest: Path) -> tuple[int, int]:
@@ -1927,11 +2156,13 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "CommentRecord",
+    "FinishedRow",
     "MetricsSnapshot",
     "SchemaTooNew",
     "Stats",
     "Store",
     "StoreError",
+    "TaskQuery",
     "Tx",
     "UnreadableRow",
     "open_store",

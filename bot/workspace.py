@@ -37,6 +37,9 @@ from bot.redact import redact
 log = logging.getLogger(__name__)
 
 REMOTE = "origin"
+#: where the mirror keeps the branches of forks it fetched or pushed (outside refs/remotes,
+#: which a fetch prunes)
+FORK_REFS = "refs/kugetsu/forks"
 FETCH_REFSPEC = "+refs/heads/*:refs/remotes/origin/*"
 
 #: Passed as `-c` to every command: nothing an agent writes into the shared mirror config
@@ -236,14 +239,32 @@ class Workspace:
         return None
 
     def prepare(
-        self, repo: str, issue: int, branch: str, *, fetched: Fetched | None = None
+        self,
+        repo: str,
+        issue: int,
+        branch: str,
+        *,
+        base: str | None = None,
+        source: str | None = None,
+        fetched: Fetched | None = None,
     ) -> Prepared:
         """Fetch the mirror (unless `fetched` says it was just fetched) and return the
-        issue's worktree on `branch`, reusing it when valid."""
+        issue's worktree on `branch`, reusing it when valid.
+
+        `base`: the branch the work is to be merged into (the default branch if None).
+        `source`: the repository that holds `branch` when it is not `repo` itself (the fork
+        of a pull request); its branch is fetched into the mirror beside `repo`'s."""
         owner, name = _split_repo(repo)
         _check_issue(issue)
         _check_branch(branch)
+        if base is not None:
+            _check_branch(base)
         url = self._checked_remote_url(repo)
+        source_url = None
+        if source is not None:
+            _split_repo(source)
+            source_url = self._checked_remote_url(source)
+        tracking = self._tracking_ref(branch, source)
         wt = self._worktree_path(owner, name, issue)
         with self._repo_lock(owner, name):
             if fetched is None or fetched.repo != repo:
@@ -251,35 +272,50 @@ class Workspace:
                 mirror = self._mirror_path(owner, name)
             else:  # its config written again before use, as every use does
                 mirror = self._ensure_mirror(owner, name, url, repo)
+            if source_url is not None:
+                self._git(
+                    [
+                        "fetch",
+                        "--no-tags",
+                        "--quiet",
+                        source_url,
+                        f"+refs/heads/{branch}:{tracking}",
+                    ],
+                    git_dir=mirror,
+                    step="fetch fork",
+                    network=source_url,
+                )
             default = fetched.default_branch
             default_ref = f"refs/remotes/{REMOTE}/{default}"
+            into = base or default
+            base_ref = f"refs/remotes/{REMOTE}/{into}"
+            if self._ref_sha(base_ref, git_dir=mirror) is None:
+                raise GitError(f"the branch {into} is not on Gitea", step="fetch")
 
             reused = self._is_worktree_of(wt, mirror, branch)
             if reused:
                 log.info("worktree reused", extra={"repo": repo, "issue": issue, "branch": branch})
-                remote_sha = self._ref_sha(f"refs/remotes/{REMOTE}/{branch}", git_dir=mirror)
+                remote_sha = self._ref_sha(tracking, git_dir=mirror)
                 if remote_sha and not self._is_ancestor(remote_sha, "HEAD", cwd=wt):
                     # someone pushed to the branch since (a fix on the pull request): the
                     # follow-up builds on those commits, and its push can never drop them
                     self._catch_up(wt, remote_sha, repo, issue, branch)
             else:
-                self._create_worktree(mirror, wt, branch, default_ref, repo, issue)
+                self._create_worktree(mirror, wt, branch, default_ref, repo, issue, tracking)
 
-            base = self._git(
-                ["merge-base", "HEAD", default_ref], cwd=wt, step="merge-base", ok=(0, 1)
+            merged = self._git(
+                ["merge-base", "HEAD", base_ref], cwd=wt, step="merge-base", ok=(0, 1)
             )
-            base_sha = base.stdout.decode().strip()
-            if base.returncode != 0 or not base_sha:
+            base_sha = merged.stdout.decode().strip()
+            if merged.returncode != 0 or not base_sha:
                 raise GitError(
-                    f"git merge-base failed: {branch} shares no history with {default}",
+                    f"git merge-base failed: {branch} shares no history with {into}",
                     step="merge-base",
-                    returncode=base.returncode,
+                    returncode=merged.returncode,
                 )
             with contextlib.suppress(OSError):
                 os.utime(wt)
-        return Prepared(
-            path=wt, branch=branch, base_branch=default, base_sha=base_sha, reused=reused
-        )
+        return Prepared(path=wt, branch=branch, base_branch=into, base_sha=base_sha, reused=reused)
 
     def worktree_path(self, repo: str, issue: int) -> Path:
         """Where the issue's worktree is (or will be)."""
@@ -366,14 +402,20 @@ class Workspace:
         _check_sha(sha)
         return self._is_ancestor(sha, "HEAD", cwd=wt)
 
-    def push(self, path: Path, branch: str) -> str:
-        """Push HEAD to `refs/heads/<branch>` with a lease on the last fetched remote sha.
-        Returns the pushed sha."""
+    def push(
+        self, path: Path, branch: str, *, source: str | None = None, force: bool = True
+    ) -> str:
+        """Push HEAD to `refs/heads/<branch>` of the repository (or of `source`, the fork
+        that holds the branch; see `prepare`). Returns the pushed sha.
+
+        kugetsu's own branches are pushed with a lease on the last fetched remote sha;
+        with `force` False (a branch a person owns) the push is a plain one, which Gitea
+        takes only as a fast-forward: their commits are never rewritten."""
         _check_branch(branch)
         wt = self._checked_worktree(path)
         owner, name, issue = self._locate(wt)
-        url = self._checked_remote_url(f"{owner}/{name}")
-        tracking = f"refs/remotes/{REMOTE}/{branch}"
+        url = self._checked_remote_url(source or f"{owner}/{name}")
+        tracking = self._tracking_ref(branch, source)
         with self._repo_lock(owner, name):
             head = (
                 self._git(["rev-parse", "--verify", "HEAD^{commit}"], cwd=wt, step="rev-parse")
@@ -381,13 +423,14 @@ class Workspace:
                 .strip()
             )
             lease = self._ref_sha(tracking, cwd=wt) or ""
+            how = [f"--force-with-lease=refs/heads/{branch}:{lease}"] if force else []
             self._git(
                 [
                     "push",
                     "--quiet",
                     "--no-verify",
-                    f"--force-with-lease=refs/heads/{branch}:{lease}",
-                    REMOTE,
+                    *how,
+                    REMOTE if source is None else url,
                     f"{head}:refs/heads/{branch}",
                 ],
                 cwd=wt,
@@ -399,6 +442,14 @@ class Workspace:
             "branch pushed", extra={"repo": f"{owner}/{name}", "issue": issue, "branch": branch}
         )
         return head
+
+    @staticmethod
+    def _tracking_ref(branch: str, source: str | None) -> str:
+        """Where the mirror keeps the last fetched sha of `branch`: of the repository
+        itself, or of the fork `source` (outside refs/remotes, which fetch prunes)."""
+        if source is None:
+            return f"refs/remotes/{REMOTE}/{branch}"
+        return f"{FORK_REFS}/{source}/{branch}"
 
     def remote_branch_sha(self, repo: str, branch: str) -> str | None:
         """The sha of `branch` on the remote now, or None when the remote has no such branch."""
@@ -457,9 +508,9 @@ class Workspace:
 
     def unpushed_commits(self, path: Path, also: Sequence[str] = ()) -> int:
         """Commits of the worktree's HEAD that no branch of the remote holds, as the mirror
-        last fetched them, nor any commit in `also` (a pull request's head, which Gitea
-        keeps after its branch is deleted). A commit named in `also` that is not here is
-        left out. GitError if git cannot tell."""
+        last fetched them, nor a fork's branch it fetched or pushed, nor any commit in
+        `also` (a pull request's head, which Gitea keeps after its branch is deleted). A
+        commit named in `also` that is not here is left out. GitError if git cannot tell."""
         wt = self._checked_worktree(path)
         for sha in also:
             _check_sha(sha)
@@ -471,6 +522,7 @@ class Workspace:
                 "HEAD",
                 "--not",
                 f"--remotes={REMOTE}",
+                f"--glob={FORK_REFS}/*",
                 *also,
             ],
             cwd=wt,
@@ -606,7 +658,14 @@ class Workspace:
         )
 
     def _create_worktree(
-        self, mirror: Path, wt: Path, branch: str, default_ref: str, repo: str, issue: int
+        self,
+        mirror: Path,
+        wt: Path,
+        branch: str,
+        default_ref: str,
+        repo: str,
+        issue: int,
+        remote_ref: str,
     ) -> None:
         if wt.exists() or wt.is_symlink():
             log.warning("stale worktree directory replaced", extra={"repo": repo, "issue": issue})
@@ -616,7 +675,6 @@ class Workspace:
         self._unlock(mirror, wt)
         # forget registrations whose directory is gone, so the path and branch are free again
         self._git(["worktree", "prune"], git_dir=mirror, step="worktree prune")
-        remote_ref = f"refs/remotes/{REMOTE}/{branch}"
         from_remote = self._ref_sha(remote_ref, git_dir=mirror) is not None
         start = remote_ref if from_remote else default_ref
         wt.parent.mkdir(parents=True, exist_ok=True)

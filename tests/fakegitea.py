@@ -19,6 +19,23 @@ on a new repository is "admin"; other users default to "read". Writes to pull
 requests need "write"; the collaborator-permission endpoint needs
 "admin" (as in Gitea).
 
+Sign-in with Gitea (its OAuth2 provider): `register_oauth_app(...)` registers the
+dashboard's application; `/login/oauth/authorize` shows a minimal sign-in page (a login
+field and an Authorize button) and, once a browser has signed in, approves at once as
+Gitea does after the first consent; `/login/oauth/access_token` checks the client, the
+redirect URI, the code (once) and the PKCE verifier (S256), and also refreshes. Users'
+tokens (from that flow, or `user_token(login)`) act as that user on `GET /user` (with
+`is_admin`, see `set_admin`), `GET /repos/{o}/{r}` (their own `permissions`; 404 for a
+private repository, `set_private`, they cannot read) and reading issues; anything else
+needs the bot's token.
+
+Reviews and pull requests people open (section "Conversations"): `add_review` submits a
+review with line comments as Gitea 1.26 stores and serves them (ids, `position` or
+`original_position`, a `diff_hunk` cut from the real diff), `review_event` gives the
+delivery Gitea would send for it (no review id, no line comment in it), `resolved` the
+conversations kugetsu resolved; `commit_files` pushes a person's commit, `open_pull` opens
+a pull request as a person (from the repository or a fork made by `fork_repo`).
+
 Webhooks as Gitea 1.26 keeps them (repository and organization hooks): `active` defaults
 to false, `config.url` and `config.content_type` are required, the secret is never
 returned, an edit replaces the event list (empty means `push`), the groups `issues` and
@@ -47,6 +64,7 @@ import contextlib
 import gzip
 import hashlib
 import hmac
+import html
 import json
 import logging
 import os
@@ -62,9 +80,11 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import requests
+
+from tests.fakeconversations import Conversations
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = do_HEAD = _dispatch
 
 
-class FakeGitea:
+class FakeGitea(Conversations):
     """An in-memory Gitea with real git repositories under `root`.
 
     The listening socket is bound in the constructor (so `url` is known before any
@@ -210,7 +230,11 @@ class FakeGitea:
             "pull": 0,
             "status": 0,
             "label": 0,
+            "review": 0,
         }
+        #: (repo, pull number) -> its reviews, oldest first; review id -> its line comments
+        self._reviews: dict[tuple[str, int], list[dict]] = {}
+        self._review_comments: dict[int, list[dict]] = {}
         self._conns: set[socket.socket] = set()
         self._down = False
         self._thread: threading.Thread | None = None
@@ -220,6 +244,12 @@ class FakeGitea:
         self.api_url = self.url + "/api/v1"
         self._routes = self._build_routes()
         self.user(bot_login)
+        # sign-in: OAuth2 applications, codes on their way, users' tokens
+        self._oauth_apps: dict[str, dict[str, Any]] = {}
+        self._codes: dict[str, dict[str, Any]] = {}
+        self._user_tokens: dict[str, str] = {}
+        self._refresh_tokens: dict[str, tuple[str, str]] = {}
+        self._who = threading.local()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -513,8 +543,150 @@ class FakeGitea:
             return [dict(h) for _, h in sorted(self.hooks.items()) if h["scope"] == scope]
 
     def permission(self, repo: str, login: str) -> str:
+        """A user's permission; without one of their own: read on a public repository,
+        none on a private one."""
         with self.lock:
-            return self._repo(repo)["permissions"].get(login, "read")
+            record = self._repo(repo)
+            default = "none" if record.get("private") else "read"
+            return record["permissions"].get(login, default)
+
+    # -- sign-in with Gitea (OAuth2 provider) ---------------------------------------
+
+    def set_private(self, repo: str, private: bool = True) -> None:
+        with self.lock:
+            self._repo(repo)["private"] = private
+
+    def set_admin(self, login: str, admin: bool = True) -> None:
+        """Make a user a site administrator (`is_admin`), who can read every repository."""
+        with self.lock:
+            self.user(login)["is_admin"] = admin
+
+    def register_oauth_app(self, client_id: str, client_secret: str, redirect_uri: str) -> None:
+        with self.lock:
+            self._oauth_apps[client_id] = {"secret": client_secret, "redirect_uri": redirect_uri}
+
+    def user_token(self, login: str) -> str:
+        """A new access token of `login` (as a personal access token would be)."""
+        token = "gto_" + base64.urlsafe_b64encode(os.urandom(18)).decode()
+        with self.lock:
+            self.user(login)
+            self._user_tokens[token] = login
+        return token
+
+    def revoke_tokens(self, login: str) -> None:
+        """Every access token of `login` stops working (refresh tokens still work)."""
+        with self.lock:
+            for token in [t for t, who in self._user_tokens.items() if who == login]:
+                del self._user_tokens[token]
+
+    def _token_login(self, h: BaseHTTPRequestHandler) -> str | None:
+        """Whose token the request carries: the bot's, a user's, or None."""
+        if self._authorized(h):
+            return self.bot_login
+        scheme, _, cred = h.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() not in ("token", "bearer"):
+            return None
+        with self.lock:
+            return self._user_tokens.get(cred.strip())
+
+    def _oauth(self, h: BaseHTTPRequestHandler, path: str, query: str, body: bytes) -> None:
+        if path == "/login/oauth/authorize":
+            self._oauth_authorize(h, query, body)
+        else:
+            self._oauth_token(h, body)
+
+    def _oauth_authorize(self, h: BaseHTTPRequestHandler, query: str, body: bytes) -> None:
+        params = {
+            k: v[0] for k, v in parse_qs(body.decode() if h.command == "POST" else query).items()
+        }
+        app = self._oauth_apps.get(params.get("client_id", ""))
+        if app is None or params.get("redirect_uri") != app["redirect_uri"]:
+            self._send(h, 400, b"unknown client_id or redirect_uri", content_type="text/plain")
+            return
+        if params.get("code_challenge_method") != "S256" or not params.get("code_challenge"):
+            self._send(h, 400, b"PKCE with S256 is required here", content_type="text/plain")
+            return
+        cookie = re.search(r"(?:^|;\s*)fake_gitea_login=([^;]+)", h.headers.get("Cookie", ""))
+        login = params.get("login") if h.command == "POST" else (cookie[1] if cookie else None)
+        if not login:
+            hidden = "".join(
+                f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+                for k, v in params.items()
+            )
+            page = (
+                "<!doctype html><title>Sign in · Fake Gitea</title><h1>Fake Gitea</h1>"
+                '<form method="post" action="/login/oauth/authorize">'
+                + hidden
+                + '<label>Username <input name="login" id="login"></label> '
+                "<button type=submit>Authorize</button></form>"
+            )
+            self._send(h, 200, page.encode(), content_type="text/html; charset=utf-8")
+            return
+        code = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        with self.lock:
+            self.user(login)
+            self._codes[code] = {**params, "login": login}
+        target = (
+            params["redirect_uri"]
+            + "?"
+            + urlencode({"code": code, "state": params.get("state", "")})
+        )
+        h.send_response(302)
+        h.send_header("Location", target)
+        h.send_header("Set-Cookie", f"fake_gitea_login={login}; Path=/; HttpOnly")
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
+    def _oauth_token(self, h: BaseHTTPRequestHandler, body: bytes) -> None:
+        form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+
+        def refuse(error: str, description: str) -> None:
+            self._send(h, 400, {"error": error, "error_description": description})
+
+        with self.lock:
+            app = self._oauth_apps.get(form.get("client_id", ""))
+            if app is None or form.get("client_secret") != app["secret"]:
+                return refuse("unauthorized_client", "invalid client secret")
+            if form.get("grant_type") == "refresh_token":
+                found = self._refresh_tokens.pop(form.get("refresh_token", ""), None)
+                if found is None or found[1] != form["client_id"]:
+                    return refuse("unauthorized_client", "refresh token not found")
+                login = found[0]
+            elif form.get("grant_type") == "authorization_code":
+                grant = self._codes.pop(form.get("code", ""), None)
+                if grant is None or grant["client_id"] != form["client_id"]:
+                    return refuse("unauthorized_client", "client is not authorized")
+                if form.get("redirect_uri") != grant["redirect_uri"]:
+                    return refuse("unauthorized_client", "unexpected redirect URI")
+                verifier = form.get("code_verifier", "")
+                challenge = (
+                    base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+                    .rstrip(b"=")
+                    .decode()
+                )
+                if not verifier or challenge != grant["code_challenge"]:
+                    return refuse("unauthorized_client", "failed PKCE code challenge")
+                login = grant["login"]
+            else:
+                return refuse(
+                    "unsupported_grant_type",
+                    "Only refresh_token or authorization_code grant type is supported",
+                )
+            access, refresh = (
+                self.user_token(login),
+                base64.urlsafe_b64encode(os.urandom(18)).decode(),
+            )
+            self._refresh_tokens[refresh] = (login, form["client_id"])
+        self._send(
+            h,
+            200,
+            {
+                "access_token": access,
+                "token_type": "bearer",
+                "expires_in": 3600,
+                "refresh_token": refresh,
+            },
+        )
 
     def pulls_of(self, repo: str) -> dict[int, dict]:
         """Pull requests of one repository, number -> live dict."""
@@ -728,9 +900,10 @@ class FakeGitea:
             "full_name": record["full_name"],
         }
 
-    def _repo_json(self, record: dict) -> dict:
+    def _repo_json(self, record: dict, login: str | None = None) -> dict:
         full = record["full_name"]
-        perm = _rank(self.permission(full, self.bot_login))
+        login = login or self.bot_login
+        perm = _rank("admin" if self.user(login)["is_admin"] else self.permission(full, login))
         return {
             "id": record["id"],
             "owner": record["owner_user"],
@@ -738,7 +911,7 @@ class FakeGitea:
             "full_name": full,
             "description": "",
             "empty": False,
-            "private": False,
+            "private": bool(record.get("private")),
             "fork": False,
             "template": False,
             "parent": None,
@@ -878,7 +1051,8 @@ class FakeGitea:
         return self.branch_sha(record["full_name"], branch) is not None
 
     def _refresh_pull(self, record: dict, pr: dict) -> dict:
-        sha = self.branch_sha(record["full_name"], pr["head"]["ref"])
+        holder = (pr["head"].get("repo") or {}).get("full_name") or record["full_name"]
+        sha = self.branch_sha(holder, pr["head"]["ref"])
         if sha is not None:
             pr["head"]["sha"] = sha
         base_sha = self.branch_sha(record["full_name"], pr["base"]["ref"])
@@ -937,6 +1111,9 @@ class FakeGitea:
         parts = urlsplit(h.path)
         path = parts.path
         try:
+            if path in ("/login/oauth/authorize", "/login/oauth/access_token"):
+                self._oauth(h, path, parts.query, body)
+                return
             if path == "/api/v1" or path.startswith("/api/v1/"):
                 status, payload, extra = self._api(h, path[len("/api/v1") :], parts.query, body)
                 if not self._lost(h, path[len("/api/v1") :]):
@@ -1053,6 +1230,7 @@ class FakeGitea:
             missing is None
             and pushing
             and _rank(self.permission(full, self.bot_login)) < _rank("write")
+            and not self.maintainer_may_push(full, self.bot_login)
         ):
             self._send(
                 h,
@@ -1115,8 +1293,10 @@ class FakeGitea:
         org = r"/orgs/(?P<org>[^/]+)"
         table = [
             ("GET", r"/version", self._api_version),
+            # before `/pulls/{base}/{head}`, which their paths would match too
+            *self._conversation_routes(repo),
             ("GET", r"/user", self._api_user),
-            ("GET", repo, self._api_get_repo),
+            ("GET", repo, self._api_repo),
             ("GET", repo + r"/issues", self._api_list_issues),
             ("GET", repo + r"/hooks", self._api_list_hooks),
             ("POST", repo + r"/hooks", self._api_create_hook),
@@ -1139,6 +1319,8 @@ class FakeGitea:
             ("GET", repo + r"/pulls/(?P<base>[^/]+)/(?P<head>.+)", self._api_find_pull),
             ("GET", repo + r"/pulls/(?P<index>\d+)", self._api_get_pull),
         ]
+        # what a user's token may call (everything else is the bot's)
+        self._user_routes = {self._api_user, self._api_repo, self._api_issue}
         return [(method, re.compile(pattern), fn) for method, pattern, fn in table]
 
     def _api(self, h, path: str, query: str, body: bytes) -> tuple[int, Any, dict[str, str]]:
@@ -1154,11 +1336,14 @@ class FakeGitea:
                         {},
                     )
         public = path == "/version" and not h.headers.get("Authorization")
-        if not public and not self._authorized(h):
+        login = None if public else self._token_login(h)
+        if not public and login is None:
             return 401, {"message": "invalid username, password or token", "url": self._doc_url}, {}
-        refused = None if public else self._scope_refusal(h.command, path)
+        # token_scopes are the bot token's
+        refused = self._scope_refusal(h.command, path) if login == self.bot_login else None
         if refused is not None:
             return 403, {"message": refused, "url": self._doc_url}, {}
+        self._who.login = login or self.bot_login
         matched_path = False
         for method, pattern, fn in self._routes:
             match = pattern.fullmatch(path)
@@ -1167,6 +1352,12 @@ class FakeGitea:
             matched_path = True
             if method != h.command:
                 continue
+            if not public and login != self.bot_login and fn not in self._user_routes:
+                return (
+                    403,
+                    {"message": "token does not have the required scope", "url": self._doc_url},
+                    {},
+                )
             params = {k: unquote(v) for k, v in match.groupdict().items()}
             try:
                 data = json.loads(body) if body.strip() else {}
@@ -1200,13 +1391,24 @@ class FakeGitea:
             raise ApiError(403, f"user does not have {level} permission on this repository")
 
     def _api_user(self, params, query, data):
-        return 200, self.user(self.bot_login)
+        return 200, self.user(self._who.login)
+
+    def _readable_record(self, params: dict) -> dict:
+        """The repository, if the token's user may read it (404 otherwise, as Gitea)."""
+        record = self._api_repo_record(params)
+        login = self._who.login
+        if self.user(login)["is_admin"] or login == self.bot_login:
+            return record
+        if _rank(self.permission(record["full_name"], login)) < _rank("read"):
+            raise ApiError(404, "repository does not exist")
+        return record
+
+    def _api_repo(self, params, query, data):
+        record = self._readable_record(params)
+        return 200, self._repo_json(record, self._who.login)
 
     def _api_version(self, params, query, data):
         return 200, {"version": GITEA_VERSION}
-
-    def _api_get_repo(self, params, query, data):
-        return 200, self._repo_json(self._api_repo_record(params))
 
     def _api_list_issues(self, params, query, data):
         record = self._api_repo_record(params)
@@ -1437,7 +1639,7 @@ class FakeGitea:
             self.hook_deliveries.append(attempt)
 
     def _api_issue(self, params, query, data):
-        record = self._api_repo_record(params)
+        record = self._readable_record(params)
         return 200, self._issue_view(record, int(params["index"]))
 
     def _api_list_comments(self, params, query, data):
@@ -1542,6 +1744,64 @@ class FakeGitea:
             "repo": self._repo_json(record),
         }
 
+    def _new_pull(
+        self,
+        record: dict,
+        number: int,
+        *,
+        user: dict,
+        title: str,
+        body: str,
+        base: dict,
+        head: dict,
+        merge_base: str,
+        allow_maintainer_edit: bool,
+    ) -> dict:
+        """A new open pull request as Gitea stores and serves it (`PullRequest`)."""
+        full = record["full_name"]
+        now = _now()
+        html = f"{self.url}/{full}/pulls/{number}"
+        return {
+            "id": self._next("pull"),
+            "issue_id": self._next("issue"),
+            "url": html,
+            "number": number,
+            "user": user,
+            "title": title,
+            "body": body,
+            "labels": [],
+            "milestone": None,
+            "assignee": None,
+            "assignees": None,
+            "requested_reviewers": None,
+            "requested_reviewers_teams": None,
+            "state": "open",
+            "draft": False,
+            "is_locked": False,
+            "comments": 0,
+            "review_comments": 0,
+            "additions": 0,
+            "deletions": 0,
+            "changed_files": 0,
+            "html_url": html,
+            "diff_url": html + ".diff",
+            "patch_url": html + ".patch",
+            "mergeable": True,
+            "merged": False,
+            "merged_at": None,
+            "merge_commit_sha": None,
+            "merged_by": None,
+            "allow_maintainer_edit": allow_maintainer_edit,
+            "base": base,
+            "head": head,
+            "merge_base": merge_base,
+            "due_date": None,
+            "created_at": now,
+            "updated_at": now,
+            "closed_at": None,
+            "pin_order": 0,
+        }
+
     def _api_create_pull(self, params, query, data):
         record = self._api_repo_record(params)
         head, base, title = data.get("head"), data.get("base"), data.get("title")
@@ -1571,48 +1831,17 @@ class FakeGitea:
         except subprocess.CalledProcessError:
             merge_base = ""
         number = self._take_number(record)
-        now = _now()
-        html = f"{self.url}/{full}/pulls/{number}"
-        pr = {
-            "id": self._next("pull"),
-            "issue_id": self._next("issue"),
-            "url": html,
-            "number": number,
-            "user": self.user(self.bot_login),
-            "title": title,
-            "body": data.get("body") or "",
-            "labels": [],
-            "milestone": None,
-            "assignee": None,
-            "assignees": None,
-            "requested_reviewers": None,
-            "requested_reviewers_teams": None,
-            "state": "open",
-            "draft": False,
-            "is_locked": False,
-            "comments": 0,
-            "review_comments": 0,
-            "additions": 0,
-            "deletions": 0,
-            "changed_files": 0,
-            "html_url": html,
-            "diff_url": html + ".diff",
-            "patch_url": html + ".patch",
-            "mergeable": True,
-            "merged": False,
-            "merged_at": None,
-            "merge_commit_sha": None,
-            "merged_by": None,
-            "allow_maintainer_edit": bool(data.get("allow_maintainer_edit", False)),
-            "base": self._pull_branch_info(record, base, base_sha),
-            "head": self._pull_branch_info(record, head_branch, head_sha),
-            "merge_base": merge_base,
-            "due_date": None,
-            "created_at": now,
-            "updated_at": now,
-            "closed_at": None,
-            "pin_order": 0,
-        }
+        pr = self._new_pull(
+            record,
+            number,
+            user=self.user(self.bot_login),
+            title=title,
+            body=data.get("body") or "",
+            base=self._pull_branch_info(record, base, base_sha),
+            head=self._pull_branch_info(record, head_branch, head_sha),
+            merge_base=merge_base,
+            allow_maintainer_edit=bool(data.get("allow_maintainer_edit", False)),
+        )
         record["pulls"][number] = pr
         return 201, pr
 

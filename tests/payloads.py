@@ -220,7 +220,10 @@ def comment_payload(
     comment_id: int | None = None,
     repo: str = "acme/widget",
     labels: Iterable[str] = (),
+    pull: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`pull`: the pull request a comment on one carries (as the fake Gitea serves it),
+    instead of a stand-in of kugetsu's own."""
     cid = comment_id if comment_id is not None else next(_ids)
     data: dict[str, Any] = {
         "action": action,
@@ -245,7 +248,7 @@ def comment_payload(
     if action == "edited":
         data["changes"] = {"body": {"from": "old text"}}
     if is_pull:
-        data["pull_request"] = {
+        data["pull_request"] = pull or {
             "id": 900 + number,
             "number": number,
             "title": "PR",
@@ -301,3 +304,11 @@ def comment_delivery(
     body = encode(comment_payload(text, number, is_pull=is_pull, **kw))
     etype = "pull_request_comment" if is_pull else "issue_comment"
     return body, sign(body, event="issue_comment", event_type=etype)
+
+
+def review_delivery(
+    payload: dict[str, Any], event_type: str, event: str
+) -> tuple[bytes, dict[str, str]]:
+    """A submitted review's delivery (`FakeGitea.review_event` gives its parts)."""
+    body = encode(payload)
+    return body, sign(body, event=event, event_type=event_type)

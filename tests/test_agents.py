@@ -1033,3 +1033,44 @@ def test_fake_errors_and_flaky_errors():
         )
         with urllib.request.urlopen(llm.url + "/models", timeout=10) as resp:
             assert json.loads(resp.read())["data"][0]["id"] == "fake-model"
+
+
+def test_a_failures_reason_is_the_line_that_says_what_went_wrong():
+    # stderr and stdout come as one stream; the error is often not in the last lines
+    c = spec("c", c=AgentConfig(name="c", command=("x",)))
+    output = (
+        "starting up\n"
+        "Traceback (most recent call last):\n"
+        '  File "agent.py", line 3, in <module>\n'
+        "\x1b[31mValueError: the model name is not set\x1b[0m\n"
+        "usage: agent [--model NAME] PROMPT\n"
+        "  --model NAME   the model to use\n"
+        "see you\n"
+    )
+    report = agents.parse_output(c, output, 1)
+    assert report.failure == "exited with code 1: ValueError: the model name is not set"
+    # a preset that ended without an error event of its own: its error line, not JSON
+    events = fixture("opencode-success.jsonl").splitlines()[:2]
+    output = "\n".join([*events, "Error: connect ECONNREFUSED 127.0.0.1:4000", "bye"])
+    report = agents.parse_output(spec("opencode"), output, 1)
+    assert report.failure == "exited with code 1: Error: connect ECONNREFUSED 127.0.0.1:4000"
+    # no line reads as an error: the last one
+    assert agents.parse_output(c, "one\ntwo\n", 4).failure == "exited with code 4: two"
+
+
+def test_only_the_agents_whose_program_is_installed_are_available(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    claude = bin_dir / "claude"
+    claude.write_text("#!/bin/sh\n")
+    claude.chmod(0o755)
+    (bin_dir / "codex").write_text("not executable\n")
+    config = AgentsConfig(
+        tables={
+            "mine": AgentConfig(name="mine", command=(str(claude), "{prompt}")),
+            "gone": AgentConfig(name="gone", command=(str(tmp_path / "nope"), "{prompt}")),
+        }
+    )
+    found = agents.available(config, {"PATH": str(bin_dir)})
+    assert found == {"claude", "mine"}
+    assert agents.configured(config) >= {"opencode", "codex", "aider", "gone"}

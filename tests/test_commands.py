@@ -240,3 +240,42 @@ def test_the_largest_budgets_are_accepted():
         f"/kugetsu start --max-tokens {commands.MAX_TOKENS} --max-cost {commands.MAX_COST_USD}"
     )
     assert (c.max_tokens, c.max_cost_usd) == (commands.MAX_TOKENS, commands.MAX_COST_USD)
+
+
+@pytest.mark.parametrize(
+    "body, word, suggestions",
+    [
+        ("/kugetsu stpo", "stpo", ("stop",)),
+        ("/kugetsu retyr", "retry", None),
+        ("/kugetsu Stauts", "Stauts", ("status", "start")),
+        ("/kugetsu --agent claude frobnicate", "frobnicate", ()),
+    ],
+)
+def test_a_lone_word_that_is_no_verb_is_not_a_request(body, word, suggestions):
+    command = parse_comment(body)
+    assert isinstance(command, commands.UnknownVerb)
+    if suggestions is not None:
+        assert (command.word, command.suggestions) == (word, suggestions)
+    else:
+        assert command.suggestions[0] == word
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "/kugetsu fix the flaky test",
+        "/kugetsu fix.",
+        "/kugetsu refactor\nthe parser",
+        "/kugetsu v2",
+    ],
+)
+def test_a_sentence_or_a_word_that_is_not_verb_like_is_still_a_request(body):
+    assert parse_comment(body).verb == AUTO
+
+
+def test_in_a_review_the_word_alone_asks_for_work_on_the_review():
+    alone = parse_comment("/kugetsu", instructions=True)
+    assert (alone.verb, alone.text) == (AUTO, "")
+    assert parse_comment("/kugetsu continue", instructions=True).verb == "continue"
+    assert parse_comment("/kugetsu help", instructions=True).verb == "help"
+    assert isinstance(parse_comment("/kugetsu continue"), CommandError)

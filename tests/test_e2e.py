@@ -169,6 +169,37 @@ def test_label_delivery_leads_to_a_pull_request_and_a_follow_up(service_factory,
     assert TOKEN not in svc.logs()
 
 
+def test_a_review_delivery_becomes_a_follow_up_on_the_same_pull_request(service_factory, gitea):
+    svc = service_factory()
+    n = gitea.create_issue(REPO, "Add a greeting", "Please add a greeting file.")
+    assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
+    wait_for(lambda: gitea.pulls_of(REPO), timeout=60, what="the pull request")
+    [pr] = gitea.pulls_of(REPO)
+    wait_for(lambda: queue_json(svc)[0]["state"] == "completed", timeout=60, what="the first task")
+    before = gitea.branch_sha(REPO, f"kugetsu/issue-{n}")
+    review = gitea.add_review(
+        REPO,
+        pr,
+        "bob",
+        "REQUEST_CHANGES",
+        comments=[{"path": "kugetsu_output.txt", "line": 1, "body": "/kugetsu say more"}],
+    )
+    payload, event_type, event = gitea.review_event(REPO, pr, review)
+    r = svc.post(*payloads.review_delivery(payload, event_type, event))
+    assert (r.status_code, r.json()["reason"]) == (202, "review to read")
+
+    def follow_up_done():
+        tasks = queue_json(svc)
+        return len(tasks) == 2 and tasks[1]["state"] == "completed"
+
+    wait_for(follow_up_done, timeout=60, what="the follow-up for the review")
+    assert queue_json(svc)[1]["kind"] == "continue"
+    after = gitea.branch_sha(REPO, f"kugetsu/issue-{n}")
+    assert gitea.git(REPO, "rev-parse", f"{after}~1").strip() == before
+    assert list(gitea.pulls_of(REPO)) == [pr]
+    wait_for(lambda: gitea.resolved(REPO, pr), timeout=30, what="the conversation resolved")
+
+
 def test_kill_9_in_mid_task_recovers_with_exactly_one_pull_request(
     service_factory, gitea, tmp_path
 ):
@@ -258,7 +289,8 @@ def test_sigterm_stops_agents_and_requeues_their_tasks(service_factory, gitea, t
     assert svc.stop(timeout=30) == 0
     assert process_gone(agent)
     [task] = queue_json(svc)
-    assert (task["state"], task["attempts"]) == ("pending", 0)
+    # put back, not failed: no attempt used up, and no outcome (its comment says "queued again")
+    assert (task["state"], task["attempts"], task["outcome"]) == ("pending", 0, None)
 
 
 def test_replies_past_the_configured_limit_are_a_reaction_alone(service_factory, gitea):
@@ -278,6 +310,27 @@ def test_replies_past_the_configured_limit_are_a_reaction_alone(service_factory,
     )
     answers = [c for c in gitea.comments_on(REPO, n) if "<!-- kugetsu:reply -->" in c["body"]]
     assert len(answers) == 2
+
+
+def test_help_and_agent_names_are_the_agents_installed(service_factory, gitea, tmp_path):
+    ghost = {"command": [str(tmp_path / "not-installed"), "{prompt}"]}
+    svc = service_factory(agents={"ghost": ghost})
+    n = gitea.create_issue(REPO, "Curious", "What can it do?")
+    for text in ("/kugetsu help", "/kugetsu --agent ghost add a file"):
+        comment = gitea.add_comment(REPO, n, text, login="alice")
+        body, headers = payloads.comment_delivery(text, n, comment_id=comment["id"])
+        assert svc.post(body, headers).status_code == 202
+
+    def answers():
+        return [c["body"] for c in gitea.comments_on(REPO, n) if "kugetsu:reply" in c["body"]]
+
+    wait_for(lambda: len(answers()) == 2, timeout=30, what="both replies")
+    help_reply, refusal = answers()
+    assert "`fake` (the default)" in help_reply and "`ghost`" not in help_reply
+    assert "there is no agent named `ghost` here. Available:" in refusal
+    assert "`fake`" in refusal.split("Available:")[1]
+    assert "`ghost`" not in refusal.split("Available:")[1]
+    assert queue_json(svc) == []
 
 
 def test_bad_deliveries_get_clear_errors_and_change_nothing(service_factory, gitea):
@@ -386,7 +439,8 @@ def test_worker_stops_its_agents_when_the_receiver_dies(service_factory, gitea, 
         what="the worker and its agent to stop",
     )
     [task] = queue_json(svc)
-    assert (task["state"], task["attempts"]) == ("pending", 0)
+    # put back, not failed: no attempt used up, and no outcome (its comment says "queued again")
+    assert (task["state"], task["attempts"], task["outcome"]) == ("pending", 0, None)
 
 
 def nice_of(pid: int) -> int:

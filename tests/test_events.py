@@ -228,3 +228,69 @@ def test_delivery_headers():
     with pytest.raises(WebhookError):
         events.delivery_of({}, body)
     assert events.delivery_of({"X-Gitea-Event": "issues"}, body).id.startswith("sha256:")
+
+
+def review_data(event_type="pull_request_review_rejected", content=None, **changes):
+    data = {
+        "action": "reviewed",
+        "number": 13,
+        "pull_request": {"number": 13, "head": {"ref": "kugetsu/issue-7"}},
+        "requested_reviewer": None,
+        "repository": payloads.repository(permission="admin"),
+        "sender": payloads.user("bob"),
+        "commit_id": "",
+        "review": {"type": event_type, "content": content},
+    }
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize(
+    "event, event_type, state",
+    [
+        ("pull_request_approved", "pull_request_review_approved", "APPROVED"),
+        ("pull_request_rejected", "pull_request_review_rejected", "REQUEST_CHANGES"),
+        # `pull_request_comment` as X-Gitea-Event is a review comment, not a PR comment
+        ("pull_request_comment", "pull_request_review_comment", "COMMENT"),
+        # a sender without event types: the event names the state alone
+        ("pull_request_rejected", "pull_request_rejected", "REQUEST_CHANGES"),
+    ],
+)
+def test_a_submitted_review_is_parsed_without_an_id_or_its_line_comments(event, event_type, state):
+    data = review_data(event_type if event_type.startswith("pull_request_review") else event)
+    parsed = events.parse(Delivery("d", event, event_type), data)
+    assert parsed == events.ReviewEvent("acme/widget", 13, state, "", "bob")
+    assert events.REVIEW_EVENTS == ("pull_request_review",)  # the hook API's name for them
+
+
+def test_review_deliveries_of_another_shape():
+    ignored = events.parse(
+        Delivery("d", "pull_request_approved", "pull_request_review_approved"),
+        review_data(action="dismissed"),
+    )
+    assert isinstance(ignored, Ignored)
+    no_number = review_data()
+    del no_number["pull_request"]
+    for bad in (review_data(review="x"), review_data(content=5), no_number):
+        with pytest.raises(WebhookError) as exc:
+            events.parse(
+                Delivery("d", "pull_request_rejected", "pull_request_review_rejected"), bad
+            )
+        assert exc.value.status == 400
+
+
+def test_a_comment_on_a_pull_request_carries_where_its_commits_live():
+    pull = {
+        "number": 21,
+        "head": {"ref": "fix", "repo": {"full_name": "carol/widget"}},
+        "allow_maintainer_edit": True,
+    }
+    data = payloads.comment_payload("/kugetsu x", 21, is_pull=True, pull=pull)
+    event = events.parse(Delivery("d", "issue_comment", "pull_request_comment"), data)
+    assert event.pull == events.PullHead("carol/widget", "fix", True)
+    pull["head"]["repo"] = None  # the fork was deleted
+    event = events.parse(Delivery("d", "issue_comment", "pull_request_comment"), data)
+    assert event.pull == events.PullHead(None, "fix", True)
+    pull["head"]["repo"] = {"full_name": "../x"}
+    with pytest.raises(WebhookError):
+        events.parse(Delivery("d", "issue_comment", "pull_request_comment"), data)

@@ -417,6 +417,35 @@ def test_create_pull(rsps, client):
     }
 
 
+def test_reviews_are_listed_page_by_page_then_their_comments_read(rsps, client):
+    # GET /repos/{owner}/{repo}/pulls/{index}/reviews (page, limit), then
+    # GET /repos/{owner}/{repo}/pulls/{index}/reviews/{id}/comments
+    full = [{"id": i, "state": "COMMENT"} for i in range(1, 51)]
+    for page, items in ((1, full), (2, [{"id": 51, "state": "APPROVED"}])):
+        rsps.get(
+            REPO + "/pulls/13/reviews",
+            json=items,
+            match=[matchers.query_param_matcher({"page": str(page), "limit": "50"})],
+        )
+    assert [r["id"] for r in client.list_reviews("acme", "widget", 13)] == list(range(1, 52))
+    rsps.get(REPO + "/pulls/13/reviews/51/comments", json=[{"id": 7, "path": "a.py"}])
+    assert client.review_comments("acme", "widget", 13, 51) == [{"id": 7, "path": "a.py"}]
+
+
+def test_resolve_a_review_comments_conversation(rsps, client):
+    # POST /repos/{owner}/{repo}/pulls/comments/{id}/resolve answers 204
+    rsps.post(REPO + "/pulls/comments/7/resolve", status=204)
+    assert client.resolve_review_comment("acme", "widget", 7) is None
+    rsps.post(REPO + "/pulls/comments/8/resolve", json=error_body("not a code comment"), status=400)
+    with pytest.raises(GiteaError):
+        client.resolve_review_comment("acme", "widget", 8)
+
+
+def test_get_pull(rsps, client):
+    rsps.get(REPO + "/pulls/13", json=pull())
+    assert client.get_pull("acme", "widget", 13)["number"] == 13
+
+
 def test_edit_pull_sends_only_given_fields(rsps, client):
     rsps.patch(REPO + "/pulls/13", json=pull(), status=201)
     rsps.patch(REPO + "/pulls/13", json=pull(state="closed"), status=201)
@@ -660,6 +689,11 @@ PATH_CALLS = [
     ("find_pull", ["acme", "widget", "main", "kugetsu/issue-7"], 2),
     ("find_pull", ["acme", "widget", "main", "kugetsu/issue-7"], 3),
     ("edit_pull", ["acme", "widget", 7], 2),
+    ("get_pull", ["acme", "widget", 7], 2),
+    ("list_reviews", ["acme", "widget", 7], 2),
+    ("review_comments", ["acme", "widget", 7, 3], 2),
+    ("review_comments", ["acme", "widget", 7, 3], 3),
+    ("resolve_review_comment", ["acme", "widget", 5], 2),
 ]
 HOSTILE_TEXT = [
     "..",
@@ -693,7 +727,8 @@ def _paths(method, args, value, at):
     client = GiteaClient(BASE, TOKEN, retries=0, sleep=lambda s: None)
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         for verb in ("GET", "POST", "PATCH"):
-            answer = [] if method == "list_comments" else {"permission": "read"}
+            listing = method in ("list_comments", "list_reviews", "review_comments")
+            answer = [] if listing else {"permission": "read"}
             mock.add(verb, re.compile(r".*"), json=answer)
         args = list(args)
         args[at] = value

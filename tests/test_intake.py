@@ -1,8 +1,11 @@
 """Intake rules: label transitions, every verb, loop guards, dedupe, PR mapping."""
 
+import json
+from dataclasses import replace
+
 import pytest
 
-from bot.core import events, intake
+from bot.core import events, intake, reviews
 from bot.core.events import Delivery
 from bot.core.intake import Rules
 from bot.core.outbox import OutboxItem
@@ -157,8 +160,8 @@ class FakeView:
         return self.replies
 
 
-def decide_comment(text, view=None, **kw):
-    data = payloads.comment_payload(text, **kw)
+def decide_comment(text, view=None, number=7, **kw):
+    data = payloads.comment_payload(text, number, **kw)
     event = events.parse(Delivery("d", "issue_comment", "issue_comment"), data)
     return intake.decide(event, RULES, view or FakeView())
 
@@ -258,9 +261,77 @@ def test_comment_on_kugetsu_pull_request_acts_on_its_issue(store):
     assert (follow.issue, follow.kind) == (7, Kind.CONTINUE)
 
 
-def test_comment_on_another_pull_request_is_ignored(store):
-    result = comment(store, "/kugetsu start", 21, is_pull=True)
-    assert not result.queued and "not opened by kugetsu" in result.reason
+def test_a_request_on_a_persons_pull_request_is_work_on_that_pull_request(store):
+    # a pull request kugetsu did not open is its own issue: the runner works on its branch
+    result = comment(store, "/kugetsu start add a test", 21, is_pull=True)
+    [task] = tasks(store)
+    assert (task.issue, task.kind, task.prompt, task.answer_on) == (
+        21,
+        Kind.START,
+        "add a test",
+        None,
+    )
+    assert result.task_ids == (task.id,)
+
+
+def test_a_request_typed_on_kugetsus_pull_request_is_answered_there_too(store):
+    store.set_issue(None, "acme/widget", 7, pr_number=13)
+    comment(store, "/kugetsu start", 13, is_pull=True)
+    [task] = tasks(store)
+    assert (task.issue, task.answer_on) == (7, 13)
+
+
+def pull_head(repo, *, edits=False, gone=False):
+    head = {"ref": "fix", "repo": None if gone else {"full_name": repo}}
+    return {"number": 21, "head": head, "base": {"ref": "main"}, "allow_maintainer_edit": edits}
+
+
+@pytest.mark.parametrize(
+    "pull, refused",
+    [
+        (pull_head("acme/widget"), False),
+        (pull_head("carol/widget", edits=True), False),
+        (pull_head("carol/widget"), True),
+        (pull_head("carol/widget", edits=True, gone=True), True),
+    ],
+)
+def test_a_fork_kugetsu_may_not_push_to_gets_a_reply_instead_of_work(pull, refused):
+    d = decide_comment("/kugetsu tidy it up", number=21, is_pull=True, pull=pull)
+    work = [i for i in d.intents if isinstance(i, intake.Enqueue)]
+    assert bool(work) is not refused
+    if refused:
+        assert "cannot work on this pull request" in d.intents[-1].body
+        assert d.intents[-1].issue == 21  # answered on the pull request
+    # anything but a request for work is answered as anywhere
+    assert kinds(decide_comment("/kugetsu status", number=21, is_pull=True, pull=pull))[-1] == (
+        "OutboxItem",
+        "status",
+    )
+
+
+@pytest.mark.parametrize(
+    "text, guess",
+    [
+        ("/kugetsu stpo", "did you mean `stop`?"),
+        ("/kugetsu frobnicate", "is not a kugetsu command."),
+    ],
+)
+def test_a_lone_unknown_word_gets_did_you_mean_and_the_help_not_a_run(text, guess):
+    d = decide_comment(text, view=FakeView(has=True))
+    assert not [i for i in d.intents if isinstance(i, intake.Enqueue)]
+    reply = d.intents[-1]
+    assert guess in reply.body and "/kugetsu continue <instructions>" in reply.body
+    assert not reply.needs_permission
+    # a sentence is still a request
+    d = decide_comment("/kugetsu make the timer stop drifting", view=FakeView(has=True))
+    assert d.intents[-1].kind is Kind.CONTINUE
+
+
+def test_help_lists_the_agents_installed():
+    d = decide_comment("/kugetsu help")
+    assert (
+        "Agents available for `--agent`: `claude`, `opencode` (the default)." in d.intents[-1].body
+    )
 
 
 # ------------------------------------------------------------------ dedupe
@@ -385,3 +456,115 @@ def test_reply_limit_counts_in_the_database_per_user_issue_and_window(tmp_path):
 def test_start_or_continue(asked, has_task, active, expected):
     view = FakeView(has=has_task, active=active)
     assert intake.start_or_continue(view, "acme/widget", 7, asked) == expected
+
+
+# ------------------------------------------------------------------ reviews
+
+
+def review_delivery(state="COMMENT", content="", sender="bob", number=13):
+    event_type = {"APPROVED": "approved", "REQUEST_CHANGES": "rejected", "COMMENT": "comment"}
+    data = {
+        "action": "reviewed",
+        "number": number,
+        "pull_request": {"number": number, "user": payloads.user("kugetsu-bot")},
+        "requested_reviewer": None,
+        "repository": payloads.repository(permission="admin"),  # the PR author's
+        "sender": payloads.user(sender),
+        "commit_id": "",
+        "review": {"type": f"pull_request_review_{event_type[state]}", "content": content},
+    }
+    delivery = Delivery("d", "pull_request_comment", f"pull_request_review_{event_type[state]}")
+    return events.parse(delivery, data)
+
+
+def test_a_review_of_kugetsus_pull_request_is_left_for_the_worker_to_read():
+    event = review_delivery("REQUEST_CHANGES", "")
+    assert (event.state, event.body, event.sender) == ("REQUEST_CHANGES", "", "bob")
+    d = intake.decide(event, RULES, FakeView(prs={13: 7}))
+    [item] = d.intents
+    assert (item.kind, item.issue, item.target, item.requested_by) == ("review", 7, 13, "bob")
+    assert json.loads(item.body) == {"state": "REQUEST_CHANGES", "body": ""}
+    assert item.permission_hint is None  # never the delivery's, which is the PR author's
+    # not kugetsu's pull request, or kugetsu's own review: nothing
+    assert intake.decide(event, RULES, FakeView()).intents == []
+    own = review_delivery(sender="kugetsu-bot")
+    assert intake.decide(own, RULES, FakeView(prs={13: 7})).intents == []
+
+
+def a_review(*texts, state="COMMENT", body=""):
+    comments = [
+        {
+            "id": 100 + i,
+            "path": f"f{i}.py",
+            "position": i + 1,
+            "body": text,
+            "user": {"login": "bob"},
+        }
+        for i, text in enumerate(texts)
+    ]
+    listed = {"id": 5, "state": state, "body": body, "user": {"login": "bob"}}
+    return reviews.from_api(listed, comments)
+
+
+def decide_review(review, *, allowed=True, rules=RULES, view=None):
+    request = intake.ReviewRequest(
+        "acme/widget",
+        13,
+        review,
+        permission="write" if allowed else None,
+        allowed=allowed,
+        refusal=""
+        if allowed
+        else "@bob needs write access to acme/widget to use kugetsu (has read)",
+    )
+    return intake.decide(request, rules, view or FakeView(prs={13: 7}, has=True))
+
+
+def test_a_review_with_a_command_in_a_line_comment_asks_for_a_follow_up():
+    d = decide_review(a_review("just a remark", "/kugetsu use a constant here"))
+    [work] = [i for i in d.intents if isinstance(i, intake.Enqueue)]
+    assert (work.issue, work.kind, work.prompt, work.answer_on) == (
+        7,
+        Kind.CONTINUE,
+        "use a constant here",
+        13,
+    )
+    assert [c["path"] for c in work.review["comments"]] == ["f0.py", "f1.py"]
+    assert work.permission == "write"
+    # a command word alone in a review asks for work on it, not for help
+    alone = decide_review(a_review("/kugetsu"))
+    assert [i.kind for i in alone.intents if isinstance(i, intake.Enqueue)] == [Kind.CONTINUE]
+
+
+@pytest.mark.parametrize("state", ["APPROVED", "REQUEST_CHANGES", "COMMENT"])
+def test_a_review_in_any_state_with_a_command_in_its_text_asks_for_a_follow_up(state):
+    d = decide_review(a_review(state=state, body="Looks fine.\n/kugetsu add a changelog line"))
+    [work] = [i for i in d.intents if isinstance(i, intake.Enqueue)]
+    assert (work.kind, work.prompt, work.review["state"]) == (
+        Kind.CONTINUE,
+        "add a changelog line",
+        state,
+    )
+
+
+def test_a_review_is_read_for_commands_only_where_readers_see_them():
+    assert decide_review(a_review("> /kugetsu fix it", "`/kugetsu` is the word")).intents == []
+
+
+def test_a_review_from_someone_who_may_not_ask_is_answered_why_and_does_nothing():
+    d = decide_review(a_review("/kugetsu fix it"), allowed=False)
+    assert not [i for i in d.intents if isinstance(i, intake.Enqueue)]
+    assert "Not done: @bob needs write access" in d.intents[-1].body
+    assert d.intents[-1].issue == 13  # on the pull request
+
+
+def test_changes_requested_ask_for_a_follow_up_only_when_configured():
+    changes = a_review(state="REQUEST_CHANGES", body="Rename it.")
+    assert decide_review(changes).intents == []
+    on = replace(RULES, review_changes=True)
+    [work] = [i for i in decide_review(changes, rules=on).intents if isinstance(i, intake.Enqueue)]
+    assert (work.kind, work.prompt, work.review["body"]) == (Kind.CONTINUE, "", "Rename it.")
+    # from someone who may not ask: nothing at all, not even a reply
+    assert decide_review(changes, rules=on, allowed=False).intents == []
+    # an approval or a comment is not a request for changes
+    assert decide_review(a_review(state="APPROVED", body="ok"), rules=on).intents == []

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace as dc_replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
 import pytest
 import responses
 
-from bot.config import ConfigError, load
+from bot.config import AgentConfig, ConfigError, load
 from bot.core import events
 from bot.core import reconcile as core
 from bot.core.events import CommentEvent, IssueEvent
@@ -285,6 +286,23 @@ def test_a_follow_up_written_on_kugetsus_pull_request_is_found_too(h):
     h.settle(follow)
     assert h.store.get(follow).outcome is Outcome.SUCCEEDED
     assert len(h.gitea.pulls_of(REPO)) == 1
+
+
+def test_a_found_command_may_name_only_an_agent_installed_as_a_delivered_one(h):
+    ghost = AgentConfig(name="ghost", command=("/nonexistent/ghost", "{prompt}"))
+    tables = {**h.config.agents.tables, "ghost": ghost}
+    h.rebuild(config=dc_replace(h.config, agents=dc_replace(h.config.agents, tables=tables)))
+    served(h)
+    h.worker.reconcile()
+    n = h.issue()
+    h.gitea.add_comment(REPO, n, "/kugetsu --agent ghost add a file", login="bob")
+
+    report = h.worker.reconcile()
+
+    assert report.tasks == [] and tasks_of(h, n) == []
+    h.worker.run_tick()
+    [reply] = [c["body"] for c in h.gitea.comments_on(REPO, n) if "kugetsu:reply" in c["body"]]
+    assert "there is no agent named `ghost` here" in reply
 
 
 def test_a_label_removed_unseen_is_remembered_so_adding_it_again_starts_work(h):

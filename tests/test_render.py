@@ -9,7 +9,7 @@ import pytest
 
 from bot.config import Config, GiteaConfig, ServerConfig
 from bot.core import render
-from bot.core.commands import CommandError
+from bot.core.commands import CommandError, UnknownVerb
 from bot.core.render import QueueLoad, QueueView
 from bot.core.tasks import Kind, Outcome, State, Task
 
@@ -52,7 +52,7 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
             "⏳ **Queued**: position 2 in the queue, 3 of 3 agents busy."
         ),
@@ -65,7 +65,7 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
             "⏳ **Queued**: 1 of 3 agents busy."
         ),
@@ -80,7 +80,7 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
             "🔁 **Retrying**: attempt 1 of 3 ended with `timed_out` (ran too long). Next attempt not before 2027-01-15 08:03:20 UTC; position 2 in the queue, 3 of 3 agents busy."
         ),
@@ -93,7 +93,7 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
             "🛠️ **Working**: agent `opencode`, attempt 2 of 3, started 2027-01-15 08:00:00 UTC · [log]({LOG})."
         ),
@@ -106,7 +106,7 @@ TRACKING = [
         NO_PUBLIC_URL,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
             "🛠️ **Working**: agent `opencode`, attempt 1 of 3, started 2027-01-15 08:00:00 UTC."
         ),
@@ -119,7 +119,7 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
             "🛠️ **Working**: agent `opencode`, attempt 1 of 3, started 2027-01-15 08:00:00 UTC · [log]({LOG}).\n"
             "\n"
@@ -134,7 +134,7 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
             "🚫 **Not started**: @eve needs write access to acme/widget"
         ),
@@ -147,9 +147,9 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
-            "🛑 **Stopped** by @bob."
+            "🛑 **Stopped** by @bob. It had not started."
         ),
         id="stopped",
     ),
@@ -160,9 +160,9 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
-            "🛑 **Stopped** from the kugetsu command line."
+            "🛑 **Stopped** from the kugetsu command line. It had not started."
         ),
         id="stopped from the command line",
     ),
@@ -181,7 +181,7 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
             "✅ **Done**: pull request #9, 3 files changed.\n"
             "\n"
@@ -206,7 +206,7 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
             "✅ **Done**: pull request #9, 1 file changed.\n"
             "\n"
@@ -223,7 +223,7 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
             "➖ **No changes**: the agent finished without changing any files, so there is no pull request.\n"
             "\n"
@@ -247,7 +247,7 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
             "❌ **Failed** (`agent_failed`) after 3 attempts: exit code 3 with [redacted]\n"
             "\n"
@@ -276,7 +276,7 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
             "❌ **Failed** (`infra_error`) after 1 attempt: git: push refused\n"
             "\n"
@@ -285,6 +285,78 @@ TRACKING = [
             "<sub>agent `opencode` · took 2m05s · attempt 1 of 3 · [log]({LOG})</sub>"
         ),
         id="failed, one attempt, no log",
+    ),
+    pytest.param(
+        dict(state=State.CANCELLED, cancel_requested_by="bob", attempts=1),
+        QueueView(None, 0, 3),
+        "",
+        CONFIG,
+        (
+            "<!-- kugetsu:task=12 -->\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
+            "\n"
+            "🛑 **Stopped** by @bob.\n"
+            "\n"
+            "<sub>agent `opencode` · took 2m05s · attempt 1 of 3 · [log]({LOG})</sub>"
+        ),
+        id="stopped while working: its run time and log",
+    ),
+    pytest.param(
+        dict(error="kugetsu was shut down"),
+        QueueView(1, 0, 3),
+        "",
+        CONFIG,
+        (
+            "<!-- kugetsu:task=12 -->\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
+            "\n"
+            "⏳ **Queued again** (kugetsu was shut down): position 1 in the queue, 0 of 3 agents busy."
+        ),
+        id="put back by a clean shutdown: requeued, no outcome",
+    ),
+    pytest.param(
+        dict(
+            kind=Kind.CONTINUE,
+            state=State.COMPLETED,
+            outcome=Outcome.NO_CHANGES,
+            attempts=1,
+            pr_number=9,
+        ),
+        QueueView(None, 0, 3),
+        "",
+        CONFIG,
+        (
+            "<!-- kugetsu:task=12 -->\n"
+            "**kugetsu** · task 12 (continue, requested by @alice)\n"
+            "\n"
+            "➖ **No changes**: the agent finished without changing any files; pull request #9 is as it was.\n"
+            "\n"
+            "<sub>agent `opencode` · took 2m05s · attempt 1 of 3 · [log]({LOG})</sub>"
+        ),
+        id="no changes on an issue with a pull request",
+    ),
+    pytest.param(
+        dict(
+            issue=21,
+            state=State.COMPLETED,
+            outcome=Outcome.SUCCEEDED,
+            attempts=1,
+            pr_number=21,
+            branch="feature/greet",
+            files_changed=2,
+        ),
+        QueueView(None, 0, 3),
+        "",
+        CONFIG,
+        (
+            "<!-- kugetsu:task=12 -->\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
+            "\n"
+            "✅ **Done**: pushed to this pull request's branch `feature/greet`, 2 files changed.\n"
+            "\n"
+            "<sub>agent `opencode` · took 2m05s · attempt 1 of 3 · [log]({LOG})</sub>"
+        ),
+        id="done on a person's pull request",
     ),
     pytest.param(
         dict(
@@ -299,7 +371,7 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, requested by @alice)\n"
+            "**kugetsu** · task 12 (start, requested by @alice)\n"
             "\n"
             "⚠️ **Not started**: the agent `opencode` is not installed where kugetsu runs "
             "(cannot start agent 'opencode': command not found (No such file or directory)).\n"
@@ -317,7 +389,7 @@ TRACKING = [
         CONFIG,
         (
             "<!-- kugetsu:task=12 -->\n"
-            "**kugetsu** · task #12 (start, from the command line)\n"
+            "**kugetsu** · task 12 (start, requested from the command line)\n"
             "\n"
             "⏳ **Queued**: position 1 in the queue, 0 of 3 agents busy."
         ),
@@ -358,7 +430,7 @@ PR_BODY = [
             "```\n"
             "\n"
             "---\n"
-            "Written by kugetsu · task #12 · agent `opencode` · 1 file changed · 5 tokens in, 6 out · [task log]({LOG})\n"
+            "Written by kugetsu · task 12 · agent `opencode` · 1 file changed · 5 tokens in, 6 out · [task log]({LOG})\n"
             "<!-- kugetsu:task=12 -->"
         ),
         id="summary and usage",
@@ -372,7 +444,7 @@ PR_BODY = [
             "Closes #7\n"
             "\n"
             "---\n"
-            "Written by kugetsu · task #12 · agent `opencode` · 4 files changed · [task log]({LOG})\n"
+            "Written by kugetsu · task 12 · agent `opencode` · 4 files changed · [task log]({LOG})\n"
             "<!-- kugetsu:task=12 -->"
         ),
         id="no summary",
@@ -390,7 +462,7 @@ PR_BODY = [
             "```\n"
             "\n"
             "---\n"
-            "Written by kugetsu · task #12 · agent `opencode` · 2 files changed · cost $0.5000\n"
+            "Written by kugetsu · task 12 · agent `opencode` · 2 files changed · cost $0.5000\n"
             "<!-- kugetsu:task=12 -->"
         ),
         id="no public URL",
@@ -406,14 +478,132 @@ def test_pull_request_body(summary, files, usage, config, expected):
 
 def test_follow_up_comment_on_a_pull_request_it_did_not_open():
     follow_up = task(id=14, kind=Kind.CONTINUE, requested_by="bob")
+    from_shell = task(id=15, kind=Kind.CONTINUE, requested_by="cli")
+    assert "@cli" not in render.follow_up(from_shell, CONFIG, summary="", files_changed=1)
     assert render.follow_up(follow_up, CONFIG, summary="Fixed the test.", files_changed=2) == (
         "<!-- kugetsu:follow-up=14 -->\n"
-        "Pushed a follow-up for @bob (task #14, 2 files changed in this pull request so far).\n"
+        "Pushed a follow-up requested by @bob (task 14, 2 files changed in this pull request so far).\n"
         "\n"
         "```text\n"
         "Fixed the test.\n"
         "```"
     )
+
+
+def test_a_follow_up_answers_a_review_comment_by_comment():
+    review = {
+        "id": 5,
+        "state": "REQUEST_CHANGES",
+        "body": "",
+        "user": "bob",
+        "comments": [
+            {"id": 31, "path": "app.py", "line": 3, "old_side": False, "body": "x"},
+            {"id": 32, "path": "a`b.md", "line": 7, "old_side": True, "body": "y"},
+            {"id": 33, "path": "docs.md", "line": 0, "old_side": False, "body": "z"},
+        ],
+    }
+    follow_up = task(id=14, kind=Kind.CONTINUE, requested_by="bob", review=review)
+    text = render.review_answer(
+        follow_up,
+        CONFIG,
+        summary="1: fixed. 2: left. 3: left.",
+        files_changed=2,
+        changed=["app.py", "docs.md"],
+        resolved=[31],
+    )
+    assert text == (
+        "<!-- kugetsu:follow-up=14 -->\n"
+        "@bob: pushed a follow-up for your review (changes requested), task 14, 2 files "
+        "changed in this pull request so far.\n"
+        "\n"
+        "1. `app.py` line 3: its file changed in this push; conversation resolved\n"
+        "2. `a'b.md` line 7 of the old file: its file did not change in this push\n"
+        "3. `docs.md` (the whole file): its file changed in this push\n"
+        "\n"
+        "```text\n"
+        "1: fixed. 2: left. 3: left.\n"
+        "```"
+    )
+
+
+# ------------------------------------------------------------------ where it was asked
+
+# (the task's fields) -> its result, posted where it was asked (render.answer), or None
+# when it is not due there (render.answer_due)
+ANSWERS = [
+    pytest.param(
+        dict(
+            answer_on=21,
+            state=State.COMPLETED,
+            outcome=Outcome.SUCCEEDED,
+            attempts=1,
+            pr_number=21,
+            files_changed=2,
+            summary="Did it.",
+        ),
+        (
+            "<!-- kugetsu:answer=12 -->\n"
+            "@alice: task 12 (start) has ended. ✅ **Done**: pull request #21, 2 files changed.\n"
+            "\n"
+            "```text\n"
+            "Did it.\n"
+            "```\n"
+            "\n"
+            "Its tracking comment on #7 has the details."
+        ),
+        id="a start typed on the pull request",
+    ),
+    pytest.param(
+        dict(
+            answer_on=7,
+            state=State.FAILED,
+            outcome=Outcome.AGENT_FAILED,
+            attempts=3,
+            error="exited with code 3: tok-ABCDEF123",
+        ),
+        (
+            "<!-- kugetsu:answer=12 -->\n"
+            "@alice: task 12 (start) has ended. ❌ **Failed** (`agent_failed`) after 3 attempts: "
+            "exited with code 3: [redacted]\n"
+            "\n"
+            "Its tracking comment above has the details."
+        ),
+        id="a retry asked on the issue, failed",
+    ),
+    pytest.param(
+        dict(answer_on=21, state=State.CANCELLED, cancel_requested_by="bob", attempts=1),
+        (
+            "<!-- kugetsu:answer=12 -->\n"
+            "@alice: task 12 (start) has ended. 🛑 **Stopped** by @bob.\n"
+            "\n"
+            "Its tracking comment on #7 has the details."
+        ),
+        id="stopped",
+    ),
+    pytest.param(
+        dict(
+            answer_on=21,
+            kind=Kind.CONTINUE,
+            state=State.COMPLETED,
+            outcome=Outcome.SUCCEEDED,
+            pr_number=21,
+        ),
+        None,
+        id="a follow-up that pushed: its comment on the pull request says so already",
+    ),
+    pytest.param(dict(answer_on=21, state=State.RUNNING), None, id="still running"),
+    pytest.param(dict(answer_on=21, state=State.REJECTED), None, id="refused"),
+    pytest.param(dict(state=State.FAILED), None, id="asked where its comment is"),
+    pytest.param(dict(answer_on=21, state=State.FAILED, answer_id=77), None, id="answered already"),
+]
+
+
+@pytest.mark.parametrize("fields, expected", ANSWERS)
+def test_answers_where_it_was_asked(fields, expected):
+    the_task = task(**fields)
+    assert render.answer_due(the_task) is (expected is not None)
+    if expected is not None:
+        assert render.answer(the_task, CONFIG) == expected
 
 
 # ------------------------------------------------------------------ replies to commands
@@ -423,12 +613,12 @@ SENDER = "bob"
 REPLIES = [
     pytest.param(
         lambda: render.already_active(SENDER, task(id=3)),
-        "@bob kugetsu is already queued on this issue (task #3). Use `continue <instructions>` to follow up, or `stop` to stop it.",
+        "@bob kugetsu is already queued on this issue (task 3). Use `continue <instructions>` to follow up, or `stop` to stop it.",
         id="already queued",
     ),
     pytest.param(
         lambda: render.already_active(SENDER, task(id=4, state=State.RUNNING)),
-        "@bob kugetsu is already running on this issue (task #4). Use `continue <instructions>` to follow up, or `stop` to stop it.",
+        "@bob kugetsu is already running on this issue (task 4). Use `continue <instructions>` to follow up, or `stop` to stop it.",
         id="already running",
     ),
     pytest.param(
@@ -441,8 +631,38 @@ REPLIES = [
     ),
     pytest.param(
         lambda: render.unknown_agent(SENDER, "nope", {"opencode", "claude"}),
-        "@bob there is no agent named `nope`. Configured: claude, opencode.",
+        "@bob there is no agent named `nope` here. Available: `claude`, `opencode`.",
         id="unknown agent",
+    ),
+    pytest.param(
+        lambda: render.unknown_verb(SENDER, UnknownVerb("stpo", ("stop",)), "HELP"),
+        "@bob `stpo` is not a kugetsu command; did you mean `stop`? Nothing was started: to ask for work, write a sentence of instructions.\n\nHELP",
+        id="a typo of a verb",
+    ),
+    pytest.param(
+        lambda: render.unknown_verb(SENDER, UnknownVerb("frob`nicate"), "HELP"),
+        "@bob `frob'nicate` is not a kugetsu command. Nothing was started: to ask for work, write a sentence of instructions.\n\nHELP",
+        id="an unknown word",
+    ),
+    pytest.param(
+        lambda: render.fork_not_editable(SENDER, "carol/widget"),
+        '@bob kugetsu cannot work on this pull request: its branch is in the fork carol/widget, whose author has not allowed edits by maintainers (the pull request\'s "Allow edits from maintainers"), so kugetsu cannot push to it. Nothing was started.',
+        id="a fork without edits by maintainers",
+    ),
+    pytest.param(
+        lambda: render.fork_not_editable(SENDER, None),
+        "@bob kugetsu cannot work on this pull request: its branch is in a fork that no longer exists, so kugetsu cannot push to it. Nothing was started.",
+        id="a fork that is gone",
+    ),
+    pytest.param(
+        lambda: render.retry_queued(task(id=5), "bob", 7),
+        "@bob: task 5 is queued again with fresh attempts; its result will be posted here when it ends.",
+        id="retry, asked on the issue",
+    ),
+    pytest.param(
+        lambda: render.retry_queued(task(id=5), "bob", 21),
+        "@bob: task 5 is queued again with fresh attempts; its result will be posted here when it ends. Its tracking comment is on #7.",
+        id="retry, asked on the pull request",
     ),
     pytest.param(
         lambda: render.reply(render.NOTHING_TO_STOP, ()),
@@ -458,7 +678,7 @@ REPLIES = [
         lambda: render.reply(render.retry_blocked(task(id=5)), ()),
         (
             "<!-- kugetsu:reply -->\n"
-            "Task #5 is still active on this issue; stop it first or wait for it to finish."
+            "Task 5 is still active on this issue; stop it first or wait for it to finish."
         ),
         id="retry blocked",
     ),
@@ -485,9 +705,9 @@ REPLIES = [
             "\n"
             "| task | kind | state | outcome | attempts | PR |\n"
             "|---|---|---|---|---|---|\n"
-            "| #1 | start | failed | agent_failed | 3/3 |  |\n"
-            "| #2 | continue | completed | succeeded | 1/3 | #9 |\n"
-            "| #3 | start | pending |  | 0/3 |  |\n"
+            "| 1 | start | failed | agent_failed | 3/3 |  |\n"
+            "| 2 | continue | completed | succeeded | 1/3 | #9 |\n"
+            "| 3 | start | pending |  | 0/3 |  |\n"
             "\n"
             "Agents busy: 2 of 3; tasks waiting: 5."
         ),
@@ -501,9 +721,9 @@ REPLIES = [
             "\n"
             "| task | kind | state | outcome | attempts | PR |\n"
             "|---|---|---|---|---|---|\n"
-            "| #1 | start | failed | agent_failed | 3/3 |  |\n"
-            "| #2 | continue | completed | succeeded | 1/3 | #9 |\n"
-            "| #3 | start | pending |  | 0/3 |  |"
+            "| 1 | start | failed | agent_failed | 3/3 |  |\n"
+            "| 2 | continue | completed | succeeded | 1/3 | #9 |\n"
+            "| 3 | start | pending |  | 0/3 |  |"
         ),
         id="status, without the queue",
     ),
@@ -535,12 +755,14 @@ REPLIES = [
             "- `--max-tokens ...`: stop the agent when it has used this many tokens (at most 1,000,000,000,000)\n"
             "- `--max-cost ...`: stop the agent when it has cost this many USD (at most 1,000,000)\n"
             "\n"
+            "On a pull request kugetsu opened, a review whose text or line comments hold a `/kugetsu` line is answered with a follow-up that gets every line comment. On a pull request a person opened, `/kugetsu <instructions>` adds commits to its branch.\n"
+            "\n"
             "Quoted lines, code blocks and HTML comments are never read as commands. Starting, following up, stopping and retrying need write access to the repository."
         ),
         id="help",
     ),
     pytest.param(
-        lambda: render.help_text("/bot", "ai"),
+        lambda: render.help_text("/bot", "ai", {"fake", "aider"}, "fake"),
         (
             "**kugetsu** turns this issue into a pull request written by an AI coding agent. Add the label `ai`, or comment one of these on its own line:\n"
             "\n"
@@ -559,9 +781,13 @@ REPLIES = [
             "- `--max-tokens ...`: stop the agent when it has used this many tokens (at most 1,000,000,000,000)\n"
             "- `--max-cost ...`: stop the agent when it has cost this many USD (at most 1,000,000)\n"
             "\n"
+            "Agents available for `--agent`: `aider`, `fake` (the default).\n"
+            "\n"
+            "On a pull request kugetsu opened, a review whose text or line comments hold a `/bot` line is answered with a follow-up that gets every line comment. On a pull request a person opened, `/bot <instructions>` adds commits to its branch.\n"
+            "\n"
             "Quoted lines, code blocks and HTML comments are never read as commands. Starting, following up, stopping and retrying need write access to the repository."
         ),
-        id="help, other words",
+        id="help, other words, with the agents installed",
     ),
 ]
 STATUS_TASKS = [
@@ -671,7 +897,119 @@ PROMPTS = [
         ),
         id="empty issue",
     ),
+    pytest.param(
+        task(
+            id=3,
+            kind=Kind.CONTINUE,
+            prompt="and rename it",
+            requested_by="bob",
+            review={
+                "id": 5,
+                "state": "COMMENT",
+                "body": "Two things.",
+                "user": "bob",
+                "comments": [
+                    {
+                        "id": 31,
+                        "path": "hello.txt",
+                        "line": 2,
+                        "old_side": False,
+                        "diff_hunk": "@@ -0,0 +1,2 @@\n+hi\n+there",
+                        "body": "/kugetsu and rename it",
+                        "user": "bob",
+                    },
+                    {
+                        "id": 32,
+                        "path": "README.md",
+                        "line": 4,
+                        "old_side": True,
+                        "diff_hunk": "",
+                        "body": "Keep this line.",
+                        "user": "bob",
+                    },
+                ],
+            },
+        ),
+        "Please add a greeting.",
+        None,
+        (
+            "You are working on issue #7 of the repository acme/widget.\n"
+            "\n"
+            "Issue title: Add a greeting\n"
+            "\n"
+            "Issue description:\n"
+            "Please add a greeting.\n"
+            "\n"
+            "Follow-up request from @bob:\n"
+            "and rename it\n"
+            "\n"
+            "A review of the pull request by @bob (comments) asks for this follow-up.\n"
+            "Review text:\n"
+            "Two things.\n"
+            "\n"
+            "Line comments of the review:\n"
+            "\n"
+            "1. hello.txt, line 2, by @bob:\n"
+            "```diff\n"
+            "@@ -0,0 +1,2 @@\n"
+            "+hi\n"
+            "+there\n"
+            "```\n"
+            "/kugetsu and rename it\n"
+            "\n"
+            "2. README.md, line 4 of the old file, by @bob:\n"
+            "Keep this line.\n"
+            "\n"
+            "Address the review: make the changes its comments ask for. In your summary, say for each numbered line comment what you changed, or why you changed nothing.\n"
+            "\n"
+            "The current directory is a git worktree on branch kugetsu/issue-7, made from main. Make the changes the issue asks for in this directory. You do not need to commit, push or open a pull request: kugetsu commits your changes and opens the pull request. End with a short summary of what you changed."
+        ),
+        id="a follow-up for a review: each line comment with its file, line, hunk and text",
+    ),
+    pytest.param(
+        task(prompt="tidy it", requested_by="cli"),
+        "",
+        None,
+        (
+            "You are working on issue #7 of the repository acme/widget.\n"
+            "\n"
+            "Issue title: Add a greeting\n"
+            "\n"
+            "Issue description:\n"
+            "(empty)\n"
+            "\n"
+            "Instructions from the command line:\n"
+            "tidy it\n"
+            "\n"
+            "The current directory is a git worktree on branch kugetsu/issue-7, made from main. Make the changes the issue asks for in this directory. You do not need to commit, push or open a pull request: kugetsu commits your changes and opens the pull request. End with a short summary of what you changed."
+        ),
+        id="queued from the shell: no @cli",
+    ),
 ]
+
+
+def test_prompt_on_a_persons_pull_request():
+    prompt = render.prompt(
+        task(issue=21, prompt="add a test"),
+        "Greet people",
+        "",
+        branch="feature/greet",
+        base="main",
+        pull=True,
+    )
+    assert prompt == (
+        "You are working on pull request #21 of the repository acme/widget.\n"
+        "\n"
+        "Pull request title: Greet people\n"
+        "\n"
+        "Pull request description:\n"
+        "(empty)\n"
+        "\n"
+        "Instructions from @alice:\n"
+        "add a test\n"
+        "\n"
+        "The current directory is a git worktree on branch feature/greet, the branch of this pull request, which is to be merged into main. Make the changes asked for in this directory, on top of the commits already there. You do not need to commit or push: kugetsu commits your changes and pushes them to this branch. End with a short summary of what you changed."
+    )
 
 
 @pytest.mark.parametrize("the_task, body, history, expected", PROMPTS)
@@ -690,7 +1028,7 @@ COMMITS = [
         (
             "Add a greeting (#7)\n"
             "\n"
-            "Written by an AI coding agent (opencode) run by kugetsu, task #12, requested by @alice."
+            "Written by an AI coding agent (opencode) run by kugetsu, task 12, requested by @alice."
         ),
         id="start",
     ),
@@ -700,7 +1038,7 @@ COMMITS = [
         (
             "issue #7 (#7)\n"
             "\n"
-            "Written by an AI coding agent (opencode) run by kugetsu, task #12, requested by @alice."
+            "Written by an AI coding agent (opencode) run by kugetsu, task 12, requested by @alice."
         ),
         id="no title",
     ),
@@ -710,9 +1048,29 @@ COMMITS = [
         (
             "Follow-up on #7: now in German\n"
             "\n"
-            "Written by an AI coding agent (opencode) run by kugetsu, task #12, requested by @alice."
+            "Written by an AI coding agent (opencode) run by kugetsu, task 12, requested by @alice."
         ),
         id="follow-up",
+    ),
+    pytest.param(
+        task(requested_by="cli"),
+        "Add a greeting",
+        (
+            "Add a greeting (#7)\n"
+            "\n"
+            "Written by an AI coding agent (opencode) run by kugetsu, task 12, requested from the command line."
+        ),
+        id="queued from the shell: no @cli",
+    ),
+    pytest.param(
+        task(kind=Kind.CONTINUE, review={"id": 5, "comments": []}),
+        "Add a greeting",
+        (
+            "Follow-up on #7: review\n"
+            "\n"
+            "Written by an AI coding agent (opencode) run by kugetsu, task 12, requested by @alice."
+        ),
+        id="a review's follow-up without words of its own",
     ),
 ]
 

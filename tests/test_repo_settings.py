@@ -271,6 +271,8 @@ def test_a_bad_file_is_answered_once_per_version_and_the_servers_settings_are_us
     [refusal] = refusals()
     body = refusal["body"]
     assert "agents.default '@everyone' is not one of this server's agents" in body
+    # the agents it may name are those installed here (the fake), not every preset
+    assert "agents (fake)" in body
     # what the file says stays in a code block, where it mentions no one
     assert body.index("```text") < body.index("@everyone") < body.rindex("```")
     # a new version of the file that is still bad: one more answer

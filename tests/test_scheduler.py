@@ -81,6 +81,21 @@ def test_coalescer_runs_one_at_a_time():
     assert 1 <= len(runs) <= 20
 
 
+def test_wake_at_runs_the_tick_at_that_time_whatever_the_interval():
+    calls = []
+    scheduler = Scheduler(interval=3600)
+    scheduler.start(lambda: calls.append(time.time()))
+    try:
+        wait_for(lambda: len(calls) == 1, timeout=10, what="the first tick at start")
+        when = time.time() + 0.5
+        scheduler.wake_at(when + 60)
+        scheduler.wake_at(when)  # the earlier time replaces the later one
+        wait_for(lambda: len(calls) == 2, timeout=10, what="the tick asked for")
+        assert calls[1] >= when
+    finally:
+        scheduler.shutdown()
+
+
 def test_the_reconcile_pass_runs_shortly_after_start_and_not_at_all_when_turned_off():
     passes = []
     scheduler = Scheduler(interval=3600)

@@ -321,7 +321,8 @@ def test_a_pull_request_whose_answer_was_lost_is_found_not_forgotten(make, tmp_p
     assert (task.issue, task.outcome, task.pr_number) == (n, Outcome.SUCCEEDED, number)
     assert list(h.gitea.pulls_of(REPO)) == [number]
     assert any(
-        "Pushed a follow-up for @alice" in c["body"] for c in h.gitea.comments_on(REPO, number)
+        "Pushed a follow-up requested by @alice" in c["body"]
+        for c in h.gitea.comments_on(REPO, number)
     )
 
 
@@ -443,7 +444,7 @@ def test_status_reply_is_not_mistaken_for_a_tracking_comment(make):
     deliver_comment(h, "/kugetsu status", n)
     h.settle(tid)
     [text] = replies(h, n)
-    assert f"#{tid}" in text and "completed" in text
+    assert f"| {tid} |" in text and "completed" in text
     assert "kugetsu:task=" not in text
     # the tracking comment is still the task's one comment with its marker, unchanged
     [tracking] = h.tracking_comments(n)
@@ -614,7 +615,7 @@ def test_continue_lands_on_the_same_pull_request(make):
         == f"written by task {first}\nwritten by task {second}\n"
     )
     pr_comments = h.gitea.comments_on(REPO, pr["number"])
-    assert any("Pushed a follow-up for @bob" in c["body"] for c in pr_comments)
+    assert any("Pushed a follow-up requested by @bob" in c["body"] for c in pr_comments)
     assert len(h.tracking_comments(n)) == 2
 
 
@@ -927,7 +928,8 @@ def test_cleanup_removes_old_finished_tasks_their_files_and_worktrees(make):
 # ---------------------------------------------------------------- commands from Gitea
 
 
-def deliver_comment(h, text, number, sender="alice", is_pull=False, **rules_kw):
+def deliver_comment(h, text, number, sender="alice", is_pull=False, pull=None, **rules_kw):
+    """`pull`: the pull request the delivery carries (as the fake Gitea serves it)."""
     from bot.core import events, intake
     from tests import payloads
 
@@ -939,6 +941,7 @@ def deliver_comment(h, text, number, sender="alice", is_pull=False, **rules_kw):
         is_pull=is_pull,
         comment_id=posted["id"],
         permission=h.gitea.permission(REPO, sender),
+        pull=pull,
     )
     delivery = events.delivery_of(headers, body)
     rules = intake.Rules(
@@ -985,7 +988,7 @@ def test_stop_retry_status_and_help_from_comments(make, tmp_path):
         tick=h.worker.run_tick,
         what="status reply",
     )
-    assert any(f"| #{tid} | start | running |" in r for r in replies(h, n))
+    assert any(f"| {tid} | start | running |" in r for r in replies(h, n))
 
     # a writer stops it, and the whole group dies
     deliver_comment(h, "/kugetsu stop", n, sender="bob")
@@ -1111,7 +1114,7 @@ def test_retry_from_a_comment_is_refused_while_another_task_of_the_issue_is_acti
     deliver_comment(h, "/kugetsu retry", n)
     h.settle(blocker, first)
     assert h.store.get(follow).state is State.CANCELLED
-    assert any(f"Task #{first} is still active" in body for body in replies(h, n))
+    assert any(f"Task {first} is still active" in body for body in replies(h, n))
     assert [t.id for t in h.store.list_tasks(repo=REPO, issue=n) if t.active] == []
 
 
@@ -1142,7 +1145,7 @@ def test_status_shows_the_queue_only_to_those_who_can_read_the_repository(
     deliver_comment(h, "/kugetsu status", n, sender=who)
     h.worker.outbox.work()
     [reply] = replies(h, n)
-    assert f"| #{tid} | start | completed | succeeded |" in reply
+    assert f"| {tid} | start | completed | succeeded |" in reply
     assert ("Agents busy" in reply and "tasks waiting" in reply) == shows_queue
 
 
@@ -1201,7 +1204,7 @@ def test_refusals_count_against_the_reply_limit_and_past_it_get_a_reaction_alone
     assert [h.store.get(t).state for t in refused] == [State.REJECTED] * 4
     comments = h.tracking_comments(n)
     assert [c["body"].split("\n")[1] for c in comments] == [
-        f"**kugetsu** · task #{tid} (start, requested by @{who})"
+        f"**kugetsu** · task {tid} (start, requested by @{who})"
         for tid, who in [(refused[0], "mallory"), (refused[3], "eve")]
     ]
     assert all("Not started" in c["body"] for c in comments)

@@ -782,3 +782,50 @@ def test_a_follow_up_builds_on_commits_pushed_to_the_branch_meanwhile(ws, remote
     assert remote.sha(BRANCH) == pushed
     # the person's commit is still on the branch (git exits 1, and this raises, if not)
     git(f"--git-dir={remote.path}", "merge-base", "--is-ancestor", human, pushed)
+
+
+# ---------------------------------------------------------------------- a person's branch
+
+
+def test_a_persons_branch_gets_only_plain_pushes_that_add_to_it(ws, remote):
+    theirs = remote.commit("feature/x", {"theirs.txt": "mine\n"}, message="their work")
+    p = ws.prepare(REPO, 21, "feature/x")
+    assert head(p.path) == theirs and p.base_branch == "main"
+    (p.path / "ours.txt").write_text("ours\n")
+    ws.commit_all(p.path, "ours")
+    ours = ws.push(p.path, "feature/x", force=False)
+    assert remote.sha("feature/x") == ours
+    assert git("rev-parse", f"{ours}~1", cwd=p.path) == theirs
+
+    # what kugetsu pushes never rewrites the person's commits: the same rewrite that a
+    # push of kugetsu's own branch may make (test_push_rewritten_history_over_our_own_branch)
+    git("commit", "--quiet", "--amend", "-m", "ours, reworded", cwd=p.path)
+    with pytest.raises(GitError, match="push"):
+        ws.push(p.path, "feature/x", force=False)
+    assert remote.sha("feature/x") == ours
+    # and their new commits are never dropped: the next prepare builds on them
+    newer = remote.commit("feature/x", {"theirs.txt": "mine, again\n"}, message="more work")
+    again = ws.prepare(REPO, 21, "feature/x")
+    git("merge-base", "--is-ancestor", newer, "HEAD", cwd=again.path)
+
+
+def test_a_forks_branch_is_fetched_from_the_fork_and_pushed_there(ws, remote, remotes):
+    fork = remotes / "carol" / "widget.git"
+    fork.parent.mkdir(parents=True)
+    git("clone", "--quiet", "--bare", str(remote.path), str(fork))
+    forked = Remote.__new__(Remote)
+    forked.root, forked.path, forked.default = remotes, fork, "main"
+    theirs = forked.commit("fix", {"fix.txt": "fixed\n"})
+
+    p = ws.prepare(REPO, 22, "fix", base="main", source="carol/widget")
+    assert head(p.path) == theirs and p.base_sha == remote.sha("main")
+    (p.path / "ours.txt").write_text("ours\n")
+    ws.commit_all(p.path, "ours")
+    assert ws.remote_branch_sha("carol/widget", "fix") == theirs
+    ours = ws.push(p.path, "fix", source="carol/widget", force=False)
+    assert forked.sha("fix") == ours and remote.sha("fix") is None
+    # what went to the fork counts as pushed: prune may remove the worktree once idle
+    assert ws.unpushed_commits(p.path) == 0
+    # a base that is not on the remote is an error, not a guess
+    with pytest.raises(GitError, match="not on Gitea"):
+        ws.prepare(REPO, 23, "fix", base="release", source="carol/widget")

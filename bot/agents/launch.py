@@ -158,6 +158,36 @@ def resolve(agents: AgentsSettings, name: str) -> AgentSpec:
     )
 
 
+def agent_path(spec: AgentSpec, environ: Mapping[str, str]) -> str:
+    """The PATH the agent runs with (`build_env`'s)."""
+    return build_env(spec, home_env={}, task_vars={}, environ=environ, secrets=())["PATH"]
+
+
+def find_program(spec: AgentSpec, environ: Mapping[str, str]) -> str | None:
+    """Where the agent's program is: the first word of its command, an executable file
+    named as a path or found on the PATH the agent gets; None if there is none."""
+    return shutil.which(spec.command[0], path=agent_path(spec, environ))
+
+
+def configured(agents: AgentsSettings) -> frozenset[str]:
+    """Every agent a name may stand for: the presets and the `[agents.NAME]` tables."""
+    return frozenset(PRESETS) | frozenset(agents.tables)
+
+
+def available(agents: AgentsSettings, environ: Mapping[str, str]) -> frozenset[str]:
+    """The agents a request may name, and that `help` lists: those configured that
+    resolve and whose program is installed."""
+    found = set()
+    for name in sorted(configured(agents)):
+        try:
+            spec = resolve(agents, name)
+        except UnknownAgent:
+            continue
+        if find_program(spec, environ) is not None:
+            found.add(name)
+    return frozenset(found)
+
+
 # ============================================================================ command lines
 
 _PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")

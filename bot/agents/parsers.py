@@ -118,6 +118,34 @@ def _exit_failure(exit_code: int) -> str:
     return f"exited with code {exit_code}"
 
 
+#: words of a line that tells why a program failed (stderr and stdout arrive as one stream)
+_ERROR_LINE_RE = re.compile(
+    r"error|exception|fatal|panic|traceback|failed|failure|denied|not found|no such|"
+    r"cannot|can't|refused|invalid|unauthori[sz]ed|forbidden|\b[45]\d\d\b",
+    re.IGNORECASE,
+)
+#: how far back from the end an error line is looked for
+ERROR_LINE_SCAN = 200
+
+
+def error_line(output: str) -> str:
+    """The line of a failed run's output that says what went wrong: the last one that
+    reads as an error (a traceback's last line, `Error: ...`, `fatal: ...`), not only the
+    last lines, which a program often fills with usage text or its own farewell. JSON
+    event lines are a CLI's own record, not its error; without an error line, the last
+    line. ANSI colours removed, at most FAILURE_MAX_CHARS characters."""
+    lines = [
+        line.strip()
+        for line in _strip_ansi(output).splitlines()[-ERROR_LINE_SCAN:]
+        if line.strip() and not OMITTED_RE.match(line.strip())
+    ]
+    plain = [line for line in lines if not line.startswith(("{", "["))]
+    for line in reversed(plain):
+        if _ERROR_LINE_RE.search(line):
+            return _short(line)
+    return _short(plain[-1]) if plain else ""
+
+
 # ============================================================================ per-preset parsers
 
 
@@ -147,14 +175,17 @@ class Parser:
         error: str | None,
         rate_limited: bool,
         completed: bool,
+        output: str = "",
     ) -> AgentReport:
         """Common rules: an error or a non-zero exit fails the run; so does a clean exit that never
-        reached the CLI's own end-of-run marker."""
+        reached the CLI's own end-of-run marker. A non-zero exit with no error of the CLI's own
+        is told with the line of `output` that says what went wrong (`error_line`)."""
         failure = None
         if error:
             failure = _short(error)
         elif exit_code != 0:
-            failure = _exit_failure(exit_code)
+            line = error_line(output)
+            failure = _exit_failure(exit_code) + (f": {line}" if line else "")
         elif not completed:
             failure = "the agent ended without a final result"
         failed = failure is not None
@@ -231,6 +262,7 @@ class OpencodeParser(Parser):
             error=error,
             rate_limited=limited,
             completed=self._finished,
+            output=output,
         )
 
 
@@ -290,6 +322,7 @@ class ClaudeParser(Parser):
                 error=None,
                 rate_limited=False,
                 completed=False,
+                output=output,
             )
         text = result["result"] if isinstance(result.get("result"), str) else ""
         error, limited = None, False
@@ -305,7 +338,12 @@ class ClaudeParser(Parser):
             )
         summary = text if error is None else ""
         return self._finish(
-            summary=summary, exit_code=exit_code, error=error, rate_limited=limited, completed=True
+            summary=summary,
+            exit_code=exit_code,
+            error=error,
+            rate_limited=limited,
+            completed=True,
+            output=output,
         )
 
 
@@ -363,6 +401,7 @@ class CodexParser(Parser):
             error=error,
             rate_limited=limited,
             completed=self._completed,
+            output=output,
         )
 
 
@@ -450,6 +489,7 @@ class AiderParser(Parser):
             error=error,
             rate_limited=limited,
             completed=True,
+            output=output,
         )
 
 
@@ -478,11 +518,12 @@ class CustomParser(Parser):
 
     def report(self, output: str, exit_code: int) -> AgentReport:
         summary = tail(output)
-        error, limited = None, False
-        if exit_code != 0:
-            last = "\n".join(summary.splitlines()[-3:])
-            error = _exit_failure(exit_code) + (f": {last}" if last else "")
-            limited = self.rate_limited(summary)
+        limited = exit_code != 0 and self.rate_limited(summary)
         return self._finish(
-            summary=summary, exit_code=exit_code, error=error, rate_limited=limited, completed=True
+            summary=summary,
+            exit_code=exit_code,
+            error=None,
+            rate_limited=limited,
+            completed=True,
+            output=output,
         )

@@ -9,6 +9,7 @@ what is parsed.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -91,6 +92,20 @@ class CommandError:
     usage: str
 
 
+@dataclass(frozen=True)
+class UnknownVerb:
+    """A command of one word that is no verb (`/kugetsu stpo`): a typo far more often than
+    an instruction, so it is answered with the help instead of a paid run."""
+
+    word: str
+    #: the verbs it is close to, best first
+    suggestions: tuple[str, ...] = ()
+
+
+#: a word that reads as a verb: letters alone, as verbs are written
+_VERB_LIKE = re.compile(r"[A-Za-z][A-Za-z-]{1,29}")
+
+
 def _command_line(body: str, word: str) -> tuple[int, str, str] | None:
     """The first line that a reader sees as plain text and that starts with the word:
     (its index, the line, the rest of the comment after it).
@@ -142,11 +157,15 @@ def _split_flags(words: list[str]) -> tuple[dict[str, Any], list[str], str | Non
     return options, rest, None
 
 
-def parse_comment(body: str, word: str = "/kugetsu") -> Command | CommandError | None:
+def parse_comment(
+    body: str, word: str = "/kugetsu", *, instructions: bool = False
+) -> Command | CommandError | UnknownVerb | None:
     """The command in a comment, an error to answer with usage, or None if there is none.
 
     The instruction text is the rest of the command line plus the lines after it,
-    so multi-line instructions work.
+    so multi-line instructions work. With `instructions`, what the command is written in
+    says what to do (a review's comments): the word alone, or `continue` without text,
+    then asks for work instead of for help or for text.
     """
     if word not in body:
         return None  # most comments: no need to read their markdown
@@ -174,13 +193,22 @@ def parse_comment(body: str, word: str = "/kugetsu") -> Command | CommandError |
 
     if verb is None:
         if not text:
+            if instructions:
+                return Command(AUTO, options=options, **options)
             return Command("help", options=options)
+        if len(rest) == 1 and not following and _VERB_LIKE.fullmatch(rest[0]):
+            return UnknownVerb(rest[0], suggest(rest[0]))
         return Command(AUTO, text=text, options=options, **options)
     if verb.text == "none":
         text = ""  # trailing words after a control verb are ignored, not guessed at
-    if verb.text == "required" and not text:
+    if verb.text == "required" and not text and not instructions:
         return CommandError(f"{verb.name} needs instructions", usage_line(word, verb))
     return Command(verb.name, text=text, options=options, **options)
+
+
+def suggest(word: str) -> tuple[str, ...]:
+    """The verbs (or their aliases) a mistyped word is close to, best first."""
+    return tuple(difflib.get_close_matches(word.lower(), list(_BY_NAME), n=2, cutoff=0.6))
 
 
 def usage_line(word: str, verb: Verb | None = None) -> str:

@@ -55,6 +55,18 @@ class IssueEvent:
 
 
 @dataclass(frozen=True)
+class PullHead:
+    """Where a pull request's commits live, as its delivery shows them."""
+
+    #: the repository that holds the head branch (a fork, or the repository itself);
+    #: None when it is gone (a deleted fork)
+    repo: str | None
+    branch: str
+    #: its author lets those who may write to the base repository push to the branch
+    maintainer_edit: bool
+
+
+@dataclass(frozen=True)
 class CommentEvent:
     """An `issue_comment` delivery, on an issue or a pull request.
 
@@ -73,6 +85,44 @@ class CommentEvent:
     title: str
     #: the labels now on the issue (or pull request) the comment is on
     labels: tuple[str, ...] = ()
+    #: on a pull request: where its commits live
+    pull: PullHead | None = None
+
+
+#: The webhook events that send submitted reviews, as Gitea's hook API names them in its
+#: `events` list (one name turns on approved, rejected and comment reviews alike).
+REVIEW_EVENTS = ("pull_request_review",)
+
+#: A review's state in the reviews API, by the `X-Gitea-Event-Type` of its delivery ...
+REVIEW_STATES = {
+    "pull_request_review_approved": "APPROVED",
+    "pull_request_review_rejected": "REQUEST_CHANGES",
+    "pull_request_review_comment": "COMMENT",
+}
+#: ... or, from a sender without event types, by its `X-Gitea-Event`
+_LEGACY_REVIEW_STATES = {
+    "pull_request_approved": "APPROVED",
+    "pull_request_rejected": "REQUEST_CHANGES",
+    "pull_request_comment": "COMMENT",
+}
+
+
+@dataclass(frozen=True)
+class ReviewEvent:
+    """A submitted review of a pull request.
+
+    The delivery says neither the review's id nor anything of its line comments (a review
+    of line comments alone arrives with an empty body), and its `repository.permissions`
+    are the pull request author's: the worker reads the review and the reviewer's
+    permission from the API.
+    """
+
+    repo: str
+    number: int
+    #: APPROVED, REQUEST_CHANGES or COMMENT, as the reviews API names it
+    state: str
+    body: str
+    sender: str
 
 
 @dataclass(frozen=True)
@@ -80,7 +130,7 @@ class Ignored:
     reason: str
 
 
-Event = IssueEvent | CommentEvent | Ignored
+Event = IssueEvent | CommentEvent | ReviewEvent | Ignored
 
 
 def event_key(event: Event) -> str | None:
@@ -248,6 +298,21 @@ def _labels(issue: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _pull_head(data: Mapping[str, Any]) -> PullHead | None:
+    """The head of the pull request a delivery carries, or None if it carries none."""
+    pull = data.get("pull_request")
+    if not isinstance(pull, Mapping):
+        return None
+    head = pull.get("head")
+    if not isinstance(head, Mapping) or not isinstance(head.get("ref"), str) or "repo" not in head:
+        return None
+    repo = head["repo"]  # null: the fork is gone
+    full = repo.get("full_name") if isinstance(repo, Mapping) else None
+    if full is not None and (not isinstance(full, str) or names.repo_error(full)):
+        raise WebhookError(400, "field pull_request.head.repo.full_name is not a repository")
+    return PullHead(full, head["ref"], pull.get("allow_maintainer_edit") is True)
+
+
 def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
     """Turn a verified delivery into the event kugetsu acts on, or Ignored with a reason."""
     if delivery.event == "issues":
@@ -283,5 +348,22 @@ def parse(delivery: Delivery, data: Mapping[str, Any]) -> Event:
             permission=permissions.in_delivery(data.get("repository")),  # the commenter's
             title=_text(issue, "title"),
             labels=_labels(issue),
+            pull=_pull_head(data),
+        )
+    state = REVIEW_STATES.get(delivery.event_type) or _LEGACY_REVIEW_STATES.get(delivery.event)
+    if state is not None:
+        action = _get(data, "action", str)
+        if action != "reviewed":
+            return Ignored(f"review action {action} is not one kugetsu acts on")
+        review = _get(data, "review", Mapping)
+        content = review.get("content")
+        if content is not None and not isinstance(content, str):
+            raise WebhookError(400, "field review.content has the wrong type")
+        return ReviewEvent(
+            repo=_checked(data, "repository.full_name", str, names.repo_error),
+            number=_checked(data, "pull_request.number", int, names.number_error),
+            state=state,
+            body=content or "",
+            sender=_checked(data, "sender.login", str, names.login_error),
         )
     return Ignored(f"event {delivery.event} is not one kugetsu acts on")

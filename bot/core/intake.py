@@ -9,12 +9,13 @@ what a request for work becomes; `kugetsu enqueue` asks it too.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from bot.config import TriggersConfig
-from bot.core import commands, render
-from bot.core.events import CommentEvent, Event, Ignored, IssueEvent
+from bot.core import commands, render, reviews
+from bot.core.events import CommentEvent, Event, Ignored, IssueEvent, PullHead, ReviewEvent
 from bot.core.outbox import Answer, OutboxItem, OutboxKind
 from bot.core.permissions import LABELLER
 from bot.core.tasks import Kind, Task
@@ -30,6 +31,9 @@ class Rules:
     max_attempts: int
     reply_limit: int = TriggersConfig.reply_limit
     reply_window_seconds: float = TriggersConfig.reply_window_seconds
+    #: any "request changes" review (of a reviewer who may ask for work) asks for a
+    #: follow-up, without a command in it
+    review_changes: bool = TriggersConfig.review_changes
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,32 @@ class Enqueue:
     trigger_comment_id: int | None = None
     max_tokens: int | None = None
     max_cost_usd: float | None = None
+    #: where its result is also posted when it ends (the pull request it was asked on)
+    answer_on: int | None = None
+    #: the review it answers (`reviews.Review.as_dict`)
+    review: dict[str, Any] | None = None
     #: the request named its agent (else a repository's `.kugetsu.toml` may choose it)
     agent_requested: bool = False
+
+
+@dataclass(frozen=True)
+class ReviewRequest:
+    """A review the worker read from the API after its delivery (`ReviewEvent`), with
+    what Gitea's permission API says of its reviewer: decided on like a comment."""
+
+    repo: str
+    #: the pull request reviewed
+    number: int
+    review: reviews.Review
+    #: the reviewer's permission, as Gitea's permission API gave it
+    permission: str | None
+    #: whether the reviewer may ask for work, and if not, why
+    allowed: bool
+    refusal: str = ""
+
+    @property
+    def sender(self) -> str:
+        return self.review.user
 
 
 @dataclass(frozen=True)
@@ -96,11 +124,15 @@ def start_or_continue(
     return Kind.CONTINUE, None
 
 
-def decide(event: Event, rules: Rules, view: IntakeView) -> Decision:
+def decide(event: Event | ReviewRequest, rules: Rules, view: IntakeView) -> Decision:
     if isinstance(event, Ignored):
         return Decision(reason=event.reason)
     if isinstance(event, IssueEvent):
         decision = _issue_event(event, rules, view)
+    elif isinstance(event, ReviewEvent):
+        decision = _review_event(event, rules, view)
+    elif isinstance(event, ReviewRequest):
+        decision = _review_request(event, rules, view)
     else:
         decision = _comment_event(event, rules, view)
     return _limit_replies(decision, rules, view, event.repo, event.number, event.sender)
@@ -184,6 +216,47 @@ def _already(
     )
 
 
+@dataclass(frozen=True)
+class _Asked:
+    """A command and where it was asked: a comment, or a review the worker read."""
+
+    repo: str
+    #: the issue the work is for: the issue itself, the issue of a pull request kugetsu
+    #: opened, or a pull request a person opened (which is its own issue)
+    issue: int
+    #: where the command was written (an issue or a pull request): answers go there
+    number: int
+    sender: str
+    permission: str | None
+    is_pull: bool
+    #: the comment to react to
+    comment_id: int | None = None
+    #: the labels on the issue now, for a first request on it
+    labels: tuple[str, ...] = ()
+    pull: PullHead | None = None
+    review: dict[str, Any] | None = None
+
+    def item(
+        self,
+        kind: OutboxKind,
+        number: int,
+        *,
+        body: str = "",
+        target: int | None = None,
+        needs_permission: bool = False,
+    ) -> OutboxItem:
+        return OutboxItem(
+            kind,
+            self.repo,
+            number,
+            requested_by=self.sender,
+            permission_hint=self.permission,
+            body=body,
+            target=target,
+            needs_permission=needs_permission,
+        )
+
+
 def _comment_event(event: CommentEvent, rules: Rules, view: IntakeView) -> Decision:
     if event.action != "created":
         return Decision(reason=f"comment {event.action}: only new comments are read")
@@ -194,90 +267,161 @@ def _comment_event(event: CommentEvent, rules: Rules, view: IntakeView) -> Decis
     command = commands.parse_comment(event.body, rules.command)
     if command is None:
         return Decision(reason="no command in comment")
-
     issue = event.number
     if event.is_pull:
-        mapped = view.issue_for_pr(event.repo, event.number)
-        if mapped is None:
-            return Decision(reason="pull request was not opened by kugetsu")
-        issue = mapped
+        # a pull request kugetsu opened stands for its issue; one a person opened is its
+        # own issue: kugetsu works on its branch
+        issue = view.issue_for_pr(event.repo, event.number) or event.number
+    asked = _Asked(
+        event.repo,
+        issue,
+        event.number,
+        event.sender,
+        event.permission,
+        event.is_pull,
+        comment_id=event.comment_id,
+        labels=event.labels,
+        pull=event.pull,
+    )
+    return _command(asked, command, rules, view)
 
-    def item(
-        kind: OutboxKind,
-        number: int,
-        *,
-        body: str = "",
-        target: int | None = None,
-        needs_permission: bool = False,
-    ) -> OutboxItem:
-        return OutboxItem(
-            kind,
-            event.repo,
-            number,
-            requested_by=event.sender,
-            permission_hint=event.permission,
-            body=body,
-            target=target,
-            needs_permission=needs_permission,
+
+def _review_event(event: ReviewEvent, rules: Rules, view: IntakeView) -> Decision:
+    """A review's delivery: the worker reads the review itself (`REVIEW`), since the
+    delivery holds neither its line comments nor its reviewer's permission."""
+    if rules.bot_login and event.sender == rules.bot_login:
+        return Decision(reason="review by kugetsu itself")
+    issue = view.issue_for_pr(event.repo, event.number)
+    if issue is None:
+        return Decision(reason="reviews are read only on pull requests kugetsu opened")
+    body = json.dumps({"state": event.state, "body": event.body})
+    item = OutboxItem(
+        OutboxKind.REVIEW,
+        event.repo,
+        issue,
+        requested_by=event.sender,
+        body=body,
+        target=event.number,
+    )
+    return Decision(intents=[item], reason="review to read")
+
+
+def _review_request(event: ReviewRequest, rules: Rules, view: IntakeView) -> Decision:
+    review = event.review
+    if rules.bot_login and review.user == rules.bot_login:
+        return Decision(reason="review by kugetsu itself")
+    command = review.command(rules.command)
+    if command is None:
+        if not (rules.review_changes and review.state == reviews.REQUEST_CHANGES):
+            return Decision(reason="no command in the review")
+        if not event.allowed:
+            return Decision(reason=f"changes requested by someone who may not ask: {event.refusal}")
+        command = commands.Command(commands.AUTO)
+    issue = view.issue_for_pr(event.repo, event.number)
+    if issue is None:
+        return Decision(reason="reviews are read only on pull requests kugetsu opened")
+    asked = _Asked(
+        event.repo,
+        issue,
+        event.number,
+        review.user,
+        event.permission,
+        True,
+        review=review.as_dict(),
+    )
+    if not event.allowed:
+        body = render.not_done(event.refusal)
+        return Decision(
+            intents=[asked.item(OutboxKind.COMMENT, event.number, body=body)],
+            reason=f"review refused: {event.refusal}",
         )
+    return _command(asked, command, rules, view)
 
-    react = item(OutboxKind.REACTION, issue, target=event.comment_id)
-    decision = Decision(intents=[react])
-    reply_to = event.number  # answer where the command was written (issue or PR)
+
+def _command(
+    asked: _Asked,
+    command: commands.Command | commands.CommandError | commands.UnknownVerb,
+    rules: Rules,
+    view: IntakeView,
+) -> Decision:
+    """What a command becomes, wherever it was asked."""
+    decision = Decision()
+    if asked.comment_id is not None:
+        decision.intents.append(
+            asked.item(OutboxKind.REACTION, asked.issue, target=asked.comment_id)
+        )
 
     def reply(body: str, needs_permission: bool = True) -> Decision:
         decision.intents.append(
-            item(OutboxKind.COMMENT, reply_to, body=body, needs_permission=needs_permission)
+            asked.item(
+                OutboxKind.COMMENT, asked.number, body=body, needs_permission=needs_permission
+            )
         )
         return decision
 
+    def help_text() -> str:
+        return render.help_text(rules.command, rules.label, rules.known_agents, rules.default_agent)
+
     if isinstance(command, commands.CommandError):
         decision.reason = f"bad command: {command.message}"
-        return reply(render.usage_error(event.sender, command))
+        return reply(render.usage_error(asked.sender, command))
+    if isinstance(command, commands.UnknownVerb):
+        decision.reason = f"unknown command {command.word}"
+        return reply(
+            render.unknown_verb(asked.sender, command, help_text()), needs_permission=False
+        )
 
     if command.agent is not None and command.agent not in rules.known_agents:
         decision.reason = f"unknown agent {command.agent}"
-        return reply(render.unknown_agent(event.sender, command.agent, rules.known_agents))
+        return reply(render.unknown_agent(asked.sender, command.agent, rules.known_agents))
 
     verb = command.verb
     if verb == "help":
         decision.reason = "help"
-        return reply(render.help_text(rules.command, rules.label), needs_permission=False)
+        return reply(help_text(), needs_permission=False)
     if verb == "status":
-        decision.intents.append(item(OutboxKind.STATUS, issue, target=reply_to))
+        decision.intents.append(asked.item(OutboxKind.STATUS, asked.issue, target=asked.number))
         decision.reason = "status"
         return decision
     if verb in ("stop", "retry"):
         kind = OutboxKind.STOP if verb == "stop" else OutboxKind.RETRY
-        decision.intents.append(item(kind, issue, target=reply_to, needs_permission=True))
+        decision.intents.append(
+            asked.item(kind, asked.issue, target=asked.number, needs_permission=True)
+        )
         decision.reason = verb
         return decision
 
     # the verb is start, continue, or none (commands.AUTO): whichever fits
-    asked = None if verb == commands.AUTO else Kind(verb)
-    work, active = start_or_continue(view, event.repo, issue, asked)
-    if not event.is_pull and view.previous_labels(event.repo, issue) is None:
+    pull = asked.pull
+    if pull is not None and pull.repo != asked.repo and not (pull.repo and pull.maintainer_edit):
+        decision.reason = "pull request from a fork kugetsu may not push to"
+        return reply(render.fork_not_editable(asked.sender, pull.repo))
+    want = None if verb == commands.AUTO else Kind(verb)
+    work, active = start_or_continue(view, asked.repo, asked.issue, want)
+    if not asked.is_pull and view.previous_labels(asked.repo, asked.issue) is None:
         # The first kugetsu hears of this issue is a request for work: the labels on it now
         # are not "newly added" when a later delivery changes some other label.
-        decision.intents.append(RememberLabels(event.repo, issue, event.labels))
+        decision.intents.append(RememberLabels(asked.repo, asked.issue, asked.labels))
     if active is not None:
         decision.intents.append(
-            _already(event.repo, reply_to, active, event.sender, event.permission)
+            _already(asked.repo, asked.number, active, asked.sender, asked.permission)
         )
         decision.reason = f"task {active.id} is already active for this issue"
         return decision
     decision.intents.append(
         Enqueue(
-            event.repo,
-            issue,
+            asked.repo,
+            asked.issue,
             work,
             command.text,
             command.agent or rules.default_agent,
-            event.sender,
-            event.permission,
-            trigger_comment_id=event.comment_id,
+            asked.sender,
+            asked.permission,
+            trigger_comment_id=asked.comment_id,
             max_tokens=command.max_tokens,
             max_cost_usd=command.max_cost_usd,
+            answer_on=asked.number if asked.number != asked.issue else None,
+            review=asked.review,
             agent_requested=command.agent is not None,
         )
     )

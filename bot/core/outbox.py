@@ -24,6 +24,10 @@ class OutboxKind(enum.StrEnum):
     STOP = "stop"  # stop the active task
     RETRY = "retry"  # queue the last failed or stopped task again
     NOTIFY = "notify"  # tell a notification endpoint of a task's change (not Gitea)
+    #: read a review of a pull request kugetsu opened (the delivery names neither the
+    #: review nor its line comments; `body` holds the state and text it gave, as JSON,
+    #: `target` the pull request) and act on the command it holds
+    REVIEW = "review"
 
 
 class Answer(enum.Enum):
@@ -41,6 +45,9 @@ ANSWERS: dict[OutboxKind, Answer] = {
     OutboxKind.STOP: Answer.MAYBE,
     OutboxKind.RETRY: Answer.MAYBE,
     OutboxKind.NOTIFY: Answer.NEVER,
+    # writes nothing itself: what the review asks for is decided, replies and their
+    # limit included, once it has been read
+    OutboxKind.REVIEW: Answer.NEVER,
 }
 
 

@@ -19,8 +19,10 @@ PERMISSIONS = ("none", "read", "write", "admin", "owner")
 #: write access change labels, so whoever did has at least write.
 LABELLER = "labeller"
 
-#: The permission hint of a comment that a reconcile pass found on Gitea: with no
-#: delivery, nothing shows the commenter's permission.
+#: The permission hint of a request that shows nothing of its requester's permission: a
+#: review, whose delivery carries the pull request author's, or a comment that a reconcile
+#: pass found on Gitea, with no delivery at all. Only Gitea's permission API can tell,
+#: which needs a repository admin.
 UNSHOWN = "unshown"
 
 
@@ -57,8 +59,8 @@ def shown(hint: str | None) -> tuple[str, bool]:
     For when Gitea will not tell (its permission API needs a repository admin). The
     hint never comes from a field that describes someone else: a comment carries the
     commenter's permission (exact); a label change shows only that the labeller has at
-    least write; a comment found by a reconcile pass shows nothing, and says so (not
-    exact); anything else shows nothing ("none").
+    least write; a review, or a comment found by a reconcile pass, shows nothing, and
+    says so (not exact); anything else shows nothing ("none").
     """
     if hint == LABELLER:
         return "write", False

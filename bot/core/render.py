@@ -49,6 +49,11 @@ def follow_up_marker(task_id: int) -> str:
     return f"<!-- kugetsu:follow-up={task_id} -->"
 
 
+def answer_marker(task_id: int) -> str:
+    """Marks the comment that gives a task's result where it was asked (`answer`)."""
+    return f"<!-- kugetsu:answer={task_id} -->"
+
+
 def reply(body: str, secrets: Iterable[str]) -> str:
     """A reply as it is posted: marked as kugetsu's (unless it carries a marker already),
     secrets redacted."""
@@ -89,6 +94,27 @@ def usage_line(usage: Mapping[str, Any]) -> str:
     if usage.get("cost_usd") is not None:
         parts.append(f"cost ${usage['cost_usd']:.4f}")
     return ", ".join(parts)
+
+
+#: who asks for work from the shell: no Gitea user, and never an @mention of one
+CLI = "cli"
+
+
+def mention(login: str) -> str:
+    """A Gitea user as kugetsu names them: `@login`, and "the command line" for work
+    queued from the shell (whoever owns the login `cli` is not meant)."""
+    return "the command line" if login == CLI else f"@{login}"
+
+
+def requested(login: str) -> str:
+    """ "requested by @login", or "requested from the command line"."""
+    return "requested from the command line" if login == CLI else f"requested by @{login}"
+
+
+def task_name(task_id: int) -> str:
+    """A task as kugetsu names it on Gitea: "task 7", never "task #7", which Gitea links
+    to issue 7 (and cross-references there)."""
+    return f"task {task_id}"
 
 
 def _plural(count: int, word: str) -> str:
@@ -152,22 +178,34 @@ class QueueView:
 
 def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = "") -> str:
     """The one tracking comment of a task, for its current state."""
-    who = (
-        "from the command line"
-        if task.requested_by == "cli"
-        else f"requested by @{task.requested_by}"
+    head = (
+        f"{marker(task.id)}\n**kugetsu** · {task_name(task.id)} "
+        f"({task.kind.value}, {requested(task.requested_by)})\n\n"
     )
-    head = f"{marker(task.id)}\n**kugetsu** · task #{task.id} ({task.kind.value}, {who})\n\n"
     agent = f"`{task.agent}`"
     link = log_link(config, task.id)
-    log_ref = f" · [log]({link})" if link else ""
+    # with the dashboard on, the same link opens the task page for those signed in
+    log_ref = f" · [{'task page' if config.dashboard.enabled else 'log'}]({link})" if link else ""
     n = task.max_attempts
     secrets = config.secrets()
+    retried = ""
+    if task.retried_by and task.active:
+        retried = (
+            " Queued again from the command line."
+            if task.retried_by == CLI
+            else f" Queued again by @{task.retried_by}."
+        )
 
     if task.state is State.PENDING:
         where = f"position {queue.position} in the queue, " if queue.position else ""
         line = f"⏳ **Queued**: {where}{queue.busy} of {queue.limit} agents busy."
-        if task.attempts and task.outcome:
+        if task.error and not task.outcome:
+            # put back without using up an attempt: a clean shutdown, a Gitea away
+            line = (
+                f"⏳ **Queued again** ({redact(task.error, secrets)}): "
+                + line[len("⏳ **Queued**: ") :]
+            )
+        elif task.attempts and task.outcome:
             line = (
                 f"🔁 **Retrying**: attempt {task.attempts} of {n} ended with "
                 f"`{task.outcome.value}`"
@@ -175,50 +213,32 @@ def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = ""
                 + f". Next attempt not before {_when(task.not_before)}; "
                 + line[len("⏳ **Queued**: ") :]
             )
-        return head + line
+        return head + line + retried
     if task.state is State.RUNNING:
         line = (
             f"🛠️ **Working**: agent {agent}, attempt {task.attempts} of {n}, "
-            f"started {_when(task.started_at)}{log_ref}."
+            f"started {_when(task.started_at)}{log_ref}.{retried}"
         )
         if task.cancel_requested_by:
-            line += f"\n\nStopping, as requested by @{task.cancel_requested_by}."
+            line += f"\n\nStopping, as {requested(task.cancel_requested_by)}."
         return head + line
     if task.state is State.REJECTED:
         return head + f"🚫 **Not started**: {redact(task.error or 'not allowed', secrets)}"
-    if task.state is State.CANCELLED:
-        by = task.cancel_requested_by or "an operator"
-        return head + (
-            f"🛑 **Stopped** by @{by}."
-            if by != "cli"
-            else "🛑 **Stopped** from the kugetsu command line."
-        )
-
     took = duration((task.finished_at or 0) - (task.started_at or 0)) if task.started_at else "?"
     usage = usage_line(task.usage)
     footer = " · ".join(
         x for x in (f"agent {agent}", f"took {took}", f"attempt {task.attempts} of {n}", usage) if x
     )
+    if task.state is State.CANCELLED:
+        line = _stopped(task)
+        if not task.attempts or not task.started_at:
+            return head + line + " It had not started."
+        return head + f"{line}\n\n<sub>{footer}{log_ref}</sub>"
     summary = agent_block(task.summary or "", secrets)
     summary_block = f"\n\n{summary}" if summary else ""
 
-    if task.state is State.COMPLETED and task.outcome is Outcome.SUCCEEDED:
-        files = (
-            f", {_plural(task.files_changed, 'file')} changed"
-            if task.files_changed is not None
-            else ""
-        )
-        # "#9" and not a URL: Gitea links it to the pull request itself, with its own public
-        # address, while gitea.url is often an internal name (http://gitea:3000)
-        return (
-            head + f"✅ **Done**: pull request #{task.pr_number}{files}.{summary_block}\n\n"
-            f"<sub>{footer}{log_ref}</sub>"
-        )
     if task.state is State.COMPLETED:
-        return (
-            head + "➖ **No changes**: the agent finished without changing any files, "
-            f"so there is no pull request.{summary_block}\n\n<sub>{footer}{log_ref}</sub>"
-        )
+        return head + f"{_completed(task)}{summary_block}\n\n<sub>{footer}{log_ref}</sub>"
     if agent_missing(task):
         return head + agent_not_installed(task, config)
     # failed
@@ -238,6 +258,82 @@ def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = ""
         f"{reason}{tail_block}\n\n"
         f"Comment `{config.triggers.command} retry` to try again.\n\n"
         f"<sub>{footer}{log_ref}</sub>"
+    )
+
+
+def _stopped(task: Task) -> str:
+    by = task.cancel_requested_by or "an operator"
+    if by == CLI:
+        return "🛑 **Stopped** from the kugetsu command line."
+    return f"🛑 **Stopped** by @{by}."
+
+
+def _completed(task: Task) -> str:
+    """The line of a completed task: its pull request, or that nothing changed."""
+    files = (
+        f", {_plural(task.files_changed, 'file')} changed" if task.files_changed is not None else ""
+    )
+    if task.outcome is Outcome.SUCCEEDED and task.pr_number == task.issue:
+        # work on a pull request a person opened: commits on its own branch
+        where = f" `{_code(task.branch)}`" if task.branch else ""
+        return f"✅ **Done**: pushed to this pull request's branch{where}{files}."
+    if task.outcome is Outcome.SUCCEEDED:
+        # "#9" and not a URL: Gitea links it to the pull request itself, with its own public
+        # address, while gitea.url is often an internal name (http://gitea:3000)
+        return f"✅ **Done**: pull request #{task.pr_number}{files}."
+    if task.pr_number:
+        return (
+            "➖ **No changes**: the agent finished without changing any files; "
+            f"pull request #{task.pr_number} is as it was."
+        )
+    return (
+        "➖ **No changes**: the agent finished without changing any files, "
+        "so there is no pull request."
+    )
+
+
+def _code(text: str) -> str:
+    """Text for inside a code span: no backtick can end it early, no line break."""
+    return " ".join(text.replace("`", "'").split())
+
+
+def answer_due(task: Task) -> bool:
+    """Whether a task's result is still to be posted where it was asked: it has ended
+    (refusals excepted: their tracking comment is the one reply they get), and no
+    follow-up comment on that pull request has told it already."""
+    if task.answer_on is None or task.answer_id not in (None, 0):
+        return False
+    if task.state not in (State.COMPLETED, State.FAILED, State.CANCELLED):
+        return False
+    told = (
+        task.outcome is Outcome.SUCCEEDED
+        and task.kind is Kind.CONTINUE
+        and task.pr_number == task.answer_on != task.issue
+    )
+    return not told
+
+
+def answer(task: Task, config: Config) -> str:
+    """A task's result, posted where it was asked when that is not where its tracking
+    comment is (a request typed on a pull request, a retry asked for later)."""
+    secrets = config.secrets()
+    if task.state is State.COMPLETED:
+        line = _completed(task)
+    elif task.state is State.CANCELLED:
+        line = _stopped(task)
+    else:
+        outcome = task.outcome.value if task.outcome else "failed"
+        line = (
+            f"❌ **Failed** (`{outcome}`) after {_plural(task.attempts, 'attempt')}: "
+            f"{redact(task.error or '', secrets)}"
+        )
+    where = "above" if task.answer_on == task.issue else f"on #{task.issue}"
+    block = agent_block(task.summary or "", secrets) if task.state is State.COMPLETED else ""
+    return (
+        f"{answer_marker(task.id)}\n{mention(task.requested_by)}: {task_name(task.id)} "
+        f"({task.kind.value}) has ended. {line}"
+        + (f"\n\n{block}" if block else "")
+        + f"\n\nIts tracking comment {where} has the details."
     )
 
 
@@ -264,7 +360,7 @@ def pr_body(
     link = log_link(config, task.id)
     block = agent_block(summary, config.secrets())
     details = [
-        f"task #{task.id}",
+        task_name(task.id),
         f"agent `{task.agent}`",
         f"{_plural(files_changed, 'file')} changed",
     ]
@@ -285,23 +381,76 @@ def follow_up(task: Task, config: Config, *, summary: str, files_changed: int) -
     """The comment on a pull request that a follow-up pushed to and did not open."""
     return (
         f"{follow_up_marker(task.id)}\n"
-        f"Pushed a follow-up for @{task.requested_by} "
-        f"(task #{task.id}, {_plural(files_changed, 'file')} "
+        f"Pushed a follow-up {requested(task.requested_by)} "
+        f"({task_name(task.id)}, {_plural(files_changed, 'file')} "
         f"changed in this pull request so far).\n\n" + agent_block(summary, config.secrets())
     )
+
+
+#: a review's state as a reader says it
+REVIEW_STATE_WORDS = {
+    "APPROVED": "approved",
+    "REQUEST_CHANGES": "changes requested",
+    "COMMENT": "comments",
+}
+
+
+def review_answer(
+    task: Task,
+    config: Config,
+    *,
+    summary: str,
+    files_changed: int,
+    changed: Sequence[str] | None,
+    resolved: Iterable[int] = (),
+) -> str:
+    """The answer on a pull request to the review a follow-up worked on: what changed for
+    each line comment (its file changed in this push or not; its conversation resolved),
+    then the agent's own summary, which says what it did about each."""
+    review = task.review
+    done = set(resolved)
+    lines = []
+    for number, comment in enumerate(review.get("comments") or (), start=1):
+        where = f"{number}. `{_code(str(comment.get('path') or '?'))}` {_line_of(comment)}"
+        if changed is None:
+            lines.append(f"{where}")
+        elif comment.get("path") in changed:
+            note = "; conversation resolved" if comment.get("id") in done else ""
+            lines.append(f"{where}: its file changed in this push{note}")
+        else:
+            lines.append(f"{where}: its file did not change in this push")
+    reviewer = review.get("user") or task.requested_by
+    state = REVIEW_STATE_WORDS.get(str(review.get("state")), "review")
+    return (
+        f"{follow_up_marker(task.id)}\n"
+        f"{mention(reviewer)}: pushed a follow-up for your review ({state}), "
+        f"{task_name(task.id)}, {_plural(files_changed, 'file')} changed in this pull "
+        "request so far."
+        + ("\n\n" + "\n".join(lines) if lines else "")
+        + "\n\n"
+        + agent_block(summary, config.secrets())
+    )
+
+
+def _line_of(comment: Mapping[str, Any]) -> str:
+    line = comment.get("line")
+    if not line:
+        return "(the whole file)"
+    return f"line {line}" + (" of the old file" if comment.get("old_side") else "")
 
 
 def commit_message(task: Task, title: str | None) -> str:
     """The message of the commit that holds an agent's work."""
     first_line = (title or f"issue #{task.issue}").strip().splitlines()[0][:72]
-    if task.kind is Kind.CONTINUE:
-        first = (task.prompt.strip().splitlines() or ["follow-up"])[0][:60]
+    if task.kind is Kind.CONTINUE or task.review:
+        asked = task.prompt.strip() or ("review" if task.review else "")
+        first = (asked.splitlines() or ["follow-up"])[0][:60]
         subject = f"Follow-up on #{task.issue}: {first}"
     else:
         subject = f"{first_line} (#{task.issue})"
     return (
         f"{subject}\n\nWritten by an AI coding agent ({task.agent}) run by kugetsu, "
-        f"task #{task.id}, requested by @{task.requested_by}."
+        f"{task_name(task.id)}, {requested(task.requested_by)}."
     )
 
 
@@ -316,40 +465,82 @@ def prompt(
     history: Sequence[Task] | None = None,
     branch: str,
     base: str,
+    pull: bool = False,
     repo_instructions: str = "",
 ) -> str:
-    """What the agent is asked to do: the issue, earlier requests on it (when the agent
-    cannot resume its own session), the request itself, the repository's own
-    instructions (its `.kugetsu.toml`), and where it works."""
+    """What the agent is asked to do: the issue (or the pull request a person opened,
+    with `pull`), earlier requests on it (when the agent cannot resume its own session),
+    the request itself with the review it answers, the repository's own instructions
+    (its `.kugetsu.toml`), and where it works."""
+    thing = "pull request" if pull else "issue"
     parts = [
-        f"You are working on issue #{task.issue} of the repository {task.repo}.",
-        f"\nIssue title: {title}",
-        f"\nIssue description:\n{body.strip() or '(empty)'}",
+        f"You are working on {thing} #{task.issue} of the repository {task.repo}.",
+        f"\n{thing.capitalize()} title: {title}",
+        f"\n{thing.capitalize()} description:\n{body.strip() or '(empty)'}",
     ]
     if history:
-        parts.append("\nEarlier requests on this issue, oldest first:")
+        parts.append(f"\nEarlier requests on this {thing}, oldest first:")
         for old in history:
             parts.append(
-                f"- {old.kind.value} by @{old.requested_by}: {old.prompt or '(no text)'}"
+                f"- {old.kind.value} by {mention(old.requested_by)}: {old.prompt or '(no text)'}"
                 + (
                     f"\n  result: {old.summary.strip()[:MAX_HISTORY_SUMMARY]}"
                     if old.summary
                     else ""
                 )
             )
-    if task.kind is Kind.CONTINUE:
-        parts.append(f"\nFollow-up request from @{task.requested_by}:\n{task.prompt}")
+    who = mention(task.requested_by)
+    if task.kind is Kind.CONTINUE and task.prompt:
+        parts.append(f"\nFollow-up request from {who}:\n{task.prompt}")
     elif task.prompt:
-        parts.append(f"\nInstructions from @{task.requested_by}:\n{task.prompt}")
+        parts.append(f"\nInstructions from {who}:\n{task.prompt}")
+    if task.review:
+        parts.append(_review_prompt(task.review))
     if repo_instructions:
         parts.append(
             f"\nInstructions from this repository (its .kugetsu.toml):\n{repo_instructions}"
         )
+    if pull:
+        parts.append(
+            f"\nThe current directory is a git worktree on branch {branch}, the branch of "
+            f"this pull request, which is to be merged into {base}. Make the changes asked "
+            "for in this directory, on top of the commits already there. You do not need to "
+            "commit or push: kugetsu commits your changes and pushes them to this branch. "
+            "End with a short summary of what you changed."
+        )
+    else:
+        parts.append(
+            f"\nThe current directory is a git worktree on branch {branch}, made from {base}. "
+            "Make the changes the issue asks for in this directory. You do not need to "
+            "commit, push or open a pull request: kugetsu commits your changes and opens the "
+            "pull request. End with a short summary of what you changed."
+        )
+    return "\n".join(parts)
+
+
+def _review_prompt(review: Mapping[str, Any]) -> str:
+    """A review in the prompt: its body, then each line comment with its file, its line,
+    the diff hunk it was written on and its text, numbered for the summary to refer to."""
+    state = REVIEW_STATE_WORDS.get(str(review.get("state")), "review")
+    parts = [
+        f"\nA review of the pull request by {mention(str(review.get('user') or '?'))} "
+        f"({state}) asks for this follow-up.",
+        f"Review text:\n{str(review.get('body') or '').strip() or '(empty)'}",
+    ]
+    comments = review.get("comments") or []
+    if comments:
+        parts.append("\nLine comments of the review:")
+    for number, comment in enumerate(comments, start=1):
+        hunk = str(comment.get("diff_hunk") or "").rstrip()
+        parts.append(
+            f"\n{number}. {comment.get('path') or '?'}, {_line_of(comment)}, "
+            f"by {mention(str(comment.get('user') or '?'))}:"
+            + (f"\n```diff\n{hunk}\n```" if hunk else "")
+            + f"\n{str(comment.get('body') or '').strip() or '(empty)'}"
+        )
     parts.append(
-        f"\nThe current directory is a git worktree on branch {branch}, made from {base}. "
-        "Make the changes the issue asks for in this directory. You do not need to commit, "
-        "push or open a pull request: kugetsu commits your changes and opens the pull request. "
-        "End with a short summary of what you changed."
+        "\nAddress the review: make the changes its comments ask for. In your summary, say "
+        "for each numbered line comment what you changed, or why you changed nothing."
     )
     return "\n".join(parts)
 
@@ -357,8 +548,14 @@ def prompt(
 # --------------------------------------------------------------------------- replies to commands
 
 
-def help_text(word: str = "/kugetsu", label: str = "kugetsu") -> str:
-    """The answer to `help`, generated from the command registry."""
+def help_text(
+    word: str = "/kugetsu",
+    label: str = "kugetsu",
+    agents: Iterable[str] = (),
+    default_agent: str | None = None,
+) -> str:
+    """The answer to `help`, generated from the command registry, with the agents this
+    kugetsu has installed."""
     rows = ["| command | what it does |", "|---|---|"]
     for verb in commands.REGISTRY:
         alias = f" (also `{word} {verb.aliases[0]}`)" if verb.aliases else ""
@@ -370,11 +567,19 @@ def help_text(word: str = "/kugetsu", label: str = "kugetsu") -> str:
         f"- `{flag} ...`: {desc}" + (f" (at most {limit:,})" if limit else "")
         for flag, (_, _, desc, limit) in commands.FLAGS.items()
     )
+    names = sorted(agents)
+    listed = ", ".join(
+        f"`{name}`" + (" (the default)" if name == default_agent else "") for name in names
+    )
     return (
         f"**kugetsu** turns this issue into a pull request written by an AI coding agent. "
         f"Add the label `{label}`, or comment one of these on its own line:\n\n"
         + "\n".join(rows)
         + f"\n\nOptions, after the command word or the verb:\n{flags}\n\n"
+        + (f"Agents available for `--agent`: {listed}.\n\n" if names else "")
+        + f"On a pull request kugetsu opened, a review whose text or line comments hold a "
+        f"`{word}` line is answered with a follow-up that gets every line comment. On a pull "
+        f"request a person opened, `{word} <instructions>` adds commits to its branch.\n\n"
         "Quoted lines, code blocks and HTML comments are never read as commands. Starting, "
         "following up, stopping and retrying need write access to the repository."
     )
@@ -385,14 +590,63 @@ def usage_error(sender: str, error: commands.CommandError) -> str:
 
 
 def unknown_agent(sender: str, agent: str, known: Iterable[str]) -> str:
-    return f"@{sender} there is no agent named `{agent}`. Configured: {', '.join(sorted(known))}."
+    available = ", ".join(f"`{name}`" for name in sorted(known)) or "none"
+    return f"@{sender} there is no agent named `{agent}` here. Available: {available}."
+
+
+def unknown_verb(sender: str, unknown: commands.UnknownVerb, help_text: str) -> str:
+    """The answer to a command of one word that is no verb: the closest verbs, the help."""
+    word = f"`{_code(unknown.word)}`"
+    if unknown.suggestions:
+        guesses = " or ".join(f"`{s}`" for s in unknown.suggestions)
+        first = f"@{sender} {word} is not a kugetsu command; did you mean {guesses}?"
+    else:
+        first = f"@{sender} {word} is not a kugetsu command."
+    return (
+        f"{first} Nothing was started: to ask for work, write a sentence of instructions."
+        f"\n\n{help_text}"
+    )
+
+
+def fork_not_editable(sender: str, head: str | None) -> str:
+    """The answer to a request for work on a pull request whose branch kugetsu may not push."""
+    if head is None:
+        why = "its branch is in a fork that no longer exists"
+    else:
+        why = (
+            f"its branch is in the fork {head}, whose author has not allowed edits by "
+            'maintainers (the pull request\'s "Allow edits from maintainers")'
+        )
+    return (
+        f"@{sender} kugetsu cannot work on this pull request: {why}, so kugetsu cannot push "
+        "to it. Nothing was started."
+    )
+
+
+def fork_not_pushable(fork: str, repo: str, have: str) -> str:
+    """Why kugetsu does not work on a fork's branch whose author allowed edits by
+    maintainers: only those who may write to the base repository may push there."""
+    return (
+        f"kugetsu cannot push to this pull request's branch in the fork {fork}: Gitea lets "
+        f"those with write access to {repo} push there, and kugetsu has {have}"
+    )
+
+
+def retry_queued(task: Task, by: str, here: int) -> str:
+    """The answer to `retry` once the task is queued again: its result is posted where
+    the retry was asked, `here`, when it ends."""
+    return (
+        f"{mention(by)}: {task_name(task.id)} is queued again with fresh attempts; its "
+        "result will be posted here when it ends."
+        + ("" if here == task.issue else f" Its tracking comment is on #{task.issue}.")
+    )
 
 
 def already_active(sender: str, active: Task) -> str:
     """The answer to a start while the issue has an active task."""
     word = "queued" if active.state is State.PENDING else "running"
     return (
-        f"@{sender} kugetsu is already {word} on this issue (task #{active.id}). "
+        f"@{sender} kugetsu is already {word} on this issue ({task_name(active.id)}). "
         f"Use `continue <instructions>` to follow up, or `stop` to stop it."
     )
 
@@ -403,7 +657,7 @@ NOTHING_TO_RETRY = "There is no failed or stopped task to retry on this issue."
 
 def retry_blocked(blocker: Task) -> str:
     return (
-        f"Task #{blocker.id} is still active on this issue; stop it first or wait for it to finish."
+        f"Task {blocker.id} is still active on this issue; stop it first or wait for it to finish."
     )
 
 
@@ -437,7 +691,7 @@ def status(tasks: Sequence[Task], config: Config, load: QueueLoad | None) -> str
     rows = ["| task | kind | state | outcome | attempts | PR |", "|---|---|---|---|---|---|"]
     for t in tasks[-STATUS_ROWS:]:
         rows.append(
-            f"| #{t.id} | {t.kind.value} | {t.state.value} | "
+            f"| {t.id} | {t.kind.value} | {t.state.value} | "
             f"{t.outcome.value if t.outcome else ''} | {t.attempts}/{t.max_attempts} | "
             f"{'#' + str(t.pr_number) if t.pr_number else ''} |"
         )

@@ -192,8 +192,17 @@ class Task:
     #: the concurrency slot of its last claim (0 .. max_concurrent_agents - 1): no two
     #: running tasks hold the same one, and with the sandbox its agent runs as that slot's uid
     slot: int | None = None
+    #: where the task's result is also posted when it ends (the pull request a request
+    #: was typed on, or where a retry was asked); None: the tracking comment is enough
+    answer_on: int | None = None
+    #: that answer's comment id once written (0 while it is being written)
+    answer_id: int | None = None
+    #: the review a follow-up answers: id, state, body, user and its line comments
+    review: dict[str, Any] = field(default_factory=dict)
     #: the request named its agent: a repository's default agent does not replace it
     agent_requested: bool = False
+    #: who last put the task back in the queue (`retry`), shown in its tracking comment
+    retried_by: str | None = None
 
     @property
     def owner(self) -> str:

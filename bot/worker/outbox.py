@@ -20,16 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from bot import agents
 from bot.config import Config
-from bot.core import render
+from bot.core import intake, render
 from bot.core.outbox import OutboxItem, OutboxKind
 from bot.core.render import QueueLoad
 from bot.core.tasks import State, doubling
 from bot.gitea import GiteaError, ServerError, Unreachable
+from bot.ingest import rules_for
 from bot.isolate import on_its_own
 from bot.notify import Sender
 from bot.publisher import Publisher
 from bot.store import Store
+from bot.worker import reviews
 from bot.worker.auth import AuthCache
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,8 @@ RETRY_MOST_SECONDS = 600.0
 
 class Outbox:
     """Sends the outbox's items through the publisher; `on_change` wakes the tick after
-    a stop or retry changed the queue."""
+    a stop, a retry or a review changed the queue. `rules`: intake's rules, for the
+    reviews it reads."""
 
     def __init__(
         self,
@@ -55,10 +59,18 @@ class Outbox:
         auth: AuthCache,
         on_change: Callable[[], None],
         sender: Sender | None = None,
+        rules: Callable[[], intake.Rules] | None = None,
     ):
         self.config, self.store, self.publisher, self.auth = config, store, publisher, auth
         self.on_change = on_change
         self.sender = sender if sender is not None else Sender(config)
+        if rules is None:
+            # from the config alone: the worker passes its own, with the login it learned
+            fixed = rules_for(
+                config, config.gitea.bot_login or None, agents.configured(config.agents)
+            )
+            rules = lambda: fixed  # noqa: E731
+        self.rules = rules
 
     def work(self, budget: int = OUTBOX_BUDGET) -> int:
         """Send the items due; returns how many it handled."""
@@ -92,6 +104,9 @@ class Outbox:
                             continue
                     try:
                         HANDLERS[item.kind].send(self, item)
+                    except reviews.Deferred as exc:
+                        self.store.outbox_retry(item.id, RECHECK_SECONDS, str(exc))
+                        continue
                     except (ServerError, Unreachable) as exc:
                         delay = doubling(RETRY_FIRST_SECONDS, item.attempts + 1, RETRY_MOST_SECONDS)
                         self.store.outbox_retry(item.id, delay, str(exc))
@@ -167,10 +182,26 @@ def _retry(outbox: Outbox, item: OutboxItem) -> None:
     if last is None or last.state not in (State.FAILED, State.CANCELLED):
         outbox.answer(item, render.NOTHING_TO_RETRY)
         return
-    done, blocker = store.try_requeue(last.id, item.requested_by or "someone")
+    here = item.target or item.issue
+    by = item.requested_by or "someone"
+    # its result is posted where the retry was asked, not only in its old comment far up
+    done, blocker = store.try_requeue(last.id, by, answer_on=here)
     if blocker is not None:
         outbox.answer(item, render.retry_blocked(blocker))
     if done:
+        outbox.answer(item, render.retry_queued(last, by, here))
+        outbox.on_change()
+
+
+def _review(outbox: Outbox, item: OutboxItem) -> None:
+    taken = reviews.take(
+        item,
+        store=outbox.store,
+        gitea=outbox.publisher.gitea,
+        auth=outbox.auth,
+        rules=outbox.rules,
+    )
+    if taken:
         outbox.on_change()
 
 
@@ -196,4 +227,5 @@ HANDLERS: dict[OutboxKind, Handler] = {
     OutboxKind.STOP: Handler(_stop, acts=True),
     OutboxKind.RETRY: Handler(_retry, acts=True),
     OutboxKind.NOTIFY: Handler(_notify, own_lane=True),
+    OutboxKind.REVIEW: Handler(_review),
 }

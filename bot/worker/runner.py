@@ -31,13 +31,12 @@ from bot.config import (
     RepoSettings,
     repo_settings,
 )
-from bot.core import render
+from bot.core import permissions, render
 from bot.core.tasks import AGENT_MISSING, AttemptResult, Kind, Outcome, Task
-from bot.gitea import GiteaAPI, GiteaError, ServerError, Unreachable
+from bot.gitea import Forbidden, GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
 from bot.publisher import Publisher
 from bot.redact import redact
 from bot.sandbox import NoSandbox, Sandbox, SandboxError
-from bot.service import known_agents
 from bot.store import Store
 from bot.workspace import Fetched, GitError, Prepared, Workspace
 
@@ -55,6 +54,22 @@ GITEA_WAIT_SECONDS = 15.0
 
 class Stopping(Exception):
     """The service is shutting down; the task goes back to the queue."""
+
+
+@dataclass(frozen=True)
+class PullTarget:
+    """A pull request a person opened, as the runner works on it."""
+
+    branch: str
+    base: str
+    #: the fork that holds the branch (its author allowed edits by maintainers); None
+    #: when the branch is in the repository itself
+    source: str | None = None
+
+
+def _holder(task: Task, pull: PullTarget | None) -> str:
+    """The repository that holds the task's branch: its own, or a pull request's fork."""
+    return pull.source if pull is not None and pull.source else task.repo
 
 
 @dataclass
@@ -109,6 +124,8 @@ class Runner:
         secrets = cfg.secrets()
         try:
             issue = self.gitea.get_issue(task.owner, task.name, task.issue)
+            # a pull request as the task's issue is one a person opened: work on its branch
+            pull = self._pull(task) if issue.get("pull_request") else None
         except (Unreachable, ServerError) as exc:
             # Gitea is away: wait for it without using up an attempt; nothing has run yet.
             return AttemptResult(
@@ -121,6 +138,8 @@ class Runner:
             return AttemptResult(
                 Outcome.INFRA_ERROR, f"could not read the issue: {exc}", retry=False
             )
+        if isinstance(pull, str):
+            return AttemptResult(Outcome.INFRA_ERROR, pull, retry=False)
         issue_row = self.store.issue_row(None, task.repo, task.issue) or {}
         try:
             # what a run that crashed may still hold is kugetsu's again before git runs there
@@ -133,13 +152,20 @@ class Runner:
             if settings.agent and not task.agent_requested and settings.agent != task.agent:
                 self.store.update(task.id, agent=settings.agent)
                 task = replace(task, agent=settings.agent)
-            branch = self.branch(task, settings, issue_row)
-            prepared = self.workspace.prepare(task.repo, task.issue, branch, fetched=fetched)
+            branch = pull.branch if pull else self.branch(task, settings, issue_row)
+            prepared = self.workspace.prepare(
+                task.repo,
+                task.issue,
+                branch,
+                base=pull.base if pull else None,
+                source=pull.source if pull else None,
+                fetched=fetched,
+            )
         except GitError as exc:
             return AttemptResult(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets))
         self.store.update(task.id, branch=branch, worktree=str(prepared.path))
         if task.publish_sha:
-            resumed = self._resume_publishing(task, issue, prepared, branch)
+            resumed = self._resume_publishing(task, issue, prepared, branch, pull)
             if resumed is not None:
                 return resumed
         start_head = self.workspace.head(prepared.path)
@@ -168,6 +194,7 @@ class Runner:
                 history=history,
                 branch=branch,
                 base=prepared.base_branch,
+                pull=pull is not None,
                 repo_instructions=settings.instructions,
             )
             run = self._run_agent(task, spec, prepared.path, prompt, session, branch, settings)
@@ -195,7 +222,7 @@ class Runner:
                 continue
             break
         assert run is not None
-        changes = {
+        changes: dict[str, Any] = {
             "summary": run.summary,
             "usage": run.usage,
             "session_id": run.session_id,
@@ -204,20 +231,31 @@ class Runner:
         if run.outcome is not None:
             return AttemptResult(run.outcome, run.error, retry=run.retry, changes=changes)
 
+        # a run that changes nothing leaves the pull request there is as it was, and says so
+        unchanged = {
+            **changes,
+            "pr_number": task.issue if pull else issue_row.get("pr_number"),
+        }
         # the agent succeeded: commit, push, open or update the pull request
         try:
             self.workspace.commit_all(
                 prepared.path, render.commit_message(task, issue.get("title"))
             )
-            if not self.workspace.has_new_commits(prepared.path, prepared.base_sha):
-                return AttemptResult(Outcome.NO_CHANGES, None, changes=changes)
             head = self.workspace.head(prepared.path)
-            remote = self.workspace.remote_branch_sha(task.repo, branch)
+            if pull is not None:
+                # a person's branch has commits of its own: only this run's count
+                nothing = head == start_head
+            else:
+                nothing = not self.workspace.has_new_commits(prepared.path, prepared.base_sha)
+            if nothing:
+                return AttemptResult(Outcome.NO_CHANGES, None, changes=unchanged)
+            remote = self.workspace.remote_branch_sha(_holder(task, pull), branch)
+            ran = self.workspace.changed_files(prepared.path, start_head)
         except GitError as exc:
             return AttemptResult(
                 Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets), changes=changes
             )
-        if head == start_head and head == remote:
+        if pull is None and head == start_head and head == remote:
             # Nothing new from this run. The branch may still lack its PR, if an earlier
             # attempt or task pushed and then could not open it: publish in that case.
             try:
@@ -231,7 +269,8 @@ class Runner:
                     changes=changes,
                 )
             if existing:
-                return AttemptResult(Outcome.NO_CHANGES, None, changes=changes)
+                unchanged["pr_number"] = int(existing["number"])
+                return AttemptResult(Outcome.NO_CHANGES, None, changes=unchanged)
         # The agent's work is committed: from here on, a retry publishes it and does not
         # run the agent again (see _resume_publishing).
         self.store.update(task.id, publish_sha=head, bump=False)
@@ -245,10 +284,43 @@ class Runner:
             summary=run.summary,
             usage=run.usage,
             changes=changes,
+            pull=pull,
+            ran=ran,
         )
 
+    def _pull(self, task: Task) -> PullTarget | str:
+        """Where to work on a pull request a person opened (its branch, and the fork that
+        holds it), or why kugetsu may not."""
+        pr = self.gitea.get_pull(task.owner, task.name, task.issue)
+        head, base = pr.get("head") or {}, pr.get("base") or {}
+        repo = (head.get("repo") or {}).get("full_name")
+        if not isinstance(head.get("ref"), str) or not isinstance(base.get("ref"), str):
+            return f"pull request #{task.issue} has no head or base branch"
+        if pr.get("state") != "open":
+            return f"pull request #{task.issue} is {pr.get('state') or 'not open'}"
+        if repo == task.repo:
+            return PullTarget(head["ref"], base["ref"])
+        if not repo or pr.get("allow_maintainer_edit") is not True:
+            return render.fork_not_editable(task.requested_by, repo)
+        # Gitea lets those who may write to the base repository push to the fork's branch:
+        # find out before a paid run whether kugetsu may
+        login = self.config.gitea.bot_login or self.store.get_meta("bot_login")
+        if login:
+            try:
+                have = self.gitea.get_permission(task.owner, task.name, login)
+            except (Forbidden, NotFound):
+                have = None  # cannot tell: the push will
+            if have is not None and not permissions.at_least(have, "write"):
+                return render.fork_not_pushable(repo, task.repo, have)
+        return PullTarget(head["ref"], base["ref"], source=repo)
+
     def _resume_publishing(
-        self, task: Task, issue: Mapping[str, Any], prepared: Prepared, branch: str
+        self,
+        task: Task,
+        issue: Mapping[str, Any],
+        prepared: Prepared,
+        branch: str,
+        pull: PullTarget | None,
     ) -> AttemptResult | None:
         """An earlier attempt committed the agent's work and could not publish it (Gitea
         away, a lost answer, a crash): publish that work, with that run's summary and usage.
@@ -258,7 +330,7 @@ class Runner:
             present = self.workspace.contains(prepared.path, commit)
             if present:
                 head = self.workspace.head(prepared.path)
-                remote = self.workspace.remote_branch_sha(task.repo, branch)
+                remote = self.workspace.remote_branch_sha(_holder(task, pull), branch)
         except GitError as exc:
             return AttemptResult(Outcome.INFRA_ERROR, redact(f"git: {exc}", self.config.secrets()))
         if not present:
@@ -280,6 +352,7 @@ class Runner:
             summary=current.summary or "",
             usage=current.usage,
             changes={},
+            pull=pull,
         )
 
     def _publish(
@@ -294,22 +367,33 @@ class Runner:
         summary: str,
         usage: Mapping[str, Any],
         changes: Mapping[str, Any],
+        pull: PullTarget | None = None,
+        ran: list[str] | None = None,
     ) -> AttemptResult:
-        """Push the committed work and open or update its pull request.
+        """Push the committed work and open or update its pull request; on a pull request
+        a person opened, push it to that pull request's branch, and that is all.
 
         While Gitea is away (no answer, 5xx) the task waits for it without using up an
         attempt, as it does before the agent runs; a refusal counts one. Either way the
-        next attempt publishes without running the agent again.
+        next attempt publishes without running the agent again. `ran`: the files this
+        attempt's run changed (None when not known: the work of an earlier attempt).
         """
         secrets = self.config.secrets()
         try:
             files = len(self.workspace.changed_files(prepared.path, prepared.base_sha))
             if head != remote:
-                self.workspace.push(prepared.path, branch)
+                if pull is None:
+                    self.workspace.push(prepared.path, branch)
+                else:
+                    # a person's branch: a plain push, which only ever adds commits
+                    self.workspace.push(prepared.path, branch, source=pull.source, force=False)
         except GitError as exc:
             return AttemptResult(
                 Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets), changes=changes
             )
+        done = {**changes, "files_changed": files, "publish_sha": None}
+        if pull is not None:
+            return AttemptResult(Outcome.SUCCEEDED, None, changes={**done, "pr_number": task.issue})
         current = self.store.require(task.id)
         try:
             number, _own = self.publisher.publish_pr(
@@ -320,6 +404,7 @@ class Runner:
                 summary=summary,
                 files_changed=files,
                 usage=usage,
+                changed=ran,
             )
         except (Unreachable, ServerError) as exc:
             return AttemptResult(
@@ -334,11 +419,7 @@ class Runner:
                 Outcome.INFRA_ERROR, f"could not open the pull request: {exc}", changes=changes
             )
         self.store.set_issue(None, task.repo, task.issue, pr_number=number, branch=branch)
-        return AttemptResult(
-            Outcome.SUCCEEDED,
-            None,
-            changes={**changes, "pr_number": number, "files_changed": files, "publish_sha": None},
-        )
+        return AttemptResult(Outcome.SUCCEEDED, None, changes={**done, "pr_number": number})
 
     def lent(self, task: Task) -> list[Path]:
         """What an agent run on the task's issue is lent: its worktree and its home."""
@@ -364,7 +445,7 @@ class Runner:
                 return repo_settings(
                     found.data,
                     default_agent=cfg.agents.default,
-                    known_agents=known_agents(cfg),
+                    known_agents=agents.available(cfg.agents, self.environ),
                     budget_of=self._server_budget,
                 )
             except ConfigError as exc:

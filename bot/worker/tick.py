@@ -31,18 +31,17 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
-from bot import logs, process, prune
+from bot import agents, logs, process, prune
 from bot.config import Config
-from bot.core import metrics
+from bot.core import intake, metrics
 from bot.core.health import TickRecord, describe
 from bot.core.tasks import AttemptResult, Outcome, State, Task
 from bot.gitea import GiteaAPI, GiteaError
-from bot.ingest import RulesSource
+from bot.ingest import rules_for
 from bot.isolate import on_its_own
 from bot.publisher import Publisher
 from bot.sandbox import Sandbox, sandbox_for
 from bot.scheduler import Coalescer
-from bot.service import known_agents
 from bot.store import Store
 from bot.worker.auth import AuthCache
 from bot.worker.notify import NotifyLane
@@ -70,6 +69,8 @@ class Worker:
 
     `schedule_tick` asks whatever runs `run_tick` (the scheduler) to run it now; the
     worker calls it through `wake()` when something it did changed the queue.
+    `schedule_at` asks for a tick at a time: when the next task or outbox item waiting
+    out a back-off is due, so it does not wait for the next interval.
     """
 
     def __init__(
@@ -82,17 +83,24 @@ class Worker:
         clock: Callable[[], float] = time.time,
         environ: Mapping[str, str] | None = None,
         schedule_tick: Callable[[], None] = lambda: None,
+        schedule_at: Callable[[float], None] = lambda when: None,
         sandbox: Sandbox | None = None,
         counts: metrics.Tally | None = None,
     ):
         self.config, self.store, self.gitea, self.workspace = config, store, gitea, workspace
         self.clock = clock
         self.schedule_tick = schedule_tick
+        self.schedule_at = schedule_at
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.policy = config.queue.retry_policy
         self.publisher = Publisher(config, store, gitea)
         self.auth = AuthCache(config, gitea, clock)
-        self.outbox = Outbox(config, store, self.publisher, self.auth, on_change=self.wake)
+        self.environ = dict(os.environ if environ is None else environ)
+        #: the agents a request may name (installed ones), for the reviews the outbox reads
+        self.agents = agents.available(config.agents, self.environ)
+        self.outbox = Outbox(
+            config, store, self.publisher, self.auth, on_change=self.wake, rules=self.rules
+        )
         self.notify = NotifyLane(config, store, self.outbox, self.worker_id, clock=clock)
         # what this process counts in memory (its Gitea calls), written with each heartbeat
         if counts is None:
@@ -108,14 +116,14 @@ class Worker:
             self.publisher,
             stopping=self._stopping,
             clock=clock,
-            environ=dict(os.environ if environ is None else environ),
+            environ=self.environ,
             sandbox=self.sandbox,
         )
         self.reconciler = Reconciler(
             config,
             store,
             gitea,
-            RulesSource(config, store, known_agents(config)),
+            self.rules,  # one source of rules for all the worker takes in
             owner=self.worker_id,
             clock=clock,
             on_queued=self.wake,
@@ -215,6 +223,9 @@ class Worker:
             busy |= self.publisher.sync_comments(COMMENT_BUDGET) >= COMMENT_BUDGET
             if busy:
                 self.request_tick()  # a backlog (say, 1,000 queued tasks): go round again now
+        due = self.store.next_due()
+        if due is not None:
+            self.schedule_at(due)
 
     def _publisher_lease(self) -> bool:
         """Hold the publisher lease; renewed only when half of it is used up."""
@@ -245,6 +256,11 @@ class Worker:
                 self.store.set_meta("bot_login", login)
         self.bot_login = login or None
         return self.bot_login
+
+    def rules(self) -> intake.Rules:
+        """Intake's rules, as the receiver has them, for what the worker takes in: the
+        reviews it reads and what a reconcile pass finds."""
+        return rules_for(self.config, self.ensure_bot_login(), self.agents)
 
     def _reap(self) -> None:
         with self._runners_lock:
@@ -479,7 +495,10 @@ class Worker:
         None if it was no longer running as `task` was read."""
         decision = self.policy.decide(result, task.attempts, task.max_attempts)
         changes: dict[str, Any] = dict(result.changes)
-        changes.update(outcome=result.outcome, error=result.error, pid=None, pid_start=None)
+        # put back without counting the attempt (a clean shutdown, a Gitea away): no
+        # attempt ended, so there is no outcome to show, only the reason
+        outcome = None if decision.refund else result.outcome
+        changes.update(outcome=outcome, error=result.error, pid=None, pid_start=None)
         if decision.state is State.PENDING:
             changes["not_before"] = self.clock() + (decision.retry_in or 0.0)
         if decision.refund:
