@@ -795,6 +795,9 @@ def test_an_agent_that_tries_to_escape_gets_nowhere_and_its_work_is_still_publis
     )
     assert not any(_zombie(pid) for pid in pids.values())
     assert mirror.joinpath("config").read_text().startswith("# written by kugetsu")
+    # kugetsu's git trusted the slot's worktree per command: no config anywhere says so
+    configs = [mirror / "config", *(data / ".git-home").rglob("*config*")]
+    assert all("safe" not in path.read_text() for path in configs if path.is_file())
     # A ran all along, in its own slot (its worktree kept while lent); it is published too
     [task_a] = store.list_tasks(repo=REPO, issue=a)
     assert {task_a.slot, task_b.slot} == {0, 1}
