@@ -23,11 +23,18 @@ from contextlib import contextmanager
 
 from bot.core.health import describe
 from bot.gitea import ServerError, Unreachable
+from bot.sandbox import SandboxError
 
 log = logging.getLogger(__name__)
 
-#: errors of the surroundings, not of one item: they propagate
-SURROUNDINGS: tuple[type[BaseException], ...] = (sqlite3.OperationalError, ServerError, Unreachable)
+#: errors of the surroundings, not of one item: they propagate (a launcher that cannot
+#: be reached, or a slot whose processes survive SIGKILL, holds up every task alike)
+SURROUNDINGS: tuple[type[BaseException], ...] = (
+    sqlite3.OperationalError,
+    ServerError,
+    Unreachable,
+    SandboxError,
+)
 
 
 @contextmanager

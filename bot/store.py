@@ -323,6 +323,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_finished_by_repo ON tasks (repo, COALESCE(finished_at, updated_at), id)
         WHERE state IN ('completed', 'failed', 'cancelled', 'rejected');
     """,
+    # 17: the concurrency slot a running task holds; with the sandbox its agent runs as
+    # the slot's uid, so no two running tasks may hold the same one (Store.claim)
+    """
+    ALTER TABLE tasks ADD COLUMN slot INTEGER;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1223,8 +1228,18 @@ class Store:
                 " JOIN tasks ON tasks.id = queue.id ORDER BY queue.position LIMIT ?",
                 (now, free),
             ).fetchall()
+            # each claimed task gets a slot no running task holds, the lowest first: with
+            # the sandbox the slot is its agent's uid, and free slots exist below the limit
+            held = {
+                r[0]
+                for r in c.execute(
+                    "SELECT slot FROM tasks WHERE state = 'running' AND slot IS NOT NULL"
+                )
+            }
+            free_slots = (s for s in range(limit) if s not in held)
             claimed = []
             for row in rows:
+                slot = next(free_slots)
                 if self._transition(
                     c,
                     row["id"],
@@ -1238,6 +1253,7 @@ class Store:
                     pid=None,
                     pid_start=None,
                     error=None,
+                    slot=slot,
                 ):
                     self._take_turn(c, row["repo"], row["requested_by"])
                     claimed.append(row["id"])

@@ -189,6 +189,9 @@ class Task:
     #: the commit holding the agent's work while it waits to be published: a retry then
     #: publishes it and does not run the agent again (None: the agent has yet to run)
     publish_sha: str | None = None
+    #: the concurrency slot of its last claim (0 .. max_concurrent_agents - 1): no two
+    #: running tasks hold the same one, and with the sandbox its agent runs as that slot's uid
+    slot: int | None = None
     #: where the task's result is also posted when it ends (the pull request a request
     #: was typed on, or where a retry was asked); None: the tracking comment is enough
     answer_on: int | None = None
