@@ -179,9 +179,14 @@ RUN set -eux; \
     done; \
     rm -rf "$home"
 
-# A non-root user (uid/gid 1000) that runs kugetsu and the agents, the
-# default config, and the data directory. Each agent run still gets its own
-# HOME under /data/homes, so nothing is shared between issues.
+# The sandbox (README, "Agents in a sandbox"): the container starts as root,
+# kugetsu drops to the unprivileged user kugetsu (uid/gid 1000) for everything
+# it does, and each concurrency slot's agent runs as a uid of its own (20000,
+# 20001, ...; they need no account). Docker's default capabilities are enough.
+# sandbox.mode = "auto": where the container cannot start as root (a rootless
+# runtime without those capabilities, Kubernetes runAsNonRoot with uid 1000),
+# kugetsu runs without the sandbox and warns at start, in /healthz and in
+# `kugetsu doctor`. Each agent run still gets its own HOME under /data/homes.
 RUN set -eux; \
     groupadd --gid 1000 kugetsu; \
     useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash kugetsu; \
@@ -192,8 +197,14 @@ RUN set -eux; \
         '[server]' \
         'host = "0.0.0.0"' \
         'port = 8080' \
+        '' \
+        '[sandbox]' \
+        'mode = "auto"' \
+        'user = "kugetsu"' \
         > /etc/kugetsu/config.toml; \
-    chown kugetsu:kugetsu /data
+    chmod 644 /etc/kugetsu/config.toml; \
+    chown kugetsu:kugetsu /data; \
+    chmod 700 /data
 
 # Last, since it changes most often: kugetsu's virtualenv, with the
 # `kugetsu` command linked onto PATH.
@@ -209,7 +220,7 @@ ENV KUGETSU_CONFIG=/etc/kugetsu/config.toml \
 # it is the only state kugetsu has.
 VOLUME /data
 
-USER 1000:1000
+# No USER: kugetsu starts as root and drops to kugetsu (uid 1000) itself.
 WORKDIR /home/kugetsu
 
 # POST /webhook for Gitea, GET /healthz for health checks.

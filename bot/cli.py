@@ -639,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--wake-fd", type=int, default=None)
     w.add_argument("--fd-limit", type=int, default=None)
     w.add_argument("--log-level", default=None, choices=LEVELS)
+    w.add_argument("--launcher", default=None)
 
     q = sub.add_parser("queue", parents=[common], help="inspect and manage the task queue")
     qsub = q.add_subparsers(dest="queue_command", required=True)
@@ -857,6 +858,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
             args.wake_fd,
             log_level=args.log_level or config.logging.level,
             fd_limit=args.fd_limit,
+            launcher=args.launcher,
         )
     if args.command == "webhook":
         hook_action = webhook_install if args.webhook_command == "install" else webhook_list

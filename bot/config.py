@@ -112,6 +112,16 @@ class StorageConfig:
         """The prompt a task's agent was given (for `{prompt_file}`)."""
         return self.prompts_dir / f"{task_id}{PROMPT_SUFFIX}"
 
+    def agent_home(self, owner: str, name: str, issue: int) -> Path:
+        """An issue's agent home (HOME, XDG dirs, the CLI's sessions): every run on the
+        issue gets the same one, so a follow-up resumes its session."""
+        return self.homes_dir / owner / name / str(issue)
+
+    def launcher_socket(self, pid: int | None = None) -> Path:
+        """Where the sandbox's launcher (bot/launcher.py) of the `serve` process `pid`
+        listens, for kugetsu's uid only; without a pid, that of workers built in-process."""
+        return self.data_dir / (f"launcher-{pid}.sock" if pid else "launcher.sock")
+
     @property
     def task_files(self) -> tuple[tuple[Path, str], ...]:
         """(folder, suffix) of the files kept per task, named `<task id><suffix>`."""
@@ -201,6 +211,26 @@ class GitConfig:
     branch_template: str = "kugetsu/issue-{number}"
     author_name: str = "kugetsu"
     author_email: str = "kugetsu@localhost"
+
+
+#: sandbox.mode: "none" runs agents as kugetsu's own user; "user" runs each concurrency
+#: slot's agent as a uid of its own (bot/sandbox.py) and stops `serve` when that cannot be
+#: had; "auto" is "user" where it can be had and "none", with a warning, where not
+SANDBOX_MODES = ("none", "user", "auto")
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    mode: str = "none"
+    #: the unprivileged user kugetsu runs as once started as root (a name or a uid)
+    user: str = "kugetsu"
+    #: slot k's agents run as uid and gid first_uid + k
+    first_uid: int = 20000
+    #: per slot: processes of its uid (RLIMIT_NPROC), and per process: memory
+    #: (RLIMIT_AS) and the largest file it may write (RLIMIT_FSIZE); None is no limit
+    max_processes: int | None = None
+    max_memory_mb: int | None = None
+    max_file_size_mb: int | None = None
 
 
 # --------------------------------------------------------------------------- metrics, notify
@@ -295,6 +325,7 @@ class Config:
     triggers: TriggersConfig = field(default_factory=TriggersConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     git: GitConfig = field(default_factory=GitConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     notify: tuple[NotifyConfig, ...] = ()
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -302,6 +333,9 @@ class Config:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "(built-in defaults)"
+    #: the file named by `source` holds the token or the webhook secret (not only the
+    #: environment): kugetsu warns when others can read it
+    source_holds_secret: bool = False
 
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, comment, body or URL."""
@@ -449,6 +483,7 @@ _SECTIONS = (
     "reconcile",
     "dashboard",
     "logging",
+    "sandbox",
 )
 
 
@@ -729,6 +764,7 @@ def load(
         triggers=triggers,
         agents=agents,
         git=git,
+        sandbox=_sandbox(data.get("sandbox"), env, queue.max_concurrent_agents),
         metrics=_metrics_section(data.get("metrics"), env),
         notify=_notify_entries(data.get("notify")),
         worker=worker,
@@ -736,9 +772,42 @@ def load(
         dashboard=dashboard,
         logging=logging_config,
         source=source,
+        source_holds_secret=bool(g.data.get("token") or g.data.get("webhook_secret")),
     )
     _check_agents(config)
     return config
+
+
+#: the highest uid a slot may get: uids are 32-bit, and (uid_t) -1 means "unchanged"
+MAX_SLOT_UID = 2**31 - 1
+
+
+def _sandbox(data: Any, env: Mapping[str, str], slots: int) -> SandboxConfig:
+    """The [sandbox] section; KUGETSU_SANDBOX overrides its mode."""
+    sb = _Section("sandbox", data)
+    default = SandboxConfig()
+    mode = _override(env, "KUGETSU_SANDBOX", sb.string("mode", default.mode))
+    cfg = SandboxConfig(
+        mode=mode,
+        user=sb.string("user", default.user),
+        first_uid=sb.integer("first_uid", default.first_uid, minimum=1),
+        max_processes=sb.integer("max_processes", None, minimum=1),
+        max_memory_mb=sb.integer("max_memory_mb", None, minimum=1),
+        max_file_size_mb=sb.integer("max_file_size_mb", None, minimum=1),
+    )
+    sb.check_unknown()
+    if cfg.mode not in SANDBOX_MODES:
+        raise ConfigError(
+            f"sandbox.mode must be one of {', '.join(SANDBOX_MODES)}, got {cfg.mode!r}"
+        )
+    if not cfg.user.strip():
+        raise ConfigError("sandbox.user must not be empty")
+    if cfg.first_uid + slots - 1 > MAX_SLOT_UID:
+        raise ConfigError(
+            f"sandbox.first_uid + queue.max_concurrent_agents - 1 must be at most "
+            f"{MAX_SLOT_UID}, got {cfg.first_uid + slots - 1}"
+        )
+    return cfg
 
 
 def _branch_template_error(template: str) -> str | None:

@@ -28,9 +28,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from bot import agents
+from bot import agents, sandbox
 from bot.config import Config
 from bot.core import hooks
 from bot.core.health import Readiness, describe
@@ -94,6 +95,10 @@ class Context:
     deliver_seconds: float = DELIVER_TEST_SECONDS
     #: quick: no agent is run (for `serve`'s periodic checks)
     quick: bool = False
+    #: run by `serve`'s worker, and the sandbox's launcher it runs agents through (None:
+    #: without the sandbox; `kugetsu doctor` looks for a running serve's)
+    serving: bool = False
+    launcher: Path | None = None
     #: the database, when one is there (read: repositories and deliveries)
     store: Store | None = None
     #: why the database could not be opened (`open_database`)
@@ -709,18 +714,72 @@ def _version(ctx: Context, spec: agents.AgentSpec, binary: str) -> str:
 
 
 def check_sandbox(ctx: Context) -> list[Result]:
-    sandbox = getattr(ctx.config, "sandbox", None)
-    mode = getattr(sandbox, "mode", None)
-    if mode:
-        return [Result("sandbox", True, f"[sandbox] mode = {mode}")]
-    return [
-        Result(
+    """The sandbox (bot/sandbox.py): on in a running `serve` (its launcher answers), or
+    whether it can be had as this process runs; and a config file others can read."""
+    config, found = ctx.config, []
+    sb = config.sandbox
+    readable = sandbox.readable_secret_file(config)
+    if readable:
+        found.append(
+            Result(
+                "config file",
+                False,
+                f"{readable} holds the Gitea token and other users can read it.",
+                fix="chmod 600 it (640 with kugetsu's group)",
+            )
+        )
+    slots = sandbox.slot_uids(config)
+    uids = f"uids {slots[0]}-{slots[-1]}" if len(slots) > 1 else f"uid {slots[0]}"
+    if sb.mode == "none":
+        if ctx.serving and os.geteuid() == 0:
+            result = Result(
+                "sandbox",
+                False,
+                "off while kugetsu runs as root: agents run as root, can read its token and "
+                "signal it.",
+                fix='set sandbox.mode = "user"',
+            )
+        else:
+            result = Result(
+                "sandbox",
+                True,
+                'off (sandbox.mode = "none"): agents run as kugetsu\'s own user and can read '
+                "what it can, its token included (README, What an agent can and cannot do)",
+            )
+        return [result, *found]
+    launcher = ctx.launcher or sandbox.running_launcher(config.storage.data_dir)
+    if launcher is not None:
+        try:
+            sandbox.LauncherClient(launcher).call({"op": "ping"})
+        except sandbox.SandboxError as exc:
+            result = Result(
+                "sandbox launcher",
+                False,
+                f"{exc}.",
+                fix="start kugetsu serve again; it starts a new launcher",
+            )
+        else:
+            result = Result(
+                "sandbox", True, f"on: agents run as {uids}, through the launcher at {launcher}"
+            )
+        return [result, *found]
+    state = sandbox.state(config)
+    who = f"as uid {os.geteuid()} runs it"
+    if state.active:
+        result = Result(
             "sandbox",
             True,
-            "not configured: agents run as kugetsu's own user, in their worktree and home "
-            "(README, What an agent can and cannot do)",
+            f"can be had {who}: agents would run as {uids}, kugetsu as {sb.user}",
         )
-    ]
+    else:
+        result = Result(
+            "sandbox",
+            False,
+            f"sandbox.mode = {sb.mode!r} cannot be had {who}: " + "; ".join(state.missing) + ".",
+            fix="start kugetsu serve as root, or see README, Agents in a sandbox",
+            blocks=sb.mode == "user",
+        )
+    return [result, *found]
 
 
 #: every check, in the order it runs
@@ -755,7 +814,12 @@ CHECKS: tuple[Check, ...] = (
         check_agents,
         readiness=True,
     ),
-    Check("sandbox", "the sandbox mode", check_sandbox),
+    Check(
+        "sandbox",
+        "the sandbox: its mode, the slot uids free, the launcher answering, and a config "
+        "file holding the token that others can read",
+        check_sandbox,
+    ),
 )
 
 
@@ -813,14 +877,23 @@ class ServeChecks:
         *,
         environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        launcher: Path | None = None,
     ):
         self.config, self.store, self.worker_id, self.clock = config, store, worker_id, clock
+        self.launcher = launcher
         self.environ = dict(os.environ if environ is None else environ)
         self._first = True
         self._blocking: dict[str, Result] = {}
 
     def __call__(self) -> Readiness:
-        ctx = Context(self.config, self.environ, store=self.store, clock=self.clock)
+        ctx = Context(
+            self.config,
+            self.environ,
+            store=self.store,
+            clock=self.clock,
+            serving=True,
+            launcher=self.launcher,
+        )
         if self._first:
             results = run(ctx)
         else:

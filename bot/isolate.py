@@ -22,17 +22,20 @@ from contextlib import contextmanager
 
 from bot.core.health import describe
 from bot.gitea import ServerError, Unreachable
+from bot.sandbox import SandboxError
 from bot.store import OPERATIONAL_ERRORS, LeaseLost
 
 log = logging.getLogger(__name__)
 
 #: errors of the surroundings, not of one item: they propagate (a lost lease too: the
-#: item is someone else's to do now)
+#: item is someone else's to do now; a launcher that cannot be reached, or a slot whose
+#: processes survive SIGKILL, holds up every task alike)
 SURROUNDINGS: tuple[type[BaseException], ...] = (
     *OPERATIONAL_ERRORS,
     ServerError,
     Unreachable,
     LeaseLost,
+    SandboxError,
 )
 
 

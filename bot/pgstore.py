@@ -10,10 +10,10 @@
   or the entry's `Dialects.postgres`; the version is kept in `kugetsu_schema`, and an
   advisory lock makes concurrent starts migrate once;
 - the claim's admission (`_admit`): each running task holds one row of `slots`
-  (numbered 1 to the global limit). A claim locks free slot rows `FOR UPDATE SKIP
-  LOCKED` inside its transaction and fills them with the tasks it moves to running, so
-  two claims can never fill the same slot and the limit cannot be passed, however many
-  workers claim at once; a task that stops running frees its slot in the same
+  (numbered 0 to the global limit - 1: the task's `slot`). A claim locks free slot rows
+  `FOR UPDATE SKIP LOCKED` inside its transaction and fills them with the tasks it moves to
+  running, so two claims can never fill the same slot and the limit cannot be passed,
+  however many workers claim at once; a task that stops running frees its slot in the same
   transaction (`_free_slot`). A candidate task is locked the same way
   before it is taken (`_lock_candidate`), so concurrent claims pass over each other's
   tasks instead of queueing behind them;
@@ -304,15 +304,16 @@ class PostgresStore(Store):
 
     # ------------------------------------------------------------------ the global limit
 
-    def _admit(self, c: Conn, limit: int, wanted: int) -> list[int | None]:
-        """Lock up to `wanted` free slot rows numbered 1 to `limit`, skipping those
-        another claim holds: they are this claim's to fill, and no one else's.
+    def _admit(self, c: Conn, limit: int, wanted: int) -> list[int]:
+        """Lock up to `wanted` free slot rows numbered 0 to `limit` - 1, skipping those
+        another claim holds: they are this claim's to fill, and no one else's. A row's
+        number is the task's `slot`, so with the sandbox it is also its agent's uid.
 
-        Tasks that still hold slots above `limit` (the limit was lowered while they
-        ran) are subtracted: no claim fills those slots, so their number only falls."""
+        Tasks that still hold slots at or above `limit` (the limit was lowered while
+        they ran) are subtracted: no claim fills those slots, so their number only falls."""
         if limit not in self._slots_ready:
             c.execute(
-                "INSERT INTO slots (n) SELECT g FROM generate_series(1, ?) AS g "
+                "INSERT INTO slots (n) SELECT g FROM generate_series(0, ? - 1) AS g "
                 "ON CONFLICT (n) DO NOTHING",
                 (limit,),
             )
@@ -320,13 +321,13 @@ class PostgresStore(Store):
         free = [
             int(row[0])
             for row in c.execute(
-                "SELECT n FROM slots WHERE n <= ? AND task_id IS NULL ORDER BY n LIMIT ? "
+                "SELECT n FROM slots WHERE n < ? AND task_id IS NULL ORDER BY n LIMIT ? "
                 "FOR UPDATE SKIP LOCKED",
                 (limit, wanted),
             ).fetchall()
         ]
         above = c.execute(
-            "SELECT COUNT(*) FROM slots WHERE n > ? AND task_id IS NOT NULL", (limit,)
+            "SELECT COUNT(*) FROM slots WHERE n >= ? AND task_id IS NOT NULL", (limit,)
         ).fetchone()[0]
         return list(free[: max(0, len(free) - above)])
 
@@ -349,7 +350,7 @@ class PostgresStore(Store):
         ).fetchone()
         return row is not None
 
-    def _take_slot(self, c: Conn, slot: int | None, task_id: int) -> None:
+    def _take_slot(self, c: Conn, slot: int, task_id: int) -> None:
         c.execute(
             "UPDATE slots SET task_id = ?, taken_at = ? WHERE n = ?",
             (task_id, self.clock(), slot),

@@ -8,6 +8,11 @@ written; whatever the agent prints, memory stays bounded.
 Stopping an agent signals the whole group (SIGTERM, a grace period, SIGKILL),
 so grandchildren that ignore SIGTERM or keep the pipe open are dealt with too.
 
+How the process is started is one function (`Spawn`): by default `spawn_process`, a
+child of this process in a session of its own, whose process group is what is stopped.
+The sandbox (bot/sandbox.py) passes its own: the agent then runs as a slot's uid, and
+every process of that uid is what is stopped.
+
 Linux only: process identity and zombie detection read /proc.
 """
 
@@ -24,8 +29,9 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, Protocol
 
 from bot.priority import share_with_session
 from bot.redact import StreamRedactor
@@ -222,14 +228,51 @@ def _signal_group(pgid: int, sig: int) -> bool:
     return True
 
 
-def _wait_group_gone(pgid: int, timeout: float) -> bool:
+class ProcessGroup:
+    """The processes of one group, as one (`Members`)."""
+
+    def __init__(self, pgid: int):
+        _check_pgid(pgid)
+        self.pgid = pgid
+
+    def signal(self, sig: int) -> bool:
+        return _signal_group(self.pgid, sig)
+
+    def alive(self) -> bool:
+        return group_alive(self.pgid)
+
+    def __repr__(self) -> str:
+        return f"process group {self.pgid}"
+
+
+def _wait_gone(members: Members, timeout: float) -> bool:
     deadline = time.monotonic() + max(0.0, timeout)
     while True:
-        if not group_alive(pgid):
+        if not members.alive():
             return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(_POLL_INTERVAL)
+
+
+def stop_members(members: Members, grace: float) -> bool:
+    """SIGTERM them, wait up to `grace` s for them to disappear, then SIGKILL them.
+    Returns True if any process was signalled."""
+    if not members.alive():
+        return False
+    if not members.signal(signal.SIGTERM):
+        return False
+    if _wait_gone(members, grace):
+        logger.debug("agent processes exited after SIGTERM", extra={"members": repr(members)})
+        return True
+    logger.warning(
+        "agent processes still alive after grace, sending SIGKILL",
+        extra={"members": repr(members), "grace": grace},
+    )
+    members.signal(signal.SIGKILL)
+    if not _wait_gone(members, _KILL_WAIT):
+        logger.error("agent processes still alive after SIGKILL", extra={"members": repr(members)})
+    return True
 
 
 def kill_group(pgid: int, grace: float) -> bool:
@@ -238,22 +281,7 @@ def kill_group(pgid: int, grace: float) -> bool:
     Returns True if any process was signalled. Refuses (ValueError) to signal
     group 0, 1 or the caller's own group.
     """
-    _check_pgid(pgid)
-    if not group_alive(pgid):
-        return False
-    if not _signal_group(pgid, signal.SIGTERM):
-        return False
-    if _wait_group_gone(pgid, grace):
-        logger.debug("process group exited after SIGTERM", extra={"pgid": pgid})
-        return True
-    logger.warning(
-        "process group still alive after grace, sending SIGKILL",
-        extra={"pgid": pgid, "grace": grace},
-    )
-    _signal_group(pgid, signal.SIGKILL)
-    if not _wait_group_gone(pgid, _KILL_WAIT):
-        logger.error("process group still alive after SIGKILL", extra={"pgid": pgid})
-    return True
+    return stop_members(ProcessGroup(pgid), grace)
 
 
 def kill_orphan(pid: int, start_token: str | None, grace: float) -> bool:
@@ -298,6 +326,102 @@ def kill_orphan(pid: int, start_token: str | None, grace: float) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# starting the process
+
+
+class Leader(Protocol):
+    """The process an agent's command started as, followed until it exits."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its exit code, waiting up to `timeout` s; None if it still runs then."""
+        ...
+
+
+class Members(Protocol):
+    """Every process the agent's run may have started, stopped as one."""
+
+    def signal(self, sig: int) -> bool:
+        """Send `sig` to all of them; True if it reached at least one."""
+        ...
+
+    def alive(self) -> bool:
+        """True while any of them lives (zombies do not count)."""
+        ...
+
+
+@dataclass
+class Spawned:
+    """A started agent: its leader, all its processes, and the read end of its output."""
+
+    leader: Leader
+    members: Members
+    output: IO[bytes]
+    #: the leader's `process_start_token`, for a later run's recovery
+    start_token: str | None
+
+
+class Spawn(Protocol):
+    """Starts `argv` in `cwd` with exactly `env`, stdin from /dev/null and stdout and
+    stderr on one pipe. Raises OSError when the command cannot be started, or
+    AgentStartError with its own message."""
+
+    def __call__(self, argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> Spawned: ...
+
+
+class _Child:
+    """A `Leader` that is a child of this process."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]):
+        self._popen = popen
+        self.pid = popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    def poll(self) -> int | None:
+        return self._popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            return self._popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+def spawn_process(argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> Spawned:
+    """The agent as a child of this process, in a new session: its group is its members."""
+    popen = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        close_fds=True,
+    )
+    # its own session is its own scheduling group under autogroup: give it our niceness
+    share_with_session(popen.pid)
+    assert popen.stdout is not None  # started with stdout=PIPE
+    return Spawned(
+        leader=_Child(popen),
+        members=ProcessGroup(popen.pid),
+        output=popen.stdout,
+        # the agent's identity for a later run's kill_orphan, even if it has exited
+        # already: it is our child and not yet reaped, so its pid is still its own
+        start_token=process_start_token(popen.pid, exited_ok=True),
+    )
+
+
+# ---------------------------------------------------------------------------
 # the agent process
 
 
@@ -319,7 +443,7 @@ class AgentProcess:
 
     def __init__(
         self,
-        popen: subprocess.Popen[bytes],
+        spawned: Spawned,
         *,
         argv0: str,
         log_file: BinaryIO,
@@ -329,11 +453,10 @@ class AgentProcess:
         secrets: Sequence[str] = (),
     ) -> None:
         # Not meant to be called directly: start() spawns the process first.
-        self._popen = popen
-        self.pid: int = popen.pid
-        # the agent's identity for a later run's kill_orphan, even if it has exited already:
-        # it is our child and not yet reaped, so its pid is still its own
-        self.start_token: str | None = process_start_token(popen.pid, exited_ok=True)
+        self._leader = spawned.leader
+        self._members = spawned.members
+        self.pid: int = spawned.leader.pid
+        self.start_token: str | None = spawned.start_token
         self.argv0 = argv0
         self.log_path = log_path
 
@@ -358,8 +481,7 @@ class AgentProcess:
         self._partial = ""
 
         self._stop = threading.Event()
-        assert popen.stdout is not None  # started with stdout=PIPE
-        self._pipe: IO[bytes] = popen.stdout
+        self._pipe: IO[bytes] = spawned.output
         self._reader = threading.Thread(
             target=self._read_loop, name=f"agent-reader-{self.pid}", daemon=True
         )
@@ -380,9 +502,10 @@ class AgentProcess:
         on_line: Callable[[str], None] | None = None,
         header: str | None = None,
         secrets: Sequence[str] = (),
+        spawn: Spawn = spawn_process,
     ) -> AgentProcess:
-        """Start `argv` in `cwd` with exactly `env`, in a new session, output to `log_path`
-        with `secrets` masked.
+        """Start `argv` in `cwd` with exactly `env` (through `spawn`: by default in a new
+        session of its own), output to `log_path` with `secrets` masked.
 
         Raises AgentStartError if the command cannot be started.
         """
@@ -403,22 +526,19 @@ class AgentProcess:
                 line = header if header.endswith("\n") else header + "\n"
                 log_file.write(line.encode("utf-8", "replace"))
             try:
-                popen = subprocess.Popen(
-                    argv,
-                    cwd=cwd,
-                    env=dict(env),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
+                spawned = spawn(argv, cwd, env)
+            except (AgentStartError, OSError, ValueError) as exc:
+                message = (
+                    str(exc)
+                    if isinstance(exc, AgentStartError)
+                    else _start_error_message(argv0, cwd, exc)
                 )
-            except (OSError, ValueError) as exc:
-                message = _start_error_message(argv0, cwd, exc)
                 logger.warning(
                     "agent could not be started", extra={"argv0": argv0, "error": str(exc)}
                 )
                 log_file.write(f"[kugetsu: {message}]\n".encode("utf-8", "replace"))
+                if isinstance(exc, AgentStartError):
+                    raise
                 missing = _command_missing(argv0, cwd, exc)
                 raise AgentStartError(message, not_found=missing) from exc
         except BaseException:
@@ -426,7 +546,7 @@ class AgentProcess:
             raise
 
         proc = cls(
-            popen,
+            spawned,
             argv0=argv0,
             log_file=log_file,
             log_path=log_path,
@@ -438,15 +558,13 @@ class AgentProcess:
             proc._reader.start()
         except BaseException as exc:
             logger.error("could not start output reader, killing agent", extra={"pid": proc.pid})
-            _signal_group(proc.pid, signal.SIGKILL)
-            popen.wait()
+            spawned.members.signal(signal.SIGKILL)
+            spawned.leader.wait()
             proc._pipe.close()
             log_file.close()
             raise AgentStartError(
                 f"cannot start agent {argv0!r}: no reader thread ({exc})"
             ) from exc
-        # its own session is its own scheduling group under autogroup: give it our niceness
-        share_with_session(proc.pid)
         logger.info("agent started", extra={"pid": proc.pid, "argv0": argv0, "log": str(log_path)})
         return proc
 
@@ -454,7 +572,7 @@ class AgentProcess:
 
     @property
     def returncode(self) -> int | None:
-        return self._popen.returncode
+        return self._leader.returncode
 
     @property
     def bytes_seen(self) -> int:
@@ -462,14 +580,11 @@ class AgentProcess:
         return self._bytes_seen
 
     def poll(self) -> int | None:
-        return self._popen.poll()
+        return self._leader.poll()
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the leader to exit; None if it is still running after `timeout` s."""
-        try:
-            return self._popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        return self._leader.wait(timeout)
 
     def __repr__(self) -> str:
         return f"<AgentProcess pid={self.pid} argv0={self.argv0!r} returncode={self.returncode}>"
@@ -482,29 +597,31 @@ class AgentProcess:
         Returns the leader's exit code (negative signal number if it was killed
         by a signal). Safe to call again and after the agent exited by itself.
         """
-        if self._popen.poll() is None:
+        if self._leader.poll() is None:
             logger.info("terminating agent", extra={"pid": self.pid, "grace": grace})
-            _signal_group(self.pid, signal.SIGTERM)
+            self._members.signal(signal.SIGTERM)
             deadline = time.monotonic() + max(0.0, grace)
             while True:
-                leader_done = self._popen.poll() is not None
-                if leader_done and not group_alive(self.pid):
+                leader_done = self._leader.poll() is not None
+                if leader_done and not self._members.alive():
                     break
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(_POLL_INTERVAL)
-            if self._popen.poll() is None or group_alive(self.pid):
+            if self._leader.poll() is None or self._members.alive():
                 logger.warning(
-                    "agent still alive after grace, sending SIGKILL", extra={"pgid": self.pid}
+                    "agent still alive after grace, sending SIGKILL", extra={"pid": self.pid}
                 )
-                _signal_group(self.pid, signal.SIGKILL)
+                self._members.signal(signal.SIGKILL)
                 self._reap_leader()
-                if not _wait_group_gone(self.pid, _KILL_WAIT):
-                    logger.error("agent group still alive after SIGKILL", extra={"pgid": self.pid})
+                if not _wait_gone(self._members, _KILL_WAIT):
+                    logger.error(
+                        "agent processes still alive after SIGKILL", extra={"pid": self.pid}
+                    )
             else:
                 self._reap_leader()
         self._finish(grace)
-        rc = self._popen.returncode
+        rc = self._leader.returncode
         return rc if rc is not None else -signal.SIGKILL
 
     def close(self, grace: float = 2.0) -> None:
@@ -512,25 +629,23 @@ class AgentProcess:
 
         If the leader is still running it is terminated first. Idempotent.
         """
-        if self._popen.poll() is None:
+        if self._leader.poll() is None:
             logger.warning("close called on a running agent, terminating", extra={"pid": self.pid})
             self.terminate(grace)
             return
         self._finish(grace)
 
     def _reap_leader(self) -> None:
-        try:
-            self._popen.wait(timeout=_KILL_WAIT)
-        except subprocess.TimeoutExpired:
+        if self._leader.wait(_KILL_WAIT) is None:
             logger.error("agent leader not reaped after SIGKILL", extra={"pid": self.pid})
 
     def _finish(self, grace: float) -> None:
         with self._finish_lock:
             if self._finished:
                 return
-            if group_alive(self.pid):
-                logger.info("killing leftover processes of agent group", extra={"pgid": self.pid})
-                kill_group(self.pid, grace)
+            if self._members.alive():
+                logger.info("killing leftover processes of agent", extra={"pid": self.pid})
+                stop_members(self._members, grace)
             # Everything in the group is gone, so whatever is still in the pipe
             # can be read without waiting; a writer that escaped the group
             # cannot hold the reader up because it now stops at the first pause.

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from bot import __version__, agents, dashboard
+from bot import __version__, agents, dashboard, sandbox
 from bot.config import Config
 from bot.core import metrics
 from bot.core.health import Facts, Readiness, TickRecord, describe, not_ready, problems
@@ -89,11 +89,17 @@ def _signals(stop: threading.Event, *, level: int = logging.INFO) -> None:
 
 
 def run_worker(
-    config: Config, wake_fd: int | None, *, log_level: str = "INFO", fd_limit: int | None = None
+    config: Config,
+    wake_fd: int | None,
+    *,
+    log_level: str = "INFO",
+    fd_limit: int | None = None,
+    launcher: str | None = None,
 ) -> int:
     """The worker process: scheduler, tick and agents. `fd_limit`: the soft limit
     of open files the receiver found before it raised its own (httpserver.raise_fd_limit),
-    for the worker, git and the agents."""
+    for the worker, git and the agents. `launcher`: the socket of the sandbox's launcher
+    the receiver started; None runs agents as this process's own user."""
     from bot.httpserver import prepare_interpreter
     from bot.logs import configure_logging
     from bot.scheduler import Scheduler
@@ -129,6 +135,7 @@ def run_worker(
         schedule_tick=scheduler.wake,
         schedule_at=scheduler.wake_at,
         counts=gitea.tally,
+        sandbox=(sandbox.sandbox_for(config, Path(launcher)) if launcher else sandbox.NoSandbox()),
     )
 
     stop = threading.Event()
@@ -137,7 +144,9 @@ def run_worker(
     worker.start()
     from bot.doctor import SERVE_RECHECK_SECONDS, ServeChecks
 
-    checks = ServeChecks(config, store, worker.worker_id)
+    checks = ServeChecks(
+        config, store, worker.worker_id, launcher=Path(launcher) if launcher else None
+    )
     scheduler.start(
         worker.run_tick,
         heartbeat=worker.heartbeat,
@@ -220,8 +229,15 @@ def _read_wakes(fd: int, wake: Callable[[], None], stop: threading.Event) -> Non
 class WorkerProcess:
     """Starts the worker, wakes it through a pipe, restarts it if it dies."""
 
-    def __init__(self, config: Config, log_level: str, fd_limit: int | None = None):
+    def __init__(
+        self,
+        config: Config,
+        log_level: str,
+        fd_limit: int | None = None,
+        launcher: Path | None = None,
+    ):
         self.config, self.log_level, self.fd_limit = config, log_level, fd_limit
+        self.launcher = launcher
         self.proc: subprocess.Popen[bytes] | None = None
         self._wake_w: int | None = None
         self._lock = threading.Lock()
@@ -241,10 +257,13 @@ class WorkerProcess:
             "--log-level",
             self.log_level,
         ]
+        if self.launcher is not None:
+            argv += ["--launcher", str(self.launcher)]
         if self.fd_limit is not None:
             argv += ["--fd-limit", str(self.fd_limit)]
         if self.config.source and not self.config.source.startswith("("):
-            argv += ["--config", self.config.source]
+            # absolute: the service user may not search the directory serve started in
+            argv += ["--config", os.path.abspath(self.config.source)]
         try:
             # same environment: the worker resolves the same config and secrets
             self.proc = subprocess.Popen(argv, pass_fds=(read_fd,), stdin=subprocess.DEVNULL)
@@ -356,9 +375,15 @@ class ReceiverHealth:
     details["not_ready"] what /readyz answers 503 for."""
 
     def __init__(
-        self, config: Config, store: Any, worker: Any, clock: Callable[[], float] = time.time
+        self,
+        config: Config,
+        store: Any,
+        worker: Any,
+        clock: Callable[[], float] = time.time,
+        sandbox_warnings: tuple[str, ...] = (),
     ):
         self.config, self.store, self.worker, self.clock = config, store, worker, clock
+        self.sandbox_warnings = sandbox_warnings
         self._write_failure: tuple[float, str] | None = None
 
     def store_failed(self, exc: BaseException) -> None:
@@ -374,6 +399,7 @@ class ReceiverHealth:
             "worker_up_since": self.worker.started_at,
             "write_failure": self._write_failure,
             "min_free_bytes": self.config.storage.min_free_mb * 1024 * 1024,
+            "sandbox_warnings": self.sandbox_warnings,
         }
         try:
             facts["free_bytes"] = shutil.disk_usage(self.config.storage.data_dir).free
@@ -409,6 +435,33 @@ class ReceiverHealth:
             "worker_restarts": self.worker.restarts,
             "version": __version__,
         }
+
+
+def _sandbox_up(config: Config, log_level: str) -> sandbox.LauncherProcess:
+    """Started as root (or with the launcher's capabilities): the data directory goes to
+    the service user, the launcher starts, and this process becomes the service user with
+    no privilege left, before it opens the database or starts the worker."""
+    account = sandbox.service_account(config)
+    assert account is not None  # state() said the sandbox can be had
+    slots = sandbox.slot_uids(config)
+    if os.geteuid() == 0:
+        sandbox.prepare_data_dir(config.storage, account, slots)
+    launcher = sandbox.start_launcher(
+        config,
+        account,
+        socket_path=config.storage.launcher_socket(os.getpid()),
+        log_level=log_level,
+    )
+    try:
+        sandbox.drop_privileges(account)
+    except BaseException:
+        launcher.stop()
+        raise
+    log.info(
+        "sandbox on",
+        extra={"uid": account.uid, "first_uid": config.sandbox.first_uid, "slots": len(slots)},
+    )
+    return launcher
 
 
 class RefusedDeliveries:
@@ -480,6 +533,19 @@ def serve(config: Config, *, log_level: str = "INFO", role: str = "all") -> int:
     storage = config.storage
     if storage.data_dir.exists() and not storage.data_dir.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(storage.data_dir))
+    where = sandbox.state(config)
+    if where.error:
+        print(f"kugetsu: {where.error}", file=sys.stderr)
+        return 2
+    for warning in where.warnings:
+        log.warning("not as safe as it could be", extra={"problem": warning})
+    launcher = None
+    if where.active:
+        try:
+            launcher = _sandbox_up(config, log_level)
+        except (sandbox.SandboxError, OSError) as exc:
+            print(f"kugetsu: sandbox: {exc}", file=sys.stderr)
+            return 2
     storage.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     make_private(storage.data_dir, deep=False)  # the database files before they are opened
     # migrate before the worker starts
@@ -495,9 +561,14 @@ def serve(config: Config, *, log_level: str = "INFO", role: str = "all") -> int:
     worker: WorkerProcess | NoWorker = (
         NoWorker(store.wake_workers)
         if role == "receiver"
-        else WorkerProcess(config, log_level, fd_limit=fd_limit)
+        else WorkerProcess(
+            config,
+            log_level,
+            fd_limit=fd_limit,
+            launcher=launcher.socket if launcher is not None else None,
+        )
     )
-    health = ReceiverHealth(config, store, worker)
+    health = ReceiverHealth(config, store, worker, sandbox_warnings=where.warnings)
     refused = RefusedDeliveries(store)
     app = create_app(
         config,
@@ -532,6 +603,7 @@ def serve(config: Config, *, log_level: str = "INFO", role: str = "all") -> int:
             "data_dir": str(storage.data_dir),
             "database": store.describe(),
             "config": config.source,
+            "sandbox": where.mode,
         },
     )
     print(
@@ -539,13 +611,20 @@ def serve(config: Config, *, log_level: str = "INFO", role: str = "all") -> int:
         f"(data in {storage.data_dir}, database {store.describe()})",
         flush=True,
     )
+    code = 0
     while not stop.wait(1.0):
         worker.watch()
         refused.flush(every=REFUSED_FLUSH_SECONDS)
+        if launcher is not None and not launcher.alive:
+            log.error("the sandbox's launcher is gone; stopping, to be started again")
+            code = 1
+            break
     waker.close()
     server.stop()
     worker.stop()
     refused.flush()
     store.close()
+    if launcher is not None:
+        launcher.stop()
     log.info("stopped")
-    return 0
+    return code

@@ -416,7 +416,12 @@ MIGRATIONS: tuple[str | Dialects, ...] = (
     CREATE INDEX tasks_finished_by_repo ON tasks (repo, COALESCE(finished_at, updated_at), id)
         WHERE state IN ('completed', 'failed', 'cancelled', 'rejected');
     """,
-    # 17: several machines on one queue. A running task holds a lease (a token and when it
+    # 17: the concurrency slot a running task holds; with the sandbox its agent runs as
+    # the slot's uid, so no two running tasks may hold the same one (Store.claim)
+    """
+    ALTER TABLE tasks ADD COLUMN slot INTEGER;
+    """,
+    # 18: several machines on one queue. A running task holds a lease (a token and when it
     # runs out), renewed by its worker and checked by compare-and-set before each step
     # that publishes (push, pull request, comment, finish), so a worker that was cut off
     # cannot publish over the task's next owner. Workers say where they run (`node`: a
@@ -1485,6 +1490,7 @@ class Store:
                     break
                 if not self._lock_candidate(c, row["id"]):
                     continue  # another claim is taking it at this moment
+                slot = slots[len(claimed)]
                 if self._transition(
                     c,
                     row["id"],
@@ -1500,8 +1506,9 @@ class Store:
                     error=None,
                     lease_token=uuid.uuid4().hex,
                     lease_expires_at=now + lease_seconds,
+                    slot=slot,
                 ):
-                    self._take_slot(c, slots[len(claimed)], row["id"])
+                    self._take_slot(c, slot, row["id"])
                     self._take_turn(c, row["repo"], row["requested_by"])
                     claimed.append(row["id"])
             result = self._tasks(
@@ -1509,19 +1516,30 @@ class Store:
             )
         return result
 
-    def _admit(self, c: Conn, limit: int, wanted: int) -> list[int | None]:
-        """The slots this claim may fill, at most `wanted`, inside its write transaction:
-        SQLite holds the file's write lock from BEGIN IMMEDIATE on, so counting the
-        running tasks here is exact. (PostgresStore locks free slot rows instead.)"""
+    def _admit(self, c: Conn, limit: int, wanted: int) -> list[int]:
+        """The slots this claim may fill, at most `wanted`, lowest first, inside its write
+        transaction: SQLite holds the file's write lock from BEGIN IMMEDIATE on, so
+        counting the running tasks here is exact. (PostgresStore locks free slot rows
+        instead.) A slot is a number from 0 to `limit` - 1 that no running task holds;
+        with the sandbox it is the agent's uid (`first_uid` + slot), so no two running
+        agents share one. Free slots exist below the limit while fewer than `limit`
+        tasks run, even after the limit was lowered under running tasks."""
         running = c.execute("SELECT COUNT(*) FROM tasks WHERE state = 'running'").fetchone()[0]
-        return [None] * max(0, min(limit - running, wanted))
+        held = {
+            r[0]
+            for r in c.execute(
+                "SELECT slot FROM tasks WHERE state = 'running' AND slot IS NOT NULL"
+            )
+        }
+        free = [s for s in range(limit) if s not in held]
+        return free[: max(0, min(limit - running, wanted))]
 
     def _lock_candidate(self, c: Conn, task_id: int) -> bool:
         """The candidate task is this claim's to try, False if another claim holds it now
         (PostgreSQL). SQLite's write lock, held since BEGIN IMMEDIATE, already makes it so."""
         return True
 
-    def _take_slot(self, c: Conn, slot: int | None, task_id: int) -> None:
+    def _take_slot(self, c: Conn, slot: int, task_id: int) -> None:
         """A claimed task holds the slot `_admit` gave it (PostgreSQL's slot rows)."""
 
     def _free_slot(self, c: Conn, task_id: int) -> None:
@@ -2332,7 +2350,9 @@ class Store:
         `c` None in one of its own."""
         if not counts:
             return
-        rows = [(name, labels, amount) for (name, labels), amount in counts.items()]
+        # in one order in every transaction: on PostgreSQL each row is locked until commit,
+        # and two finishes that took the same counters in opposite orders would deadlock
+        rows = sorted((name, labels, amount) for (name, labels), amount in counts.items())
         sql = (
             "INSERT INTO counters (name, labels, value) VALUES (?, ?, ?) "
             "ON CONFLICT (name, labels) DO UPDATE SET value = counters.value + excluded.value"

@@ -317,6 +317,38 @@ class Workspace:
                 os.utime(wt)
         return Prepared(path=wt, branch=branch, base_branch=into, base_sha=base_sha, reused=reused)
 
+    def worktree_path(self, repo: str, issue: int) -> Path:
+        """Where the issue's worktree is (or will be)."""
+        owner, name = _split_repo(repo)
+        _check_issue(issue)
+        return self._worktree_path(owner, name, issue)
+
+    @contextlib.contextmanager
+    def lent(self, path: Path) -> Iterator[None]:
+        """While the worktree is lent to another uid (the sandbox), kugetsu's user cannot
+        look into it, and `git worktree prune` for another issue would take its directory
+        for gone and forget it. Locked, it is kept."""
+        wt = self._checked_worktree(path)
+        owner, name, _ = self._locate(wt)
+        mirror = self._mirror_path(owner, name)
+        # a lock still there is kugetsu's own, from a run it did not see end (it stopped)
+        self._unlock(mirror, wt)
+        self._git(
+            ["worktree", "lock", "--reason", "lent to an agent's uid", str(wt)],
+            git_dir=mirror,
+            step="worktree lock",
+        )
+        try:
+            yield
+        finally:
+            self._unlock(mirror, wt)
+
+    def _unlock(self, mirror: Path, wt: Path) -> None:
+        """The worktree's registration unlocked; 128: it was not locked."""
+        self._git(
+            ["worktree", "unlock", str(wt)], git_dir=mirror, step="worktree unlock", ok=(0, 128)
+        )
+
     def commit_all(self, path: Path, message: str) -> bool:
         """Stage everything (respecting .gitignore) and commit as the configured author.
         Returns True when a commit was made, False when there was nothing to commit."""
@@ -638,6 +670,9 @@ class Workspace:
         if wt.exists() or wt.is_symlink():
             log.warning("stale worktree directory replaced", extra={"repo": repo, "issue": issue})
             remove_tree(wt)
+        # a registration of this path still locked (kugetsu stopped while it was lent) is
+        # not pruned; it is this issue's own, so it is unlocked first
+        self._unlock(mirror, wt)
         # forget registrations whose directory is gone, so the path and branch are free again
         self._git(["worktree", "prune"], git_dir=mirror, step="worktree prune")
         from_remote = self._ref_sha(remote_ref, git_dir=mirror) is not None
@@ -785,6 +820,12 @@ class Workspace:
         argv = ["git"]
         for item in _SAFE_CONFIG:
             argv += ["-c", item]
+        repository = git_dir if git_dir is not None else cwd
+        if repository is not None:
+            # git refuses a repository another user owns (a worktree a sandboxed agent
+            # held); kugetsu's own git trusts the one it runs in, for this command only,
+            # never through a global config
+            argv += ["-c", f"safe.directory={os.path.abspath(repository)}"]
         if git_dir is not None:
             # explicit: a damaged mirror must fail, not make git search the parent directories
             argv.append(f"--git-dir={git_dir}")

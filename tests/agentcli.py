@@ -2,8 +2,10 @@
 
     path = ensure("opencode")      # .../opencode-ai@1.18.33/node_modules/.bin/opencode
 
-The cache lives in $KUGETSU_TEST_CACHE, else ~/.cache/kugetsu-tests, one npm prefix per package and
-version. `CLIUnavailable` means npm is missing or the registry cannot be reached; tests skip on it
+The cache lives in $KUGETSU_TEST_CACHE, else ~/.cache/kugetsu-tests (as root, where the sandbox's
+slot uids must run the CLIs: /var/cache/kugetsu-tests, not root's private home), one npm prefix per
+package and version. `CLIUnavailable` means npm is missing or the registry cannot be reached; tests
+skip on it
 and on nothing else. aider is not installed here (a 77 s, 687 MB pip install); its parser is tested
 on recorded output only.
 """
@@ -51,7 +53,11 @@ class CLIUnavailable(RuntimeError):
 
 def cache_dir() -> Path:
     root = os.environ.get("KUGETSU_TEST_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "kugetsu-tests"
+    if root:
+        return Path(root).expanduser()
+    if os.geteuid() == 0:  # sandboxed agents run as other uids: not under root's 0700 home
+        return Path("/var/cache/kugetsu-tests")
+    return Path.home() / ".cache" / "kugetsu-tests"
 
 
 def version(name: str) -> str:
@@ -105,4 +111,6 @@ def ensure(name: str) -> Path:
         )
     if not binary.exists():
         raise RuntimeError(f"npm installed {package}@{ver} but {binary} is missing")
+    # readable and runnable by every uid (the sandbox's slots), whatever the umask was
+    subprocess.run(["chmod", "-R", "o+rX", str(cache_dir())], check=True)
     return binary

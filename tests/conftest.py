@@ -1,4 +1,9 @@
-"""Shared fixtures: a fake Gitea with a real git remote, configs, task helpers."""
+"""Shared fixtures: a fake Gitea with a real git remote, configs, task helpers.
+
+`KUGETSU_TEST_SANDBOX=user` runs the suite with the sandbox on (it needs root): configs from
+`make_config` and the e2e tests' `write_config` get `sandbox.mode = "user"`, each data
+directory an in-process worker uses gets its own launcher, and agents run as slot uids.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from bot.config import (
     GitConfig,
     GiteaConfig,
     QueueConfig,
+    SandboxConfig,
     ServerConfig,
     StorageConfig,
 )
@@ -28,13 +34,64 @@ TOKEN = "kgt-SECRET-token-0123456789abcdef"
 SECRET = "kugetsu-test-secret"
 REPO = "acme/widget"
 
+#: "user": the suite runs with the sandbox on (KUGETSU_TEST_SANDBOX=user, as root)
+SANDBOX = os.environ.get("KUGETSU_TEST_SANDBOX", "none")
+#: the uid `kugetsu serve` drops to in sandbox runs (no account needed)
+SERVICE_UID = 29999
+
+
+def runnable_by_others(path: str) -> bool:
+    """True if a uid that is neither root nor the file's owner can run `path`: every folder
+    above it searchable by others and the file executable by them."""
+    real = Path(os.path.realpath(path))
+    if not os.stat(real).st_mode & 0o001:
+        return False
+    return all(os.stat(folder).st_mode & 0o001 for folder in real.parents)
+
+
+#: the interpreter fake agents run with: the suite's own unless slot uids cannot run it
+#: (a Python installed under root's home), then the system's
+AGENT_PYTHON = (
+    sys.executable
+    if SANDBOX != "user" or runnable_by_others(sys.executable)
+    else "/usr/bin/python3"
+)
+
 
 def fake_agent(name: str = "fake", **env: str) -> AgentConfig:
     return AgentConfig(
         name=name,
-        command=(sys.executable, str(FAKE_AGENT), "{prompt}"),
+        command=(AGENT_PYTHON, str(FAKE_AGENT), "{prompt}"),
         env={k: str(v) for k, v in env.items()},
     )
+
+
+#: data directory -> (slots, the launcher started for in-process workers on it)
+_launchers: dict[Path, tuple[int, object]] = {}
+
+
+def sandbox_config(data_dir: Path, slots: int) -> SandboxConfig:
+    """The [sandbox] of configs built in-process: on in sandbox runs, with a launcher for
+    `data_dir` whose service user is this process's (root): what `serve` starts before it
+    drops privileges, for workers that tests build themselves."""
+    if SANDBOX != "user":
+        return SandboxConfig()
+    settings = SandboxConfig(mode="user", user=str(os.getuid()))
+    running = _launchers.get(data_dir)
+    if running is None or running[0] < slots:
+        from bot import sandbox
+
+        if running is not None:
+            running[1].stop()  # type: ignore[attr-defined]
+        data_dir.mkdir(parents=True, exist_ok=True)
+        config = Config(
+            storage=StorageConfig(data_dir=data_dir),
+            queue=QueueConfig(max_concurrent_agents=slots),
+            sandbox=settings,
+        )
+        account = sandbox.Account(None, os.getuid(), os.getgid())
+        _launchers[data_dir] = (slots, sandbox.start_launcher(config, account))
+    return settings
 
 
 def make_config(
@@ -79,6 +136,7 @@ def make_config(
             **agents_kw,
         ),
         git=GitConfig(author_name="kugetsu", author_email="kugetsu@example.invalid"),
+        sandbox=sandbox_config(data_dir, limit),
     )
 
 
@@ -174,6 +232,65 @@ def wait_for(
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+_sandbox_basetemp: str | None = None
+
+
+def pytest_configure(config):
+    """Sandbox runs keep their temporary folders where other uids can reach them: pytest's
+    own folder is private to its user (and put back to 0700 by every pytest run)."""
+    global _sandbox_basetemp
+    if SANDBOX == "user" and not config.option.basetemp:
+        import tempfile
+
+        _sandbox_basetemp = tempfile.mkdtemp(prefix="kugetsu-sandbox-tests-")
+        os.chmod(_sandbox_basetemp, 0o711)
+        config.option.basetemp = os.path.join(_sandbox_basetemp, "t")
+
+
+def pytest_unconfigure(config):
+    if _sandbox_basetemp is not None:
+        import shutil
+
+        shutil.rmtree(_sandbox_basetemp, ignore_errors=True)
+
+
+def open_to_other_uids(path: Path) -> None:
+    """`path` writable by every uid, and the folders above it searchable (not readable) by
+    them: for slot uids and kugetsu's service user in tests that run the sandbox."""
+    path.chmod(0o777)
+    for folder in path.parents:
+        mode = folder.stat().st_mode
+        if not mode & 0o001:
+            folder.chmod((mode & 0o7777) | 0o011)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder every uid can reach and write, for tests that run the sandbox (slot uids and
+    kugetsu's service user work there): outside pytest's own, which is private to root and
+    which every pytest run started meanwhile sets back to 0700."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="kugetsu-sandbox-test-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def sandboxed(tmp_path):
+    """In sandbox runs: agents (slot uids) and `kugetsu serve`'s service user can reach the
+    test's folder and write what the fake agent records there; the launchers started for
+    the test stop with it."""
+    if SANDBOX == "user":
+        open_to_other_uids(tmp_path)
+    yield
+    while _launchers:
+        _data_dir, (_slots, launcher) = _launchers.popitem()
+        launcher.stop()  # type: ignore[attr-defined]
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+
+from tests.conftest import SANDBOX, SERVICE_UID
 
 
 def free_port() -> int:
@@ -38,13 +41,35 @@ def toml_value(value: Any) -> str:
 
 
 def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
+    """A config file, private as one holding the token should be. In sandbox runs it gets
+    `sandbox.mode = "user"` (unless it says otherwise) and belongs to the service user,
+    who reads it after `serve` drops to it."""
+    if SANDBOX == "user":
+        tables = {"sandbox": {"mode": "user", "user": str(SERVICE_UID)}, **tables}
     lines = []
     for name, table in tables.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
         lines.append("")
     path.write_text("\n".join(lines))
+    path.chmod(0o600)
+    if tables.get("sandbox", {}).get("mode") in ("user", "auto"):
+        user = str(tables["sandbox"].get("user", SERVICE_UID))
+        if user.isdigit():
+            os.chown(path, int(user), int(user))
     return path
+
+
+def json_lines(svc: Service) -> list[dict[str, Any]]:
+    """The service's log lines, each a JSON object (the one line it prints is not a log)."""
+    lines = [line for line in svc.logs().splitlines() if not line.startswith("kugetsu ")]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def problems(body: dict[str, Any]) -> list[str]:
+    """/healthz's problems but the sandbox's: a suite run as root without the sandbox is
+    warned of that at every start (tests/test_sandbox.py checks the warning)."""
+    return [p for p in body["problems"] if not p.startswith("sandbox:")]
 
 
 #: runs `python -m bot ARGS...` with the soft limit of open files set to argv[1]

@@ -13,11 +13,13 @@ import os
 import pytest
 
 from tests import agentcli, payloads
-from tests.conftest import REPO, SECRET, TOKEN, wait_for
+from tests.conftest import REPO, SECRET, SERVICE_UID, TOKEN, wait_for
 from tests.fakellm import FakeLLM, conversation_text, text, write_file
 from tests.service import Service, free_port, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realagent]
+
+SANDBOXED = {"sandbox": {"mode": "user", "user": str(SERVICE_UID)}} if os.geteuid() == 0 else {}
 
 SERVICE_ONLY_SECRET = "sk-service-only-4f1c9e2b7a"
 TITLE = "Greet the visitors"
@@ -78,8 +80,12 @@ def tracking(gitea, number):
 
 
 @pytest.mark.parametrize("agent", ["opencode", "codex"])
-def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(agent, tmp_path, gitea):
+def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(
+    agent, tmp_path, shared_tmp, gitea
+):
     binary = installed(agent)
+    if SANDBOXED:  # kugetsu's service user and the slots work there
+        tmp_path = shared_tmp
     script = [
         write_file("hello.txt", "Hello, visitor!\n"),
         text("Created hello.txt with a friendly greeting."),
@@ -103,6 +109,9 @@ def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(agent, tmp_
                 },
                 "agents": {"default": agent, "timeout_minutes": 5, "kill_grace_seconds": 2},
                 **agent_tables(agent, llm, tmp_path),
+                # as root (as CI runs), the agent runs as a slot's uid: the CLI, its home and
+                # its session resume work in the sandbox
+                **SANDBOXED,
             },
         )
         path = f"{binary.parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
@@ -130,6 +139,11 @@ def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(agent, tmp_
                 interval=0.5,
                 what=f"{agent} to finish\n{svc.logs()[-3000:]}",
             )
+            if SANDBOXED:  # the launcher started it as the first slot's uid
+                started = [
+                    line for line in svc.logs().splitlines() if "launcher: agent started" in line
+                ]
+                assert started and all("uid=20000" in line for line in started), started
             [pr] = gitea.pulls_of(REPO).values()
             branch = f"kugetsu/issue-{n}"
             assert gitea.file_at(REPO, branch, "hello.txt") == "Hello, visitor!\n"

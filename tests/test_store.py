@@ -1021,3 +1021,48 @@ def test_the_dashboards_queries_answer_alike_on_both_backends(store):
     assert [t.id for t in store.finished_tasks(TaskQuery(), limit=10)] == [task.id]
     [row] = store.finished_since(0, ("acme/widget",))
     assert (row.outcome, row.cost_usd) == ("succeeded", 0.5)
+
+
+# ------------------------------------------------------------------ slots (the sandbox's uids)
+
+
+def test_each_claim_gets_the_lowest_slot_no_running_task_holds(store):
+    ids = [add(store, issue=i) for i in range(1, 6)]
+    assert [t.slot for t in store.claim(3, "w")] == [0, 1, 2]
+    assert store.claim(3, "w") == []
+    store.transition(ids[1], State.RUNNING, State.COMPLETED, event="done")
+    [task] = store.claim(3, "w")
+    assert (task.id, task.slot) == (ids[3], 1)
+    store.transition(ids[0], State.RUNNING, State.COMPLETED, event="done")
+    store.transition(ids[2], State.RUNNING, State.COMPLETED, event="done")
+    assert [t.slot for t in store.claim(3, "w")] == [0]
+
+
+def test_no_two_running_tasks_hold_one_slot_across_threads(make_store):
+    """With the sandbox a slot is its agent's uid: claims racing on one database never
+    give one slot to two running tasks, and never one outside 0 .. limit - 1."""
+    store = make_store()
+    for i in range(1, 61):
+        add(store, issue=i)
+    seen: list[list[int]] = []
+    errors: list[BaseException] = []
+
+    def claimer(name: str) -> None:
+        mine = make_store()
+        try:
+            while mine.stats().by_state["pending"]:
+                for task in mine.claim(3, name):
+                    seen.append([t.slot for t in mine.running_tasks()])
+                    assert task.slot is not None and 0 <= task.slot < 3
+                    mine.transition(task.id, State.RUNNING, State.COMPLETED, event="done")
+        except BaseException as exc:  # the assertion above, seen by the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claimer, args=(f"t{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert store.stats().by_state["completed"] == 60
+    assert seen and all(len(slots) == len(set(slots)) for slots in seen)

@@ -25,6 +25,7 @@ from bot.worker.runner import GITEA_WAIT_SECONDS
 from bot.worker.tick import Worker
 from bot.workspace import GitError, Workspace
 from tests.conftest import (
+    AGENT_PYTHON,
     FAKE_AGENT,
     REPO,
     TOKEN,
@@ -260,8 +261,8 @@ def opencode_shaped(record: Path) -> AgentConfig:
     return AgentConfig(
         name="oc",
         preset="opencode",
-        command=(sys.executable, str(FAKE_AGENT), "{prompt}"),
-        resume_command=(sys.executable, str(FAKE_AGENT), "--session", "{session_id}", "{prompt}"),
+        command=(AGENT_PYTHON, str(FAKE_AGENT), "{prompt}"),
+        resume_command=(AGENT_PYTHON, str(FAKE_AGENT), "--session", "{session_id}", "{prompt}"),
         env={
             "FAKE_MODE": "opencode",
             "FAKE_STEPS": "3",
@@ -640,7 +641,7 @@ def test_budget_exceeded_stops_the_agent(make):
     agent = AgentConfig(
         name="oc",
         preset="opencode",
-        command=(sys.executable, str(FAKE_AGENT), "{prompt}"),
+        command=(AGENT_PYTHON, str(FAKE_AGENT), "{prompt}"),
         env={"FAKE_MODE": "opencode", "FAKE_STEPS": "20", "FAKE_SECONDS": "0.3"},
     )
     h = make(default="oc", agents={"oc": agent})
@@ -1084,8 +1085,8 @@ def naming_its_session(envfile: Path) -> AgentConfig:
     return AgentConfig(
         name="fake",
         env={"FAKE_ENVFILE": str(envfile)},
-        command=(sys.executable, str(FAKE_AGENT), "--session-id", "{session_id}", "{prompt}"),
-        resume_command=(sys.executable, str(FAKE_AGENT), "--resume", "{session_id}", "{prompt}"),
+        command=(AGENT_PYTHON, str(FAKE_AGENT), "--session-id", "{session_id}", "{prompt}"),
+        resume_command=(AGENT_PYTHON, str(FAKE_AGENT), "--resume", "{session_id}", "{prompt}"),
     )
 
 

@@ -123,6 +123,8 @@ class Facts:
     disk_error: str | None = None  # free space could not be read
     #: (when, what) of the receiver's last failed write
     write_failure: tuple[float, str] | None = None
+    #: what `serve` warned of at start about the sandbox (core.sandbox.assess), one line each
+    sandbox_warnings: tuple[str, ...] = ()
     #: what the worker's checks found (None: they have not run yet)
     readiness: Readiness | None = None
 
@@ -156,12 +158,14 @@ def problems(f: Facts) -> list[str]:
         )
     if f.worker_alive and f.database_error is None:
         found += _worker_problems(f)
+    found += f.sandbox_warnings
     return found
 
 
 def not_ready(f: Facts) -> list[str]:
-    """What /readyz answers 503 for: every problem, and checks that have not run yet."""
-    found = problems(f)
+    """What /readyz answers 503 for: every problem but the sandbox's warnings (kugetsu works
+    as it is; /healthz names them), and checks that have not run yet."""
+    found = [p for p in problems(f) if p not in f.sandbox_warnings]
     if f.worker_alive and f.database_error is None and f.readiness is None:
         found.append("checks: not run yet (the worker runs them as it starts)")
     return found

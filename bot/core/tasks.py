@@ -197,6 +197,9 @@ class Task:
     #: (that node was gone or busy): the node they were on. It got a worktree rebuilt from
     #: the pushed branch and a fresh session with the earlier requests and results.
     moved_from: str | None = None
+    #: the concurrency slot of its last claim (0 .. max_concurrent_agents - 1): no two
+    #: running tasks hold the same one, and with the sandbox its agent runs as that slot's uid
+    slot: int | None = None
     #: where the task's result is also posted when it ends (the pull request a request
     #: was typed on, or where a retry was asked); None: the tracking comment is enough
     answer_on: int | None = None

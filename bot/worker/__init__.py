@@ -3,7 +3,8 @@
 - `tick`: the `Worker`, its tick and steps (recover, authorize, launch, outbox, comments)
   and `finish()`, where every attempt ends;
 - `runner`: one attempt, from the worktree to its `AttemptResult`; the agent's process
-  is started through one function (`StartAgent`);
+  is started through the worker's `Sandbox` (bot/sandbox.py), which lends it the worktree
+  and home and ends everything it started;
 - `outbox`: the outbox pass, one handler per `OutboxKind`;
 - `auth`: who may ask for work, asked of Gitea and cached.
 """

@@ -5,9 +5,10 @@ when one is rate limited) under a timeout, a budget and the stop flag, commits w
 changed, pushes the branch and opens or updates the pull request. Its result goes back
 to the tick, whose `finish()` turns it into the task's next state by the retry policy.
 
-The agent's process is started through one function, `start_agent` (by default
-`AgentProcess.start`): whatever changes how an agent is started (a sandbox) replaces
-that function and nothing else.
+The agent runs through the worker's `Sandbox` (bot/sandbox.py): for the run, the issue's
+worktree and home are lent to the task's slot and the agent is started by the function
+the sandbox gives; when the run ends, whatever way, every process of the slot is killed
+and the worktree and home are taken back before kugetsu's own git touches them.
 
 The attempt holds the task's lease (its token, from the claim). Every write about the
 attempt is made only while the token is still the task's, and before each step that
@@ -20,13 +21,14 @@ serve it (`bot.tasklog`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from bot import agents, process
 from bot.config import (
@@ -42,6 +44,7 @@ from bot.core.tasks import AGENT_MISSING, AttemptResult, Kind, Outcome, Task
 from bot.gitea import Forbidden, GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
 from bot.publisher import Publisher
 from bot.redact import redact
+from bot.sandbox import NoSandbox, Sandbox, SandboxError
 from bot.store import LeaseLost, Store
 from bot.tasklog import LogShipper
 from bot.workspace import Fetched, GitError, Prepared, Workspace
@@ -60,24 +63,6 @@ GITEA_WAIT_SECONDS = 15.0
 
 class Stopping(Exception):
     """The service is shutting down; the task goes back to the queue."""
-
-
-class StartAgent(Protocol):
-    """Starts an agent's process: the one place the runner hands a command line to the
-    system. Its arguments are those of `process.AgentProcess.start`, the default."""
-
-    def __call__(
-        self,
-        argv: Sequence[str],
-        *,
-        cwd: Path,
-        env: Mapping[str, str],
-        log_path: Path,
-        log_max_bytes: int,
-        on_line: Callable[[str], None] | None = None,
-        header: str | None = None,
-        secrets: Sequence[str] = (),
-    ) -> process.AgentProcess: ...
 
 
 @dataclass(frozen=True)
@@ -121,13 +106,13 @@ class Runner:
         stopping: threading.Event,
         clock: Callable[[], float] = time.time,
         environ: Mapping[str, str],
-        start_agent: StartAgent = process.AgentProcess.start,
+        sandbox: Sandbox | None = None,
         node: str | None = None,
     ):
         self.config, self.store, self.gitea = config, store, gitea
         self.workspace, self.publisher = workspace, publisher
         self.stopping, self.clock, self.environ = stopping, clock, environ
-        self.start_agent = start_agent
+        self.sandbox: Sandbox = sandbox or NoSandbox()
         #: where this worker's worktrees and agent homes are (`Worker.node`)
         self.node = node
         #: tasks whose lease this worker lost (the heartbeat found it taken over): their
@@ -203,6 +188,11 @@ class Runner:
         issue_row = self.store.issue_row(None, task.repo, task.issue) or {}
         held_by = issue_row.get("node")
         home_here = not self.store.SHARED or held_by in (None, self.node)
+        try:
+            # what a run that crashed may still hold is kugetsu's again before git runs there
+            self.sandbox.reclaim(self.lent(task))
+        except SandboxError as exc:
+            return AttemptResult(Outcome.INFRA_ERROR, f"sandbox: {exc}")
         try:
             fetched = self.workspace.fetch(task.repo)
             settings = self._repo_settings(task, fetched)
@@ -486,6 +476,13 @@ class Runner:
         self.store.set_issue(None, task.repo, task.issue, pr_number=number, branch=branch)
         return AttemptResult(Outcome.SUCCEEDED, None, changes={**done, "pr_number": number})
 
+    def lent(self, task: Task) -> list[Path]:
+        """What an agent run on the task's issue is lent: its worktree and its home."""
+        return [
+            self.workspace.worktree_path(task.repo, task.issue),
+            self.config.storage.agent_home(task.owner, task.name, task.issue),
+        ]
+
     def _repo_settings(self, task: Task, fetched: Fetched) -> RepoSettings:
         """The repository's `.kugetsu.toml` as its default branch holds it now (the commit
         the task starts from, read from the mirror with git: a pull request cannot change
@@ -551,8 +548,13 @@ class Runner:
         prompt_file = storage.prompt_path(task.id)
         prompt_file.parent.mkdir(parents=True, exist_ok=True)
         prompt_file.write_text(prompt, encoding="utf-8")
-        home = storage.homes_dir / task.owner / task.name / str(task.issue)
+        home = storage.agent_home(task.owner, task.name, task.issue)
         home_env = agents.prepare_home(spec, home)
+        if self.sandbox.active:
+            # the slot's uid cannot read the prompts folder: its copy is in the home lent to it
+            prompt_file = home / ".kugetsu" / "prompt.md"
+            prompt_file.parent.mkdir(exist_ok=True)
+            prompt_file.write_text(prompt, encoding="utf-8")
         task_vars = {
             "KUGETSU_TASK_ID": str(task.id),
             "KUGETSU_REPO": task.repo,
@@ -598,20 +600,75 @@ class Runner:
             if self.store.SHARED
             else None
         )
+        if task.slot is None:
+            return AgentRun(Outcome.INFRA_ERROR, "the task holds no slot")
+        # lent to a uid of its own, the worktree is out of kugetsu's sight: git must keep it
+        kept = self.workspace.lent(workdir) if self.sandbox.active else contextlib.nullcontext()
         try:
-            proc = self.start_agent(
-                argv,
-                cwd=workdir,
-                env=env,
-                log_path=storage.log_path(task.id),
-                log_max_bytes=cfg.agents.log_max_bytes,
-                on_line=meter.feed,
-                header=header,
-                secrets=cfg.secrets(),
-            )
+            with kept, self.sandbox.lend(task.slot, [workdir, home]) as start_agent:
+                proc, stop = self._watch(
+                    task,
+                    start_agent(
+                        argv,
+                        cwd=workdir,
+                        env=env,
+                        log_path=storage.log_path(task.id),
+                        log_max_bytes=cfg.agents.log_max_bytes,
+                        on_line=meter.feed,
+                        header=header,
+                        secrets=cfg.secrets(),
+                    ),
+                    meter,
+                    shipper,
+                    max_tokens,
+                    max_cost,
+                )
         except process.AgentStartError as exc:
             reason = f"{AGENT_MISSING}{exc}" if exc.not_found else str(exc)
             return AgentRun(Outcome.AGENT_FAILED, reason, retry=False)
+        except SandboxError as exc:
+            return AgentRun(Outcome.INFRA_ERROR, f"sandbox: {exc}")
+        except GitError as exc:
+            return AgentRun(Outcome.INFRA_ERROR, redact(f"git: {exc}", cfg.secrets()))
+        code = proc.returncode if proc.returncode is not None else -9
+        report = agents.parse_output(spec, proc.output(), code)
+        session_id = report.session_id or meter.session_id or session
+        # The meter saw every line; the parsed output may miss the middle of a huge log.
+        best = max((report.usage, meter.usage), key=lambda u: u.total_tokens)
+        usage = best.as_dict()
+        summary = report.summary or ""
+        if stop is not None:
+            return AgentRun(
+                stop[0], stop[1], retry=stop[2], session_id=session_id, usage=usage, summary=summary
+            )
+        over = agents.budget_exceeded(best, max_tokens, max_cost)
+        if code != 0 or report.failed:
+            reason = report.failure or f"the agent exited with code {code}"
+            return AgentRun(
+                Outcome.AGENT_FAILED,
+                reason,
+                session_id=session_id,
+                usage=usage,
+                summary=summary,
+                rate_limited=report.rate_limited,
+            )
+        if over:
+            summary = (summary + f"\n\nNote: the run went over its budget ({over}).").strip()
+        return AgentRun(None, None, session_id=session_id, usage=usage, summary=summary)
+
+    def _watch(
+        self,
+        task: Task,
+        proc: process.AgentProcess,
+        meter: agents.UsageMeter,
+        shipper: LogShipper | None,
+        max_tokens: int | None,
+        max_cost: float | None,
+    ) -> tuple[process.AgentProcess, tuple[Outcome, str, bool] | None]:
+        """Follow the agent to its end (or stop it: the stop flag, its timeout, its budget,
+        a shutdown, which raises Stopping); what stopped it, if anything: (outcome, reason,
+        retry)."""
+        cfg = self.config
         self._update(task, pid=proc.pid, pid_start=proc.start_token, bump=False)
         deadline = self.clock() + cfg.agents.timeout_seconds
         grace = cfg.agents.kill_grace_seconds
@@ -651,31 +708,7 @@ class Runner:
         proc.close()
         if shipper is not None:
             shipper.ship()
-        code = proc.returncode if proc.returncode is not None else -9
-        report = agents.parse_output(spec, proc.output(), code)
-        session_id = report.session_id or meter.session_id or session
-        # The meter saw every line; the parsed output may miss the middle of a huge log.
-        best = max((report.usage, meter.usage), key=lambda u: u.total_tokens)
-        usage = best.as_dict()
-        summary = report.summary or ""
-        if stop is not None:
-            return AgentRun(
-                stop[0], stop[1], retry=stop[2], session_id=session_id, usage=usage, summary=summary
-            )
-        over = agents.budget_exceeded(best, max_tokens, max_cost)
-        if code != 0 or report.failed:
-            reason = report.failure or f"the agent exited with code {code}"
-            return AgentRun(
-                Outcome.AGENT_FAILED,
-                reason,
-                session_id=session_id,
-                usage=usage,
-                summary=summary,
-                rate_limited=report.rate_limited,
-            )
-        if over:
-            summary = (summary + f"\n\nNote: the run went over its budget ({over}).").strip()
-        return AgentRun(None, None, session_id=session_id, usage=usage, summary=summary)
+        return proc, stop
 
 
 def _within(asked: _N | None, bound: _N | None) -> _N | None:

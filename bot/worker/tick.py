@@ -47,13 +47,14 @@ from bot.gitea import GiteaAPI, GiteaError
 from bot.ingest import rules_for
 from bot.isolate import on_its_own
 from bot.publisher import Publisher
+from bot.sandbox import Sandbox, sandbox_for
 from bot.scheduler import Coalescer
 from bot.store import DATABASE_ERRORS, LeaseLost, Store
 from bot.worker.auth import AuthCache
 from bot.worker.notify import NotifyLane
 from bot.worker.outbox import OUTBOX_BUDGET, Outbox
 from bot.worker.reconcile import PassReport, Reconciler
-from bot.worker.runner import Runner, StartAgent, Stopping
+from bot.worker.runner import Runner, Stopping
 from bot.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class Worker:
         environ: Mapping[str, str] | None = None,
         schedule_tick: Callable[[], None] = lambda: None,
         schedule_at: Callable[[float], None] = lambda when: None,
-        start_agent: StartAgent = process.AgentProcess.start,
+        sandbox: Sandbox | None = None,
         counts: metrics.Tally | None = None,
     ):
         self.config, self.store, self.gitea, self.workspace = config, store, gitea, workspace
@@ -121,6 +122,7 @@ class Worker:
             counts = getattr(gitea, "tally", None)
         self.counts = counts if isinstance(counts, metrics.Tally) else metrics.Tally()
         self._stopping = threading.Event()
+        self.sandbox = sandbox or sandbox_for(config)
         self.runner = Runner(
             config,
             store,
@@ -130,8 +132,8 @@ class Worker:
             stopping=self._stopping,
             clock=clock,
             environ=self.environ,
-            start_agent=start_agent,
             node=self.node,
+            sandbox=self.sandbox,
         )
         self.reconciler = Reconciler(
             config,
@@ -423,13 +425,20 @@ class Worker:
         return recovered
 
     def _recover_one(self, task: Task, *, local: bool = True, expired_by: float | None) -> bool:
-        # an agent is killed only on its own machine: a pid means nothing on another
+        # an agent is killed only on its own machine: a pid or a slot's uid means nothing
+        # on another (the launcher sweeps a slot there before it is used again)
+        if local and task.slot is not None:
+            # with the sandbox, everything the slot's uid runs is the dead run's: all of it
+            # goes before the task moves on and its slot can be claimed again
+            self.sandbox.sweep(task.slot)
         if (
             local
             and task.pid
             and process.kill_orphan(task.pid, task.pid_start, self.config.agents.kill_grace_seconds)
         ):
             log.warning("killed orphaned agent", extra={"task": task.id, "pid": task.pid})
+        if local:
+            self.sandbox.reclaim(self.runner.lent(task))
         reason = (
             "kugetsu stopped while the agent was running"
             if expired_by is None
