@@ -102,12 +102,16 @@ RUN set -eux; \
 # pip or setuptools. .dockerignore limits the build context to what the
 # package needs (pyproject.toml, README, the bot/ package), so local data,
 # virtualenvs and secrets such as .env never end up in the image.
+# KUGETSU_EXTRAS: optional extras of the package, e.g. "postgres" for the PostgreSQL
+# store (several machines on one queue: README, "Running on several machines").
 FROM python:3.11-slim-bookworm AS kugetsu
+ARG KUGETSU_EXTRAS=""
 COPY . /tmp/kugetsu-src
 RUN set -eux; \
     pip wheel --no-cache-dir --disable-pip-version-check --no-deps --wheel-dir /tmp/wheels /tmp/kugetsu-src; \
     python -m venv /opt/kugetsu; \
-    /opt/kugetsu/bin/pip install --no-cache-dir --disable-pip-version-check /tmp/wheels/kugetsu-*.whl; \
+    wheel="$(ls /tmp/wheels/kugetsu-*.whl)"; \
+    /opt/kugetsu/bin/pip install --no-cache-dir --disable-pip-version-check "$wheel${KUGETSU_EXTRAS:+[$KUGETSU_EXTRAS]}"; \
     /opt/kugetsu/bin/pip uninstall --yes --disable-pip-version-check pip setuptools; \
     chmod -R o+rX,go-w /opt/kugetsu
 

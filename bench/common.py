@@ -251,9 +251,25 @@ def memory_kib(pid: int) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in _KIB.finditer(text)}
 
 
-def read_task_rows(db_path: Path) -> dict[int, dict[str, Any]]:
-    """Task rows straight from the service's database (read-only), by id."""
+def read_task_rows(db_path: Path | str) -> dict[int, dict[str, Any]]:
+    """Task rows straight from the service's database (read-only), by id: a SQLite file,
+    or a PostgreSQL URL."""
     import sqlite3
+
+    if isinstance(db_path, str):
+        from bot.store import open_store
+
+        store = open_store(db_path)
+        try:
+            return {
+                r["id"]: dict(r)
+                for r in store._conn().execute(
+                    "SELECT id, issue, state, outcome, attempts, created_at, started_at, "
+                    "finished_at, comment_id FROM tasks"
+                )
+            }
+        finally:
+            store.close()
 
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     conn.row_factory = sqlite3.Row
@@ -297,13 +313,19 @@ def task_phases(
     }
 
 
-def sequential_runs(runs: int, gap: float, timeout: float) -> dict[str, Any]:
+def sequential_runs(
+    runs: int, gap: float, timeout: float, *, database_url: str | None = None
+) -> dict[str, Any]:
     """One labelled issue after another through `kugetsu serve` and the fake Gitea.
 
     The agent writes one file and records when it starts and ends. Each delivery waits
     for its task's tracking comment to reach a final state before the next is sent.
     Returns the runs (task, issue, monotonic and wall send times, answer and done
     times, final state), the task rows, the agent's marks and the number of PRs.
+
+    With `database_url` (PostgreSQL), two nodes instead of one: a receiver
+    (`--role receiver`) that takes the deliveries and a worker (`--role worker`) with
+    a data directory of its own, as on two machines; only the database joins them.
     """
     import tempfile
 
@@ -321,13 +343,26 @@ def sequential_runs(runs: int, gap: float, timeout: float) -> dict[str, Any]:
             gitea.set_permission(REPO, "alice", "write")
             port = free_port()
             agent = fake_agent_table(FAKE_MODE="write", FAKE_SECONDS=0, FAKE_RECORD=record)
-            config = write_config(
-                tmp / "kugetsu.toml",
-                service_tables(
-                    port=port, gitea_url=gitea.url, data_dir=tmp / "data", agents={"fake": agent}
-                ),
+            tables = service_tables(
+                port=port, gitea_url=gitea.url, data_dir=tmp / "data", agents={"fake": agent}
             )
-            svc = Service(config, port, tmp).start()
+            nodes = []
+            if database_url:
+                tables["storage"]["database_url"] = database_url
+                worker_port = free_port()
+                worker_tables = {
+                    **tables,
+                    "server": {**tables["server"], "port": worker_port},
+                    "storage": {**tables["storage"], "data_dir": str(tmp / "worker-data")},
+                }
+                worker_config = write_config(tmp / "worker.toml", worker_tables)
+                nodes.append(Service(worker_config, worker_port, tmp, args=("--role", "worker")))
+            config = write_config(tmp / "kugetsu.toml", tables)
+            svc = Service(
+                config, port, tmp, args=("--role", "receiver") if database_url else ()
+            ).start()
+            for node in nodes:
+                node.start()
             session = requests.Session()
             try:
                 time.sleep(1.0)  # let the first tick (at start-up) finish
@@ -362,10 +397,12 @@ def sequential_runs(runs: int, gap: float, timeout: float) -> dict[str, Any]:
                         }
                     )
                     time.sleep(gap)
-                rows = read_task_rows(tmp / "data" / "kugetsu.db")
+                rows = read_task_rows(database_url or tmp / "data" / "kugetsu.db")
                 marks = read_record(record)
                 prs = len(gitea.pulls_of(REPO))
             finally:
                 session.close()
                 svc.stop()
+                for node in nodes:
+                    node.stop()
     return {"runs": out, "rows": rows, "marks": marks, "pull_requests": prs}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,13 +16,13 @@ from typing import Any
 from flask import Flask, Response, request, send_file
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from bot import dashboard
+from bot import dashboard, tasklog
 from bot.config import Config
 from bot.core import events, intake, render
 from bot.core import metrics as counts
 from bot.ingest import ingest
 from bot.metrics import CONTENT_TYPE
-from bot.store import Store
+from bot.store import DATABASE_ERRORS, Store
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +37,12 @@ def create_app(
     store_failed: Callable[[Exception], None] = lambda exc: None,
     refused: counts.Tally | None = None,
     scrape: Callable[[], bytes] | None = None,
+    receive: bool = True,
 ) -> Flask:
-    """`refused`: where deliveries answered without a write are counted (the rest are
-    counted in their own transaction); `scrape`: the text of GET /metrics."""
+    """The HTTP side of a node. `refused`: where deliveries answered without a write are
+    counted (the rest are counted in their own transaction); `scrape`: the text of GET
+    /metrics; `receive`: it takes Gitea's deliveries (False on a node that only runs a
+    worker: `kugetsu serve --role worker`)."""
     app = Flask("kugetsu")
     refused = refused if refused is not None else counts.Tally()
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
@@ -71,6 +73,10 @@ def create_app(
     @app.post("/webhook")
     def webhook() -> Response:
         started = time.perf_counter()
+        if not receive:
+            return answer(
+                404, "rejected", "this node runs a worker only; send deliveries to a receiver"
+            )
         length = request.content_length
         if length is not None and length > config.server.max_body_bytes:
             return too_large(RequestEntityTooLarge())
@@ -96,7 +102,7 @@ def create_app(
 
         try:
             result = ingest(store, delivery, event, rules(), repo=events.repo_of(data))
-        except sqlite3.Error as exc:
+        except DATABASE_ERRORS as exc:
             # Nothing of the delivery was written (one transaction), and it is not
             # acknowledged: Gitea's webhook history shows the answer, and can redeliver it.
             store_failed(exc)
@@ -173,11 +179,18 @@ def create_app(
         # only people who can see those links can read the log.
         if not events.equal_secrets(token, render.log_token(config, task_id)):
             return answer(404, "not found", "no such log")
+        data = tasklog.read(config, store, task_id)
+        if data is None:
+            return answer(404, "not found", "no such log")
+        # this node's file, streamed as the client reads it: a log of any size costs the
+        # receiver neither its size in memory nor a thread while it is sent; a task that
+        # ran on another machine has its log in the database (PostgreSQL), read whole
         path = config.storage.log_path(task_id)
         if not path.is_file():
-            return answer(404, "not found", "no such log")
-        # streamed from the file as the client reads it: a log of any size costs the
-        # receiver neither its size in memory nor a thread while it is sent
+            data = tasklog.read(config, store, task_id)
+            if data is None:
+                return answer(404, "not found", "no such log")
+            return Response(data, mimetype="text/plain", headers={"Cache-Control": "no-store"})
         response = send_file(path, mimetype="text/plain", conditional=False, etag=False)
         response.headers["Cache-Control"] = "no-store"
         return response

@@ -1,4 +1,4 @@
-"""The `kugetsu` command: serve, queue, enqueue, logs.
+"""The `kugetsu` command: serve, queue, enqueue, logs, doctor.
 
 Loads the config once and wires the parts together; nothing here holds logic
 that a test would want to reach without a process.
@@ -12,14 +12,13 @@ import logging
 import math
 import os
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from bot import __version__
+from bot import __version__, tasklog
 from bot.config import Config, ConfigError, load
 from bot.core import names
 from bot.core.intake import start_or_continue
@@ -27,8 +26,9 @@ from bot.core.tasks import CancelResult, Kind, State, Task
 from bot.ingest import StoreView
 from bot.logs import LEVELS
 from bot.prune import disk_usage
-from bot.service import gitea_client, known_agents, run_worker, serve
-from bot.store import SchemaTooNew, Store, open_store
+from bot.redact import redact
+from bot.service import ROLES, gitea_client, known_agents, run_worker, serve
+from bot.store import STORE_ERRORS, SchemaTooNew, Store, open_store
 
 log = logging.getLogger("kugetsu")
 
@@ -116,6 +116,11 @@ def queue_stats(config: Config, store: Store, as_json: bool) -> int:
     if stats["by_outcome"]:
         print("outcomes:  " + ", ".join(f"{k} {v}" for k, v in sorted(stats["by_outcome"].items())))
     print("disk:      " + ", ".join(f"{k} {_size(v)}" for k, v in stats["disk_bytes"].items()))
+    for w in stats["workers"]:
+        print(
+            f"worker {w['id']} on {w['host']}: {w['running']} of {w['capacity'] or '?'} "
+            f"agents running, heartbeat {w['heartbeat_age_seconds']:.0f} s ago"
+        )
     return 0
 
 
@@ -264,6 +269,8 @@ def enqueue(
         )
     if ping_server(config):
         print(f"task {task_id} queued ({kind.value} on {ref})")
+    elif store.SHARED:
+        print(f"task {task_id} queued ({kind.value} on {ref}); the database wakes the workers")
     else:
         print(f"task {task_id} queued ({kind.value} on {ref}); {_not_running(config)}")
     return 0
@@ -312,19 +319,13 @@ def show_logs(
 ) -> int:
     """Print a task's log; with `follow`, what is added to it too (`wait` between looks),
     until the task is no longer active and nothing more came."""
-    path = config.storage.log_path(task_id)
-    if store.get(task_id) is None and not path.exists():
+    if store.get(task_id) is None and tasklog.read(config, store, task_id) is None:
         print(f"kugetsu: no task {task_id}", file=sys.stderr)
         return 1
     position = 0
     out = sys.stdout.buffer if out is None else out
     while True:
-        try:
-            with path.open("rb") as fh:
-                fh.seek(position)
-                chunk = fh.read()
-        except FileNotFoundError:
-            chunk = b""
+        chunk = tasklog.read(config, store, task_id, position) or b""
         if chunk:
             out.write(chunk)
             out.flush()
@@ -354,10 +355,15 @@ def doctor(
     except ConfigError as exc:
         results = [Result("config", False, f"{exc}.", "fix the config file (config.example.toml)")]
     else:
-        store = open_database(config)
+        problems: list[str] = []
+        store = open_database(config, problems)
         try:
             ctx = Context(
-                config, store=store, deliver_test=deliver_test, deliver_seconds=deliver_wait
+                config,
+                store=store,
+                database_problems=problems,
+                deliver_test=deliver_test,
+                deliver_seconds=deliver_wait,
             )
             results = run(ctx)
         finally:
@@ -528,6 +534,13 @@ def webhook_list(config: Config, repos: Sequence[str], org: str | None, url: str
 def backup(config: Config, dest: str) -> int:
     """A consistent copy of the database (SQLite's online backup), taken while `serve`
     runs; never over an existing file."""
+    if config.storage.database_url:
+        print(
+            "kugetsu: the database is PostgreSQL (storage.database_url): back it up with "
+            "pg_dump, which takes a consistent copy while kugetsu runs",
+            file=sys.stderr,
+        )
+        return 1
     source = config.storage.db_path
     if not source.is_file():
         print(f"kugetsu: no database at {source} (storage.data_dir)", file=sys.stderr)
@@ -612,6 +625,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=LEVELS,
         help="default: logging.level (or $KUGETSU_LOG_LEVEL), else INFO",
+    )
+    p.add_argument(
+        "--role",
+        choices=ROLES,
+        default="all",
+        help="all: receiver and worker (default); receiver: take Gitea's deliveries only; "
+        "worker: run agents only. Several machines share one queue through "
+        "storage.database_url",
     )
     # started by `serve` itself; not for people
     w = sub.add_parser("worker", parents=[common])
@@ -800,8 +821,10 @@ def _main(argv: Sequence[str] | None) -> int:
     except SchemaTooNew as exc:
         print(f"kugetsu: {exc}", file=sys.stderr)
         return 1
-    except sqlite3.DatabaseError as exc:
-        print(f"kugetsu: database {config.storage.db_path}: {exc}", file=sys.stderr)
+    except STORE_ERRORS as exc:
+        where = "the PostgreSQL database" if config.storage.database_url else config.storage.db_path
+        reason = " ".join(redact(str(exc), config.secrets()).split())
+        print(f"kugetsu: database {where}: {reason}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         raise
@@ -828,7 +851,7 @@ def _os_error(config: Config, exc: OSError) -> str:
 
 def _run(args: argparse.Namespace, config: Config) -> int:
     if args.command == "serve":
-        return serve(config, log_level=args.log_level or config.logging.level)
+        return serve(config, log_level=args.log_level or config.logging.level, role=args.role)
     if args.command == "worker":
         return run_worker(
             config,
@@ -842,14 +865,18 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         return hook_action(config, args.repos, args.org, args.url)
     if args.command == "backup":
         return backup(config, args.path)
-    if not config.storage.db_path.exists() and args.command != "enqueue":
+    if (
+        not config.storage.database_url
+        and not config.storage.db_path.exists()
+        and args.command != "enqueue"
+    ):
         print(
             f"kugetsu: no database at {config.storage.db_path} (has kugetsu served "
             "with this storage.data_dir yet?)",
             file=sys.stderr,
         )
         return 1
-    store = open_store(config.storage.db_path, notify=config.notify_routes())
+    store = open_store(config.storage.database, notify=config.notify_routes())
     try:
         if args.command == "queue":
             if args.queue_command == "list":

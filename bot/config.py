@@ -70,6 +70,14 @@ class StorageConfig:
     data_dir: Path = Path("kugetsu-data")
     #: /healthz reports the disk when less than this is free in data_dir
     min_free_mb: int = 200
+    #: a PostgreSQL URL: the queue lives there, shared by every machine that names it;
+    #: empty: SQLite in data_dir (one machine)
+    database_url: str = field(default="", repr=False)
+
+    @property
+    def database(self) -> str | Path:
+        """Where the store is: the PostgreSQL URL, or the SQLite file in data_dir."""
+        return self.database_url or self.db_path
 
     @property
     def db_path(self) -> Path:
@@ -181,6 +189,21 @@ class AgentsConfig:
     @property
     def timeout_seconds(self) -> float:
         return self.timeout_minutes * 60.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """This process's worker: how many agents it runs, how it holds its tasks."""
+
+    #: agents this worker runs at most; None: queue.max_concurrent_agents (the global
+    #: limit, which holds across all workers whatever their capacities add up to)
+    capacity: int | None = None
+    #: a running task's lease runs out this long after its worker last renewed it; then
+    #: any worker may put the task back in the queue
+    lease_seconds: float = 60.0
+    #: the name of this machine as other workers see it (the PID check of a dead worker
+    #: applies only between workers of one host); empty: the host name
+    host: str = ""
 
 
 @dataclass(frozen=True)
@@ -305,6 +328,7 @@ class Config:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     notify: tuple[NotifyConfig, ...] = ()
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -315,13 +339,32 @@ class Config:
 
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, comment, body or URL."""
-        extra = [self.metrics.token, *(n.secret for n in self.notify)]
+        extra = [self.metrics.token, *(n.secret for n in self.notify), _url_password(self)]
         extra.append(self.dashboard.oauth_client_secret)
         return tuple(s for s in (self.gitea.token, self.gitea.webhook_secret, *extra) if s)
 
     def notify_routes(self) -> tuple[tuple[str, frozenset[str]], ...]:
         """(endpoint id, the events it wants) of each `[[notify]]` entry, for the store."""
         return tuple((n.id, frozenset(str(e) for e in n.events)) for n in self.notify)
+
+    @property
+    def capacity(self) -> int:
+        """Agents this process's worker may run: `[worker] capacity`, by default the
+        global limit."""
+        return self.worker.capacity or self.queue.max_concurrent_agents
+
+
+def _url_password(config: Config) -> str:
+    """The password in the database URL, if it carries one (a secret like the token)."""
+    from urllib.parse import unquote, urlsplit
+
+    url = config.storage.database_url
+    if not url:
+        return ""
+    try:
+        return unquote(urlsplit(url).password or "")
+    except ValueError:
+        return ""
 
 
 # --------------------------------------------------------------------------- reading
@@ -436,6 +479,7 @@ _SECTIONS = (
     "git",
     "metrics",
     "notify",
+    "worker",
     "reconcile",
     "dashboard",
     "logging",
@@ -582,9 +626,19 @@ def load(
         env, "KUGETSU_DATA_DIR", st.string("data_dir", str(StorageConfig.data_dir))
     )
     min_free_mb = st.integer("min_free_mb", StorageConfig.min_free_mb, minimum=0)
+    database_url = _override(
+        env, "KUGETSU_DATABASE_URL", st.string("database_url", StorageConfig.database_url)
+    )
     st.check_unknown()
+    if database_url and not database_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            "storage.database_url must be a PostgreSQL URL (postgresql://user@host/db), "
+            "or empty for SQLite in data_dir"
+        )
     storage = StorageConfig(
-        data_dir=Path(data_dir).expanduser().absolute(), min_free_mb=min_free_mb
+        data_dir=Path(data_dir).expanduser().absolute(),
+        min_free_mb=min_free_mb,
+        database_url=database_url,
     )
 
     # queue
@@ -676,6 +730,14 @@ def load(
     if error:
         raise ConfigError(f"git.branch_template {error}")
 
+    # worker
+    w = _Section("worker", data.get("worker"))
+    worker = WorkerConfig(
+        capacity=w.integer("capacity", WorkerConfig.capacity, minimum=1),
+        lease_seconds=w.number("lease_seconds", WorkerConfig.lease_seconds, minimum=1),
+        host=w.string("host", WorkerConfig.host),
+    )
+    w.check_unknown()
     # logging
     lg = _Section("logging", data.get("logging"))
     logging_config = LoggingConfig(
@@ -705,6 +767,7 @@ def load(
         sandbox=_sandbox(data.get("sandbox"), env, queue.max_concurrent_agents),
         metrics=_metrics_section(data.get("metrics"), env),
         notify=_notify_entries(data.get("notify")),
+        worker=worker,
         reconcile=_reconcile(data.get("reconcile")),
         dashboard=dashboard,
         logging=logging_config,

@@ -45,6 +45,7 @@ from bot.gitea import (
     Unreachable,
     missing_scope,
 )
+from bot.redact import redact
 from bot.service import gitea_client
 from bot.store import SchemaTooNew, Store, open_store
 
@@ -100,6 +101,8 @@ class Context:
     launcher: Path | None = None
     #: the database, when one is there (read: repositories and deliveries)
     store: Store | None = None
+    #: why the database could not be opened (`open_database`)
+    database_problems: list[str] = field(default_factory=list)
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     gitea_up: bool | None = None
@@ -220,6 +223,49 @@ def check_data_dir(ctx: Context) -> list[Result]:
             )
         ]
     return [Result(name, True, f"{where}: {state}, {free / MIB / 1024:.1f} GiB free")]
+
+
+#: a worker whose heartbeat is older than this is named by the database check
+HEARTBEAT_SECONDS = 90.0
+
+
+def check_database(ctx: Context) -> list[Result]:
+    storage = ctx.config.storage
+    if ctx.store is None:
+        if not storage.database_url:
+            return [
+                Result("database", True, f"none yet at {storage.db_path}; kugetsu serve makes it")
+            ]
+        return [
+            Result(
+                "database",
+                False,
+                f"cannot be opened: {'; '.join(ctx.database_problems) or 'unknown error'}.",
+                "check storage.database_url (KUGETSU_DATABASE_URL): the host, port, user, "
+                "password and database, and that PostgreSQL runs and this machine may reach it",
+                blocks=True,
+            )
+        ]
+    where = ctx.store.describe()
+    problems = ctx.store.check()
+    if problems:
+        fix = "run kugetsu serve with this version (it migrates), or upgrade kugetsu"
+        return [Result("database", False, f"{where}: {'; '.join(problems)}.", fix)]
+    results = [Result("database", True, f"{where}: schema up to date")]
+    for w in ctx.store.worker_stats():
+        age = w["heartbeat_age_seconds"]
+        if age > HEARTBEAT_SECONDS:
+            results.append(
+                Result(
+                    f"worker {w['id']}",
+                    False,
+                    f"on {w['host']}: no heartbeat for {age:.0f} s; its running tasks go "
+                    "back to the queue once their leases run out.",
+                    "restart kugetsu serve on that machine; a running worker forgets it "
+                    "at its next recovery pass",
+                )
+            )
+    return results
 
 
 def _user() -> str:
@@ -746,6 +792,12 @@ CHECKS: tuple[Check, ...] = (
         "storage.data_dir: writable, with storage.min_free_mb free",
         check_data_dir,
     ),
+    Check(
+        "database",
+        "the database (SQLite in data_dir, or storage.database_url): reachable, its schema, "
+        "and each worker's heartbeat",
+        check_database,
+    ),
     Check("gitea", "gitea.url reachable, and Gitea's version", check_gitea, readiness=True),
     Check(
         "token", "the token: valid, its user and the scopes it shows", check_token, readiness=True
@@ -787,18 +839,24 @@ def run(ctx: Context, names: Iterable[str] | None = None) -> list[Result]:
     return results
 
 
-def open_database(config: Config) -> Store | None:
-    """The database if there is one (doctor never creates it), else None."""
-    if not config.storage.db_path.is_file():
+def open_database(config: Config, problems: list[str] | None = None) -> Store | None:
+    """The database if there is one (doctor never creates a SQLite file, nor migrates a
+    PostgreSQL database), else None; why it could not be opened is added to `problems`,
+    without credentials."""
+    url = config.storage.database_url
+    if not url and not config.storage.db_path.is_file():
         return None
     try:
-        return open_store(config.storage.db_path)
+        return open_store(url, migrate=False) if url else open_store(config.storage.db_path)
     except (SchemaTooNew, OSError) as exc:
-        log.warning("database not read", extra={"error": str(exc)})
-        return None
+        reason = str(exc)
     except Exception as exc:  # a database that cannot be read is the data dir's problem
-        log.warning("database not read", extra={"error": describe(exc)})
-        return None
+        reason = describe(exc)
+    reason = " ".join(redact(reason, config.secrets()).split())
+    log.warning("database not read", extra={"error": reason})
+    if problems is not None:
+        problems.append(reason)
+    return None
 
 
 # ------------------------------------------------------------------------ kugetsu serve

@@ -17,22 +17,24 @@ keeps failing. If setting an item aside fails too, that error ends the tick as w
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from bot.core.health import describe
 from bot.gitea import ServerError, Unreachable
 from bot.sandbox import SandboxError
+from bot.store import OPERATIONAL_ERRORS, LeaseLost
 
 log = logging.getLogger(__name__)
 
-#: errors of the surroundings, not of one item: they propagate (a launcher that cannot
-#: be reached, or a slot whose processes survive SIGKILL, holds up every task alike)
+#: errors of the surroundings, not of one item: they propagate (a lost lease too: the
+#: item is someone else's to do now; a launcher that cannot be reached, or a slot whose
+#: processes survive SIGKILL, holds up every task alike)
 SURROUNDINGS: tuple[type[BaseException], ...] = (
-    sqlite3.OperationalError,
+    *OPERATIONAL_ERRORS,
     ServerError,
     Unreachable,
+    LeaseLost,
     SandboxError,
 )
 

@@ -104,6 +104,7 @@ class KugetsuCollector(Collector):
         yield agents
         yield from _counters(snap, by_repo)
         yield from _disk(snap)
+        yield from _workers(snap)
 
 
 def _tasks(snap: MetricsSnapshot, by_repo: bool) -> Iterator[Metric]:
@@ -171,6 +172,32 @@ def _disk(snap: MetricsSnapshot) -> Iterator[Metric]:
             continue  # unreadable: left out, the next measurement replaces it
     yield family
     yield measured
+
+
+def _workers(snap: MetricsSnapshot) -> Iterator[Metric]:
+    """Each registered worker, on any machine: its capacity, its running tasks and the
+    age of its heartbeat (a worker whose heartbeat grows old is gone or cut off)."""
+    names = ["worker", "host"]
+    capacity = GaugeMetricFamily(
+        "kugetsu_worker_capacity", "Agents each worker may run ([worker] capacity).", labels=names
+    )
+    running = GaugeMetricFamily(
+        "kugetsu_worker_running_tasks", "Tasks each worker runs now.", labels=names
+    )
+    age = GaugeMetricFamily(
+        "kugetsu_worker_heartbeat_age_seconds",
+        "Seconds since each worker last wrote its heartbeat.",
+        labels=names,
+    )
+    for w in snap.workers:
+        labels = [str(w["id"]), str(w["host"])]
+        if w["capacity"] is not None:
+            capacity.add_metric(labels, float(w["capacity"]))
+        running.add_metric(labels, float(w["running"]))
+        age.add_metric(labels, float(w["heartbeat_age_seconds"]))
+    yield capacity
+    yield running
+    yield age
 
 
 def render(config: Config, store: Store) -> bytes:

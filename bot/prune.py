@@ -98,16 +98,23 @@ class Pruner:
         workspace: Workspace,
         *,
         clock: Callable[[], float] = time.time,
+        clear_database: bool = True,
     ):
+        """`clear_database`: delete old finished tasks too (False on the nodes of a
+        cluster that are not doing it today: one node a day does, `Worker.cleanup`)."""
         self.config, self.store, self.gitea, self.workspace = config, store, gitea, workspace
         self.clock = clock
+        self.clear_database = clear_database
 
     def run(self, older_than_days: float | None = None, *, dry_run: bool = False) -> Report:
         days = self.config.queue.cleanup_age_days if older_than_days is None else older_than_days
         age = days * 86400.0
         cutoff = self.clock() - age
         report = Report(dry_run)
-        report.tasks = self.store.clearable(days) if dry_run else self.store.clear(days)
+        if dry_run:
+            report.tasks = self.store.clearable(days)
+        elif self.clear_database:
+            report.tasks = self.store.clear(days)
         report.files = self._task_files(cutoff, dry_run)
         active = self.store.active_tasks()
         busy = {(t.repo, t.issue) for t in active}

@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from bot import tasklog
 from bot.config import Config
 from bot.core import render
 from bot.core.render import QueueView
 from bot.core.tasks import Kind, State, Task, doubling
 from bot.gitea import GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
 from bot.isolate import on_its_own
-from bot.store import CommentRecord, Store
+from bot.store import CommentRecord, LeaseLost, Store
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +55,21 @@ class Publisher:
         #: task, so after a restart each comment is simply tried once more; and it costs
         #: no write, which the receiver's deliveries would wait behind.
         self._backoff: dict[int, tuple[int, float]] = {}
+        #: True while this node may write on Gitea for kugetsu (the worker's check of
+        #: the publisher lease); checked before each tracking comment, reply and reaction
+        self.may_publish: Callable[[], bool] = lambda: True
 
     # ---------------------------------------------------------------- tracking comment
 
     def _log_tail(self, task: Task) -> str:
-        try:
-            with self.config.storage.log_path(task.id).open("rb") as fh:
-                fh.seek(0, 2)
-                size = fh.tell()
-                fh.seek(max(0, size - LOG_TAIL_BYTES))
-                return fh.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return tasklog.tail(self.config, self.store, task.id, LOG_TAIL_BYTES).decode(
+            "utf-8", "replace"
+        )
+
+    def _fence(self) -> None:
+        """Before writing on Gitea for kugetsu: this node is still the publisher."""
+        if not self.may_publish():
+            raise LeaseLost("the publisher lease is another node's now")
 
     def tracking_body(self, task: Task, position: int | None = None) -> str:
         """The task's tracking comment as it should read now."""
@@ -112,12 +116,14 @@ class Publisher:
                 else None
             )
             if existing is None:
+                self._fence()
                 self.store.comment_attempt(task.id)
                 created = self.gitea.create_comment(task.owner, task.name, task.issue, body)
                 record(version, body, int(created["id"]))
                 return True
             self.store.comment_synced(task.id, 0, last_body or "", comment_id=existing)
             task, comment_id = self.store.require(task.id), existing
+        self._fence()
         try:
             self.gitea.edit_comment(task.owner, task.name, comment_id, body)
         except NotFound:
@@ -280,6 +286,7 @@ class Publisher:
         files_changed: int,
         usage: Mapping[str, Any],
         changed: Sequence[str] | None = None,
+        fence: Callable[[], None] = lambda: None,
     ) -> tuple[int, bool]:
         """Open a PR for the branch or update the one that exists. Returns (number, created).
 
@@ -287,7 +294,8 @@ class Publisher:
         was lost (a proxy's 504, a read timeout, a reset), or another open PR appeared (409).
         So after any failed create the open PR is looked up again before anything is
         decided, and one found is adopted. `created` is True when the PR is this task's own
-        (its body carries the task's marker), whichever call made it.
+        (its body carries the task's marker), whichever call made it. `fence` is called
+        before each write (it raises when the attempt lost its lease).
 
         A follow-up on a pull request it did not open announces its commits there (for a
         review, comment by comment, resolving the conversations whose files it changed:
@@ -299,6 +307,7 @@ class Publisher:
         )
         existing = self.gitea.find_open_pull(task.owner, task.name, base, branch)
         if existing is None:
+            fence()
             try:
                 created = self.gitea.create_pull(
                     task.owner, task.name, head=branch, base=base, title=title, body=body
@@ -319,6 +328,7 @@ class Publisher:
         old_body = existing.get("body") or ""
         own = render.marker(task.id) in old_body
         if task.kind is Kind.CONTINUE and not own:
+            fence()
             if task.review:
                 resolved = self._resolve(task, changed)
                 note = render.review_answer(
@@ -333,10 +343,12 @@ class Publisher:
                 note = render.follow_up(
                     task, self.config, summary=summary, files_changed=files_changed
                 )
+            fence()
             self.gitea.create_comment(task.owner, task.name, number, note)
             if not self._wrote(existing):
                 return number, own
         if old_body != body:
+            fence()
             self.gitea.edit_pull(task.owner, task.name, number, body=body)
         return number, own
 
@@ -372,8 +384,10 @@ class Publisher:
 
     def reply(self, repo: str, number: int, body: str) -> None:
         owner, name = repo.split("/", 1)
+        self._fence()
         self.gitea.create_comment(owner, name, number, render.reply(body, self.config.secrets()))
 
     def react(self, repo: str, comment_id: int, content: str = "eyes") -> None:
         owner, name = repo.split("/", 1)
+        self._fence()
         self.gitea.add_reaction(owner, name, comment_id, content)

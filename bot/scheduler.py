@@ -70,8 +70,9 @@ class Scheduler:
     is not lost. Until start() gives it the jobs, wake() does nothing.
     """
 
-    def __init__(self, interval: float):
+    def __init__(self, interval: float, *, heartbeat_seconds: float = HEARTBEAT_SECONDS):
         self.interval = interval
+        self.heartbeat_seconds = heartbeat_seconds
         self._tick: Callable[[], None] | None = None
         self._scheduler = BackgroundScheduler(
             timezone=UTC, job_defaults={"misfire_grace_time": None}
@@ -87,7 +88,7 @@ class Scheduler:
         reconcile: Callable[[], object] | None = None,
         reconcile_seconds: float = 0.0,
     ) -> None:
-        """Run `tick` now and every interval; `heartbeat` every HEARTBEAT_SECONDS; `cleanup`
+        """Run `tick` now and every interval; `heartbeat` every heartbeat_seconds; `cleanup`
         five minutes from now and then daily; each of `every` (name, seconds, job) now and
         then every that many seconds; `reconcile` RECONCILE_FIRST_SECONDS from now and then
         every `reconcile_seconds` (never, if that is 0)."""
@@ -106,7 +107,7 @@ class Scheduler:
             self._scheduler.add_job(
                 heartbeat,
                 "interval",
-                seconds=HEARTBEAT_SECONDS,
+                seconds=self.heartbeat_seconds,
                 id="heartbeat",
                 max_instances=1,
                 coalesce=True,

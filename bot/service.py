@@ -1,5 +1,10 @@
 """`kugetsu serve`: the webhook receiver and the worker, as two processes.
 
+`--role` chooses what a node runs: `all` (the default) both; `receiver` the HTTP side
+alone, stateless, so several can stand behind a load balancer; `worker` the worker
+(with /healthz, without /webhook). Roles on several machines share the queue through
+PostgreSQL (`[storage] database_url`), which also wakes the workers (LISTEN/NOTIFY).
+
 The receiver process answers Gitea (verify, parse, write rows, answer) and
 nothing else. The worker process, started and watched by the receiver, runs the
 scheduler, the tick and the agents. Keeping them apart means git and agent
@@ -20,7 +25,6 @@ import resource
 import shutil
 import signal
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -38,12 +42,17 @@ from bot.core import metrics
 from bot.core.health import Facts, Readiness, TickRecord, describe, not_ready, problems
 from bot.priority import lower_own_priority
 from bot.redact import redact
+from bot.scheduler import HEARTBEAT_SECONDS
+from bot.store import DATABASE_ERRORS
 
 if TYPE_CHECKING:
     from bot.gitea import GiteaClient
     from bot.workspace import Workspace
 
 log = logging.getLogger("kugetsu")
+
+#: what `kugetsu serve --role` accepts
+ROLES = ("all", "receiver", "worker")
 
 #: the receiver's HTTP threads for the webhook and /healthz (the dashboard adds its own)
 HTTP_THREADS = 8
@@ -107,13 +116,17 @@ def run_worker(
     storage = config.storage
     # the worker keeps the write-ahead log short; the receiver never checkpoints
     store = open_store(
-        storage.db_path,
+        storage.database,
         checkpoint_pages=WORKER_CHECKPOINT_PAGES,
         notify=config.notify_routes(),
     )
     gitea = gitea_client(config)
     workspace = workspace_of(config)
-    scheduler = Scheduler(config.queue.poll_interval_seconds)
+    # the heartbeat renews the leases of running tasks: several times per lease
+    scheduler = Scheduler(
+        config.queue.poll_interval_seconds,
+        heartbeat_seconds=min(HEARTBEAT_SECONDS, config.worker.lease_seconds / 3),
+    )
     worker = Worker(
         config,
         store,
@@ -149,6 +162,8 @@ def run_worker(
         threading.Thread(
             target=_read_wakes, args=(wake_fd, worker.wake, stop), name="wake", daemon=True
         ).start()
+    # deliveries taken by a receiver on any machine wake this worker (PostgreSQL)
+    store.listen(worker.wake, stop)
     log.info(
         "worker started",
         extra={"pid": os.getpid(), "worker": worker.worker_id, "nice": niceness},
@@ -390,10 +405,17 @@ class ReceiverHealth:
             facts["free_bytes"] = shutil.disk_usage(self.config.storage.data_dir).free
         except OSError as exc:
             facts["disk_error"] = describe(exc)
-        if alive and self.worker.pid is not None:
+        if self.worker.pid is None:
+            # a receiver alone: it has no worker to ask about, only the database
             try:
-                report = self.store.worker_report(socket.gethostname(), self.worker.pid)
-            except sqlite3.Error as exc:
+                self.store.schema_version()
+            except DATABASE_ERRORS as exc:
+                facts["database_error"] = describe(exc)
+        elif alive:
+            host = self.config.worker.host or socket.gethostname()
+            try:
+                report = self.store.worker_report(host, self.worker.pid)
+            except DATABASE_ERRORS as exc:
                 facts["database_error"] = describe(exc)
             else:
                 if report is not None:
@@ -460,7 +482,7 @@ class RefusedDeliveries:
         counts = self.tally.take()
         try:
             self.store.add_counts(None, counts)
-        except sqlite3.Error as exc:
+        except DATABASE_ERRORS as exc:
             self.tally.give_back(counts)  # the database cannot be written: later
             log.warning("refused deliveries not counted yet", extra={"error": str(exc)})
 
@@ -474,8 +496,31 @@ class RefusedDeliveries:
         return run
 
 
-def serve(config: Config, *, log_level: str = "INFO") -> int:
-    """The receiver process: the webhook server, supervising the worker."""
+class NoWorker:
+    """The worker of a node that runs none (`--role receiver`): /healthz never calls it
+    down, and wakes go to the workers through the database."""
+
+    alive = True
+    pid: int | None = None
+    started_at: float | None = None
+    restarts = 0
+
+    def __init__(self, wake: Callable[[], None]):
+        self.wake = wake
+
+    def watch(self) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def serve(config: Config, *, log_level: str = "INFO", role: str = "all") -> int:
+    """The node's main process: the HTTP server (the webhook receiver unless `role` is
+    "worker"), supervising the worker process (unless `role` is "receiver")."""
     from bot.app import create_app
     from bot.httpserver import HttpServer, prepare_interpreter, raise_fd_limit
     from bot.ingest import RulesSource
@@ -504,7 +549,7 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
     storage.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     make_private(storage.data_dir, deep=False)  # the database files before they are opened
     # migrate before the worker starts
-    store = open_store(storage.db_path, notify=config.notify_routes())
+    store = open_store(storage.database, notify=config.notify_routes())
     if store.get_meta(PRIVATE_MARK) is None:
         # once per data directory: what earlier versions wrote under the umask
         changed = make_private(storage.data_dir, deep=True)
@@ -512,11 +557,16 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
         if changed:
             log.info("data directory made private", extra={"changed": changed})
     # waitress holds a file per connection; the worker gets the limit it had back
-    worker = WorkerProcess(
-        config,
-        log_level,
-        fd_limit=raise_fd_limit(),
-        launcher=launcher.socket if launcher is not None else None,
+    fd_limit = raise_fd_limit()
+    worker: WorkerProcess | NoWorker = (
+        NoWorker(store.wake_workers)
+        if role == "receiver"
+        else WorkerProcess(
+            config,
+            log_level,
+            fd_limit=fd_limit,
+            launcher=launcher.socket if launcher is not None else None,
+        )
     )
     health = ReceiverHealth(config, store, worker, sandbox_warnings=where.warnings)
     refused = RefusedDeliveries(store)
@@ -530,6 +580,7 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
         store_failed=health.store_failed,
         refused=refused.tally,
         scrape=refused.flushed(partial(render_metrics, config, store)),
+        receive=role != "worker",
     )
     stop = threading.Event()
     _signals(stop)
@@ -548,13 +599,17 @@ def serve(config: Config, *, log_level: str = "INFO") -> int:
         "kugetsu serving",
         extra={
             "url": server.url,
+            "role": role,
             "data_dir": str(storage.data_dir),
+            "database": store.describe(),
             "config": config.source,
             "sandbox": where.mode,
         },
     )
     print(
-        f"kugetsu {__version__} listening on {server.url} (data in {storage.data_dir})", flush=True
+        f"kugetsu {__version__} listening on {server.url} as {role} "
+        f"(data in {storage.data_dir}, database {store.describe()})",
+        flush=True,
     )
     code = 0
     while not stop.wait(1.0):

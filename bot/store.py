@@ -1,19 +1,27 @@
-"""The durable queue: SQLite in WAL mode, the single source of truth.
+"""The durable queue, the single source of truth: SQLite in WAL mode by default, or
+PostgreSQL (`bot.pgstore.PostgresStore`) when several machines share one queue.
 
 Every task is a row. A task's state changes only by compare-and-set
 (`UPDATE ... WHERE id = ? AND state = ?`), in two places: `_transition()` (behind
 `transition()`, `claim()`, `reject()` and `try_requeue()`), which checks every change
 against `core.tasks.TRANSITIONS`; and `_set_aside_row()`, which fails a row that cannot
 be read at all (a kind, state or outcome this code does not know), whatever its state,
-so the query that met it goes on without it. `claim()` counts running tasks and leases
-pending ones inside one `BEGIN IMMEDIATE` transaction, which holds SQLite's write lock,
-so the concurrency limit holds across threads and across processes that share the
-database file.
+so the query that met it goes on without it. `claim()` admits tasks up to the limit
+inside its write transaction (`_admit`): on SQLite it counts running tasks under
+`BEGIN IMMEDIATE`, which holds the file's write lock, so the limit holds across threads
+and processes that share the file; on PostgreSQL each running task holds one of the
+limit's slot rows, locked `FOR UPDATE SKIP LOCKED`, so it holds across machines.
 
-The public methods are the queue's interface; a second backend would implement the
-same ones. A method that may run inside the caller's write transaction (`Store.tx()`)
-takes that transaction's connection as its first parameter (`Tx`); where it may also run
-outside one, None reads on this thread's own connection.
+One interface, two backends. Each query is written once, here, in the SQL both run
+(`?` placeholders, `INSERT ... ON CONFLICT`, `RETURNING`); PostgresStore translates the
+placeholders in one place and overrides only the plumbing (connections, transactions,
+migrations' bookkeeping) and the few hooks where the engines differ (`_admit`,
+`_lock_candidate`, `ROWID`, the slots). A new query is one method here; a new migration is
+one entry in MIGRATIONS, in SQLite's dialect, which PostgreSQL runs with its column types
+translated (`Dialects` where a statement differs, as triggers do). A method that may run
+inside the caller's write transaction (`Store.tx()`) takes that transaction's connection
+as its first parameter (`Tx`); where it may also run outside one, None reads on this
+thread's own connection.
 """
 
 from __future__ import annotations
@@ -27,11 +35,12 @@ import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 from bot.core import metrics, notify
 from bot.core.outbox import OutboxItem, OutboxKind
@@ -47,9 +56,47 @@ from bot.core.tasks import (
 
 log = logging.getLogger(__name__)
 
+
+class Cursor(Protocol):
+    """What a query gives back on either backend (sqlite3's cursor, psycopg's)."""
+
+    @property
+    def rowcount(self) -> int: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Conn(Protocol):
+    """A connection as the store's queries use it: sqlite3's, or PostgresStore's session,
+    which takes the same `?` placeholders."""
+
+    @property
+    def in_transaction(self) -> bool: ...
+    def execute(self, sql: str, parameters: Any = (), /) -> Any: ...
+    def executemany(self, sql: str, seq_of_parameters: Any, /) -> Any: ...
+
+
+#: a row read by a query: `row["name"]`, `row[0]`, `row.keys()` and `dict(row)` on both backends
+Row = Any
+
+
+@dataclass(frozen=True)
+class Dialects:
+    """A migration whose statements differ between the engines (triggers, locks). A plain
+    string in MIGRATIONS is SQLite's dialect and runs on PostgreSQL with its column types
+    translated (`bot.pgstore.translate_ddl`)."""
+
+    sqlite: str
+    #: PostgreSQL's own script; None: SQLite's, translated
+    postgres: str | None = None
+    #: run on PostgreSQL after that: what PostgreSQL alone has (slot rows, wake triggers)
+    postgres_extra: str = ""
+
+
 # Each entry moves the schema from version i to i+1. Never edit a released entry;
 # append a new one.
-MIGRATIONS: tuple[str, ...] = (
+MIGRATIONS: tuple[str | Dialects, ...] = (
     # 1: the first schema
     """
     CREATE TABLE tasks (
@@ -196,7 +243,9 @@ MIGRATIONS: tuple[str, ...] = (
     # foreign keys switched off, which cannot be done inside the migration's transaction.
     # An update is checked only for the values it changes, so a row written before can
     # still be moved on (and set aside) while its unchanged kind is still unknown.
-    """
+    # PostgreSQL checks the same in one trigger function.
+    Dialects(
+        sqlite="""
     CREATE TRIGGER tasks_known_values_on_insert BEFORE INSERT ON tasks
     WHEN NEW.kind NOT IN ('start', 'continue')
       OR NEW.state NOT IN ('pending', 'running', 'completed', 'failed', 'cancelled',
@@ -218,6 +267,34 @@ MIGRATIONS: tuple[str, ...] = (
       SELECT RAISE(ABORT, 'tasks: kind, state or outcome is not a value kugetsu knows');
     END;
     """,
+        postgres="""
+    CREATE FUNCTION tasks_known_values() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF TG_OP = 'INSERT' THEN
+        IF NEW.kind NOT IN ('start', 'continue')
+           OR NEW.state NOT IN ('pending', 'running', 'completed', 'failed', 'cancelled',
+                                'rejected')
+           OR NEW.outcome NOT IN ('succeeded', 'no_changes', 'agent_failed', 'timed_out',
+                                  'cancelled', 'infra_error') THEN
+          RAISE EXCEPTION 'tasks: kind, state or outcome is not a value kugetsu knows'
+            USING ERRCODE = 'check_violation';
+        END IF;
+      ELSIF (NEW.kind IS DISTINCT FROM OLD.kind AND NEW.kind NOT IN ('start', 'continue'))
+         OR (NEW.state IS DISTINCT FROM OLD.state
+             AND NEW.state NOT IN ('pending', 'running', 'completed', 'failed', 'cancelled',
+                                   'rejected'))
+         OR (NEW.outcome IS DISTINCT FROM OLD.outcome
+             AND NEW.outcome NOT IN ('succeeded', 'no_changes', 'agent_failed', 'timed_out',
+                                     'cancelled', 'infra_error')) THEN
+        RAISE EXCEPTION 'tasks: kind, state or outcome is not a value kugetsu knows'
+          USING ERRCODE = 'check_violation';
+      END IF;
+      RETURN NEW;
+    END $$;
+    CREATE TRIGGER tasks_known_values BEFORE INSERT OR UPDATE OF kind, state, outcome ON tasks
+      FOR EACH ROW EXECUTE FUNCTION tasks_known_values();
+    """,
+    ),
     # 8: counters for /metrics that every process adds to (bot/core/metrics.py): a row per
     # counter and set of labels, added to inside the transactions that change what they
     # count. WITHOUT ROWID: the key is the row, so an add is one lookup in one b-tree.
@@ -271,8 +348,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 13: the repositories a reconcile pass looks at (those kugetsu serves: tasks in them,
     # deliveries from them, the config), each with when kugetsu first served it and how far
-    # a pass has looked on Gitea for what deliveries missed
-    """
+    # a pass has looked on Gitea for what deliveries missed. (PostgreSQL before 16 wants a
+    # name for the subquery; SQLite's script is as released.)
+    Dialects(
+        sqlite="""
     CREATE TABLE repos (
         repo TEXT PRIMARY KEY,
         first_seen REAL NOT NULL,
@@ -285,6 +364,20 @@ MIGRATIONS: tuple[str, ...] = (
             SELECT repo, MIN(received_at) FROM deliveries WHERE repo IS NOT NULL GROUP BY repo
         ) GROUP BY repo;
     """,
+        postgres="""
+    CREATE TABLE repos (
+        repo TEXT PRIMARY KEY,
+        first_seen DOUBLE PRECISION NOT NULL,
+        reconciled_to DOUBLE PRECISION
+    );
+    INSERT INTO repos (repo, first_seen)
+        SELECT repo, MIN(at) FROM (
+            SELECT repo, MIN(created_at) AS at FROM tasks GROUP BY repo
+            UNION ALL
+            SELECT repo, MIN(received_at) FROM deliveries WHERE repo IS NOT NULL GROUP BY repo
+        ) AS served GROUP BY repo;
+    """,
+    ),
     # 14: a repository's own settings (.kugetsu.toml): whether a request named its agent
     # (else the repository's default agent runs it; tasks queued before keep theirs), and
     # the versions of the file kugetsu has answered that it cannot use them
@@ -328,6 +421,53 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tasks ADD COLUMN slot INTEGER;
     """,
+    # 18: several machines on one queue. A running task holds a lease (a token and when it
+    # runs out), renewed by its worker and checked by compare-and-set before each step
+    # that publishes (push, pull request, comment, finish), so a worker that was cut off
+    # cannot publish over the task's next owner. Workers say where they run (`node`: a
+    # machine and its data directory) and how many agents they may run; an issue
+    # remembers the node that holds its worktree and agent home, so a follow-up goes
+    # there. Agent logs are shipped in chunks where several machines share the database.
+    # On PostgreSQL each running task holds one slot row of the global limit, claimed
+    # FOR UPDATE SKIP LOCKED, and a trigger wakes idle workers on every machine.
+    Dialects(
+        sqlite="""
+    ALTER TABLE tasks ADD COLUMN lease_token TEXT;
+    ALTER TABLE tasks ADD COLUMN lease_expires_at REAL;
+    ALTER TABLE tasks ADD COLUMN moved_from TEXT;
+    ALTER TABLE workers ADD COLUMN node TEXT;
+    ALTER TABLE workers ADD COLUMN capacity INTEGER;
+    ALTER TABLE issues ADD COLUMN node TEXT;
+    CREATE TABLE task_logs (
+        task_id INTEGER NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+        at_byte INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (task_id, at_byte)
+    );
+    """,
+        # the same, translated; then what PostgreSQL alone has
+        postgres_extra="""
+    CREATE TABLE slots (
+        n BIGINT PRIMARY KEY,
+        task_id BIGINT UNIQUE,
+        taken_at DOUBLE PRECISION
+    );
+    CREATE FUNCTION kugetsu_wake() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      PERFORM pg_notify('kugetsu_wake', '');
+      RETURN NULL;
+    END $$;
+    CREATE TRIGGER tasks_wake_on_insert AFTER INSERT ON tasks
+      FOR EACH ROW EXECUTE FUNCTION kugetsu_wake();
+    CREATE TRIGGER tasks_wake_on_update AFTER UPDATE OF state, authorized, not_before ON tasks
+      FOR EACH ROW WHEN (NEW.state IS DISTINCT FROM OLD.state
+                         OR NEW.authorized IS DISTINCT FROM OLD.authorized
+                         OR NEW.not_before IS DISTINCT FROM OLD.not_before)
+      EXECUTE FUNCTION kugetsu_wake();
+    CREATE TRIGGER outbox_wake AFTER INSERT ON outbox
+      FOR EACH ROW EXECUTE FUNCTION kugetsu_wake();
+    """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -399,6 +539,16 @@ def _fair_order(waiting: str) -> str:
 
 #: rows that Store.clear() deletes per write transaction
 CLEAR_BATCH = 500
+#: the claim reads this many candidates more than it has slots: those another claim takes
+#: at the same moment (PostgreSQL) are passed over for the next ones
+CLAIM_SPARE = 8
+#: a claimed task's lease runs out after this long unless its worker renews it
+DEFAULT_LEASE_SECONDS = 60.0
+#: a follow-up waits this long for the node that holds its issue's worktree, if that
+#: node has a live worker, before any worker may take it
+LOCALITY_WAIT_SECONDS = 60.0
+#: a worker whose heartbeat is younger than this counts as live (for locality)
+LIVE_WORKER_SECONDS = 90.0
 BUSY_TIMEOUT_SECONDS = 30.0
 
 #: meta key prefix of a worker's report on its ticks, followed by the worker's id
@@ -417,8 +567,37 @@ class StoreError(RuntimeError):
     pass
 
 
+class DatabaseFailure(StoreError):
+    """An error of the PostgreSQL database, as bot.pgstore raises it in place of the
+    driver's own: catching the driver's classes would mean importing the driver (14 MB
+    in each process) where SQLite is used."""
+
+
+class OperationalFailure(DatabaseFailure):
+    """PostgreSQL is unreachable, refused the connection, or ran out of something."""
+
+
+class IntegrityFailure(DatabaseFailure):
+    """PostgreSQL refused a write that breaks a constraint or a trigger's check."""
+
+
+#: what a database of either backend raises: callers that must survive a database
+#: failure (a delivery answered 503, a tick that fails and is retried) catch these
+DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, DatabaseFailure)
+#: what opening or using the store may raise, its own errors included (the command line
+#: answers each with one line)
+STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, sqlite3.Error)
+#: failures of the database itself (locked, full, unreachable), not of one row
+OPERATIONAL_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError, OperationalFailure)
+
+
 class SchemaTooNew(StoreError):
     pass
+
+
+class LeaseLost(StoreError):
+    """A step only a lease's holder may take was refused: the lease (a task's, or a
+    cluster-wide duty's) is no longer this worker's."""
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -460,7 +639,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _row_to_task(row: sqlite3.Row) -> Task:
+def _row_to_task(row: Row) -> Task:
     """The task a row holds; UnreadableRow naming every value that cannot be read."""
     data = {k: row[k] for k in row.keys() if k in _TASK_FIELDS}  # noqa: SIM118 - a Row iterates its values
     problems: dict[str, str] = {}
@@ -492,9 +671,7 @@ def _row_to_task(row: sqlite3.Row) -> Task:
     return Task(**data)
 
 
-def _readable(
-    rows: Iterable[sqlite3.Row], unreadable: list[tuple[sqlite3.Row, UnreadableRow]]
-) -> Iterator[Task]:
+def _readable(rows: Iterable[Row], unreadable: list[tuple[Row, UnreadableRow]]) -> Iterator[Task]:
     """The tasks of the rows that can be read; the others are added to `unreadable`."""
     for row in rows:
         try:
@@ -503,15 +680,20 @@ def _readable(
             unreadable.append((row, exc))
 
 
-def _number(c: sqlite3.Connection, sql: str, args: Sequence[Any] = ()) -> int:
+def sqlite_migration(number: int) -> str:
+    """The script of migration `number` (0-based) for SQLite."""
+    entry = MIGRATIONS[number]
+    return entry.sqlite if isinstance(entry, Dialects) else entry
+
+
+def _number(c: Conn, sql: str, args: Sequence[Any] = ()) -> int:
     """The whole number a query of one row and one column gives (a count, a version)."""
     return int(c.execute(sql, args).fetchone()[0])
 
 
-def _inserted_id(cur: sqlite3.Cursor) -> int:
-    """The id of the row an INSERT just wrote."""
-    assert cur.lastrowid is not None
-    return cur.lastrowid
+def _inserted_id(cur: Cursor) -> int:
+    """The id of the row an `INSERT ... RETURNING id` just wrote (both backends)."""
+    return int(cur.fetchall()[0][0])
 
 
 def _agent_that_ran(agent: str, agents_tried: str | None) -> str:
@@ -540,6 +722,8 @@ class Stats:
     running: int
     pending_ready: int
     oldest_pending_age: float | None
+    #: each registered worker: id, host, node, capacity, heartbeat age, running tasks
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -548,6 +732,7 @@ class Stats:
             "running": self.running,
             "pending_ready": self.pending_ready,
             "oldest_pending_age_seconds": self.oldest_pending_age,
+            "workers": self.workers,
         }
 
 
@@ -563,6 +748,8 @@ class MetricsSnapshot:
     counters: list[tuple[str, str, float]]
     #: (host, the disk use it measured, as JSON)
     disk: list[tuple[str, str]]
+    #: each registered worker (`Store.worker_stats`)
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -581,7 +768,7 @@ class TaskQuery:
         can serve) and their arguments."""
         terms, args = list[str](), list[Any]()
         if self.repos is not None:
-            terms.append(f"repo IN ({','.join('?' * len(self.repos))})" if self.repos else "0")
+            terms.append(f"repo IN ({','.join('?' * len(self.repos))})" if self.repos else "FALSE")
             args.extend(self.repos)
         for column, value in (
             ("state", None if self.state is None else State(self.state).value),
@@ -592,7 +779,7 @@ class TaskQuery:
             if value is not None:
                 terms.append(f"{column} = ?")
                 args.append(value)
-        return " AND ".join(terms) or "1", args
+        return " AND ".join(terms) or "TRUE", args
 
 
 @dataclass(frozen=True)
@@ -610,7 +797,7 @@ class FinishedRow:
 
 
 #: the connection of a write transaction (`Store.tx()`), passed to the methods that run in it
-Tx = sqlite3.Connection
+Tx = Conn
 
 #: a tracking comment written to Gitea: (task id, the task version its body shows, the body,
 #: the comment's id when it was just created, else None)
@@ -618,7 +805,22 @@ CommentRecord = tuple[int, int, str, int | None]
 
 
 class Store:
-    """Owns the database file. One connection per thread; safe to share."""
+    """The queue's queries, and the SQLite backend's plumbing: owns the database file,
+    one connection per thread; safe to share. PostgresStore overrides the plumbing and
+    the hooks below."""
+
+    #: the backend's name, as `doctor`, stats and logs show it
+    BACKEND = "sqlite"
+    #: several machines may share this database: workers ship their agents' logs to it
+    #: and recover each other's tasks by lease (the PID check stays within one machine)
+    SHARED = False
+    #: the name of a row's physical address, for deleting in batches
+    ROWID = "rowid"
+
+    def _indexed_by(self, index: str) -> str:
+        """`INDEXED BY index ` where the engine takes that hint (SQLite); PostgreSQL has
+        no such clause and chooses partial indexes by itself."""
+        return f"INDEXED BY {index} "
 
     def __init__(
         self,
@@ -648,7 +850,7 @@ class Store:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self) -> Conn:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -668,7 +870,7 @@ class Store:
         return conn
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self) -> Iterator[Conn]:
         """A write transaction. IMMEDIATE takes SQLite's write lock at once (no upgrade
         deadlocks); the in-process lock in front of it makes local writers take turns."""
         conn = self._conn()
@@ -685,7 +887,17 @@ class Store:
             else:
                 conn.execute("COMMIT")
 
-    def _begin_immediate(self, conn: sqlite3.Connection) -> None:
+    @contextmanager
+    def snapshot(self) -> Iterator[Conn]:
+        """A read transaction: every query in it sees the database as it was at once."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _begin_immediate(self, conn: Conn) -> None:
         """Take the write lock, polling briefly while another process holds it.
 
         SQLite's busy handler sleeps 1, 2, 5, 10 ... 100 ms between tries and so does
@@ -731,7 +943,7 @@ class Store:
                     f"up to {SCHEMA_VERSION}; upgrade kugetsu"
                 )
             for number in range(version, SCHEMA_VERSION):
-                for statement in _statements(MIGRATIONS[number]):
+                for statement in _statements(sqlite_migration(number)):
                     c.execute(statement)
                 c.execute(f"PRAGMA user_version = {number + 1}")
         if version < SCHEMA_VERSION:
@@ -746,7 +958,7 @@ class Store:
 
     def _event(
         self,
-        c: sqlite3.Connection,
+        c: Conn,
         task_id: int,
         event: str,
         from_state: str | None,
@@ -785,7 +997,7 @@ class Store:
             "INSERT INTO tasks (repo, issue, kind, prompt, agent, requested_by, state, "
             "max_attempts, created_at, updated_at, authorized, permission_hint, "
             "trigger_comment_id, max_tokens, max_cost_usd, answer_on, review, agent_requested) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 repo,
                 issue,
@@ -815,15 +1027,15 @@ class Store:
     def get(self, task_id: int) -> Task | None:
         return self._one(self._conn(), "SELECT * FROM tasks WHERE id = ?", (task_id,))
 
-    def _tasks(self, conn: sqlite3.Connection, rows: Iterable[sqlite3.Row]) -> list[Task]:
+    def _tasks(self, conn: Conn, rows: Iterable[Row]) -> list[Task]:
         """The tasks of rows already read (not a cursor still open); a row that cannot be
         read is set aside and left out, so that it cannot stop a query that reads many."""
-        unreadable: list[tuple[sqlite3.Row, UnreadableRow]] = []
+        unreadable: list[tuple[Row, UnreadableRow]] = []
         tasks = [*_readable(rows, unreadable)]
         self._set_aside_rows(conn, unreadable)
         return tasks
 
-    def _one(self, conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> Task | None:
+    def _one(self, conn: Conn, sql: str, args: Sequence[Any]) -> Task | None:
         """The first task the query finds. A row that cannot be read is set aside and the
         query asked again: it then finds the row as set aside, or the next one."""
         for _ in range(2):
@@ -835,9 +1047,7 @@ class Store:
                 return found[0]
         return None
 
-    def _set_aside_rows(
-        self, conn: sqlite3.Connection, unreadable: Sequence[tuple[sqlite3.Row, UnreadableRow]]
-    ) -> None:
+    def _set_aside_rows(self, conn: Conn, unreadable: Sequence[tuple[Row, UnreadableRow]]) -> None:
         """Set each unreadable row aside, inside the caller's write transaction if there is
         one (claim, intake), else in one of its own."""
         if not unreadable:
@@ -850,7 +1060,7 @@ class Store:
             for row, exc in unreadable:
                 self._set_aside_row(c, row, exc)
 
-    def _set_aside_row(self, c: sqlite3.Connection, row: sqlite3.Row, exc: UnreadableRow) -> bool:
+    def _set_aside_row(self, c: Conn, row: Row, exc: UnreadableRow) -> bool:
         """The one place a task row that cannot be read is dealt with: it fails with an
         error naming what could not be read, and a task event says so. A kind that cannot
         be read becomes `start` and JSON that cannot be read is emptied, as the error
@@ -862,6 +1072,8 @@ class Store:
             "outcome": Outcome.INFRA_ERROR.value,
             "pid": None,
             "pid_start": None,
+            "lease_token": None,
+            "lease_expires_at": None,
         }
         if "kind" in problems:
             problems["kind"] += f" (now {Kind.START})"
@@ -875,11 +1087,12 @@ class Store:
         sets.update(error=reason, finished_at=now, updated_at=now)
         cur = c.execute(
             f"UPDATE tasks SET {', '.join(f'{k} = ?' for k in sets)}, version = version + 1 "
-            "WHERE id = ? AND version IS ?",
+            "WHERE id = ? AND version = ?",
             (*sets.values(), row["id"], row["version"]),
         )
         if cur.rowcount != 1:
             return False
+        self._free_slot(c, row["id"])
         self._event(c, row["id"], "set aside", str(row["state"]), State.FAILED.value, reason)
         before = row["state"] if row["state"] in set(State) else None
         self._changed(c, row["id"], None if before is None else State(before), State.FAILED)
@@ -919,10 +1132,10 @@ class Store:
         if newest is None:
             sql += " ORDER BY id"
         else:
-            sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT ?) ORDER BY id"
+            sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT ?) AS page ORDER BY id"
             args.append(newest)
         conn = self._conn()
-        unreadable: list[tuple[sqlite3.Row, UnreadableRow]] = []
+        unreadable: list[tuple[Row, UnreadableRow]] = []
         yield from _readable(conn.execute(sql, args), unreadable)
         # once the rows are all read: a write while the query is open would stop it
         self._set_aside_rows(conn, unreadable)
@@ -979,24 +1192,38 @@ class Store:
         *,
         event: str,
         detail: str | None = None,
+        lease: str | None = None,
+        lease_expired_by: float | None = None,
         **changes: Any,
     ) -> bool:
         """Move a task from `from_state` to `to_state` (checked against TRANSITIONS) by
-        compare-and-set, setting `changes` with it. False if it was not in from_state."""
+        compare-and-set, setting `changes` with it. False if it was not in from_state,
+        or, with `lease`, if the task's lease token is no longer that one, or, with
+        `lease_expired_by`, if its lease runs out after that time (it was renewed)."""
         with self.tx() as c:
             return self._transition(
-                c, task_id, from_state, to_state, event=event, detail=detail, **changes
+                c,
+                task_id,
+                from_state,
+                to_state,
+                event=event,
+                detail=detail,
+                lease=lease,
+                lease_expired_by=lease_expired_by,
+                **changes,
             )
 
     def _transition(
         self,
-        c: sqlite3.Connection,
+        c: Conn,
         task_id: int,
         from_state: State | str,
         to_state: State | str,
         *,
         event: str,
         detail: str | None = None,
+        lease: str | None = None,
+        lease_expired_by: float | None = None,
         **changes: Any,
     ) -> bool:
         """The compare-and-set of `transition()`, inside the caller's write transaction."""
@@ -1008,24 +1235,32 @@ class Store:
         now = self.clock()
         if to_state in TERMINAL_STATES:
             changes.setdefault("finished_at", now)
+        if from_state is State.RUNNING and to_state is not State.RUNNING:
+            changes.setdefault("lease_token", None)
+            changes.setdefault("lease_expires_at", None)
         sets = ["state = ?", "updated_at = ?", "version = version + 1"]
         args: list[Any] = [to_state.value, now]
         for key, value in changes.items():
             sets.append(f"{key} = ?")
             args.append(_encode(key, value))
-        cur = c.execute(
-            f"UPDATE tasks SET {', '.join(sets)} WHERE id = ? AND state = ?",
-            (*args, task_id, from_state.value),
-        )
+        where = "id = ? AND state = ?"
+        args += [task_id, from_state.value]
+        if lease is not None:
+            where += " AND lease_token = ?"
+            args.append(lease)
+        if lease_expired_by is not None:
+            where += " AND lease_expires_at < ?"
+            args.append(lease_expired_by)
+        cur = c.execute(f"UPDATE tasks SET {', '.join(sets)} WHERE {where}", args)
         if cur.rowcount != 1:
             return False
+        if from_state is State.RUNNING and to_state is not State.RUNNING:
+            self._free_slot(c, task_id)
         self._event(c, task_id, event, from_state.value, to_state.value, detail)
         self._changed(c, task_id, from_state, to_state)
         return True
 
-    def _changed(
-        self, c: sqlite3.Connection, task_id: int, from_state: State | None, to_state: State
-    ) -> None:
+    def _changed(self, c: Conn, task_id: int, from_state: State | None, to_state: State) -> None:
         """What follows from a task's change of state, in the transaction that changed it:
         its counts for /metrics, and a notification for each endpoint that wants its event.
         Every change of state passes here (insert_task, _transition, _set_aside_row), so
@@ -1119,37 +1354,61 @@ class Store:
                 )
             return True
 
-    def update(self, task_id: int, *, bump: bool = True, **changes: Any) -> None:
-        """Set fields that are not the state (pid, session, PR number, ...)."""
+    def update(
+        self, task_id: int, *, bump: bool = True, lease: str | None = None, **changes: Any
+    ) -> bool:
+        """Set fields that are not the state (pid, session, PR number, ...). With `lease`,
+        only while the task's lease token is that one (a runner's writes about its
+        attempt): False if it is not."""
         bad = set(changes) - _UPDATABLE
         if bad:
             raise ValueError(f"cannot set {sorted(bad)} with update()")
         if not changes:
-            return
+            return True
         with self.tx() as c:
-            self._set_fields(c, task_id, changes, bump=bump)
+            return self._set_fields(c, task_id, changes, bump=bump, lease=lease)
 
-    def agent_ran(self, task_id: int, agent: str, usage: dict[str, Any], **changes: Any) -> None:
-        """Record one agent run of a task: `usage` and `changes` on the task (as update()),
-        and the run's tokens and cost in the counters, in one transaction, so each run
-        counts once, fallbacks' included."""
+    def agent_ran(
+        self,
+        task_id: int,
+        agent: str,
+        usage: dict[str, Any],
+        *,
+        lease: str | None = None,
+        **changes: Any,
+    ) -> None:
+        """Record one agent run of a task: `usage` and `changes` on the task (as update(),
+        with `lease` only while the task holds that token), and the run's tokens and cost
+        in the counters, in one transaction, so each run counts once, fallbacks'
+        included (a run whose lease was lost spent them too)."""
         bad = set(changes) - _UPDATABLE
         if bad:
             raise ValueError(f"cannot set {sorted(bad)} with agent_ran()")
         with self.tx() as c:
-            self._set_fields(c, task_id, {**changes, "usage": usage})
+            self._set_fields(c, task_id, {**changes, "usage": usage}, lease=lease)
             repo = c.execute("SELECT repo FROM tasks WHERE id = ?", (task_id,)).fetchone()
             if repo is not None:
                 self.add_counts(c, metrics.for_agent_run(agent, repo[0], usage))
 
     def _set_fields(
-        self, c: sqlite3.Connection, task_id: int, changes: dict[str, Any], *, bump: bool = True
-    ) -> None:
+        self,
+        c: Conn,
+        task_id: int,
+        changes: dict[str, Any],
+        *,
+        bump: bool = True,
+        lease: str | None = None,
+    ) -> bool:
         sets = [f"{k} = ?" for k in changes] + ["updated_at = ?"]
         if bump:
             sets.append("version = version + 1")
-        args = [_encode(k, v) for k, v in changes.items()] + [self.clock()]
-        c.execute(f"UPDATE tasks SET {', '.join(sets)} WHERE id = ?", (*args, task_id))
+        args = [_encode(k, v) for k, v in changes.items()] + [self.clock(), task_id]
+        where = "id = ?"
+        if lease is not None:
+            where += " AND lease_token = ?"
+            args.append(lease)
+        cur = c.execute(f"UPDATE tasks SET {', '.join(sets)} WHERE {where}", args)
+        return bool(cur.rowcount == 1)
 
     def mark_authorized(self, verdicts: Sequence[tuple[int, str]]) -> None:
         """Record that each (task id, reason) may run: one transaction for the batch, so
@@ -1182,18 +1441,31 @@ class Store:
         """Tasks in that state (read from the index by state: as many steps as there are)."""
         return _number(self._conn(), "SELECT COUNT(*) FROM tasks WHERE state = ?", (state.value,))
 
-    def claim(self, limit: int, worker_id: str, *, max_claims: int | None = None) -> list[Task]:
-        """Lease up to (limit - running) ready tasks, in the fair order (`_fair_order`), one
-        per issue: each goes from pending to running through `_transition()`, its attempt
-        counted.
+    def claim(
+        self,
+        limit: int,
+        worker_id: str,
+        *,
+        max_claims: int | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        node: str | None = None,
+        locality_wait: float = LOCALITY_WAIT_SECONDS,
+    ) -> list[Task]:
+        """Lease up to (limit - running) ready tasks, at most `max_claims` (the worker's
+        free capacity), one per issue, in the fair order (`_fair_order`, through
+        `_claim_candidates`): each goes from pending to running through `_transition()`,
+        its attempt counted, with a new lease token that runs out `lease_seconds` from now
+        unless renewed.
 
-        Count and update happen under one write lock, so no interleaving of
-        threads or processes can push the number of running tasks over `limit`.
+        Admission and update happen in one write transaction (`_admit`), so no
+        interleaving of threads, processes or machines can push the number of running
+        tasks over `limit`. With `node`, a follow-up whose issue's worktree is on another
+        node with a live worker is left to that node for `locality_wait` seconds.
         """
         now = self.clock()
         # A read first: with nothing ready, or every slot taken (as while a backlog waits
         # for long-running agents, tick after tick), there is no write transaction at all.
-        # The count inside the transaction below is the one that decides.
+        # The admission inside the transaction below is the one that decides.
         running, ready = (
             self._conn()
             .execute(
@@ -1204,42 +1476,21 @@ class Store:
             )
             .fetchone()
         )
-        if not ready or running >= limit:
+        if not ready or running >= limit or (max_claims is not None and max_claims <= 0):
             return []
         with self.tx() as c:
-            running = _number(c, "SELECT COUNT(*) FROM tasks WHERE state = 'running'")
-            free = limit - running
-            if max_claims is not None:
-                free = min(free, max_claims)
-            if free <= 0:
+            slots = self._admit(c, limit, limit if max_claims is None else min(max_claims, limit))
+            if not slots:
                 return []
-            rows = c.execute(
-                _fair_order(
-                    """
-                    t.state = 'pending' AND t.authorized = 1 AND t.not_before <= ?
-                    AND NOT EXISTS (SELECT 1 FROM tasks AS r WHERE r.repo = t.repo
-                                    AND r.issue = t.issue AND r.state = 'running')
-                    AND NOT EXISTS (SELECT 1 FROM tasks AS e WHERE e.repo = t.repo
-                                    AND e.issue = t.issue AND e.state = 'pending'
-                                    AND e.id < t.id)
-                    """
-                )
-                + " SELECT queue.id, tasks.attempts, tasks.repo, tasks.requested_by FROM queue"
-                " JOIN tasks ON tasks.id = queue.id ORDER BY queue.position LIMIT ?",
-                (now, free),
-            ).fetchall()
-            # each claimed task gets a slot no running task holds, the lowest first: with
-            # the sandbox the slot is its agent's uid, and free slots exist below the limit
-            held = {
-                r[0]
-                for r in c.execute(
-                    "SELECT slot FROM tasks WHERE state = 'running' AND slot IS NOT NULL"
-                )
-            }
-            free_slots = (s for s in range(limit) if s not in held)
-            claimed = []
+            sql, args = self._claim_candidates(now, len(slots), node, locality_wait)
+            rows = c.execute(sql, args).fetchall()
+            claimed: list[int] = []
             for row in rows:
-                slot = next(free_slots)
+                if len(claimed) == len(slots):
+                    break
+                if not self._lock_candidate(c, row["id"]):
+                    continue  # another claim is taking it at this moment
+                slot = slots[len(claimed)]
                 if self._transition(
                     c,
                     row["id"],
@@ -1253,14 +1504,81 @@ class Store:
                     pid=None,
                     pid_start=None,
                     error=None,
+                    lease_token=uuid.uuid4().hex,
+                    lease_expires_at=now + lease_seconds,
                     slot=slot,
                 ):
+                    self._take_slot(c, slot, row["id"])
                     self._take_turn(c, row["repo"], row["requested_by"])
                     claimed.append(row["id"])
             result = self._tasks(
                 c, [c.execute("SELECT * FROM tasks WHERE id = ?", (i,)).fetchone() for i in claimed]
             )
         return result
+
+    def _admit(self, c: Conn, limit: int, wanted: int) -> list[int]:
+        """The slots this claim may fill, at most `wanted`, lowest first, inside its write
+        transaction: SQLite holds the file's write lock from BEGIN IMMEDIATE on, so
+        counting the running tasks here is exact. (PostgresStore locks free slot rows
+        instead.) A slot is a number from 0 to `limit` - 1 that no running task holds;
+        with the sandbox it is the agent's uid (`first_uid` + slot), so no two running
+        agents share one. Free slots exist below the limit while fewer than `limit`
+        tasks run, even after the limit was lowered under running tasks."""
+        running = c.execute("SELECT COUNT(*) FROM tasks WHERE state = 'running'").fetchone()[0]
+        held = {
+            r[0]
+            for r in c.execute(
+                "SELECT slot FROM tasks WHERE state = 'running' AND slot IS NOT NULL"
+            )
+        }
+        free = [s for s in range(limit) if s not in held]
+        return free[: max(0, min(limit - running, wanted))]
+
+    def _lock_candidate(self, c: Conn, task_id: int) -> bool:
+        """The candidate task is this claim's to try, False if another claim holds it now
+        (PostgreSQL). SQLite's write lock, held since BEGIN IMMEDIATE, already makes it so."""
+        return True
+
+    def _take_slot(self, c: Conn, slot: int, task_id: int) -> None:
+        """A claimed task holds the slot `_admit` gave it (PostgreSQL's slot rows)."""
+
+    def _free_slot(self, c: Conn, task_id: int) -> None:
+        """A task that stops running gives its slot back (PostgreSQL's slot rows)."""
+
+    def _claim_candidates(
+        self, now: float, free: int, node: str | None, locality_wait: float
+    ) -> tuple[str, list[Any]]:
+        """The claim's candidate query: ready tasks, one per issue (the issue's oldest
+        pending task, and none while the issue has one running), in the fair order
+        (`_fair_order`), up to CLAIM_SPARE more than `free`: on PostgreSQL a claim at the
+        same moment may take one of them first, and this claim then takes the next. What
+        makes the claim exact is `_admit` and the compare-and-set; the order and the
+        filters here only choose among the ready tasks."""
+        waiting = """
+                t.state = 'pending' AND t.authorized = 1 AND t.not_before <= ?
+                AND NOT EXISTS (SELECT 1 FROM tasks AS r WHERE r.repo = t.repo
+                                AND r.issue = t.issue AND r.state = 'running')
+                AND NOT EXISTS (SELECT 1 FROM tasks AS e WHERE e.repo = t.repo
+                                AND e.issue = t.issue AND e.state = 'pending'
+                                AND e.id < t.id)
+                """
+        args: list[Any] = [now]
+        if node is not None:
+            # locality: a follow-up waits a while for the node that holds its worktree
+            waiting += """
+                AND NOT (t.kind = 'continue' AND t.created_at > ? AND EXISTS (
+                    SELECT 1 FROM issues AS i JOIN workers AS w ON w.node = i.node
+                    WHERE i.repo = t.repo AND i.number = t.issue AND i.node <> ?
+                      AND w.heartbeat_at > ?))
+                """
+            args += [now - locality_wait, node, now - LIVE_WORKER_SECONDS]
+        sql = (
+            _fair_order(waiting)
+            + " SELECT queue.id, tasks.attempts, tasks.repo, tasks.requested_by FROM queue"
+            " JOIN tasks ON tasks.id = queue.id ORDER BY queue.position LIMIT ?"
+        )
+        args.append(free + CLAIM_SPARE)
+        return sql, args
 
     def _take_turn(self, c: Tx, repo: str, requested_by: str) -> None:
         """Record that `repo` and its `requested_by` just got a slot: their turn is the
@@ -1379,13 +1697,14 @@ class Store:
     def next_due(self) -> float | None:
         """When the next task or item for Gitea in the outbox that waits out a back-off
         becomes due (later than now), or None if none waits."""
+        now = self.clock()
         row = (
             self._conn()
             .execute(
                 "SELECT (SELECT MIN(not_before) FROM tasks WHERE state = 'pending' "
-                "AND not_before > ?1), (SELECT MIN(not_before) FROM outbox "
-                "WHERE done_at IS NULL AND endpoint IS NULL AND not_before > ?1)",
-                (self.clock(),),
+                "AND not_before > ?), (SELECT MIN(not_before) FROM outbox "
+                "WHERE done_at IS NULL AND endpoint IS NULL AND not_before > ?)",
+                (now, now),
             )
             .fetchone()
         )
@@ -1445,9 +1764,10 @@ class Store:
         with self.tx() as c:
             c.executemany(
                 "UPDATE tasks SET comment_id = COALESCE(?, comment_id), "
-                "comment_version = MAX(comment_version, ?), comment_body = ? WHERE id = ?",
+                "comment_version = CASE WHEN comment_version > ? THEN comment_version "
+                "ELSE ? END, comment_body = ? WHERE id = ?",
                 [
-                    (comment_id, version, body, task_id)
+                    (comment_id, version, version, body, task_id)
                     for task_id, version, body, comment_id in records
                 ],
             )
@@ -1494,6 +1814,7 @@ class Store:
             by_state["running"],
             ready,
             None if oldest is None else max(0.0, now - oldest),
+            self.worker_stats(),
         )
 
     def clear(self, older_than_days: float) -> int:
@@ -1516,8 +1837,8 @@ class Store:
             while True:
                 with self.tx() as c:
                     count = c.execute(
-                        f"DELETE FROM {table} WHERE rowid IN "
-                        f"(SELECT rowid FROM {table} WHERE {old} LIMIT ?)",
+                        f"DELETE FROM {table} WHERE {self.ROWID} IN "
+                        f"(SELECT {self.ROWID} FROM {table} WHERE {old} LIMIT ?)",
                         (cutoff, CLEAR_BATCH),
                     ).rowcount
                 if table == "tasks":
@@ -1544,8 +1865,8 @@ class Store:
 
     def set_issue(self, c: Tx | None, repo: str, number: int, **values: Any) -> None:
         """Remember `values` (labels, pr_number, branch, session_id, agent; state and
-        state_checked_at, what Gitea said of it last) of an issue; with `c` None, in a
-        write transaction of its own."""
+        state_checked_at, what Gitea said of it last; the node that holds its worktree and
+        agent home) of an issue; with `c` None, in a write transaction of its own."""
         allowed = {
             "labels",
             "pr_number",
@@ -1554,15 +1875,17 @@ class Store:
             "agent",
             "state",
             "state_checked_at",
+            "node",
         }
         if set(values) - allowed:
             raise ValueError(f"unknown issue fields {sorted(set(values) - allowed)}")
         if "labels" in values and values["labels"] is not None:
             values["labels"] = json.dumps(sorted(values["labels"]))
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: Conn) -> None:
             conn.execute(
-                "INSERT OR IGNORE INTO issues (repo, number, updated_at) VALUES (?, ?, ?)",
+                "INSERT INTO issues (repo, number, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (repo, number) DO NOTHING",
                 (repo, number, self.clock()),
             )
             if values:
@@ -1595,10 +1918,11 @@ class Store:
         """Record a delivery id, with the repository it came from when it names one; True
         if it was already recorded."""
         cur = c.execute(
-            "INSERT OR IGNORE INTO deliveries (id, event, received_at, repo) VALUES (?, ?, ?, ?)",
+            "INSERT INTO deliveries (id, event, received_at, repo) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (id) DO NOTHING",
             (delivery_id, event, self.clock(), repo),
         )
-        return cur.rowcount == 0
+        return bool(cur.rowcount == 0)
 
     def delivery_known(self, delivery_id: str) -> bool:
         """Whether a delivery (or a review taken as one) was recorded."""
@@ -1687,7 +2011,7 @@ class Store:
         cur = c.execute(
             "INSERT INTO outbox (repo, issue, kind, target, body, requested_by, permission_hint, "
             "needs_permission, quiet, endpoint, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 item.repo,
                 item.issue,
@@ -1713,7 +2037,7 @@ class Store:
             .execute(
                 # the index that holds Gitea's items alone: notifications waiting for an
                 # endpoint that is down are never read here, however many there are
-                "SELECT * FROM outbox INDEXED BY outbox_gitea_due WHERE done_at IS NULL "
+                f"SELECT * FROM outbox {self._indexed_by('outbox_gitea_due')}WHERE done_at IS NULL "
                 "AND endpoint IS NULL AND not_before <= ? ORDER BY id LIMIT ?",
                 (self.clock(), limit),
             )
@@ -1721,7 +2045,7 @@ class Store:
         )
         return self._outbox_items(rows)
 
-    def _outbox_items(self, rows: Sequence[sqlite3.Row]) -> list[OutboxItem]:
+    def _outbox_items(self, rows: Sequence[Row]) -> list[OutboxItem]:
         items, unknown = [], []
         for r in rows:
             try:
@@ -1781,11 +2105,12 @@ class Store:
         """Mark every notification still to send to `endpoint` done with `error` (an
         endpoint no longer configured); returns how many."""
         with self.tx() as c:
-            return c.execute(
+            cur = c.execute(
                 "UPDATE outbox SET done_at = ?, error = ? WHERE endpoint = ? "
                 "AND done_at IS NULL AND endpoint IS NOT NULL",
                 (self.clock(), error, endpoint),
-            ).rowcount
+            )
+            return int(cur.rowcount)
 
     def outbox_done(self, item_id: int, error: str | None = None) -> None:
         self.outbox_done_many([(item_id, error)])
@@ -1832,13 +2157,28 @@ class Store:
 
     # ------------------------------------------------------------------ workers
 
-    def register_worker(self, worker_id: str, pid: int, pid_start: str | None) -> None:
+    def register_worker(
+        self,
+        worker_id: str,
+        pid: int,
+        pid_start: str | None,
+        *,
+        host: str | None = None,
+        node: str | None = None,
+        capacity: int | None = None,
+    ) -> None:
+        """Say that a worker runs: on `host` (the machine, by default this one), from
+        `node` (the machine and its data directory, where its worktrees are), with room
+        for `capacity` agents."""
         now = self.clock()
         with self.tx() as c:
             c.execute(
-                "INSERT OR REPLACE INTO workers (id, host, pid, pid_start, started_at, "
-                "heartbeat_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (worker_id, socket.gethostname(), pid, pid_start, now, now),
+                "INSERT INTO workers (id, host, pid, pid_start, started_at, heartbeat_at, "
+                "node, capacity) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
+                "SET host = excluded.host, pid = excluded.pid, pid_start = excluded.pid_start, "
+                "started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, "
+                "node = excluded.node, capacity = excluded.capacity",
+                (worker_id, host or socket.gethostname(), pid, pid_start, now, now, node, capacity),
             )
 
     def heartbeat(
@@ -1853,10 +2193,7 @@ class Store:
         with self.tx() as c:
             c.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (self.clock(), worker_id))
             if report is not None:
-                c.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                    (_REPORT_KEY + worker_id, report),
-                )
+                self._set_meta(c, _REPORT_KEY + worker_id, report)
             if counts:
                 self.add_counts(c, counts)
 
@@ -1896,6 +2233,27 @@ class Store:
         )
         return (row[0], row[1], row[2]) if row else None
 
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """Each registered worker as `queue stats` and /metrics show it: where it runs,
+        its capacity, how old its heartbeat is and how many tasks it runs."""
+        now = self.clock()
+        rows = self._conn().execute(
+            "SELECT w.id, w.host, w.node, w.capacity, w.heartbeat_at, "
+            "(SELECT COUNT(*) FROM tasks AS t WHERE t.state = 'running' "
+            "AND t.worker_id = w.id) AS running FROM workers AS w ORDER BY w.id"
+        )
+        return [
+            {
+                "id": r["id"],
+                "host": r["host"],
+                "node": r["node"],
+                "capacity": r["capacity"],
+                "heartbeat_age_seconds": max(0.0, now - r["heartbeat_at"]),
+                "running": int(r["running"]),
+            }
+            for r in rows
+        ]
+
     def running_tasks(self) -> list[Task]:
         return self.list_tasks(State.RUNNING)
 
@@ -1906,19 +2264,75 @@ class Store:
     # ------------------------------------------------------------------ leases
 
     def try_lease(self, name: str, owner: str, ttl: float) -> bool:
-        """Hold `name` for `ttl` seconds unless another owner holds it; renewing is allowed."""
+        """Hold `name` for `ttl` seconds unless another owner holds it; renewing is allowed.
+        One statement, a compare-and-set: two nodes asking at once cannot both get it."""
         now = self.clock()
         with self.tx() as c:
-            row = c.execute(
-                "SELECT owner, expires_at FROM leases WHERE name = ?", (name,)
-            ).fetchone()
-            if row is not None and row["owner"] != owner and row["expires_at"] > now:
-                return False
-            c.execute(
-                "INSERT OR REPLACE INTO leases (name, owner, expires_at) VALUES (?, ?, ?)",
-                (name, owner, now + ttl),
+            cur = c.execute(
+                "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
+                "expires_at = excluded.expires_at "
+                "WHERE leases.owner = excluded.owner OR leases.expires_at <= ?",
+                (name, owner, now + ttl, now),
             )
+            return bool(cur.rowcount == 1)
+
+    def holds_lease(self, name: str, owner: str, margin: float = 0.0) -> bool:
+        """The check a node makes before a step only the holder of lease `name` may take:
+        True if `owner` holds it for at least `margin` seconds more, or if no one holds
+        it now; False while another owner does."""
+        row = (
+            self._conn()
+            .execute("SELECT owner, expires_at FROM leases WHERE name = ?", (name,))
+            .fetchone()
+        )
+        now = self.clock()
+        if row is None or (row[0] != owner and row[1] <= now):
             return True
+        return bool(row[0] == owner and row[1] > now + margin)
+
+    def renew_leases(self, leases: Mapping[int, str], seconds: float) -> set[int]:
+        """Extend each running task's lease (task id -> its token) to `seconds` from now,
+        by compare-and-set on the token, in one transaction. Returns the ids whose lease
+        this worker no longer holds: the task was recovered, stopped or finished."""
+        if not leases:
+            return set()
+        until = self.clock() + seconds
+        lost = set()
+        with self.tx() as c:
+            for task_id, token in leases.items():
+                cur = c.execute(
+                    "UPDATE tasks SET lease_expires_at = ? "
+                    "WHERE id = ? AND state = 'running' AND lease_token = ?",
+                    (until, task_id, token),
+                )
+                if cur.rowcount != 1:
+                    lost.add(task_id)
+        return lost
+
+    def leases_expired(self) -> bool:
+        """True if a running task's lease has run out (its worker stopped renewing)."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT 1 FROM tasks WHERE state = 'running' AND lease_expires_at < ? LIMIT 1",
+                (self.clock(),),
+            )
+            .fetchone()
+        )
+        return row is not None
+
+    def hold_lease(self, task_id: int, token: str | None, seconds: float) -> bool:
+        """The fence before a step that publishes: True if the task's lease is still
+        `token`'s, renewed for `seconds` by the same compare-and-set, so no other worker
+        can take the task over for that long."""
+        return token is not None and not self.renew_leases({task_id: token}, seconds)
+
+    def repair_slots(self) -> int:
+        """Give back slots held by tasks that no longer run (PostgreSQL's slot rows; a
+        task leaves `running` only through `_transition` and `_set_aside_row`, which free
+        its slot, so this finds none unless a row was changed by hand)."""
+        return 0
 
     def release_lease(self, name: str, owner: str) -> None:
         """Let go of `name` if `owner` holds it."""
@@ -1936,10 +2350,12 @@ class Store:
         `c` None in one of its own."""
         if not counts:
             return
-        rows = [(name, labels, amount) for (name, labels), amount in counts.items()]
+        # in one order in every transaction: on PostgreSQL each row is locked until commit,
+        # and two finishes that took the same counters in opposite orders would deadlock
+        rows = sorted((name, labels, amount) for (name, labels), amount in counts.items())
         sql = (
             "INSERT INTO counters (name, labels, value) VALUES (?, ?, ?) "
-            "ON CONFLICT (name, labels) DO UPDATE SET value = value + excluded.value"
+            "ON CONFLICT (name, labels) DO UPDATE SET value = counters.value + excluded.value"
         )
         if c is not None:
             c.executemany(sql, rows)
@@ -1951,9 +2367,7 @@ class Store:
         """What /metrics shows, read in one read transaction (one consistent view). Costs
         the same whatever the history: the counters are a row per series, the counts by
         state come from the index by state, and the running tasks are few."""
-        conn = self._conn()
-        conn.execute("BEGIN")
-        try:
+        with self.snapshot() as conn:
             if by_repo:
                 tasks = [
                     (row[0], row[1], row[2])
@@ -1980,9 +2394,8 @@ class Store:
                     (_DISK_KEY, _DISK_KEY[:-1] + chr(ord(_DISK_KEY[-1]) + 1)),
                 )
             ]
-        finally:
-            conn.execute("COMMIT")
-        return MetricsSnapshot(tasks, agents, counters, disk)
+            workers = self.worker_stats()
+        return MetricsSnapshot(tasks, agents, counters, disk, workers)
 
     def set_disk_usage(self, host: str, usage: str) -> None:
         """What a worker measured of the disk its data directory uses (a JSON object)."""
@@ -2036,7 +2449,7 @@ class Store:
             args.extend(before)
         return self._newest(
             query,
-            "INDEXED BY tasks_finished_recent" if query.repos is None else "",
+            self._indexed_by("tasks_finished_recent") if query.repos is None else "",
             tail,
             args,
             f"{_FINISHED_AT} DESC, id DESC",
@@ -2093,11 +2506,22 @@ class Store:
         where, args = TaskQuery(repos=repos).where()
         rows = self._conn().execute(
             f"SELECT repo, agent, state, outcome, created_at, started_at, {_FINISHED_AT}, "
-            "CASE WHEN json_valid(usage) THEN json_extract(usage, '$.cost_usd') END "
+            f"{self.COST_OF_USAGE} "
             f"FROM tasks WHERE {_TERMINAL} AND {_FINISHED_AT} >= ? AND {where}",
             (since, *args),
         )
-        return [FinishedRow(*row) for row in rows]
+        return [
+            FinishedRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], self._cost(row[7]))
+            for row in rows
+        ]
+
+    #: what finished_since() reads of a task's usage: its cost, in SQL where the engine
+    #: reads JSON safely (SQLite's json_valid), else the text, read by `_cost`
+    COST_OF_USAGE = "CASE WHEN json_valid(usage) THEN json_extract(usage, '$.cost_usd') END"
+
+    def _cost(self, value: Any) -> float | None:
+        """The cost `COST_OF_USAGE` gave (SQLite: already the number)."""
+        return cast("float | None", value)
 
     # ------------------------------------------------------------------ backup
 
@@ -2112,7 +2536,9 @@ class Store:
         try:
             # one step: a read transaction on the source for the whole copy (in WAL mode
             # writers go on meanwhile); in steps, every write in between restarts it
-            self._conn().backup(copy)
+            source = self._conn()
+            assert isinstance(source, sqlite3.Connection)  # PostgreSQL: pg_dump (cli.backup)
+            source.backup(copy)
             copy.execute("PRAGMA journal_mode = DELETE")  # one file, whole by itself
             check = copy.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
@@ -2137,26 +2563,132 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         with self.tx() as c:
-            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            self._set_meta(c, key, value)
+
+    def _set_meta(self, c: Conn, key: str, value: str) -> None:
+        c.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # ------------------------------------------------------------------ task logs
+
+    def append_log(self, task_id: int, at_byte: int, data: bytes) -> None:
+        """Ship a chunk of a task's agent log, starting at byte `at_byte` of it, so that
+        any node can serve it (`read_log`). A chunk already shipped is kept as it was."""
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO task_logs (task_id, at_byte, data) VALUES (?, ?, ?) "
+                "ON CONFLICT (task_id, at_byte) DO NOTHING",
+                (task_id, at_byte, data),
+            )
+
+    def log_size(self, task_id: int) -> int:
+        """How many bytes of a task's log were shipped."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT COALESCE(MAX(at_byte + LENGTH(data)), 0) FROM task_logs WHERE task_id = ?",
+                (task_id,),
+            )
+            .fetchone()
+        )
+        return int(row[0])
+
+    def read_log(self, task_id: int, from_byte: int = 0) -> bytes | None:
+        """A task's shipped log from byte `from_byte` on; None if none was shipped."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT at_byte, data FROM task_logs WHERE task_id = ? "
+                "AND at_byte + LENGTH(data) > ? ORDER BY at_byte",
+                (task_id, from_byte),
+            )
+            .fetchall()
+        )
+        if not rows:
+            shipped = self._conn().execute(
+                "SELECT 1 FROM task_logs WHERE task_id = ? LIMIT 1", (task_id,)
+            )
+            return b"" if shipped.fetchone() is not None else None
+        out = bytearray()
+        for at_byte, data in rows:
+            out += bytes(data)[max(0, from_byte - at_byte) :]
+        return bytes(out)
+
+    # ------------------------------------------------------------------ across machines
+
+    def wake_workers(self) -> None:
+        """Wake idle workers on every machine (PostgreSQL's NOTIFY). On SQLite all workers
+        share one machine and are woken through their own process."""
+
+    def listen(self, on_wake: Callable[[], None], stop: threading.Event) -> bool:
+        """Call `on_wake` whenever a worker anywhere should look at the queue, until `stop`
+        is set, on a thread of its own. False if this backend has no such thing (SQLite:
+        polling and the local pipe wake the worker)."""
+        return False
+
+    def check(self) -> list[str]:
+        """What is wrong with the database, one line each (for `kugetsu doctor`)."""
+        problems = []
+        try:
+            version = self.schema_version()
+        except Exception as exc:
+            return [f"database: cannot be read: {exc.__class__.__name__}: {exc}"]
+        if version != SCHEMA_VERSION:
+            problems.append(
+                f"database: schema version {version}, this kugetsu expects {SCHEMA_VERSION}"
+            )
+        return problems
+
+    def schema_version(self) -> int:
+        return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
+
+    def describe(self) -> str:
+        """Where the database is, without credentials."""
+        return f"sqlite {self.path}"
+
+
+def is_database_url(location: str | Path) -> bool:
+    """True for a PostgreSQL URL (`postgresql://...` or `postgres://...`)."""
+    return str(location).startswith(("postgresql://", "postgres://"))
 
 
 def open_store(
-    path: Path | str,
+    location: Path | str,
     clock: Callable[[], float] = time.time,
     *,
     checkpoint_pages: int = 0,
     notify: Sequence[tuple[str, frozenset[str]]] = (),
+    pool_size: int | None = None,
+    migrate: bool = True,
 ) -> Store:
-    store = Store(path, clock=clock, checkpoint_pages=checkpoint_pages, notify=notify)
-    store.migrate()
+    """The store at `location`: a SQLite file, or a PostgreSQL URL; migrated unless
+    `migrate` is False (`kugetsu doctor` looks without changing anything)."""
+    store: Store
+    if is_database_url(location):
+        from bot.pgstore import PostgresStore
+
+        store = PostgresStore(str(location), clock=clock, pool_size=pool_size, notify=notify)
+    else:
+        store = Store(location, clock=clock, checkpoint_pages=checkpoint_pages, notify=notify)
+    if migrate:
+        store.migrate()
     return store
 
 
 __all__ = [
+    "DATABASE_ERRORS",
     "MIGRATIONS",
+    "OPERATIONAL_ERRORS",
     "SCHEMA_VERSION",
+    "STORE_ERRORS",
     "CommentRecord",
+    "Conn",
+    "Dialects",
     "FinishedRow",
+    "LeaseLost",
     "MetricsSnapshot",
     "SchemaTooNew",
     "Stats",
@@ -2166,4 +2698,5 @@ __all__ = [
     "Tx",
     "UnreadableRow",
     "open_store",
+    "sqlite_migration",
 ]

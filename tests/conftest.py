@@ -106,6 +106,7 @@ def make_config(
     timeout_minutes: float = 1.0,
     grace: float = 1.0,
     public_url: str = "http://kugetsu.test:8080",
+    database_url: str = "",
     **agents_kw,
 ) -> Config:
     agents = agents or {"fake": fake_agent()}
@@ -119,7 +120,7 @@ def make_config(
             retries=2,
             timeout_seconds=5,
         ),
-        storage=StorageConfig(data_dir=data_dir),
+        storage=StorageConfig(data_dir=data_dir, database_url=database_url),
         queue=QueueConfig(
             poll_interval_seconds=30,
             max_concurrent_agents=limit,
@@ -171,15 +172,27 @@ def task_events(store, task_id: int) -> list[dict]:
     return [dict(r) for r in rows]
 
 
-def write_unchecked(db_path: Path, sql: str, args: tuple = ()) -> int:
+def write_unchecked(db, sql: str, args: tuple = ()) -> int | None:
     """Write to the database as no code path of kugetsu can: past the triggers that refuse
     values kugetsu does not know (a row written before they existed, by hand, or by
-    corruption). The triggers are back when this returns. Returns the last row id."""
+    corruption). The triggers are back when this returns. `db`: a SQLite file's path
+    (returns the last row id) or a store of either backend."""
     import sqlite3
 
     from bot.store import MIGRATIONS, _statements
 
-    triggers = MIGRATIONS[6]
+    if not isinstance(db, Path):
+        if db.BACKEND == "sqlite":
+            db = db.path
+        else:
+            with db.tx() as c:
+                c.execute("ALTER TABLE tasks DISABLE TRIGGER tasks_known_values")
+                c.execute(sql, args)
+                c.execute("ALTER TABLE tasks ENABLE TRIGGER tasks_known_values")
+            return None
+    db_path = db
+
+    triggers = MIGRATIONS[6].sqlite
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -352,3 +365,56 @@ def unreaped():
     yield start
     for child in children:
         child.wait()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A PostgreSQL cluster for the session: the one $KUGETSU_TEST_DATABASE_URL names (CI
+    starts it, .ci/run), else one of the tests' own (tests/pg.py). Without either, the tests
+    that need it are skipped, saying so, except in CI, where that is an error."""
+    from tests.pg import PgCluster, Running, bin_dir
+
+    if os.environ.get("KUGETSU_TEST_DATABASE_URL"):
+        yield Running(os.environ["KUGETSU_TEST_DATABASE_URL"])
+        return
+    binaries = bin_dir()
+    if binaries is None:
+        if os.environ.get("CI"):
+            raise RuntimeError("PostgreSQL is not installed (.ci/run installs it)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    cluster = PgCluster(binaries).start()
+    yield cluster
+    cluster.stop()
+
+
+#: the store backends every contract test runs on
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def make_store(backend, tmp_path, request):
+    """Opens stores of the test's backend on one database: `make_store(clock=...)`. Each
+    call is a new store (as a new process would open) on the same database."""
+    from bot.store import open_store
+
+    location = (
+        str(tmp_path / "db.sqlite")
+        if backend == "sqlite"
+        else request.getfixturevalue("pg_cluster").url_for()
+    )
+    opened = []
+
+    def make(**kw):
+        store = open_store(location, **kw)
+        opened.append(store)
+        return store
+
+    make.location = location
+    yield make
+    for store in opened:
+        store.close()

@@ -82,8 +82,9 @@ _WITH_FD_LIMIT = (
 
 
 class Service:
-    """`kugetsu serve --config PATH [ARGS]` in its own process; logs go to a file.
-    `fd_limit`: start it with that soft limit of open files, as a service manager might."""
+    """`kugetsu serve --config PATH` in its own process; logs go to a file. `fd_limit`:
+    start it with that soft limit of open files, as a service manager might. `args`: more
+    arguments to `serve` (`--role worker`)."""
 
     def __init__(
         self,
@@ -94,6 +95,7 @@ class Service:
         fd_limit: int | None = None,
         args: tuple[str, ...] = (),
     ):
+        self.args = args
         self.config_path, self.port, self.workdir = config_path, port, workdir
         self.args = args
         self.fd_limit = fd_limit

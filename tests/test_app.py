@@ -271,3 +271,23 @@ def test_a_budget_out_of_range_is_refused_with_a_reply_not_a_500(service):
     assert store.list_tasks() == []
     [reply] = [item for item in store.outbox_due(10) if item.kind == "comment"]
     assert "--max-tokens must be greater than 0 and at most 1,000,000,000,000" in reply.body
+
+
+def test_a_worker_only_node_takes_no_deliveries(tmp_path):
+    from bot.app import create_app
+    from bot.store import open_store
+    from tests import payloads
+    from tests.conftest import SECRET, make_config
+
+    config = make_config(tmp_path / "data", "http://gitea.invalid")
+    assert config.gitea.webhook_secret == SECRET
+    store = open_store(config.storage.database)
+    try:
+        app = create_app(config, store, rules=lambda: None, receive=False)  # type: ignore[arg-type]
+        body, headers = payloads.label_delivery(["kugetsu"], 3)
+        r = app.test_client().post("/webhook", data=body, headers=headers)
+        assert r.status_code == 404 and "worker only" in r.get_json()["reason"]
+        assert store.list_tasks() == []
+        assert app.test_client().get("/healthz").status_code == 200
+    finally:
+        store.close()

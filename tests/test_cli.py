@@ -492,3 +492,57 @@ def test_one_log_line_for_the_migrations_of_a_new_database(tmp_path, caplog):
         open_store(tmp_path / "new.db").close()  # nothing to do the second time
     [record] = [r for r in caplog.records if r.getMessage() == "database migrated"]
     assert (record.from_version, record.schema_version) == (0, SCHEMA_VERSION)
+
+
+@pytest.fixture
+def any_backend(tmp_path, backend, request):
+    """A config file and a store for the test's backend (SQLite in data_dir, or a
+    PostgreSQL schema of its own)."""
+    data = tmp_path / "data"
+    url = "" if backend == "sqlite" else request.getfixturevalue("pg_cluster").url_for()
+    config = tmp_path / "kugetsu.toml"
+    config.write_text(
+        f'[storage]\ndata_dir = "{data}"\ndatabase_url = "{url}"\n[server]\nport = 9\n'
+    )
+    store = open_store(url or data / "kugetsu.db")
+    yield str(config), store
+    store.close()
+
+
+def test_doctor_checks_the_database_and_names_a_worker_whose_heartbeat_is_old(
+    any_backend, capsys, backend
+):
+    config, store = any_backend
+
+    def database_checks() -> tuple[int, list[dict]]:
+        code, out, _ = run(capsys, "doctor", "--json", "--config", config)
+        checks = json.loads(out)["checks"]
+        return code, [c for c in checks if c["name"] == "database" or c["name"][:7] == "worker "]
+
+    _, [found] = database_checks()
+    assert found["ok"] and found["detail"].endswith(": schema up to date")
+    assert found["detail"].startswith("sqlite " if backend == "sqlite" else "postgresql ")
+    store.register_worker("w-old", 1, None, host="machine-a", capacity=2)
+    store._conn().execute("UPDATE workers SET heartbeat_at = heartbeat_at - 600")
+    code, [found, worker] = database_checks()
+    assert code == 1 and found["ok"] and not worker["ok"] and worker["name"] == "worker w-old"
+    assert worker["detail"].startswith("on machine-a: no heartbeat for 600 s")
+    # queue stats names the workers too
+    code, out, _ = run(capsys, "queue", "stats", "--config", config)
+    assert code == 0 and "worker w-old on machine-a: 0 of 2 agents running" in out
+
+
+def test_doctor_says_when_the_database_cannot_be_reached(tmp_path, capsys):
+    from tests.service import free_port
+
+    config = tmp_path / "kugetsu.toml"
+    url = f"postgresql://kugetsu:pw-in-url@127.0.0.1:{free_port()}/kugetsu?connect_timeout=2"
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path}"\ndatabase_url = "{url}"\n')
+    code, out, err = run(capsys, "doctor", "--config", str(config))
+    [line] = [x for x in out.splitlines() if x.startswith("FAIL database: ")]
+    assert code == 1 and line.startswith("FAIL database: cannot be opened: OperationalFailure")
+    assert "pw-in-url" not in out + err
+    # and the other commands say it in one line
+    code, out, err = run(capsys, "queue", "stats", "--config", str(config))
+    assert code == 1 and err.startswith("kugetsu: database the PostgreSQL database: ")
+    assert len(err.strip().splitlines()) == 1 and "pw-in-url" not in err

@@ -226,6 +226,37 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "queue.max_attempts" in err
 
 
+def test_the_database_url_and_the_worker_section(tmp_path):
+    path = tmp_path / "k.toml"
+    path.write_text(
+        '[storage]\ndatabase_url = "postgresql://kugetsu:file-pw@db/kugetsu"\n'
+        '[worker]\ncapacity = 2\nlease_seconds = 15\nhost = "machine-a"\n'
+        "[queue]\nmax_concurrent_agents = 5\n"
+    )
+    config = load(path, ENV)
+    assert config.storage.database == "postgresql://kugetsu:file-pw@db/kugetsu"
+    worker = (config.capacity, config.worker.lease_seconds, config.worker.host)
+    assert worker == (2, 15, "machine-a")
+    assert "file-pw" in config.secrets() and "file-pw" not in repr(config)
+    # the environment wins; without a URL the queue is SQLite in data_dir, and a worker's
+    # capacity is the global limit
+    url = "postgresql://kugetsu:p%40ss@db:5433/q"
+    config = load(path, {**ENV, "KUGETSU_DATABASE_URL": url})
+    assert config.storage.database == url and "p@ss" in config.secrets()
+    default = load(None, ENV)
+    assert default.storage.database == default.storage.db_path
+    assert default.capacity == default.queue.max_concurrent_agents == 3
+    for text, key in [
+        ('[storage]\ndatabase_url = "mysql://x"', "storage.database_url"),
+        ("[worker]\ncapacity = 0", "worker.capacity"),
+        ("[worker]\nlease_seconds = 0.5", "worker.lease_seconds"),
+        ("[worker]\nnodes = 2", "[worker] has an unknown key: nodes"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+            load(path, ENV)
+
+
 def test_logging_format_and_level_and_the_environment(tmp_path):
     path = write(tmp_path, '[logging]\nformat = "json"\nlevel = "warning"\n')
     assert (load(path, ENV).logging.format, load(path, ENV).logging.level) == ("json", "WARNING")

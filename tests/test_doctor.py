@@ -96,6 +96,7 @@ def test_doctor_passes_on_a_good_setup_in_order(gitea, tmp_path, capsys):
     assert [c["name"] for c in report["checks"]] == [
         "config",
         "data_dir",
+        "database",
         "gitea",
         "token",
         f"repo {REPO}",
@@ -264,6 +265,7 @@ def test_the_registry_is_in_the_documented_order():
     assert [c.name for c in CHECKS] == [
         "config",
         "data_dir",
+        "database",
         "gitea",
         "token",
         "repositories",

@@ -479,6 +479,8 @@ def test_a_test_delivery_is_a_signed_push_sent_only_to_a_hook_with_push(fake, cl
         client.edit_hook("acme", "widget", hook["id"], {"events": ["issue_comment", "push"]})
         client.test_hook("acme", "widget", hook["id"])
         wait_for(lambda: got, timeout=10, what="the test delivery")
+        # the fake records the delivery once the answer is read, after the receiver has it
+        wait_for(lambda: fake.hook_deliveries, timeout=10, what="the delivery's record")
         [(headers, body)] = got
         assert headers["X-Gitea-Event"] == "push"
         expected = hmac.new(b"s3", body, hashlib.sha256).hexdigest()

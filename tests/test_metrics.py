@@ -111,9 +111,10 @@ def test_keys_are_the_same_whatever_the_order_of_labels_and_a_tally_gives_back()
 # ---------------------------------------------------------------------- the store's counters
 
 
-def test_every_change_of_state_is_counted_once_in_its_own_transaction(tmp_path):
+def test_every_change_of_state_is_counted_once_in_its_own_transaction(make_store):
+    # on both backends (tests/conftest.py: make_store)
     now = [1000.0]
-    store = open_store(tmp_path / "db", clock=lambda: now[0])
+    store = make_store(clock=lambda: now[0])
     config = Config()
     tid = queue_task(store)
     before = samples(render(config, store).decode())
@@ -161,7 +162,6 @@ def test_every_change_of_state_is_counted_once_in_its_own_transaction(tmp_path):
         value(by_repo, "kugetsu_tasks_finished_total", outcome="succeeded", agent="fake", repo=REPO)
         == 1
     )
-    store.close()
 
 
 # ---------------------------------------------------------------------- over HTTP
@@ -342,3 +342,22 @@ def test_metrics_of_a_running_service_count_the_receivers_and_the_workers_work(t
         assert ("kugetsu_disk_usage_bytes", (("dir", "mirrors"), ("host", host))) in after
     finally:
         svc.stop()
+
+
+def test_metrics_show_each_workers_capacity_running_tasks_and_heartbeat_age(make_store):
+    # on both backends: with several machines, every worker on one scrape
+    now = [500.0]
+    store = make_store(clock=lambda: now[0])
+    store.register_worker("w1", 10, None, host="machine-a", node="machine-a:/d", capacity=2)
+    store.register_worker("w2", 11, None, host="machine-b", node="machine-b:/d", capacity=3)
+    queue_task(store)
+    store.claim(3, "w2")
+    now[0] = 530.0
+    store.heartbeat("w2")
+    text = samples(render(Config(), store).decode())
+    assert value(text, "kugetsu_worker_capacity", worker="w1", host="machine-a") == 2
+    assert value(text, "kugetsu_worker_capacity", worker="w2", host="machine-b") == 3
+    assert value(text, "kugetsu_worker_running_tasks", worker="w1", host="machine-a") == 0
+    assert value(text, "kugetsu_worker_running_tasks", worker="w2", host="machine-b") == 1
+    assert value(text, "kugetsu_worker_heartbeat_age_seconds", worker="w1", host="machine-a") == 30
+    assert value(text, "kugetsu_worker_heartbeat_age_seconds", worker="w2", host="machine-b") == 0

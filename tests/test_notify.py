@@ -21,7 +21,6 @@ from bot.core import notify
 from bot.core.notify import Format, NotifyEvent
 from bot.core.outbox import OutboxKind
 from bot.core.tasks import Outcome, State
-from bot.store import open_store
 from bot.worker.notify import NotifyLane
 from bot.worker.outbox import HANDLERS, Outbox
 from tests import payloads
@@ -178,11 +177,14 @@ def test_notify_entries_are_read_and_checked(tmp_path):
 # ---------------------------------------------------------------------- produced once, in order
 
 
-def test_each_change_of_state_writes_one_notification_for_each_endpoint_that_wants_it(tmp_path):
+def test_each_change_of_state_writes_one_notification_for_each_endpoint_that_wants_it(
+    make_store,
+):
+    # on both backends (tests/conftest.py: make_store)
     every = NotifyConfig(url="http://a.example/")
     failures = NotifyConfig(url="http://b.example/", events=frozenset({NotifyEvent.FAILED}))
     config = Config(notify=(every, failures))
-    store = open_store(tmp_path / "db", notify=config.notify_routes())
+    store = make_store(notify=config.notify_routes())
     tid = queue_task(store)
     store.claim(3, "w1")
     store.transition(tid, State.RUNNING, State.PENDING, event="retry", outcome=Outcome.TIMED_OUT)
@@ -215,17 +217,16 @@ def test_each_change_of_state_writes_one_notification_for_each_endpoint_that_wan
     # the tick's outbox pass never sees them
     assert store.outbox_due(100) == []
     assert HANDLERS[OutboxKind.NOTIFY].own_lane
-    store.close()
 
 
 def test_an_event_not_taken_within_the_retry_window_is_dropped_and_the_next_is_sent(
-    tmp_path, endpoints
+    make_store, endpoints
 ):
     down = endpoints(fail=1000)
     endpoint = NotifyConfig(url=down.url, secret=HOOK_SECRET, retry_hours=1.0)
     config = Config(notify=(endpoint,))
     now = [1000.0]
-    store = open_store(tmp_path / "db", clock=lambda: now[0], notify=config.notify_routes())
+    store = make_store(clock=lambda: now[0], notify=config.notify_routes())
     first = queue_task(store)
     lane = NotifyLane(config, store, Outbox(config, store, None, None, lambda: None), "w1",
                       clock=lambda: now[0])  # fmt: skip
@@ -243,7 +244,6 @@ def test_an_event_not_taken_within_the_retry_window_is_dropped_and_the_next_is_s
         .fetchone()[0]
     )
     assert error.startswith(f"not taken within 1 hours: {endpoint.shown}: answered HTTP 500")
-    store.close()
 
 
 # ---------------------------------------------------------------------- the whole service

@@ -15,7 +15,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from bot import sandbox
 from bot.config import ConfigError, QueueConfig, SandboxConfig, StorageConfig, load
 from bot.core.health import Facts, Readiness, not_ready, problems
 from bot.core.sandbox import LAUNCHER_CAPABILITIES, SandboxFacts, assess
-from bot.core.tasks import Kind, Outcome, State
+from bot.core.tasks import Outcome, State
 from bot.launcher import uid_processes
 from bot.store import open_store
 from tests import payloads
@@ -37,7 +36,6 @@ from tests.conftest import (
     SECRET,
     SERVICE_UID,
     TOKEN,
-    enqueue,
     wait_for,
 )
 from tests.service import Service, free_port, json_lines, write_config
@@ -222,55 +220,8 @@ def test_bad_sandbox_config_is_one_line_naming_the_key(tmp_path, text, message):
 # ---------------------------------------------------------------------------- slots
 
 
-def add_task(store, issue: int) -> int:
-    return enqueue(
-        store,
-        repo=REPO,
-        issue=issue,
-        kind=Kind.START,
-        prompt="",
-        agent="fake",
-        requested_by="alice",
-        max_attempts=1,
-        authorized=True,
-    )
-
-
-def test_each_claim_gets_the_lowest_slot_no_running_task_holds(tmp_path):
-    store = open_store(tmp_path / "k.db")
-    ids = [add_task(store, i) for i in range(1, 6)]
-    assert [t.slot for t in store.claim(3, "w")] == [0, 1, 2]
-    assert store.claim(3, "w") == []
-    store.transition(ids[1], State.RUNNING, State.COMPLETED, event="done")
-    [task] = store.claim(3, "w")
-    assert (task.id, task.slot) == (ids[3], 1)
-    store.transition(ids[0], State.RUNNING, State.COMPLETED, event="done")
-    store.transition(ids[2], State.RUNNING, State.COMPLETED, event="done")
-    assert [t.slot for t in store.claim(3, "w")] == [0]
-
-
-def test_no_two_running_tasks_hold_one_slot_across_threads(tmp_path):
-    store = open_store(tmp_path / "k.db")
-    for i in range(1, 121):
-        add_task(store, i)
-    seen: list[list[int]] = []
-
-    def claimer(name: str) -> None:
-        mine = open_store(store.path)
-        while mine.stats().by_state["pending"]:
-            for task in mine.claim(3, name):
-                running = mine.running_tasks()
-                seen.append([t.slot for t in running])
-                assert task.slot is not None and 0 <= task.slot < 3
-                mine.transition(task.id, State.RUNNING, State.COMPLETED, event="done")
-
-    threads = [threading.Thread(target=claimer, args=(f"t{n}",)) for n in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert store.stats().by_state["completed"] == 120
-    assert seen and all(len(slots) == len(set(slots)) for slots in seen)
+# The slots' own tests (the lowest free slot, never two running tasks on one) are
+# contract tests of the store, on both backends: tests/test_store.py.
 
 
 # ---------------------------------------------------------------------- the launcher

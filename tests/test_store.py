@@ -1,4 +1,8 @@
-"""The durable queue: migrations, compare-and-set transitions, atomic claiming."""
+"""The durable queue: migrations, compare-and-set transitions, atomic claiming.
+
+The contract tests take `store` or `make_store` and run on both backends, SQLite and
+PostgreSQL (tests/conftest.py: `backend`); those about SQLite's own mechanics (its
+pragmas, write lock, query plans) take `sqlite_store`."""
 
 import multiprocessing
 import random
@@ -10,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bot.core.tasks import CancelResult, InvalidTransition, Kind, Outcome, State
-from bot.store import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, Store, open_store
+from bot.store import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, open_store, sqlite_migration
 from tests.conftest import enqueue, task_events, write_unchecked
 
 
@@ -30,13 +34,70 @@ def add(store, issue=1, repo="acme/widget", authorized=True, **kw):
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(make_store):
+    return make_store()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
     s = open_store(tmp_path / "db.sqlite")
     yield s
     s.close()
 
 
+def integrity_errors() -> tuple[type[BaseException], ...]:
+    from bot.store import IntegrityFailure
+
+    return (sqlite3.IntegrityError, IntegrityFailure)
+
+
 def test_fresh_database_gets_the_latest_schema(store):
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.check() == []
+
+
+def test_both_backends_have_the_same_tables_columns_and_indexes(sqlite_store, pg_cluster):
+    """PostgreSQL's schema follows SQLite's migrations, entry for entry: the same tables,
+    columns and indexes; PostgreSQL adds only its version table and the slot rows."""
+    sqlite = sqlite_store._conn()
+    tables = {
+        row[0]
+        for row in sqlite.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        )
+    }
+    lite = {t: {row[1] for row in sqlite.execute(f"PRAGMA table_info({t})")} for t in tables}
+    lite_indexes = {
+        row[0]
+        for row in sqlite.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+        )
+    }
+    pg = open_store(pg_cluster.url_for())
+    try:
+        conn = pg._conn()
+        pg_columns: dict[str, set[str]] = {}
+        for table, column in conn.execute(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema()"
+        ):
+            pg_columns.setdefault(table, set()).add(column)
+        pg_indexes = {
+            row[0]
+            for row in conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() "
+                "AND right(indexname, 5) <> '_pkey' AND right(indexname, 4) <> '_key'"
+            )
+        }
+    finally:
+        pg.close()
+    assert set(pg_columns) - set(lite) == {"kugetsu_schema", "slots"}
+    assert {t: pg_columns[t] for t in lite} == lite
+    assert pg_indexes == lite_indexes
+
+
+def test_a_fresh_sqlite_database_is_in_wal_mode(sqlite_store):
+    store = sqlite_store
     assert store._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     mode = store._conn().execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
@@ -64,11 +125,10 @@ def test_the_repositories_a_pass_looks_at_start_from_the_tasks_and_deliveries_be
     """An existing database: the repositories kugetsu served before (tasks, deliveries with
     their repository) are looked at by the first pass, each from when it was first seen."""
     path = tmp_path / "old.sqlite"
-    repos_table = next(i for i, m in enumerate(MIGRATIONS) if "CREATE TABLE repos " in m)
+    scripts = [sqlite_migration(i) for i in range(len(MIGRATIONS))]
+    repos_table = next(i for i, m in enumerate(scripts) if "CREATE TABLE repos " in m)
     conn = sqlite3.connect(path)
-    conn.executescript(
-        ";".join(MIGRATIONS[:repos_table]) + f"; PRAGMA user_version = {repos_table};"
-    )
+    conn.executescript(";".join(scripts[:repos_table]) + f"; PRAGMA user_version = {repos_table};")
     conn.execute(
         "INSERT INTO tasks (repo, issue, kind, agent, requested_by, state, created_at, "
         "updated_at) VALUES ('acme/widget', 3, 'start', 'opencode', 'bob', 'pending', 5, 5)"
@@ -91,13 +151,15 @@ def test_migrate_is_idempotent(store):
     assert store.migrate() == SCHEMA_VERSION
 
 
-def test_refuses_a_newer_schema(tmp_path):
-    path = tmp_path / "new.sqlite"
-    conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    conn.close()
+def test_refuses_a_newer_schema(make_store, backend):
+    store = make_store()
+    if backend == "sqlite":
+        store._conn().execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    else:
+        store._conn().execute("UPDATE kugetsu_schema SET version = ?", (SCHEMA_VERSION + 1,))
     with pytest.raises(SchemaTooNew):
-        open_store(path)
+        make_store()
+    assert "this kugetsu expects" in store.check()[0]
 
 
 def test_values_kugetsu_does_not_know_are_refused_when_written(store):
@@ -122,10 +184,10 @@ def test_values_kugetsu_does_not_know_are_refused_when_written(store):
         ("start", "failed", ""),
         ("start", 3, None),
     ]:
-        with pytest.raises(sqlite3.IntegrityError, match="not a value kugetsu knows"):
+        with pytest.raises(integrity_errors(), match="not a value kugetsu knows"):
             conn.execute(insert, (kind, state, outcome))
     for column, value in [("kind", "frobnicate"), ("state", "paused"), ("outcome", "exploded")]:
-        with pytest.raises(sqlite3.IntegrityError, match="not a value kugetsu knows"):
+        with pytest.raises(integrity_errors(), match="not a value kugetsu knows"):
             conn.execute(f"UPDATE tasks SET {column} = ? WHERE id = ?", (value, tid))
     assert [t.id for t in store.list_tasks()] == [tid]
 
@@ -133,7 +195,7 @@ def test_values_kugetsu_does_not_know_are_refused_when_written(store):
 def test_a_row_written_before_the_checks_can_still_be_moved_on(store):
     # an unknown kind already there does not stop an update of the state
     tid = add(store)
-    write_unchecked(store.path, "UPDATE tasks SET kind = 'frobnicate' WHERE id = ?", (tid,))
+    write_unchecked(store, "UPDATE tasks SET kind = 'frobnicate' WHERE id = ?", (tid,))
     assert [t.id for t in store.claim(1, "w")] == []  # set aside as it was read
     task = store.get(tid)
     assert (task.state, task.kind) == (State.FAILED, Kind.START)
@@ -192,7 +254,7 @@ def test_a_row_that_cannot_be_read_is_set_aside_and_the_others_are_read(
     bad = add(store, issue=1, authorized=authorized)
     if name == "running_tasks":
         store.claim(1, "w")
-    write_unchecked(store.path, f"UPDATE tasks SET {column} = ? WHERE id = ?", (value, bad))
+    write_unchecked(store, f"UPDATE tasks SET {column} = ? WHERE id = ?", (value, bad))
     # (on another issue where the reader takes one task per issue, or the latest)
     good = add(store, issue=2 if name in ("claim", "latest_task") else 1, authorized=authorized)
     if name == "running_tasks":
@@ -313,9 +375,9 @@ def test_queue_positions(store):
     assert store.queue_position(ids[3]) == 3
 
 
-def test_leases(tmp_path):
+def test_leases(make_store):
     now = [100.0]
-    store = open_store(tmp_path / "db", clock=lambda: now[0])
+    store = make_store(clock=lambda: now[0])
     assert store.try_lease("publisher", "a", 10)
     assert not store.try_lease("publisher", "b", 10)
     assert store.try_lease("publisher", "a", 10)  # renewal
@@ -325,8 +387,7 @@ def test_leases(tmp_path):
     assert store.try_lease("publisher", "a", 10)
 
 
-def test_a_worker_found_gone_frees_its_leases(tmp_path):
-    store = open_store(tmp_path / "db")
+def test_a_worker_found_gone_frees_its_leases(store):
     store.register_worker("dead", 1, "0@gone")
     assert store.try_lease("publisher", "dead", 120)
     assert not store.try_lease("publisher", "alive", 120)
@@ -334,9 +395,9 @@ def test_a_worker_found_gone_frees_its_leases(tmp_path):
     assert store.try_lease("publisher", "alive", 120)
 
 
-def test_clear_removes_only_old_finished_tasks(tmp_path):
+def test_clear_removes_only_old_finished_tasks(make_store):
     now = [1000.0]
-    store = open_store(tmp_path / "db", clock=lambda: now[0])
+    store = make_store(clock=lambda: now[0])
     done = add(store, issue=1)
     store.transition(done, State.PENDING, State.CANCELLED, event="x")
     active = add(store, issue=2)
@@ -345,7 +406,7 @@ def test_clear_removes_only_old_finished_tasks(tmp_path):
     assert store.get(done) is None and store.get(active) is not None
 
 
-def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
+def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(make_store):
     """The indexes and batches behind the worker's queries (tests/test_query_cost.py) change
     what they cost, not what they return: compared with Python over every row."""
     from bot.core.tasks import TERMINAL_STATES
@@ -356,7 +417,7 @@ def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
     }
     rng = random.Random(7)
     now = 100 * 86400.0
-    store = open_store(tmp_path / "db", clock=lambda: now)
+    store = make_store(clock=lambda: now)
     states = [s.value for s in State]
     n = 6 * CLEAR_BATCH + 7
     with store.tx() as c:
@@ -399,7 +460,7 @@ def test_indexed_queries_give_what_a_plain_reading_of_the_table_gives(tmp_path):
     def rows(sql: str) -> list[dict]:
         return [dict(r) for r in store._conn().execute(sql)]
 
-    tasks = rows("SELECT * FROM tasks")
+    tasks = rows("SELECT * FROM tasks ORDER BY id")
     due = sorted(
         (t for t in tasks if t["comment_version"] < t["version"] and t["authorized"] is not None),
         key=lambda t: (t["state"] == "pending", t["id"]),
@@ -469,8 +530,8 @@ def _overlap(intervals):
     return best
 
 
-def _worker_loop(path, limit, worker, out):
-    store = Store(path)
+def _worker_loop(location, limit, worker, out):
+    store = open_store(location)
     intervals = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -488,16 +549,17 @@ def _worker_loop(path, limit, worker, out):
             assert store.transition(
                 task.id, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED
             )
+    store.close()
     out.extend(intervals) if isinstance(out, list) else out.put(intervals)
 
 
-def test_claim_limit_holds_across_threads(tmp_path):
-    store = open_store(tmp_path / "db")
+def test_claim_limit_holds_across_threads(make_store):
+    store = make_store()
     for i in range(120):
         add(store, issue=i)
     results = []
     threads = [
-        threading.Thread(target=_worker_loop, args=(store.path, 3, f"t{n}", results))
+        threading.Thread(target=_worker_loop, args=(make_store.location, 3, f"t{n}", results))
         for n in range(8)
     ]
     for t in threads:
@@ -509,14 +571,45 @@ def test_claim_limit_holds_across_threads(tmp_path):
     assert store.stats().by_state["completed"] == 120
 
 
-def test_claim_limit_holds_across_processes(tmp_path):
-    store = open_store(tmp_path / "db")
+def test_claims_racing_at_the_same_moment_admit_exactly_the_limit(make_store):
+    """The count-then-claim race: 8 workers (a store each, as on as many machines) claim at
+    the same moment, and again until the limit is full. Exactly the limit runs, never
+    more, round after round."""
+    stores = [make_store() for _ in range(8)]
+    for i in range(40):
+        add(stores[0], issue=i)
+    for _ in range(4):
+        barrier = threading.Barrier(len(stores))
+        claimed: list[int] = []
+
+        def race(store, name: str, barrier=barrier, claimed=claimed) -> None:
+            barrier.wait()
+            for _ in range(200):
+                claimed.extend(t.id for t in store.claim(3, name, max_claims=1))
+                if store.count(State.RUNNING) >= 3:
+                    return
+
+        threads = [threading.Thread(target=race, args=(s, f"w{n}")) for n, s in enumerate(stores)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(claimed) == 3 and stores[0].count(State.RUNNING) == 3
+        for tid in claimed:
+            assert stores[0].transition(
+                tid, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED
+            )
+
+
+def test_claim_limit_holds_across_processes(make_store):
+    store = make_store()
     for i in range(80):
         add(store, issue=i)
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker_loop, args=(store.path, 3, f"p{n}", queue)) for n in range(2)
+        ctx.Process(target=_worker_loop, args=(make_store.location, 3, f"p{n}", queue))
+        for n in range(2)
     ]
     for p in procs:
         p.start()
@@ -547,8 +640,8 @@ def test_checkpoint_pages_keeps_the_write_ahead_log_short(tmp_path):
     assert wal_size_after_commits(tmp_path / "worker.db", 20) < 300_000
 
 
-def test_mark_authorized_writes_a_batch_in_one_transaction(tmp_path):
-    store = open_store(tmp_path / "k.db")
+def test_mark_authorized_writes_a_batch_in_one_transaction(sqlite_store):
+    store = sqlite_store
     first, second = add(store, 1, authorized=False), add(store, 2, authorized=False)
     statements: list[str] = []
     store._conn().set_trace_callback(statements.append)
@@ -563,7 +656,8 @@ def test_mark_authorized_writes_a_batch_in_one_transaction(tmp_path):
     store.mark_authorized([])  # nothing to write
 
 
-def test_claim_takes_no_write_lock_when_every_slot_is_taken(store):
+def test_claim_takes_no_write_lock_when_every_slot_is_taken(sqlite_store):
+    store = sqlite_store
     for issue in range(1, 5):
         add(store, issue)
     assert len(store.claim(2, "w1")) == 2
@@ -579,7 +673,8 @@ def test_claim_takes_no_write_lock_when_every_slot_is_taken(store):
     assert len(store.claim(2, "w1")) == 1  # a freed slot is claimed at the next call
 
 
-def test_a_write_waits_for_another_process_holding_the_lock(store):
+def test_a_write_waits_for_another_process_holding_the_lock(sqlite_store):
+    store = sqlite_store
     # Another process (here: another connection) holds SQLite's write lock for longer
     # than the fast polling phase; the write must wait for it and then go through, not
     # fail with "database is locked".
@@ -599,7 +694,8 @@ def test_a_write_waits_for_another_process_holding_the_lock(store):
     other.close()
 
 
-def test_a_write_gives_up_after_the_busy_timeout(store, monkeypatch):
+def test_a_write_gives_up_after_the_busy_timeout(sqlite_store, monkeypatch):
+    store = sqlite_store
     monkeypatch.setattr("bot.store.BUSY_TIMEOUT_SECONDS", 0.05)
     other = sqlite3.connect(store.path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
@@ -614,7 +710,7 @@ def test_a_write_gives_up_after_the_busy_timeout(store, monkeypatch):
 
 def test_reply_counts_forget_what_is_older_than_the_window_and_use_the_index(tmp_path):
     now = [0.0]
-    store = open_store(tmp_path / "db", clock=lambda: now[0])
+    store = open_store(tmp_path / "db.sqlite", clock=lambda: now[0])
     with store.tx() as c:
         for i in range(10):
             now[0] = i * 100.0
@@ -669,3 +765,304 @@ def test_an_outbox_item_of_an_unknown_kind_is_set_aside_and_the_others_are_read(
     )
     assert row["done_at"] is not None and row["error"] == "set aside: unknown kind 'teleport'"
     assert [i.id for i in store.outbox_due(10)] == [first, last]
+
+
+# ---------------------------------------------------------------- leases and logs
+
+
+def test_a_claim_leases_each_task_and_only_the_token_moves_it_on(make_store):
+    now = [1000.0]
+    store = make_store(clock=lambda: now[0])
+    tid = add(store)
+    [task] = store.claim(3, "w1", lease_seconds=60)
+    assert task.lease_token and task.lease_expires_at == 1060.0
+    # renewing takes the token; another token is refused and reported lost
+    now[0] = 1030.0
+    assert store.renew_leases({tid: task.lease_token}, 60) == set()
+    assert store.get(tid).lease_expires_at == 1090.0
+    assert store.renew_leases({tid: "someone-else"}, 60) == {tid}
+    assert not store.hold_lease(tid, "someone-else", 60) and not store.hold_lease(tid, None, 60)
+    # a write about the attempt and its end go through only with the task's token
+    assert not store.update(tid, lease="someone-else", summary="no")
+    assert store.update(tid, lease=task.lease_token, summary="yes")
+    done = dict(event="done", outcome=Outcome.SUCCEEDED)
+    assert not store.transition(tid, State.RUNNING, State.COMPLETED, lease="nope", **done)
+
+    def recover() -> bool:
+        return store.transition(
+            tid,
+            State.RUNNING,
+            State.PENDING,
+            event="recovered",
+            lease=task.lease_token,
+            lease_expired_by=now[0],
+        )
+
+    # recovery by expiry is refused while the lease is renewed, and goes through once not
+    assert not recover()
+    now[0] = 1100.0
+    assert store.leases_expired()
+    assert recover()
+    after = store.get(tid)
+    assert (after.state, after.summary, after.lease_token, after.lease_expires_at) == (
+        State.PENDING,
+        "yes",
+        None,
+        None,
+    )
+    assert not store.hold_lease(tid, task.lease_token, 60)  # the old token holds nothing
+    [again] = store.claim(3, "w2")
+    assert again.lease_token != task.lease_token and again.attempts == 2
+
+
+def test_a_slot_freed_by_any_way_out_of_running_is_claimed_again(make_store):
+    store = make_store()
+    first, second, third, fourth = (add(store, issue=i) for i in range(4))
+    assert [t.id for t in store.claim(2, "w")] == [first, second]
+    assert store.claim(2, "w") == []
+    # finished, recovered, set aside: each gives its slot back
+    store.transition(first, State.RUNNING, State.COMPLETED, event="done", outcome=Outcome.SUCCEEDED)
+    assert [t.id for t in store.claim(2, "w")] == [third]
+    store.transition(second, State.RUNNING, State.PENDING, event="recovered")
+    assert [t.id for t in store.claim(2, "w")] == [second]
+    write_unchecked(store, "UPDATE tasks SET usage = 'x' WHERE id = ?", (third,))
+    assert store.get(third).state is State.FAILED  # set aside as it was read
+    assert [t.id for t in store.claim(2, "w")] == [fourth]
+    assert store.claim(2, "w") == [] and store.count(State.RUNNING) == 2
+    assert store.repair_slots() == 0  # every slot was given back where it was freed
+
+
+def test_capacity_and_limit_together(make_store):
+    store = make_store()
+    for i in range(6):
+        add(store, issue=i)
+    assert len(store.claim(3, "a", max_claims=2)) == 2
+    assert len(store.claim(3, "b", max_claims=2)) == 1  # the global limit, not b's capacity
+    assert store.claim(3, "b", max_claims=2) == [] and store.count(State.RUNNING) == 3
+
+
+def test_a_lease_for_a_duty_is_one_nodes_at_a_time(make_store):
+    stores = [make_store() for _ in range(4)]
+    won = []
+
+    def ask(i: int) -> None:
+        if stores[i].try_lease("publisher", f"node-{i}", 60):
+            won.append(i)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1
+    assert stores[0].holds_lease("publisher", f"node-{won[0]}", 30)
+    other = (won[0] + 1) % 4
+    assert not stores[0].holds_lease("publisher", f"node-{other}")
+
+
+def test_shipped_logs_read_back_from_any_byte(make_store):
+    store = make_store()
+    tid = add(store)
+    assert store.read_log(tid) is None and store.log_size(tid) == 0
+    store.append_log(tid, 0, b"hello ")
+    store.append_log(tid, 6, b"world\n")
+    store.append_log(tid, 6, b"WORLD\n")  # shipped twice: the first stays
+    assert store.read_log(tid) == b"hello world\n" and store.log_size(tid) == 12
+    assert store.read_log(tid, 3) == b"lo world\n"
+    assert store.read_log(tid, 12) == b""
+
+
+def test_workers_are_shown_with_capacity_heartbeat_and_running_tasks(make_store):
+    now = [500.0]
+    store = make_store(clock=lambda: now[0])
+    store.register_worker("w1", 10, None, host="machine-a", node="machine-a:/data", capacity=2)
+    store.register_worker("w2", 11, None, host="machine-b", node="machine-b:/data", capacity=4)
+    add(store, issue=1)
+    store.claim(3, "w1")
+    now[0] = 512.0
+    store.heartbeat("w2")
+    stats = store.stats().as_dict()
+    assert stats["workers"] == [
+        {
+            "id": "w1",
+            "host": "machine-a",
+            "node": "machine-a:/data",
+            "capacity": 2,
+            "heartbeat_age_seconds": 12.0,
+            "running": 1,
+        },
+        {
+            "id": "w2",
+            "host": "machine-b",
+            "node": "machine-b:/data",
+            "capacity": 4,
+            "heartbeat_age_seconds": 0.0,
+            "running": 0,
+        },
+    ]
+
+
+def test_a_follow_up_waits_a_while_for_the_node_that_holds_its_worktree(make_store):
+    now = [10_000.0]
+    store = make_store(clock=lambda: now[0])
+    store.register_worker("a1", 1, None, host="a", node="a:/data", capacity=1)
+    store.set_issue(None, "acme/widget", 1, node="a:/data")
+    follow = add(store, issue=1, kind=Kind.CONTINUE)
+    start = add(store, issue=2)
+    # a start goes anywhere; the follow-up is left to node a while it lives
+    assert [t.id for t in store.claim(5, "b1", node="b:/data")] == [start]
+    assert [t.id for t in store.claim(5, "a1", node="a:/data")] == [follow]
+    store.transition(follow, State.RUNNING, State.PENDING, event="recovered")
+    # ... for locality_wait seconds from its queueing; then any node takes it
+    now[0] += 30
+    assert store.claim(5, "b1", node="b:/data", locality_wait=60) == []
+    assert [t.id for t in store.claim(5, "b1", node="b:/data", locality_wait=20)] == [follow]
+    store.transition(follow, State.RUNNING, State.PENDING, event="recovered")
+    # ... and at once when node a has no live worker (its heartbeat is old)
+    now[0] += 600
+    assert [t.id for t in store.claim(5, "b1", node="b:/data", locality_wait=3600)] == [follow]
+
+
+def test_what_prune_notifications_and_metrics_read_works_on_both_backends(make_store):
+    from bot.core.outbox import OutboxItem, OutboxKind
+
+    now = [100 * 86400.0]
+    store = make_store(clock=lambda: now[0], notify=(("ops", frozenset({"failed"})),))
+    old = add(store, issue=1)
+    store.request_cancel(old, "bob")
+    kept = add(store, issue=2)
+    now[0] += 10 * 86400
+    assert store.clearable(7) == 1
+    assert store.existing([old, kept], cleared_before=now[0] - 7 * 86400) == {kept}
+    assert store.issue_task_ids("acme/widget", 1) == [old]
+    with store.tx() as c:
+        store.add_outbox(
+            c, OutboxItem(OutboxKind.NOTIFY, "acme/widget", 2, body="{}", endpoint="gone")
+        )
+    assert store.notify_endpoints() == ["gone"]
+    assert store.drop_notifications("gone", "endpoint no longer configured") == 1
+    assert store.notify_endpoints() == []
+    store.set_disk_usage("machine-a", '{"logs": 1}')
+    snap = store.metrics_snapshot(by_repo=True)
+    assert sorted(snap.tasks) == [("cancelled", "acme/widget", 1), ("pending", "acme/widget", 1)]
+    assert snap.disk == [("machine-a", '{"logs": 1}')] and snap.agents_running == 0
+    assert store.clear(7) == 1 and store.get(old) is None
+
+
+def test_a_task_queued_anywhere_wakes_the_listening_workers(make_store, backend):
+    """PostgreSQL: a task added or moved by any process (a receiver on another machine)
+    wakes each listener at once (LISTEN/NOTIFY); SQLite has no such thing and says so."""
+    from tests.conftest import wait_for
+
+    store, other = make_store(), make_store()
+    wakes: list[float] = []
+    stop = threading.Event()
+    try:
+        listening = store.listen(lambda: wakes.append(time.time()), stop)
+        if backend == "sqlite":
+            assert listening is False
+            return
+        wait_for(lambda: len(wakes) >= 1, timeout=30, what="the listener to connect")
+        seen = len(wakes)
+        tid = add(other, issue=1)
+        wait_for(lambda: len(wakes) > seen, timeout=30, what="a wake for the new task")
+        seen = len(wakes)
+        assert other.request_cancel(tid, "alice") is not None
+        wait_for(lambda: len(wakes) > seen, timeout=30, what="a wake for the change of state")
+    finally:
+        stop.set()
+
+
+def test_a_claim_passes_over_a_task_another_claim_holds(pg_cluster):
+    """PostgreSQL: while another transaction holds the first task in line (a claim at the
+    same moment), a claim takes the next one at once instead of waiting behind it."""
+    import psycopg
+
+    from tests.conftest import wait_for
+
+    url = pg_cluster.url_for()
+    store = open_store(url)
+    first, second = add(store, issue=1), add(store, issue=2)
+    taken: list[int] = []
+    holder = psycopg.connect(url)
+    try:
+        holder.execute("SELECT id FROM tasks WHERE id = %s FOR UPDATE", (first,))
+        claimer = threading.Thread(
+            target=lambda: taken.extend(t.id for t in store.claim(3, "w", max_claims=1))
+        )
+        claimer.start()
+        wait_for(lambda: taken == [second], timeout=10, what="the next task claimed at once")
+    finally:
+        holder.rollback()
+        holder.close()
+        claimer.join(timeout=30)
+        store.close()
+
+
+def test_the_dashboards_queries_answer_alike_on_both_backends(store):
+    from bot.store import TaskQuery
+
+    ids = [add(store, issue=i) for i in range(1, 6)]
+    [task] = store.claim(3, "w", max_claims=1)
+    assert store.update(task.id, usage={"cost_usd": 0.5}, lease=task.lease_token)
+    assert store.transition(
+        task.id,
+        State.RUNNING,
+        State.COMPLETED,
+        event="done",
+        outcome=Outcome.SUCCEEDED,
+        lease=task.lease_token,
+    )
+    assert (store.task_repos(), store.task_agents()) == (["acme/widget"], ["opencode"])
+    assert [t.id for t in store.find_tasks(TaskQuery(), limit=10)] == ids[::-1]
+    assert store.find_tasks(TaskQuery(repos=()), limit=10) == []
+    pending = TaskQuery(repos=("acme/widget", "other/repo"), state="pending")
+    assert len(store.find_tasks(pending, limit=10)) == 4
+    assert [t.id for t in store.finished_tasks(TaskQuery(), limit=10)] == [task.id]
+    [row] = store.finished_since(0, ("acme/widget",))
+    assert (row.outcome, row.cost_usd) == ("succeeded", 0.5)
+
+
+# ------------------------------------------------------------------ slots (the sandbox's uids)
+
+
+def test_each_claim_gets_the_lowest_slot_no_running_task_holds(store):
+    ids = [add(store, issue=i) for i in range(1, 6)]
+    assert [t.slot for t in store.claim(3, "w")] == [0, 1, 2]
+    assert store.claim(3, "w") == []
+    store.transition(ids[1], State.RUNNING, State.COMPLETED, event="done")
+    [task] = store.claim(3, "w")
+    assert (task.id, task.slot) == (ids[3], 1)
+    store.transition(ids[0], State.RUNNING, State.COMPLETED, event="done")
+    store.transition(ids[2], State.RUNNING, State.COMPLETED, event="done")
+    assert [t.slot for t in store.claim(3, "w")] == [0]
+
+
+def test_no_two_running_tasks_hold_one_slot_across_threads(make_store):
+    """With the sandbox a slot is its agent's uid: claims racing on one database never
+    give one slot to two running tasks, and never one outside 0 .. limit - 1."""
+    store = make_store()
+    for i in range(1, 61):
+        add(store, issue=i)
+    seen: list[list[int]] = []
+    errors: list[BaseException] = []
+
+    def claimer(name: str) -> None:
+        mine = make_store()
+        try:
+            while mine.stats().by_state["pending"]:
+                for task in mine.claim(3, name):
+                    seen.append([t.slot for t in mine.running_tasks()])
+                    assert task.slot is not None and 0 <= task.slot < 3
+                    mine.transition(task.id, State.RUNNING, State.COMPLETED, event="done")
+        except BaseException as exc:  # the assertion above, seen by the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claimer, args=(f"t{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert store.stats().by_state["completed"] == 60
+    assert seen and all(len(slots) == len(set(slots)) for slots in seen)

@@ -47,7 +47,7 @@ class Harness:
     def __init__(self, tmp_path: Path, gitea, **config_kw):
         self.gitea = gitea
         self.config = make_config(tmp_path / "data", gitea.url, **config_kw)
-        self.store = open_store(self.config.storage.db_path)
+        self.store = open_store(self.config.storage.database)
         self.client = GiteaClient(gitea.url, TOKEN, retries=2, backoff=0.01, timeout=5)
         storage = self.config.storage
         self.workspace = Workspace(
@@ -1079,16 +1079,20 @@ def test_comments_whose_record_was_lost_are_found_again_not_duplicated(make, mon
     assert h.store.comment_out_of_date(10) == []
 
 
-def test_a_command_that_names_its_session_is_resumed_with_it(make, tmp_path):
-    # like claude's --session-id: kugetsu picks the id for the first run and resumes it
-    envfile = tmp_path / "env.json"
-    agent = AgentConfig(
+def naming_its_session(envfile: Path) -> AgentConfig:
+    """An agent like claude's --session-id: kugetsu picks the id for the first run and
+    resumes it; each run dumps its argv and environment to `envfile`."""
+    return AgentConfig(
         name="fake",
         env={"FAKE_ENVFILE": str(envfile)},
         command=(AGENT_PYTHON, str(FAKE_AGENT), "--session-id", "{session_id}", "{prompt}"),
         resume_command=(AGENT_PYTHON, str(FAKE_AGENT), "--resume", "{session_id}", "{prompt}"),
     )
-    h = make(agents={"fake": agent})
+
+
+def test_a_command_that_names_its_session_is_resumed_with_it(make, tmp_path):
+    envfile = tmp_path / "env.json"
+    h = make(agents={"fake": naming_its_session(envfile)})
     n = h.issue()
     first = h.enqueue(n)
     h.settle(first)

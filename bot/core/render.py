@@ -214,10 +214,17 @@ def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = ""
                 + line[len("⏳ **Queued**: ") :]
             )
         return head + line + retried
+    moved = (
+        "\n\nContinued on another worker than the earlier work on this issue: it rebuilt "
+        "the worktree from the pushed branch and started a fresh agent session, with the "
+        "earlier requests and results in its prompt."
+        if task.moved_from
+        else ""
+    )
     if task.state is State.RUNNING:
         line = (
             f"🛠️ **Working**: agent {agent}, attempt {task.attempts} of {n}, "
-            f"started {_when(task.started_at)}{log_ref}.{retried}"
+            f"started {_when(task.started_at)}{log_ref}.{moved}{retried}"
         )
         if task.cancel_requested_by:
             line += f"\n\nStopping, as {requested(task.cancel_requested_by)}."
@@ -238,7 +245,7 @@ def tracking(task: Task, config: Config, queue: QueueView, *, log_tail: str = ""
     summary_block = f"\n\n{summary}" if summary else ""
 
     if task.state is State.COMPLETED:
-        return head + f"{_completed(task)}{summary_block}\n\n<sub>{footer}{log_ref}</sub>"
+        return head + f"{_completed(task)}{moved}{summary_block}\n\n<sub>{footer}{log_ref}</sub>"
     if agent_missing(task):
         return head + agent_not_installed(task, config)
     # failed

@@ -189,6 +189,14 @@ class Task:
     #: the commit holding the agent's work while it waits to be published: a retry then
     #: publishes it and does not run the agent again (None: the agent has yet to run)
     publish_sha: str | None = None
+    #: the running attempt's lease: its token, checked by compare-and-set before each
+    #: step that publishes, and when it runs out unless its worker renews it
+    lease_token: str | None = None
+    lease_expires_at: float | None = None
+    #: a follow-up that ran on another node than its issue's worktree and agent home
+    #: (that node was gone or busy): the node they were on. It got a worktree rebuilt from
+    #: the pushed branch and a fresh session with the earlier requests and results.
+    moved_from: str | None = None
     #: the concurrency slot of its last claim (0 .. max_concurrent_agents - 1): no two
     #: running tasks hold the same one, and with the sandbox its agent runs as that slot's uid
     slot: int | None = None

@@ -18,7 +18,6 @@ same `X-Kugetsu-Delivery` id, so a receiver can tell.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from collections.abc import Callable
 from bot.config import Config, NotifyConfig
 from bot.core.tasks import doubling
 from bot.notify import NotSent
-from bot.store import Store
+from bot.store import DATABASE_ERRORS, Store
 from bot.worker.outbox import HANDLERS, Outbox
 
 log = logging.getLogger(__name__)
@@ -99,7 +98,7 @@ class NotifyLane:
             wake.clear()
             try:
                 self.work(endpoint)
-            except sqlite3.Error as exc:
+            except DATABASE_ERRORS as exc:
                 log.error(
                     "notification pass failed",
                     extra={"endpoint": endpoint.shown, "error": str(exc)},

@@ -9,6 +9,14 @@ The agent runs through the worker's `Sandbox` (bot/sandbox.py): for the run, the
 worktree and home are lent to the task's slot and the agent is started by the function
 the sandbox gives; when the run ends, whatever way, every process of the slot is killed
 and the worktree and home are taken back before kugetsu's own git touches them.
+
+The attempt holds the task's lease (its token, from the claim). Every write about the
+attempt is made only while the token is still the task's, and before each step that
+publishes (the push, the pull request and its comments) `_fence` renews the lease by
+compare-and-set: a runner whose task was taken over (its worker was cut off from the
+database past the lease) publishes nothing. Where the database is shared by several
+machines (PostgreSQL), the agent's log is shipped to it as it grows, so any node can
+serve it (`bot.tasklog`).
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ from bot.gitea import Forbidden, GiteaAPI, GiteaError, NotFound, ServerError, Un
 from bot.publisher import Publisher
 from bot.redact import redact
 from bot.sandbox import NoSandbox, Sandbox, SandboxError
-from bot.store import Store
+from bot.store import LeaseLost, Store
+from bot.tasklog import LogShipper
 from bot.workspace import Fetched, GitError, Prepared, Workspace
 
 log = logging.getLogger(__name__)
@@ -98,11 +107,29 @@ class Runner:
         clock: Callable[[], float] = time.time,
         environ: Mapping[str, str],
         sandbox: Sandbox | None = None,
+        node: str | None = None,
     ):
         self.config, self.store, self.gitea = config, store, gitea
         self.workspace, self.publisher = workspace, publisher
         self.stopping, self.clock, self.environ = stopping, clock, environ
         self.sandbox: Sandbox = sandbox or NoSandbox()
+        #: where this worker's worktrees and agent homes are (`Worker.node`)
+        self.node = node
+        #: tasks whose lease this worker lost (the heartbeat found it taken over): their
+        #: agents are stopped and their attempts publish nothing
+        self.fenced: set[int] = set()
+        #: the lease token of each attempt running here, by task id
+        self._tokens: dict[int, str | None] = {}
+
+    def _fence(self, task_id: int) -> None:
+        """Before a step that publishes: renew the attempt's lease by compare-and-set;
+        LeaseLost if the task is no longer this attempt's."""
+        token = self._tokens.get(task_id)
+        if task_id in self.fenced or not self.store.hold_lease(
+            task_id, token, self.config.worker.lease_seconds
+        ):
+            self.fenced.add(task_id)
+            raise LeaseLost(f"task {task_id}: its lease was taken over")
 
     def branch(
         self, task: Task, settings: RepoSettings, issue_row: Mapping[str, Any] | None = None
@@ -120,6 +147,20 @@ class Runner:
     def run(self, task: Task) -> AttemptResult:
         """One attempt of a claimed task, from its worktree to its result. Raises Stopping
         when the service shuts down meanwhile (its agent is stopped first)."""
+        self._tokens[task.id] = task.lease_token
+        try:
+            return self._run(task)
+        except LeaseLost as exc:
+            log.warning("lease lost; nothing published", extra={"task": task.id})
+            return AttemptResult(Outcome.INFRA_ERROR, str(exc))
+        finally:
+            self._tokens.pop(task.id, None)
+
+    def _update(self, task: Task, **changes: Any) -> None:
+        """Write about this attempt while it still holds the task's lease."""
+        self.store.update(task.id, lease=self._tokens.get(task.id), **changes)
+
+    def _run(self, task: Task) -> AttemptResult:
         cfg = self.config
         secrets = cfg.secrets()
         try:
@@ -140,7 +181,13 @@ class Runner:
             )
         if isinstance(pull, str):
             return AttemptResult(Outcome.INFRA_ERROR, pull, retry=False)
+        # Locality: the issue's worktree and agent home are on the node that worked on it
+        # last. Elsewhere the worktree is rebuilt from the pushed branch and no session is
+        # resumed (it lives in that node's agent home): a follow-up gets the earlier
+        # requests and results in its prompt instead, and its comment says so.
         issue_row = self.store.issue_row(None, task.repo, task.issue) or {}
+        held_by = issue_row.get("node")
+        home_here = not self.store.SHARED or held_by in (None, self.node)
         try:
             # what a run that crashed may still hold is kugetsu's again before git runs there
             self.sandbox.reclaim(self.lent(task))
@@ -163,7 +210,12 @@ class Runner:
             )
         except GitError as exc:
             return AttemptResult(Outcome.INFRA_ERROR, redact(f"git: {exc}", secrets))
-        self.store.update(task.id, branch=branch, worktree=str(prepared.path))
+        self._update(task, branch=branch, worktree=str(prepared.path))
+        if self.store.SHARED:
+            if not home_here and task.kind is Kind.CONTINUE:
+                log.info("follow-up moved", extra={"task": task.id, "from": held_by})
+                self._update(task, moved_from=held_by)
+            self.store.set_issue(None, task.repo, task.issue, node=self.node)
         if task.publish_sha:
             resumed = self._resume_publishing(task, issue, prepared, branch, pull)
             if resumed is not None:
@@ -179,7 +231,7 @@ class Runner:
             except agents.UnknownAgent as exc:
                 return AttemptResult(Outcome.AGENT_FAILED, str(exc), retry=False)
             tried.append(name)
-            session = self._session_for(task, spec, issue_row)
+            session = self._session_for(task, spec, issue_row) if home_here else None
             history = None
             if task.kind is Kind.CONTINUE and not (session and spec.sessions):
                 history = [
@@ -202,6 +254,7 @@ class Runner:
                 task.id,
                 name,
                 run.usage,
+                lease=self._tokens.get(task.id),
                 agents_tried=tried,
                 session_id=run.session_id,
                 summary=run.summary,
@@ -273,7 +326,7 @@ class Runner:
                 return AttemptResult(Outcome.NO_CHANGES, None, changes=unchanged)
         # The agent's work is committed: from here on, a retry publishes it and does not
         # run the agent again (see _resume_publishing).
-        self.store.update(task.id, publish_sha=head, bump=False)
+        self._update(task, publish_sha=head, bump=False)
         return self._publish(
             task,
             issue,
@@ -338,7 +391,7 @@ class Runner:
                 "committed work is gone; running the agent again",
                 extra={"task": task.id, "commit": commit},
             )
-            self.store.update(task.id, publish_sha=None, bump=False)
+            self._update(task, publish_sha=None, bump=False)
             return None
         log.info("resuming at publishing", extra={"task": task.id, "commit": commit})
         current = self.store.require(task.id)
@@ -382,6 +435,7 @@ class Runner:
         try:
             files = len(self.workspace.changed_files(prepared.path, prepared.base_sha))
             if head != remote:
+                self._fence(task.id)
                 if pull is None:
                     self.workspace.push(prepared.path, branch)
                 else:
@@ -398,6 +452,7 @@ class Runner:
         try:
             number, _own = self.publisher.publish_pr(
                 current,
+                fence=lambda: self._fence(task.id),
                 branch=branch,
                 base=prepared.base_branch,
                 title=issue.get("title") or f"Issue #{task.issue}",
@@ -527,7 +582,7 @@ class Runner:
         if started:
             # the command names the session it starts: a follow-up resumes that one
             session = started
-            self.store.update(task.id, session_id=started, bump=False)
+            self._update(task, session_id=started, bump=False)
         meter = agents.UsageMeter(spec)
         # the request's own budget, else the repository's within the server's, else the server's
         max_tokens = task.max_tokens or _within(
@@ -539,6 +594,11 @@ class Runner:
         header = (
             f"=== kugetsu task {task.id} attempt {task.attempts} agent {spec.name} "
             f"at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.clock()))} ==="
+        )
+        shipper = (
+            LogShipper(self.store, task.id, storage.log_path(task.id))
+            if self.store.SHARED
+            else None
         )
         if task.slot is None:
             return AgentRun(Outcome.INFRA_ERROR, "the task holds no slot")
@@ -559,6 +619,7 @@ class Runner:
                         secrets=cfg.secrets(),
                     ),
                     meter,
+                    shipper,
                     max_tokens,
                     max_cost,
                 )
@@ -600,6 +661,7 @@ class Runner:
         task: Task,
         proc: process.AgentProcess,
         meter: agents.UsageMeter,
+        shipper: LogShipper | None,
         max_tokens: int | None,
         max_cost: float | None,
     ) -> tuple[process.AgentProcess, tuple[Outcome, str, bool] | None]:
@@ -607,7 +669,7 @@ class Runner:
         a shutdown, which raises Stopping); what stopped it, if anything: (outcome, reason,
         retry)."""
         cfg = self.config
-        self.store.update(task.id, pid=proc.pid, pid_start=proc.start_token, bump=False)
+        self._update(task, pid=proc.pid, pid_start=proc.start_token, bump=False)
         deadline = self.clock() + cfg.agents.timeout_seconds
         grace = cfg.agents.kill_grace_seconds
         stop: tuple[Outcome, str, bool] | None = None
@@ -616,7 +678,7 @@ class Runner:
         while proc.wait(POLL_SECONDS) is None:
             if meter.session_id and meter.session_id != session_saved:
                 session_saved = meter.session_id
-                self.store.update(task.id, session_id=session_saved, bump=False)
+                self._update(task, session_id=session_saved, bump=False)
             if self.stopping.is_set():
                 proc.terminate(grace)
                 proc.close()
@@ -626,6 +688,10 @@ class Runner:
                 by = self.store.cancel_requested(task.id)
                 if by:
                     stop = (Outcome.CANCELLED, f"stopped by {by}", False)
+                if shipper is not None:
+                    shipper.ship()
+            if stop is None and task.id in self.fenced:
+                stop = (Outcome.INFRA_ERROR, "its lease was taken over", False)
             if stop is None and self.clock() >= deadline:
                 stop = (
                     Outcome.TIMED_OUT,
@@ -640,6 +706,8 @@ class Runner:
                 proc.terminate(grace)
                 break
         proc.close()
+        if shipper is not None:
+            shipper.ship()
         return proc, stop
 
 

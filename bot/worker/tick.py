@@ -13,9 +13,17 @@ Beside the tick, on jobs of their own: the heartbeat, the daily cleanup, and the
 reconcile pass (`reconcile.Reconciler`), which finds on Gitea what deliveries missed.
 
 Steps 4 and 5 talk for kugetsu on Gitea, so with several processes on one database only
-the holder of the publisher lease does them. `finish()` is the one place an attempt's
+the holder of the publisher lease does them; the database side of the daily cleanup is
+such a cluster-wide duty too (`_duty`). `finish()` is the one place an attempt's
 result becomes the task's next state, by the retry policy, for the runner's results,
 recovery's and those of runners that could not start alike.
+
+Each running task is held by a lease (`[worker] lease_seconds`), which `heartbeat()`
+renews for every task this worker runs. A task whose lease ran out goes back to the
+queue, found by any worker on any machine; on the worker's own machine a dead worker's
+tasks go back at once (the PID check). The lease token is part of the compare-and-set
+of every step that publishes (push, pull request, finish), so a worker that lost its
+lease, cut off from the database for a while, cannot publish over the task's new owner.
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sqlite3
 import threading
 import time
 import uuid
@@ -42,7 +49,7 @@ from bot.isolate import on_its_own
 from bot.publisher import Publisher
 from bot.sandbox import Sandbox, sandbox_for
 from bot.scheduler import Coalescer
-from bot.store import Store
+from bot.store import DATABASE_ERRORS, LeaseLost, Store
 from bot.worker.auth import AuthCache
 from bot.worker.notify import NotifyLane
 from bot.worker.outbox import OUTBOX_BUDGET, Outbox
@@ -52,9 +59,13 @@ from bot.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-#: a worker on another host whose heartbeat is this old counts as gone
-HEARTBEAT_STALE_SECONDS = 90.0
-PUBLISHER_LEASE_SECONDS = 120.0
+#: a worker on another host whose heartbeat is this many task leases old counts as gone
+#: (90 s with the default lease of 60 s); its cluster-wide duties are then handed on
+HEARTBEAT_STALE_LEASES = 1.5
+#: the publisher lease lasts this many task leases (120 s by default)
+PUBLISHER_LEASES = 2.0
+#: the database side of the daily cleanup runs on one node a day
+CLEANUP_LEASE_SECONDS = 3600.0
 BOT_LOGIN_RETRY_SECONDS = 60.0
 #: a burst of wakes becomes one tick per this many seconds, not one tick per delivery
 MIN_TICK_SPACING_SECONDS = 0.05
@@ -91,9 +102,13 @@ class Worker:
         self.clock = clock
         self.schedule_tick = schedule_tick
         self.schedule_at = schedule_at
-        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        #: the machine, as other workers see it, and the place of this worker's worktrees
+        self.host = config.worker.host or socket.gethostname()
+        self.node = f"{self.host}:{config.storage.data_dir}"
+        self.worker_id = f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.policy = config.queue.retry_policy
         self.publisher = Publisher(config, store, gitea)
+        self.publisher.may_publish = self._still_publisher
         self.auth = AuthCache(config, gitea, clock)
         self.environ = dict(os.environ if environ is None else environ)
         #: the agents a request may name (installed ones), for the reviews the outbox reads
@@ -117,6 +132,7 @@ class Worker:
             stopping=self._stopping,
             clock=clock,
             environ=self.environ,
+            node=self.node,
             sandbox=self.sandbox,
         )
         self.reconciler = Reconciler(
@@ -130,6 +146,8 @@ class Worker:
             stopping=self._stopping.is_set,
         )
         self._runners: dict[int, threading.Thread] = {}
+        #: the lease token of each task a runner of this worker holds
+        self._leases: dict[int, str] = {}
         self._runners_lock = threading.Lock()
         self._ticks = Coalescer(
             self.tick, stopped=self._stopping.is_set, min_interval=MIN_TICK_SPACING_SECONDS
@@ -147,7 +165,12 @@ class Worker:
         for path in (storage.logs_dir, storage.prompts_dir, storage.homes_dir):
             path.mkdir(parents=True, exist_ok=True)
         self.store.register_worker(
-            self.worker_id, os.getpid(), process.process_start_token(os.getpid())
+            self.worker_id,
+            os.getpid(),
+            process.process_start_token(os.getpid()),
+            host=self.host,
+            node=self.node,
+            capacity=self.config.capacity,
         )
         self.recover()
         self.notify.start()
@@ -206,7 +229,7 @@ class Worker:
     def _report_ticks(self) -> None:
         try:
             self.store.heartbeat(self.worker_id, self.ticks.to_json())
-        except sqlite3.Error as exc:
+        except DATABASE_ERRORS as exc:
             # the heartbeat goes stale, which /healthz reports in its place
             log.error("cannot report the ticks to the database", extra={"error": str(exc)})
 
@@ -219,8 +242,15 @@ class Worker:
         # With several processes on one database, one at a time talks for kugetsu, so a
         # tracking comment is never created twice and a reply never sent twice.
         if self._publisher_lease():
-            busy = self.outbox.work() >= OUTBOX_BUDGET
-            busy |= self.publisher.sync_comments(COMMENT_BUDGET) >= COMMENT_BUDGET
+            try:
+                busy = self.outbox.work() >= OUTBOX_BUDGET
+                busy |= self.publisher.sync_comments(COMMENT_BUDGET) >= COMMENT_BUDGET
+            except LeaseLost:
+                # another node took the publisher lease over (this one was cut off past
+                # it): it writes on Gitea from now on
+                log.warning("publisher lease lost", extra={"worker": self.worker_id})
+                self._lease_renew_at = float("-inf")
+                return
             if busy:
                 self.request_tick()  # a backlog (say, 1,000 queued tasks): go round again now
         due = self.store.next_due()
@@ -232,10 +262,28 @@ class Worker:
         now = self.clock()
         if now < self._lease_renew_at:
             return True
-        if self.store.try_lease("publisher", self.worker_id, PUBLISHER_LEASE_SECONDS):
-            self._lease_renew_at = now + PUBLISHER_LEASE_SECONDS / 2
+        seconds = PUBLISHER_LEASES * self.config.worker.lease_seconds
+        if self._duty("publisher", seconds):
+            self._lease_renew_at = now + seconds / 2
             return True
         return False
+
+    def _duty(self, name: str, seconds: float) -> bool:
+        """True if this node is the one to do the cluster-wide duty `name` now: it holds
+        (or has just taken) the lease of that name for `seconds`. One node at a time,
+        whatever the number of machines; a node that dies hands it on when it runs out."""
+        return self.store.try_lease(name, self.worker_id, seconds)
+
+    def _still_publisher(self) -> bool:
+        """The fence before the publisher writes on Gitea: the publisher lease is still
+        this worker's for at least as long as one call to Gitea may take (renewed here if
+        less is left), or no node's; never while another node holds it."""
+        seconds = PUBLISHER_LEASES * self.config.worker.lease_seconds
+        margin = min(self.config.gitea.timeout_seconds, seconds / 4)
+        if self.store.holds_lease("publisher", self.worker_id, margin):
+            return True
+        self._lease_renew_at = float("-inf")
+        return self._publisher_lease()
 
     def ensure_bot_login(self) -> str | None:
         """Who kugetsu is on Gitea, for the loop guard: config, then the store, then /user."""
@@ -271,10 +319,23 @@ class Worker:
     # ---------------------------------------------------------------- jobs beside the tick
 
     def heartbeat(self) -> None:
-        """Every few seconds, on its own job: say this process lives and how its ticks go,
-        add what it counted in memory to the counters, and checkpoint the WAL."""
+        """Every few seconds, on its own job: renew the leases of the tasks this worker
+        runs, say this process lives and how its ticks go, add what it counted in memory
+        to the counters, and checkpoint the WAL. A task whose lease is no longer ours
+        (another worker found it expired and took it over) has its agent stopped, and
+        publishes nothing."""
+        with self._runners_lock:
+            held = dict(self._leases)
+        lost = self.store.renew_leases(held, self.config.worker.lease_seconds)
+        for task_id in lost:
+            log.warning("lease lost; stopping the agent", extra={"task": task_id})
+            self.runner.fenced.add(task_id)
         self._write_counts(report=True)
+        self.store.repair_slots()
         self.store.checkpoint()
+        if self.store.SHARED and self.store.leases_expired():
+            # a worker elsewhere stopped renewing: recover its tasks now, not at the poll
+            self.wake()
 
     def _write_counts(self, *, report: bool = False) -> None:
         counts = self.counts.take()
@@ -291,8 +352,14 @@ class Worker:
         """The daily prune (bot/prune.py): old finished tasks with their logs and prompts,
         idle worktrees whose work is pushed, and the homes and prompts of issues that are
         done (by default after queue.cleanup_age_days)."""
+        # the database is pruned by one node a day; files and worktrees by each
         return prune.Pruner(
-            self.config, self.store, self.gitea, self.workspace, clock=self.clock
+            self.config,
+            self.store,
+            self.gitea,
+            self.workspace,
+            clock=self.clock,
+            clear_database=self._duty("cleanup", CLEANUP_LEASE_SECONDS),
         ).run(older_than_days)
 
     def measure_disk(self) -> None:
@@ -312,44 +379,80 @@ class Worker:
     def _worker_alive(self, worker: dict[str, Any]) -> bool:
         if worker["id"] == self.worker_id:
             return True
-        if worker["host"] == socket.gethostname():
+        if worker["host"] == self.host:
             token = process.process_start_token(worker["pid"])
             return token is not None and token == worker["pid_start"]
-        return bool(self.clock() - worker["heartbeat_at"] < HEARTBEAT_STALE_SECONDS)
+        stale = HEARTBEAT_STALE_LEASES * self.config.worker.lease_seconds
+        return bool(self.clock() - worker["heartbeat_at"] < stale)
 
     def recover(self) -> list[int]:
         """Tasks left running by a process that is gone go back to the queue, their
-        attempt counted, by the retry policy like any other attempt's end."""
+        attempt counted, by the retry policy like any other attempt's end.
+
+        A task is gone when its worker ran on this host and its process is dead (the
+        fast path: at once), or when its lease ran out (a worker on another machine,
+        or one cut off from the database; checked by compare-and-set on the expiry, so
+        a lease renewed meanwhile is left alone). A task of a worker on this host that
+        is still alive keeps running whatever its lease says."""
         workers = {w["id"]: w for w in self.store.workers()}
         alive = {wid for wid, w in workers.items() if self._worker_alive(w)}
+        now = self.clock()
         recovered = []
         for task in self.store.running_tasks():
+            worker = workers.get(task.worker_id or "")
+            # a task of a worker no longer registered is this machine's if it has no
+            # lease (written before leases existed, when every worker shared a machine)
+            local = worker["host"] == self.host if worker is not None else task.lease_token is None
+            expired_by: float | None = None
             if task.worker_id == self.worker_id:
                 with self._runners_lock:
                     if task.id in self._runners:
                         continue
                 # ours, but no runner holds it (should not happen): recover it too
+            elif local and task.worker_id in alive:
+                continue
+            elif not local and task.lease_expires_at is not None:
+                if task.lease_expires_at >= now:
+                    continue
+                expired_by = now
             elif task.worker_id in alive:
                 continue
             with on_its_own("recovery", task.id, self._set_aside(task)):
-                if self._recover_one(task):
+                if self._recover_one(task, local=local, expired_by=expired_by):
                     recovered.append(task.id)
         for wid in set(workers) - alive:
             self.store.unregister_worker(wid)
         return recovered
 
-    def _recover_one(self, task: Task) -> bool:
-        if task.slot is not None:
+    def _recover_one(self, task: Task, *, local: bool = True, expired_by: float | None) -> bool:
+        # an agent is killed only on its own machine: a pid or a slot's uid means nothing
+        # on another (the launcher sweeps a slot there before it is used again)
+        if local and task.slot is not None:
             # with the sandbox, everything the slot's uid runs is the dead run's: all of it
             # goes before the task moves on and its slot can be claimed again
             self.sandbox.sweep(task.slot)
-        if task.pid and process.kill_orphan(
-            task.pid, task.pid_start, self.config.agents.kill_grace_seconds
+        if (
+            local
+            and task.pid
+            and process.kill_orphan(task.pid, task.pid_start, self.config.agents.kill_grace_seconds)
         ):
             log.warning("killed orphaned agent", extra={"task": task.id, "pid": task.pid})
-        self.sandbox.reclaim(self.runner.lent(task))
-        result = AttemptResult(Outcome.INFRA_ERROR, "kugetsu stopped while the agent was running")
-        state = self._end_attempt(task, result, event="recovered", detail=task.worker_id)
+        if local:
+            self.sandbox.reclaim(self.runner.lent(task))
+        reason = (
+            "kugetsu stopped while the agent was running"
+            if expired_by is None
+            else "the worker running it stopped renewing its lease"
+        )
+        result = AttemptResult(Outcome.INFRA_ERROR, reason)
+        state = self._end_attempt(
+            task,
+            result,
+            event="recovered",
+            detail=task.worker_id,
+            lease=task.lease_token,
+            lease_expired_by=expired_by,
+        )
         if state is None:
             return False
         log.warning(
@@ -418,9 +521,21 @@ class Worker:
     # ---------------------------------------------------------------- 3. launching
 
     def launch(self) -> list[int]:
+        """Claim tasks for this worker's free capacity, within the global limit, and start
+        a runner for each."""
         if self._stopping.is_set():
             return []
-        claimed = self.store.claim(self.config.queue.max_concurrent_agents, self.worker_id)
+        with self._runners_lock:
+            free = self.config.capacity - len(self._runners)
+        if free <= 0:
+            return []
+        claimed = self.store.claim(
+            self.config.queue.max_concurrent_agents,
+            self.worker_id,
+            max_claims=free,
+            lease_seconds=self.config.worker.lease_seconds,
+            node=self.node if self.store.SHARED else None,
+        )
         for task in claimed:
             with on_its_own("start", task.id, partial(self._not_started, task)):
                 thread = threading.Thread(
@@ -428,6 +543,7 @@ class Worker:
                 )
                 with self._runners_lock:
                     self._runners[task.id] = thread
+                    self._leases[task.id] = task.lease_token or ""
                 thread.start()
                 log.info(
                     "task started",
@@ -444,6 +560,7 @@ class Worker:
         """A claimed task whose runner could not start: the attempt ends like any other."""
         with self._runners_lock:
             self._runners.pop(task.id, None)
+            self._leases.pop(task.id, None)
         self.finish(task, AttemptResult(Outcome.INFRA_ERROR, reason))
 
     def _run(self, task: Task) -> None:
@@ -465,17 +582,26 @@ class Worker:
         finally:
             with self._runners_lock:
                 self._runners.pop(task.id, None)
+                self._leases.pop(task.id, None)
+            self.runner.fenced.discard(task.id)
             self.wake()
 
     # ---------------------------------------------------------------- the end of an attempt
 
     def finish(self, task: Task, result: AttemptResult) -> State | None:
         """The one place an attempt's result becomes the task's next state. None if the
-        task was no longer running (stopped meanwhile, or already finished)."""
+        task was no longer running (stopped meanwhile, or already finished), or no longer
+        this attempt's: its lease was taken over (the compare-and-set includes the token)."""
         current = self.store.get(task.id)
         if current is None or current.state is not State.RUNNING:
             return None
-        state = self._end_attempt(current, result)
+        if current.lease_token != task.lease_token:
+            log.warning(
+                "task taken over; its result is not recorded",
+                extra={"task": task.id, "outcome": result.outcome.value},
+            )
+            return None
+        state = self._end_attempt(current, result, lease=task.lease_token)
         if state is not None:
             log.info(
                 "task finished",
@@ -490,9 +616,12 @@ class Worker:
         *,
         event: str | None = None,
         detail: str | None = None,
+        lease: str | None = None,
+        lease_expired_by: float | None = None,
     ) -> State | None:
         """Move a running task on by the retry policy, through the store's compare-and-set:
-        None if it was no longer running as `task` was read."""
+        None if it was no longer running as `task` was read, or (with `lease`) no longer
+        held by that lease token."""
         decision = self.policy.decide(result, task.attempts, task.max_attempts)
         changes: dict[str, Any] = dict(result.changes)
         # put back without counting the attempt (a clean shutdown, a Gitea away): no
@@ -511,6 +640,8 @@ class Worker:
             decision.state,
             event=event,
             detail=result.error if detail is None else detail,
+            lease=lease,
+            lease_expired_by=lease_expired_by,
             **changes,
         )
         return decision.state if done else None

@@ -1,0 +1,87 @@
+"""A task's agent log, wherever it was written.
+
+The runner writes the log to a file in its node's data directory (process.AgentProcess,
+secrets masked as it is written). Where several machines share the database
+(PostgreSQL), the runner also ships the file to the database in chunks as it grows
+(`LogShipper`), and every reader (`kugetsu logs`, the signed log link, the failed
+task's comment) reads the shipped log first (`read`). The database was chosen over
+workers serving their own logs: a receiver behind a load balancer then needs no route
+to each worker, a worker's log outlives the worker (after a kill -9, the log of the
+attempt that died is what explains it), and the database is already the one thing every
+node reaches. The cost is bounded by `agents.log_max_bytes` per attempt, and a task's
+chunks go with the task when it is cleared. On SQLite, one machine, the file is read.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from bot.config import Config
+from bot.store import DATABASE_ERRORS, Store
+
+log = logging.getLogger(__name__)
+
+#: the most of a log shipped in one write
+CHUNK_BYTES = 256 * 1024
+#: what keeps a chunk from being shipped now (it is shipped at the next call)
+SHIP_ERRORS: tuple[type[Exception], ...] = (OSError, *DATABASE_ERRORS)
+
+
+class LogShipper:
+    """Ships what an attempt adds to its task's log file: the bytes written from now
+    on, after what the database already holds of the task (earlier attempts, maybe on
+    other machines)."""
+
+    def __init__(self, store: Store, task_id: int, path: Path):
+        self.store, self.task_id, self.path = store, task_id, path
+        try:
+            self.local_at = path.stat().st_size
+        except OSError:
+            self.local_at = 0
+        self.db_at = store.log_size(task_id)
+
+    def ship(self) -> None:
+        """Ship what was written since the last call; a failure is logged and the bytes
+        are shipped at the next call."""
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(self.local_at)
+                while data := fh.read(CHUNK_BYTES):
+                    self.store.append_log(self.task_id, self.db_at, data)
+                    self.local_at += len(data)
+                    self.db_at += len(data)
+        except FileNotFoundError:
+            return
+        except SHIP_ERRORS as exc:
+            log.warning("log not shipped", extra={"task": self.task_id, "error": str(exc)})
+
+
+def read(config: Config, store: Store, task_id: int, from_byte: int = 0) -> bytes | None:
+    """A task's log from byte `from_byte` on; None if it has none. The shipped log where
+    the database is shared, else (or if none was shipped) this node's file."""
+    if store.SHARED:
+        shipped = store.read_log(task_id, from_byte)
+        if shipped is not None:
+            return shipped
+    try:
+        with config.storage.log_path(task_id).open("rb") as fh:
+            fh.seek(from_byte)
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
+def tail(config: Config, store: Store, task_id: int, size: int) -> bytes:
+    """The last `size` bytes of a task's log (empty if it has none)."""
+    if store.SHARED:
+        end = store.log_size(task_id)
+        if end:
+            return store.read_log(task_id, max(0, end - size)) or b""
+    try:
+        with config.storage.log_path(task_id).open("rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - size))
+            return fh.read()
+    except OSError:
+        return b""
