@@ -57,6 +57,16 @@ def agent_tables(name: str, llm: FakeLLM, tmp_path) -> dict:
             },
         }
         return {"agents.opencode": {"env": {"OPENCODE_CONFIG_CONTENT": json.dumps(config)}}}
+    if name == "claude":
+        return {
+            "agents.claude": {
+                "env": {
+                    "ANTHROPIC_BASE_URL": llm.base,
+                    "ANTHROPIC_MODEL": "fake-model",
+                    "CLAUDE_CODE_MAX_RETRIES": "0",
+                }
+            }
+        }
     codex_config = tmp_path / "codex-config.toml"
     codex_config.write_text(
         'model = "fake-model"\nmodel_provider = "fake"\n\n[model_providers.fake]\n'
@@ -79,7 +89,7 @@ def tracking(gitea, number):
     ]
 
 
-@pytest.mark.parametrize("agent", ["opencode", "codex"])
+@pytest.mark.parametrize("agent", ["opencode", "codex", "claude"])
 def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(
     agent, tmp_path, shared_tmp, gitea
 ):
@@ -122,6 +132,8 @@ def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(
             env={
                 "PATH": path,
                 "OPENAI_API_KEY_UNUSED": SERVICE_ONLY_SECRET,
+                # claude's key reaches it only through the preset's pass_env
+                "ANTHROPIC_API_KEY": "sk-ant-fake-key",
                 "KUGETSU_GITEA_TOKEN": TOKEN,
             },
         ).start()
