@@ -430,13 +430,18 @@ def _events(raw: bytes) -> list[dict]:
 
 
 def _read_events(response, until: str | None = None, count: int | None = None) -> list[dict]:
+    """The events of a stream until one named `until`, or `count` log events; what came
+    by then if neither came within 30 s (a quiet stream still sends keepalives)."""
     raw, found = b"", []
+    give_up = time.monotonic() + 30
     for chunk in response.iter_content(chunk_size=None):
         raw += chunk
         found = _events(raw.rpartition(b"\n\n")[0] + b"\n\n")
         if until and any(e["event"] == until for e in found):
             break
         if count and sum(e["event"] == "log" for e in found) >= count:
+            break
+        if time.monotonic() > give_up:
             break
     response.close()
     return found
@@ -513,6 +518,7 @@ def test_a_task_on_another_machine_shows_and_streams_the_log_its_worker_shipped(
             http.get(url, params={"from": start}, stream=True, timeout=10), count=1
         )
         log = [e for e in first if e["event"] == "log"]
+        assert log, f"no log event from byte {start}: {first}"
         got = json.loads(log[0]["data"])
         offset = int(log[0]["id"])
         assert offset - start == len(got.encode()) and got.encode() == shipped[start:offset]
