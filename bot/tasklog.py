@@ -5,12 +5,13 @@ secrets masked as it is written). Where several machines share the database
 (PostgreSQL), the runner also ships the file to the database in chunks as it grows
 (`LogShipper`), and every reader (`kugetsu logs`, the signed log link, the failed
 task's comment, the dashboard's log view and live log) reads the shipped log first
-(`read`, `size`, `tail`), a part at a time where the log may be large. The database was chosen over
-workers serving their own logs: a receiver behind a load balancer then needs no route
-to each worker, a worker's log outlives the worker (after a kill -9, the log of the
-attempt that died is what explains it), and the database is already the one thing every
-node reaches. The cost is bounded by `agents.log_max_bytes` per attempt, and a task's
-chunks go with the task when it is cleared. On SQLite, one machine, the file is read.
+(`read`, `size`, `tail`, `response`), a part at a time where the log may be large. The
+database was chosen over workers serving their own logs: a receiver behind a load
+balancer then needs no route to each worker, a worker's log outlives the worker (after a
+kill -9, the log of the attempt that died is what explains it), and the database is
+already the one thing every node reaches. The cost is bounded by `agents.log_max_bytes`
+per attempt, and a task's chunks go with the task when it is cleared. On SQLite, one
+machine, the file is read.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+
+from flask import Response, send_file
 
 from bot.config import Config
 from bot.store import DATABASE_ERRORS, Store
@@ -96,6 +99,29 @@ def local_file(config: Config, store: Store, task_id: int) -> Path | None:
         return None
     path = config.storage.log_path(task_id)
     return path if path.is_file() else None
+
+
+def response(
+    config: Config, store: Store, task_id: int, download_name: str | None = None
+) -> Response | None:
+    """The whole log as an answer, never read whole: this node's file sent by the server
+    as the client reads it (no thread held while it is sent), or the shipped log a part
+    at a time; None if the task has no log."""
+    path = local_file(config, store, task_id)
+    if path is not None:
+        return send_file(
+            path,
+            mimetype="text/plain",
+            conditional=False,
+            etag=False,
+            download_name=download_name,
+        )
+    if size(config, store, task_id) is None:
+        return None
+    answer = Response(parts(config, store, task_id), mimetype="text/plain")
+    if download_name:
+        answer.headers["Content-Disposition"] = f"inline; filename={download_name}"
+    return answer
 
 
 def parts(config: Config, store: Store, task_id: int) -> Iterator[bytes]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from flask import Blueprint, Flask, Response, redirect, render_template, request, send_file, url_for
+from flask import Blueprint, Flask, Response, redirect, render_template, request, url_for
 from markupsafe import Markup
 from werkzeug.wrappers import Response as BaseResponse
 
@@ -571,27 +571,18 @@ class Dashboard:
         return Response(text, mimetype="text/plain", headers={"X-Log-Start": str(start)})
 
     def log_file(self, task_id: int) -> BaseResponse:
-        """The whole log: this node's file streamed as it is (no thread held while it is
-        sent), or the shipped log a part at a time."""
+        """The whole log, never read whole (`tasklog.response`)."""
         task = self._log_task(task_id)
-        if task is None:
-            return Response("not found\n", status=404, mimetype="text/plain")
-        path = tasklog.local_file(self.config, self.store, task_id)
-        if path is None:
-            if self._log_size(task_id) is None:
-                return Response("not found\n", status=404, mimetype="text/plain")
-            return Response(
-                tasklog.parts(self.config, self.store, task_id),
-                mimetype="text/plain",
-                headers={"Content-Disposition": f"attachment; filename=kugetsu-task-{task_id}.log"},
+        whole = (
+            tasklog.response(
+                self.config, self.store, task_id, download_name=f"kugetsu-task-{task_id}.log"
             )
-        return send_file(
-            path,
-            mimetype="text/plain",
-            conditional=False,
-            etag=False,
-            download_name=f"kugetsu-task-{task_id}.log",
+            if task is not None
+            else None
         )
+        if whole is None:
+            return Response("not found\n", status=404, mimetype="text/plain")
+        return whole
 
     def log_stream(self, task_id: int) -> BaseResponse:
         task = self._log_task(task_id)
