@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, Response, request, send_file
+from flask import Flask, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from bot import dashboard, tasklog
@@ -179,19 +179,12 @@ def create_app(
         # only people who can see those links can read the log.
         if not events.equal_secrets(token, render.log_token(config, task_id)):
             return answer(404, "not found", "no such log")
-        data = tasklog.read(config, store, task_id)
-        if data is None:
+        # a log of any size costs the receiver neither its size in memory nor (for this
+        # node's file) a thread while it is sent; a task that ran on another machine has
+        # its log in the database (PostgreSQL), sent a part at a time
+        response = tasklog.response(config, store, task_id)
+        if response is None:
             return answer(404, "not found", "no such log")
-        # this node's file, streamed as the client reads it: a log of any size costs the
-        # receiver neither its size in memory nor a thread while it is sent; a task that
-        # ran on another machine has its log in the database (PostgreSQL), read whole
-        path = config.storage.log_path(task_id)
-        if not path.is_file():
-            data = tasklog.read(config, store, task_id)
-            if data is None:
-                return answer(404, "not found", "no such log")
-            return Response(data, mimetype="text/plain", headers={"Cache-Control": "no-store"})
-        response = send_file(path, mimetype="text/plain", conditional=False, etag=False)
         response.headers["Cache-Control"] = "no-store"
         return response
 

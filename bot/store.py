@@ -2596,14 +2596,19 @@ class Store:
         )
         return int(row[0])
 
-    def read_log(self, task_id: int, from_byte: int = 0) -> bytes | None:
-        """A task's shipped log from byte `from_byte` on; None if none was shipped."""
+    def read_log(self, task_id: int, from_byte: int = 0, limit: int | None = None) -> bytes | None:
+        """A task's shipped log from byte `from_byte` on, at most `limit` bytes of it (all
+        without); None if none was shipped. Only the chunks that hold those bytes are read."""
+        within: str = ""
+        args: tuple[int, ...] = (task_id, from_byte)
+        if limit is not None:
+            within, args = " AND at_byte < ?", (*args, from_byte + limit)
         rows = (
             self._conn()
             .execute(
                 "SELECT at_byte, data FROM task_logs WHERE task_id = ? "
-                "AND at_byte + LENGTH(data) > ? ORDER BY at_byte",
-                (task_id, from_byte),
+                f"AND at_byte + LENGTH(data) > ?{within} ORDER BY at_byte",
+                args,
             )
             .fetchall()
         )
@@ -2615,7 +2620,7 @@ class Store:
         out = bytearray()
         for at_byte, data in rows:
             out += bytes(data)[max(0, from_byte - at_byte) :]
-        return bytes(out)
+        return bytes(out if limit is None else out[:limit])
 
     # ------------------------------------------------------------------ across machines
 

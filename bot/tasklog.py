@@ -4,18 +4,23 @@ The runner writes the log to a file in its node's data directory (process.AgentP
 secrets masked as it is written). Where several machines share the database
 (PostgreSQL), the runner also ships the file to the database in chunks as it grows
 (`LogShipper`), and every reader (`kugetsu logs`, the signed log link, the failed
-task's comment) reads the shipped log first (`read`). The database was chosen over
-workers serving their own logs: a receiver behind a load balancer then needs no route
-to each worker, a worker's log outlives the worker (after a kill -9, the log of the
-attempt that died is what explains it), and the database is already the one thing every
-node reaches. The cost is bounded by `agents.log_max_bytes` per attempt, and a task's
-chunks go with the task when it is cleared. On SQLite, one machine, the file is read.
+task's comment, the dashboard's log view and live log) reads the shipped log first
+(`read`, `size`, `tail`, `response`), a part at a time where the log may be large. The
+database was chosen over workers serving their own logs: a receiver behind a load
+balancer then needs no route to each worker, a worker's log outlives the worker (after a
+kill -9, the log of the attempt that died is what explains it), and the database is
+already the one thing every node reaches. The cost is bounded by `agents.log_max_bytes`
+per attempt, and a task's chunks go with the task when it is cleared. On SQLite, one
+machine, the file is read.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+
+from flask import Response, send_file
 
 from bot.config import Config
 from bot.store import DATABASE_ERRORS, Store
@@ -57,19 +62,74 @@ class LogShipper:
             log.warning("log not shipped", extra={"task": self.task_id, "error": str(exc)})
 
 
-def read(config: Config, store: Store, task_id: int, from_byte: int = 0) -> bytes | None:
-    """A task's log from byte `from_byte` on; None if it has none. The shipped log where
-    the database is shared, else (or if none was shipped) this node's file."""
+def read(
+    config: Config, store: Store, task_id: int, from_byte: int = 0, limit: int | None = None
+) -> bytes | None:
+    """A task's log from byte `from_byte` on, at most `limit` bytes of it (all without);
+    None if it has none. The shipped log where the database is shared, else (or if none
+    was shipped) this node's file."""
     if store.SHARED:
-        shipped = store.read_log(task_id, from_byte)
+        shipped = store.read_log(task_id, from_byte, limit)
         if shipped is not None:
             return shipped
     try:
         with config.storage.log_path(task_id).open("rb") as fh:
             fh.seek(from_byte)
-            return fh.read()
+            return fh.read(-1 if limit is None else limit)
     except FileNotFoundError:
         return None
+
+
+def size(config: Config, store: Store, task_id: int) -> int | None:
+    """How many bytes long a task's log is, where `read` reads it; None if it has none."""
+    if store.SHARED:
+        shipped = store.log_size(task_id)
+        if shipped:
+            return shipped
+    try:
+        return config.storage.log_path(task_id).stat().st_size
+    except OSError:
+        return None
+
+
+def local_file(config: Config, store: Store, task_id: int) -> Path | None:
+    """This node's file of a task's log when it is what `read` reads (nothing of it was
+    shipped), else None."""
+    if store.SHARED and store.log_size(task_id):
+        return None
+    path = config.storage.log_path(task_id)
+    return path if path.is_file() else None
+
+
+def response(
+    config: Config, store: Store, task_id: int, download_name: str | None = None
+) -> Response | None:
+    """The whole log as an answer, never read whole: this node's file sent by the server
+    as the client reads it (no thread held while it is sent), or the shipped log a part
+    at a time; None if the task has no log."""
+    path = local_file(config, store, task_id)
+    if path is not None:
+        return send_file(
+            path,
+            mimetype="text/plain",
+            conditional=False,
+            etag=False,
+            download_name=download_name,
+        )
+    if size(config, store, task_id) is None:
+        return None
+    answer = Response(parts(config, store, task_id), mimetype="text/plain")
+    if download_name:
+        answer.headers["Content-Disposition"] = f"inline; filename={download_name}"
+    return answer
+
+
+def parts(config: Config, store: Store, task_id: int) -> Iterator[bytes]:
+    """A task's whole log, CHUNK_BYTES at a time, as `read` reads it."""
+    at = 0
+    while data := read(config, store, task_id, at, CHUNK_BYTES):
+        yield data
+        at += len(data)
 
 
 def tail(config: Config, store: Store, task_id: int, size: int) -> bytes:

@@ -15,6 +15,7 @@ import pytest
 import requests
 import responses
 
+from bot import tasklog
 from bot.app import create_app
 from bot.config import ConfigError, load
 from bot.core import render
@@ -43,13 +44,17 @@ SECRET_REPO = "acme/secret"
 
 
 class Harness:
-    def __init__(self, tmp: Path, gitea, *, public_url: str = PUBLIC, **dashboard):
+    def __init__(
+        self, tmp: Path, gitea, *, public_url: str = PUBLIC, database_url: str = "", **dashboard
+    ):
         self.gitea = gitea
         gitea.register_oauth_app(CLIENT_ID, CLIENT_SECRET, public_url + "/oauth/callback")
         self.config = with_dashboard(
-            make_config(tmp / "data", gitea.url, public_url=public_url), gitea.url, **dashboard
+            make_config(tmp / "data", gitea.url, public_url=public_url, database_url=database_url),
+            gitea.url,
+            **dashboard,
         )
-        self.store = open_store(self.config.storage.db_path)
+        self.store = open_store(database_url or self.config.storage.db_path)
         self.wakes = 0
         self.app = create_app(
             self.config,
@@ -425,13 +430,18 @@ def _events(raw: bytes) -> list[dict]:
 
 
 def _read_events(response, until: str | None = None, count: int | None = None) -> list[dict]:
+    """The events of a stream until one named `until`, or `count` log events; what came
+    by then if neither came within 30 s (a quiet stream still sends keepalives)."""
     raw, found = b"", []
+    give_up = time.monotonic() + 30
     for chunk in response.iter_content(chunk_size=None):
         raw += chunk
         found = _events(raw.rpartition(b"\n\n")[0] + b"\n\n")
         if until and any(e["event"] == until for e in found):
             break
         if count and sum(e["event"] == "log" for e in found) >= count:
+            break
+        if time.monotonic() > give_up:
             break
     response.close()
     return found
@@ -462,6 +472,73 @@ def test_the_live_log_resumes_where_the_browser_left_off(site, served):
     )
     got += "".join(json.loads(e["data"]) for e in rest if e["event"] == "log")
     assert got == path.read_text()  # nothing lost, nothing twice, no character broken
+    assert int(rest[-1]["id"]) == path.stat().st_size
+
+
+def test_a_task_on_another_machine_shows_and_streams_the_log_its_worker_shipped(
+    tmp_path, gitea, pg_cluster
+):
+    """On PostgreSQL, a task whose agent runs on a worker elsewhere has its log here only
+    as the chunks that worker ships (the file is in the other machine's data directory):
+    the overview's last line, the task page, its earlier part, the download and the live
+    log read them, and the stream resumes at the byte the browser reached."""
+    database = pg_cluster.url_for()
+    site = Harness(tmp_path, gitea, database_url=database)
+    task_id = site.task(REPO, state=State.RUNNING)
+    # the other machine: its own data directory, the same database
+    worker_store = open_store(database)
+    path = make_config(tmp_path / "machine-b", gitea.url).storage.log_path(task_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shipper = tasklog.LogShipper(worker_store, task_id, path)
+    # more than one shipped chunk, more than the page starts with, a character cut at a
+    # read's end (é is two bytes)
+    with path.open("ab") as fh:
+        fh.write("".join(f"line {i} é\n" for i in range(30_000)).encode())
+    shipper.ship()
+    shipped = path.read_bytes()
+    assert len(shipped) > tasklog.CHUNK_BYTES + logstream.TAIL_BYTES
+    assert not site.config.storage.log_path(task_id).exists()
+    server = HttpServer(site.app, "127.0.0.1", 0, threads=8).start()
+    try:
+        http = _signed_in(site, server, "alice")
+        assert "line 29999 é" in http.get(f"{server.url}/", timeout=10).text
+        page = http.get(f"{server.url}/tasks/{task_id}", timeout=10)
+        assert page.status_code == 200 and f"{len(shipped):,} bytes" in page.text
+        start = int(re.search(r'data-start="(\d+)"', page.text)[1])
+        assert shipped[start - 1 : start] == b"\n"
+        assert 0 < len(shipped) - start <= logstream.TAIL_BYTES
+        earlier = http.get(f"{server.url}/tasks/{task_id}/log", params={"end": start}, timeout=10)
+        begin = int(earlier.headers["X-Log-Start"])
+        assert begin < start and earlier.text == shipped[begin:start].decode()
+        whole = http.get(f"{server.url}/tasks/{task_id}/log.txt", timeout=10)
+        assert whole.status_code == 200 and whole.content == shipped
+
+        url = f"{server.url}/tasks/{task_id}/log/stream"
+        first = _read_events(
+            http.get(url, params={"from": start}, stream=True, timeout=10), count=1
+        )
+        log = [e for e in first if e["event"] == "log"]
+        assert log, f"no log event from byte {start}: {first}"
+        got = json.loads(log[0]["data"])
+        offset = int(log[0]["id"])
+        assert offset - start == len(got.encode()) and got.encode() == shipped[start:offset]
+        # the agent prints more there, the worker ships it, the task ends; the browser
+        # reconnects with the last id it saw
+        with path.open("ab") as fh:
+            fh.write("the end é\n".encode())
+        shipper.ship()
+        site.store.transition(
+            task_id, State.RUNNING, State.COMPLETED, event="succeeded", outcome=Outcome.SUCCEEDED
+        )
+        rest = _read_events(
+            http.get(url, stream=True, timeout=20, headers={"Last-Event-ID": str(offset)}),
+            until="end",
+        )
+    finally:
+        server.stop()
+        worker_store.close()
+    got += "".join(json.loads(e["data"]) for e in rest if e["event"] == "log")
+    assert got.encode() == path.read_bytes()[start:]  # nothing lost, nothing twice
     assert int(rest[-1]["id"]) == path.stat().st_size
 
 
@@ -595,7 +672,12 @@ def test_follow_sends_what_is_appended_from_the_offset_and_ends_with_the_task(tm
             active[0] = clock[0] < 3.0
 
     stream = logstream.follow(
-        path, 4, active=lambda: active[0], clock=lambda: clock[0], sleep=sleep
+        lambda: path.stat().st_size,
+        _file_reader(path),
+        4,
+        active=lambda: active[0],
+        clock=lambda: clock[0],
+        sleep=sleep,
     )
     out = b"".join(stream).decode()
     events = _events(out.encode())
@@ -608,11 +690,21 @@ def test_follow_sends_what_is_appended_from_the_offset_and_ends_with_the_task(tm
 def test_start_offset_and_earlier_parts_begin_at_a_line(tmp_path):
     path = tmp_path / "2.log"
     path.write_bytes(b"".join(b"%06d\n" % i for i in range(100_000)))  # 700,000 bytes
-    start = logstream.start_offset(path, tail=1000)
+    read = _file_reader(path)
+    start = logstream.start_offset(path.stat().st_size, read, tail=1000)
     assert path.read_bytes()[start - 1 : start] == b"\n" and 0 < path.stat().st_size - start <= 1000
-    begin, text = logstream.read_slice(path, start, size=1000)
+    begin, text = logstream.read_slice(read, start, size=1000)
     assert text.endswith("\n") and path.read_bytes()[begin:start].decode() == text
-    assert logstream.start_offset(tmp_path / "missing.log") == 0
+    assert logstream.start_offset(None, _file_reader(tmp_path / "missing.log")) == 0
+
+
+def _file_reader(path: Path) -> logstream.Read:
+    def read(offset: int, limit: int) -> bytes | None:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            return fh.read(limit)
+
+    return read
 
 
 def _task(task_id, repo=REPO, issue=1, **kw):

@@ -870,6 +870,9 @@ def test_shipped_logs_read_back_from_any_byte(make_store):
     assert store.read_log(tid) == b"hello world\n" and store.log_size(tid) == 12
     assert store.read_log(tid, 3) == b"lo world\n"
     assert store.read_log(tid, 12) == b""
+    # a part of it, from the chunks that hold it
+    assert store.read_log(tid, 3, 5) == b"lo wo" and store.read_log(tid, 8, 100) == b"rld\n"
+    assert store.read_log(tid, 12, 10) == b"" and store.read_log(tid + 1, 0, 10) is None
 
 
 def test_workers_are_shown_with_capacity_heartbeat_and_running_tasks(make_store):

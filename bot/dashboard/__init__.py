@@ -17,8 +17,8 @@ It lives in the receiver process beside the webhook, and keeps out of its way:
 
 `auth` signs people in (OAuth2 with PKCE) and keeps their sessions, `access` asks Gitea
 what they may see and do, `views` and `charts` turn tasks into what the pages show,
-`logstream` follows a log file as server-sent events, `comment` renders a tracking
-comment safely, and `routes` puts them on the Flask app.
+`logstream` follows a log (read through `bot.tasklog`) as server-sent events, `comment`
+renders a tracking comment safely, and `routes` puts them on the Flask app.
 """
 
 from __future__ import annotations

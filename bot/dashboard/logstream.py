@@ -1,7 +1,11 @@
-"""An agent's log, live: server-sent events that follow the log file.
+"""An agent's log, live: server-sent events that follow it as it grows.
 
-The log is append-only while a task lives (`process.AgentProcess` opens it for appending,
-every attempt adds to it), so a byte offset names a place in it for good. Each event's
+The log is read through `Size` and `Read`, which the dashboard takes from `bot.tasklog`:
+this node's file, or where the database is shared the chunks a worker shipped, so a
+task that runs on another machine is followed the same way. The log is append-only
+while a task lives (`process.AgentProcess` opens it for appending, every attempt adds to
+it, and a worker ships each byte once, at its offset), so a byte offset names a place in
+it for good. Each event's
 `id` is the offset just after the text it carries; a browser that reconnects sends the
 last one back (`Last-Event-ID`) and the stream goes on from there, so nothing is lost or
 shown twice. The stream reads at most CHUNK bytes at a time, and reads again at once
@@ -12,10 +16,13 @@ than one chunk, whatever the size of the log.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
+
+#: `read(offset, limit)`: at most `limit` bytes of a log from byte `offset` (None: no log)
+Read = Callable[[int, int], bytes | None]
+#: how many bytes long a log is (None: it has none yet)
+Size = Callable[[], int | None]
 
 #: bytes read and sent per event at most
 CHUNK = 64 * 1024
@@ -49,18 +56,12 @@ def utf8_cut(data: bytes) -> int:
     return len(data)
 
 
-def start_offset(path: Path, tail: int = TAIL_BYTES) -> int:
-    """Where a page starts showing the log: the first whole line of its last `tail`
-    bytes (0 for a shorter log or none)."""
-    try:
-        with path.open("rb") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            if size <= tail:
-                return 0
-            fh.seek(size - tail)
-            data = fh.read(tail)
-    except OSError:
+def start_offset(size: int | None, read: Read, tail: int = TAIL_BYTES) -> int:
+    """Where a page starts showing a log `size` bytes long: the first whole line of its
+    last `tail` bytes (0 for a shorter log or none)."""
+    if not size or size <= tail:
         return 0
+    data = read(size - tail, tail) or b""
     newline = data.find(b"\n")
     return size - tail + (newline + 1 if 0 <= newline < len(data) - 1 else 0)
 
@@ -81,16 +82,13 @@ def event(name: str, data: object, offset: int | None = None) -> bytes:
     return f"{head}event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-def read_slice(path: Path, end: int, size: int = TAIL_BYTES) -> tuple[int, str]:
+def read_slice(read: Read, end: int, size: int = TAIL_BYTES) -> tuple[int, str]:
     """(start, text) of the log before `end`: at most `size` bytes, from a line start
     (unless it is the beginning of the log)."""
     end = max(0, end)
     start = max(0, end - size)
-    try:
-        with path.open("rb") as fh:
-            fh.seek(start)
-            data = fh.read(end - start)
-    except OSError:
+    data = read(start, end - start)
+    if data is None:
         return end, ""
     if start > 0:
         newline = data.find(b"\n")
@@ -100,7 +98,8 @@ def read_slice(path: Path, end: int, size: int = TAIL_BYTES) -> tuple[int, str]:
 
 
 def follow(
-    path: Path,
+    size: Size,
+    read: Read,
     offset: int,
     *,
     active: Callable[[], bool],
@@ -110,67 +109,42 @@ def follow(
 ) -> Iterator[bytes]:
     """The events of a log from byte `offset` on, as it grows, until the task is no longer
     active and everything was sent (then an `end` event), or until `gone()` says the
-    browser went away. Closing the iterator closes the file."""
+    browser went away. A log that became shorter than `offset` was removed or replaced:
+    it is sent again from its beginning, after a `reset` event."""
     yield f"retry: {RETRY_MS}\n\n".encode()
-    fh = None
     last_check = last_sent = clock()
     still_active = True
-    try:
-        while True:
-            if fh is None:
-                try:
-                    fh = path.open("rb")
-                except FileNotFoundError:
-                    fh = None
-            data = b""
-            if fh is not None:
-                size = os.fstat(fh.fileno()).st_size
-                if size < offset:
-                    # the log was removed or replaced: start again from its beginning
-                    offset = 0
-                    yield event("reset", {}, 0)
-                if size > offset:
-                    fh.seek(offset)
-                    data = fh.read(min(CHUNK, size - offset))
-            if data:
-                # while the agent prints, a character cut at the end waits for its rest
-                cut = utf8_cut(data) if still_active else len(data)
-                if cut:
-                    offset += cut
-                    yield event("log", data[:cut].decode("utf-8", "replace"), offset)
-                    last_sent = clock()
-                    continue  # behind: read again at once
-            now = clock()
-            if not still_active and not data:
-                yield event("end", {}, offset)
-                return
-            if now - last_check >= ACTIVE_SECONDS:
-                last_check = now
-                if fh is not None and _replaced(path, fh.fileno()):
-                    fh.close()
-                    fh = None
-                    continue
-                # one more read after this answer: what was written before the task
-                # ended is sent before `end`
-                still_active = active()
-                if not still_active:
-                    continue
-            if gone():
-                return
-            if now - last_sent >= KEEPALIVE_SECONDS:
-                last_sent = now
-                yield b": keepalive\n\n"
-            sleep(POLL_SECONDS)
-    finally:
-        if fh is not None:
-            fh.close()
-
-
-def _replaced(path: Path, fd: int) -> bool:
-    """Whether `path` is no longer the file open as `fd` (removed, or a new file)."""
-    try:
-        now = path.stat()
-    except OSError:
-        return True
-    was = os.fstat(fd)
-    return (now.st_ino, now.st_dev) != (was.st_ino, was.st_dev)
+    while True:
+        data = b""
+        end = size()
+        if end is not None:
+            if end < offset:
+                offset = 0
+                yield event("reset", {}, 0)
+            if end > offset:
+                data = read(offset, min(CHUNK, end - offset)) or b""
+        if data:
+            # while the agent prints, a character cut at the end waits for its rest
+            cut = utf8_cut(data) if still_active else len(data)
+            if cut:
+                offset += cut
+                yield event("log", data[:cut].decode("utf-8", "replace"), offset)
+                last_sent = clock()
+                continue  # behind: read again at once
+        now = clock()
+        if not still_active and not data:
+            yield event("end", {}, offset)
+            return
+        if now - last_check >= ACTIVE_SECONDS:
+            last_check = now
+            # one more read after this answer: what was written before the task ended
+            # is sent before `end`
+            still_active = active()
+            if not still_active:
+                continue
+        if gone():
+            return
+        if now - last_sent >= KEEPALIVE_SECONDS:
+            last_sent = now
+            yield b": keepalive\n\n"
+        sleep(POLL_SECONDS)

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from flask import Blueprint, Flask, Response, redirect, render_template, request, send_file, url_for
+from flask import Blueprint, Flask, Response, redirect, render_template, request, url_for
 from markupsafe import Markup
 from werkzeug.wrappers import Response as BaseResponse
 
+from bot import tasklog
 from bot.config import Config
 from bot.core import events, render
 from bot.core.tasks import TERMINAL_STATES, CancelResult, State, Task
@@ -446,14 +447,15 @@ class Dashboard:
         return self._page("overview.html", **context)
 
     def _last_line(self, task_id: int) -> str:
-        path = self.config.storage.log_path(task_id)
-        try:
-            with path.open("rb") as fh:
-                size = fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, size - TAIL_READ))
-                return views.last_line(fh.read(TAIL_READ))
-        except OSError:
-            return ""
+        return views.last_line(tasklog.tail(self.config, self.store, task_id, TAIL_READ))
+
+    def _log_size(self, task_id: int) -> int | None:
+        """How long a task's log is: this node's file, or the chunks a worker on another
+        machine shipped (`bot.tasklog`, which every reader of the log goes through)."""
+        return tasklog.size(self.config, self.store, task_id)
+
+    def _log_read(self, task_id: int) -> logstream.Read:
+        return lambda offset, limit: tasklog.read(self.config, self.store, task_id, offset, limit)
 
     # ------------------------------------------------------------------ a task
 
@@ -467,11 +469,7 @@ class Dashboard:
         events_ = self.store.task_events(task_id)
         _, body = self.store.comment_state(task_id)
         allowed, why = self.access.may_act(session, task.repo)
-        path = self.config.storage.log_path(task_id)
-        try:
-            size = path.stat().st_size
-        except OSError:
-            size = 0
+        size = self._log_size(task_id) or 0
         title = self.access.titles(session, [(task.repo, task.issue)]).get((task.repo, task.issue))
         prompt, prompt_size = _head(self.config.storage.prompt_path(task_id), PROMPT_SHOWN)
         gitea = self.config.dashboard.gitea_public_url
@@ -490,7 +488,7 @@ class Dashboard:
             can_stop=task.active,
             can_retry=task.state in (State.FAILED, State.CANCELLED),
             log_size=size,
-            log_start=logstream.start_offset(path),
+            log_start=logstream.start_offset(size, self._log_read(task_id)),
             prompt=prompt,
             prompt_size=prompt_size,
             prompt_shown=PROMPT_SHOWN,
@@ -569,22 +567,22 @@ class Dashboard:
         if task is None:
             return Response("not found\n", status=404, mimetype="text/plain")
         end = logstream.resume_offset(None, request.args.get("end"))
-        start, text = logstream.read_slice(self.config.storage.log_path(task_id), end)
+        start, text = logstream.read_slice(self._log_read(task_id), end)
         return Response(text, mimetype="text/plain", headers={"X-Log-Start": str(start)})
 
     def log_file(self, task_id: int) -> BaseResponse:
-        """The whole log, streamed from the file (no thread held while it is sent)."""
+        """The whole log, never read whole (`tasklog.response`)."""
         task = self._log_task(task_id)
-        path = self.config.storage.log_path(task_id)
-        if task is None or not path.is_file():
-            return Response("not found\n", status=404, mimetype="text/plain")
-        return send_file(
-            path,
-            mimetype="text/plain",
-            conditional=False,
-            etag=False,
-            download_name=f"kugetsu-task-{task_id}.log",
+        whole = (
+            tasklog.response(
+                self.config, self.store, task_id, download_name=f"kugetsu-task-{task_id}.log"
+            )
+            if task is not None
+            else None
         )
+        if whole is None:
+            return Response("not found\n", status=404, mimetype="text/plain")
+        return whole
 
     def log_stream(self, task_id: int) -> BaseResponse:
         task = self._log_task(task_id)
@@ -607,7 +605,8 @@ class Dashboard:
             return current is not None and current.active
 
         stream = logstream.follow(
-            self.config.storage.log_path(task_id),
+            lambda: self._log_size(task_id),
+            self._log_read(task_id),
             offset,
             active=active,
             gone=request.environ.get("waitress.client_disconnected", lambda: False),
