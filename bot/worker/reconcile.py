@@ -36,7 +36,7 @@ from bot.core import reconcile as core
 from bot.core import reviews as core_reviews
 from bot.core.intake import Rules
 from bot.gitea import GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
-from bot.ingest import ingest
+from bot.ingest import IngestResult, ingest
 from bot.store import Store
 from bot.worker import reviews
 from bot.worker.auth import AuthCache
@@ -63,6 +63,15 @@ class PassReport:
     tasks: list[int] = field(default_factory=list)
     #: repositories whose pass did not go through (their window is looked at again)
     failed: list[str] = field(default_factory=list)
+
+    def took(self, result: IngestResult, message: str, **about: Any) -> None:
+        """Count what intake made of something found, and log it when it was taken in for
+        the first time (`message`: the log's constant message)."""
+        if result.duplicate:
+            return
+        self.taken_in += 1
+        self.tasks += result.task_ids
+        log.info(message, extra={**about, "reason": result.reason, "tasks": list(result.task_ids)})
 
 
 class GiteaAway(Exception):
@@ -182,19 +191,13 @@ class Reconciler:
         for item in sorted(found, key=lambda f: (f.at, f.entry_id)):
             report.found += 1
             result = ingest(self.store, item.delivery, item.event, self.rules(), counted=False)
-            if not result.duplicate:
-                report.taken_in += 1
-                report.tasks += result.task_ids
-                log.info(
-                    "missed event taken in",
-                    extra={
-                        "delivery": item.delivery.id,
-                        "repo": repo,
-                        "issue": item.event.number,
-                        "reason": result.reason,
-                        "tasks": list(result.task_ids),
-                    },
-                )
+            report.took(
+                result,
+                "missed event taken in",
+                delivery=item.delivery.id,
+                repo=repo,
+                issue=item.event.number,
+            )
         for number, new in reviewed:
             for review in new:
                 report.found += 1
@@ -230,19 +233,7 @@ class Reconciler:
                     },
                 )
                 return
-        if not result.duplicate:
-            report.taken_in += 1
-            report.tasks += result.task_ids
-            log.info(
-                "missed review taken in",
-                extra={
-                    "repo": repo,
-                    "pr": number,
-                    "review": review.get("id"),
-                    "reason": result.reason,
-                    "tasks": list(result.task_ids),
-                },
-            )
+        report.took(result, "missed review taken in", repo=repo, pr=number, review=review.get("id"))
 
 
 @contextmanager
