@@ -62,6 +62,7 @@ def main() -> int:
     from bot.core.reconcile import OVERLAP_SECONDS
     from bot.gitea import GiteaClient
     from bot.store import open_store
+    from bot.worker.auth import AuthCache
     from bot.worker.reconcile import Reconciler
     from tests.conftest import make_config
 
@@ -98,7 +99,8 @@ def main() -> int:
                 assert report is not None
                 found[key].append(report.changed)
 
-            reconciler = Reconciler(config, store, client, lambda: rules, owner="bench")
+            auth = AuthCache(config, client, time.time)
+            reconciler = Reconciler(config, store, client, lambda: rules, auth=auth, owner="bench")
             reconciler.run()  # the last pass before the changes
             number = 0
             for _ in range(args.runs):
@@ -131,7 +133,7 @@ def main() -> int:
                     (REPO,),
                 )
                 timed(
-                    Reconciler(everything, store, client, lambda: rules, owner="bench"),
+                    Reconciler(everything, store, client, lambda: rules, auth=auth, owner="bench"),
                     "without since",
                 )
             store.close()

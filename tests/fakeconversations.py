@@ -251,7 +251,12 @@ class Conversations:
             }
             self._reviews.setdefault((repo, number), []).append(review)
             self._review_comments[review_id] = kept
-            pr["review_comments"] += len(kept)
+            stored = record["pulls"][number]
+            stored["review_comments"] += len(kept)
+            # a submitted review is a comment of the pull request's issue (type "review"):
+            # it updates the issue, so the issue list's `since` finds the pull request
+            if state != "PENDING":
+                stored["updated_at"] = now
             return review
 
     def review_event(self, repo: str, number: int, review: dict) -> tuple[dict, str, str]:

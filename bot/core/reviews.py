@@ -3,15 +3,18 @@
 Pure. A review's delivery says neither which review it was nor anything of its line
 comments (`core.events.ReviewEvent`), so the worker reads them from the API
 (`GET .../pulls/{n}/reviews`, then `.../reviews/{id}/comments`) and this module makes
-sense of what it read: which review the delivery was about (`pick`), what kugetsu keeps
-of it (`Review`, stored with the follow-up it asks for), and the command it holds.
+sense of what it read: which review the delivery was about (`pick`), which reviews a
+reconcile pass takes in because their delivery never came (`submitted_since`), what
+kugetsu keeps of it (`Review`, stored with the follow-up it asks for), and the command
+it holds.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from bot.core import commands
@@ -156,9 +159,10 @@ def _submitted_at(review: Mapping[str, Any]) -> float | None:
     if not isinstance(value, str):
         return None
     try:
-        return datetime.fromisoformat(value).timestamp()
+        parsed = datetime.fromisoformat(value)
     except ValueError:
         return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def pick(
@@ -191,3 +195,31 @@ def pick(
         if not taken(review["id"]):
             return review
     return None
+
+
+def submitted_since(
+    listed: Sequence[Any],
+    *,
+    since: float,
+    bot_login: str | None,
+    taken: Callable[[int], bool],
+) -> list[Mapping[str, Any]]:
+    """The reviews of a pull request's list that a reconcile pass takes in: submitted (not
+    pending, not dismissed) at or after `since` (in whole seconds, as Gitea's `since`),
+    not by kugetsu (`bot_login`), and not taken yet (`taken(id)`: their delivery came, or
+    a pass before found them), oldest first."""
+    start = math.floor(since)
+    found = [
+        r
+        for r in listed
+        if isinstance(r, Mapping)
+        and r.get("state") in SUBMITTED
+        and not r.get("dismissed")
+        and isinstance(r.get("id"), int)
+        and not isinstance(r.get("id"), bool)
+        and (_submitted_at(r) or -math.inf) >= start
+        and isinstance(r.get("user"), Mapping)
+        and isinstance(r["user"].get("login"), str)
+        and r["user"]["login"] not in ("", bot_login)
+    ]
+    return [r for r in sorted(found, key=lambda r: r["id"]) if not taken(r["id"])]

@@ -5,9 +5,13 @@ after every start, the worker looks at each repository kugetsu serves as `kugets
 doctor` counts them (it has tasks in it or deliveries from it, or `gitea.repos` names
 it), and at those `reconcile.repos` names besides: one listing of the issues
 updated since the last pass (`since`, every page), then one timeline per issue that
-changed. So a pass costs Gitea calls in proportion to what changed, not to how many
-issues there are. `core.reconcile` turns what it finds into events, and each goes
-through the same intake as a delivery (`bot.ingest`), which takes it in once.
+changed, and for each changed pull request kugetsu works on (a review updates its pull
+request) one listing of its reviews, and the line comments of each review submitted
+since then that was not taken yet. So a pass costs Gitea calls in proportion to what
+changed, not to how many issues there are. `core.reconcile` turns what it finds into
+events, and each goes through the same intake as a delivery (`bot.ingest`), which takes
+it in once; a review found goes through the same reading as a delivered one
+(`worker.reviews.take_review`), under the same key, so whichever comes first takes it.
 
 It is a duty of the whole cluster: with several processes on one database, the one that
 holds the `reconcile` lease runs the pass, the others skip it. How far each repository
@@ -21,17 +25,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from bot.config import Config
 from bot.core import names
 from bot.core import reconcile as core
+from bot.core import reviews as core_reviews
 from bot.core.intake import Rules
 from bot.gitea import GiteaAPI, GiteaError, NotFound, ServerError, Unreachable
-from bot.ingest import ingest
+from bot.ingest import IngestResult, ingest
 from bot.store import Store
+from bot.worker import reviews
+from bot.worker.auth import AuthCache
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +55,23 @@ class PassReport:
     repos: int = 0
     #: issues (and pull requests) updated in the windows looked at
     changed: int = 0
-    #: events found on Gitea (comments, label changes), including those already taken in
+    #: events found on Gitea (comments, label changes, reviews), including those already
+    #: taken in (a review already taken is not read again, so not counted)
     found: int = 0
     #: of those, taken in for the first time: they were not delivered
     taken_in: int = 0
     tasks: list[int] = field(default_factory=list)
     #: repositories whose pass did not go through (their window is looked at again)
     failed: list[str] = field(default_factory=list)
+
+    def took(self, result: IngestResult, message: str, **about: Any) -> None:
+        """Count what intake made of something found, and log it when it was taken in for
+        the first time (`message`: the log's constant message)."""
+        if result.duplicate:
+            return
+        self.taken_in += 1
+        self.tasks += result.task_ids
+        log.info(message, extra={**about, "reason": result.reason, "tasks": list(result.task_ids)})
 
 
 class GiteaAway(Exception):
@@ -68,12 +86,14 @@ class Reconciler:
         gitea: GiteaAPI,
         rules: Callable[[], Rules],
         *,
+        auth: AuthCache,
         owner: str,
         clock: Callable[[], float] = time.time,
         on_queued: Callable[[], None] = lambda: None,
         stopping: Callable[[], bool] = lambda: False,
     ):
         self.config, self.store, self.gitea, self.rules = config, store, gitea, rules
+        self.auth = auth
         self.owner, self.clock, self.on_queued, self.stopping = owner, clock, on_queued, stopping
 
     def run(self) -> PassReport | None:
@@ -140,6 +160,7 @@ class Reconciler:
         # overlap); without its Date header, where ours stood before we asked
         looked_to = server_time if server_time is not None else self.clock()
         found: list[core.Found] = []
+        reviewed: list[tuple[int, list[Mapping[str, Any]]]] = []
         for issue in issues:
             number = issue.get("number")
             if not isinstance(number, int) or names.number_error(number):
@@ -153,23 +174,66 @@ class Reconciler:
             found += core.found(
                 repo, issue, timeline, label=label, since=since, bot_login=bot_login
             )
+            if issue.get("pull_request") and self.store.issue_for_pr(None, repo, number):
+                with _away_ends_the_pass():
+                    try:
+                        listed = self.gitea.list_reviews(owner, name, number)
+                    except NotFound:
+                        continue
+                new = core_reviews.submitted_since(
+                    listed,
+                    since=since,
+                    bot_login=bot_login,
+                    taken=lambda i: self.store.delivery_known(core_reviews.key(repo, i)),
+                )
+                if new:
+                    reviewed.append((number, new))
         for item in sorted(found, key=lambda f: (f.at, f.entry_id)):
             report.found += 1
             result = ingest(self.store, item.delivery, item.event, self.rules(), counted=False)
-            if not result.duplicate:
-                report.taken_in += 1
-                report.tasks += result.task_ids
-                log.info(
-                    "missed event taken in",
+            report.took(
+                result,
+                "missed event taken in",
+                delivery=item.delivery.id,
+                repo=repo,
+                issue=item.event.number,
+            )
+        for number, new in reviewed:
+            for review in new:
+                report.found += 1
+                self._review(repo, number, review, report)
+        self.store.reconciled(repo, looked_to)
+
+    def _review(
+        self, repo: str, number: int, review: Mapping[str, Any], report: PassReport
+    ) -> None:
+        """Take in a review whose delivery never came, as a delivered one is taken."""
+        with _away_ends_the_pass():
+            try:
+                result = reviews.take_review(
+                    repo,
+                    number,
+                    review,
+                    store=self.store,
+                    gitea=self.gitea,
+                    auth=self.auth,
+                    rules=self.rules,
+                )
+            except reviews.Deferred as exc:
+                # the reviewer's permission cannot be read now: look at this window again
+                raise GiteaAway(str(exc)) from exc
+            except (NotFound, core_reviews.BadReview) as exc:
+                log.warning(
+                    "review not taken in",
                     extra={
-                        "delivery": item.delivery.id,
                         "repo": repo,
-                        "issue": item.event.number,
-                        "reason": result.reason,
-                        "tasks": list(result.task_ids),
+                        "pr": number,
+                        "review": review.get("id"),
+                        "error": str(exc),
                     },
                 )
-        self.store.reconciled(repo, looked_to)
+                return
+        report.took(result, "missed review taken in", repo=repo, pr=number, review=review.get("id"))
 
 
 @contextmanager

@@ -140,6 +140,7 @@ class Worker:
             store,
             gitea,
             self.rules,  # one source of rules for all the worker takes in
+            auth=self.auth,
             owner=self.worker_id,
             clock=clock,
             on_queued=self.wake,
