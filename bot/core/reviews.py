@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from bot.core import commands
+from bot.core.reconcile import parse_time
 
 #: the states of a submitted review; PENDING (not submitted) and REQUEST_REVIEW are not
 SUBMITTED = frozenset({"APPROVED", "REQUEST_CHANGES", "COMMENT"})
@@ -155,14 +155,7 @@ def from_api(review: Mapping[str, Any], comments: Sequence[Mapping[str, Any]]) -
 
 
 def _submitted_at(review: Mapping[str, Any]) -> float | None:
-    value = review.get("submitted_at")
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    return parse_time(review.get("submitted_at"))
 
 
 def pick(
