@@ -27,6 +27,7 @@ from bot.config import (
     ServerConfig,
     StorageConfig,
 )
+from bot.core.tasks import Kind, State, Task
 
 ROOT = Path(__file__).resolve().parent
 FAKE_AGENT = ROOT / "fixtures" / "bin" / "fake_agent.py"
@@ -145,6 +146,25 @@ def enqueue(store, **task) -> int:
     `Store.insert_task`)."""
     with store.tx() as c:
         return store.insert_task(c, **task)
+
+
+def a_task(**kw) -> Task:
+    """A task as the store would give it, for tests that need no database: task 12 of
+    acme/widget#7, pending, nothing run yet; `kw` overrides any field."""
+    base: dict = dict(
+        id=12,
+        repo="acme/widget",
+        issue=7,
+        kind=Kind.START,
+        prompt="",
+        agent="opencode",
+        requested_by="alice",
+        state=State.PENDING,
+        attempts=0,
+        max_attempts=3,
+    )
+    base.update(kw)
+    return Task(**base)
 
 
 def queue_task(store, issue: int = 3, **kw) -> int:

@@ -5,9 +5,9 @@ import pytest
 
 from bot.config import Config, GiteaConfig, ServerConfig
 from bot.core.render import marker, pr_body
-from bot.core.tasks import Kind, State, Task
+from bot.core.tasks import Kind, Task
 from bot.gitea import ServerError, Unprocessable, Unreachable
-from tests.conftest import enqueue
+from tests.conftest import a_task, enqueue
 
 CONFIG = Config(
     server=ServerConfig(public_url="https://kugetsu.example"),
@@ -27,20 +27,7 @@ QUEUED = dict(
 
 
 def task(**kw) -> Task:
-    base = dict(
-        id=12,
-        repo="acme/widget",
-        issue=7,
-        kind=Kind.START,
-        prompt="",
-        agent="opencode",
-        requested_by="alice",
-        state=State.PENDING,
-        attempts=0,
-        max_attempts=3,
-    )
-    base.update(kw)
-    return Task(**base)
+    return a_task(**kw)
 
 
 def _publisher(tmp_path, login="kugetsu-bot"):

@@ -12,6 +12,7 @@ from bot.core import render
 from bot.core.commands import CommandError, UnknownVerb
 from bot.core.render import QueueLoad, QueueView
 from bot.core.tasks import Kind, Outcome, State, Task
+from tests.conftest import a_task
 
 SECRETS = dict(token="tok-ABCDEF123", webhook_secret="whsec-987654")
 CONFIG = Config(
@@ -23,22 +24,11 @@ LOG = "https://kugetsu.example/logs/12/b554741c01e7f94969f98485"
 
 
 def task(**kw) -> Task:
-    base = dict(
-        id=12,
-        repo="acme/widget",
-        issue=7,
-        kind=Kind.START,
-        prompt="",
-        agent="opencode",
-        requested_by="alice",
-        state=State.PENDING,
-        attempts=0,
-        max_attempts=3,
+    times = dict(
         started_at=1_800_000_000.0,  # 2027-01-15 08:00:00 UTC
         finished_at=1_800_000_125.0,
     )
-    base.update(kw)
-    return Task(**base)
+    return a_task(**{**times, **kw})
 
 
 # ------------------------------------------------------------------ the tracking comment
