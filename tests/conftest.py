@@ -314,6 +314,19 @@ def sandboxed(tmp_path):
 
 
 @pytest.fixture(autouse=True)
+def services_stopped():
+    """The `kugetsu serve` processes a test started (tests/service.py) stop with it, also
+    when it fails half-way: one left running would go on running agents. (Those of wider
+    fixtures, started before the test, stop with their fixture.)"""
+    service = sys.modules.get("tests.service")
+    before = set(service.Service.started) if service is not None else set()
+    yield
+    service = sys.modules.get("tests.service")
+    if service is not None:
+        service.Service.stop_all(but=before)
+
+
+@pytest.fixture(autouse=True)
 def umask_restored():
     """`kugetsu`'s main() sets the process umask; tests that call it in-process must not
     change it for the tests after them."""

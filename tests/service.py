@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,8 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import requests
 
@@ -110,6 +112,18 @@ class Service:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
+    #: every Service started and not yet stopped: a test that fails half-way stops
+    #: them at its end (tests/conftest.py), so none lives on to run agents as slot
+    #: uids beside the next test's
+    started: ClassVar[set[Service]] = set()
+
+    @classmethod
+    def stop_all(cls, but: Iterable[Service] = ()) -> None:
+        for svc in cls.started - set(but):
+            with contextlib.suppress(Exception):
+                svc.stop()
+            cls.started.discard(svc)
+
     def start(self, timeout: float = 30.0) -> Service:
         self.starts += 1
         launch = (
@@ -127,6 +141,7 @@ class Service:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        Service.started.add(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -153,6 +168,7 @@ class Service:
         self.proc.wait(timeout=10)
 
     def stop(self, timeout: float = 30.0) -> int:
+        Service.started.discard(self)
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
