@@ -750,7 +750,7 @@ def check_sandbox(ctx: Context) -> list[Result]:
     launcher = ctx.launcher or sandbox.running_launcher(config.storage.data_dir)
     if launcher is not None:
         try:
-            sandbox.LauncherClient(launcher).call({"op": "ping"})
+            answer = sandbox.LauncherClient(launcher).call({"op": "ping"})
         except sandbox.SandboxError as exc:
             result = Result(
                 "sandbox launcher",
@@ -759,8 +759,15 @@ def check_sandbox(ctx: Context) -> list[Result]:
                 fix="start kugetsu serve again; it starts a new launcher",
             )
         else:
+            seen = (
+                "each sees only its own processes"
+                if answer.get("private_pids")
+                else "each can list every process (no PID namespace can be had here)"
+            )
             result = Result(
-                "sandbox", True, f"on: agents run as {uids}, through the launcher at {launcher}"
+                "sandbox",
+                True,
+                f"on: agents run as {uids}, through the launcher at {launcher}; {seen}",
             )
         return [result, *found]
     state = sandbox.state(config)

@@ -233,9 +233,13 @@ def kill_as(uid: int, sig: int) -> None:
 # -------------------------------------------------------------------------------- the agent
 
 
-def _run_agent(request: dict[str, Any], out: int, report: int, uid: int) -> None:
+def _run_agent(
+    request: dict[str, Any], out: int, report: int, uid: int, private_pids: bool
+) -> None:
     """The child that becomes the agent; never returns. A failure before exec is written
-    to `report` as JSON {errno, strerror, filename}."""
+    to `report` as JSON {errno, strerror, filename}. With `private_pids` the agent runs in
+    namespaces of its own (`_enter_own_namespaces`): this child stays behind to pass on
+    how it ended."""
     try:
         # what this launcher ignores (and Python ignores for itself) would stay ignored
         # across exec: the agent starts with every signal at its default, as Popen does
@@ -248,13 +252,16 @@ def _run_agent(request: dict[str, Any], out: int, report: int, uid: int) -> None
             # session's autogroup too
             lower_own_priority(nice - os.getpriority(os.PRIO_PROCESS, 0))
             share_with_session(os.getpid())
+        limits = request.get("limits") or {}
         for key, which in (
             ("nproc", resource.RLIMIT_NPROC),
             ("as", resource.RLIMIT_AS),
             ("fsize", resource.RLIMIT_FSIZE),
         ):
-            value = (request.get("limits") or {}).get(key)
+            value = limits.get(key)
             if value:
+                if key == "nproc" and private_pids:
+                    value += NAMESPACE_PROCESSES  # the two that pass the agent's end on
                 resource.setrlimit(which, (value, value))
         nofile = request.get("nofile")
         if nofile:
@@ -271,6 +278,8 @@ def _run_agent(request: dict[str, Any], out: int, report: int, uid: int) -> None
         os.dup2(out, 2)
         os.closerange(3, report)
         os.closerange(report + 1, 1 << 16)
+        if private_pids:
+            _enter_own_namespaces(uid, report)
         argv, env = request["argv"], request["env"]
         os.execvpe(argv[0], argv, env)
     except OSError as exc:
@@ -280,6 +289,125 @@ def _run_agent(request: dict[str, Any], out: int, report: int, uid: int) -> None
     with contextlib.suppress(BaseException):
         os.write(report, json.dumps(detail).encode()[:4000])
     os._exit(127)
+
+
+# ------------------------------------------------------------------ the agent's own processes
+# An agent that can list /proc sees every process of the machine, and reads the command line
+# of each (world-readable on Linux): kugetsu's, and another issue's agent's, whose holds its
+# prompt when the command passes {prompt}. Where the kernel lets an unprivileged uid make
+# namespaces (a user namespace owning a PID and a mount namespace), the agent gets a /proc
+# of its own, in which only its own processes exist. The launcher needs no further
+# capability for it: the slot's uid makes them itself. Where that is refused (Docker's and
+# Kubernetes' default seccomp profiles refuse it), agents run as before and the README says
+# what they can then see.
+
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWPID = 0x20000000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+_MS_REC, _MS_PRIVATE = 0x4000, 0x40000
+#: the processes of a slot's uid that are not the agent's: the one that waits in the
+#: launcher's PID namespace and the first one of the agent's (its "init")
+NAMESPACE_PROCESSES = 2
+_STATUS = struct.Struct("i")
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _own_namespaces(uid: int) -> None:
+    """Move this process into a new user namespace (mapping `uid` to itself, and nothing
+    else), a new mount namespace, and make its next child the first of a new PID namespace."""
+    # undumpable (as a process that changed uid is) its /proc files are root's, and it
+    # could not write its own id maps; undumpable again afterwards, so that what it holds
+    # of the launcher's memory stays out of the agent's reach
+    _prctl(_PR_SET_DUMPABLE, 1)
+    _check(_libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWPID), "unshare")
+    for name, text in (
+        ("uid_map", f"{uid} {uid} 1\n"),
+        ("setgroups", "deny"),
+        ("gid_map", f"{uid} {uid} 1\n"),
+    ):
+        with open(f"/proc/self/{name}", "w") as fh:
+            fh.write(text)
+    _prctl(_PR_SET_DUMPABLE, 0)
+
+
+def _mount_own_proc() -> None:
+    """In the first process of the new PID namespace: a /proc that shows its processes only."""
+    _check(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+    _check(_libc.mount(b"proc", b"/proc", b"proc", flags, None), "mount /proc")
+
+
+def _enter_own_namespaces(uid: int, report: int) -> None:
+    """Returns in the process that is to become the agent, in namespaces of its own. Two
+    processes stay behind, and end with it:
+    - the first of the new PID namespace reaps what the agent leaves (a namespace's first
+      process inherits its orphans) and, when the agent ends, sends how it ended and exits,
+      which kills whatever is left in the namespace;
+    - this one, which the launcher started and waits for, ends the same way the agent did.
+    Both ignore the signals the worker sends the slot (the agent gets them itself)."""
+    _own_namespaces(uid)
+    status_r, status_w = os.pipe()
+    first = os.fork()
+    if first == 0:
+        os.close(status_r)
+        _mount_own_proc()
+        agent = os.fork()
+        if agent == 0:
+            os.close(status_w)
+            return
+        os.close(report)  # its copy; the agent's closes when it runs its program
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        while True:
+            pid, status = os.waitpid(-1, 0)
+            if pid == agent:
+                os.write(status_w, _STATUS.pack(status))
+                os._exit(0)
+    os.close(status_w)
+    os.close(report)
+    for ignored in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(ignored, signal.SIG_IGN)
+    os.waitpid(first, 0)
+    data = os.read(status_r, _STATUS.size)
+    # no word from the first: it was killed (a sweep), and the agent with it
+    status = _STATUS.unpack(data)[0] if len(data) == _STATUS.size else int(signal.SIGKILL)
+    if os.WIFEXITED(status):
+        os._exit(os.WEXITSTATUS(status))
+    ended_by = os.WTERMSIG(status)
+    signal.signal(ended_by, signal.SIG_DFL)
+    os.kill(os.getpid(), ended_by)
+    os._exit(128 + ended_by)
+
+
+def namespaces_work(uid: int) -> bool:
+    """Whether an agent running as `uid` can have a PID namespace and a /proc of its own:
+    tried in a child that becomes `uid`, whose own child mounts that /proc."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; it exits at once
+        code = 1
+        try:
+            _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+            become(uid, uid)
+            _own_namespaces(uid)
+            first = os.fork()
+            if first == 0:
+                try:
+                    _mount_own_proc()
+                    alone = [n for n in os.listdir("/proc") if n.isdigit()] == ["1"]
+                    os._exit(0 if alone else 1)
+                except BaseException:
+                    os._exit(1)
+            code = os.waitstatus_to_exitcode(os.waitpid(first, 0)[1])
+        except BaseException:
+            pass
+        os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
 # --------------------------------------------------------------------------------- the trees
@@ -351,8 +479,11 @@ class Launcher:
         slots: int,
         roots: Sequence[str],
         linger: float = 0.0,
+        private_pids: bool = False,
     ):
         self.sock, self.parent, self.linger = sock, parent, linger
+        #: agents run in PID and mount namespaces of their own (see _enter_own_namespaces)
+        self.private_pids = private_pids
         self.service_uid, self.first_uid, self.slots = service_uid, first_uid, slots
         self.roots = frozenset(os.path.realpath(r) for r in roots)
         self.slot_uids = frozenset(range(first_uid, first_uid + slots))
@@ -448,7 +579,15 @@ class Launcher:
         """Carry out one request; True when the connection stays open (a running agent)."""
         op = request.get("op")
         if op == "ping":  # `kugetsu doctor`: it runs and answers
-            send_message(conn, {"ok": True, "first_uid": self.first_uid, "slots": self.slots})
+            send_message(
+                conn,
+                {
+                    "ok": True,
+                    "first_uid": self.first_uid,
+                    "slots": self.slots,
+                    "private_pids": self.private_pids,
+                },
+            )
             return False
         if op == "reclaim":
             for tree in [self._tree(p) for p in request.get("paths") or ()]:
@@ -504,7 +643,7 @@ class Launcher:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - becomes the agent
             os.close(report_r)
-            _run_agent(request, fds[0], report_w, uid)
+            _run_agent(request, fds[0], report_w, uid, self.private_pids)
         os.close(report_w)
         failure = b""
         while chunk := os.read(report_r, 4096):  # end of file: it ran the program
@@ -573,6 +712,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         os.write(args.ready_fd, f"{exc}\n".encode())
         return 1
+    private_pids = namespaces_work(args.first_uid)
+    if private_pids:
+        log.info("agents get PID namespaces of their own: they see only their own processes")
+    else:
+        log.warning(
+            "agents share the PID namespace: they can list every process and read its "
+            "command line (this kernel or its seccomp profile refuses them namespaces)"
+        )
     os.write(args.ready_fd, b"ok\n")
     os.close(args.ready_fd)
     launcher = Launcher(
@@ -583,6 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         slots=args.slots,
         roots=args.root,
         linger=args.linger,
+        private_pids=private_pids,
     )
     try:
         launcher.serve()

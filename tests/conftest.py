@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -370,6 +371,50 @@ def process_gone(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@dataclass(frozen=True)
+class AgentPid:
+    """A pid as an agent saw itself, in the PID namespace it ran in (the sandbox gives an
+    agent one of its own where it can: then its pid means nothing in the test's)."""
+
+    pid: int
+    namespace: str
+
+    def host(self) -> int | None:
+        """Its pid as the test sees it; None when no such live process is left."""
+        if self.namespace == os.readlink("/proc/self/ns/pid"):
+            return None if process_gone(self.pid) else self.pid
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.readlink(f"/proc/{entry}/ns/pid") != self.namespace:
+                    continue
+                status = Path(f"/proc/{entry}/status").read_text()
+            except OSError:
+                continue
+            nspid = next(line for line in status.splitlines() if line.startswith("NSpid:"))
+            if int(nspid.split()[-1]) == self.pid and not process_gone(int(entry)):
+                return int(entry)
+        return None
+
+    def alive(self) -> bool:
+        return self.host() is not None
+
+
+def agent_pids(pidfile: Path) -> list[AgentPid]:
+    """The pids a fake agent wrote (FAKE_PIDFILE), with the namespace it saw them in."""
+    pids, namespace = pidfile.read_text().splitlines()[:2]
+    return [AgentPid(int(pid), namespace.removeprefix("ns ")) for pid in pids.split()]
+
+
+def agent_pid(pidfile: Path) -> int:
+    """The pid, as the test sees it, of the fake agent that wrote `pidfile`; it runs."""
+    [agent] = agent_pids(pidfile)
+    pid = agent.host()
+    assert pid is not None, f"the agent of {pidfile} is not running"
+    return pid
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from tests.conftest import (
     SANDBOX,
     SECRET,
     TOKEN,
+    agent_pid,
     peak_overlap,
     process_gone,
     task_events,
@@ -208,7 +209,7 @@ def test_kill_9_in_mid_task_recovers_with_exactly_one_pull_request(
     n = gitea.create_issue(REPO, "Slow work", "Takes a while.")
     assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
     wait_for(pidfile.exists, timeout=30, what="the agent to start")
-    first_agent = int(pidfile.read_text())
+    first_agent = agent_pid(pidfile)
     svc.kill9()
     pidfile.unlink()
     # the agent is an orphan now, still running in its own session
@@ -285,7 +286,7 @@ def test_sigterm_stops_agents_and_requeues_their_tasks(service_factory, gitea, t
     n = gitea.create_issue(REPO, "Long work", "Takes a long while.")
     assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
     wait_for(pidfile.exists, timeout=30, what="the agent to start")
-    agent = int(pidfile.read_text())
+    agent = agent_pid(pidfile)
     assert svc.stop(timeout=30) == 0
     assert process_gone(agent)
     [task] = queue_json(svc)
@@ -429,7 +430,7 @@ def test_worker_stops_its_agents_when_the_receiver_dies(service_factory, gitea, 
     n = gitea.create_issue(REPO, "Long work", "Takes a long while.")
     assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
     wait_for(pidfile.exists, timeout=30, what="the agent to start")
-    agent = int(pidfile.read_text())
+    agent = agent_pid(pidfile)
     [worker] = workers(svc.proc.pid)
     svc.proc.send_signal(signal.SIGKILL)  # the receiver only
     svc.proc.wait(timeout=10)
@@ -465,7 +466,7 @@ def test_the_worker_and_its_agents_yield_the_cpu_to_the_receiver(service_factory
     base = os.nice(0)
     assert nice_of(svc.proc.pid) == base
     assert nice_of(worker) == min(base + 7, 19)
-    agent = int(pidfile.read_text())
+    agent = agent_pid(pidfile)
     assert nice_of(agent) == min(base + 7, 19)
     if hasattr(os, "SCHED_BATCH"):
         # batch work: their wake-ups never preempt the receiver (bot/priority.py)

@@ -26,7 +26,7 @@ from bot.config import ConfigError, QueueConfig, SandboxConfig, StorageConfig, l
 from bot.core.health import Facts, Readiness, not_ready, problems
 from bot.core.sandbox import LAUNCHER_CAPABILITIES, SandboxFacts, assess
 from bot.core.tasks import Outcome, State
-from bot.launcher import uid_processes
+from bot.launcher import NAMESPACE_PROCESSES, namespaces_work, uid_processes
 from bot.store import open_store
 from tests import payloads
 from tests.conftest import (
@@ -36,6 +36,7 @@ from tests.conftest import (
     SECRET,
     SERVICE_UID,
     TOKEN,
+    agent_pid,
     wait_for,
 )
 from tests.service import Service, free_port, json_lines, write_config
@@ -231,6 +232,11 @@ def slot_uid(slot: int) -> int:
     return FIRST_UID + slot
 
 
+def private_pids(socket_path: Path) -> bool:
+    """Whether the launcher at `socket_path` runs agents in PID namespaces of their own."""
+    return sandbox.LauncherClient(socket_path).call({"op": "ping"})["private_pids"] is True
+
+
 @pytest.fixture
 def launched(tmp):
     """A launcher for a data directory under `tmp`, whose service user is SERVICE_UID
@@ -329,8 +335,10 @@ def test_an_agent_runs_as_its_slot_uid_with_nothing_to_gain(launched, tmp):
         "SigIgn": python_ignores,
     }
     assert not int(python_ignores, 16) & (1 << (signal.SIGTERM - 1) | 1 << (signal.SIGINT - 1))
+    # the two processes that pass the end of a namespaced agent on count against its uid
+    extra = NAMESPACE_PROCESSES if private_pids(config.storage.launcher_socket()) else 0
     assert seen["limits"] == {
-        "RLIMIT_NPROC": 300,
+        "RLIMIT_NPROC": 300 + extra,
         "RLIMIT_AS": 4096 * 1024 * 1024,
         "RLIMIT_FSIZE": 64 * 1024 * 1024,
     }
@@ -360,7 +368,61 @@ def test_nothing_a_run_starts_outlives_it(launched, tmp):
     assert len(left) == 51 and proc.returncode == 0
     # close() and the end of the lend killed them all: the daemon, the sleepers
     assert uid_processes(slot_uid(0)) == []
-    assert all(not Path(f"/proc/{pid}").exists() or _zombie(pid) for pid in left)
+    if not private_pids(config.storage.launcher_socket()):  # else pids of its namespace
+        assert all(not Path(f"/proc/{pid}").exists() or _zombie(pid) for pid in left)
+
+
+@needs_root
+def test_an_agent_sees_only_its_own_processes_and_its_end_is_passed_on(launched, tmp):
+    config, launcher, box = launched
+    if not namespaces_work(FIRST_UID):
+        assert not os.environ.get("CI"), "CI's kernel lets an unprivileged uid make namespaces"
+        pytest.skip("this kernel (or its seccomp profile) refuses unprivileged namespaces")
+    assert private_pids(config.storage.launcher_socket())
+    wt, home = issue_dirs(config)
+    visible = (
+        "import json, os, subprocess, sys\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "seen = {}\n"
+        "for p in (p for p in os.listdir('/proc') if p.isdigit()):\n"
+        "    with open(f'/proc/{p}/status') as fh:\n"
+        "        seen[p] = dict(l.split(':', 1) for l in fh)['Uid'].split()[0]\n"
+        "tried = {}\n"
+        "for pid in map(int, sys.argv[1:]):\n"
+        "    try:\n"
+        "        open(f'/proc/{pid}/cmdline', 'rb').read(); tried[pid] = 'read'\n"
+        "    except OSError as exc:\n"
+        "        tried[pid] = type(exc).__name__\n"
+        "child.kill(); child.wait()\n"
+        "print(json.dumps({'pid': os.getpid(), 'child': child.pid, 'seen': seen, "
+        "'tried': tried}))\n"
+    )
+    others = [os.getpid(), launcher.proc.pid]  # this test, and the launcher
+    log = tmp / "visible.log"
+    with box.lend(0, [wt, home]) as start:
+        proc = start(
+            [AGENT_PYTHON, "-c", visible, *map(str, others)],
+            cwd=wt,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"},
+            log_path=log,
+            log_max_bytes=1 << 20,
+        )
+        assert proc.wait(60) == 0
+        proc.close(grace=1.0)
+    seen = json.loads(log.read_text().strip().splitlines()[-1])
+    # its /proc lists the first process of its namespace, itself and its child: all its uid
+    assert sorted(map(int, seen["seen"])) == sorted({1, seen["pid"], seen["child"]})
+    assert set(seen["seen"].values()) == {str(slot_uid(0))}
+    # whatever else runs on the machine cannot be found there, command line included
+    assert seen["tried"] == {str(pid): "FileNotFoundError" for pid in others}
+    # how the agent ended reaches the worker as if nothing stood between them
+    for code, ended in (
+        ("import sys; sys.exit(3)", 3),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", -signal.SIGTERM),
+    ):
+        proc, out = run_in_slot(box, 0, wt, home, code, tmp)
+        assert proc.returncode == ended, out
+    assert uid_processes(slot_uid(0)) == []
 
 
 def _zombie(pid: int) -> bool:
@@ -398,11 +460,23 @@ def test_a_slot_is_swept_before_it_is_reused(launched, tmp):
         "        return False\n"
         "    return status['State'].split()[0] != 'Z' and str(os.getuid()) in status['Uid']\n"
         "print('PEERS', [p for p in os.listdir('/proc') if p.isdigit() and mine(p) and "
-        "int(p) != os.getpid()])"
+        "int(p) not in (os.getpid(), os.getppid())])"
     )
-    _proc, out = run_in_slot(box, 0, wt, home, code, tmp)
-    assert "PEERS []" in out  # gone before the agent started
-    assert stray.wait(10) == -signal.SIGKILL
+    log = tmp / "peers.log"
+    with box.lend(0, [wt, home]) as start:
+        proc = start(
+            [AGENT_PYTHON, "-c", code],
+            cwd=wt,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"},
+            log_path=log,
+            log_max_bytes=1 << 20,
+        )
+        # the launcher answers a start after its sweep: the stray was gone (killed, and
+        # only waiting to be reaped) before the agent ran
+        assert stray.poll() == -signal.SIGKILL
+        assert proc.wait(60) == 0
+        proc.close(grace=1.0)
+    assert "PEERS []" in log.read_text()  # what the agent sees agrees
 
 
 @needs_root
@@ -679,9 +753,11 @@ def test_an_agent_that_tries_to_escape_gets_nowhere_and_its_work_is_still_publis
         home_a / ".bashrc",
         data / "kugetsu.db",
     ]
+    pid_list = tmp / "kugetsu-pids"
     escape = {
         "command": [AGENT_PYTHON, str(ESCAPE_AGENT)],
         "env": {
+            "ESCAPE_PIDS": str(pid_list),
             "ESCAPE_DATA": str(data),
             "ESCAPE_READ": os.pathsep.join(map(str, reads)),
             "ESCAPE_WRITE": os.pathsep.join(map(str, writes)),
@@ -693,6 +769,9 @@ def test_an_agent_that_tries_to_escape_gets_nowhere_and_its_work_is_still_publis
     svc.start()
     pids = kugetsu_pids(svc)
     assert set(pids) == {"receiver", "worker", "launcher"}
+    pid_list.write_text("".join(f"{pid}\n" for pid in pids.values()))
+    pid_list.chmod(0o644)
+    namespaced = private_pids(data / f"launcher-{pids['receiver']}.sock")
     # A's agent works on in slot 0 while B's, in slot 1, tries everything
     assert svc.post(*payloads.comment_delivery("/kugetsu start", a)).status_code == 202
     wait_for(
@@ -719,16 +798,28 @@ def test_an_agent_that_tries_to_escape_gets_nowhere_and_its_work_is_still_publis
         assert tried[("read", str(path))]["result"] == "denied", tried[("read", str(path))]
     for path in writes:
         assert tried[("write", str(path))]["result"] == "denied", tried[("write", str(path))]
-    # kugetsu's processes: environment, memory, descriptors refused; every signal refused
+    # kugetsu's processes: in a PID namespace of its own the agent finds none of them, so
+    # every read of their /proc and every signal fails; without one, environment, memory
+    # and descriptors are refused, and so is every signal
     for role, pid in pids.items():
+        read_fails, signal_fails = (
+            ("FileNotFoundError", "ProcessLookupError") if namespaced else ("denied", "denied")
+        )
         for part in ("environ", "mem", "fd", "maps", "root"):
-            assert tried[("read", f"/proc/{pid}/{part}")]["result"] == "denied", (role, part)
+            assert tried[("read", f"/proc/{pid}/{part}")]["result"] == read_fails, (role, part)
         for sig in ("SIGTERM", "SIGKILL", "SIGSTOP"):
-            assert tried[("signal", f"{pid} {sig}")]["result"] == "denied", (role, sig)
-        # the command line is there to read, as any process's on Linux: nothing secret in it
-        argv = json.dumps(tried[("read", f"/proc/{pid}/cmdline")]["argv"])
-        assert TOKEN not in argv and SECRET not in argv
-    assert tried[("setuid", "0")]["result"] == "denied"
+            assert tried[("signal", f"{pid} {sig}")]["result"] == signal_fails, (role, sig)
+        cmdline = tried[("read", f"/proc/{pid}/cmdline")]
+        if namespaced:
+            assert cmdline["result"] == "FileNotFoundError", role
+        else:
+            # there to read, as any process's on Linux: nothing secret in it
+            argv = json.dumps(cmdline["argv"])
+            assert TOKEN not in argv and SECRET not in argv
+    if os.environ.get("CI"):  # this kernel lets agents have namespaces; CI proves it
+        assert namespaced
+    # refused; in a user namespace of its own, there is no uid 0 to switch to (EINVAL)
+    assert tried[("setuid", "0")]["result"] == ("OSError" if namespaced else "denied")
     socket_path = str(data / f"launcher-{pids['receiver']}.sock")
     assert tried[("connect", socket_path)]["result"] == "denied"
     assert "ESCAPE-STATUS NoNewPrivs: 1" in log
@@ -739,7 +830,8 @@ def test_an_agent_that_tries_to_escape_gets_nowhere_and_its_work_is_still_publis
     assert len(left) == 51
     uid_b = FIRST_UID + task_b.slot
     wait_for(lambda: not uid_processes(uid_b), timeout=10, what="the slot's processes to end")
-    assert all(_zombie(p) for p in left)
+    if not namespaced:  # else pids of its namespace, which is gone
+        assert all(_zombie(p) for p in left)
     # the legitimate change is published; kugetsu lives on, unharmed
     assert gitea.file_at(REPO, f"kugetsu/issue-{b}", "hello.txt") == (
         "Hello from inside the sandbox.\n"
@@ -767,7 +859,7 @@ def test_kill_9_with_a_sandboxed_agent_running_kills_the_slot_before_reuse_one_p
     n = gitea.create_issue(REPO, "Crash", "Work through a crash.")
     assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
     wait_for(pidfile.exists, timeout=60, what="the agent to start")
-    first_agent = int(pidfile.read_text())
+    first_agent = agent_pid(pidfile)
     # and something of its slot in a session of its own that ignores SIGTERM
     stray = subprocess.Popen(
         [
@@ -986,9 +1078,14 @@ def test_doctor_finds_the_launcher_of_a_running_serve_and_says_when_it_is_gone(t
     )
     try:
         [on] = doctor_sandbox(config).values()
+        seen = (
+            "each sees only its own processes"
+            if namespaces_work(FIRST_UID)
+            else "each can list every process (no PID namespace can be had here)"
+        )
         assert on.ok and on.detail == (
             f"on: agents run as uids {FIRST_UID}-{FIRST_UID + 2}, "
-            f"through the launcher at {socket_path}"
+            f"through the launcher at {socket_path}; {seen}"
         )
     finally:
         launcher.stop()

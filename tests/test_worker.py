@@ -29,12 +29,12 @@ from tests.conftest import (
     FAKE_AGENT,
     REPO,
     TOKEN,
+    agent_pids,
     enqueue,
     fake_agent,
     logged,
     make_config,
     peak_overlap,
-    process_gone,
     task_events,
     wait_for,
     write_unchecked,
@@ -135,10 +135,6 @@ def make(tmp_path, gitea):
     yield factory
     for h in made:
         h.close()
-
-
-def alive(pid: int) -> bool:
-    return not process_gone(pid)
 
 
 # ---------------------------------------------------------------- the happy path
@@ -463,8 +459,8 @@ def test_timeout_kills_the_whole_process_group(make, tmp_path):
     h.settle(tid)
     task = h.store.get(tid)
     assert (task.state, task.outcome) == (State.FAILED, Outcome.TIMED_OUT)
-    leader, grandchild = map(int, pidfile.read_text().split())
-    assert not alive(leader) and not alive(grandchild)
+    leader, grandchild = agent_pids(pidfile)
+    assert not leader.alive() and not grandchild.alive()
     assert "timed_out" in h.tracking_comments(n)[0]["body"]
 
 
@@ -478,8 +474,8 @@ def test_stop_kills_the_whole_process_group(make, tmp_path):
     h.settle(tid)
     task = h.store.get(tid)
     assert (task.state, task.outcome, task.attempts) == (State.CANCELLED, Outcome.CANCELLED, 1)
-    leader, grandchild = map(int, pidfile.read_text().split())
-    assert not alive(leader) and not alive(grandchild)
+    leader, grandchild = agent_pids(pidfile)
+    assert not leader.alive() and not grandchild.alive()
     assert "🛑 **Stopped** by @bob" in h.tracking_comments(n)[0]["body"]
 
 
@@ -994,8 +990,8 @@ def test_stop_retry_status_and_help_from_comments(make, tmp_path):
     deliver_comment(h, "/kugetsu stop", n, sender="bob")
     h.settle(tid)
     assert h.store.get(tid).state is State.CANCELLED
-    leader, grandchild = map(int, pidfile.read_text().split())
-    assert not alive(leader) and not alive(grandchild)
+    leader, grandchild = agent_pids(pidfile)
+    assert not leader.alive() and not grandchild.alive()
     assert "Stopped** by @bob" in h.tracking_comments(n)[0]["body"]
 
     # retry queues it again with fresh attempts
