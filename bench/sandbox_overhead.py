@@ -4,13 +4,14 @@ the launcher, the sweep and taking them back, against `sandbox.mode = "none"` in
     sudo python -m bench.sandbox_overhead [--runs 40] [--files 2000]
 
 Needs root, as `serve` with the sandbox does. Starts a launcher as `serve` would (service
-user uid 29999, first slot uid 20000), makes an issue's worktree (a git checkout of
-`--files` files, as kugetsu's git leaves one) and home, then runs the same trivial agent
+user uid 29999, first slot uid 20000), makes an issue's worktree (a linked worktree of a
+bare mirror with `--files` files checked out, as kugetsu's git leaves one) and home, then runs the same trivial agent
 (`true`) through the worker's own path (`Sandbox.lend`, `AgentProcess.start`, `close`)
 alternately with `NoSandbox` and with `UserSandbox`, so both meet the same machine. The
 figure is the whole agent run, `lend` to the end of the block: for `none` a fork, exec and
 reap; for `user` also the launcher's round trips, the chown of the worktree and home both
-ways, and the sweep of the slot's uid. Writes bench/results/sandbox_overhead.json.
+ways, the sweep of the slot's uid, and, where the kernel lets agents have them, making
+the agent's namespaces and its /proc. Writes bench/results/sandbox_overhead.json.
 """
 
 from __future__ import annotations
@@ -36,35 +37,30 @@ FIRST_UID = 20000
 
 
 def make_tree(data: Path, files: int) -> tuple[Path, Path]:
-    """An issue's worktree (a git checkout of `files` small files) and its home, owned by
-    the service user as kugetsu leaves them."""
+    """An issue's worktree and its home, owned by the service user as kugetsu leaves them.
+    The worktree is what kugetsu's git makes: a linked worktree of a bare mirror (`git
+    worktree add`), so it holds the `files` checked-out files and a `.git` file, while the
+    objects stay in the mirror, which is never lent."""
     wt = data / "worktrees" / "acme" / "widget" / "1"
     home = data / "homes" / "acme" / "widget" / "1"
-    for path in (wt, home):
-        path.mkdir(parents=True)
+    source = data / "source"
+    mirror = data / "mirrors" / "acme" / "widget.git"
     for i in range(files):
-        folder = wt / f"pkg{i % 40}"
-        folder.mkdir(exist_ok=True)
+        folder = source / f"pkg{i % 40}"
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / f"mod{i}.py").write_text(f"VALUE = {i}\n")
-    subprocess.run(["git", "init", "-q", str(wt)], check=True)
-    subprocess.run(["git", "-C", str(wt), "add", "-A"], check=True)
+    git = ["git", "-c", "user.name=b", "-c", "user.email=b@b"]
+    subprocess.run([*git, "init", "-q", str(source)], check=True)
+    subprocess.run([*git, "-C", str(source), "add", "-A"], check=True)
+    subprocess.run([*git, "-C", str(source), "commit", "-qm", "x", "--allow-empty"], check=True)
+    subprocess.run([*git, "clone", "-q", "--bare", str(source), str(mirror)], check=True)
+    wt.parent.mkdir(parents=True)
     subprocess.run(
-        [
-            "git",
-            "-C",
-            str(wt),
-            "-c",
-            "user.name=b",
-            "-c",
-            "user.email=b@b",
-            "commit",
-            "-qm",
-            "x",
-            "--allow-empty",
-        ],
+        [*git, "-C", str(mirror), "worktree", "add", "-q", "-b", "kugetsu/issue-1", str(wt)],
         check=True,
     )
-    (home / ".config").mkdir()
+    shutil.rmtree(source)
+    (home / ".config").mkdir(parents=True)
     subprocess.run(["chown", "-R", f"{SERVICE_UID}:{SERVICE_UID}", str(data)], check=True)
     return wt, home
 
