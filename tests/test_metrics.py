@@ -111,6 +111,57 @@ def test_keys_are_the_same_whatever_the_order_of_labels_and_a_tally_gives_back()
 # ---------------------------------------------------------------------- the store's counters
 
 
+def test_counters_are_taken_in_one_order_so_two_finishes_cannot_deadlock(pg_cluster):
+    """On PostgreSQL each counter row stays locked until commit. Another transaction holds
+    counter A and goes on to take B, as a finish does (in the store's order); a finish
+    whose counts name B before A must wait for A first, not take B and deadlock."""
+    import threading
+
+    import psycopg
+
+    url = pg_cluster.url_for()
+    store = open_store(url)
+    try:
+        a = m.key(m.Counter.GITEA_REQUESTS, method="GET", code="200")
+        b = m.key(m.Counter.GITEA_REQUESTS, method="POST", code="201")
+        assert sorted([a, b]) == [a, b]
+        store.add_counts(None, {a: 1, b: 1})  # both rows exist
+        (name_a, labels_a), (name_b, labels_b) = a, b
+        bump = "UPDATE counters SET value = value + 1 WHERE name = %s AND labels = %s"
+        failed: list[BaseException] = []
+        with psycopg.connect(url) as other:
+            other.execute(bump, (name_a, labels_a))  # holds A, in a transaction
+            pid = other.info.backend_pid
+
+            def finish() -> None:
+                try:
+                    store.add_counts(None, {b: 1, a: 1})  # B named first
+                except BaseException as exc:
+                    failed.append(exc)
+
+            worker = threading.Thread(target=finish)
+            worker.start()
+            with psycopg.connect(url, autocommit=True) as watch:
+                wait_for(
+                    lambda: watch.execute(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE %s = ANY(pg_blocking_pids(pid))",
+                        (pid,),
+                    ).fetchone()[0],
+                    what="the finish to wait for counter A",
+                )
+            # the finish waits for A and holds nothing else: B is free to take
+            other.execute("SET LOCAL lock_timeout = '5s'")
+            other.execute(bump, (name_b, labels_b))
+            other.commit()
+            worker.join(30)
+        assert not worker.is_alive() and failed == []
+        counters = {(n, lab): v for n, lab, v in store.metrics_snapshot().counters}
+        assert counters[a] == counters[b] == 3
+    finally:
+        store.close()
+
+
 def test_every_change_of_state_is_counted_once_in_its_own_transaction(make_store):
     # on both backends (tests/conftest.py: make_store)
     now = [1000.0]
