@@ -429,7 +429,10 @@ class GiteaClient:
 
     def _objects(self, method: str, path: str, **kwargs: Any) -> list[JSONObject]:
         """An answer that must be a list of JSON objects (an empty answer is none)."""
-        value = self._call(method, path, **kwargs)
+        return self._as_objects(method, path, self._call(method, path, **kwargs))
+
+    @staticmethod
+    def _as_objects(method: str, path: str, value: Any) -> list[JSONObject]:
         if value is None:
             return []
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -437,16 +440,35 @@ class GiteaClient:
         return value
 
     def _pages(
-        self, path: str, *, size: int, most: int, params: Mapping[str, Any] | None = None
+        self,
+        path: str,
+        *,
+        size: int,
+        most: int | None = None,
+        params: Mapping[str, Any] | None = None,
+        first: list[JSONObject] | None = None,
     ) -> Iterator[list[JSONObject]]:
-        """The pages of a paged listing, in order, until one is short or `most` were read."""
-        for page in range(1, most + 1):
-            items = self._objects(
-                "GET", path, params={**(params or {}), "page": page, "limit": size}
+        """The pages of a paged listing, in order, until one is short, `most` were read,
+        or one brings nothing new (so a server that ignores `page` cannot loop). `first`:
+        page 1, read already. A page holds only what no earlier page held."""
+        seen: set[Any] = set()
+        page = 1
+        while most is None or page <= most:
+            items = (
+                first
+                if page == 1 and first is not None
+                else self._objects(
+                    "GET", path, params={**(params or {}), "page": page, "limit": size}
+                )
             )
-            yield items
+            new = [item for item in items if item.get("id") is None or item["id"] not in seen]
+            if page > 1 and not new:
+                return
+            seen.update(item.get("id") for item in new)
+            yield new
             if len(items) < size:
                 return
+            page += 1
 
     # -- endpoints ----------------------------------------------------------
 
@@ -480,36 +502,19 @@ class GiteaClient:
         a comment or a label updates an issue), and Gitea's own time when it answered the
         first page (its `Date` header, as a Unix time; None if it sent none). Every page."""
         path = f"{_repo_path(owner, repo)}/issues"
-        params = {"state": "all", "since": since, "limit": LIST_PAGE_SIZE}
-        first = self._request("GET", path, params={**params, "page": 1})
+        params = {"state": "all", "since": since}
+        first = self._request("GET", path, params={**params, "page": 1, "limit": LIST_PAGE_SIZE})
         server_time = _date_header(first.headers.get("Date"))
-        items = self._json("GET", path, first) or []
-        return self._more_pages(path, params, items), server_time
+        items = self._as_objects("GET", path, self._json("GET", path, first))
+        pages = self._pages(path, size=LIST_PAGE_SIZE, params=params, first=items)
+        return [item for page in pages for item in page], server_time
 
     def timeline(self, owner: str, repo: str, number: int, since: str) -> list[JSONObject]:
         """An issue's comments and events (labels added or removed, ...) updated at or
         after `since` (RFC 3339), oldest first. Every page."""
         path = f"{_repo_path(owner, repo)}/issues/{_seg(number)}/timeline"
-        params = {"since": since, "limit": LIST_PAGE_SIZE}
-        first = self._call("GET", path, params={**params, "page": 1}) or []
-        return self._more_pages(path, params, first)
-
-    def _more_pages(
-        self, path: str, params: Mapping[str, Any], first: list[Any]
-    ) -> list[JSONObject]:
-        """The first page and the ones after it, until one comes back short. A page that
-        brings nothing new ends it too, so a server that ignores `page` cannot loop."""
-        items, seen = list(first), {item.get("id") for item in first if isinstance(item, dict)}
-        page, last = 1, first
-        while len(last) >= LIST_PAGE_SIZE:
-            page += 1
-            last = self._call("GET", path, params={**params, "page": page}) or []
-            new = [i for i in last if isinstance(i, dict) and i.get("id") not in seen]
-            if not new:
-                break
-            seen.update(i.get("id") for i in new)
-            items += new
-        return [i for i in items if isinstance(i, dict)]
+        pages = self._pages(path, size=LIST_PAGE_SIZE, params={"since": since})
+        return [item for page in pages for item in page]
 
     def get_permission(self, owner: str, repo: str, login: str) -> str:
         path = f"{_repo_path(owner, repo)}/collaborators/{_seg(login)}/permission"
