@@ -1,8 +1,10 @@
 """The whole service with a real agent CLI: delivery, real agent, push, PR, follow-up.
 
 `kugetsu serve` runs as a process; the agent is the pinned real CLI (installed from
-npm once and cached), talking to a scripted fake LLM on 127.0.0.1 that answers with
-tool calls that write files. Skipped only when npm or its registry is unreachable.
+npm, or PyPI for aider, once and cached), talking to a scripted fake LLM on 127.0.0.1
+that answers with tool calls that write files (aider, which has no tools: with a
+`whole` edit block). Skipped only when the CLI cannot be installed here (its registry is
+unreachable, or for aider, the interpreter is one it does not support).
 """
 
 from __future__ import annotations
@@ -34,6 +36,34 @@ def installed(name: str):
 
 
 def agent_tables(name: str, llm: FakeLLM, tmp_path) -> dict:
+    if name == "aider":
+        # litellm must know the model, or aider fetches the price list to look it up
+        metadata = tmp_path / "aider-model-metadata.json"
+        metadata.write_text(
+            json.dumps(
+                {
+                    "openai/fake-model": {
+                        "max_input_tokens": 128000,
+                        "max_output_tokens": 4096,
+                        "input_cost_per_token": 3e-6,
+                        "output_cost_per_token": 1.5e-5,
+                        "litellm_provider": "openai",
+                        "mode": "chat",
+                    }
+                }
+            )
+        )
+        return {
+            "agents.aider": {
+                "env": {
+                    "AIDER_MODEL": "openai/fake-model",
+                    "AIDER_EDIT_FORMAT": "whole",
+                    "OPENAI_API_BASE": llm.url,
+                    "OPENAI_API_KEY": "sk-fake",
+                },
+                "home_files": {".aider.model.metadata.json": str(metadata)},
+            }
+        }
     if name == "opencode":
         config = {
             "autoupdate": False,
@@ -81,6 +111,14 @@ def agent_tables(name: str, llm: FakeLLM, tmp_path) -> dict:
     }
 
 
+def script(agent: str, path: str, content: str, said: str) -> list:
+    """The model writes `path` and says `said`: in two turns for the CLIs with tools, in one
+    reply for aider, which asks the model once per message."""
+    if agent == "aider":
+        return [write_file(path, content, said)]
+    return [write_file(path, content), text(said)]
+
+
 def tracking(gitea, number):
     return [
         c
@@ -89,18 +127,18 @@ def tracking(gitea, number):
     ]
 
 
-@pytest.mark.parametrize("agent", ["opencode", "codex", "claude"])
+@pytest.mark.parametrize("agent", ["opencode", "codex", "claude", "aider"])
 def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(
     agent, tmp_path, shared_tmp, gitea
 ):
     binary = installed(agent)
     if SANDBOXED:  # kugetsu's service user and the slots work there
         tmp_path = shared_tmp
-    script = [
-        write_file("hello.txt", "Hello, visitor!\n"),
-        text("Created hello.txt with a friendly greeting."),
-    ]
-    with FakeLLM(script) as llm:
+    with FakeLLM(
+        script(
+            agent, "hello.txt", "Hello, visitor!\n", "Created hello.txt with a friendly greeting."
+        )
+    ) as llm:
         port = free_port()
         config = write_config(
             tmp_path / "kugetsu.toml",
@@ -168,11 +206,11 @@ def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(
             sha1 = gitea.branch_sha(REPO, branch)
             first_requests = len(llm.requests)
 
-            # follow-up on the pull request: the same session resumes
-            llm.script = [
-                write_file("test_hello.txt", "assert True\n"),
-                text("Added a test for the greeting."),
-            ]
+            # follow-up on the pull request: the same session resumes (aider, which has no
+            # sessions, is run again on the branch with the earlier run in its prompt)
+            llm.script = script(
+                agent, "test_hello.txt", "assert True\n", "Added a test for the greeting."
+            )
             posted = gitea.add_comment(REPO, pr["number"], "/kugetsu continue add a test")
             assert (
                 svc.post(
