@@ -16,7 +16,7 @@ import pytest
 
 from tests import agentcli, payloads
 from tests.conftest import REPO, SECRET, SERVICE_UID, TOKEN, wait_for
-from tests.fakellm import FakeLLM, conversation_text, text, write_file
+from tests.fakellm import FakeLLM, conversation_text, litellm_metadata, text, write_file
 from tests.service import Service, free_port, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realagent]
@@ -37,22 +37,8 @@ def installed(name: str):
 
 def agent_tables(name: str, llm: FakeLLM, tmp_path) -> dict:
     if name == "aider":
-        # litellm must know the model, or aider fetches the price list to look it up
         metadata = tmp_path / "aider-model-metadata.json"
-        metadata.write_text(
-            json.dumps(
-                {
-                    "openai/fake-model": {
-                        "max_input_tokens": 128000,
-                        "max_output_tokens": 4096,
-                        "input_cost_per_token": 3e-6,
-                        "output_cost_per_token": 1.5e-5,
-                        "litellm_provider": "openai",
-                        "mode": "chat",
-                    }
-                }
-            )
-        )
+        metadata.write_text(json.dumps(litellm_metadata()))
         return {
             "agents.aider": {
                 "env": {
