@@ -878,6 +878,23 @@ class _Handler(BaseHTTPRequestHandler):
         self._sse({"type": "message_stop"}, "message_stop")
 
 
+def litellm_metadata(model: str = MODEL) -> dict[str, Any]:
+    """The fake model as litellm knows models (aider's `.aider.model.metadata.json`), under the
+    name aider is given (`openai/<model>`): one it does not know, it looks up in a price list it
+    would download."""
+    return {
+        f"openai/{model}": {
+            "max_tokens": 4096,
+            "max_input_tokens": 128000,
+            "max_output_tokens": 4096,
+            "input_cost_per_token": 3e-6,
+            "output_cost_per_token": 1.5e-5,
+            "litellm_provider": "openai",
+            "mode": "chat",
+        }
+    }
+
+
 def conversation_text(body: Mapping[str, Any]) -> str:
     """All message text of one request (chat `messages`, Responses `input`, Anthropic
     `messages`)."""
@@ -903,6 +920,7 @@ __all__ = [
     "WriteFile",
     "conversation_text",
     "http_error",
+    "litellm_metadata",
     "text",
     "tool_call",
     "write_file",

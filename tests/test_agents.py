@@ -365,6 +365,22 @@ def test_build_env_is_minimal():
     assert "tok-123456" not in json.dumps(env)
 
 
+def test_build_env_adds_the_sandbox_env_only_when_sandboxed():
+    # as a slot's uid aider cannot reach the worktree's git directory (kugetsu's mirror): with
+    # git on, it dies writing a git identity into that repository's config as it starts
+    aider = agents.resolve(AgentsConfig(), "aider")
+    kw = dict(home_env={}, task_vars={}, environ={}, secrets=[])
+    assert agents.build_env(aider, sandboxed=True, **kw)["AIDER_GIT"] == "false"
+    assert "AIDER_GIT" not in agents.build_env(aider, **kw)
+    # the table's env still has the last word
+    mine = spec("aider", aider=AgentConfig(name="aider", env={"AIDER_GIT": "true"}))
+    assert agents.build_env(mine, sandboxed=True, **kw)["AIDER_GIT"] == "true"
+    # the CLIs that start without touching the repository need nothing
+    for name in ("opencode", "claude", "codex"):
+        plain = agents.resolve(AgentsConfig(), name)
+        assert agents.build_env(plain, sandboxed=True, **kw) == agents.build_env(plain, **kw)
+
+
 def test_build_env_defaults_and_table_env_wins_over_preset():
     s = spec(
         "opencode",

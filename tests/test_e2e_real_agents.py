@@ -1,8 +1,10 @@
 """The whole service with a real agent CLI: delivery, real agent, push, PR, follow-up.
 
 `kugetsu serve` runs as a process; the agent is the pinned real CLI (installed from
-npm once and cached), talking to a scripted fake LLM on 127.0.0.1 that answers with
-tool calls that write files. Skipped only when npm or its registry is unreachable.
+npm, or PyPI for aider, once and cached), talking to a scripted fake LLM on 127.0.0.1
+that answers with tool calls that write files (aider, which has no tools: with a
+`whole` edit block). Skipped only when the CLI cannot be installed here (its registry is
+unreachable, or for aider, the interpreter is one it does not support).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pytest
 
 from tests import agentcli, payloads
 from tests.conftest import REPO, SECRET, SERVICE_UID, TOKEN, wait_for
-from tests.fakellm import FakeLLM, conversation_text, text, write_file
+from tests.fakellm import FakeLLM, conversation_text, litellm_metadata, text, write_file
 from tests.service import Service, free_port, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realagent]
@@ -34,6 +36,20 @@ def installed(name: str):
 
 
 def agent_tables(name: str, llm: FakeLLM, tmp_path) -> dict:
+    if name == "aider":
+        metadata = tmp_path / "aider-model-metadata.json"
+        metadata.write_text(json.dumps(litellm_metadata()))
+        return {
+            "agents.aider": {
+                "env": {
+                    "AIDER_MODEL": "openai/fake-model",
+                    "AIDER_EDIT_FORMAT": "whole",
+                    "OPENAI_API_BASE": llm.url,
+                    "OPENAI_API_KEY": "sk-fake",
+                },
+                "home_files": {".aider.model.metadata.json": str(metadata)},
+            }
+        }
     if name == "opencode":
         config = {
             "autoupdate": False,
@@ -81,6 +97,14 @@ def agent_tables(name: str, llm: FakeLLM, tmp_path) -> dict:
     }
 
 
+def script(agent: str, path: str, content: str, said: str) -> list:
+    """The model writes `path` and says `said`: in two turns for the CLIs with tools, in one
+    reply for aider, which asks the model once per message."""
+    if agent == "aider":
+        return [write_file(path, content, said)]
+    return [write_file(path, content), text(said)]
+
+
 def tracking(gitea, number):
     return [
         c
@@ -89,18 +113,18 @@ def tracking(gitea, number):
     ]
 
 
-@pytest.mark.parametrize("agent", ["opencode", "codex", "claude"])
+@pytest.mark.parametrize("agent", ["opencode", "codex", "claude", "aider"])
 def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(
     agent, tmp_path, shared_tmp, gitea
 ):
     binary = installed(agent)
     if SANDBOXED:  # kugetsu's service user and the slots work there
         tmp_path = shared_tmp
-    script = [
-        write_file("hello.txt", "Hello, visitor!\n"),
-        text("Created hello.txt with a friendly greeting."),
-    ]
-    with FakeLLM(script) as llm:
+    with FakeLLM(
+        script(
+            agent, "hello.txt", "Hello, visitor!\n", "Created hello.txt with a friendly greeting."
+        )
+    ) as llm:
         port = free_port()
         config = write_config(
             tmp_path / "kugetsu.toml",
@@ -168,11 +192,11 @@ def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(
             sha1 = gitea.branch_sha(REPO, branch)
             first_requests = len(llm.requests)
 
-            # follow-up on the pull request: the same session resumes
-            llm.script = [
-                write_file("test_hello.txt", "assert True\n"),
-                text("Added a test for the greeting."),
-            ]
+            # follow-up on the pull request: the same session resumes (aider, which has no
+            # sessions, is run again on the branch with the earlier run in its prompt)
+            llm.script = script(
+                agent, "test_hello.txt", "assert True\n", "Added a test for the greeting."
+            )
             posted = gitea.add_comment(REPO, pr["number"], "/kugetsu continue add a test")
             assert (
                 svc.post(

@@ -314,13 +314,15 @@ def build_env(
     task_vars: Mapping[str, str],
     environ: Mapping[str, str],
     secrets: Sequence[str],
+    sandboxed: bool = False,
 ) -> dict[str, str]:
     """The agent's whole environment, built up from nothing.
 
     In order (later wins): PATH and LANG from `environ` (or defaults), `home_env`, the preset's env,
-    the table's env, each `pass_env` name present in `environ`, then `task_vars`. Nothing else from
-    `environ` gets through. A variable whose value contains one of `secrets` is dropped, with a
-    warning that names the variable and never the value.
+    its `sandbox_env` when the agent runs as a slot's uid (`sandboxed`), the table's env, each
+    `pass_env` name present in `environ`, then `task_vars`. Nothing else from `environ` gets
+    through. A variable whose value contains one of `secrets` is dropped, with a warning that
+    names the variable and never the value.
     """
     env: dict[str, str] = {
         "PATH": environ.get("PATH") or DEFAULT_PATH,
@@ -328,6 +330,8 @@ def build_env(
     }
     env.update(home_env)
     env.update(spec.base.env)
+    if sandboxed:
+        env.update(spec.base.sandbox_env)
     env.update(spec.env)
     for name in spec.pass_env:
         if name in environ:

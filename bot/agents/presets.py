@@ -60,6 +60,9 @@ class Preset:
     home_vars: Mapping[str, str] = field(default_factory=dict)
     #: files written into the agent home by `prepare_home` before `home_files` are copied
     home_seed: Mapping[str, str] = field(default_factory=dict)
+    #: added to `env` when the agent runs as a slot's uid (the sandbox): its worktree's git
+    #: directory is in kugetsu's mirror, out of that uid's reach, so git fails in the worktree
+    sandbox_env: Mapping[str, str] = field(default_factory=dict)
     #: reads the CLI's output (CustomParser: the tail of any command's output)
     parser: Callable[[re.Pattern[str]], Parser] = CustomParser
     #: what this CLI says when rate limited, besides what every provider says
@@ -227,6 +230,10 @@ PRESETS: dict[str, Preset] = {
         home_seed=frozen(
             {".aider/caches/model_prices_and_context_window.json": '{"kugetsu-stub": {}}\n'}
         ),
+        # aider opens the worktree's repository as it starts and, finding no git identity there,
+        # writes one into the repository's config: refused in the sandbox, and aider dies of it.
+        # Without git it edits the files all the same (kugetsu commits them), with no repo map.
+        sandbox_env=frozen({"AIDER_GIT": "false"}),
         parser=AiderParser,
     ),
 }

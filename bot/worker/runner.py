@@ -569,6 +569,7 @@ class Runner:
             task_vars=task_vars,
             environ=self.environ,
             secrets=cfg.secrets(),
+            sandboxed=self.sandbox.active,
         )
         started = agents.new_session_id(spec, session)
         argv = agents.argv_for(
