@@ -32,6 +32,7 @@ container's: `--first-uid` moves the slots to a range nothing else here uses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -40,7 +41,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -82,13 +85,9 @@ SCRIPT: list[Step] = [
 ]
 
 
-def buildah(storage: str, *args: str, **kw) -> subprocess.CompletedProcess:
+def buildah(storage: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["buildah", "--storage-driver", storage, *args],
-        check=True,
-        capture_output=True,
-        text=True,
-        **kw,
+        ["buildah", "--storage-driver", storage, *args], check=True, capture_output=True, text=True
     )
 
 
@@ -98,7 +97,7 @@ def containers(storage: str) -> dict[str, str]:
     return {c["id"]: c["containername"] for c in json.loads(out or "[]")}
 
 
-def build_and_keep(image_check: Path, project: Path, storage: str) -> tuple[str, dict]:
+def build_and_keep(image_check: Path, project: Path, storage: str) -> tuple[str, dict[str, Any]]:
     """Run image-check --keep and return the container it kept and what it printed."""
     before = containers(storage)
     started = time.monotonic()
@@ -125,7 +124,7 @@ def image_argv(storage: str, container: str) -> list[str]:
     return [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
 
 
-def processes() -> dict[int, dict]:
+def processes() -> dict[int, dict[str, Any]]:
     """Every process on the machine: {pid: {"ppid", "uid", "args"}} (real uid)."""
     table = {}
     for entry in os.listdir("/proc"):
@@ -145,9 +144,10 @@ def processes() -> dict[int, dict]:
     return table
 
 
-def descendants(root: int) -> list[tuple[int, int, str]]:
+def descendants(root: int, named: bool = False) -> list[tuple[int, int, str]]:
     """(uid, pid, args) of every process below `root`, by parent links: the container's
-    processes, also those that made sessions or namespaces of their own."""
+    processes, also those that made sessions or namespaces of their own. `named`: only
+    those with a command line (not zombies)."""
     table = processes()
     children: dict[int, list[int]] = {}
     for pid, p in table.items():
@@ -155,8 +155,9 @@ def descendants(root: int) -> list[tuple[int, int, str]]:
     found, todo = [], list(children.get(root, []))
     while todo:
         pid = todo.pop()
-        if not table[pid]["args"].startswith("buildah"):  # its own helpers
-            found.append((table[pid]["uid"], pid, table[pid]["args"]))
+        args = table[pid]["args"]
+        if not args.startswith("buildah") and (args or not named):  # buildah: its helpers
+            found.append((table[pid]["uid"], pid, args))
         todo += children.get(pid, [])
     return sorted(found, key=lambda row: row[1])
 
@@ -178,6 +179,123 @@ def healthy() -> bool:
         return requests.get(f"http://127.0.0.1:{PORT}/healthz", timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+@contextlib.contextmanager
+def fakes(tmp: Path) -> Iterator[tuple[FakeGitea, FakeLLM]]:
+    """The suite's fake Gitea, with the repository and a user who may ask for work, and its
+    fake LLM with SCRIPT, both on 127.0.0.1."""
+    with FakeGitea(tmp / "gitea", token=TOKEN) as gitea, FakeLLM(SCRIPT) as llm:
+        gitea.create_repo(REPO, files={"README.md": "# widget\n", "src/widget.py": "VALUE = 1\n"})
+        gitea.set_permission(REPO, "alice", "write")
+        yield gitea, llm
+
+
+def opencode_table(llm: FakeLLM) -> dict[str, dict[str, Any]]:
+    """The config tables that make opencode, the default agent, talk to the fake LLM."""
+    return {
+        "agents": {"default": "opencode", "timeout_minutes": 5},
+        "agents.opencode": {"env": {"OPENCODE_CONFIG_CONTENT": opencode_config(llm)}},
+    }
+
+
+def run_task(
+    gitea: FakeGitea,
+    first_uid: int,
+    timeout: float,
+    processes_of_service: Callable[[], list[tuple[int, int, str]]],
+) -> dict[str, Any]:
+    """A labelled issue, its signed delivery to the service on PORT, and what came of it:
+    the pull request, its branch, the tracking comment, the service's processes while the
+    agent ran (`processes_of_service` lists them), every process of a slot uid seen, and
+    whether one is left when the task has ended. Raises SystemExit if the delivery is not
+    taken or the task does not end in `timeout` s."""
+    result: dict[str, Any] = {}
+    n = gitea.create_issue(REPO, TITLE, BODY, labels=["kugetsu"])
+    body, headers = payloads.label_delivery(["kugetsu"], n)
+    posted = time.monotonic()
+    answer = requests.post(
+        f"http://127.0.0.1:{PORT}/webhook", data=body, headers=headers, timeout=10
+    )
+    result["delivery_status"] = answer.status_code
+    if answer.status_code != 202:
+        raise SystemExit(f"the delivery was answered {answer.status_code}")
+    running: list[tuple[int, int, str]] = []
+    slot_seen: dict[int, tuple[int, int, str]] = {}
+    while final_state(gitea, n) is None:
+        for row in of_uids(first_uid, SLOTS):  # each as first seen with a command line
+            if not slot_seen.get(row[1], (0, 0, ""))[2]:
+                slot_seen[row[1]] = row
+        rows = processes_of_service()
+        if any(uid >= first_uid for uid, _, _ in rows) and len(rows) > len(running):
+            running = rows
+        if time.monotonic() - posted > timeout:
+            raise SystemExit(f"no end of the task in {timeout:g} s")
+        time.sleep(0.2)
+    ended = time.monotonic()
+    result["task_seconds"] = round(ended - posted, 1)
+    result["state"] = final_state(gitea, n)
+    left_at_end = of_uids(first_uid, SLOTS)
+    try:
+        swept = wait_until(lambda: not of_uids(first_uid, SLOTS), 30, 0.1, "the slots to end")
+    except TimeoutError:
+        swept = False
+    result["slot_processes_left_at_end"] = ps_lines(left_at_end)
+    result["slot_processes_gone_after_seconds"] = (
+        round(time.monotonic() - ended, 1) if swept else None
+    )
+    result["processes_while_agent_ran"] = ps_lines(running)
+    result["slot_processes_seen"] = ps_lines(sorted(slot_seen.values()))
+    branch = f"kugetsu/issue-{n}"
+    result["pulls"] = [
+        {"number": p["number"], "title": p["title"], "head": p["head"]["ref"], "body": p["body"]}
+        for p in gitea.pulls_of(REPO).values()
+    ]
+    result["branch"] = {
+        "log": gitea.git(REPO, "log", "--format=%an <%ae> %s", f"main..{branch}"),
+        "diff": gitea.git(REPO, "diff", "--stat", "main", branch),
+        "hello.txt": gitea.file_at(REPO, branch, "hello.txt"),
+    }
+    result["tracking_comment"] = tracking_comments(gitea, n)[-1]["body"]
+    return result
+
+
+def log_lines(logs: str) -> dict[str, list[str]]:
+    """The service's lines about PID namespaces and agent starts."""
+    lines = logs.splitlines()
+    return {
+        "namespace_log": [line for line in lines if "PID namespace" in line],
+        "agent_started_log": [line for line in lines if "agent started" in line],
+    }
+
+
+def print_task(result: dict[str, Any]) -> None:
+    print(f"delivery answered {result['delivery_status']}; task {result['state']} in "
+          f"{result['task_seconds']} s (started in {result['start_seconds']} s)")  # fmt: skip
+    print("processes while the agent ran (uid, pid, command):")
+    print("\n".join(result["processes_while_agent_ran"]) or "  (none seen)")
+    print("every process of a slot uid seen during the task:")
+    print("\n".join(result["slot_processes_seen"]) or "  (none seen)")
+    print("launcher:", *result["namespace_log"], sep="\n  ")
+    print("agent started:", *result["agent_started_log"], sep="\n  ")
+    print(f"pull requests: {json.dumps(result['pulls'], indent=2, ensure_ascii=False)}")
+    print(f"branch:\n{result['branch']['log']}{result['branch']['diff']}"
+          f"hello.txt: {result['branch']['hello.txt']!r}")  # fmt: skip
+    print(f"tracking comment:\n{result['tracking_comment']}")
+    left = result["slot_processes_left_at_end"]
+    print(
+        f"processes of the slot uids when the task had ended: {len(left)}"
+        + ("".join(f"\n  {line}" for line in left))
+        + f"; none left {result['slot_processes_gone_after_seconds']} s after"
+    )
+
+
+def task_ok(result: dict[str, Any]) -> bool:
+    return (
+        result.get("state") == "done"
+        and len(result.get("pulls", ())) == 1
+        and result.get("slot_processes_gone_after_seconds") is not None
+    )
 
 
 def main() -> int:
@@ -210,7 +328,7 @@ def main() -> int:
     if healthy():
         parser.error(f"something answers on port {PORT} already; stop it first")
 
-    result: dict = {"first_uid": args.first_uid}
+    result: dict[str, Any] = {"first_uid": args.first_uid}
     if args.image_check:
         container, built = build_and_keep(args.image_check, args.project, args.storage_driver)
         result.update(built)
@@ -221,11 +339,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="kugetsu-image-task-") as d:
         tmp = Path(d)
-        with FakeGitea(tmp / "gitea", token=TOKEN) as gitea, FakeLLM(SCRIPT) as llm:
-            gitea.create_repo(
-                REPO, files={"README.md": "# widget\n", "src/widget.py": "VALUE = 1\n"}
-            )
-            gitea.set_permission(REPO, "alice", "write")
+        with fakes(tmp) as (gitea, llm):
             # the image's own settings (server, sandbox), and opencode pointed at the fake
             # LLM; no secret in the file: they come from the environment
             config = write_config(
@@ -234,8 +348,7 @@ def main() -> int:
                     "server": {"host": "0.0.0.0", "port": PORT},
                     "sandbox": {"mode": "auto", "user": "kugetsu", "first_uid": args.first_uid},
                     "queue": {"poll_interval_seconds": 30, "max_attempts": 1},
-                    "agents": {"default": "opencode", "timeout_minutes": 5},
-                    "agents.opencode": {"env": {"OPENCODE_CONFIG_CONTENT": opencode_config(llm)}},
+                    **opencode_table(llm),
                 },
             )
             # a fresh data directory: a container used before holds tasks of issues the
@@ -245,16 +358,9 @@ def main() -> int:
                 "find", DATA_DIR, "-mindepth", "1", "-delete",
             )  # fmt: skip
             buildah(
-                args.storage_driver,
-                "copy",
-                "--chown",
-                f"{SERVICE_UID}:{SERVICE_UID}",
-                "--chmod",
-                "0600",
-                container,
-                str(config),
-                CONFIG_IN_IMAGE,
-            )
+                args.storage_driver, "copy", "--chown", f"{SERVICE_UID}:{SERVICE_UID}",
+                "--chmod", "0600", container, str(config), CONFIG_IN_IMAGE,
+            )  # fmt: skip
             log_path = tmp / "container.log"
             command = [
                 "buildah", "--storage-driver", args.storage_driver, "run",
@@ -282,64 +388,9 @@ def main() -> int:
                     raise SystemExit(f"the container ended:\n{log_path.read_text()[-3000:]}")
                 result["start_seconds"] = round(time.monotonic() - started, 1)
                 init = descendants(run.pid)[0][1]  # the image's ENTRYPOINT: tini
-
-                n = gitea.create_issue(REPO, TITLE, BODY, labels=["kugetsu"])
-                body, headers = payloads.label_delivery(["kugetsu"], n)
-                posted = time.monotonic()
-                answer = requests.post(
-                    f"http://127.0.0.1:{PORT}/webhook", data=body, headers=headers, timeout=10
+                result.update(
+                    run_task(gitea, args.first_uid, args.timeout, lambda: descendants(run.pid))
                 )
-                result["delivery_status"] = answer.status_code
-                if answer.status_code != 202:
-                    raise SystemExit(f"the delivery was answered {answer.status_code}")
-
-                # the container's processes, while the agent (a slot uid) runs
-                running: list[tuple[int, int, str]] = []
-                slot_seen: dict[int, tuple[int, int, str]] = {}
-                while final_state(gitea, n) is None:
-                    slot_seen.update((row[1], row) for row in of_uids(args.first_uid, SLOTS))
-                    rows = descendants(run.pid)
-                    if any(uid >= args.first_uid for uid, _, _ in rows) and len(rows) > len(
-                        running
-                    ):
-                        running = rows
-                    if time.monotonic() - posted > args.timeout:
-                        raise SystemExit(
-                            f"no end of the task in {args.timeout:g} s:\n"
-                            f"{log_path.read_text()[-3000:]}"
-                        )
-                    time.sleep(0.2)
-                ended = time.monotonic()
-                result["task_seconds"] = round(ended - posted, 1)
-                result["state"] = final_state(gitea, n)
-                left_at_end = of_uids(args.first_uid, SLOTS)
-                try:
-                    swept = wait_until(
-                        lambda: not of_uids(args.first_uid, SLOTS), 30, 0.1, "the slots to end"
-                    )
-                except TimeoutError:
-                    swept = False
-                result["slot_processes_left_at_end"] = ps_lines(left_at_end)
-                result["slot_processes_gone_after_seconds"] = (
-                    round(time.monotonic() - ended, 1) if swept else None
-                )
-                result["processes_while_agent_ran"] = ps_lines(running)
-                result["slot_processes_seen"] = ps_lines(sorted(slot_seen.values()))
-
-                pulls = list(gitea.pulls_of(REPO).values())
-                branch = f"kugetsu/issue-{n}"
-                result["pulls"] = [
-                    {"number": p["number"], "title": p["title"], "head": p["head"]["ref"],
-                     "body": p["body"]}
-                    for p in pulls
-                ]  # fmt: skip
-                result["branch"] = {
-                    "log": gitea.git(REPO, "log", "--format=%an <%ae> %s", f"main..{branch}"),
-                    "diff": gitea.git(REPO, "diff", "--stat", "main", branch),
-                    "hello.txt": gitea.file_at(REPO, branch, "hello.txt"),
-                }
-                result["tracking_comment"] = tracking_comments(gitea, n)[-1]["body"]
-                result["llm_requests"] = len(llm.requests)
             finally:
                 if init is not None:
                     os.kill(init, signal.SIGTERM)  # as `docker stop`
@@ -354,45 +405,14 @@ def main() -> int:
                 logs = log_path.read_text(errors="replace")
                 RESULTS.mkdir(parents=True, exist_ok=True)
                 (RESULTS / "image_task.log").write_text(logs)
-                result["namespace_log"] = [
-                    line for line in logs.splitlines() if "PID namespace" in line
-                ]
-                result["agent_started_log"] = [
-                    line for line in logs.splitlines() if "agent started" in line
-                ]
-                result["sandbox_log"] = [
-                    line for line in logs.splitlines() if "sandbox" in line.lower()
-                ][:5]
+                result.update(log_lines(logs))
     if args.remove:
         buildah(args.storage_driver, "rm", container)
 
     print(f"container {container}: {shlex.join(argv)}")
-    print(f"delivery answered {result['delivery_status']}; task {result['state']} in "
-          f"{result['task_seconds']} s (started in {result['start_seconds']} s)")  # fmt: skip
-    print("processes while the agent ran (uid, pid, command):")
-    print("\n".join(result["processes_while_agent_ran"]) or "  (none seen)")
-    print("every process of a slot uid seen during the task:")
-    print("\n".join(result["slot_processes_seen"]) or "  (none seen)")
-    print("launcher:", *result["namespace_log"], sep="\n  ")
-    print("agent started:", *result["agent_started_log"], sep="\n  ")
-    print(f"pull requests: {json.dumps(result['pulls'], indent=2, ensure_ascii=False)}")
-    print(f"branch:\n{result['branch']['log']}{result['branch']['diff']}"
-          f"hello.txt: {result['branch']['hello.txt']!r}")  # fmt: skip
-    print(f"tracking comment:\n{result['tracking_comment']}")
-    left = result["slot_processes_left_at_end"]
-    print(
-        f"processes of the slot uids when the task had ended: {len(left)}"
-        + ("".join(f"\n  {line}" for line in left))
-        + f"; none left {result['slot_processes_gone_after_seconds']} s after"
-    )
-    path = write_result("image_task", result)
-    print(f"wrote {path}")
-    ok = (
-        result["state"] == "done"
-        and len(result["pulls"]) == 1
-        and result["slot_processes_gone_after_seconds"] is not None
-    )
-    return 0 if ok else 1
+    print_task(result)
+    print(f"wrote {write_result('image_task', result)}")
+    return 0 if task_ok(result) else 1
 
 
 if __name__ == "__main__":
