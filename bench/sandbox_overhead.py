@@ -5,9 +5,10 @@ the launcher, the sweep and taking them back, against `sandbox.mode = "none"` in
 
 Needs root, as `serve` with the sandbox does. Starts a launcher as `serve` would (service
 user uid 29999, first slot uid 20000), makes an issue's worktree (a linked worktree of a
-bare mirror with `--files` files checked out, as kugetsu's git leaves one) and home, then runs the same trivial agent
-(`true`) through the worker's own path (`Sandbox.lend`, `AgentProcess.start`, `close`)
-alternately with `NoSandbox` and with `UserSandbox`, so both meet the same machine. The
+bare mirror with `--files` files checked out, as kugetsu's git leaves one) and home, then
+runs the same trivial agent (`true`) through the worker's own path (`Sandbox.lend`,
+`AgentProcess.start`, `close`) alternately with `NoSandbox` and with `UserSandbox`, so both
+meet the same machine. The
 figure is the whole agent run, `lend` to the end of the block: for `none` a fork, exec and
 reap; for `user` also the launcher's round trips, the chown of the worktree and home both
 ways, the sweep of the slot's uid, and, where the kernel lets agents have them, making
