@@ -298,8 +298,8 @@ def _run_agent(
 # namespaces (a user namespace owning a PID and a mount namespace), the agent gets a /proc
 # of its own, in which only its own processes exist. The launcher needs no further
 # capability for it: the slot's uid makes them itself. Where that is refused (Docker's and
-# Kubernetes' default seccomp profiles refuse it), agents run as before and the README says
-# what they can then see.
+# Kubernetes' default seccomp profiles refuse it, and so does the kernel inside a chroot),
+# agents run as before and the README says what they can then see.
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWUSER = 0x10000000
@@ -718,7 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         log.warning(
             "agents share the PID namespace: they can list every process and read its "
-            "command line (this kernel or its seccomp profile refuses them namespaces)"
+            "command line (user namespaces are refused here: by a seccomp profile, a "
+            "chroot, or the kernel's settings)"
         )
     os.write(args.ready_fd, b"ok\n")
     os.close(args.ready_fd)
