@@ -279,17 +279,20 @@ def issue_dirs(config, issue: int = 1) -> tuple[Path, Path]:
     return wt, home
 
 
-def run_in_slot(box, slot, wt, home, code, tmp_path, *, wait=True):
-    """`code` (Python) run as the slot's agent in `wt`, as the runner runs one."""
+def run_in_slot(box, slot, wt, home, code, tmp_path, *, wait=True, args=(), started=None):
+    """`code` (Python, given `args`) run as the slot's agent in `wt`, as the runner runs
+    one; `started(proc)` is called as soon as the launcher has started it."""
     log = tmp_path / f"agent-{time.monotonic_ns()}.log"
     with box.lend(slot, [wt, home]) as start:
         proc = start(
-            [AGENT_PYTHON, "-c", code],
+            [AGENT_PYTHON, "-c", code, *args],
             cwd=wt,
             env={"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"},
             log_path=log,
             log_max_bytes=1 << 20,
         )
+        if started is not None:
+            started(proc)
         if wait:
             assert proc.wait(60) is not None
         proc.close(grace=1.0)
@@ -398,18 +401,9 @@ def test_an_agent_sees_only_its_own_processes_and_its_end_is_passed_on(launched,
         "'tried': tried}))\n"
     )
     others = [os.getpid(), launcher.proc.pid]  # this test, and the launcher
-    log = tmp / "visible.log"
-    with box.lend(0, [wt, home]) as start:
-        proc = start(
-            [AGENT_PYTHON, "-c", visible, *map(str, others)],
-            cwd=wt,
-            env={"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"},
-            log_path=log,
-            log_max_bytes=1 << 20,
-        )
-        assert proc.wait(60) == 0
-        proc.close(grace=1.0)
-    seen = json.loads(log.read_text().strip().splitlines()[-1])
+    proc, out = run_in_slot(box, 0, wt, home, visible, tmp, args=map(str, others))
+    assert proc.returncode == 0, out
+    seen = json.loads(out.strip().splitlines()[-1])
     # its /proc lists the first process of its namespace, itself and its child: all its uid
     assert sorted(map(int, seen["seen"])) == sorted({1, seen["pid"], seen["child"]})
     assert set(seen["seen"].values()) == {str(slot_uid(0))}
@@ -462,21 +456,14 @@ def test_a_slot_is_swept_before_it_is_reused(launched, tmp):
         "print('PEERS', [p for p in os.listdir('/proc') if p.isdigit() and mine(p) and "
         "int(p) not in (os.getpid(), os.getppid())])"
     )
-    log = tmp / "peers.log"
-    with box.lend(0, [wt, home]) as start:
-        proc = start(
-            [AGENT_PYTHON, "-c", code],
-            cwd=wt,
-            env={"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"},
-            log_path=log,
-            log_max_bytes=1 << 20,
-        )
-        # the launcher answers a start after its sweep: the stray was gone (killed, and
-        # only waiting to be reaped) before the agent ran
-        assert stray.poll() == -signal.SIGKILL
-        assert proc.wait(60) == 0
-        proc.close(grace=1.0)
-    assert "PEERS []" in log.read_text()  # what the agent sees agrees
+    gone_at_start = []
+    # the launcher answers a start after its sweep: the stray was gone (killed, and only
+    # waiting to be reaped) before the agent ran
+    proc, out = run_in_slot(
+        box, 0, wt, home, code, tmp, started=lambda _: gone_at_start.append(stray.poll())
+    )
+    assert gone_at_start == [-signal.SIGKILL] and proc.returncode == 0
+    assert "PEERS []" in out  # what the agent sees agrees
 
 
 @needs_root
