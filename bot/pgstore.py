@@ -31,10 +31,11 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
+from bot.core import metrics
 from bot.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -245,8 +246,11 @@ class PostgresStore(Store):
         with translated(), self.pool.connection() as conn:
             conn.execute("BEGIN")
             self._local.tx = conn
+            self._local.counts = {}
             try:
                 yield self._session
+                if self._local.counts:
+                    super().add_counts(self._session, self._local.counts)
             except BaseException:
                 with suppress(Exception):
                     conn.execute("ROLLBACK")
@@ -254,7 +258,19 @@ class PostgresStore(Store):
             else:
                 conn.execute("COMMIT")
             finally:
-                self._local.tx = None
+                self._local.tx = self._local.counts = None
+
+    def add_counts(self, c: Conn | None, counts: Mapping[metrics.Key, float]) -> None:
+        """Inside a transaction, the counts wait for its end, and are then written as its
+        last step, all at once and in one order. Each counter row stays locked until
+        commit: a transaction that took counters before other rows, or in two calls in
+        two orders, could deadlock with another doing the same the other way round."""
+        if c is None:
+            super().add_counts(None, counts)
+            return
+        staged = self._local.counts
+        for key, amount in counts.items():
+            staged[key] = staged.get(key, 0) + amount
 
     def _indexed_by(self, index: str) -> str:
         return ""

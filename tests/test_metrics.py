@@ -111,6 +111,59 @@ def test_keys_are_the_same_whatever_the_order_of_labels_and_a_tally_gives_back()
 # ---------------------------------------------------------------------- the store's counters
 
 
+def test_counters_are_written_last_in_their_transaction_so_they_cannot_deadlock(pg_cluster):
+    """A transaction that counted, then waits for a row another holds, must not hold the
+    counter meanwhile: the other may want that counter next (seen as a deadlock between
+    claims and finishes). On PostgreSQL the counts wait for the end of the transaction."""
+    import threading
+
+    import psycopg
+
+    url = pg_cluster.url_for()
+    store = open_store(url)
+    try:
+        counted = m.key(m.Counter.GITEA_REQUESTS, method="GET", code="200")
+        row = m.key(m.Counter.GITEA_REQUESTS, method="POST", code="201")
+        store.add_counts(None, {counted: 1, row: 1})
+        bump = "UPDATE counters SET value = value + 1 WHERE name = %s AND labels = %s"
+        failed: list[BaseException] = []
+
+        def claim() -> None:
+            try:
+                with store.tx() as c:
+                    store.add_counts(c, {counted: 1})
+                    c.execute(
+                        "UPDATE counters SET value = value + 1 WHERE name = ? AND labels = ?",
+                        row,
+                    )
+            except BaseException as exc:
+                failed.append(exc)
+
+        with psycopg.connect(url) as other:
+            other.execute(bump, row)  # holds the row the claim goes on to
+            pid = other.info.backend_pid
+            worker = threading.Thread(target=claim)
+            worker.start()
+            with psycopg.connect(url, autocommit=True) as watch:
+                wait_for(
+                    lambda: watch.execute(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE %s = ANY(pg_blocking_pids(pid))",
+                        (pid,),
+                    ).fetchone()[0],
+                    what="the claim to wait for the row",
+                )
+            other.execute("SET LOCAL lock_timeout = '5s'")
+            other.execute(bump, counted)  # free: the claim has not written it yet
+            other.commit()
+            worker.join(30)
+        assert not worker.is_alive() and failed == []
+        counters = {(n, lab): v for n, lab, v in store.metrics_snapshot().counters}
+        assert counters[counted] == counters[row] == 3
+    finally:
+        store.close()
+
+
 def test_counters_are_taken_in_one_order_so_two_finishes_cannot_deadlock(pg_cluster):
     """On PostgreSQL each counter row stays locked until commit. Another transaction holds
     counter A and goes on to take B, as a finish does (in the store's order); a finish
