@@ -300,13 +300,20 @@ def shared_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def reachable_in_sandbox(path: Path) -> Path:
+    """`path`, which pytest made private to root: in sandbox runs, opened to agents (slot
+    uids) and `kugetsu serve`'s service user (`open_to_other_uids`), who work there."""
+    if SANDBOX == "user":
+        open_to_other_uids(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def sandboxed(tmp_path):
     """In sandbox runs: agents (slot uids) and `kugetsu serve`'s service user can reach the
     test's folder and write what the fake agent records there; the launchers started for
     the test stop with it."""
-    if SANDBOX == "user":
-        open_to_other_uids(tmp_path)
+    reachable_in_sandbox(tmp_path)
     yield
     while _launchers:
         _data_dir, (_slots, launcher) = _launchers.popitem()

@@ -72,6 +72,23 @@ def problems(body: dict[str, Any]) -> list[str]:
     return [p for p in body["problems"] if not p.startswith("sandbox:")]
 
 
+def workers(pid: int) -> list[int]:
+    """The live worker processes `serve` (pid) started (beside it: the sandbox's launcher)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    argv = fh.read().split(b"\0")
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z" and b"worker" in argv:
+                found.append(int(entry))
+    return found
+
+
 #: runs `python -m bot ARGS...` with the soft limit of open files set to argv[1]
 _WITH_FD_LIMIT = (
     "import os, resource, sys\n"
