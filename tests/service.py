@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from tests.conftest import SANDBOX, SERVICE_UID
+from tests.conftest import SANDBOX, SERVICE_UID, first_uid
 
 
 def free_port() -> int:
@@ -46,6 +46,10 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
     who reads it after `serve` drops to it."""
     if SANDBOX == "user":
         tables = {"sandbox": {"mode": "user", "user": str(SERVICE_UID)}, **tables}
+    sandbox = tables.get("sandbox", {})
+    if sandbox.get("mode") in ("user", "auto") and "first_uid" not in sandbox:
+        # the test's own slot uids (tests/conftest.py: first_uid)
+        tables = {**tables, "sandbox": {**sandbox, "first_uid": first_uid()}}
     lines = []
     for name, table in tables.items():
         lines.append(f"[{name}]")
@@ -53,8 +57,8 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
         lines.append("")
     path.write_text("\n".join(lines))
     path.chmod(0o600)
-    if tables.get("sandbox", {}).get("mode") in ("user", "auto"):
-        user = str(tables["sandbox"].get("user", SERVICE_UID))
+    if sandbox.get("mode") in ("user", "auto"):
+        user = str(sandbox.get("user", SERVICE_UID))
         if user.isdigit():
             os.chown(path, int(user), int(user))
     return path

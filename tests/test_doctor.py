@@ -22,7 +22,7 @@ from bot.core import hooks
 from bot.core.health import Readiness
 from bot.doctor import CHECKS, ServeChecks
 from bot.store import open_store
-from tests.conftest import FAKE_AGENT, REPO, SANDBOX, SECRET, SERVICE_UID, TOKEN
+from tests.conftest import FAKE_AGENT, REPO, SANDBOX, SECRET, SERVICE_UID, TOKEN, first_uid
 from tests.service import free_port, write_config
 
 PUBLIC = "http://kugetsu.test:8080"
@@ -116,8 +116,8 @@ def test_doctor_passes_on_a_good_setup_in_order(gitea, tmp_path, capsys):
     assert check(report, "sandbox")["detail"].startswith(
         'off (sandbox.mode = "none")'
         if SANDBOX == "none"
-        else f"can be had as uid 0 runs it: agents would run as uids 20000-20002, "
-        f"kugetsu as {SERVICE_UID}"
+        else f"can be had as uid 0 runs it: agents would run as uids {first_uid()}-"
+        f"{first_uid() + 2}, kugetsu as {SERVICE_UID}"
     )
     # the human form: every check on a line of its own, and the verdict
     code, out, _ = cli(capsys, "doctor", "--config", config)
