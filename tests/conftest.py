@@ -3,7 +3,8 @@
 `KUGETSU_TEST_SANDBOX=user` runs the suite with the sandbox on (it needs root): configs from
 `make_config` and the e2e tests' `write_config` get `sandbox.mode = "user"`, each data
 directory an in-process worker uses gets its own launcher, and agents run as slot uids, a
-range of them for each test (`first_uid`).
+range of them for each test (`first_uid`). The tests that build such configs are marked
+`both_modes` (`depends_on_mode`), so CI can run just them with the sandbox on.
 """
 
 from __future__ import annotations
@@ -114,6 +115,20 @@ def first_uid() -> int:
     return _test_first_uid
 
 
+#: the marker of tests whose outcome may depend on KUGETSU_TEST_SANDBOX: CI runs the whole
+#: suite without the sandbox and these again with it (.ci/run: pytest -m both_modes)
+BOTH_MODES = "both_modes"
+_test_depends_on_mode = False
+
+
+def depends_on_mode() -> None:
+    """The current test builds what the suite's mode changes: a config from `make_config`
+    or a `kugetsu serve` config file that leaves [sandbox] to the mode. It must be marked
+    BOTH_MODES (checked when it ends), so that CI runs it with the sandbox on too."""
+    global _test_depends_on_mode
+    _test_depends_on_mode = True
+
+
 #: data directory -> (slots, the launcher started for in-process workers on it)
 _launchers: dict[Path, tuple[int, object]] = {}
 
@@ -122,6 +137,7 @@ def sandbox_config(data_dir: Path, slots: int) -> SandboxConfig:
     """The [sandbox] of configs built in-process: on in sandbox runs, with a launcher for
     `data_dir` whose service user is this process's (root): what `serve` starts before it
     drops privileges, for workers that tests build themselves."""
+    depends_on_mode()
     if SANDBOX != "user":
         return SandboxConfig()
     settings = SandboxConfig(mode="user", user=str(os.getuid()), first_uid=first_uid())
@@ -356,17 +372,26 @@ def reachable_in_sandbox(path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def sandboxed(tmp_path):
+def sandboxed(tmp_path, request):
     """In sandbox runs: agents (slot uids) and `kugetsu serve`'s service user can reach the
     test's folder and write what the fake agent records there; the launchers started for
-    the test stop with it, and the next test's slots have uids of their own (`first_uid`)."""
-    global _test_first_uid
+    the test stop with it, and the next test's slots have uids of their own (`first_uid`).
+    In either mode, a test that depends on the mode (`depends_on_mode`) is marked so."""
+    global _test_first_uid, _test_depends_on_mode
     reachable_in_sandbox(tmp_path)
     yield
     while _launchers:
         _data_dir, (_slots, launcher) = _launchers.popitem()
         launcher.stop()  # type: ignore[attr-defined]
     _test_first_uid = None
+    unmarked = _test_depends_on_mode and not request.node.get_closest_marker(BOTH_MODES)
+    _test_depends_on_mode = False
+    if unmarked:
+        pytest.fail(
+            f"{request.node.nodeid} runs what KUGETSU_TEST_SANDBOX changes (make_config, or "
+            f"write_config without [sandbox]): mark it @pytest.mark.{BOTH_MODES}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)

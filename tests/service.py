@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from tests.conftest import SANDBOX, SERVICE_UID, first_uid
+from tests.conftest import SANDBOX, SERVICE_UID, depends_on_mode, first_uid
 
 
 def free_port() -> int:
@@ -44,8 +44,10 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
     """A config file, private as one holding the token should be. In sandbox runs it gets
     `sandbox.mode = "user"` (unless it says otherwise) and belongs to the service user,
     who reads it after `serve` drops to it."""
-    if SANDBOX == "user":
-        tables = {"sandbox": {"mode": "user", "user": str(SERVICE_UID)}, **tables}
+    if "sandbox" not in tables:
+        depends_on_mode()
+        if SANDBOX == "user":
+            tables = {"sandbox": {"mode": "user", "user": str(SERVICE_UID)}, **tables}
     sandbox = tables.get("sandbox", {})
     if sandbox.get("mode") in ("user", "auto") and "first_uid" not in sandbox:
         # the test's own slot uids (tests/conftest.py: first_uid)

@@ -31,7 +31,7 @@ from tests.conftest import (
 from tests.dashboard import CLIENT_ID, CLIENT_SECRET, dashboard_table
 from tests.service import Service, free_port, write_config
 
-pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.both_modes]
 
 CHROMIUM = "/usr/bin/chromium"
 #: Chromium on a machine without a network to the outside: no sandbox (root), no GPU,

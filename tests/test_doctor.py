@@ -25,6 +25,8 @@ from bot.store import open_store
 from tests.conftest import FAKE_AGENT, REPO, SANDBOX, SECRET, SERVICE_UID, TOKEN, first_uid
 from tests.service import free_port, write_config
 
+pytestmark = pytest.mark.both_modes
+
 PUBLIC = "http://kugetsu.test:8080"
 HOOK_URL = PUBLIC + "/webhook"
 

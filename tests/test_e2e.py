@@ -30,7 +30,7 @@ from tests.conftest import (
 )
 from tests.service import Service, free_port, json_lines, problems, workers, write_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_modes]
 
 
 def agent_table(**env) -> dict:

@@ -22,7 +22,7 @@ from tests import payloads
 from tests.conftest import SECRET, TOKEN, wait_for
 from tests.service import Service, free_port, workers, write_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_modes]
 
 #: what Gitea waits for an answer; a delivery answered later is lost
 GITEA_DELIVERY_TIMEOUT_SECONDS = 5.0
