@@ -2,7 +2,9 @@
 
 `KUGETSU_TEST_SANDBOX=user` runs the suite with the sandbox on (it needs root): configs from
 `make_config` and the e2e tests' `write_config` get `sandbox.mode = "user"`, each data
-directory an in-process worker uses gets its own launcher, and agents run as slot uids.
+directory an in-process worker uses gets its own launcher, and agents run as slot uids, a
+range of them for each test (`first_uid`). The tests that build such configs are marked
+`both_modes` (`depends_on_mode`), so CI can run just them with the sandbox on.
 """
 
 from __future__ import annotations
@@ -68,6 +70,66 @@ def fake_agent(name: str = "fake", **env: str) -> AgentConfig:
     )
 
 
+#: a test run's share of uids for its tests' slots, and each test's share of that
+UIDS_PER_RUN = 1_000_000
+UIDS_PER_TEST = 100  # more than any test's max_concurrent_agents
+_uid_block: int | None = None
+_tests_given_uids = 0
+_test_first_uid: int | None = None
+
+
+def _claim_uid_block() -> int:
+    """The first of UIDS_PER_RUN uids that no other test run on this machine gives its
+    slots while this one lives: each run holds a lock on its block's file until it exits
+    (a run that ends, however it ends, lets go of it)."""
+    import fcntl
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / f"kugetsu-test-uids-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    # blocks from 1_000_000 up: clear of the default first_uid (20000), which runs of
+    # other checkouts and kugetsu itself use, and of system and login accounts
+    for block in range(1, 2_000_000_000 // UIDS_PER_RUN):
+        fd = os.open(folder / f"{block}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return block * UIDS_PER_RUN  # the descriptor stays open: the lock lives with the run
+    raise RuntimeError(f"every block of test uids in {folder} is held by a running test run")
+
+
+def first_uid() -> int:
+    """The current test's sandbox.first_uid: its slots' uids are its own, never those of
+    another test of this run or of another test run on the machine. Every launcher sweeps
+    its slot uids before it starts an agent, so two launchers that shared a uid (a test's
+    `serve` lingering while the next test runs, or two runs at once) would kill each
+    other's agents."""
+    global _uid_block, _tests_given_uids, _test_first_uid
+    if _test_first_uid is None:
+        if _uid_block is None:
+            _uid_block = _claim_uid_block()
+        offset = _tests_given_uids % (UIDS_PER_RUN // UIDS_PER_TEST)
+        _tests_given_uids += 1
+        _test_first_uid = _uid_block + offset * UIDS_PER_TEST
+    return _test_first_uid
+
+
+#: the marker of tests whose outcome may depend on KUGETSU_TEST_SANDBOX: CI runs the whole
+#: suite without the sandbox and these again with it (.ci/run: pytest -m both_modes)
+BOTH_MODES = "both_modes"
+_test_depends_on_mode = False
+
+
+def depends_on_mode() -> None:
+    """The current test builds what the suite's mode changes: a config from `make_config`
+    or a `kugetsu serve` config file that leaves [sandbox] to the mode. It must be marked
+    BOTH_MODES (checked when it ends), so that CI runs it with the sandbox on too."""
+    global _test_depends_on_mode
+    _test_depends_on_mode = True
+
+
 #: data directory -> (slots, the launcher started for in-process workers on it)
 _launchers: dict[Path, tuple[int, object]] = {}
 
@@ -76,9 +138,10 @@ def sandbox_config(data_dir: Path, slots: int) -> SandboxConfig:
     """The [sandbox] of configs built in-process: on in sandbox runs, with a launcher for
     `data_dir` whose service user is this process's (root): what `serve` starts before it
     drops privileges, for workers that tests build themselves."""
+    depends_on_mode()
     if SANDBOX != "user":
         return SandboxConfig()
-    settings = SandboxConfig(mode="user", user=str(os.getuid()))
+    settings = SandboxConfig(mode="user", user=str(os.getuid()), first_uid=first_uid())
     running = _launchers.get(data_dir)
     if running is None or running[0] < slots:
         from bot import sandbox
@@ -301,17 +364,35 @@ def shared_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def reachable_in_sandbox(path: Path) -> Path:
+    """`path`, which pytest made private to root: in sandbox runs, opened to agents (slot
+    uids) and `kugetsu serve`'s service user (`open_to_other_uids`), who work there."""
+    if SANDBOX == "user":
+        open_to_other_uids(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
-def sandboxed(tmp_path):
+def sandboxed(tmp_path, request):
     """In sandbox runs: agents (slot uids) and `kugetsu serve`'s service user can reach the
     test's folder and write what the fake agent records there; the launchers started for
-    the test stop with it."""
-    if SANDBOX == "user":
-        open_to_other_uids(tmp_path)
+    the test stop with it, and the next test's slots have uids of their own (`first_uid`).
+    In either mode, a test that depends on the mode (`depends_on_mode`) is marked so."""
+    global _test_first_uid, _test_depends_on_mode
+    reachable_in_sandbox(tmp_path)
     yield
     while _launchers:
         _data_dir, (_slots, launcher) = _launchers.popitem()
         launcher.stop()  # type: ignore[attr-defined]
+    _test_first_uid = None
+    unmarked = _test_depends_on_mode and not request.node.get_closest_marker(BOTH_MODES)
+    _test_depends_on_mode = False
+    if unmarked:
+        pytest.fail(
+            f"{request.node.nodeid} runs what KUGETSU_TEST_SANDBOX changes (make_config, or "
+            f"write_config without [sandbox]): mark it @pytest.mark.{BOTH_MODES}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)

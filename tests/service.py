@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import requests
 
-from tests.conftest import SANDBOX, SERVICE_UID
+from tests.conftest import SANDBOX, SERVICE_UID, depends_on_mode, first_uid
 
 
 def free_port() -> int:
@@ -46,8 +46,14 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
     """A config file, private as one holding the token should be. In sandbox runs it gets
     `sandbox.mode = "user"` (unless it says otherwise) and belongs to the service user,
     who reads it after `serve` drops to it."""
-    if SANDBOX == "user":
-        tables = {"sandbox": {"mode": "user", "user": str(SERVICE_UID)}, **tables}
+    if "sandbox" not in tables:
+        depends_on_mode()
+        if SANDBOX == "user":
+            tables = {"sandbox": {"mode": "user", "user": str(SERVICE_UID)}, **tables}
+    sandbox = tables.get("sandbox", {})
+    if sandbox.get("mode") in ("user", "auto") and "first_uid" not in sandbox:
+        # the test's own slot uids (tests/conftest.py: first_uid)
+        tables = {**tables, "sandbox": {**sandbox, "first_uid": first_uid()}}
     lines = []
     for name, table in tables.items():
         lines.append(f"[{name}]")
@@ -55,8 +61,8 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
         lines.append("")
     path.write_text("\n".join(lines))
     path.chmod(0o600)
-    if tables.get("sandbox", {}).get("mode") in ("user", "auto"):
-        user = str(tables["sandbox"].get("user", SERVICE_UID))
+    if sandbox.get("mode") in ("user", "auto"):
+        user = str(sandbox.get("user", SERVICE_UID))
         if user.isdigit():
             os.chown(path, int(user), int(user))
     return path
@@ -72,6 +78,23 @@ def problems(body: dict[str, Any]) -> list[str]:
     """/healthz's problems but the sandbox's: a suite run as root without the sandbox is
     warned of that at every start (tests/test_sandbox.py checks the warning)."""
     return [p for p in body["problems"] if not p.startswith("sandbox:")]
+
+
+def workers(pid: int) -> list[int]:
+    """The live worker processes `serve` (pid) started (beside it: the sandbox's launcher)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    argv = fh.read().split(b"\0")
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z" and b"worker" in argv:
+                found.append(int(entry))
+    return found
 
 
 #: runs `python -m bot ARGS...` with the soft limit of open files set to argv[1]

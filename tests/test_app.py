@@ -273,6 +273,7 @@ def test_a_budget_out_of_range_is_refused_with_a_reply_not_a_500(service):
     assert "--max-tokens must be greater than 0 and at most 1,000,000,000,000" in reply.body
 
 
+@pytest.mark.both_modes
 def test_a_worker_only_node_takes_no_deliveries(tmp_path):
     from bot.app import create_app
     from bot.store import open_store

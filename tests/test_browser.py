@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -19,11 +18,20 @@ import pytest
 import requests
 
 from tests import payloads
-from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN, process_gone, wait_for
+from tests.conftest import (
+    AGENT_PYTHON,
+    FAKE_AGENT,
+    REPO,
+    SECRET,
+    TOKEN,
+    process_gone,
+    reachable_in_sandbox,
+    wait_for,
+)
 from tests.dashboard import CLIENT_ID, CLIENT_SECRET, dashboard_table
 from tests.service import Service, free_port, write_config
 
-pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.both_modes]
 
 CHROMIUM = "/usr/bin/chromium"
 #: Chromium on a machine without a network to the outside: no sandbox (root), no GPU,
@@ -65,7 +73,7 @@ class Site:
                 "queue": {"poll_interval_seconds": 30, "max_concurrent_agents": 4},
                 "agents": {"default": "fake", "timeout_minutes": 5, "kill_grace_seconds": 2},
                 "agents.fake": {
-                    "command": [sys.executable, str(FAKE_AGENT), "{prompt}"],
+                    "command": [AGENT_PYTHON, str(FAKE_AGENT), "{prompt}"],
                     # an agent that works for a minute, printing a line every 0.2 s
                     "env": {"FAKE_SECONDS": "60", "FAKE_PRINT_EVERY": "0.2"},
                 },
@@ -107,7 +115,7 @@ class Site:
 def site(tmp_path_factory):
     from tests.fakegitea import FakeGitea
 
-    tmp = tmp_path_factory.mktemp("browser")
+    tmp = reachable_in_sandbox(tmp_path_factory.mktemp("browser"))
     with FakeGitea(tmp / "gitea", token=TOKEN) as gitea:
         gitea.create_repo(REPO, files={"README.md": "# widget\n"})
         gitea.set_permission(REPO, "alice", "write")

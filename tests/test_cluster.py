@@ -24,7 +24,7 @@ from tests import payloads
 from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN, peak_overlap, task_events, wait_for
 from tests.service import Service, free_port, write_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_modes]
 
 LEASE_SECONDS = 4
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
+
 from bot.core import events, intake
 from bot.core.tasks import Kind, Outcome, State
 from bot.ingest import ingest, rules_for
 from tests import payloads, test_worker
 from tests.conftest import REPO, fake_agent, wait_for
 from tests.test_worker import Harness, deliver_comment, replies
+
+pytestmark = pytest.mark.both_modes
 
 BRANCH = "kugetsu/issue-{}"
 make = test_worker.make  # the fixture: a worker against the fake Gitea

@@ -39,6 +39,8 @@ from tests.dashboard import (
     with_dashboard,
 )
 
+pytestmark = pytest.mark.both_modes
+
 PUBLIC = "http://kugetsu.test"
 SECRET_REPO = "acme/secret"
 

@@ -29,9 +29,9 @@ from tests.conftest import (
     task_events,
     wait_for,
 )
-from tests.service import Service, free_port, json_lines, problems, write_config
+from tests.service import Service, free_port, json_lines, problems, workers, write_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_modes]
 
 
 def agent_table(**env) -> dict:
@@ -405,23 +405,6 @@ def test_two_processes_on_one_database_share_the_limit(service_factory, gitea, t
     assert len(claimers) == 2  # both processes ran agents
     for n in issues:  # one tracking comment per task, though two processes publish
         assert len(tracking(gitea, n)) == 1
-
-
-def workers(pid: int) -> list[int]:
-    """The live worker processes `serve` (pid) started (beside it: the sandbox's launcher)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    argv = fh.read().split(b"\0")
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z" and b"worker" in argv:
-                found.append(int(entry))
-    return found
 
 
 def test_worker_stops_its_agents_when_the_receiver_dies(service_factory, gitea, tmp_path):

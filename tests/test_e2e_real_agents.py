@@ -15,7 +15,7 @@ import os
 import pytest
 
 from tests import agentcli, payloads
-from tests.conftest import REPO, SECRET, SERVICE_UID, TOKEN, wait_for
+from tests.conftest import REPO, SECRET, SERVICE_UID, TOKEN, first_uid, wait_for
 from tests.fakellm import FakeLLM, conversation_text, litellm_metadata, text, write_file
 from tests.service import Service, free_port, write_config
 
@@ -179,7 +179,7 @@ def test_real_agent_from_label_to_pull_request_and_resumed_follow_up(
                 started = [
                     line for line in svc.logs().splitlines() if "launcher: agent started" in line
                 ]
-                assert started and all("uid=20000" in line for line in started), started
+                assert started and all(f"uid={first_uid()}" in line for line in started), started
             [pr] = gitea.pulls_of(REPO).values()
             branch = f"kugetsu/issue-{n}"
             assert gitea.file_at(REPO, branch, "hello.txt") == "Hello, visitor!\n"

@@ -194,6 +194,7 @@ def test_the_queue_is_the_round_robin_and_tasks_start_in_the_order_shown(steps):
             store.close()
 
 
+@pytest.mark.both_modes
 def test_b_starts_second_and_the_comments_showed_that_order(tmp_path, gitea):
     """The worker, real agents and tracking comments: six tasks on A, the first one at
     work, then one on B, at limit 1."""

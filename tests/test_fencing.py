@@ -25,6 +25,8 @@ from bot.workspace import Workspace
 from tests.conftest import REPO, TOKEN, task_events
 from tests.test_worker import BRANCH, Harness, naming_its_session
 
+pytestmark = pytest.mark.both_modes
+
 
 @pytest.fixture
 def harness(tmp_path, gitea, backend, request):

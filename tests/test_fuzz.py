@@ -32,6 +32,8 @@ from bot.workspace import Workspace
 from tests import payloads
 from tests.conftest import TOKEN, make_config, wait_for
 
+pytestmark = pytest.mark.both_modes
+
 #: what Gitea sends in X-Gitea-Event (and some it does not)
 EVENTS = [
     "issues",

@@ -378,6 +378,7 @@ def scrape(svc) -> dict:
     return samples(r.text)
 
 
+@pytest.mark.both_modes
 @pytest.mark.e2e
 def test_metrics_of_a_running_service_count_the_receivers_and_the_workers_work(tmp_path, gitea):
     port = free_port()

@@ -270,6 +270,7 @@ def service(tmp_path, gitea, notify_entries, agent_env=None) -> Service:
     return Service(path, port, tmp_path).start()
 
 
+@pytest.mark.both_modes
 @pytest.mark.e2e
 def test_a_service_sends_every_tasks_events_in_order_signed_through_an_endpoint_that_fails_first(
     tmp_path, gitea, endpoints
@@ -312,6 +313,7 @@ def test_a_service_sends_every_tasks_events_in_order_signed_through_an_endpoint_
         svc.stop()
 
 
+@pytest.mark.both_modes
 @pytest.mark.e2e
 def test_an_endpoint_that_does_not_answer_slows_neither_the_tasks_nor_the_other_endpoints(
     tmp_path, gitea, endpoints

@@ -23,7 +23,7 @@ from tests import payloads
 from tests.conftest import FAKE_AGENT, REPO, SECRET, TOKEN, enqueue, wait_for
 from tests.service import Service, free_port, problems, write_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_modes]
 
 
 @pytest.fixture

@@ -23,6 +23,8 @@ from tests.conftest import FAKE_AGENT, REPO, TOKEN
 from tests.service import write_config
 from tests.test_worker import Harness
 
+pytestmark = pytest.mark.both_modes
+
 
 @pytest.fixture
 def h(tmp_path, gitea):

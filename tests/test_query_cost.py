@@ -18,11 +18,15 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from bot.core.outbox import OutboxItem, OutboxKind
 from bot.core.tasks import Kind
 from bot.store import Store, open_store
 from tests.conftest import REPO, enqueue
 from tests.test_worker import Harness
+
+pytestmark = pytest.mark.both_modes
 
 #: tables whose size grows with use; a query may read one of them only through an index
 GROWING = (

@@ -24,6 +24,8 @@ from tests import payloads
 from tests.conftest import REPO, TOKEN
 from tests.test_worker import Harness, not_admin
 
+pytestmark = pytest.mark.both_modes
+
 # ------------------------------------------------ what a pass makes of Gitea's answers
 
 

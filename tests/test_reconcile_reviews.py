@@ -10,12 +10,16 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
+import pytest
+
 from bot.core import reviews
 from bot.core.tasks import Kind, Outcome
 from tests.conftest import REPO, fake_agent
 from tests.test_conversations import deliver_review, make, prompt_seen, settle_all
 from tests.test_reconcile import delivery_counts, served
 from tests.test_worker import replies
+
+pytestmark = pytest.mark.both_modes
 
 __all__ = ["make"]  # the fixture, used by name
 

@@ -180,6 +180,7 @@ def queue(h, issue: int, **kw) -> int:
     )
 
 
+@pytest.mark.both_modes
 def test_the_repositorys_agent_instructions_and_branch_are_used(make, tmp_path):
     seen = tmp_path / "other.json"
     h = make(agents={"fake": fake_agent(), "other": fake_agent(FAKE_ENVFILE=str(seen))})
@@ -212,6 +213,7 @@ def opencode_shaped(steps: int, **table) -> AgentConfig:
     return AgentConfig(name="oc", preset="opencode", command=command, env=env, **table)
 
 
+@pytest.mark.both_modes
 def test_the_repositorys_budget_stops_the_agent(make):
     h = make(default="oc", agents={"oc": opencode_shaped(20)})
     settings_file(h.gitea, "[agents]\nmax_tokens = 12000\n")  # the server sets none
@@ -223,6 +225,7 @@ def test_the_repositorys_budget_stops_the_agent(make):
     assert task.usage["input_tokens"] + task.usage["output_tokens"] < 20 * 5000
 
 
+@pytest.mark.both_modes
 def test_the_servers_budget_for_the_agent_that_runs_still_holds(make):
     # the repository's budget is checked against its own default agent's (no limit), and
     # a request for another agent runs within that agent's server budget all the same
@@ -235,6 +238,7 @@ def test_the_servers_budget_for_the_agent_that_runs_still_holds(make):
     assert "budget exceeded" in task.error
 
 
+@pytest.mark.both_modes
 def test_a_pull_request_cannot_change_its_own_settings(make, tmp_path):
     seen = tmp_path / "other.json"
     h = make(agents={"fake": fake_agent(), "other": fake_agent(FAKE_ENVFILE=str(seen))})
@@ -252,6 +256,7 @@ def test_a_pull_request_cannot_change_its_own_settings(make, tmp_path):
     assert h.gitea.file_at(REPO, f"kugetsu/issue-{n}", ".kugetsu.toml") is not None
 
 
+@pytest.mark.both_modes
 def test_a_bad_file_is_answered_once_per_version_and_the_servers_settings_are_used(make):
     h = make()
     settings_file(h.gitea, "[agents]\ndefault = '@everyone'\n")

@@ -36,14 +36,15 @@ from tests.conftest import (
     SECRET,
     SERVICE_UID,
     TOKEN,
+    UIDS_PER_TEST,
     agent_pid,
+    first_uid,
     wait_for,
 )
 from tests.service import Service, free_port, json_lines, write_config
 
 ROOT = Path(__file__).resolve().parent
 ESCAPE_AGENT = ROOT / "fixtures" / "bin" / "escape_agent.py"
-FIRST_UID = 20000
 
 
 @pytest.fixture
@@ -229,7 +230,7 @@ def test_bad_sandbox_config_is_one_line_naming_the_key(tmp_path, text, message):
 
 
 def slot_uid(slot: int) -> int:
-    return FIRST_UID + slot
+    return first_uid() + slot
 
 
 def private_pids(socket_path: Path) -> bool:
@@ -248,7 +249,7 @@ def launched(tmp):
     settings = SandboxConfig(
         mode="user",
         user=str(SERVICE_UID),
-        first_uid=FIRST_UID,
+        first_uid=first_uid(),
         max_processes=300,
         max_memory_mb=4096,
         max_file_size_mb=64,
@@ -378,7 +379,7 @@ def test_nothing_a_run_starts_outlives_it(launched, tmp):
 @needs_root
 def test_an_agent_sees_only_its_own_processes_and_its_end_is_passed_on(launched, tmp):
     config, launcher, box = launched
-    if not namespaces_work(FIRST_UID):
+    if not namespaces_work(first_uid()):
         assert not os.environ.get("CI"), "CI's kernel lets an unprivileged uid make namespaces"
         pytest.skip("this kernel (or its seccomp profile) refuses unprivileged namespaces")
     assert private_pids(config.storage.launcher_socket())
@@ -762,7 +763,7 @@ def test_an_agent_that_tries_to_escape_gets_nowhere_and_its_work_is_still_publis
     # A's agent works on in slot 0 while B's, in slot 1, tries everything
     assert svc.post(*payloads.comment_delivery("/kugetsu start", a)).status_code == 202
     wait_for(
-        lambda: home_a.exists() and home_a.stat().st_uid == FIRST_UID,
+        lambda: home_a.exists() and home_a.stat().st_uid == first_uid(),
         timeout=60,
         what="A's agent to run",
     )
@@ -815,7 +816,7 @@ def test_an_agent_that_tries_to_escape_gets_nowhere_and_its_work_is_still_publis
     # within seconds of its task's end, and nothing of its uid lives
     left = json.loads(log.split("ESCAPE-LEFT ", 1)[1].splitlines()[0])
     assert len(left) == 51
-    uid_b = FIRST_UID + task_b.slot
+    uid_b = first_uid() + task_b.slot
     wait_for(lambda: not uid_processes(uid_b), timeout=10, what="the slot's processes to end")
     if not namespaced:  # else pids of its namespace, which is gone
         assert all(_zombie(p) for p in left)
@@ -850,16 +851,16 @@ def test_kill_9_with_a_sandboxed_agent_running_kills_the_slot_before_reuse_one_p
     # and something of its slot in a session of its own that ignores SIGTERM
     stray = subprocess.Popen(
         [
-            *as_user(FIRST_UID),
+            *as_user(first_uid()),
             AGENT_PYTHON,
             "-c",
             "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
         ],
         start_new_session=True,
     )
-    wait_for(lambda: stray.pid in uid_processes(FIRST_UID), what="the stray")
+    wait_for(lambda: stray.pid in uid_processes(first_uid()), what="the stray")
     svc.kill9()  # receiver, worker and launcher; the agent and the stray live on
-    assert set(uid_processes(FIRST_UID)) >= {first_agent, stray.pid}
+    assert set(uid_processes(first_uid())) >= {first_agent, stray.pid}
     svc.start()
     wait_for(lambda: done(gitea, n), timeout=90, what=f"the pull request\n{svc.logs()[-3000:]}")
     assert stray.wait(10) == -signal.SIGKILL
@@ -939,7 +940,7 @@ def test_the_minimum_capabilities_without_root_are_enough(tmp, gitea):
         n = gitea.create_issue(REPO, "Least privilege", "Please add a greeting file.")
         assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
         wait_for(lambda: done(gitea, n), timeout=60, what=f"the pull request\n{svc.logs()}")
-        assert json.loads(envfile.read_text())["uid"] == FIRST_UID
+        assert json.loads(envfile.read_text())["uid"] == first_uid()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -958,7 +959,7 @@ def test_a_follow_up_on_another_slot_resumes_the_session_in_the_issue_s_home(tmp
     n = gitea.create_issue(REPO, "A conversation", "Please add a greeting file.")
     assert svc.post(*payloads.comment_delivery("/kugetsu start", n)).status_code == 202
     wait_for(lambda: done(gitea, n), timeout=60, what="the first run")
-    first_uid = json.loads(envfile.read_text())["uid"]
+    first_run_uid = json.loads(envfile.read_text())["uid"]
     # another issue holds the slot the first run had, so the follow-up gets the other one
     other = gitea.create_issue(REPO, "Holder", "Wait.")
     delivery = payloads.comment_delivery("/kugetsu start --agent holder", other)
@@ -982,7 +983,7 @@ def test_a_follow_up_on_another_slot_resumes_the_session_in_the_issue_s_home(tmp
     follow = wait_for(follow_up, timeout=60, what="the follow-up")
     assert follow.outcome is Outcome.SUCCEEDED, follow.error
     seen = json.loads(envfile.read_text())
-    assert seen["uid"] != first_uid and seen["argv"][1] == "--resume"
+    assert seen["uid"] != first_run_uid and seen["argv"][1] == "--resume"
     log = (tmp / "data" / "logs" / f"{follow.id}.log").read_text()
     assert f"resumed session {seen['argv'][2]} after 1 turn(s)" in log
     hold.write_text("")
@@ -1048,7 +1049,7 @@ def test_doctor_says_why_the_sandbox_cannot_be_had_and_that_it_can(tmp):
     [yes] = doctor_sandbox(config).values()
     assert yes.ok, yes.detail
     assert yes.detail == (
-        f"can be had as uid 0 runs it: agents would run as uids {FIRST_UID}-{FIRST_UID + 2}, "
+        f"can be had as uid 0 runs it: agents would run as uids {first_uid()}-{first_uid() + 2}, "
         f"kugetsu as {SERVICE_UID}"
     )
 
@@ -1067,11 +1068,11 @@ def test_doctor_finds_the_launcher_of_a_running_serve_and_says_when_it_is_gone(t
         [on] = doctor_sandbox(config).values()
         seen = (
             "each sees only its own processes"
-            if namespaces_work(FIRST_UID)
+            if namespaces_work(first_uid())
             else "each can list every process (no PID namespace can be had here)"
         )
         assert on.ok and on.detail == (
-            f"on: agents run as uids {FIRST_UID}-{FIRST_UID + 2}, "
+            f"on: agents run as uids {first_uid()}-{first_uid() + 2}, "
             f"through the launcher at {socket_path}; {seen}"
         )
     finally:
@@ -1096,4 +1097,27 @@ def test_the_launcher_logs_in_the_format_the_config_asks_for(tmp, gitea):
         (line["uid"], line["argv0"])
         for line in lines
         if line["logger"] == "kugetsu.launcher" and line["message"] == "agent started"
-    ] == [(FIRST_UID, AGENT_PYTHON)]
+    ] == [(first_uid(), AGENT_PYTHON)]
+
+
+# ------------------------------------------------------------- the suite's own slot uids
+
+
+def test_a_test_s_slot_uids_are_its_own_while_another_test_run_goes_on():
+    """Every launcher kills whatever its slot uids run before it starts an agent. Two test
+    runs at once on one machine (two checkouts, CI and a developer) whose slots shared
+    uids killed each other's agents; each run has its own block, and each test a range
+    of it."""
+    mine = first_uid()
+    assert first_uid() == mine  # one range for the whole test: its services share slots
+    other_run = subprocess.run(
+        [sys.executable, "-c", "from tests.conftest import first_uid; print(first_uid())"],
+        cwd=ROOT.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    theirs = int(other_run.stdout)
+    assert abs(theirs - mine) >= UIDS_PER_TEST, (mine, theirs)
+    # and none of them is the default first_uid, which kugetsu itself and older suites use
+    assert not {mine, theirs} & set(range(20000, 20000 + UIDS_PER_TEST))

@@ -20,9 +20,9 @@ import requests
 
 from tests import payloads
 from tests.conftest import SECRET, TOKEN, wait_for
-from tests.service import Service, free_port, write_config
+from tests.service import Service, free_port, workers, write_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_modes]
 
 #: what Gitea waits for an answer; a delivery answered later is lost
 GITEA_DELIVERY_TIMEOUT_SECONDS = 5.0
@@ -78,13 +78,12 @@ def test_deliveries_are_answered_while_500_connections_hang(tmp_path, gitea):
     hostile: list[socket.socket] = []
     try:
         receiver = svc.proc.pid
-        workers = Path(f"/proc/{receiver}/task/{receiver}/children").read_text().split()
-        assert len(workers) == 1
+        [worker] = workers(receiver)
         # the receiver raised its own limit for the connections; the worker (and the agents
         # it starts) keeps the one it was started with
         assert soft_fd_limit(receiver) > STARTING_FD_LIMIT + HOSTILE_CONNECTIONS // 2
         wait_for(
-            lambda: soft_fd_limit(int(workers[0])) == STARTING_FD_LIMIT,
+            lambda: soft_fd_limit(worker) == STARTING_FD_LIMIT,
             timeout=30,
             what="the worker to restore its limit",
         )

@@ -40,6 +40,8 @@ from tests.conftest import (
     write_unchecked,
 )
 
+pytestmark = pytest.mark.both_modes
+
 BRANCH = "kugetsu/issue-{}"
 
 
