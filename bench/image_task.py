@@ -2,15 +2,15 @@
 suite's fake Gitea becomes a pull request written by the image's own opencode, talking to the
 suite's fake LLM.
 
-    python -m bench.image_task --image-check PATH/TO/image-check   # builds, then runs the task
-    python -m bench.image_task --container NAME                    # a container kept before
+    python -m bench.image_task --build              # builds the image, then runs the task
+    python -m bench.image_task --container NAME     # in a working container made before
 
-Needs root and buildah (not CI: CI has no buildah). With `--image-check` it first runs
-`image-check --keep`, which builds the Dockerfile with buildah, checks the image and keeps its
-working container; with `--container` it uses one kept before (`buildah containers`). The
-fake Gitea and the fake LLM run in this process on 127.0.0.1; the image runs its own
-ENTRYPOINT and CMD in that container with `buildah run --isolation chroot`, as image-check
-does, which shares this machine's network (port 8080 must be free) and PID namespace. A
+Needs root and buildah (not CI: CI has no buildah). With `--build` it first builds the
+Dockerfile (`buildah bud --isolation chroot`, tagged localhost/kugetsu:bench) and makes a
+working container of it (`buildah from`); with `--container` it uses one made before
+(`buildah containers`). The fake Gitea and the fake LLM run in this process on 127.0.0.1; the
+image runs its own ENTRYPOINT and CMD in that container with `buildah run --isolation
+chroot`, which shares this machine's network (port 8080 must be free) and PID namespace. A
 config file copied into the container (KUGETSU_CONFIG) keeps the image's server and sandbox
 settings and points the default agent, opencode, at the fake LLM; the Gitea URL, token and
 webhook secret come from the environment, as in a real deployment. The container's /data is
@@ -66,7 +66,7 @@ from tests import payloads
 from tests.fakegitea import FakeGitea
 from tests.fakellm import FakeLLM, Step, text, tool_call, write_file
 
-IMAGE = "localhost/kugetsu-image-check:latest"
+IMAGE = "localhost/kugetsu:bench"
 PORT = 8080  # the image's (EXPOSE, HEALTHCHECK, its config)
 SERVICE_UID = 1000  # the image's user kugetsu
 IMAGE_FIRST_UID = 20000  # the image's sandbox.first_uid (the default)
@@ -97,24 +97,36 @@ def containers(storage: str) -> dict[str, str]:
     return {c["id"]: c["containername"] for c in json.loads(out or "[]")}
 
 
-def build_and_keep(image_check: Path, project: Path, storage: str) -> tuple[str, dict[str, Any]]:
-    """Run image-check --keep and return the container it kept and what it printed."""
-    before = containers(storage)
+def build(project: Path, storage: str) -> tuple[str, dict[str, Any]]:
+    """Build the Dockerfile as IMAGE and make a working container of it: its name, and how
+    long the build took and how large the image is."""
     started = time.monotonic()
     proc = subprocess.run(
-        [str(image_check), "--project", str(project), "--keep"],
+        [
+            "buildah",
+            "--storage-driver",
+            storage,
+            "bud",
+            "--quiet",
+            "--format",
+            "docker",
+            "--isolation",
+            "chroot",
+            "--layers=false",
+            "-t",
+            IMAGE,
+            str(project),
+        ],
         cwd=project,
         capture_output=True,
         text=True,
     )
-    print(proc.stdout, end="")
     if proc.returncode != 0:
-        raise SystemExit(f"image-check failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    kept = [name for cid, name in containers(storage).items() if cid not in before]
-    if len(kept) != 1:
-        raise SystemExit(f"image-check --keep left {len(kept)} new containers: {kept}")
-    built = next((line for line in proc.stdout.splitlines() if line.startswith("built in ")), None)
-    return kept[0], {"image_check_seconds": round(time.monotonic() - started, 1), "built": built}
+        raise SystemExit(f"buildah bud failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    took = round(time.monotonic() - started, 1)
+    size = buildah(storage, "images", "--format", "{{.Size}}", IMAGE).stdout.strip()
+    container = buildah(storage, "from", "--pull=never", IMAGE).stdout.strip()
+    return container, {"build_seconds": took, "image_size": size}
 
 
 def image_argv(storage: str, container: str) -> list[str]:
@@ -301,17 +313,17 @@ def task_ok(result: dict[str, Any]) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--container", help="a working container kept by `image-check --keep`")
+    where.add_argument("--container", help="a working container of the image (`buildah from`)")
     where.add_argument(
-        "--image-check", type=Path, help="the image-check script: build and keep a container first"
+        "--build", action="store_true", help="build the Dockerfile and make a container of it"
     )
     parser.add_argument(
         "--project",
         type=Path,
         default=Path(__file__).resolve().parent.parent,
-        help="the project whose Dockerfile image-check builds (default: this one)",
+        help="the project whose Dockerfile --build builds (default: this one)",
     )
-    parser.add_argument("--storage-driver", default="vfs", help="buildah's (image-check's: vfs)")
+    parser.add_argument("--storage-driver", default="vfs", help="buildah's (default: vfs)")
     parser.add_argument(
         "--first-uid",
         type=int,
@@ -329,8 +341,8 @@ def main() -> int:
         parser.error(f"something answers on port {PORT} already; stop it first")
 
     result: dict[str, Any] = {"first_uid": args.first_uid}
-    if args.image_check:
-        container, built = build_and_keep(args.image_check, args.project, args.storage_driver)
+    if args.build:
+        container, built = build(args.project, args.storage_driver)
         result.update(built)
     else:
         container = args.container

@@ -2,10 +2,10 @@
 container (systemd-nspawn, systemd as its PID 1) made from the kugetsu image, and one labelled
 issue becomes a pull request written by the image's opencode against the suite's fakes.
 
-    python -m bench.systemd_task [--image localhost/kugetsu-image-check:latest] [--unit root|caps]
+    python -m bench.systemd_task [--image localhost/kugetsu:bench] [--unit root|caps]
 
 Needs root, buildah, systemd-nspawn (Debian: systemd-container) and nsenter; not CI. The image
-is the one `image-check` builds (see bench/image_task.py); the script makes a working
+is the one `bench.image_task --build` builds; the script makes a working
 container of it, installs systemd there from Debian (`buildah run`, this machine's network),
 and boots it with `systemd-nspawn --boot`, which shares this machine's network, so port 8080
 must be free. The units are read from README.md ("Bare metal with systemd"): `root` is the
@@ -159,9 +159,9 @@ def boot_and_run(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image", default=IMAGE, help=f"default {IMAGE} (image-check's)")
+    parser.add_argument("--image", default=IMAGE, help=f"default {IMAGE} (bench.image_task's)")
     parser.add_argument("--unit", choices=("root", "caps", "both"), default="both")
-    parser.add_argument("--storage-driver", default="vfs", help="buildah's (image-check's: vfs)")
+    parser.add_argument("--storage-driver", default="vfs", help="buildah's (default: vfs)")
     parser.add_argument(
         "--first-uid", type=int, default=20000, help="sandbox.first_uid (default 20000)"
     )
