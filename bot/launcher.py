@@ -27,7 +27,9 @@ the launcher checks the caller's uid), and does four things:
 
 The launcher exits when `serve` is gone (its pipe closes) and the agents it started have
 ended, and it has been asked nothing for a moment: the worker stops them when it loses
-`serve` and takes their worktrees back. What is left after `--linger` seconds is killed.
+`serve` and takes their worktrees back. A `serve` that stops cleanly says `stop` once its
+worker has ended, and the launcher then exits as soon as its agents have. What is left
+after `--linger` seconds is killed.
 It does not import the rest of kugetsu beyond what this module names, and holds no secret:
 it is started with an empty environment, and agents get theirs from the worker.
 
@@ -489,6 +491,9 @@ class Launcher:
         self.slot_uids = frozenset(range(first_uid, first_uid + slots))
         #: pid of a running agent -> (the connection that started it, its uid)
         self.agents: dict[int, tuple[socket.socket, int]] = {}
+        #: `serve` said it is done with the launcher (`stop`): once serve is gone and the
+        #: agents have ended, there is nothing to wait for
+        self.leaving = False
 
     def serve(self) -> None:
         wake_r, wake_w = os.pipe()
@@ -519,7 +524,8 @@ class Launcher:
                 active = time.monotonic()
             now = time.monotonic()
             if closing_at is not None and (
-                now >= closing_at or (not self.agents and now - active >= QUIET_SECONDS)
+                now >= closing_at
+                or (not self.agents and (self.leaving or now - active >= QUIET_SECONDS))
             ):
                 self._stop()
                 return
@@ -588,6 +594,10 @@ class Launcher:
                     "private_pids": self.private_pids,
                 },
             )
+            return False
+        if op == "stop":  # serve's last word: its worker has ended
+            self.leaving = True
+            send_message(conn, {"ok": True})
             return False
         if op == "reclaim":
             for tree in [self._tree(p) for p in request.get("paths") or ()]:

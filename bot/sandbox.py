@@ -319,7 +319,11 @@ class LauncherProcess:
             self._parent = None
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Close its pipe and wait for it to exit."""
+        """Tell it that nothing more will be asked (whoever runs agents through it has
+        ended), close its pipe and wait for it to exit."""
+        if self._parent is not None:
+            with contextlib.suppress(SandboxError):
+                LauncherClient(self.socket).call({"op": "stop"})
         self.close_pipe()
         try:
             self.proc.wait(timeout)
