@@ -111,10 +111,34 @@ def test_keys_are_the_same_whatever_the_order_of_labels_and_a_tally_gives_back()
 # ---------------------------------------------------------------------- the store's counters
 
 
-def test_counters_are_written_last_in_their_transaction_so_they_cannot_deadlock(pg_cluster):
-    """A transaction that counted, then waits for a row another holds, must not hold the
-    counter meanwhile: the other may want that counter next (seen as a deadlock between
-    claims and finishes). On PostgreSQL the counts wait for the end of the transaction."""
+def _counts_then_row(store, first, then):
+    """A transaction that counts `first`, then updates counter row `then` itself (a claim
+    or a finish that counted, then takes another row)."""
+    with store.tx() as c:
+        store.add_counts(c, {first: 1})
+        c.execute("UPDATE counters SET value = value + 1 WHERE name = ? AND labels = ?", then)
+
+
+def _counts_in_the_wrong_order(store, first, then):
+    """Counts in one call that names `then` before `first` (the store's order is sorted)."""
+    store.add_counts(None, {then: 1, first: 1})
+
+
+@pytest.mark.parametrize(
+    ("transaction", "held"),
+    [
+        # counts wait for the end of the transaction: it holds no counter while it waits
+        # for the row it takes next, which the other holds before it takes the counter
+        (_counts_then_row, "then"),
+        # counters are taken sorted, whatever order the counts name them in: it waits
+        # for the first, which the other holds before it takes the second
+        (_counts_in_the_wrong_order, "first"),
+    ],
+)
+def test_a_transaction_that_counts_cannot_deadlock_another(pg_cluster, transaction, held):
+    """On PostgreSQL each counter row stays locked until commit. Another transaction holds
+    one of the two counters ours takes, and goes on to take the other; ours must wait
+    holding nothing, not hold the other and deadlock (seen between claims and finishes)."""
     import threading
 
     import psycopg
@@ -122,27 +146,24 @@ def test_counters_are_written_last_in_their_transaction_so_they_cannot_deadlock(
     url = pg_cluster.url_for()
     store = open_store(url)
     try:
-        counted = m.key(m.Counter.GITEA_REQUESTS, method="GET", code="200")
-        row = m.key(m.Counter.GITEA_REQUESTS, method="POST", code="201")
-        store.add_counts(None, {counted: 1, row: 1})
+        first = m.key(m.Counter.GITEA_REQUESTS, method="GET", code="200")
+        then = m.key(m.Counter.GITEA_REQUESTS, method="POST", code="201")
+        assert sorted([first, then]) == [first, then]
+        store.add_counts(None, {first: 1, then: 1})  # both rows exist
         bump = "UPDATE counters SET value = value + 1 WHERE name = %s AND labels = %s"
         failed: list[BaseException] = []
 
-        def claim() -> None:
+        def ours() -> None:
             try:
-                with store.tx() as c:
-                    store.add_counts(c, {counted: 1})
-                    c.execute(
-                        "UPDATE counters SET value = value + 1 WHERE name = ? AND labels = ?",
-                        row,
-                    )
+                transaction(store, first, then)
             except BaseException as exc:
                 failed.append(exc)
 
+        held_key, next_key = (then, first) if held == "then" else (first, then)
         with psycopg.connect(url) as other:
-            other.execute(bump, row)  # holds the row the claim goes on to
+            other.execute(bump, held_key)  # in a transaction
             pid = other.info.backend_pid
-            worker = threading.Thread(target=claim)
+            worker = threading.Thread(target=ours)
             worker.start()
             with psycopg.connect(url, autocommit=True) as watch:
                 wait_for(
@@ -151,66 +172,15 @@ def test_counters_are_written_last_in_their_transaction_so_they_cannot_deadlock(
                         "WHERE %s = ANY(pg_blocking_pids(pid))",
                         (pid,),
                     ).fetchone()[0],
-                    what="the claim to wait for the row",
+                    what="our transaction to wait for the other",
                 )
             other.execute("SET LOCAL lock_timeout = '5s'")
-            other.execute(bump, counted)  # free: the claim has not written it yet
+            other.execute(bump, next_key)  # free: ours holds nothing while it waits
             other.commit()
             worker.join(30)
         assert not worker.is_alive() and failed == []
         counters = {(n, lab): v for n, lab, v in store.metrics_snapshot().counters}
-        assert counters[counted] == counters[row] == 3
-    finally:
-        store.close()
-
-
-def test_counters_are_taken_in_one_order_so_two_finishes_cannot_deadlock(pg_cluster):
-    """On PostgreSQL each counter row stays locked until commit. Another transaction holds
-    counter A and goes on to take B, as a finish does (in the store's order); a finish
-    whose counts name B before A must wait for A first, not take B and deadlock."""
-    import threading
-
-    import psycopg
-
-    url = pg_cluster.url_for()
-    store = open_store(url)
-    try:
-        a = m.key(m.Counter.GITEA_REQUESTS, method="GET", code="200")
-        b = m.key(m.Counter.GITEA_REQUESTS, method="POST", code="201")
-        assert sorted([a, b]) == [a, b]
-        store.add_counts(None, {a: 1, b: 1})  # both rows exist
-        (name_a, labels_a), (name_b, labels_b) = a, b
-        bump = "UPDATE counters SET value = value + 1 WHERE name = %s AND labels = %s"
-        failed: list[BaseException] = []
-        with psycopg.connect(url) as other:
-            other.execute(bump, (name_a, labels_a))  # holds A, in a transaction
-            pid = other.info.backend_pid
-
-            def finish() -> None:
-                try:
-                    store.add_counts(None, {b: 1, a: 1})  # B named first
-                except BaseException as exc:
-                    failed.append(exc)
-
-            worker = threading.Thread(target=finish)
-            worker.start()
-            with psycopg.connect(url, autocommit=True) as watch:
-                wait_for(
-                    lambda: watch.execute(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE %s = ANY(pg_blocking_pids(pid))",
-                        (pid,),
-                    ).fetchone()[0],
-                    what="the finish to wait for counter A",
-                )
-            # the finish waits for A and holds nothing else: B is free to take
-            other.execute("SET LOCAL lock_timeout = '5s'")
-            other.execute(bump, (name_b, labels_b))
-            other.commit()
-            worker.join(30)
-        assert not worker.is_alive() and failed == []
-        counters = {(n, lab): v for n, lab, v in store.metrics_snapshot().counters}
-        assert counters[a] == counters[b] == 3
+        assert counters[first] == counters[then] == 3
     finally:
         store.close()
 
