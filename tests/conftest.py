@@ -212,21 +212,22 @@ def enqueue(store, **task) -> int:
         return store.insert_task(c, **task)
 
 
+#: what a start on acme/widget#7 by alice is queued with (`enqueue(store, **A_START)`)
+A_START: dict = dict(
+    repo="acme/widget",
+    issue=7,
+    kind=Kind.START,
+    prompt="",
+    agent="opencode",
+    requested_by="alice",
+    max_attempts=3,
+)
+
+
 def a_task(**kw) -> Task:
-    """A task as the store would give it, for tests that need no database: task 12 of
-    acme/widget#7, pending, nothing run yet; `kw` overrides any field."""
-    base: dict = dict(
-        id=12,
-        repo="acme/widget",
-        issue=7,
-        kind=Kind.START,
-        prompt="",
-        agent="opencode",
-        requested_by="alice",
-        state=State.PENDING,
-        attempts=0,
-        max_attempts=3,
-    )
+    """A task as the store would give it, for tests that need no database: task 12, the
+    start A_START queues, pending, nothing run yet; `kw` overrides any field."""
+    base: dict = dict(A_START, id=12, state=State.PENDING, attempts=0)
     base.update(kw)
     return Task(**base)
 

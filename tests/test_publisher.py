@@ -5,9 +5,9 @@ import pytest
 
 from bot.config import Config, GiteaConfig, ServerConfig
 from bot.core.render import marker, pr_body
-from bot.core.tasks import Kind, Task
+from bot.core.tasks import Task
 from bot.gitea import ServerError, Unprocessable, Unreachable
-from tests.conftest import a_task, enqueue
+from tests.conftest import A_START, a_task, enqueue
 
 CONFIG = Config(
     server=ServerConfig(public_url="https://kugetsu.example"),
@@ -15,15 +15,7 @@ CONFIG = Config(
         url="https://git.example", token="tok-ABCDEF123", webhook_secret="whsec-987654"
     ),
 )
-QUEUED = dict(
-    repo="acme/widget",
-    issue=7,
-    kind=Kind.START,
-    prompt="",
-    agent="opencode",
-    requested_by="alice",
-    max_attempts=3,
-)
+QUEUED = A_START
 
 
 def task(**kw) -> Task:
