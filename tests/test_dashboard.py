@@ -285,6 +285,7 @@ def test_a_writer_stops_a_task_with_the_form_and_is_named_for_it(site):
     page = c.get(f"/tasks/{task_id}").get_data(as_text=True)
     # named as its comments name it ("task 3"); "#" is for the issue beside it
     assert f"<title>Task {task_id}" in page and f"<h1>Task {task_id} <span" in page
+    assert f"› task {task_id}</p>" in page  # the breadcrumb too
     assert f"/tasks/{task_id}/stop" in form_actions(page)
     done = c.post(f"/tasks/{task_id}/stop", data={"csrf": csrf_of(page)})
     assert done.status_code == 303 and "done=stopping" in done.headers["Location"]
